@@ -1,0 +1,86 @@
+"""Paged attention in plain PyTorch (PagedAttention, Kwon et al., SOSP'23): the reference
+backend, correct on CPU and CUDA.
+
+K/V are read only through block tables. Invariant: before attending, each new token's K/V is
+written to ``slot_mapping``, so a query sees exactly the tokens ``[0, context_len)`` of its
+own sequence and nothing from padding or other requests.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.attention.metadata import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new K/V. kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D)."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: (T, H, D); k, v: (T, Hkv, D). Returns (T, H, D)."""
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    d = meta.num_decode_tokens
+    if d:
+        out[:d] = _decode_attention(q[:d], kv_cache, meta, scale)
+    for chunk in meta.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        out[rows] = _prefill_attention(q[rows], kv_cache, chunk.block_table,
+                                       chunk.context_len, scale)
+    return out
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache: (num_blocks, bs, Hkv, D); block_table: (..., nb) -> (..., nb * bs, Hkv, D)."""
+    blocks = cache[block_table]                       # (..., nb, bs, Hkv, D)
+    return blocks.flatten(-4, -3)                     # (..., nb * bs, Hkv, D)
+
+
+def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                       context_len: int, scale: float) -> torch.Tensor:
+    """Causal attention of a query chunk over its whole context. q: (Q, H, D) -> (Q, H, D)."""
+    query_len = q.shape[0]
+    k = _gather_context(kv_cache[0], block_table)[:context_len]   # (C, Hkv, D)
+    v = _gather_context(kv_cache[1], block_table)[:context_len]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H|Hkv, len, D)
+    if query_len == context_len:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                           enable_gqa=True)
+    else:
+        # Query i sits at absolute position context_len - query_len + i.
+        q_pos = torch.arange(context_len - query_len, context_len, device=q.device)
+        k_pos = torch.arange(context_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]                     # (Q, C)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+    return o.transpose(0, 1)                                        # (Q, H, D)
+
+
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float) -> torch.Tensor:
+    """One query per sequence, all sequences in one batched matmul. q: (B, H, D)."""
+    batch, num_heads, head_dim = q.shape
+    tables = meta.decode_block_tables[:, :_cdiv(meta.decode_max_seq_len, meta.block_size)]
+    k = _gather_context(kv_cache[0], tables)                        # (B, L, Hkv, D)
+    v = _gather_context(kv_cache[1], tables)
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    qg = q.view(batch, num_kv_heads, group, head_dim)               # (B, Hkv, G, D)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()        # (B, Hkv, G, L)
+    scores.mul_(scale)
+    positions = torch.arange(k.shape[1], device=q.device)
+    pad = positions[None, :] >= meta.decode_seq_lens[:, None]       # (B, L)
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))                # (B, Hkv, G, D)
+    return out.reshape(batch, num_heads, head_dim)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

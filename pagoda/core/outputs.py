@@ -1,0 +1,80 @@
+"""The typed messages between the scheduler, the model runner and the engine.
+
+The scheduler speaks in request ids, token counts and block ids; the runner turns that into
+tensors and answers with sampled token ids. Nothing here holds a tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pagoda.sampling import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the runner has not seen (or has forgotten, after a preemption)."""
+    request_id: str
+    token_ids: list[int]           # prompt + outputs so far (outputs exist after preemption)
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    eos_token_id: Optional[int]
+    block_ids: list[int]
+    num_computed_tokens: int       # tokens whose KV is already in the blocks (shared prefix)
+    seed_offset: int = 0           # n > 1: the i-th sibling samples from seed + i
+
+
+@dataclass
+class CachedRequestData:
+    """A request the runner already holds: only what changed."""
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData]
+    cached_requests: list[CachedRequestData]
+    # request id -> tokens to compute this step, in batch order (decodes first).
+    num_scheduled_tokens: dict[str, int]
+    # Requests the runner must forget: finished, aborted or preempted since the last step.
+    finished_request_ids: set[str] = field(default_factory=set)
+    preempted_request_ids: set[str] = field(default_factory=set)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    rank: int                                   # 1 = the most likely token
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
+class ModelRunnerOutput:
+    # request id -> the token it sampled; only requests that caught up this step sample.
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> (first prompt position, logprobs of the tokens after it, one each).
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What the engine hears about a request after a step."""
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[str | int] = None
+    finish_detail: Optional[str] = None
+    logprobs: Optional[TokenLogprobs] = None
+    prompt_logprobs: Optional[tuple[int, list[TokenLogprobs]]] = None

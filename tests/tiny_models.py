@@ -1,0 +1,67 @@
+"""Tiny random-weight checkpoints in Hugging Face format, made by the tests themselves."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+TINY_VOCAB = 384
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention keeps the KV cache in fixed-size blocks.",
+    "def f(x):\n    return x * 2  # numbers 0123456789",
+    "Continuous batching schedules every iteration; chunked prefill slices long prompts.",
+] * 20
+
+
+def make_tokenizer(path: str) -> Any:
+    """A byte-level BPE tokenizer trained on a few sentences, saved with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                          "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any) -> str:
+    """Save a tiny random model of ``family`` (llama, qwen2, qwen3, mistral) to ``path``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=0,
+                  eos_token_id=1, tie_word_embeddings=False)
+    common.update(overrides)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[family]
+    if family == "qwen3":
+        common.setdefault("head_dim", 32)
+    config = config_cls(**common)
+    model = model_cls(config)
+    # Larger-than-init weights make the logits less flat, so greedy choices are not near-ties.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+            elif "bias" in name:
+                p.normal_(0.0, 0.05)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    make_tokenizer(path)
+    return path
