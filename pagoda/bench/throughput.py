@@ -1,0 +1,391 @@
+"""``pagoda bench throughput``: offline throughput on random prompts, against the CPU's limit.
+
+It measures the machine's matmul FLOP/s, runs a fixed-seed workload of random token-id prompts
+(input and output lengths uniform in ranges, greedy, ``ignore_eos``) through ``LLM.generate``,
+and reports requests/s, tokens/s, peak RSS and the fraction of the matmul limit reached. With
+``--compare hf`` it runs the same prompts (or a prefix of them) through transformers' batched
+``generate`` in the same dtype and reports the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+
+from pagoda.bench import flops
+from pagoda.sampling import SamplingParams
+
+LABEL_WIDTH = 21
+TOKEN_MARGIN = 100  # keep random ids this far from both ends of the vocab (special tokens)
+WARMUP_PROMPT_LEN = 16
+WARMUP_OUTPUT_LEN = 4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Random prompts (token ids) and the exact number of tokens each must produce."""
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def prompt_lens(self) -> list[int]:
+        return [len(p) for p in self.prompts]
+
+    def prefix(self, n: int) -> "Workload":
+        return Workload(self.prompts[:n], self.output_lens[:n])
+
+
+# ---------------------------------------------------------------------------------- arguments
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's own arguments (the CLI adds the engine's)."""
+    g = parser.add_argument_group("workload")
+    g.add_argument("--num-prompts", type=int, default=128)
+    g.add_argument("--input-len", default="64:512",
+                   help="prompt length: N, or LO:HI for uniform random in [LO, HI]")
+    g.add_argument("--output-len", default="64:256",
+                   help="output length: N, or LO:HI for uniform random in [LO, HI]")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the random workload")
+    g.add_argument("--compare", choices=["hf"], default=None,
+                   help="also run transformers' generate on the same prompts")
+    g.add_argument("--hf-batch-size", type=int, default=16)
+    g.add_argument("--hf-num-prompts", type=int, default=None,
+                   help="run HF on the first N prompts only (default: all of them)")
+    g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+
+
+def parse_len_range(text: str, name: str) -> tuple[int, int]:
+    """``"N"`` -> (N, N); ``"LO:HI"`` -> (LO, HI); ValueError naming ``name`` otherwise."""
+    parts = str(text).strip().split(":")
+    if len(parts) not in (1, 2):
+        raise ValueError(f"{name}: expected N or LO:HI, got {text!r}")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{name}: expected integers as N or LO:HI, got {text!r}") from None
+    lo, hi = values[0], values[-1]
+    if lo < 1:
+        raise ValueError(f"{name}: lengths must be >= 1, got {text!r}")
+    if lo > hi:
+        raise ValueError(f"{name}: LO must be <= HI, got {text!r}")
+    return lo, hi
+
+
+def _check_counts(ns: argparse.Namespace) -> None:
+    if ns.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {ns.num_prompts}")
+    if ns.hf_batch_size < 1:
+        raise ValueError(f"--hf-batch-size must be >= 1, got {ns.hf_batch_size}")
+    n = ns.hf_num_prompts
+    if n is not None and not 1 <= n <= ns.num_prompts:
+        raise ValueError(f"--hf-num-prompts must be in [1, --num-prompts={ns.num_prompts}], "
+                         f"got {n}")
+
+
+# ----------------------------------------------------------------------------------- workload
+def token_id_range(vocab_size: int) -> tuple[int, int]:
+    """[lo, hi) of ids to draw from: away from the ends, where special tokens live."""
+    margin = min(TOKEN_MARGIN, vocab_size // 4)
+    return margin, vocab_size - margin
+
+
+def make_workload(num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int],
+                  vocab_size: int, seed: int) -> Workload:
+    """Deterministic in ``seed``: the same prompts for pagoda and for HF."""
+    rng = random.Random(seed)
+    lo, hi = token_id_range(vocab_size)
+    prompts, outs = [], []
+    for _ in range(num_prompts):
+        n = rng.randint(*input_len)
+        prompts.append([rng.randrange(lo, hi) for _ in range(n)])
+        outs.append(rng.randint(*output_len))
+    return Workload(prompts, outs)
+
+
+def _params(output_len: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+
+
+# -------------------------------------------------------------------------------------- pagoda
+def warm_up(llm: Any, vocab_size: int) -> None:
+    """Two short untimed requests: first-call allocations and kernel choices."""
+    lo, _ = token_id_range(vocab_size)
+    prompts = [[lo + i for i in range(WARMUP_PROMPT_LEN)],
+               [lo + 2 * i for i in range(WARMUP_PROMPT_LEN // 2)]]
+    llm.generate(prompts, _params(WARMUP_OUTPUT_LEN), use_tqdm=False)
+
+
+def check_outputs(outputs: Sequence[Any], expected: Sequence[int]) -> None:
+    """Every request must produce exactly its output length."""
+    for i, (out, want) in enumerate(zip(outputs, expected)):
+        got = len(out.outputs[0].token_ids)
+        if got != want:
+            raise RuntimeError(f"request {i} produced {got} tokens, expected {want} "
+                               f"(finish_reason={out.outputs[0].finish_reason})")
+
+
+def run_pagoda(llm: Any, work: Workload) -> float:
+    """Generate the workload; returns the wall-clock seconds."""
+    params = [_params(n) for n in work.output_lens]
+    start = time.perf_counter()
+    outputs = llm.generate(work.prompts, params)
+    elapsed = time.perf_counter() - start
+    check_outputs(outputs, work.output_lens)
+    return elapsed
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def rates(work: Workload, elapsed: float, output_tokens: Optional[int] = None) -> dict:
+    """requests/s and tokens/s of a finished run."""
+    prompt_tokens = sum(work.prompt_lens)
+    out = sum(work.output_lens) if output_tokens is None else output_tokens
+    return {"elapsed_s": elapsed, "requests": len(work.prompts),
+            "prompt_tokens": prompt_tokens, "output_tokens": out,
+            "requests_per_s": len(work.prompts) / elapsed,
+            "output_tokens_per_s": out / elapsed,
+            "total_tokens_per_s": (prompt_tokens + out) / elapsed}
+
+
+def efficiency(shape: flops.ModelShape, work: Workload, elapsed: float,
+               limit_flops_per_s: float, output_tokens_per_s: float) -> dict:
+    """The workload's FLOPs, the FLOP/s achieved, and its fraction of the matmul limit."""
+    total = flops.workload_flops(shape, work.prompt_lens, work.output_lens)
+    achieved = total / elapsed
+    fraction = achieved / limit_flops_per_s
+    return {"workload_flops": total, "achieved_flops_per_s": achieved,
+            "fraction_of_limit": fraction,
+            "limit_output_tokens_per_s": output_tokens_per_s / fraction}
+
+
+# ------------------------------------------------------------------------------------------ hf
+def hf_model_path(model: Optional[str]) -> str:
+    if model is not None:
+        return model
+    from pagoda.models.loader import default_model_path
+
+    return default_model_path()
+
+
+def load_hf_model(path: str, dtype: torch.dtype) -> Any:
+    """transformers' model for a directory or a .gguf file, in ``dtype``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if path.endswith(".gguf"):
+        directory, name = os.path.split(os.path.abspath(path))
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.eval()
+
+
+def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, longest), padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def hf_generate_batch(model: Any, prompts: Sequence[list[int]], new_tokens: int,
+                      pad_id: int) -> int:
+    """Greedy batched generate of exactly ``new_tokens`` per row; returns tokens generated."""
+    ids, mask = left_pad(prompts, pad_id)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             use_cache=True, pad_token_id=pad_id)
+    made = out.shape[1] - ids.shape[1]
+    if made != new_tokens:
+        raise RuntimeError(f"HF generated {made} tokens per row, expected {new_tokens}")
+    return made * len(prompts)
+
+
+def run_hf(model: Any, work: Workload, batch_size: int, pad_id: int) -> tuple[float, int]:
+    """The workload in order, ``batch_size`` prompts at a time; (seconds, tokens generated)."""
+    hf_generate_batch(model, work.prompts[:2], 2, pad_id)  # untimed warm-up
+    generated = 0
+    start = time.perf_counter()
+    for i in range(0, len(work.prompts), batch_size):
+        batch = work.prompts[i:i + batch_size]
+        generated += hf_generate_batch(model, batch, max(work.output_lens[i:i + batch_size]),
+                                       pad_id)
+    return time.perf_counter() - start, generated
+
+
+def _pad_id(tokenizer: Any, arch: Any) -> int:
+    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                 *arch.eos_token_ids):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def compare_hf(ns: argparse.Namespace, work: Workload, dtype: torch.dtype, pad_id: int,
+               shape: flops.ModelShape, limit: float) -> dict:
+    """Run transformers on a prefix of the workload and return its numbers."""
+    n = ns.hf_num_prompts or len(work.prompts)
+    sub = work.prefix(n)
+    model = load_hf_model(hf_model_path(ns.model), dtype)
+    elapsed, generated = run_hf(model, sub, ns.hf_batch_size, pad_id)
+    result = rates(sub, elapsed)
+    result.update(efficiency(shape, sub, elapsed, limit, result["output_tokens_per_s"]))
+    result.update({"num_prompts": n, "of_num_prompts": len(work.prompts),
+                   "batch_size": ns.hf_batch_size, "generated_tokens": generated,
+                   "wasted_tokens": generated - result["output_tokens"]})
+    return result
+
+
+# ------------------------------------------------------------------------------------- report
+def row(label: str, value: Any) -> str:
+    if isinstance(value, float):
+        value = f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
+    return f"{label:<{LABEL_WIDTH}}: {value}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def measure_limits(arch: Any, engine_args: Any, engine_dtype: torch.dtype) -> dict:
+    """Matmul FLOP/s in bf16, fp32 and the engine's dtype, for the square and model shapes."""
+    shapes = flops.model_matmul_shapes(arch, engine_args.max_num_batched_tokens,
+                                       engine_args.max_num_seqs)
+    out = {}
+    for dtype in dict.fromkeys([torch.bfloat16, torch.float32, engine_dtype]):
+        results = flops.measure(dtype, shapes)
+        top = flops.best(results)
+        out[dtype_name(dtype)] = {
+            "best_flops_per_s": top.flops_per_s, "best_shape": top.label,
+            "shapes": {r.label: r.flops_per_s for r in results}}
+    return out
+
+
+def print_limits(limits: dict, engine_dtype: torch.dtype) -> None:
+    print("== matmul FLOP/s (torch, best of shapes) ==")
+    for name, m in limits.items():
+        print(row(f"{name} GFLOP/s", f"{m['best_flops_per_s'] / 1e9:.1f}  "
+                                     f"(best shape {m['best_shape']})"))
+    print(row("limit dtype", dtype_name(engine_dtype)))
+
+
+def print_workload(ns: argparse.Namespace, work: Workload) -> None:
+    print("== workload ==")
+    print(row("requests", len(work.prompts)))
+    print(row("input len", f"{ns.input_len} (total {sum(work.prompt_lens)} tokens)"))
+    print(row("output len", f"{ns.output_len} (total {sum(work.output_lens)} tokens)"))
+    print(row("data seed", ns.data_seed))
+
+
+def print_run(title: str, r: dict) -> None:
+    print(f"== {title} ==")
+    print(row("elapsed s", r["elapsed_s"]))
+    print(row("requests/s", r["requests_per_s"]))
+    print(row("output tokens/s", r["output_tokens_per_s"]))
+    print(row("total tokens/s", r["total_tokens_per_s"]))
+    print(row("workload GFLOP", r["workload_flops"] / 1e9))
+    print(row("achieved GFLOP/s", r["achieved_flops_per_s"] / 1e9))
+    print(row("fraction of limit", f"{100 * r['fraction_of_limit']:.2f} %"))
+    print(row("limit output tok/s", r["limit_output_tokens_per_s"]))
+
+
+def print_hf(hf: dict, pagoda_rate: float) -> None:
+    print_run(f"transformers (first {hf['num_prompts']} of {hf['of_num_prompts']} prompts, "
+              f"batch {hf['batch_size']})", hf)
+    print(row("useful output tokens", hf["output_tokens"]))
+    print(row("generated tokens", f"{hf['generated_tokens']} (incl. {hf['wasted_tokens']} "
+                                  "past a row's length)"))
+    print(row("peak RSS MiB (all)", hf["peak_rss_mib_after"]))
+    print(row("pagoda / HF", f"{pagoda_rate / hf['output_tokens_per_s']:.2f}x "
+                             "(output tokens/s)"))
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def write_json(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+        f.write("\n")
+
+
+# --------------------------------------------------------------------------------------- main
+def main(ns: argparse.Namespace) -> int:
+    """Run the benchmark; returns the exit status."""
+    from pagoda.entrypoints.cli import engine_args_from
+    from pagoda.entrypoints.llm import LLM
+
+    input_len = parse_len_range(ns.input_len, "--input-len")
+    output_len = parse_len_range(ns.output_len, "--output-len")
+    _check_counts(ns)
+    engine_args = engine_args_from(ns)
+    llm = LLM(**vars(engine_args))
+    engine = llm.engine
+    arch, dtype = engine.arch, engine.dtype
+    shape = flops.ModelShape.from_arch(arch)
+
+    limits = measure_limits(arch, engine_args, dtype)
+    print_limits(limits, dtype)
+    limit = limits[dtype_name(dtype)]["best_flops_per_s"]
+
+    work = make_workload(ns.num_prompts, input_len, output_len, arch.vocab_size, ns.data_seed)
+    print_workload(ns, work)
+    warm_up(llm, arch.vocab_size)
+    try:
+        elapsed = run_pagoda(llm, work)
+    except RuntimeError as e:
+        print(f"pagoda: error: {e}", file=sys.stderr)
+        return 1
+    result = rates(work, elapsed)
+    result.update(efficiency(shape, work, elapsed, limit, result["output_tokens_per_s"]))
+    result["peak_rss_mib"] = peak_rss_mib()
+    print_run(f"pagoda ({engine.model_name}, {dtype_name(dtype)})", result)
+    print(row("peak RSS MiB", result["peak_rss_mib"]))
+
+    report = {"command": list(sys.argv), "machine": machine_info(),
+              "engine_args": dataclasses.asdict(engine_args), "dtype": dtype_name(dtype),
+              "model": engine.model_name, "max_model_len": engine.max_model_len,
+              "num_kv_blocks": engine.num_blocks,
+              "workload": {"num_prompts": ns.num_prompts, "input_len": list(input_len),
+                           "output_len": list(output_len), "data_seed": ns.data_seed,
+                           "prompt_tokens": sum(work.prompt_lens),
+                           "output_tokens": sum(work.output_lens)},
+              "matmul": limits, "limit_flops_per_s": limit, "pagoda": result, "hf": None}
+
+    if ns.compare == "hf":
+        pad_id = _pad_id(llm.tokenizer, arch)
+        del llm, engine
+        gc.collect()
+        try:
+            hf = compare_hf(ns, work, dtype, pad_id, shape, limit)
+        except RuntimeError as e:
+            print(f"pagoda: error: {e}", file=sys.stderr)
+            return 1
+        hf["peak_rss_mib_after"] = peak_rss_mib()
+        hf["pagoda_over_hf"] = result["output_tokens_per_s"] / hf["output_tokens_per_s"]
+        print_hf(hf, result["output_tokens_per_s"])
+        report["hf"] = hf
+
+    if ns.json:
+        write_json(ns.json, report)
+        print(row("json", ns.json))
+    return 0

@@ -99,9 +99,9 @@ class _GGUFFile:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._parse()
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
-            if isinstance(e, GGUFError):
-                raise
+        except GGUFError:
+            raise
+        except (struct.error, ValueError) as e:
             raise GGUFError(f"{path}: truncated or corrupt GGUF header ({e})") from e
 
     def _parse(self) -> None:
@@ -403,7 +403,8 @@ def _build_config(g: _GGUFFile, rope_freqs: np.ndarray | None) -> dict:
     head_dim = _head_dim(fields, arch, q.shape[0] if q else None, n_head, hidden)
     theta = _short_float(get("rope.freq_base", 10000.0))
     model_type, cls = _model_type(arch, fields)
-    vocab = get("vocab_size") or len(fields.get("tokenizer.ggml.tokens", ())) or names["token_embd.weight"].shape[0]
+    vocab = get("vocab_size") or len(fields.get("tokenizer.ggml.tokens", ()))
+    vocab = vocab or names["token_embd.weight"].shape[0]
     return {
         "architectures": [cls], "model_type": model_type,
         "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")),
@@ -489,8 +490,9 @@ def _byte_level_backend(fields: dict[str, Any], split: str) -> Any:
                               end_of_word_suffix="", fuse_unk=False))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if split:
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        cut = pre_tokenizers.Split(Regex(split), behavior="isolated")
+        tk.pre_tokenizer = pre_tokenizers.Sequence([cut, to_bytes])
     tk.decoder = decoders.ByteLevel()
     return tk
 

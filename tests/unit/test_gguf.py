@@ -149,7 +149,8 @@ def tiny_weights(arch: str, tied: bool, rng: np.random.Generator) -> dict[str, n
     layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
              "self_attn.q_proj.weight": (q_out, h), "self_attn.k_proj.weight": (kv * hd, h),
              "self_attn.v_proj.weight": (kv * hd, h), "self_attn.o_proj.weight": (h, q_out),
-             "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
+             "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+             "mlp.down_proj.weight": (h, inter)}
     if arch == "qwen2":
         layer.update({f"self_attn.{p}_proj.bias": (n,) for p, n in (("q", q_out), ("k", kv * hd), ("v", kv * hd))})
     if arch == "qwen3":
@@ -252,6 +253,21 @@ def assert_parser_matches_reader(path: str) -> None:
     for info, t in zip(mine.tensors, ref.tensors):
         assert info.ggml_type == int(t.tensor_type) and info.ne == tuple(int(n) for n in t.shape), t.name
         assert np.array_equal(mine.raw(info), np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
+
+
+def test_truncated_file_raises(tmp_path) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(str(path), "llama", tiny_weights("llama", True, np.random.default_rng(10)))
+    data = path.read_bytes()
+    (tmp_path / "head.gguf").write_bytes(data[:200])
+    with pytest.raises(GGUFError, match="corrupt"):
+        load_gguf(str(tmp_path / "head.gguf"))
+    (tmp_path / "body.gguf").write_bytes(data[:-100])
+    with pytest.raises(GGUFError, match="past the end"):
+        load_gguf(str(tmp_path / "body.gguf"))
+    (tmp_path / "junk.gguf").write_bytes(b"GGML" + data[4:])
+    with pytest.raises(GGUFError, match="not a GGUF"):
+        load_gguf(str(tmp_path / "junk.gguf"))
 
 
 def test_unsupported_architecture_is_named(tmp_path) -> None:
@@ -403,7 +419,8 @@ def test_bundled_config(smollm: GGUFCheckpoint) -> None:
     cfg = smollm.config
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
     assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (30, 9, 3)
-    assert (cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"]) == (576, 64, 1536, 49152)
+    assert (cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]) == (576, 64, 1536)
+    assert cfg["vocab_size"] == 49152 and cfg["max_position_embeddings"] == 8192
     assert cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"] is True and cfg["rope_scaling"] is None
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["attention_bias"]) == (1, 2, False)
     assert smollm.chat_template and "<|im_start|>" in smollm.chat_template
@@ -436,9 +453,11 @@ def test_bundled_tokenizer_matches_transformers() -> None:
 
     path = bundled_model()
     mine = load_gguf_tokenizer(path)
-    assert_same_tokenizer(mine, AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)))
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    assert_same_tokenizer(mine, ref)
     assert mine.eos_token_id == 2 and mine.convert_ids_to_tokens(2) == "<|im_end|>"
     assert mine("<|im_start|>user").input_ids[0] == 1
-    text = mine.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    chat = [{"role": "user", "content": "hi"}]
+    text = mine.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert text == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
                     "<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
