@@ -186,10 +186,21 @@ def load_hf_model(path: str, dtype: torch.dtype) -> Any:
 
     if path.endswith(".gguf"):
         directory, name = os.path.split(os.path.abspath(path))
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype,
+                                                     **_dense_gguf_kwargs())
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.eval()
+
+
+def _dense_gguf_kwargs() -> dict:
+    """Ask transformers to unpack GGUF weights into dense ``dtype`` ones, as pagoda does
+    (newer versions can keep them packed and compute through a quantized kernel)."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,6 +288,12 @@ def measure_limits(arch: Any, engine_args: Any, engine_dtype: torch.dtype) -> di
     return out
 
 
+def print_machine(info: dict) -> None:
+    print("== machine ==")
+    print(row("cpus / torch threads", f"{info['cpu_count']} / {info['torch_threads']}"))
+    print(row("load average (1 min)", f"{info['load_average'][0]:.2f} at start"))
+
+
 def print_limits(limits: dict, engine_dtype: torch.dtype) -> None:
     print("== matmul FLOP/s (torch, best of shapes) ==")
     for name, m in limits.items():
@@ -319,7 +336,8 @@ def print_hf(hf: dict, pagoda_rate: float) -> None:
 def machine_info() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "load_average": list(os.getloadavg())}
 
 
 def write_json(path: str, report: dict) -> None:
@@ -343,6 +361,8 @@ def main(ns: argparse.Namespace) -> int:
     arch, dtype = engine.arch, engine.dtype
     shape = flops.ModelShape.from_arch(arch)
 
+    machine = machine_info()
+    print_machine(machine)
     limits = measure_limits(arch, engine_args, dtype)
     print_limits(limits, dtype)
     limit = limits[dtype_name(dtype)]["best_flops_per_s"]
@@ -361,7 +381,7 @@ def main(ns: argparse.Namespace) -> int:
     print_run(f"pagoda ({engine.model_name}, {dtype_name(dtype)})", result)
     print(row("peak RSS MiB", result["peak_rss_mib"]))
 
-    report = {"command": list(sys.argv), "machine": machine_info(),
+    report = {"command": list(sys.argv), "machine": machine,
               "engine_args": dataclasses.asdict(engine_args), "dtype": dtype_name(dtype),
               "model": engine.model_name, "max_model_len": engine.max_model_len,
               "num_kv_blocks": engine.num_blocks,

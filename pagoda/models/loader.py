@@ -79,7 +79,7 @@ def load_model(path: Optional[str], dtype: torch.dtype, device: torch.device,
     positions = max_positions or arch.max_position_embeddings
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, positions)
-    model = model.to_empty(device=device).to(dtype=dtype).eval()
+    model = model.to(dtype=dtype).to_empty(device=device).eval()  # cast on meta: free
     model.rope.build(device)
     model.load_weights(weights)  # copy_ casts each tensor to the model's dtype
     eos = _eos_ids(arch, tokenizer)
