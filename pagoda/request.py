@@ -40,13 +40,13 @@ _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int],
-                 sampling_params: SamplingParams, eos_token_id: Optional[int],
+                 sampling_params: SamplingParams, eos_token_ids: tuple[int, ...],
                  max_tokens: int, arrival_time: Optional[float] = None,
                  prefix_donor: Optional[str] = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
-        self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids  # any of them ends the request (unless ignore_eos)
         self.max_tokens = max_tokens  # resolved: min(asked, context left)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         # n > 1: a sibling whose full prompt blocks this request may share on admission.

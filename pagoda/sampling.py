@@ -13,6 +13,8 @@ MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+# Temperatures below this are treated as greedy: dividing logits by them overflows.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -39,15 +41,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
+        self.stop = _as_list("stop", self.stop)
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids)
+        if type(self.top_k) is int and self.top_k == -1:
             self.top_k = 0
         self.validate()
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self) -> None:
         _check_int("n", self.n, lo=1, hi=MAX_N)
@@ -93,6 +95,15 @@ class SamplingParams:
         return SamplingParams(**values)
 
 
+def _as_list(name: str, value: object) -> list:
+    """None or a list / tuple of items; anything else (a bare number, a set) is an error."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
 def _check_int(name: str, value: object, lo: Optional[int] = None,
                hi: Optional[int] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -107,7 +118,11 @@ def _check_float(name: str, value: object, lo: Optional[float] = None,
                  hi: Optional[float] = None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if math.isnan(value) or math.isinf(value):
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{name} must be finite, got {value}") from None
+    if math.isnan(as_float) or math.isinf(as_float):
         raise ValueError(f"{name} must be finite, got {value}")
     if lo is not None and value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")

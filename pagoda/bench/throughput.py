@@ -329,6 +329,7 @@ def print_hf(hf: dict, pagoda_rate: float) -> None:
     print(row("generated tokens", f"{hf['generated_tokens']} (incl. {hf['wasted_tokens']} "
                                   "past a row's length)"))
     print(row("peak RSS MiB (all)", hf["peak_rss_mib_after"]))
+    print(row("load average after", hf["load_average_after"]))
     print(row("pagoda / HF", f"{pagoda_rate / hf['output_tokens_per_s']:.2f}x "
                              "(output tokens/s)"))
 
@@ -378,8 +379,10 @@ def main(ns: argparse.Namespace) -> int:
     result = rates(work, elapsed)
     result.update(efficiency(shape, work, elapsed, limit, result["output_tokens_per_s"]))
     result["peak_rss_mib"] = peak_rss_mib()
+    result["load_average_after"] = os.getloadavg()[0]
     print_run(f"pagoda ({engine.model_name}, {dtype_name(dtype)})", result)
     print(row("peak RSS MiB", result["peak_rss_mib"]))
+    print(row("load average after", result["load_average_after"]))
 
     report = {"command": list(sys.argv), "machine": machine,
               "engine_args": dataclasses.asdict(engine_args), "dtype": dtype_name(dtype),
@@ -401,6 +404,7 @@ def main(ns: argparse.Namespace) -> int:
             print(f"pagoda: error: {e}", file=sys.stderr)
             return 1
         hf["peak_rss_mib_after"] = peak_rss_mib()
+        hf["load_average_after"] = os.getloadavg()[0]
         hf["pagoda_over_hf"] = result["output_tokens_per_s"] / hf["output_tokens_per_s"]
         print_hf(hf, result["output_tokens_per_s"])
         report["hf"] = hf

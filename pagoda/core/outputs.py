@@ -18,7 +18,7 @@ class NewRequestData:
     token_ids: list[int]           # prompt + outputs so far (outputs exist after preemption)
     num_prompt_tokens: int
     sampling_params: SamplingParams
-    eos_token_id: Optional[int]
+    eos_token_ids: tuple[int, ...]
     block_ids: list[int]
     num_computed_tokens: int       # tokens whose KV is already in the blocks (shared prefix)
     seed_offset: int = 0           # n > 1: the i-th sibling samples from seed + i

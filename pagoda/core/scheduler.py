@@ -205,7 +205,7 @@ class Scheduler:
             new_reqs.append(NewRequestData(
                 request_id=rid, token_ids=list(request.all_token_ids),
                 num_prompt_tokens=request.num_prompt_tokens,
-                sampling_params=request.sampling_params, eos_token_id=request.eos_token_id,
+                sampling_params=request.sampling_params, eos_token_ids=request.eos_token_ids,
                 block_ids=list(self.kv.block_ids(rid)),
                 num_computed_tokens=request.num_computed_tokens,
                 seed_offset=self._seed_offsets.get(rid, 0)))
@@ -252,7 +252,7 @@ class Scheduler:
     def _stop_status(self, request: Request, token: int) -> Optional[RequestStatus]:
         params = request.sampling_params
         if request.num_output_tokens >= params.min_tokens:
-            if token == request.eos_token_id and not params.ignore_eos:
+            if token in request.eos_token_ids and not params.ignore_eos:
                 return RequestStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
                 request.stop_reason = token

@@ -15,7 +15,8 @@ PREFIX_WINDOW = 6
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
-                 include_stop_str_in_output: bool, skip_special_tokens: bool) -> None:
+                 include_stop_str_in_output: bool, skip_special_tokens: bool,
+                 min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.include_stop = include_stop_str_in_output
@@ -26,15 +27,24 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(tail)
         self.text = ""
-        self.stop_max_len = max((len(s) for s in stop), default=0)
+        # Like EOS and stop tokens, stop strings cannot end the first ``min_tokens`` outputs:
+        # a match must end after the text those tokens made.
+        self.min_tokens = min_tokens
+        self.num_output_tokens = 0
+        self._protected_len = 0
 
     def update(self, new_token_ids: list[int]) -> Optional[str]:
         """Add tokens; return the stop string that ended the text, if one appeared."""
         checked = len(self.text)
         for token in new_token_ids:
             self.ids.append(token)
+            self.num_output_tokens += 1
             self._advance()
-        return self._check_stop(checked) if self.stop else None
+            if self.num_output_tokens == self.min_tokens:
+                self._protected_len = len(self.text)
+        if not self.stop or self.num_output_tokens <= self.min_tokens:
+            return None
+        return self._check_stop(max(checked, self._protected_len))
 
     def _advance(self) -> None:
         decode = self.tokenizer.decode
@@ -47,11 +57,11 @@ class IncrementalDetokenizer:
             self.read_offset = len(self.ids)
 
     def _check_stop(self, checked: int) -> Optional[str]:
-        # Only the new text, plus a stop string's length of overlap, can hold a new match.
-        window_start = max(0, checked - self.stop_max_len + 1)
+        """The earliest stop string that ends after text offset ``checked``."""
         best: Optional[tuple[int, str]] = None
         for s in self.stop:
-            i = self.text.find(s, window_start)
+            # Only the new text, plus the string's length of overlap, can hold a new match.
+            i = self.text.find(s, max(0, checked - len(s) + 1))
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:

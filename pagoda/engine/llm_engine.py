@@ -83,7 +83,6 @@ class LLMEngine:
         self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
         self.runner = ModelRunner(loaded.model, self.num_blocks, cache.block_size, self.dtype,
                                   self.device)
-        self.eos_token_id = self.arch.eos_token_ids[0] if self.arch.eos_token_ids else None
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, tuple[_Group, _Child]] = {}
         self.num_prompt_tokens = 0
@@ -119,10 +118,11 @@ class LLMEngine:
         for i in range(params.n):
             cid = request_id if params.n == 1 else f"{request_id}:{i}"
             donor = None if i == 0 else group.children[0].request.request_id
-            req = Request(cid, prompt_token_ids, params, self.eos_token_id, max_tokens, now, donor)
+            req = Request(cid, prompt_token_ids, params, self.arch.eos_token_ids, max_tokens, now,
+                          donor)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
                                            params.include_stop_str_in_output,
-                                           params.skip_special_tokens)
+                                           params.skip_special_tokens, params.min_tokens)
             child = _Child(i, req, detok, [] if params.logprobs is not None else None)
             group.children.append(child)
             self._child_group[cid] = (group, child)
@@ -136,7 +136,8 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
         vocab = self.arch.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        bad = [t for t in prompt_token_ids
+               if type(t) is not int or not 0 <= t < vocab]  # type(): bools are not ids
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
         if len(prompt_token_ids) >= self.max_model_len:
@@ -205,10 +206,11 @@ class LLMEngine:
                     group.metrics.first_token_time = now
             if child.logprobs is not None and out.logprobs is not None:
                 child.logprobs.append(out.logprobs)
-            stop_str = child.detok.update(out.new_token_ids)
-            if stop_str is not None and out.finish_reason is None:
-                self.scheduler.finish_requests([out.request_id], RequestStatus.FINISHED_STOPPED,
-                                               stop_reason=stop_str)
+            stop_str = child.detok.update(self._text_tokens(child, out))
+            if stop_str is not None:
+                if out.finish_reason is None:
+                    self.scheduler.finish_requests([out.request_id],
+                                                   RequestStatus.FINISHED_STOPPED, stop_str)
                 out.finish_reason, out.stop_reason = "stop", stop_str
         if child.index == 0 and group.deferred and (out.new_token_ids or out.finish_reason):
             self._release_siblings(group)
@@ -216,6 +218,17 @@ class LLMEngine:
             child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
             child.finish_detail = out.finish_detail or child.request.finish_detail
             child.finished_time = now
+
+    @staticmethod
+    def _text_tokens(child: _Child, out: EngineCoreOutput) -> list[int]:
+        """The tokens whose text joins the output: a stop token (a stop_token_ids entry or
+        EOS) that ended the request stays in token_ids but not in the text."""
+        params = child.request.sampling_params
+        if out.finish_reason == "stop" and not params.include_stop_str_in_output:
+            last = out.new_token_ids[-1]
+            if last in params.stop_token_ids or last in child.request.eos_token_ids:
+                return out.new_token_ids[:-1]
+        return out.new_token_ids
 
     def _release_siblings(self, group: _Group) -> None:
         """The first child has computed the prompt: its siblings may now share its blocks."""

@@ -56,8 +56,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     print(out.text)
     n = len(out.token_ids)
+    ttft = out.time_to_first_token
+    ttft_text = f"{ttft:.3f} s" if ttft is not None else "-"
+    detail = f" ({out.outputs[0].finish_detail})" if out.outputs[0].finish_detail else ""
     print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, finish_reason="
-          f"{out.finish_reason}, ttft={out.time_to_first_token:.3f} s]", file=sys.stderr)
+          f"{out.finish_reason}{detail}, ttft={ttft_text}]", file=sys.stderr)
     return 0
 
 

@@ -80,8 +80,8 @@ class ModelRunner:
     def _new_state(new: NewRequestData) -> CachedRequestState:
         p = new.sampling_params
         stop_ids = list(p.stop_token_ids)
-        if new.eos_token_id is not None and not p.ignore_eos:
-            stop_ids.append(new.eos_token_id)
+        if not p.ignore_eos:
+            stop_ids.extend(new.eos_token_ids)
         return CachedRequestState(new.request_id, list(new.token_ids), new.num_prompt_tokens, p,
                                   list(new.block_ids), new.num_computed_tokens, stop_ids,
                                   new.seed_offset)

@@ -36,8 +36,7 @@ def sample(logits: torch.Tensor,
     """logits: (S, V) fp32, one row per entry of ``rows``. Returns tokens and logprobs."""
     raw_logprobs = (torch.log_softmax(logits, dim=-1)
                     if any(r.params.logprobs is not None for r in rows) else None)
-    logits = _apply_penalties(logits, rows)
-    _mask_early_stops(logits, rows)
+    logits = _mask_early_stops(_apply_penalties(logits, rows), rows)
     tokens = _choose(logits, rows)
     logprobs = [_token_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs)
                 if raw_logprobs is not None and r.params.logprobs is not None else None
@@ -71,12 +70,19 @@ def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-    """Before min_tokens outputs, EOS and stop tokens cannot be sampled."""
+def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Before min_tokens outputs, EOS and stop tokens cannot be sampled. Does not write to
+    the caller's tensor."""
+    cloned = False
     for i, r in enumerate(rows):
         if r.num_output_tokens < r.params.min_tokens and r.stop_ids_for_min_tokens:
-            ids = [t for t in r.stop_ids_for_min_tokens if t < logits.shape[1]]
+            ids = [t for t in r.stop_ids_for_min_tokens if 0 <= t < logits.shape[1]]
+            if not ids:
+                continue
+            if not cloned:
+                logits, cloned = logits.clone(), True
             logits[i, ids] = float("-inf")
+    return logits
 
 
 def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
@@ -95,11 +101,14 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     temp = torch.tensor([p.temperature for p in params], device=device)
     logits = logits / temp[:, None]
     if any(p.top_k for p in params):
-        k = torch.tensor([p.top_k or logits.shape[1] for p in params], device=device)
-        k = k.clamp(max=logits.shape[1])
-        sorted_desc = logits.sort(dim=-1, descending=True).values
-        kth = sorted_desc.gather(1, (k - 1)[:, None])                  # (R, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        vocab = logits.shape[1]
+        k = torch.tensor([p.top_k or vocab for p in params], device=device).clamp(max=vocab)
+        # Exactly k tokens survive; among equal logits the lower id wins, as in argmax, so
+        # that top_k=1 is greedy even on ties. A stable sort makes that order deterministic.
+        order = logits.sort(dim=-1, descending=True, stable=True).indices
+        keep_sorted = torch.arange(vocab, device=device)[None, :] < k[:, None]
+        keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if any(p.top_p < 1.0 for p in params):
         logits = _top_p(logits, torch.tensor([p.top_p for p in params], device=device))
     probs = torch.softmax(logits, dim=-1)
@@ -112,10 +121,12 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
 
 def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
     # A token is dropped when the mass before it already reaches top_p (the first always stays).
-    drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p[:, None]
+    # Rows with top_p == 1 keep everything: float rounding may make their cumulative mass
+    # reach 1 before the tail.
+    drop_sorted = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -128,6 +139,8 @@ def _draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
             gen = torch.Generator(device=probs.device)
             gen.manual_seed(_row_seed(r.params.seed, r.seed_offset, r.num_output_tokens))
             noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
+    # A zero draw would make p / 0 = inf (or nan where p == 0, which argmax also picks).
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
 
 

@@ -7,7 +7,7 @@ from pagoda.sampling import SamplingParams
 
 
 def _req(rid: str, n: int) -> Request:
-    return Request(rid, list(range(100, 100 + n)), SamplingParams(), eos_token_id=1, max_tokens=8)
+    return Request(rid, list(range(100, 100 + n)), SamplingParams(), eos_token_ids=(1,), max_tokens=8)
 
 
 def test_allocate_release_and_invariants():

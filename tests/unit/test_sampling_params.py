@@ -20,6 +20,7 @@ INVALID = [
     ("temperature", "1.0"),
     ("temperature", None),
     ("temperature", True),
+    ("temperature", 10**400),    # an int too large for a float
     ("top_p", 0.0),
     ("top_p", -0.5),
     ("top_p", 1.0001),
@@ -29,6 +30,7 @@ INVALID = [
     ("top_k", 1.5),
     ("top_k", "5"),
     ("top_k", True),
+    ("top_k", -1.0),
     ("min_p", -0.01),
     ("min_p", 1.01),
     ("min_p", math.nan),
@@ -42,6 +44,7 @@ INVALID = [
     ("frequency_penalty", -2.5),
     ("frequency_penalty", 2.5),
     ("frequency_penalty", math.inf),
+    ("frequency_penalty", -10**400),
     ("max_tokens", 0),
     ("max_tokens", -3),
     ("max_tokens", "3"),
@@ -61,6 +64,13 @@ INVALID = [
     ("stop_token_ids", [-1]),
     ("stop_token_ids", ["3"]),
     ("stop_token_ids", [True]),
+    ("stop_token_ids", 5),
+    ("stop_token_ids", 0),       # a bare id, not a list: must not silently become []
+    ("stop_token_ids", {3}),
+    ("stop", 5),
+    ("stop", 0),
+    ("stop", {"a": 1}),
+    ("seed", True),
 ]
 
 
@@ -126,7 +136,9 @@ def test_valid_values_construct(kwargs):
 
 def test_greedy_property():
     assert SamplingParams(temperature=0.0).greedy
+    assert SamplingParams(temperature=1e-45).greedy  # would overflow logits / temperature
     assert not SamplingParams(temperature=0.5).greedy
+    assert not SamplingParams(temperature=0.01).greedy
 
 
 def test_clone_revalidates():

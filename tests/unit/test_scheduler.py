@@ -14,7 +14,7 @@ from pagoda.core.scheduler import Scheduler  # noqa: E402
 from pagoda.request import Request, RequestStatus  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 
-EOS = 1
+EOS = (1,)
 
 
 def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, chunked=True, max_len=512):

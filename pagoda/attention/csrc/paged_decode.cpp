@@ -1,0 +1,825 @@
+// Paged decode attention on the CPU: PagedAttention (Kwon et al., SOSP'23) read straight from
+// the blocks, with a flash-decoding style online softmax (running max, running sum, fp32
+// accumulator; Dao et al., "Flash-Decoding for long-context inference", 2023).
+//
+// Invariant: for sequence b, only the rows of tokens [0, seq_lens[b]) are read, each exactly
+// once per (sequence, KV head), at block_tables[b][i / block_size], offset i % block_size. No
+// other cache slot (padding entries of the block table, the unused tail of the last block,
+// blocks of other sequences) is ever touched, so garbage or NaN there cannot reach the output.
+//
+// Work is split into (sequence, KV head[, context chunk]) units. A unit loads each K and V row
+// once, converts it to fp32 and uses it for all G = H / Hkv query heads that share that KV head
+// (grouped-query attention). Tokens are processed in tiles of TILE rows: the tile's scores are
+// materialised (G x TILE floats), the running max / sum / accumulator are rescaled once per
+// tile. When there are few units (small batch, long contexts), a unit's context is split into
+// chunks whose partial (max, sum, accumulator) are merged at the end (flash-decoding).
+//
+// Everything is plain C++ written so that gcc/clang auto-vectorise it at -O3 (bf16 -> fp32 is
+// a 16-bit shift, dot products keep 16 independent partial sums, exp is a polynomial), so the
+// same source builds with -march=native on an AVX-512 machine and with default flags elsewhere.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <type_traits>
+
+namespace {
+
+constexpr int64_t TILE = 64;        // tokens per online-softmax step
+constexpr int LANES = 16;           // independent partial sums in dot products
+constexpr int64_t UNIT_OVERHEAD = 16;  // cost of a unit in "tokens", besides its tokens
+constexpr int64_t MIN_CHUNK = 128;  // never split a context into chunks shorter than this
+#ifndef PREFETCH_LOCALITY
+#define PREFETCH_LOCALITY 3
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Element conversions. Storage types: float, uint16_t (bf16 bits), c10::Half.
+
+inline float bf16_bits_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if (std::isnan(f)) {
+    return 0x7fc0;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <typename T>
+struct Conv;
+
+template <>
+struct Conv<float> {
+  // Returns a pointer to n floats equal to src (src itself: no copy needed).
+  static inline const float* load(const float* src, float* /*buf*/, int64_t /*n*/) { return src; }
+  static inline void store(float* dst, const float* src, float mul, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * mul;
+  }
+};
+
+template <>
+struct Conv<uint16_t> {
+  static inline const float* load(const uint16_t* __restrict src, float* __restrict buf,
+                                  int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u = static_cast<uint32_t>(src[i]) << 16;
+      float f;
+      std::memcpy(&f, &u, sizeof(f));
+      buf[i] = f;
+    }
+    return buf;
+  }
+  static inline void store(uint16_t* dst, const float* src, float mul, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i] * mul);
+  }
+};
+
+template <>
+struct Conv<c10::Half> {
+  static inline const float* load(const c10::Half* __restrict src, float* __restrict buf,
+                                  int64_t n) {
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+    return buf;
+  }
+  static inline void store(c10::Half* dst, const float* src, float mul, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i] * mul);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Vectorisable helpers. KD > 0: the head dim is a compile-time constant, else it is `n`.
+
+template <int KD>
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  const int64_t d = KD > 0 ? KD : n;
+  float part[LANES] = {0.f};
+  int64_t i = 0;
+  for (; i + LANES <= d; i += LANES) {
+    for (int j = 0; j < LANES; ++j) part[j] += a[i + j] * b[i + j];
+  }
+  for (int64_t j = 0; i < d; ++i, ++j) part[j] += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) part[j] += part[j + 8];
+  for (int j = 0; j < 4; ++j) part[j] += part[j + 4];
+  return (part[0] + part[2]) + (part[1] + part[3]);
+}
+
+template <int KD>
+inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+  const int64_t d = KD > 0 ? KD : n;
+  for (int64_t i = 0; i < d; ++i) y[i] += a * x[i];
+}
+
+template <int KD>
+inline void scale_inplace(float* __restrict y, float a, int64_t n) {
+  const int64_t d = KD > 0 ? KD : n;
+  for (int64_t i = 0; i < d; ++i) y[i] *= a;
+}
+
+inline float max_of(const float* x, int64_t n) {
+  float part[LANES];
+  for (int j = 0; j < LANES; ++j) part[j] = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    for (int j = 0; j < LANES; ++j) part[j] = x[i + j] > part[j] ? x[i + j] : part[j];
+  }
+  for (int64_t j = 0; i < n; ++i, ++j) part[j] = x[i] > part[j] ? x[i] : part[j];
+  float m = part[0];
+  for (int j = 1; j < LANES; ++j) m = part[j] > m ? part[j] : m;
+  return m;
+}
+
+// One exp(v - shift) for v - shift <= 0 (a score minus the running max). Cephes-style expf:
+// 2^n * p(r), |r| <= ln2/2, relative error ~1e-7; arguments below -87 are clamped
+// (exp(-87) ~ 1.6e-38 is negligible next to the max term, which is 1).
+inline float exp_poly(float v) {
+  v = v < -87.0f ? -87.0f : v;
+  const float fn = std::floor(v * 1.44269504088896341f + 0.5f);
+  const float r = (v - fn * 0.693359375f) + fn * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(fn) + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, sizeof(s));
+  return p * s;
+}
+
+// x[i] = exp(x[i] - shift) for i < n; returns the sum.
+inline float exp_shift_sum(float* __restrict x, float shift, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = exp_poly(x[i] - shift);
+  float part[LANES] = {0.f};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES) {
+    for (int j = 0; j < LANES; ++j) part[j] += x[i + j];
+  }
+  for (int64_t j = 0; i < n; ++i, ++j) part[j] += x[i];
+  float s = 0.f;
+  for (int j = 0; j < LANES; ++j) s += part[j];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct Unit {
+  int64_t b;       // sequence
+  int64_t k0, k1;  // KV heads [k0, k1)
+  int64_t t0, t1;  // token range [t0, t1) of its context
+  int64_t part;    // index into the partial buffers, or -1: write the final output directly
+};
+
+struct Problem {
+  int64_t B, H, Hkv, G, D, block_size, W, num_blocks;
+  const int64_t* block_tables;  // (B, W) contiguous
+  const int64_t* seq_lens;      // (B,)
+  // Strides in elements.
+  int64_t q_sb, q_sh;
+  int64_t o_sb, o_sh;
+  int64_t c_skv, c_sblk, c_stok, c_sh;
+  float scale;
+};
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, PREFETCH_LOCALITY);
+  __builtin_prefetch(p + bytes - 1, 0, PREFETCH_LOCALITY);
+}
+
+// Rows of the next tile to request while this one is computed: row i of the next tile is
+// requested while row i of this tile is processed, which spreads the requests over the work
+// (rows of different blocks are scattered, so the hardware prefetcher cannot guess them).
+template <typename T>
+struct Ahead {
+  const T* const* rows;  // row pointers of the next tile (0 of them: nothing to fetch)
+  int64_t n;
+  int64_t offset;        // elements from a row pointer to the first one wanted
+  int64_t bytes;         // bytes wanted from there (the unit's KV heads of that token)
+  inline void at(int64_t i) const {
+#ifndef PAGODA_NO_PREFETCH
+    if (i < n) prefetch_row(rows[i] + offset, bytes);
+#endif
+  }
+  inline void rest(int64_t from) const {
+#ifndef PAGODA_NO_PREFETCH
+    for (int64_t i = from; i < n; ++i) prefetch_row(rows[i] + offset, bytes);
+#endif
+  }
+};
+
+// Per-thread scratch memory (fp32): per query head (all H of them) its query, running
+// output, max and sum; per KV head pass (G query heads) a tile of scores and buffers.
+struct Scratch {
+  std::vector<float> mem;
+  float *qf, *acc, *m, *l, *scores, *part, *vt, *kbuf, *vbuf;
+  Scratch(int64_t H, int64_t G, int64_t D)
+      : mem(2 * H * D + 2 * H + G * TILE + G * 256 + TILE * D + 2 * D) {
+    float* p = mem.data();
+    qf = p;            p += H * D;      // queries (pre-scaled fp32, or raw bf16 for vdpbf16ps)
+    acc = p;           p += H * D;      // running (unnormalised) outputs
+    m = p;             p += H;          // running max per head
+    l = p;             p += H;          // running sum per head
+    scores = p;        p += G * TILE;   // one tile's scores, then probabilities
+    part = p;          p += G * 256;    // 16 x 16 partial dot products per head (AVX-512)
+    vt = p;            p += TILE * D;   // a tile of V rows in fp32 (AVX-512, non-fp32 caches)
+    kbuf = p;          p += D;
+    vbuf = p;
+  }
+};
+
+// Portable tile kernels: plain loops that compilers auto-vectorise. KD: head dim or 0.
+template <typename T, int KD>
+struct GenericKernel {
+  static void load_q(const T* qrow, float scale, float* qf, Scratch& s, int64_t D) {
+    const float* src = Conv<T>::load(qrow, s.kbuf, D);
+    for (int64_t d = 0; d < D; ++d) qf[d] = src[d] * scale;
+  }
+  // scores[g * TILE + i] = q_g . k_i (k_i = krow[i] + hoff), each K row loaded once for all
+  // G heads.
+  static void scores(const T* const* krow, int64_t hoff, int64_t n, int64_t G, int64_t D,
+                     const float* qf, Scratch& s, const Ahead<T>& ahead,
+                     float /*scale: q is pre-scaled*/) {
+    for (int64_t i = 0; i < n; ++i) {
+      ahead.at(i);
+      const float* k = Conv<T>::load(krow[i] + hoff, s.kbuf, D);
+      for (int64_t g = 0; g < G; ++g) s.scores[g * TILE + i] = dot<KD>(qf + g * D, k, D);
+    }
+  }
+  static float tile_max(const float* x, int64_t n) { return max_of(x, n); }
+  static float exp_sum(float* x, float shift, int64_t n) { return exp_shift_sum(x, shift, n); }
+  static void rescale(float* acc, float alpha, int64_t D) { scale_inplace<KD>(acc, alpha, D); }
+  // acc_g += sum_i p[g][i] v_i (v_i = vrow[i] + hoff), each V row loaded once for all G heads.
+  static void accumulate(const T* const* vrow, int64_t hoff, int64_t n, int64_t G, int64_t D,
+                         float* acc, Scratch& s, const Ahead<T>& ahead) {
+    for (int64_t i = 0; i < n; ++i) {
+      ahead.at(i);
+      const float* v = Conv<T>::load(vrow[i] + hoff, s.vbuf, D);
+      for (int64_t g = 0; g < G; ++g) axpy<KD>(acc + g * D, s.scores[g * TILE + i], v, D);
+    }
+  }
+};
+
+#if defined(__AVX512F__)
+// AVX-512 tile kernels for head dims 16 * NC.
+template <typename T>
+struct Load512;
+template <>
+struct Load512<float> {
+  static inline __m512 at(const float* p) { return _mm512_loadu_ps(p); }
+};
+template <>
+struct Load512<uint16_t> {  // bf16: widen to 32 bits and shift into the high half
+  static inline __m512 at(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+};
+template <>
+struct Load512<c10::Half> {
+  static inline __m512 at(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+};
+
+// exp(x) as in exp_poly, 16 lanes; the exponent is applied with vscalefps. NaN propagates.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);  // max_ps returns its 2nd operand on NaN
+  const __m512 fn = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(fn, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, fn);
+}
+
+// v: 16 rows of 16 floats. Returns the 16 row sums, in order (a transposing reduction:
+// 45 shuffles/adds for 16 dot products instead of 16 separate horizontal sums).
+inline __m512 row_sums16(const float* v) {
+  __m512 w[8];
+  for (int j = 0; j < 8; ++j) {
+    const __m512 a = _mm512_loadu_ps(v + (2 * j) * 16);
+    const __m512 b = _mm512_loadu_ps(v + (2 * j + 1) * 16);
+    // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    w[j] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  __m512 x[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m512d c = _mm512_castps_pd(w[2 * k]);
+    const __m512d d = _mm512_castps_pd(w[2 * k + 1]);
+    // per 128-bit lane: the lane's partial sums of rows 4k, 4k+1, 4k+2, 4k+3
+    x[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+inline __mmask16 lanes_below(int64_t n) {  // mask of the first min(n, 16) lanes
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+template <typename T, int NC>
+struct Avx512Kernel {
+  static constexpr int64_t D = 16 * NC;
+#if defined(__AVX512BF16__)
+  // bf16 caches: q . k with vdpbf16ps straight on the bf16 rows (products of two bf16 are
+  // exact in fp32, sums are fp32), no widening of K; the scale is applied to the sums.
+  static constexpr bool kDpBf16 = std::is_same_v<T, uint16_t>;
+#else
+  static constexpr bool kDpBf16 = false;
+#endif
+
+  static void load_q(const T* qrow, float scale, float* qf, Scratch&, int64_t) {
+    if constexpr (kDpBf16) {
+      std::memcpy(qf, qrow, D * sizeof(uint16_t));  // raw bf16, unscaled
+    } else {
+      const __m512 vs = _mm512_set1_ps(scale);
+      for (int c = 0; c < NC; ++c) {
+        _mm512_storeu_ps(qf + 16 * c, _mm512_mul_ps(Load512<T>::at(qrow + 16 * c), vs));
+      }
+    }
+  }
+
+  // Partial dot products of row k with the G queries: 16 lanes each, into s.part[g][j].
+  static inline void dots(const T* krow, int64_t j, int64_t G, const float* qf, Scratch& s) {
+#if defined(__AVX512BF16__)
+    if constexpr (kDpBf16) {
+      constexpr int NB = NC / 2;  // 32 bf16 per register
+      __m512bh k[NB];
+      for (int c = 0; c < NB; ++c) k[c] = (__m512bh)_mm512_loadu_si512(krow + 32 * c);
+      for (int64_t g = 0; g < G; ++g) {
+        const uint16_t* qg = reinterpret_cast<const uint16_t*>(qf + g * D);
+        __m512 a = _mm512_setzero_ps();
+        for (int c = 0; c < NB; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qg + 32 * c), k[c]);
+        _mm512_storeu_ps(s.part + (g * 16 + j) * 16, a);
+      }
+      return;
+    }
+#endif
+    __m512 k[NC];
+    for (int c = 0; c < NC; ++c) k[c] = Load512<T>::at(krow + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
+      for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], a);
+      _mm512_storeu_ps(s.part + (g * 16 + j) * 16, a);
+    }
+  }
+
+  static void scores(const T* const* krow, int64_t hoff, int64_t n, int64_t G, int64_t,
+                     const float* qf, Scratch& s, const Ahead<T>& ahead, float scale) {
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t nj = std::min<int64_t>(16, n - j0);
+      for (int64_t j = 0; j < nj; ++j) {
+        ahead.at(j0 + j);
+        dots(krow[j0 + j] + hoff, j, G, qf, s);
+      }
+      for (int64_t j = nj; j < 16; ++j) {
+        for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(s.part + (g * 16 + j) * 16, _mm512_setzero_ps());
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 r = row_sums16(s.part + g * 256);
+        if constexpr (kDpBf16) r = _mm512_mul_ps(r, vs);
+        _mm512_storeu_ps(s.scores + g * TILE + j0, r);
+      }
+    }
+  }
+  static float tile_max(const float* x, int64_t n) {
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n; j += 16) {
+      mx = _mm512_mask_max_ps(mx, lanes_below(n - j), _mm512_loadu_ps(x + j), mx);
+    }
+    return _mm512_reduce_max_ps(mx);
+  }
+  static float exp_sum(float* x, float shift, int64_t n) {
+    const __m512 vs = _mm512_set1_ps(shift);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vs));
+      _mm512_storeu_ps(x + j, e);  // x has room for whole groups of 16
+      sum = _mm512_mask_add_ps(sum, lanes_below(n - j), sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+  }
+  static void rescale(float* acc, float alpha, int64_t) {
+    const __m512 va = _mm512_set1_ps(alpha);
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), va));
+  }
+  static void accumulate(const T* const* vrow, int64_t hoff, int64_t n, int64_t G, int64_t,
+                         float* acc, Scratch& s, const Ahead<T>& ahead) {
+    // V rows in fp32: the cache rows themselves, or converted once into s.vt.
+    const float* vf[TILE];
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < n; ++i) vf[i] = vrow[i] + hoff;
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        float* dst = s.vt + i * D;
+        for (int c = 0; c < NC; ++c) _mm512_storeu_ps(dst + 16 * c, Load512<T>::at(vrow[i] + hoff + 16 * c));
+        vf[i] = dst;
+      }
+    }
+    // Per head, the accumulator stays in registers over the tile (rows re-read from L1).
+    for (int64_t g = 0; g < G; ++g) {
+      float* accg = acc + g * D;
+      const float* p = s.scores + g * TILE;
+      __m512 a[NC];
+      for (int c = 0; c < NC; ++c) a[c] = _mm512_loadu_ps(accg + 16 * c);
+      for (int64_t i = 0; i < n; ++i) {
+        if (g == 0) ahead.at(i);
+        const __m512 pi = _mm512_set1_ps(p[i]);
+        for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(vf[i] + 16 * c), a[c]);
+      }
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(accg + 16 * c, a[c]);
+    }
+  }
+};
+#endif  // __AVX512F__
+
+// Row pointers of tokens [t, t + n) of unit u, n = min(TILE, u.t1 - t): walks the block table
+// (one table read per block, no division per token). Returns n.
+template <typename T>
+inline int64_t tile_rows(const Problem& P, const T* cache, const Unit& u, int64_t t,
+                         const T** krow, const T** vrow) {
+  const int64_t n = std::min(TILE, u.t1 - t);
+  const int64_t* table = P.block_tables + u.b * P.W;
+  const T* kbase = cache;
+  const T* vbase = cache + P.c_skv;
+  int64_t j = t / P.block_size;
+  int64_t off = t - j * P.block_size;
+  int64_t i = 0;
+  while (i < n) {
+    const int64_t base = table[j] * P.c_sblk;
+    const int64_t stop = std::min(n, i + P.block_size - off);
+    for (int64_t r = base + off * P.c_stok; i < stop; ++i, r += P.c_stok) {
+      krow[i] = kbase + r;
+      vrow[i] = vbase + r;
+    }
+    ++j;
+    off = 0;
+  }
+  return n;
+}
+
+template <typename T, typename K>
+void run_unit(const Problem& P, const Unit& u, const Unit* next, const T* q, const T* cache,
+              T* out, Scratch& s, float* part_m, float* part_l, float* part_acc) {
+  const int64_t G = P.G;
+  const int64_t D = P.D;
+  const int64_t hq0 = u.k0 * G;            // first query head of the unit
+  const int64_t nh = (u.k1 - u.k0) * G;    // its query heads
+  for (int64_t h = 0; h < nh; ++h) {
+    K::load_q(q + u.b * P.q_sb + (hq0 + h) * P.q_sh, P.scale, s.qf + h * D, s, D);
+    s.m[h] = -std::numeric_limits<float>::infinity();
+    s.l[h] = 0.f;
+  }
+  std::fill(s.acc, s.acc + nh * D, 0.f);
+
+  // Double-buffered row pointers: while a tile is computed, the next one (or the next unit's
+  // first one) is being fetched: all the unit's KV heads of each token.
+  const T* rows[4][TILE];
+  const int64_t span = ((u.k1 - u.k0 - 1) * P.c_sh + D) * static_cast<int64_t>(sizeof(T));
+  const int64_t next_span =
+      next ? ((next->k1 - next->k0 - 1) * P.c_sh + D) * static_cast<int64_t>(sizeof(T)) : 0;
+  int cur = 0;
+  int64_t n = tile_rows(P, cache, u, u.t0, rows[0], rows[1]);
+  for (int64_t t = u.t0; t < u.t1; t += TILE) {
+    const T** krow = rows[2 * cur];
+    const T** vrow = rows[2 * cur + 1];
+    const T** knext = rows[2 - 2 * cur];
+    const T** vnext = rows[3 - 2 * cur];
+    int64_t n_next = 0;
+    Ahead<T> k_ahead{knext, 0, 0, 0}, v_ahead{vnext, 0, 0, 0};
+    if (t + TILE < u.t1) {
+      n_next = tile_rows(P, cache, u, t + TILE, knext, vnext);
+      k_ahead = {knext, n_next, u.k0 * P.c_sh, span};
+      v_ahead = {vnext, n_next, u.k0 * P.c_sh, span};
+    } else if (next != nullptr) {
+      const int64_t nn = tile_rows(P, cache, *next, next->t0, knext, vnext);
+      k_ahead = {knext, nn, next->k0 * P.c_sh, next_span};
+      v_ahead = {vnext, nn, next->k0 * P.c_sh, next_span};
+    }
+    const Ahead<T> none{knext, 0, 0, 0};
+    for (int64_t kvh = u.k0; kvh < u.k1; ++kvh) {
+      const bool first = kvh == u.k0;
+      const int64_t hoff = kvh * P.c_sh;
+      float* qf = s.qf + (kvh - u.k0) * G * D;
+      float* acc = s.acc + (kvh - u.k0) * G * D;
+      float* m = s.m + (kvh - u.k0) * G;
+      float* l = s.l + (kvh - u.k0) * G;
+      K::scores(krow, hoff, n, G, D, qf, s, first ? k_ahead : none, P.scale);
+      if (first) k_ahead.rest(n);
+      // Online softmax: new max, rescale the running sum and accumulator, exponentiate.
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = s.scores + g * TILE;
+        const float m_old = m[g];
+        const float m_new = std::max(m_old, K::tile_max(sc, n));
+        if (m_new != m_old) {
+          const float alpha = std::isinf(m_old) && m_old < 0 ? 0.f : std::exp(m_old - m_new);
+          l[g] *= alpha;
+          K::rescale(acc + g * D, alpha, D);
+          m[g] = m_new;
+        }
+        l[g] += K::exp_sum(sc, m_new, n);
+      }
+      K::accumulate(vrow, hoff, n, G, D, acc, s, first ? v_ahead : none);
+      if (first) v_ahead.rest(n);
+    }
+    cur ^= 1;
+    n = n_next;
+  }
+
+  if (u.part < 0) {
+    for (int64_t h = 0; h < nh; ++h) {
+      T* orow = out + u.b * P.o_sb + (hq0 + h) * P.o_sh;
+      Conv<T>::store(orow, s.acc + h * D, 1.0f / s.l[h], D);
+    }
+  } else {
+    const int64_t H = P.H;
+    for (int64_t h = 0; h < nh; ++h) {
+      part_m[u.part * H + hq0 + h] = s.m[h];
+      part_l[u.part * H + hq0 + h] = s.l[h];
+    }
+    std::memcpy(part_acc + (u.part * H + hq0) * D, s.acc, sizeof(float) * nh * D);
+  }
+}
+
+template <typename T, typename K>
+void run_all(const Problem& P, const T* q, const T* cache, T* out) {
+  const int64_t H = P.H;
+  const int64_t D = P.D;
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want_units = 4 * nthreads;
+
+  // A unit takes all KV heads of a sequence when there are enough sequences (each block is
+  // then read front to back), else one KV head; if that still leaves too few units to keep
+  // every thread busy with balanced work, contexts are split into chunks.
+#ifdef PAGODA_ONE_HEAD_UNITS
+  const int64_t heads_per_unit = 1;
+#else
+  const int64_t heads_per_unit = P.B >= want_units ? P.Hkv : 1;
+#endif
+  int64_t chunk = std::numeric_limits<int64_t>::max();
+  if (P.B * (P.Hkv / heads_per_unit) < want_units) {
+    int64_t total = 0;
+    for (int64_t b = 0; b < P.B; ++b) total += P.seq_lens[b];
+    total *= P.Hkv;
+    chunk = std::max<int64_t>(MIN_CHUNK, (total + want_units - 1) / want_units);
+    chunk = (chunk + TILE - 1) / TILE * TILE;
+  }
+
+  std::vector<Unit> units;
+  units.reserve(P.B * P.Hkv);
+  int64_t num_parts = 0;
+  for (int64_t b = 0; b < P.B; ++b) {
+    const int64_t len = P.seq_lens[b];
+    for (int64_t k0 = 0; k0 < P.Hkv; k0 += heads_per_unit) {
+      const int64_t k1 = k0 + heads_per_unit;
+      if (len <= chunk) {
+        units.push_back({b, k0, k1, 0, len, -1});
+      } else {
+        for (int64_t t0 = 0; t0 < len; t0 += chunk) {
+          units.push_back({b, k0, k1, t0, std::min(len, t0 + chunk), num_parts++});
+        }
+      }
+    }
+  }
+  std::vector<float> part_m(num_parts * H), part_l(num_parts * H), part_acc(num_parts * H * D);
+
+  // Contiguous ranges of units with about equal cost (tokens x heads) per thread.
+  const int64_t nu = static_cast<int64_t>(units.size());
+  std::vector<int64_t> cum(nu + 1, 0);
+  for (int64_t i = 0; i < nu; ++i) {
+    const Unit& u = units[i];
+    cum[i + 1] = cum[i] + ((u.t1 - u.t0) + UNIT_OVERHEAD) * (u.k1 - u.k0);
+  }
+  const int64_t ntasks = std::min(nthreads, nu);
+  std::vector<int64_t> bounds(ntasks + 1, nu);
+  bounds[0] = 0;
+  for (int64_t k = 1; k < ntasks; ++k) {
+    const int64_t target = cum[nu] * k / ntasks;
+    bounds[k] = std::lower_bound(cum.begin(), cum.end(), target) - cum.begin();
+    bounds[k] = std::max(bounds[k], bounds[k - 1]);
+  }
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t task_begin, int64_t task_end) {
+    Scratch scratch(H, P.G, D);
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      for (int64_t i = bounds[task]; i < bounds[task + 1]; ++i) {
+        const Unit* next = i + 1 < bounds[task + 1] ? &units[i + 1] : nullptr;
+        run_unit<T, K>(P, units[i], next, q, cache, out, scratch, part_m.data(), part_l.data(),
+                       part_acc.data());
+      }
+    }
+  });
+  if (num_parts == 0) return;
+
+  // Merge the chunks of each split (sequence, KV heads) item, per query head h:
+  // o = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c, M = max_c m_c.
+  std::vector<float> merged(D);
+  for (int64_t i = 0; i < nu;) {
+    const Unit& first = units[i];
+    int64_t j = i + 1;
+    while (j < nu && units[j].b == first.b && units[j].k0 == first.k0) ++j;
+    if (first.part >= 0) {
+      for (int64_t h = first.k0 * P.G; h < first.k1 * P.G; ++h) {
+        float M = -std::numeric_limits<float>::infinity();
+        for (int64_t k = i; k < j; ++k) M = std::max(M, part_m[units[k].part * H + h]);
+        float L = 0.f;
+        std::fill(merged.begin(), merged.end(), 0.f);
+        for (int64_t k = i; k < j; ++k) {
+          const int64_t p = units[k].part;
+          const float w = std::exp(part_m[p * H + h] - M);
+          L += w * part_l[p * H + h];
+          axpy<0>(merged.data(), w, part_acc.data() + (p * H + h) * D, D);
+        }
+        Conv<T>::store(out + first.b * P.o_sb + h * P.o_sh, merged.data(), 1.0f / L, D);
+      }
+    }
+    i = j;
+  }
+}
+
+template <typename T>
+void dispatch_dim(const Problem& P, const void* q, const void* cache, void* out, bool portable) {
+  const T* qt = static_cast<const T*>(q);
+  const T* ct = static_cast<const T*>(cache);
+  T* ot = static_cast<T*>(out);
+#if defined(__AVX512F__)
+  if (!portable) switch (P.D) {
+    case 32: return run_all<T, Avx512Kernel<T, 2>>(P, qt, ct, ot);
+    case 64: return run_all<T, Avx512Kernel<T, 4>>(P, qt, ct, ot);
+    case 128: return run_all<T, Avx512Kernel<T, 8>>(P, qt, ct, ot);
+    case 256: return run_all<T, Avx512Kernel<T, 16>>(P, qt, ct, ot);
+    default: break;
+  }
+#endif
+  switch (P.D) {
+    case 64: return run_all<T, GenericKernel<T, 64>>(P, qt, ct, ot);
+    case 128: return run_all<T, GenericKernel<T, 128>>(P, qt, ct, ot);
+    default: return run_all<T, GenericKernel<T, 0>>(P, qt, ct, ot);
+  }
+}
+
+// out: (B, H, D), q: (B, H, D), kv_cache: (2, num_blocks, block_size, Hkv, D), all of one
+// dtype with unit stride in the last dim; block_tables: (B, W) int64 contiguous; seq_lens:
+// (B,) int64 contiguous. Writes every element of out.
+void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                       const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                       bool portable) {
+  TORCH_CHECK(q.dim() == 3, "q must be (B, H, D), got ", q.sizes());
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2,
+              "kv_cache must be (2, num_blocks, block_size, Hkv, D), got ", kv_cache.sizes());
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
+  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu() && out.device().is_cpu() &&
+                  block_tables.device().is_cpu() && seq_lens.device().is_cpu(),
+              "all tensors must be on the CPU");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "q, kv_cache and out must share a dtype");
+  TORCH_CHECK(q.stride(2) == 1 && kv_cache.stride(4) == 1 && out.stride(2) == 1,
+              "the head dim must be contiguous");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 &&
+                  block_tables.is_contiguous(),
+              "block_tables must be a contiguous (B, W) int64 tensor");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.dim() == 1 &&
+                  seq_lens.is_contiguous(),
+              "seq_lens must be a contiguous (B,) int64 tensor");
+
+  Problem P;
+  P.B = q.size(0);
+  P.H = q.size(1);
+  P.D = q.size(2);
+  P.num_blocks = kv_cache.size(1);
+  P.block_size = kv_cache.size(2);
+  P.Hkv = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == P.D, "kv_cache head dim ", kv_cache.size(4), " != q's ", P.D);
+  TORCH_CHECK(P.Hkv > 0 && P.H % P.Hkv == 0, "H (", P.H, ") must be a multiple of Hkv (", P.Hkv,
+              ")");
+  TORCH_CHECK(block_tables.size(0) == P.B && seq_lens.size(0) == P.B,
+              "block_tables and seq_lens must have B rows");
+  P.G = P.H / P.Hkv;
+  P.W = block_tables.size(1);
+  P.block_tables = block_tables.data_ptr<int64_t>();
+  P.seq_lens = seq_lens.data_ptr<int64_t>();
+  P.q_sb = q.stride(0);
+  P.q_sh = q.stride(1);
+  P.o_sb = out.stride(0);
+  P.o_sh = out.stride(1);
+  P.c_skv = kv_cache.stride(0);
+  P.c_sblk = kv_cache.stride(1);
+  P.c_stok = kv_cache.stride(2);
+  P.c_sh = kv_cache.stride(3);
+  P.scale = static_cast<float>(scale);
+  if (P.B == 0 || P.H == 0 || P.D == 0) return;
+
+  // Validate every block id that will be dereferenced: a bad one must raise, not read memory.
+  for (int64_t b = 0; b < P.B; ++b) {
+    const int64_t len = P.seq_lens[b];
+    TORCH_CHECK(len >= 1 && len <= P.W * P.block_size, "seq_lens[", b, "] = ", len,
+                " is outside [1, ", P.W * P.block_size, "] (block table width x block size)");
+    const int64_t nb = (len + P.block_size - 1) / P.block_size;
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t id = P.block_tables[b * P.W + j];
+      TORCH_CHECK(id >= 0 && id < P.num_blocks, "block_tables[", b, "][", j, "] = ", id,
+                  " is outside [0, ", P.num_blocks, ")");
+    }
+  }
+
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      dispatch_dim<float>(P, q.data_ptr(), kv_cache.data_ptr(), out.data_ptr(), portable);
+      break;
+    case at::kBFloat16:
+      dispatch_dim<uint16_t>(P, q.data_ptr(), kv_cache.data_ptr(), out.data_ptr(), portable);
+      break;
+    case at::kHalf:
+      dispatch_dim<c10::Half>(P, q.data_ptr(), kv_cache.data_ptr(), out.data_ptr(), portable);
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported dtype ", q.scalar_type(), " (float32, bfloat16, float16)");
+  }
+}
+
+void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, false);
+}
+
+// The same, always with the portable (auto-vectorised) tile kernels: lets the tests check
+// that path on machines where the AVX-512 one is used.
+void paged_decode_portable(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                           double scale) {
+  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, true);
+}
+
+std::string build_info() {
+  std::string s;
+#if defined(__AVX512F__)
+  s += "avx512f ";
+#endif
+#if defined(__AVX2__)
+  s += "avx2 ";
+#endif
+#if defined(__F16C__)
+  s += "f16c ";
+#endif
+#if defined(_OPENMP)
+  s += "openmp ";
+#endif
+  return s.empty() ? std::string("generic") : s.substr(0, s.size() - 1);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Paged decode attention for the CPU (PagedAttention + online softmax).";
+  m.def("paged_decode", &paged_decode, "Paged decode attention; writes out in place.",
+        py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+  m.def("paged_decode_portable", &paged_decode_portable,
+        "paged_decode with the portable tile kernels (for tests).", py::arg("out"), py::arg("q"),
+        py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("build_info", &build_info, "Instruction sets this build was compiled for.");
+}
