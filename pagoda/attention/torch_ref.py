@@ -45,21 +45,24 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Ten
 def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                        context_len: int, scale: float) -> torch.Tensor:
     """Causal attention of a query chunk over its whole context. q: (Q, H, D) -> (Q, H, D)."""
-    query_len = q.shape[0]
+    query_len, num_heads, _ = q.shape
     k = _gather_context(kv_cache[0], block_table)[:context_len]   # (C, Hkv, D)
     v = _gather_context(kv_cache[1], block_table)[:context_len]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H|Hkv, len, D)
+    group = num_heads // k.shape[1]
+    # Batched 4-D inputs with K/V repeated per query head take PyTorch's fused (flash) kernel;
+    # the 3-D enable_gqa form falls back to a path several times slower on CPU.
+    qh = q.transpose(0, 1).unsqueeze(0)                             # (1, H, Q, D)
+    kh = k.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)  # (1, H, C, D)
+    vh = v.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
     if query_len == context_len:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                           enable_gqa=True)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
         # Query i sits at absolute position context_len - query_len + i.
         q_pos = torch.arange(context_len - query_len, context_len, device=q.device)
         k_pos = torch.arange(context_len, device=q.device)
         mask = k_pos[None, :] <= q_pos[:, None]                     # (Q, C)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
-                                           enable_gqa=True)
-    return o.transpose(0, 1)                                        # (Q, H, D)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o[0].transpose(0, 1)                                     # (Q, H, D)
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,

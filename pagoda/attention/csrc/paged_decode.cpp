@@ -45,6 +45,13 @@ constexpr int64_t MIN_CHUNK = 128;  // never split a context into chunks shorter
 #ifndef PREFETCH_LOCALITY
 #define PREFETCH_LOCALITY 3
 #endif
+// A function that only prefetches looks side-effect free to gcc's IPA, which then deletes
+// the calls; forcing it inline keeps the prefetches inside the loops that use them.
+#if defined(__GNUC__)
+#define PAGODA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PAGODA_ALWAYS_INLINE inline
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Element conversions. Storage types: float, uint16_t (bf16 bits), c10::Half.
@@ -210,7 +217,7 @@ struct Problem {
   float scale;
 };
 
-inline void prefetch_row(const void* row, int64_t bytes) {
+PAGODA_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, PREFETCH_LOCALITY);
   __builtin_prefetch(p + bytes - 1, 0, PREFETCH_LOCALITY);
@@ -225,12 +232,12 @@ struct Ahead {
   int64_t n;
   int64_t offset;        // elements from a row pointer to the first one wanted
   int64_t bytes;         // bytes wanted from there (the unit's KV heads of that token)
-  inline void at(int64_t i) const {
+  PAGODA_ALWAYS_INLINE void at(int64_t i) const {
 #ifndef PAGODA_NO_PREFETCH
     if (i < n) prefetch_row(rows[i] + offset, bytes);
 #endif
   }
-  inline void rest(int64_t from) const {
+  PAGODA_ALWAYS_INLINE void rest(int64_t from) const {
 #ifndef PAGODA_NO_PREFETCH
     for (int64_t i = from; i < n; ++i) prefetch_row(rows[i] + offset, bytes);
 #endif
@@ -460,17 +467,36 @@ struct Avx512Kernel {
       }
     }
     // Per head, the accumulator stays in registers over the tile (rows re-read from L1).
+    // Even and odd tokens go to separate accumulators when registers allow, so that enough
+    // independent FMA chains are in flight.
+    constexpr int SETS = NC <= 8 ? 2 : 1;
     for (int64_t g = 0; g < G; ++g) {
       float* accg = acc + g * D;
       const float* p = s.scores + g * TILE;
-      __m512 a[NC];
-      for (int c = 0; c < NC; ++c) a[c] = _mm512_loadu_ps(accg + 16 * c);
-      for (int64_t i = 0; i < n; ++i) {
+      __m512 a[SETS][NC];
+      for (int c = 0; c < NC; ++c) a[0][c] = _mm512_loadu_ps(accg + 16 * c);
+      for (int k = 1; k < SETS; ++k) {
+        for (int c = 0; c < NC; ++c) a[k][c] = _mm512_setzero_ps();
+      }
+      int64_t i = 0;
+      for (; i + SETS <= n; i += SETS) {
+        for (int k = 0; k < SETS; ++k) {
+          if (g == 0) ahead.at(i + k);
+          const __m512 pi = _mm512_set1_ps(p[i + k]);
+          for (int c = 0; c < NC; ++c) {
+            a[k][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(vf[i + k] + 16 * c), a[k][c]);
+          }
+        }
+      }
+      for (; i < n; ++i) {
         if (g == 0) ahead.at(i);
         const __m512 pi = _mm512_set1_ps(p[i]);
-        for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(vf[i] + 16 * c), a[c]);
+        for (int c = 0; c < NC; ++c) a[0][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(vf[i] + 16 * c), a[0][c]);
       }
-      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(accg + 16 * c, a[c]);
+      for (int k = 1; k < SETS; ++k) {
+        for (int c = 0; c < NC; ++c) a[0][c] = _mm512_add_ps(a[0][c], a[k][c]);
+      }
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(accg + 16 * c, a[0][c]);
     }
   }
 };
