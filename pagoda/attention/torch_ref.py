@@ -7,10 +7,16 @@ own sequence and nothing from padding or other requests.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+from pagoda.attention import cpu_decode
 from pagoda.attention.metadata import AttentionMetadata
+
+# "torch" forces the pure-PyTorch decode path even where the C++ CPU kernel is available.
+ATTENTION_BACKEND_ENV = "PAGODA_ATTENTION"
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -27,13 +33,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     d = meta.num_decode_tokens
-    if d:
+    if d and use_cpu_decode_kernel(q.device):
+        cpu_decode.paged_decode_attention(q[:d], kv_cache, meta.decode_block_tables,
+                                          meta.decode_seq_lens, scale, out=out[:d])
+    elif d:
         out[:d] = _decode_attention(q[:d], kv_cache, meta, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         out[rows] = _prefill_attention(q[rows], kv_cache, chunk.block_table,
                                        chunk.context_len, scale)
     return out
+
+
+def use_cpu_decode_kernel(device: torch.device) -> bool:
+    """The C++ kernel reads each K/V row once, straight from the blocks; the reference below
+    gathers a padded copy first, which dominates a large decode step on CPU."""
+    if device.type != "cpu" or os.environ.get(ATTENTION_BACKEND_ENV) == "torch":
+        return False
+    return cpu_decode.available()
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

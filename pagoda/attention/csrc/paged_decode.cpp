@@ -25,6 +25,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -40,7 +41,6 @@ namespace {
 
 constexpr int64_t TILE = 64;        // tokens per online-softmax step
 constexpr int LANES = 16;           // independent partial sums in dot products
-constexpr int64_t UNIT_OVERHEAD = 16;  // cost of a unit in "tokens", besides its tokens
 constexpr int64_t MIN_CHUNK = 128;  // never split a context into chunks shorter than this
 #ifndef PREFETCH_LOCALITY
 #define PREFETCH_LOCALITY 3
@@ -132,7 +132,7 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
   for (; i + LANES <= d; i += LANES) {
     for (int j = 0; j < LANES; ++j) part[j] += a[i + j] * b[i + j];
   }
-  for (int64_t j = 0; i < d; ++i, ++j) part[j] += a[i] * b[i];
+  for (int j = 0; j < LANES && i < d; ++i, ++j) part[j] += a[i] * b[i];
   for (int j = 0; j < 8; ++j) part[j] += part[j + 8];
   for (int j = 0; j < 4; ++j) part[j] += part[j + 4];
   return (part[0] + part[2]) + (part[1] + part[3]);
@@ -157,7 +157,7 @@ inline float max_of(const float* x, int64_t n) {
   for (; i + LANES <= n; i += LANES) {
     for (int j = 0; j < LANES; ++j) part[j] = x[i + j] > part[j] ? x[i + j] : part[j];
   }
-  for (int64_t j = 0; i < n; ++i, ++j) part[j] = x[i] > part[j] ? x[i] : part[j];
+  for (int j = 0; j < LANES && i < n; ++i, ++j) part[j] = x[i] > part[j] ? x[i] : part[j];
   float m = part[0];
   for (int j = 1; j < LANES; ++j) m = part[j] > m ? part[j] : m;
   return m;
@@ -191,7 +191,7 @@ inline float exp_shift_sum(float* __restrict x, float shift, int64_t n) {
   for (; i + LANES <= n; i += LANES) {
     for (int j = 0; j < LANES; ++j) part[j] += x[i + j];
   }
-  for (int64_t j = 0; i < n; ++i, ++j) part[j] += x[i];
+  for (int j = 0; j < LANES && i < n; ++i, ++j) part[j] += x[i];
   float s = 0.f;
   for (int j = 0; j < LANES; ++j) s += part[j];
   return s;
@@ -418,10 +418,8 @@ struct Avx512Kernel {
     const __m512 vs = _mm512_set1_ps(scale);
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nj = std::min<int64_t>(16, n - j0);
-      for (int64_t j = 0; j < nj; ++j) {
-        ahead.at(j0 + j);
-        dots(krow[j0 + j] + hoff, j, G, qf, s);
-      }
+      for (int64_t j = 0; j < 16; ++j) ahead.at(j0 + j);
+      for (int64_t j = 0; j < nj; ++j) dots(krow[j0 + j] + hoff, j, G, qf, s);
       for (int64_t j = nj; j < 16; ++j) {
         for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(s.part + (g * 16 + j) * 16, _mm512_setzero_ps());
       }
@@ -455,14 +453,23 @@ struct Avx512Kernel {
   }
   static void accumulate(const T* const* vrow, int64_t hoff, int64_t n, int64_t G, int64_t,
                          float* acc, Scratch& s, const Ahead<T>& ahead) {
-    // V rows in fp32: the cache rows themselves, or converted once into s.vt.
+    // V rows in fp32: the cache rows themselves, or converted once into s.vt. The next
+    // tile's rows are requested here, outside the FMA loop (whose accumulators must stay in
+    // registers).
     const float* vf[TILE];
     if constexpr (std::is_same_v<T, float>) {
-      for (int64_t i = 0; i < n; ++i) vf[i] = vrow[i] + hoff;
+      for (int64_t i = 0; i < n; ++i) {
+        ahead.at(i);
+        vf[i] = vrow[i] + hoff;
+      }
     } else {
       for (int64_t i = 0; i < n; ++i) {
+        ahead.at(i);
         float* dst = s.vt + i * D;
-        for (int c = 0; c < NC; ++c) _mm512_storeu_ps(dst + 16 * c, Load512<T>::at(vrow[i] + hoff + 16 * c));
+#pragma GCC unroll 16
+        for (int c = 0; c < NC; ++c) {
+          _mm512_storeu_ps(dst + 16 * c, Load512<T>::at(vrow[i] + hoff + 16 * c));
+        }
         vf[i] = dst;
       }
     }
@@ -474,29 +481,32 @@ struct Avx512Kernel {
       float* accg = acc + g * D;
       const float* p = s.scores + g * TILE;
       __m512 a[SETS][NC];
-      for (int c = 0; c < NC; ++c) a[0][c] = _mm512_loadu_ps(accg + 16 * c);
-      for (int k = 1; k < SETS; ++k) {
-        for (int c = 0; c < NC; ++c) a[k][c] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) {
+        a[0][c] = _mm512_loadu_ps(accg + 16 * c);
+        if constexpr (SETS > 1) a[1][c] = _mm512_setzero_ps();
       }
       int64_t i = 0;
       for (; i + SETS <= n; i += SETS) {
+#pragma GCC unroll 2
         for (int k = 0; k < SETS; ++k) {
-          if (g == 0) ahead.at(i + k);
           const __m512 pi = _mm512_set1_ps(p[i + k]);
-          for (int c = 0; c < NC; ++c) {
-            a[k][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(vf[i + k] + 16 * c), a[k][c]);
-          }
+          const float* v = vf[i + k];
+#pragma GCC unroll 16
+          for (int c = 0; c < NC; ++c) a[k][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + 16 * c), a[k][c]);
         }
       }
-      for (; i < n; ++i) {
-        if (g == 0) ahead.at(i);
+      if (i < n) {
         const __m512 pi = _mm512_set1_ps(p[i]);
-        for (int c = 0; c < NC; ++c) a[0][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(vf[i] + 16 * c), a[0][c]);
+        const float* v = vf[i];
+#pragma GCC unroll 16
+        for (int c = 0; c < NC; ++c) a[0][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + 16 * c), a[0][c]);
       }
-      for (int k = 1; k < SETS; ++k) {
-        for (int c = 0; c < NC; ++c) a[0][c] = _mm512_add_ps(a[0][c], a[k][c]);
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) {
+        if constexpr (SETS > 1) a[0][c] = _mm512_add_ps(a[0][c], a[1][c]);
+        _mm512_storeu_ps(accg + 16 * c, a[0][c]);
       }
-      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(accg + 16 * c, a[0][c]);
     }
   }
 };
@@ -525,6 +535,28 @@ inline int64_t tile_rows(const Problem& P, const T* cache, const Unit& u, int64_
     off = 0;
   }
   return n;
+}
+
+// Prefetch the K and V rows of tokens [t0, t1) of unit u (clipped to the unit), all its KV heads.
+template <typename T>
+PAGODA_ALWAYS_INLINE void prefetch_tokens(const Problem& P, const T* cache, const Unit& u,
+                                          int64_t t0, int64_t t1) {
+  t0 = std::max(t0, u.t0);
+  t1 = std::min(t1, u.t1);
+  if (t0 >= t1) return;
+  const int64_t span = ((u.k1 - u.k0 - 1) * P.c_sh + P.D) * static_cast<int64_t>(sizeof(T));
+  const int64_t* table = P.block_tables + u.b * P.W;
+  const T* kb = cache + u.k0 * P.c_sh;
+  const T* vb = kb + P.c_skv;
+  int64_t j = t0 / P.block_size;
+  int64_t off = t0 - j * P.block_size;
+  for (int64_t i = t0; i < t1; ++j, off = 0) {
+    const int64_t stop = std::min(t1, i + P.block_size - off);
+    for (int64_t r = table[j] * P.c_sblk + off * P.c_stok; i < stop; ++i, r += P.c_stok) {
+      prefetch_row(kb + r, span);
+      prefetch_row(vb + r, span);
+    }
+  }
 }
 
 template <typename T, typename K>
@@ -566,6 +598,16 @@ void run_unit(const Problem& P, const Unit& u, const Unit* next, const T* q, con
       v_ahead = {vnext, nn, next->k0 * P.c_sh, next_span};
     }
     const Ahead<T> none{knext, 0, 0, 0};
+#ifdef PF_FAR
+    {
+      const int64_t a0 = t + PF_FAR, a1 = a0 + TILE;
+      prefetch_tokens(P, cache, u, a0, a1);
+      if (a1 > u.t1 && next != nullptr) {
+        prefetch_tokens(P, cache, *next, next->t0 + std::max<int64_t>(0, a0 - u.t1),
+                        next->t0 + (a1 - u.t1));
+      }
+    }
+#endif
     for (int64_t kvh = u.k0; kvh < u.k1; ++kvh) {
       const bool first = kvh == u.k0;
       const int64_t hoff = kvh * P.c_sh;
@@ -652,30 +694,25 @@ void run_all(const Problem& P, const T* q, const T* cache, T* out) {
   }
   std::vector<float> part_m(num_parts * H), part_l(num_parts * H), part_acc(num_parts * H * D);
 
-  // Contiguous ranges of units with about equal cost (tokens x heads) per thread.
+  // Dynamic scheduling, longest units first: a thread claims its next unit before running
+  // the current one (so it can prefetch the next unit's first rows). This balances ragged
+  // lengths, and a thread that the OS preempts does not hold the others up.
   const int64_t nu = static_cast<int64_t>(units.size());
-  std::vector<int64_t> cum(nu + 1, 0);
-  for (int64_t i = 0; i < nu; ++i) {
-    const Unit& u = units[i];
-    cum[i + 1] = cum[i] + ((u.t1 - u.t0) + UNIT_OVERHEAD) * (u.k1 - u.k0);
-  }
+  std::vector<int64_t> order(nu);
+  for (int64_t i = 0; i < nu; ++i) order[i] = i;
+  auto cost = [&](int64_t i) { return (units[i].t1 - units[i].t0) * (units[i].k1 - units[i].k0); };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost(x) > cost(y); });
+  std::atomic<int64_t> counter{0};
   const int64_t ntasks = std::min(nthreads, nu);
-  std::vector<int64_t> bounds(ntasks + 1, nu);
-  bounds[0] = 0;
-  for (int64_t k = 1; k < ntasks; ++k) {
-    const int64_t target = cum[nu] * k / ntasks;
-    bounds[k] = std::lower_bound(cum.begin(), cum.end(), target) - cum.begin();
-    bounds[k] = std::max(bounds[k], bounds[k - 1]);
-  }
-
-  at::parallel_for(0, ntasks, 1, [&](int64_t task_begin, int64_t task_end) {
+  at::parallel_for(0, ntasks, 1, [&](int64_t, int64_t) {
     Scratch scratch(H, P.G, D);
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      for (int64_t i = bounds[task]; i < bounds[task + 1]; ++i) {
-        const Unit* next = i + 1 < bounds[task + 1] ? &units[i + 1] : nullptr;
-        run_unit<T, K>(P, units[i], next, q, cache, out, scratch, part_m.data(), part_l.data(),
-                       part_acc.data());
-      }
+    int64_t cur = counter.fetch_add(1, std::memory_order_relaxed);
+    while (cur < nu) {
+      const int64_t nxt = counter.fetch_add(1, std::memory_order_relaxed);
+      const Unit* next = nxt < nu ? &units[order[nxt]] : nullptr;
+      run_unit<T, K>(P, units[order[cur]], next, q, cache, out, scratch, part_m.data(),
+                     part_l.data(), part_acc.data());
+      cur = nxt;
     }
   });
   if (num_parts == 0) return;
