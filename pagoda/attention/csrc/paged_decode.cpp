@@ -248,18 +248,21 @@ struct Ahead {
 // output, max and sum; per KV head pass (G query heads) a tile of scores and buffers.
 struct Scratch {
   std::vector<float> mem;
-  float *qf, *acc, *m, *l, *scores, *part, *vt, *kbuf, *vbuf;
+  float *qf, *acc, *m, *l, *scores, *part, *kbuf, *vbuf;
+  // Every buffer starts on a 64-byte boundary: a 512-bit access that straddles two cache
+  // lines costs two.
+  static int64_t up(int64_t n) { return (n + 15) / 16 * 16; }
   Scratch(int64_t H, int64_t G, int64_t D)
-      : mem(2 * H * D + 2 * H + G * TILE + G * 256 + TILE * D + 2 * D) {
+      : mem(2 * up(H * D) + 2 * up(H) + up(G * TILE) + G * 256 + 2 * up(D) + 16) {
     float* p = mem.data();
-    qf = p;            p += H * D;      // queries (pre-scaled fp32, or raw bf16 for vdpbf16ps)
-    acc = p;           p += H * D;      // running (unnormalised) outputs
-    m = p;             p += H;          // running max per head
-    l = p;             p += H;          // running sum per head
-    scores = p;        p += G * TILE;   // one tile's scores, then probabilities
-    part = p;          p += G * 256;    // 16 x 16 partial dot products per head (AVX-512)
-    vt = p;            p += TILE * D;   // a tile of V rows in fp32 (AVX-512, non-fp32 caches)
-    kbuf = p;          p += D;
+    p += (64 - reinterpret_cast<uintptr_t>(p) % 64) % 64 / sizeof(float);
+    qf = p;            p += up(H * D);     // queries (pre-scaled fp32, or raw bf16 for vdpbf16ps)
+    acc = p;           p += up(H * D);     // running (unnormalised) outputs
+    m = p;             p += up(H);         // running max per head
+    l = p;             p += up(H);         // running sum per head
+    scores = p;        p += up(G * TILE);  // one tile's scores, then probabilities
+    part = p;          p += G * 256;       // 16 x 16 partial dot products per head (AVX-512)
+    kbuf = p;          p += up(D);
     vbuf = p;
   }
 };
@@ -297,6 +300,18 @@ struct GenericKernel {
 };
 
 #if defined(__AVX512F__)
+// Calls f(std::integral_constant<int, n>) for a runtime 1 <= n <= N.
+template <int N, typename F>
+PAGODA_ALWAYS_INLINE void dispatch_upto(int n, F&& f) {
+  if constexpr (N >= 1) {
+    if (n == N) {
+      f(std::integral_constant<int, N>{});
+    } else {
+      dispatch_upto<N - 1>(n, f);
+    }
+  }
+}
+
 // AVX-512 tile kernels for head dims 16 * NC.
 template <typename T>
 struct Load512;
@@ -387,29 +402,62 @@ struct Avx512Kernel {
     }
   }
 
-  // Partial dot products of row k with the G queries: 16 lanes each, into s.part[g][j].
-  static inline void dots(const T* krow, int64_t j, int64_t G, const float* qf, Scratch& s) {
+  // Heads handled per pass, so that their queries (QK) or accumulators (PV) stay in registers
+  // while the rows stream by (a K or V row is read from memory in the first pass; further
+  // passes, only for large G, find it in L1).
+  static constexpr int QREGS = kDpBf16 ? NC / 2 : NC;  // registers per query
+  static constexpr int GQ = 16 / QREGS > 0 ? 16 / QREGS : 1;
+  static constexpr int GV = 16 / NC > 0 ? 16 / NC : 1;
+
+  // part[(g * 16 + j) * 16 ...]: the 16-lane partial dot products of query g (of GB, at qf)
+  // with row j (of nj, at krow[j] + hoff).
+  template <int GB>
+  static void dots(const T* const* krow, int64_t hoff, int64_t nj, const float* qf,
+                   float* part) {
 #if defined(__AVX512BF16__)
     if constexpr (kDpBf16) {
       constexpr int NB = NC / 2;  // 32 bf16 per register
-      __m512bh k[NB];
-      for (int c = 0; c < NB; ++c) k[c] = (__m512bh)_mm512_loadu_si512(krow + 32 * c);
-      for (int64_t g = 0; g < G; ++g) {
+      __m512bh qr[GB][NB];
+#pragma GCC unroll 16
+      for (int g = 0; g < GB; ++g) {
         const uint16_t* qg = reinterpret_cast<const uint16_t*>(qf + g * D);
-        __m512 a = _mm512_setzero_ps();
-        for (int c = 0; c < NB; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qg + 32 * c), k[c]);
-        _mm512_storeu_ps(s.part + (g * 16 + j) * 16, a);
+#pragma GCC unroll 16
+        for (int c = 0; c < NB; ++c) qr[g][c] = (__m512bh)_mm512_loadu_si512(qg + 32 * c);
+      }
+      for (int64_t j = 0; j < nj; ++j) {
+        const T* k = krow[j] + hoff;
+        __m512bh kr[NB];
+#pragma GCC unroll 16
+        for (int c = 0; c < NB; ++c) kr[c] = (__m512bh)_mm512_loadu_si512(k + 32 * c);
+#pragma GCC unroll 16
+        for (int g = 0; g < GB; ++g) {
+          __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qr[g][0], kr[0]);
+#pragma GCC unroll 16
+          for (int c = 1; c < NB; ++c) a = _mm512_dpbf16_ps(a, qr[g][c], kr[c]);
+          _mm512_store_ps(part + (g * 16 + j) * 16, a);
+        }
       }
       return;
     }
 #endif
-    __m512 k[NC];
-    for (int c = 0; c < NC; ++c) k[c] = Load512<T>::at(krow + 16 * c);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf + g * D;
-      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), k[0]);
-      for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), k[c], a);
-      _mm512_storeu_ps(s.part + (g * 16 + j) * 16, a);
+    __m512 qr[GB][NC];
+#pragma GCC unroll 16
+    for (int g = 0; g < GB; ++g) {
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) qr[g][c] = _mm512_loadu_ps(qf + g * D + 16 * c);
+    }
+    for (int64_t j = 0; j < nj; ++j) {
+      const T* k = krow[j] + hoff;
+      __m512 kr[NC];
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) kr[c] = Load512<T>::at(k + 16 * c);
+#pragma GCC unroll 16
+      for (int g = 0; g < GB; ++g) {
+        __m512 a = _mm512_mul_ps(qr[g][0], kr[0]);
+#pragma GCC unroll 16
+        for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qr[g][c], kr[c], a);
+        _mm512_store_ps(part + (g * 16 + j) * 16, a);
+      }
     }
   }
 
@@ -419,9 +467,14 @@ struct Avx512Kernel {
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nj = std::min<int64_t>(16, n - j0);
       for (int64_t j = 0; j < 16; ++j) ahead.at(j0 + j);
-      for (int64_t j = 0; j < nj; ++j) dots(krow[j0 + j] + hoff, j, G, qf, s);
+      for (int64_t g0 = 0; g0 < G; g0 += GQ) {
+        const int gb = static_cast<int>(std::min<int64_t>(GQ, G - g0));
+        dispatch_upto<GQ>(gb, [&](auto c) {
+          dots<decltype(c)::value>(krow + j0, hoff, nj, qf + g0 * D, s.part + g0 * 256);
+        });
+      }
       for (int64_t j = nj; j < 16; ++j) {
-        for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(s.part + (g * 16 + j) * 16, _mm512_setzero_ps());
+        for (int64_t g = 0; g < G; ++g) _mm512_store_ps(s.part + (g * 16 + j) * 16, _mm512_setzero_ps());
       }
       for (int64_t g = 0; g < G; ++g) {
         __m512 r = row_sums16(s.part + g * 256);
@@ -451,62 +504,67 @@ struct Avx512Kernel {
     const __m512 va = _mm512_set1_ps(alpha);
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * c), va));
   }
-  static void accumulate(const T* const* vrow, int64_t hoff, int64_t n, int64_t G, int64_t,
-                         float* acc, Scratch& s, const Ahead<T>& ahead) {
-    // V rows in fp32: the cache rows themselves, or converted once into s.vt. The next
-    // tile's rows are requested here, outside the FMA loop (whose accumulators must stay in
-    // registers).
-    const float* vf[TILE];
-    if constexpr (std::is_same_v<T, float>) {
-      for (int64_t i = 0; i < n; ++i) {
-        ahead.at(i);
-        vf[i] = vrow[i] + hoff;
-      }
-    } else {
-      for (int64_t i = 0; i < n; ++i) {
-        ahead.at(i);
-        float* dst = s.vt + i * D;
+  // acc[g] += sum_i p[g * TILE + i] v_i for GB heads, v_i = vrow[i] + hoff widened in
+  // registers; the GB x NC accumulators stay in registers over the tile. With few of them,
+  // even and odd rows use separate accumulators so enough independent FMA chains are in flight.
+  template <int GB>
+  static void pv(const T* const* vrow, int64_t hoff, int64_t n, const float* p, float* acc) {
+    constexpr int SETS = GB * NC <= 8 ? 2 : 1;
+    __m512 a[SETS][GB][NC];
 #pragma GCC unroll 16
-        for (int c = 0; c < NC; ++c) {
-          _mm512_storeu_ps(dst + 16 * c, Load512<T>::at(vrow[i] + hoff + 16 * c));
-        }
-        vf[i] = dst;
+    for (int g = 0; g < GB; ++g) {
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) {
+        a[0][g][c] = _mm512_loadu_ps(acc + g * D + 16 * c);
+        if constexpr (SETS > 1) a[SETS - 1][g][c] = _mm512_setzero_ps();
       }
     }
-    // Per head, the accumulator stays in registers over the tile (rows re-read from L1).
-    // Even and odd tokens go to separate accumulators when registers allow, so that enough
-    // independent FMA chains are in flight.
-    constexpr int SETS = NC <= 8 ? 2 : 1;
-    for (int64_t g = 0; g < G; ++g) {
-      float* accg = acc + g * D;
-      const float* p = s.scores + g * TILE;
-      __m512 a[SETS][NC];
-#pragma GCC unroll 16
-      for (int c = 0; c < NC; ++c) {
-        a[0][c] = _mm512_loadu_ps(accg + 16 * c);
-        if constexpr (SETS > 1) a[1][c] = _mm512_setzero_ps();
-      }
-      int64_t i = 0;
-      for (; i + SETS <= n; i += SETS) {
+    int64_t i = 0;
+    for (; i + SETS <= n; i += SETS) {
 #pragma GCC unroll 2
-        for (int k = 0; k < SETS; ++k) {
-          const __m512 pi = _mm512_set1_ps(p[i + k]);
-          const float* v = vf[i + k];
+      for (int k = 0; k < SETS; ++k) {
+        const T* v = vrow[i + k] + hoff;
+        __m512 vr[NC];
 #pragma GCC unroll 16
-          for (int c = 0; c < NC; ++c) a[k][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + 16 * c), a[k][c]);
+        for (int c = 0; c < NC; ++c) vr[c] = Load512<T>::at(v + 16 * c);
+#pragma GCC unroll 16
+        for (int g = 0; g < GB; ++g) {
+          const __m512 pi = _mm512_set1_ps(p[g * TILE + i + k]);
+#pragma GCC unroll 16
+          for (int c = 0; c < NC; ++c) a[k][g][c] = _mm512_fmadd_ps(pi, vr[c], a[k][g][c]);
         }
       }
-      if (i < n) {
-        const __m512 pi = _mm512_set1_ps(p[i]);
-        const float* v = vf[i];
+    }
+    if (i < n) {
+      const T* v = vrow[i] + hoff;
+      __m512 vr[NC];
 #pragma GCC unroll 16
-        for (int c = 0; c < NC; ++c) a[0][c] = _mm512_fmadd_ps(pi, _mm512_loadu_ps(v + 16 * c), a[0][c]);
+      for (int c = 0; c < NC; ++c) vr[c] = Load512<T>::at(v + 16 * c);
+#pragma GCC unroll 16
+      for (int g = 0; g < GB; ++g) {
+        const __m512 pi = _mm512_set1_ps(p[g * TILE + i]);
+#pragma GCC unroll 16
+        for (int c = 0; c < NC; ++c) a[0][g][c] = _mm512_fmadd_ps(pi, vr[c], a[0][g][c]);
       }
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < GB; ++g) {
 #pragma GCC unroll 16
       for (int c = 0; c < NC; ++c) {
-        if constexpr (SETS > 1) a[0][c] = _mm512_add_ps(a[0][c], a[1][c]);
-        _mm512_storeu_ps(accg + 16 * c, a[0][c]);
+        if constexpr (SETS > 1) a[0][g][c] = _mm512_add_ps(a[0][g][c], a[SETS - 1][g][c]);
+        _mm512_storeu_ps(acc + g * D + 16 * c, a[0][g][c]);
       }
+    }
+  }
+
+  static void accumulate(const T* const* vrow, int64_t hoff, int64_t n, int64_t G, int64_t,
+                         float* acc, Scratch& s, const Ahead<T>& ahead) {
+    for (int64_t i = 0; i < n; ++i) ahead.at(i);
+    for (int64_t g0 = 0; g0 < G; g0 += GV) {
+      const int gb = static_cast<int>(std::min<int64_t>(GV, G - g0));
+      dispatch_upto<GV>(gb, [&](auto c) {
+        pv<decltype(c)::value>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
+      });
     }
   }
 };
