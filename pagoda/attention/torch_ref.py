@@ -40,8 +40,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         out[:d] = _decode_attention(q[:d], kv_cache, meta, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = _prefill_attention(q[rows], kv_cache, chunk.block_table,
-                                       chunk.context_len, scale)
+        if chunk.context_len == chunk.query_len:
+            # Nothing cached before this chunk: its own K/V is the whole context.
+            out[rows] = _causal_attention(q[rows], k[rows], v[rows], scale)
+        else:
+            out[rows] = _prefill_attention(q[rows], kv_cache, chunk.block_table,
+                                           chunk.context_len, scale)
     return out
 
 
@@ -61,10 +65,17 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Ten
 
 def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                        context_len: int, scale: float) -> torch.Tensor:
-    """Causal attention of a query chunk over its whole context. q: (Q, H, D) -> (Q, H, D)."""
-    query_len, num_heads, _ = q.shape
+    """A query chunk after ``context_len - Q`` cached tokens. q: (Q, H, D) -> (Q, H, D)."""
     k = _gather_context(kv_cache[0], block_table)[:context_len]   # (C, Hkv, D)
     v = _gather_context(kv_cache[1], block_table)[:context_len]
+    return _causal_attention(q, k, v, scale)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q: (Q, H, D); k, v: (C, Hkv, D) with C >= Q; query i sits at position C - Q + i."""
+    query_len, num_heads, _ = q.shape
+    context_len = k.shape[0]
     group = num_heads // k.shape[1]
     # Batched 4-D inputs with K/V repeated per query head take PyTorch's fused (flash) kernel;
     # the 3-D enable_gqa form falls back to a path several times slower on CPU.
@@ -74,7 +85,6 @@ def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
     if query_len == context_len:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
-        # Query i sits at absolute position context_len - query_len + i.
         q_pos = torch.arange(context_len - query_len, context_len, device=q.device)
         k_pos = torch.arange(context_len, device=q.device)
         mask = k_pos[None, :] <= q_pos[:, None]                     # (Q, C)

@@ -69,16 +69,16 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)                        # (T, 1, D)
-        sin = self.sin[positions].unsqueeze(1)
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)            # (T, 1, D)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float() if x.dtype != cos.dtype else x
-    x1, x2 = xf.chunk(2, dim=-1)
+    """x * cos + rotate_half(x) * sin, in x's dtype (as the reference implementation does)."""
+    x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
