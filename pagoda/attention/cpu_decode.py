@@ -7,11 +7,14 @@ through its block table (token ``i`` at block ``block_tables[b, i // block_size]
 padded copy of the context is made, and no other cache slot is touched, so garbage in slots
 outside a sequence's context can never reach its output.
 
-The kernel (``csrc/paged_decode.cpp``) parallelises over (sequence, KV head) units with
-``at::parallel_for``; each unit serves the ``G = H // Hkv`` query heads of its KV head together
-(grouped-query attention), converting bf16 to fp32 with a bit shift so the loops vectorise.
-When there are too few units to keep the threads busy, long contexts are split into chunks and
-the chunks' partial softmax states are merged (flash-decoding).
+The kernel (``csrc/paged_decode.cpp``) runs (sequence, KV heads, token range) work units on
+torch's intra-op threads (``at::parallel_for``; ``torch.set_num_threads`` applies). Each unit
+serves the ``G = H // Hkv`` query heads of a KV head together (grouped-query attention), so a
+row is fetched once for all of them, in tiles of 64 tokens: scores of the tile, online-softmax
+update, then accumulation of V. bf16 is widened to fp32 with a bit shift (or multiplied with
+``vdpbf16ps`` where AVX512-BF16 exists). When there are too few sequences to keep the threads
+busy, long contexts are split into chunks whose partial softmax states are merged
+(flash-decoding). Rows of upcoming tiles are prefetched, since blocks are scattered.
 
 The extension is built just in time on first use with ``torch.utils.cpp_extension.load``
 (which needs a C++ compiler and ``ninja``), first with ``-O3 -march=native -fopenmp``, falling
@@ -44,6 +47,7 @@ _EXT_NAME = "pagoda_paged_decode"
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode.cpp",)
 _OK_MARKER = ".pagoda-build-ok"
+_FAILED_MARKER = ".pagoda-build-failed"
 _STALE_LOCK_S = 15 * 60  # a build lock older than this was left by a killed build
 
 _lock = threading.Lock()
@@ -114,14 +118,12 @@ def _call(fn: str, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.
 
 
 def _flag_sets() -> list[list[str]]:
-    """Compiler flags to try, fastest first."""
-    sets: list[list[str]] = []
-    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
-        sets.append(["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"])
-    sets.append(["-O3", "-march=native", "-fopenmp"])
-    sets.append(["-O3", "-fopenmp"])
-    sets.append(["-O3"])
-    return sets
+    """Compiler flags to try, fastest first. (-mprefer-vector-width=512 only matters for the
+    auto-vectorised fallback code on AVX-512 machines, which gcc otherwise keeps at 256 bits.)"""
+    native = ["-O3", "-march=native", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        native.insert(2, "-mprefer-vector-width=512")
+    return [native, ["-O3", "-fopenmp"], ["-O3"]]
 
 
 def _cpu_fingerprint() -> str:
@@ -141,7 +143,8 @@ def _cpu_fingerprint() -> str:
     return "\n".join(parts)
 
 
-def _build_dir(flags: list[str]) -> Path:
+def _build_name(flags: list[str]) -> str:
+    """Module (and folder) name of a build: a hash of everything the binary depends on."""
     h = hashlib.sha256()
     for src in _SOURCES:
         h.update(src.read_bytes())
@@ -149,9 +152,12 @@ def _build_dir(flags: list[str]) -> Path:
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     h.update(_cpu_fingerprint().encode())
-    root = os.environ.get("PAGODA_EXT_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "pagoda", "ext")
-    return Path(root) / f"{_EXT_NAME}-{h.hexdigest()[:16]}"
+    return f"{_EXT_NAME}_{h.hexdigest()[:16]}"
+
+
+def _ext_root() -> Path:
+    return Path(os.environ.get("PAGODA_EXT_DIR")
+                or os.path.join(os.path.expanduser("~"), ".cache", "pagoda", "ext"))
 
 
 def _find_ninja() -> bool:
@@ -172,14 +178,14 @@ def _find_ninja() -> bool:
     return False
 
 
-def _import_built(directory: Path) -> Optional[ModuleType]:
+def _import_built(directory: Path, name: str) -> Optional[ModuleType]:
     """Import a finished build from ``directory`` without ninja (None if there is none)."""
     if not (directory / _OK_MARKER).exists():
         return None
     for suffix in (".so", ".pyd"):
-        path = directory / f"{_EXT_NAME}{suffix}"
+        path = directory / f"{name}{suffix}"
         if path.exists():
-            spec = importlib.util.spec_from_file_location(_EXT_NAME, path)
+            spec = importlib.util.spec_from_file_location(name, path)
             if spec is None or spec.loader is None:
                 return None
             mod = importlib.util.module_from_spec(spec)
@@ -189,6 +195,7 @@ def _import_built(directory: Path) -> Optional[ModuleType]:
 
 
 def _clear_stale_lock(directory: Path) -> None:
+    """torch's build lock is a file; one left by a killed build would block us forever."""
     lock = directory / "lock"
     try:
         if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
@@ -197,65 +204,103 @@ def _clear_stale_lock(directory: Path) -> None:
         pass
 
 
-def _build(directory: Path, flags: list[str]) -> ModuleType:
+def _build(directory: Path, name: str, flags: list[str]) -> ModuleType:
+    """Compile and import (torch serialises concurrent builds of one folder with a lock file;
+    a process that finds the lock taken waits, then imports the result)."""
     from torch.utils import cpp_extension
 
     directory.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(directory)
     ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
-    mod = cpp_extension.load(name=_EXT_NAME, sources=[str(s) for s in _SOURCES],
-                             extra_cflags=flags, extra_ldflags=ldflags,
-                             build_directory=str(directory), verbose=False)
+    mod = cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=flags,
+                             extra_ldflags=ldflags, build_directory=str(directory),
+                             verbose=False)
     (directory / _OK_MARKER).write_text(" ".join(flags) + "\n")
     return mod
 
 
 def _load() -> Optional[ModuleType]:
-    global _module, _failure, _build_seconds
+    global _module, _failure
     if _module is not None or _failure is not None:
         return _module
     with _lock:
         if _module is not None or _failure is not None:
             return _module
-        errors: list[str] = []
-        flag_sets = _flag_sets()
         try:
-            dirs = [_build_dir(f) for f in flag_sets]
-        except OSError as e:
-            _failure = f"cannot read the kernel sources: {e}"
-            logger.warning("pagoda CPU paged-decode kernel unavailable: %s", _failure)
-            return None
-        # A finished build for any flag set (fastest first) is used as is.
-        for flags, d in zip(flag_sets, dirs):
-            try:
-                mod = _import_built(d)
-            except Exception as e:  # a corrupt cache entry: rebuild below
-                errors.append(f"cached build in {d} failed to load: {e}")
-                mod = None
-            if mod is not None:
-                mod._pagoda_flags = flags  # type: ignore[attr-defined]
-                _module = mod
-                return mod
-        if not _find_ninja():
-            _failure = ("ninja is not installed (torch.utils.cpp_extension needs it to build "
-                        "the kernel: pip install ninja)")
-            logger.warning("pagoda CPU paged-decode kernel unavailable: %s", _failure)
-            return None
-        start = time.perf_counter()
-        for flags, d in zip(flag_sets, dirs):
-            try:
-                mod = _build(d, flags)
-            except Exception as e:
-                text = str(e).strip().splitlines()
-                errors.append(f"build with {' '.join(flags)} failed: " + "\n".join(text[-15:]))
-                continue
-            _build_seconds = time.perf_counter() - start
+            _module = _load_or_build()
+        except Exception as e:  # never let a broken toolchain escape
+            _failure = f"{type(e).__name__}: {e}"
+        if _module is None:
+            logger.warning("pagoda CPU paged-decode kernel unavailable (using it raises; "
+                           "cpu_decode.unavailable_reason() has details): %s",
+                           _summary(_failure or ""))
+        return _module
+
+
+def _summary(reason: str, width: int = 500) -> str:
+    """The gist of a failure: per failed build, its flags and the most telling line of the
+    compiler output (an ``error`` line if there is one); compiler command lines are dropped."""
+    blocks: list[list[str]] = []
+    for ln in reason.splitlines():
+        if ln.startswith("build with") or not blocks:
+            blocks.append([])
+        if ln.strip() and len(ln) < 300:
+            blocks[-1].append(ln.strip())
+    parts = []
+    for blk in blocks:
+        if not blk:
+            continue
+        body = [ln for ln in blk[1:] if not ln.startswith(("ninja:", "FAILED:", "["))]
+        errs = [ln for ln in body if "error" in ln.lower() or "not found" in ln]
+        detail = (errs or body or [""])[-1]
+        parts.append(f"{blk[0]} {detail}".strip())
+    text = " | ".join(parts)
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _load_or_build() -> Optional[ModuleType]:
+    global _failure, _build_seconds
+    root = _ext_root()
+    builds = [(flags, _build_name(flags)) for flags in _flag_sets()]
+    # A finished build (fastest flags first) is imported as is: no compiler, no ninja.
+    errors: list[str] = []
+    for flags, name in builds:
+        try:
+            mod = _import_built(root / name, name)
+        except Exception as e:  # a corrupt cache entry: rebuilt below
+            errors.append(f"cached build {root / name} failed to load: {e}")
+            (root / name / _OK_MARKER).unlink(missing_ok=True)
+            mod = None
+        if mod is not None:
             mod._pagoda_flags = flags  # type: ignore[attr-defined]
-            _module = mod
-            if errors:
-                logger.info("pagoda CPU paged-decode kernel built with %s after: %s",
-                            " ".join(flags), "; ".join(e.splitlines()[0] for e in errors))
             return mod
-        _failure = "no build succeeded: " + "\n".join(errors)
-        logger.warning("pagoda CPU paged-decode kernel unavailable: %s", _failure)
+    if not _find_ninja():
+        _failure = ("ninja is not installed (torch.utils.cpp_extension needs it to build the "
+                    "kernel: pip install ninja)")
         return None
+    # Flag sets that failed to compile before (marker left in their folder) are skipped,
+    # unless all did: then everything is retried (the toolchain may have been fixed).
+    todo = [(f, n) for f, n in builds if not (root / n / _FAILED_MARKER).exists()] or builds
+    start = time.perf_counter()
+    for flags, name in todo:
+        directory = root / name
+        try:
+            mod = _build(directory, name, flags)
+        except Exception as e:
+            lines = str(e).strip().splitlines()
+            msg = f"build with {' '.join(flags)} failed:\n" + "\n".join(lines[-15:])
+            errors.append(msg)
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                (directory / _FAILED_MARKER).write_text(msg + "\n")
+            except OSError:
+                pass
+            continue
+        _build_seconds = time.perf_counter() - start
+        mod._pagoda_flags = flags  # type: ignore[attr-defined]
+        if errors:
+            logger.info("pagoda CPU paged-decode kernel built with %s after: %s",
+                        " ".join(flags), "; ".join(e.splitlines()[0] for e in errors))
+        return mod
+    _failure = "no build succeeded: " + "\n".join(errors)
+    return None

@@ -10,12 +10,16 @@ bandwidth: the K/V bytes a decode step actually needs (``sum(seq_lens) x Hkv x D
 x element size``) divided by the time.
 
 Run: ``python -m pagoda.bench.attention`` (SmolLM2 shapes: H=9, Hkv=3, D=64, block size 16,
-bf16, context lengths uniform in 64..800, torch threads = 2).
+bf16, context lengths uniform in 64..800, torch threads = 2). By default every call reads the
+same cache, which may then sit in the last-level cache for the smaller batches; ``--layers 8``
+cycles through 8 caches, as a model's layers do, so K/V come from DRAM. Times are medians; the
+load average is printed before and after, since other jobs on the machine skew them.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,13 +36,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 @dataclass
 class Case:
-    """One decode step's attention inputs for a single layer."""
+    """One decode step's attention inputs; ``kv_caches`` holds one cache per layer (same block
+    tables), cycled through call after call."""
     q: torch.Tensor
-    kv_cache: torch.Tensor
+    kv_caches: list[torch.Tensor]
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     meta: AttentionMetadata
     scale: float
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.kv_caches[0]
 
     @property
     def kv_bytes(self) -> int:
@@ -49,8 +58,9 @@ class Case:
 
 
 def make_case(batch: int, min_len: int, max_len: int, num_heads: int, num_kv_heads: int,
-              head_dim: int, block_size: int, dtype: torch.dtype, seed: int = 0) -> Case:
-    """Random queries and cache; each sequence's blocks are drawn at random from the pool."""
+              head_dim: int, block_size: int, dtype: torch.dtype, seed: int = 0,
+              layers: int = 1) -> Case:
+    """Random queries and cache(s); each sequence's blocks are drawn at random from the pool."""
     gen = torch.Generator().manual_seed(seed)
     seq_lens = torch.randint(min_len, max_len + 1, (batch,), generator=gen, dtype=torch.int64)
     blocks_per_seq = [-(-int(n) // block_size) for n in seq_lens]
@@ -62,14 +72,14 @@ def make_case(batch: int, min_len: int, max_len: int, num_heads: int, num_kv_hea
     for b, n in enumerate(blocks_per_seq):
         block_tables[b, :n] = perm[start:start + n]
         start += n
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim,
-                           generator=gen).to(dtype)
+    kv_caches = [torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim,
+                             generator=gen).to(dtype) for _ in range(layers)]
     q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype)
     meta = AttentionMetadata(slot_mapping=torch.zeros(batch, dtype=torch.int64),
                              num_decode_tokens=batch, decode_block_tables=block_tables,
                              decode_seq_lens=seq_lens, decode_max_seq_len=int(seq_lens.max()),
                              prefills=[], block_size=block_size)
-    return Case(q, kv_cache, block_tables, seq_lens, meta, 1.0 / math.sqrt(head_dim))
+    return Case(q, kv_caches, block_tables, seq_lens, meta, 1.0 / math.sqrt(head_dim))
 
 
 def time_call(fn: Callable[[], object], repeats: int, min_seconds: float = 0.3) -> float:
@@ -87,25 +97,34 @@ def time_call(fn: Callable[[], object], repeats: int, min_seconds: float = 0.3) 
 
 def run(batch_sizes: Sequence[int], min_len: int, max_len: int, num_heads: int,
         num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, repeats: int,
-        skip_ref: bool = False) -> list[dict[str, float]]:
+        skip_ref: bool = False, layers: int = 1) -> list[dict[str, float]]:
     rows: list[dict[str, float]] = []
     for batch in batch_sizes:
         case = make_case(batch, min_len, max_len, num_heads, num_kv_heads, head_dim,
-                         block_size, dtype, seed=batch)
+                         block_size, dtype, seed=batch, layers=layers)
+        calls = [0]
+
+        def next_cache() -> torch.Tensor:
+            calls[0] += 1
+            return case.kv_caches[calls[0] % len(case.kv_caches)]
 
         def kernel() -> torch.Tensor:
-            return cpu_decode.paged_decode_attention(case.q, case.kv_cache, case.block_tables,
+            return cpu_decode.paged_decode_attention(case.q, next_cache(), case.block_tables,
                                                      case.seq_lens, case.scale)
 
         def ref() -> torch.Tensor:
-            return _decode_attention(case.q, case.kv_cache, case.meta, case.scale)
+            return _decode_attention(case.q, next_cache(), case.meta, case.scale)
 
         t_ker = time_call(kernel, repeats)
         row = {"batch": batch, "tokens": int(case.seq_lens.sum()), "kv_mb": case.kv_bytes / 1e6,
                "kernel_ms": t_ker * 1e3, "kernel_gbs": case.kv_bytes / t_ker / 1e9}
         if not skip_ref:
             t_ref = time_call(ref, repeats)
-            err = (kernel().float() - ref().float()).abs().max().item()
+            kv = case.kv_cache
+            err = (cpu_decode.paged_decode_attention(case.q, kv, case.block_tables,
+                                                     case.seq_lens, case.scale).float()
+                   - _decode_attention(case.q, kv, case.meta, case.scale).float()).abs().max()
+            err = err.item()
             row.update(ref_ms=t_ref * 1e3, ref_gbs=case.kv_bytes / t_ref / 1e9,
                        speedup=t_ref / t_ker, max_abs_diff=err)
         rows.append(row)
@@ -145,6 +164,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-ref", action="store_true", help="time only the kernel")
+    p.add_argument("--layers", type=int, default=1,
+                   help="cycle through this many caches (as a model's layers do), so that K/V "
+                        "come from DRAM rather than from the last call's cache lines")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -155,10 +177,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     info = cpu_decode.build_info()
     print(f"paged decode attention: H={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
           f"block_size={args.block_size} {args.dtype} context {lo}..{hi}, "
-          f"torch threads={torch.get_num_threads()}, kernel isa: {info['isa']}")
+          f"torch threads={torch.get_num_threads()}, caches cycled={args.layers}, "
+          f"kernel isa: {info['isa']}")
+    print(f"load average before: {_loadavg()}")
     rows = run(batch_sizes, lo, hi, args.heads, args.kv_heads, args.head_dim, args.block_size,
-               DTYPES[args.dtype], args.repeats, skip_ref=args.no_ref)
+               DTYPES[args.dtype], args.repeats, skip_ref=args.no_ref, layers=args.layers)
     print(format_table(rows))
+    print(f"load average after: {_loadavg()}")
+
+
+def _loadavg() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 if __name__ == "__main__":

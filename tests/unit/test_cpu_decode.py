@@ -123,16 +123,37 @@ def test_portable_path_and_odd_head_dim(head_dim: int, dtype: torch.dtype) -> No
         check(out, ref, dtype)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 def test_long_context_split_over_threads(threads: int) -> None:
     """Few (sequence, KV head) items and long contexts: chunks merged flash-decoding style."""
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for lens in ([4000], [2500, 7]):
+        for lens in ([6000], [4500, 7]):
             q, kv, tables, seq_lens = make_inputs(lens, 4, 1, 64, 16, torch.float32)
             out = cpu_decode.paged_decode_attention(q, kv, tables, seq_lens, 0.125)
             check(out, reference(q, kv, tables, seq_lens, 0.125), torch.float32)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_every_work_split(threads: int) -> None:
+    """Whatever the split (all KV heads of a sequence per unit, one KV head per unit, contexts
+    cut into chunks, which depends on batch size vs threads), both tile implementations agree
+    with the reference."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lens in ([5, 700, 33, 1, 64, 129, 250, 16, 90, 400, 3, 77, 31], [900, 1300],
+                     [2500], [40, 3], [500, 600, 700, 800, 900]):
+            for dtype in (torch.float32, torch.bfloat16):
+                q, kv, tables, seq_lens = make_inputs(lens, 6, 2, 64, 16, dtype)
+                ref = reference(q, kv, tables, seq_lens, 0.125)
+                for fn in ("paged_decode", "paged_decode_portable"):
+                    out = torch.full_like(q, float("nan"))
+                    cpu_decode._call(fn, q, kv, tables, seq_lens, 0.125, out)
+                    check(out, ref, dtype)
     finally:
         torch.set_num_threads(old)
 
@@ -162,6 +183,21 @@ def test_strided_q_and_out_views() -> None:
     cpu_decode.paged_decode_attention(q, kv, tables, seq_lens, 0.125, out=out)
     check(out, reference(q, kv, tables, seq_lens, 0.125), torch.float32)
     assert out_big[..., :64].isnan().all() and out_big[..., 128:].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_cache_view(dtype: torch.dtype) -> None:
+    """A cache view with gaps between heads and tokens (e.g. a slice of a wider buffer): the
+    gaps hold NaN and are never read; int32 block tables are accepted too."""
+    q, kv, tables, seq_lens = make_inputs([1, 16, 45, 300, 999], 8, 2, 64, 16, dtype)
+    wide = torch.full((*kv.shape[:-1], 3 * 64), float("nan"), dtype=dtype)
+    wide[..., 64:128] = kv
+    view = wide[..., 64:128]                 # strides: head 192, token 384, ...
+    ref = reference(q, kv, tables, seq_lens, 0.125)
+    for fn in ("paged_decode", "paged_decode_portable"):
+        out = torch.full_like(q, float("nan"))
+        cpu_decode._call(fn, q, view, tables.to(torch.int32), seq_lens, 0.125, out)
+        check(out, ref, dtype)
 
 
 def test_empty_batch() -> None:

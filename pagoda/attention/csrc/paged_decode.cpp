@@ -1,22 +1,32 @@
 // Paged decode attention on the CPU: PagedAttention (Kwon et al., SOSP'23) read straight from
-// the blocks, with a flash-decoding style online softmax (running max, running sum, fp32
-// accumulator; Dao et al., "Flash-Decoding for long-context inference", 2023).
+// the blocks, with a flash-decoding style online softmax (running max, running sum and an fp32
+// accumulator per query head; cf. FlashAttention / Flash-Decoding, Dao et al. 2022-23).
 //
-// Invariant: for sequence b, only the rows of tokens [0, seq_lens[b]) are read, each exactly
-// once per (sequence, KV head), at block_tables[b][i / block_size], offset i % block_size. No
-// other cache slot (padding entries of the block table, the unused tail of the last block,
-// blocks of other sequences) is ever touched, so garbage or NaN there cannot reach the output.
+// Invariant: for sequence b, only the K/V rows of tokens [0, seq_lens[b]) are read, token i at
+// block block_tables[b][i / block_size], offset i % block_size, and each (token, KV head) row
+// is fetched from memory once (groups of more than 4 query heads re-read it from L1). No other
+// cache slot (padding entries of the block table, the
+// unused tail of the last block, blocks of other sequences) is ever read, so garbage or NaN
+// there cannot reach the output. (Prefetch hints touch only rows that will be read.)
 //
-// Work is split into (sequence, KV head[, context chunk]) units. A unit loads each K and V row
-// once, converts it to fp32 and uses it for all G = H / Hkv query heads that share that KV head
-// (grouped-query attention). Tokens are processed in tiles of TILE rows: the tile's scores are
-// materialised (G x TILE floats), the running max / sum / accumulator are rescaled once per
-// tile. When there are few units (small batch, long contexts), a unit's context is split into
-// chunks whose partial (max, sum, accumulator) are merged at the end (flash-decoding).
+// Work units are (sequence, KV heads, token range): all KV heads of a sequence when there are
+// enough sequences to keep the threads busy (blocks are then consumed front to back), else one
+// KV head, and contexts are split into chunks when even that leaves too few units; the chunks'
+// partial (max, sum, accumulator) are merged at the end (flash-decoding). Threads take units
+// dynamically, longest first. Within a unit, tokens go in tiles of TILE rows: each K row is
+// used by all G = H / Hkv query heads of its KV head (grouped-query attention) while it is in
+// registers, the tile's scores (G x TILE) are exponentiated against the running max, then each
+// V row is accumulated into the G outputs.
 //
-// Everything is plain C++ written so that gcc/clang auto-vectorise it at -O3 (bf16 -> fp32 is
-// a 16-bit shift, dot products keep 16 independent partial sums, exp is a polynomial), so the
-// same source builds with -march=native on an AVX-512 machine and with default flags elsewhere.
+// Two implementations of the tile steps share that driver:
+//  * GenericKernel: plain loops that gcc/clang auto-vectorise at -O3 (bf16 -> fp32 is a 16-bit
+//    shift, dot products keep 16 independent partial sums, exp is a polynomial); used without
+//    AVX-512, and for head dims the AVX-512 code does not specialise.
+//  * Avx512Kernel (head dims 64 and 128, when compiled with AVX-512): intrinsics; queries or
+//    accumulators of up to 4 heads stay in registers while rows stream by; 16 dot products are
+//    reduced together by a transposing shuffle tree; with AVX512-BF16, q.k of bf16 data uses
+//    vdpbf16ps (exact bf16 products, fp32 sums).
+// The build picks whichever the compiler flags allow (-march=native where it works).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -42,9 +52,12 @@ namespace {
 constexpr int64_t TILE = 64;        // tokens per online-softmax step
 constexpr int LANES = 16;           // independent partial sums in dot products
 constexpr int64_t MIN_CHUNK = 128;  // never split a context into chunks shorter than this
-#ifndef PREFETCH_LOCALITY
-#define PREFETCH_LOCALITY 3
-#endif
+constexpr int64_t SERIAL_BELOW = 4096;  // (tokens x KV heads) under which one thread does all
+// Software prefetch: rows of the tile after the current one are requested while the current
+// one is computed, and rows PREFETCH_FAR tokens ahead once per tile (into the next unit when
+// the current one ends). Locality 1 (prefetcht2): into L2, sparing L1.
+constexpr int PREFETCH_LOCALITY = 1;
+constexpr int64_t PREFETCH_FAR = 3 * TILE;
 // A function that only prefetches looks side-effect free to gcc's IPA, which then deletes
 // the calls; forcing it inline keeps the prefetches inside the loops that use them.
 #if defined(__GNUC__)
@@ -233,14 +246,10 @@ struct Ahead {
   int64_t offset;        // elements from a row pointer to the first one wanted
   int64_t bytes;         // bytes wanted from there (the unit's KV heads of that token)
   PAGODA_ALWAYS_INLINE void at(int64_t i) const {
-#ifndef PAGODA_NO_PREFETCH
     if (i < n) prefetch_row(rows[i] + offset, bytes);
-#endif
   }
   PAGODA_ALWAYS_INLINE void rest(int64_t from) const {
-#ifndef PAGODA_NO_PREFETCH
     for (int64_t i = from; i < n; ++i) prefetch_row(rows[i] + offset, bytes);
-#endif
   }
 };
 
@@ -406,8 +415,8 @@ struct Avx512Kernel {
   // while the rows stream by (a K or V row is read from memory in the first pass; further
   // passes, only for large G, find it in L1).
   static constexpr int QREGS = kDpBf16 ? NC / 2 : NC;  // registers per query
-  static constexpr int GQ = 16 / QREGS > 0 ? 16 / QREGS : 1;
-  static constexpr int GV = 16 / NC > 0 ? 16 / NC : 1;
+  static constexpr int GQ = std::clamp(16 / QREGS, 1, 4);
+  static constexpr int GV = std::clamp(16 / NC, 1, 4);
 
   // part[(g * 16 + j) * 16 ...]: the 16-lane partial dot products of query g (of GB, at qf)
   // with row j (of nj, at krow[j] + hoff).
@@ -618,8 +627,11 @@ PAGODA_ALWAYS_INLINE void prefetch_tokens(const Problem& P, const T* cache, cons
 }
 
 template <typename T, typename K>
-void run_unit(const Problem& P, const Unit& u, const Unit* next, const T* q, const T* cache,
-              T* out, Scratch& s, float* part_m, float* part_l, float* part_acc) {
+void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, const T* q,
+              const T* cache, T* out, Scratch& s, float* part_m, float* part_l,
+              float* part_acc) {
+  // A thread's first unit: nothing fetched its start ahead of time.
+  if (cold) prefetch_tokens(P, cache, u, u.t0 + TILE, u.t0 + PREFETCH_FAR);
   const int64_t G = P.G;
   const int64_t D = P.D;
   const int64_t hq0 = u.k0 * G;            // first query head of the unit
@@ -656,16 +668,14 @@ void run_unit(const Problem& P, const Unit& u, const Unit* next, const T* q, con
       v_ahead = {vnext, nn, next->k0 * P.c_sh, next_span};
     }
     const Ahead<T> none{knext, 0, 0, 0};
-#ifdef PF_FAR
     {
-      const int64_t a0 = t + PF_FAR, a1 = a0 + TILE;
+      const int64_t a0 = t + PREFETCH_FAR, a1 = a0 + TILE;
       prefetch_tokens(P, cache, u, a0, a1);
       if (a1 > u.t1 && next != nullptr) {
         prefetch_tokens(P, cache, *next, next->t0 + std::max<int64_t>(0, a0 - u.t1),
                         next->t0 + (a1 - u.t1));
       }
     }
-#endif
     for (int64_t kvh = u.k0; kvh < u.k1; ++kvh) {
       const bool first = kvh == u.k0;
       const int64_t hoff = kvh * P.c_sh;
@@ -714,22 +724,18 @@ template <typename T, typename K>
 void run_all(const Problem& P, const T* q, const T* cache, T* out) {
   const int64_t H = P.H;
   const int64_t D = P.D;
-  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t total = 0;  // tokens x KV heads to read
+  for (int64_t b = 0; b < P.B; ++b) total += P.seq_lens[b] * P.Hkv;
+  // Tiny steps run on the calling thread: waking the others would cost more than they save.
+  const int64_t nthreads = total < SERIAL_BELOW ? 1 : std::max<int64_t>(1, at::get_num_threads());
   const int64_t want_units = 4 * nthreads;
 
   // A unit takes all KV heads of a sequence when there are enough sequences (each block is
   // then read front to back), else one KV head; if that still leaves too few units to keep
   // every thread busy with balanced work, contexts are split into chunks.
-#ifdef PAGODA_ONE_HEAD_UNITS
-  const int64_t heads_per_unit = 1;
-#else
-  const int64_t heads_per_unit = P.B >= want_units ? P.Hkv : 1;
-#endif
+  const int64_t heads_per_unit = (P.B >= want_units || nthreads == 1) ? P.Hkv : 1;
   int64_t chunk = std::numeric_limits<int64_t>::max();
-  if (P.B * (P.Hkv / heads_per_unit) < want_units) {
-    int64_t total = 0;
-    for (int64_t b = 0; b < P.B; ++b) total += P.seq_lens[b];
-    total *= P.Hkv;
+  if (nthreads > 1 && P.B * (P.Hkv / heads_per_unit) < want_units) {
     chunk = std::max<int64_t>(MIN_CHUNK, (total + want_units - 1) / want_units);
     chunk = (chunk + TILE - 1) / TILE * TILE;
   }
@@ -765,12 +771,14 @@ void run_all(const Problem& P, const T* q, const T* cache, T* out) {
   at::parallel_for(0, ntasks, 1, [&](int64_t, int64_t) {
     Scratch scratch(H, P.G, D);
     int64_t cur = counter.fetch_add(1, std::memory_order_relaxed);
+    bool cold = true;
     while (cur < nu) {
       const int64_t nxt = counter.fetch_add(1, std::memory_order_relaxed);
       const Unit* next = nxt < nu ? &units[order[nxt]] : nullptr;
-      run_unit<T, K>(P, units[order[cur]], next, q, cache, out, scratch, part_m.data(),
+      run_unit<T, K>(P, units[order[cur]], next, cold, q, cache, out, scratch, part_m.data(),
                      part_l.data(), part_acc.data());
       cur = nxt;
+      cold = false;
     }
   });
   if (num_parts == 0) return;
@@ -808,18 +816,20 @@ void dispatch_dim(const Problem& P, const void* q, const void* cache, void* out,
   T* ot = static_cast<T*>(out);
 #if defined(__AVX512F__)
   if (!portable) switch (P.D) {
-    case 32: return run_all<T, Avx512Kernel<T, 2>>(P, qt, ct, ot);
     case 64: return run_all<T, Avx512Kernel<T, 4>>(P, qt, ct, ot);
     case 128: return run_all<T, Avx512Kernel<T, 8>>(P, qt, ct, ot);
-    case 256: return run_all<T, Avx512Kernel<T, 16>>(P, qt, ct, ot);
     default: break;
   }
-#endif
+  return run_all<T, GenericKernel<T, 0>>(P, qt, ct, ot);  // rare head dims, and tests
+#else
+  // No AVX-512: the portable kernels, with the common head dims as compile-time constants.
+  (void)portable;
   switch (P.D) {
     case 64: return run_all<T, GenericKernel<T, 64>>(P, qt, ct, ot);
     case 128: return run_all<T, GenericKernel<T, 128>>(P, qt, ct, ot);
     default: return run_all<T, GenericKernel<T, 0>>(P, qt, ct, ot);
   }
+#endif
 }
 
 // out: (B, H, D), q: (B, H, D), kv_cache: (2, num_blocks, block_size, Hkv, D), all of one
