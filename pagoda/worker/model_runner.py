@@ -159,7 +159,7 @@ class ModelRunner:
         for rid, (row, pos, count) in batch.prompt_rows.items():
             state = self.states[rid]
             logprobs = torch.log_softmax(
-                self.model.compute_logits(hidden[row:row + count]), dim=-1)  # (count, V)
+                self.model.compute_logits(hidden[row:row + count]).float(), dim=-1)  # (count, V)
             next_tokens = state.token_ids[pos + 1:pos + 1 + count]
             output.prompt_logprobs[rid] = (
                 pos, prompt_token_logprobs(logprobs, next_tokens, state.params.prompt_logprobs))

@@ -33,7 +33,11 @@ class SamplingRow:
 
 def sample(logits: torch.Tensor,
            rows: list[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
-    """logits: (S, V) fp32, one row per entry of ``rows``. Returns tokens and logprobs."""
+    """logits: (S, V), one row per entry of ``rows``. Returns tokens and logprobs."""
+    if all(_plain_greedy(r) for r in rows):
+        # Upcasting is exact and keeps the order, so argmax needs no fp32 copy of (S, V).
+        return logits.argmax(dim=-1).tolist(), [None] * len(rows)
+    logits = logits.float()
     raw_logprobs = (torch.log_softmax(logits, dim=-1)
                     if any(r.params.logprobs is not None for r in rows) else None)
     logits = _mask_early_stops(_apply_penalties(logits, rows), rows)
@@ -42,6 +46,12 @@ def sample(logits: torch.Tensor,
                 if raw_logprobs is not None and r.params.logprobs is not None else None
                 for i, r in enumerate(rows)]
     return tokens, logprobs
+
+
+def _plain_greedy(row: SamplingRow) -> bool:
+    p = row.params
+    return (p.greedy and p.logprobs is None and not _has_penalty(p)
+            and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens))
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
