@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from pagoda.config import DEFAULT_KV_CACHE_GIB, EngineArgs
+from pagoda.config import DEFAULT_KV_CACHE_GIB, CacheConfig, EngineArgs
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.outputs import EngineCoreOutput, TokenLogprobs
 from pagoda.core.scheduler import Scheduler
@@ -77,7 +77,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {self.arch.max_position_embeddings}")
         cache = args.cache_config()
-        self.num_blocks = cache.num_blocks or self._blocks_for_budget()
+        self.num_blocks = cache.num_blocks or self._blocks_for_budget(cache)
         self.block_size = cache.block_size
         self.kv = KVCacheManager(self.num_blocks, cache.block_size)
         self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
@@ -91,14 +91,14 @@ class LLMEngine:
                     self.model_name, self.dtype, self.device, self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
 
-    def _blocks_for_budget(self) -> int:
+    def _blocks_for_budget(self, cache: CacheConfig) -> int:
         if self.device.type == "cuda":
-            budget = cuda_kv_budget(self.args.gpu_memory_utilization, self.device)
+            budget = cuda_kv_budget(cache.gpu_memory_utilization, self.device)
         else:
-            budget = int((self.args.kv_cache_memory or DEFAULT_KV_CACHE_GIB) * GIB)
-        n = num_blocks_for_memory(self.arch, self.args.block_size, self.dtype, budget)
+            budget = int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
+        n = num_blocks_for_memory(self.arch, cache.block_size, self.dtype, budget)
         # More blocks than the longest sequences of a full batch could use is waste.
-        cap = -(-self.max_model_len // self.args.block_size) * self.args.max_num_seqs
+        cap = -(-self.max_model_len // cache.block_size) * self.args.max_num_seqs
         return min(n, cap)
 
     # ------------------------------------------------------------------ intake
