@@ -98,6 +98,7 @@ class Scheduler:
                 continue
             blocks = self._allocate_or_preempt(request, num_new, scheduled, new_blocks)
             if blocks is None:
+                # Preemption may have un-scheduled requests: their tokens return to the budget.
                 budget = self.config.step_token_budget - sum(scheduled.values())
                 continue
             scheduled[request.request_id] = num_new

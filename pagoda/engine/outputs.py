@@ -1,7 +1,7 @@
 """What the engine gives back per request: texts, token ids, finish reasons, timings."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from pagoda.core.outputs import TokenLogprobs

@@ -35,9 +35,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     names = {f.name for f in fields(EngineArgs)}
-    values = {k: v for k, v in vars(ns).items() if k in names}
-    values["num_kv_blocks"] = ns.num_kv_blocks
-    return EngineArgs(**values)
+    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ prefill chunks; see ``pagoda.attention.metadata``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -36,7 +35,6 @@ class StepBatch:
     input_ids: torch.Tensor        # (T,)
     positions: torch.Tensor        # (T,)
     attn: AttentionMetadata
-    order: list[str]               # request ids in batch order
     logits_indices: list[int] = field(default_factory=list)   # last row of each sampler
     samplers: list[str] = field(default_factory=list)
     prompt_rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # row, pos, count
@@ -118,7 +116,7 @@ class ModelRunner:
             decode_block_tables=tables, decode_seq_lens=seq_lens, decode_max_seq_len=max_len,
             prefills=chunks, block_size=bs)
         return StepBatch(self._tensor(input_ids), self._tensor(positions), attn,
-                         decodes + prefills, logits_indices, samplers, prompt_rows)
+                         logits_indices, samplers, prompt_rows)
 
     def _block_table(self, state: CachedRequestState, num_tokens: int) -> torch.Tensor:
         num_blocks = -(-num_tokens // self.block_size)

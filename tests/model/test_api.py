@@ -2,7 +2,6 @@
 import random
 
 import pytest
-import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.entrypoints import cli
