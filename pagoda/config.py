@@ -63,6 +63,7 @@ class EngineArgs:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_model_len: Optional[int] = None    # default: the model's, capped at 8192
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     seed: int = 0
 
     def cache_config(self) -> CacheConfig:

@@ -87,6 +87,8 @@ class LLMEngine:
         self._child_group: dict[str, tuple[_Group, _Child]] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self.prefix_cache_queries = 0   # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0      # of those, tokens found cached
         logger.info("engine: %s, %s on %s, KV cache %d blocks x %d tokens = %d tokens",
                     self.model_name, self.dtype, self.device, self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
@@ -104,7 +106,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ intake
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, prompt: Optional[str] = None,
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None,
+                    cache_salt: Optional[str] = None) -> None:
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids, params)

@@ -59,6 +59,7 @@ class RequestOutput:
     metrics: RequestMetrics
     time_per_output_token: Optional[float] = None
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
+    num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:
