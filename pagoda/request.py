@@ -42,7 +42,7 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_ids: tuple[int, ...],
                  max_tokens: int, arrival_time: Optional[float] = None,
-                 prefix_donor: Optional[str] = None) -> None:
+                 prefix_donor: Optional[str] = None, cache_salt: Optional[str] = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -51,6 +51,7 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         # n > 1: a sibling whose full prompt blocks this request may share on admission.
         self.prefix_donor = prefix_donor
+        self.cache_salt = cache_salt  # prefix caching: only requests with the same salt share
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
@@ -59,6 +60,10 @@ class Request:
         self.num_preemptions = 0
         self.stop_reason: Optional[str | int] = None  # the stop string / token that ended it
         self.finish_detail: Optional[str] = None      # human-readable why, for odd endings
+        # Prefix caching: chain hashes of the full blocks of all_token_ids computed so far,
+        # and how many prompt tokens came from the cache at first admission.
+        self.block_hashes: list[bytes] = []
+        self.num_cached_tokens: Optional[int] = None
 
     @property
     def num_prompt_tokens(self) -> int:

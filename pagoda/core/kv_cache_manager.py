@@ -1,14 +1,18 @@
-"""KVCacheManager: per-request block tables on top of the BlockPool (PagedAttention).
+"""KVCacheManager: per-request block tables on top of the BlockPool (PagedAttention), and
+the per-request side of prefix caching.
 
 A request's block table covers its first ``len(blocks) * block_size`` token positions;
 token ``i`` lives in block ``blocks[i // block_size]`` at offset ``i % block_size``.
-Invariant: a request holds exactly ``ceil(tokens it has scheduled / block_size)`` blocks.
+Invariant: a request holds exactly ``ceil(tokens it has scheduled / block_size)`` blocks,
+and with prefix caching on, every full block it has scheduled is named by its chain hash
+(unless another block already holds that name).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from pagoda.core.block_pool import BlockPool
+from pagoda.core.prefix_cache import extend_block_hashes, root_hash
 from pagoda.request import Request
 
 
@@ -17,10 +21,14 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 model_key: str = "") -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.model_key = model_key  # enters every hash chain: one model's KV is not another's
         self.req_blocks: dict[str, list[int]] = {}
+        self._num_named: dict[str, int] = {}  # leading blocks of a request already hashed in
 
     @property
     def usage(self) -> float:
@@ -32,43 +40,101 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> Optional[list[int]]:
-        """Make room for ``num_new_tokens`` more tokens; return the newly added block ids,
-        or None (allocating nothing) when the pool is short.
+    # ------------------------------------------------------------- prefix hits
+    def get_computed_blocks(self, request: Request) -> list[int]:
+        """The cached blocks a new request can start on: the longest run of its full blocks,
+        from the first, whose hashes are cached. It never covers the last token, which must
+        be computed to give the logits, so a fully cached prompt still computes one token:
 
-            |<------- computed ------->|<--- new --->|
-            [ block 0 ][ block 1 ][ bl|ock 2 ][ block 3 ]  <- blocks after this call
-                                      ^ num_computed_tokens
+            tokens   [ b0 ][ b1 ][ b2 ][ b3 ]      all four blocks cached
+            hit      [ b0 ][ b1 ][ b2 ]            b3 holds the last token: recomputed
         """
-        blocks = self.req_blocks.setdefault(request.request_id, [])
-        needed = self.num_blocks_for(request.num_computed_tokens + num_new_tokens) - len(blocks)
-        if needed <= 0:
+        if not self.enable_prefix_caching:
             return []
-        if needed > self.pool.num_free_blocks:
+        self._extend_hashes(request, request.num_tokens)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        return self.pool.lookup(request.block_hashes[:max_blocks])
+
+    def sibling_blocks(self, request: Request, donor: Request) -> list[int]:
+        """Without prefix caching, an n > 1 sibling can still start on the full blocks its
+        donor has computed of their common prompt (never the last prompt token's block)."""
+        computed = min(request.num_prompt_tokens, donor.num_computed_tokens)
+        num_full = min(computed // self.block_size, (request.num_tokens - 1) // self.block_size)
+        return self.block_ids(donor.request_id)[:max(num_full, 0)]
+
+    # -------------------------------------------------------------- allocation
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: Sequence[int] = ()) -> Optional[list[int]]:
+        """Make room for ``num_new_tokens`` more tokens; return the newly allocated block ids,
+        or None (changing nothing) when the pool is short. A request being admitted may
+        first take ``computed_blocks`` (a prefix hit or a sibling's prompt), which count as
+        computed tokens ahead of the new ones:
+
+            |<- computed_blocks ->|<- num_computed ->|<---- new ---->|
+            [ block 0 ][ block 1 ][ block 2 ][ bl|ock 3 ][ block 4 ]   <- blocks after the call
+                 taken, not computed          ^ request.num_computed_tokens (+ hit tokens)
+
+        Cached free blocks count as free here: allocation evicts them (least recently used
+        first) before the caller ever has to preempt a running request.
+        """
+        blocks = self.req_blocks.get(request.request_id, [])
+        assert not (computed_blocks and blocks), "computed blocks go to a request with none"
+        num_tokens = (request.num_computed_tokens + len(computed_blocks) * self.block_size
+                      + num_new_tokens)
+        needed = max(self.num_blocks_for(num_tokens) - len(blocks) - len(computed_blocks), 0)
+        revived = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
+        if needed + revived > self.pool.num_free_blocks:
             return None
+        self.pool.take(computed_blocks)
         new_blocks = self.pool.allocate(needed)
+        blocks = self.req_blocks.setdefault(request.request_id, blocks)
+        blocks.extend(computed_blocks)
         blocks.extend(new_blocks)
+        if computed_blocks:
+            self._num_named[request.request_id] = len(computed_blocks)
+        self._name_full_blocks(request, num_tokens)
         return new_blocks
 
-    def share_prefix(self, request: Request, donor_blocks: list[int], num_tokens: int) -> int:
-        """Let a new request start on the first full blocks of a sibling's prompt (n > 1).
+    def _name_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Hash in the blocks that ``num_tokens`` scheduled tokens fill. They are named when
+        scheduled, before the forward pass writes them: a request admitted later in the same
+        step may hit them, which is safe because every layer writes the whole batch's K/V
+        before any row attends (see attention/torch_ref.py)."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = num_tokens // self.block_size
+        start = self._num_named.get(request.request_id, 0)
+        if num_full <= start:
+            return
+        self._extend_hashes(request, num_tokens)
+        blocks = self.req_blocks[request.request_id]
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self._num_named[request.request_id] = num_full
 
-        Shares whole blocks only, and never the block of the last prompt token, which the
-        request must compute itself to get its logits. Returns the tokens now computed.
-        """
-        assert not self.req_blocks.get(request.request_id), "share_prefix on a request with blocks"
-        num_full = min((num_tokens - 1) // self.block_size, len(donor_blocks))
-        if num_full <= 0:
-            return 0
-        shared = donor_blocks[:num_full]
-        self.pool.share(shared)
-        self.req_blocks[request.request_id] = list(shared)
-        return num_full * self.block_size
+    def _extend_hashes(self, request: Request, num_tokens: int) -> None:
+        if len(request.block_hashes) < num_tokens // self.block_size:
+            root = root_hash(self.model_key, request.cache_salt)
+            extend_block_hashes(request.block_hashes, root, request.all_token_ids,
+                                self.block_size, num_tokens)
 
+    # ------------------------------------------------------------------- free
     def free(self, request: Request) -> None:
-        """Give back all of the request's blocks, tail first."""
+        """Give back all of the request's blocks, tail first: within a chain the tail blocks
+        reach the free list first, so they are evicted before the prefix they extend."""
         blocks = self.req_blocks.pop(request.request_id, [])
+        self._num_named.pop(request.request_id, None)
         self.pool.release(reversed(blocks))
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block; returns how many there were."""
+        return self.pool.reset_cache()
 
     def check_invariants(self) -> None:
         self.pool.check_invariants(self.req_blocks)
+        if self.enable_prefix_caching:
+            self._check_naming()
+
+    def _check_naming(self) -> None:
+        for rid, blocks in self.req_blocks.items():
+            assert self._num_named.get(rid, 0) <= len(blocks), f"{rid} names blocks it lacks"

@@ -4,7 +4,9 @@ Every step it hands out a token budget: running requests first (decodes, then co
 prefill chunks), then waiting requests in arrival order. A prompt longer than what is left of
 the budget is computed in chunks over several steps while decodes keep running. When blocks
 run out, the most recently admitted running request is preempted (its blocks freed, its
-tokens recomputed later). Invariant: a live request is in exactly one of waiting / running,
+tokens recomputed later). With prefix caching, a request being admitted starts on the longest
+run of its full blocks already in the cache (SGLang's RadixAttention idea, by block hash), and
+cached free blocks are evicted before anyone is preempted. Invariant: a live request is in exactly one of waiting / running,
 and only running requests hold blocks.
 """
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Scheduler:
         self._pending: list[EngineCoreOutput] = []  # finished outside a step (ignored, aborted)
         self._seed_offsets: dict[str, int] = {}
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0   # tokens of admitted requests looked up in the cache
+        self.prefix_cache_hits = 0      # of those, tokens found there
 
     # ------------------------------------------------------------------ intake
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
@@ -152,38 +156,43 @@ class Scheduler:
                 self.waiting.popleft()
                 self._finish(request, RequestStatus.FINISHED_LENGTH, self._too_big_detail(request))
                 continue
-            self._take_sibling_prefix(request)
-            num_new = request.num_tokens - request.num_computed_tokens
+            computed_blocks = self._computed_prefix(request)
+            num_computed = len(computed_blocks) * self.kv.block_size
+            num_new = request.num_tokens - num_computed
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
-                    self._undo_admission(request)
                     break
                 num_new = budget
-            blocks = self.kv.allocate_slots(request, num_new)
+            blocks = self.kv.allocate_slots(request, num_new, computed_blocks)
             if blocks is None:
-                self._undo_admission(request)
                 break  # strict FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed
+            self._count_prefix_hit(request, num_computed)
             scheduled[request.request_id] = num_new
             new_blocks[request.request_id] = blocks
             budget -= num_new
 
-    def _take_sibling_prefix(self, request: Request) -> None:
-        """n > 1: start on the full prompt blocks that a running sibling already computed."""
+    def _computed_prefix(self, request: Request) -> list[int]:
+        """Blocks whose KV a request being admitted can start on: a prefix-cache hit, or
+        (with caching off) the prompt blocks an n > 1 sibling has computed."""
+        if request.sampling_params.prompt_logprobs is not None:
+            return []  # it needs the logits of every prompt position
+        if self.kv.enable_prefix_caching:
+            return self.kv.get_computed_blocks(request)
         donor = self.requests.get(request.prefix_donor) if request.prefix_donor else None
         if donor is None or donor.status is not RequestStatus.RUNNING:
-            return
-        if request.sampling_params.prompt_logprobs is not None:
-            return  # it needs the logits of every prompt position
-        computed = min(request.num_prompt_tokens, donor.num_computed_tokens)
-        request.num_computed_tokens = self.kv.share_prefix(
-            request, self.kv.block_ids(donor.request_id), computed)
+            return []
+        return self.kv.sibling_blocks(request, donor)
 
-    def _undo_admission(self, request: Request) -> None:
-        self.kv.free(request)
-        request.num_computed_tokens = 0
+    def _count_prefix_hit(self, request: Request, num_computed: int) -> None:
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = num_computed  # first admission only, as reported
+        if self.kv.enable_prefix_caching:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += num_computed
 
     def _can_never_fit(self, request: Request) -> bool:
         return self.kv.num_blocks_for(request.num_tokens + 1) > self.kv.pool.num_blocks

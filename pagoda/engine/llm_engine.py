@@ -79,7 +79,10 @@ class LLMEngine:
         cache = args.cache_config()
         self.num_blocks = cache.num_blocks or self._blocks_for_budget(cache)
         self.block_size = cache.block_size
-        self.kv = KVCacheManager(self.num_blocks, cache.block_size)
+        # The model's identity enters every prefix-cache hash (it matters once KV crosses
+        # engines, as in disaggregated prefill; within one engine the model never changes).
+        self.kv = KVCacheManager(self.num_blocks, cache.block_size, args.enable_prefix_caching,
+                                 model_key=f"{self.model_name}:{self.dtype}")
         self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
         self.runner = ModelRunner(loaded.model, self.num_blocks, cache.block_size, self.dtype,
                                   self.device)
@@ -87,8 +90,6 @@ class LLMEngine:
         self._child_group: dict[str, tuple[_Group, _Child]] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        self.prefix_cache_queries = 0   # prompt tokens looked up in the prefix cache
-        self.prefix_cache_hits = 0      # of those, tokens found cached
         logger.info("engine: %s, %s on %s, KV cache %d blocks x %d tokens = %d tokens",
                     self.model_name, self.dtype, self.device, self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
@@ -111,6 +112,8 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids, params)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError("cache_salt must be a non-empty string")
         max_tokens = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -122,7 +125,7 @@ class LLMEngine:
             cid = request_id if params.n == 1 else f"{request_id}:{i}"
             donor = None if i == 0 else group.children[0].request.request_id
             req = Request(cid, prompt_token_ids, params, self.arch.eos_token_ids, max_tokens, now,
-                          donor)
+                          donor, cache_salt)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
                                            params.include_stop_str_in_output,
                                            params.skip_special_tokens, params.min_tokens)
@@ -248,7 +251,8 @@ class LLMEngine:
         if group.finished:
             group.metrics.finished_time = max(c.finished_time or 0.0 for c in group.children)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             group.finished, group.metrics, tpot, group.prompt_logprobs)
+                             group.finished, group.metrics, tpot, group.prompt_logprobs,
+                             c0.request.num_cached_tokens or 0)
 
     @staticmethod
     def _completion(child: _Child) -> CompletionOutput:
@@ -264,6 +268,21 @@ class LLMEngine:
         self._groups.pop(group.request_id, None)
         for child in group.children:
             self._child_group.pop(child.request.request_id, None)
+
+    # ------------------------------------------------------------ prefix cache
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens of admitted requests looked up in the prefix cache."""
+        return self.scheduler.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Of those, the tokens whose KV was found cached."""
+        return self.scheduler.prefix_cache_hits
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block (requests running keep theirs); returns how many."""
+        return self.kv.reset_prefix_cache()
 
     # ----------------------------------------------------------------- helpers
     def encode(self, text: str) -> list[int]:

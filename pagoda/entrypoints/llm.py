@@ -58,6 +58,10 @@ class LLM:
         prompts = [self.engine.encode_chat(conv) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached prefix block; returns how many were cached."""
+        return self.engine.reset_prefix_cache()
+
     def _add(self, prompt: PromptType, params: SamplingParams) -> str:
         rid = str(next(self._ids))
         if isinstance(prompt, str):

@@ -49,6 +49,9 @@ MODES = {
     "block16": dict(block_size=16, max_num_batched_tokens=29),
     # 12 blocks x 8 tokens cannot hold all four requests at once: forces preemption.
     "preempt": dict(block_size=8, num_kv_blocks=12, max_num_batched_tokens=32),
+    # The same without prefix caching: recompute after preemption starts from nothing.
+    "preempt-nocache": dict(block_size=8, num_kv_blocks=12, max_num_batched_tokens=32,
+                            enable_prefix_caching=False),
 }
 
 
@@ -60,7 +63,7 @@ def test_greedy_matches_transformers(family_case, mode):
     for out, ref in zip(outs, refs):
         assert out.token_ids == ref
         assert out.finish_reason == "length"
-    if mode == "preempt":
+    if mode.startswith("preempt"):
         assert llm.engine.scheduler.num_preemptions > 0
     llm.engine.check_invariants()
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks
