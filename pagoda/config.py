@@ -49,6 +49,32 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory_gib}")
 
 
+KV_ROLES = ("both", "prefill", "decode")
+KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """Disaggregated prefill. ``both``: colocated, no transfers (the default)."""
+    kv_role: str = "both"
+    engine_id: str = ""
+    lease_seconds: float = 30.0          # prefill: how long finished requests' blocks wait
+    load_failure: str = "recompute"      # decode: what a failed pull does
+    transfer_timeout_seconds: float = 10.0
+    side_channel_host: str = "127.0.0.1"
+    side_channel_port: int = 0           # 0: any free port
+
+    def __post_init__(self) -> None:
+        if self.kv_role not in KV_ROLES:
+            raise ValueError(f"kv_role must be one of {KV_ROLES}, got {self.kv_role!r}")
+        if self.load_failure not in KV_LOAD_FAILURE_POLICIES:
+            raise ValueError(f"kv_load_failure must be one of {KV_LOAD_FAILURE_POLICIES}, "
+                             f"got {self.load_failure!r}")
+        for name in ("lease_seconds", "transfer_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
 @dataclass(frozen=True)
 class EngineArgs:
     """Everything a user can set, as the CLI and ``LLM(...)`` take it."""
@@ -65,10 +91,25 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
+    load_format: str = "auto"              # "dummy": random weights, no checkpoint files
+    model_preset: Optional[str] = None     # built-in shapes for dummy weights (models/presets.py)
+    enforce_eager: bool = False            # CUDA: no CUDA graphs for decode steps
+    kv_role: str = "both"                  # disaggregated prefill: both | prefill | decode
+    kv_secret: Optional[str] = None        # side-channel secret (else $PAGODA_KV_SECRET)
+    kv_lease_seconds: float = 30.0
+    kv_load_failure: str = "recompute"     # recompute | fail
+    kv_transfer_timeout: float = 10.0
+    kv_host: str = "127.0.0.1"             # the side channel's address
+    kv_port: int = 0
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
                            self.num_kv_blocks)
+
+    def kv_transfer_config(self, engine_id: str) -> KVTransferConfig:
+        return KVTransferConfig(self.kv_role, engine_id, self.kv_lease_seconds,
+                                self.kv_load_failure, self.kv_transfer_timeout, self.kv_host,
+                                self.kv_port)
 
     def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, max_model_len,

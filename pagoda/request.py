@@ -10,6 +10,7 @@ import enum
 import time
 from typing import Optional
 
+from pagoda.kv_transfer.params import KVTransferRequest
 from pagoda.sampling import SamplingParams
 
 
@@ -17,10 +18,12 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"           # blocks given back; waits to be recomputed
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # holds blocks a transfer is filling
     FINISHED_STOPPED = "stop"          # EOS, a stop token or a stop string
     FINISHED_LENGTH = "length"         # max_tokens or the context length
     FINISHED_ABORTED = "abort"         # the client went away, or the caller aborted
     FINISHED_IGNORED = "ignored"       # can never fit in the KV cache, even alone
+    FINISHED_ERROR = "error"           # could not be served (e.g. its remote KV was lost)
 
     @property
     def finished(self) -> bool:
@@ -35,14 +38,16 @@ class RequestStatus(enum.Enum):
 
 
 _FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-             RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_IGNORED}
+             RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_IGNORED,
+             RequestStatus.FINISHED_ERROR}
 
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: SamplingParams, eos_token_ids: tuple[int, ...],
                  max_tokens: int, arrival_time: Optional[float] = None,
-                 prefix_donor: Optional[str] = None, cache_salt: Optional[str] = None) -> None:
+                 prefix_donor: Optional[str] = None, cache_salt: Optional[str] = None,
+                 kv_transfer: Optional[KVTransferRequest] = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -52,6 +57,8 @@ class Request:
         # n > 1: a sibling whose full prompt blocks this request may share on admission.
         self.prefix_donor = prefix_donor
         self.cache_salt = cache_salt  # prefix caching: only requests with the same salt share
+        self.kv_transfer = kv_transfer  # disaggregated prefill: remote decode / remote prefill
+        self.kv_transfer_out: Optional[dict] = None  # prefill role: where its KV waits
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

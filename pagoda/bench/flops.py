@@ -54,12 +54,15 @@ class MatmulResult:
         return f"{self.m}x{self.k}x{self.n}"
 
 
-def request_flops(shape: ModelShape, prompt_len: int, output_len: int) -> int:
-    """FLOPs of one request: linear layers, logits, and causal attention."""
+def request_flops(shape: ModelShape, prompt_len: int, output_len: int,
+                  cached_len: int = 0) -> int:
+    """FLOPs of one request: linear layers, logits, and causal attention. The first
+    ``cached_len`` prompt tokens came from the prefix cache and cost nothing."""
     tokens = prompt_len + output_len
-    linear = 2 * shape.params_non_embedding * tokens
+    linear = 2 * shape.params_non_embedding * (tokens - cached_len)
     logits = 2 * shape.hidden_size * shape.vocab_size * output_len
-    context_sum = tokens * (tokens + 1) // 2  # c = 1 .. tokens
+    # c = cached_len + 1 .. tokens
+    context_sum = tokens * (tokens + 1) // 2 - cached_len * (cached_len + 1) // 2
     attention = 4 * shape.num_heads * shape.head_dim * shape.num_layers * context_sum
     return linear + logits + attention
 

@@ -64,7 +64,8 @@ class KVCacheManager:
 
     # -------------------------------------------------------------- allocation
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: Sequence[int] = ()) -> Optional[list[int]]:
+                       computed_blocks: Sequence[int] = (),
+                       name_blocks: bool = True) -> Optional[list[int]]:
         """Make room for ``num_new_tokens`` more tokens; return the newly allocated block ids,
         or None (changing nothing) when the pool is short. A request being admitted may
         first take ``computed_blocks`` (a prefix hit or a sibling's prompt), which count as
@@ -75,7 +76,9 @@ class KVCacheManager:
                  taken, not computed          ^ request.num_computed_tokens (+ hit tokens)
 
         Cached free blocks count as free here: allocation evicts them (least recently used
-        first) before the caller ever has to preempt a running request.
+        first) before the caller ever has to preempt a running request. ``name_blocks=False``
+        leaves the new blocks out of the prefix cache (their KV will come from elsewhere;
+        see ``name_blocks``).
         """
         blocks = self.req_blocks.get(request.request_id, [])
         assert not (computed_blocks and blocks), "computed blocks go to a request with none"
@@ -92,10 +95,11 @@ class KVCacheManager:
         blocks.extend(new_blocks)
         if computed_blocks:
             self._num_named[request.request_id] = len(computed_blocks)
-        self._name_full_blocks(request, num_tokens)
+        if name_blocks:
+            self.name_blocks(request, num_tokens)
         return new_blocks
 
-    def _name_full_blocks(self, request: Request, num_tokens: int) -> None:
+    def name_blocks(self, request: Request, num_tokens: int) -> None:
         """Hash in the blocks that ``num_tokens`` scheduled tokens fill. They are named when
         scheduled, before the forward pass writes them: a request admitted later in the same
         step may hit them, which is safe because every layer writes the whole batch's K/V
@@ -125,6 +129,14 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(request.request_id, [])
         self._num_named.pop(request.request_id, None)
         self.pool.release(reversed(blocks))
+
+    def rename_holder(self, request_id: str, holder: str) -> None:
+        """Hand a request's blocks to another holder (a lease) unchanged."""
+        self.req_blocks[holder] = self.req_blocks.pop(request_id)
+        self._num_named.pop(request_id, None)
+
+    def free_holder(self, holder: str) -> None:
+        self.pool.release(reversed(self.req_blocks.pop(holder, [])))
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached block; returns how many there were."""

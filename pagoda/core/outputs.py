@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from pagoda.kv_transfer.params import RemotePrefill
 from pagoda.sampling import SamplingParams
 
 
@@ -33,6 +34,27 @@ class CachedRequestData:
 
 
 @dataclass
+class KVLoad:
+    """Disaggregated prefill: fill ``local_block_ids`` from a prefill instance's blocks."""
+    request_id: str
+    remote: RemotePrefill
+    local_block_ids: list[int]
+    remote_block_ids: list[int]   # same length: local_block_ids[i] <- remote_block_ids[i]
+
+
+@dataclass
+class KVEvents:
+    """What the KV connector reports after a step."""
+    loaded: list[str] = field(default_factory=list)          # loads done: the KV is in place
+    failed: dict[str, str] = field(default_factory=dict)     # request id -> why (no longer writing)
+    released: list[str] = field(default_factory=list)        # leases a decode instance is done with
+
+    @property
+    def any(self) -> bool:
+        return bool(self.loaded or self.failed or self.released)
+
+
+@dataclass
 class SchedulerOutput:
     new_requests: list[NewRequestData]
     cached_requests: list[CachedRequestData]
@@ -41,6 +63,7 @@ class SchedulerOutput:
     # Requests the runner must forget: finished, aborted or preempted since the last step.
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: set[str] = field(default_factory=set)
+    kv_loads: list[KVLoad] = field(default_factory=list)  # remote KV to start pulling
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -78,3 +101,4 @@ class EngineCoreOutput:
     finish_detail: Optional[str] = None
     logprobs: Optional[TokenLogprobs] = None
     prompt_logprobs: Optional[tuple[int, list[TokenLogprobs]]] = None
+    kv_transfer_params: Optional[dict] = None   # prefill role: where the prompt KV waits

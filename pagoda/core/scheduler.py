@@ -11,14 +11,21 @@ and only running requests hold blocks.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Iterable, Optional
 
-from pagoda.config import SchedulerConfig
-from pagoda.core.kv_cache_manager import KVCacheManager
-from pagoda.core.outputs import (CachedRequestData, EngineCoreOutput, ModelRunnerOutput,
-                                 NewRequestData, SchedulerOutput)
+from pagoda.config import KVTransferConfig, SchedulerConfig
+from pagoda.core.kv_cache_manager import KVCacheManager, cdiv
+from pagoda.core.outputs import (CachedRequestData, EngineCoreOutput, KVEvents, KVLoad,
+                                 ModelRunnerOutput, NewRequestData, SchedulerOutput)
+from pagoda.kv_transfer.leases import LeaseTable
+from pagoda.kv_transfer.params import RemotePrefill
 from pagoda.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+LEASE_HOLDER_PREFIX = "lease:"  # block-table key of a finished request's leased blocks
 
 
 class Scheduler:
@@ -36,6 +43,14 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0   # tokens of admitted requests looked up in the cache
         self.prefix_cache_hits = 0      # of those, tokens found there
+        # Disaggregated prefill (None when colocated): see the "remote KV" section below.
+        self.kv_transfer: Optional[KVTransferConfig] = None
+        self.kv_address: tuple[str, int] = ("", 0)   # our side channel, for decode instances
+        self.leases: Optional[LeaseTable] = None
+        self.loading: dict[str, Request] = {}     # waiting for remote KV; they hold blocks
+        self._kv_loads: list[KVLoad] = []
+        self._lease_counter = 0
+        self.num_kv_load_failures = 0
 
     # ------------------------------------------------------------------ intake
     def add_request(self, request: Request, seed_offset: int = 0) -> None:
@@ -62,11 +77,19 @@ class Scheduler:
             if request is None:
                 continue
             request.stop_reason = stop_reason
+            if request.status is RequestStatus.WAITING_FOR_REMOTE_KV:
+                self._abort_loading(request, status)
+                continue
             if request.status is RequestStatus.RUNNING:
                 self.running.remove(request)
             elif request in self.waiting:
                 self.waiting.remove(request)
             self._finish(request, status, emit=False)
+
+    def take_pending_outputs(self) -> list[EngineCoreOutput]:
+        """Outputs of requests finished outside a step (e.g. a failed remote KV pull)."""
+        outputs, self._pending = self._pending, []
+        return outputs
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -81,6 +104,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
+        self.expire_leases()
         budget = self.config.step_token_budget
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
@@ -150,13 +174,17 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: int, scheduled: dict[str, int],
                           new_blocks: dict[str, list[int]]) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._num_seqs < self.config.max_num_seqs:
             request = self.waiting[0]
             if self._can_never_fit(request):
                 self.waiting.popleft()
                 self._finish(request, RequestStatus.FINISHED_LENGTH, self._too_big_detail(request))
                 continue
             computed_blocks = self._computed_prefix(request)
+            if self._wants_remote_kv(request, computed_blocks):
+                if not self._start_remote_load(request, computed_blocks):
+                    break  # no blocks for it yet: FCFS, as for any request
+                continue
             num_computed = len(computed_blocks) * self.kv.block_size
             num_new = request.num_tokens - num_computed
             if num_new > budget:
@@ -174,6 +202,10 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             new_blocks[request.request_id] = blocks
             budget -= num_new
+
+    @property
+    def _num_seqs(self) -> int:
+        return len(self.running) + len(self.loading)
 
     def _computed_prefix(self, request: Request) -> list[int]:
         """Blocks whose KV a request being admitted can start on: a prefix-cache hit, or
@@ -221,8 +253,9 @@ class Scheduler:
                 seed_offset=self._seed_offsets.get(rid, 0)))
         output = SchedulerOutput(new_reqs, cached_reqs, scheduled,
                                  finished_request_ids=self._finished_ids,
-                                 preempted_request_ids=self._preempted_ids)
-        self._finished_ids, self._preempted_ids = set(), set()
+                                 preempted_request_ids=self._preempted_ids,
+                                 kv_loads=self._kv_loads)
+        self._finished_ids, self._preempted_ids, self._kv_loads = set(), set(), []
         return output
 
     # ------------------------------------------------------------------ update
@@ -257,6 +290,7 @@ class Scheduler:
             self._finish(request, status, emit=False)
             out.finish_reason = request.status.finish_reason
             out.stop_reason = request.stop_reason
+            out.kv_transfer_params = request.kv_transfer_out
         return out
 
     def _stop_status(self, request: Request, token: int) -> Optional[RequestStatus]:
@@ -278,7 +312,10 @@ class Scheduler:
         """Free everything a request holds and forget it."""
         request.status = status
         request.finish_detail = detail
-        self.kv.free(request)
+        if self._leases_blocks(request, status):
+            self._hold_lease(request)
+        else:
+            self.kv.free(request)
         self.requests.pop(request.request_id, None)
         self._seed_offsets.pop(request.request_id, None)
         if request.request_id in self._runner_knows:
@@ -296,5 +333,149 @@ class Scheduler:
         in_running = {r.request_id for r in self.running}
         assert len(in_waiting) == len(self.waiting), "a request is queued twice"
         assert not in_waiting & in_running, "a request is both waiting and running"
-        assert in_waiting | in_running == live, "a live request is neither waiting nor running"
-        assert set(self.kv.req_blocks) <= in_running, "a request that is not running holds blocks"
+        in_loading = {rid for rid, r in self.loading.items() if not r.is_finished}
+        assert in_waiting | in_running | in_loading == live, \
+            "a live request is neither waiting, running nor loading"
+        holders = in_running | set(self.loading) | {LEASE_HOLDER_PREFIX + lid
+                                                    for lid in (self.leases.ids()
+                                                                if self.leases else [])}
+        assert set(self.kv.req_blocks) <= holders, "blocks held by no running, loading or lease"
+        assert not in_running & set(self.loading), "a request both running and loading"
+
+    # --------------------------------------------------------------- remote KV
+    # Disaggregated prefill. A decode instance admits a request whose prompt KV lies on a
+    # prefill instance by giving it blocks and a KVLoad instead of tokens to compute; it waits
+    # in `loading` until the connector reports the pull, then runs its last prompt token
+    # (for the logits) like any request. A prefill instance holds a finished request's
+    # blocks under a lease until the decode side has pulled them.
+
+    def enable_kv_transfer(self, config: KVTransferConfig, address: tuple[str, int]) -> None:
+        self.kv_transfer = config
+        self.kv_address = address
+        if config.kv_role == "prefill":
+            self.leases = LeaseTable(config.lease_seconds)
+
+    def _wants_remote_kv(self, request: Request, computed_blocks: list[int]) -> bool:
+        kt = request.kv_transfer
+        if kt is None or kt.remote_prefill is None:
+            return False
+        missing = request.num_prompt_tokens - 1 - len(computed_blocks) * self.kv.block_size
+        if missing < self.kv.block_size:
+            # The local prefix cache holds all but a partial block: computing those few
+            # tokens here is cheaper than a round trip to the prefill instance.
+            request.kv_transfer = None
+            return False
+        return True
+
+    def _start_remote_load(self, request: Request, computed_blocks: list[int]) -> bool:
+        """Give the request blocks for all but its last prompt token, and a KVLoad to fill
+        those the local prefix cache does not already hold."""
+        bs = self.kv.block_size
+        target = request.num_prompt_tokens - 1          # the last one is computed here
+        hit = len(computed_blocks)
+        remote = request.kv_transfer.remote_prefill
+        problem = self._remote_mismatch(request, remote, target)
+        if problem is not None:
+            self.waiting.popleft()
+            self.loading[request.request_id] = request
+            request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+            self._remote_kv_failed(request.request_id, problem)
+            return True
+        if self.kv.allocate_slots(request, target - hit * bs, computed_blocks,
+                                  name_blocks=False) is None:
+            return False
+        end = cdiv(target, bs)
+        self._kv_loads.append(KVLoad(request.request_id, remote,
+                                     self.kv.block_ids(request.request_id)[hit:end],
+                                     list(remote.block_ids[hit:end])))
+        self.waiting.popleft()
+        self.loading[request.request_id] = request
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self._count_prefix_hit(request, hit * bs)
+        return True
+
+    def _remote_mismatch(self, request: Request, remote: RemotePrefill,
+                         target: int) -> Optional[str]:
+        if remote.num_tokens < target:
+            return (f"the remote prefill computed {remote.num_tokens} tokens, the prompt "
+                    f"needs {target}")
+        if len(remote.block_ids) < cdiv(target, self.kv.block_size):
+            return f"{len(remote.block_ids)} remote blocks cannot hold {target} tokens"
+        return None
+
+    def apply_kv_events(self, events: KVEvents) -> None:
+        for rid in events.loaded:
+            self._remote_kv_arrived(rid)
+        for rid, why in events.failed.items():
+            self._remote_kv_failed(rid, why)
+        for lease_id in events.released:
+            self._end_lease(lease_id)
+
+    def _remote_kv_arrived(self, request_id: str) -> None:
+        request = self.loading.pop(request_id, None)
+        if request is None:
+            return
+        if request.is_finished:          # aborted while its blocks were being filled
+            self.kv.free(request)
+            return
+        request.kv_transfer = None
+        target = request.num_prompt_tokens - 1
+        request.num_computed_tokens = target
+        self.kv.name_blocks(request, target)   # cacheable only now that the KV is in
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _remote_kv_failed(self, request_id: str, why: str) -> None:
+        request = self.loading.pop(request_id, None)
+        if request is None:
+            return
+        self.num_kv_load_failures += 1
+        self.kv.free(request)            # the transfer no longer writes: the blocks may go
+        if request.is_finished:
+            return
+        request.kv_transfer = None
+        request.num_computed_tokens = 0
+        if self.kv_transfer is not None and self.kv_transfer.load_failure == "fail":
+            self._finish(request, RequestStatus.FINISHED_ERROR,
+                         f"pulling the prompt's KV from the prefill instance failed: {why}")
+            return
+        logger.warning("request %s: remote KV pull failed (%s); computing the prompt here",
+                       request_id, why)
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def _abort_loading(self, request: Request, status: RequestStatus) -> None:
+        """A transfer may still be writing the request's blocks: it keeps them (in
+        ``loading``) until the connector reports the load ended, then frees them."""
+        request.status = status
+        self.requests.pop(request.request_id, None)
+        self._seed_offsets.pop(request.request_id, None)
+
+    def _leases_blocks(self, request: Request, status: RequestStatus) -> bool:
+        kt = request.kv_transfer
+        return (self.leases is not None and kt is not None and kt.do_remote_decode
+                and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+                and bool(self.kv.block_ids(request.request_id)))
+
+    def _hold_lease(self, request: Request) -> None:
+        self._lease_counter += 1
+        lease_id = f"{request.request_id}#{self._lease_counter}"
+        blocks = self.kv.block_ids(request.request_id)
+        self.kv.rename_holder(request.request_id, LEASE_HOLDER_PREFIX + lease_id)
+        self.leases.add(lease_id)
+        first = request.output_token_ids[0] if request.output_token_ids else None
+        host, port = self.kv_address
+        request.kv_transfer_out = RemotePrefill(
+            self.kv_transfer.engine_id, lease_id, tuple(blocks), request.num_computed_tokens,
+            host, port, first).to_json()
+
+    def expire_leases(self) -> None:
+        if self.leases is None:
+            return
+        for lease_id in self.leases.pop_expired():
+            logger.warning("lease %s expired before a decode instance pulled it", lease_id)
+            self.kv.free_holder(LEASE_HOLDER_PREFIX + lease_id)
+
+    def _end_lease(self, lease_id: str) -> None:
+        if self.leases is not None and self.leases.release(lease_id):
+            self.kv.free_holder(LEASE_HOLDER_PREFIX + lease_id)

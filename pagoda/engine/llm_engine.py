@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +19,8 @@ from pagoda.core.outputs import EngineCoreOutput, TokenLogprobs
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from pagoda.kv_transfer.base import KVConnectorWorker
+from pagoda.kv_transfer.params import KVTransferRequest, parse_kv_transfer_params
 from pagoda.models.loader import load_model, resolve_dtype
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling import SamplingParams
@@ -27,6 +30,7 @@ from pagoda.worker.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
+KV_POLL_INTERVAL_S = 0.001
 
 
 @dataclass
@@ -86,6 +90,7 @@ class LLMEngine:
         self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
         self.runner = ModelRunner(loaded.model, self.num_blocks, cache.block_size, self.dtype,
                                   self.device)
+        self.kv_connector = self._start_kv_transfer(args)
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, tuple[_Group, _Child]] = {}
         self.num_prompt_tokens = 0
@@ -104,16 +109,34 @@ class LLMEngine:
         cap = -(-self.max_model_len // cache.block_size) * self.args.max_num_seqs
         return min(n, cap)
 
+    def _start_kv_transfer(self, args: EngineArgs) -> Optional[KVConnectorWorker]:
+        """Disaggregated prefill: the NIXL connector and its side channel (roles prefill and
+        decode); None when colocated."""
+        if args.kv_role == "both":
+            return None
+        from pagoda.kv_transfer.nixl import NixlConnector
+        from pagoda.kv_transfer.side_channel import resolve_secret
+
+        self.engine_id = uuid.uuid4().hex
+        config = args.kv_transfer_config(self.engine_id)
+        self.scheduler.enable_kv_transfer(config, ("", 0))
+        connector = NixlConnector(config, resolve_secret(args.kv_secret), self.runner.kv_caches,
+                                  self.kv.model_key, self.scheduler.leases)
+        self.scheduler.kv_address = connector.address
+        return connector
+
     # ------------------------------------------------------------------ intake
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, prompt: Optional[str] = None,
                     arrival_time: Optional[float] = None,
-                    cache_salt: Optional[str] = None) -> None:
+                    cache_salt: Optional[str] = None,
+                    kv_transfer_params: Optional[dict] = None) -> None:
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids, params)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt must be a non-empty string")
+        kv_transfer = self._validate_kv_transfer(kv_transfer_params, params)
         max_tokens = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -125,7 +148,7 @@ class LLMEngine:
             cid = request_id if params.n == 1 else f"{request_id}:{i}"
             donor = None if i == 0 else group.children[0].request.request_id
             req = Request(cid, prompt_token_ids, params, self.arch.eos_token_ids, max_tokens, now,
-                          donor, cache_salt)
+                          donor, cache_salt, kv_transfer if i == 0 else None)
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.stop,
                                            params.include_stop_str_in_output,
                                            params.skip_special_tokens, params.min_tokens)
@@ -154,6 +177,22 @@ class LLMEngine:
             raise ValueError(f"max_tokens {params.max_tokens} + prompt {len(prompt_token_ids)} "
                              f"tokens exceeds the context length {self.max_model_len}")
 
+    def _validate_kv_transfer(self, raw: Optional[dict],
+                              params: SamplingParams) -> Optional[KVTransferRequest]:
+        kv_transfer = parse_kv_transfer_params(raw)
+        if kv_transfer is None:
+            return None
+        role = self.args.kv_role
+        if kv_transfer.do_remote_decode and role != "prefill":
+            raise ValueError(f"kv_transfer_params.do_remote_decode needs an instance started "
+                             f"with --kv-role prefill (this one is {role!r})")
+        if kv_transfer.do_remote_decode and params.n != 1:
+            raise ValueError("n must be 1 with kv_transfer_params.do_remote_decode")
+        if kv_transfer.remote_prefill is not None and role != "decode":
+            raise ValueError(f"kv_transfer_params.do_remote_prefill needs an instance started "
+                             f"with --kv-role decode (this one is {role!r})")
+        return kv_transfer
+
     def abort_request(self, request_id: str) -> None:
         group = self._groups.get(request_id)
         if group is None:
@@ -174,9 +213,20 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration. Returns an output for every request that changed in it."""
         sched = self.scheduler.schedule()
+        if self.kv_connector is not None and sched.kv_loads:
+            self.kv_connector.start_loads(sched.kv_loads)
         runner_out = self.runner.execute_model(sched)
         core_outs = self.scheduler.update_from_output(sched, runner_out)
-        if sched.is_empty and not core_outs and self._groups:
+        progress = not sched.is_empty or bool(core_outs) or bool(sched.kv_loads)
+        if self.kv_connector is not None:
+            events = self.kv_connector.poll()
+            self.scheduler.apply_kv_events(events)
+            core_outs += self.scheduler.take_pending_outputs()
+            progress = progress or events.any or bool(core_outs)
+            if not progress and self.scheduler.loading:
+                time.sleep(KV_POLL_INTERVAL_S)  # only transfers in flight: do not spin
+                return []
+        if not progress and self._groups:
             raise RuntimeError("the scheduler made no progress with requests pending: "
                                f"{self.scheduler.num_waiting} waiting, "
                                f"{self.scheduler.num_running} running")
@@ -217,6 +267,7 @@ class LLMEngine:
                 if out.finish_reason is None:
                     self.scheduler.finish_requests([out.request_id],
                                                    RequestStatus.FINISHED_STOPPED, stop_str)
+                    out.kv_transfer_params = child.request.kv_transfer_out
                 out.finish_reason, out.stop_reason = "stop", stop_str
         if child.index == 0 and group.deferred and (out.new_token_ids or out.finish_reason):
             self._release_siblings(group)
@@ -252,7 +303,7 @@ class LLMEngine:
             group.metrics.finished_time = max(c.finished_time or 0.0 for c in group.children)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
                              group.finished, group.metrics, tpot, group.prompt_logprobs,
-                             c0.request.num_cached_tokens or 0)
+                             c0.request.num_cached_tokens or 0, c0.request.kv_transfer_out)
 
     @staticmethod
     def _completion(child: _Child) -> CompletionOutput:
@@ -283,6 +334,19 @@ class LLMEngine:
     def reset_prefix_cache(self) -> int:
         """Forget every cached block (requests running keep theirs); returns how many."""
         return self.kv.reset_prefix_cache()
+
+    # ------------------------------------------------------------- KV transfer
+    def poll_kv_transfers(self) -> None:
+        """For an idle server loop: expire leases and take in finished transfers even when
+        no request is running (a prefill instance's leases outlive its requests)."""
+        if self.kv_connector is not None:
+            self.scheduler.expire_leases()
+            self.scheduler.apply_kv_events(self.kv_connector.poll())
+
+    def close(self) -> None:
+        if self.kv_connector is not None:
+            self.kv_connector.close()
+            self.kv_connector = None
 
     # ----------------------------------------------------------------- helpers
     def encode(self, text: str) -> list[int]:

@@ -12,7 +12,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: Optional[str] = None          # "stop" | "length" | "abort"
+    finish_reason: Optional[str] = None          # "stop" | "length" | "abort" | "error"
     stop_reason: Optional[str | int] = None      # the stop string or token id that ended it
     finish_detail: Optional[str] = None          # why, when the ending is unusual
     logprobs: Optional[list[TokenLogprobs]] = None
@@ -60,6 +60,7 @@ class RequestOutput:
     time_per_output_token: Optional[float] = None
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
     num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
+    kv_transfer_params: Optional[dict] = None  # prefill role: where the prompt's KV waits
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -83,3 +83,34 @@ def test_bad_range_returns_error_status(capsys: pytest.CaptureFixture) -> None:
     rc = main(["bench", "throughput", "--model", "unused", "--input-len", "9:3"])
     assert rc == 2
     assert "--input-len" in capsys.readouterr().err
+
+
+def test_cached_tokens_cost_no_linear_or_earlier_attention_flops() -> None:
+    shape = flops.ModelShape(params_non_embedding=1000, hidden_size=8, vocab_size=10,
+                             num_layers=2, num_heads=2, head_dim=4)
+    # (3 prompt, 2 output) with 2 prompt tokens cached: linear 2*1000*3, logits 320,
+    # attention 64 per unit of context over contexts 3..5 = 12 -> 768.
+    assert flops.request_flops(shape, 3, 2, cached_len=2) == 6000 + 320 + 768
+
+
+def test_prefix_bench_tiny_run_counts_hits_exactly(tmp_path: Path) -> None:
+    from tiny_models import make_model
+
+    from pagoda.entrypoints.cli import main
+
+    model = make_model(str(tmp_path / "tiny"))
+    out = tmp_path / "prefix.json"
+    rc = main(["bench", "prefix", "--model", model, "--dtype", "float32", "--block-size", "16",
+               "--num-prefixes", "2", "--prefix-len", "40", "--suffix-len", "5",
+               "--requests-per-prefix", "3", "--output-len", "3", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    on, off = report["shared_caching_on"], report["shared_caching_off"]
+    # Per prefix, the 2 later requests reuse its 2 full blocks (32 of its 40 tokens).
+    assert on["cached_tokens"] == 2 * 2 * 32 and on["prompt_tokens"] == 6 * 45
+    assert on["hit_rate"] == pytest.approx(128 / (6 * 45))
+    assert off["cached_tokens"] == 0 and off["hit_rate"] == 0
+    assert report["unique_caching_on"]["cached_tokens"] == 0
+    assert on["computed_flops"] < off["computed_flops"]
+    for key in ("ttft_mean_off_over_on", "ttft_p99_off_over_on", "throughput_on_over_off"):
+        assert report["shared_ratios"][key] > 0

@@ -1,0 +1,256 @@
+"""The NIXL connector: a decode instance READs a request's prompt KV blocks straight from a
+prefill instance's KV pool into its own, over NIXL's UCX backend (the transfer engine vLLM,
+SGLang and Dynamo use). No bytes pass through Python.
+
+Each instance registers its per-layer KV tensors with a NIXL agent. Before its first pull
+from a prefill instance, a decode instance asks that instance's side channel for its agent
+metadata and KV layout, and refuses to pull if the two are not compatible (model, dtype,
+block size, layers, KV heads, head size). Before each pull it pins the request's lease, so
+the blocks cannot be freed while it reads; the READ carries a notification that tells the
+prefill instance to end the lease when the data has landed.
+Invariant: a load is reported (loaded or failed) only once NIXL no longer writes its blocks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+from pagoda.config import KVTransferConfig
+from pagoda.core.outputs import KVEvents, KVLoad
+from pagoda.kv_transfer import side_channel
+from pagoda.kv_transfer.base import KVConnectorWorker
+from pagoda.kv_transfer.leases import LeaseTable
+from pagoda.kv_transfer.params import RemotePrefill
+
+logger = logging.getLogger(__name__)
+
+RELEASE_PREFIX = b"pagoda-release:"
+PIN_MARGIN_S = 5.0   # a pin outlives the reader's transfer timeout by this much
+MEMORY_TYPE = {"cpu": "DRAM", "cuda": "VRAM"}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a peer must agree on before reading our blocks, and where they are."""
+    model_key: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int
+    block_bytes: int
+    memory_type: str
+    layer_addrs: tuple[int, ...]
+
+    @classmethod
+    def of(cls, kv_caches: list[torch.Tensor], model_key: str) -> "KVLayout":
+        first = kv_caches[0]                       # (2, num_blocks, block_size, Hkv, D)
+        _, num_blocks, block_size, heads, dim = first.shape
+        for t in kv_caches:
+            if not t.is_contiguous() or t.shape != first.shape:
+                raise ValueError("KV cache tensors must be contiguous and of one shape")
+        block_bytes = block_size * heads * dim * first.element_size()
+        return cls(model_key, str(first.dtype).removeprefix("torch."), block_size,
+                   len(kv_caches), heads, dim, num_blocks, block_bytes,
+                   MEMORY_TYPE[first.device.type], tuple(t.data_ptr() for t in kv_caches))
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "KVLayout":
+        return cls(**{**raw, "layer_addrs": tuple(raw["layer_addrs"])})
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "layer_addrs": list(self.layer_addrs)}
+
+    def mismatch(self, other: "KVLayout") -> Optional[str]:
+        """Why KV blocks of ``other`` cannot stand in for ours; None if they can."""
+        for name in ("dtype", "block_size", "num_layers", "num_kv_heads", "head_dim",
+                     "model_key"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"incompatible KV layout: {name} is {theirs!r} there, {mine!r} here"
+        return None
+
+    def block_addr(self, layer: int, half: int, block: int) -> int:
+        """Address of K (half 0) or V (half 1) of ``block`` in ``layer``."""
+        return self.layer_addrs[layer] + (half * self.num_blocks + block) * self.block_bytes
+
+
+@dataclass
+class _Remote:
+    agent_name: str
+    layout: KVLayout
+
+
+@dataclass
+class _Pull:
+    handle: Any
+    deadline: float
+
+
+class NixlConnector(KVConnectorWorker):
+    def __init__(self, config: KVTransferConfig, secret: bytes, kv_caches: list[torch.Tensor],
+                 model_key: str, leases: Optional[LeaseTable] = None) -> None:
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.config = config
+        self._secret = secret
+        self._leases = leases
+        self.layout = KVLayout.of(kv_caches, model_key)
+        self.agent = nixl_agent(f"pagoda-{config.engine_id}", nixl_agent_config(backends=["UCX"]))
+        self._registered = self.agent.register_memory(kv_caches)
+        self._remotes: dict[str, _Remote] = {}
+        self._pulls: dict[str, _Pull] = {}
+        self._events = KVEvents()
+        self.num_blocks_pulled = 0
+        self._server = side_channel.SideChannelServer(
+            config.side_channel_host, config.side_channel_port, secret, self._answer)
+        logger.info("KV transfer (%s): NIXL agent %s, side channel %s:%d", config.kv_role,
+                    self.agent.name, *self.address)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.host, self._server.port
+
+    # ----------------------------------------------------------- prefill side
+    def _answer(self, message: dict[str, Any]) -> dict[str, Any]:
+        """The side channel's handler (runs on its thread)."""
+        op = message.get("op")
+        if op == "hello":
+            return {"ok": True, "engine_id": self.config.engine_id,
+                    "agent_metadata": self.agent.get_agent_metadata(),
+                    "layout": self.layout.to_json()}
+        if op == "pin":
+            if self._leases is None:
+                return {"ok": False, "error": "this instance holds no leases (not a prefill "
+                                              "instance)"}
+            pinned = self._leases.pin(str(message.get("lease_id")),
+                                      float(message.get("seconds", 0)))
+            return {"ok": pinned, "error": None if pinned else "no such lease (expired?)"}
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+    def _released_leases(self) -> list[str]:
+        released = []
+        for messages in self.agent.get_new_notifs().values():
+            for msg in messages:
+                if msg.startswith(RELEASE_PREFIX):
+                    released.append(msg[len(RELEASE_PREFIX):].decode("utf-8", "replace"))
+        return released
+
+    # ------------------------------------------------------------ decode side
+    def start_loads(self, loads: list[KVLoad]) -> None:
+        for load in loads:
+            try:
+                self._start(load)
+            except Exception as e:  # noqa: BLE001 - any failure is this load's, not the engine's
+                logger.warning("KV pull for %s could not start: %s", load.request_id, e)
+                self._events.failed[load.request_id] = str(e)
+
+    def _start(self, load: KVLoad) -> None:
+        remote = self._remote(load.remote)
+        timeout = self.config.transfer_timeout_seconds
+        pin = side_channel.call(load.remote.host, load.remote.port, self._secret,
+                                {"op": "pin", "lease_id": load.remote.request_id,
+                                 "seconds": timeout + PIN_MARGIN_S})
+        if not pin.get("ok"):
+            raise RuntimeError(f"the prefill instance no longer holds the KV: {pin.get('error')}")
+        local_descs, remote_descs = self._descriptors(load, remote.layout)
+        mem = self.layout.memory_type
+        handle = self.agent.initialize_xfer(
+            "READ", self.agent.get_xfer_descs(local_descs, mem),
+            self.agent.get_xfer_descs(remote_descs, remote.layout.memory_type),
+            remote.agent_name, RELEASE_PREFIX + load.remote.request_id.encode("utf-8"))
+        state = self.agent.transfer(handle)
+        if state == "ERR":
+            self.agent.release_xfer_handle(handle)
+            raise RuntimeError("NIXL refused the transfer")
+        self._pulls[load.request_id] = _Pull(handle, time.monotonic() + timeout)
+        self.num_blocks_pulled += len(load.local_block_ids)
+
+    def _remote(self, prefill: RemotePrefill) -> _Remote:
+        """The prefill instance's agent, after a handshake and a compatibility check."""
+        known = self._remotes.get(prefill.engine_id)
+        if known is not None:
+            return known
+        hello = side_channel.call(prefill.host, prefill.port, self._secret, {"op": "hello"})
+        if hello.get("engine_id") != prefill.engine_id:
+            raise RuntimeError(f"{prefill.host}:{prefill.port} is engine "
+                               f"{hello.get('engine_id')!r}, not {prefill.engine_id!r}")
+        layout = KVLayout.from_json(hello["layout"])
+        problem = self.layout.mismatch(layout)
+        if problem is not None:
+            logger.error("refusing KV from engine %s: %s", prefill.engine_id, problem)
+            raise RuntimeError(problem)
+        name = self.agent.add_remote_agent(hello["agent_metadata"])
+        remote = _Remote(name.decode() if isinstance(name, bytes) else name, layout)
+        self._remotes[prefill.engine_id] = remote
+        return remote
+
+    def _descriptors(self, load: KVLoad, there: KVLayout) -> tuple[list, list]:
+        """(address, length, device) lists, one entry per run of consecutive blocks on both
+        sides, per layer and K/V half: local[i] <- remote[i]."""
+        here, size = self.layout, self.layout.block_bytes
+        runs = _runs(load.local_block_ids, load.remote_block_ids)
+        local, remote = [], []
+        for layer in range(here.num_layers):
+            for half in (0, 1):
+                for lo, ro, n in runs:
+                    local.append((here.block_addr(layer, half, lo), n * size, 0))
+                    remote.append((there.block_addr(layer, half, ro), n * size, 0))
+        return local, remote
+
+    # --------------------------------------------------------------- polling
+    def poll(self) -> KVEvents:
+        now = time.monotonic()
+        for rid, pull in list(self._pulls.items()):
+            state = self.agent.check_xfer_state(pull.handle)
+            if state == "DONE":
+                self.agent.release_xfer_handle(pull.handle)
+                del self._pulls[rid]
+                self._events.loaded.append(rid)
+            elif state == "ERR":
+                self._end_failed(rid, pull, "NIXL reported a transfer error")
+            elif now > pull.deadline:
+                self._end_failed(rid, pull, f"timed out after "
+                                            f"{self.config.transfer_timeout_seconds:.1f} s")
+        if self._leases is not None:
+            self._events.released.extend(self._released_leases())
+        events, self._events = self._events, KVEvents()
+        return events
+
+    def _end_failed(self, rid: str, pull: _Pull, why: str) -> None:
+        try:
+            self.agent.release_xfer_handle(pull.handle)  # cancels it if still in flight
+        except Exception:  # noqa: BLE001 - still writing: keep it and try again next poll
+            return
+        del self._pulls[rid]
+        self._events.failed[rid] = why
+
+    @property
+    def num_pulls_in_flight(self) -> int:
+        return len(self._pulls)
+
+    def close(self) -> None:
+        self._server.close()
+        try:
+            self.agent.deregister_memory(self._registered)
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
+
+def _runs(local: list[int], remote: list[int]) -> list[tuple[int, int, int]]:
+    """Split paired block lists into (local start, remote start, length) runs in which both
+    sides are consecutive, so one descriptor covers each run."""
+    runs: list[tuple[int, int, int]] = []
+    for lo, ro in zip(local, remote):
+        if runs:
+            l0, r0, n = runs[-1]
+            if lo == l0 + n and ro == r0 + n:
+                runs[-1] = (l0, r0, n + 1)
+                continue
+        runs.append((lo, ro, 1))
+    return runs

@@ -1,0 +1,225 @@
+"""A prefill engine and a decode engine (one process, two NIXL agents over UCX): the decode
+side pulls the prompt KV and continues, token-identical to a colocated engine; leases are
+released by the pull or expire; failures recompute or fail as configured."""
+import random
+import time
+
+import pytest
+import torch
+
+from pagoda import LLM, SamplingParams
+from pagoda.config import EngineArgs
+from pagoda.engine.llm_engine import LLMEngine
+from tiny_models import TINY_VOCAB, make_model
+
+pytest.importorskip("nixl")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SECRET = "test-secret"
+BLOCK = 8
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_model(str(tmp_path_factory.mktemp("disagg")), "llama", seed=5)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in (40, 17, 33)]
+    prompts.append(prompts[0][:24] + list(range(7, 19)))   # shares 3 blocks with prompts[0]
+    colocated = LLM(path, dtype="float32", block_size=BLOCK)
+    refs = [o.token_ids for o in colocated.generate(prompts, greedy())]
+    return path, prompts, refs
+
+
+def greedy(max_tokens=MAX_TOKENS):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
+
+
+def engine(path, role, **kw):
+    args = dict(model=path, dtype="float32", block_size=BLOCK, num_kv_blocks=64,
+                kv_role=role, kv_secret=SECRET)
+    return LLMEngine(EngineArgs(**{**args, **kw}))
+
+
+@pytest.fixture
+def pair(model):
+    path = model[0]
+    engines = [engine(path, "prefill"), engine(path, "decode")]
+    yield engines
+    for e in engines:
+        e.close()
+
+
+def run(e, rid, prompt, params, **kw):
+    e.add_request(rid, prompt, params, **kw)
+    for _ in range(10_000):
+        for out in e.step():
+            if out.finished:
+                return out
+    raise AssertionError("request did not finish")
+
+
+def prefill(p, rid, prompt):
+    out = run(p, rid, prompt, SamplingParams(temperature=0.0, max_tokens=1),
+              kv_transfer_params={"do_remote_decode": True})
+    assert out.kv_transfer_params is not None
+    return out.kv_transfer_params
+
+
+def wait_all_free(e, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        e.poll_kv_transfers()
+        if e.kv.pool.num_free_blocks == e.num_blocks:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{e.num_blocks - e.kv.pool.num_free_blocks} blocks still held")
+
+
+def test_decode_continues_from_pulled_kv_token_identical(model, pair):
+    path, prompts, refs = model
+    p, d = pair
+    for i, prompt in enumerate(prompts[:3]):
+        params = prefill(p, f"r{i}", prompt)
+        assert params["remote_num_tokens"] == len(prompt)
+        assert len(p.scheduler.leases) == 1              # held until pulled
+        out = run(d, f"r{i}", prompt, greedy(), kv_transfer_params=params)
+        assert out.token_ids == refs[i]
+        wait_all_free(p)                                 # the READ's notification ended it
+    assert p.scheduler.leases.num_released == 3 and p.scheduler.leases.num_expired == 0
+    assert d.scheduler.num_kv_load_failures == 0
+    # Only all-but-the-last prompt token is pulled: ceil((len - 1) / BLOCK) blocks each.
+    assert d.kv_connector.num_blocks_pulled == sum(-(-(len(q) - 1) // BLOCK)
+                                                  for q in prompts[:3])
+    d.check_invariants()
+    p.check_invariants()
+
+
+def test_the_pulled_kv_is_what_decode_uses(model, pair):
+    """Corrupt the prefill side's KV before the pull: the decode output must change."""
+    path, prompts, refs = model
+    p, d = pair
+    params = prefill(p, "x", prompts[0])
+    for layer in p.runner.kv_caches:
+        layer.normal_()
+    out = run(d, "x", prompts[0], greedy(), kv_transfer_params=params)
+    assert out.token_ids != refs[0]
+
+
+def test_blocks_in_the_decode_prefix_cache_are_not_pulled_again(model, pair):
+    path, prompts, refs = model
+    p, d = pair
+    run(d, "local", prompts[0], greedy())                # decode side caches prompts[0]
+    params = prefill(p, "shared", prompts[3])
+    out = run(d, "shared", prompts[3], greedy(), kv_transfer_params=params)
+    assert out.token_ids == refs[3]
+    assert out.num_cached_tokens == 24                   # 3 blocks found locally
+    assert d.kv_connector.num_blocks_pulled == -(-(len(prompts[3]) - 1) // BLOCK) - 3
+    wait_all_free(p)
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_expired_lease_recomputes_or_fails(model, policy):
+    path, prompts, refs = model
+    p = engine(path, "prefill", kv_lease_seconds=0.05)
+    d = engine(path, "decode", kv_load_failure=policy)
+    try:
+        params = prefill(p, "late", prompts[0])
+        time.sleep(0.1)
+        p.poll_kv_transfers()
+        assert p.scheduler.leases.num_expired == 1
+        assert p.kv.pool.num_free_blocks == p.num_blocks
+        out = run(d, "late", prompts[0], greedy(), kv_transfer_params=params)
+        assert d.scheduler.num_kv_load_failures == 1
+        if policy == "recompute":
+            assert out.token_ids == refs[0]
+        else:
+            assert out.finish_reason == "error" and out.token_ids == []
+            assert "no longer holds" in out.outputs[0].finish_detail
+        assert d.kv.pool.num_free_blocks == d.num_blocks
+        d.check_invariants()
+    finally:
+        p.close()
+        d.close()
+
+
+def test_incompatible_instances_refuse_to_transfer(model):
+    path, prompts, refs = model
+    p = engine(path, "prefill", dtype="bfloat16")
+    d = engine(path, "decode", kv_load_failure="fail")
+    try:
+        params = prefill(p, "r", prompts[0])
+        out = run(d, "r", prompts[0], greedy(), kv_transfer_params=params)
+        assert out.finish_reason == "error"
+        assert "incompatible KV layout: dtype" in out.outputs[0].finish_detail
+        assert d.kv_connector.num_blocks_pulled == 0
+        # A prefill with another block size is refused before any handshake: its blocks
+        # cannot hold the prompt as this instance lays it out.
+        p16 = engine(path, "prefill", block_size=16)
+        try:
+            params = prefill(p16, "r16", prompts[0])
+            out = run(d, "r16", prompts[0], greedy(), kv_transfer_params=params)
+            assert out.finish_reason == "error" and "cannot hold" in out.outputs[0].finish_detail
+        finally:
+            p16.close()
+    finally:
+        p.close()
+        d.close()
+
+
+def test_wrong_secret_is_refused(model):
+    path, prompts, refs = model
+    p = engine(path, "prefill")
+    d = engine(path, "decode", kv_secret="another")
+    try:
+        params = prefill(p, "r", prompts[0])
+        out = run(d, "r", prompts[0], greedy(), kv_transfer_params=params)
+        assert out.token_ids == refs[0]                  # recomputed locally
+        assert d.scheduler.num_kv_load_failures == 1
+    finally:
+        p.close()
+        d.close()
+
+
+def test_role_checks_name_the_problem(model, pair):
+    path, prompts, _ = model
+    p, d = pair
+    with pytest.raises(ValueError, match="--kv-role prefill"):
+        d.add_request("a", prompts[0], greedy(), kv_transfer_params={"do_remote_decode": True})
+    with pytest.raises(ValueError, match="--kv-role decode"):
+        p.add_request("b", prompts[0], greedy(),
+                      kv_transfer_params={"do_remote_prefill": True, "remote_engine_id": "e",
+                                          "remote_request_id": "r", "remote_block_ids": [0],
+                                          "remote_num_tokens": 5, "remote_host": "h",
+                                          "remote_port": 1})
+    with pytest.raises(ValueError, match="n must be 1"):
+        p.add_request("c", prompts[0], SamplingParams(n=2),
+                      kv_transfer_params={"do_remote_decode": True})
+
+
+def test_abort_right_after_the_pull_starts_leaks_nothing(model, pair):
+    """(The loading-state abort itself is unit-tested in tests/unit/test_remote_kv.py: on
+    loopback a pull usually ends within the step that starts it.)"""
+    path, prompts, refs = model
+    p, d = pair
+    params = prefill(p, "ab", prompts[0])
+    d.add_request("ab", prompts[0], greedy(), kv_transfer_params=params)
+    d.step()
+    d.abort_request("ab")
+    for _ in range(200):
+        d.step() if d.has_unfinished_requests() else d.poll_kv_transfers()
+        if not d.scheduler.loading:
+            break
+        time.sleep(0.005)
+    assert not d.scheduler.loading
+    assert d.kv.pool.num_free_blocks == d.num_blocks
+    d.check_invariants()
+    wait_all_free(p)
