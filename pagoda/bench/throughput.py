@@ -5,6 +5,11 @@ It measures the machine's matmul FLOP/s, runs a fixed-seed workload of random to
 and reports requests/s, tokens/s, peak RSS and the fraction of the matmul limit reached. With
 ``--compare hf`` it runs the same prompts (or a prefix of them) through transformers' batched
 ``generate`` in the same dtype and reports the ratio.
+
+On CUDA (``--device cuda``; with ``--load-format dummy --model-preset NAME`` no checkpoint is
+needed) the limit is memory bandwidth instead: the decode-only steps of the run are timed and
+their bytes moved (weights + KV read) over time are printed as a fraction of the GPU's
+bandwidth, followed by the decode step of a lone request (batch 1); see ``bench/gpu.py``.
 """
 from __future__ import annotations
 
@@ -62,6 +67,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-num-prompts", type=int, default=None,
                    help="run HF on the first N prompts only (default: all of them)")
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+    g.add_argument("--gpu-bandwidth-tbs", type=float, default=None,
+                   help="CUDA: the GPU's memory bandwidth in TB/s (default: by device name, "
+                        "e.g. H100 SXM 3.35, H200 4.8)")
+    g.add_argument("--batch1-input-len", type=int, default=512,
+                   help="CUDA: prompt length of the lone request timed for batch-1 decode")
+    g.add_argument("--batch1-output-len", type=int, default=128,
+                   help="CUDA: its output length (0 skips the batch-1 measurement)")
 
 
 def parse_len_range(text: str, name: str) -> tuple[int, int]:
@@ -203,6 +215,18 @@ def _dense_gguf_kwargs() -> dict:
     return {"quantization_config": GgufConfig(dequantize=True)}
 
 
+def random_hf_model(config: dict, dtype: torch.dtype, device: torch.device) -> Any:
+    """transformers' model of a preset's shapes with random weights (``--load-format dummy``):
+    the peer for a benchmark that has no checkpoint either."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    return model.to(dtype).eval()
+
+
 def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), both (B, longest), padded on the left."""
     width = max(len(p) for p in prompts)
@@ -218,6 +242,8 @@ def hf_generate_batch(model: Any, prompts: Sequence[list[int]], new_tokens: int,
                       pad_id: int) -> int:
     """Greedy batched generate of exactly ``new_tokens`` per row; returns tokens generated."""
     ids, mask = left_pad(prompts, pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -249,14 +275,21 @@ def _pad_id(tokenizer: Any, arch: Any) -> int:
 
 
 def compare_hf(ns: argparse.Namespace, work: Workload, dtype: torch.dtype, pad_id: int,
-               shape: flops.ModelShape, limit: float) -> dict:
+               shape: flops.ModelShape, limit: Optional[float],
+               device: torch.device = torch.device("cpu")) -> dict:
     """Run transformers on a prefix of the workload and return its numbers."""
     n = ns.hf_num_prompts or len(work.prompts)
     sub = work.prefix(n)
-    model = load_hf_model(hf_model_path(ns.model), dtype)
+    if getattr(ns, "load_format", "auto") == "dummy" and ns.model_preset:
+        from pagoda.models.presets import preset_config
+
+        model = random_hf_model(preset_config(ns.model_preset), dtype, device)
+    else:
+        model = load_hf_model(hf_model_path(ns.model), dtype).to(device)
     elapsed, generated = run_hf(model, sub, ns.hf_batch_size, pad_id)
     result = rates(sub, elapsed)
-    result.update(efficiency(shape, sub, elapsed, limit, result["output_tokens_per_s"]))
+    if limit is not None:
+        result.update(efficiency(shape, sub, elapsed, limit, result["output_tokens_per_s"]))
     result.update({"num_prompts": n, "of_num_prompts": len(work.prompts),
                    "batch_size": ns.hf_batch_size, "generated_tokens": generated,
                    "wasted_tokens": generated - result["output_tokens"]})
@@ -316,6 +349,8 @@ def print_run(title: str, r: dict) -> None:
     print(row("requests/s", r["requests_per_s"]))
     print(row("output tokens/s", r["output_tokens_per_s"]))
     print(row("total tokens/s", r["total_tokens_per_s"]))
+    if "workload_flops" not in r:   # GPU: the limit is bandwidth (print_decode)
+        return
     print(row("workload GFLOP", r["workload_flops"] / 1e9))
     print(row("achieved GFLOP/s", r["achieved_flops_per_s"] / 1e9))
     print(row("fraction of limit", f"{100 * r['fraction_of_limit']:.2f} %"))
@@ -332,6 +367,31 @@ def print_hf(hf: dict, pagoda_rate: float) -> None:
     print(row("load average after", hf["load_average_after"]))
     print(row("pagoda / HF", f"{pagoda_rate / hf['output_tokens_per_s']:.2f}x "
                              "(output tokens/s)"))
+
+
+def print_gpu(info: dict, bandwidth_tbs: Optional[float]) -> None:
+    print("== gpu ==")
+    print(row("device", f"{info['name']} ({info['sm_count']} SMs, "
+                        f"{info['memory_gib']:.0f} GiB, sm_{info['capability']})"))
+    bw = f"{bandwidth_tbs:.2f} TB/s" if bandwidth_tbs else "unknown (--gpu-bandwidth-tbs)"
+    print(row("memory bandwidth", bw))
+
+
+def print_decode(title: str, d: dict) -> None:
+    print(f"== {title} ==")
+    if not d.get("decode_steps"):
+        print(row("decode steps", 0))
+        return
+    print(row("decode steps", d["decode_steps"]))
+    print(row("median batch", d["median_batch"]))
+    print(row("median step ms", d["median_step_ms"]))
+    print(row("weights MB/step", d["weight_bytes_per_step"] / 1e6))
+    print(row("median GB/s", d["median_bytes_per_s"] / 1e9))
+    print(row("aggregate GB/s", d["aggregate_bytes_per_s"] / 1e9))
+    if "median_fraction_of_bandwidth" in d:
+        print(row("fraction of bandwidth", f"{100 * d['median_fraction_of_bandwidth']:.1f} % "
+                  f"(median step), {100 * d['aggregate_fraction_of_bandwidth']:.1f} % "
+                  "(all steps)"))
 
 
 def machine_info() -> dict:
@@ -364,25 +424,48 @@ def main(ns: argparse.Namespace) -> int:
 
     machine = machine_info()
     print_machine(machine)
-    limits = measure_limits(arch, engine_args, dtype)
-    print_limits(limits, dtype)
-    limit = limits[dtype_name(dtype)]["best_flops_per_s"]
+    on_gpu = engine.device.type == "cuda"
+    limits: Optional[dict] = None
+    limit: Optional[float] = None
+    if on_gpu:
+        from pagoda.bench import gpu
+
+        machine["gpu"] = gpu.device_info(engine.device)
+        bandwidth = gpu.gpu_bandwidth_tbs(machine["gpu"]["name"], ns.gpu_bandwidth_tbs)
+        print_gpu(machine["gpu"], bandwidth)
+    else:
+        limits = measure_limits(arch, engine_args, dtype)
+        print_limits(limits, dtype)
+        limit = limits[dtype_name(dtype)]["best_flops_per_s"]
 
     work = make_workload(ns.num_prompts, input_len, output_len, arch.vocab_size, ns.data_seed)
     print_workload(ns, work)
     warm_up(llm, arch.vocab_size)
+    decode: Optional[dict] = None
     try:
-        elapsed = run_pagoda(llm, work)
+        if on_gpu:
+            with gpu.DecodeStepMonitor(engine.runner) as monitor:
+                elapsed = run_pagoda(llm, work)
+            decode = gpu.summarize(monitor.steps, arch, dtype, bandwidth)
+            del monitor   # it holds the runner (and its KV cache): free both before HF
+        else:
+            elapsed = run_pagoda(llm, work)
     except RuntimeError as e:
         print(f"pagoda: error: {e}", file=sys.stderr)
         return 1
     result = rates(work, elapsed)
-    result.update(efficiency(shape, work, elapsed, limit, result["output_tokens_per_s"]))
+    if limit is not None:
+        result.update(efficiency(shape, work, elapsed, limit, result["output_tokens_per_s"]))
     result["peak_rss_mib"] = peak_rss_mib()
     result["load_average_after"] = os.getloadavg()[0]
     print_run(f"pagoda ({engine.model_name}, {dtype_name(dtype)})", result)
     print(row("peak RSS MiB", result["peak_rss_mib"]))
     print(row("load average after", result["load_average_after"]))
+    batch1: Optional[dict] = None
+    if on_gpu:
+        result["decode"] = decode
+        print_decode("decode steps of the run (weights + KV read over time)", decode or {})
+        batch1 = _batch1(ns, llm, arch, dtype, bandwidth)
 
     report = {"command": list(sys.argv), "machine": machine,
               "engine_args": dataclasses.asdict(engine_args), "dtype": dtype_name(dtype),
@@ -392,14 +475,20 @@ def main(ns: argparse.Namespace) -> int:
                            "output_len": list(output_len), "data_seed": ns.data_seed,
                            "prompt_tokens": sum(work.prompt_lens),
                            "output_tokens": sum(work.output_lens)},
-              "matmul": limits, "limit_flops_per_s": limit, "pagoda": result, "hf": None}
+              "matmul": limits, "limit_flops_per_s": limit, "pagoda": result, "hf": None,
+              "batch1_decode": batch1,
+              "attention_backend": _backend_name(engine.device),
+              "cuda_graph_sizes": getattr(engine.runner, "cuda_graph_sizes", [])}
 
     if ns.compare == "hf":
         pad_id = _pad_id(llm.tokenizer, arch)
+        engine_device = engine.device
         del llm, engine
         gc.collect()
+        if engine_device.type == "cuda":
+            torch.cuda.empty_cache()   # the KV pool and the CUDA graphs' memory, for HF
         try:
-            hf = compare_hf(ns, work, dtype, pad_id, shape, limit)
+            hf = compare_hf(ns, work, dtype, pad_id, shape, limit, engine_device)
         except RuntimeError as e:
             print(f"pagoda: error: {e}", file=sys.stderr)
             return 1
@@ -413,3 +502,27 @@ def main(ns: argparse.Namespace) -> int:
         write_json(ns.json, report)
         print(row("json", ns.json))
     return 0
+
+
+def _batch1(ns: argparse.Namespace, llm: Any, arch: Any, dtype: torch.dtype,
+            bandwidth: Optional[float]) -> Optional[dict]:
+    """The decode step of one request alone (CUDA): ``--batch1-input-len`` prompt tokens,
+    ``--batch1-output-len`` outputs."""
+    if ns.batch1_output_len < 1:
+        return None
+    from pagoda.bench import gpu
+
+    lo, hi = token_id_range(arch.vocab_size)
+    rng = random.Random(ns.data_seed + 1)
+    prompt = [rng.randrange(lo, hi) for _ in range(ns.batch1_input_len)]
+    steps = gpu.batch1_decode(llm, prompt, ns.batch1_output_len, _params(ns.batch1_output_len))
+    summary = gpu.summarize(steps, arch, dtype, bandwidth)
+    print_decode(f"batch-1 decode ({ns.batch1_input_len} prompt + {ns.batch1_output_len} "
+                 "output tokens)", summary)
+    return summary
+
+
+def _backend_name(device: torch.device) -> str:
+    from pagoda.attention.backend import backend_name
+
+    return backend_name(device)

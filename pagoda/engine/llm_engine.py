@@ -24,7 +24,8 @@ from pagoda.kv_transfer.params import KVTransferRequest, parse_kv_transfer_param
 from pagoda.models.loader import load_model, resolve_dtype
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling import SamplingParams
-from pagoda.worker.kv_cache import GIB, cuda_kv_budget, num_blocks_for_memory
+from pagoda.worker.kv_cache import (GIB, cuda_kv_budget, num_blocks_for_memory,
+                                    profile_activation_bytes)
 from pagoda.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,9 @@ class LLMEngine:
         self.device = _resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
         torch.manual_seed(args.seed)
-        loaded = load_model(args.model, self.dtype, self.device, max_positions=None)
+        loaded = load_model(args.model, self.dtype, self.device, max_positions=None,
+                            load_format=args.load_format, model_preset=args.model_preset,
+                            seed=args.seed)
         self.model_name = loaded.name
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
@@ -81,6 +84,10 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {self.arch.max_position_embeddings}")
         cache = args.cache_config()
+        # CUDA: the peak of a worst-case step comes out of the KV budget (0 elsewhere).
+        self._activation_bytes = profile_activation_bytes(
+            loaded.model, args.max_num_batched_tokens, args.max_num_seqs, cache.block_size,
+            self.dtype, self.device)
         self.num_blocks = cache.num_blocks or self._blocks_for_budget(cache)
         self.block_size = cache.block_size
         # The model's identity enters every prefix-cache hash (it matters once KV crosses
@@ -89,7 +96,9 @@ class LLMEngine:
                                  model_key=f"{self.model_name}:{self.dtype}")
         self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
         self.runner = ModelRunner(loaded.model, self.num_blocks, cache.block_size, self.dtype,
-                                  self.device)
+                                  self.device, max_num_seqs=args.max_num_seqs,
+                                  max_model_len=self.max_model_len,
+                                  enforce_eager=args.enforce_eager)
         self.kv_connector = self._start_kv_transfer(args)
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, tuple[_Group, _Child]] = {}
@@ -101,7 +110,8 @@ class LLMEngine:
 
     def _blocks_for_budget(self, cache: CacheConfig) -> int:
         if self.device.type == "cuda":
-            budget = cuda_kv_budget(cache.gpu_memory_utilization, self.device)
+            budget = cuda_kv_budget(cache.gpu_memory_utilization, self.device,
+                                    self._activation_bytes)
         else:
             budget = int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
         n = num_blocks_for_memory(self.arch, cache.block_size, self.dtype, budget)

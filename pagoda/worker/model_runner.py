@@ -3,19 +3,33 @@
 It keeps a small state per request (its tokens and block table) so the scheduler only sends
 what changed. Each step's batch puts decode-form requests (one query token) first, then
 prefill chunks; see ``pagoda.attention.metadata``.
+
+On CUDA the step's integer inputs are gathered on the host into one pinned buffer and copied
+with a single asynchronous transfer; nothing in a step waits for the GPU except reading the
+sampled tokens (argmax and sampling run on the device). Decode-only steps replay a CUDA graph
+(``cuda_graph.py``) unless ``enforce_eager``. The CPU path builds its tensors directly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from pagoda.attention import backend
+from pagoda.attention.backend import DeviceAttentionMetadata, PackedPrefills
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk
+from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
+from pagoda.worker.cuda_graph import DecodeGraphs
 from pagoda.worker.kv_cache import allocate_kv_cache
 from pagoda.worker.sampler import SamplingRow, prompt_token_logprobs, sample
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,36 +46,84 @@ class CachedRequestState:
 
 @dataclass
 class StepBatch:
+    """A step's model inputs on the device."""
     input_ids: torch.Tensor        # (T,)
     positions: torch.Tensor        # (T,)
     attn: AttentionMetadata
-    logits_indices: list[int] = field(default_factory=list)   # last row of each sampler
-    samplers: list[str] = field(default_factory=list)
-    prompt_rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # row, pos, count
+    logits_index_tensor: Optional[torch.Tensor] = None        # (S,) rows to sample (CUDA)
+
+
+@dataclass
+class HostInputs:
+    """A step's inputs as Python lists, before they become tensors on the device."""
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    logits_indices: list[int]               # the last row of each request that samples
+    samplers: list[str]                     # their request ids
+    prompt_rows: dict[str, tuple[int, int, int]]   # prompt logprobs: row, position, count
+    decode_seq_lens: list[int]
+    decode_tables: list[list[int]]          # unpadded block ids per decode row
+    chunks: list[tuple[int, int, int, list[int]]]  # prefill: row, query_len, context_len, blocks
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, *,
+                 max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_model_len: Optional[int] = None,
+                 enforce_eager: bool = False) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.kv_caches = allocate_kv_cache(model.arch, num_blocks, block_size, dtype, device)
         self.states: dict[str, CachedRequestState] = {}
+        self.is_cuda = device.type == "cuda"
+        self.graphs: Optional[DecodeGraphs] = None
+        if self.is_cuda and not enforce_eager:
+            self.graphs = self._capture_graphs(min(max_num_seqs, num_blocks),
+                                               max_model_len or model.rope.max_positions)
+
+    def _capture_graphs(self, max_num_seqs: int, max_model_len: int) -> Optional[DecodeGraphs]:
+        """CUDA graphs need the Triton kernels (they skip padded rows' KV writes)."""
+        if not backend.use_triton(self.device):
+            logger.warning("CUDA graphs off: the Triton attention backend is not in use")
+            return None
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_num_seqs,
+                              max_model_len, self.device)
+        graphs.capture()
+        return graphs
+
+    @property
+    def cuda_graph_sizes(self) -> list[int]:
+        """The decode batch sizes with a captured graph (empty: eager)."""
+        return list(self.graphs.sizes) if self.graphs is not None else []
 
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput()
-        batch = self._prepare_inputs(sched)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
+        host = self._gather_inputs(sched)
+        logits_index: Optional[torch.Tensor] = None   # (S,) on the device, CUDA only
+        if self._graph_fits(host):
+            hidden = self.graphs.run(host.input_ids, host.positions, host.slots,
+                                     host.decode_seq_lens, host.decode_tables)   # (B, E)
+            if host.samplers and len(host.logits_indices) != len(host.input_ids):
+                logits_index = self._device_ints(host.logits_indices)
+        else:
+            batch = self._cuda_batch(host) if self.is_cuda else self._cpu_batch(host)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
+            logits_index = batch.logits_index_tensor
         output = ModelRunnerOutput()
-        if batch.samplers:
-            self._sample(hidden, batch, output)
-        if batch.prompt_rows:
-            self._prompt_logprobs(hidden, batch, output)
+        if host.samplers:
+            self._sample(hidden, host, logits_index, output)
+        if host.prompt_rows:
+            self._prompt_logprobs(hidden, host.prompt_rows, output)
         return output
+
+    def _graph_fits(self, host: HostInputs) -> bool:
+        return (self.graphs is not None and not host.chunks
+                and len(host.input_ids) <= self.graphs.max_batch_size)
 
     # ------------------------------------------------------------------ states
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -85,63 +147,113 @@ class ModelRunner:
                                   new.seed_offset)
 
     # ------------------------------------------------------------------ inputs
-    def _prepare_inputs(self, sched: SchedulerOutput) -> StepBatch:
+    def _gather_inputs(self, sched: SchedulerOutput) -> HostInputs:
         counts = sched.num_scheduled_tokens
         decodes = [rid for rid, n in counts.items() if n == 1]
         prefills = [rid for rid, n in counts.items() if n > 1]
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        samplers: list[str] = []
-        prompt_rows: dict[str, tuple[int, int, int]] = {}
-        chunks: list[PrefillChunk] = []
+        host = HostInputs([], [], [], [], [], {}, [], [], [])
         bs = self.block_size
         for rid in decodes + prefills:
             state, n = self.states[rid], counts[rid]
-            start, row = state.num_computed_tokens, len(input_ids)
-            input_ids.extend(state.token_ids[start:start + n])
-            positions.extend(range(start, start + n))
-            slots.extend(state.block_ids[p // bs] * bs + p % bs for p in range(start, start + n))
+            start, row = state.num_computed_tokens, len(host.input_ids)
+            host.input_ids.extend(state.token_ids[start:start + n])
+            host.positions.extend(range(start, start + n))
+            host.slots.extend(state.block_ids[p // bs] * bs + p % bs
+                              for p in range(start, start + n))
+            num_blocks = -(-(start + n) // bs)
             if n > 1:
-                chunks.append(PrefillChunk(row, n, start + n, self._block_table(state, start + n)))
+                host.chunks.append((row, n, start + n, state.block_ids[:num_blocks]))
+            else:
+                host.decode_seq_lens.append(start + 1)
+                host.decode_tables.append(state.block_ids[:num_blocks])
             if start + n == len(state.token_ids):
-                logits_indices.append(row + n - 1)
-                samplers.append(rid)
+                host.logits_indices.append(row + n - 1)
+                host.samplers.append(rid)
             if state.params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
-                prompt_rows[rid] = (row, start, min(start + n, state.num_prompt_tokens - 1) - start)
-        tables, seq_lens, max_len = self._decode_tables(decodes)
+                host.prompt_rows[rid] = (row, start,
+                                         min(start + n, state.num_prompt_tokens - 1) - start)
+        return host
+
+    def _cpu_batch(self, host: HostInputs) -> StepBatch:
+        chunks = [PrefillChunk(row, n, ctx, self._tensor(blocks))
+                  for row, n, ctx, blocks in host.chunks]
+        tables, seq_lens, max_len = self._decode_tables(host)
         attn = AttentionMetadata(
-            slot_mapping=self._tensor(slots), num_decode_tokens=len(decodes),
+            slot_mapping=self._tensor(host.slots), num_decode_tokens=len(host.decode_seq_lens),
             decode_block_tables=tables, decode_seq_lens=seq_lens, decode_max_seq_len=max_len,
-            prefills=chunks, block_size=bs)
-        return StepBatch(self._tensor(input_ids), self._tensor(positions), attn,
-                         logits_indices, samplers, prompt_rows)
+            prefills=chunks, block_size=self.block_size)
+        return StepBatch(self._tensor(host.input_ids), self._tensor(host.positions), attn)
 
-    def _block_table(self, state: CachedRequestState, num_tokens: int) -> torch.Tensor:
-        num_blocks = -(-num_tokens // self.block_size)
-        return self._tensor(state.block_ids[:num_blocks])
-
-    def _decode_tables(self, decodes: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if not decodes:
+    def _decode_tables(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, int]:
+        if not host.decode_seq_lens:
             empty = self._tensor([])
             return empty.view(0, 0), empty, 0
-        seq_lens = [self.states[rid].num_computed_tokens + 1 for rid in decodes]
-        max_len = max(seq_lens)
+        max_len = max(host.decode_seq_lens)
         width = -(-max_len // self.block_size)
-        rows = [self.states[rid].block_ids[:width] for rid in decodes]
-        padded = [r + [0] * (width - len(r)) for r in rows]
-        return self._tensor(padded), self._tensor(seq_lens), max_len
+        padded = [r + [0] * (width - len(r)) for r in host.decode_tables]
+        return self._tensor(padded), self._tensor(host.decode_seq_lens), max_len
 
     def _tensor(self, values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
+    def _cuda_batch(self, host: HostInputs) -> StepBatch:
+        """Every integer input of the step in one pinned host buffer, one async copy, then
+        views on the device:
+
+            [ input_ids | positions | slots | logits idx | seq_lens | decode tables (D x W)
+              | chunk starts (N + 1) | context lens (N) | chunk tables (N x Wp) ]
+        """
+        num_decodes, num_chunks = len(host.decode_seq_lens), len(host.chunks)
+        max_len = max(host.decode_seq_lens, default=0)
+        width = -(-max_len // self.block_size)
+        chunk_width = max((len(c[3]) for c in host.chunks), default=0)
+        first_row = host.chunks[0][0] if host.chunks else 0
+        starts = [row - first_row for row, _, _, _ in host.chunks]
+        if host.chunks:
+            starts.append(starts[-1] + host.chunks[-1][1])
+        parts: list[list[int]] = [
+            host.input_ids, host.positions, host.slots, host.logits_indices,
+            host.decode_seq_lens,
+            list(itertools.chain.from_iterable(t + [0] * (width - len(t))
+                                               for t in host.decode_tables)),
+            starts, [c[2] for c in host.chunks],
+            list(itertools.chain.from_iterable(c[3] + [0] * (chunk_width - len(c[3]))
+                                               for c in host.chunks))]
+        dev = self._device_ints(list(itertools.chain.from_iterable(parts)))
+        (input_ids, positions, slots, logits_idx, seq_lens, tables, chunk_starts, ctx_lens,
+         chunk_tables) = dev.split([len(p) for p in parts])
+        tables = tables.view(num_decodes, width)                       # (D, W)
+        chunk_tables = chunk_tables.view(num_chunks, chunk_width)      # (N, Wp)
+        chunks = [PrefillChunk(row, n, ctx, chunk_tables[i, :len(blocks)])
+                  for i, (row, n, ctx, blocks) in enumerate(host.chunks)]
+        packed = (PackedPrefills(chunk_starts, ctx_lens, chunk_tables,
+                                 max(c[1] for c in host.chunks)) if host.chunks else None)
+        attn = DeviceAttentionMetadata(
+            slot_mapping=slots, num_decode_tokens=num_decodes, decode_block_tables=tables,
+            decode_seq_lens=seq_lens, decode_max_seq_len=max_len, prefills=chunks,
+            block_size=self.block_size, packed_prefills=packed)
+        return StepBatch(input_ids, positions, attn, logits_idx)
+
+    def _device_ints(self, values: list[int]) -> torch.Tensor:
+        """Host list -> pinned buffer -> device, asynchronously (the caching host allocator
+        keeps the buffer alive until the copy is done)."""
+        host = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
+
     # ---------------------------------------------------------------- sampling
-    def _sample(self, hidden: torch.Tensor, batch: StepBatch, output: ModelRunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden[batch.logits_indices])   # (S, V)
-        rows = [self._sampling_row(self.states[rid]) for rid in batch.samplers]
-        tokens, logprobs = sample(logits, rows)
-        for rid, token, lp in zip(batch.samplers, tokens, logprobs):
+    def _sample(self, hidden: torch.Tensor, host: HostInputs,
+                logits_index: Optional[torch.Tensor], output: ModelRunnerOutput) -> None:
+        """hidden: (T, E). The one host-device sync of a CUDA step is reading the tokens."""
+        if self.is_cuda and len(host.logits_indices) == hidden.shape[0]:
+            rows = hidden                              # every row samples, in order
+        elif logits_index is not None:
+            rows = hidden[logits_index]                # (S, E), index already on the device
+        else:
+            rows = hidden[host.logits_indices]
+        logits = self.model.compute_logits(rows)                           # (S, V)
+        sampling_rows = [self._sampling_row(self.states[rid]) for rid in host.samplers]
+        tokens, logprobs = sample(logits, sampling_rows)
+        for rid, token, lp in zip(host.samplers, tokens, logprobs):
             self.states[rid].token_ids.append(token)
             output.sampled_token_ids[rid] = token
             if lp is not None:
@@ -152,9 +264,9 @@ class ModelRunner:
         return SamplingRow(state.params, state.token_ids, state.num_prompt_tokens,
                            state.stop_ids, state.seed_offset)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch,
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: dict[str, tuple[int, int, int]],
                          output: ModelRunnerOutput) -> None:
-        for rid, (row, pos, count) in batch.prompt_rows.items():
+        for rid, (row, pos, count) in prompt_rows.items():
             state = self.states[rid]
             logprobs = torch.log_softmax(
                 self.model.compute_logits(hidden[row:row + count]).float(), dim=-1)  # (count, V)

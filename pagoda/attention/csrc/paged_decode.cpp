@@ -943,6 +943,15 @@ std::string build_info() {
 
 }  // namespace
 
+// Fused elementwise kernels (fused_ops.cpp), exported from this module too.
+namespace pagoda_fused {
+void rms_norm(at::Tensor out, at::Tensor x, at::Tensor weight, double eps);
+void add_rms_norm(at::Tensor out, at::Tensor residual, at::Tensor x, at::Tensor weight,
+                  double eps);
+void rope(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin, at::Tensor positions);
+void silu_mul(at::Tensor out, at::Tensor gate_up);
+}  // namespace pagoda_fused
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Paged decode attention for the CPU (PagedAttention + online softmax).";
   m.def("paged_decode", &paged_decode, "Paged decode attention; writes out in place.",
@@ -953,4 +962,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
   m.def("build_info", &build_info, "Instruction sets this build was compiled for.");
+  m.def("rms_norm", &pagoda_fused::rms_norm, "RMSNorm of bf16 rows into out.",
+        py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("add_rms_norm", &pagoda_fused::add_rms_norm,
+        "residual += x (in place), then out = RMSNorm(residual); bf16 rows.", py::arg("out"),
+        py::arg("residual"), py::arg("x"), py::arg("weight"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("rope", &pagoda_fused::rope, "Rotate-half RoPE on bf16 q and k in place.",
+        py::arg("q"), py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("positions"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("silu_mul", &pagoda_fused::silu_mul, "out = silu(gate) * up for bf16 [gate | up] rows.",
+        py::arg("out"), py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
 }

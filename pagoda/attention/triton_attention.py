@@ -1,0 +1,390 @@
+"""Paged attention in Triton for CUDA: the KV-cache write, a causal prefill kernel over a paged
+context (FlashAttention-2, Dao 2023) and a split-context decode kernel (Flash-Decoding, Dao et
+al. 2023), all reading K/V only through block tables (PagedAttention, Kwon et al., SOSP'23).
+
+Invariant (the same as the PyTorch reference, ``torch_ref.py``): a query row of a sequence sees
+exactly the K/V of tokens ``[0, context_len)`` of that sequence, token ``i`` living at block
+``block_table[i // block_size]``, offset ``i % block_size``; no other cache slot is read, so
+garbage in slots a sequence does not own never reaches its output. Softmax statistics and
+accumulators are fp32 whatever the cache dtype.
+
+Layouts follow ``metadata.py``: ``kv_cache`` is (2, num_blocks, block_size, Hkv, D) with K at 0
+and V at 1 (head dim contiguous); q is (T, H, D); query head ``h`` reads KV head
+``h // (H // Hkv)``. The decode kernel serves the ``G = H // Hkv`` query heads of a KV head in
+one program, so each K/V row is loaded once for all of them (GQA without repeating K/V).
+
+Importing this module needs triton; set ``TRITON_INTERPRET=1`` before importing triton to run
+the kernels on CPU tensors (the tests do).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from pagoda.attention.backend import PackedPrefills, pack_prefills
+from pagoda.attention.metadata import AttentionMetadata
+
+LOG2_E = 1.4426950408889634
+# Tile sizes. tl.dot needs every dimension >= 16 on the GPU.
+MIN_DOT_DIM = 16
+PREFILL_BLOCK_M = 64       # query rows per prefill program
+PREFILL_BLOCK_N = 64       # context tokens per prefill tile
+DECODE_BLOCK_N = 64        # context tokens per decode tile
+# Flash-decoding: split each context over this many programs at most, aiming for about this
+# many programs per streaming multiprocessor so the whole GPU streams K/V.
+MAX_DECODE_SPLITS = 16
+DECODE_PROGRAMS_PER_SM = 4
+DEFAULT_SM_COUNT = 132     # H100 SXM, used where no CUDA device can be asked
+
+
+# ------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation. IEEE: exact fp32 products (tl.dot would use TF32 on the
+    GPU). UPCAST: widen the (bf16) operands first, for Triton's interpreter, whose tl.dot
+    multiplies bf16 bit patterns (triton-lang/triton#11584); bf16 products are exact in fp32,
+    so this computes what the GPU's bf16 MMA does."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_cb, stride_cs, stride_ch,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One program per token: copy its (Hkv, D) K and V rows to its slot (negative: skip)."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)        # (BH, BD)
+        dst = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+               + h[:, None] * stride_ch + d[None, :])
+        k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        tl.store(k_cache_ptr + dst, k, mask=mask)
+        tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+                    query_start_ptr, context_lens_ptr, block_tables_ptr, scale_log2,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_cb, stride_cs, stride_ch, stride_bt,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (query tile, chunk, query head): FlashAttention-2 over the chunk's paged
+    context, causal with the diagonal shifted by the tokens cached before the chunk.
+
+        context:  [ 0 ........ context_len - query_len | query rows ... context_len )
+        row i sees keys [0, context_len - query_len + i]
+    """
+    tile, n, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv_head = head // GROUP
+    q_start = tl.load(query_start_ptr + n)
+    query_len = tl.load(query_start_ptr + n + 1) - q_start
+    if tile * BLOCK_M < query_len:
+        context_len = tl.load(context_lens_ptr + n)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BM,)
+        row_ok = rows < query_len
+        q_pos = context_len - query_len + rows                              # (BM,)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q_off = (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Keys past the tile's last query position are masked for every row: stop there.
+        kv_end = tl.minimum(context_len, context_len - query_len
+                            + tl.minimum((tile + 1) * BLOCK_M, query_len))
+        for k0 in range(0, kv_end, BLOCK_N):
+            cols = k0 + tl.arange(0, BLOCK_N)                               # (BN,)
+            col_ok = cols < kv_end
+            blocks = tl.load(block_tables_ptr + n * stride_bt + cols // BLOCK_SIZE,
+                             mask=col_ok, other=0).to(tl.int64)
+            kv_off = (blocks * stride_cb + (cols % BLOCK_SIZE) * stride_cs
+                      + kv_head * stride_ch)                                # (BN,)
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BM, BN)
+            s = s * scale_log2
+            visible = col_ok[None, :] & (cols[None, :] <= q_pos[:, None])  # (BM, BN)
+            s = tl.where(visible, s, float("-inf"))
+            # Every row sees key 0 in the first tile, so m_new is finite from the start.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])                                 # (BM, BN)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BM, BD)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        o = acc / l_i[:, None]
+        o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
+        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                         out_ptr, mid_o_ptr, mid_lse_ptr, scale_log2,
+                         stride_qb, stride_qh, stride_ob, stride_oh,
+                         stride_cb, stride_cs, stride_ch, stride_bt,
+                         stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+                         NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    """Program (sequence, KV head, split): the G query heads of the KV head over the split's
+    share of the context. Split s covers tokens [s * L, min((s + 1) * L, seq_len)) with
+    L = ceil(ceil(seq_len / NUM_SPLITS) / BLOCK_N) * BLOCK_N, so the partition adapts to each
+    sequence and the grid depends on nothing but the batch size (CUDA graphs). With one split
+    the result is final and goes straight to ``out``; otherwise the normalised partial output
+    and its log2-sum-exp go to ``mid_o`` / ``mid_lse`` for :func:`_decode_reduce_kernel`."""
+    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    if start < end:
+        g = tl.arange(0, BLOCK_G)
+        heads = kv_head * GROUP + g                                         # (BG,)
+        g_ok = g < GROUP
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)          # (BG, BD)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for t0 in range(start, end, BLOCK_N):
+            cols = t0 + tl.arange(0, BLOCK_N)                               # (BN,)
+            col_ok = cols < end
+            blocks = tl.load(block_tables_ptr + b * stride_bt + cols // BLOCK_SIZE,
+                             mask=col_ok, other=0).to(tl.int64)
+            kv_off = (blocks * stride_cb + (cols % BLOCK_SIZE) * stride_cs
+                      + kv_head * stride_ch)                                # (BN,)
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BG, BN)
+            s = tl.where(col_ok[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])                                 # (BG, BN)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BG, BD)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        o = acc / l_i[:, None]                                              # (BG, BD)
+        mask = g_ok[:, None] & d_ok[None, :]
+        if NUM_SPLITS == 1:
+            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            mo = b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + d[None, :]
+            tl.store(mid_o_ptr + mo, o, mask=mask)
+            tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split,
+                     m_i + tl.log2(l_i), mask=g_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, out_ptr,
+                          stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
+                          stride_ob, stride_oh,
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (sequence, query head): merge the non-empty splits' partial softmax states."""
+    b, head = tl.program_id(0), tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    num_valid = tl.cdiv(seq_len, split_len)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    m = tl.full([1], float("-inf"), tl.float32)
+    l_sum = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s in range(0, num_valid):
+        one = tl.zeros([1], tl.int32)           # a (1,) tensor, to keep m and l_sum (1,)
+        lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + s + one)  # (1,)
+        o = tl.load(mid_o_ptr + b * stride_mob + head * stride_moh + s * stride_mos + d,
+                    mask=d_ok, other=0.0)                                   # (BD,)
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * alpha + w * o
+        l_sum = l_sum * alpha + w
+        m = m_new
+    tl.store(out_ptr + b * stride_ob + head * stride_oh + d,
+             (acc / l_sum).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ------------------------------------------------------------------------------------ wrappers
+def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D) with a contiguous head
+    dim; slot_mapping: (T,) int, ``block * block_size + offset``. Slots < 0 are skipped (padded
+    rows of a CUDA-graph batch)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _check_cache(kv_cache, k)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]           # (NB, BS, Hkv, D) each
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=kv_cache.shape[2])
+
+
+def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, packed: PackedPrefills,
+                            scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Causal attention of prefill chunks over their paged context (K/V already written).
+    q, out: (P, H, D), the prefill rows only, chunk n at rows ``packed.query_start_loc[n:n+2]``."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    _check_cache(kv_cache, q)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]           # (NB, BS, Hkv, D) each
+    num_chunks = packed.context_lens.shape[0]
+    block_m = _dot_dim(min(PREFILL_BLOCK_M, triton.next_power_of_2(packed.max_query_len)))
+    grid = (triton.cdiv(packed.max_query_len, block_m), num_chunks, num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, packed.query_start_loc, packed.context_lens,
+        packed.block_tables, scale * LOG2_E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), packed.block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_D=_dot_dim(triton.next_power_of_2(head_dim)), BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, IEEE=q.dtype == torch.float32,
+        UPCAST=_upcast_dots(q.dtype))
+    return out
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int,
+                       device: torch.device) -> int:
+    """Flash-decoding's split count: enough programs to fill the GPU when the batch alone does
+    not, never more splits than the longest context has tiles."""
+    programs = batch * num_kv_heads
+    target = DECODE_PROGRAMS_PER_SM * _sm_count(device)
+    want = max(1, target // max(programs, 1))
+    tiles = max(1, triton.cdiv(max_seq_len, DECODE_BLOCK_N))
+    return int(min(want, tiles, MAX_DECODE_SPLITS))
+
+
+def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float,
+                           out: Optional[torch.Tensor] = None,
+                           num_splits: Optional[int] = None,
+                           max_seq_len: Optional[int] = None) -> torch.Tensor:
+    """One query token per sequence over its paged context (the same contract as
+    ``cpu_decode.paged_decode_attention``). q: (B, H, D); block_tables: (B, W) int;
+    seq_lens: (B,) int, 1 <= seq_lens[b] <= W * block_size. Returns (B, H, D) in q's dtype.
+    ``num_splits`` fixes the flash-decoding split count (CUDA graphs capture one); otherwise it
+    follows :func:`default_num_splits` for ``max_seq_len`` (default W * block_size)."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    _check_cache(kv_cache, q)
+    if num_splits is None:
+        longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+        num_splits = default_num_splits(batch, num_kv_heads, longest, q.device)
+    group = num_heads // num_kv_heads
+    k_cache, v_cache = kv_cache[0], kv_cache[1]           # (NB, BS, Hkv, D) each
+    if num_splits > 1:
+        mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
+                            device=q.device)              # (B, H, S, D)
+        mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32,
+                              device=q.device)            # (B, H, S)
+    else:
+        mid_o = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
+    block_d = _dot_dim(triton.next_power_of_2(head_dim))
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, scale * LOG2_E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=_dot_dim(triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N,
+        IEEE=q.dtype == torch.float32, UPCAST=_upcast_dots(q.dtype))
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            mid_o, mid_lse, seq_lens, out,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
+            mid_lse.stride(1), out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N)
+    return out
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float,
+                    packed: Optional[PackedPrefills] = None,
+                    decode_num_splits: Optional[int] = None) -> torch.Tensor:
+    """The whole layer's attention, as ``torch_ref.paged_attention``: write K/V at
+    ``meta.slot_mapping``, then decode rows ``[0, D)`` and prefill rows ``[D, T)``.
+    q: (T, H, D); k, v: (T, Hkv, D). Returns (T, H, D)."""
+    write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)                                               # (T, H, D)
+    d = meta.num_decode_tokens
+    if d:
+        paged_decode_attention(q[:d], kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                               scale, out=out[:d], num_splits=decode_num_splits,
+                               max_seq_len=meta.decode_max_seq_len)
+    if meta.prefills:
+        if packed is None:
+            packed = pack_prefills(meta, q.device)
+        assert packed is not None
+        paged_prefill_attention(q[d:], kv_cache, packed, scale, out[d:])
+    return out
+
+
+def _dot_dim(n: int) -> int:
+    return max(MIN_DOT_DIM, n)
+
+
+def _check_cache(kv_cache: torch.Tensor, x: torch.Tensor) -> None:
+    if kv_cache.stride(-1) != 1 or x.stride(-1) != 1:
+        raise ValueError("the head dim of the KV cache and of q/k/v must be contiguous")
+    if kv_cache.dtype != x.dtype:
+        raise ValueError(f"KV cache dtype {kv_cache.dtype} differs from the input's {x.dtype}")
+
+
+def _upcast_dots(dtype: torch.dtype) -> bool:
+    """Under TRITON_INTERPRET=1, bf16 operands of tl.dot must be widened (see _mma)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_sm_count(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+__all__ = ["PackedPrefills", "pack_prefills", "write_kv_cache", "paged_prefill_attention",
+           "paged_decode_attention", "paged_attention", "default_num_splits"]

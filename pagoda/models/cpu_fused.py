@@ -1,0 +1,58 @@
+"""Fused CPU kernels for the bf16 decoder: RMSNorm (after a residual add), RoPE in place and
+SiLU(gate) * up, each one pass instead of the reference's five to eight (the C++ lives in
+``attention/csrc/fused_ops.cpp``, built with the decode kernel).
+
+They keep the reference's bf16 roundings, so tokens match the unfused path except where an
+fp32 sum's order tips a rounding. Used only for bf16 on CPU when the extension is built;
+``PAGODA_FUSED=0`` turns them off. fp32 always takes the reference ops (the path that is
+compared token for token with Hugging Face).
+"""
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from pagoda.attention import cpu_decode
+
+FUSED_ENV = "PAGODA_FUSED"
+
+
+def _ext() -> Optional[ModuleType]:
+    if os.environ.get(FUSED_ENV) == "0":
+        return None
+    return cpu_decode.extension()
+
+
+def enabled(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and _ext() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (T, E) -> (T, E)."""
+    out = torch.empty_like(x)
+    _ext().rms_norm(out, x, weight, eps)
+    return out
+
+
+def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """residual += x in place; returns RMSNorm(residual). All (T, E)."""
+    out = torch.empty_like(x)
+    _ext().add_rms_norm(out, residual, x, weight, eps)
+    return out
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          positions: torch.Tensor) -> None:
+    """Rotate q (T, H, D) and k (T, Hkv, D) in place; cos, sin: fp32 (P, D)."""
+    _ext().rope(q, k, cos, sin, positions)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(T, 2I) [gate | up] -> (T, I)."""
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    _ext().silu_mul(out, gate_up)
+    return out

@@ -1,0 +1,128 @@
+"""The whole engine on CUDA (Triton attention, pinned async inputs, CUDA graphs) on tiny
+random models, against Hugging Face transformers. Marked ``gpu``; skipped without CUDA.
+
+- fp32: greedy tokens identical to transformers' ``generate``, graphs on and off;
+- bf16: each token pagoda picks is (within a small logit gap) transformers' top choice for
+  the same sequence, teacher-forced (near-ties may flip argmax in bf16);
+- CUDA-graph replay gives the same tokens as eager mode, on batches that need padding.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pagoda import LLM, SamplingParams
+from tiny_models import TINY_VOCAB, make_model
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+FAMILIES = ["llama", "qwen3"]
+PROMPT_LENS = [3, 17, 40, 64, 129]
+MAX_TOKENS = [24, 9, 17, 30, 12]
+BF16_LOGIT_GAP = 0.05   # of the logits' range: how far below HF's best pagoda's pick may be
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request, tmp_path_factory):
+    import transformers
+
+    family = request.param
+    path = make_model(str(tmp_path_factory.mktemp(family)), family,
+                      seed=FAMILIES.index(family))
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in PROMPT_LENS]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()
+    refs = [hf_greedy(hf, p, m) for p, m in zip(prompts, MAX_TOKENS)]
+    return path, prompts, refs
+
+
+def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt], device=model.device)
+    out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                         do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
+
+
+def run(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outs = llm.generate(prompts, [greedy(m) for m in MAX_TOKENS[:len(prompts)]], use_tqdm=False)
+    return [o.token_ids for o in outs]
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_fp32_greedy_matches_transformers(case, enforce_eager):
+    path, prompts, refs = case
+    llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager,
+              max_num_seqs=8, block_size=16)
+    runner = llm.engine.runner
+    assert runner.kv_caches[0].is_cuda
+    assert (runner.cuda_graph_sizes == []) == enforce_eager, runner.cuda_graph_sizes
+    assert run(llm, prompts) == refs
+    llm.engine.check_invariants()
+
+
+def test_fp32_chunked_prefill_and_mixed_batches_match(case):
+    """A small token budget: prompts are chunked and share steps with decodes."""
+    path, prompts, refs = case
+    llm = LLM(path, device="cuda", dtype="float32", max_num_batched_tokens=24, block_size=16)
+    assert run(llm, prompts) == refs
+
+
+def test_bf16_tokens_are_transformers_top_choices(case):
+    import transformers
+
+    path, prompts, _ = case
+    llm = LLM(path, device="cuda", dtype="bfloat16", block_size=16)
+    got = run(llm, prompts)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    for prompt, tokens in zip(prompts, got):
+        seq = torch.tensor([prompt + tokens], device="cuda")
+        with torch.inference_mode():
+            logits = hf(seq).logits[0, len(prompt) - 1:-1].float()        # (N, V)
+        picked = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+        gap = logits.max(dim=1).values - picked                            # (N,)
+        scale = (logits.max(dim=1).values - logits.min(dim=1).values)      # (N,)
+        assert (gap <= BF16_LOGIT_GAP * scale).all(), (gap / scale).max().item()
+
+
+def test_cuda_graph_replay_matches_eager(case):
+    """Batches of 5 and 3 decodes run padded in the graphs of 8 and 4."""
+    path, prompts, _ = case
+    graphs = LLM(path, device="cuda", dtype="float32", max_num_seqs=8, block_size=16)
+    assert graphs.engine.runner.cuda_graph_sizes == [1, 2, 4, 8]
+    eager = LLM(path, device="cuda", dtype="float32", max_num_seqs=8, block_size=16,
+                enforce_eager=True)
+    for subset in (prompts, prompts[:3], prompts[:1]):
+        assert run(graphs, subset) == run(eager, subset)
+
+
+def test_dummy_preset_runs_with_graphs():
+    """A real preset's shapes (Qwen3-0.6B, bf16, random weights) through graphs and eager."""
+    llm = LLM(load_format="dummy", model_preset="qwen3-0.6b", device="cuda", dtype="bfloat16",
+              max_num_seqs=16, max_model_len=2048)
+    assert llm.engine.model_name == "dummy:qwen3-0.6b"
+    assert llm.engine.runner.cuda_graph_sizes[-1] == 16
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 150000) for _ in range(n)] for n in (5, 300, 1000)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [20, 20, 20]
+
+
+def test_profile_activation_bytes_for_qwen3_preset():
+    """The peak of a 2048-token step of Qwen3-0.6B's shapes: positive, and far below 1 GiB
+    (hidden, QKV, MLP and attention buffers of 2048 tokens, 256 rows of fp32 logits)."""
+    from pagoda.models.loader import load_model
+    from pagoda.worker.kv_cache import profile_activation_bytes
+
+    device = torch.device("cuda")
+    model = load_model(None, torch.bfloat16, device, load_format="dummy",
+                       model_preset="qwen3-0.6b", max_positions=4096).model
+    peak = profile_activation_bytes(model, 2048, 256, 16, torch.bfloat16, device)
+    assert 0 < peak < (1 << 30), peak

@@ -1,0 +1,75 @@
+"""The fused bf16 CPU kernels against the reference ops they replace (models/llama.py with
+PAGODA_FUSED=0): same roundings, so nearly every element is bit-identical."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagoda.attention import cpu_decode
+from pagoda.models import cpu_fused
+from pagoda.models.llama import RMSNorm, _rotate
+
+pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="C++ extension unavailable")
+BF16 = torch.bfloat16
+
+
+def mostly_identical(out: torch.Tensor, ref: torch.Tensor, min_equal: float = 0.99) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1.6e-2, atol=1e-2)
+    equal = (out == ref).float().mean().item()
+    assert equal >= min_equal, f"only {equal:.4f} of the elements are bit-identical"
+
+
+def reference_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = RMSNorm(x.shape[-1], eps)
+    norm.weight.data = weight
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@pytest.mark.parametrize("rows, dim", [(1, 64), (37, 576), (300, 960)])
+def test_rms_norm_and_residual_add(rows, dim):
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(BF16)
+    w = (torch.rand(dim, generator=g) + 0.5).to(BF16)
+    mostly_identical(cpu_fused.rms_norm(x, w, 1e-5), reference_norm(x, w, 1e-5))
+    residual = torch.randn(rows, dim, generator=g).to(BF16)
+    expected_residual = residual + x
+    out = cpu_fused.add_rms_norm(residual, x, w, 1e-5)
+    assert torch.equal(residual, expected_residual)         # updated in place, exactly
+    mostly_identical(out, reference_norm(expected_residual, w, 1e-5))
+
+
+def test_rope_in_place_on_strided_views_is_exact():
+    g = torch.Generator().manual_seed(0)
+    tokens, heads, kv_heads, dim = 23, 9, 3, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(BF16)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k = q.reshape(tokens, heads, dim), k.reshape(tokens, kv_heads, dim)  # strided views
+    freqs = torch.outer(torch.arange(100.0), torch.rand(dim // 2, generator=g))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+    positions = torch.randint(0, 100, (tokens,), generator=g)
+    c = cos[positions].unsqueeze(1).to(BF16)
+    s = sin[positions].unsqueeze(1).to(BF16)
+    ref_q, ref_k = _rotate(q.clone(), c, s), _rotate(k.clone(), c, s)
+    untouched_v = qkv[:, (heads + kv_heads) * dim:].clone()
+    cpu_fused.rope_(q, k, cos, sin, positions)
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim:], untouched_v)
+
+
+def test_silu_mul():
+    g = torch.Generator().manual_seed(1)
+    gate_up = (torch.randn(50, 2 * 1536, generator=g) * 4).to(BF16)
+    gate, up = gate_up.split(1536, dim=-1)
+    mostly_identical(cpu_fused.silu_mul(gate_up), F.silu(gate) * up, min_equal=0.999)
+
+
+def test_bad_inputs_raise_instead_of_crashing():
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu_fused.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)
+    x = torch.randn(3, 2, 8).to(BF16)
+    with pytest.raises(RuntimeError, match="position"):
+        cpu_fused.rope_(x, x.clone(), torch.ones(4, 8), torch.ones(4, 8),
+                        torch.tensor([0, 1, 9]))

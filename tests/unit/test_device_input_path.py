@@ -1,0 +1,133 @@
+"""The CUDA model-runner input path, exercised on the CPU: one packed host buffer split into
+device views, DeviceAttentionMetadata with packed prefills, and the Triton kernels (under
+TRITON_INTERPRET=1) inside the model. Greedy tokens must equal the CPU path's, through
+prefills, chunked prefills over a cached context, decodes and mixed batches.
+
+The CUDA-graph decode path is checked the same way, with each "graph" replaying the forward
+eagerly on its static buffers: padding rows (slot -1, seq_len 1), stale block-table columns and
+the fixed split count must not change a token. (Capture, replay and pinned memory themselves
+need a GPU: tests/gpu/.)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (on a GPU, "
+                "tests/gpu/ covers this path)", allow_module_level=True)
+
+import pagoda.models.llama as llama  # noqa: E402
+from pagoda.attention import triton_attention  # noqa: E402
+from pagoda.attention.backend import DeviceAttentionMetadata  # noqa: E402
+from pagoda.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
+from pagoda.models.loader import load_model  # noqa: E402
+from pagoda.sampling import SamplingParams  # noqa: E402
+from pagoda.worker.cuda_graph import DecodeGraphs, _Graph  # noqa: E402
+from pagoda.worker.model_runner import ModelRunner  # noqa: E402
+
+CPU = torch.device("cpu")
+BLOCK_SIZE = 16
+
+
+def script(runner: ModelRunner) -> list[dict[str, int]]:
+    """A: 20-token prompt; B: 5; C: 40 tokens arriving at step 2 and prefilled in two chunks
+    (the second over 24 cached tokens) next to the decodes of A and B."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = {"A": list(range(10, 30)), "B": [3, 1, 4, 1, 5], "C": list(range(100, 140))}
+    blocks = {"A": [7, 2], "B": [5], "C": [0, 9, 3, 8]}
+
+    def new(rid: str) -> NewRequestData:
+        return NewRequestData(rid, prompts[rid], len(prompts[rid]), params, (), blocks[rid], 0)
+
+    def cached(rid: str, computed: int) -> CachedRequestData:
+        return CachedRequestData(rid, [], computed)
+
+    steps = [
+        SchedulerOutput([new("A"), new("B")], [], {"A": 20, "B": 5}),
+        SchedulerOutput([], [cached("A", 20), cached("B", 5)], {"A": 1, "B": 1}),
+        SchedulerOutput([new("C")], [cached("A", 21), cached("B", 6)], {"A": 1, "B": 1, "C": 24}),
+        SchedulerOutput([], [cached("A", 22), cached("B", 7), cached("C", 24)],
+                        {"A": 1, "B": 1, "C": 16}),
+        SchedulerOutput([], [cached("A", 23), cached("B", 8), cached("C", 40)],
+                        {"A": 1, "B": 1, "C": 1}),
+    ]
+    return [runner.execute_model(s).sampled_token_ids for s in steps]
+
+
+class EagerReplay:
+    """Stands in for a captured CUDA graph: replay() reruns the forward on the same buffers."""
+
+    def __init__(self, forward) -> None:
+        self.forward = forward
+
+    def replay(self) -> None:
+        self.forward()
+
+    def pool(self) -> None:
+        return None
+
+
+class EagerDecodeGraphs(DecodeGraphs):
+    replays: list[int] = []
+
+    def _capture_one(self, size, pool):
+        head, tables = self._static_inputs(size)
+        meta = self._metadata(head, tables)
+        hidden = torch.full((size, self.model.arch.hidden_size), float("nan"))
+
+        def forward() -> None:
+            self.replays.append(size)
+            hidden.copy_(self.model(head[0], head[1], self.kv_caches, meta))
+
+        return _Graph(EagerReplay(forward), head, tables, hidden)
+
+
+def test_device_input_path_with_triton_matches_cpu_path(monkeypatch):
+    loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
+    want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
+    seen: list[DeviceAttentionMetadata] = []
+
+    def triton_everywhere(q, k, v, kv_cache, meta, scale):
+        assert isinstance(meta, DeviceAttentionMetadata)
+        assert (meta.packed_prefills is None) == (not meta.prefills)
+        seen.append(meta)
+        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale,
+                                                meta.packed_prefills, meta.decode_num_splits)
+
+    monkeypatch.setattr(llama, "paged_attention", triton_everywhere)
+    runner = ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU)
+    runner.is_cuda = True          # the device input path, on CPU tensors
+    got = script(runner)
+    assert got == want
+    assert all(len(step) for step in got)
+    assert any(m.prefills and m.num_decode_tokens for m in seen), "no mixed batch ran"
+
+
+def test_decode_graph_path_matches_cpu_path(monkeypatch):
+    """Decode-only steps of 2 and 3 requests go through the graphs of 2 and 4 (one pad row)."""
+    loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
+    want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
+
+    def triton_everywhere(q, k, v, kv_cache, meta, scale):
+        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale,
+                                                getattr(meta, "packed_prefills", None),
+                                                getattr(meta, "decode_num_splits", None))
+
+    monkeypatch.setattr(llama, "paged_attention", triton_everywhere)
+    runner = ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU)
+    runner.is_cuda = True
+    runner.graphs = EagerDecodeGraphs(loaded.model, runner.kv_caches, BLOCK_SIZE, 4, 256, CPU)
+    runner.graphs.capture()
+    EagerDecodeGraphs.replays = []
+    assert runner.cuda_graph_sizes == [1, 2, 4]
+    got = script(runner)
+    assert got == want
+    assert EagerDecodeGraphs.replays == [2, 4]     # steps 1 and 4; the others are mixed
