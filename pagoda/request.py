@@ -10,7 +10,7 @@ import enum
 import time
 from typing import Optional
 
-from pagoda.kv_transfer.params import KVTransferRequest
+from pagoda.kv_transfer.params import KVTransferRequest, RemotePrefill
 from pagoda.sampling import SamplingParams
 
 
@@ -58,7 +58,7 @@ class Request:
         self.prefix_donor = prefix_donor
         self.cache_salt = cache_salt  # prefix caching: only requests with the same salt share
         self.kv_transfer = kv_transfer  # disaggregated prefill: remote decode / remote prefill
-        self.kv_transfer_out: Optional[dict] = None  # prefill role: where its KV waits
+        self.kv_transfer_out: Optional[RemotePrefill] = None  # prefill role: where its KV waits
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

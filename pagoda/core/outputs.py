@@ -101,4 +101,4 @@ class EngineCoreOutput:
     finish_detail: Optional[str] = None
     logprobs: Optional[TokenLogprobs] = None
     prompt_logprobs: Optional[tuple[int, list[TokenLogprobs]]] = None
-    kv_transfer_params: Optional[dict] = None   # prefill role: where the prompt KV waits
+    kv_transfer_params: Optional[RemotePrefill] = None  # prefill role: where the KV waits

@@ -467,7 +467,7 @@ class Scheduler:
         host, port = self.kv_address
         request.kv_transfer_out = RemotePrefill(
             self.kv_transfer.engine_id, lease_id, tuple(blocks), request.num_computed_tokens,
-            host, port, first).to_json()
+            host, port, first)
 
     def expire_leases(self) -> None:
         if self.leases is None:

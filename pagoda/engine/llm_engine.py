@@ -20,7 +20,8 @@ from pagoda.core.scheduler import Scheduler
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagoda.kv_transfer.base import KVConnectorWorker
-from pagoda.kv_transfer.params import KVTransferRequest, parse_kv_transfer_params
+from pagoda.kv_transfer.params import (KVTransferRequest, RemotePrefill,
+                                       parse_kv_transfer_params)
 from pagoda.models.loader import load_model, resolve_dtype
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling import SamplingParams
@@ -130,7 +131,8 @@ class LLMEngine:
         self.engine_id = uuid.uuid4().hex
         config = args.kv_transfer_config(self.engine_id)
         self.scheduler.enable_kv_transfer(config, ("", 0))
-        connector = NixlConnector(config, resolve_secret(args.kv_secret), self.runner.kv_caches,
+        self._kv_secret = resolve_secret(args.kv_secret)
+        connector = NixlConnector(config, self._kv_secret, self.runner.kv_caches,
                                   self.kv.model_key, self.scheduler.leases)
         self.scheduler.kv_address = connector.address
         return connector
@@ -146,7 +148,7 @@ class LLMEngine:
         self._validate_prompt(prompt_token_ids, params)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt must be a non-empty string")
-        kv_transfer = self._validate_kv_transfer(kv_transfer_params, params)
+        kv_transfer = self._validate_kv_transfer(kv_transfer_params, params, prompt_token_ids)
         max_tokens = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
@@ -187,8 +189,8 @@ class LLMEngine:
             raise ValueError(f"max_tokens {params.max_tokens} + prompt {len(prompt_token_ids)} "
                              f"tokens exceeds the context length {self.max_model_len}")
 
-    def _validate_kv_transfer(self, raw: Optional[dict],
-                              params: SamplingParams) -> Optional[KVTransferRequest]:
+    def _validate_kv_transfer(self, raw: Optional[dict], params: SamplingParams,
+                              prompt_token_ids: list[int]) -> Optional[KVTransferRequest]:
         kv_transfer = parse_kv_transfer_params(raw)
         if kv_transfer is None:
             return None
@@ -201,7 +203,23 @@ class LLMEngine:
         if kv_transfer.remote_prefill is not None and role != "decode":
             raise ValueError(f"kv_transfer_params.do_remote_prefill needs an instance started "
                              f"with --kv-role decode (this one is {role!r})")
+        if kv_transfer.remote_prefill is not None:
+            self._check_remote_prefill(kv_transfer.remote_prefill, prompt_token_ids)
         return kv_transfer
+
+    def _check_remote_prefill(self, remote: RemotePrefill, prompt_token_ids: list[int]) -> None:
+        """Only parameters a prefill instance issued, for this very prompt, are taken: a
+        client can neither point this instance at an address nor at blocks of its choosing."""
+        if not remote.verify(self._kv_secret, prompt_token_ids):
+            raise ValueError("kv_transfer_params.signature does not match: the parameters were "
+                             "not issued for this prompt by a prefill instance sharing this "
+                             "instance's --kv-secret, or were altered")
+        if remote.num_tokens != len(prompt_token_ids):
+            raise ValueError(f"kv_transfer_params.remote_num_tokens is {remote.num_tokens}, the "
+                             f"prompt has {len(prompt_token_ids)} tokens")
+        if len(remote.block_ids) != -(-remote.num_tokens // self.block_size):
+            raise ValueError(f"kv_transfer_params.remote_block_ids has {len(remote.block_ids)} "
+                             f"blocks for {remote.num_tokens} tokens of {self.block_size}")
 
     def abort_request(self, request_id: str) -> None:
         group = self._groups.get(request_id)
@@ -277,7 +295,6 @@ class LLMEngine:
                 if out.finish_reason is None:
                     self.scheduler.finish_requests([out.request_id],
                                                    RequestStatus.FINISHED_STOPPED, stop_str)
-                    out.kv_transfer_params = child.request.kv_transfer_out
                 out.finish_reason, out.stop_reason = "stop", stop_str
         if child.index == 0 and group.deferred and (out.new_token_ids or out.finish_reason):
             self._release_siblings(group)
@@ -313,7 +330,7 @@ class LLMEngine:
             group.metrics.finished_time = max(c.finished_time or 0.0 for c in group.children)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
                              group.finished, group.metrics, tpot, group.prompt_logprobs,
-                             c0.request.num_cached_tokens or 0, c0.request.kv_transfer_out)
+                             c0.request.num_cached_tokens or 0, self._issued_params(group))
 
     @staticmethod
     def _completion(child: _Child) -> CompletionOutput:
@@ -346,6 +363,13 @@ class LLMEngine:
         return self.kv.reset_prefix_cache()
 
     # ------------------------------------------------------------- KV transfer
+    def _issued_params(self, group: _Group) -> Optional[dict]:
+        """Prefill role: the signed kv_transfer_params of a finished request's lease."""
+        remote = group.children[0].request.kv_transfer_out
+        if remote is None:
+            return None
+        return remote.signed(self._kv_secret, group.prompt_token_ids).to_json()
+
     def poll_kv_transfers(self) -> None:
         """For an idle server loop: expire leases and take in finished transfers even when
         no request is running (a prefill instance's leases outlive its requests)."""

@@ -6,8 +6,11 @@ field that was wrong. No torch here: the scheduler side uses them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional, Sequence
 
 MAX_PORT = 65535
 
@@ -25,13 +28,31 @@ class RemotePrefill:
     host: str
     port: int
     first_token_id: Optional[int] = None
+    signature: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The ``kv_transfer_params`` a prefill instance returns (and a decode one takes)."""
         return {"do_remote_prefill": True, "remote_engine_id": self.engine_id,
                 "remote_request_id": self.request_id, "remote_block_ids": list(self.block_ids),
                 "remote_num_tokens": self.num_tokens, "remote_host": self.host,
-                "remote_port": self.port, "first_token_id": self.first_token_id}
+                "remote_port": self.port, "first_token_id": self.first_token_id,
+                "signature": self.signature}
+
+    def signed(self, secret: bytes, prompt_token_ids: Sequence[int]) -> "RemotePrefill":
+        return replace(self, signature=self._mac(secret, prompt_token_ids))
+
+    def verify(self, secret: bytes, prompt_token_ids: Sequence[int]) -> bool:
+        """True if a prefill instance holding ``secret`` issued these parameters for exactly
+        this prompt. Clients cannot forge them, so they cannot make a decode instance
+        connect to an address of their choosing or read blocks that are not theirs."""
+        return hmac.compare_digest(self.signature, self._mac(secret, prompt_token_ids))
+
+    def _mac(self, secret: bytes, prompt_token_ids: Sequence[int]) -> str:
+        prompt = hashlib.sha256(json.dumps(list(prompt_token_ids)).encode()).hexdigest()
+        fields = [self.engine_id, self.request_id, list(self.block_ids), self.num_tokens,
+                  self.host, self.port, self.first_token_id, prompt]
+        body = json.dumps(fields, separators=(",", ":")).encode()
+        return hmac.new(secret, b"pagoda-kv-params-v1\x00" + body, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -63,11 +84,14 @@ def parse_kv_transfer_params(raw: Any) -> Optional[KVTransferRequest]:
     first = raw.get("first_token_id")
     if first is not None and not (_is_int(first) and first >= 0):
         raise ValueError("kv_transfer_params.first_token_id must be an integer >= 0")
+    signature = raw.get("signature", "")
+    if not isinstance(signature, str):
+        raise ValueError("kv_transfer_params.signature must be a string")
     remote = RemotePrefill(
         engine_id=_str(raw, "remote_engine_id"), request_id=_str(raw, "remote_request_id"),
         block_ids=tuple(block_ids), num_tokens=_int(raw, "remote_num_tokens", 1),
         host=_str(raw, "remote_host"), port=_int(raw, "remote_port", 1, MAX_PORT),
-        first_token_id=first)
+        first_token_id=first, signature=signature)
     return KVTransferRequest(remote_prefill=remote)
 
 

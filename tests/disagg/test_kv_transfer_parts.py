@@ -123,3 +123,18 @@ def test_layout_mismatch_names_the_difference():
     assert a.mismatch(c) is None                # pool sizes may differ
     assert KVLayout.from_json(a.to_json()) == a
     assert a.block_addr(1, 1, 2) == a.layer_addrs[1] + (4 + 2) * 8 * 3 * 16 * 4
+
+
+def test_signature_binds_every_field_and_the_prompt():
+    remote = RemotePrefill("eng", "r#1", (3, 4), 9, "127.0.0.1", 5555, 17)
+    prompt = list(range(9))
+    signed = remote.signed(b"k", prompt)
+    assert signed.verify(b"k", prompt)
+    assert not signed.verify(b"other-secret", prompt)
+    assert not signed.verify(b"k", prompt[:-1] + [99])
+    parsed = parse_kv_transfer_params(signed.to_json()).remote_prefill
+    assert parsed == signed and parsed.verify(b"k", prompt)
+    for change in ({"remote_port": 5556}, {"remote_block_ids": [3, 5]},
+                   {"first_token_id": 18}):
+        forged = parse_kv_transfer_params({**signed.to_json(), **change}).remote_prefill
+        assert not forged.verify(b"k", prompt)

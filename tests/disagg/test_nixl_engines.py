@@ -166,8 +166,8 @@ def test_incompatible_instances_refuse_to_transfer(model):
         p16 = engine(path, "prefill", block_size=16)
         try:
             params = prefill(p16, "r16", prompts[0])
-            out = run(d, "r16", prompts[0], greedy(), kv_transfer_params=params)
-            assert out.finish_reason == "error" and "cannot hold" in out.outputs[0].finish_detail
+            with pytest.raises(ValueError, match="remote_block_ids has 3 blocks"):
+                d.add_request("r16", prompts[0], greedy(), kv_transfer_params=params)
         finally:
             p16.close()
     finally:
@@ -181,12 +181,28 @@ def test_wrong_secret_is_refused(model):
     d = engine(path, "decode", kv_secret="another")
     try:
         params = prefill(p, "r", prompts[0])
-        out = run(d, "r", prompts[0], greedy(), kv_transfer_params=params)
-        assert out.token_ids == refs[0]                  # recomputed locally
-        assert d.scheduler.num_kv_load_failures == 1
+        with pytest.raises(ValueError, match="signature"):
+            d.add_request("r", prompts[0], greedy(), kv_transfer_params=params)
+        assert not d.has_unfinished_requests()
     finally:
         p.close()
         d.close()
+
+
+@pytest.mark.parametrize("change", [
+    {"remote_port": 1}, {"remote_host": "10.0.0.1"}, {"remote_engine_id": "someone-else"},
+    {"remote_block_ids": [0, 1, 2, 3, 63]}, {"remote_num_tokens": 41},
+    {"remote_request_id": "other#1"}, {"signature": ""}])
+def test_forged_params_are_refused_before_any_connection(model, pair, change):
+    path, prompts, _ = model
+    p, d = pair
+    params = prefill(p, "f", prompts[0])
+    with pytest.raises(ValueError, match="kv_transfer_params"):
+        d.add_request("f", prompts[0], greedy(), kv_transfer_params={**params, **change})
+    # Genuine parameters for another prompt are refused too: they are bound to the prompt.
+    with pytest.raises(ValueError, match="signature"):
+        d.add_request("g", prompts[1], greedy(), kv_transfer_params=params)
+    assert not d.has_unfinished_requests() and d.kv_connector.num_blocks_pulled == 0
 
 
 def test_role_checks_name_the_problem(model, pair):

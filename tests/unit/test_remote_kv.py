@@ -140,9 +140,9 @@ def test_prefill_side_leases_blocks_until_released_or_expired():
     (out,) = run_step(sched, runner)
     assert out.finish_reason == "length"
     params = out.kv_transfer_params
-    assert params["remote_num_tokens"] == 14 and params["remote_port"] == 9
-    assert params["first_token_id"] == out.new_token_ids[0]
-    lease = params["remote_request_id"]
+    assert params.num_tokens == 14 and params.port == 9
+    assert params.first_token_id == out.new_token_ids[0]
+    lease = params.request_id
     assert LEASE_HOLDER_PREFIX + lease in sched.kv.req_blocks
     assert sched.kv.pool.num_free_blocks == 32 - 4
     sched.check_invariants()
@@ -155,7 +155,7 @@ def test_prefill_side_leases_blocks_until_released_or_expired():
     sched.add_request(req("c", decode, max_tokens=1))
     (out,) = run_step(sched, runner)
     assert len(sched.leases) == 1
-    assert out.kv_transfer_params["remote_request_id"] != lease    # lease ids never repeat
+    assert out.kv_transfer_params.request_id != lease    # lease ids never repeat
     sched.apply_kv_events(KVEvents(released=["unknown#9"]))          # ignored
     assert sched.kv.pool.num_free_blocks == 32 - 4
     sched.check_invariants()
