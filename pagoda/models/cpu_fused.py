@@ -1,5 +1,6 @@
-"""Fused CPU kernels for the bf16 decoder: RMSNorm (after a residual add), RoPE in place and
-SiLU(gate) * up, each one pass instead of the reference's five to eight (the C++ lives in
+"""Fused CPU kernels for the bf16 decoder: RMSNorm (after a residual add), RoPE in place,
+SiLU(gate) * up, and the greedy sampler's row argmax, each one pass instead of the
+reference's several (the C++ lives in
 ``attention/csrc/fused_ops.cpp``, built with the decode kernel).
 
 They keep the reference's bf16 roundings, so tokens match the unfused path except where an
@@ -49,6 +50,13 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
           positions: torch.Tensor) -> None:
     """Rotate q (T, H, D) and k (T, Hkv, D) in place; cos, sin: fp32 (P, D)."""
     _ext().rope(q, k, cos, sin, positions)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) bf16 -> (N,) int64, the first index on ties (as torch.argmax)."""
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _ext().argmax_rows(out, logits)
+    return out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

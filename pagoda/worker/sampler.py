@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from pagoda.core.outputs import TokenLogprobs
+from pagoda.models import cpu_fused
 from pagoda.sampling import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -36,6 +37,8 @@ def sample(logits: torch.Tensor,
     """logits: (S, V), one row per entry of ``rows``. Returns tokens and logprobs."""
     if all(_plain_greedy(r) for r in rows):
         # Upcasting is exact and keeps the order, so argmax needs no fp32 copy of (S, V).
+        if logits.dim() == 2 and logits.stride(1) == 1 and cpu_fused.enabled(logits):
+            return cpu_fused.argmax(logits).tolist(), [None] * len(rows)
         return logits.argmax(dim=-1).tolist(), [None] * len(rows)
     logits = logits.float()
     raw_logprobs = (torch.log_softmax(logits, dim=-1)

@@ -73,3 +73,17 @@ def test_bad_inputs_raise_instead_of_crashing():
     with pytest.raises(RuntimeError, match="position"):
         cpu_fused.rope_(x, x.clone(), torch.ones(4, 8), torch.ones(4, 8),
                         torch.tensor([0, 1, 9]))
+
+
+def test_argmax_matches_torch_including_ties_and_infinities():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(40, 1000 + 7, generator=g).to(BF16)
+    logits[3, :] = 0.0                          # all equal: index 0
+    logits[4, 500] = logits[4, 900] = 100.0     # tie: the first wins
+    logits[5, -1] = 50.0                        # the max in the tail past the 16-lane body
+    logits[6, :] = float("-inf")
+    logits[7, 10] = float("nan")                # NaN wins, as in torch
+    assert torch.equal(cpu_fused.argmax(logits), logits.argmax(-1))
+    strided = torch.randn(8, 64, generator=g).to(BF16)[:, ::2]
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        cpu_fused.argmax(strided)

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace pagoda_fused {
 
@@ -33,6 +34,46 @@ inline uint16_t f32_to_bf16(float f) {
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 constexpr int64_t kGrain = 16;  // rows per parallel task
+
+// exp(x) for float, branch-free so that loops over it vectorise: 2^n * p(f) with
+// x = n ln2 + f, |f| <= ln2 / 2 (Cody-Waite split of ln2) and a degree-6 polynomial for e^f.
+// Within 2 ulp of std::exp over [-87, 88]; the bf16 rounding that follows hides that.
+inline float fast_exp(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float f = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Sum of squares with 16 independent partial sums, so that the loop vectorises.
+inline float sum_squares(const uint16_t* src, int64_t n) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = bf16_to_f32(src[i + j]);
+      acc[j] += v * v;
+    }
+  float sum = 0.f;
+  for (int j = 0; j < kLanes; ++j) sum += acc[j];
+  for (; i < n; ++i) {
+    const float v = bf16_to_f32(src[i]);
+    sum += v * v;
+  }
+  return sum;
+}
 
 void check_bf16_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16");
@@ -66,11 +107,7 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
           res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xr[i]));
         src = res;
       }
-      float sum = 0.f;
-      for (int64_t i = 0; i < dim; ++i) {
-        float v = bf16_to_f32(src[i]);
-        sum += v * v;
-      }
+      float sum = sum_squares(src, dim);
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + static_cast<float>(eps));
       for (int64_t i = 0; i < dim; ++i) {
         float normed = round_bf16(bf16_to_f32(src[i]) * inv);
@@ -151,9 +188,70 @@ void silu_mul(at::Tensor out, at::Tensor gate_up) {
       auto* o = reinterpret_cast<uint16_t*>(out.data_ptr()) + r * out.stride(0);
       for (int64_t i = 0; i < inter; ++i) {
         const float x = bf16_to_f32(g[i]);
-        const float act = round_bf16(x / (1.f + std::exp(-x)));
+        const float act = round_bf16(x / (1.f + fast_exp(-x)));
         o[i] = f32_to_bf16(act * bf16_to_f32(u[i]));
       }
+    }
+  });
+}
+
+// Row-wise argmax of bf16 logits (N, V) into int64 (N,), the first index on ties, as
+// torch.argmax. 16 lanes keep their own best value and index, so the scan vectorises.
+void argmax_rows(at::Tensor out, at::Tensor logits) {
+  check_bf16_rows(logits, "logits");
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.is_contiguous() &&
+                  out.numel() == logits.size(0), "out must be contiguous int64 (N,)");
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "vocabulary size out of range");
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    constexpr int kLanes = 16;
+    for (int64_t r = begin; r < end; ++r) {
+      const auto* src = reinterpret_cast<const uint16_t*>(logits.data_ptr()) + r * logits.stride(0);
+      float best[kLanes];
+      int32_t where[kLanes];
+      int32_t nans[kLanes];
+      for (int j = 0; j < kLanes; ++j) {
+        best[j] = -std::numeric_limits<float>::infinity();
+        where[j] = static_cast<int32_t>(vocab);  // "none yet": larger than any index
+        nans[j] = 0;
+      }
+      int32_t i = 0;
+      const int32_t n = static_cast<int32_t>(vocab);
+      for (; i + kLanes <= n; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) {
+          const float v = bf16_to_f32(src[i + j]);
+          const bool better = v > best[j];
+          best[j] = better ? v : best[j];
+          where[j] = better ? i + j : where[j];
+          nans[j] += v != v;
+        }
+      int32_t any_nan = 0;
+      for (int j = 0; j < kLanes; ++j) any_nan += nans[j];
+      float top = -std::numeric_limits<float>::infinity();
+      int32_t arg = n;
+      for (int j = 0; j < kLanes; ++j)
+        if (best[j] > top || (best[j] == top && where[j] < arg)) {
+          top = best[j];
+          arg = where[j];
+        }
+      for (; i < n; ++i) {
+        const float v = bf16_to_f32(src[i]);
+        any_nan += v != v;
+        if (v > top) {
+          top = v;
+          arg = i;
+        }
+      }
+      if (any_nan > 0 || arg == n) {  // torch's rule: the first NaN wins; all -inf: index 0
+        arg = 0;
+        for (int32_t k = 0; k < n; ++k)
+          if (std::isnan(bf16_to_f32(src[k]))) {
+            arg = k;
+            break;
+          }
+      }
+      dst[r] = arg;
     }
   });
 }

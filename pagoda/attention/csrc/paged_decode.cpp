@@ -950,6 +950,7 @@ void add_rms_norm(at::Tensor out, at::Tensor residual, at::Tensor x, at::Tensor 
                   double eps);
 void rope(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin, at::Tensor positions);
 void silu_mul(at::Tensor out, at::Tensor gate_up);
+void argmax_rows(at::Tensor out, at::Tensor logits);
 }  // namespace pagoda_fused
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -974,4 +975,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &pagoda_fused::silu_mul, "out = silu(gate) * up for bf16 [gate | up] rows.",
         py::arg("out"), py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_rows", &pagoda_fused::argmax_rows, "Row-wise argmax of bf16 logits.",
+        py::arg("out"), py::arg("logits"), py::call_guard<py::gil_scoped_release>());
 }
