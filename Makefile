@@ -2,13 +2,21 @@
 # Both set up .venv first (idempotent; see scripts/setup.sh).
 PROMPT ?= What is paged attention? Answer in two sentences.
 PYTEST_ARGS ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+SERVE_ARGS ?=
 
-.PHONY: setup run test bench
+.PHONY: setup run generate test bench
 
 setup:
 	@bash scripts/setup.sh
 
+# The main job: the OpenAI-compatible server on the bundled model (Ctrl-C stops it).
 run: setup
+	.venv/bin/pagoda serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
+
+# One chat answer from the command line, no server.
+generate: setup
 	.venv/bin/pagoda generate --chat --prompt "$(PROMPT)" --max-tokens 128
 
 test: setup

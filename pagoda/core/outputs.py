@@ -64,6 +64,8 @@ class SchedulerOutput:
     finished_request_ids: set[str] = field(default_factory=set)
     preempted_request_ids: set[str] = field(default_factory=set)
     kv_loads: list[KVLoad] = field(default_factory=list)  # remote KV to start pulling
+    # Remote leases this instance will not pull from (computed here instead): end them.
+    kv_releases: list[RemotePrefill] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -49,6 +49,7 @@ class Scheduler:
         self.leases: Optional[LeaseTable] = None
         self.loading: dict[str, Request] = {}     # waiting for remote KV; they hold blocks
         self._kv_loads: list[KVLoad] = []
+        self._kv_releases: list[RemotePrefill] = []
         self._lease_counter = 0
         self.num_kv_load_failures = 0
 
@@ -254,8 +255,9 @@ class Scheduler:
         output = SchedulerOutput(new_reqs, cached_reqs, scheduled,
                                  finished_request_ids=self._finished_ids,
                                  preempted_request_ids=self._preempted_ids,
-                                 kv_loads=self._kv_loads)
-        self._finished_ids, self._preempted_ids, self._kv_loads = set(), set(), []
+                                 kv_loads=self._kv_loads, kv_releases=self._kv_releases)
+        self._finished_ids, self._preempted_ids = set(), set()
+        self._kv_loads, self._kv_releases = [], []
         return output
 
     # ------------------------------------------------------------------ update
@@ -363,6 +365,7 @@ class Scheduler:
         if missing < self.kv.block_size:
             # The local prefix cache holds all but a partial block: computing those few
             # tokens here is cheaper than a round trip to the prefill instance.
+            self._kv_releases.append(kt.remote_prefill)
             request.kv_transfer = None
             return False
         return True
@@ -431,6 +434,8 @@ class Scheduler:
             return
         self.num_kv_load_failures += 1
         self.kv.free(request)            # the transfer no longer writes: the blocks may go
+        if request.kv_transfer is not None and request.kv_transfer.remote_prefill is not None:
+            self._kv_releases.append(request.kv_transfer.remote_prefill)
         if request.is_finished:
             return
         request.kv_transfer = None

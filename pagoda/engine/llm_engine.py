@@ -241,8 +241,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration. Returns an output for every request that changed in it."""
         sched = self.scheduler.schedule()
-        if self.kv_connector is not None and sched.kv_loads:
-            self.kv_connector.start_loads(sched.kv_loads)
+        if self.kv_connector is not None:
+            if sched.kv_loads:
+                self.kv_connector.start_loads(sched.kv_loads)
+            if sched.kv_releases:
+                self.kv_connector.release_remote(sched.kv_releases)
         runner_out = self.runner.execute_model(sched)
         core_outs = self.scheduler.update_from_output(sched, runner_out)
         progress = not sched.is_empty or bool(core_outs) or bool(sched.kv_loads)

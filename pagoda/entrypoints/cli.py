@@ -1,4 +1,4 @@
-"""The ``pagoda`` command: ``pagoda generate`` and ``pagoda bench throughput``."""
+"""The ``pagoda`` command: ``pagoda serve``, ``pagoda generate`` and ``pagoda bench ...``."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,28 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
+                   help="dummy: random weights of the model's shapes, no checkpoint files")
+    g.add_argument("--model-preset", default=None,
+                   help="built-in shapes for --load-format dummy: qwen3-0.6b, llama-3.2-1b, "
+                        "llama-3.1-8b (and tiny-qwen3, tiny-llama for tests)")
+    kv = parser.add_argument_group("disaggregated prefill")
+    kv.add_argument("--kv-role", default=d.kv_role, choices=["both", "prefill", "decode"],
+                    help="both: colocated (default); prefill / decode: one half of a pair "
+                         "behind `pagoda router`, KV moved by NIXL")
+    kv.add_argument("--kv-secret", default=None,
+                    help="shared secret of the KV side channel (default $PAGODA_KV_SECRET)")
+    kv.add_argument("--kv-lease-seconds", type=float, default=d.kv_lease_seconds,
+                    help="prefill: how long a finished request's KV waits to be pulled")
+    kv.add_argument("--kv-load-failure", default=d.kv_load_failure,
+                    choices=["recompute", "fail"],
+                    help="decode: compute the prompt here, or fail the request, when a pull fails")
+    kv.add_argument("--kv-transfer-timeout", type=float, default=d.kv_transfer_timeout)
+    kv.add_argument("--kv-host", default=d.kv_host,
+                    help="the KV side channel's address (default 127.0.0.1)")
+    kv.add_argument("--kv-port", type=int, default=d.kv_port, help="0: any free port")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -63,6 +85,32 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from pagoda.entrypoints.openai.api_server import run_server
+
+    return run_server(ns, engine_args_from(ns))
+
+
+def add_router_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill", nargs="*", default=[], metavar="URL",
+                        help="prefill instances (pagoda serve --kv-role prefill)")
+    parser.add_argument("--decode", nargs="+", required=True, metavar="URL",
+                        help="decode instances (pagoda serve --kv-role decode)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--policy", choices=["least_outstanding", "round_robin"],
+                        default="least_outstanding")
+    parser.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS")
+    parser.add_argument("--api-key", default=None,
+                        help="sent to the instances when the client sends none")
+
+
+def _router_main(ns: argparse.Namespace) -> int:
+    from pagoda.entrypoints.router import main as router_main
+
+    return router_main(ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -87,6 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_args(tp)
     add_engine_args(tp)
     tp.set_defaults(func=throughput.main)
+
+    from pagoda.bench import prefix
+
+    px = bench_sub.add_parser("prefix", help="prefix caching on vs off on shared prefixes")
+    prefix.add_args(px)
+    add_engine_args(px)
+    px.set_defaults(func=prefix.main)
+
+    from pagoda.bench import serve as bench_serve
+
+    bs = bench_sub.add_parser("serve", help="online serving benchmark against an HTTP endpoint")
+    bench_serve.add_args(bs)
+    bs.set_defaults(func=bench_serve.main)
+
+    from pagoda.entrypoints.openai.args import add_server_args
+
+    srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    add_server_args(srv)
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
+
+    rt = sub.add_parser("router", help="one endpoint in front of prefill and decode instances")
+    add_router_args(rt)
+    rt.set_defaults(func=_router_main)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from pagoda.core.outputs import KVEvents, KVLoad
+from pagoda.kv_transfer.params import RemotePrefill
 
 
 class KVConnectorWorker(ABC):
@@ -20,6 +21,10 @@ class KVConnectorWorker(ABC):
     @abstractmethod
     def start_loads(self, loads: list[KVLoad]) -> None:
         """Begin pulling each load's remote blocks into its local blocks (asynchronously)."""
+
+    @abstractmethod
+    def release_remote(self, remotes: list[RemotePrefill]) -> None:
+        """Tell prefill instances we will not pull these (their leases may end now)."""
 
     @abstractmethod
     def poll(self) -> KVEvents:

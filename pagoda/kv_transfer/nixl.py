@@ -13,7 +13,9 @@ Invariant: a load is reported (loaded or failed) only once NIXL no longer writes
 from __future__ import annotations
 
 import logging
+import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -107,6 +109,8 @@ class NixlConnector(KVConnectorWorker):
         self._pulls: dict[str, _Pull] = {}
         self._events = KVEvents()
         self.num_blocks_pulled = 0
+        self._peer_releases: queue.SimpleQueue[str] = queue.SimpleQueue()  # from the channel
+        self._notifier = ThreadPoolExecutor(1, thread_name_prefix="pagoda-kv-release")
         self._server = side_channel.SideChannelServer(
             config.side_channel_host, config.side_channel_port, secret, self._answer)
         logger.info("KV transfer (%s): NIXL agent %s, side channel %s:%d", config.kv_role,
@@ -131,10 +135,15 @@ class NixlConnector(KVConnectorWorker):
             pinned = self._leases.pin(str(message.get("lease_id")),
                                       float(message.get("seconds", 0)))
             return {"ok": pinned, "error": None if pinned else "no such lease (expired?)"}
+        if op == "release":
+            self._peer_releases.put(str(message.get("lease_id")))  # freed on the engine thread
+            return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def _released_leases(self) -> list[str]:
         released = []
+        while not self._peer_releases.empty():
+            released.append(self._peer_releases.get_nowait())
         for messages in self.agent.get_new_notifs().values():
             for msg in messages:
                 if msg.startswith(RELEASE_PREFIX):
@@ -142,6 +151,20 @@ class NixlConnector(KVConnectorWorker):
         return released
 
     # ------------------------------------------------------------ decode side
+    def release_remote(self, remotes: list[RemotePrefill]) -> None:
+        for remote in remotes:
+            self._notifier.submit(self._send_release, remote)
+
+    def _send_release(self, remote: RemotePrefill) -> None:
+        """Off the engine thread: a slow or dead peer must not stall the step loop (its
+        lease then simply expires)."""
+        try:
+            side_channel.call(remote.host, remote.port, self._secret,
+                              {"op": "release", "lease_id": remote.request_id})
+        except side_channel.SideChannelError as e:
+            logger.info("could not release lease %s early (it will expire): %s",
+                        remote.request_id, e)
+
     def start_loads(self, loads: list[KVLoad]) -> None:
         for load in loads:
             try:
@@ -235,6 +258,7 @@ class NixlConnector(KVConnectorWorker):
         return len(self._pulls)
 
     def close(self) -> None:
+        self._notifier.shutdown(wait=True)
         self._server.close()
         try:
             self.agent.deregister_memory(self._registered)

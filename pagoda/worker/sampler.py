@@ -115,7 +115,8 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     logits = logits / temp[:, None]
     if any(p.top_k for p in params):
         vocab = logits.shape[1]
-        k = torch.tensor([p.top_k or vocab for p in params], device=device).clamp(max=vocab)
+        # Clamped in Python: a k past int64 (valid: it keeps every token) cannot be a tensor.
+        k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=device)
         # Exactly k tokens survive; among equal logits the lower id wins, as in argmax, so
         # that top_k=1 is greedy even on ties. A stable sort makes that order deterministic.
         order = logits.sort(dim=-1, descending=True, stable=True).indices

@@ -103,6 +103,19 @@ def test_decode_continues_from_pulled_kv_token_identical(model, pair):
     p.check_invariants()
 
 
+def test_a_prompt_too_short_to_pull_still_ends_the_lease_at_once(model, pair):
+    path, prompts, refs = model
+    p, d = pair
+    short = prompts[0][:7]                   # less than a block: computed on the decode side
+    params = prefill(p, "s", short)
+    out = run(d, "s", short, greedy())
+    assert d.kv_connector.num_blocks_pulled == 0
+    run(d, "s2", short, greedy(), kv_transfer_params=params)
+    wait_all_free(p)                         # released over the side channel, not expired
+    assert p.scheduler.leases.num_released == 1 and p.scheduler.leases.num_expired == 0
+    assert out.token_ids == run(d, "s3", short, greedy()).token_ids
+
+
 def test_the_pulled_kv_is_what_decode_uses(model, pair):
     """Corrupt the prefill side's KV before the pull: the decode output must change."""
     path, prompts, refs = model

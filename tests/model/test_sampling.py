@@ -648,3 +648,16 @@ def test_logprobs_of_penalized_rows_are_raw(llm, hf):
     for j, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
         assert abs(lp.logprob - ref[len(prompt) - 1 + j, tok].item()) < 1e-4
         assert math.isfinite(lp.logprob)
+
+
+def test_huge_top_k_keeps_every_token_and_the_engine_lives(tmp_path):
+    from tiny_models import make_model
+
+    from pagoda import LLM, SamplingParams
+
+    llm = LLM(make_model(str(tmp_path / "m"), "llama"), dtype="float32")
+    huge = SamplingParams(temperature=1.0, top_k=2 ** 64, seed=3, max_tokens=5)
+    off = SamplingParams(temperature=1.0, top_k=0, seed=3, max_tokens=5)
+    a, b = llm.generate([[5, 6, 7]] * 2, [huge, off])
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 5
+    assert llm.generate([5, 6], SamplingParams(max_tokens=2))[0].finish_reason == "length"

@@ -77,8 +77,9 @@ def test_failed_pull_recomputes_or_fails(policy):
     sched.apply_kv_events(KVEvents(failed={"a": "lost"}))
     assert sched.num_kv_load_failures == 1
     sched.check_invariants()
+    out = sched.schedule()
+    assert [r.request_id for r in out.kv_releases] == ["r#1"]
     if policy == "recompute":
-        out = sched.schedule()
         assert out.num_scheduled_tokens == {"a": 14} and not out.kv_loads
         runner.execute(out)
     else:
@@ -122,6 +123,8 @@ def test_prompt_fully_in_the_local_cache_pulls_nothing():
     sched.add_request(req("a", remote_params()))
     out = sched.schedule()
     assert not out.kv_loads and out.num_scheduled_tokens == {"a": 2}
+    # The prefill instance is told at once, so its lease need not wait to expire.
+    assert [r.request_id for r in out.kv_releases] == ["r#1"]
 
 
 def test_remote_that_cannot_hold_the_prompt_is_a_failed_load():

@@ -1,0 +1,397 @@
+"""AsyncEngine: LLMEngine.step() on one background thread, outputs streamed to asyncio.
+
+LLMEngine is not thread-safe, so the engine thread is the only one that calls into it: the
+event loop sends commands (add, abort, ...) through a queue and receives outputs, once per
+step, through ``loop.call_soon_threadsafe``. Torch releases the GIL inside its kernels, so the
+HTTP loop keeps serving while a step runs (docs/server.md has the measurement).
+
+Admission control lives here: a bounded waiting queue, by requests and by prompt tokens
+still to compute. An exception inside a step kills the engine: every request in flight fails
+with :class:`EngineDeadError` and so does every later one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Optional, Union
+
+from pagoda.engine.metrics import EngineMetrics
+from pagoda.engine.outputs import RequestOutput
+from pagoda.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5          # how often an idle engine thread wakes to check for shutdown
+KV_IDLE_POLL_S = 0.02      # ... and with a KV connector: leases expire, transfers finish
+RETRY_AFTER_S = 1          # what a 429 tells the client to wait
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread died; no request can be served any more."""
+
+
+class QueueFullError(RuntimeError):
+    """Admission control refused a request (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    max_queued_requests: Optional[int] = None       # requests not yet scheduled
+    max_queued_prompt_tokens: Optional[int] = None  # prompt tokens of those, still to compute
+
+
+# ---------------------------------------------------------------- commands
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: Optional[str]
+    arrival_time: float
+    cache_salt: Optional[str]
+    kv_transfer_params: Optional[dict]
+    done: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    """Run ``fn(engine)`` on the engine thread and hand back its result."""
+    fn: Callable[[Any], Any]
+    done: asyncio.Future
+
+
+@dataclass
+class _Fault:
+    """Make the model runner raise inside the next step (debug endpoint; tests engine death)."""
+
+
+_STOP = object()
+_ABORTED = object()    # put on a stream when its request is aborted from the loop side
+Command = Union[_Add, _Abort, _Call, _Fault, object]
+
+
+@dataclass
+class RequestStream:
+    """The outputs of one request as the event loop sees them: newest first wins."""
+    request_id: str
+    num_completions: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    finished: bool = False
+
+    async def next(self) -> Optional[RequestOutput]:
+        """The newest output (older ones are skipped: outputs are cumulative); None once
+        the request is aborted. Raises EngineDeadError when the engine died."""
+        item = await self.queue.get()
+        while not self.queue.empty() and not _is_final(item):
+            item = self.queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item is _ABORTED:
+            self.finished = True
+            return None
+        if item.finished:
+            self.finished = True
+        return item
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            out = await self.next()
+            if out is None:
+                return
+            yield out
+
+
+def _is_final(item: Any) -> bool:
+    return item is _ABORTED or isinstance(item, BaseException) or item.finished
+
+
+@dataclass
+class _QueueState:
+    """What admission control counts, kept under one lock."""
+    inbox_requests: int = 0      # added on the loop, not yet taken by the engine thread
+    inbox_tokens: int = 0
+    engine_waiting: int = 0      # engine's waiting queue, as of the last snapshot
+    engine_waiting_tokens: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.inbox_requests + self.engine_waiting
+
+    @property
+    def tokens(self) -> int:
+        return self.inbox_tokens + self.engine_waiting_tokens
+
+
+class AsyncEngine:
+    def __init__(self, engine: Any, limits: AdmissionLimits = AdmissionLimits(),
+                 metrics: Optional[EngineMetrics] = None) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.metrics = metrics
+        self._inbox: queue.Queue[Command] = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}   # loop side only
+        self._live: dict[str, int] = {}               # engine thread only: id -> n
+        self._lock = threading.Lock()
+        self._qstate = _QueueState()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self.dead_error: Optional[BaseException] = None
+        self._has_kv = getattr(engine, "kv_connector", None) is not None
+        self._idle_poll_s = KV_IDLE_POLL_S if self._has_kv else IDLE_POLL_S
+        if metrics is not None:
+            metrics.engine_alive.set(1)
+            metrics.update_engine_state(engine)
+
+    # -------------------------------------------------------------- lifecycle
+    def start(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._inbox.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def is_dead(self) -> bool:
+        return self.dead_error is not None
+
+    # --------------------------------------------------------- loop-side API
+    async def add_request(self, request_id: str, prompt_token_ids: list[int],
+                          params: SamplingParams, prompt: Optional[str] = None,
+                          cache_salt: Optional[str] = None,
+                          arrival_time: Optional[float] = None,
+                          kv_transfer_params: Optional[dict] = None) -> RequestStream:
+        """Admit and queue a request; raises ValueError (bad request), QueueFullError (429)
+        or EngineDeadError. The engine validates the prompt before this returns."""
+        self._check_alive()
+        self._admit(len(prompt_token_ids))
+        stream = RequestStream(request_id, params.n)
+        self._streams[request_id] = stream
+        done = self._loop.create_future()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, prompt, arrival,
+                             cache_salt, kv_transfer_params, done))
+        try:
+            await done
+        except asyncio.CancelledError:
+            self.abort(request_id)
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort at once: the stream ends now, the engine frees the blocks at its next turn."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and not stream.finished:
+            stream.queue.put_nowait(_ABORTED)
+        self._inbox.put(_Abort(request_id))
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread (debug state, invariant checks)."""
+        self._check_alive()
+        done = self._loop.create_future()
+        self._inbox.put(_Call(fn, done))
+        return await done
+
+    def inject_fault(self) -> None:
+        self._inbox.put(_Fault())
+
+    def queue_state(self) -> tuple[int, int]:
+        """(requests, prompt tokens) queued but not yet scheduled."""
+        with self._lock:
+            return self._qstate.requests, self._qstate.tokens
+
+    def _check_alive(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine has died: {self.dead_error!r}")
+
+    def _admit(self, num_tokens: int) -> None:
+        max_req, max_tok = self.limits.max_queued_requests, self.limits.max_queued_prompt_tokens
+        with self._lock:
+            q = self._qstate
+            if max_req is not None and q.requests >= max_req:
+                raise QueueFullError(f"the server is full: {q.requests} requests queued "
+                                     f"(--max-queued-requests {max_req})")
+            if max_tok is not None and q.tokens > 0 and q.tokens + num_tokens > max_tok:
+                raise QueueFullError(f"the server is full: {q.tokens} prompt tokens queued; "
+                                     f"{num_tokens} more would pass "
+                                     f"--max-queued-prompt-tokens {max_tok}")
+            q.inbox_requests += 1
+            q.inbox_tokens += num_tokens
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        """On the loop: hand each output to its stream."""
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream.queue.put_nowait(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error)
+        self._streams.clear()
+
+    # ------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._drain_inbox(block=not self.engine.has_unfinished_requests()):
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine, loudly
+            self._die(e)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()   # the KV connector's threads and sockets
+
+    def _idle_tick(self) -> None:
+        """No request is live: still expire KV leases and take in finished transfers (a
+        prefill instance's leases outlive its requests), and keep the gauges fresh."""
+        if not self._has_kv:
+            return
+        self.engine.poll_kv_transfers()
+        if self.metrics is not None:
+            self.metrics.update_engine_state(self.engine)
+        self._snapshot_queue()
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        now = time.monotonic()
+        for out in outputs:
+            if out.finished:
+                self._live.pop(out.request_id, None)
+        if self.metrics is not None:
+            self.metrics.on_step(self.engine, outputs, now)
+        self._snapshot_queue()
+        if outputs:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Run every queued command; False once asked to stop."""
+        while True:
+            try:
+                cmd = (self._inbox.get(timeout=self._idle_poll_s) if block
+                       else self._inbox.get_nowait())
+            except queue.Empty:
+                if block:
+                    self._idle_tick()
+                    continue
+                return True
+            if cmd is _STOP:
+                return False
+            self._handle(cmd)
+            block = False
+
+    def _handle(self, cmd: Command) -> None:
+        if isinstance(cmd, _Add):
+            self._handle_add(cmd)
+        elif isinstance(cmd, _Abort):
+            self._handle_abort(cmd.request_id)
+        elif isinstance(cmd, _Call):
+            self._resolve(cmd.done, *_run_call(cmd.fn, self.engine))
+        elif isinstance(cmd, _Fault):
+            self.engine.runner.execute_model = _failing_execute_model
+
+    def _handle_add(self, cmd: _Add) -> None:
+        error: Optional[BaseException] = None
+        try:
+            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
+                                    prompt=cmd.prompt, arrival_time=cmd.arrival_time,
+                                    cache_salt=cmd.cache_salt, **_optional_kwargs(cmd))
+            self._live[cmd.request_id] = cmd.params.n
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
+            error = e
+        with self._lock:
+            self._qstate.inbox_requests -= 1
+            self._qstate.inbox_tokens -= len(cmd.prompt_token_ids)
+        self._snapshot_queue()
+        self._resolve(cmd.done, None, error)
+
+    def _handle_abort(self, request_id: str) -> None:
+        n = self._live.pop(request_id, None)
+        if n is None:
+            return  # finished already
+        self.engine.abort_request(request_id)
+        if self.metrics is not None:
+            self.metrics.on_abort(request_id, n)
+            self.metrics.update_engine_state(self.engine)
+        self._snapshot_queue()
+        logger.debug("aborted %s", request_id)
+
+    def _snapshot_queue(self) -> None:
+        waiting = list(self.engine.scheduler.waiting)
+        tokens = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+        with self._lock:
+            self._qstate.engine_waiting = len(waiting)
+            self._qstate.engine_waiting_tokens = tokens
+            total = self._qstate.requests
+        if self.metrics is not None:
+            self.metrics.waiting.set(total)
+
+    def _resolve(self, fut: asyncio.Future, result: Any,
+                 error: Optional[BaseException]) -> None:
+        def settle() -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+        self._loop.call_soon_threadsafe(settle)
+
+    def _die(self, error: BaseException) -> None:
+        """Log, fail everything in flight, then refuse every later command until stopped."""
+        logger.exception("the engine died; failing all requests in flight", exc_info=error)
+        dead = EngineDeadError(f"the engine died: {error!r}")
+        self.dead_error = error
+        if self.metrics is not None:
+            self.metrics.engine_alive.set(0)
+            self.metrics.running.set(0)
+            self.metrics.waiting.set(0)
+        self._loop.call_soon_threadsafe(self._fail_all, dead)
+        while True:
+            cmd = self._inbox.get()
+            if cmd is _STOP:
+                return
+            if isinstance(cmd, (_Add, _Call)):
+                self._resolve(cmd.done, None, dead)
+
+
+def _optional_kwargs(cmd: _Add) -> dict[str, Any]:
+    """Pass kv_transfer_params only when given: a colocated request needs none."""
+    if cmd.kv_transfer_params is None:
+        return {}
+    return {"kv_transfer_params": cmd.kv_transfer_params}
+
+
+def _run_call(fn: Callable[[Any], Any], engine: Any) -> tuple[Any, Optional[BaseException]]:
+    try:
+        return fn(engine), None
+    except Exception as e:  # noqa: BLE001 - handed back to the caller
+        return None, e
+
+
+def _failing_execute_model(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("fault injected by /debug/fault: the model step failed")

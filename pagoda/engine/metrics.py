@@ -1,0 +1,148 @@
+"""Prometheus metrics of the serving engine: latency histograms, queue gauges, token counters.
+
+Names follow the Prometheus conventions (base units, ``_seconds``, ``_total`` on counters) under
+the ``pagoda:`` prefix, like vLLM's ``vllm:``. The engine thread updates them after every step;
+``prometheus_client`` makes that safe against the HTTP thread reading them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "pagoda:"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+               0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+@dataclass
+class _Progress:
+    """Per request: each child's token count and the time of its last token (for ITL)."""
+    counts: dict[int, int] = field(default_factory=dict)
+    last_time: dict[int, float] = field(default_factory=dict)
+
+
+class EngineMetrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._make_histograms()
+        self._make_gauges()
+        self._make_counters()
+        self._last: dict[str, int] = {}
+        self._progress: dict[str, _Progress] = {}
+
+    # --------------------------------------------------------------- creation
+    def _histogram(self, name: str, doc: str, buckets: tuple) -> Histogram:
+        return Histogram(PREFIX + name, doc, buckets=buckets, registry=self.registry)
+
+    def _make_histograms(self) -> None:
+        h = self._histogram
+        self.ttft = h("time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
+        self.itl = h("inter_token_latency_seconds", "Time between two output tokens.",
+                     ITL_BUCKETS)
+        self.tpot = h("time_per_output_token_seconds",
+                      "Mean time per output token after the first, per request.", ITL_BUCKETS)
+        self.e2e = h("e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
+        self.queue_time = h("request_queue_time_seconds", "Arrival to first scheduled.",
+                            LATENCY_BUCKETS)
+        self.prompt_len = h("request_prompt_tokens", "Prompt length of finished requests.",
+                            TOKEN_BUCKETS)
+        self.gen_len = h("request_generation_tokens", "Output tokens of finished requests.",
+                         TOKEN_BUCKETS)
+
+    def _make_gauges(self) -> None:
+        r = self.registry
+        self.running = Gauge(PREFIX + "num_requests_running", "Requests running.", registry=r)
+        self.waiting = Gauge(PREFIX + "num_requests_waiting",
+                             "Requests waiting to be scheduled (engine queue + admission).",
+                             registry=r)
+        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc",
+                              "Fraction of KV blocks in use (0..1).", registry=r)
+        self.free_blocks = Gauge(PREFIX + "kv_cache_free_blocks", "Free KV blocks.", registry=r)
+        self.total_blocks = Gauge(PREFIX + "kv_cache_total_blocks", "KV blocks in the pool.",
+                                  registry=r)
+        self.engine_alive = Gauge(PREFIX + "engine_alive", "1 while the engine lives.",
+                                  registry=r)
+
+    def _make_counters(self) -> None:
+        r = self.registry
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens taken in.",
+                                     registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.",
+                                         registry=r)
+        self.prefix_queries = Counter(PREFIX + "prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.prefix_hits = Counter(PREFIX + "prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache.", registry=r)
+        self.preemptions = Counter(PREFIX + "num_preemptions", "Preemptions.", registry=r)
+        self.finished = Counter(PREFIX + "request_success", "Finished requests by reason.",
+                                ["finished_reason"], registry=r)
+        self.rejected = Counter(PREFIX + "request_rejected",
+                                "Requests refused before the engine, by reason.", ["reason"],
+                                registry=r)
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)
+        for reason in ("queue_full", "bad_request", "engine_dead"):
+            self.rejected.labels(reason)
+
+    # ----------------------------------------------------------------- update
+    def on_step(self, engine: Any, outputs: list[Any], now: float) -> None:
+        """After a step, on the engine thread: counters, gauges, per-request latencies."""
+        self.update_engine_state(engine)
+        for out in outputs:
+            self._observe_tokens(out, now)
+            if out.finished:
+                self._observe_finished(out)
+
+    def update_engine_state(self, engine: Any) -> None:
+        self._add_delta(self.prompt_tokens, "prompt", engine.num_prompt_tokens)
+        self._add_delta(self.generation_tokens, "generation", engine.num_generation_tokens)
+        self._add_delta(self.prefix_queries, "queries", engine.prefix_cache_queries)
+        self._add_delta(self.prefix_hits, "hits", engine.prefix_cache_hits)
+        self._add_delta(self.preemptions, "preemptions", engine.scheduler.num_preemptions)
+        self.running.set(engine.scheduler.num_running)
+        self.kv_usage.set(engine.kv.usage)
+        self.free_blocks.set(engine.kv.pool.num_free_blocks)
+        self.total_blocks.set(engine.num_blocks)
+
+    def _add_delta(self, counter: Counter, key: str, value: int) -> None:
+        delta = value - self._last.get(key, 0)
+        if delta > 0:
+            counter.inc(delta)
+        self._last[key] = value
+
+    def _observe_tokens(self, out: Any, now: float) -> None:
+        progress = self._progress.setdefault(out.request_id, _Progress())
+        for comp in out.outputs:
+            new = len(comp.token_ids) - progress.counts.get(comp.index, 0)
+            if new <= 0:
+                continue
+            last = progress.last_time.get(comp.index)
+            if last is not None:
+                gap = (now - last) / new
+                for _ in range(new):
+                    self.itl.observe(gap)
+            progress.counts[comp.index] = len(comp.token_ids)
+            progress.last_time[comp.index] = now
+
+    def _observe_finished(self, out: Any) -> None:
+        self._progress.pop(out.request_id, None)
+        m = out.metrics
+        for hist, value in ((self.ttft, m.time_to_first_token), (self.e2e, m.e2e_latency),
+                            (self.queue_time, m.queue_time),
+                            (self.tpot, out.time_per_output_token)):
+            if value is not None:
+                hist.observe(value)
+        self.prompt_len.observe(len(out.prompt_token_ids))
+        for comp in out.outputs:
+            self.gen_len.observe(len(comp.token_ids))
+            self.finished.labels(comp.finish_reason or "abort").inc()
+
+    def on_abort(self, request_id: str, num_completions: int) -> None:
+        self._progress.pop(request_id, None)
+        self.finished.labels("abort").inc(num_completions)

@@ -1,0 +1,353 @@
+"""``pagoda serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over an AsyncEngine.
+
+Every bad request is answered with an OpenAI-style error naming the field (400, 401, 404,
+413, 429), never a 500; only a dead engine answers 5xx. See docs/server.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError
+from pagoda.engine.metrics import EngineMetrics
+from pagoda.entrypoints.openai.args import DEFAULT_MAX_BODY_BYTES
+from pagoda.entrypoints.openai.errors import ApiError, error_response, is_union_tag, loc_to_param
+from pagoda.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    TokenizeRequest,
+)
+from pagoda.entrypoints.openai.serving import OpenAIServing
+
+logger = logging.getLogger("pagoda.server")
+
+OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_names: tuple[str, ...]
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    enable_debug_endpoints: bool = False
+
+
+def cache_salt_for_key(key: str) -> str:
+    """Each API key is a tenant: its requests share cached prefixes only with each other."""
+    return "key-" + hashlib.sha256(b"pagoda-cache-salt\x00" + key.encode()).hexdigest()[:32]
+
+
+# -------------------------------------------------------------- middleware
+class BodyLimitMiddleware:
+    """413 for a body over the limit (by Content-Length, or counted as it arrives); the
+    app then gets the body replayed, and later receive() calls (disconnects) pass through."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        if _content_length(scope) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = error_response(413, f"request body is over {self.max_bytes} bytes", "body",
+                              "request_too_large")
+        await resp(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
+
+
+class ApiKeyMiddleware:
+    """``Authorization: Bearer KEY`` on every path but /health and /metrics; compared with
+    hmac.compare_digest against every key, so the time does not tell which byte differed.
+    The matched key's cache salt goes into ``scope["state"]["cache_salt"]``."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        key = self._match(_bearer(scope))
+        if key is None:
+            resp = error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                  "authorization", "invalid_api_key")
+            return await resp(scope, receive, send)
+        scope.setdefault("state", {})["cache_salt"] = cache_salt_for_key(key.decode())
+        await self.app(scope, receive, send)
+
+    def _match(self, given: bytes) -> Optional[bytes]:
+        found = None
+        for key in self.keys:
+            if hmac.compare_digest(given, key):
+                found = key
+        return found
+
+
+def _bearer(scope: Scope) -> bytes:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return b""
+
+
+# ----------------------------------------------------------------- errors
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        return _validation_response(e.errors())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(e.status_code, str(e.detail), headers=e.headers)
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(e), code="engine_dead")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("unexpected error while serving a request")
+        return error_response(500, f"internal error: {type(e).__name__}")
+
+
+def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+    if not errors:
+        return error_response(400, "invalid request")
+    err = errors[0]
+    if err.get("type") == "json_invalid":
+        return error_response(400, f"malformed JSON body: {err.get('msg')}", "body",
+                              "invalid_json")
+    param = loc_to_param(err.get("loc", ()))
+    if err.get("type") == "missing":
+        message = f"{param} is required"
+    elif any(is_union_tag(p) for p in err.get("loc", ())[1:]):
+        message = f"{param}: wrong type or value (got {_short(err.get('input'))})"
+    else:
+        message = f"{param or 'body'}: {err.get('msg')}"
+        if "input" in err and err["type"] != "model_attributes_type":
+            message += f" (got {_short(err['input'])})"
+    return error_response(400, message, param or "body")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ----------------------------------------------------------------- routes
+def build_app(async_engine: AsyncEngine, config: ServerConfig,
+              metrics: Optional[EngineMetrics] = None) -> FastAPI:
+    serving = OpenAIServing(async_engine, list(config.model_names))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        yield
+        async_engine.shutdown()
+
+    app = FastAPI(title="pagoda", version="0.1.0", lifespan=lifespan)
+    _install_error_handlers(app)
+    _add_generation_routes(app, serving)
+    _add_info_routes(app, serving, config, metrics)
+    if config.enable_debug_endpoints:
+        _add_debug_routes(app, async_engine)
+    if config.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    return app
+
+
+def _salt(raw: Request) -> Optional[str]:
+    return raw.scope.get("state", {}).get("cache_salt")
+
+
+def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await serving.create_completion(body, raw, _salt(raw))
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await serving.create_chat_completion(body, raw, _salt(raw))
+
+
+def _add_info_routes(app: FastAPI, serving: OpenAIServing, config: ServerConfig,
+                     metrics: Optional[EngineMetrics]) -> None:
+    engine = serving.engine
+    created = int(time.time())
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health() -> Response:
+        if serving.async_engine.is_dead:
+            return error_response(503, "the engine has died", code="engine_dead")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": config.model_names[0], "object": "model", "created": created,
+             "owned_by": "pagoda", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        if metrics is None:
+            return Response("", media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize", responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        return _tokenize(serving, body)
+
+    @app.post("/detokenize", responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        serving.check_model(body.model)
+        vocab = engine.arch.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"tokens must be in [0, {vocab}); got {bad[:3]}", "tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+
+def _tokenize(serving: OpenAIServing, body: TokenizeRequest) -> dict:
+    serving.check_model(body.model)
+    engine = serving.engine
+    if (body.prompt is None) == (body.messages is None):
+        raise ApiError(400, "give exactly one of prompt or messages", "prompt")
+    if body.prompt is not None:
+        ids = list(engine.tokenizer.encode(body.prompt,
+                                           add_special_tokens=body.add_special_tokens))
+    else:
+        ids = serving.chat_prompt(body.messages)
+    return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+
+def _add_debug_routes(app: FastAPI, async_engine: AsyncEngine) -> None:
+    """Off unless --enable-debug-endpoints: engine internals for tests and operators."""
+
+    @app.get("/debug/state")
+    async def debug_state() -> dict:
+        return await async_engine.call(_engine_state)
+
+    @app.post("/debug/fault")
+    async def debug_fault() -> dict:
+        async_engine.inject_fault()
+        return {"status": "the next engine step will raise"}
+
+
+def _engine_state(engine: Any) -> dict:
+    """Runs on the engine thread."""
+    try:
+        engine.check_invariants()
+        broken = None
+    except AssertionError as e:
+        broken = str(e) or "an invariant does not hold"
+    return {"num_running": engine.scheduler.num_running,
+            "num_waiting": engine.scheduler.num_waiting,
+            "num_unfinished": int(engine.has_unfinished_requests()),
+            "num_free_blocks": engine.kv.pool.num_free_blocks,
+            "num_blocks": engine.num_blocks, "invariants_ok": broken is None,
+            "invariant_error": broken}
+
+
+# -------------------------------------------------------------------- CLI
+def run_server(ns: argparse.Namespace, engine_args: Any) -> int:
+    import uvicorn
+
+    app = build_app_from_args(ns, engine_args)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def build_app_from_args(ns: argparse.Namespace, engine_args: Any) -> FastAPI:
+    """Load the engine as the options say, log what is served, and build the app."""
+    import torch
+
+    from pagoda.engine.llm_engine import LLMEngine
+
+    if ns.num_threads is not None:
+        torch.set_num_threads(ns.num_threads)
+    if logging.getLogger("pagoda").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("pagoda").setLevel(logging.INFO)  # say what is being served
+    engine = LLMEngine(engine_args)
+    max_tokens = ns.max_queued_prompt_tokens or engine.num_blocks * engine.block_size
+    metrics = EngineMetrics()
+    async_engine = AsyncEngine(engine, AdmissionLimits(ns.max_queued_requests, max_tokens),
+                               metrics)
+    config = _server_config(ns, engine, engine_args)
+    logger.info("pagoda serve: model %s (%s), dtype %s, KV cache %d blocks x %d = %d tokens, "
+                "max_model_len %d, %d torch threads, listening on http://%s:%d",
+                config.model_names[0], engine_args.model or "bundled", engine.dtype,
+                engine.num_blocks, engine.block_size, engine.num_blocks * engine.block_size,
+                engine.max_model_len, torch.get_num_threads(), ns.host, ns.port)
+    return build_app(async_engine, config, metrics)
+
+
+def _server_config(ns: argparse.Namespace, engine: Any, engine_args: Any) -> ServerConfig:
+    env_key = os.environ.get("PAGODA_API_KEY")
+    keys = tuple(ns.api_key or ([env_key] if env_key else []))
+    names = (ns.served_model_name or engine.model_name, engine.model_name, engine_args.model)
+    return ServerConfig(tuple(dict.fromkeys(n for n in names if n)), keys,
+                        ns.max_request_body_bytes, ns.enable_debug_endpoints)

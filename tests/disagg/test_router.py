@@ -1,0 +1,153 @@
+"""The whole disaggregated path over HTTP: `pagoda router` in front of a `pagoda serve
+--kv-role prefill` and a `--kv-role decode` process (KV moved by NIXL between them). The
+official openai client gets the same greedy text as the offline colocated engine; a dead
+prefill instance is retried around; with none up the decode instance runs colocated."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+from server_utils import REPO, free_port, metric_values, start_server  # noqa: E402
+from tiny_models import make_model  # noqa: E402
+
+pytest.importorskip("nixl")
+
+SECRET = "router-test-secret"
+KV_ARGS = ("--kv-secret", SECRET, "--num-kv-blocks", "256", "--max-num-seqs", "16")
+PROMPTS = ["The paged KV cache keeps", "Continuous batching means that",
+           "one two three four five six seven eight nine ten eleven twelve thirteen"]
+
+
+def start_router(prefill: list[str], decode: list[str], log_dir: Path,
+                 *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", "router", "--port", str(port),
+           "--prefill", *prefill, "--decode", *decode, *extra]
+    log = open(log_dir / f"router-{port}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("router did not come up")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model = make_model(str(tmp_path_factory.mktemp("tiny")), "llama")
+    logs = tmp_path_factory.mktemp("logs")
+    prefill = start_server(model, logs, "--kv-role", "prefill", *KV_ARGS)
+    decode = start_server(model, logs, "--kv-role", "decode", *KV_ARGS)
+    router, url = start_router([prefill.url], [decode.url], logs)
+    yield model, prefill, decode, url
+    router.terminate()
+    router.wait(timeout=10)
+    for srv in (prefill, decode):
+        srv.stop()
+        assert "Traceback" not in srv.log(), srv.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def colocated(cluster):
+    from pagoda import LLM, SamplingParams
+
+    llm = LLM(cluster[0], dtype="float32", block_size=16)
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    return {p: o.text for p, o in zip(PROMPTS, llm.generate(PROMPTS, params))}
+
+
+def openai_client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def model_id(url: str) -> str:
+    return httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+
+def test_completions_through_the_router_match_colocated(cluster, colocated):
+    _, prefill, decode, url = cluster
+    client = openai_client(url)
+    name = model_id(url)
+    for prompt in PROMPTS:
+        out = client.completions.create(model=name, prompt=prompt, max_tokens=12,
+                                        temperature=0)
+        assert out.choices[0].text == colocated[prompt]
+        assert out.usage.completion_tokens == 12
+    stream = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=12,
+                                       temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == colocated[PROMPTS[0]]
+    # Every prompt's KV went through a lease that the decode side's pull released.
+    m = metric_values(prefill.url)
+    assert m["pagoda:kv_cache_free_blocks"] == m["pagoda:kv_cache_total_blocks"]
+
+
+def test_chat_n_and_stop_through_the_router(cluster):
+    _, _, decode, url = cluster
+    client = openai_client(url)
+    name = model_id(url)
+    messages = [{"role": "user", "content": "Say something about blocks."}]
+    direct = openai_client(decode.url).chat.completions.create(
+        model=name, messages=messages, max_tokens=10, temperature=0)
+    routed = client.chat.completions.create(model=name, messages=messages, max_tokens=10,
+                                            temperature=0, n=2)
+    assert [c.message.content for c in routed.choices] == [direct.choices[0].message.content] * 2
+    text = direct.choices[0].message.content
+    if len(text) > 3:
+        stop = text[2:4]
+        cut = client.chat.completions.create(model=name, messages=messages, max_tokens=10,
+                                             temperature=0, stop=[stop])
+        assert cut.choices[0].finish_reason == "stop"
+        assert stop not in cut.choices[0].message.content
+
+
+def test_bad_request_gets_the_instance_error(cluster):
+    url = cluster[3]
+    r = httpx.post(url + "/v1/completions", json={"model": model_id(url), "prompt": "x",
+                                                  "temperature": -1})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", content=b"{not json")
+    assert r.status_code == 400
+
+
+def test_dead_prefill_is_retried_and_none_up_runs_colocated(cluster, colocated,
+                                                            tmp_path_factory):
+    model, prefill, decode, _ = cluster
+    logs = tmp_path_factory.mktemp("router-logs")
+    dead = f"http://127.0.0.1:{free_port()}"
+    # A long health interval: the router still believes in `doomed` when it is gone.
+    doomed = start_server(model, logs, "--kv-role", "prefill", *KV_ARGS)
+    router, url = start_router([doomed.url, prefill.url], [decode.url], logs,
+                               "--health-interval", "3600")
+    try:
+        doomed.stop()
+        out = openai_client(url).completions.create(model=model_id(url), prompt=PROMPTS[1],
+                                                    max_tokens=12, temperature=0)
+        assert out.choices[0].text == colocated[PROMPTS[1]]
+        assert metric_values(url)["pagoda_router_prefill_retries_total"] >= 1
+    finally:
+        router.terminate()
+        router.wait(timeout=10)
+    router, url = start_router([dead], [decode.url], logs)
+    try:
+        out = openai_client(url).completions.create(model=model_id(url), prompt=PROMPTS[2],
+                                                    max_tokens=12, temperature=0)
+        assert out.choices[0].text == colocated[PROMPTS[2]]
+        assert metric_values(url)["pagoda_router_colocated_fallbacks_total"] == 1
+    finally:
+        router.terminate()
+        router.wait(timeout=10)

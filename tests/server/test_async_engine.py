@@ -1,0 +1,107 @@
+"""AsyncEngine against a fake engine (no model): admission, idle KV polling, death."""
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError, QueueFullError
+from pagoda.sampling import SamplingParams
+
+
+class FakeEngine:
+    """Admits requests into a waiting list and never schedules them (step does nothing)."""
+
+    def __init__(self, kv_connector: object = None) -> None:
+        self.kv_connector = kv_connector
+        self.scheduler = SimpleNamespace(waiting=[], num_waiting=0, num_running=0)
+        self.polls = 0
+        self.closed = False
+        self.fail_step = False
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    **_: object) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        self.scheduler.waiting.append(SimpleNamespace(num_tokens=len(prompt_token_ids),
+                                                      num_computed_tokens=0))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.fail_step
+
+    def step(self) -> list:
+        raise RuntimeError("boom")
+
+    def abort_request(self, request_id: str) -> None:
+        pass
+
+    def poll_kv_transfers(self) -> None:
+        self.polls += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _run(engine: FakeEngine, limits: AdmissionLimits, body) -> None:
+    async def main() -> None:
+        ae = AsyncEngine(engine, limits)
+        ae.start()
+        try:
+            await body(ae)
+        finally:
+            ae.shutdown()
+    asyncio.run(main())
+
+
+def test_admission_limits_by_requests_and_tokens() -> None:
+    async def body(ae: AsyncEngine) -> None:
+        with pytest.raises(ValueError, match="empty"):        # refused by the engine
+            await ae.add_request("e", [], SamplingParams())
+        await ae.add_request("a", [1] * 30, SamplingParams())
+        with pytest.raises(QueueFullError, match="prompt tokens"):
+            await ae.add_request("b", [1] * 20, SamplingParams())
+        await ae.add_request("c", [1] * 5, SamplingParams())
+        with pytest.raises(QueueFullError, match="requests queued"):
+            await ae.add_request("d", [1], SamplingParams())
+        assert ae.queue_state() == (2, 35)
+
+    _run(FakeEngine(), AdmissionLimits(max_queued_requests=2, max_queued_prompt_tokens=40), body)
+
+
+def test_idle_loop_polls_kv_transfers_and_closes_the_engine() -> None:
+    engine = FakeEngine(kv_connector=object())
+
+    async def body(ae: AsyncEngine) -> None:
+        while engine.polls < 3:
+            await asyncio.sleep(0.01)
+
+    _run(engine, AdmissionLimits(), body)
+    assert engine.polls >= 3 and engine.closed
+
+
+def test_no_kv_connector_no_polling() -> None:
+    engine = FakeEngine()
+
+    async def body(ae: AsyncEngine) -> None:
+        await asyncio.sleep(0.05)
+
+    _run(engine, AdmissionLimits(), body)
+    assert engine.polls == 0
+
+
+def test_step_failure_kills_and_refuses() -> None:
+    engine = FakeEngine()
+
+    async def body(ae: AsyncEngine) -> None:
+        stream = await ae.add_request("a", [1, 2], SamplingParams())
+        engine.fail_step = True
+        await ae.add_request("b", [3], SamplingParams())  # wakes the thread: its step raises
+        with pytest.raises(EngineDeadError):
+            await stream.next()
+        assert ae.is_dead
+        with pytest.raises(EngineDeadError):
+            await ae.add_request("c", [1], SamplingParams())
+
+    _run(engine, AdmissionLimits(), body)
+    assert engine.closed
