@@ -66,6 +66,9 @@ class EngineMetrics:
         self.free_blocks = Gauge(PREFIX + "kv_cache_free_blocks", "Free KV blocks.", registry=r)
         self.total_blocks = Gauge(PREFIX + "kv_cache_total_blocks", "KV blocks in the pool.",
                                   registry=r)
+        self.leases_active = Gauge(PREFIX + "kv_leases_active",
+                                   "Prefill: finished requests whose KV waits to be pulled.",
+                                   registry=r)
         self.engine_alive = Gauge(PREFIX + "engine_alive", "1 while the engine lives.",
                                   registry=r)
 
@@ -85,6 +88,17 @@ class EngineMetrics:
         self.rejected = Counter(PREFIX + "request_rejected",
                                 "Requests refused before the engine, by reason.", ["reason"],
                                 registry=r)
+        # Disaggregated prefill (stay 0 on a colocated instance).
+        self.leases_expired = Counter(PREFIX + "kv_leases_expired",
+                                      "Prefill: leases that expired before a decode instance "
+                                      "pulled their KV.", registry=r)
+        self.leases_released = Counter(PREFIX + "kv_leases_released",
+                                       "Prefill: leases a decode instance ended.", registry=r)
+        self.kv_load_failures = Counter(PREFIX + "kv_load_failures",
+                                        "Decode: remote KV pulls that failed.", registry=r)
+        self.kv_blocks_pulled = Counter(PREFIX + "kv_blocks_pulled",
+                                        "Decode: KV blocks pulled from prefill instances.",
+                                        registry=r)
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
         for reason in ("queue_full", "bad_request", "engine_dead"):
@@ -105,10 +119,22 @@ class EngineMetrics:
         self._add_delta(self.prefix_queries, "queries", engine.prefix_cache_queries)
         self._add_delta(self.prefix_hits, "hits", engine.prefix_cache_hits)
         self._add_delta(self.preemptions, "preemptions", engine.scheduler.num_preemptions)
+        self._update_kv_transfer(engine)
         self.running.set(engine.scheduler.num_running)
         self.kv_usage.set(engine.kv.usage)
         self.free_blocks.set(engine.kv.pool.num_free_blocks)
         self.total_blocks.set(engine.num_blocks)
+
+    def _update_kv_transfer(self, engine: Any) -> None:
+        leases = getattr(engine.scheduler, "leases", None)
+        if leases is not None:
+            self._add_delta(self.leases_expired, "leases_expired", leases.num_expired)
+            self._add_delta(self.leases_released, "leases_released", leases.num_released)
+            self.leases_active.set(len(leases))
+        self._add_delta(self.kv_load_failures, "kv_failures",
+                        getattr(engine.scheduler, "num_kv_load_failures", 0))
+        pulled = getattr(getattr(engine, "kv_connector", None), "num_blocks_pulled", 0)
+        self._add_delta(self.kv_blocks_pulled, "kv_pulled", pulled)
 
     def _add_delta(self, counter: Counter, key: str, value: int) -> None:
         delta = value - self._last.get(key, 0)

@@ -151,3 +151,101 @@ def test_dead_prefill_is_retried_and_none_up_runs_colocated(cluster, colocated,
     finally:
         router.terminate()
         router.wait(timeout=10)
+
+
+LONG_PROMPT = " ".join(f"word{i}" for i in range(60))
+
+
+def test_forged_params_get_400_and_nothing_breaks(cluster, colocated):
+    _, prefill, decode, url = cluster
+    name = model_id(url)
+    body = {"model": name, "prompt": LONG_PROMPT, "max_tokens": 1,
+            "kv_transfer_params": {"do_remote_decode": True}}
+    params = httpx.post(prefill.url + "/v1/completions", json=body).json()["kv_transfer_params"]
+    for change in ({"remote_host": "10.1.2.3"}, {"remote_port": 9}, {"remote_block_ids": [0]},
+                   {"remote_num_tokens": 3}, {"signature": "00" * 32}, {"remote_engine_id": ""},
+                   {"do_remote_decode": True}):
+        r = httpx.post(decode.url + "/v1/completions",
+                       json={"model": name, "prompt": LONG_PROMPT, "max_tokens": 4,
+                             "kv_transfer_params": {**params, **change}})
+        assert r.status_code == 400, (change, r.text)
+        assert "kv_transfer_params" in r.json()["error"]["message"]
+    r = httpx.post(decode.url + "/v1/completions",
+                   json={"model": name, "prompt": "another prompt", "max_tokens": 4,
+                         "kv_transfer_params": params})
+    assert r.status_code == 400 and "signature" in r.json()["error"]["message"]
+    # The genuine parameters still work afterwards, and the decode instance is healthy.
+    r = httpx.post(decode.url + "/v1/completions",
+                   json={"model": name, "prompt": LONG_PROMPT, "max_tokens": 4,
+                         "temperature": 0, "kv_transfer_params": params})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert metric_values(decode.url)["pagoda:kv_blocks_pulled_total"] > 0
+
+
+def test_a_lease_nobody_pulls_expires(cluster, tmp_path_factory):
+    model = cluster[0]
+    prefill = start_server(model, tmp_path_factory.mktemp("lease"), "--kv-role", "prefill",
+                           *KV_ARGS, "--kv-lease-seconds", "1")
+    try:
+        body = {"model": model_id(prefill.url), "prompt": LONG_PROMPT, "max_tokens": 1,
+                "kv_transfer_params": {"do_remote_decode": True}}
+        assert httpx.post(prefill.url + "/v1/completions", json=body).status_code == 200
+        m = metric_values(prefill.url)
+        assert m["pagoda:kv_leases_active"] == 1
+        assert m["pagoda:kv_cache_free_blocks"] < m["pagoda:kv_cache_total_blocks"]
+        deadline = time.monotonic() + 10
+        while metric_values(prefill.url)["pagoda:kv_leases_expired_total"] < 1:
+            assert time.monotonic() < deadline, "the lease never expired"
+            time.sleep(0.1)
+        m = metric_values(prefill.url)
+        assert m["pagoda:kv_leases_active"] == 0
+        assert m["pagoda:kv_cache_free_blocks"] == m["pagoda:kv_cache_total_blocks"]
+    finally:
+        prefill.stop()
+
+
+def test_killing_the_prefill_instance_mid_run(cluster, colocated, tmp_path_factory):
+    import concurrent.futures
+
+    model, _, decode, _ = cluster
+    logs = tmp_path_factory.mktemp("kill")
+    victim = start_server(model, logs, "--kv-role", "prefill", *KV_ARGS)
+    router, url = start_router([victim.url], [decode.url], logs, "--health-interval", "0.5")
+    name = model_id(url)
+
+    def ask(prompt: str) -> str:
+        try:
+            r = httpx.post(url + "/v1/completions", timeout=60,
+                           json={"model": name, "prompt": prompt, "max_tokens": 12,
+                                 "temperature": 0})
+        except httpx.HTTPError as e:
+            return f"transport error: {e}"
+        return r.json()["choices"][0]["text"] if r.status_code == 200 else f"{r.status_code}"
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(ask, PROMPTS[i % len(PROMPTS)]) for i in range(16)]
+            time.sleep(0.3)
+            victim.proc.kill()
+            results = [f.result(timeout=90) for f in futures]
+        # Each finished through the fallback (same text) or failed with an error status.
+        for i, text in enumerate(results):
+            assert text == colocated[PROMPTS[i % len(PROMPTS)]] or text.isdigit(), text
+        assert sum(text == colocated[PROMPTS[i % len(PROMPTS)]]
+                   for i, text in enumerate(results)) >= 1
+        # Afterwards the router sends everything to the decode instance, which is healthy
+        # and holds no block.
+        assert ask(PROMPTS[0]) == colocated[PROMPTS[0]]
+        assert httpx.get(decode.url + "/health").status_code == 200
+        deadline = time.monotonic() + 30
+        while True:
+            m = metric_values(decode.url)
+            if (m["pagoda:num_requests_running"] == 0
+                    and m["pagoda:kv_cache_free_blocks"] == m["pagoda:kv_cache_total_blocks"]):
+                break
+            assert time.monotonic() < deadline, m
+            time.sleep(0.2)
+    finally:
+        router.terminate()
+        router.wait(timeout=10)
+        victim.stop()
