@@ -99,6 +99,13 @@ class EngineMetrics:
         self.kv_blocks_pulled = Counter(PREFIX + "kv_blocks_pulled",
                                         "Decode: KV blocks pulled from prefill instances.",
                                         registry=r)
+        self.kv_pulls = Counter(PREFIX + "kv_pulls", "Decode: remote KV pulls completed.",
+                                registry=r)
+        self.kv_pull_bytes = Counter(PREFIX + "kv_pull_bytes",
+                                     "Decode: bytes of KV pulled by completed pulls.", registry=r)
+        self.kv_pull_seconds = Counter(PREFIX + "kv_pull_seconds",
+                                       "Decode: seconds from posting each pull to seeing it done.",
+                                       registry=r)
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
         for reason in ("queue_full", "bad_request", "engine_dead"):
@@ -133,10 +140,15 @@ class EngineMetrics:
             self.leases_active.set(len(leases))
         self._add_delta(self.kv_load_failures, "kv_failures",
                         getattr(engine.scheduler, "num_kv_load_failures", 0))
-        pulled = getattr(getattr(engine, "kv_connector", None), "num_blocks_pulled", 0)
-        self._add_delta(self.kv_blocks_pulled, "kv_pulled", pulled)
+        connector = getattr(engine, "kv_connector", None)
+        self._add_delta(self.kv_blocks_pulled, "kv_pulled",
+                        getattr(connector, "num_blocks_pulled", 0))
+        self._add_delta(self.kv_pulls, "kv_pulls", getattr(connector, "num_pulls_done", 0))
+        self._add_delta(self.kv_pull_bytes, "kv_pull_bytes", getattr(connector, "bytes_pulled", 0))
+        self._add_delta(self.kv_pull_seconds, "kv_pull_seconds",
+                        getattr(connector, "pull_seconds", 0.0))
 
-    def _add_delta(self, counter: Counter, key: str, value: int) -> None:
+    def _add_delta(self, counter: Counter, key: str, value: float) -> None:
         delta = value - self._last.get(key, 0)
         if delta > 0:
             counter.inc(delta)

@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_args(bs)
     bs.set_defaults(func=bench_serve.main)
 
+    from pagoda.bench import disagg as bench_disagg
+
+    bd = bench_sub.add_parser("disagg", help="router with prefill + decode instances vs one "
+                                             "colocated server, same serving workload")
+    bench_disagg.add_args(bd)
+    bd.set_defaults(func=bench_disagg.main)
+
     from pagoda.entrypoints.openai.args import add_server_args
 
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")

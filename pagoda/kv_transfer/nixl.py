@@ -92,6 +92,8 @@ class _Remote:
 class _Pull:
     handle: Any
     deadline: float
+    started: float
+    num_bytes: int
 
 
 class NixlConnector(KVConnectorWorker):
@@ -109,6 +111,11 @@ class NixlConnector(KVConnectorWorker):
         self._pulls: dict[str, _Pull] = {}
         self._events = KVEvents()
         self.num_blocks_pulled = 0
+        # Finished pulls: bytes, and seconds from posting the READ to seeing it done (an
+        # upper bound: completion is noticed at the next poll, after the step running).
+        self.num_pulls_done = 0
+        self.bytes_pulled = 0
+        self.pull_seconds = 0.0
         self._peer_releases: queue.SimpleQueue[str] = queue.SimpleQueue()  # from the channel
         self._notifier = ThreadPoolExecutor(1, thread_name_prefix="pagoda-kv-release")
         self._server = side_channel.SideChannelServer(
@@ -191,7 +198,9 @@ class NixlConnector(KVConnectorWorker):
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
             raise RuntimeError("NIXL refused the transfer")
-        self._pulls[load.request_id] = _Pull(handle, time.monotonic() + timeout)
+        now = time.monotonic()
+        num_bytes = 2 * self.layout.num_layers * self.layout.block_bytes * len(load.local_block_ids)
+        self._pulls[load.request_id] = _Pull(handle, now + timeout, now, num_bytes)
         self.num_blocks_pulled += len(load.local_block_ids)
 
     def _remote(self, prefill: RemotePrefill) -> _Remote:
@@ -235,6 +244,9 @@ class NixlConnector(KVConnectorWorker):
                 self.agent.release_xfer_handle(pull.handle)
                 del self._pulls[rid]
                 self._events.loaded.append(rid)
+                self.num_pulls_done += 1
+                self.bytes_pulled += pull.num_bytes
+                self.pull_seconds += now - pull.started
             elif state == "ERR":
                 self._end_failed(rid, pull, "NIXL reported a transfer error")
             elif now > pull.deadline:

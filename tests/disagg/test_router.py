@@ -249,3 +249,62 @@ def test_killing_the_prefill_instance_mid_run(cluster, colocated, tmp_path_facto
         router.terminate()
         router.wait(timeout=10)
         victim.stop()
+
+
+def test_bench_disagg_tiny_run(cluster, tmp_path):
+    from pagoda.entrypoints.cli import main
+
+    out = tmp_path / "disagg.json"
+    rc = main(["bench", "disagg", "--serve-model", cluster[0], "--dataset", "random",
+               "--num-prompts", "6", "--input-len", "40", "--output-len", "6",
+               "--request-rate", "20", "--log-dir", str(tmp_path / "logs"), "--json", str(out),
+               "--transfer-tokens", "40", "--transfer-repeats", "2"])
+    assert rc == 0
+    import json
+
+    report = json.loads(out.read_text())
+    colo, disagg = report["colocated"], report["disaggregated"]
+    assert colo["completed"] == disagg["completed"] == 6
+    kv = disagg["kv_transfer"]
+    assert kv["pulls"] >= 1 and kv["bytes"] > 0 and kv["gb_per_s"] > 0
+    assert kv["load_failures"] == 0
+    raw = report["raw_transfer"]
+    assert len(raw["ms"]) == 2 and raw["gb_per_s"] > 0
+    # 39 tokens pulled = 3 blocks of 16; x K and V x 2 layers x (16 tokens x 2 KV heads x
+    # head size 16 x 2 or 4 bytes: bf16, the default where the CPU has it, else fp32).
+    assert raw["bytes"] in (3 * 2 * 2 * (16 * 2 * 16 * b) for b in (2, 4))
+
+
+def test_concurrent_requests_and_cancellation_through_the_router(cluster, colocated):
+    import concurrent.futures
+
+    _, prefill, decode, url = cluster
+    client = openai_client(url)
+    name = model_id(url)
+
+    def ask(prompt: str) -> str:
+        stream = client.completions.create(model=name, prompt=prompt, max_tokens=12,
+                                           temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in stream if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        prompts = PROMPTS * 4
+        for prompt, text in zip(prompts, pool.map(ask, prompts)):
+            assert text == colocated[prompt]
+    # A client that goes away mid-stream: the router closes the decode stream, the decode
+    # instance aborts the request and frees its blocks.
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"model": name, "prompt": PROMPTS[0], "max_tokens": 500,
+                            "ignore_eos": True, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 3:
+                break
+    deadline = time.monotonic() + 30
+    while True:
+        m = metric_values(decode.url)
+        if (m["pagoda:num_requests_running"] == 0
+                and m["pagoda:kv_cache_free_blocks"] == m["pagoda:kv_cache_total_blocks"]):
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.1)
+    assert m['pagoda:request_success_total{finished_reason="abort"}'] >= 1
