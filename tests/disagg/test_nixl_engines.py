@@ -5,7 +5,6 @@ import random
 import time
 
 import pytest
-import torch
 
 from pagoda import LLM, SamplingParams
 from pagoda.config import EngineArgs
@@ -18,14 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SECRET = "test-secret"
 BLOCK = 8
 MAX_TOKENS = 10
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,17 @@ def colocated(cluster):
     return {p: o.text for p, o in zip(PROMPTS, llm.generate(PROMPTS, params))}
 
 
+def wait_idle_with_all_blocks_free(url: str, timeout_s: float = 30.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = metric_values(url)
+        if (m["pagoda:num_requests_running"] == 0
+                and m["pagoda:kv_cache_free_blocks"] == m["pagoda:kv_cache_total_blocks"]):
+            return m
+        assert time.monotonic() < deadline, m
+        time.sleep(0.1)
+
+
 def openai_client(url: str):
     from openai import OpenAI
 
@@ -237,14 +248,7 @@ def test_killing_the_prefill_instance_mid_run(cluster, colocated, tmp_path_facto
         # and holds no block.
         assert ask(PROMPTS[0]) == colocated[PROMPTS[0]]
         assert httpx.get(decode.url + "/health").status_code == 200
-        deadline = time.monotonic() + 30
-        while True:
-            m = metric_values(decode.url)
-            if (m["pagoda:num_requests_running"] == 0
-                    and m["pagoda:kv_cache_free_blocks"] == m["pagoda:kv_cache_total_blocks"]):
-                break
-            assert time.monotonic() < deadline, m
-            time.sleep(0.2)
+        wait_idle_with_all_blocks_free(decode.url)
     finally:
         router.terminate()
         router.wait(timeout=10)
@@ -299,12 +303,5 @@ def test_concurrent_requests_and_cancellation_through_the_router(cluster, coloca
         for i, _ in enumerate(r.iter_lines()):
             if i >= 3:
                 break
-    deadline = time.monotonic() + 30
-    while True:
-        m = metric_values(decode.url)
-        if (m["pagoda:num_requests_running"] == 0
-                and m["pagoda:kv_cache_free_blocks"] == m["pagoda:kv_cache_total_blocks"]):
-            break
-        assert time.monotonic() < deadline, m
-        time.sleep(0.1)
+    m = wait_idle_with_all_blocks_free(decode.url)
     assert m['pagoda:request_success_total{finished_reason="abort"}'] >= 1
