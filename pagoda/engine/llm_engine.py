@@ -15,7 +15,7 @@ import torch
 
 from pagoda.config import DEFAULT_KV_CACHE_GIB, CacheConfig, EngineArgs
 from pagoda.core.kv_cache_manager import KVCacheManager
-from pagoda.core.outputs import EngineCoreOutput, TokenLogprobs
+from pagoda.core.outputs import EngineCoreOutput, SchedulerOutput, TokenLogprobs
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine.detokenizer import IncrementalDetokenizer
 from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -241,22 +241,15 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One iteration. Returns an output for every request that changed in it."""
         sched = self.scheduler.schedule()
-        if self.kv_connector is not None:
-            if sched.kv_loads:
-                self.kv_connector.start_loads(sched.kv_loads)
-            if sched.kv_releases:
-                self.kv_connector.release_remote(sched.kv_releases)
+        self._start_transfers(sched)
         runner_out = self.runner.execute_model(sched)
         core_outs = self.scheduler.update_from_output(sched, runner_out)
-        progress = not sched.is_empty or bool(core_outs) or bool(sched.kv_loads)
-        if self.kv_connector is not None:
-            events = self.kv_connector.poll()
-            self.scheduler.apply_kv_events(events)
-            core_outs += self.scheduler.take_pending_outputs()
-            progress = progress or events.any or bool(core_outs)
-            if not progress and self.scheduler.loading:
-                time.sleep(KV_POLL_INTERVAL_S)  # only transfers in flight: do not spin
-                return []
+        transfers_moved = self._poll_transfers(core_outs)
+        progress = (not sched.is_empty or bool(core_outs) or bool(sched.kv_loads)
+                    or transfers_moved)
+        if not progress and self.scheduler.loading:
+            time.sleep(KV_POLL_INTERVAL_S)  # only KV pulls in flight: do not spin
+            return []
         if not progress and self._groups:
             raise RuntimeError("the scheduler made no progress with requests pending: "
                                f"{self.scheduler.num_waiting} waiting, "
@@ -366,6 +359,24 @@ class LLMEngine:
         return self.kv.reset_prefix_cache()
 
     # ------------------------------------------------------------- KV transfer
+    def _start_transfers(self, sched: SchedulerOutput) -> None:
+        if self.kv_connector is not None:
+            if sched.kv_loads:
+                self.kv_connector.start_loads(sched.kv_loads)
+            if sched.kv_releases:
+                self.kv_connector.release_remote(sched.kv_releases)
+
+    def _poll_transfers(self, core_outs: list[EngineCoreOutput]) -> bool:
+        """Take in finished pulls and released leases; requests that failed for good join
+        ``core_outs``. True if anything moved."""
+        if self.kv_connector is None:
+            return False
+        events = self.kv_connector.poll()
+        self.scheduler.apply_kv_events(events)
+        failed = self.scheduler.take_pending_outputs()
+        core_outs.extend(failed)
+        return events.any or bool(failed)
+
     def _issued_params(self, group: _Group) -> Optional[dict]:
         """Prefill role: the signed kv_transfer_params of a finished request's lease."""
         remote = group.children[0].request.kv_transfer_out
