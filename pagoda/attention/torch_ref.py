@@ -74,21 +74,22 @@ def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """q: (Q, H, D); k, v: (C, Hkv, D) with C >= Q; query i sits at position C - Q + i."""
-    query_len, num_heads, _ = q.shape
-    context_len = k.shape[0]
-    group = num_heads // k.shape[1]
-    # Batched 4-D inputs with K/V repeated per query head take PyTorch's fused (flash) kernel;
-    # the 3-D enable_gqa form falls back to a path several times slower on CPU.
+    query_len, context_len = q.shape[0], k.shape[0]
+    # 4-D inputs take PyTorch's fused (flash) kernel, which serves each KV head's group of
+    # query heads itself (enable_gqa): no repeated copy of K/V. (The 3-D form of enable_gqa
+    # falls back to a path several times slower on CPU.)
     qh = q.transpose(0, 1).unsqueeze(0)                             # (1, H, Q, D)
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)  # (1, H, C, D)
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0).unsqueeze(0)
+    kh = k.transpose(0, 1).unsqueeze(0)                             # (1, Hkv, C, D)
+    vh = v.transpose(0, 1).unsqueeze(0)
     if query_len == context_len:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                           enable_gqa=True)
     else:
         q_pos = torch.arange(context_len - query_len, context_len, device=q.device)
         k_pos = torch.arange(context_len, device=q.device)
         mask = k_pos[None, :] <= q_pos[:, None]                     # (Q, C)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
     return o[0].transpose(0, 1)                                     # (Q, H, D)
 
 
