@@ -377,11 +377,9 @@ class Scheduler:
         target = request.num_prompt_tokens - 1          # the last one is computed here
         hit = len(computed_blocks)
         remote = request.kv_transfer.remote_prefill
-        problem = self._remote_mismatch(request, remote, target)
+        problem = self._remote_mismatch(remote, target)
         if problem is not None:
-            self.waiting.popleft()
-            self.loading[request.request_id] = request
-            request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+            self._move_to_loading(request)
             self._remote_kv_failed(request.request_id, problem)
             return True
         if self.kv.allocate_slots(request, target - hit * bs, computed_blocks,
@@ -391,14 +389,16 @@ class Scheduler:
         self._kv_loads.append(KVLoad(request.request_id, remote,
                                      self.kv.block_ids(request.request_id)[hit:end],
                                      list(remote.block_ids[hit:end])))
-        self.waiting.popleft()
-        self.loading[request.request_id] = request
-        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self._move_to_loading(request)
         self._count_prefix_hit(request, hit * bs)
         return True
 
-    def _remote_mismatch(self, request: Request, remote: RemotePrefill,
-                         target: int) -> Optional[str]:
+    def _move_to_loading(self, request: Request) -> None:
+        self.waiting.popleft()
+        self.loading[request.request_id] = request
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+
+    def _remote_mismatch(self, remote: RemotePrefill, target: int) -> Optional[str]:
         if remote.num_tokens < target:
             return (f"the remote prefill computed {remote.num_tokens} tokens, the prompt "
                     f"needs {target}")
