@@ -31,6 +31,7 @@ from pagoda.kv_transfer.params import RemotePrefill
 logger = logging.getLogger(__name__)
 
 RELEASE_PREFIX = b"pagoda-release:"
+PROGRESS_DELAY_US = 1000  # the NIXL progress thread's sleep between polls
 PIN_MARGIN_S = 5.0   # a pin outlives the reader's transfer timeout by this much
 MEMORY_TYPE = {"cpu": "DRAM", "cuda": "VRAM"}
 
@@ -99,13 +100,11 @@ class _Pull:
 class NixlConnector(KVConnectorWorker):
     def __init__(self, config: KVTransferConfig, secret: bytes, kv_caches: list[torch.Tensor],
                  model_key: str, leases: Optional[LeaseTable] = None) -> None:
-        from nixl._api import nixl_agent, nixl_agent_config
-
         self.config = config
         self._secret = secret
         self._leases = leases
         self.layout = KVLayout.of(kv_caches, model_key)
-        self.agent = nixl_agent(f"pagoda-{config.engine_id}", nixl_agent_config(backends=["UCX"]))
+        self.agent = _make_agent(f"pagoda-{config.engine_id}")
         self._registered = self.agent.register_memory(kv_caches)
         self._remotes: dict[str, _Remote] = {}
         self._pulls: dict[str, _Pull] = {}
@@ -276,6 +275,27 @@ class NixlConnector(KVConnectorWorker):
             self.agent.deregister_memory(self._registered)
         except Exception:  # noqa: BLE001 - best effort at shutdown
             pass
+
+
+def _make_agent(name: str) -> Any:
+    """A NIXL agent (UCX backend) whose progress thread sleeps PROGRESS_DELAY_US between
+    polls. NIXL's Python wrapper fixes that delay at 0: a busy loop that keeps most of a core
+    busy even when the instance is idle. The wrapper builds its config from
+    ``nixlBind.nixlAgentConfig``; for the one call, that class is swapped for a subclass that
+    keeps our delay (a millisecond at most added to a transfer's progress)."""
+    import nixl._api as api
+
+    base = api.nixlBind.nixlAgentConfig
+
+    class _SleepyProgress(base):  # type: ignore[misc, valid-type]
+        def __setattr__(self, key: str, value: Any) -> None:
+            super().__setattr__(key, PROGRESS_DELAY_US if key == "pthrDelay" else value)
+
+    api.nixlBind.nixlAgentConfig = _SleepyProgress
+    try:
+        return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+    finally:
+        api.nixlBind.nixlAgentConfig = base
 
 
 def _runs(local: list[int], remote: list[int]) -> list[tuple[int, int, int]]:

@@ -34,7 +34,7 @@ def main() -> None:
     prompt = json.loads(ns.prompt)
     engine = LLMEngine(EngineArgs(model=ns.model, dtype="float32", block_size=8,
                                   num_kv_blocks=64, kv_role=ns.role, kv_secret=SECRET,
-                                  kv_host=ns.host))
+                                  kv_host=ns.host, kv_transfer_timeout=60.0))
     if ns.role == "prefill":
         out = finish(engine, "r", prompt, SamplingParams(temperature=0.0, max_tokens=1),
                      kv_transfer_params={"do_remote_decode": True})

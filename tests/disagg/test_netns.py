@@ -87,7 +87,7 @@ def test_kv_crosses_a_veth_pair(namespaces, tmp_path):
                                 capture_output=True, text=True, env=env, timeout=180)
         assert decode.returncode == 0, decode.stderr[-3000:]
         result = json.loads([ln for ln in decode.stdout.splitlines() if ln.startswith("{")][-1])
-        assert result["failures"] == 0 and result["pulled"] == 5   # ceil(36 / 8) blocks
+        assert result["failures"] == 0 and result["pulled"] == 5, decode.stderr[-2000:]  # 5 = ceil(36/8)
         assert result["token_ids"] == ref
         released = json.loads(_json_line(prefill.stdout))
         assert released == {"released": 1}
