@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 _EXT_NAME = "pagoda_paged_decode"
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "fused_ops.cpp")
+_HEADERS = (_CSRC / "bf16.h",)  # not compiled on their own, but part of the build's hash
 _OK_MARKER = ".pagoda-build-ok"
 _FAILED_MARKER = ".pagoda-build-failed"
 _STALE_LOCK_S = 15 * 60  # a build lock older than this was left by a killed build
@@ -151,7 +152,7 @@ def _cpu_fingerprint() -> str:
 def _build_name(flags: list[str]) -> str:
     """Module (and folder) name of a build: a hash of everything the binary depends on."""
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())

@@ -14,23 +14,12 @@
 #include <cstring>
 #include <limits>
 
+#include "bf16.h"
+
 namespace pagoda_fused {
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN
-  uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
-  return static_cast<uint16_t>((bits + rounding) >> 16);
-}
-
+inline float bf16_to_f32(uint16_t h) { return pagoda_bf16::to_f32(h); }
+inline uint16_t f32_to_bf16(float f) { return pagoda_bf16::from_f32(f); }
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 constexpr int64_t kGrain = 16;  // rows per parallel task

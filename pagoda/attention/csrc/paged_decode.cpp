@@ -34,6 +34,8 @@
 #include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -69,22 +71,8 @@ constexpr int64_t PREFETCH_FAR = 3 * TILE;
 // ---------------------------------------------------------------------------------------------
 // Element conversions. Storage types: float, uint16_t (bf16 bits), c10::Half.
 
-inline float bf16_bits_to_float(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if (std::isnan(f)) {
-    return 0x7fc0;
-  }
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return static_cast<uint16_t>(u >> 16);
-}
+inline float bf16_bits_to_float(uint16_t h) { return pagoda_bf16::to_f32(h); }
+inline uint16_t float_to_bf16_bits(float f) { return pagoda_bf16::from_f32(f); }
 
 template <typename T>
 struct Conv;
