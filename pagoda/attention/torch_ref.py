@@ -21,7 +21,11 @@ ATTENTION_BACKEND_ENV = "PAGODA_ATTENTION"
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new K/V. kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D)."""
+    """Store new K/V. kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D).
+    On CPU the C++ copy (``csrc/kv_write.cpp``) does it in one pass over the tokens."""
+    if use_cpu_decode_kernel(k.device):
+        cpu_decode.extension().write_kv(kv_cache, k, v, slot_mapping)
+        return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)

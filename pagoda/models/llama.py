@@ -33,6 +33,15 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def add_forward(self, x: torch.Tensor,
+                    residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual + x, and its norm: returns (RMSNorm(residual + x), residual + x). The fused
+        kernel adds into ``residual`` in place and normalises in the same pass."""
+        if x.dim() == 2 and cpu_fused.enabled(x):
+            return cpu_fused.add_rms_norm(residual, x, self.weight, self.eps), residual
+        residual = residual + x
+        return self(residual), residual
+
 
 def rope_inv_freq(arch: ModelArch, device: torch.device) -> torch.Tensor:
     """Inverse frequencies (D/2,), with Llama-3 style frequency-dependent scaling if asked."""
@@ -139,15 +148,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
-        if cpu_fused.enabled(x):
-            norm = self.post_attention_layernorm
-            h = cpu_fused.add_rms_norm(x, attn, norm.weight, norm.eps)  # x += attn in place
-            return x + self.mlp(h)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
+                kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output (T, E), not yet added to ``residual`` (the running
+        sum of the residual stream; None in the first layer, where x is the embedding).
+        Returns (this layer's MLP output, residual): each add is fused into the next norm."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        attn = self.self_attn(h, positions, kv_cache, meta)
+        h, residual = self.post_attention_layernorm.add_forward(attn, residual)
+        return self.mlp(h), residual
 
 
 # Checkpoint names that land in a fused parameter: (fused name, which shard).
@@ -172,9 +185,10 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: (T,). Returns final hidden states (T, E)."""
         x = self.embed_tokens(input_ids)                              # (T, E)
+        residual: Optional[torch.Tensor] = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, kv_cache, meta)
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, E) -> logits (N, V) in the model's dtype (the sampler upcasts)."""

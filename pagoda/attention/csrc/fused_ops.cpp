@@ -14,6 +14,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "bf16.h"
 
 namespace pagoda_fused {
@@ -23,6 +27,62 @@ inline uint16_t f32_to_bf16(float f) { return pagoda_bf16::from_f32(f); }
 inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 constexpr int64_t kGrain = 16;  // rows per parallel task
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 lanes at a time. The same roundings as the scalar code: bf16 -> fp32 is exact (a shift),
+// fp32 -> bf16 rounds to nearest even and keeps NaN a quiet NaN, as pagoda_bf16::from_f32.
+#define PAGODA_FUSED_AVX512 1
+namespace v16 {
+inline __m512 load(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// f rounded to bf16, kept as the upper 16 bits of each 32-bit lane (lower half zero).
+#if defined(__AVX512BF16__)
+// vcvtneps2bf16 rounds to nearest even and quiets NaN as from_f32 does; it also flushes
+// fp32 denormals (below 1.2e-38 in magnitude) to zero, which from_f32 keeps.
+inline __m256i pack(__m512 f) { return (__m256i)_mm512_cvtneps_pbh(f); }
+inline __m512 round(__m512 f) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(pack(f)), 16));
+}
+#else
+inline __m512i round_bits(__m512 f) {
+  const __m512i bits = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __m512i quiet = _mm512_or_si512(bits, _mm512_set1_epi32(0x400000));
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  const __m512i r = _mm512_mask_mov_epi32(up, nan, quiet);
+  return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+inline __m256i pack(__m512 f) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bits(f), 16)); }
+inline __m512 round(__m512 f) { return _mm512_castsi512_ps(round_bits(f)); }
+#endif
+inline __m512 neg(__m512 f) {  // flips the sign bit, as unary minus
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(f),
+                                              _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+}
+inline void store(uint16_t* p, __m512 f) {  // f rounded to bf16
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack(f));
+}
+// exp(x), x clamped to [-87, 88] as fast_exp; Cody-Waite reduction, degree-6 polynomial.
+inline __m512 exp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.f / 720.f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+}  // namespace v16
+#endif
 
 // exp(x) for float, branch-free so that loops over it vectorise: 2^n * p(f) with
 // x = n ln2 + f, |f| <= ln2 / 2 (Cody-Waite split of ln2) and a degree-6 polynomial for e^f.
@@ -64,6 +124,51 @@ inline float sum_squares(const uint16_t* src, int64_t n) {
   return sum;
 }
 
+// One row of (add +) RMSNorm: if res is given, res = bf16(res + x) first and the norm is of
+// res. out = bf16(w * bf16(src * rsqrt(mean(src^2) + eps))).
+inline void norm_row_scalar(const uint16_t* xr, uint16_t* res, const uint16_t* w, float eps,
+                            int64_t dim, uint16_t* outr) {
+  const uint16_t* src = xr;
+  if (res != nullptr) {
+    for (int64_t i = 0; i < dim; ++i) res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xr[i]));
+    src = res;
+  }
+  const float sum = sum_squares(src, dim);
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + eps);
+  for (int64_t i = 0; i < dim; ++i) {
+    const float normed = round_bf16(bf16_to_f32(src[i]) * inv);
+    outr[i] = f32_to_bf16(bf16_to_f32(w[i]) * normed);
+  }
+}
+
+inline void norm_row(const uint16_t* xr, uint16_t* res, const uint16_t* w, float eps,
+                     int64_t dim, uint16_t* outr) {
+#if defined(PAGODA_FUSED_AVX512)
+  if (dim % 16 == 0) {
+    const uint16_t* src = res != nullptr ? res : xr;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i < dim; i += 16) {
+      __m512 v = v16::load(xr + i);
+      if (res != nullptr) {
+        v = v16::round(_mm512_add_ps(v16::load(res + i), v));
+        v16::store(res + i, v);
+      }
+      if ((i / 16) % 2 == 0) acc0 = _mm512_fmadd_ps(v, v, acc0);
+      else acc1 = _mm512_fmadd_ps(v, v, acc1);
+    }
+    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(sum / static_cast<float>(dim) + eps));
+    for (i = 0; i < dim; i += 16) {
+      const __m512 normed = v16::round(_mm512_mul_ps(v16::load(src + i), inv));
+      v16::store(outr + i, _mm512_mul_ps(v16::load(w + i), normed));
+    }
+    return;
+  }
+#endif
+  norm_row_scalar(xr, res, w, eps, dim, outr);
+}
+
 void check_bf16_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16");
   TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
@@ -85,23 +190,15 @@ void rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps, at
     TORCH_CHECK(residual->size(0) == rows && residual->size(1) == dim, "residual shape");
   }
   const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  const float feps = static_cast<float>(eps);
   at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const auto* xr = reinterpret_cast<const uint16_t*>(x.data_ptr()) + r * x.stride(0);
       auto* outr = reinterpret_cast<uint16_t*>(out.data_ptr()) + r * out.stride(0);
-      const uint16_t* src = xr;
-      if (residual != nullptr) {
-        auto* res = reinterpret_cast<uint16_t*>(residual->data_ptr()) + r * residual->stride(0);
-        for (int64_t i = 0; i < dim; ++i)
-          res[i] = f32_to_bf16(bf16_to_f32(res[i]) + bf16_to_f32(xr[i]));
-        src = res;
-      }
-      float sum = sum_squares(src, dim);
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + static_cast<float>(eps));
-      for (int64_t i = 0; i < dim; ++i) {
-        float normed = round_bf16(bf16_to_f32(src[i]) * inv);
-        outr[i] = f32_to_bf16(bf16_to_f32(w[i]) * normed);
-      }
+      uint16_t* res = residual == nullptr
+          ? nullptr
+          : reinterpret_cast<uint16_t*>(residual->data_ptr()) + r * residual->stride(0);
+      norm_row(xr, res, w, feps, dim, outr);
     }
   });
 }
@@ -115,13 +212,59 @@ void add_rms_norm(at::Tensor out, at::Tensor residual, at::Tensor x, at::Tensor 
   rms_norm_rows(x, weight, eps, out, &residual);
 }
 
+// Rotate the `heads` heads (contiguous, `dim` each) of one token in place by the angles of
+// its position: c, s are that position's fp32 cos and sin rows (rounded to bf16 here, as
+// the reference casts the table to the activations' dtype).
+inline void rope_token(uint16_t* v0, int64_t heads, int64_t dim, const float* c, const float* s) {
+  const int64_t half = dim / 2;
+#if defined(PAGODA_FUSED_AVX512)
+  if (half % 16 == 0 && half <= 128) {
+    __m512 ca[8], sa[8], cb[8], sb[8];  // the position's angles, 16 at a time
+    const int64_t nc = half / 16;
+    for (int64_t j = 0; j < nc; ++j) {
+      ca[j] = v16::round(_mm512_loadu_ps(c + 16 * j));
+      sa[j] = v16::round(_mm512_loadu_ps(s + 16 * j));
+      cb[j] = v16::round(_mm512_loadu_ps(c + half + 16 * j));
+      sb[j] = v16::round(_mm512_loadu_ps(s + half + 16 * j));
+    }
+    for (int64_t h = 0; h < heads; ++h) {
+      uint16_t* v = v0 + h * dim;
+      for (int64_t j = 0; j < nc; ++j) {
+        const __m512 a = v16::load(v + 16 * j), b = v16::load(v + half + 16 * j);
+        // rotate_half(x) = [-b, a]
+        const __m512 lo = _mm512_add_ps(v16::round(_mm512_mul_ps(a, ca[j])),
+                                        v16::round(_mm512_mul_ps(v16::neg(b), sa[j])));
+        const __m512 hi = _mm512_add_ps(v16::round(_mm512_mul_ps(b, cb[j])),
+                                        v16::round(_mm512_mul_ps(a, sb[j])));
+        v16::store(v + 16 * j, lo);
+        v16::store(v + half + 16 * j, hi);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t h = 0; h < heads; ++h) {
+    uint16_t* v = v0 + h * dim;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = bf16_to_f32(v[i]), b = bf16_to_f32(v[i + half]);
+      const float ca = round_bf16(c[i]), sa = round_bf16(s[i]);
+      const float cb = round_bf16(c[i + half]), sb = round_bf16(s[i + half]);
+      // rotate_half(x) = [-b, a]
+      const float lo = round_bf16(a * ca) + round_bf16(-b * sa);
+      const float hi = round_bf16(b * cb) + round_bf16(a * sb);
+      v[i] = f32_to_bf16(lo);
+      v[i + half] = f32_to_bf16(hi);
+    }
+  }
+}
+
 // Rotate-half RoPE in place on x: (T, heads, D) bf16 with contiguous heads and head dims
 // (any token stride). table: (P, D) fp32 cos in [:, :D] ... given as cos (P, D), sin (P, D).
 // x = bf16(bf16(x * c) + bf16(rot(x) * s)) with c, s = bf16(cos), bf16(sin).
 void rope_one(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
               const int64_t* pos, int64_t tokens) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 3, "q/k must be (T, H, D) bf16");
-  const int64_t heads = x.size(1), dim = x.size(2), half = dim / 2;
+  const int64_t heads = x.size(1), dim = x.size(2);
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == dim, "q/k heads must be contiguous");
   TORCH_CHECK(cos.size(1) == dim && sin.size(1) == dim, "cos/sin width must be head_dim");
   const float* c0 = cos.data_ptr<float>();
@@ -132,21 +275,7 @@ void rope_one(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p = pos[t];
       TORCH_CHECK(p >= 0 && p < positions, "position out of the RoPE table");
-      const float* c = c0 + p * dim;
-      const float* s = s0 + p * dim;
-      for (int64_t h = 0; h < heads; ++h) {
-        uint16_t* v = base + t * x.stride(0) + h * dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = bf16_to_f32(v[i]), b = bf16_to_f32(v[i + half]);
-          const float ca = round_bf16(c[i]), sa = round_bf16(s[i]);
-          const float cb = round_bf16(c[i + half]), sb = round_bf16(s[i + half]);
-          // rotate_half(x) = [-b, a]
-          const float lo = round_bf16(a * ca) + round_bf16(-b * sa);
-          const float hi = round_bf16(b * cb) + round_bf16(a * sb);
-          v[i] = f32_to_bf16(lo);
-          v[i + half] = f32_to_bf16(hi);
-        }
-      }
+      rope_token(base + t * x.stride(0), heads, dim, c0 + p * dim, s0 + p * dim);
     }
   });
 }
@@ -175,7 +304,17 @@ void silu_mul(at::Tensor out, at::Tensor gate_up) {
       const auto* g = reinterpret_cast<const uint16_t*>(gate_up.data_ptr()) + r * gate_up.stride(0);
       const uint16_t* u = g + inter;
       auto* o = reinterpret_cast<uint16_t*>(out.data_ptr()) + r * out.stride(0);
-      for (int64_t i = 0; i < inter; ++i) {
+      int64_t i = 0;
+#if defined(PAGODA_FUSED_AVX512)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= inter; i += 16) {
+        const __m512 x = v16::load(g + i);
+        const __m512 e = v16::exp(v16::neg(x));
+        const __m512 act = v16::round(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+        v16::store(o + i, _mm512_mul_ps(act, v16::load(u + i)));
+      }
+#endif
+      for (; i < inter; ++i) {
         const float x = bf16_to_f32(g[i]);
         const float act = round_bf16(x / (1.f + fast_exp(-x)));
         o[i] = f32_to_bf16(act * bf16_to_f32(u[i]));
@@ -183,6 +322,47 @@ void silu_mul(at::Tensor out, at::Tensor gate_up) {
     }
   });
 }
+
+#if defined(PAGODA_FUSED_AVX512)
+// The vector part of a row's argmax: lane j keeps the best value among elements j mod 16 (the
+// first on ties) and its index, and counts NaNs. Four sets of lanes run side by side (their
+// compare chains are independent) and are merged at the end, lower index first on ties.
+// Returns how many elements it covered (a multiple of 16).
+inline int32_t argmax_lanes(const uint16_t* src, int32_t n, float* best, int32_t* where,
+                            int32_t* nans) {
+  constexpr int kSets = 4;
+  __m512 b[kSets];
+  __m512i w[kSets];
+  __mmask16 nan_seen = 0;
+  for (int k = 0; k < kSets; ++k) {
+    b[k] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    w[k] = _mm512_set1_epi32(n);
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int32_t i = 0;
+  for (; i + 16 * kSets <= n; i += 16 * kSets) {
+    for (int k = 0; k < kSets; ++k) {
+      const __m512 v = v16::load(src + i + 16 * k);
+      const __mmask16 better = _mm512_cmp_ps_mask(v, b[k], _CMP_GT_OQ);
+      b[k] = _mm512_mask_mov_ps(b[k], better, v);
+      w[k] = _mm512_mask_mov_epi32(w[k], better, _mm512_add_epi32(lane, _mm512_set1_epi32(i + 16 * k)));
+      nan_seen |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+  }
+  for (int k = 1; k < kSets; ++k) {  // merge: larger value, or equal value at a lower index
+    const __mmask16 gt = _mm512_cmp_ps_mask(b[k], b[0], _CMP_GT_OQ);
+    const __mmask16 eq = _mm512_cmp_ps_mask(b[k], b[0], _CMP_EQ_OQ);
+    const __mmask16 lower = _mm512_cmp_epi32_mask(w[k], w[0], _MM_CMPINT_LT);
+    const __mmask16 take = gt | (eq & lower);
+    b[0] = _mm512_mask_mov_ps(b[0], take, b[k]);
+    w[0] = _mm512_mask_mov_epi32(w[0], take, w[k]);
+  }
+  _mm512_storeu_ps(best, b[0]);
+  _mm512_storeu_si512(where, w[0]);
+  for (int j = 0; j < 16; ++j) nans[j] = (nan_seen >> j) & 1;
+  return i;
+}
+#endif
 
 // Row-wise argmax of bf16 logits (N, V) into int64 (N,), the first index on ties, as
 // torch.argmax. 16 lanes keep their own best value and index, so the scan vectorises.
@@ -207,6 +387,9 @@ void argmax_rows(at::Tensor out, at::Tensor logits) {
       }
       int32_t i = 0;
       const int32_t n = static_cast<int32_t>(vocab);
+#if defined(PAGODA_FUSED_AVX512)
+      i = argmax_lanes(src, n, best, where, nans);
+#endif
       for (; i + kLanes <= n; i += kLanes)
         for (int j = 0; j < kLanes; ++j) {
           const float v = bf16_to_f32(src[i + j]);

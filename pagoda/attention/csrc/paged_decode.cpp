@@ -941,6 +941,11 @@ void silu_mul(at::Tensor out, at::Tensor gate_up);
 void argmax_rows(at::Tensor out, at::Tensor logits);
 }  // namespace pagoda_fused
 
+// The KV-cache write (kv_write.cpp).
+namespace pagoda_kv {
+void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
+}  // namespace pagoda_kv
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Paged decode attention for the CPU (PagedAttention + online softmax).";
   m.def("paged_decode", &paged_decode, "Paged decode attention; writes out in place.",
@@ -965,4 +970,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &pagoda_fused::argmax_rows, "Row-wise argmax of bf16 logits.",
         py::arg("out"), py::arg("logits"), py::call_guard<py::gil_scoped_release>());
+  m.def("write_kv", &pagoda_kv::write_kv, "Copy new K/V rows into their cache slots.",
+        py::arg("kv_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
+        py::call_guard<py::gil_scoped_release>());
 }
