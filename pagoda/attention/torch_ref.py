@@ -7,25 +7,15 @@ own sequence and nothing from padding or other requests.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from pagoda.attention import cpu_decode
 from pagoda.attention.metadata import AttentionMetadata
-
-# "torch" forces the pure-PyTorch decode path even where the C++ CPU kernel is available.
-ATTENTION_BACKEND_ENV = "PAGODA_ATTENTION"
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new K/V. kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D).
-    On CPU the C++ copy (``csrc/kv_write.cpp``) does it in one pass over the tokens."""
-    if use_cpu_decode_kernel(k.device):
-        cpu_decode.extension().write_kv(kv_cache, k, v, slot_mapping)
-        return
+    """Store new K/V. kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
@@ -37,11 +27,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     d = meta.num_decode_tokens
-    if d and use_cpu_decode_kernel(q.device):
-        cpu_decode.paged_decode_attention(q[:d], kv_cache, meta.decode_block_tables,
-                                          meta.decode_seq_lens, scale, out=out[:d])
-    elif d:
+    if d:
         out[:d] = _decode_attention(q[:d], kv_cache, meta, scale)
+    prefill_chunks(q, k, v, kv_cache, meta, scale, out)
+    return out
+
+
+def prefill_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                   meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+    """Attention of each prefill chunk (K/V already written) into its rows of ``out``."""
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         if chunk.context_len == chunk.query_len:
@@ -50,15 +44,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         else:
             out[rows] = _prefill_attention(q[rows], kv_cache, chunk.block_table,
                                            chunk.context_len, scale)
-    return out
-
-
-def use_cpu_decode_kernel(device: torch.device) -> bool:
-    """The C++ kernel reads each K/V row once, straight from the blocks; the reference below
-    gathers a padded copy first, which dominates a large decode step on CPU."""
-    if device.type != "cpu" or os.environ.get(ATTENTION_BACKEND_ENV) == "torch":
-        return False
-    return cpu_decode.available()
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

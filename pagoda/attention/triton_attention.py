@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda.attention.backend import PackedPrefills, pack_prefills
-from pagoda.attention.metadata import AttentionMetadata
+from pagoda.attention.metadata import AttentionMetadata, PackedPrefills, pack_prefills
 
 LOG2_E = 1.4426950408889634
 # Tile sizes. tl.dot needs every dimension >= 16 on the GPU.

@@ -18,9 +18,10 @@ from typing import Optional
 
 import torch
 
-from pagoda.attention import backend
-from pagoda.attention.backend import DeviceAttentionMetadata, PackedPrefills
-from pagoda.attention.metadata import AttentionMetadata, PrefillChunk
+from pagoda.attention import backend, cpu_attention
+from pagoda.attention.backend import DeviceAttentionMetadata
+from pagoda.attention.metadata import (AttentionMetadata, PackedPrefills, PrefillChunk,
+                                       pack_prefills)
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagoda.models.llama import LlamaForCausalLM
@@ -78,6 +79,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(model.arch, num_blocks, block_size, dtype, device)
         self.states: dict[str, CachedRequestState] = {}
         self.is_cuda = device.type == "cuda"
+        self.use_amx = cpu_attention.use_amx(device, dtype)
         self.graphs: Optional[DecodeGraphs] = None
         if self.is_cuda and not enforce_eager:
             self.graphs = self._capture_graphs(min(max_num_seqs, num_blocks),
@@ -178,10 +180,12 @@ class ModelRunner:
         chunks = [PrefillChunk(row, n, ctx, self._tensor(blocks))
                   for row, n, ctx, blocks in host.chunks]
         tables, seq_lens, max_len = self._decode_tables(host)
-        attn = AttentionMetadata(
+        attn = DeviceAttentionMetadata(
             slot_mapping=self._tensor(host.slots), num_decode_tokens=len(host.decode_seq_lens),
             decode_block_tables=tables, decode_seq_lens=seq_lens, decode_max_seq_len=max_len,
             prefills=chunks, block_size=self.block_size)
+        if chunks and self.use_amx:
+            attn.packed_prefills = pack_prefills(attn, self.device)   # once, not per layer
         return StepBatch(self._tensor(host.input_ids), self._tensor(host.positions), attn)
 
     def _decode_tables(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, int]:

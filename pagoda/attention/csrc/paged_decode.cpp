@@ -941,6 +941,13 @@ void silu_mul(at::Tensor out, at::Tensor gate_up);
 void argmax_rows(at::Tensor out, at::Tensor logits);
 }  // namespace pagoda_fused
 
+// Mixed-batch paged attention on AMX tiles (amx_attention.cpp).
+namespace pagoda_amx {
+bool available();
+void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor query_start,
+                     at::Tensor context_lens, at::Tensor block_tables, double scale);
+}  // namespace pagoda_amx
+
 // The KV-cache write (kv_write.cpp).
 namespace pagoda_kv {
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
@@ -970,6 +977,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &pagoda_fused::argmax_rows, "Row-wise argmax of bf16 logits.",
         py::arg("out"), py::arg("logits"), py::call_guard<py::gil_scoped_release>());
+  m.def("amx_available", &pagoda_amx::available,
+        "True when this build has the AMX kernel and the CPU and OS allow AMX.");
+  m.def("amx_paged_attention", &pagoda_amx::paged_attention,
+        "Paged attention of a mixed batch (decodes and prefill chunks) on AMX; writes out.",
+        py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("query_start"),
+        py::arg("context_lens"), py::arg("block_tables"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("write_kv", &pagoda_kv::write_kv, "Copy new K/V rows into their cache slots.",
         py::arg("kv_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
         py::call_guard<py::gil_scoped_release>());

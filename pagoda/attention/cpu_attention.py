@@ -1,0 +1,81 @@
+"""Paged attention on the CPU with the C++ kernels (PagedAttention, Kwon et al., SOSP'23).
+
+One layer's attention over a mixed batch, in three calls into the extension built by
+``cpu_decode.py``:
+
+1. the KV write: each new token's K/V row copied to its ``slot_mapping`` slot
+   (``csrc/kv_write.cpp``), for the whole batch before any row attends;
+2. decode rows: the flash-decoding kernel (``csrc/paged_decode.cpp``), which streams each
+   sequence's K/V rows once for all query heads of a KV head;
+3. prefill chunks: on CPUs with AMX and bf16 activations, one call of the AMX kernel
+   (``csrc/amx_attention.cpp``: FlashAttention-style, the two products on the tile unit) for
+   every chunk of the step, reading the context through the block tables; elsewhere the
+   PyTorch reference (fused SDPA per chunk).
+
+Invariant (the reference's, ``torch_ref.py``): new K/V are written first, then a query at
+position ``p`` of a sequence sees exactly that sequence's tokens ``[0, p]``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from pagoda.attention import cpu_decode, torch_ref
+from pagoda.attention.metadata import AttentionMetadata, PackedPrefills, pack_prefills
+
+# "torch" forces the pure-PyTorch reference even where the C++ kernels are available.
+ATTENTION_BACKEND_ENV = "PAGODA_ATTENTION"
+# "0" keeps prefill chunks on the PyTorch reference even where the AMX kernel could run.
+AMX_ENV = "PAGODA_AMX"
+
+
+def use_cpu_kernels(device: torch.device) -> bool:
+    """True on CPU when the extension is built (and the reference is not forced)."""
+    if device.type != "cpu" or os.environ.get(ATTENTION_BACKEND_ENV) == "torch":
+        return False
+    return cpu_decode.available()
+
+
+@functools.lru_cache(maxsize=None)
+def _amx_supported() -> bool:
+    ext = cpu_decode.extension()
+    return ext is not None and bool(ext.amx_available())
+
+
+def use_amx(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when prefill chunks of this device and dtype go to the AMX kernel."""
+    return (dtype == torch.bfloat16 and use_cpu_kernels(device)
+            and os.environ.get(AMX_ENV) != "0" and _amx_supported())
+
+
+def backend_name() -> str:
+    """For logs and benchmark reports."""
+    prefill = "amx-prefill" if os.environ.get(AMX_ENV) != "0" and _amx_supported() else "sdpa"
+    return f"cpp-decode+{prefill}"
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: (T, H, D); k, v: (T, Hkv, D); kv_cache: (2, num_blocks, block_size, Hkv, D).
+    Returns (T, H, D)."""
+    ext = cpu_decode.extension()
+    ext.write_kv(kv_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    d = meta.num_decode_tokens
+    if d:
+        cpu_decode.paged_decode_attention(q[:d], kv_cache, meta.decode_block_tables,
+                                          meta.decode_seq_lens, scale, out=out[:d])
+    if not meta.prefills:
+        return out
+    if use_amx(q.device, q.dtype):
+        packed: Optional[PackedPrefills] = (getattr(meta, "packed_prefills", None)
+                                            or pack_prefills(meta, q.device))
+        first = meta.prefills[0].query_start
+        ext.amx_paged_attention(out[first:], q[first:], kv_cache, packed.query_start_loc,
+                                packed.context_lens, packed.block_tables, float(scale))
+    else:
+        torch_ref.prefill_chunks(q, k, v, kv_cache, meta, scale, out)
+    return out

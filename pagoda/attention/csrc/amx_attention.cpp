@@ -1,0 +1,487 @@
+// Paged attention for a mixed batch (decodes and prefill chunks) on Intel AMX: PagedAttention
+// (Kwon et al., SOSP'23) read through block tables, with FlashAttention's online softmax
+// (Dao et al., 2022) over blocks of 64 keys, the two matrix products on the AMX tile unit.
+//
+// Invariant: query i of sequence n (rows [query_start[n], query_start[n + 1]) of q) sits at
+// position p = context_len[n] - query_len + i and sees exactly the keys [0, p] of its own
+// sequence, read through block_tables[n] after the step's K/V were written. Keys at or past
+// context_len are never read from the cache (their slots in the work buffers are zeros), so
+// garbage in unused slots cannot reach the output.
+//
+// Work units are (sequence, KV head, up to kUnitRows query rows), where the rows of a KV head
+// are its G = H / Hkv query heads for each query token (row r = token r / G, head r % G), so
+// grouped-query attention reads each K/V row once for all G heads. A unit first copies the
+// keys it needs into two AMX-friendly buffers:
+//   Kt: per 16 keys and 32 dims, the 16 x 16 transpose of (key, dim pair) words, so that
+//       Q (16 rows x 32 dims) . Kt is one TDPBF16PS giving the 16 x 16 scores;
+//   Vt: per 32 keys and 16 dims, key pairs interleaved ("VNNI" layout), so that
+//       P (16 rows x 32 keys, bf16) . Vt is one TDPBF16PS giving 16 rows x 16 dims.
+// Then, per tile of 16 rows and per block of 64 keys: scores on the tiles, the causal mask and
+// online softmax in AVX-512 (fp32; probabilities rounded to bf16 for the second product, as
+// PyTorch's CPU flash attention does), P . V on the tiles, and the fp32 accumulator rescaled.
+// Threads take units dynamically, largest first.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__linux__)
+#define PAGODA_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace pagoda_amx {
+
+#if defined(PAGODA_AMX)
+namespace {
+
+constexpr int64_t kRows = 16;        // rows of a tile
+constexpr int64_t kKeyBlock = 64;    // keys per softmax step (four score tiles)
+constexpr int64_t kUnitRows = 256;   // query rows per work unit (16 row tiles)
+constexpr int kTileBytes = 64;       // bytes per tile row: 32 bf16 or 16 fp32
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+// Tile registers (every one 16 rows x 64 bytes): 0, 1, 6, 7 the scores of four 16-key groups,
+// then the P.V products of four 16-dim groups; 2 a Q chunk; 4 a Kt or Vt tile; 5 and 3 the
+// probabilities of the block's two 32-key halves.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) {
+      colsb[t] = kTileBytes;
+      rows[t] = kRows;
+    }
+  }
+};
+
+struct Problem {
+  int64_t H, Hkv, G, D, block_size, W, num_blocks;
+  const uint16_t* q;
+  uint16_t* out;
+  const uint16_t* cache;
+  const int64_t* query_start;
+  const int64_t* context_lens;
+  const int64_t* block_tables;
+  int64_t q_st, o_st;                    // token strides of q and out (elements)
+  int64_t c_skv, c_sblk, c_stok;         // cache strides (elements): K/V, block, token
+  float scale;
+};
+
+struct Unit {
+  int64_t n, h;       // sequence, KV head
+  int64_t r0, r1;     // rows [r0, r1) of the sequence's query_len * G rows
+  int64_t cost;
+};
+
+// Per-thread work buffers, sized for the largest unit.
+struct Buffers {
+  std::vector<uint16_t> mem;
+  uint16_t* kt = nullptr;  // transformed keys (64-byte aligned, within mem)
+  uint16_t* vt = nullptr;  // transformed values
+  void reserve(int64_t elems) {  // room for `elems` elements in each of kt and vt
+    mem.assign(2 * elems + 64, 0);
+    auto addr = reinterpret_cast<uintptr_t>(mem.data());
+    kt = mem.data() + (64 - addr % 64) % 64 / sizeof(uint16_t);
+    vt = kt + elems;
+  }
+  alignas(64) uint16_t qs[8][kRows * 32];     // Q tile: D / 32 chunks of 16 rows x 32 dims
+  alignas(64) float s[kRows * kKeyBlock];      // scores of a key block
+  alignas(64) uint16_t p[kRows * kKeyBlock];   // probabilities (bf16)
+  alignas(64) float o[kRows * 256];            // P.V of a key block, 16 rows x D
+  alignas(64) float acc[kRows * 256];          // running outputs
+  alignas(64) float m[kRows];                  // running maxima (raw scores)
+  alignas(64) float l[kRows];                  // running sums
+  alignas(64) float alpha[kRows];              // this block's rescale of acc and l
+  int64_t pos[kRows];
+};
+
+inline const uint16_t* key_row(const Problem& P, int64_t n, int64_t h, int64_t t) {
+  const int64_t block = P.block_tables[n * P.W + t / P.block_size];
+  return P.cache + block * P.c_sblk + (t % P.block_size) * P.c_stok + h * P.D;
+}
+
+// 16 x 16 transpose of 32-bit words: rows r[0..15] -> columns, in place.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + x], lane L: column 4L + x of rows 4i .. 4i + 3
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int x = 0; x < 4; ++x) {
+    const __m512i lo_a = _mm512_shuffle_i32x4(u[x], u[4 + x], 0x44);
+    const __m512i hi_a = _mm512_shuffle_i32x4(u[x], u[4 + x], 0xEE);
+    const __m512i lo_b = _mm512_shuffle_i32x4(u[8 + x], u[12 + x], 0x44);
+    const __m512i hi_b = _mm512_shuffle_i32x4(u[8 + x], u[12 + x], 0xEE);
+    r[0 + x] = _mm512_shuffle_i32x4(lo_a, lo_b, 0x88);
+    r[4 + x] = _mm512_shuffle_i32x4(lo_a, lo_b, 0xDD);
+    r[8 + x] = _mm512_shuffle_i32x4(hi_a, hi_b, 0x88);
+    r[12 + x] = _mm512_shuffle_i32x4(hi_a, hi_b, 0xDD);
+  }
+}
+
+// Kt and Vt for keys [0, nkeys) of (n, h), zero-padded to a whole key block.
+//   Kt: group g (keys 16g..), chunk c (dims 32c..): 16 rows (dim pairs) x 16 keys x 2 bf16.
+//   Vt: block b (keys 32b..), group e (dims 16e..): 16 rows (key pairs) x 16 dims x 2 bf16.
+void transform_kv(const Problem& P, int64_t n, int64_t h, int64_t nkeys, Buffers& buf) {
+  const int64_t D = P.D, chunks = D / 32, padded = (nkeys + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  uint16_t* kt = buf.kt;
+  uint16_t* vt = buf.vt;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t g = 0; g < padded / 16; ++g) {
+    const uint16_t* rows[16];
+    for (int64_t t = 0; t < 16; ++t) {
+      const int64_t key = 16 * g + t;
+      rows[t] = key < nkeys ? key_row(P, n, h, key) : nullptr;
+    }
+    if (16 * g + 16 < nkeys) {  // prefetch the next group's rows
+      for (int64_t t = 0; t < 16; ++t) {
+        const uint16_t* k = key_row(P, n, h, 16 * g + 16 + t < nkeys ? 16 * g + 16 + t : nkeys - 1);
+        _mm_prefetch(reinterpret_cast<const char*>(k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(k + P.c_skv), _MM_HINT_T0);
+      }
+    }
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i r[16];
+      for (int t = 0; t < 16; ++t)
+        r[t] = rows[t] ? _mm512_loadu_si512(rows[t] + 32 * c) : zero;
+      transpose16(r);
+      uint16_t* dst = kt + (g * chunks + c) * (kRows * 32);
+      for (int k = 0; k < 16; ++k) _mm512_store_si512(dst + 32 * k, r[k]);
+    }
+    // Values of the same 16 keys: 8 key pairs, each interleaved per 16 dims.
+    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                            40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
+                                            1, 32, 0);
+    const __m512i hi_idx = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57,
+                                            25, 56, 24, 55, 23, 54, 22, 53, 21, 52, 20, 51, 19,
+                                            50, 18, 49, 17, 48, 16);
+    const int64_t block = g / 2, pair0 = (g % 2) * 8;
+    for (int64_t j = 0; j < 8; ++j) {
+      const uint16_t* a = rows[2 * j] ? rows[2 * j] + P.c_skv : nullptr;
+      const uint16_t* b = rows[2 * j + 1] ? rows[2 * j + 1] + P.c_skv : nullptr;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512i va = a ? _mm512_loadu_si512(a + 32 * c) : zero;
+        const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : zero;
+        uint16_t* d0 = vt + (block * (D / 16) + 2 * c) * (kRows * 32) + (pair0 + j) * 32;
+        _mm512_store_si512(d0, _mm512_permutex2var_epi16(va, lo_idx, vb));
+        _mm512_store_si512(d0 + kRows * 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
+      }
+    }
+  }
+}
+
+// 2^x for x <= 0: 2^n * p(f), n = round(x), |f| <= 1/2, degree-5 Taylor polynomial (relative
+// error < 3e-6, far below the bf16 rounding of the probabilities). Arguments at or below -125
+// (and -inf) give exactly 0, so no denormal is ever produced (each would cost a microcode
+// assist).
+inline __m512 exp2_neg(__m512 x) {
+  const __m512 floor = _mm512_set1_ps(-125.f);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, floor, _CMP_GT_OQ);
+  x = _mm512_max_ps(x, floor);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.3333558e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+// Raw scores (before scaling) of the tile's rows against keys [64 kb, 64 kb + 64) into s
+// (16 rows x 64 fp32): four 16-key tiles, each summed over the head dim's 32-dim chunks.
+inline void scores(const Buffers& buf, int64_t kb, int64_t chunks, float* s) {
+  const uint16_t* kt = buf.kt + 4 * kb * chunks * (kRows * 32);
+  constexpr int64_t kTile = kRows * 32;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t c = 0; c < chunks; ++c) {
+    _tile_loadd(2, buf.qs[c], kTileBytes);
+    _tile_loadd(4, kt + (0 * chunks + c) * kTile, kTileBytes);
+    _tile_dpbf16ps(0, 2, 4);
+    _tile_loadd(4, kt + (1 * chunks + c) * kTile, kTileBytes);
+    _tile_dpbf16ps(1, 2, 4);
+    _tile_loadd(4, kt + (2 * chunks + c) * kTile, kTileBytes);
+    _tile_dpbf16ps(6, 2, 4);
+    _tile_loadd(4, kt + (3 * chunks + c) * kTile, kTileBytes);
+    _tile_dpbf16ps(7, 2, 4);
+  }
+  constexpr int kStride = kKeyBlock * sizeof(float);
+  _tile_stored(0, s, kStride);
+  _tile_stored(1, s + 16, kStride);
+  _tile_stored(6, s + 32, kStride);
+  _tile_stored(7, s + 48, kStride);
+}
+
+// Online softmax over one key block for the tile's `rows` valid rows, in base 2 (the scale
+// times log2(e) folded into one multiply-add). Keys past a row's position are masked where
+// the block reaches past the tile's first position. Pass 1 finds each row's block maximum;
+// the running maxima, rescales and sums are then updated for all 16 rows as vectors; pass 2
+// writes the bf16 probabilities.
+inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, float scale) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const __m512 c = _mm512_set1_ps(scale * kLog2e);
+  const bool diagonal = kKeyBlock * kb + kKeyBlock - 1 > buf.pos[0];
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) float rowmax[kRows], rowsum[kRows];
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = buf.s + r * kKeyBlock;
+    __m512 x[4];
+    for (int j = 0; j < 4; ++j) x[j] = _mm512_load_ps(s + 16 * j);
+    if (diagonal) {
+      const __m512i pos = _mm512_set1_epi32(static_cast<int>(buf.pos[r]));
+      for (int j = 0; j < 4; ++j) {
+        const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(
+            static_cast<int>(kKeyBlock * kb + 16 * j)));
+        const __mmask16 seen = _mm512_cmp_epi32_mask(key, pos, _MM_CMPINT_LE);
+        x[j] = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), seen, x[j]);
+        _mm512_store_ps(s + 16 * j, x[j]);
+      }
+    }
+    rowmax[r] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]),
+                                                   _mm512_max_ps(x[2], x[3])));
+  }
+  for (int64_t r = rows; r < kRows; ++r) rowmax[r] = 0.f;  // padding rows: anything finite
+  const __m512 m_old = _mm512_load_ps(buf.m);
+  const __m512 m_new = _mm512_max_ps(m_old, _mm512_load_ps(rowmax));
+  // A row's first block: m_old = -inf, alpha = 0 (acc and l are still zero).
+  _mm512_store_ps(buf.alpha, exp2_neg(_mm512_mul_ps(_mm512_sub_ps(m_old, m_new), c)));
+  _mm512_store_ps(buf.m, m_new);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = buf.s + r * kKeyBlock;
+    const __m512 mc = _mm512_set1_ps(buf.m[r] * scale * kLog2e);
+    __m512 p[4];
+    for (int j = 0; j < 4; ++j) p[j] = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(s + 16 * j), c, mc));
+    rowsum[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(p[0], p[1]),
+                                                   _mm512_add_ps(p[2], p[3])));
+    uint16_t* dst = buf.p + r * kKeyBlock;
+    _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(p[1], p[0]));
+    _mm512_store_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(p[3], p[2]));
+  }
+  for (int64_t r = rows; r < kRows; ++r) {
+    rowsum[r] = 0.f;
+    _mm512_store_si512(buf.p + r * kKeyBlock, _mm512_setzero_si512());
+    _mm512_store_si512(buf.p + r * kKeyBlock + 32, _mm512_setzero_si512());
+  }
+  _mm512_store_ps(buf.l, _mm512_fmadd_ps(_mm512_load_ps(buf.l), _mm512_load_ps(buf.alpha),
+                                         _mm512_load_ps(rowsum)));
+}
+
+// acc = acc * alpha + P . V for one key block: P as two 16 x 32-key tiles, V per 32 keys and
+// 16 dims; four 16-dim groups at a time (D is a multiple of 32: 2 or 4 groups per pass).
+inline void accumulate(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
+  const int64_t groups = D / 16;
+  constexpr int64_t kTile = kRows * 32;
+  const uint16_t* v0 = buf.vt + (2 * kb) * groups * kTile;   // keys 64 kb ..
+  const uint16_t* v1 = v0 + groups * kTile;                   // keys 64 kb + 32 ..
+  constexpr int kPStride = kKeyBlock * sizeof(uint16_t);
+  _tile_loadd(5, buf.p, kPStride);
+  _tile_loadd(3, buf.p + 32, kPStride);
+  const int kOStride = static_cast<int>(D * sizeof(float));
+  for (int64_t e0 = 0; e0 < groups; e0 += 4) {
+    const bool four = groups - e0 >= 4;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(4, v0 + (e0 + 0) * kTile, kTileBytes);
+    _tile_dpbf16ps(0, 5, 4);
+    _tile_loadd(4, v1 + (e0 + 0) * kTile, kTileBytes);
+    _tile_dpbf16ps(0, 3, 4);
+    _tile_loadd(4, v0 + (e0 + 1) * kTile, kTileBytes);
+    _tile_dpbf16ps(1, 5, 4);
+    _tile_loadd(4, v1 + (e0 + 1) * kTile, kTileBytes);
+    _tile_dpbf16ps(1, 3, 4);
+    _tile_stored(0, buf.o + 16 * (e0 + 0), kOStride);
+    _tile_stored(1, buf.o + 16 * (e0 + 1), kOStride);
+    if (four) {
+      _tile_zero(6);
+      _tile_zero(7);
+      _tile_loadd(4, v0 + (e0 + 2) * kTile, kTileBytes);
+      _tile_dpbf16ps(6, 5, 4);
+      _tile_loadd(4, v1 + (e0 + 2) * kTile, kTileBytes);
+      _tile_dpbf16ps(6, 3, 4);
+      _tile_loadd(4, v0 + (e0 + 3) * kTile, kTileBytes);
+      _tile_dpbf16ps(7, 5, 4);
+      _tile_loadd(4, v1 + (e0 + 3) * kTile, kTileBytes);
+      _tile_dpbf16ps(7, 3, 4);
+      _tile_stored(6, buf.o + 16 * (e0 + 2), kOStride);
+      _tile_stored(7, buf.o + 16 * (e0 + 3), kOStride);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 a = _mm512_set1_ps(buf.alpha[r]);
+    float* acc = buf.acc + r * D;
+    const float* o = buf.o + r * D;
+    for (int64_t d = 0; d < D; d += 16)
+      _mm512_store_ps(acc + d, _mm512_fmadd_ps(_mm512_load_ps(acc + d), a, _mm512_load_ps(o + d)));
+  }
+}
+
+// Rows [t0, t0 + rows) of unit u: one tile, over every key block any of its rows sees.
+void run_tile(const Problem& P, const Unit& u, int64_t t0, int64_t rows, Buffers& buf) {
+  const int64_t D = P.D, G = P.G, chunks = D / 32;
+  const int64_t qstart = P.query_start[u.n];
+  const int64_t qlen = P.query_start[u.n + 1] - qstart;
+  const int64_t first_pos = P.context_lens[u.n] - qlen;
+  for (int64_t c = 0; c < chunks; ++c) std::memset(buf.qs[c], 0, sizeof(buf.qs[c]));
+  int64_t max_pos = 0;
+  for (int64_t r = 0; r < kRows; ++r) {
+    buf.m[r] = -std::numeric_limits<float>::infinity();
+    buf.l[r] = 0.f;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = t0 + r, i = row / G, g = row % G;
+    const uint16_t* src = P.q + (qstart + i) * P.q_st + (u.h * G + g) * D;
+    for (int64_t c = 0; c < chunks; ++c) std::memcpy(buf.qs[c] + r * 32, src + 32 * c, 64);
+    buf.pos[r] = first_pos + i;
+    max_pos = std::max(max_pos, buf.pos[r]);
+  }
+  std::memset(buf.acc, 0, sizeof(float) * kRows * D);
+  const int64_t blocks = max_pos / kKeyBlock + 1;
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    scores(buf, kb, chunks, buf.s);
+    softmax_block(buf, rows, kb, P.scale);
+    accumulate(buf, rows, kb, D);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = t0 + r, i = row / G, g = row % G;
+    uint16_t* dst = P.out + (qstart + i) * P.o_st + (u.h * G + g) * D;
+    const __m512 inv = _mm512_set1_ps(1.f / buf.l[r]);
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 v = _mm512_mul_ps(_mm512_load_ps(buf.acc + r * D + d), inv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+void run_unit(const Problem& P, const Unit& u, Buffers& buf) {
+  const int64_t qlen = P.query_start[u.n + 1] - P.query_start[u.n];
+  const int64_t last_pos = P.context_lens[u.n] - qlen + (u.r1 - 1) / P.G;
+  transform_kv(P, u.n, u.h, last_pos + 1, buf);
+  for (int64_t t0 = u.r0; t0 < u.r1; t0 += kRows)
+    run_tile(P, u, t0, std::min<int64_t>(kRows, u.r1 - t0), buf);
+}
+
+bool request_amx() {
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+bool cpu_has_amx_bf16() {
+  unsigned eax, ebx, ecx, edx;
+  __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  return ((edx >> 22) & 1) && ((edx >> 24) & 1);  // AMX-BF16, AMX-TILE
+}
+
+}  // namespace
+
+bool available() {
+  static const bool ok = cpu_has_amx_bf16() && request_amx();
+  return ok;
+}
+
+void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor query_start,
+                     at::Tensor context_lens, at::Tensor block_tables, double scale) {
+  TORCH_CHECK(available(), "AMX is not available on this CPU or was refused by the kernel");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+                  kv_cache.scalar_type() == at::kBFloat16, "q, out and kv_cache must be bfloat16");
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be (T, H, D)");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be contiguous (2, num_blocks, block_size, Hkv, D)");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = kv_cache.size(3);
+  TORCH_CHECK(D % 32 == 0 && D <= 256 && kv_cache.size(4) == D,
+              "head dim must be a multiple of 32, at most 256, and match the cache's");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && out.stride(2) == 1 && out.stride(1) == D,
+              "q and out heads must be contiguous within a token");
+  for (const auto* t : {&query_start, &context_lens, &block_tables}) {
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous(),
+                "query_start, context_lens and block_tables must be contiguous int64");
+  }
+  const int64_t N = context_lens.numel();
+  TORCH_CHECK(query_start.numel() == N + 1 && block_tables.dim() == 2 &&
+                  block_tables.size(0) == N, "query_start (N + 1,), block_tables (N, W)");
+  Problem P{H, Hkv, H / Hkv, D, kv_cache.size(2), block_tables.size(1), kv_cache.size(1),
+            reinterpret_cast<const uint16_t*>(q.data_ptr()),
+            reinterpret_cast<uint16_t*>(out.data_ptr()),
+            reinterpret_cast<const uint16_t*>(kv_cache.data_ptr()),
+            query_start.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
+            block_tables.data_ptr<int64_t>(), q.stride(0), out.stride(0),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+            static_cast<float>(scale)};
+  TORCH_CHECK(P.query_start[0] == 0 && P.query_start[N] <= T, "query_start out of range");
+  std::vector<Unit> units;
+  int64_t max_keys = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t qlen = P.query_start[n + 1] - P.query_start[n], ctx = P.context_lens[n];
+    TORCH_CHECK(qlen >= 0 && qlen <= ctx, "sequence ", n, ": query_len ", qlen,
+                " must lie in [0, context_len = ", ctx, "]");
+    const int64_t nb = (ctx + P.block_size - 1) / P.block_size;
+    TORCH_CHECK(nb <= P.W, "sequence ", n, ": context needs ", nb, " blocks, the table has ", P.W);
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t id = P.block_tables[n * P.W + j];
+      TORCH_CHECK(id >= 0 && id < P.num_blocks, "block_tables[", n, "][", j, "] = ", id,
+                  " is outside [0, ", P.num_blocks, ")");
+    }
+    if (qlen == 0) continue;
+    max_keys = std::max(max_keys, ctx);
+    const int64_t rows = qlen * P.G;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      for (int64_t r0 = 0; r0 < rows; r0 += kUnitRows) {
+        const int64_t r1 = std::min(rows, r0 + kUnitRows);
+        const int64_t keys = ctx - qlen + (r1 - 1) / P.G + 1;
+        units.push_back({n, h, r0, r1, keys * (16 + (r1 - r0))});
+      }
+    }
+  }
+  if (units.empty()) return;
+  std::sort(units.begin(), units.end(), [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
+  const int64_t padded = (max_keys + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), units.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    auto buf = std::make_unique<Buffers>();
+    buf->reserve(padded * D);
+    TileConfig cfg;
+    _tile_loadconfig(&cfg);
+    for (int64_t i = next++; i < static_cast<int64_t>(units.size()); i = next++)
+      run_unit(P, units[i], *buf);
+    _tile_release();
+  });
+}
+
+#else  // no AMX in this build
+
+bool available() { return false; }
+
+void paged_attention(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                     double) {
+  TORCH_CHECK(false, "this build of the extension has no AMX kernel");
+}
+
+#endif
+
+}  // namespace pagoda_amx
