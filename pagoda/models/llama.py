@@ -190,10 +190,14 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, positions, kv_cache, meta)
         return self.norm.add_forward(x, residual)[0]
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, E): the output projection (the embedding when tied)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, E) -> logits (N, V) in the model's dtype (the sampler upcasts)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.output_weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""

@@ -24,11 +24,13 @@ from pagoda.attention.metadata import (AttentionMetadata, PackedPrefills, Prefil
                                        pack_prefills)
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from pagoda.models import cpu_fused
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
 from pagoda.worker.cuda_graph import DecodeGraphs
 from pagoda.worker.kv_cache import allocate_kv_cache
-from pagoda.worker.sampler import SamplingRow, prompt_token_logprobs, sample
+from pagoda.worker.sampler import (SamplingRow, plain_greedy, prompt_token_logprobs,
+                                   sample)
 
 logger = logging.getLogger(__name__)
 
@@ -254,9 +256,13 @@ class ModelRunner:
             rows = hidden[logits_index]                # (S, E), index already on the device
         else:
             rows = hidden[host.logits_indices]
-        logits = self.model.compute_logits(rows)                           # (S, V)
         sampling_rows = [self._sampling_row(self.states[rid]) for rid in host.samplers]
-        tokens, logprobs = sample(logits, sampling_rows)
+        if cpu_fused.enabled(rows) and all(plain_greedy(r) for r in sampling_rows):
+            tokens = cpu_fused.greedy_tokens(rows, self.model.output_weight).tolist()
+            logprobs: list = [None] * len(tokens)
+        else:
+            logits = self.model.compute_logits(rows)                       # (S, V)
+            tokens, logprobs = sample(logits, sampling_rows)
         for rid, token, lp in zip(host.samplers, tokens, logprobs):
             self.states[rid].token_ids.append(token)
             output.sampled_token_ids[rid] = token

@@ -35,7 +35,7 @@ class SamplingRow:
 def sample(logits: torch.Tensor,
            rows: list[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits: (S, V), one row per entry of ``rows``. Returns tokens and logprobs."""
-    if all(_plain_greedy(r) for r in rows):
+    if all(plain_greedy(r) for r in rows):
         # Upcasting is exact and keeps the order, so argmax needs no fp32 copy of (S, V).
         if logits.dim() == 2 and logits.stride(1) == 1 and cpu_fused.enabled(logits):
             return cpu_fused.argmax(logits).tolist(), [None] * len(rows)
@@ -51,7 +51,9 @@ def sample(logits: torch.Tensor,
     return tokens, logprobs
 
 
-def _plain_greedy(row: SamplingRow) -> bool:
+def plain_greedy(row: SamplingRow) -> bool:
+    """Greedy with nothing that needs the logits themselves (logprobs, penalties, a masked
+    stop token): the argmax alone decides."""
     p = row.params
     return (p.greedy and p.logprobs is None and not _has_penalty(p)
             and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens))

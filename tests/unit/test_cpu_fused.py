@@ -87,3 +87,24 @@ def test_argmax_matches_torch_including_ties_and_infinities():
     strided = torch.randn(8, 64, generator=g).to(BF16)[:, ::2]
     with pytest.raises(RuntimeError, match="contiguous rows"):
         cpu_fused.argmax(strided)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 37])
+def test_greedy_tokens_from_transposed_logits_match_row_argmax(rows):
+    """weight @ hidden.T and a column argmax: the same tokens as argmax(hidden @ weight.T),
+    including ties, -inf rows, NaN and maxima in the tail columns past the 16-lane body."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    vocab, dim = 3000 + 5, 64
+    weight = torch.randn(vocab, dim, generator=g).to(BF16)
+    hidden = torch.randn(rows, dim, generator=g).to(BF16)
+    want = F.linear(hidden, weight).argmax(-1)
+    assert torch.equal(cpu_fused.greedy_tokens(hidden, weight), want)
+    logits = torch.randn(rows, vocab, generator=g).to(BF16)
+    logits[0, 100] = logits[0, 2900] = 80.0      # tie across the threads' vocabulary ranges
+    if rows > 3:
+        logits[1, :] = float("-inf")
+        logits[2, 2000] = float("nan")
+        logits[3, :] = 1.0
+    out = torch.empty(rows, dtype=torch.int64)
+    cpu_fused._ext().argmax_cols(out, logits.t().contiguous())
+    assert torch.equal(out, logits.argmax(-1))

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -171,7 +172,8 @@ inline void norm_row(const uint16_t* xr, uint16_t* res, const uint16_t* w, float
 
 void check_bf16_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16");
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, name, " must be 2-D with contiguous rows");
+  TORCH_CHECK(t.dim() == 2 && (t.stride(1) == 1 || t.size(1) == 1),
+              name, " must be 2-D with contiguous rows");
 }
 
 // out = w * bf16(x * rsqrt(mean(x^2) + eps)), per row. If residual is given, first
@@ -426,6 +428,79 @@ void argmax_rows(at::Tensor out, at::Tensor logits) {
       dst[r] = arg;
     }
   });
+}
+
+// Column-wise argmax of transposed bf16 logits (V, N) into int64 (N,): the same answer as
+// argmax_rows on the (N, V) transpose (first index on ties, the first NaN wins, all -inf gives
+// 0). Threads scan disjoint ranges of the vocabulary for every column, and the ranges' winners
+// are merged in vocabulary order, so ties still go to the lowest index.
+void argmax_cols(at::Tensor out, at::Tensor logits_t) {
+  check_bf16_rows(logits_t, "logits_t");
+  const int64_t vocab = logits_t.size(0), cols = logits_t.size(1);
+  TORCH_CHECK(out.scalar_type() == at::kLong && out.is_contiguous() && out.numel() == cols,
+              "out must be contiguous int64 (N,)");
+  TORCH_CHECK(vocab > 0 && vocab < (int64_t{1} << 31), "vocabulary size out of range");
+  const auto* src = reinterpret_cast<const uint16_t*>(logits_t.data_ptr());
+  const int64_t stride = logits_t.stride(0);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), vocab / 1024));
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // Per part and column: best value, its index, and the first NaN's index (vocab: none).
+  std::vector<float> best(parts * cols, neg_inf);
+  std::vector<int32_t> where(parts * cols, static_cast<int32_t>(vocab));
+  std::vector<int32_t> nan_at(parts * cols, static_cast<int32_t>(vocab));
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) {
+      const int64_t v0 = vocab * part / parts, v1 = vocab * (part + 1) / parts;
+      float* b = best.data() + part * cols;
+      int32_t* w = where.data() + part * cols;
+      int32_t* nz = nan_at.data() + part * cols;
+      int64_t c = 0;
+#if defined(PAGODA_FUSED_AVX512)
+      for (; c + 16 <= cols; c += 16) {
+        __m512 vb = _mm512_set1_ps(neg_inf);
+        __m512i vw = _mm512_set1_epi32(static_cast<int>(vocab));
+        __m512i vn = vw;
+        for (int64_t v = v0; v < v1; ++v) {
+          const __m512 x = v16::load(src + v * stride + c);
+          const __m512i iv = _mm512_set1_epi32(static_cast<int>(v));
+          const __mmask16 better = _mm512_cmp_ps_mask(x, vb, _CMP_GT_OQ);
+          vb = _mm512_mask_mov_ps(vb, better, x);
+          vw = _mm512_mask_mov_epi32(vw, better, iv);
+          const __mmask16 first_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) &
+              _mm512_cmpeq_epi32_mask(vn, _mm512_set1_epi32(static_cast<int>(vocab)));
+          vn = _mm512_mask_mov_epi32(vn, first_nan, iv);
+        }
+        _mm512_storeu_ps(b + c, vb);
+        _mm512_storeu_si512(w + c, vw);
+        _mm512_storeu_si512(nz + c, vn);
+      }
+#endif
+      for (int64_t v = v0; v < v1; ++v) {
+        for (int64_t j = c; j < cols; ++j) {
+          const float x = bf16_to_f32(src[v * stride + j]);
+          if (x > b[j]) {
+            b[j] = x;
+            w[j] = static_cast<int32_t>(v);
+          }
+          if (x != x && nz[j] == vocab) nz[j] = static_cast<int32_t>(v);
+        }
+      }
+    }
+  });
+  int64_t* dst = out.data_ptr<int64_t>();
+  for (int64_t j = 0; j < cols; ++j) {
+    float top = neg_inf;
+    int64_t arg = vocab, nan_first = vocab;
+    for (int64_t part = 0; part < parts; ++part) {  // in vocabulary order
+      const int64_t k = part * cols + j;
+      if (best[k] > top) {
+        top = best[k];
+        arg = where[k];
+      }
+      if (nan_first == vocab && nan_at[k] < vocab) nan_first = nan_at[k];
+    }
+    dst[j] = nan_first < vocab ? nan_first : (arg == vocab ? 0 : arg);
+  }
 }
 
 }  // namespace pagoda_fused

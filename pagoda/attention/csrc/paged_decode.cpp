@@ -939,6 +939,7 @@ void add_rms_norm(at::Tensor out, at::Tensor residual, at::Tensor x, at::Tensor 
 void rope(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin, at::Tensor positions);
 void silu_mul(at::Tensor out, at::Tensor gate_up);
 void argmax_rows(at::Tensor out, at::Tensor logits);
+void argmax_cols(at::Tensor out, at::Tensor logits_t);
 }  // namespace pagoda_fused
 
 // Mixed-batch paged attention on AMX tiles (amx_attention.cpp).
@@ -977,6 +978,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &pagoda_fused::argmax_rows, "Row-wise argmax of bf16 logits.",
         py::arg("out"), py::arg("logits"), py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_cols", &pagoda_fused::argmax_cols,
+        "Column-wise argmax of transposed bf16 logits (V, N).", py::arg("out"),
+        py::arg("logits_t"), py::call_guard<py::gil_scoped_release>());
   m.def("amx_available", &pagoda_amx::available,
         "True when this build has the AMX kernel and the CPU and OS allow AMX.");
   m.def("amx_paged_attention", &pagoda_amx::paged_attention,
