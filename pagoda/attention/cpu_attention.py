@@ -30,6 +30,8 @@ from pagoda.attention.metadata import AttentionMetadata, PackedPrefills, pack_pr
 ATTENTION_BACKEND_ENV = "PAGODA_ATTENTION"
 # "0" keeps prefill chunks on the PyTorch reference even where the AMX kernel could run.
 AMX_ENV = "PAGODA_AMX"
+AMX_HEAD_DIM_MULTIPLE = 32   # a tile row holds 32 bf16 dims
+AMX_MAX_HEAD_DIM = 256
 
 
 def use_cpu_kernels(device: torch.device) -> bool:
@@ -45,8 +47,11 @@ def _amx_supported() -> bool:
     return ext is not None and bool(ext.amx_available())
 
 
-def use_amx(device: torch.device, dtype: torch.dtype) -> bool:
-    """True when prefill chunks of this device and dtype go to the AMX kernel."""
+def use_amx(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None) -> bool:
+    """True when prefill chunks of this device, dtype (and head dim, if given) go to the AMX
+    kernel: bf16, head dims that are multiples of 32 up to 256."""
+    if head_dim is not None and (head_dim % AMX_HEAD_DIM_MULTIPLE or head_dim > AMX_MAX_HEAD_DIM):
+        return False
     return (dtype == torch.bfloat16 and use_cpu_kernels(device)
             and os.environ.get(AMX_ENV) != "0" and _amx_supported())
 
@@ -70,7 +75,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                           meta.decode_seq_lens, scale, out=out[:d])
     if not meta.prefills:
         return out
-    if use_amx(q.device, q.dtype):
+    if use_amx(q.device, q.dtype, q.shape[-1]):
         packed: Optional[PackedPrefills] = (getattr(meta, "packed_prefills", None)
                                             or pack_prefills(meta, q.device))
         first = meta.prefills[0].query_start

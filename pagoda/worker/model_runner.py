@@ -81,7 +81,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(model.arch, num_blocks, block_size, dtype, device)
         self.states: dict[str, CachedRequestState] = {}
         self.is_cuda = device.type == "cuda"
-        self.use_amx = cpu_attention.use_amx(device, dtype)
+        self.use_amx = cpu_attention.use_amx(device, dtype, model.arch.head_dim)
         self.graphs: Optional[DecodeGraphs] = None
         if self.is_cuda and not enforce_eager:
             self.graphs = self._capture_graphs(min(max_num_seqs, num_blocks),

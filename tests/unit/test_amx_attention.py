@@ -18,6 +18,8 @@ import torch
 from pagoda.attention import cpu_attention, cpu_decode, torch_ref
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk, pack_prefills
 
+from kv_poison import poison_unused
+
 BF16 = torch.bfloat16
 
 needs_ext = pytest.mark.skipif(not cpu_decode.available(), reason="C++ extension unavailable")
@@ -42,10 +44,7 @@ def make_case(chunks: list[tuple[int, int]], num_heads: int, num_kv_heads: int, 
             blk = ids.pop()
             tables[n, j] = blk
             used[blk, :min(block_size, ctx - j * block_size)] = True
-    unused = ~used
-    poison = torch.where(torch.rand(num_blocks, block_size) < 0.5, float("nan"), 3e38)
-    kv[0][unused] = poison[unused][:, None, None]
-    kv[1][unused] = torch.where(poison[unused].isnan(), 3e38, float("nan"))[:, None, None]
+    poison_unused(kv, used)   # NaN / huge values in every slot outside all contexts
     starts = [0]
     for qlen, _ in chunks:
         starts.append(starts[-1] + qlen)
@@ -196,3 +195,38 @@ def test_kv_write_rejects_a_bad_slot_before_writing_anything():
     with pytest.raises(RuntimeError, match="slot_mapping"):
         cpu_decode.extension().write_kv(cache, k, k, torch.tensor([0, 5, 64]))
     assert not cache.any()
+
+
+@needs_amx
+def test_head_dims_the_amx_kernel_cannot_take_go_to_the_reference():
+    """Head dim 16 (tiny test models): use_amx says no, and the CPU backend's answer still
+    matches the reference."""
+    cpu = torch.device("cpu")
+    assert cpu_attention.use_amx(cpu, BF16, 64) and cpu_attention.use_amx(cpu, BF16, 128)
+    assert not cpu_attention.use_amx(cpu, BF16, 16) and not cpu_attention.use_amx(cpu, BF16, 48)
+    assert not cpu_attention.use_amx(cpu, torch.float32, 64)
+    case = make_case([(12, 12)], 4, 2, 16, 16)
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor([int(case["tables"][0, 0]) * 16 + i for i in range(12)]),
+        num_decode_tokens=0, decode_block_tables=torch.zeros(0, 0, dtype=torch.int64),
+        decode_seq_lens=torch.zeros(0, dtype=torch.int64), decode_max_seq_len=0,
+        prefills=[PrefillChunk(0, 12, 12, case["tables"][0, :1])], block_size=16)
+    k = torch.randn(12, 2, 16).to(BF16)
+    v = torch.randn(12, 2, 16).to(BF16)
+    out = cpu_attention.paged_attention(case["q"], k, v, case["kv"].clone(), meta, 0.25)
+    ref = torch_ref.paged_attention(case["q"].float(), k.float(), v.float(),
+                                    case["kv"].float(), meta, 0.25)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@needs_ext
+def test_the_native_build_is_in_use_where_the_cpu_has_amx():
+    """The extension falls back to portable flags when the -march=native build fails; on a CPU
+    with AMX that would silently drop the AVX-512 and AMX kernels (and skip their tests)."""
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        flags = next((line for line in f if line.startswith("flags")), "").split()
+    if "amx_bf16" not in flags or "avx512f" not in flags:
+        pytest.skip("this CPU has no AMX-BF16")
+    info = cpu_decode.build_info()
+    assert "avx512f" in info["isa"], info
+    assert cpu_decode.extension().amx_available(), info

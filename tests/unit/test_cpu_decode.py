@@ -22,6 +22,8 @@ from pagoda.attention import cpu_decode  # noqa: E402
 from pagoda.attention.metadata import AttentionMetadata  # noqa: E402
 from pagoda.attention.torch_ref import _decode_attention  # noqa: E402
 
+from kv_poison import poison_unused  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     not cpu_decode.available(),
     reason=f"C++ paged-decode extension unavailable: {cpu_decode.unavailable_reason()}")
@@ -47,11 +49,7 @@ def make_inputs(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim
             blk = ids.pop()
             tables[b, j] = blk
             used[blk, :min(block_size, n - j * block_size)] = True
-    # Poison every slot outside all contexts: NaN in K, huge in V, and the other way round.
-    unused = ~used
-    poison = torch.where(torch.rand(num_blocks, block_size) < 0.5, float("nan"), 3e38)
-    kv[0][unused] = poison[unused][:, None, None]
-    kv[1][unused] = torch.where(poison[unused].isnan(), 3e38, float("nan"))[:, None, None]
+    poison_unused(kv, used)   # NaN / huge values in every slot outside all contexts
     kv = kv.to(dtype)
     q = torch.randn(batch, num_heads, head_dim).to(dtype)
     return q, kv, tables, torch.tensor(seq_lens, dtype=torch.int64)

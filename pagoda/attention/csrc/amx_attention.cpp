@@ -292,6 +292,27 @@ inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, float scale) {
                                          _mm512_load_ps(rowsum)));
 }
 
+// P . V for the 16-dim groups e and e + 1 of one key block into tiles C0, C1, stored to o:
+// each sums the block's two 32-key halves (P halves in tiles 5 and 3, V tiles loaded into 4).
+// A macro, not a template: the tile intrinsics paste their register numbers into the
+// assembly text, so they must be literals.
+#define PAGODA_PV_TWO_GROUPS(C0, C1, v0, v1, e, o, stride)     \
+  do {                                                          \
+    constexpr int64_t kTile_ = kRows * 32;                      \
+    _tile_zero(C0);                                             \
+    _tile_zero(C1);                                             \
+    _tile_loadd(4, (v0) + (e) * kTile_, kTileBytes);            \
+    _tile_dpbf16ps(C0, 5, 4);                                   \
+    _tile_loadd(4, (v1) + (e) * kTile_, kTileBytes);            \
+    _tile_dpbf16ps(C0, 3, 4);                                   \
+    _tile_loadd(4, (v0) + ((e) + 1) * kTile_, kTileBytes);      \
+    _tile_dpbf16ps(C1, 5, 4);                                   \
+    _tile_loadd(4, (v1) + ((e) + 1) * kTile_, kTileBytes);      \
+    _tile_dpbf16ps(C1, 3, 4);                                   \
+    _tile_stored(C0, (o) + 16 * (e), stride);                   \
+    _tile_stored(C1, (o) + 16 * ((e) + 1), stride);             \
+  } while (0)
+
 // acc = acc * alpha + P . V for one key block: P as two 16 x 32-key tiles, V per 32 keys and
 // 16 dims; four 16-dim groups at a time (D is a multiple of 32: 2 or 4 groups per pass).
 inline void accumulate(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
@@ -304,33 +325,8 @@ inline void accumulate(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
   _tile_loadd(3, buf.p + 32, kPStride);
   const int kOStride = static_cast<int>(D * sizeof(float));
   for (int64_t e0 = 0; e0 < groups; e0 += 4) {
-    const bool four = groups - e0 >= 4;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_loadd(4, v0 + (e0 + 0) * kTile, kTileBytes);
-    _tile_dpbf16ps(0, 5, 4);
-    _tile_loadd(4, v1 + (e0 + 0) * kTile, kTileBytes);
-    _tile_dpbf16ps(0, 3, 4);
-    _tile_loadd(4, v0 + (e0 + 1) * kTile, kTileBytes);
-    _tile_dpbf16ps(1, 5, 4);
-    _tile_loadd(4, v1 + (e0 + 1) * kTile, kTileBytes);
-    _tile_dpbf16ps(1, 3, 4);
-    _tile_stored(0, buf.o + 16 * (e0 + 0), kOStride);
-    _tile_stored(1, buf.o + 16 * (e0 + 1), kOStride);
-    if (four) {
-      _tile_zero(6);
-      _tile_zero(7);
-      _tile_loadd(4, v0 + (e0 + 2) * kTile, kTileBytes);
-      _tile_dpbf16ps(6, 5, 4);
-      _tile_loadd(4, v1 + (e0 + 2) * kTile, kTileBytes);
-      _tile_dpbf16ps(6, 3, 4);
-      _tile_loadd(4, v0 + (e0 + 3) * kTile, kTileBytes);
-      _tile_dpbf16ps(7, 5, 4);
-      _tile_loadd(4, v1 + (e0 + 3) * kTile, kTileBytes);
-      _tile_dpbf16ps(7, 3, 4);
-      _tile_stored(6, buf.o + 16 * (e0 + 2), kOStride);
-      _tile_stored(7, buf.o + 16 * (e0 + 3), kOStride);
-    }
+    PAGODA_PV_TWO_GROUPS(0, 1, v0, v1, e0, buf.o, kOStride);
+    if (groups - e0 >= 4) PAGODA_PV_TWO_GROUPS(6, 7, v0, v1, e0 + 2, buf.o, kOStride);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 a = _mm512_set1_ps(buf.alpha[r]);
