@@ -47,18 +47,22 @@ def _amx_supported() -> bool:
     return ext is not None and bool(ext.amx_available())
 
 
+def _amx_enabled() -> bool:
+    """The CPU and OS allow AMX, the build has the kernel, and PAGODA_AMX does not refuse it."""
+    return os.environ.get(AMX_ENV) != "0" and _amx_supported()
+
+
 def use_amx(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None) -> bool:
     """True when prefill chunks of this device, dtype (and head dim, if given) go to the AMX
     kernel: bf16, head dims that are multiples of 32 up to 256."""
     if head_dim is not None and (head_dim % AMX_HEAD_DIM_MULTIPLE or head_dim > AMX_MAX_HEAD_DIM):
         return False
-    return (dtype == torch.bfloat16 and use_cpu_kernels(device)
-            and os.environ.get(AMX_ENV) != "0" and _amx_supported())
+    return dtype == torch.bfloat16 and use_cpu_kernels(device) and _amx_enabled()
 
 
 def backend_name() -> str:
     """For logs and benchmark reports."""
-    prefill = "amx-prefill" if os.environ.get(AMX_ENV) != "0" and _amx_supported() else "sdpa"
+    prefill = "amx-prefill" if _amx_enabled() else "sdpa"
     return f"cpp-decode+{prefill}"
 
 

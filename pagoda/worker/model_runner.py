@@ -24,12 +24,11 @@ from pagoda.attention.metadata import (AttentionMetadata, PackedPrefills, Prefil
                                        pack_prefills)
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
-from pagoda.models import cpu_fused
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
 from pagoda.worker.cuda_graph import DecodeGraphs
 from pagoda.worker.kv_cache import allocate_kv_cache
-from pagoda.worker.sampler import (SamplingRow, plain_greedy, prompt_token_logprobs,
+from pagoda.worker.sampler import (SamplingRow, greedy_from_hidden, prompt_token_logprobs,
                                    sample)
 
 logger = logging.getLogger(__name__)
@@ -257,9 +256,9 @@ class ModelRunner:
         else:
             rows = hidden[host.logits_indices]
         sampling_rows = [self._sampling_row(self.states[rid]) for rid in host.samplers]
-        if cpu_fused.enabled(rows) and all(plain_greedy(r) for r in sampling_rows):
-            tokens = cpu_fused.greedy_tokens(rows, self.model.output_weight).tolist()
-            logprobs: list = [None] * len(tokens)
+        greedy = greedy_from_hidden(rows, self.model.output_weight, sampling_rows)
+        if greedy is not None:
+            tokens, logprobs = greedy, [None] * len(greedy)
         else:
             logits = self.model.compute_logits(rows)                       # (S, V)
             tokens, logprobs = sample(logits, sampling_rows)

@@ -32,10 +32,21 @@ class SamplingRow:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
+def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
+                       rows: list[SamplingRow]) -> Optional[list[int]]:
+    """Tokens straight from the final hidden states (S, E) and the output projection (V, E)
+    when every row is plain greedy on the CPU bf16 path: ``weight @ hidden.T`` and a column
+    argmax (see ``cpu_fused.greedy_tokens``), never building the (S, V) logits. None where
+    the general path (``compute_logits`` then :func:`sample`) must run."""
+    if not (cpu_fused.enabled(hidden) and all(_plain_greedy(r) for r in rows)):
+        return None
+    return cpu_fused.greedy_tokens(hidden, weight).tolist()
+
+
 def sample(logits: torch.Tensor,
            rows: list[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits: (S, V), one row per entry of ``rows``. Returns tokens and logprobs."""
-    if all(plain_greedy(r) for r in rows):
+    if all(_plain_greedy(r) for r in rows):
         # Upcasting is exact and keeps the order, so argmax needs no fp32 copy of (S, V).
         if logits.dim() == 2 and logits.stride(1) == 1 and cpu_fused.enabled(logits):
             return cpu_fused.argmax(logits).tolist(), [None] * len(rows)
@@ -51,7 +62,7 @@ def sample(logits: torch.Tensor,
     return tokens, logprobs
 
 
-def plain_greedy(row: SamplingRow) -> bool:
+def _plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing that needs the logits themselves (logprobs, penalties, a masked
     stop token): the argmax alone decides."""
     p = row.params

@@ -49,6 +49,7 @@ constexpr int64_t kRows = 16;        // rows of a tile
 constexpr int64_t kKeyBlock = 64;    // keys per softmax step (four score tiles)
 constexpr int64_t kUnitRows = 256;   // query rows per work unit (16 row tiles)
 constexpr int kTileBytes = 64;       // bytes per tile row: 32 bf16 or 16 fp32
+constexpr int64_t kTileElems = kRows * 32;  // bf16 elements of one tile
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
 
@@ -99,7 +100,7 @@ struct Buffers {
     kt = mem.data() + (64 - addr % 64) % 64 / sizeof(uint16_t);
     vt = kt + elems;
   }
-  alignas(64) uint16_t qs[8][kRows * 32];     // Q tile: D / 32 chunks of 16 rows x 32 dims
+  alignas(64) uint16_t qs[8][kTileElems];     // Q tile: D / 32 chunks of 16 rows x 32 dims
   alignas(64) float s[kRows * kKeyBlock];      // scores of a key block
   alignas(64) uint16_t p[kRows * kKeyBlock];   // probabilities (bf16)
   alignas(64) float o[kRows * 256];            // P.V of a key block, 16 rows x D
@@ -166,7 +167,7 @@ void transform_kv(const Problem& P, int64_t n, int64_t h, int64_t nkeys, Buffers
       for (int t = 0; t < 16; ++t)
         r[t] = rows[t] ? _mm512_loadu_si512(rows[t] + 32 * c) : zero;
       transpose16(r);
-      uint16_t* dst = kt + (g * chunks + c) * (kRows * 32);
+      uint16_t* dst = kt + (g * chunks + c) * kTileElems;
       for (int k = 0; k < 16; ++k) _mm512_store_si512(dst + 32 * k, r[k]);
     }
     // Values of the same 16 keys: 8 key pairs, each interleaved per 16 dims.
@@ -183,9 +184,9 @@ void transform_kv(const Problem& P, int64_t n, int64_t h, int64_t nkeys, Buffers
       for (int64_t c = 0; c < chunks; ++c) {
         const __m512i va = a ? _mm512_loadu_si512(a + 32 * c) : zero;
         const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : zero;
-        uint16_t* d0 = vt + (block * (D / 16) + 2 * c) * (kRows * 32) + (pair0 + j) * 32;
+        uint16_t* d0 = vt + (block * (D / 16) + 2 * c) * kTileElems + (pair0 + j) * 32;
         _mm512_store_si512(d0, _mm512_permutex2var_epi16(va, lo_idx, vb));
-        _mm512_store_si512(d0 + kRows * 32, _mm512_permutex2var_epi16(va, hi_idx, vb));
+        _mm512_store_si512(d0 + kTileElems, _mm512_permutex2var_epi16(va, hi_idx, vb));
       }
     }
   }
@@ -213,21 +214,20 @@ inline __m512 exp2_neg(__m512 x) {
 // Raw scores (before scaling) of the tile's rows against keys [64 kb, 64 kb + 64) into s
 // (16 rows x 64 fp32): four 16-key tiles, each summed over the head dim's 32-dim chunks.
 inline void scores(const Buffers& buf, int64_t kb, int64_t chunks, float* s) {
-  const uint16_t* kt = buf.kt + 4 * kb * chunks * (kRows * 32);
-  constexpr int64_t kTile = kRows * 32;
+  const uint16_t* kt = buf.kt + 4 * kb * chunks * kTileElems;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(6);
   _tile_zero(7);
   for (int64_t c = 0; c < chunks; ++c) {
     _tile_loadd(2, buf.qs[c], kTileBytes);
-    _tile_loadd(4, kt + (0 * chunks + c) * kTile, kTileBytes);
+    _tile_loadd(4, kt + (0 * chunks + c) * kTileElems, kTileBytes);
     _tile_dpbf16ps(0, 2, 4);
-    _tile_loadd(4, kt + (1 * chunks + c) * kTile, kTileBytes);
+    _tile_loadd(4, kt + (1 * chunks + c) * kTileElems, kTileBytes);
     _tile_dpbf16ps(1, 2, 4);
-    _tile_loadd(4, kt + (2 * chunks + c) * kTile, kTileBytes);
+    _tile_loadd(4, kt + (2 * chunks + c) * kTileElems, kTileBytes);
     _tile_dpbf16ps(6, 2, 4);
-    _tile_loadd(4, kt + (3 * chunks + c) * kTile, kTileBytes);
+    _tile_loadd(4, kt + (3 * chunks + c) * kTileElems, kTileBytes);
     _tile_dpbf16ps(7, 2, 4);
   }
   constexpr int kStride = kKeyBlock * sizeof(float);
@@ -298,16 +298,15 @@ inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, float scale) {
 // assembly text, so they must be literals.
 #define PAGODA_PV_TWO_GROUPS(C0, C1, v0, v1, e, o, stride)     \
   do {                                                          \
-    constexpr int64_t kTile_ = kRows * 32;                      \
     _tile_zero(C0);                                             \
     _tile_zero(C1);                                             \
-    _tile_loadd(4, (v0) + (e) * kTile_, kTileBytes);            \
+    _tile_loadd(4, (v0) + (e) * kTileElems, kTileBytes);            \
     _tile_dpbf16ps(C0, 5, 4);                                   \
-    _tile_loadd(4, (v1) + (e) * kTile_, kTileBytes);            \
+    _tile_loadd(4, (v1) + (e) * kTileElems, kTileBytes);            \
     _tile_dpbf16ps(C0, 3, 4);                                   \
-    _tile_loadd(4, (v0) + ((e) + 1) * kTile_, kTileBytes);      \
+    _tile_loadd(4, (v0) + ((e) + 1) * kTileElems, kTileBytes);      \
     _tile_dpbf16ps(C1, 5, 4);                                   \
-    _tile_loadd(4, (v1) + ((e) + 1) * kTile_, kTileBytes);      \
+    _tile_loadd(4, (v1) + ((e) + 1) * kTileElems, kTileBytes);      \
     _tile_dpbf16ps(C1, 3, 4);                                   \
     _tile_stored(C0, (o) + 16 * (e), stride);                   \
     _tile_stored(C1, (o) + 16 * ((e) + 1), stride);             \
@@ -317,9 +316,8 @@ inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, float scale) {
 // 16 dims; four 16-dim groups at a time (D is a multiple of 32: 2 or 4 groups per pass).
 inline void accumulate(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
   const int64_t groups = D / 16;
-  constexpr int64_t kTile = kRows * 32;
-  const uint16_t* v0 = buf.vt + (2 * kb) * groups * kTile;   // keys 64 kb ..
-  const uint16_t* v1 = v0 + groups * kTile;                   // keys 64 kb + 32 ..
+  const uint16_t* v0 = buf.vt + (2 * kb) * groups * kTileElems;   // keys 64 kb ..
+  const uint16_t* v1 = v0 + groups * kTileElems;                   // keys 64 kb + 32 ..
   constexpr int kPStride = kKeyBlock * sizeof(uint16_t);
   _tile_loadd(5, buf.p, kPStride);
   _tile_loadd(3, buf.p + 32, kPStride);
