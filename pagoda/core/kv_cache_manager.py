@@ -81,6 +81,13 @@ class KVCacheManager:
         see ``name_blocks``).
         """
         blocks = self.req_blocks.get(request.request_id, [])
+        if not computed_blocks and blocks:
+            # The common decode step: the new tokens fit in the blocks the request holds.
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(blocks) * self.block_size:
+                if name_blocks:
+                    self.name_blocks(request, num_tokens)
+                return []
         assert not (computed_blocks and blocks), "computed blocks go to a request with none"
         num_tokens = (request.num_computed_tokens + len(computed_blocks) * self.block_size
                       + num_new_tokens)

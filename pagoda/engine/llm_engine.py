@@ -238,8 +238,11 @@ class LLMEngine:
         return bool(self._groups)
 
     # -------------------------------------------------------------------- step
-    def step(self) -> list[RequestOutput]:
-        """One iteration. Returns an output for every request that changed in it."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One iteration. Returns an output for every request that changed in it, or with
+        ``final_only`` (offline generation) only for those that finished: a streaming
+        output copies the tokens so far, which for every running request at every step
+        costs the host time a GPU step waits on."""
         sched = self.scheduler.schedule()
         self._start_transfers(sched)
         runner_out = self.runner.execute_model(sched)
@@ -261,9 +264,12 @@ class LLMEngine:
             group, child = self._child_group[out.request_id]
             self._apply(group, child, out, now)
             touched[group.request_id] = group
-        results = [self._make_output(g) for g in touched.values()]
+        results = []
         for group in touched.values():
-            if group.finished:
+            finished = group.finished
+            if finished or not final_only:
+                results.append(self._make_output(group, finished))
+            if finished:
                 self._forget(group)
         return results
 
@@ -316,16 +322,16 @@ class LLMEngine:
             self.scheduler.add_request_first(req, seed_offset=i)
         group.deferred.clear()
 
-    def _make_output(self, group: _Group) -> RequestOutput:
+    def _make_output(self, group: _Group, finished: bool) -> RequestOutput:
         completions = [self._completion(c) for c in group.children]
         tpot = None
         c0 = group.children[0]
         if c0.finished_time and c0.first_token_time and c0.request.num_output_tokens > 1:
             tpot = (c0.finished_time - c0.first_token_time) / (c0.request.num_output_tokens - 1)
-        if group.finished:
+        if finished:
             group.metrics.finished_time = max(c.finished_time or 0.0 for c in group.children)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,
-                             group.finished, group.metrics, tpot, group.prompt_logprobs,
+                             finished, group.metrics, tpot, group.prompt_logprobs,
                              c0.request.num_cached_tokens or 0, self._issued_params(group))
 
     @staticmethod

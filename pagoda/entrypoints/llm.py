@@ -74,7 +74,7 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         bar = _progress_bar(len(ids), use_tqdm)
         while len(results) < len(ids):
-            for out in self.engine.step():
+            for out in self.engine.step(final_only=True):
                 if out.finished:
                     results[out.request_id] = out
                     if bar is not None:

@@ -155,20 +155,32 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
             param.fill_(1.0)
 
 
-def _maybe_hf_tokenizer(path: str) -> Optional[tuple[Any, Optional[str]]]:
-    try:
-        from transformers import AutoTokenizer
+# A directory holds a tokenizer only with one of these: transformers would otherwise build
+# an empty one from config.json's model type, which decodes every id to nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception:  # a config.json alone: token ids only
+
+def has_tokenizer_files(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def _maybe_hf_tokenizer(path: str) -> Optional[tuple[Any, Optional[str]]]:
+    """The directory's tokenizer and chat template; None when it has no tokenizer files
+    (a config.json alone: token ids in, token ids out)."""
+    if not has_tokenizer_files(path):
         return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
     return tok, getattr(tok, "chat_template", None)
 
 
 class TokenIdTokenizer:
-    """The tokenizer of a model without one (dummy weights): prompts must be token ids, and
-    output text is the ids themselves (" 17 4052 9"), so detokenization and stop strings
-    still run, at negligible cost."""
+    """The tokenizer of a model without one (dummy weights, or a directory without tokenizer
+    files): prompts must be token ids, and output text is the ids themselves (" 17 4052 9"),
+    so detokenization and stop strings still run, at negligible cost."""
+    # The text of a sequence is its tokens' texts joined: the detokenizer needs no window.
+    text_is_per_token = True
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
     chat_template: Optional[str] = None
@@ -177,11 +189,12 @@ class TokenIdTokenizer:
         return "".join(f" {i}" for i in ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        raise ValueError("this model has no tokenizer (--load-format dummy): give prompts as "
-                         "lists of token ids")
+        raise ValueError("this model has no tokenizer (no tokenizer files, or --load-format "
+                         "dummy): give prompts as lists of token ids")
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
-        raise ValueError("this model has no tokenizer or chat template (--load-format dummy)")
+        raise ValueError("this model has no tokenizer or chat template (no tokenizer files, "
+                         "or --load-format dummy)")
 
 
 def _eos_ids(arch: ModelArch, tokenizer: Any) -> tuple[int, ...]:
@@ -193,8 +206,6 @@ def _eos_ids(arch: ModelArch, tokenizer: Any) -> tuple[int, ...]:
 
 
 def _read_hf_dir(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Any, Optional[str]]:
-    from transformers import AutoTokenizer
-
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path!r} has no config.json")
@@ -204,8 +215,8 @@ def _read_hf_dir(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], A
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"{path!r} has no *.safetensors files")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return config, _iter_safetensors(files), tokenizer, getattr(tokenizer, "chat_template", None)
+    tokenizer, template = _maybe_hf_tokenizer(path) or (TokenIdTokenizer(), None)
+    return config, _iter_safetensors(files), tokenizer, template
 
 
 def _check_checkpoint_dtype(config: dict) -> None:

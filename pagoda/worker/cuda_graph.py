@@ -26,6 +26,7 @@ import torch
 
 from pagoda.attention.backend import DeviceAttentionMetadata
 from pagoda.models.llama import LlamaForCausalLM
+from pagoda.worker.host_buffer import pack_ints
 
 logger = logging.getLogger(__name__)
 
@@ -124,17 +125,13 @@ class DecodeGraphs:
         assert size is not None, f"no CUDA graph for a batch of {batch}"
         g = self.graphs[size]
         pad = size - batch
-        pin = self.device.type == "cuda"
-        host = torch.tensor([input_ids + [0] * pad, positions + [0] * pad,
-                             slots + [PAD_SLOT] * pad, seq_lens + [PAD_SEQ_LEN] * pad],
-                            dtype=torch.int64, pin_memory=pin)               # (4, B_pad)
-        g.head.copy_(host, non_blocking=True)
         width = max(len(t) for t in block_tables)
-        tables = torch.zeros((batch, width), dtype=torch.int64, pin_memory=pin)  # (B, w)
-        rows = tables.numpy()          # filled row by row: far cheaper than a nested list
-        for i, t in enumerate(block_tables):
-            rows[i, :len(t)] = t
+        buf, sizes = pack_ints([input_ids + [0] * pad, positions + [0] * pad,
+                                slots + [PAD_SLOT] * pad, seq_lens + [PAD_SEQ_LEN] * pad,
+                                (block_tables, width)], pin=self.device.type == "cuda")
+        head = sum(sizes[:HEAD_ROWS])
+        g.head.copy_(buf[:head].view(HEAD_ROWS, size), non_blocking=True)      # (4, B_pad)
         # Columns past w keep stale (valid) block ids: no row reads past its seq_len.
-        g.block_tables[:batch, :width].copy_(tables, non_blocking=True)
+        g.block_tables[:batch, :width].copy_(buf[head:].view(batch, width), non_blocking=True)
         g.graph.replay()
         return g.hidden[:batch]

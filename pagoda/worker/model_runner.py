@@ -11,7 +11,6 @@ sampled tokens (argmax and sampling run on the device). Decode-only steps replay
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -27,6 +26,7 @@ from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutp
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
 from pagoda.worker.cuda_graph import DecodeGraphs
+from pagoda.worker.host_buffer import IntPart, pack_ints
 from pagoda.worker.kv_cache import allocate_kv_cache
 from pagoda.worker.sampler import (SamplingRow, greedy_from_hidden, prompt_token_logprobs,
                                    sample)
@@ -156,7 +156,19 @@ class ModelRunner:
         prefills = [rid for rid, n in counts.items() if n > 1]
         host = HostInputs([], [], [], [], [], {}, [], [], [])
         bs = self.block_size
-        for rid in decodes + prefills:
+        for rid in decodes:          # the hot loop of a large decode batch: one token each
+            state = self.states[rid]
+            pos, row, blocks = state.num_computed_tokens, len(host.input_ids), state.block_ids
+            host.input_ids.append(state.token_ids[pos])
+            host.positions.append(pos)
+            host.slots.append(blocks[pos // bs] * bs + pos % bs)
+            host.decode_seq_lens.append(pos + 1)
+            num_blocks = pos // bs + 1
+            # The list itself when it is exactly the context's blocks: read within this step.
+            host.decode_tables.append(blocks if len(blocks) == num_blocks
+                                      else blocks[:num_blocks])
+            self._note_sampling(host, rid, state, row, pos, 1)
+        for rid in prefills:
             state, n = self.states[rid], counts[rid]
             start, row = state.num_computed_tokens, len(host.input_ids)
             host.input_ids.extend(state.token_ids[start:start + n])
@@ -164,18 +176,21 @@ class ModelRunner:
             host.slots.extend(state.block_ids[p // bs] * bs + p % bs
                               for p in range(start, start + n))
             num_blocks = -(-(start + n) // bs)
-            if n > 1:
-                host.chunks.append((row, n, start + n, state.block_ids[:num_blocks]))
-            else:
-                host.decode_seq_lens.append(start + 1)
-                host.decode_tables.append(state.block_ids[:num_blocks])
-            if start + n == len(state.token_ids):
-                host.logits_indices.append(row + n - 1)
-                host.samplers.append(rid)
-            if state.params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
-                host.prompt_rows[rid] = (row, start,
-                                         min(start + n, state.num_prompt_tokens - 1) - start)
+            host.chunks.append((row, n, start + n, state.block_ids[:num_blocks]))
+            self._note_sampling(host, rid, state, row, start, n)
         return host
+
+    @staticmethod
+    def _note_sampling(host: HostInputs, rid: str, state: CachedRequestState, row: int,
+                       start: int, n: int) -> None:
+        """Rows ``[row, row + n)`` hold positions ``[start, start + n)`` of ``rid``: the last
+        samples if it reaches the end of the known tokens; prompt rows may want logprobs."""
+        if start + n == len(state.token_ids):
+            host.logits_indices.append(row + n - 1)
+            host.samplers.append(rid)
+        if state.params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
+            host.prompt_rows[rid] = (row, start,
+                                     min(start + n, state.num_prompt_tokens - 1) - start)
 
     def _cpu_batch(self, host: HostInputs) -> StepBatch:
         chunks = [PrefillChunk(row, n, ctx, self._tensor(blocks))
@@ -216,17 +231,14 @@ class ModelRunner:
         starts = [row - first_row for row, _, _, _ in host.chunks]
         if host.chunks:
             starts.append(starts[-1] + host.chunks[-1][1])
-        parts: list[list[int]] = [
+        parts: list[IntPart] = [
             host.input_ids, host.positions, host.slots, host.logits_indices,
-            host.decode_seq_lens,
-            list(itertools.chain.from_iterable(t + [0] * (width - len(t))
-                                               for t in host.decode_tables)),
-            starts, [c[2] for c in host.chunks],
-            list(itertools.chain.from_iterable(c[3] + [0] * (chunk_width - len(c[3]))
-                                               for c in host.chunks))]
-        dev = self._device_ints(list(itertools.chain.from_iterable(parts)))
+            host.decode_seq_lens, (host.decode_tables, width),
+            starts, [c[2] for c in host.chunks], ([c[3] for c in host.chunks], chunk_width)]
+        buf, sizes = pack_ints(parts, pin=self.device.type == "cuda")
+        dev = buf.to(self.device, non_blocking=True)
         (input_ids, positions, slots, logits_idx, seq_lens, tables, chunk_starts, ctx_lens,
-         chunk_tables) = dev.split([len(p) for p in parts])
+         chunk_tables) = dev.split(sizes)
         tables = tables.view(num_decodes, width)                       # (D, W)
         chunk_tables = chunk_tables.view(num_chunks, chunk_width)      # (N, Wp)
         chunks = [PrefillChunk(row, n, ctx, chunk_tables[i, :len(blocks)])
@@ -242,8 +254,8 @@ class ModelRunner:
     def _device_ints(self, values: list[int]) -> torch.Tensor:
         """Host list -> pinned buffer -> device, asynchronously (the caching host allocator
         keeps the buffer alive until the copy is done)."""
-        host = torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        return host.to(self.device, non_blocking=True)
+        buf, _ = pack_ints([values], pin=self.device.type == "cuda")
+        return buf.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- sampling
     def _sample(self, hidden: torch.Tensor, host: HostInputs,

@@ -20,13 +20,47 @@ TEXTS = [
 ]
 
 
+class WindowOnly:
+    """A tokenizer with its Rust backend hidden: the detokenizer's generic windowed path,
+    as a slow (Python) tokenizer would take it."""
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name):
+        if name == "backend_tokenizer":
+            raise AttributeError(name)
+        return getattr(self._tok, name)
+
+    def __len__(self) -> int:
+        return len(self._tok)
+
+
+# Each tokenizer runs through both paths: the Rust stream decoder and the window.
+PATHS = ["stream", "window"]
+
+
+def _path(tok, path: str):
+    if path == "window":
+        tok = WindowOnly(tok)
+        assert IncrementalDetokenizer(tok, [], [], False, True)._stream is None
+    else:
+        assert IncrementalDetokenizer(tok, [], [], False, True)._stream is not None
+    return tok
+
+
 @pytest.fixture(scope="module")
-def tiny_tok(tmp_path_factory):
+def tiny_raw(tmp_path_factory):
     return make_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
+@pytest.fixture(scope="module", params=PATHS)
+def tiny_tok(tiny_raw, request):
+    return _path(tiny_raw, request.param)
+
+
 @pytest.fixture(scope="module")
-def gguf_tok():
+def gguf_raw():
     try:
         from pagoda.models.gguf_loader import load_gguf_tokenizer
         from pagoda.models.loader import default_model_path
@@ -35,9 +69,11 @@ def gguf_tok():
         pytest.skip(f"bundled GGUF tokenizer unavailable: {e}")
 
 
-@pytest.fixture(params=["tiny", "gguf"])
+@pytest.fixture(params=[(name, path) for name in ("tiny", "gguf") for path in PATHS],
+                ids=lambda p: "-".join(p))
 def tok(request):
-    return request.getfixturevalue(f"{request.param}_tok")
+    name, path = request.param
+    return _path(request.getfixturevalue(f"{name}_raw"), path)
 
 
 def detok(tokenizer, prompt="Answer: ", stop=(), include=False, skip=True, **kw):
@@ -219,3 +255,32 @@ def test_min_tokens_suppresses_stop_strings(tiny_tok):
     i, s = feed(d, ids)
     # "ab" after tokens 1-2 is inside the first min_tokens tokens; the next "ab" ends at 4.
     assert (i, s, d.text) == (3, "ab", "ab")
+
+
+class _WindowedIds:
+    """The token-id tokenizer without its per-token flag: the windowed path decodes it."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(f" {i}" for i in ids)
+
+
+@pytest.mark.parametrize("stop", [[], [" 7 8"], [" 3", "9 1"]])
+def test_per_token_path_equals_windowed_path(stop):
+    from pagoda.models.loader import TokenIdTokenizer
+
+    rng = random.Random(len(stop))
+    prompt = [rng.randrange(20) for _ in range(9)]
+    outputs = [rng.randrange(20) for _ in range(60)] + [7, 8, 9, 1, 3]
+    fast = IncrementalDetokenizer(TokenIdTokenizer(), prompt, stop, False, True)
+    slow = IncrementalDetokenizer(_WindowedIds(), prompt, stop, False, True)
+    assert fast._per_token and not slow._per_token
+    stopped = None
+    for i in range(0, len(outputs), 3):
+        stopped, want = fast.update(outputs[i:i + 3]), slow.update(outputs[i:i + 3])
+        assert (stopped, fast.text) == (want, slow.text)
+        if stopped is not None:
+            break
+    if stop:
+        assert stopped in stop          # the outputs end with every stop string
+    else:
+        assert fast.text == TokenIdTokenizer().decode(outputs)

@@ -1,6 +1,8 @@
 """``--load-format dummy``: presets with the published shapes, random weights, no files."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -119,3 +121,12 @@ def test_profile_step_runs_a_full_budget_forward():
     assert logits.shape == (8, 512) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
     assert profile_activation_bytes(model, 40, 8, 16, torch.float32, CPU) == 0
+
+
+def test_config_json_alone_gives_token_ids_not_an_empty_tokenizer(tmp_path):
+    """transformers builds an empty tokenizer from a config.json's model type; a directory
+    without tokenizer files must give the token-id tokenizer instead."""
+    (tmp_path / "config.json").write_text(json.dumps(preset_config("tiny-qwen3")))
+    loaded = load_model(str(tmp_path), torch.float32, CPU, load_format="dummy")
+    assert isinstance(loaded.tokenizer, TokenIdTokenizer)
+    assert loaded.tokenizer.decode([300, 5]) == " 300 5"
