@@ -18,9 +18,10 @@
 #              CUDA graphs, + bandwidth fraction + batch-1 decode step, vs transformers
 #   4 gpu      tests/gpu: engine vs transformers (fp32 exact, bf16 tolerance), graphs vs eager
 #   5 kernels  tests/unit/test_triton_attention.py compiled (no interpreter)
-#   6 cpu-side tests/unit/test_dummy_load.py + test_bench_gpu.py (presets, accounting; the
+#   6 host     bench host: this machine's host time per step (null model) vs the device floor
+#   7 cpu-side tests/unit/test_dummy_load.py + test_bench_gpu.py (presets, accounting; the
 #              reference attention, so the C++ CPU kernel is not compiled here)
-#   7 eager    batch-1 decode step with --enforce-eager (what the graphs save)
+#   8 eager    batch-1 decode step with --enforce-eager (what the graphs save)
 set -uo pipefail
 set -x
 cd "$(dirname "$0")/.."
@@ -102,6 +103,10 @@ step gpu 160 "$PY" -m pytest -q -m gpu tests/gpu -rs
 
 step kernels 90 "$PY" -m pytest -q tests/unit/test_triton_attention.py
 
+# (the null model runs on the CPU: no C++ extension is built for it here)
+step host 40 env PAGODA_ATTENTION=torch PAGODA_FUSED=0 PAGODA_AMX=0 "${CLI[@]}" bench host \
+  --num-prompts 256 --input-len 100:1024 --output-len 100:1024 --json "$OUT/host.json"
+
 step cpu-side 45 env PAGODA_ATTENTION=torch "$PY" -m pytest -q tests/unit/test_dummy_load.py \
   tests/unit/test_bench_gpu.py
 
@@ -122,6 +127,8 @@ echo
 echo "--- headline numbers (bench) ---"
 grep -E "output tokens/s|total tokens/s|median step ms|fraction of bandwidth|pagoda / HF|== " \
   "$OUT/bench.log" 2>/dev/null || echo "(no numbers in $OUT/bench.log)"
+echo "--- host time per step (null model) ---"
+grep -E "host-only|batch >=|host / device" "$OUT/host.log" 2>/dev/null || echo "(no numbers)"
 echo "--- batch-1 decode, eager (no CUDA graphs) ---"
 grep -A9 "batch-1 decode" "$OUT/eager.log" 2>/dev/null | grep -E "median step ms|fraction" \
   || echo "(no numbers in $OUT/eager.log)"

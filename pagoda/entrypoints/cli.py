@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(px)
     px.set_defaults(func=prefix.main)
 
+    from pagoda.bench import host as bench_host
+
+    bh = bench_sub.add_parser("host", help="the engine's host time per step, model work "
+                                           "removed (the host side of a GPU step)")
+    bench_host.add_args(bh)
+    bh.set_defaults(func=bench_host.main)
+
     from pagoda.bench import serve as bench_serve
 
     bs = bench_sub.add_parser("serve", help="online serving benchmark against an HTTP endpoint")

@@ -1,0 +1,256 @@
+"""``pagoda bench host``: the engine's host time per step, with the model's work taken out.
+
+On a GPU, a step is host work (schedule, build the inputs, read the sampled tokens, update
+the requests, detokenize) and then device work (the forward); the two do not overlap, so
+at large batches the host part alone can cap the output tokens/s. This command runs the
+engine's whole step loop on the workload of ``bench throughput`` with a null model: every
+forward returns zeros of the right shape, and decode-only steps go through the runner's CUDA
+input path (CUDA-graph batch padding, one host buffer) with replays that do nothing. What
+remains is the host's time. It runs on any machine, so the host side of the GPU target can
+be measured without a GPU.
+
+Printed: the host time per step (by decode batch size, and split into schedule / runner /
+update / outputs), the output tokens/s the host alone allows, and, for the decode-only
+steps, the device's least time for them (weights + KV read at the GPU's bandwidth, for the
+shapes of ``--model-preset``), so host / device-floor says how much the host would add.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from pagoda.bench import gpu
+from pagoda.bench.throughput import (check_outputs, machine_info, parse_len_range, row,
+                                     token_id_range, write_json)
+from pagoda.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
+from pagoda.core.outputs import SchedulerOutput
+from pagoda.models.presets import preset_arch, preset_config, preset_names
+from pagoda.sampling import SamplingParams
+from pagoda.worker.cuda_graph import DecodeGraphs, _Graph
+
+NULL_SHAPE = "tiny-qwen3"          # the null model's own shapes: small, so the host's work
+NULL_LAYERS = 1                    # (the CPU's argmax over its vocabulary) stays small
+H100_SXM_TBS = 3.35
+BUCKETS = (1, 8, 32, 64, 128, 256)
+PHASES = ("schedule", "runner", "update", "outputs")
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("workload")
+    g.add_argument("--num-prompts", type=int, default=256)
+    g.add_argument("--input-len", default="100:1024", help="N, or LO:HI (uniform random)")
+    g.add_argument("--output-len", default="100:1024", help="N, or LO:HI (uniform random)")
+    g.add_argument("--data-seed", type=int, default=0)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    g.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
+    g.add_argument("--model-preset", default="qwen3-0.6b", choices=preset_names(),
+                   help="the shapes whose device time the host time is set against")
+    g.add_argument("--gpu-bandwidth-tbs", type=float, default=H100_SXM_TBS,
+                   help="the GPU's memory bandwidth for the device floor (default: H100 SXM)")
+    g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+
+
+# --------------------------------------------------------------------------- the null model
+class _NoReplay:
+    """A captured graph that does nothing when replayed."""
+
+    def replay(self) -> None:
+        pass
+
+    def pool(self) -> None:
+        return None
+
+
+class NullDecodeGraphs(DecodeGraphs):
+    """The runner's CUDA-graph path (padding, static buffers) with empty graphs."""
+
+    def _capture_one(self, size: int, pool: Any) -> _Graph:
+        head, tables = self._static_inputs(size)
+        hidden = torch.zeros(size, self.model.arch.hidden_size, dtype=torch.bfloat16)
+        return _Graph(_NoReplay(), head, tables, hidden)
+
+
+def null_engine_llm(ns: argparse.Namespace, max_model_len: int) -> Any:
+    """An engine on the CPU whose model does no work, its runner on the CUDA input path."""
+    from pagoda.entrypoints.llm import LLM
+
+    config = preset_config(NULL_SHAPE)
+    config.update(num_hidden_layers=NULL_LAYERS, max_position_embeddings=max_model_len)
+    blocks = ns.max_num_seqs * -(-max_model_len // ns.block_size)   # no preemption
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f)
+        llm = LLM(model=tmp, load_format="dummy", device="cpu", dtype="bfloat16",
+                  max_model_len=max_model_len, max_num_seqs=ns.max_num_seqs,
+                  max_num_batched_tokens=ns.max_num_batched_tokens,
+                  block_size=ns.block_size, num_kv_blocks=blocks)
+    runner = llm.engine.runner
+    model = runner.model
+    hidden_size = model.arch.hidden_size
+
+    def null_forward(input_ids: torch.Tensor, *_: Any) -> torch.Tensor:
+        return torch.zeros(input_ids.shape[0], hidden_size, dtype=torch.bfloat16)
+
+    model.forward = null_forward
+    runner.is_cuda = True          # the packed-buffer input path and CUDA-graph padding
+    runner.graphs = NullDecodeGraphs(model, runner.kv_caches, runner.block_size,
+                                     min(ns.max_num_seqs, blocks), max_model_len, runner.device)
+    runner.graphs.capture()
+    return llm
+
+
+# ---------------------------------------------------------------------------- measurement
+@dataclass
+class StepRecord:
+    decodes: int                  # rows of one token
+    prefill_tokens: int
+    context_tokens: int           # decode-only steps: the batch's context (new token included)
+    seconds: float
+    phases: dict[str, float]
+
+
+@dataclass
+class StepTimer:
+    """Times each engine step and the parts of it (instrumentation only)."""
+    engine: Any
+    steps: list[StepRecord] = field(default_factory=list)
+    _phase: dict[str, float] = field(default_factory=dict)
+    _shape: tuple[int, int, int] = (0, 0, 0)
+
+    def install(self) -> None:
+        e = self.engine
+        e.scheduler.schedule = self._timed("schedule", self._noting_shape(e.scheduler.schedule))
+        e.runner.execute_model = self._timed("runner", e.runner.execute_model)
+        e.scheduler.update_from_output = self._timed("update", e.scheduler.update_from_output)
+        e.step = self._timed_step(e.step)
+
+    def _timed(self, name: str, fn: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._phase[name] = self._phase.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+
+    def _noting_shape(self, schedule: Callable[[], SchedulerOutput]) -> Callable:
+        def wrapper() -> SchedulerOutput:
+            sched = schedule()
+            requests = self.engine.scheduler.requests
+            counts = sched.num_scheduled_tokens
+            decodes = [rid for rid, n in counts.items() if n == 1]
+            self._shape = (len(decodes), sum(n for n in counts.values() if n > 1),
+                           sum(requests[rid].num_computed_tokens + 1 for rid in decodes))
+            return sched
+        return wrapper
+
+    def _timed_step(self, step: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self._phase, self._shape = {}, (0, 0, 0)
+            start = time.perf_counter()
+            result = step(*args, **kwargs)
+            seconds = time.perf_counter() - start
+            phases = dict(self._phase)
+            phases["outputs"] = seconds - sum(phases.values())
+            self.steps.append(StepRecord(*self._shape, seconds, phases))
+            return result
+        return wrapper
+
+
+def summarize(steps: list[StepRecord], output_tokens: int, elapsed: float, arch: Any,
+              bandwidth_tbs: float) -> dict:
+    decode_only = [s for s in steps if s.decodes and not s.prefill_tokens and s.seconds > 0]
+    weights = gpu.weight_bytes_per_step(arch, torch.bfloat16)
+    per_token = gpu.kv_bytes_per_token(arch, torch.bfloat16)
+    floor = [(weights + s.context_tokens * per_token) / (bandwidth_tbs * gpu.TB)
+             for s in decode_only]
+    host_decode = sum(s.seconds for s in decode_only)
+    decode_tokens = sum(s.decodes for s in decode_only)
+    buckets = {}
+    for lo, hi in zip(BUCKETS, BUCKETS[1:] + (10**9,)):
+        sel = [s.seconds for s in decode_only if lo <= s.decodes < hi]
+        if sel:
+            buckets[f"{lo}-{hi - 1}" if hi < 10**9 else f">={lo}"] = {
+                "steps": len(sel), "median_ms": 1e3 * statistics.median(sel)}
+    phases = {p: sum(s.phases.get(p, 0.0) for s in steps) for p in PHASES}
+    out = {"steps": len(steps), "elapsed_s": elapsed, "output_tokens": output_tokens,
+           "host_ceiling_output_tokens_per_s": output_tokens / elapsed,
+           "phase_seconds": phases, "decode_only_steps": len(decode_only),
+           "decode_host_ms_by_batch": buckets}
+    if decode_only:
+        device_s = sum(floor)
+        out.update({
+            "decode_host_s": host_decode, "decode_device_floor_s": device_s,
+            "host_over_device_floor": host_decode / device_s,
+            "decode_tokens": decode_tokens,
+            "decode_tokens_per_s_device_floor": decode_tokens / device_s,
+            "decode_tokens_per_s_host_plus_floor": decode_tokens / (host_decode + device_s)})
+    return out
+
+
+def print_report(ns: argparse.Namespace, r: dict) -> None:
+    print(f"== host time per step, null model ({ns.num_prompts} prompts, in {ns.input_len}, "
+          f"out {ns.output_len}, max_num_seqs {ns.max_num_seqs}) ==")
+    print(row("steps", r["steps"]))
+    print(row("elapsed s", r["elapsed_s"]))
+    print(row("host-only output tokens/s", r["host_ceiling_output_tokens_per_s"]))
+    total = sum(r["phase_seconds"].values()) or 1.0
+    for phase, sec in r["phase_seconds"].items():
+        print(row(f"  {phase} s", f"{sec:.3f} ({100 * sec / total:.0f} %)"))
+    print("decode-only steps, host ms (median) by batch size:")
+    for bucket, b in r["decode_host_ms_by_batch"].items():
+        print(row(f"  batch {bucket}", f"{b['median_ms']:.3f} ms over {b['steps']} steps"))
+    if "host_over_device_floor" in r:
+        print(f"-- against the device floor: {ns.model_preset} weights + KV read at "
+              f"{ns.gpu_bandwidth_tbs} TB/s --")
+        print(row("decode host s", r["decode_host_s"]))
+        print(row("decode device floor s", r["decode_device_floor_s"]))
+        print(row("host / device floor", r["host_over_device_floor"]))
+        print(row("decode tok/s at the floor", r["decode_tokens_per_s_device_floor"]))
+        print(row("decode tok/s, host + floor", r["decode_tokens_per_s_host_plus_floor"]))
+
+
+def main(ns: argparse.Namespace) -> int:
+    input_len = parse_len_range(ns.input_len, "--input-len")
+    output_len = parse_len_range(ns.output_len, "--output-len")
+    for name in ("num_prompts", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if getattr(ns, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not ns.gpu_bandwidth_tbs > 0:
+        raise ValueError("--gpu-bandwidth-tbs must be > 0")
+    arch = preset_arch(ns.model_preset)
+    llm = null_engine_llm(ns, max_model_len=input_len[1] + output_len[1])
+    rng = random.Random(ns.data_seed)
+    lo, hi = token_id_range(llm.engine.arch.vocab_size)
+    prompts = [[rng.randrange(lo, hi) for _ in range(rng.randint(*input_len))]
+               for _ in range(ns.num_prompts)]
+    outs = [rng.randint(*output_len) for _ in range(ns.num_prompts)]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outs]
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)                                       # warm-up
+    timer = StepTimer(llm.engine)
+    timer.install()
+    start = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    check_outputs(results, outs)
+    report = summarize(timer.steps, sum(outs), elapsed, arch, ns.gpu_bandwidth_tbs)
+    print_report(ns, report)
+    if ns.json:
+        write_json(ns.json, {"command": list(sys.argv), "machine": machine_info(),
+                             "args": {k: v for k, v in vars(ns).items() if k != "func"},
+                             "host": report})
+        print(row("json", ns.json))
+    return 0
+
