@@ -34,6 +34,12 @@ MIN_DOT_DIM = 16
 PREFILL_BLOCK_M = 64       # query rows per prefill program
 PREFILL_BLOCK_N = 64       # context tokens per prefill tile
 DECODE_BLOCK_N = 64        # context tokens per decode tile
+# fp32 dots with exact (IEEE) products run on FMA units, not tensor cores, and hold far more
+# per thread: at the tiles above they spill registers (ptxas, sm_90, head dim 128; see
+# tests/unit/test_triton_compile.py), so fp32 takes smaller ones.
+PREFILL_BLOCK_M_FP32 = 32
+PREFILL_BLOCK_N_FP32 = 32
+DECODE_BLOCK_N_FP32 = 16
 # Flash-decoding: split each context over this many programs at most, aiming for about this
 # many programs per streaming multiprocessor so the whole GPU streams K/V.
 MAX_DECODE_SPLITS = 16
@@ -262,7 +268,10 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, packed: Pac
     _check_cache(kv_cache, q)
     k_cache, v_cache = kv_cache[0], kv_cache[1]           # (NB, BS, Hkv, D) each
     num_chunks = packed.context_lens.shape[0]
-    block_m = _dot_dim(min(PREFILL_BLOCK_M, triton.next_power_of_2(packed.max_query_len)))
+    ieee = q.dtype == torch.float32
+    tile_m, tile_n = ((PREFILL_BLOCK_M_FP32, PREFILL_BLOCK_N_FP32) if ieee
+                      else (PREFILL_BLOCK_M, PREFILL_BLOCK_N))
+    block_m = _dot_dim(min(tile_m, triton.next_power_of_2(packed.max_query_len)))
     grid = (triton.cdiv(packed.max_query_len, block_m), num_chunks, num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, packed.query_start_loc, packed.context_lens,
@@ -271,8 +280,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, packed: Pac
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), packed.block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=_dot_dim(triton.next_power_of_2(head_dim)), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, IEEE=q.dtype == torch.float32,
-        UPCAST=_upcast_dots(q.dtype))
+        BLOCK_M=block_m, BLOCK_N=tile_n, IEEE=ieee, UPCAST=_upcast_dots(q.dtype))
     return out
 
 
@@ -318,20 +326,22 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         mid_o = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
     block_d = _dot_dim(triton.next_power_of_2(head_dim))
+    ieee = q.dtype == torch.float32
+    block_n = DECODE_BLOCK_N_FP32 if ieee else DECODE_BLOCK_N   # the reduce must use the same
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, scale * LOG2_E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=_dot_dim(triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=DECODE_BLOCK_N,
-        IEEE=q.dtype == torch.float32, UPCAST=_upcast_dots(q.dtype))
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        IEEE=ieee, UPCAST=_upcast_dots(q.dtype))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             mid_o, mid_lse, seq_lens, out,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
             mid_lse.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=DECODE_BLOCK_N)
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n)
     return out
 
 

@@ -4,6 +4,11 @@ H100 (sm_90) with the constexprs the wrappers use for Qwen3-0.6B shapes, and mus
 shared memory of the target. The interpreter tests check the arithmetic; this checks that the
 compiler accepts the kernels (types, layouts, tl.dot shapes) before a GPU session runs them.
 
+Arguments are specialised as Triton's JIT does on a real launch for these shapes: pointers and
+integers divisible by 16 carry ``tt.divisibility = 16`` (it decides whether K/V rows load as
+16-byte vectors). The PTX then goes through ptxas once more with ``-v``: no kernel may spill
+registers to local memory, which would cost far more than the loads it serves.
+
 The compile runs in a subprocess: the interpreter tests set TRITON_INTERPRET=1 in this process,
 which turns @triton.jit functions into interpreted ones that cannot be compiled.
 """
@@ -21,7 +26,7 @@ pytest.importorskip("triton")
 SM90_MAX_SHARED_BYTES = 227 * 1024     # dynamic shared memory per block on H100 / H200
 
 _SCRIPT = r"""
-import json, sys
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -32,6 +37,9 @@ HEAD_DIM, GROUP, BLOCK_SIZE, NUM_KV_HEADS = 128, 2, 16, 8   # Qwen3-0.6B
 INDEX_PTRS = {"query_start_ptr", "context_lens_ptr", "block_tables_ptr", "seq_lens_ptr",
               "slot_ptr"}
 FP32_PTRS = {"mid_o_ptr", "mid_lse_ptr"}
+# Integer arguments that need not be multiples of 16 (block-table width, split count).
+ANY_INT = {"stride_bt", "stride_mlh"}
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 def signature(kernel, dtype, consts):
     sig = {}
@@ -50,23 +58,46 @@ def signature(kernel, dtype, consts):
             sig[name] = "i32"
     return sig
 
+def aligned(kernel, consts):
+    # The JIT's specialisation of 16-byte aligned tensors and strides divisible by 16.
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+            if name not in consts and name not in ANY_INT and name != "scale_log2"}
+
+def registers(ptx):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    return (int(re.search(r"Used (\d+) registers", out).group(1)),
+            int(re.search(r"(\d+) bytes spill stores", out).group(1)))
+
 def build(label, kernel, dtype, consts):
-    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts)
+    src = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts,
+                    attrs=aligned(kernel, consts))
     compiled = triton.compile(src, target=TARGET)
-    return {"label": label, "shared": compiled.metadata.shared,
+    regs, spill = registers(compiled.asm["ptx"])
+    return {"label": label, "shared": compiled.metadata.shared, "registers": regs,
+            "spill_bytes": spill,
             "cubin": "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0}
 
 bd = triton.next_power_of_2(HEAD_DIM)
 results = []
 for dtype in ("bf16", "fp32"):
     ieee = dtype == "fp32"
+    # The tiles the wrappers launch for this dtype.
+    decode_n = ta.DECODE_BLOCK_N_FP32 if ieee else ta.DECODE_BLOCK_N
+    prefill_m, prefill_n = ((ta.PREFILL_BLOCK_M_FP32, ta.PREFILL_BLOCK_N_FP32) if ieee
+                            else (ta.PREFILL_BLOCK_M, ta.PREFILL_BLOCK_N))
     for splits in ((1, 8) if dtype == "bf16" else (8,)):
         results.append(build(f"decode {dtype} splits={splits}", ta._decode_split_kernel, dtype,
             dict(NUM_SPLITS=splits, GROUP=GROUP, BLOCK_G=16, HEAD_DIM=HEAD_DIM, BLOCK_D=bd,
-                 BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=ta.DECODE_BLOCK_N, IEEE=ieee, UPCAST=False)))
+                 BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=decode_n, IEEE=ieee, UPCAST=False)))
     results.append(build(f"prefill {dtype}", ta._prefill_kernel, dtype,
         dict(GROUP=GROUP, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE,
-             BLOCK_M=ta.PREFILL_BLOCK_M, BLOCK_N=ta.PREFILL_BLOCK_N, IEEE=ieee, UPCAST=False)))
+             BLOCK_M=prefill_m, BLOCK_N=prefill_n, IEEE=ieee, UPCAST=False)))
 results.append(build("reduce", ta._decode_reduce_kernel, "bf16",
     dict(NUM_SPLITS=8, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_N=ta.DECODE_BLOCK_N)))
 results.append(build("write_kv bf16", ta._write_kv_kernel, "bf16",
@@ -88,3 +119,5 @@ def test_kernels_compile_for_sm90():
     for r in results:
         assert r["cubin"], r
         assert r["shared"] <= SM90_MAX_SHARED_BYTES, r
+        assert r["spill_bytes"] == 0, f"{r['label']} spills registers: {r}"
+        assert 0 < r["registers"] <= 255, r
