@@ -6,7 +6,10 @@ H / Hkv = query / KV heads, D = head_dim, E = hidden size.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+from types import ModuleType
 from typing import Iterable, Optional
 
 import torch
@@ -19,6 +22,24 @@ from pagoda.models import cpu_fused
 from pagoda.models.config import ModelArch
 
 
+def gpu_fused(x: torch.Tensor) -> Optional[ModuleType]:
+    """The Triton fused ops (``triton_fused.py``) for a 16-bit CUDA tensor, else None."""
+    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return _triton_fused_module()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_fused_module() -> Optional[ModuleType]:
+    from pagoda.attention.backend import triton_available
+
+    if os.environ.get(cpu_fused.FUSED_ENV) == "0" or not triton_available():
+        return None
+    from pagoda.models import triton_fused
+
+    return triton_fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -28,6 +49,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and cpu_fused.enabled(x):
             return cpu_fused.rms_norm(x, self.weight, self.eps)
+        if x.dim() == 2 and (gpu := gpu_fused(x)) is not None:
+            return gpu.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, as the reference implementation does, then scale in x's dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -39,6 +62,8 @@ class RMSNorm(nn.Module):
         kernel adds into ``residual`` in place and normalises in the same pass."""
         if x.dim() == 2 and cpu_fused.enabled(x):
             return cpu_fused.add_rms_norm(residual, x, self.weight, self.eps), residual
+        if x.dim() == 2 and (gpu := gpu_fused(x)) is not None:
+            return gpu.rms_norm(x, self.weight, self.eps, residual=residual), residual
         residual = residual + x
         return self(residual), residual
 
@@ -119,11 +144,22 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)               # (T, H, D)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)            # (T, Hkv, D)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+        q, k = self._norm_rope(positions, q, k)
         o = paged_attention(q, k, v, kv_cache, meta, self.scale)      # (T, H, D)
         return self.o_proj(o.reshape(t, self.q_size))                 # (T, E)
+
+    def _norm_rope(self, positions: torch.Tensor, q: torch.Tensor,
+                   k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen3's RMSNorm over each head of q and k (when the model has it), then RoPE."""
+        gpu = gpu_fused(q)
+        if gpu is not None and gpu.rope_supported(self.head_dim):      # one kernel, in place
+            qw, kw, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+                           if self.q_norm is not None else (None, None, 0.0))
+            gpu.qk_norm_rope_(q, k, positions, self.rope.cos, self.rope.sin, qw, kw, eps)
+            return q, k
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rope(positions, q, k)
 
 
 class MLP(nn.Module):
@@ -136,6 +172,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if cpu_fused.enabled(x):
             return self.down_proj(cpu_fused.silu_mul(self.gate_up_proj(x)))
+        if (gpu := gpu_fused(x)) is not None:
+            return self.down_proj(gpu.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # (T, I) each
         return self.down_proj(F.silu(gate) * up)                      # (T, E)
 

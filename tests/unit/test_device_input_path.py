@@ -90,9 +90,22 @@ class EagerDecodeGraphs(DecodeGraphs):
         return _Graph(EagerReplay(forward), head, tables, hidden)
 
 
-def test_device_input_path_with_triton_matches_cpu_path(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["reference-ops", "triton-fused-ops"])
+def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused):
+    """With ``fused``, the model's norms, q/k norm + RoPE and SiLU·up also take the Triton
+    kernels of models/triton_fused.py, as on a GPU."""
     loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
     want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
+    if fused:
+        from pagoda.models import triton_fused
+
+        calls: list[str] = []
+
+        def fused_ops(x):
+            calls.append(x.dtype)
+            return triton_fused
+
+        monkeypatch.setattr(llama, "gpu_fused", fused_ops)
     seen: list[DeviceAttentionMetadata] = []
 
     def triton_everywhere(q, k, v, kv_cache, meta, scale):
@@ -109,6 +122,8 @@ def test_device_input_path_with_triton_matches_cpu_path(monkeypatch):
     assert got == want
     assert all(len(step) for step in got)
     assert any(m.prefills and m.num_decode_tokens for m in seen), "no mixed batch ran"
+    if fused:
+        assert len(calls) >= 5 * 2 * 4, "the fused ops were not used"   # steps x layers x ops
 
 
 def test_decode_graph_path_matches_cpu_path(monkeypatch):

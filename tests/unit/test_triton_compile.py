@@ -31,14 +31,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pagoda.attention import triton_attention as ta
+from pagoda.models import triton_fused as tf
 
 TARGET = GPUTarget("cuda", 90, 32)
 HEAD_DIM, GROUP, BLOCK_SIZE, NUM_KV_HEADS = 128, 2, 16, 8   # Qwen3-0.6B
 INDEX_PTRS = {"query_start_ptr", "context_lens_ptr", "block_tables_ptr", "seq_lens_ptr",
-              "slot_ptr"}
-FP32_PTRS = {"mid_o_ptr", "mid_lse_ptr"}
-# Integer arguments that need not be multiples of 16 (block-table width, split count).
-ANY_INT = {"stride_bt", "stride_mlh"}
+              "slot_ptr", "pos_ptr"}
+FP32_PTRS = {"mid_o_ptr", "mid_lse_ptr", "cos_ptr", "sin_ptr"}
+FP32_SCALARS = {"scale_log2", "eps"}
+# Integer arguments that need not be multiples of 16 (block-table width, split count, sizes).
+ANY_INT = {"stride_bt", "stride_mlh", "n", "inter", "num_q_heads", "num_k_heads"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 def signature(kernel, dtype, consts):
@@ -52,7 +54,7 @@ def signature(kernel, dtype, consts):
             sig[name] = "*fp32"
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype
-        elif name == "scale_log2":
+        elif name in FP32_SCALARS:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -61,7 +63,7 @@ def signature(kernel, dtype, consts):
 def aligned(kernel, consts):
     # The JIT's specialisation of 16-byte aligned tensors and strides divisible by 16.
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-            if name not in consts and name not in ANY_INT and name != "scale_log2"}
+            if name not in consts and name not in ANY_INT and name not in FP32_SCALARS}
 
 def registers(ptx):
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -103,6 +105,14 @@ results.append(build("reduce", ta._decode_reduce_kernel, "bf16",
 results.append(build("write_kv bf16", ta._write_kv_kernel, "bf16",
     dict(NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, BLOCK_H=NUM_KV_HEADS, BLOCK_D=bd,
          BLOCK_SIZE=BLOCK_SIZE)))
+HIDDEN, INTER, HEADS = 1024, 3072, 16                   # Qwen3-0.6B
+for hidden in (HIDDEN, 4096):                           # and Llama-3.1-8B's hidden size
+    results.append(build(f"rms_norm+add {hidden}", tf._rms_norm_kernel, "bf16",
+        dict(HAS_RES=True, BLOCK=hidden, SOFT=False)))
+results.append(build("qk_norm_rope", tf._qk_norm_rope_kernel, "bf16",
+    dict(HAS_NORM=True, HALF=HEAD_DIM // 2, BLOCK_HQ=HEADS, BLOCK_HK=NUM_KV_HEADS, SOFT=False)))
+results.append(build("silu_mul", tf._silu_mul_kernel, "bf16",
+    dict(BLOCK=tf.SILU_BLOCK, SOFT=False)))
 print(json.dumps(results))
 """
 
@@ -115,7 +125,7 @@ def test_kernels_compile_for_sm90():
         pytest.skip("triton's bundled ptxas is unavailable here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 7
+    assert len(results) == 11
     for r in results:
         assert r["cubin"], r
         assert r["shared"] <= SM90_MAX_SHARED_BYTES, r
