@@ -13,11 +13,12 @@
 # Steps, most valuable first; each has its own time limit, a failure never stops the others,
 # and a summary table ends the output. Logs and JSON go to $OUT (or build/gpu_check_out).
 #   1 env      versions, nvidia-smi, engine plumbing check
-#   2 smoke    one Triton kernel test compiled on the GPU (fails fast if triton is broken)
+#   2 smoke    one attention and one fused-op test compiled on the GPU (fails fast if
+#              triton is broken)
 #   3 bench    the benchmark: Qwen3-0.6B shapes, 256 prompts, 100:1024 in/out,
 #              CUDA graphs, + bandwidth fraction + batch-1 decode step, vs transformers
 #   4 gpu      tests/gpu: engine vs transformers (fp32 exact, bf16 tolerance), graphs vs eager
-#   5 kernels  tests/unit/test_triton_attention.py compiled (no interpreter)
+#   5 kernels  tests/unit/test_triton_attention.py + test_triton_fused.py compiled (no interpreter)
 #   6 host     bench host: this machine's host time per step (null model) vs the device floor
 #   7 cpu-side tests/unit/test_dummy_load.py + test_bench_gpu.py (presets, accounting; the
 #              reference attention, so the C++ CPU kernel is not compiled here)
@@ -92,7 +93,8 @@ step env 60 env_info
 ensure_pytest || echo "pytest unavailable: the test steps will fail"
 
 step smoke 60 "$PY" -m pytest -q -x \
-  "tests/unit/test_triton_attention.py::test_decode_matches_reference[dtype1-3-16]"
+  "tests/unit/test_triton_attention.py::test_decode_matches_reference[dtype1-3-16]" \
+  "tests/unit/test_triton_fused.py::test_qk_norm_rope_in_place_on_views_of_qkv[tiny-qwen3-dtype1]"
 
 step bench 210 "${CLI[@]}" bench throughput --device cuda --load-format dummy \
   --model-preset qwen3-0.6b --num-prompts 256 --input-len 100:1024 --output-len 100:1024 \
@@ -101,7 +103,7 @@ step bench 210 "${CLI[@]}" bench throughput --device cuda --load-format dummy \
 
 step gpu 160 "$PY" -m pytest -q -m gpu tests/gpu -rs
 
-step kernels 90 "$PY" -m pytest -q tests/unit/test_triton_attention.py
+step kernels 90 "$PY" -m pytest -q tests/unit/test_triton_attention.py tests/unit/test_triton_fused.py
 
 # (the null model runs on the CPU: no C++ extension is built for it here)
 step host 40 env PAGODA_ATTENTION=torch PAGODA_FUSED=0 PAGODA_AMX=0 "${CLI[@]}" bench host \
