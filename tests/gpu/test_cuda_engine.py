@@ -126,3 +126,37 @@ def test_profile_activation_bytes_for_qwen3_preset():
                        model_preset="qwen3-0.6b", max_positions=4096).model
     peak = profile_activation_bytes(model, 2048, 256, 16, torch.bfloat16, device)
     assert 0 < peak < (1 << 30), peak
+
+
+SAMPLED = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=7,
+                         repetition_penalty=1.1, frequency_penalty=0.2, max_tokens=12,
+                         ignore_eos=True)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=12,
+                                                   ignore_eos=True), SAMPLED],
+                         ids=["greedy", "sampled"])
+def test_one_host_device_sync_per_step(params):
+    """Inside a step the host waits for the GPU once: to read the sampled tokens. Steps with
+    prefill chunks, decodes in CUDA graphs, and every sampling filter included."""
+    import warnings
+
+    llm = LLM(load_format="dummy", model_preset="tiny-qwen3", device="cuda", dtype="bfloat16",
+              max_num_seqs=8, max_num_batched_tokens=64)
+    engine = llm.engine
+    rng = random.Random(3)
+    for i, n in enumerate((5, 40, 90)):
+        engine.add_request(str(i), [rng.randrange(10, 500) for _ in range(n)], params)
+    engine.step()                    # first launches of this batch's kernels
+    counts = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        for _ in range(8):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                engine.step()
+            counts.append([str(w.message)[:120] for w in caught
+                           if "synchroniz" in str(w.message)])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(len(c) == 1 for c in counts), counts
