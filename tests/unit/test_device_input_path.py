@@ -99,7 +99,7 @@ def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused):
     if fused:
         from pagoda.models import triton_fused
 
-        calls: list[str] = []
+        calls: list[torch.dtype] = []
 
         def fused_ops(x):
             calls.append(x.dtype)
