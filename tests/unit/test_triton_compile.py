@@ -7,7 +7,9 @@ compiler accepts the kernels (types, layouts, tl.dot shapes) before a GPU sessio
 Arguments are specialised as Triton's JIT does on a real launch for these shapes: pointers and
 integers divisible by 16 carry ``tt.divisibility = 16`` (it decides whether K/V rows load as
 16-byte vectors). The PTX then goes through ptxas once more with ``-v``: no kernel may spill
-registers to local memory, which would cost far more than the loads it serves.
+registers to local memory, which would cost far more than the loads it serves. And the bf16
+attention kernels must use the tensor cores (Hopper's wgmma for the prefill) and
+asynchronous copies for their K/V tiles.
 
 The compile runs in a subprocess: the interpreter tests set TRITON_INTERPRET=1 in this process,
 which turns @triton.jit functions into interpreted ones that cannot be compiled.
@@ -80,9 +82,11 @@ def build(label, kernel, dtype, consts):
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts,
                     attrs=aligned(kernel, consts))
     compiled = triton.compile(src, target=TARGET)
-    regs, spill = registers(compiled.asm["ptx"])
+    ptx = compiled.asm["ptx"]
+    regs, spill = registers(ptx)
     return {"label": label, "shared": compiled.metadata.shared, "registers": regs,
-            "spill_bytes": spill,
+            "spill_bytes": spill, "wgmma": ptx.count("wgmma.mma_async"),
+            "mma_sync": ptx.count("mma.sync"), "cp_async": ptx.count("cp.async"),
             "cubin": "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0}
 
 bd = triton.next_power_of_2(HEAD_DIM)
@@ -131,3 +135,11 @@ def test_kernels_compile_for_sm90():
         assert r["shared"] <= SM90_MAX_SHARED_BYTES, r
         assert r["spill_bytes"] == 0, f"{r['label']} spills registers: {r}"
         assert 0 < r["registers"] <= 255, r
+    by_label = {r["label"]: r for r in results}
+    # Hopper's warpgroup MMA for the prefill's 64-row tiles; the decode's 16-row tiles take
+    # mma.sync. K/V tiles of both stream through asynchronous copies (software pipelining).
+    assert by_label["prefill bf16"]["wgmma"] > 0, by_label["prefill bf16"]
+    for label in ("decode bf16 splits=1", "decode bf16 splits=8"):
+        assert by_label[label]["mma_sync"] > 0, by_label[label]
+    for label in ("prefill bf16", "decode bf16 splits=8"):
+        assert by_label[label]["cp_async"] > 0, by_label[label]
