@@ -268,7 +268,7 @@ class LLMEngine:
         for group in touched.values():
             finished = group.finished
             if finished or not final_only:
-                results.append(self._make_output(group, finished))
+                results.append(self._make_output(group))
             if finished:
                 self._forget(group)
         return results
@@ -322,12 +322,13 @@ class LLMEngine:
             self.scheduler.add_request_first(req, seed_offset=i)
         group.deferred.clear()
 
-    def _make_output(self, group: _Group, finished: bool) -> RequestOutput:
+    def _make_output(self, group: _Group) -> RequestOutput:
         completions = [self._completion(c) for c in group.children]
         tpot = None
         c0 = group.children[0]
         if c0.finished_time and c0.first_token_time and c0.request.num_output_tokens > 1:
             tpot = (c0.finished_time - c0.first_token_time) / (c0.request.num_output_tokens - 1)
+        finished = group.finished
         if finished:
             group.metrics.finished_time = max(c.finished_time or 0.0 for c in group.children)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, completions,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -9,6 +10,18 @@ from dataclasses import fields
 from typing import Optional, Sequence
 
 from pagoda.config import EngineArgs
+
+# ``pagoda bench NAME``: the module pagoda.bench.NAME (add_args, main), its help, and whether
+# it builds an engine in this process (and so takes the engine's options).
+BENCHES = [
+    ("throughput", "offline throughput vs transformers", True),
+    ("prefix", "prefix caching on vs off on shared prefixes", True),
+    ("host", "the engine's host time per step, model work removed (the host side of a GPU "
+             "step)", False),
+    ("serve", "online serving benchmark against an HTTP endpoint", False),
+    ("disagg", "router with prefill + decode instances vs one colocated server, same "
+               "serving workload", False),
+]
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -129,39 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    from pagoda.bench import throughput
-
-    tp = bench_sub.add_parser("throughput", help="offline throughput vs transformers")
-    throughput.add_args(tp)
-    add_engine_args(tp)
-    tp.set_defaults(func=throughput.main)
-
-    from pagoda.bench import prefix
-
-    px = bench_sub.add_parser("prefix", help="prefix caching on vs off on shared prefixes")
-    prefix.add_args(px)
-    add_engine_args(px)
-    px.set_defaults(func=prefix.main)
-
-    from pagoda.bench import host as bench_host
-
-    bh = bench_sub.add_parser("host", help="the engine's host time per step, model work "
-                                           "removed (the host side of a GPU step)")
-    bench_host.add_args(bh)
-    bh.set_defaults(func=bench_host.main)
-
-    from pagoda.bench import serve as bench_serve
-
-    bs = bench_sub.add_parser("serve", help="online serving benchmark against an HTTP endpoint")
-    bench_serve.add_args(bs)
-    bs.set_defaults(func=bench_serve.main)
-
-    from pagoda.bench import disagg as bench_disagg
-
-    bd = bench_sub.add_parser("disagg", help="router with prefill + decode instances vs one "
-                                             "colocated server, same serving workload")
-    bench_disagg.add_args(bd)
-    bd.set_defaults(func=bench_disagg.main)
+    for name, help_text, takes_engine_args in BENCHES:
+        module = importlib.import_module(f"pagoda.bench.{name}")
+        cmd = bench_sub.add_parser(name, help=help_text)
+        module.add_args(cmd)
+        if takes_engine_args:
+            add_engine_args(cmd)
+        cmd.set_defaults(func=module.main)
 
     from pagoda.entrypoints.openai.args import add_server_args
 

@@ -1,4 +1,5 @@
-"""A step's integer inputs, packed on the host into one buffer for one copy to the device.
+"""Host values on their way to the device: a step's integer inputs packed into one buffer
+for one copy (``pack_ints``), and small lists copied without waiting (``to_device``).
 
 Filling the buffer through numpy is several times faster than ``torch.tensor`` on a long
 Python list (a batch of 256 decodes carries tens of thousands of block ids), and on CUDA the
@@ -40,3 +41,12 @@ def pack_ints(parts: list[IntPart], pin: bool) -> tuple[torch.Tensor, list[int]]
             view[:] = np.fromiter(part, dtype=np.int64, count=size)
         offset += size
     return buf, sizes
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values on ``device`` without waiting for it: on CUDA a pinned buffer and an
+    asynchronous copy (``torch.tensor(..., device=cuda)`` from pageable memory would wait for
+    everything queued before it; the caching host allocator keeps the buffer alive until the
+    copy is done)."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)

@@ -26,7 +26,7 @@ from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutp
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
 from pagoda.worker.cuda_graph import DecodeGraphs
-from pagoda.worker.host_buffer import IntPart, pack_ints
+from pagoda.worker.host_buffer import IntPart, pack_ints, to_device
 from pagoda.worker.kv_cache import allocate_kv_cache
 from pagoda.worker.sampler import (SamplingRow, greedy_from_hidden, prompt_token_logprobs,
                                    sample)
@@ -112,7 +112,7 @@ class ModelRunner:
             hidden = self.graphs.run(host.input_ids, host.positions, host.slots,
                                      host.decode_seq_lens, host.decode_tables)   # (B, E)
             if host.samplers and len(host.logits_indices) != len(host.input_ids):
-                logits_index = self._device_ints(host.logits_indices)
+                logits_index = to_device(host.logits_indices, torch.int64, self.device)
         else:
             batch = self._cuda_batch(host) if self.is_cuda else self._cpu_batch(host)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
@@ -250,12 +250,6 @@ class ModelRunner:
             decode_seq_lens=seq_lens, decode_max_seq_len=max_len, prefills=chunks,
             block_size=self.block_size, packed_prefills=packed)
         return StepBatch(input_ids, positions, attn, logits_idx)
-
-    def _device_ints(self, values: list[int]) -> torch.Tensor:
-        """Host list -> pinned buffer -> device, asynchronously (the caching host allocator
-        keeps the buffer alive until the copy is done)."""
-        buf, _ = pack_ints([values], pin=self.device.type == "cuda")
-        return buf.to(self.device, non_blocking=True)
 
     # ---------------------------------------------------------------- sampling
     def _sample(self, hidden: torch.Tensor, host: HostInputs,

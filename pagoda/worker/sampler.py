@@ -15,6 +15,7 @@ import torch
 from pagoda.core.outputs import TokenLogprobs
 from pagoda.models import cpu_fused
 from pagoda.sampling import SamplingParams
+from pagoda.worker.host_buffer import to_device
 
 _MASK64 = (1 << 64) - 1
 
@@ -79,8 +80,8 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     for i in penalized:
         p, row, ids = rows[i].params, logits[i], rows[i].token_ids
         # Filtered and split on the host: a mask or bincount on the device would wait for it.
-        tokens = _to_device([t for t in ids if t < vocab], torch.int64, logits.device)
-        outputs = _to_device([t for t in ids[rows[i].num_prompt_tokens:] if t < vocab],
+        tokens = to_device([t for t in ids if t < vocab], torch.int64, logits.device)
+        outputs = to_device([t for t in ids[rows[i].num_prompt_tokens:] if t < vocab],
                              torch.int64, logits.device)
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
@@ -110,7 +111,7 @@ def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
                 continue
             if not cloned:
                 logits, cloned = logits.clone(), True
-            logits[i].index_fill_(0, _to_device(ids, torch.int64, logits.device), float("-inf"))
+            logits[i].index_fill_(0, to_device(ids, torch.int64, logits.device), float("-inf"))
     return logits
 
 
@@ -118,7 +119,7 @@ def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
     tokens = logits.argmax(dim=-1)                                     # (S,)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
-        idx = _to_device(random_rows, torch.int64, logits.device)
+        idx = to_device(random_rows, torch.int64, logits.device)
         probs = _filtered_probs(logits[idx], [rows[i].params for i in random_rows])
         tokens[idx] = _draw(probs, [rows[i] for i in random_rows])
     return tokens.tolist()
@@ -127,12 +128,12 @@ def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k, top-p and min-p filtering; returns probabilities (R, V)."""
     device = logits.device
-    temp = _to_device([p.temperature for p in params], torch.float32, device)
+    temp = to_device([p.temperature for p in params], torch.float32, device)
     logits = logits / temp[:, None]
     if any(p.top_k for p in params):
         vocab = logits.shape[1]
         # Clamped in Python: a k past int64 (valid: it keeps every token) cannot be a tensor.
-        k = _to_device([min(p.top_k or vocab, vocab) for p in params], torch.int64, device)
+        k = to_device([min(p.top_k or vocab, vocab) for p in params], torch.int64, device)
         # Exactly k tokens survive; among equal logits the lower id wins, as in argmax, so
         # that top_k=1 is greedy even on ties. A stable sort makes that order deterministic.
         order = logits.sort(dim=-1, descending=True, stable=True).indices
@@ -140,21 +141,13 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
         logits = logits.masked_fill(~keep, float("-inf"))
     if any(p.top_p < 1.0 for p in params):
-        logits = _top_p(logits, _to_device([p.top_p for p in params], torch.float32, device))
+        logits = _top_p(logits, to_device([p.top_p for p in params], torch.float32, device))
     probs = torch.softmax(logits, dim=-1)
     if any(p.min_p > 0 for p in params):
-        min_p = _to_device([p.min_p for p in params], torch.float32, device)
+        min_p = to_device([p.min_p for p in params], torch.float32, device)
         keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
     return probs
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host values on the device without waiting for it: on CUDA a pinned buffer and an
-    asynchronous copy (``torch.tensor(..., device=cuda)`` from pageable memory would wait
-    for the whole forward pass queued before it)."""
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
 
 
 def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
