@@ -94,6 +94,7 @@ class EngineArgs:
     load_format: str = "auto"              # "dummy": random weights, no checkpoint files
     model_preset: Optional[str] = None     # built-in shapes for dummy weights (models/presets.py)
     enforce_eager: bool = False            # CUDA: no CUDA graphs for decode steps
+    async_scheduling: Optional[bool] = None  # None: on for CUDA, off for the CPU
     kv_role: str = "both"                  # disaggregated prefill: both | prefill | decode
     kv_secret: Optional[str] = None        # side-channel secret (else $PAGODA_KV_SECRET)
     kv_lease_seconds: float = 30.0

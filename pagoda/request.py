@@ -3,6 +3,8 @@
 The one progress counter is ``num_computed_tokens``: it chases ``num_tokens`` (prompt plus
 output so far). Prefill, chunked prefill, decode and recompute after preemption are all the
 same rule: compute tokens ``[num_computed_tokens, num_tokens)``, then sample when caught up.
+The scheduler advances the counter when it schedules the tokens, so it counts tokens whose
+KV is computed or being computed by a step in flight.
 """
 from __future__ import annotations
 
@@ -63,6 +65,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens sampled by a step still in flight, not yet known on the host (0 or 1):
+        # async scheduling schedules the next step before the last one's token is read.
+        self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.stop_reason: Optional[str | int] = None  # the stop string / token that ended it
@@ -79,6 +84,12 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """Tokens the request will have once its in-flight samples are read: the end that
+        ``num_computed_tokens`` chases."""
+        return len(self.all_token_ids) + self.num_output_placeholders
 
     @property
     def num_output_tokens(self) -> int:

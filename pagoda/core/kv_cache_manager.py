@@ -110,9 +110,12 @@ class KVCacheManager:
         """Hash in the blocks that ``num_tokens`` scheduled tokens fill. They are named when
         scheduled, before the forward pass writes them: a request admitted later in the same
         step may hit them, which is safe because every layer writes the whole batch's K/V
-        before any row attends (see attention/torch_ref.py)."""
+        before any row attends (see attention/torch_ref.py), and steps run in order. A block
+        whose last token is a placeholder (sampled by a step in flight) is named at the next
+        step, when its tokens are all known."""
         if not self.enable_prefix_caching:
             return
+        num_tokens = min(num_tokens, request.num_tokens)
         num_full = num_tokens // self.block_size
         start = self._num_named.get(request.request_id, 0)
         if num_full <= start:

@@ -8,6 +8,11 @@ tokens recomputed later). With prefix caching, a request being admitted starts o
 run of its full blocks already in the cache (SGLang's RadixAttention idea, by block hash), and
 cached free blocks are evicted before anyone is preempted. Invariant: a live request is in exactly one of waiting / running,
 and only running requests hold blocks.
+
+Scheduling a token advances ``num_computed_tokens`` at once, and a request that will sample
+gets a placeholder for its next token. So the next step can be scheduled before this one's
+tokens are read (async scheduling, see ``LLMEngine``): a decode whose token is a placeholder
+is scheduled like any other, its input read on the device from the step before.
 """
 from __future__ import annotations
 
@@ -81,11 +86,14 @@ class Scheduler:
             if request.status is RequestStatus.WAITING_FOR_REMOTE_KV:
                 self._abort_loading(request, status)
                 continue
-            if request.status is RequestStatus.RUNNING:
-                self.running.remove(request)
-            elif request in self.waiting:
-                self.waiting.remove(request)
+            self._dequeue(request)
             self._finish(request, status, emit=False)
+
+    def _dequeue(self, request: Request) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
 
     def take_pending_outputs(self) -> list[EngineCoreOutput]:
         """Outputs of requests finished outside a step (e.g. a failed remote KV pull)."""
@@ -111,18 +119,31 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         budget = self._schedule_running(budget, scheduled, new_blocks)
         self._schedule_waiting(budget, scheduled, new_blocks)
-        return self._make_output(scheduled, new_blocks)
+        output = self._make_output(scheduled, new_blocks)
+        self._advance(scheduled)
+        return output
+
+    def _advance(self, scheduled: dict[str, int]) -> None:
+        """The scheduled tokens count as computed from now on; a request that reaches its
+        end samples, and holds a placeholder for that token until the output is read."""
+        for rid, num_new in scheduled.items():
+            request = self.requests[rid]
+            request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens_with_placeholders:
+                request.num_output_placeholders += 1
 
     def _schedule_running(self, budget: int, scheduled: dict[str, int],
                           new_blocks: dict[str, list[int]]) -> int:
         # Decodes first (one token each), then continuing prefill chunks; stable in admission order.
-        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        order = sorted(self.running,
+                       key=lambda r: r.num_tokens_with_placeholders - r.num_computed_tokens > 1)
         for request in order:
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this step
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.status is not RequestStatus.RUNNING or self._ends_in_flight(request):
+                continue  # preempted earlier in this step, or its last token is in flight
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
+                          budget)
             if num_new <= 0:
                 continue
             blocks = self._allocate_or_preempt(request, num_new, scheduled, new_blocks)
@@ -134,6 +155,14 @@ class Scheduler:
             new_blocks[request.request_id] = blocks
             budget -= num_new
         return self.config.step_token_budget - sum(scheduled.values())
+
+    def _ends_in_flight(self, request: Request) -> bool:
+        """Async scheduling: the token in flight is the request's last by length (max_tokens
+        or the context), so nothing after it is worth computing."""
+        if not request.num_output_placeholders:
+            return False
+        return (request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+                or request.num_tokens_with_placeholders >= self.config.max_model_len)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, scheduled: dict[str, int],
                              new_blocks: dict[str, list[int]]) -> Optional[list[int]]:
@@ -177,6 +206,8 @@ class Scheduler:
                           new_blocks: dict[str, list[int]]) -> None:
         while self.waiting and budget > 0 and self._num_seqs < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break  # preempted with a token in flight: readmitted once it is read
             if self._can_never_fit(request):
                 self.waiting.popleft()
                 self._finish(request, RequestStatus.FINISHED_LENGTH, self._too_big_detail(request))
@@ -263,12 +294,13 @@ class Scheduler:
     # ------------------------------------------------------------------ update
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Take in a step's sampled tokens (the scheduled tokens were counted as computed
+        when scheduled). A request preempted since still takes its token."""
         outputs, self._pending = self._pending, []
-        for rid, num_new in scheduler_output.num_scheduled_tokens.items():
+        for rid in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(rid)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens += num_new
+            if request is None:
+                continue  # finished (aborted, stopped) while the step ran
             out = self._process_sample(request, runner_output)
             prompt_lp = runner_output.prompt_logprobs.get(rid)
             if prompt_lp is not None:
@@ -283,12 +315,13 @@ class Scheduler:
         token = runner_output.sampled_token_ids.get(request.request_id)
         if token is None:
             return None
+        request.num_output_placeholders -= 1
         request.append_output_token(token)
         out = EngineCoreOutput(request.request_id, [token],
                                logprobs=runner_output.logprobs.get(request.request_id))
         status = self._stop_status(request, token)
         if status is not None:
-            self.running.remove(request)
+            self._dequeue(request)
             self._finish(request, status, emit=False)
             out.finish_reason = request.status.finish_reason
             out.stop_reason = request.stop_reason

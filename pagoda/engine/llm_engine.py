@@ -2,6 +2,17 @@
 
 It also turns one user request with n > 1 into n sibling requests: the first computes the
 prompt, the others join once it has, starting on its full prompt blocks.
+
+With async scheduling (on by default on CUDA) the host works one step ahead of the device:
+it schedules and launches step N+1, then reads step N's tokens and updates the requests
+while the device runs N+1, so the host's time per step hides behind the device's instead of
+adding to it:
+
+    host    | sched N+1, launch N+1 | read N, update, detokenize | sched N+2, launch N+2 | ...
+    device  |  ... step N ...      |          step N+1                | step N+2 ...
+
+A request that step N ends (EOS, a stop string) has had one more token computed by N+1,
+which is dropped; an end by length is known in advance and costs nothing.
 """
 from __future__ import annotations
 
@@ -27,7 +38,7 @@ from pagoda.request import Request, RequestStatus
 from pagoda.sampling import SamplingParams
 from pagoda.worker.kv_cache import (GIB, cuda_kv_budget, num_blocks_for_memory,
                                     profile_activation_bytes)
-from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +112,9 @@ class LLMEngine:
                                   max_model_len=self.max_model_len,
                                   enforce_eager=args.enforce_eager)
         self.kv_connector = self._start_kv_transfer(args)
+        self.async_scheduling = (self.device.type == "cuda" if args.async_scheduling is None
+                                 else args.async_scheduling)
+        self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, tuple[_Group, _Child]] = {}
         self.num_prompt_tokens = 0
@@ -235,7 +249,8 @@ class LLMEngine:
         self._forget(group)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        """Requests live, or a step in flight still to be read."""
+        return bool(self._groups) or self._in_flight is not None
 
     # -------------------------------------------------------------------- step
     def step(self, final_only: bool = False) -> list[RequestOutput]:
@@ -245,11 +260,11 @@ class LLMEngine:
         costs the host time a GPU step waits on."""
         sched = self.scheduler.schedule()
         self._start_transfers(sched)
-        runner_out = self.runner.execute_model(sched)
-        core_outs = self.scheduler.update_from_output(sched, runner_out)
+        core_outs, read_previous = self._run(sched)
+        core_outs.extend(self.scheduler.take_pending_outputs())
         transfers_moved = self._poll_transfers(core_outs)
-        progress = (not sched.is_empty or bool(core_outs) or bool(sched.kv_loads)
-                    or transfers_moved)
+        progress = (not sched.is_empty or read_previous or bool(core_outs)
+                    or bool(sched.kv_loads) or transfers_moved)
         if not progress and self.scheduler.loading:
             time.sleep(KV_POLL_INTERVAL_S)  # only KV pulls in flight: do not spin
             return []
@@ -272,6 +287,27 @@ class LLMEngine:
             if finished:
                 self._forget(group)
         return results
+
+    def _run(self, sched: SchedulerOutput) -> tuple[list[EngineCoreOutput], bool]:
+        """Run the model on ``sched`` and take in sampled tokens: this step's, or with async
+        scheduling the step in flight's, read after this one is launched. Returns the
+        outputs and whether a step launched earlier was read."""
+        if not self.async_scheduling:
+            return self.scheduler.update_from_output(sched, self.runner.execute_model(sched)), False
+        previous, self._in_flight = self._in_flight, None
+        # Penalties need a request's last token on the host before its next step launches.
+        read_first = previous is not None and self.runner.needs_host_tokens(sched)
+        outs = self._read(previous) if read_first else []
+        handle = self.runner.launch(sched)
+        if not sched.is_empty:
+            self._in_flight = (sched, handle)
+        if previous is not None and not read_first:
+            outs = self._read(previous)
+        return outs, previous is not None
+
+    def _read(self, launched: tuple[SchedulerOutput, StepHandle]) -> list[EngineCoreOutput]:
+        sched, handle = launched
+        return self.scheduler.update_from_output(sched, self.runner.collect(handle))
 
     def _mark_scheduled(self, scheduled: dict[str, int], now: float) -> None:
         for rid in scheduled:

@@ -67,6 +67,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--kv-port", type=int, default=d.kv_port, help="0: any free port")
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch the next step while the device runs this one "
+                        "(default: on for CUDA, off for the CPU, where nothing overlaps)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

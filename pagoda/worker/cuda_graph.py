@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -117,9 +117,11 @@ class DecodeGraphs:
         return _Graph(graph, head, block_tables, hidden)
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+            seq_lens: list[int], block_tables: list[list[int]],
+            fill: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
         """Replay the graph for these B decode rows; returns their hidden states (B, E), a view
-        of the graph's output (valid until the next replay)."""
+        of the graph's output (valid until the next replay). ``fill`` may write input ids
+        on the device into the graph's input buffer (B_pad,) before the replay."""
         batch = len(input_ids)
         size = self.padded_size(batch)
         assert size is not None, f"no CUDA graph for a batch of {batch}"
@@ -133,5 +135,7 @@ class DecodeGraphs:
         g.head.copy_(buf[:head].view(HEAD_ROWS, size), non_blocking=True)      # (4, B_pad)
         # Columns past w keep stale (valid) block ids: no row reads past its seq_len.
         g.block_tables[:batch, :width].copy_(buf[head:].view(batch, width), non_blocking=True)
+        if fill is not None:
+            fill(g.head[0])
         g.graph.replay()
         return g.hidden[:batch]

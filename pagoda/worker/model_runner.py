@@ -8,12 +8,20 @@ On CUDA the step's integer inputs are gathered on the host into one pinned buffe
 with a single asynchronous transfer; nothing in a step waits for the GPU except reading the
 sampled tokens (argmax and sampling run on the device). Decode-only steps replay a CUDA graph
 (``cuda_graph.py``) unless ``enforce_eager``. The CPU path builds its tensors directly.
+
+A step is ``launch`` (queue the forward and the sampling) then ``collect`` (read the sampled
+tokens). Between the two the engine may launch the next step (async scheduling): a decode
+whose input token the step in flight samples reads it from that step's device tensor:
+
+    step N     launch ......... collect            tokens of N on the host
+    step N+1              launch .......... collect
+                          ^ its decode rows take N's tokens on the device
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -28,8 +36,8 @@ from pagoda.sampling import SamplingParams
 from pagoda.worker.cuda_graph import DecodeGraphs
 from pagoda.worker.host_buffer import IntPart, pack_ints, to_device
 from pagoda.worker.kv_cache import allocate_kv_cache
-from pagoda.worker.sampler import (SamplingRow, greedy_from_hidden, prompt_token_logprobs,
-                                   sample)
+from pagoda.worker.sampler import (SamplingRow, greedy_from_hidden, has_penalty,
+                                   prompt_token_logprobs, sample_tokens, token_logprobs)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,8 @@ class CachedRequestState:
     num_computed_tokens: int
     stop_ids: list[int]            # EOS + stop tokens, masked until min_tokens
     seed_offset: int = 0
+    num_pending: int = 0           # sampled by a launched step, not yet collected (0 or 1)
+    sampled_row: int = 0           # its row among the last launched step's sampled tokens
 
 
 @dataclass
@@ -67,6 +77,29 @@ class HostInputs:
     decode_seq_lens: list[int]
     decode_tables: list[list[int]]          # unpadded block ids per decode row
     chunks: list[tuple[int, int, int, list[int]]]  # prefill: row, query_len, context_len, blocks
+    # Decode rows whose input token is still on the device, and its row in the last
+    # launched step's sampled tokens.
+    placeholder_rows: list[int] = field(default_factory=list)
+    placeholder_sources: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepHandle:
+    """A launched step. Its sampled tokens stay on the device until ``collect``."""
+    samplers: list[str] = field(default_factory=list)       # request ids, one per token
+    rows: list[SamplingRow] = field(default_factory=list)
+    tokens: Optional[torch.Tensor] = None                   # (S,) on the device
+    host_tokens: Optional[torch.Tensor] = None              # (S,) pinned copy (CUDA)
+    ready: Optional[torch.cuda.Event] = None                # recorded after that copy
+    raw_logprobs: Optional[torch.Tensor] = None             # (S, V) when a row wants logprobs
+    output: ModelRunnerOutput = field(default_factory=ModelRunnerOutput)
+
+    def read_tokens(self) -> list[int]:
+        """The one wait for the device in a step."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            return self.host_tokens.tolist()
+        return self.tokens.tolist()
 
 
 class ModelRunner:
@@ -82,6 +115,7 @@ class ModelRunner:
         self.is_cuda = device.type == "cuda"
         self.use_amx = cpu_attention.use_amx(device, dtype, model.arch.head_dim)
         self.graphs: Optional[DecodeGraphs] = None
+        self._last_tokens: Optional[torch.Tensor] = None   # the last launch's samples (S,)
         if self.is_cuda and not enforce_eager:
             self.graphs = self._capture_graphs(min(max_num_seqs, num_blocks),
                                                max_model_len or model.rope.max_positions)
@@ -101,28 +135,67 @@ class ModelRunner:
         """The decode batch sizes with a captured graph (empty: eager)."""
         return list(self.graphs.sizes) if self.graphs is not None else []
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """One step, start to end."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> StepHandle:
+        """Queue the step's forward pass and sampling; wait for nothing (prompt logprobs
+        aside, which are read here)."""
         self._update_states(sched)
         if sched.is_empty:
-            return ModelRunnerOutput()
+            self._last_tokens = None
+            return StepHandle()
         host = self._gather_inputs(sched)
         logits_index: Optional[torch.Tensor] = None   # (S,) on the device, CUDA only
         if self._graph_fits(host):
             hidden = self.graphs.run(host.input_ids, host.positions, host.slots,
-                                     host.decode_seq_lens, host.decode_tables)   # (B, E)
+                                     host.decode_seq_lens, host.decode_tables,
+                                     fill=self._placeholder_filler(host))          # (B, E)
             if host.samplers and len(host.logits_indices) != len(host.input_ids):
                 logits_index = to_device(host.logits_indices, torch.int64, self.device)
         else:
             batch = self._cuda_batch(host) if self.is_cuda else self._cpu_batch(host)
+            self._placeholder_filler(host)(batch.input_ids)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
             logits_index = batch.logits_index_tensor
-        output = ModelRunnerOutput()
+        handle = StepHandle()
         if host.samplers:
-            self._sample(hidden, host, logits_index, output)
+            self._sample(hidden, host, logits_index, handle)
+        self._last_tokens = handle.tokens
         if host.prompt_rows:
-            self._prompt_logprobs(hidden, host.prompt_rows, output)
+            self._prompt_logprobs(hidden, host.prompt_rows, handle.output)
+        return handle
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput:
+        """Read a launched step's sampled tokens into the requests' states and the output."""
+        output = handle.output
+        if not handle.samplers:
+            return output
+        tokens = handle.read_tokens()
+        for rid, token in zip(handle.samplers, tokens):
+            state = self.states.get(rid)
+            if state is not None and state.num_pending:   # else finished or preempted since
+                state.token_ids.append(token)
+                state.num_pending -= 1
+            output.sampled_token_ids[rid] = token
+        if handle.raw_logprobs is not None:
+            for rid, lp in zip(handle.samplers,
+                               token_logprobs(handle.raw_logprobs, tokens, handle.rows)):
+                if lp is not None:
+                    output.logprobs[rid] = lp
         return output
+
+    def needs_host_tokens(self, sched: SchedulerOutput) -> bool:
+        """Whether a request of this step samples from its whole history on the host
+        (penalties) while its last token is still in flight: then the step in flight must
+        be collected before this one is launched."""
+        for rid in sched.num_scheduled_tokens:
+            state = self.states.get(rid)
+            if state is not None and state.num_pending and has_penalty(state.params):
+                return True
+        return False
 
     def _graph_fits(self, host: HostInputs) -> bool:
         return (self.graphs is not None and not host.chunks
@@ -159,7 +232,12 @@ class ModelRunner:
         for rid in decodes:          # the hot loop of a large decode batch: one token each
             state = self.states[rid]
             pos, row, blocks = state.num_computed_tokens, len(host.input_ids), state.block_ids
-            host.input_ids.append(state.token_ids[pos])
+            if pos < len(state.token_ids):
+                host.input_ids.append(state.token_ids[pos])
+            else:                    # sampled by the step in flight: filled in on the device
+                host.input_ids.append(0)
+                host.placeholder_rows.append(row)
+                host.placeholder_sources.append(state.sampled_row)
             host.positions.append(pos)
             host.slots.append(blocks[pos // bs] * bs + pos % bs)
             host.decode_seq_lens.append(pos + 1)
@@ -185,12 +263,24 @@ class ModelRunner:
                        start: int, n: int) -> None:
         """Rows ``[row, row + n)`` hold positions ``[start, start + n)`` of ``rid``: the last
         samples if it reaches the end of the known tokens; prompt rows may want logprobs."""
-        if start + n == len(state.token_ids):
+        if start + n == len(state.token_ids) + state.num_pending:
             host.logits_indices.append(row + n - 1)
             host.samplers.append(rid)
         if state.params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
             host.prompt_rows[rid] = (row, start,
                                      min(start + n, state.num_prompt_tokens - 1) - start)
+
+    def _placeholder_filler(self, host: HostInputs) -> Callable[[torch.Tensor], None]:
+        """Writes into a step's input ids (T,) the tokens its placeholder rows take from
+        the last launched step's samples, on the device (queued after that step)."""
+        def fill(input_ids: torch.Tensor) -> None:
+            if not host.placeholder_rows:
+                return
+            assert self._last_tokens is not None, "a placeholder without a step in flight"
+            rows = to_device(host.placeholder_rows, torch.int64, self.device)
+            sources = to_device(host.placeholder_sources, torch.int64, self.device)
+            input_ids.index_copy_(0, rows, self._last_tokens.index_select(0, sources))
+        return fill
 
     def _cpu_batch(self, host: HostInputs) -> StepBatch:
         chunks = [PrefillChunk(row, n, ctx, self._tensor(blocks))
@@ -253,8 +343,9 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- sampling
     def _sample(self, hidden: torch.Tensor, host: HostInputs,
-                logits_index: Optional[torch.Tensor], output: ModelRunnerOutput) -> None:
-        """hidden: (T, E). The one host-device sync of a CUDA step is reading the tokens."""
+                logits_index: Optional[torch.Tensor], handle: StepHandle) -> None:
+        """hidden: (T, E). The tokens stay on the device; on CUDA a pinned copy is queued
+        for ``collect`` to read (the one host-device sync of a step)."""
         if self.is_cuda and len(host.logits_indices) == hidden.shape[0]:
             rows = hidden                              # every row samples, in order
         elif logits_index is not None:
@@ -262,22 +353,25 @@ class ModelRunner:
         else:
             rows = hidden[host.logits_indices]
         sampling_rows = [self._sampling_row(self.states[rid]) for rid in host.samplers]
-        greedy = greedy_from_hidden(rows, self.model.output_weight, sampling_rows)
-        if greedy is not None:
-            tokens, logprobs = greedy, [None] * len(greedy)
-        else:
+        tokens = greedy_from_hidden(rows, self.model.output_weight, sampling_rows)
+        if tokens is None:
             logits = self.model.compute_logits(rows)                       # (S, V)
-            tokens, logprobs = sample(logits, sampling_rows)
-        for rid, token, lp in zip(host.samplers, tokens, logprobs):
-            self.states[rid].token_ids.append(token)
-            output.sampled_token_ids[rid] = token
-            if lp is not None:
-                output.logprobs[rid] = lp
+            tokens, handle.raw_logprobs = sample_tokens(logits, sampling_rows)
+        for i, rid in enumerate(host.samplers):
+            state = self.states[rid]
+            state.num_pending += 1
+            state.sampled_row = i
+        handle.samplers, handle.rows, handle.tokens = host.samplers, sampling_rows, tokens
+        if self.device.type == "cuda":
+            handle.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            handle.host_tokens.copy_(tokens, non_blocking=True)
+            handle.ready = torch.cuda.Event()
+            handle.ready.record()
 
     @staticmethod
     def _sampling_row(state: CachedRequestState) -> SamplingRow:
         return SamplingRow(state.params, state.token_ids, state.num_prompt_tokens,
-                           state.stop_ids, state.seed_offset)
+                           state.stop_ids, state.seed_offset, state.num_pending)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: dict[str, tuple[int, int, int]],
                          output: ModelRunnerOutput) -> None:

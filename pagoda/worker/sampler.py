@@ -27,52 +27,66 @@ class SamplingRow:
     num_prompt_tokens: int
     stop_ids_for_min_tokens: list[int]  # EOS + stop_token_ids, masked until min_tokens
     seed_offset: int = 0
+    num_pending: int = 0          # sampled by a step in flight: counted, not in token_ids
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
 
 
 def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
-                       rows: list[SamplingRow]) -> Optional[list[int]]:
+                       rows: list[SamplingRow]) -> Optional[torch.Tensor]:
     """Tokens straight from the final hidden states (S, E) and the output projection (V, E)
     when every row is plain greedy on the CPU bf16 path: ``weight @ hidden.T`` and a column
     argmax (see ``cpu_fused.greedy_tokens``), never building the (S, V) logits. None where
     the general path (``compute_logits`` then :func:`sample`) must run."""
     if not (cpu_fused.enabled(hidden) and all(_plain_greedy(r) for r in rows)):
         return None
-    return cpu_fused.greedy_tokens(hidden, weight).tolist()
+    return cpu_fused.greedy_tokens(hidden, weight)
 
 
 def sample(logits: torch.Tensor,
            rows: list[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits: (S, V), one row per entry of ``rows``. Returns tokens and logprobs."""
+    tokens, raw_logprobs = sample_tokens(logits, rows)
+    ids = tokens.tolist()
+    return ids, token_logprobs(raw_logprobs, ids, rows)
+
+
+def sample_tokens(logits: torch.Tensor,
+                  rows: list[SamplingRow]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """logits: (S, V). The sampled ids (S,) and, when a row asks for logprobs, the raw
+    log-probabilities (S, V), both left on the logits' device: nothing here waits for it."""
     if all(_plain_greedy(r) for r in rows):
         # Upcasting is exact and keeps the order, so argmax needs no fp32 copy of (S, V).
         if logits.dim() == 2 and logits.stride(1) == 1 and cpu_fused.enabled(logits):
-            return cpu_fused.argmax(logits).tolist(), [None] * len(rows)
-        return logits.argmax(dim=-1).tolist(), [None] * len(rows)
+            return cpu_fused.argmax(logits), None
+        return logits.argmax(dim=-1), None
     logits = logits.float()
     raw_logprobs = (torch.log_softmax(logits, dim=-1)
                     if any(r.params.logprobs is not None for r in rows) else None)
     logits = _mask_early_stops(_apply_penalties(logits, rows), rows)
-    tokens = _choose(logits, rows)
-    logprobs = [_token_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs)
-                if raw_logprobs is not None and r.params.logprobs is not None else None
-                for i, r in enumerate(rows)]
-    return tokens, logprobs
+    return _choose(logits, rows), raw_logprobs
+
+
+def token_logprobs(raw_logprobs: Optional[torch.Tensor], tokens: list[int],
+                   rows: list[SamplingRow]) -> list[Optional[TokenLogprobs]]:
+    """The sampled tokens' logprobs (and top alternatives) for the rows that ask."""
+    return [_token_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs)
+            if raw_logprobs is not None and r.params.logprobs is not None else None
+            for i, r in enumerate(rows)]
 
 
 def _plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing that needs the logits themselves (logprobs, penalties, a masked
     stop token): the argmax alone decides."""
     p = row.params
-    return (p.greedy and p.logprobs is None and not _has_penalty(p)
+    return (p.greedy and p.logprobs is None and not has_penalty(p)
             and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens))
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    penalized = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
+    penalized = [i for i, r in enumerate(rows) if has_penalty(r.params)]
     if not penalized:
         return logits
     logits = logits.clone()
@@ -96,7 +110,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     return logits
 
 
-def _has_penalty(p: SamplingParams) -> bool:
+def has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
@@ -115,14 +129,14 @@ def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
     return logits
 
 
-def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     tokens = logits.argmax(dim=-1)                                     # (S,)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = to_device(random_rows, torch.int64, logits.device)
         probs = _filtered_probs(logits[idx], [rows[i].params for i in random_rows])
         tokens[idx] = _draw(probs, [rows[i] for i in random_rows])
-    return tokens.tolist()
+    return tokens
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -4,7 +4,9 @@ random models, against Hugging Face transformers. Marked ``gpu``; skipped withou
 - fp32: greedy tokens identical to transformers' ``generate``, graphs on and off;
 - bf16: each token pagoda picks is (within a small logit gap) transformers' top choice for
   the same sequence, teacher-forced (near-ties may flip argmax in bf16);
-- CUDA-graph replay gives the same tokens as eager mode, on batches that need padding.
+- CUDA-graph replay gives the same tokens as eager mode, on batches that need padding;
+- async scheduling (the default on CUDA) gives the same tokens as synchronous steps, and a
+  step waits for the GPU only to read its sampled tokens.
 """
 from __future__ import annotations
 
@@ -56,22 +58,47 @@ def run(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_fp32_greedy_matches_transformers(case, enforce_eager):
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_fp32_greedy_matches_transformers(case, enforce_eager, async_scheduling):
     path, prompts, refs = case
     llm = LLM(path, device="cuda", dtype="float32", enforce_eager=enforce_eager,
-              max_num_seqs=8, block_size=16)
+              max_num_seqs=8, block_size=16, async_scheduling=async_scheduling)
     runner = llm.engine.runner
     assert runner.kv_caches[0].is_cuda
+    assert llm.engine.async_scheduling is async_scheduling
     assert (runner.cuda_graph_sizes == []) == enforce_eager, runner.cuda_graph_sizes
     assert run(llm, prompts) == refs
     llm.engine.check_invariants()
 
 
 def test_fp32_chunked_prefill_and_mixed_batches_match(case):
-    """A small token budget: prompts are chunked and share steps with decodes."""
+    """A small token budget: prompts are chunked and share steps with decodes; a small KV
+    cache: requests are preempted with their last token in flight."""
     path, prompts, refs = case
     llm = LLM(path, device="cuda", dtype="float32", max_num_batched_tokens=24, block_size=16)
     assert run(llm, prompts) == refs
+    small = LLM(path, device="cuda", dtype="float32", max_num_batched_tokens=32, block_size=8,
+                num_kv_blocks=24)
+    assert run(small, prompts) == refs
+    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.kv.pool.num_free_blocks == small.engine.num_blocks
+
+
+def test_async_seeded_sampling_matches_sync():
+    """Seeded sampling, filters and penalties: the same tokens one step ahead or not."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(10, 500) for _ in range(n)] for n in (5, 40, 90, 7)]
+    params = [SAMPLED, SamplingParams(temperature=0.9, seed=3, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_p=0.8, seed=4, n=2, max_tokens=9,
+                             ignore_eos=True)]
+    got = []
+    for async_scheduling in (False, True):
+        llm = LLM(load_format="dummy", model_preset="tiny-qwen3", device="cuda",
+                  dtype="float32", max_num_seqs=8, async_scheduling=async_scheduling)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        got.append([[c.token_ids for c in o.outputs] for o in outs])
+    assert got[0] == got[1]
 
 
 def test_bf16_tokens_are_transformers_top_choices(case):
@@ -136,19 +163,31 @@ SAMPLED = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01, seed=
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.0, max_tokens=12,
                                                    ignore_eos=True), SAMPLED],
                          ids=["greedy", "sampled"])
-def test_one_host_device_sync_per_step(params):
-    """Inside a step the host waits for the GPU once: to read the sampled tokens. Steps with
-    prefill chunks, decodes in CUDA graphs, and every sampling filter included."""
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_one_host_device_sync_per_step(params, async_scheduling, monkeypatch):
+    """Inside a step the host waits for the GPU once: on the event after the sampled
+    tokens' copy (``StepHandle.read_tokens``); no other call synchronizes (the sync debug
+    mode warns on any that does). Steps with prefill chunks, decodes in CUDA graphs, and
+    every sampling filter included."""
     import warnings
 
+    from pagoda.worker.model_runner import StepHandle
+
+    reads = []
+    real_read = StepHandle.read_tokens
+
+    def counting_read(handle):
+        reads.append(handle.ready is not None)
+        return real_read(handle)
+    monkeypatch.setattr(StepHandle, "read_tokens", counting_read)
     llm = LLM(load_format="dummy", model_preset="tiny-qwen3", device="cuda", dtype="bfloat16",
-              max_num_seqs=8, max_num_batched_tokens=64)
+              max_num_seqs=8, max_num_batched_tokens=64, async_scheduling=async_scheduling)
     engine = llm.engine
     rng = random.Random(3)
     for i, n in enumerate((5, 40, 90)):
         engine.add_request(str(i), [rng.randrange(10, 500) for _ in range(n)], params)
     engine.step()                    # first launches of this batch's kernels
-    counts = []
+    counts, first = [], len(reads)
     torch.cuda.set_sync_debug_mode("warn")
     try:
         for _ in range(8):
@@ -159,4 +198,5 @@ def test_one_host_device_sync_per_step(params):
                            if "synchroniz" in str(w.message)])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert all(len(c) == 1 for c in counts), counts
+    assert all(len(c) == 0 for c in counts), counts
+    assert reads[first:] == [True] * 8, reads       # one wait per step, on the event

@@ -1,6 +1,6 @@
 """Greedy output of the paged engine is token-identical to Hugging Face transformers, in
 every scheduling mode: chunked prefill on/off and with odd budgets, block sizes 1 and 16,
-requests that join and finish at different steps, and forced preemption."""
+requests that join and finish at different steps, forced preemption, and async scheduling."""
 import random
 
 import pytest
@@ -52,6 +52,11 @@ MODES = {
     # The same without prefix caching: recompute after preemption starts from nothing.
     "preempt-nocache": dict(block_size=8, num_kv_blocks=12, max_num_batched_tokens=32,
                             enable_prefix_caching=False),
+    # Async scheduling: decodes run on tokens still in flight (one step ahead of the reads).
+    "async": dict(async_scheduling=True),
+    "async-budget7": dict(async_scheduling=True, max_num_batched_tokens=7),
+    "async-preempt": dict(async_scheduling=True, block_size=8, num_kv_blocks=12,
+                          max_num_batched_tokens=32),
 }
 
 
@@ -63,7 +68,7 @@ def test_greedy_matches_transformers(family_case, mode):
     for out, ref in zip(outs, refs):
         assert out.token_ids == ref
         assert out.finish_reason == "length"
-    if mode.startswith("preempt"):
+    if "preempt" in mode:
         assert llm.engine.scheduler.num_preemptions > 0
     llm.engine.check_invariants()
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks

@@ -26,6 +26,7 @@ class FakeRunner:
         self.steps: list[SchedulerOutput] = []
         self.slots: dict[int, tuple[int, ...]] = {}   # slot -> the tokens its KV stands for
         self.tokens_computed = 0
+        self.placeholder_inputs = 0   # tokens computed whose value a step in flight samples
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.steps.append(out)
@@ -40,21 +41,32 @@ class FakeRunner:
         for rid, n in out.num_scheduled_tokens.items():
             req = self.scheduler.requests[rid]
             assert n >= 1
-            end = req.num_computed_tokens + n
-            assert end <= req.num_tokens, "scheduled past the known tokens"
+            # The scheduler counts scheduled tokens as computed as soon as it schedules them.
+            end = req.num_computed_tokens
+            tokens = self._tokens(req)
+            assert end <= len(tokens), "scheduled past the known tokens"
             assert len(kv.block_ids(rid)) * kv.block_size >= end, "no slot for a scheduled token"
-            for pos in range(req.num_computed_tokens, end):
-                self.slots[self._slot(rid, pos)] = tuple(req.all_token_ids[:pos + 1])
+            for pos in range(end - n, end):
+                self.slots[self._slot(rid, pos)] = tuple(tokens[:pos + 1])
             self.tokens_computed += n
-        for rid, n in out.num_scheduled_tokens.items():
+            self.placeholder_inputs += end > req.num_tokens
+        for rid in out.num_scheduled_tokens:
             req = self.scheduler.requests[rid]
-            end = req.num_computed_tokens + n
+            end, tokens = req.num_computed_tokens, self._tokens(req)
             for pos in range(end):
-                assert self.slots.get(self._slot(rid, pos)) == tuple(req.all_token_ids[:pos + 1]), \
+                assert self.slots.get(self._slot(rid, pos)) == tuple(tokens[:pos + 1]), \
                     f"{rid} attends to wrong or missing KV at position {pos}"
-            if end == req.num_tokens:
-                sampled[rid] = fake_token(rid, end)
+            if req.num_output_placeholders and end == req.num_tokens_with_placeholders - 1:
+                sampled[rid] = fake_token(rid, end)   # its placeholder for this step's token
         return ModelRunnerOutput(sampled_token_ids=sampled)
+
+    @staticmethod
+    def _tokens(req) -> list[int]:
+        """The request's tokens, with the one a step in flight samples (async scheduling):
+        a fake token depends only on its position, so it is known here already."""
+        if req.num_computed_tokens > req.num_tokens:
+            return [*req.all_token_ids, fake_token(req.request_id, req.num_tokens)]
+        return list(req.all_token_ids)
 
     def _slot(self, rid: str, pos: int) -> int:
         kv = self.scheduler.kv
@@ -65,3 +77,26 @@ def run_step(scheduler: Scheduler, runner: FakeRunner) -> list:
     out = scheduler.schedule()
     res = runner.execute(out)
     return scheduler.update_from_output(out, res)
+
+
+class AsyncDriver:
+    """The engine's step loop with async scheduling, on the fake runner: step N+1 is
+    scheduled and run before step N's output is taken in (the fake "samples" at once, but
+    the scheduler hears of it one step late, as it does from a GPU)."""
+
+    def __init__(self, scheduler: Scheduler, runner: FakeRunner) -> None:
+        self.scheduler, self.runner = scheduler, runner
+        self.in_flight = None
+
+    @property
+    def busy(self) -> bool:
+        # (The engine keeps stepping while a user request lacks its final output.)
+        return (self.scheduler.has_unfinished_requests() or self.in_flight is not None
+                or bool(self.scheduler._pending))
+
+    def step(self) -> list:
+        out = self.scheduler.schedule()
+        res = self.runner.execute(out)
+        previous, self.in_flight = self.in_flight, (None if out.is_empty else (out, res))
+        outputs = self.scheduler.update_from_output(*previous) if previous else []
+        return outputs + self.scheduler.take_pending_outputs()

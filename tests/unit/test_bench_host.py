@@ -31,9 +31,9 @@ def test_null_engine_runs_decodes_through_padded_graphs(monkeypatch):
     batches: list[int] = []
     real_run = graphs.run
 
-    def counting_run(input_ids, *rest):
+    def counting_run(input_ids, *rest, **kw):
         batches.append(len(input_ids))
-        return real_run(input_ids, *rest)
+        return real_run(input_ids, *rest, **kw)
 
     monkeypatch.setattr(graphs, "run", counting_run)
     prompts = [[50 + i] * (10 + 7 * i) for i in range(5)]

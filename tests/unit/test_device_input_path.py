@@ -37,9 +37,11 @@ CPU = torch.device("cpu")
 BLOCK_SIZE = 16
 
 
-def script(runner: ModelRunner) -> list[dict[str, int]]:
+def script(runner: ModelRunner, pipelined: bool = False) -> list[dict[str, int]]:
     """A: 20-token prompt; B: 5; C: 40 tokens arriving at step 2 and prefilled in two chunks
-    (the second over 24 cached tokens) next to the decodes of A and B."""
+    (the second over 24 cached tokens) next to the decodes of A and B. ``pipelined``: as
+    with async scheduling, each step is launched before the previous one is collected, so
+    its decodes take their input tokens from the previous step's samples on the device."""
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     prompts = {"A": list(range(10, 30)), "B": [3, 1, 4, 1, 5], "C": list(range(100, 140))}
     blocks = {"A": [7, 2], "B": [5], "C": [0, 9, 3, 8]}
@@ -59,7 +61,15 @@ def script(runner: ModelRunner) -> list[dict[str, int]]:
         SchedulerOutput([], [cached("A", 23), cached("B", 8), cached("C", 40)],
                         {"A": 1, "B": 1, "C": 1}),
     ]
-    return [runner.execute_model(s).sampled_token_ids for s in steps]
+    if not pipelined:
+        return [runner.execute_model(s).sampled_token_ids for s in steps]
+    outs, in_flight = [], None
+    for step in steps:
+        launched = runner.launch(step)
+        if in_flight is not None:
+            outs.append(runner.collect(in_flight).sampled_token_ids)
+        in_flight = launched
+    return outs + [runner.collect(in_flight).sampled_token_ids]
 
 
 class EagerReplay:
@@ -90,8 +100,9 @@ class EagerDecodeGraphs(DecodeGraphs):
         return _Graph(EagerReplay(forward), head, tables, hidden)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference-ops", "triton-fused-ops"])
-def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused):
+@pytest.mark.parametrize("fused,pipelined", [(False, False), (True, False), (False, True)],
+                         ids=["reference-ops", "triton-fused-ops", "pipelined"])
+def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused, pipelined):
     """With ``fused``, the model's norms, q/k norm + RoPE and SiLU·up also take the Triton
     kernels of models/triton_fused.py, as on a GPU."""
     loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
@@ -118,7 +129,7 @@ def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused):
     monkeypatch.setattr(llama, "paged_attention", triton_everywhere)
     runner = ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU)
     runner.is_cuda = True          # the device input path, on CPU tensors
-    got = script(runner)
+    got = script(runner, pipelined)
     assert got == want
     assert all(len(step) for step in got)
     assert any(m.prefills and m.num_decode_tokens for m in seen), "no mixed batch ran"
@@ -126,8 +137,10 @@ def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused):
         assert len(calls) >= 5 * 2 * 4, "the fused ops were not used"   # steps x layers x ops
 
 
-def test_decode_graph_path_matches_cpu_path(monkeypatch):
-    """Decode-only steps of 2 and 3 requests go through the graphs of 2 and 4 (one pad row)."""
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "pipelined"])
+def test_decode_graph_path_matches_cpu_path(monkeypatch, pipelined):
+    """Decode-only steps of 2 and 3 requests go through the graphs of 2 and 4 (one pad row);
+    ``pipelined``, their input tokens are written into the graph's buffer on the device."""
     loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
     want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
 
@@ -143,6 +156,6 @@ def test_decode_graph_path_matches_cpu_path(monkeypatch):
     runner.graphs.capture()
     EagerDecodeGraphs.replays = []
     assert runner.cuda_graph_sizes == [1, 2, 4]
-    got = script(runner)
+    got = script(runner, pipelined)
     assert got == want
     assert EagerDecodeGraphs.replays == [2, 4]     # steps 1 and 4; the others are mixed

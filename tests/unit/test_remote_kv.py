@@ -62,7 +62,7 @@ def test_decode_side_loads_then_computes_only_the_last_prompt_token():
     out = sched.schedule()
     assert out.num_scheduled_tokens == {"a": 1}
     assert out.new_requests[0].num_computed_tokens == 13
-    runner.execute(out)
+    sched.update_from_output(out, runner.execute(out))
     while sched.has_unfinished_requests():
         run_step(sched, runner)
     assert sched.kv.pool.num_free_blocks == 32
