@@ -16,10 +16,14 @@
 #   2 smoke    one attention and one fused-op test compiled on the GPU (fails fast if
 #              triton is broken)
 #   3 bench    the benchmark: Qwen3-0.6B shapes, 256 prompts, 100:1024 in/out,
-#              CUDA graphs, + bandwidth fraction + batch-1 decode step, vs transformers
-#   4 gpu      tests/gpu: engine vs transformers (fp32 exact, bf16 tolerance), graphs vs eager
+#              CUDA graphs, async scheduling, + bandwidth fraction + batch-1 decode step,
+#              vs transformers
+#   4 gpu      tests/gpu: engine vs transformers (fp32 exact, bf16 tolerance), graphs vs eager,
+#              async vs synchronous steps, one host-device sync per step
+#   4b sync    the benchmark's workload with synchronous steps (what async scheduling gains)
 #   5 kernels  tests/unit/test_triton_attention.py + test_triton_fused.py compiled (no interpreter)
-#   6 host     bench host: this machine's host time per step (null model) vs the device floor
+#   6 host     bench host: this machine's host time per step (null model) vs the device floor,
+#              and with a simulated device, synchronous steps vs async scheduling
 #   7 cpu-side tests/unit/test_dummy_load.py + test_bench_gpu.py (presets, accounting; the
 #              reference attention, so the C++ CPU kernel is not compiled here)
 #   8 eager    batch-1 decode step with --enforce-eager (what the graphs save)
@@ -103,11 +107,16 @@ step bench 210 "${CLI[@]}" bench throughput --device cuda --load-format dummy \
 
 step gpu 160 "$PY" -m pytest -q -m gpu tests/gpu -rs
 
+step sync 70 "${CLI[@]}" bench throughput --device cuda --load-format dummy \
+  --model-preset qwen3-0.6b --num-prompts 256 --input-len 100:1024 --output-len 100:1024 \
+  --no-async-scheduling --batch1-input-len 512 --batch1-output-len 32 --json "$OUT/bench_sync.json"
+
 step kernels 90 "$PY" -m pytest -q tests/unit/test_triton_attention.py tests/unit/test_triton_fused.py
 
 # (the null model runs on the CPU: no C++ extension is built for it here)
-step host 40 env PAGODA_ATTENTION=torch PAGODA_FUSED=0 PAGODA_AMX=0 "${CLI[@]}" bench host \
-  --num-prompts 256 --input-len 100:1024 --output-len 100:1024 --json "$OUT/host.json"
+step host 60 env PAGODA_ATTENTION=torch PAGODA_FUSED=0 PAGODA_AMX=0 "${CLI[@]}" bench host \
+  --num-prompts 256 --input-len 100:1024 --output-len 100:1024 --simulate-device \
+  --json "$OUT/host.json"
 
 step cpu-side 45 env PAGODA_ATTENTION=torch "$PY" -m pytest -q tests/unit/test_dummy_load.py \
   tests/unit/test_bench_gpu.py
@@ -129,8 +138,12 @@ echo
 echo "--- headline numbers (bench) ---"
 grep -E "output tokens/s|total tokens/s|median step ms|fraction of bandwidth|pagoda / HF|== " \
   "$OUT/bench.log" 2>/dev/null || echo "(no numbers in $OUT/bench.log)"
+echo "--- synchronous steps (--no-async-scheduling) ---"
+grep -E "output tokens/s|fraction of bandwidth" "$OUT/sync.log" 2>/dev/null \
+  || echo "(no numbers in $OUT/sync.log)"
 echo "--- host time per step (null model) ---"
-grep -E "host-only|batch >=|host / device" "$OUT/host.log" 2>/dev/null || echo "(no numbers)"
+grep -E "host-only|batch >=|host / device|synchronous steps s|async scheduling s|async / sync" \
+  "$OUT/host.log" 2>/dev/null || echo "(no numbers)"
 echo "--- batch-1 decode, eager (no CUDA graphs) ---"
 grep -A9 "batch-1 decode" "$OUT/eager.log" 2>/dev/null | grep -E "median step ms|fraction" \
   || echo "(no numbers in $OUT/eager.log)"

@@ -69,31 +69,51 @@ class DecodeStep:
     seconds: float
 
 
+def context_tokens(sched: SchedulerOutput) -> int:
+    """The scheduled requests' context lengths summed, this step's tokens included."""
+    starts = {r.request_id: r.num_computed_tokens for r in sched.new_requests}
+    starts.update((r.request_id, r.num_computed_tokens) for r in sched.cached_requests)
+    return sum(starts[rid] + n for rid, n in sched.num_scheduled_tokens.items())
+
+
 @dataclass
 class DecodeStepMonitor:
-    """Wraps ``runner.execute_model`` to time its decode-only steps (instrumentation only)."""
+    """Times the decode-only steps, by wrapping the runner's ``launch`` and ``collect``
+    (instrumentation only). A step's time runs from the previous step's tokens being read
+    to its own: the time per step the engine sees. With synchronous steps that is host and
+    device time added; with async scheduling it is the device's time wherever the host
+    keeps up."""
     runner: Any
     steps: list[DecodeStep] = field(default_factory=list)
-    _inner: Optional[Callable[[SchedulerOutput], ModelRunnerOutput]] = None
+    _launch: Optional[Callable[[SchedulerOutput], Any]] = None
+    _collect: Optional[Callable[[Any], ModelRunnerOutput]] = None
+    _decodes: dict[int, tuple[int, int]] = field(default_factory=dict)  # handle -> shape
+    _last_read: Optional[float] = None
 
     def __enter__(self) -> "DecodeStepMonitor":
-        self._inner = self.runner.execute_model
-        self.runner.execute_model = self._timed
+        self._launch, self._collect = self.runner.launch, self.runner.collect
+        self.runner.launch, self.runner.collect = self._timed_launch, self._timed_collect
+        self._last_read = None
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.runner.execute_model = self._inner
+        self.runner.launch, self.runner.collect = self._launch, self._collect
 
-    def _timed(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+    def _timed_launch(self, sched: SchedulerOutput) -> Any:
+        handle = self._launch(sched)
         counts = sched.num_scheduled_tokens
-        decode_only = bool(counts) and all(n == 1 for n in counts.values())
-        start = time.perf_counter()
-        out = self._inner(sched)
-        elapsed = time.perf_counter() - start
-        if decode_only:
-            states = self.runner.states
-            context = sum(states[rid].num_computed_tokens + 1 for rid in counts if rid in states)
-            self.steps.append(DecodeStep(len(counts), context, elapsed))
+        if counts and all(n == 1 for n in counts.values()):
+            self._decodes[id(handle)] = (len(counts), context_tokens(sched))
+        return handle
+
+    def _timed_collect(self, handle: Any) -> ModelRunnerOutput:
+        out = self._collect(handle)
+        now = time.perf_counter()
+        shape = self._decodes.pop(id(handle), None)
+        if shape is not None and self._last_read is not None:
+            self.steps.append(DecodeStep(*shape, now - self._last_read))
+        if handle.samplers:         # a step without samples is not waited for
+            self._last_read = now
         return out
 
 

@@ -13,6 +13,11 @@ Printed: the host time per step (by decode batch size, and split into schedule /
 update / outputs), the output tokens/s the host alone allows, and, for the decode-only
 steps, the device's least time for them (weights + KV read at the GPU's bandwidth, for the
 shapes of ``--model-preset``), so host / device-floor says how much the host would add.
+
+``--simulate-device`` adds the device's time back as a stand-in: each launched step keeps a
+virtual GPU busy for its floor, queued behind the steps before it, and reading its tokens
+waits until it is done. The workload then runs with synchronous steps and with async
+scheduling, and the two are compared: how much of the host's time async scheduling hides.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from pagoda.worker.cuda_graph import DecodeGraphs, _Graph
 NULL_SHAPE = "tiny-qwen3"          # the null model's own shapes: small, so the host's work
 NULL_LAYERS = 1                    # (the CPU's argmax over its vocabulary) stays small
 H100_SXM_TBS = 3.35
+H100_SXM_BF16_TFLOPS = 989.0       # dense bf16 tensor-core peak
 BUCKETS = (1, 8, 32, 64, 128, 256)
 PHASES = ("schedule", "runner", "update", "outputs")
 
@@ -58,6 +64,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="the shapes whose device time the host time is set against")
     g.add_argument("--gpu-bandwidth-tbs", type=float, default=H100_SXM_TBS,
                    help="the GPU's memory bandwidth for the device floor (default: H100 SXM)")
+    g.add_argument("--simulate-device", action="store_true",
+                   help="add each step's device floor as a virtual GPU's busy time, and "
+                        "compare synchronous steps with async scheduling")
+    g.add_argument("--gpu-tflops", type=float, default=H100_SXM_BF16_TFLOPS,
+                   help="the GPU's bf16 peak for the floor of prefill steps (default: H100 SXM)")
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
 
 
@@ -81,7 +92,8 @@ class NullDecodeGraphs(DecodeGraphs):
         return _Graph(_NoReplay(), head, tables, hidden)
 
 
-def null_engine_llm(ns: argparse.Namespace, max_model_len: int) -> Any:
+def null_engine_llm(ns: argparse.Namespace, max_model_len: int,
+                    async_scheduling: bool = False) -> Any:
     """An engine on the CPU whose model does no work, its runner on the CUDA input path."""
     from pagoda.entrypoints.llm import LLM
 
@@ -94,7 +106,8 @@ def null_engine_llm(ns: argparse.Namespace, max_model_len: int) -> Any:
         llm = LLM(model=tmp, load_format="dummy", device="cpu", dtype="bfloat16",
                   max_model_len=max_model_len, max_num_seqs=ns.max_num_seqs,
                   max_num_batched_tokens=ns.max_num_batched_tokens,
-                  block_size=ns.block_size, num_kv_blocks=blocks)
+                  block_size=ns.block_size, num_kv_blocks=blocks,
+                  async_scheduling=async_scheduling)
     runner = llm.engine.runner
     model = runner.model
     hidden_size = model.arch.hidden_size
@@ -131,7 +144,8 @@ class StepTimer:
     def install(self) -> None:
         e = self.engine
         e.scheduler.schedule = self._timed("schedule", self._noting_shape(e.scheduler.schedule))
-        e.runner.execute_model = self._timed("runner", e.runner.execute_model)
+        e.runner.launch = self._timed("runner", e.runner.launch)
+        e.runner.collect = self._timed("runner", e.runner.collect)
         e.scheduler.update_from_output = self._timed("update", e.scheduler.update_from_output)
         e.step = self._timed_step(e.step)
 
@@ -147,11 +161,11 @@ class StepTimer:
     def _noting_shape(self, schedule: Callable[[], SchedulerOutput]) -> Callable:
         def wrapper() -> SchedulerOutput:
             sched = schedule()
-            requests = self.engine.scheduler.requests
             counts = sched.num_scheduled_tokens
-            decodes = [rid for rid, n in counts.items() if n == 1]
-            self._shape = (len(decodes), sum(n for n in counts.values() if n > 1),
-                           sum(requests[rid].num_computed_tokens + 1 for rid in decodes))
+            decodes = sum(1 for n in counts.values() if n == 1)
+            prefill = sum(n for n in counts.values() if n > 1)
+            # (the context is used for decode-only steps, where it is the whole step's)
+            self._shape = (decodes, prefill, gpu.context_tokens(sched) if not prefill else 0)
             return sched
         return wrapper
 
@@ -166,6 +180,58 @@ class StepTimer:
             self.steps.append(StepRecord(*self._shape, seconds, phases))
             return result
         return wrapper
+
+
+class SimulatedDevice:
+    """A stand-in for the GPU's time. Each launched step keeps a virtual device busy for its
+    floor: the weights and the batch's KV read at the bandwidth, or its matmul FLOPs at the
+    peak, whichever is longer; a step starts when the host launches it or when the step
+    before it ends, whichever is later. Reading a step's tokens sleeps until it is done, as
+    waiting on the real device would. So the host overlaps the device exactly as far as the
+    engine lets it."""
+
+    def __init__(self, runner: Any, arch: Any, bandwidth_tbs: float, tflops: float) -> None:
+        self.runner = runner
+        self.weight_bytes = gpu.weight_bytes_per_step(arch, torch.bfloat16)
+        self.kv_per_token = gpu.kv_bytes_per_token(arch, torch.bfloat16)
+        self.bytes_per_s = bandwidth_tbs * gpu.TB
+        self.flops_per_s = tflops * 1e12
+        self.free_at = 0.0            # when the virtual device finishes its queue
+        self.busy_s = 0.0
+        self._done_at: dict[int, float] = {}
+
+    def install(self) -> None:
+        launch, collect = self.runner.launch, self.runner.collect
+
+        def timed_launch(sched: SchedulerOutput) -> Any:
+            handle = launch(sched)
+            seconds = self.step_seconds(sched)
+            if seconds:
+                self.free_at = max(time.perf_counter(), self.free_at) + seconds
+                self.busy_s += seconds
+                self._done_at[id(handle)] = self.free_at
+            return handle
+
+        def waiting_collect(handle: Any) -> Any:
+            done_at = self._done_at.pop(id(handle), 0.0)
+            if handle.samplers:       # reading tokens waits; a step with none is not read
+                self.wait_until(done_at)
+            return collect(handle)
+
+        self.runner.launch, self.runner.collect = timed_launch, waiting_collect
+
+    @staticmethod
+    def wait_until(deadline: float) -> None:
+        """Spin, as CUDA's default event wait does with a core to spare. (Sleeping instead
+        made the host's work about 2.5x slower on the 2-core dev VM: a woken core is cold.)"""
+        while time.perf_counter() < deadline:
+            pass
+
+    def step_seconds(self, sched: SchedulerOutput) -> float:
+        context = gpu.context_tokens(sched)
+        read = (self.weight_bytes + context * self.kv_per_token) / self.bytes_per_s
+        compute = self.weight_bytes * sched.total_num_scheduled_tokens / self.flops_per_s
+        return max(read, compute)     # bf16: 2 bytes a weight, 2 FLOPs a weight and token
 
 
 def summarize(steps: list[StepRecord], output_tokens: int, elapsed: float, arch: Any,
@@ -221,6 +287,36 @@ def print_report(ns: argparse.Namespace, r: dict) -> None:
         print(row("decode tok/s, host + floor", r["decode_tokens_per_s_host_plus_floor"]))
 
 
+def simulated_run(ns: argparse.Namespace, arch: Any, max_model_len: int, prompts: list,
+                  params: list, use_async: bool) -> dict:
+    """The workload on the null engine with a simulated device; elapsed and device busy."""
+    llm = null_engine_llm(ns, max_model_len, async_scheduling=use_async)
+    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)                                       # warm-up
+    device = SimulatedDevice(llm.engine.runner, arch, ns.gpu_bandwidth_tbs, ns.gpu_tflops)
+    device.install()
+    start = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    check_outputs(results, [p.max_tokens for p in params])
+    output_tokens = sum(p.max_tokens for p in params)
+    return {"async_scheduling": use_async, "elapsed_s": elapsed,
+            "device_busy_s": device.busy_s, "device_busy_fraction": device.busy_s / elapsed,
+            "output_tokens_per_s": output_tokens / elapsed}
+
+
+def print_simulated(ns: argparse.Namespace, runs: list[dict]) -> None:
+    print(f"-- with a simulated device ({ns.model_preset}, {ns.gpu_bandwidth_tbs} TB/s, "
+          f"{ns.gpu_tflops} TFLOP/s) --")
+    for r in runs:
+        name = "async scheduling" if r["async_scheduling"] else "synchronous steps"
+        print(row(f"{name} s", f"{r['elapsed_s']:.3f}, output {r['output_tokens_per_s']:,.0f} "
+                               f"tok/s, device busy {100 * r['device_busy_fraction']:.0f} %"))
+    sync, asyn = runs
+    print(row("async / sync output tok/s", asyn["output_tokens_per_s"]
+              / sync["output_tokens_per_s"]))
+
+
 def main(ns: argparse.Namespace) -> int:
     input_len = parse_len_range(ns.input_len, "--input-len")
     output_len = parse_len_range(ns.output_len, "--output-len")
@@ -229,6 +325,8 @@ def main(ns: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if not ns.gpu_bandwidth_tbs > 0:
         raise ValueError("--gpu-bandwidth-tbs must be > 0")
+    if not ns.gpu_tflops > 0:
+        raise ValueError("--gpu-tflops must be > 0")
     arch = preset_arch(ns.model_preset)
     llm = null_engine_llm(ns, max_model_len=input_len[1] + output_len[1])
     rng = random.Random(ns.data_seed)
@@ -247,10 +345,16 @@ def main(ns: argparse.Namespace) -> int:
     check_outputs(results, outs)
     report = summarize(timer.steps, sum(outs), elapsed, arch, ns.gpu_bandwidth_tbs)
     print_report(ns, report)
+    simulated = []
+    if ns.simulate_device:
+        max_model_len = input_len[1] + output_len[1]
+        simulated = [simulated_run(ns, arch, max_model_len, prompts, params, use_async)
+                     for use_async in (False, True)]
+        print_simulated(ns, simulated)
     if ns.json:
         write_json(ns.json, {"command": list(sys.argv), "machine": machine_info(),
                              "args": {k: v for k, v in vars(ns).items() if k != "func"},
-                             "host": report})
+                             "host": report, "simulated_device": simulated})
         print(row("json", ns.json))
     return 0
 

@@ -312,7 +312,7 @@ class AsyncEngine:
         elif isinstance(cmd, _Call):
             self._resolve(cmd.done, *_run_call(cmd.fn, self.engine))
         elif isinstance(cmd, _Fault):
-            self.engine.runner.execute_model = _failing_execute_model
+            self.engine.runner.launch = _failing_launch
 
     def _handle_add(self, cmd: _Add) -> None:
         error: Optional[BaseException] = None
@@ -393,5 +393,5 @@ def _run_call(fn: Callable[[Any], Any], engine: Any) -> tuple[Any, Optional[Base
         return None, e
 
 
-def _failing_execute_model(*args: Any, **kwargs: Any) -> Any:
+def _failing_launch(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("fault injected by /debug/fault: the model step failed")

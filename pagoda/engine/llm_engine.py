@@ -286,6 +286,9 @@ class LLMEngine:
                 results.append(self._make_output(group))
             if finished:
                 self._forget(group)
+        if not self._groups and self._in_flight is not None:
+            self._read(self._in_flight)   # only dropped tokens of finished requests: go idle
+            self._in_flight = None
         return results
 
     def _run(self, sched: SchedulerOutput) -> tuple[list[EngineCoreOutput], bool]:

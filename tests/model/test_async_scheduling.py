@@ -168,3 +168,16 @@ def test_penalized_request_waits_for_its_last_token(tiny, monkeypatch):
         llm.engine.step()
     assert on_placeholder["penalized"] == 0
     assert on_placeholder["plain"] > 0
+
+
+def test_engine_goes_idle_after_a_stop_in_flight(tiny):
+    """A request ended by a stop token leaves its next step (one dropped token) in flight;
+    with nothing else to run, the engine reads it at once and is idle, not half-busy."""
+    llm = LLM(tiny, dtype="float32", async_scheduling=True)
+    ids = llm.generate(prompt(8, 9), SamplingParams(temperature=0.0, max_tokens=12,
+                                                    ignore_eos=True))[0].token_ids
+    out = llm.generate(prompt(8, 9), SamplingParams(temperature=0.0, max_tokens=12,
+                                                    stop_token_ids=[ids[3]]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == ids[:ids.index(ids[3]) + 1]
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from pagoda.bench import gpu
+from pagoda.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput
 from pagoda.models.loader import load_model
 from pagoda.models.presets import preset_arch
+from pagoda.sampling import SamplingParams
 from pagoda.worker.model_runner import ModelRunner
 from runner_driver import run_greedy
 
@@ -51,4 +53,27 @@ def test_monitor_counts_decode_steps_and_contexts():
         run_greedy(runner, [[1, 2, 3], list(range(10, 30))], 4)
     # The prefill step is not a decode step; the 3 decode steps see contexts 4+21, 5+22, 6+23.
     assert [(s.batch, s.context_tokens) for s in mon.steps] == [(2, 25), (2, 27), (2, 29)]
-    assert runner.execute_model.__func__ is ModelRunner.execute_model
+    assert runner.launch.__func__ is ModelRunner.launch
+    assert runner.collect.__func__ is ModelRunner.collect
+    assert all(s.seconds > 0 for s in mon.steps)
+
+
+def test_monitor_times_pipelined_steps_from_read_to_read(monkeypatch):
+    """Async scheduling: step N+1 is launched before N is read; a decode step's time runs
+    from the read before it to its own read."""
+    loaded = load_model(None, torch.float32, torch.device("cpu"), load_format="dummy",
+                        model_preset="tiny-llama")
+    runner = ModelRunner(loaded.model, 16, 16, torch.float32, torch.device("cpu"))
+    clock = iter(float(t) for t in range(100, 200, 10))
+    monkeypatch.setattr(gpu.time, "perf_counter", lambda: next(clock))
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with gpu.DecodeStepMonitor(runner) as mon:
+        prefill = runner.launch(SchedulerOutput(
+            [NewRequestData("a", [1, 2, 3], 3, params, (), [0], 0)], [], {"a": 3}))
+        first = runner.launch(SchedulerOutput([], [CachedRequestData("a", [], 3)], {"a": 1}))
+        runner.collect(prefill)                      # read at 100
+        second = runner.launch(SchedulerOutput([], [CachedRequestData("a", [], 4)], {"a": 1}))
+        runner.collect(first)                        # 110
+        runner.collect(second)                       # 120
+    assert [(s.batch, s.context_tokens, s.seconds) for s in mon.steps] == [(1, 4, 10.0),
+                                                                           (1, 5, 10.0)]

@@ -83,8 +83,93 @@ def test_command_prints_and_writes_json(tmp_path, capsys):
     assert report["host_over_device_floor"] > 0
 
 
+def test_command_with_simulated_device_compares_sync_and_async(tmp_path, capsys):
+    out = tmp_path / "host.json"
+    ns = args(num_prompts=6, input_len="20:60", output_len="4:24", max_num_seqs=4,
+              json=str(out), simulate_device=True)
+    assert host.main(ns) == 0
+    assert "async / sync output tok/s" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["simulated_device"]
+    assert [r["async_scheduling"] for r in runs] == [False, True]
+    for r in runs:
+        assert 0 < r["device_busy_s"] and 0 < r["device_busy_fraction"] <= 1.0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+    def wait_until(self, deadline):
+        self.now = max(self.now, deadline)
+
+
+class FakeHandle:
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+
+class FakeRunner:
+    def __init__(self, clock):
+        self.clock, self.collected_at = clock, []
+
+    def launch(self, sched):
+        return FakeHandle(["r"] if sched.num_scheduled_tokens else [])
+
+    def collect(self, handle):
+        self.collected_at.append(self.clock.now)
+
+
+def decode_step(context: int):
+    from pagoda.core.outputs import CachedRequestData, SchedulerOutput
+
+    return SchedulerOutput([], [CachedRequestData("r", [], context - 1)], {"r": 1})
+
+
+def test_simulated_device_queues_steps_and_reading_waits(monkeypatch):
+    """Launches queue on the virtual device; reading a step's tokens waits for its end."""
+    clock = FakeClock()
+    monkeypatch.setattr(host.time, "perf_counter", clock.perf_counter)
+    arch = preset_arch("qwen3-0.6b")
+    runner = FakeRunner(clock)
+    device = host.SimulatedDevice(runner, arch, bandwidth_tbs=2.0, tflops=100.0)
+    monkeypatch.setattr(device, "wait_until", clock.wait_until)
+    step = decode_step(1000)
+    seconds = device.step_seconds(step)
+    weights = gpu.weight_bytes_per_step(arch, torch.bfloat16)
+    per_token = gpu.kv_bytes_per_token(arch, torch.bfloat16)
+    assert seconds == pytest.approx((weights + 1000 * per_token) / 2e12)
+    device.install()
+    first = runner.launch(step)              # t = 100: runs [100, 100 + s)
+    clock.now += seconds / 2
+    second = runner.launch(step)             # queued behind the first: ends at 100 + 2s
+    runner.collect(first)
+    assert clock.now == pytest.approx(100 + seconds)
+    clock.now += seconds / 4                 # host work overlapping the second step
+    runner.collect(second)
+    assert clock.now == pytest.approx(100 + 2 * seconds)
+    assert device.busy_s == pytest.approx(2 * seconds)
+    clock.now += 5 * seconds                 # an idle device: a late launch starts at once
+    third = runner.launch(step)
+    runner.collect(third)
+    assert clock.now == pytest.approx(100 + 8 * seconds)
+
+
+def test_simulated_prefill_step_is_bound_by_compute():
+    arch = preset_arch("qwen3-0.6b")
+    from pagoda.core.outputs import NewRequestData, SchedulerOutput
+
+    prefill = SchedulerOutput([NewRequestData("p", [1] * 2048, 2048, SamplingParams(), (), [],
+                                              0)], [], {"p": 2048})
+    device = host.SimulatedDevice(None, arch, bandwidth_tbs=3.35, tflops=989.0)
+    weights = gpu.weight_bytes_per_step(arch, torch.bfloat16)
+    assert device.step_seconds(prefill) == pytest.approx(weights * 2048 / 989e12)
+
+
 @pytest.mark.parametrize("bad", [{"num_prompts": 0}, {"gpu_bandwidth_tbs": 0.0},
-                                 {"input_len": "9:3"}])
+                                 {"gpu_tflops": -1.0}, {"input_len": "9:3"}])
 def test_bad_arguments_are_named(bad):
     with pytest.raises(ValueError, match="|".join(k.replace("_", "-") for k in bad)):
         host.main(args(**bad))
