@@ -6,7 +6,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, precondition
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fake_runner import FakeRunner, fake_token, run_step  # noqa: E402
+from fake_runner import AsyncDriver, FakeRunner, fake_token, run_step  # noqa: E402
 
 from pagoda.config import SchedulerConfig  # noqa: E402
 from pagoda.core.kv_cache_manager import KVCacheManager  # noqa: E402
@@ -180,13 +180,18 @@ def test_duplicate_request_id_is_refused():
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """After any sequence of add / step / abort, the invariants hold and nothing is lost."""
+    """After any sequence of add / step / abort, the invariants hold and nothing is lost:
+    every request ends once, with the tokens it asked for, or is aborted and heard of no
+    more. ``use_async``: steps as the engine takes them with async scheduling."""
+    use_async = False
 
     def __init__(self):
         super().__init__()
         self.sched, self.runner = make(num_blocks=12, block_size=2, budget=9, max_seqs=4)
+        self.driver = AsyncDriver(self.sched, self.runner) if self.use_async else None
         self.next_id = 0
         self.finished: set[str] = set()
+        self.aborted: set[str] = set()
         self.added: set[str] = set()
         self.expected_len: dict[str, int] = {}
         self.got: dict[str, int] = {}
@@ -202,36 +207,56 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(n=st.integers(1, 4))
     def step(self, n):
         for _ in range(n):
-            for out in run_step(self.sched, self.runner):
-                self.got[out.request_id] = self.got.get(out.request_id, 0) + len(out.new_token_ids)
-                if out.finish_reason:
-                    assert out.request_id not in self.finished, "finished twice"
-                    self.finished.add(out.request_id)
-                    if out.finish_detail is None:
-                        assert self.got[out.request_id] == self.expected_len[out.request_id]
+            self._take(self._one_step())
+
+    def _one_step(self) -> list:
+        return self.driver.step() if self.driver else run_step(self.sched, self.runner)
+
+    def _take(self, outs):
+        for out in outs:
+            assert out.request_id not in self.aborted, "output after the abort"
+            self.got[out.request_id] = self.got.get(out.request_id, 0) + len(out.new_token_ids)
+            if out.finish_reason:
+                assert out.request_id not in self.finished, "finished twice"
+                self.finished.add(out.request_id)
+                if out.finish_detail is None:
+                    assert self.got[out.request_id] == self.expected_len[out.request_id]
 
     @precondition(lambda self: self.sched.requests)
     @rule(data=st.data())
     def abort(self, data):
         rid = data.draw(st.sampled_from(sorted(self.sched.requests)))
         self.sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
-        self.finished.add(rid)
+        self.aborted.add(rid)
 
     @invariant()
     def consistent(self):
         self.sched.check_invariants()
-        # Every request either finished or is still queued / running: none is lost.
+        # Every request either ended or is still queued / running: none is lost.
         # (A request too big for the whole cache finishes at once; its output is pending.)
         pending = {o.request_id for o in self.sched._pending}
-        assert self.added == self.finished | set(self.sched.requests) | pending
+        assert self.added == self.finished | self.aborted | set(self.sched.requests) | pending
         assert len(self.sched.running) <= 4
+        for r in self.sched.requests.values():
+            assert r.num_output_placeholders in (0, 1), "a token waits on two steps"
 
     def teardown(self):
-        live = set(self.sched.requests)
-        drained = drain(self.sched, self.runner)
-        assert set(drained) >= live, "a queued request never finished"
+        for _ in range(1000):
+            busy = self.driver.busy if self.driver else (self.sched.has_unfinished_requests()
+                                                         or self.sched._pending)
+            if not busy:
+                break
+            self._take(self._one_step())
+            self.sched.check_invariants()
+        assert self.added == self.finished | self.aborted, "a queued request never finished"
         assert self.sched.kv.pool.num_free_blocks == self.sched.kv.pool.num_blocks
+
+
+class AsyncSchedulerMachine(SchedulerMachine):
+    use_async = True
 
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestAsyncSchedulerMachine = AsyncSchedulerMachine.TestCase
+TestAsyncSchedulerMachine.settings = TestSchedulerMachine.settings

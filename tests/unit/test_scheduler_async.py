@@ -1,15 +1,13 @@
 """Async scheduling at the scheduler level: step N+1 is scheduled before step N's tokens are
 taken in, its decodes running on placeholders. Whatever the workload (chunked prefill,
 preemption, prefix hits, stop tokens, aborts), every request gets the same tokens and
-finish reason as with synchronous steps, and no block leaks."""
+finish reason as with synchronous steps, and no block leaks. (The hypothesis state machine
+of tests/unit/test_scheduler.py also runs with async steps.)"""
 from __future__ import annotations
 
 import os
 import random
 import sys
-
-from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_runner import AsyncDriver, FakeRunner, fake_token, run_step  # noqa: E402
@@ -17,7 +15,7 @@ from fake_runner import AsyncDriver, FakeRunner, fake_token, run_step  # noqa: E
 from pagoda.config import SchedulerConfig  # noqa: E402
 from pagoda.core.kv_cache_manager import KVCacheManager  # noqa: E402
 from pagoda.core.scheduler import Scheduler  # noqa: E402
-from pagoda.request import Request, RequestStatus  # noqa: E402
+from pagoda.request import Request  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 
 EOS = (1,)
@@ -111,69 +109,3 @@ def test_stop_token_costs_one_dropped_step():
     assert got == [fake_token("a", 3), stop]
     assert runner.tokens_computed == 3 + 2      # the decode after the stop was computed, dropped
     assert sched.kv.pool.num_free_blocks == 64
-
-
-class AsyncSchedulerMachine(RuleBasedStateMachine):
-    """Any interleaving of add / async step / abort keeps the invariants, ends every
-    request once with the tokens it asked for, and leaks no block."""
-
-    def __init__(self):
-        super().__init__()
-        self.sched, self.runner = make(num_blocks=12, block_size=2, budget=9, max_seqs=4)
-        self.driver = AsyncDriver(self.sched, self.runner)
-        self.next_id = 0
-        self.finished: set[str] = set()
-        self.aborted: set[str] = set()
-        self.expected_len: dict[str, int] = {}
-        self.got: dict[str, int] = {}
-
-    @rule(prompt_len=st.integers(1, 30), max_tokens=st.integers(1, 8))
-    def add(self, prompt_len, max_tokens):
-        rid = f"q{self.next_id}"
-        self.next_id += 1
-        p = SamplingParams(temperature=0, max_tokens=max_tokens)
-        self.sched.add_request(Request(rid, [200 + i % 7 for i in range(prompt_len)], p, EOS,
-                                       max_tokens))
-        self.expected_len[rid] = max_tokens
-
-    @rule(n=st.integers(1, 4))
-    def step(self, n):
-        for _ in range(n):
-            self._take(self.driver.step())
-
-    def _take(self, outs):
-        for out in outs:
-            assert out.request_id not in self.aborted, "output after the abort"
-            self.got[out.request_id] = self.got.get(out.request_id, 0) + len(out.new_token_ids)
-            if out.finish_reason:
-                assert out.request_id not in self.finished, "finished twice"
-                self.finished.add(out.request_id)
-                if out.finish_detail is None:
-                    assert self.got[out.request_id] == self.expected_len[out.request_id]
-
-    @precondition(lambda self: self.sched.requests)
-    @rule(data=st.data())
-    def abort(self, data):
-        rid = data.draw(st.sampled_from(sorted(self.sched.requests)))
-        self.sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
-        self.aborted.add(rid)
-
-    @invariant()
-    def consistent(self):
-        self.sched.check_invariants()
-        for r in self.sched.requests.values():
-            assert r.num_output_placeholders in (0, 1), "a token waits on two steps"
-
-    def teardown(self):
-        for _ in range(1000):
-            if not self.driver.busy:
-                break
-            self._take(self.driver.step())
-        assert not self.driver.busy
-        assert set(self.expected_len) == self.finished | self.aborted
-        assert self.sched.kv.pool.num_free_blocks == self.sched.kv.pool.num_blocks
-
-
-TestAsyncSchedulerMachine = AsyncSchedulerMachine.TestCase
-TestAsyncSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=30,
-                                              deadline=None)
