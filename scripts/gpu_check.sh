@@ -136,7 +136,7 @@ done
 echo "(rc 124/137: hit its time limit)"
 echo
 echo "--- headline numbers (bench) ---"
-grep -E "output tokens/s|total tokens/s|median step ms|fraction of bandwidth|pagoda / HF|== " \
+grep -E "output tokens/s|total tokens/s|median step ms|fraction of bandwidth|pagoda / HF|scheduling|== " \
   "$OUT/bench.log" 2>/dev/null || echo "(no numbers in $OUT/bench.log)"
 echo "--- synchronous steps (--no-async-scheduling) ---"
 grep -E "output tokens/s|fraction of bandwidth" "$OUT/sync.log" 2>/dev/null \

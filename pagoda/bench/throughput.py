@@ -461,6 +461,8 @@ def main(ns: argparse.Namespace) -> int:
     print_run(f"pagoda ({engine.model_name}, {dtype_name(dtype)})", result)
     print(row("peak RSS MiB", result["peak_rss_mib"]))
     print(row("load average after", result["load_average_after"]))
+    print(row("scheduling", "async (one step ahead)" if engine.async_scheduling
+              else "synchronous steps"))
     batch1: Optional[dict] = None
     if on_gpu:
         result["decode"] = decode
@@ -478,7 +480,8 @@ def main(ns: argparse.Namespace) -> int:
               "matmul": limits, "limit_flops_per_s": limit, "pagoda": result, "hf": None,
               "batch1_decode": batch1,
               "attention_backend": _backend_name(engine.device),
-              "cuda_graph_sizes": getattr(engine.runner, "cuda_graph_sizes", [])}
+              "cuda_graph_sizes": getattr(engine.runner, "cuda_graph_sizes", []),
+              "async_scheduling": engine.async_scheduling}
 
     if ns.compare == "hf":
         pad_id = _pad_id(llm.tokenizer, arch)

@@ -68,6 +68,7 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
         assert key in report
     assert report["dtype"] == "float32"
     assert report["hf"] is None
+    assert report["async_scheduling"] is False            # the CPU default
     expected = sum(make_workload(4, (8, 16), (4, 8), 384, seed=0).output_lens)
     assert report["workload"]["output_tokens"] == expected
     result = report["pagoda"]
