@@ -85,12 +85,14 @@ def test_fp32_chunked_prefill_and_mixed_batches_match(case):
 
 
 def test_async_seeded_sampling_matches_sync():
-    """Seeded sampling, filters and penalties: the same tokens one step ahead or not."""
+    """Seeded sampling, filters and penalties: the same tokens one step ahead or not. (Every
+    request ends by length, so both modes run the same batches: GEMMs of other shapes could
+    move a logit by an ulp.)"""
     rng = random.Random(5)
     prompts = [[rng.randrange(10, 500) for _ in range(n)] for n in (5, 40, 90, 7)]
     params = [SAMPLED, SamplingParams(temperature=0.9, seed=3, max_tokens=20, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=15, ignore_eos=True),
-              SamplingParams(temperature=0.7, top_p=0.8, seed=4, n=2, max_tokens=9,
+              SamplingParams(temperature=0.7, top_p=0.8, seed=4, max_tokens=9,
                              ignore_eos=True)]
     got = []
     for async_scheduling in (False, True):
