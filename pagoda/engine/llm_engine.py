@@ -298,14 +298,10 @@ class LLMEngine:
         if not self.async_scheduling:
             return self.scheduler.update_from_output(sched, self.runner.execute_model(sched)), False
         previous, self._in_flight = self._in_flight, None
-        # Penalties need a request's last token on the host before its next step launches.
-        read_first = previous is not None and self.runner.needs_host_tokens(sched)
-        outs = self._read(previous) if read_first else []
         handle = self.runner.launch(sched)
         if not sched.is_empty:
             self._in_flight = (sched, handle)
-        if previous is not None and not read_first:
-            outs = self._read(previous)
+        outs = self._read(previous) if previous is not None else []
         return outs, previous is not None
 
     def _read(self, launched: tuple[SchedulerOutput, StepHandle]) -> list[EngineCoreOutput]:

@@ -36,8 +36,8 @@ from pagoda.sampling import SamplingParams
 from pagoda.worker.cuda_graph import DecodeGraphs
 from pagoda.worker.host_buffer import IntPart, pack_ints, to_device
 from pagoda.worker.kv_cache import allocate_kv_cache
-from pagoda.worker.sampler import (SamplingRow, greedy_from_hidden, has_penalty,
-                                   prompt_token_logprobs, sample_tokens, token_logprobs)
+from pagoda.worker.sampler import (SamplingRow, greedy_from_hidden, prompt_token_logprobs,
+                                   sample_tokens, token_logprobs)
 
 logger = logging.getLogger(__name__)
 
@@ -186,16 +186,6 @@ class ModelRunner:
                 if lp is not None:
                     output.logprobs[rid] = lp
         return output
-
-    def needs_host_tokens(self, sched: SchedulerOutput) -> bool:
-        """Whether a request of this step samples from its whole history on the host
-        (penalties) while its last token is still in flight: then the step in flight must
-        be collected before this one is launched."""
-        for rid in sched.num_scheduled_tokens:
-            state = self.states.get(rid)
-            if state is not None and state.num_pending and has_penalty(state.params):
-                return True
-        return False
 
     def _graph_fits(self, host: HostInputs) -> bool:
         return (self.graphs is not None and not host.chunks
@@ -368,10 +358,14 @@ class ModelRunner:
             handle.ready = torch.cuda.Event()
             handle.ready.record()
 
-    @staticmethod
-    def _sampling_row(state: CachedRequestState) -> SamplingRow:
+    def _sampling_row(self, state: CachedRequestState) -> SamplingRow:
+        """Penalties count a token still in flight from its slot in the last step's samples
+        (a view: nothing is copied or waited for)."""
+        pending = None
+        if state.num_pending:
+            pending = self._last_tokens[state.sampled_row:state.sampled_row + 1]   # (1,)
         return SamplingRow(state.params, state.token_ids, state.num_prompt_tokens,
-                           state.stop_ids, state.seed_offset, state.num_pending)
+                           state.stop_ids, state.seed_offset, pending)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: dict[str, tuple[int, int, int]],
                          output: ModelRunnerOutput) -> None:

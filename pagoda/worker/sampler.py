@@ -27,11 +27,14 @@ class SamplingRow:
     num_prompt_tokens: int
     stop_ids_for_min_tokens: list[int]  # EOS + stop_token_ids, masked until min_tokens
     seed_offset: int = 0
-    num_pending: int = 0          # sampled by a step in flight: counted, not in token_ids
+    # The last output token when a step in flight samples it (async scheduling): (1,) on the
+    # device, not yet in token_ids.
+    pending_token: Optional[torch.Tensor] = None
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) + self.num_pending - self.num_prompt_tokens
+        pending = 0 if self.pending_token is None else 1
+        return len(self.token_ids) + pending - self.num_prompt_tokens
 
 
 def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
@@ -81,12 +84,12 @@ def _plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing that needs the logits themselves (logprobs, penalties, a masked
     stop token): the argmax alone decides."""
     p = row.params
-    return (p.greedy and p.logprobs is None and not has_penalty(p)
+    return (p.greedy and p.logprobs is None and not _has_penalty(p)
             and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens))
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    penalized = [i for i, r in enumerate(rows) if has_penalty(r.params)]
+    penalized = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
     if not penalized:
         return logits
     logits = logits.clone()
@@ -97,6 +100,9 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         tokens = to_device([t for t in ids if t < vocab], torch.int64, logits.device)
         outputs = to_device([t for t in ids[rows[i].num_prompt_tokens:] if t < vocab],
                              torch.int64, logits.device)
+        if rows[i].pending_token is not None:     # sampled, so < vocab; still on the device
+            tokens = torch.cat([tokens, rows[i].pending_token])
+            outputs = torch.cat([outputs, rows[i].pending_token])
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
             seen[tokens] = True
@@ -110,7 +116,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     return logits
 
 
-def has_penalty(p: SamplingParams) -> bool:
+def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 

@@ -314,6 +314,23 @@ def test_penalty_values_exact():
     torch.testing.assert_close(out, torch.tensor([[4.5, -1.0, 2.0, 3.0, 1.0]]))
 
 
+@pytest.mark.parametrize("pending", [9, 7, 2], ids=["new-token", "repeated-output",
+                                                    "prompt-token"])
+def test_penalties_count_a_token_still_in_flight(pending):
+    """Async scheduling: the last output token may exist only on the device (the step that
+    sampled it is in flight). Penalties must come out as if it were in the history."""
+    p = SamplingParams(temperature=0.0, repetition_penalty=1.7, presence_penalty=0.4,
+                       frequency_penalty=0.3)
+    logits = torch.randn(1, 12, generator=torch.Generator().manual_seed(pending))
+    history = [1, 2, 3, 7, 7]                   # prompt 1 2 3, outputs 7 7
+    known = SamplingRow(p, history + [pending], 3, [])
+    in_flight = SamplingRow(p, list(history), 3, [], pending_token=torch.tensor([pending]))
+    assert in_flight.num_output_tokens == known.num_output_tokens == 3
+    assert torch.equal(_apply_penalties(logits, [in_flight]), _apply_penalties(logits, [known]))
+    assert not torch.equal(_apply_penalties(logits, [SamplingRow(p, list(history), 3, [])]),
+                           _apply_penalties(logits, [known]))
+
+
 def test_presence_and_frequency_change_greedy_choice():
     logits = [1.0, 0.6, 0.2]
     outs = [0]  # token 0 generated once, prompt [2]
