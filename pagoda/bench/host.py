@@ -186,7 +186,7 @@ class SimulatedDevice:
     """A stand-in for the GPU's time. Each launched step keeps a virtual device busy for its
     floor: the weights and the batch's KV read at the bandwidth, or its matmul FLOPs at the
     peak, whichever is longer; a step starts when the host launches it or when the step
-    before it ends, whichever is later. Reading a step's tokens sleeps until it is done, as
+    before it ends, whichever is later. Reading a step's tokens waits until it is done, as
     waiting on the real device would. So the host overlaps the device exactly as far as the
     engine lets it."""
 
