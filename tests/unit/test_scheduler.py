@@ -17,8 +17,9 @@ from pagoda.sampling import SamplingParams  # noqa: E402
 EOS = (1,)
 
 
-def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, chunked=True, max_len=512):
-    kv = KVCacheManager(num_blocks, block_size)
+def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, chunked=True, max_len=512,
+         caching=False):
+    kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=caching, model_key="m")
     sched = Scheduler(SchedulerConfig(budget, max_seqs, max_len, chunked), kv)
     return sched, FakeRunner(sched)
 
@@ -182,12 +183,16 @@ def test_duplicate_request_id_is_refused():
 class SchedulerMachine(RuleBasedStateMachine):
     """After any sequence of add / step / abort, the invariants hold and nothing is lost:
     every request ends once, with the tokens it asked for, or is aborted and heard of no
-    more. ``use_async``: steps as the engine takes them with async scheduling."""
+    more. ``use_async``: steps as the engine takes them with async scheduling; ``caching``:
+    with prefix caching (the prompts share prefixes, and the fake runner checks every hit's
+    KV)."""
     use_async = False
+    caching = False
 
     def __init__(self):
         super().__init__()
-        self.sched, self.runner = make(num_blocks=12, block_size=2, budget=9, max_seqs=4)
+        self.sched, self.runner = make(num_blocks=12, block_size=2, budget=9, max_seqs=4,
+                                       caching=self.caching)
         self.driver = AsyncDriver(self.sched, self.runner) if self.use_async else None
         self.next_id = 0
         self.finished: set[str] = set()
@@ -256,7 +261,14 @@ class AsyncSchedulerMachine(SchedulerMachine):
     use_async = True
 
 
+class AsyncCachingSchedulerMachine(SchedulerMachine):
+    use_async = True
+    caching = True
+
+
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 TestAsyncSchedulerMachine = AsyncSchedulerMachine.TestCase
 TestAsyncSchedulerMachine.settings = TestSchedulerMachine.settings
+TestAsyncCachingSchedulerMachine = AsyncCachingSchedulerMachine.TestCase
+TestAsyncCachingSchedulerMachine.settings = TestSchedulerMachine.settings
