@@ -42,7 +42,7 @@ def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
     """Tokens straight from the final hidden states (S, E) and the output projection (V, E)
     when every row is plain greedy on the CPU bf16 path: ``weight @ hidden.T`` and a column
     argmax (see ``cpu_fused.greedy_tokens``), never building the (S, V) logits. None where
-    the general path (``compute_logits`` then :func:`sample`) must run."""
+    the general path (``compute_logits`` then :func:`sample_tokens`) must run."""
     if not (cpu_fused.enabled(hidden) and all(_plain_greedy(r) for r in rows)):
         return None
     return cpu_fused.greedy_tokens(hidden, weight)
