@@ -287,18 +287,26 @@ def print_report(ns: argparse.Namespace, r: dict) -> None:
         print(row("decode tok/s, host + floor", r["decode_tokens_per_s_host_plus_floor"]))
 
 
-def simulated_run(ns: argparse.Namespace, arch: Any, max_model_len: int, prompts: list,
-                  params: list, use_async: bool) -> dict:
-    """The workload on the null engine with a simulated device; elapsed and device busy."""
-    llm = null_engine_llm(ns, max_model_len, async_scheduling=use_async)
+def timed_generate(llm: Any, prompts: list, params: list[SamplingParams],
+                   instrument: Callable[[], None]) -> float:
+    """Warm up, then ``instrument`` the engine and time the workload; checks every output
+    and returns the elapsed seconds."""
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)                                       # warm-up
-    device = SimulatedDevice(llm.engine.runner, arch, ns.gpu_bandwidth_tbs, ns.gpu_tflops)
-    device.install()
+                 use_tqdm=False)
+    instrument()
     start = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     check_outputs(results, [p.max_tokens for p in params])
+    return elapsed
+
+
+def simulated_run(ns: argparse.Namespace, arch: Any, max_model_len: int, prompts: list,
+                  params: list, use_async: bool) -> dict:
+    """The workload on the null engine with a simulated device; elapsed and device busy."""
+    llm = null_engine_llm(ns, max_model_len, async_scheduling=use_async)
+    device = SimulatedDevice(llm.engine.runner, arch, ns.gpu_bandwidth_tbs, ns.gpu_tflops)
+    elapsed = timed_generate(llm, prompts, params, device.install)
     output_tokens = sum(p.max_tokens for p in params)
     return {"async_scheduling": use_async, "elapsed_s": elapsed,
             "device_busy_s": device.busy_s, "device_busy_fraction": device.busy_s / elapsed,
@@ -328,26 +336,20 @@ def main(ns: argparse.Namespace) -> int:
     if not ns.gpu_tflops > 0:
         raise ValueError("--gpu-tflops must be > 0")
     arch = preset_arch(ns.model_preset)
-    llm = null_engine_llm(ns, max_model_len=input_len[1] + output_len[1])
+    max_model_len = input_len[1] + output_len[1]
+    llm = null_engine_llm(ns, max_model_len)
     rng = random.Random(ns.data_seed)
     lo, hi = token_id_range(llm.engine.arch.vocab_size)
     prompts = [[rng.randrange(lo, hi) for _ in range(rng.randint(*input_len))]
                for _ in range(ns.num_prompts)]
     outs = [rng.randint(*output_len) for _ in range(ns.num_prompts)]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outs]
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)                                       # warm-up
     timer = StepTimer(llm.engine)
-    timer.install()
-    start = time.perf_counter()
-    results = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    check_outputs(results, outs)
+    elapsed = timed_generate(llm, prompts, params, timer.install)
     report = summarize(timer.steps, sum(outs), elapsed, arch, ns.gpu_bandwidth_tbs)
     print_report(ns, report)
     simulated = []
     if ns.simulate_device:
-        max_model_len = input_len[1] + output_len[1]
         simulated = [simulated_run(ns, arch, max_model_len, prompts, params, use_async)
                      for use_async in (False, True)]
         print_simulated(ns, simulated)

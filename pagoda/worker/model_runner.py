@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from functools import partial
+from typing import Optional
 
 import torch
 
@@ -152,12 +153,12 @@ class ModelRunner:
         if self._graph_fits(host):
             hidden = self.graphs.run(host.input_ids, host.positions, host.slots,
                                      host.decode_seq_lens, host.decode_tables,
-                                     fill=self._placeholder_filler(host))          # (B, E)
+                                     fill=partial(self._fill_placeholders, host))  # (B, E)
             if host.samplers and len(host.logits_indices) != len(host.input_ids):
                 logits_index = to_device(host.logits_indices, torch.int64, self.device)
         else:
             batch = self._cuda_batch(host) if self.is_cuda else self._cpu_batch(host)
-            self._placeholder_filler(host)(batch.input_ids)
+            self._fill_placeholders(host, batch.input_ids)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
             logits_index = batch.logits_index_tensor
         handle = StepHandle()
@@ -260,17 +261,15 @@ class ModelRunner:
             host.prompt_rows[rid] = (row, start,
                                      min(start + n, state.num_prompt_tokens - 1) - start)
 
-    def _placeholder_filler(self, host: HostInputs) -> Callable[[torch.Tensor], None]:
-        """Writes into a step's input ids (T,) the tokens its placeholder rows take from
-        the last launched step's samples, on the device (queued after that step)."""
-        def fill(input_ids: torch.Tensor) -> None:
-            if not host.placeholder_rows:
-                return
-            assert self._last_tokens is not None, "a placeholder without a step in flight"
-            rows = to_device(host.placeholder_rows, torch.int64, self.device)
-            sources = to_device(host.placeholder_sources, torch.int64, self.device)
-            input_ids.index_copy_(0, rows, self._last_tokens.index_select(0, sources))
-        return fill
+    def _fill_placeholders(self, host: HostInputs, input_ids: torch.Tensor) -> None:
+        """Write into a step's input ids (T,) the tokens its placeholder rows take from the
+        last launched step's samples, on the device (queued after that step)."""
+        if not host.placeholder_rows:
+            return
+        assert self._last_tokens is not None, "a placeholder without a step in flight"
+        rows = to_device(host.placeholder_rows, torch.int64, self.device)
+        sources = to_device(host.placeholder_sources, torch.int64, self.device)
+        input_ids.index_copy_(0, rows, self._last_tokens.index_select(0, sources))
 
     def _cpu_batch(self, host: HostInputs) -> StepBatch:
         chunks = [PrefillChunk(row, n, ctx, self._tensor(blocks))
