@@ -16,28 +16,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from pagoda.attention import cpu_attention, torch_ref
-from pagoda.attention.metadata import (AttentionMetadata, PackedPrefills,  # noqa: F401
-                                       pack_prefills)
+from pagoda.attention.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKEND_ENV = cpu_attention.ATTENTION_BACKEND_ENV  # "torch": the reference everywhere
-
-
-@dataclass
-class DeviceAttentionMetadata(AttentionMetadata):
-    """What the model runner builds for the fast kernels: the reference's metadata plus the
-    packed prefills (built once per step with the rest, so no per-layer packing; the Triton
-    kernels on CUDA, the AMX kernel on CPU) and, in a CUDA graph, the fixed flash-decoding
-    split count the graph was captured with."""
-    packed_prefills: Optional[PackedPrefills] = None
-    decode_num_splits: Optional[int] = None
 
 
 @functools.lru_cache(maxsize=None)

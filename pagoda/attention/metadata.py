@@ -48,6 +48,16 @@ class PackedPrefills:
     max_query_len: int
 
 
+@dataclass
+class DeviceAttentionMetadata(AttentionMetadata):
+    """What the model runner builds for the fast kernels: the reference's metadata plus the
+    packed prefills (built once per step with the rest, so no per-layer packing; the Triton
+    kernels on CUDA, the AMX kernel on CPU) and, in a CUDA graph, the fixed flash-decoding
+    split count the graph was captured with."""
+    packed_prefills: Optional[PackedPrefills] = None
+    decode_num_splits: Optional[int] = None
+
+
 def pack_prefills(meta: AttentionMetadata, device: torch.device) -> Optional[PackedPrefills]:
     """Pack ``meta.prefills`` into tensors on ``device`` (None without prefill chunks)."""
     chunks = meta.prefills

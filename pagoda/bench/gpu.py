@@ -62,6 +62,11 @@ def kv_bytes_per_token(arch: Any, dtype: torch.dtype) -> int:
     return arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * elem
 
 
+def decode_step_bytes(arch: Any, dtype: torch.dtype, context_tokens: int) -> int:
+    """The least a decode step moves: the weights once, and the batch's whole KV."""
+    return weight_bytes_per_step(arch, dtype) + context_tokens * kv_bytes_per_token(arch, dtype)
+
+
 @dataclass
 class DecodeStep:
     batch: int
@@ -124,8 +129,9 @@ def summarize(steps: list[DecodeStep], arch: Any, dtype: torch.dtype,
         return {"decode_steps": 0}
     weights = weight_bytes_per_step(arch, dtype)
     per_token = kv_bytes_per_token(arch, dtype)
-    rates = [(weights + s.context_tokens * per_token) / s.seconds for s in steps]
-    total_bytes = sum(weights + s.context_tokens * per_token for s in steps)
+    moved = [decode_step_bytes(arch, dtype, s.context_tokens) for s in steps]
+    rates = [b / s.seconds for b, s in zip(moved, steps)]
+    total_bytes = sum(moved)
     total_s = sum(s.seconds for s in steps)
     out = {"decode_steps": len(steps),
            "median_batch": statistics.median(s.batch for s in steps),

@@ -191,9 +191,8 @@ class SimulatedDevice:
     engine lets it."""
 
     def __init__(self, runner: Any, arch: Any, bandwidth_tbs: float, tflops: float) -> None:
-        self.runner = runner
+        self.runner, self.arch = runner, arch
         self.weight_bytes = gpu.weight_bytes_per_step(arch, torch.bfloat16)
-        self.kv_per_token = gpu.kv_bytes_per_token(arch, torch.bfloat16)
         self.bytes_per_s = bandwidth_tbs * gpu.TB
         self.flops_per_s = tflops * 1e12
         self.free_at = 0.0            # when the virtual device finishes its queue
@@ -228,8 +227,8 @@ class SimulatedDevice:
             pass
 
     def step_seconds(self, sched: SchedulerOutput) -> float:
-        context = gpu.context_tokens(sched)
-        read = (self.weight_bytes + context * self.kv_per_token) / self.bytes_per_s
+        moved = gpu.decode_step_bytes(self.arch, torch.bfloat16, gpu.context_tokens(sched))
+        read = moved / self.bytes_per_s
         compute = self.weight_bytes * sched.total_num_scheduled_tokens / self.flops_per_s
         return max(read, compute)     # bf16: 2 bytes a weight, 2 FLOPs a weight and token
 
@@ -237,10 +236,8 @@ class SimulatedDevice:
 def summarize(steps: list[StepRecord], output_tokens: int, elapsed: float, arch: Any,
               bandwidth_tbs: float) -> dict:
     decode_only = [s for s in steps if s.decodes and not s.prefill_tokens and s.seconds > 0]
-    weights = gpu.weight_bytes_per_step(arch, torch.bfloat16)
-    per_token = gpu.kv_bytes_per_token(arch, torch.bfloat16)
-    floor = [(weights + s.context_tokens * per_token) / (bandwidth_tbs * gpu.TB)
-             for s in decode_only]
+    floor = [gpu.decode_step_bytes(arch, torch.bfloat16, s.context_tokens)
+             / (bandwidth_tbs * gpu.TB) for s in decode_only]
     host_decode = sum(s.seconds for s in decode_only)
     decode_tokens = sum(s.decodes for s in decode_only)
     buckets = {}

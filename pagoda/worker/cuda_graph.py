@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pagoda.attention.backend import DeviceAttentionMetadata
+from pagoda.attention.metadata import DeviceAttentionMetadata
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.worker.host_buffer import pack_ints
 

@@ -27,9 +27,8 @@ from typing import Optional
 import torch
 
 from pagoda.attention import backend, cpu_attention
-from pagoda.attention.backend import DeviceAttentionMetadata
-from pagoda.attention.metadata import (AttentionMetadata, PackedPrefills, PrefillChunk,
-                                       pack_prefills)
+from pagoda.attention.metadata import (AttentionMetadata, DeviceAttentionMetadata,
+                                       PackedPrefills, PrefillChunk, pack_prefills)
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagoda.models.llama import LlamaForCausalLM
@@ -267,9 +266,10 @@ class ModelRunner:
         if not host.placeholder_rows:
             return
         assert self._last_tokens is not None, "a placeholder without a step in flight"
-        rows = to_device(host.placeholder_rows, torch.int64, self.device)
-        sources = to_device(host.placeholder_sources, torch.int64, self.device)
-        input_ids.index_copy_(0, rows, self._last_tokens.index_select(0, sources))
+        n = len(host.placeholder_rows)
+        idx = to_device(host.placeholder_rows + host.placeholder_sources, torch.int64,
+                        self.device)                                   # (2n,): one copy
+        input_ids.index_copy_(0, idx[:n], self._last_tokens.index_select(0, idx[n:]))
 
     def _cpu_batch(self, host: HostInputs) -> StepBatch:
         chunks = [PrefillChunk(row, n, ctx, self._tensor(blocks))

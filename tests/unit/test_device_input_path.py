@@ -26,7 +26,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import pagoda.models.llama as llama  # noqa: E402
 from pagoda.attention import triton_attention  # noqa: E402
-from pagoda.attention.backend import DeviceAttentionMetadata  # noqa: E402
+from pagoda.attention.metadata import DeviceAttentionMetadata  # noqa: E402
 from pagoda.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
 from pagoda.models.loader import load_model  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
