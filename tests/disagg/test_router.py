@@ -215,12 +215,33 @@ def test_a_lease_nobody_pulls_expires(cluster, tmp_path_factory):
         prefill.stop()
 
 
+# A prompt that keeps a prefill instance with a tiny token budget busy for many steps.
+HELD_PROMPT = " ".join(f"w{i}" for i in range(160))
+
+
+def wait_running(url: str, timeout_s: float = 30.0) -> None:
+    """Until the instance has a request in its engine (here: a prefill under way)."""
+    deadline = time.monotonic() + timeout_s
+    while metric_values(url)["pagoda:num_requests_running"] < 1:
+        assert time.monotonic() < deadline, "the prefill never started"
+        time.sleep(0.01)
+
+
 def test_killing_the_prefill_instance_mid_run(cluster, colocated, tmp_path_factory):
+    """The prefill instance dies while it computes a prompt (held there by a budget of 8
+    tokens a step): that request still gets exactly the colocated text, through the
+    decode instance, and everything after it too."""
     import concurrent.futures
 
+    from pagoda import LLM, SamplingParams
+
     model, _, decode, _ = cluster
+    held_ref = LLM(model, dtype="float32", block_size=16).generate(
+        HELD_PROMPT, SamplingParams(temperature=0.0, max_tokens=12))[0]
+    assert len(held_ref.prompt_token_ids) > 400       # over 50 steps of 8 tokens
     logs = tmp_path_factory.mktemp("kill")
-    victim = start_server(model, logs, "--kv-role", "prefill", *KV_ARGS)
+    victim = start_server(model, logs, "--kv-role", "prefill", *KV_ARGS,
+                          "--max-num-batched-tokens", "8")
     router, url = start_router([victim.url], [decode.url], logs, "--health-interval", "0.5")
     name = model_id(url)
 
@@ -234,19 +255,18 @@ def test_killing_the_prefill_instance_mid_run(cluster, colocated, tmp_path_facto
         return r.json()["choices"][0]["text"] if r.status_code == 200 else f"{r.status_code}"
 
     try:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(ask, PROMPTS[i % len(PROMPTS)]) for i in range(16)]
-            time.sleep(0.3)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(ask, HELD_PROMPT)
+            wait_running(victim.url)
             victim.proc.kill()
-            results = [f.result(timeout=90) for f in futures]
-        # Each finished through the fallback (same text) or failed with an error status.
-        for i, text in enumerate(results):
-            assert text == colocated[PROMPTS[i % len(PROMPTS)]] or text.isdigit(), text
-        assert sum(text == colocated[PROMPTS[i % len(PROMPTS)]]
-                   for i, text in enumerate(results)) >= 1
+            assert held.result(timeout=90) == held_ref.text
+        m = metric_values(url)
+        assert m["pagoda_router_prefill_retries_total"] == 1     # the failed prefill
+        assert m["pagoda_router_colocated_fallbacks_total"] == 1  # then run on decode
         # Afterwards the router sends everything to the decode instance, which is healthy
         # and holds no block.
-        assert ask(PROMPTS[0]) == colocated[PROMPTS[0]]
+        for prompt in PROMPTS:
+            assert ask(prompt) == colocated[prompt]
         assert httpx.get(decode.url + "/health").status_code == 200
         wait_idle_with_all_blocks_free(decode.url)
     finally:

@@ -214,7 +214,14 @@ def test_cli_chat_and_errors(tiny, capsys):
     rc = cli.main(["generate", "--model", tiny, "--prompt", "hi", "--chat", "--max-tokens", "3",
                    "--dtype", "float32", "--temperature", "0.7", "--sample-seed", "4"])
     assert rc == 0
-    capsys.readouterr()
+    captured = capsys.readouterr()
+    # The CLI's answer is the chat answer of the API with the same sampling.
+    expected = LLM(tiny, dtype="float32").chat(
+        [{"role": "user", "content": "hi"}],
+        SamplingParams(temperature=0.7, seed=4, max_tokens=3))[0]
+    assert captured.out == expected.text + "\n"
+    assert f"{len(expected.token_ids)} tokens" in captured.err
+    assert f"finish_reason={expected.finish_reason}" in captured.err
     rc = cli.main(["generate", "--model", tiny + "-missing", "--prompt", "hi", "--dtype",
                    "float32"])
     assert rc == 2

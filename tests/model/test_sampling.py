@@ -415,7 +415,8 @@ def clean_substring(text, length=2, min_start=3):
         s = text[i:i + length]
         if "\ufffd" not in s and text.find(s) == i:
             return i, s
-    pytest.skip("no usable substring in the greedy text")
+    # The model, prompt and greedy run are fixed: no such substring means they changed.
+    pytest.fail(f"no usable substring of length {length} from {min_start} in {text!r}")
 
 
 def test_stop_strings(llm, greedy_ref):
@@ -503,10 +504,23 @@ def test_stop_string_on_last_token_reports_stop(llm, greedy_ref, tiny):
 
 
 def test_min_tokens_holds_back_stop_strings(llm, greedy_ref):
+    """A stop string cannot end the first min_tokens outputs: a match must end after their
+    text; the first such match ends the output, as without min_tokens."""
     ids, text = greedy_ref
+    min_tokens = 25
     i, s = clean_substring(text, min_start=1)
-    out = llm.generate(TARGET, greedy(30, stop=[s], min_tokens=25))[0]
-    assert len(out.token_ids) >= 25
+    plain = llm.generate(TARGET, greedy(30, stop=[s]))[0]
+    assert plain.text == text[:i] and len(plain.token_ids) < min_tokens   # it would stop early
+    out = llm.generate(TARGET, greedy(30, stop=[s], min_tokens=min_tokens))[0]
+    held = len(llm.tokenizer.decode(ids[:min_tokens]).rstrip("\ufffd"))
+    later = text.find(s, max(0, held - len(s) + 1))       # the first match ending past it
+    assert len(out.token_ids) >= min_tokens and out.token_ids == ids[:len(out.token_ids)]
+    if later < 0:
+        assert out.text == text and out.finish_reason == "length"
+    else:
+        assert out.text == text[:later]
+        assert out.finish_reason == "stop" and out.outputs[0].stop_reason == s
+    assert_clean(llm)
 
 
 def test_stop_token_text_not_in_output(llm, greedy_ref):

@@ -68,6 +68,14 @@ def test_bench_serve_against_the_server(server, tmp_path) -> None:
     assert report["total_output_tokens"] == 30
     assert report["goodput"] > 0
     assert report["itl_ms"]["p99"] >= report["itl_ms"]["p50"] > 0
+    chat_out = tmp_path / "chat.json"
     chat = bench.main(_ns("--base-url", server.url, "--endpoint", "chat", "--num-prompts", "2",
-                          "--output-len", "3", "--range-ratio", "0"))
+                          "--output-len", "3", "--range-ratio", "0", "--json", str(chat_out)))
     assert chat == 0
+    chat_report = json.loads(chat_out.read_text())
+    assert chat_report["args"]["endpoint"] == "chat"
+    results = chat_report["results"]
+    assert results["completed"] == 2 and results["failed"] == 0
+    assert results["total_output_tokens"] == 6
+    assert all(r["ok"] and r["output_tokens"] == 3 and r["ttft"] > 0
+               for r in chat_report["requests"])

@@ -3,6 +3,7 @@ their tokens, and afterwards nothing runs or waits and every KV block is free ag
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 from server_utils import metric_values, wait_until_idle
@@ -69,7 +70,10 @@ def test_non_streaming_disconnect_aborts(server, model_name: str) -> None:
     async def give_up() -> None:
         async with httpx.AsyncClient(base_url=server.url) as c:
             task = asyncio.ensure_future(c.post("/v1/completions", json=body, timeout=60))
+            deadline = time.monotonic() + 30
             while metric_values(server.url)["pagoda:num_requests_running"] == 0:
+                assert not task.done(), "the request ended before it was seen running"
+                assert time.monotonic() < deadline, "the request never started running"
                 await asyncio.sleep(0.02)
             task.cancel()
             try:

@@ -113,6 +113,12 @@ def test_n_streaming_chat_has_every_index(client, model_name: str) -> None:
                 finished.add(choice.index)
     assert finished == {0, 1}
     assert usage.completion_tokens == 16
+    # Each index streams its own completion: the same texts as the non-streaming call with
+    # the same seed gives per index.
+    whole = client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=8, n=2,
+        temperature=0.8, seed=3, extra_body=IGNORE_EOS)
+    assert texts == {c.index: c.message.content for c in whole.choices}
 
 
 def test_stop_string_ends_text(client, model_name: str) -> None:

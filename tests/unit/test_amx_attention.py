@@ -19,13 +19,10 @@ from pagoda.attention import cpu_attention, cpu_decode, torch_ref
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk, pack_prefills
 
 from kv_poison import poison_unused
+from native import cpu_flags, needs_amx, needs_ext
 
 BF16 = torch.bfloat16
-
-needs_ext = pytest.mark.skipif(not cpu_decode.available(), reason="C++ extension unavailable")
-needs_amx = pytest.mark.skipif(
-    not (cpu_decode.available() and cpu_decode.extension().amx_available()),
-    reason="no AMX on this CPU (or not allowed by the kernel)")
+pytestmark = pytest.mark.usefixtures("random_seed")
 
 
 def make_case(chunks: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
@@ -136,10 +133,12 @@ def test_amx_bad_inputs_raise_with_the_reason():
                                 case["ctx"], case["tables"], 0.125)
 
 
-@needs_amx
-def test_cpu_backend_mixed_batch_matches_the_reference_backend():
+@needs_ext
+def test_cpu_backend_mixed_batch_matches_the_reference_backend(amx):
     """A whole layer (decodes, a fresh prompt, a chunk after cached context) through the CPU
-    backend (C++ write, decode kernel, AMX prefill) equals torch_ref's on the same inputs."""
+    backend (C++ write, decode kernel, and the AMX prefill or, without it, the reference
+    prefill) equals torch_ref's on the same inputs."""
+    assert cpu_attention.use_amx(torch.device("cpu"), BF16, 64) is amx
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     bs, heads, kv_heads, dim = 16, 9, 3, 64
     num_blocks = 40
@@ -197,12 +196,12 @@ def test_kv_write_rejects_a_bad_slot_before_writing_anything():
     assert not cache.any()
 
 
-@needs_amx
-def test_head_dims_the_amx_kernel_cannot_take_go_to_the_reference():
+@needs_ext
+def test_head_dims_the_amx_kernel_cannot_take_go_to_the_reference(amx):
     """Head dim 16 (tiny test models): use_amx says no, and the CPU backend's answer still
     matches the reference."""
     cpu = torch.device("cpu")
-    assert cpu_attention.use_amx(cpu, BF16, 64) and cpu_attention.use_amx(cpu, BF16, 128)
+    assert cpu_attention.use_amx(cpu, BF16, 64) is amx and cpu_attention.use_amx(cpu, BF16, 128) is amx
     assert not cpu_attention.use_amx(cpu, BF16, 16) and not cpu_attention.use_amx(cpu, BF16, 48)
     assert not cpu_attention.use_amx(cpu, torch.float32, 64)
     case = make_case([(12, 12)], 4, 2, 16, 16)
@@ -219,14 +218,23 @@ def test_head_dims_the_amx_kernel_cannot_take_go_to_the_reference():
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
+# Instruction sets of the CPU (as /proc/cpuinfo names them) that a -march=native build must
+# have compiled for (as build_info names them).
+NATIVE_ISA = {"avx512f": "avx512f", "avx512_bf16": "avx512bf16", "amx_bf16": "amx-bf16",
+              "avx2": "avx2"}
+
+
 @needs_ext
-def test_the_native_build_is_in_use_where_the_cpu_has_amx():
-    """The extension falls back to portable flags when the -march=native build fails; on a CPU
-    with AMX that would silently drop the AVX-512 and AMX kernels (and skip their tests)."""
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-        flags = next((line for line in f if line.startswith("flags")), "").split()
-    if "amx_bf16" not in flags or "avx512f" not in flags:
-        pytest.skip("this CPU has no AMX-BF16")
+def test_the_native_build_is_in_use():
+    """The extension falls back to portable flags when the -march=native build fails; that
+    would silently drop the AVX-512 and AMX kernels (and skip their tests). On every CPU the
+    build in use covers each instruction set the CPU has, and AMX runs where the CPU has it."""
+    flags = cpu_flags()
     info = cpu_decode.build_info()
-    assert "avx512f" in info["isa"], info
-    assert cpu_decode.extension().amx_available(), info
+    assert info["available"], info
+    isa = info["isa"].split()
+    for cpu_name, build_name in NATIVE_ISA.items():
+        if cpu_name in flags:
+            assert build_name in isa, (cpu_name, info)
+    assert bool(cpu_decode.extension().amx_available()) == ("amx_bf16" in flags
+                                                            and "amx_tile" in flags), info

@@ -78,8 +78,13 @@ def test_command_prints_and_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())["host"]
     assert report["steps"] > 0 and report["decode_only_steps"] > 0
     assert report["output_tokens"] >= 6 * 4
-    assert sum(report["phase_seconds"].values()) == pytest.approx(
-        report["elapsed_s"], rel=0.5)     # the steps are the run, bar the loop around them
+    assert report["output_tokens"] <= 6 * 24
+    # The phases split the steps' time, and the steps run inside the timed run: an ordering
+    # of nested intervals, whatever the machine's speed.
+    phases = report["phase_seconds"]
+    assert set(phases) == {"schedule", "runner", "update", "outputs"}
+    assert all(sec >= 0 for sec in phases.values()), phases
+    assert 0 < sum(phases.values()) <= report["elapsed_s"] * (1 + 1e-9)
     assert report["host_over_device_floor"] > 0
 
 

@@ -24,9 +24,9 @@ from pagoda.attention.torch_ref import _decode_attention  # noqa: E402
 
 from kv_poison import poison_unused  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    not cpu_decode.available(),
-    reason=f"C++ paged-decode extension unavailable: {cpu_decode.unavailable_reason()}")
+from native import needs_ext  # noqa: E402
+
+pytestmark = [needs_ext, pytest.mark.usefixtures("random_seed")]
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 

@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagoda.attention import cpu_decode
 from pagoda.models import cpu_fused
 from pagoda.models.llama import RMSNorm, _rotate
 
-pytestmark = pytest.mark.skipif(not cpu_decode.available(), reason="C++ extension unavailable")
+from native import needs_ext
+
+pytestmark = [needs_ext, pytest.mark.usefixtures("random_seed")]
 BF16 = torch.bfloat16
 
 

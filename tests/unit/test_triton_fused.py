@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+from types import SimpleNamespace
 
 import torch
 
@@ -148,3 +149,19 @@ def test_dispatch_is_cuda_16_bit_only(monkeypatch):
     monkeypatch.undo()          # the real dispatch
     assert llama.gpu_fused(torch.zeros(2, 2)) is None                       # CPU
     assert llama.gpu_fused(torch.zeros(2, 2, dtype=torch.bfloat16)) is None
+    # The CUDA side of the choice, on any machine: the dispatch reads only a tensor's device
+    # type and dtype, so a stand-in with a CUDA device takes the branch a GPU tensor would.
+    def on_cuda(dtype: torch.dtype) -> SimpleNamespace:
+        return SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+
+    monkeypatch.delenv(cpu_fused.FUSED_ENV, raising=False)
+    llama._triton_fused_module.cache_clear()
+    try:
+        assert llama.gpu_fused(on_cuda(torch.bfloat16)) is tf
+        assert llama.gpu_fused(on_cuda(torch.float16)) is tf
+        assert llama.gpu_fused(on_cuda(torch.float32)) is None             # fp32: reference
+        monkeypatch.setenv(cpu_fused.FUSED_ENV, "0")
+        llama._triton_fused_module.cache_clear()
+        assert llama.gpu_fused(on_cuda(torch.bfloat16)) is None            # turned off
+    finally:
+        llama._triton_fused_module.cache_clear()

@@ -917,6 +917,12 @@ std::string build_info() {
 #if defined(__AVX512F__)
   s += "avx512f ";
 #endif
+#if defined(__AVX512BF16__)
+  s += "avx512bf16 ";
+#endif
+#if defined(__AMX_BF16__)
+  s += "amx-bf16 ";
+#endif
 #if defined(__AVX2__)
   s += "avx2 ";
 #endif
