@@ -4,7 +4,10 @@ It measures the machine's matmul FLOP/s, runs a fixed-seed workload of random to
 (input and output lengths uniform in ranges, greedy, ``ignore_eos``) through ``LLM.generate``,
 and reports requests/s, tokens/s, peak RSS and the fraction of the matmul limit reached. With
 ``--compare hf`` it runs the same prompts (or a prefix of them) through transformers' batched
-``generate`` in the same dtype and reports the ratio.
+``generate`` in the same dtype and reports the ratio. With ``--compare vllm`` it runs vLLM's
+CPU backend (its own venv: ``bash scripts/peers/vllm_cpu.sh``) in a child process on exactly
+the same token-id prompts, ``--rounds`` times alternating with pagoda, and reports each
+engine's output tokens/s per round, their medians and the ratio (``bench/vllm_peer.py``).
 
 On CUDA (``--device cuda``; with ``--load-format dummy --model-preset NAME`` no checkpoint is
 needed) the limit is memory bandwidth instead: the decode-only steps of the run are timed and
@@ -21,6 +24,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -28,13 +32,16 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from pagoda.bench import flops
+from pagoda.bench import flops, vllm_peer
+from pagoda.bench.vllm_peer import VllmPeer, VllmPeerError, VllmRound
 from pagoda.sampling import SamplingParams
 
 LABEL_WIDTH = 21
 TOKEN_MARGIN = 100  # keep random ids this far from both ends of the vocab (special tokens)
 WARMUP_PROMPT_LEN = 16
 WARMUP_OUTPUT_LEN = 4
+FIRST_TOKENS = 8   # output ids per request compared between pagoda and vLLM
+SETTLE_S = 2.0     # idle time before each engine's round: vLLM's worker busy-waits ~1 s
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,9 @@ class Workload:
         return Workload(self.prompts[:n], self.output_lens[:n])
 
 
+PagodaRound = tuple[float, list[list[int]]]   # (seconds, each request's first output ids)
+
+
 # ---------------------------------------------------------------------------------- arguments
 def add_args(parser: argparse.ArgumentParser) -> None:
     """The benchmark's own arguments (the CLI adds the engine's)."""
@@ -61,8 +71,17 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output-len", default="64:256",
                    help="output length: N, or LO:HI for uniform random in [LO, HI]")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the random workload")
-    g.add_argument("--compare", choices=["hf"], default=None,
-                   help="also run transformers' generate on the same prompts")
+    g.add_argument("--compare", choices=["hf", "vllm"], default=None,
+                   help="hf: also run transformers' generate on the same prompts; vllm: also "
+                        "run vLLM's CPU backend on them (its venv: bash "
+                        "scripts/peers/vllm_cpu.sh), rounds alternating with pagoda")
+    g.add_argument("--rounds", type=int, default=3,
+                   help="--compare vllm: timed rounds of each engine, alternating "
+                        "pagoda, vLLM, pagoda, ...")
+    g.add_argument("--vllm-venv", default=None, metavar="PATH",
+                   help="--compare vllm: the peer's venv (default $VLLM_VENV or .venv-vllm)")
+    g.add_argument("--vllm-enforce-eager", action="store_true",
+                   help="--compare vllm: skip vLLM's torch.compile of the model")
     g.add_argument("--hf-batch-size", type=int, default=16)
     g.add_argument("--hf-num-prompts", type=int, default=None,
                    help="run HF on the first N prompts only (default: all of them)")
@@ -102,6 +121,8 @@ def _check_counts(ns: argparse.Namespace) -> None:
     if n is not None and not 1 <= n <= ns.num_prompts:
         raise ValueError(f"--hf-num-prompts must be in [1, --num-prompts={ns.num_prompts}], "
                          f"got {n}")
+    if getattr(ns, "rounds", 1) < 1:
+        raise ValueError(f"--rounds must be >= 1, got {ns.rounds}")
 
 
 # ----------------------------------------------------------------------------------- workload
@@ -148,12 +169,17 @@ def check_outputs(outputs: Sequence[Any], expected: Sequence[int]) -> None:
 
 def run_pagoda(llm: Any, work: Workload) -> float:
     """Generate the workload; returns the wall-clock seconds."""
+    return timed_pagoda(llm, work)[0]
+
+
+def timed_pagoda(llm: Any, work: Workload) -> PagodaRound:
+    """Generate the workload; (wall-clock seconds, each request's first output ids)."""
     params = [_params(n) for n in work.output_lens]
     start = time.perf_counter()
     outputs = llm.generate(work.prompts, params)
     elapsed = time.perf_counter() - start
     check_outputs(outputs, work.output_lens)
-    return elapsed
+    return elapsed, [list(out.outputs[0].token_ids[:FIRST_TOKENS]) for out in outputs]
 
 
 def peak_rss_mib() -> float:
@@ -296,6 +322,94 @@ def compare_hf(ns: argparse.Namespace, work: Workload, dtype: torch.dtype, pad_i
     return result
 
 
+# ---------------------------------------------------------------------------------------- vllm
+def start_vllm(ns: argparse.Namespace, engine: Any, engine_args: Any, work: Workload,
+               dtype: torch.dtype) -> VllmPeer:
+    """vLLM's CPU backend in its venv, on pagoda's weights (a GGUF converted once) and
+    scheduler limits, loaded and warmed up; ValueError where it cannot compare."""
+    if engine.device.type != "cpu":
+        raise ValueError("--compare vllm runs vLLM's CPU backend: use --device cpu")
+    if getattr(ns, "load_format", "auto") == "dummy":
+        raise ValueError("--compare vllm needs the model's weights (not --load-format dummy)")
+    options = vllm_peer.VllmOptions(
+        model=vllm_peer.hf_model_dir(hf_model_path(ns.model), dtype), dtype=dtype_name(dtype),
+        max_model_len=engine.max_model_len, max_num_seqs=engine_args.max_num_seqs,
+        max_num_batched_tokens=engine_args.max_num_batched_tokens,
+        enable_prefix_caching=engine_args.enable_prefix_caching,
+        enforce_eager=ns.vllm_enforce_eager, seed=engine_args.seed)
+    warmup = {"prompt_len": WARMUP_PROMPT_LEN, "output_len": WARMUP_OUTPUT_LEN,
+              "first_id": token_id_range(engine.arch.vocab_size)[0]}
+    peer = VllmPeer(options, work.prompts, work.output_lens, warmup, ns.vllm_venv)
+    print(f"== starting vLLM ({peer.command[0]}; the first start compiles for minutes; "
+          f"log: {peer.log_path}) ==", flush=True)
+    peer.start()
+    time.sleep(SETTLE_S)
+    return peer
+
+
+def alternate_rounds(llm: Any, peer: VllmPeer, work: Workload, rounds: int,
+                     first: PagodaRound) -> tuple[list[PagodaRound], list[VllmRound]]:
+    """``first`` is pagoda's round 1; then vLLM, pagoda, vLLM, ... (``rounds`` each), every
+    round on a cold prefix cache, after ``SETTLE_S`` with both engines idle."""
+    ours: list[PagodaRound] = [first]
+    theirs: list[VllmRound] = []
+    for i in range(rounds):
+        if i > 0:
+            llm.reset_prefix_cache()
+            time.sleep(SETTLE_S)
+            ours.append(timed_pagoda(llm, work))
+        time.sleep(SETTLE_S)
+        theirs.append(peer.run_round())
+        check_vllm_round(theirs[-1], work)
+        print(row(f"round {i + 1} output tok/s",
+                  f"pagoda {rates(work, ours[-1][0])['output_tokens_per_s']:.1f}, "
+                  f"vLLM {rates(work, theirs[-1].elapsed_s)['output_tokens_per_s']:.1f}"),
+              flush=True)
+    return ours, theirs
+
+
+def check_vllm_round(r: VllmRound, work: Workload) -> None:
+    if r.output_token_counts != list(work.output_lens):
+        raise RuntimeError("vLLM's output lengths differ from the workload's")
+
+
+def agreement(ours: Sequence[list[int]], theirs: Sequence[list[int]]) -> dict:
+    """How many requests start with the same output ids in both engines (greedy, same
+    weights: most should; float rounding can flip a near tie)."""
+    same_first = sum(1 for a, b in zip(ours, theirs) if a[:1] == b[:1])
+    same_all = sum(1 for a, b in zip(ours, theirs) if a == b[:len(a)])
+    return {"requests": len(ours), "compared_ids": FIRST_TOKENS,
+            "same_first_id": same_first, "same_first_ids": same_all}
+
+
+def summarize_vllm(work: Workload, peer: VllmPeer, ours: list[PagodaRound],
+                   theirs: list[VllmRound]) -> dict:
+    """Per-round rates of both engines, their medians and the ratio pagoda / vLLM."""
+    pagoda_rounds = [rates(work, elapsed) for elapsed, _ in ours]
+    vllm_rounds = [rates(work, r.elapsed_s, sum(r.output_token_counts)) for r in theirs]
+    p_med = statistics.median(r["output_tokens_per_s"] for r in pagoda_rounds)
+    v_med = statistics.median(r["output_tokens_per_s"] for r in vllm_rounds)
+    return {"rounds": len(theirs), "order": "pagoda, vllm, pagoda, vllm, ...",
+            "options": dataclasses.asdict(peer.options), "peer": peer.ready,
+            "pagoda_rounds": pagoda_rounds, "vllm_rounds": vllm_rounds,
+            "pagoda_median_output_tokens_per_s": p_med,
+            "vllm_median_output_tokens_per_s": v_med, "pagoda_over_vllm": p_med / v_med,
+            "agreement": agreement(ours[0][1], theirs[0].first_token_ids),
+            "load_average_after": os.getloadavg()[0]}
+
+
+def compare_vllm(ns: argparse.Namespace, llm: Any, work: Workload, peer: VllmPeer,
+                 first: PagodaRound) -> dict:
+    """The alternating rounds (pagoda's first one already run) and their summary."""
+    try:
+        ours, theirs = alternate_rounds(llm, peer, work, ns.rounds, first)
+    finally:
+        peer.close()
+    summary = summarize_vllm(work, peer, ours, theirs)
+    print_vllm(summary)
+    return summary
+
+
 # ------------------------------------------------------------------------------------- report
 def row(label: str, value: Any) -> str:
     if isinstance(value, float):
@@ -369,6 +483,26 @@ def print_hf(hf: dict, pagoda_rate: float) -> None:
                              "(output tokens/s)"))
 
 
+def print_vllm(v: dict) -> None:
+    peer, agree = v["peer"], v["agreement"]
+    print(f"== vLLM CPU {peer.get('vllm_version')} ({v['options']['dtype']}, "
+          f"{v['rounds']} rounds alternating with pagoda) ==")
+    print(row("load s / warm-up s", f"{peer.get('load_s', 0):.1f} / "
+                                    f"{peer.get('warmup_s', 0):.1f}"))
+    print(row("pagoda tok/s, rounds", _rounds_text(v["pagoda_rounds"])))
+    print(row("vLLM tok/s, rounds", _rounds_text(v["vllm_rounds"])))
+    print(row("pagoda median tok/s", v["pagoda_median_output_tokens_per_s"]))
+    print(row("vLLM median tok/s", v["vllm_median_output_tokens_per_s"]))
+    print(row("first ids agree", f"{agree['same_first_ids']}/{agree['requests']} requests "
+                                 f"(first {agree['compared_ids']}), "
+                                 f"{agree['same_first_id']}/{agree['requests']} (first one)"))
+    print(row("pagoda / vLLM", f"{v['pagoda_over_vllm']:.2f}x (medians of output tokens/s)"))
+
+
+def _rounds_text(rounds: Sequence[dict]) -> str:
+    return ", ".join(f"{r['output_tokens_per_s']:.1f}" for r in rounds)
+
+
 def print_gpu(info: dict, bandwidth_tbs: Optional[float]) -> None:
     print("== gpu ==")
     print(row("device", f"{info['name']} ({info['sm_count']} SMs, "
@@ -416,6 +550,8 @@ def main(ns: argparse.Namespace) -> int:
     input_len = parse_len_range(ns.input_len, "--input-len")
     output_len = parse_len_range(ns.output_len, "--output-len")
     _check_counts(ns)
+    if ns.compare == "vllm":   # before loading anything: a missing venv fails at once
+        vllm_peer.peer_command(vllm_peer.venv_path(ns.vllm_venv))
     engine_args = engine_args_from(ns)
     llm = LLM(**vars(engine_args))
     engine = llm.engine
@@ -441,6 +577,14 @@ def main(ns: argparse.Namespace) -> int:
     work = make_workload(ns.num_prompts, input_len, output_len, arch.vocab_size, ns.data_seed)
     print_workload(ns, work)
     warm_up(llm, arch.vocab_size)
+    peer: Optional[VllmPeer] = None
+    if ns.compare == "vllm":
+        try:
+            peer = start_vllm(ns, engine, engine_args, work, dtype)
+        except VllmPeerError as e:
+            print(f"pagoda: error: {e}", file=sys.stderr)
+            return 1
+    first_ids: list[list[int]] = []
     decode: Optional[dict] = None
     try:
         if on_gpu:
@@ -449,9 +593,11 @@ def main(ns: argparse.Namespace) -> int:
             decode = gpu.summarize(monitor.steps, arch, dtype, bandwidth)
             del monitor   # it holds the runner (and its KV cache): free both before HF
         else:
-            elapsed = run_pagoda(llm, work)
+            elapsed, first_ids = timed_pagoda(llm, work)
     except RuntimeError as e:
         print(f"pagoda: error: {e}", file=sys.stderr)
+        if peer is not None:
+            peer.close()
         return 1
     result = rates(work, elapsed)
     if limit is not None:
@@ -478,6 +624,7 @@ def main(ns: argparse.Namespace) -> int:
                            "prompt_tokens": sum(work.prompt_lens),
                            "output_tokens": sum(work.output_lens)},
               "matmul": limits, "limit_flops_per_s": limit, "pagoda": result, "hf": None,
+              "vllm": None,
               "batch1_decode": batch1,
               "attention_backend": _backend_name(engine.device),
               "cuda_graph_sizes": getattr(engine.runner, "cuda_graph_sizes", []),
@@ -500,6 +647,12 @@ def main(ns: argparse.Namespace) -> int:
         hf["pagoda_over_hf"] = result["output_tokens_per_s"] / hf["output_tokens_per_s"]
         print_hf(hf, result["output_tokens_per_s"])
         report["hf"] = hf
+    if peer is not None:
+        try:
+            report["vllm"] = compare_vllm(ns, llm, work, peer, (elapsed, first_ids))
+        except RuntimeError as e:   # VllmPeerError too
+            print(f"pagoda: error: {e}", file=sys.stderr)
+            return 1
 
     if ns.json:
         write_json(ns.json, report)
