@@ -218,6 +218,9 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = (None if arch.tie_word_embeddings
                         else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False))
+        # The output projection with its weight packed for the CPU's GEMM, where that pays
+        # (models/cpu_linear.py; set by the model runner).
+        self.packed_head: Optional[nn.Module] = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -235,6 +238,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (N, E) -> logits (N, V) in the model's dtype (the sampler upcasts)."""
+        if self.packed_head is not None:
+            return self.packed_head(hidden)
         return F.linear(hidden, self.output_weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -31,6 +31,7 @@ from pagoda.attention.metadata import (AttentionMetadata, DeviceAttentionMetadat
                                        PackedPrefills, PrefillChunk, pack_prefills)
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from pagoda.models import cpu_linear
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
 from pagoda.worker.cuda_graph import DecodeGraphs
@@ -110,6 +111,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        if device.type == "cpu":   # linear layers' weights packed for the GEMM, where it pays
+            model.packed_head = cpu_linear.pack_model(model, model.output_weight)
         self.kv_caches = allocate_kv_cache(model.arch, num_blocks, block_size, dtype, device)
         self.states: dict[str, CachedRequestState] = {}
         self.is_cuda = device.type == "cuda"

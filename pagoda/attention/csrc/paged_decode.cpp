@@ -44,7 +44,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #include <type_traits>
@@ -567,6 +567,201 @@ struct Avx512Kernel {
 };
 #endif  // __AVX512F__
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
+// AVX2 tile kernels for head dims 8 * NC (CPUs without AVX-512, such as AMD Zen 2/3): the
+// AVX-512 kernels' scheme at 8 lanes. Scores: 8-lane partial dot products of 8 rows, summed
+// by one transposing reduction; probabilities times V with the accumulators in registers.
+template <typename T>
+struct Load256;
+template <>
+struct Load256<float> {
+  static inline __m256 at(const float* p) { return _mm256_loadu_ps(p); }
+};
+template <>
+struct Load256<uint16_t> {  // bf16: widen to 32 bits and shift into the high half
+  static inline __m256 at(const uint16_t* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+};
+template <>
+struct Load256<c10::Half> {
+  static inline __m256 at(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+
+// exp(x) as in exp_poly, 8 lanes; 2^n is built in the exponent bits. NaN propagates.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // max_ps returns its 2nd operand on NaN
+  const __m256 fn = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fn),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// v: 8 rows of 8 floats. Returns the 8 row sums, in order (a transposing reduction).
+inline __m256 row_sums8(const float* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_load_ps(v), _mm256_load_ps(v + 8));
+  const __m256 b = _mm256_hadd_ps(_mm256_load_ps(v + 16), _mm256_load_ps(v + 24));
+  const __m256 c = _mm256_hadd_ps(_mm256_load_ps(v + 32), _mm256_load_ps(v + 40));
+  const __m256 d = _mm256_hadd_ps(_mm256_load_ps(v + 48), _mm256_load_ps(v + 56));
+  const __m256 ab = _mm256_hadd_ps(a, b);  // per 128-bit lane: half sums of rows 0..3
+  const __m256 cd = _mm256_hadd_ps(c, d);  // ... of rows 4..7
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20),
+                       _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+// Lanes [0, n) all ones (n <= 8), for sums over a partial group.
+inline __m256 lanes_below8(int64_t n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), idx));
+}
+
+template <typename T, int NC>
+struct Avx2Kernel {
+  static constexpr int64_t D = 8 * NC;
+  // Heads per pass of the V rows, so that their GV x NC accumulators fit the 16 registers.
+  static constexpr int GV = std::clamp(12 / NC, 1, 4);
+
+  static void load_q(const T* qrow, float scale, float* qf, Scratch&, int64_t) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int c = 0; c < NC; ++c) {
+      _mm256_storeu_ps(qf + 8 * c, _mm256_mul_ps(Load256<T>::at(qrow + 8 * c), vs));
+    }
+  }
+
+  // part[(g * 8 + j) * 8 ...]: the 8-lane partial dot products of query g with row j (of
+  // nj, at krow[j] + hoff); each K row is loaded once for all G heads (queries from L1).
+  static void dots(const T* const* krow, int64_t hoff, int64_t nj, int64_t G, const float* qf,
+                   float* part) {
+    for (int64_t j = 0; j < nj; ++j) {
+      const T* k = krow[j] + hoff;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* q = qf + g * D;
+        __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), Load256<T>::at(k));
+        __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), Load256<T>::at(k + 8));
+#pragma GCC unroll 16
+        for (int c = 2; c + 1 < NC; c += 2) {
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), Load256<T>::at(k + 8 * c), a0);
+          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c + 8), Load256<T>::at(k + 8 * c + 8),
+                               a1);
+        }
+        _mm256_store_ps(part + (g * 8 + j) * 8, _mm256_add_ps(a0, a1));
+      }
+    }
+  }
+
+  static void scores(const T* const* krow, int64_t hoff, int64_t n, int64_t G, int64_t,
+                     const float* qf, Scratch& s, const Ahead<T>& ahead,
+                     float /*scale: q is pre-scaled*/) {
+    for (int64_t j0 = 0; j0 < n; j0 += 8) {
+      const int64_t nj = std::min<int64_t>(8, n - j0);
+      for (int64_t j = 0; j < 8; ++j) ahead.at(j0 + j);
+      dots(krow + j0, hoff, nj, G, qf, s.part);
+      for (int64_t j = nj; j < 8; ++j) {
+        for (int64_t g = 0; g < G; ++g) _mm256_store_ps(s.part + (g * 8 + j) * 8, _mm256_setzero_ps());
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        _mm256_storeu_ps(s.scores + g * TILE + j0, row_sums8(s.part + g * 64));
+      }
+    }
+  }
+  static float tile_max(const float* x, int64_t n) {
+    float m = -std::numeric_limits<float>::infinity();
+    int64_t j = 0;
+    if (n >= 8) {
+      __m256 mx = _mm256_loadu_ps(x);
+      for (j = 8; j + 8 <= n; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(x + j));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, mx);
+      for (float v : lanes) m = v > m ? v : m;
+    }
+    for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+  }
+  static float exp_sum(float* x, float shift, int64_t n) {
+    const __m256 vs = _mm256_set1_ps(shift);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + j), vs));
+      _mm256_storeu_ps(x + j, e);  // x has room for whole groups of 16
+      sum = _mm256_add_ps(sum, n - j >= 8 ? e : _mm256_and_ps(e, lanes_below8(n - j)));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, sum);
+    float s = 0.f;
+    for (float v : lanes) s += v;
+    return s;
+  }
+  static void rescale(float* acc, float alpha, int64_t) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    for (int c = 0; c < NC; ++c) {
+      _mm256_storeu_ps(acc + 8 * c, _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * c), va));
+    }
+  }
+  // acc[g] += sum_i p[g * TILE + i] v_i for GB heads; the GB x NC accumulators stay in
+  // registers over the tile, each V row widened chunk by chunk.
+  template <int GB>
+  static void pv(const T* const* vrow, int64_t hoff, int64_t n, const float* p, float* acc) {
+    __m256 a[GB][NC];
+#pragma GCC unroll 16
+    for (int g = 0; g < GB; ++g) {
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) a[g][c] = _mm256_loadu_ps(acc + g * D + 8 * c);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const T* v = vrow[i] + hoff;
+      __m256 pi[GB];
+#pragma GCC unroll 4
+      for (int g = 0; g < GB; ++g) pi[g] = _mm256_set1_ps(p[g * TILE + i]);
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) {
+        const __m256 vc = Load256<T>::at(v + 8 * c);
+#pragma GCC unroll 4
+        for (int g = 0; g < GB; ++g) a[g][c] = _mm256_fmadd_ps(pi[g], vc, a[g][c]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int g = 0; g < GB; ++g) {
+#pragma GCC unroll 16
+      for (int c = 0; c < NC; ++c) _mm256_storeu_ps(acc + g * D + 8 * c, a[g][c]);
+    }
+  }
+
+  static void accumulate(const T* const* vrow, int64_t hoff, int64_t n, int64_t G, int64_t,
+                         float* acc, Scratch& s, const Ahead<T>& ahead) {
+    for (int64_t i = 0; i < n; ++i) ahead.at(i);
+    for (int64_t g0 = 0; g0 < G; g0 += GV) {
+      const int64_t gb = std::min<int64_t>(GV, G - g0);
+      if (gb == 1) {
+        pv<1>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
+      } else if constexpr (GV >= 2) {
+        if (gb == 2) {
+          pv<2>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
+        } else if constexpr (GV >= 3) {
+          if (gb == 3) {
+            pv<3>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
+          } else if constexpr (GV >= 4) {
+            pv<4>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
+          }
+        }
+      }
+    }
+  }
+};
+#endif  // AVX2 without AVX-512
+
 // Row pointers of tokens [t, t + n) of unit u, n = min(TILE, u.t1 - t): walks the block table
 // (one table read per block, no division per token). Returns n.
 template <typename T>
@@ -810,7 +1005,14 @@ void dispatch_dim(const Problem& P, const void* q, const void* cache, void* out,
   }
   return run_all<T, GenericKernel<T, 0>>(P, qt, ct, ot);  // rare head dims, and tests
 #else
-  // No AVX-512: the portable kernels, with the common head dims as compile-time constants.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  if (!portable) switch (P.D) {
+    case 64: return run_all<T, Avx2Kernel<T, 8>>(P, qt, ct, ot);
+    case 128: return run_all<T, Avx2Kernel<T, 16>>(P, qt, ct, ot);
+    default: break;
+  }
+#endif
+  // Otherwise the portable kernels, with the common head dims as compile-time constants.
   (void)portable;
   switch (P.D) {
     case 64: return run_all<T, GenericKernel<T, 64>>(P, qt, ct, ot);
