@@ -10,7 +10,7 @@ the 49152-row output projection 52 -> 20 ms.
 Whether packing pays depends on the CPU and dtype (oneDNN's bf16 packing needs AVX-512 or
 AVX-NE-CONVERT; torch's own bf16 path may already be fast), so it is chosen per weight shape
 on this machine at load by timing both forms on the model's own weights, every layer's in
-turn (so cold in cache as in a step), at a decode and a prefill-chunk row count.
+turn, up to eight (so cold in cache as in a step), at a decode and a prefill-chunk row count.
 ``PAGODA_PACKED_LINEAR=1`` packs without timing where it is supported, ``=0`` never packs.
 
 Invariant: a packed layer computes ``x @ W.T + b`` as ``F.linear`` does, up to the order of
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 PACKED_LINEAR_ENV = "PAGODA_PACKED_LINEAR"   # "1": always, "0": never, unset: timed
 TIMING_ROWS = (1, 32)    # a decode step's rows and a small prefill chunk's
 TIMING_REPEATS = 3
+TIMING_LAYERS = 8        # layers of one shape timed in turn (the rest are packed untimed)
 MIN_SPEEDUP = 1.1        # packed must beat plain by this to be chosen
 
 
@@ -118,14 +119,17 @@ def pack_model(model: nn.Module, head_weight: Optional[torch.Tensor] = None
         return None
     for shape, places in _linears(model).items():
         layers = [getattr(parent, name) for parent, name in places]
-        packed = [pack_weight(layer.weight) for layer in layers]
+        # Timed on up to TIMING_LAYERS of them, each in turn (mostly cold in cache); the rest are
+        # packed one at a time, so the model is never held twice.
+        packed = [pack_weight(layer.weight) for layer in layers[:TIMING_LAYERS]]
         if mode != "1":
-            pays, ratio = packing_pays([layer.weight for layer in layers], packed)
+            pays, ratio = packing_pays([layer.weight for layer in layers[:len(packed)]], packed)
             logger.info("linear %s x%d (%s): packed %.2fx plain -> %s", shape, len(layers),
                         dtype, ratio, "packed" if pays else "plain")
             if not pays:
                 continue
-        for (parent, name), layer, p in zip(places, layers, packed):
+        for i, ((parent, name), layer) in enumerate(zip(places, layers)):
+            p = packed[i] if i < len(packed) else pack_weight(layer.weight)
             bias = None if layer.bias is None else layer.bias.detach()
             setattr(parent, name, PackedLinear(p, bias, *shape))
     return None if head_weight is None else _pack_head(head_weight, mode)
