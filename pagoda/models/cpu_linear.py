@@ -10,7 +10,8 @@ the 49152-row output projection 52 -> 20 ms.
 Whether packing pays depends on the CPU and dtype (oneDNN's bf16 packing needs AVX-512 or
 AVX-NE-CONVERT; torch's own bf16 path may already be fast), so it is chosen per weight shape
 on this machine at load by timing both forms on the model's own weights, every layer's in
-turn, up to eight (so cold in cache as in a step), at a decode and a prefill-chunk row count.
+turn (64 MiB of them: cold in cache, as in a step), at a decode and a prefill-chunk row
+count.
 ``PAGODA_PACKED_LINEAR=1`` packs without timing where it is supported, ``=0`` never packs.
 
 Invariant: a packed layer computes ``x @ W.T + b`` as ``F.linear`` does, up to the order of
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 PACKED_LINEAR_ENV = "PAGODA_PACKED_LINEAR"   # "1": always, "0": never, unset: timed
 TIMING_ROWS = (1, 32)    # a decode step's rows and a small prefill chunk's
 TIMING_REPEATS = 3
-TIMING_LAYERS = 8        # layers of one shape timed in turn (the rest are packed untimed)
+TIMING_BYTES = 64 << 20  # weights of one shape timed in turn: more than a last-level cache
 MIN_SPEEDUP = 1.1        # packed must beat plain by this to be chosen
 
 
@@ -119,9 +120,11 @@ def pack_model(model: nn.Module, head_weight: Optional[torch.Tensor] = None
         return None
     for shape, places in _linears(model).items():
         layers = [getattr(parent, name) for parent, name in places]
-        # Timed on up to TIMING_LAYERS of them, each in turn (mostly cold in cache); the rest are
-        # packed one at a time, so the model is never held twice.
-        packed = [pack_weight(layer.weight) for layer in layers[:TIMING_LAYERS]]
+        # Timed on enough of them to overflow the last-level cache, each in turn (cold, as in
+        # a step); the rest are packed one at a time, so the model is never held twice.
+        layer_bytes = layers[0].weight.numel() * layers[0].weight.element_size()
+        timed = min(len(layers), -(-TIMING_BYTES // layer_bytes))
+        packed = [pack_weight(layer.weight) for layer in layers[:timed]]
         if mode != "1":
             pays, ratio = packing_pays([layer.weight for layer in layers[:len(packed)]], packed)
             logger.info("linear %s x%d (%s): packed %.2fx plain -> %s", shape, len(layers),
