@@ -296,7 +296,6 @@ struct GenericKernel {
   }
 };
 
-#if defined(__AVX512F__)
 // Calls f(std::integral_constant<int, n>) for a runtime 1 <= n <= N.
 template <int N, typename F>
 PAGODA_ALWAYS_INLINE void dispatch_upto(int n, F&& f) {
@@ -308,6 +307,8 @@ PAGODA_ALWAYS_INLINE void dispatch_upto(int n, F&& f) {
     }
   }
 }
+
+#if defined(__AVX512F__)
 
 // AVX-512 tile kernels for head dims 16 * NC.
 template <typename T>
@@ -743,20 +744,10 @@ struct Avx2Kernel {
                          float* acc, Scratch& s, const Ahead<T>& ahead) {
     for (int64_t i = 0; i < n; ++i) ahead.at(i);
     for (int64_t g0 = 0; g0 < G; g0 += GV) {
-      const int64_t gb = std::min<int64_t>(GV, G - g0);
-      if (gb == 1) {
-        pv<1>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
-      } else if constexpr (GV >= 2) {
-        if (gb == 2) {
-          pv<2>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
-        } else if constexpr (GV >= 3) {
-          if (gb == 3) {
-            pv<3>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
-          } else if constexpr (GV >= 4) {
-            pv<4>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
-          }
-        }
-      }
+      const int gb = static_cast<int>(std::min<int64_t>(GV, G - g0));
+      dispatch_upto<GV>(gb, [&](auto c) {
+        pv<decltype(c)::value>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
+      });
     }
   }
 };
