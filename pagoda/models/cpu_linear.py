@@ -52,7 +52,13 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, K) -> (T, N)."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear`` with a weight from :func:`pack_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -92,8 +98,7 @@ def packing_pays(weights: list[torch.Tensor], packed: list[torch.Tensor]) -> tup
     for rows in TIMING_ROWS:
         x = torch.randn(rows, k, dtype=weights[0].dtype)
         plain_s += _seconds([lambda w=w: F.linear(x, w) for w in weights])
-        packed_s += _seconds([lambda p=p: torch.ops.mkldnn._linear_pointwise(
-            x, p, None, "none", [], "") for p in packed])
+        packed_s += _seconds([lambda p=p: packed_linear(x, p) for p in packed])
     ratio = plain_s / packed_s
     return ratio >= MIN_SPEEDUP, ratio
 
