@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 _EXT_NAME = "pagoda_paged_decode"
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "fused_ops.cpp", _CSRC / "kv_write.cpp",
-            _CSRC / "amx_attention.cpp")
+            _CSRC / "amx_attention.cpp", _CSRC / "gumbel_sample.cpp")
 _HEADERS = (_CSRC / "bf16.h",)  # not compiled on their own, but part of the build's hash
 _OK_MARKER = ".pagoda-build-ok"
 _FAILED_MARKER = ".pagoda-build-failed"

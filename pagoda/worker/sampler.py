@@ -1,9 +1,10 @@
 """Sampler: logits -> next tokens, one row per request that caught up this step.
 
 Processing order per row: penalties (repetition, presence, frequency), min_tokens masking,
-then greedy argmax or temperature / top-k / top-p / min-p sampling. Seeded rows draw their
-noise from a generator keyed by (seed, sibling index, output index), so a seeded request
-samples the same tokens whatever else shares its batch, and after a preemption.
+then greedy argmax or temperature / top-k / top-p / min-p sampling. A sampled row is one
+Gumbel-max draw over its filtered logits (``worker/gumbel.py``: one pass, no softmax); seeded
+rows key their noise by (seed, sibling index, output index), so a seeded request samples the
+same tokens whatever else shares its batch, and after a preemption.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from pagoda.core.outputs import TokenLogprobs
 from pagoda.models import cpu_fused
 from pagoda.sampling import SamplingParams
+from pagoda.worker import gumbel
 from pagoda.worker.host_buffer import to_device
 
 _MASK64 = (1 << 64) - 1
@@ -140,13 +142,15 @@ def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = to_device(random_rows, torch.int64, logits.device)
-        probs = _filtered_probs(logits[idx], [rows[i].params for i in random_rows])
-        tokens[idx] = _draw(probs, [rows[i] for i in random_rows])
+        filtered = _filtered_logits(logits[idx], [rows[i].params for i in random_rows])
+        tokens[idx] = gumbel.draw(filtered, _row_keys([rows[i] for i in random_rows]))
     return tokens
 
 
-def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p filtering; returns probabilities (R, V)."""
+def _filtered_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p filtering: the logits divided by the
+    temperature, -inf where a filter drops the token (R, V). Their softmax is the
+    distribution a row samples from."""
     device = logits.device
     temp = to_device([p.temperature for p in params], torch.float32, device)
     logits = logits / temp[:, None]
@@ -162,12 +166,17 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         logits = logits.masked_fill(~keep, float("-inf"))
     if any(p.top_p < 1.0 for p in params):
         logits = _top_p(logits, to_device([p.top_p for p in params], torch.float32, device))
-    probs = torch.softmax(logits, dim=-1)
     if any(p.min_p > 0 for p in params):
+        # p_v >= min_p * p_max  <=>  l_v >= l_max + log(min_p): no softmax needed.
         min_p = to_device([p.min_p for p in params], torch.float32, device)
-        keep = probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-        probs = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
-    return probs
+        floor = logits.max(dim=-1, keepdim=True).values + torch.log(min_p)[:, None]
+        logits = logits.masked_fill(logits < floor, float("-inf"))
+    return logits
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The probabilities (R, V) a row samples from: softmax of :func:`_filtered_logits`."""
+    return torch.softmax(_filtered_logits(logits, params), dim=-1)
 
 
 def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -182,17 +191,15 @@ def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _draw(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Exponential-race sampling: argmax(p / E) with E ~ Exp(1) is a draw from p."""
-    noise = torch.empty_like(probs).exponential_()
+def _row_keys(rows: list[SamplingRow]) -> torch.Tensor:
+    """Each row's noise key (``gumbel.draw``): from (seed, sibling, output index) for a seeded
+    row, so it samples the same tokens in any batch and after a preemption; fresh from
+    torch's generator otherwise."""
+    keys = gumbel.random_keys(len(rows))
     for i, r in enumerate(rows):
         if r.params.seed is not None:
-            gen = torch.Generator(device=probs.device)
-            gen.manual_seed(_row_seed(r.params.seed, r.seed_offset, r.num_output_tokens))
-            noise[i] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
-    # A zero draw would make p / 0 = inf (or nan where p == 0, which argmax also picks).
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+            keys[i] = _row_seed(r.params.seed, r.seed_offset, r.num_output_tokens)
+    return keys
 
 
 def _row_seed(seed: int, sibling: int, step: int) -> int:

@@ -1148,6 +1148,12 @@ void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tens
                      at::Tensor context_lens, at::Tensor block_tables, double scale);
 }  // namespace pagoda_amx
 
+// Gumbel-max random sampling (gumbel_sample.cpp).
+namespace pagoda_gumbel {
+void gumbel_argmax(at::Tensor out, at::Tensor logits, at::Tensor keys);
+void gumbel_noise(at::Tensor out, at::Tensor keys);
+}  // namespace pagoda_gumbel
+
 // The KV-cache write (kv_write.cpp).
 namespace pagoda_kv {
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
@@ -1187,6 +1193,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("query_start"),
         py::arg("context_lens"), py::arg("block_tables"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("gumbel_argmax", &pagoda_gumbel::gumbel_argmax,
+        "One draw per row of softmax(logits) by the Gumbel-max trick, noise keyed per row.",
+        py::arg("out"), py::arg("logits"), py::arg("keys"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("gumbel_noise", &pagoda_gumbel::gumbel_noise,
+        "The Gumbel noise gumbel_argmax adds, (R, V) fp32 (for tests).", py::arg("out"),
+        py::arg("keys"), py::call_guard<py::gil_scoped_release>());
   m.def("write_kv", &pagoda_kv::write_kv, "Copy new K/V rows into their cache slots.",
         py::arg("kv_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
         py::call_guard<py::gil_scoped_release>());
