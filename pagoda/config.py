@@ -80,6 +80,7 @@ class EngineArgs:
     """Everything a user can set, as the CLI and ``LLM(...)`` take it."""
     model: Optional[str] = None            # directory or .gguf; None: the bundled SmolLM2
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"           # "auto": the model's dtype; CPU: bfloat16 also
     device: str = "auto"                   # "auto": cuda if available, else cpu
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: Optional[float] = None  # GiB (CPU); default DEFAULT_KV_CACHE_GIB

@@ -10,6 +10,10 @@
 
 Every backend keeps the reference's invariant: new K/V are written at ``slot_mapping`` first,
 then each query sees exactly its own sequence's tokens ``[0, context_len)``.
+
+A KV cache in a narrower dtype than the model's (``--kv-cache-dtype bfloat16`` with fp32
+weights, CPU only) runs the layer's attention in the cache's dtype: q, k and v are rounded to
+it, and the output is widened back. Decode then reads half the bytes per cached token.
 """
 from __future__ import annotations
 
@@ -57,6 +61,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D); kv_cache: (2, num_blocks, block_size, Hkv, D).
     Returns (T, H, D)."""
+    if kv_cache.dtype != q.dtype:
+        narrow = kv_cache.dtype
+        return paged_attention(q.to(narrow), k.to(narrow), v.to(narrow), kv_cache, meta,
+                               scale).to(q.dtype)
     if q.is_cuda and use_triton(q.device):
         from pagoda.attention import triton_attention
 

@@ -34,6 +34,7 @@ import torch
 
 from pagoda.bench import flops, vllm_peer
 from pagoda.bench.vllm_peer import VllmPeer, VllmPeerError, VllmRound
+from pagoda.models.loader import DTYPES
 from pagoda.sampling import SamplingParams
 
 LABEL_WIDTH = 21
@@ -80,6 +81,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         "pagoda, vLLM, pagoda, ...")
     g.add_argument("--vllm-venv", default=None, metavar="PATH",
                    help="--compare vllm: the peer's venv (default $VLLM_VENV or .venv-vllm)")
+    g.add_argument("--vllm-dtype", default=None, metavar="DTYPE",
+                   help="--compare vllm: vLLM's dtype (default: pagoda's); e.g. bfloat16, "
+                        "what vLLM's CPU backend runs by default, against pagoda in float32")
     g.add_argument("--vllm-enforce-eager", action="store_true",
                    help="--compare vllm: skip vLLM's torch.compile of the model")
     g.add_argument("--hf-batch-size", type=int, default=16)
@@ -323,6 +327,16 @@ def compare_hf(ns: argparse.Namespace, work: Workload, dtype: torch.dtype, pad_i
 
 
 # ---------------------------------------------------------------------------------------- vllm
+def vllm_dtype(ns: argparse.Namespace, engine_dtype: torch.dtype) -> torch.dtype:
+    """--vllm-dtype, else pagoda's own dtype."""
+    name = getattr(ns, "vllm_dtype", None)
+    if name is None:
+        return engine_dtype
+    if name not in DTYPES:
+        raise VllmPeerError(f"--vllm-dtype {name!r}: choose from {sorted(set(DTYPES))}")
+    return DTYPES[name]
+
+
 def start_vllm(ns: argparse.Namespace, engine: Any, engine_args: Any, work: Workload,
                dtype: torch.dtype) -> VllmPeer:
     """vLLM's CPU backend in its venv, on pagoda's weights (a GGUF converted once) and
@@ -580,7 +594,7 @@ def main(ns: argparse.Namespace) -> int:
     peer: Optional[VllmPeer] = None
     if ns.compare == "vllm":
         try:
-            peer = start_vllm(ns, engine, engine_args, work, dtype)
+            peer = start_vllm(ns, engine, engine_args, work, vllm_dtype(ns, dtype))
         except VllmPeerError as e:
             print(f"pagoda: error: {e}", file=sys.stderr)
             return 1

@@ -33,7 +33,7 @@ from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.kv_transfer.params import (KVTransferRequest, RemotePrefill,
                                        parse_kv_transfer_params)
-from pagoda.models.loader import load_model, resolve_dtype
+from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling import SamplingParams
 from pagoda.worker.kv_cache import (GIB, cuda_kv_budget, num_blocks_for_memory,
@@ -82,6 +82,8 @@ class LLMEngine:
         self.args = args
         self.device = _resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype, self.device,
+                                               dtype_auto=args.dtype in (None, "auto"))
         torch.manual_seed(args.seed)
         loaded = load_model(args.model, self.dtype, self.device, max_positions=None,
                             load_format=args.load_format, model_preset=args.model_preset,
@@ -105,10 +107,10 @@ class LLMEngine:
         # The model's identity enters every prefix-cache hash (it matters once KV crosses
         # engines, as in disaggregated prefill; within one engine the model never changes).
         self.kv = KVCacheManager(self.num_blocks, cache.block_size, args.enable_prefix_caching,
-                                 model_key=f"{self.model_name}:{self.dtype}")
+                                 model_key=self._model_key())
         self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
         self.runner = ModelRunner(loaded.model, self.num_blocks, cache.block_size, self.dtype,
-                                  self.device, max_num_seqs=args.max_num_seqs,
+                                  self.device, kv_dtype=self.kv_dtype, max_num_seqs=args.max_num_seqs,
                                   max_model_len=self.max_model_len,
                                   enforce_eager=args.enforce_eager)
         self.kv_connector = self._start_kv_transfer(args)
@@ -123,13 +125,18 @@ class LLMEngine:
                     self.model_name, self.dtype, self.device, self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)
 
+    def _model_key(self) -> str:
+        """What a cached block's KV depends on besides its tokens (in every prefix hash)."""
+        key = f"{self.model_name}:{self.dtype}"
+        return key if self.kv_dtype == self.dtype else f"{key}:kv-{self.kv_dtype}"
+
     def _blocks_for_budget(self, cache: CacheConfig) -> int:
         if self.device.type == "cuda":
             budget = cuda_kv_budget(cache.gpu_memory_utilization, self.device,
                                     self._activation_bytes)
         else:
             budget = int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
-        n = num_blocks_for_memory(self.arch, cache.block_size, self.dtype, budget)
+        n = num_blocks_for_memory(self.arch, cache.block_size, self.kv_dtype, budget)
         # More blocks than the longest sequences of a full batch could use is waste.
         cap = -(-self.max_model_len // cache.block_size) * self.args.max_num_seqs
         return min(n, cap)

@@ -30,7 +30,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="a Hugging Face directory or a .gguf file (default: bundled SmolLM2-135M)")
     g.add_argument("--dtype", default=d.dtype,
-                   help="auto | bfloat16 | float16 | float32 (auto: bf16 where the CPU has it)")
+                   help="auto | bfloat16 | float16 | float32 (auto: bf16 on CUDA and AMX CPUs, "
+                        "fp32 without bf16 instructions; on AVX512-BF16 CPUs without AMX, fp32 "
+                        "weights with a bf16 KV cache where bf16 matmuls measure slower)")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
+                   help="auto (the model's dtype) | bfloat16: with fp32 weights on the CPU, "
+                        "a bf16 KV cache (half the bytes per cached token)")
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--kv-cache-memory", type=float, default=None,

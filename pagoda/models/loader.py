@@ -2,11 +2,13 @@
 with random weights of a preset's (or a config.json's) shapes: ``--load-format dummy``."""
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -48,16 +50,86 @@ def default_model_path() -> str:
 
 
 def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:
-    """--dtype, else bf16 where the hardware does it natively, else fp32."""
+    """--dtype, else bf16 on CUDA and the CPU's choice (:func:`auto_cpu_dtypes`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+        return auto_cpu_dtypes()[0]
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose from {sorted(set(DTYPES))}")
     return DTYPES[dtype]
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: Optional[str], model_dtype: torch.dtype,
+                           device: torch.device, dtype_auto: bool = False) -> torch.dtype:
+    """--kv-cache-dtype: "auto" is the model's dtype, or, where ``--dtype auto`` chose the
+    weights on the CPU, the KV dtype chosen with them; a narrower one is CPU-only for now."""
+    if kv_cache_dtype is None or kv_cache_dtype == "auto":
+        if dtype_auto and device.type == "cpu" and auto_cpu_dtypes()[0] == model_dtype:
+            return auto_cpu_dtypes()[1]
+        return model_dtype
+    if kv_cache_dtype not in DTYPES:
+        raise ValueError(f"unsupported kv_cache_dtype {kv_cache_dtype!r}; choose from "
+                         f"{sorted(set(DTYPES) | {'auto'})}")
+    dtype = DTYPES[kv_cache_dtype]
+    if dtype == model_dtype:
+        return dtype
+    if device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} differs from the model's dtype "
+                         f"{model_dtype}: supported on the CPU only")
+    if dtype.itemsize > model_dtype.itemsize:
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is wider than the model's dtype "
+                         f"{model_dtype}: it would only cost memory")
+    return dtype
+
+
+BF16_MATMUL_SLOWDOWN = 1.3   # fp32 matmuls this much faster than bf16: fp32 weights win
+_PROBE_SHAPE = (256, 576, 1536)   # rows, in, out: a prefill chunk through a small model's MLP
+
+
+@functools.lru_cache(maxsize=None)
+def auto_cpu_dtypes() -> tuple[torch.dtype, torch.dtype]:
+    """(weights, KV cache) for ``--dtype auto`` on this CPU.
+
+    - No bf16 instructions (AVX2 only): fp32, fp32 (bf16 matmuls run far slower).
+    - AMX-BF16: bf16, bf16 (the tiles make bf16 matmuls several times fp32's speed).
+    - AVX512-BF16 without AMX: measured. On Intel cores of that kind ``vdpbf16ps`` issues on
+      one port and fp32 FMAs on two, so bf16 matmuls ran at about half fp32's rate (a 2-core
+      Xeon, family 6 model 207); there fp32 weights with a bf16 KV cache won W1 by 1.26x over
+      bf16. Where fp32 is not ``BF16_MATMUL_SLOWDOWN`` times faster, bf16 stays.
+    """
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if not cpu_supports_bf16():
+        return fp32, fp32
+    if cpu_has_amx_bf16():
+        return bf16, bf16
+    ratio = matmul_seconds(bf16) / matmul_seconds(fp32)
+    choice = (fp32, bf16) if ratio >= BF16_MATMUL_SLOWDOWN else (bf16, bf16)
+    logger.info("dtype auto: bf16 matmul %.2fx fp32's time on this CPU (no AMX) -> weights %s, "
+                "KV cache %s", ratio, *choice)
+    return choice
+
+
+def matmul_seconds(dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best time of one ``_PROBE_SHAPE`` product in ``dtype``."""
+    rows, k, n = _PROBE_SHAPE
+    x, w = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype)
+    torch.nn.functional.linear(x, w)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_has_amx_bf16() -> bool:
+    try:
+        return "amx_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
 
 
 def cpu_supports_bf16() -> bool:

@@ -107,16 +107,17 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, *,
                  max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_model_len: Optional[int] = None,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, kv_dtype: Optional[torch.dtype] = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         if device.type == "cpu":   # linear layers' weights packed for the GEMM, where it pays
             model.packed_head = cpu_linear.pack_model(model, model.output_weight)
-        self.kv_caches = allocate_kv_cache(model.arch, num_blocks, block_size, dtype, device)
+        self.kv_caches = allocate_kv_cache(model.arch, num_blocks, block_size, kv_dtype or dtype,
+                                           device)
         self.states: dict[str, CachedRequestState] = {}
         self.is_cuda = device.type == "cuda"
-        self.use_amx = cpu_attention.use_amx(device, dtype, model.arch.head_dim)
+        self.use_amx = cpu_attention.use_amx(device, kv_dtype or dtype, model.arch.head_dim)
         self.graphs: Optional[DecodeGraphs] = None
         self._last_tokens: Optional[torch.Tensor] = None   # the last launch's samples (S,)
         if self.is_cuda and not enforce_eager:

@@ -265,3 +265,73 @@ def test_smollm2_bf16_follows_fp32_until_a_near_tie(smollm2, record_property):
             f"(fp32 chose {a.token_ids[first]}, bf16 {b.token_ids[first]})")
     record_property("first_divergence", firsts)
     print(f"bf16 vs fp32, first divergence per prompt (of {LONG_RUN} tokens): {firsts}")
+
+
+# ------------------------------------------------------------------ fp32 weights, bf16 KV cache
+# --kv-cache-dtype bfloat16 with --dtype float32 (the CPU's faster GEMMs where bf16 matmul is
+# slow, half the KV bytes): attention runs in bf16, everything else in fp32. The bar is the
+# same teacher-forced one, against transformers in fp32.
+MIXED = dict(dtype="float32", kv_cache_dtype="bfloat16")
+
+
+def assert_bf16_cache(llm: LLM) -> None:
+    assert llm.engine.dtype == torch.float32 and llm.engine.kv_dtype == BF16
+    assert all(c.dtype == BF16 for c in llm.engine.runner.kv_caches)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32_hf(tiny_case):
+    path = tiny_case[0]
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tiny_fp32_with_bf16_kv_agrees_with_transformers(tiny_case, tiny_fp32_hf, mode, amx):
+    path = tiny_case[0]
+    prompts = tiny_prompts(mode)
+    llm = LLM(path, **MIXED, **MODES[mode])
+    assert_bf16_cache(llm)
+    outs = llm.generate(prompts, greedy(NEW_TOKENS))
+    assert_teacher_forced(tiny_fp32_hf, prompts, outs)
+    if mode == "preempt":
+        assert llm.engine.scheduler.num_preemptions > 0
+    if mode == "prefix":
+        again = llm.generate(prompts, greedy(NEW_TOKENS))
+        assert all(o.num_cached_tokens >= 32 for o in again), [o.num_cached_tokens for o in again]
+        assert_teacher_forced(tiny_fp32_hf, prompts, again)
+    llm.engine.check_invariants()
+    assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks
+
+
+@pytest.mark.parametrize("mutant", ["decode-without-newest-token", "kv-write-zeroing-some-keys"])
+def test_bf16_kv_guard_catches_bugs(tiny_case, tiny_fp32_hf, mutant, monkeypatch):
+    owner, name, make_mutant = MUTANTS[mutant]
+    target = owner()
+    monkeypatch.setattr(target, name, make_mutant(getattr(target, name)))
+    prompts = tiny_prompts("default")
+    outs = LLM(tiny_case[0], **MIXED).generate(prompts, greedy(NEW_TOKENS))
+    with pytest.raises(AssertionError, match="bf16 steps below"):
+        assert_teacher_forced(tiny_fp32_hf, prompts, outs)
+
+
+def test_bf16_kv_cache_holds_twice_the_tokens(tiny_case):
+    path = tiny_case[0]
+    fp32 = LLM(path, dtype="float32", kv_cache_memory=0.001)
+    mixed = LLM(path, **MIXED, kv_cache_memory=0.001)
+    # Blocks are whole: the floor of twice the bytes' worth may hold one more.
+    assert mixed.engine.num_blocks in (2 * fp32.engine.num_blocks, 2 * fp32.engine.num_blocks + 1)
+
+
+@pytest.mark.slow
+def test_smollm2_fp32_with_bf16_kv_agrees_with_transformers(smollm2):
+    """Chunked prefill and preemption, then a second pass that hits the prefix cache."""
+    prompts, hf32, _ = smollm2
+    llm = LLM(**MIXED, **SMOLLM2_ENGINE)
+    assert_bf16_cache(llm)
+    outs = llm.generate(prompts, greedy(NEW_TOKENS))
+    assert_teacher_forced(hf32, prompts, outs)
+    assert llm.engine.scheduler.num_preemptions > 0
+    again = llm.generate(prompts, greedy(NEW_TOKENS))
+    assert any(o.num_cached_tokens > 0 for o in again)
+    assert_teacher_forced(hf32, prompts, again)
+    assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from pagoda.bench import vllm_peer
 from pagoda.bench.throughput import agreement
@@ -111,3 +112,14 @@ def test_agreement_counts_requests_with_the_same_first_ids():
     theirs = [[1, 2, 3], [4, 5, 0], [0, 8, 9]]
     got = agreement(ours, theirs)
     assert got["requests"] == 3 and got["same_first_id"] == 2 and got["same_first_ids"] == 1
+
+
+def test_vllm_dtype_defaults_to_pagodas_and_names_a_bad_one():
+    import argparse
+
+    from pagoda.bench import throughput
+    assert throughput.vllm_dtype(argparse.Namespace(vllm_dtype=None), torch.float32) is torch.float32
+    assert (throughput.vllm_dtype(argparse.Namespace(vllm_dtype="bfloat16"), torch.float32)
+            is torch.bfloat16)
+    with pytest.raises(VllmPeerError, match="--vllm-dtype 'int4'"):
+        throughput.vllm_dtype(argparse.Namespace(vllm_dtype="int4"), torch.float32)

@@ -5,7 +5,7 @@ import torch
 
 from pagoda.config import CacheConfig, SchedulerConfig
 from pagoda.models.config import ModelArch, UnsupportedModelError
-from pagoda.models.loader import load_model, resolve_dtype
+from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
 
 BASE = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
@@ -60,3 +60,40 @@ def test_config_validation():
         SchedulerConfig(max_num_seqs=0)
     assert SchedulerConfig(8, 4, 100, enable_chunked_prefill=False).step_token_budget == 100
     assert SchedulerConfig(8, 4, 100, enable_chunked_prefill=True).step_token_budget == 8
+
+
+def test_kv_cache_dtype_choices():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_kv_cache_dtype("auto", torch.float32, cpu) == torch.float32
+    assert resolve_kv_cache_dtype(None, torch.bfloat16, cuda) == torch.bfloat16
+    assert resolve_kv_cache_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+    assert resolve_kv_cache_dtype("bfloat16", torch.bfloat16, cuda) == torch.bfloat16
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp8'"):
+        resolve_kv_cache_dtype("fp8", torch.float32, cpu)
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_kv_cache_dtype("bfloat16", torch.float32, cuda)
+    with pytest.raises(ValueError, match="wider"):
+        resolve_kv_cache_dtype("float32", torch.bfloat16, cpu)
+
+
+@pytest.mark.parametrize("flags, bf16_over_fp32, expected", [
+    ("avx2 fma", 7.0, (torch.float32, torch.float32)),
+    ("avx512f avx512_bf16 amx_bf16", 3.0, (torch.bfloat16, torch.bfloat16)),
+    ("avx512f avx512_bf16", 1.9, (torch.float32, torch.bfloat16)),   # the Xeon without AMX
+    ("avx512f avx512_bf16", 0.6, (torch.bfloat16, torch.bfloat16)),  # bf16 matmuls faster
+])
+def test_dtype_auto_on_the_cpu(monkeypatch, flags, bf16_over_fp32, expected):
+    from pagoda.models import loader
+    monkeypatch.setattr(loader, "cpu_supports_bf16", lambda: "bf16" in flags)
+    monkeypatch.setattr(loader, "cpu_has_amx_bf16", lambda: "amx_bf16" in flags)
+    monkeypatch.setattr(loader, "matmul_seconds",
+                        lambda dtype: bf16_over_fp32 if dtype is torch.bfloat16 else 1.0)
+    loader.auto_cpu_dtypes.cache_clear()
+    try:
+        cpu = torch.device("cpu")
+        weights = resolve_dtype("auto", cpu)
+        assert (weights, resolve_kv_cache_dtype("auto", weights, cpu, dtype_auto=True)) == expected
+        # An explicit --dtype keeps its own dtype for the cache.
+        assert resolve_kv_cache_dtype("auto", torch.float32, cpu) is torch.float32
+    finally:
+        loader.auto_cpu_dtypes.cache_clear()
