@@ -5,6 +5,14 @@ event loop sends commands (add, abort, ...) through a queue and receives outputs
 step, through ``loop.call_soon_threadsafe``. Torch releases the GIL inside its kernels, so the
 HTTP loop keeps serving while a step runs (docs/server.md has the measurement).
 
+The engine is best built on the thread that steps it (:meth:`AsyncEngine.on_own_thread`, what
+``pagoda serve`` does): torch runs its CPU kernels on OpenMP, and GNU OpenMP keeps a pool of
+worker threads per thread that starts parallel regions. An engine built on the main thread and
+stepped on another leaves two pools alive, more OpenMP threads than cores, and libgomp then
+stops its workers from spinning between regions: every kernel pays a futex wake-up. Measured
+on a 2-core AMX Xeon (docs/server.md), oneDNN's bf16 matmuls ran at half speed and a serving
+decode step took twice as long.
+
 Admission control lives here: a bounded waiting queue, by requests and by prompt tokens
 still to compute. An exception inside a step kills the engine: every request in flight fails
 with :class:`EngineDeadError` and so does every later one.
@@ -140,6 +148,7 @@ class AsyncEngine:
     def __init__(self, engine: Any, limits: AdmissionLimits = AdmissionLimits(),
                  metrics: Optional[EngineMetrics] = None) -> None:
         self.engine = engine
+        self._host: Optional[queue.Queue] = None   # on_own_thread: hands the thread its loop
         self.limits = limits
         self.metrics = metrics
         self._inbox: queue.Queue[Command] = queue.Queue()
@@ -157,12 +166,47 @@ class AsyncEngine:
             metrics.update_engine_state(engine)
 
     # -------------------------------------------------------------- lifecycle
+    @classmethod
+    def on_own_thread(cls, make_engine: Callable[[], Any],
+                      limits: AdmissionLimits = AdmissionLimits(),
+                      metrics: Optional[EngineMetrics] = None) -> "AsyncEngine":
+        """Build the engine with ``make_engine()`` on a new thread, which :meth:`start` then
+        has step it (see the module docstring for why). Blocks until it is built; re-raises
+        what building raised."""
+        built: queue.Queue = queue.Queue(maxsize=1)
+        host: queue.Queue = queue.Queue(maxsize=1)
+
+        def run() -> None:
+            try:
+                built.put(make_engine())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                built.put(e)
+                return
+            started = host.get()      # the AsyncEngine once started; None: shut down unstarted
+            if started is not None:
+                started._run()
+
+        thread = threading.Thread(target=run, name="pagoda-engine", daemon=True)
+        thread.start()
+        engine = built.get()
+        if isinstance(engine, BaseException):
+            thread.join()
+            raise engine
+        self = cls(engine, limits, metrics)
+        self._thread, self._host = thread, host
+        return self
+
     def start(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
+        if self._host is not None:        # on_own_thread: the thread that built the engine
+            self._host.put(self)
+            return
         self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        if self._host is not None and self._loop is None:
+            self._host.put(None)          # built but never started: let the thread end
         self._inbox.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -105,3 +106,45 @@ def test_step_failure_kills_and_refuses() -> None:
 
     _run(engine, AdmissionLimits(), body)
     assert engine.closed
+
+
+class ThreadRecordingEngine(FakeEngine):
+    """Notes the thread it is built on and the threads that call into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.built_on = threading.get_ident()
+        self.called_on: set[int] = set()
+
+    def add_request(self, *args: object, **kwargs: object) -> None:
+        self.called_on.add(threading.get_ident())
+        super().add_request(*args, **kwargs)
+
+
+def test_on_own_thread_builds_and_steps_on_one_thread() -> None:
+    """The engine is built on the engine thread, not the caller's, and that same thread
+    serves it (one OpenMP pool: see async_engine's docstring)."""
+    async def main() -> None:
+        ae = AsyncEngine.on_own_thread(ThreadRecordingEngine)
+        engine = ae.engine
+        assert engine.built_on != threading.get_ident()
+        ae.start()
+        try:
+            await ae.add_request("a", [1, 2, 3], SamplingParams())
+            assert engine.called_on == {engine.built_on}
+        finally:
+            ae.shutdown()
+        assert engine.closed
+    asyncio.run(main())
+
+
+def test_on_own_thread_reraises_build_errors_and_ends_unstarted() -> None:
+    def broken() -> FakeEngine:
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine.on_own_thread(broken)
+    ae = AsyncEngine.on_own_thread(FakeEngine)
+    thread = ae._thread
+    ae.shutdown(timeout=5)           # never started: the thread still ends
+    assert not thread.is_alive()

@@ -327,21 +327,29 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: Any) -> FastAPI:
 
     from pagoda.engine.llm_engine import LLMEngine
 
-    if ns.num_threads is not None:
-        torch.set_num_threads(ns.num_threads)
     if logging.getLogger("pagoda").getEffectiveLevel() > logging.INFO:
         logging.getLogger("pagoda").setLevel(logging.INFO)  # say what is being served
-    engine = LLMEngine(engine_args)
-    max_tokens = ns.max_queued_prompt_tokens or engine.num_blocks * engine.block_size
+    threads: list[int] = []
+
+    def make_engine() -> LLMEngine:
+        # On the engine's own thread (AsyncEngine.on_own_thread), where every torch kernel
+        # of the server runs: torch's thread count is that thread's OpenMP setting.
+        if ns.num_threads is not None:
+            torch.set_num_threads(ns.num_threads)
+        threads.append(torch.get_num_threads())
+        return LLMEngine(engine_args)
+
     metrics = EngineMetrics()
-    async_engine = AsyncEngine(engine, AdmissionLimits(ns.max_queued_requests, max_tokens),
-                               metrics)
+    async_engine = AsyncEngine.on_own_thread(make_engine, metrics=metrics)
+    engine = async_engine.engine
+    max_tokens = ns.max_queued_prompt_tokens or engine.num_blocks * engine.block_size
+    async_engine.limits = AdmissionLimits(ns.max_queued_requests, max_tokens)
     config = _server_config(ns, engine, engine_args)
     logger.info("pagoda serve: model %s (%s), dtype %s, KV cache %d blocks x %d = %d tokens, "
                 "max_model_len %d, %d torch threads, listening on http://%s:%d",
                 config.model_names[0], engine_args.model or "bundled", engine.dtype,
                 engine.num_blocks, engine.block_size, engine.num_blocks * engine.block_size,
-                engine.max_model_len, torch.get_num_threads(), ns.host, ns.port)
+                engine.max_model_len, threads[0], ns.host, ns.port)
     return build_app(async_engine, config, metrics)
 
 
