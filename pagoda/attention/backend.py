@@ -13,7 +13,9 @@ then each query sees exactly its own sequence's tokens ``[0, context_len)``.
 
 A KV cache in a narrower dtype than the model's (``--kv-cache-dtype bfloat16`` with fp32
 weights, CPU only) runs the layer's attention in the cache's dtype: q, k and v are rounded to
-it, and the output is widened back. Decode then reads half the bytes per cached token.
+it, and the output is widened back. Decode then reads half the bytes per cached token. An fp8
+cache (``--kv-cache-dtype fp8``, e4m3, CPU only) stores only K and V rounded; the queries and
+the arithmetic keep the model's dtype, and decode reads one byte per value.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D); kv_cache: (2, num_blocks, block_size, Hkv, D).
     Returns (T, H, D)."""
-    if kv_cache.dtype != q.dtype:
+    if kv_cache.dtype != q.dtype and kv_cache.dtype != torch_ref.FP8:
         narrow = kv_cache.dtype
         return paged_attention(q.to(narrow), k.to(narrow), v.to(narrow), kv_cache, meta,
                                scale).to(q.dtype)

@@ -4,13 +4,15 @@ One layer's attention over a mixed batch, in three calls into the extension buil
 ``cpu_decode.py``:
 
 1. the KV write: each new token's K/V row copied to its ``slot_mapping`` slot
-   (``csrc/kv_write.cpp``), for the whole batch before any row attends;
+   (``csrc/kv_write.cpp``; rounded to e4m3 for an fp8 cache), for the whole batch before any
+   row attends;
 2. decode rows: the flash-decoding kernel (``csrc/paged_decode.cpp``), which streams each
    sequence's K/V rows once for all query heads of a KV head;
 3. prefill chunks: on CPUs with AMX and bf16 activations, one call of the AMX kernel
    (``csrc/amx_attention.cpp``: FlashAttention-style, the two products on the tile unit) for
-   every chunk of the step, reading the context through the block tables; elsewhere the
-   PyTorch reference (fused SDPA per chunk).
+   every chunk of the step, reading the context through the block tables (an fp8 cache is
+   widened to bf16 as it is read, a fresh chunk's own K/V included); elsewhere the PyTorch
+   reference (fused SDPA per chunk).
 
 Invariant (the reference's, ``torch_ref.py``): new K/V are written first, then a query at
 position ``p`` of a sequence sees exactly that sequence's tokens ``[0, p]``.
@@ -60,6 +62,13 @@ def use_amx(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = 
     return dtype == torch.bfloat16 and use_cpu_kernels(device) and _amx_enabled()
 
 
+def amx_prefill(device: torch.device, q_dtype: torch.dtype, kv_dtype: torch.dtype,
+                head_dim: Optional[int] = None) -> bool:
+    """True when prefill chunks with queries of ``q_dtype`` over a cache of ``kv_dtype`` go
+    to the AMX kernel: bf16 queries over a bf16 or an fp8 (e4m3) cache."""
+    return kv_dtype in (q_dtype, torch_ref.FP8) and use_amx(device, q_dtype, head_dim)
+
+
 def backend_name() -> str:
     """For logs and benchmark reports."""
     prefill = "amx-prefill" if _amx_enabled() else "sdpa"
@@ -79,7 +88,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                           meta.decode_seq_lens, scale, out=out[:d])
     if not meta.prefills:
         return out
-    if use_amx(q.device, q.dtype, q.shape[-1]):
+    if amx_prefill(q.device, q.dtype, kv_cache.dtype, q.shape[-1]):
         packed: Optional[PackedPrefills] = (getattr(meta, "packed_prefills", None)
                                             or pack_prefills(meta, q.device))
         first = meta.prefills[0].query_start

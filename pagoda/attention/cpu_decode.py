@@ -47,7 +47,7 @@ _EXT_NAME = "pagoda_paged_decode"
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "fused_ops.cpp", _CSRC / "kv_write.cpp",
             _CSRC / "amx_attention.cpp", _CSRC / "gumbel_sample.cpp")
-_HEADERS = (_CSRC / "bf16.h",)  # not compiled on their own, but part of the build's hash
+_HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")  # not compiled on their own, but part of the build's hash
 _OK_MARKER = ".pagoda-build-ok"
 _FAILED_MARKER = ".pagoda-build-failed"
 _STALE_LOCK_S = 15 * 60  # a build lock older than this was left by a killed build
@@ -89,7 +89,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Decode attention of one query token per sequence over its paged context.
 
-    q: (B, H, D), dtype of the cache; kv_cache: (2, num_blocks, block_size, Hkv, D) with K at
+    q: (B, H, D), dtype of the cache (over a ``float8_e4m3fn`` cache: bfloat16 or float32);
+    kv_cache: (2, num_blocks, block_size, Hkv, D) with K at
     index 0 and V at 1 (any strides but a contiguous head dim); block_tables: (B, W) int64,
     padded arbitrarily past each sequence's blocks; seq_lens: (B,) int64, the context length
     including the new token (1 <= seq_lens[b] <= W * block_size). Query head ``h`` attends with

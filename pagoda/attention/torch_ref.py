@@ -4,6 +4,11 @@ backend, correct on CPU and CUDA.
 K/V are read only through block tables. Invariant: before attending, each new token's K/V is
 written to ``slot_mapping``, so a query sees exactly the tokens ``[0, context_len)`` of its
 own sequence and nothing from padding or other requests.
+
+An fp8 cache (``torch.float8_e4m3fn``, ``--kv-cache-dtype fp8``) stores K/V rounded to e4m3
+(saturating at +-448, no scale); what is read from it is widened to the queries' dtype. A
+prefill chunk with nothing cached before it attends over its own K/V as computed (unrounded);
+the AMX kernel reads even those back from the cache, rounded.
 """
 from __future__ import annotations
 
@@ -13,10 +18,24 @@ import torch.nn.functional as F
 from pagoda.attention.metadata import AttentionMetadata
 
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: fp8 rounds to nearest even, saturating at +-448."""
+    if dtype == FP8:
+        return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x.to(dtype)
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new K/V. kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k, v = to_cache_dtype(k, kv_cache.dtype), to_cache_dtype(v, kv_cache.dtype)
+    if kv_cache.dtype == FP8:   # index_copy_ has no fp8 kernel: copy the bytes
+        kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
@@ -57,7 +76,7 @@ def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: tor
     """A query chunk after ``context_len - Q`` cached tokens. q: (Q, H, D) -> (Q, H, D)."""
     k = _gather_context(kv_cache[0], block_table)[:context_len]   # (C, Hkv, D)
     v = _gather_context(kv_cache[1], block_table)[:context_len]
-    return _causal_attention(q, k, v, scale)
+    return _causal_attention(q, k.to(q.dtype), v.to(q.dtype), scale)
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -87,8 +106,8 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     """One query per sequence, all sequences in one batched matmul. q: (B, H, D)."""
     batch, num_heads, head_dim = q.shape
     tables = meta.decode_block_tables[:, :_cdiv(meta.decode_max_seq_len, meta.block_size)]
-    k = _gather_context(kv_cache[0], tables)                        # (B, L, Hkv, D)
-    v = _gather_context(kv_cache[1], tables)
+    k = _gather_context(kv_cache[0], tables).to(q.dtype)            # (B, L, Hkv, D)
+    v = _gather_context(kv_cache[1], tables).to(q.dtype)
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
     qg = q.view(batch, num_kv_heads, group, head_dim)               # (B, Hkv, G, D)

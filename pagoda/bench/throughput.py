@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from pagoda.bench import flops, vllm_peer
+from pagoda.bench import flops, phases, vllm_peer
 from pagoda.bench.vllm_peer import VllmPeer, VllmPeerError, VllmRound
 from pagoda.models.loader import DTYPES
 from pagoda.sampling import SamplingParams
@@ -455,12 +455,31 @@ def print_machine(info: dict) -> None:
     print(row("load average (1 min)", f"{info['load_average'][0]:.2f} at start"))
 
 
-def print_limits(limits: dict, engine_dtype: torch.dtype) -> None:
+def print_limits(limits: dict, engine_dtype: torch.dtype,
+                 read_bytes_per_s: Optional[float] = None) -> None:
     print("== matmul FLOP/s (torch, best of shapes) ==")
     for name, m in limits.items():
         print(row(f"{name} GFLOP/s", f"{m['best_flops_per_s'] / 1e9:.1f}  "
                                      f"(best shape {m['best_shape']})"))
     print(row("limit dtype", dtype_name(engine_dtype)))
+    if read_bytes_per_s is not None:
+        print(row("memory read GB/s", f"{read_bytes_per_s / 1e9:.1f}  "
+                                      "(sum of a 1 GiB fp32 buffer)"))
+
+
+def print_phases(p: dict) -> None:
+    """Prefill against the matmul limit, decode against memory bandwidth (bench/phases.py)."""
+    print("== phases of the run, each against its own limit ==")
+    if p.get("prefill_steps"):
+        print(row("prefill steps / s", f"{p['prefill_steps']} / {p['prefill_s']:.2f}"))
+        print(row("prefill GFLOP/s", f"{p['prefill_flops_per_s'] / 1e9:.1f}  "
+                                     f"({100 * p['prefill_fraction_of_limit']:.1f} % of the "
+                                     "matmul limit)"))
+    if p.get("decode_steps"):
+        print(row("decode steps / s", f"{p['decode_steps']} / {p['decode_s']:.2f}"))
+        print(row("decode GB/s", f"{p['decode_bytes_per_s'] / 1e9:.1f}  "
+                                 f"({100 * p['decode_fraction_of_limit']:.1f} % of memory read "
+                                 "bandwidth; weights + KV per step)"))
 
 
 def print_workload(ns: argparse.Namespace, work: Workload) -> None:
@@ -577,6 +596,7 @@ def main(ns: argparse.Namespace) -> int:
     on_gpu = engine.device.type == "cuda"
     limits: Optional[dict] = None
     limit: Optional[float] = None
+    read_bw: Optional[float] = None
     if on_gpu:
         from pagoda.bench import gpu
 
@@ -585,7 +605,8 @@ def main(ns: argparse.Namespace) -> int:
         print_gpu(machine["gpu"], bandwidth)
     else:
         limits = measure_limits(arch, engine_args, dtype)
-        print_limits(limits, dtype)
+        read_bw = phases.read_bytes_per_s()
+        print_limits(limits, dtype, read_bw)
         limit = limits[dtype_name(dtype)]["best_flops_per_s"]
 
     work = make_workload(ns.num_prompts, input_len, output_len, arch.vocab_size, ns.data_seed)
@@ -600,6 +621,7 @@ def main(ns: argparse.Namespace) -> int:
             return 1
     first_ids: list[list[int]] = []
     decode: Optional[dict] = None
+    phase: Optional[dict] = None
     try:
         if on_gpu:
             with gpu.DecodeStepMonitor(engine.runner) as monitor:
@@ -607,7 +629,10 @@ def main(ns: argparse.Namespace) -> int:
             decode = gpu.summarize(monitor.steps, arch, dtype, bandwidth)
             del monitor   # it holds the runner (and its KV cache): free both before HF
         else:
-            elapsed, first_ids = timed_pagoda(llm, work)
+            with phases.StepMonitor(engine.runner, shape) as steps:
+                elapsed, first_ids = timed_pagoda(llm, work)
+            phase = phases.summarize(steps.steps, arch, dtype, engine.kv_dtype, shape, limit,
+                                     read_bw)
     except RuntimeError as e:
         print(f"pagoda: error: {e}", file=sys.stderr)
         if peer is not None:
@@ -623,6 +648,9 @@ def main(ns: argparse.Namespace) -> int:
     print(row("load average after", result["load_average_after"]))
     print(row("scheduling", "async (one step ahead)" if engine.async_scheduling
               else "synchronous steps"))
+    if phase is not None:
+        result["phases"] = phase
+        print_phases(phase)
     batch1: Optional[dict] = None
     if on_gpu:
         result["decode"] = decode
@@ -637,7 +665,8 @@ def main(ns: argparse.Namespace) -> int:
                            "output_len": list(output_len), "data_seed": ns.data_seed,
                            "prompt_tokens": sum(work.prompt_lens),
                            "output_tokens": sum(work.output_lens)},
-              "matmul": limits, "limit_flops_per_s": limit, "pagoda": result, "hf": None,
+              "matmul": limits, "limit_flops_per_s": limit,
+              "memory_read_bytes_per_s": read_bw, "pagoda": result, "hf": None,
               "vllm": None,
               "batch1_decode": batch1,
               "attention_backend": _backend_name(engine.device),

@@ -35,7 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "weights with a bf16 KV cache where bf16 matmuls measure slower)")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
                    help="auto (the model's dtype) | bfloat16: with fp32 weights on the CPU, "
-                        "a bf16 KV cache (half the bytes per cached token)")
+                        "a bf16 KV cache (half the bytes per cached token) | fp8 (fp8_e4m3): "
+                        "CPU, K/V rounded to e4m3, one byte per value (docs/models.md)")
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     g.add_argument("--block-size", type=int, default=d.block_size)
     g.add_argument("--kv-cache-memory", type=float, default=None,

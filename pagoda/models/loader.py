@@ -62,23 +62,32 @@ def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> t
     return DTYPES[dtype]
 
 
+# fp8 KV caches: e4m3 (3 mantissa bits, up to +-448), unscaled (docs/models.md).
+FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+
+
 def resolve_kv_cache_dtype(kv_cache_dtype: Optional[str], model_dtype: torch.dtype,
                            device: torch.device, dtype_auto: bool = False) -> torch.dtype:
     """--kv-cache-dtype: "auto" is the model's dtype, or, where ``--dtype auto`` chose the
-    weights on the CPU, the KV dtype chosen with them; a narrower one is CPU-only for now."""
+    weights on the CPU, the KV dtype chosen with them; a narrower one (bfloat16 under fp32
+    weights, or fp8 = e4m3 under bf16 or fp32 ones) is CPU-only for now."""
     if kv_cache_dtype is None or kv_cache_dtype == "auto":
         if dtype_auto and device.type == "cpu" and auto_cpu_dtypes()[0] == model_dtype:
             return auto_cpu_dtypes()[1]
         return model_dtype
-    if kv_cache_dtype not in DTYPES:
+    names = {**DTYPES, **FP8_KV_DTYPES}
+    if kv_cache_dtype not in names:
         raise ValueError(f"unsupported kv_cache_dtype {kv_cache_dtype!r}; choose from "
-                         f"{sorted(set(DTYPES) | {'auto'})}")
-    dtype = DTYPES[kv_cache_dtype]
+                         f"{sorted(set(names) | {'auto'})}")
+    dtype = names[kv_cache_dtype]
     if dtype == model_dtype:
         return dtype
     if device.type != "cpu":
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} differs from the model's dtype "
                          f"{model_dtype}: supported on the CPU only")
+    if dtype == torch.float8_e4m3fn and model_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} needs bfloat16 or float32 "
+                         f"weights, not {model_dtype}")
     if dtype.itemsize > model_dtype.itemsize:
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is wider than the model's dtype "
                          f"{model_dtype}: it would only cost memory")

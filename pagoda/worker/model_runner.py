@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from pagoda.attention import backend, cpu_attention
+from pagoda.attention import backend, cpu_attention, torch_ref
 from pagoda.attention.metadata import (AttentionMetadata, DeviceAttentionMetadata,
                                        PackedPrefills, PrefillChunk, pack_prefills)
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
@@ -117,7 +117,11 @@ class ModelRunner:
                                            device)
         self.states: dict[str, CachedRequestState] = {}
         self.is_cuda = device.type == "cuda"
-        self.use_amx = cpu_attention.use_amx(device, kv_dtype or dtype, model.arch.head_dim)
+        # Attention computes in the cache's dtype when it is a narrower float (bf16 under fp32
+        # weights); over an fp8 cache, in the model's.
+        kv = kv_dtype or dtype
+        attn_dtype = dtype if kv == torch_ref.FP8 else kv
+        self.use_amx = cpu_attention.amx_prefill(device, attn_dtype, kv, model.arch.head_dim)
         self.graphs: Optional[DecodeGraphs] = None
         self._last_tokens: Optional[torch.Tensor] = None   # the last launch's samples (S,)
         if self.is_cuda and not enforce_eager:

@@ -76,6 +76,15 @@ def test_tiny_end_to_end(tmp_path: Path) -> None:
     for key in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s", "peak_rss_mib",
                 "fraction_of_limit", "limit_output_tokens_per_s"):
         assert result[key] > 0
+    assert report["memory_read_bytes_per_s"] > 0
+    phase = result["phases"]
+    prompts = make_workload(4, (8, 16), (4, 8), 384, seed=0)
+    # Every output token but each request's first (sampled by its prefill step) is a decode.
+    assert phase["prefill_steps"] >= 1 and phase["decode_steps"] >= 1
+    assert phase["decode_tokens"] <= expected - len(prompts.prompts)
+    assert phase["prefill_s"] + phase["decode_s"] <= result["elapsed_s"]
+    for key in ("prefill_fraction_of_limit", "decode_fraction_of_limit"):
+        assert 0 < phase[key]
 
 
 def test_bad_range_returns_error_status(capsys: pytest.CaptureFixture) -> None:
@@ -115,3 +124,34 @@ def test_prefix_bench_tiny_run_counts_hits_exactly(tmp_path: Path) -> None:
     assert on["computed_flops"] < off["computed_flops"]
     for key in ("ttft_mean_off_over_on", "ttft_p99_off_over_on", "throughput_on_over_off"):
         assert report["shared_ratios"][key] > 0
+
+
+def test_phase_accounting_by_hand() -> None:
+    """A prefill step (two prompts) and a decode step, summed against their own limits."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pagoda.bench import phases
+
+    shape = flops.ModelShape(params_non_embedding=1000, hidden_size=8, vocab_size=10,
+                             num_layers=2, num_heads=2, head_dim=4)
+    new = [SimpleNamespace(request_id="a", num_computed_tokens=0),
+           SimpleNamespace(request_id="b", num_computed_tokens=2)]
+    sched = SimpleNamespace(new_requests=new, cached_requests=[],
+                            num_scheduled_tokens={"a": 3, "b": 1})
+    seqs, tokens, context, attention = phases._step_shape(sched, shape)
+    # a: positions 1..3 (6), b: position 3 (3); 4 * 2 * 4 * 2 = 64 per position.
+    assert (seqs, tokens, context, attention) == (2, 4, 6, 64 * 9)
+    arch = SimpleNamespace(num_params_non_embedding=1000, vocab_size=10, hidden_size=8,
+                           num_layers=2, num_kv_heads=1, head_dim=4)
+    steps = [phases.Step(2, 4, 6, 64 * 9, seconds=0.5), phases.Step(2, 2, 10, 64 * 10, 0.25)]
+    got = phases.summarize(steps, arch, torch.float32, torch.bfloat16, shape,
+                           limit_flops_per_s=1e4, read_limit_bytes_per_s=1e5)
+    prefill_flops = 2 * 1000 * 4 + 64 * 9 + 2 * 8 * 10 * 2
+    assert got["prefill_flops"] == prefill_flops
+    assert got["prefill_fraction_of_limit"] == pytest.approx(prefill_flops / 0.5 / 1e4)
+    # weights (1000 + 10 * 8) fp32, then 10 context tokens x 2 layers x K,V x 4 dims x bf16
+    decode_bytes = 4 * 1080 + 10 * 2 * 2 * 4 * 2
+    assert got["decode_bytes"] == decode_bytes
+    assert got["decode_fraction_of_limit"] == pytest.approx(decode_bytes / 0.25 / 1e5)

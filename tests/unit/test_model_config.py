@@ -68,8 +68,15 @@ def test_kv_cache_dtype_choices():
     assert resolve_kv_cache_dtype(None, torch.bfloat16, cuda) == torch.bfloat16
     assert resolve_kv_cache_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
     assert resolve_kv_cache_dtype("bfloat16", torch.bfloat16, cuda) == torch.bfloat16
-    with pytest.raises(ValueError, match="kv_cache_dtype 'fp8'"):
-        resolve_kv_cache_dtype("fp8", torch.float32, cpu)
+    fp8 = torch.float8_e4m3fn
+    assert resolve_kv_cache_dtype("fp8", torch.float32, cpu) == fp8
+    assert resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, cpu) == fp8
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp8_e5m2'"):
+        resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16, cpu)
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_kv_cache_dtype("fp8", torch.bfloat16, cuda)
+    with pytest.raises(ValueError, match="bfloat16 or float32 weights"):
+        resolve_kv_cache_dtype("fp8", torch.float16, cpu)
     with pytest.raises(ValueError, match="CPU only"):
         resolve_kv_cache_dtype("bfloat16", torch.float32, cuda)
     with pytest.raises(ValueError, match="wider"):

@@ -19,7 +19,8 @@
 // Then, per tile of 16 rows and per block of 64 keys: scores on the tiles, the causal mask and
 // online softmax in AVX-512 (fp32; probabilities rounded to bf16 for the second product, as
 // PyTorch's CPU flash attention does), P . V on the tiles, and the fp32 accumulator rescaled.
-// Threads take units dynamically, largest first.
+// Threads take units dynamically, largest first. An fp8 (e4m3) cache is widened to bf16 as the
+// buffers are filled (exactly: e4m3 values are bf16 values), so the products are unchanged.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -31,6 +32,8 @@
 #include <limits>
 #include <memory>
 #include <vector>
+
+#include "fp8.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
     defined(__linux__)
@@ -74,7 +77,8 @@ struct Problem {
   int64_t H, Hkv, G, D, block_size, W, num_blocks;
   const uint16_t* q;
   uint16_t* out;
-  const uint16_t* cache;
+  const char* cache;                     // bf16, or fp8 e4m3 when fp8
+  bool fp8;
   const int64_t* query_start;
   const int64_t* context_lens;
   const int64_t* block_tables;
@@ -111,9 +115,25 @@ struct Buffers {
   int64_t pos[kRows];
 };
 
-inline const uint16_t* key_row(const Problem& P, int64_t n, int64_t h, int64_t t) {
+// The K row of token t (its V row is kv_offset bytes on): bytes of the cache's dtype.
+template <bool FP8>
+inline const char* key_row(const Problem& P, int64_t n, int64_t h, int64_t t) {
   const int64_t block = P.block_tables[n * P.W + t / P.block_size];
-  return P.cache + block * P.c_sblk + (t % P.block_size) * P.c_stok + h * P.D;
+  const int64_t elem = FP8 ? 1 : 2;
+  return P.cache + (block * P.c_sblk + (t % P.block_size) * P.c_stok + h * P.D) * elem;
+}
+
+// Dims [32c, 32c + 32) of a row as 32 bf16.
+template <bool FP8>
+inline __m512i load32(const char* row, int64_t c) {
+  if constexpr (FP8) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * c));
+    const __m512 lo = pagoda_fp8::widen16(_mm256_castsi256_si128(b));
+    const __m512 hi = pagoda_fp8::widen16(_mm256_extracti128_si256(b, 1));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);   // exact: e4m3 values are bf16 values
+  } else {
+    return _mm512_loadu_si512(row + 64 * c);
+  }
 }
 
 // 16 x 16 transpose of 32-bit words: rows r[0..15] -> columns, in place.
@@ -144,28 +164,31 @@ inline void transpose16(__m512i r[16]) {
 // Kt and Vt for keys [0, nkeys) of (n, h), zero-padded to a whole key block.
 //   Kt: group g (keys 16g..), chunk c (dims 32c..): 16 rows (dim pairs) x 16 keys x 2 bf16.
 //   Vt: block b (keys 32b..), group e (dims 16e..): 16 rows (key pairs) x 16 dims x 2 bf16.
+template <bool FP8>
 void transform_kv(const Problem& P, int64_t n, int64_t h, int64_t nkeys, Buffers& buf) {
   const int64_t D = P.D, chunks = D / 32, padded = (nkeys + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+  const int64_t kv_offset = P.c_skv * (FP8 ? 1 : 2);   // bytes from a K row to its V row
   uint16_t* kt = buf.kt;
   uint16_t* vt = buf.vt;
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t g = 0; g < padded / 16; ++g) {
-    const uint16_t* rows[16];
+    const char* rows[16];
     for (int64_t t = 0; t < 16; ++t) {
       const int64_t key = 16 * g + t;
-      rows[t] = key < nkeys ? key_row(P, n, h, key) : nullptr;
+      rows[t] = key < nkeys ? key_row<FP8>(P, n, h, key) : nullptr;
     }
     if (16 * g + 16 < nkeys) {  // prefetch the next group's rows
       for (int64_t t = 0; t < 16; ++t) {
-        const uint16_t* k = key_row(P, n, h, 16 * g + 16 + t < nkeys ? 16 * g + 16 + t : nkeys - 1);
-        _mm_prefetch(reinterpret_cast<const char*>(k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(k + P.c_skv), _MM_HINT_T0);
+        const int64_t key = 16 * g + 16 + t < nkeys ? 16 * g + 16 + t : nkeys - 1;
+        const char* k = key_row<FP8>(P, n, h, key);
+        _mm_prefetch(k, _MM_HINT_T0);
+        _mm_prefetch(k + kv_offset, _MM_HINT_T0);
       }
     }
     for (int64_t c = 0; c < chunks; ++c) {
       __m512i r[16];
       for (int t = 0; t < 16; ++t)
-        r[t] = rows[t] ? _mm512_loadu_si512(rows[t] + 32 * c) : zero;
+        r[t] = rows[t] ? load32<FP8>(rows[t], c) : zero;
       transpose16(r);
       uint16_t* dst = kt + (g * chunks + c) * kTileElems;
       for (int k = 0; k < 16; ++k) _mm512_store_si512(dst + 32 * k, r[k]);
@@ -179,11 +202,11 @@ void transform_kv(const Problem& P, int64_t n, int64_t h, int64_t nkeys, Buffers
                                             50, 18, 49, 17, 48, 16);
     const int64_t block = g / 2, pair0 = (g % 2) * 8;
     for (int64_t j = 0; j < 8; ++j) {
-      const uint16_t* a = rows[2 * j] ? rows[2 * j] + P.c_skv : nullptr;
-      const uint16_t* b = rows[2 * j + 1] ? rows[2 * j + 1] + P.c_skv : nullptr;
+      const char* a = rows[2 * j] ? rows[2 * j] + kv_offset : nullptr;
+      const char* b = rows[2 * j + 1] ? rows[2 * j + 1] + kv_offset : nullptr;
       for (int64_t c = 0; c < chunks; ++c) {
-        const __m512i va = a ? _mm512_loadu_si512(a + 32 * c) : zero;
-        const __m512i vb = b ? _mm512_loadu_si512(b + 32 * c) : zero;
+        const __m512i va = a ? load32<FP8>(a, c) : zero;
+        const __m512i vb = b ? load32<FP8>(b, c) : zero;
         uint16_t* d0 = vt + (block * (D / 16) + 2 * c) * kTileElems + (pair0 + j) * 32;
         _mm512_store_si512(d0, _mm512_permutex2var_epi16(va, lo_idx, vb));
         _mm512_store_si512(d0 + kTileElems, _mm512_permutex2var_epi16(va, hi_idx, vb));
@@ -375,7 +398,11 @@ void run_tile(const Problem& P, const Unit& u, int64_t t0, int64_t rows, Buffers
 void run_unit(const Problem& P, const Unit& u, Buffers& buf) {
   const int64_t qlen = P.query_start[u.n + 1] - P.query_start[u.n];
   const int64_t last_pos = P.context_lens[u.n] - qlen + (u.r1 - 1) / P.G;
-  transform_kv(P, u.n, u.h, last_pos + 1, buf);
+  if (P.fp8) {
+    transform_kv<true>(P, u.n, u.h, last_pos + 1, buf);
+  } else {
+    transform_kv<false>(P, u.n, u.h, last_pos + 1, buf);
+  }
   for (int64_t t0 = u.r0; t0 < u.r1; t0 += kRows)
     run_tile(P, u, t0, std::min<int64_t>(kRows, u.r1 - t0), buf);
 }
@@ -400,8 +427,10 @@ bool available() {
 void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor query_start,
                      at::Tensor context_lens, at::Tensor block_tables, double scale) {
   TORCH_CHECK(available(), "AMX is not available on this CPU or was refused by the kernel");
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
-                  kv_cache.scalar_type() == at::kBFloat16, "q, out and kv_cache must be bfloat16");
+                  (kv_cache.scalar_type() == at::kBFloat16 || fp8),
+              "q and out must be bfloat16, kv_cache bfloat16 or float8_e4m3fn");
   TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes(), "q and out must be (T, H, D)");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "kv_cache must be contiguous (2, num_blocks, block_size, Hkv, D)");
@@ -421,7 +450,7 @@ void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tens
   Problem P{H, Hkv, H / Hkv, D, kv_cache.size(2), block_tables.size(1), kv_cache.size(1),
             reinterpret_cast<const uint16_t*>(q.data_ptr()),
             reinterpret_cast<uint16_t*>(out.data_ptr()),
-            reinterpret_cast<const uint16_t*>(kv_cache.data_ptr()),
+            static_cast<const char*>(kv_cache.data_ptr()), fp8,
             query_start.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
             block_tables.data_ptr<int64_t>(), q.stride(0), out.stride(0),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),

@@ -27,6 +27,8 @@
 //    reduced together by a transposing shuffle tree; with AVX512-BF16, q.k of bf16 data uses
 //    vdpbf16ps (exact bf16 products, fp32 sums).
 // The build picks whichever the compiler flags allow (-march=native where it works).
+// An fp8 e4m3 cache (--kv-cache-dtype fp8) holds one byte per value under bf16 or fp32 queries:
+// rows are widened to fp32 as they are loaded (fp8.h), and the products run in fp32.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -35,6 +37,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "bf16.h"
+#include "fp8.h"
 
 #include <algorithm>
 #include <atomic>
@@ -100,6 +103,16 @@ struct Conv<uint16_t> {
   }
   static inline void store(uint16_t* dst, const float* src, float mul, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16_bits(src[i] * mul);
+  }
+};
+
+// fp8 e4m3 (a --kv-cache-dtype fp8 cache; rows are only read, never stored).
+template <>
+struct Conv<uint8_t> {
+  static inline const float* load(const uint8_t* __restrict src, float* __restrict buf,
+                                  int64_t n) {
+    for (int64_t i = 0; i < n; ++i) buf[i] = pagoda_fp8::to_f32(src[i]);
+    return buf;
   }
 };
 
@@ -265,10 +278,11 @@ struct Scratch {
 };
 
 // Portable tile kernels: plain loops that compilers auto-vectorise. KD: head dim or 0.
-template <typename T, int KD>
+// T: the cache's element type; Q: the queries' (the same, or bf16 / fp32 over an fp8 cache).
+template <typename T, int KD, typename Q = T>
 struct GenericKernel {
-  static void load_q(const T* qrow, float scale, float* qf, Scratch& s, int64_t D) {
-    const float* src = Conv<T>::load(qrow, s.kbuf, D);
+  static void load_q(const Q* qrow, float scale, float* qf, Scratch& s, int64_t D) {
+    const float* src = Conv<Q>::load(qrow, s.kbuf, D);
     for (int64_t d = 0; d < D; ++d) qf[d] = src[d] * scale;
   }
   // scores[g * TILE + i] = q_g . k_i (k_i = krow[i] + hoff), each K row loaded once for all
@@ -330,6 +344,12 @@ struct Load512<c10::Half> {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
 };
+template <>
+struct Load512<uint8_t> {  // fp8 e4m3, widened exactly (fp8.h)
+  static inline __m512 at(const uint8_t* p) {
+    return pagoda_fp8::widen16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
 
 // exp(x) as in exp_poly, 16 lanes; the exponent is applied with vscalefps. NaN propagates.
 inline __m512 exp512(__m512 x) {
@@ -378,24 +398,25 @@ inline __mmask16 lanes_below(int64_t n) {  // mask of the first min(n, 16) lanes
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-template <typename T, int NC>
+// T: the cache's element type; Q: the queries' (the same, or bf16 / fp32 over an fp8 cache).
+template <typename T, int NC, typename Q = T>
 struct Avx512Kernel {
   static constexpr int64_t D = 16 * NC;
 #if defined(__AVX512BF16__)
   // bf16 caches: q . k with vdpbf16ps straight on the bf16 rows (products of two bf16 are
   // exact in fp32, sums are fp32), no widening of K; the scale is applied to the sums.
-  static constexpr bool kDpBf16 = std::is_same_v<T, uint16_t>;
+  static constexpr bool kDpBf16 = std::is_same_v<T, uint16_t> && std::is_same_v<Q, uint16_t>;
 #else
   static constexpr bool kDpBf16 = false;
 #endif
 
-  static void load_q(const T* qrow, float scale, float* qf, Scratch&, int64_t) {
+  static void load_q(const Q* qrow, float scale, float* qf, Scratch&, int64_t) {
     if constexpr (kDpBf16) {
       std::memcpy(qf, qrow, D * sizeof(uint16_t));  // raw bf16, unscaled
     } else {
       const __m512 vs = _mm512_set1_ps(scale);
       for (int c = 0; c < NC; ++c) {
-        _mm512_storeu_ps(qf + 16 * c, _mm512_mul_ps(Load512<T>::at(qrow + 16 * c), vs));
+        _mm512_storeu_ps(qf + 16 * c, _mm512_mul_ps(Load512<Q>::at(qrow + 16 * c), vs));
       }
     }
   }
@@ -800,9 +821,9 @@ PAGODA_ALWAYS_INLINE void prefetch_tokens(const Problem& P, const T* cache, cons
   }
 }
 
-template <typename T, typename K>
-void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, const T* q,
-              const T* cache, T* out, Scratch& s, float* part_m, float* part_l,
+template <typename T, typename K, typename Q>
+void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, const Q* q,
+              const T* cache, Q* out, Scratch& s, float* part_m, float* part_l,
               float* part_acc) {
   // A thread's first unit: nothing fetched its start ahead of time.
   if (cold) prefetch_tokens(P, cache, u, u.t0 + TILE, u.t0 + PREFETCH_FAR);
@@ -881,8 +902,8 @@ void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, cons
 
   if (u.part < 0) {
     for (int64_t h = 0; h < nh; ++h) {
-      T* orow = out + u.b * P.o_sb + (hq0 + h) * P.o_sh;
-      Conv<T>::store(orow, s.acc + h * D, 1.0f / s.l[h], D);
+      Q* orow = out + u.b * P.o_sb + (hq0 + h) * P.o_sh;
+      Conv<Q>::store(orow, s.acc + h * D, 1.0f / s.l[h], D);
     }
   } else {
     const int64_t H = P.H;
@@ -894,8 +915,8 @@ void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, cons
   }
 }
 
-template <typename T, typename K>
-void run_all(const Problem& P, const T* q, const T* cache, T* out) {
+template <typename T, typename K, typename Q = T>
+void run_all(const Problem& P, const Q* q, const T* cache, Q* out) {
   const int64_t H = P.H;
   const int64_t D = P.D;
   int64_t total = 0;  // tokens x KV heads to read
@@ -949,7 +970,7 @@ void run_all(const Problem& P, const T* q, const T* cache, T* out) {
     while (cur < nu) {
       const int64_t nxt = counter.fetch_add(1, std::memory_order_relaxed);
       const Unit* next = nxt < nu ? &units[order[nxt]] : nullptr;
-      run_unit<T, K>(P, units[order[cur]], next, cold, q, cache, out, scratch, part_m.data(),
+      run_unit<T, K, Q>(P, units[order[cur]], next, cold, q, cache, out, scratch, part_m.data(),
                      part_l.data(), part_acc.data());
       cur = nxt;
       cold = false;
@@ -976,7 +997,7 @@ void run_all(const Problem& P, const T* q, const T* cache, T* out) {
           L += w * part_l[p * H + h];
           axpy<0>(merged.data(), w, part_acc.data() + (p * H + h) * D, D);
         }
-        Conv<T>::store(out + first.b * P.o_sb + h * P.o_sh, merged.data(), 1.0f / L, D);
+        Conv<Q>::store(out + first.b * P.o_sb + h * P.o_sh, merged.data(), 1.0f / L, D);
       }
     }
     i = j;
@@ -1013,8 +1034,30 @@ void dispatch_dim(const Problem& P, const void* q, const void* cache, void* out,
 #endif
 }
 
+// An fp8 (e4m3) cache under Q (bf16 or fp32) queries and outputs: the AVX-512 tile kernels
+// widen its rows in registers; without AVX-512, the portable ones.
+template <typename Q>
+void dispatch_fp8(const Problem& P, const void* q, const void* cache, void* out, bool portable) {
+  const Q* qt = static_cast<const Q*>(q);
+  const uint8_t* ct = static_cast<const uint8_t*>(cache);
+  Q* ot = static_cast<Q*>(out);
+#if defined(__AVX512F__)
+  if (!portable) switch (P.D) {
+    case 64: return run_all<uint8_t, Avx512Kernel<uint8_t, 4, Q>, Q>(P, qt, ct, ot);
+    case 128: return run_all<uint8_t, Avx512Kernel<uint8_t, 8, Q>, Q>(P, qt, ct, ot);
+    default: break;
+  }
+#endif
+  (void)portable;
+  switch (P.D) {
+    case 64: return run_all<uint8_t, GenericKernel<uint8_t, 64, Q>, Q>(P, qt, ct, ot);
+    case 128: return run_all<uint8_t, GenericKernel<uint8_t, 128, Q>, Q>(P, qt, ct, ot);
+    default: return run_all<uint8_t, GenericKernel<uint8_t, 0, Q>, Q>(P, qt, ct, ot);
+  }
+}
+
 // out: (B, H, D), q: (B, H, D), kv_cache: (2, num_blocks, block_size, Hkv, D), all of one
-// dtype with unit stride in the last dim; block_tables: (B, W) int64 contiguous; seq_lens:
+// dtype (or an fp8 e4m3 cache under bf16 or fp32 q and out) with unit stride in the last dim; block_tables: (B, W) int64 contiguous; seq_lens:
 // (B,) int64 contiguous. Writes every element of out.
 void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
@@ -1026,8 +1069,13 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu() && out.device().is_cpu() &&
                   block_tables.device().is_cpu() && seq_lens.device().is_cpu(),
               "all tensors must be on the CPU");
-  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "q, kv_cache and out must share a dtype");
+  const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn &&
+                   (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat);
+  TORCH_CHECK((q.scalar_type() == kv_cache.scalar_type() || fp8) &&
+                  out.scalar_type() == q.scalar_type(),
+              "q and out must share a dtype, and kv_cache have it too (or be float8_e4m3fn "
+              "under bfloat16 or float32 queries); got q ", q.scalar_type(), ", kv_cache ",
+              kv_cache.scalar_type(), ", out ", out.scalar_type());
   TORCH_CHECK(q.stride(2) == 1 && kv_cache.stride(4) == 1 && out.stride(2) == 1,
               "the head dim must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 &&
@@ -1077,6 +1125,14 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
     }
   }
 
+  if (fp8) {
+    if (q.scalar_type() == at::kFloat) {
+      dispatch_fp8<float>(P, q.data_ptr(), kv_cache.data_ptr(), out.data_ptr(), portable);
+    } else {
+      dispatch_fp8<uint16_t>(P, q.data_ptr(), kv_cache.data_ptr(), out.data_ptr(), portable);
+    }
+    return;
+  }
   switch (q.scalar_type()) {
     case at::kFloat:
       dispatch_dim<float>(P, q.data_ptr(), kv_cache.data_ptr(), out.data_ptr(), portable);

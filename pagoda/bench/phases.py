@@ -1,0 +1,135 @@
+"""Prefill and decode of a CPU run, each against the limit that binds it.
+
+A single FLOP-based fraction hides that the two phases of serving are bound by different
+things. Steps that compute prompt tokens are matmul-bound: their limit is the machine's
+measured matmul FLOP/s. Decode-only steps are memory-bound: each must read every weight once
+(B-row GEMVs) and every running sequence's K/V once, so their limit is the measured memory
+read bandwidth:
+
+    bytes(decode step) = weight bytes (layers + the vocab x hidden logits matrix)
+                       + sum over the B sequences of context_len x KV bytes per token
+
+The monitor wraps the runner's ``launch`` and ``collect`` (instrumentation only) and times
+every step from the previous step's end to its own (host and compute, as synchronous CPU
+steps are); a step's FLOPs follow ``flops.request_flops`` (linears for every computed token,
+causal attention over its context, logits for each sampled row).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from pagoda.bench import flops
+from pagoda.bench.gpu import kv_bytes_per_token, weight_bytes_per_step
+from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
+
+READ_BYTES = 1 << 30     # the buffer summed to measure read bandwidth (past any cache)
+READ_REPEATS = 5
+
+
+def read_bytes_per_s(nbytes: int = READ_BYTES, repeats: int = READ_REPEATS) -> float:
+    """Best-of-``repeats`` rate of summing an fp32 buffer of ``nbytes``: streaming reads on
+    all torch threads, the decode phase's limit."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+@dataclass
+class Step:
+    seqs: int               # sequences scheduled
+    tokens: int             # tokens computed
+    context_tokens: int     # their context lengths summed, this step's tokens included
+    attention_flops: int    # causal attention of the computed tokens
+    seconds: float
+
+    @property
+    def is_decode(self) -> bool:
+        return self.tokens == self.seqs
+
+
+def _step_shape(sched: SchedulerOutput, shape: flops.ModelShape) -> tuple[int, int, int, int]:
+    starts = {r.request_id: r.num_computed_tokens for r in sched.new_requests}
+    starts.update((r.request_id, r.num_computed_tokens) for r in sched.cached_requests)
+    per_pos = 4 * shape.num_heads * shape.head_dim * shape.num_layers
+    context = attention = 0
+    for rid, n in sched.num_scheduled_tokens.items():
+        c0 = starts[rid]
+        context += c0 + n
+        attention += per_pos * (n * c0 + n * (n + 1) // 2)   # positions c0 + 1 .. c0 + n
+    counts = sched.num_scheduled_tokens
+    return len(counts), sum(counts.values()), context, attention
+
+
+@dataclass
+class StepMonitor:
+    """Records every step of ``runner`` while active (a ``with`` block)."""
+    runner: Any
+    shape: flops.ModelShape
+    steps: list[Step] = field(default_factory=list)
+    _launch: Optional[Callable[[SchedulerOutput], Any]] = None
+    _collect: Optional[Callable[[Any], ModelRunnerOutput]] = None
+    _pending: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    _last: Optional[float] = None
+
+    def __enter__(self) -> "StepMonitor":
+        self._launch, self._collect = self.runner.launch, self.runner.collect
+        self.runner.launch, self.runner.collect = self._timed_launch, self._timed_collect
+        self._last = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.runner.launch, self.runner.collect = self._launch, self._collect
+
+    def _timed_launch(self, sched: SchedulerOutput) -> Any:
+        if self._last is None:
+            self._last = time.perf_counter()
+        handle = self._launch(sched)
+        if not sched.is_empty:
+            self._pending[id(handle)] = _step_shape(sched, self.shape)
+        return handle
+
+    def _timed_collect(self, handle: Any) -> ModelRunnerOutput:
+        out = self._collect(handle)
+        now = time.perf_counter()
+        shape = self._pending.pop(id(handle), None)
+        if shape is not None:
+            self.steps.append(Step(*shape, now - self._last))
+        self._last = now
+        return out
+
+
+def summarize(steps: list[Step], arch: Any, dtype: torch.dtype, kv_dtype: torch.dtype,
+              shape: flops.ModelShape, limit_flops_per_s: float,
+              read_limit_bytes_per_s: float) -> dict:
+    """Each phase's time, work and fraction of its limit."""
+    prefill = [s for s in steps if not s.is_decode]
+    decode = [s for s in steps if s.is_decode]
+    linear = 2 * shape.params_non_embedding
+    logits = 2 * shape.hidden_size * shape.vocab_size
+    p_flops = sum(linear * s.tokens + s.attention_flops + logits * s.seqs for s in prefill)
+    p_time = sum(s.seconds for s in prefill)
+    weights = weight_bytes_per_step(arch, dtype)
+    per_token = kv_bytes_per_token(arch, kv_dtype)
+    d_bytes = sum(weights + s.context_tokens * per_token for s in decode)
+    d_time = sum(s.seconds for s in decode)
+    out = {"prefill_steps": len(prefill), "prefill_s": p_time, "prefill_flops": p_flops,
+           "decode_steps": len(decode), "decode_s": d_time, "decode_bytes": d_bytes,
+           "decode_tokens": sum(s.tokens for s in decode),
+           "read_limit_bytes_per_s": read_limit_bytes_per_s,
+           "limit_flops_per_s": limit_flops_per_s}
+    if p_time > 0:
+        out["prefill_flops_per_s"] = p_flops / p_time
+        out["prefill_fraction_of_limit"] = p_flops / p_time / limit_flops_per_s
+    if d_time > 0:
+        out["decode_bytes_per_s"] = d_bytes / d_time
+        out["decode_fraction_of_limit"] = d_bytes / d_time / read_limit_bytes_per_s
+    return out
