@@ -47,7 +47,8 @@ _EXT_NAME = "pagoda_paged_decode"
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "fused_ops.cpp", _CSRC / "kv_write.cpp",
             _CSRC / "amx_attention.cpp", _CSRC / "gumbel_sample.cpp")
-_HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")  # not compiled on their own, but part of the build's hash
+# Not compiled on their own, but part of the build's hash.
+_HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")
 _OK_MARKER = ".pagoda-build-ok"
 _FAILED_MARKER = ".pagoda-build-failed"
 _STALE_LOCK_S = 15 * 60  # a build lock older than this was left by a killed build

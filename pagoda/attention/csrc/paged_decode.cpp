@@ -1057,8 +1057,9 @@ void dispatch_fp8(const Problem& P, const void* q, const void* cache, void* out,
 }
 
 // out: (B, H, D), q: (B, H, D), kv_cache: (2, num_blocks, block_size, Hkv, D), all of one
-// dtype (or an fp8 e4m3 cache under bf16 or fp32 q and out) with unit stride in the last dim; block_tables: (B, W) int64 contiguous; seq_lens:
-// (B,) int64 contiguous. Writes every element of out.
+// dtype (or an fp8 e4m3 cache under bf16 or fp32 q and out) with unit stride in the last dim;
+// block_tables: (B, W) int64 contiguous; seq_lens: (B,) int64 contiguous. Writes every element
+// of out.
 void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                        bool portable) {
