@@ -48,6 +48,9 @@ COMPLETION_CASES = [
     ({"model": M, "prompt": "x", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
     ({"model": M, "prompt": "x", "stream": "yes"}, 400, "stream"),
     ({"model": M, "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": M, "prompt": "x", "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    ({"model": M, "prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"model": M, "prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ({"model": M, "prompt": "x", "kv_transfer_params": "remote"}, 400, "kv_transfer_params"),
     ({"model": M, "prompt": "x", "kv_transfer_params": {"do_remote_decode": True}}, 400,
      "kv_transfer_params.do_remote_decode"),     # this instance is no prefill instance
@@ -69,6 +72,19 @@ CHAT_CASES = [
     ({"model": M, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": M, "messages": CHAT, "temperature": float("nan")}, 400, "temperature"),
     ({"model": "gpt-nope", "messages": CHAT}, 404, "model"),
+    # Fields that change what the answer must be, not supported yet: refused, never dropped.
+    ({"model": M, "messages": CHAT, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ({"model": M, "messages": CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     400, "response_format"),
+    ({"model": M, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools"),
+    ({"model": M, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ({"model": M, "messages": CHAT, "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ({"model": M, "messages": CHAT, "structured_outputs": {"regex": "[0-9]+"}}, 400,
+     "structured_outputs"),
+    ({"model": M, "messages": CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
 ]
 
 
@@ -79,6 +95,9 @@ EXTREME_CASES = [
     {"repetition_penalty": 1e308}, {"repetition_penalty": 1e-300},
     {"stop_token_ids": [10**30]}, {"presence_penalty": 2, "frequency_penalty": -2},
     {"logprobs": 20, "top_k": 1}, {"min_tokens": 4, "max_tokens": 4},
+    # The unsupported fields' values that ask for nothing, and fields that change nothing.
+    {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logit_bias": {},
+     "best_of": 1, "metadata": {"k": "v"}, "store": False},
 ]
 
 

@@ -2,18 +2,49 @@
 
 Strict mode: a string is not a number and a bool is not an int, as in OpenAI's API. Value
 ranges are checked by :class:`pagoda.sampling.SamplingParams`, whose errors name the field.
+
+Fields a request may carry that pagoda ignores are only those that cannot change the answer
+(``metadata``, ``store``, ...). The ones that would (a JSON schema, tools, a logit bias, vLLM's
+guided-decoding and beam-search extensions) are declared in :data:`UNSUPPORTED` and refused
+with a 400 naming the field unless their value asks for nothing (``response_format`` of type
+text, an empty ``tools`` list, ``tool_choice`` "none", ...): never silently dropped.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_PROMPTS_PER_REQUEST = 64
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _empty(value: Any) -> bool:
+    return value in (None, False, [], {})
+
+
+# field -> the values that ask for nothing (those are accepted, and change nothing).
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "response_format": lambda v: _empty(v) or v == {"type": "text"},
+    "tools": _empty,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "functions": _empty,
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "logit_bias": _empty,
+    "structured_outputs": _empty,
+    "guided_json": _empty,
+    "guided_regex": _empty,
+    "guided_choice": _empty,
+    "guided_grammar": _empty,
+    "best_of": lambda v: v in (None, 1),
+    "use_beam_search": _empty,
+    "allowed_token_ids": lambda v: v is None,
+    "bad_words": _empty,
+    "prompt_logprobs": lambda v: v is None,
+}
 
 
 class StreamOptions(_Strict):
@@ -46,6 +77,31 @@ class SamplingFields(_Strict):
     cache_salt: Optional[str] = Field(default=None, min_length=1, max_length=256)
     # disaggregated prefill (pagoda router): validated by the engine
     kv_transfer_params: Optional[dict[str, Any]] = None
+    # Not supported yet, refused unless empty (see UNSUPPORTED and the module docstring).
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    best_of: Any = None
+    use_beam_search: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    prompt_logprobs: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _refuse_unsupported(cls, value: Any, info: Any) -> Any:
+        if not UNSUPPORTED[info.field_name](value):
+            raise ValueError(f"{info.field_name} is not supported by this server yet; its "
+                             "answer would not honour it (docs/server.md)")
+        return value
 
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
