@@ -74,10 +74,16 @@ class DecodeStep:
     seconds: float
 
 
-def context_tokens(sched: SchedulerOutput) -> int:
-    """The scheduled requests' context lengths summed, this step's tokens included."""
+def computed_before(sched: SchedulerOutput) -> dict[str, int]:
+    """Each scheduled request's tokens computed before this step."""
     starts = {r.request_id: r.num_computed_tokens for r in sched.new_requests}
     starts.update((r.request_id, r.num_computed_tokens) for r in sched.cached_requests)
+    return starts
+
+
+def context_tokens(sched: SchedulerOutput) -> int:
+    """The scheduled requests' context lengths summed, this step's tokens included."""
+    starts = computed_before(sched)
     return sum(starts[rid] + n for rid, n in sched.num_scheduled_tokens.items())
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pagoda.bench import flops
-from pagoda.bench.gpu import kv_bytes_per_token, weight_bytes_per_step
+from pagoda.bench.gpu import computed_before, kv_bytes_per_token, weight_bytes_per_step
 from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
 
 READ_BYTES = 1 << 30     # the buffer summed to measure read bandwidth (past any cache)
@@ -57,8 +57,7 @@ class Step:
 
 
 def _step_shape(sched: SchedulerOutput, shape: flops.ModelShape) -> tuple[int, int, int, int]:
-    starts = {r.request_id: r.num_computed_tokens for r in sched.new_requests}
-    starts.update((r.request_id, r.num_computed_tokens) for r in sched.cached_requests)
+    starts = computed_before(sched)
     per_pos = 4 * shape.num_heads * shape.head_dim * shape.num_layers
     context = attention = 0
     for rid, n in sched.num_scheduled_tokens.items():

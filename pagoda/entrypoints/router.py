@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 logger = logging.getLogger("pagoda.router")
 
-PREFILL_PARAMS = {"max_tokens": 1, "max_completion_tokens": 1, "stream": False, "n": 1,
+PREFILL_PARAMS = {"max_tokens": 1, "stream": False, "n": 1,
                   "kv_transfer_params": {"do_remote_decode": True}}
 DROPPED_FOR_PREFILL = ("stream_options", "logprobs", "top_logprobs", "stop", "min_tokens")
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "content-encoding"}
@@ -134,6 +134,8 @@ class Router:
         decode instance then runs the whole request); a Response for a client error."""
         prefill_body = {k: v for k, v in body.items() if k not in DROPPED_FOR_PREFILL}
         prefill_body.update(PREFILL_PARAMS)
+        if "max_completion_tokens" in body:   # chat's name for it, which wins over max_tokens
+            prefill_body["max_completion_tokens"] = 1
         tried: tuple[str, ...] = ()
         while (instance := self.prefill.pick(exclude=tried)) is not None:
             tried += (instance.url,)

@@ -51,6 +51,7 @@ COMPLETION_CASES = [
     ({"model": M, "prompt": "x", "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
     ({"model": M, "prompt": "x", "best_of": 3}, 400, "best_of"),
     ({"model": M, "prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ({"model": M, "prompt": "x", "truncate_prompt_tokens": 4}, 400, "truncate_prompt_tokens"),
     ({"model": M, "prompt": "x", "kv_transfer_params": "remote"}, 400, "kv_transfer_params"),
     ({"model": M, "prompt": "x", "kv_transfer_params": {"do_remote_decode": True}}, 400,
      "kv_transfer_params.do_remote_decode"),     # this instance is no prefill instance
@@ -85,6 +86,9 @@ CHAT_CASES = [
     ({"model": M, "messages": CHAT, "structured_outputs": {"regex": "[0-9]+"}}, 400,
      "structured_outputs"),
     ({"model": M, "messages": CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
+    ({"model": M, "messages": CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort"),
+    ({"model": M, "messages": [{"role": "assistant", "content": "", "tool_calls": []}]}, 400,
+     "messages[0].tool_calls"),
 ]
 
 

@@ -179,6 +179,9 @@ def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
     param = loc_to_param(err.get("loc", ()))
     if err.get("type") == "missing":
         message = f"{param} is required"
+    elif err.get("type") == "extra_forbidden":
+        message = (f"{param} is not a field this server knows: refused rather than ignored, "
+                   "since it might change the answer")
     elif any(is_union_tag(p) for p in err.get("loc", ())[1:]):
         message = f"{param}: wrong type or value (got {_short(err.get('input'))})"
     else:

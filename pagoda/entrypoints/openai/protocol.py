@@ -3,11 +3,13 @@
 Strict mode: a string is not a number and a bool is not an int, as in OpenAI's API. Value
 ranges are checked by :class:`pagoda.sampling.SamplingParams`, whose errors name the field.
 
-Fields a request may carry that pagoda ignores are only those that cannot change the answer
-(``metadata``, ``store``, ...). The ones that would (a JSON schema, tools, a logit bias, vLLM's
-guided-decoding and beam-search extensions) are declared in :data:`UNSUPPORTED` and refused
-with a 400 naming the field unless their value asks for nothing (``response_format`` of type
-text, an empty ``tools`` list, ``tool_choice`` "none", ...): never silently dropped.
+No field is silently dropped: a field a model does not declare is refused with a 400 naming
+it (``extra="forbid"``), since it might change what the answer must be. The fields OpenAI's
+clients send that cannot change the answer (``metadata``, ``store``, ...) are declared and
+ignored. The ones that would and that pagoda does not support yet (a JSON schema, tools, a
+logit bias, vLLM's guided-decoding and beam-search extensions) are declared in
+:data:`UNSUPPORTED` and refused unless their value asks for nothing (``response_format`` of
+type text, an empty ``tools`` list, ``tool_choice`` "none", ...).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ MAX_PROMPTS_PER_REQUEST = 64
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 def _empty(value: Any) -> bool:
@@ -77,6 +79,11 @@ class SamplingFields(_Strict):
     cache_salt: Optional[str] = Field(default=None, min_length=1, max_length=256)
     # disaggregated prefill (pagoda router): validated by the engine
     kv_transfer_params: Optional[dict[str, Any]] = None
+    # Accepted and ignored: they cannot change the answer.
+    metadata: Any = None
+    store: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None     # only means something with tools, refused below
     # Not supported yet, refused unless empty (see UNSUPPORTED and the module docstring).
     response_format: Any = None
     tools: Any = None
