@@ -81,6 +81,7 @@ class EngineArgs:
     model: Optional[str] = None            # directory or .gguf; None: the bundled SmolLM2
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"           # "auto": the model's dtype; CPU: bfloat16 also
+    quantization: Optional[str] = None     # None/"none" | "int4" (CPU, small decode steps)
     device: str = "auto"                   # "auto": cuda if available, else cpu
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: Optional[float] = None  # GiB (CPU); default DEFAULT_KV_CACHE_GIB

@@ -1,7 +1,12 @@
-"""What a narrower KV cache costs in accuracy: perplexity on a fixed English text and greedy
-agreement with the model's own dtype.
+"""What a narrower KV cache or 4-bit weights cost in accuracy: perplexity on a fixed English
+text and greedy agreement with the model's own dtype.
 
-    python -m pagoda.bench.kv_accuracy --kv-cache-dtype auto fp8 [--json kv.json]
+    python -m pagoda.bench.kv_accuracy --kv-cache-dtype auto fp8 [--quantization int4]
+                                       [--json kv.json]
+
+A ``--quantization`` mode runs with every step on its weights (``PAGODA_INT4_MAX_ROWS`` set
+above any step's rows), prompt chunks included: what is measured is the weights' cost, which
+serving pays only in the small decode steps that take them.
 
 Perplexity is read from prompt logprobs over windows of ``--window`` tokens of the text
 (default the GPL-3 that Debian ships at /usr/share/common-licenses/GPL-3), prefilled in chunks
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -55,21 +61,39 @@ def agreement(base: list[list[int]], other: list[list[int]]) -> dict:
             "mean_common_prefix": sum(prefixes) / len(prefixes)}
 
 
-def run(ns: argparse.Namespace) -> dict:
+def make_llm(ns: argparse.Namespace, kv: str, quantization: str) -> Any:
     from pagoda.entrypoints.llm import LLM
+    from pagoda.models.cpu_int4 import MAX_ROWS_ENV
 
+    saved = os.environ.get(MAX_ROWS_ENV)
+    if quantization != "none":
+        os.environ[MAX_ROWS_ENV] = str(1 << 30)
+    try:
+        return LLM(ns.model, dtype=ns.dtype, kv_cache_dtype=kv, quantization=quantization,
+                   max_num_batched_tokens=ns.chunk, max_num_seqs=ns.max_num_seqs,
+                   enable_prefix_caching=False)
+    finally:
+        if saved is None:
+            os.environ.pop(MAX_ROWS_ENV, None)
+        else:
+            os.environ[MAX_ROWS_ENV] = saved
+
+
+def run(ns: argparse.Namespace) -> dict:
     report: dict = {"text": ns.text, "window": ns.window, "chunk": ns.chunk, "modes": {}}
     base: Optional[list[list[int]]] = None
-    for mode in ns.kv_cache_dtype:
-        llm = LLM(ns.model, dtype=ns.dtype, kv_cache_dtype=mode,
-                  max_num_batched_tokens=ns.chunk, max_num_seqs=ns.max_num_seqs,
-                  enable_prefix_caching=False)
+    modes = [(kv, "none") for kv in ns.kv_cache_dtype]
+    modes += [("auto", q) for q in ns.quantization if q != "none"]
+    for kv, quantization in modes:
+        mode = kv if quantization == "none" else quantization
+        llm = make_llm(ns, kv, quantization)
         ids = llm.engine.encode(Path(ns.text).read_text())
         rng = random.Random(ns.seed)
         vocab = llm.engine.arch.vocab_size
         prompts = [[rng.randrange(vocab // 10, vocab - 1) for _ in range(ns.prompt_len)]
                    for _ in range(ns.prompts)]
         result = {"kv_dtype": str(llm.engine.kv_dtype).removeprefix("torch."),
+                  "quantization": quantization,
                   **perplexity(llm, windows(ids, ns.window))}
         tokens = greedy_tokens(llm, prompts, ns.max_tokens)
         base = tokens if base is None else base
@@ -77,7 +101,7 @@ def run(ns: argparse.Namespace) -> dict:
         report["modes"][mode] = result
         a = result["greedy_vs_first_mode"]
         print(f"{mode:>10} ({result['kv_dtype']}): perplexity {result['perplexity']:.4f} over "
-              f"{result['tokens']} tokens; greedy vs {ns.kv_cache_dtype[0]}: {a['identical']}/"
+              f"{result['tokens']} tokens; greedy vs {modes[0][0]}: {a['identical']}/"
               f"{a['of']} identical, mean common prefix {a['mean_common_prefix']:.1f} of "
               f"{ns.max_tokens}", flush=True)
         del llm
@@ -87,6 +111,7 @@ def run(ns: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto", "fp8"])
+    p.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int4"])
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--text", default=DEFAULT_TEXT)

@@ -33,6 +33,7 @@ from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.kv_transfer.params import (KVTransferRequest, RemotePrefill,
                                        parse_kv_transfer_params)
+from pagoda.models.cpu_int4 import resolve_quantization
 from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling import SamplingParams
@@ -84,6 +85,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype, self.device,
                                                dtype_auto=args.dtype in (None, "auto"))
+        self.quantization = resolve_quantization(args.quantization, self.device, self.dtype)
         torch.manual_seed(args.seed)
         loaded = load_model(args.model, self.dtype, self.device, max_positions=None,
                             load_format=args.load_format, model_preset=args.model_preset,
@@ -112,7 +114,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.num_blocks, cache.block_size, self.dtype,
                                   self.device, kv_dtype=self.kv_dtype, max_num_seqs=args.max_num_seqs,
                                   max_model_len=self.max_model_len,
-                                  enforce_eager=args.enforce_eager)
+                                  enforce_eager=args.enforce_eager,
+                                  quantization=self.quantization)
         self.kv_connector = self._start_kv_transfer(args)
         self.async_scheduling = (self.device.type == "cuda" if args.async_scheduling is None
                                  else args.async_scheduling)
@@ -128,6 +131,8 @@ class LLMEngine:
     def _model_key(self) -> str:
         """What a cached block's KV depends on besides its tokens (in every prefix hash)."""
         key = f"{self.model_name}:{self.dtype}"
+        if self.quantization is not None:   # decode steps' KV comes from the 4-bit weights
+            key = f"{key}:{self.quantization}"
         return key if self.kv_dtype == self.dtype else f"{key}:kv-{self.kv_dtype}"
 
     def _blocks_for_budget(self, cache: CacheConfig) -> int:

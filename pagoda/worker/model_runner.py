@@ -31,7 +31,7 @@ from pagoda.attention.metadata import (AttentionMetadata, DeviceAttentionMetadat
                                        PackedPrefills, PrefillChunk, pack_prefills)
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
-from pagoda.models import cpu_linear
+from pagoda.models import cpu_int4, cpu_linear
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
 from pagoda.worker.cuda_graph import DecodeGraphs
@@ -107,12 +107,17 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, *,
                  max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_model_len: Optional[int] = None,
-                 enforce_eager: bool = False, kv_dtype: Optional[torch.dtype] = None) -> None:
+                 enforce_eager: bool = False, kv_dtype: Optional[torch.dtype] = None,
+                 quantization: Optional[str] = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
+        int4_layers = cpu_int4.attach_int4(model) if quantization == "int4" else []
         if device.type == "cpu":   # linear layers' weights packed for the GEMM, where it pays
             model.packed_head = cpu_linear.pack_model(model, model.output_weight)
+        self.int4_max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
+        if int4_layers and not self.int4_max_rows:   # never faster here: drop the copies
+            cpu_int4.detach_int4(model)
         self.kv_caches = allocate_kv_cache(model.arch, num_blocks, block_size, kv_dtype or dtype,
                                            device)
         self.states: dict[str, CachedRequestState] = {}
@@ -350,7 +355,8 @@ class ModelRunner:
         else:
             rows = hidden[host.logits_indices]
         sampling_rows = [self._sampling_row(self.states[rid]) for rid in host.samplers]
-        tokens = greedy_from_hidden(rows, self.model.output_weight, sampling_rows)
+        tokens = greedy_from_hidden(rows, self.model.output_weight, sampling_rows,
+                                    self.model.packed_head)
         if tokens is None:
             logits = self.model.compute_logits(rows)                       # (S, V)
             tokens, handle.raw_logprobs = sample_tokens(logits, sampling_rows)

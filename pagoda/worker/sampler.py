@@ -9,7 +9,7 @@ same tokens whatever else shares its batch, and after a preemption.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -20,6 +20,11 @@ from pagoda.worker import gumbel
 from pagoda.worker.host_buffer import to_device
 
 _MASK64 = (1 << 64) - 1
+# Up to this many rows the packed output projection and a row argmax beat
+# ``cpu_fused.greedy_tokens``: at one row ``weight @ hidden.T`` is a matrix-vector product,
+# which oneDNN runs 1.5x (AMX) to 2x (AVX-512 without AMX) slower than the packed GEMM
+# (2-core Xeon, cold 56 MB weights, docs/benchmarks.md); from two rows on they are even.
+PACKED_HEAD_MAX_ROWS = 1
 
 
 @dataclass
@@ -39,14 +44,19 @@ class SamplingRow:
         return len(self.token_ids) + pending - self.num_prompt_tokens
 
 
-def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor,
-                       rows: list[SamplingRow]) -> Optional[torch.Tensor]:
+def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, rows: list[SamplingRow],
+                       packed_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                       ) -> Optional[torch.Tensor]:
     """Tokens straight from the final hidden states (S, E) and the output projection (V, E)
     when every row is plain greedy on the CPU bf16 path: ``weight @ hidden.T`` and a column
-    argmax (see ``cpu_fused.greedy_tokens``), never building the (S, V) logits. None where
-    the general path (``compute_logits`` then :func:`sample_tokens`) must run."""
+    argmax (see ``cpu_fused.greedy_tokens``), never building the (S, V) logits; up to
+    ``PACKED_HEAD_MAX_ROWS`` rows, ``packed_head`` (the packed projection, where there is one)
+    and a row argmax. None where the general path (``compute_logits`` then
+    :func:`sample_tokens`) must run."""
     if not (cpu_fused.enabled(hidden) and all(_plain_greedy(r) for r in rows)):
         return None
+    if packed_head is not None and hidden.shape[0] <= PACKED_HEAD_MAX_ROWS:
+        return cpu_fused.argmax(packed_head(hidden))
     return cpu_fused.greedy_tokens(hidden, weight)
 
 

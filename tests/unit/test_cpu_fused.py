@@ -109,3 +109,33 @@ def test_greedy_tokens_from_transposed_logits_match_row_argmax(rows):
     out = torch.empty(rows, dtype=torch.int64)
     cpu_fused._ext().argmax_cols(out, logits.t().contiguous())
     assert torch.equal(out, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_greedy_from_hidden_takes_the_packed_head_for_one_row(rows):
+    """Up to PACKED_HEAD_MAX_ROWS rows the packed projection and a row argmax give the tokens,
+    beyond them ``greedy_tokens``; both the argmax of hidden @ weight.T, up to ties within the
+    bf16 rounding of the logits."""
+    from pagoda.models import cpu_linear
+    from pagoda.sampling import SamplingParams
+    from pagoda.worker import sampler
+
+    if not cpu_linear.packing_supported(BF16):
+        pytest.skip("this CPU cannot pack bf16 weights")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    weight = torch.randn(2000, 64, generator=g).to(BF16)
+    hidden = torch.randn(rows, 64, generator=g).to(BF16)
+    head = cpu_linear.PackedLinear.of(weight)
+    calls = []
+
+    def spy(x):
+        calls.append(x.shape[0])
+        return head(x)
+
+    row = sampler.SamplingRow(SamplingParams(temperature=0.0), [1, 2], 2, [])
+    got = sampler.greedy_from_hidden(hidden, weight, [row] * rows, spy)
+    exact = F.linear(hidden.float(), weight.float())          # fp32: bf16 products are exact
+    top = exact.max(-1).values
+    chosen = exact[torch.arange(rows), got]
+    assert (chosen >= top - 2 ** -7 * top.abs()).all()         # within the bf16 output's rounding
+    assert calls == ([rows] if rows <= sampler.PACKED_HEAD_MAX_ROWS else [])
