@@ -14,7 +14,7 @@ then each query sees exactly its own sequence's tokens ``[0, context_len)``.
 A KV cache in a narrower dtype than the model's (``--kv-cache-dtype bfloat16`` with fp32
 weights, CPU only) runs the layer's attention in the cache's dtype: q, k and v are rounded to
 it, and the output is widened back. Decode then reads half the bytes per cached token. An fp8
-cache (``--kv-cache-dtype fp8``, e4m3, CPU only) stores only K and V rounded; the queries and
+cache (``--kv-cache-dtype fp8``, e4m3, CPU and CUDA) stores only K and V rounded; the queries and
 the arithmetic keep the model's dtype, and decode reads one byte per value.
 """
 from __future__ import annotations

@@ -13,6 +13,23 @@ and V at 1 (head dim contiguous); q is (T, H, D); query head ``h`` reads KV head
 ``h // (H // Hkv)``. The decode kernel serves the ``G = H // Hkv`` query heads of a KV head in
 one program, so each K/V row is loaded once for all of them (GQA without repeating K/V).
 
+An fp8 cache (``torch.float8_e4m3fn``, ``--kv-cache-dtype fp8``; the contract of
+``torch_ref.py``) stores K and V rounded to e4m3, to nearest with ties to even and saturating at
++-448 (NaN stays NaN, as torch's conversion keeps it); prefill and decode widen what they load,
+exactly, to the queries' dtype, which stays as it is, with the same fp32 softmax and
+accumulators; the output is in q's dtype. A prefill chunk reads even its own new K/V back from
+the cache, rounded (as the CPU's AMX kernel does; torch_ref uses them as computed there).
+
+The kernels see such a cache as its bytes (a uint8 view) and encode and decode e4m3 with
+integer and fp32 arithmetic (:func:`_e4m3_encode`, :func:`_e4m3_decode`), not Triton's
+``tl.float8e4nv`` casts. Compiled for sm_90 those casts are right (``cvt.rn.satfinite``), but
+the interpreter's are not (Triton 3.7): its fp32 -> e4m3 rounds ties away from zero, loses the
+carry of a round-up (1.9375 became 1.0), truncates subnormals, does not saturate (464 became
+NaN, 500 and inf 256) and turns NaN into 384; its e4m3 -> fp32 reads the NaN bytes 0x7F / 0xFF
+as +-480. The arithmetic computes the same in both modes, so what the interpreter tests check
+is what the GPU runs, at the price of a few integer ops per value over the hardware
+conversion.
+
 Importing this module needs triton; set ``TRITON_INTERPRET=1`` before importing triton to run
 the kernels on CPU tensors (the tests do).
 """
@@ -45,6 +62,26 @@ DECODE_BLOCK_N_FP32 = 16
 MAX_DECODE_SPLITS = 16
 DECODE_PROGRAMS_PER_SM = 4
 DEFAULT_SM_COUNT = 132     # H100 SXM, used where no CUDA device can be asked
+# fp8 (e4m3fn) cache: the dtype, the rows an fp8 cache takes (rounded on the way in), and the
+# queries that can attend over it (what it holds widens exactly to each).
+FP8 = torch.float8_e4m3fn
+FP8_SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# fp32 queries over an fp8 cache: at Triton's default launch (4 warps, 3 stages) ptxas spills
+# kilobytes of registers around the FMA dots (sm_90, Triton 3.7; any elementwise op between an
+# fp32 tile's load and an IEEE dot does that, the widening here included). These do not spill
+# (tests/unit/test_triton_compile.py); the prefill gives up software pipelining for it.
+FP8_FP32_LAUNCH = {"prefill": {"num_warps": 8, "num_stages": 1},
+                   "decode": {"num_warps": 8, "num_stages": 3}}
+# The kernels' e4m3 arithmetic (constexpr: a @triton.jit function reads no other globals).
+E4M3_MAX = tl.constexpr(0x7E)          # 448, the largest finite e4m3
+E4M3_NAN = tl.constexpr(0x7F)          # e4m3fn has no infinities; 0x7F and 0xFF are NaN
+F32_MIN_NORMAL_E4M3 = tl.constexpr(0x3C800000)   # 2^-6 as fp32 bits: e4m3's smallest normal
+F32_INF = tl.constexpr(0x7F800000)
+# fp32's exponent bias 127 becomes e4m3's 7, in the (exponent << 3 | mantissa) code.
+E4M3_REBIAS = tl.constexpr((127 - 7) << 3)
+# 1.5 * 2^14: added to |x| < 2^-6, a sum whose fp32 ulp is 2^-9, e4m3's subnormal step, so the
+# add itself rounds x to a multiple of it, ties to even.
+E4M3_SUBNORMAL_ROUNDER = tl.constexpr(24576.0)
 
 
 # ------------------------------------------------------------------------------------- kernels
@@ -64,12 +101,58 @@ def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_encode(x):
+    """fp32 -> e4m3fn bytes (uint8): to nearest, ties to even, saturating at +-448 (inf too),
+    NaN to NaN; the sign kept (-0 too). As torch's ``x.clamp(-448, 448).to(float8_e4m3fn)``,
+    in integer and fp32 arithmetic that Triton's interpreter and the GPU compute alike."""
+    bits = x.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80                      # fp32's sign bit, e4m3's bit 7
+    mag = bits & 0x7FFFFFFF
+    a = tl.minimum(mag, F32_INF)                    # inf and NaN: no int32 overflow below
+    # From 2^-6 up: keep 3 mantissa bits, rounding to nearest even (the carry of a round-up
+    # bumps the exponent, as it should), then rebias the exponent.
+    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - E4M3_REBIAS
+    # Below 2^-6: a multiple m of 2^-9 (m = 8 is 2^-6, code 8: right too). Larger values are
+    # capped so that this unused branch stays finite (no overflow in the int conversion).
+    af = tl.minimum(a, F32_MIN_NORMAL_E4M3).to(tl.float32, bitcast=True)
+    sub = (((af + E4M3_SUBNORMAL_ROUNDER) - E4M3_SUBNORMAL_ROUNDER) * 512.0).to(tl.int32)
+    code = tl.minimum(tl.where(a < F32_MIN_NORMAL_E4M3, sub, normal), E4M3_MAX)
+    code = tl.where(mag > F32_INF, E4M3_NAN, code)
+    return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _e4m3_decode(b):
+    """e4m3fn bytes (uint8) -> fp32, exactly; 0x7F and 0xFF are NaN. The bits placed under an
+    fp16's (5-bit exponent, bias 15) read as the value / 256, e4m3 subnormals landing on fp16
+    subnormals, which the fp16 -> fp32 conversion widens exactly: no fp32 subnormal is ever
+    computed on, so nothing depends on whether a backend flushes those."""
+    i = b.to(tl.int32)
+    h = ((i & 0x80) << 8) | ((i & 0x7F) << 7)
+    x = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+    return tl.where((i & 0x7F) == E4M3_NAN, float("nan"), x)
+
+
+@triton.jit
+def _load_kv(ptrs, mask, FP8_CACHE: tl.constexpr):
+    """K or V values from the cache, zero where masked; an fp8 cache's bytes widened to fp32
+    (the caller narrows them, exactly, to the queries' dtype)."""
+    if FP8_CACHE:
+        x = _e4m3_decode(tl.load(ptrs, mask=mask, other=0))
+    else:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_cs, stride_ch,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """One program per token: copy its (Hkv, D) K and V rows to its slot (negative: skip)."""
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     FP8_CACHE: tl.constexpr):
+    """One program per token: copy its (Hkv, D) K and V rows to its slot (negative: skip);
+    into an fp8 cache (seen as bytes), rounded."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
@@ -80,6 +163,9 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                + h[:, None] * stride_ch + d[None, :])
         k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+        if FP8_CACHE:
+            k = _e4m3_encode(k.to(tl.float32))
+            v = _e4m3_encode(v.to(tl.float32))
         tl.store(k_cache_ptr + dst, k, mask=mask)
         tl.store(v_cache_ptr + dst, v, mask=mask)
 
@@ -91,7 +177,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                     stride_cb, stride_cs, stride_ch, stride_bt,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                    IEEE: tl.constexpr, UPCAST: tl.constexpr, FP8_CACHE: tl.constexpr):
     """Program (query tile, chunk, query head): FlashAttention-2 over the chunk's paged
     context, causal with the diagonal shifted by the tokens cached before the chunk.
 
@@ -125,7 +211,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
             kv_off = (blocks * stride_cb + (cols % BLOCK_SIZE) * stride_cs
                       + kv_head * stride_ch)                                # (BN,)
             kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask,
+                         FP8_CACHE).to(q.dtype)
             s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BM, BN)
             s = s * scale_log2
             visible = col_ok[None, :] & (cols[None, :] <= q_pos[:, None])  # (BM, BN)
@@ -135,7 +222,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])                                 # (BM, BN)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask,
+                         FP8_CACHE).to(q.dtype)
             pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BM, BD)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
@@ -154,7 +242,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
                          NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         UPCAST: tl.constexpr, FP8_CACHE: tl.constexpr):
     """Program (sequence, KV head, split): the G query heads of the KV head over the split's
     share of the context. Split s covers tokens [s * L, min((s + 1) * L, seq_len)) with
     L = ceil(ceil(seq_len / NUM_SPLITS) / BLOCK_N) * BLOCK_N, so the partition adapts to each
@@ -185,14 +273,16 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
             kv_off = (blocks * stride_cb + (cols % BLOCK_SIZE) * stride_cs
                       + kv_head * stride_ch)                                # (BN,)
             kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask,
+                         FP8_CACHE).to(q.dtype)
             s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BG, BN)
             s = tl.where(col_ok[None, :], s * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])                                 # (BG, BN)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask,
+                         FP8_CACHE).to(q.dtype)
             pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BG, BD)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
@@ -249,14 +339,16 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if num_tokens == 0:
         return
     _check_cache(kv_cache, k)
-    k_cache, v_cache = kv_cache[0], kv_cache[1]           # (NB, BS, Hkv, D) each
+    if v.dtype != k.dtype:
+        raise ValueError(f"k and v dtypes differ ({k.dtype}, {v.dtype})")
+    k_cache, v_cache = _cache_views(kv_cache)             # (NB, BS, Hkv, D) each
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=kv_cache.shape[2])
+        BLOCK_SIZE=kv_cache.shape[2], FP8_CACHE=kv_cache.dtype == FP8)
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, packed: PackedPrefills,
@@ -266,7 +358,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, packed: Pac
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[3]
     _check_cache(kv_cache, q)
-    k_cache, v_cache = kv_cache[0], kv_cache[1]           # (NB, BS, Hkv, D) each
+    k_cache, v_cache = _cache_views(kv_cache)             # (NB, BS, Hkv, D) each
     num_chunks = packed.context_lens.shape[0]
     ieee = q.dtype == torch.float32
     tile_m, tile_n = ((PREFILL_BLOCK_M_FP32, PREFILL_BLOCK_N_FP32) if ieee
@@ -280,7 +372,8 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, packed: Pac
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), packed.block_tables.stride(0),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=_dot_dim(triton.next_power_of_2(head_dim)), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_M=block_m, BLOCK_N=tile_n, IEEE=ieee, UPCAST=_upcast_dots(q.dtype))
+        BLOCK_M=block_m, BLOCK_N=tile_n, IEEE=ieee, UPCAST=_upcast_dots(q.dtype),
+        FP8_CACHE=kv_cache.dtype == FP8, **_launch_options("prefill", q.dtype, kv_cache.dtype))
     return out
 
 
@@ -316,7 +409,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
         num_splits = default_num_splits(batch, num_kv_heads, longest, q.device)
     group = num_heads // num_kv_heads
-    k_cache, v_cache = kv_cache[0], kv_cache[1]           # (NB, BS, Hkv, D) each
+    k_cache, v_cache = _cache_views(kv_cache)             # (NB, BS, Hkv, D) each
     if num_splits > 1:
         mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
                             device=q.device)              # (B, H, S, D)
@@ -335,7 +428,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=_dot_dim(triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        IEEE=ieee, UPCAST=_upcast_dots(q.dtype))
+        IEEE=ieee, UPCAST=_upcast_dots(q.dtype), FP8_CACHE=kv_cache.dtype == FP8,
+        **_launch_options("decode", q.dtype, kv_cache.dtype))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             mid_o, mid_lse, seq_lens, out,
@@ -372,10 +466,31 @@ def _dot_dim(n: int) -> int:
 
 
 def _check_cache(kv_cache: torch.Tensor, x: torch.Tensor) -> None:
+    """x (q, or the k/v rows to write) must have the cache's dtype, or, over an fp8 cache, one
+    of ``FP8_SOURCE_DTYPES``."""
     if kv_cache.stride(-1) != 1 or x.stride(-1) != 1:
         raise ValueError("the head dim of the KV cache and of q/k/v must be contiguous")
+    if kv_cache.dtype == FP8 and x.dtype in FP8_SOURCE_DTYPES:
+        return
     if kv_cache.dtype != x.dtype:
         raise ValueError(f"KV cache dtype {kv_cache.dtype} differs from the input's {x.dtype}")
+
+
+def _cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V halves, (NB, BS, Hkv, D) each; an fp8 cache as its bytes (uint8), which the
+    kernels encode and decode themselves (see the module docstring)."""
+    if kv_cache.dtype == FP8:
+        kv_cache = kv_cache.view(torch.uint8)
+    return kv_cache[0], kv_cache[1]
+
+
+def _launch_options(kernel: str, q_dtype: torch.dtype,
+                    cache_dtype: torch.dtype) -> dict[str, int]:
+    """num_warps / num_stages of a "prefill" or "decode" launch: Triton's defaults, except
+    for fp32 queries over an fp8 cache (see FP8_FP32_LAUNCH)."""
+    if cache_dtype == FP8 and q_dtype == torch.float32:
+        return dict(FP8_FP32_LAUNCH[kernel])
+    return {}
 
 
 def _upcast_dots(dtype: torch.dtype) -> bool:

@@ -36,7 +36,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
                    help="auto (the model's dtype) | bfloat16: with fp32 weights on the CPU, "
                         "a bf16 KV cache (half the bytes per cached token) | fp8 (fp8_e4m3): "
-                        "CPU, K/V rounded to e4m3, one byte per value (docs/models.md)")
+                        "K/V rounded to e4m3, one byte per value (docs/models.md)")
     g.add_argument("--quantization", default="none", choices=["none", "int4"],
                    help="int4 (CPU): linear layers also keep 4-bit weights (groups of 32, a "
                         "GGUF Q4_0/Q4_1 file's own codes), used by steps of at most a few rows, "

@@ -69,8 +69,8 @@ FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 def resolve_kv_cache_dtype(kv_cache_dtype: Optional[str], model_dtype: torch.dtype,
                            device: torch.device, dtype_auto: bool = False) -> torch.dtype:
     """--kv-cache-dtype: "auto" is the model's dtype, or, where ``--dtype auto`` chose the
-    weights on the CPU, the KV dtype chosen with them; a narrower one (bfloat16 under fp32
-    weights, or fp8 = e4m3 under bf16 or fp32 ones) is CPU-only for now."""
+    weights on the CPU, the KV dtype chosen with them; a narrower one: fp8 = e4m3 under bf16 or
+    fp32 weights (CPU and CUDA), or bfloat16 under fp32 weights (CPU only for now)."""
     if kv_cache_dtype is None or kv_cache_dtype == "auto":
         if dtype_auto and device.type == "cpu" and auto_cpu_dtypes()[0] == model_dtype:
             return auto_cpu_dtypes()[1]
@@ -82,9 +82,12 @@ def resolve_kv_cache_dtype(kv_cache_dtype: Optional[str], model_dtype: torch.dty
     dtype = names[kv_cache_dtype]
     if dtype == model_dtype:
         return dtype
-    if device.type != "cpu":
+    # CUDA: the Triton kernels read and write an fp8 cache themselves (so does the PyTorch
+    # reference, the fallback without triton). A bf16 cache under fp32 weights would reach them
+    # as bf16 q over a bf16 cache (backend.py casts), but nothing tests that path on CUDA yet.
+    if device.type != "cpu" and not (device.type == "cuda" and dtype == torch.float8_e4m3fn):
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} differs from the model's dtype "
-                         f"{model_dtype}: supported on the CPU only")
+                         f"{model_dtype}: supported on the CPU only (fp8: and CUDA)")
     if dtype == torch.float8_e4m3fn and model_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} needs bfloat16 or float32 "
                          f"weights, not {model_dtype}")

@@ -73,8 +73,9 @@ def test_kv_cache_dtype_choices():
     assert resolve_kv_cache_dtype("fp8_e4m3", torch.bfloat16, cpu) == fp8
     with pytest.raises(ValueError, match="kv_cache_dtype 'fp8_e5m2'"):
         resolve_kv_cache_dtype("fp8_e5m2", torch.bfloat16, cpu)
+    assert resolve_kv_cache_dtype("fp8", torch.bfloat16, cuda) == fp8   # the Triton kernels
     with pytest.raises(ValueError, match="CPU only"):
-        resolve_kv_cache_dtype("fp8", torch.bfloat16, cuda)
+        resolve_kv_cache_dtype("fp8", torch.bfloat16, torch.device("mps"))
     with pytest.raises(ValueError, match="bfloat16 or float32 weights"):
         resolve_kv_cache_dtype("fp8", torch.float16, cpu)
     with pytest.raises(ValueError, match="CPU only"):

@@ -10,6 +10,13 @@ permutations of the pool, block sizes 16 and 32, GQA ratios 1, 3 and 8. Slots no
 hold NaN (so a kernel reading outside a context is caught) and outputs start as NaN (so an
 element a kernel forgets to write is caught). The reference runs in fp32 on a clean copy of the
 cache (zeros where the poisoned one has NaN: the reference gathers padded blocks).
+
+An fp8 (e4m3) cache: the write must round bit for bit as the reference does (torch's conversion
+of the value clamped to +-448), over every e4m3 value, the ties between neighbours, values just
+off them, subnormals and values past +-448, from fp32, bf16 and fp16 rows. Prefill and decode
+over it, with bf16 and fp32 queries, are checked against the reference run on the same e4m3
+values (its clean cache is an fp8 one too, which it widens as it reads): the widening is exact,
+so the tolerances are those of the queries' dtype. Unowned slots hold the NaN byte 0x7F.
 """
 from __future__ import annotations
 
@@ -36,10 +43,16 @@ NUM_KV_HEADS = 2
 SPARE_BLOCKS = 3   # blocks no sequence owns: all NaN in the poisoned cache
 # max |kernel - reference| / max |reference|
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}
+FP8 = torch_ref.FP8
+# fp8 K/V are drawn as randn * FP8_SPREAD, so that they reach e4m3's coarser binades (steps of
+# 0.5 from 4 up) as well as its subnormals.
+FP8_SPREAD = 3.0
 
 BLOCK_SIZES = [16, 32]
 GROUPS = [1, 3, 8]
 DTYPES = [torch.float32, torch.bfloat16]
+CACHES = [False, True]             # fp8: an e4m3 cache under queries of the dtype
+CACHE_IDS = ["kv-same", "kv-fp8"]
 
 
 def fresh_seed() -> int:
@@ -47,11 +60,13 @@ def fresh_seed() -> int:
 
 
 class PagedCase:
-    """Sequences of given lengths in a pool whose blocks are handed out in random order."""
+    """Sequences of given lengths in a pool whose blocks are handed out in random order; the
+    cache in ``dtype`` (the queries') or, ``fp8``, in e4m3."""
 
     def __init__(self, seq_lens: list[int], block_size: int, group: int, dtype: torch.dtype,
-                 seed: int) -> None:
+                 seed: int, fp8: bool = False) -> None:
         self.seed, self.block_size, self.dtype = seed, block_size, dtype
+        self.cache_dtype = FP8 if fp8 else dtype
         self.gen = torch.Generator().manual_seed(seed)
         self.seq_lens = seq_lens
         self.num_heads = NUM_KV_HEADS * group
@@ -64,18 +79,25 @@ class PagedCase:
             order = order[c:]
         self.spare = order
         shape = (2, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
-        self.clean = torch.zeros(shape)                                  # fp32 reference cache
-        self.poisoned = torch.full(shape, float("nan"), dtype=dtype)     # what the kernel sees
+        # The reference's cache: fp32 (or the same e4m3 values); the kernel's: NaN elsewhere.
+        self.clean = torch.zeros(shape, dtype=FP8 if fp8 else torch.float32)
+        self.poisoned = torch.full(shape, float("nan"), dtype=self.cache_dtype)
         for table, n in zip(self.tables, seq_lens):
             for i in range(n):
                 b, off = table[i // block_size], i % block_size
-                kv = self.randn(2, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+                kv = self.cache_rows(2, NUM_KV_HEADS, HEAD_DIM)
                 self.poisoned[:, b, off] = kv
-                self.clean[:, b, off] = kv.float()
+                self.clean[:, b, off] = kv.to(self.clean.dtype)
         self.poisoned = self.poisoned.to(DEVICE)
 
     def randn(self, *shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=self.gen)
+
+    def cache_rows(self, *shape: int) -> torch.Tensor:
+        """Random K/V values as the cache holds them (fp8: spread, then rounded)."""
+        if self.cache_dtype == FP8:
+            return torch_ref.to_cache_dtype(self.randn(*shape) * FP8_SPREAD, FP8)
+        return self.randn(*shape).to(self.cache_dtype)
 
     def padded_tables(self, width: int) -> torch.Tensor:
         """(B, width) int64, padded with a spare (NaN) block: padding must never be read."""
@@ -85,7 +107,8 @@ class PagedCase:
 
     def message(self, what: str) -> str:
         return (f"{what}: seed={self.seed} seq_lens={self.seq_lens} block_size={self.block_size} "
-                f"heads={self.num_heads}/{NUM_KV_HEADS} dtype={self.dtype}")
+                f"heads={self.num_heads}/{NUM_KV_HEADS} dtype={self.dtype} "
+                f"cache={self.cache_dtype}")
 
 
 def ragged_lens(rng: random.Random, count: int, block_size: int, longest: int) -> list[int]:
@@ -94,6 +117,18 @@ def ragged_lens(rng: random.Random, count: int, block_size: int, longest: int) -
     lens += [rng.randint(1, longest) for _ in range(max(0, count - len(lens)))]
     rng.shuffle(lens)
     return lens[:count]
+
+
+def as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """x's bytes, to compare bit for bit (torch.equal has no fp8 kernel; NaN != NaN)."""
+    return x.cpu().contiguous().view(torch.uint8)
+
+
+def same_values(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal values (-0 == 0), NaN exactly where want has NaN."""
+    got = got.cpu().float()
+    nan = want.isnan()
+    return torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan])
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -121,20 +156,132 @@ def test_write_kv_cache_matches_reference(block_size, dtype):
     assert torch.equal(got.cpu().nan_to_num(7.0), want.nan_to_num(7.0)), f"seed={seed}"
 
 
-def test_write_kv_cache_skips_negative_slots():
+@pytest.mark.parametrize("fp8", CACHES, ids=CACHE_IDS)
+def test_write_kv_cache_skips_negative_slots(fp8):
     """Padded rows of a CUDA-graph batch carry slot -1 and must write nothing."""
     block_size = 16
-    cache = torch.full((2, 2, block_size, NUM_KV_HEADS, HEAD_DIM), float("nan"))
+    cache_dtype = FP8 if fp8 else torch.float32
+    cache = torch.full((2, 2, block_size, NUM_KV_HEADS, HEAD_DIM), float("nan"),
+                       dtype=cache_dtype)
     k = torch.randn(3, NUM_KV_HEADS, HEAD_DIM)
     v = torch.randn(3, NUM_KV_HEADS, HEAD_DIM)
     slots = torch.tensor([5, -1, 17])
     got = cache.to(DEVICE)
     ta.write_kv_cache(got, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
     got = got.cpu()
-    assert torch.equal(got[0, 0, 5], k[0]) and torch.equal(got[1, 1, 1], v[2])
+    want_k = torch_ref.to_cache_dtype(k, cache_dtype)
+    want_v = torch_ref.to_cache_dtype(v, cache_dtype)
+    assert torch.equal(as_bytes(got[0, 0, 5]), as_bytes(want_k[0]))
+    assert torch.equal(as_bytes(got[1, 1, 1]), as_bytes(want_v[2]))
     written = torch.zeros(2, 2, block_size, dtype=torch.bool)
     written[:, 0, 5] = written[:, 1, 1] = True
-    assert torch.isnan(got[~written]).all()
+    assert torch.isnan(got[~written].float()).all()
+
+
+def e4m3_hard_values(gen: torch.Generator) -> torch.Tensor:
+    """fp32, both signs: every finite e4m3 value, the midpoints between neighbours (exact ties:
+    to even), values just off them, subnormals, values past 448 (to 448, inf too) and random
+    ones over many magnitudes; shuffled."""
+    every = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    every = every[every.isfinite()].unique()                    # ascending, 0 once
+    mid = (every[1:] + every[:-1]) / 2
+    near = torch.cat([mid * (1 + 2.0 ** -12), mid * (1 - 2.0 ** -12)])
+    big = torch.tensor([448.0, 449.0, 463.9, 464.0, 465.0, 480.0, 1e4, 3e38, float("inf")])
+    tiny = torch.tensor([2.0 ** -10, 2.0 ** -9 * 1.5, 2.0 ** -9 * 2.5, 2.0 ** -6 * 0.999,
+                         1e-30, 1e-40, 0.0])
+    rand = (torch.randn(2048, generator=gen)
+            * torch.exp2(torch.randint(-14, 12, (2048,), generator=gen).float()))
+    x = torch.cat([every, mid, near, big, tiny, rand])
+    x = torch.cat([x, -x])
+    return x[torch.randperm(x.numel(), generator=gen)]
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+def test_write_kv_cache_fp8_rounds_like_reference(block_size, dtype):
+    """Bit for bit torch_ref's rounding into an fp8 cache, at random slots of strided rows;
+    every other slot keeps its NaN bytes."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    x = e4m3_hard_values(gen).to(dtype)    # fp16: past 65504 is inf, which saturates too
+    row = NUM_KV_HEADS * HEAD_DIM
+    num_tokens = x.numel() // (2 * row)
+    qkv = torch.randn((num_tokens, 3, NUM_KV_HEADS, HEAD_DIM), generator=gen).to(dtype)
+    qkv[:, 1:] = x[:num_tokens * 2 * row].view(num_tokens, 2, NUM_KV_HEADS, HEAD_DIM)
+    k, v = qkv[:, 1], qkv[:, 2]                                   # (T, Hkv, D), non-contiguous
+    num_blocks = -(-num_tokens // block_size) + SPARE_BLOCKS
+    cache = torch.full((2, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM), float("nan"),
+                       dtype=FP8)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    want = cache.clone()
+    torch_ref.write_kv(want, k, v, slots)
+    got = cache.to(DEVICE)
+    ta.write_kv_cache(got, k.to(DEVICE), v.to(DEVICE), slots.to(DEVICE))
+    got_b, want_b = as_bytes(got), as_bytes(want)
+    bad = (got_b != want_b).nonzero()
+    assert bad.numel() == 0, (f"seed={seed} dtype={dtype}: {bad.shape[0]} bytes differ, first "
+                              f"at {bad[0].tolist()}: {got_b[tuple(bad[0])]} != "
+                              f"{want_b[tuple(bad[0])]}")
+
+
+def test_write_kv_cache_fp8_specials():
+    """Saturation, signed zero, ties to even below e4m3's smallest normal, NaN kept NaN."""
+    x = torch.tensor([1e6, -1e6, float("inf"), float("-inf"), 448.0, -464.0, -0.0,
+                      2.0 ** -10, 3 * 2.0 ** -10, 5 * 2.0 ** -10, 1e-40, float("nan")])
+    want = [0x7E, 0xFE, 0x7E, 0xFE, 0x7E, 0xFE, 0x80, 0x00, 0x02, 0x02, 0x00]
+    n = x.numel()
+    k = x.view(n, 1, 1).expand(n, NUM_KV_HEADS, HEAD_DIM).contiguous()
+    cache = torch.zeros((2, 1, 16, NUM_KV_HEADS, HEAD_DIM), dtype=FP8).to(DEVICE)
+    ta.write_kv_cache(cache, k.to(DEVICE), (-k).to(DEVICE), torch.arange(n).to(DEVICE))
+    got = as_bytes(cache)[:, 0, :n]                                 # (2, n, Hkv, D)
+    assert (got[0, :-1] == torch.tensor(want, dtype=torch.uint8).view(-1, 1, 1)).all()
+    assert (got[1, :-1] == (torch.tensor(want) ^ 0x80).to(torch.uint8).view(-1, 1, 1)).all()
+    assert ((got[:, -1] & 0x7F) == 0x7F).all(), "NaN must stay NaN, as torch's conversion keeps"
+
+
+def test_fp8_cache_refuses_other_dtypes():
+    cache = torch.zeros((2, 1, 16, NUM_KV_HEADS, HEAD_DIM), dtype=FP8).to(DEVICE)
+    k = torch.zeros((1, NUM_KV_HEADS, HEAD_DIM), dtype=torch.float64).to(DEVICE)
+    with pytest.raises(ValueError, match="differs"):
+        ta.write_kv_cache(cache, k, k, torch.zeros(1, dtype=torch.int64).to(DEVICE))
+    q = torch.zeros((1, NUM_KV_HEADS, HEAD_DIM), dtype=torch.float64).to(DEVICE)
+    with pytest.raises(ValueError, match="differs"):
+        ta.paged_decode_attention(q, cache, torch.zeros((1, 1), dtype=torch.int64).to(DEVICE),
+                                  torch.ones(1, dtype=torch.int64).to(DEVICE), 0.125)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_cache_widens_exactly(dtype):
+    """A context of one token returns its V row itself (softmax weight 1), through decode and
+    prefill alike: every e4m3 byte, subnormals and -0 included, read back exactly, and the NaN
+    bytes as NaN (what makes the NaN-poisoned slots of the other tests catch stray reads). K
+    rows hold every finite value (a NaN there would turn the whole row NaN)."""
+    v_bytes = torch.arange(256, dtype=torch.uint8)
+    finite = v_bytes[v_bytes.view(FP8).float().isfinite()]            # 254 bytes
+    k_bytes = torch.cat([finite, finite[:2]])
+    row = NUM_KV_HEADS * HEAD_DIM
+    num_seqs = 256 // row
+    block_size = 16
+    cache = torch.full((2, num_seqs + SPARE_BLOCKS, block_size, NUM_KV_HEADS, HEAD_DIM),
+                       float("nan"), dtype=FP8)
+    cache[0, :num_seqs, 0] = k_bytes.view(FP8).view(num_seqs, NUM_KV_HEADS, HEAD_DIM)
+    cache[1, :num_seqs, 0] = v_bytes.view(FP8).view(num_seqs, NUM_KV_HEADS, HEAD_DIM)
+    want = v_bytes.view(FP8).float().view(num_seqs, NUM_KV_HEADS, 1, HEAD_DIM).expand(
+        num_seqs, NUM_KV_HEADS, 3, HEAD_DIM).reshape(num_seqs, 3 * NUM_KV_HEADS, HEAD_DIM)
+    q = torch.randn(num_seqs, 3 * NUM_KV_HEADS, HEAD_DIM).to(dtype).to(DEVICE)
+    cache, tables = cache.to(DEVICE), torch.arange(num_seqs).view(-1, 1).to(DEVICE)
+    ones = torch.ones(num_seqs, dtype=torch.int64).to(DEVICE)
+    # Outputs start at 1000, no e4m3 value (NaN, the other tests' start, is expected here).
+    out = torch.full(q.shape, 1000.0, dtype=dtype, device=DEVICE)
+    ta.paged_decode_attention(q, cache, tables, ones, 0.125, out=out, num_splits=1)
+    assert same_values(out, want), "decode"
+    chunks = [PrefillChunk(i, 1, 1, tables[i]) for i in range(num_seqs)]
+    meta = AttentionMetadata(torch.empty(0, dtype=torch.int64), 0,
+                             torch.empty(0, 0, dtype=torch.int64),
+                             torch.empty(0, dtype=torch.int64), 0, chunks, block_size)
+    out = torch.full(q.shape, 1000.0, dtype=dtype, device=DEVICE)
+    ta.paged_prefill_attention(q, cache, ta.pack_prefills(meta, DEVICE), 0.125, out)
+    assert same_values(out, want), "prefill"
 
 
 # -------------------------------------------------------------------------------------- decode
@@ -148,14 +295,15 @@ def decode_reference(case: PagedCase, q: torch.Tensor, scale: float) -> torch.Te
     return torch_ref._decode_attention(q.float(), case.clean, meta, scale)
 
 
+@pytest.mark.parametrize("fp8", CACHES, ids=CACHE_IDS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_decode_matches_reference(block_size, group, dtype):
+def test_decode_matches_reference(block_size, group, dtype, fp8):
     seed = fresh_seed()
     rng = random.Random(seed)
     lens = ragged_lens(rng, 5, block_size, 4 * block_size + 7)
-    case = PagedCase(lens, block_size, group, dtype, seed)
+    case = PagedCase(lens, block_size, group, dtype, seed, fp8)
     q = case.randn(len(lens), case.num_heads, HEAD_DIM).to(dtype)         # (B, H, D)
     scale = HEAD_DIM ** -0.5
     want = decode_reference(case, q, scale)
@@ -197,14 +345,15 @@ def prefill_chunks(rng: random.Random, case: PagedCase) -> list[tuple[int, int]]
     return out
 
 
+@pytest.mark.parametrize("fp8", CACHES, ids=CACHE_IDS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("group", GROUPS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_prefill_matches_reference(block_size, group, dtype):
+def test_prefill_matches_reference(block_size, group, dtype, fp8):
     seed = fresh_seed()
     rng = random.Random(seed)
     lens = ragged_lens(rng, 4, block_size, 3 * block_size + 5)
-    case = PagedCase(lens, block_size, group, dtype, seed)
+    case = PagedCase(lens, block_size, group, dtype, seed, fp8)
     spans = prefill_chunks(rng, case)
     total = sum(q for q, _ in spans)
     q = case.randn(total, case.num_heads, HEAD_DIM).to(dtype)             # (P, H, D)
@@ -228,15 +377,33 @@ def test_prefill_matches_reference(block_size, group, dtype):
 
 
 # --------------------------------------------------------------------------- whole layer, mixed
+def cached_layer_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cache: torch.Tensor, meta: AttentionMetadata,
+                           scale: float) -> torch.Tensor:
+    """torch_ref.paged_attention, except that every prefill chunk reads its K/V back from the
+    cache, as the Triton prefill does: over an fp8 cache even a chunk that starts its sequence
+    attends over its own K/V rounded (torch_ref takes them as computed there)."""
+    torch_ref.write_kv(cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    d = meta.num_decode_tokens
+    out[:d] = torch_ref._decode_attention(q[:d], cache, meta, scale)
+    for c in meta.prefills:
+        rows = slice(c.query_start, c.query_start + c.query_len)
+        out[rows] = torch_ref._prefill_attention(q[rows], cache, c.block_table, c.context_len,
+                                                 scale)
+    return out
+
+
+@pytest.mark.parametrize("fp8", CACHES, ids=CACHE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mixed_batch_matches_reference(dtype):
+def test_mixed_batch_matches_reference(dtype, fp8):
     """Decodes then prefill chunks in one batch, through the layer entry point: the new
     tokens' K/V are written first, then every row attends, as torch_ref.paged_attention."""
     seed = fresh_seed()
     rng = random.Random(seed)
     block_size, group = 16, 3
     lens = [rng.randint(1, 70) for _ in range(3)] + [rng.randint(2, 70) for _ in range(2)]
-    case = PagedCase(lens, block_size, group, dtype, seed)
+    case = PagedCase(lens, block_size, group, dtype, seed, fp8)
     num_decodes = 3
     query_lens = [1] * num_decodes + [rng.randint(2, n) for n in lens[num_decodes:]]
     slots, chunks, row = [], [], 0
@@ -247,8 +414,9 @@ def test_mixed_batch_matches_reference(dtype):
         row += ql
     total = row
     q = case.randn(total, case.num_heads, HEAD_DIM).to(dtype)              # (T, H, D)
-    k = case.randn(total, NUM_KV_HEADS, HEAD_DIM).to(dtype)                # (T, Hkv, D)
-    v = case.randn(total, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+    spread = FP8_SPREAD if fp8 else 1.0
+    k = (case.randn(total, NUM_KV_HEADS, HEAD_DIM) * spread).to(dtype)     # (T, Hkv, D)
+    v = (case.randn(total, NUM_KV_HEADS, HEAD_DIM) * spread).to(dtype)
     width = max(len(t) for t in case.tables)
 
     def meta_on(device: torch.device) -> AttentionMetadata:
@@ -261,15 +429,18 @@ def test_mixed_batch_matches_reference(dtype):
             block_size)
 
     clean = case.clean.clone()
-    want = torch_ref.paged_attention(q.float(), k.float(), v.float(), clean, meta_on(
-        torch.device("cpu")), 0.125)
+    reference = cached_layer_reference if fp8 else torch_ref.paged_attention
+    want = reference(q.float(), k.float(), v.float(), clean, meta_on(torch.device("cpu")),
+                     0.125)
     got = ta.paged_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), case.poisoned,
                              meta_on(DEVICE), 0.125)
     err = relative_error(got, want)
     assert err <= TOLERANCE[dtype], case.message(f"query_lens={query_lens} err={err:.2e}")
-    # The new tokens' K/V went to their slots.
+    # The new tokens' K/V went to their slots (rounded there, into an fp8 cache).
     written = case.poisoned.cpu().view(2, -1, NUM_KV_HEADS, HEAD_DIM)[:, torch.tensor(slots)]
-    assert torch.equal(written[0], k) and torch.equal(written[1], v), f"seed={seed}"
+    for got_rows, rows in ((written[0], k), (written[1], v)):
+        want_rows = torch_ref.to_cache_dtype(rows, case.cache_dtype)
+        assert torch.equal(as_bytes(got_rows), as_bytes(want_rows)), f"seed={seed}"
 
 
 def test_default_num_splits_fills_the_gpu_but_not_past_the_context():

@@ -9,7 +9,8 @@ integers divisible by 16 carry ``tt.divisibility = 16`` (it decides whether K/V 
 16-byte vectors). The PTX then goes through ptxas once more with ``-v``: no kernel may spill
 registers to local memory, which would cost far more than the loads it serves. And the bf16
 attention kernels must use the tensor cores (Hopper's wgmma for the prefill) and
-asynchronous copies for their K/V tiles.
+asynchronous copies for their K/V tiles. The fp8 (e4m3) cache variants, which take the cache
+as bytes (``*u8``) and encode / decode e4m3 in the kernel, compile too, under the same limits.
 
 The compile runs in a subprocess: the interpreter tests set TRITON_INTERPRET=1 in this process,
 which turns @triton.jit functions into interpreted ones that cannot be compiled.
@@ -29,6 +30,7 @@ SM90_MAX_SHARED_BYTES = 227 * 1024     # dynamic shared memory per block on H100
 
 _SCRIPT = r"""
 import json, os, re, subprocess, sys, tempfile
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -44,12 +46,15 @@ FP32_SCALARS = {"scale_log2", "eps"}
 # Integer arguments that need not be multiples of 16 (block-table width, split count, sizes).
 ANY_INT = {"stride_bt", "stride_mlh", "n", "inter", "num_q_heads", "num_k_heads"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+CACHE_PTRS = {"k_cache_ptr", "v_cache_ptr"}   # an fp8 cache: its bytes
 
 def signature(kernel, dtype, consts):
     sig = {}
     for name in kernel.arg_names:
         if name in consts:
             sig[name] = "constexpr"
+        elif name in CACHE_PTRS and consts.get("FP8_CACHE"):
+            sig[name] = "*u8"
         elif name in INDEX_PTRS:
             sig[name] = "*i64"
         elif name in FP32_PTRS:
@@ -78,10 +83,10 @@ def registers(ptx):
     return (int(re.search(r"Used (\d+) registers", out).group(1)),
             int(re.search(r"(\d+) bytes spill stores", out).group(1)))
 
-def build(label, kernel, dtype, consts):
+def build(label, kernel, dtype, consts, options=None):
     src = ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts,
                     attrs=aligned(kernel, consts))
-    compiled = triton.compile(src, target=TARGET)
+    compiled = triton.compile(src, target=TARGET, options=options)
     ptx = compiled.asm["ptx"]
     regs, spill = registers(ptx)
     return {"label": label, "shared": compiled.metadata.shared, "registers": regs,
@@ -91,24 +96,33 @@ def build(label, kernel, dtype, consts):
 
 bd = triton.next_power_of_2(HEAD_DIM)
 results = []
-for dtype in ("bf16", "fp32"):
+# (query dtype, fp8 cache): the cache in the queries' dtype, and an fp8 one under each.
+for dtype, fp8 in (("bf16", False), ("fp32", False), ("bf16", True), ("fp32", True)):
     ieee = dtype == "fp32"
+    kv = " fp8" if fp8 else ""
+    # The num_warps / num_stages the wrappers launch with.
+    launch = {k: ta._launch_options(k, torch.float32 if ieee else torch.bfloat16,
+                                    ta.FP8 if fp8 else torch.bfloat16)
+              for k in ("prefill", "decode")}
     # The tiles the wrappers launch for this dtype.
     decode_n = ta.DECODE_BLOCK_N_FP32 if ieee else ta.DECODE_BLOCK_N
     prefill_m, prefill_n = ((ta.PREFILL_BLOCK_M_FP32, ta.PREFILL_BLOCK_N_FP32) if ieee
                             else (ta.PREFILL_BLOCK_M, ta.PREFILL_BLOCK_N))
     for splits in ((1, 8) if dtype == "bf16" else (8,)):
-        results.append(build(f"decode {dtype} splits={splits}", ta._decode_split_kernel, dtype,
-            dict(NUM_SPLITS=splits, GROUP=GROUP, BLOCK_G=16, HEAD_DIM=HEAD_DIM, BLOCK_D=bd,
-                 BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=decode_n, IEEE=ieee, UPCAST=False)))
-    results.append(build(f"prefill {dtype}", ta._prefill_kernel, dtype,
+        results.append(build(f"decode {dtype}{kv} splits={splits}", ta._decode_split_kernel,
+            dtype, dict(NUM_SPLITS=splits, GROUP=GROUP, BLOCK_G=16, HEAD_DIM=HEAD_DIM,
+                        BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=decode_n, IEEE=ieee,
+                        UPCAST=False, FP8_CACHE=fp8), launch["decode"]))
+    results.append(build(f"prefill {dtype}{kv}", ta._prefill_kernel, dtype,
         dict(GROUP=GROUP, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE,
-             BLOCK_M=prefill_m, BLOCK_N=prefill_n, IEEE=ieee, UPCAST=False)))
+             BLOCK_M=prefill_m, BLOCK_N=prefill_n, IEEE=ieee, UPCAST=False, FP8_CACHE=fp8),
+        launch["prefill"]))
 results.append(build("reduce", ta._decode_reduce_kernel, "bf16",
     dict(NUM_SPLITS=8, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_N=ta.DECODE_BLOCK_N)))
-results.append(build("write_kv bf16", ta._write_kv_kernel, "bf16",
-    dict(NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, BLOCK_H=NUM_KV_HEADS, BLOCK_D=bd,
-         BLOCK_SIZE=BLOCK_SIZE)))
+for dtype, fp8 in (("bf16", False), ("bf16", True), ("fp32", True)):
+    results.append(build(f"write_kv {dtype}{' fp8' if fp8 else ''}", ta._write_kv_kernel,
+        dtype, dict(NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, BLOCK_H=NUM_KV_HEADS,
+                    BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE, FP8_CACHE=fp8)))
 HIDDEN, INTER, HEADS = 1024, 3072, 16                   # Qwen3-0.6B
 for hidden in (HIDDEN, 4096):                           # and Llama-3.1-8B's hidden size
     results.append(build(f"rms_norm+add {hidden}", tf._rms_norm_kernel, "bf16",
@@ -129,7 +143,7 @@ def test_kernels_compile_for_sm90():
         pytest.skip("triton's bundled ptxas is unavailable here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 11
+    assert len(results) == 18
     for r in results:
         assert r["cubin"], r
         assert r["shared"] <= SM90_MAX_SHARED_BYTES, r
@@ -138,8 +152,10 @@ def test_kernels_compile_for_sm90():
     by_label = {r["label"]: r for r in results}
     # Hopper's warpgroup MMA for the prefill's 64-row tiles; the decode's 16-row tiles take
     # mma.sync. K/V tiles of both stream through asynchronous copies (software pipelining).
-    assert by_label["prefill bf16"]["wgmma"] > 0, by_label["prefill bf16"]
-    for label in ("decode bf16 splits=1", "decode bf16 splits=8"):
-        assert by_label[label]["mma_sync"] > 0, by_label[label]
-    for label in ("prefill bf16", "decode bf16 splits=8"):
-        assert by_label[label]["cp_async"] > 0, by_label[label]
+    # So do they over an fp8 cache, its bytes widened in registers between the two.
+    for kv in ("", " fp8"):
+        assert by_label[f"prefill bf16{kv}"]["wgmma"] > 0, by_label[f"prefill bf16{kv}"]
+        for label in (f"decode bf16{kv} splits=1", f"decode bf16{kv} splits=8"):
+            assert by_label[label]["mma_sync"] > 0, by_label[label]
+        for label in (f"prefill bf16{kv}", f"decode bf16{kv} splits=8"):
+            assert by_label[label]["cp_async"] > 0, by_label[label]
