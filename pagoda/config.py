@@ -87,7 +87,9 @@ class EngineArgs:
     kv_cache_memory: Optional[float] = None  # GiB (CPU); default DEFAULT_KV_CACHE_GIB
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: Optional[int] = None    # overrides the memory budget (tests)
-    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    # None: DEFAULT_MAX_NUM_BATCHED_TOKENS, except a server on the CPU (``serving``), which
+    # times a step at start and picks one (engine/cpu_budget.py).
+    max_num_batched_tokens: Optional[int] = None
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_model_len: Optional[int] = None    # default: the model's, capped at 8192
     enable_chunked_prefill: bool = True
@@ -104,6 +106,7 @@ class EngineArgs:
     kv_transfer_timeout: float = 10.0
     kv_host: str = "127.0.0.1"             # the side channel's address
     kv_port: int = 0
+    serving: bool = False                  # the defaults of a server (pagoda serve)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
@@ -114,6 +117,12 @@ class EngineArgs:
                                 self.kv_load_failure, self.kv_transfer_timeout, self.kv_host,
                                 self.kv_port)
 
-    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, max_model_len,
+    @property
+    def token_budget(self) -> int:
+        """The per-step token budget before any measurement: the user's, or the default."""
+        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+
+    def scheduler_config(self, max_model_len: int,
+                         budget: Optional[int] = None) -> SchedulerConfig:
+        return SchedulerConfig(budget or self.token_budget, self.max_num_seqs, max_model_len,
                                self.enable_chunked_prefill)

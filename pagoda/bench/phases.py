@@ -9,6 +9,9 @@ read bandwidth:
     bytes(decode step) = weight bytes (layers + the vocab x hidden logits matrix)
                        + sum over the B sequences of context_len x KV bytes per token
 
+(with ``--quantization int4``, a step of at most the 4-bit row limit reads the layers' 4-bit
+codes and their scales and zeros instead of their dense weights: ``cpu_int4.bytes_per_weight``).
+
 The monitor wraps the runner's ``launch`` and ``collect`` (instrumentation only) and times
 every step from the previous step's end to its own (host and compute, as synchronous CPU
 steps are); a step's FLOPs follow ``flops.request_flops`` (linears for every computed token,
@@ -25,6 +28,7 @@ import torch
 from pagoda.bench import flops
 from pagoda.bench.gpu import computed_before, kv_bytes_per_token, weight_bytes_per_step
 from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
+from pagoda.models.cpu_int4 import bytes_per_weight
 
 READ_BYTES = 1 << 30     # the buffer summed to measure read bandwidth (past any cache)
 READ_REPEATS = 5
@@ -106,9 +110,18 @@ class StepMonitor:
         return out
 
 
+def decode_weight_bytes(arch: Any, dtype: torch.dtype, rows: int, int4_max_rows: int = 0) -> int:
+    """Weights a decode step of ``rows`` rows reads (module docstring)."""
+    dense = weight_bytes_per_step(arch, dtype)
+    if rows > int4_max_rows:
+        return dense
+    layers = arch.num_params_non_embedding
+    return int(dense - layers * dtype.itemsize + layers * bytes_per_weight(dtype))
+
+
 def summarize(steps: list[Step], arch: Any, dtype: torch.dtype, kv_dtype: torch.dtype,
               shape: flops.ModelShape, limit_flops_per_s: float,
-              read_limit_bytes_per_s: float) -> dict:
+              read_limit_bytes_per_s: float, int4_max_rows: int = 0) -> dict:
     """Each phase's time, work and fraction of its limit."""
     prefill = [s for s in steps if not s.is_decode]
     decode = [s for s in steps if s.is_decode]
@@ -116,9 +129,9 @@ def summarize(steps: list[Step], arch: Any, dtype: torch.dtype, kv_dtype: torch.
     logits = 2 * shape.hidden_size * shape.vocab_size
     p_flops = sum(linear * s.tokens + s.attention_flops + logits * s.seqs for s in prefill)
     p_time = sum(s.seconds for s in prefill)
-    weights = weight_bytes_per_step(arch, dtype)
     per_token = kv_bytes_per_token(arch, kv_dtype)
-    d_bytes = sum(weights + s.context_tokens * per_token for s in decode)
+    d_bytes = sum(decode_weight_bytes(arch, dtype, s.seqs, int4_max_rows)
+                  + s.context_tokens * per_token for s in decode)
     d_time = sum(s.seconds for s in decode)
     out = {"prefill_steps": len(prefill), "prefill_s": p_time, "prefill_flops": p_flops,
            "decode_steps": len(decode), "decode_s": d_time, "decode_bytes": d_bytes,

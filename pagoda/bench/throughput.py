@@ -348,7 +348,7 @@ def start_vllm(ns: argparse.Namespace, engine: Any, engine_args: Any, work: Work
     options = vllm_peer.VllmOptions(
         model=vllm_peer.hf_model_dir(hf_model_path(ns.model), dtype), dtype=dtype_name(dtype),
         max_model_len=engine.max_model_len, max_num_seqs=engine_args.max_num_seqs,
-        max_num_batched_tokens=engine_args.max_num_batched_tokens,
+        max_num_batched_tokens=engine.scheduler.config.max_num_batched_tokens,
         enable_prefix_caching=engine_args.enable_prefix_caching,
         enforce_eager=ns.vllm_enforce_eager, seed=engine_args.seed)
     warmup = {"prompt_len": WARMUP_PROMPT_LEN, "output_len": WARMUP_OUTPUT_LEN,
@@ -437,7 +437,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def measure_limits(arch: Any, engine_args: Any, engine_dtype: torch.dtype) -> dict:
     """Matmul FLOP/s in bf16, fp32 and the engine's dtype, for the square and model shapes."""
-    shapes = flops.model_matmul_shapes(arch, engine_args.max_num_batched_tokens,
+    shapes = flops.model_matmul_shapes(arch, engine_args.token_budget,
                                        engine_args.max_num_seqs)
     out = {}
     for dtype in dict.fromkeys([torch.bfloat16, torch.float32, engine_dtype]):
@@ -632,7 +632,7 @@ def main(ns: argparse.Namespace) -> int:
             with phases.StepMonitor(engine.runner, shape) as steps:
                 elapsed, first_ids = timed_pagoda(llm, work)
             phase = phases.summarize(steps.steps, arch, dtype, engine.kv_dtype, shape, limit,
-                                     read_bw)
+                                     read_bw, engine.runner.int4_max_rows)
     except RuntimeError as e:
         print(f"pagoda: error: {e}", file=sys.stderr)
         if peer is not None:

@@ -33,6 +33,7 @@ from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.kv_transfer.params import (KVTransferRequest, RemotePrefill,
                                        parse_kv_transfer_params)
+from pagoda.engine import cpu_budget
 from pagoda.models.cpu_int4 import resolve_quantization
 from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
 from pagoda.request import Request, RequestStatus
@@ -102,7 +103,7 @@ class LLMEngine:
         cache = args.cache_config()
         # CUDA: the peak of a worst-case step comes out of the KV budget (0 elsewhere).
         self._activation_bytes = profile_activation_bytes(
-            loaded.model, args.max_num_batched_tokens, args.max_num_seqs, cache.block_size,
+            loaded.model, args.token_budget, args.max_num_seqs, cache.block_size,
             self.dtype, self.device)
         self.num_blocks = cache.num_blocks or self._blocks_for_budget(cache)
         self.block_size = cache.block_size
@@ -124,6 +125,9 @@ class LLMEngine:
         self._child_group: dict[str, tuple[_Group, _Child]] = {}
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        if args.serving and args.max_num_batched_tokens is None and self.device.type == "cpu":
+            budget = cpu_budget.serving_budget(self)   # runs a step: the engine is complete
+            self.scheduler.config = args.scheduler_config(self.max_model_len, budget)
         logger.info("engine: %s, %s on %s, KV cache %d blocks x %d tokens = %d tokens",
                     self.model_name, self.dtype, self.device, self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size)

@@ -48,8 +48,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     g.add_argument("--num-kv-blocks", type=int, default=None,
                    help="exact KV pool size in blocks (overrides the memory budget)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="the per-step token budget")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="the per-step token budget (default 2048; pagoda serve on the CPU: "
+                        "chosen from a prefill step timed at start, docs/server.md)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")

@@ -56,6 +56,12 @@ def resolve_quantization(name: Optional[str], device: torch.device,
     return name
 
 
+def bytes_per_weight(dtype: torch.dtype, group: int = GROUP) -> float:
+    """Bytes the 4-bit form reads per weight: half a byte of code, a scale and a zero per
+    group in the input's dtype."""
+    return 0.5 + 2 * dtype.itemsize / group
+
+
 def quantize(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor,
                                                                torch.Tensor]:
     """(N, K) weights -> codes (N, K) int32 in [0, 15], scale and zero (N, K // group) fp32,

@@ -21,10 +21,11 @@ from pagoda.worker.host_buffer import to_device
 
 _MASK64 = (1 << 64) - 1
 # Up to this many rows the packed output projection and a row argmax beat
-# ``cpu_fused.greedy_tokens``: at one row ``weight @ hidden.T`` is a matrix-vector product,
-# which oneDNN runs 1.5x (AMX) to 2x (AVX-512 without AMX) slower than the packed GEMM
-# (2-core Xeon, cold 56 MB weights, docs/benchmarks.md); from two rows on they are even.
-PACKED_HEAD_MAX_ROWS = 1
+# ``cpu_fused.greedy_tokens``, whose ``weight @ hidden.T`` oneDNN runs as a slower kernel at
+# few columns. Measured on the 2-core Xeon, cold 49152 x 576 bf16 weights: at 1 row 2.4 against
+# 3.9 ms with AMX, 2.6 against 3.7 without (AVX512-BF16); at 2 to 8 rows even with AMX, 3.1-3.8
+# against 5.5 ms without; from 16 rows on greedy_tokens is as fast or faster.
+PACKED_HEAD_MAX_ROWS = 8
 
 
 @dataclass

@@ -155,3 +155,12 @@ def test_phase_accounting_by_hand() -> None:
     decode_bytes = 4 * 1080 + 10 * 2 * 2 * 4 * 2
     assert got["decode_bytes"] == decode_bytes
     assert got["decode_fraction_of_limit"] == pytest.approx(decode_bytes / 0.25 / 1e5)
+    # With 4-bit layers for steps of at most 2 rows: 1000 weights at 0.5 + 2 * 4 / 32 bytes
+    # (fp32 scales and zeros), the logits matrix still dense.
+    int4 = phases.summarize(steps, arch, torch.float32, torch.bfloat16, shape,
+                            limit_flops_per_s=1e4, read_limit_bytes_per_s=1e5, int4_max_rows=2)
+    assert int4["decode_bytes"] == 1000 * 0.75 + 4 * 80 + 10 * 2 * 2 * 4 * 2
+    one_row = phases.summarize(steps, arch, torch.float32, torch.bfloat16, shape,
+                               limit_flops_per_s=1e4, read_limit_bytes_per_s=1e5,
+                               int4_max_rows=1)
+    assert one_row["decode_bytes"] == decode_bytes       # 2-row steps: dense

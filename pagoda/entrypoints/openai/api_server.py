@@ -6,6 +6,7 @@ Every bad request is answered with an OpenAI-style error naming the field (400, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -340,7 +341,7 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: Any) -> FastAPI:
         if ns.num_threads is not None:
             torch.set_num_threads(ns.num_threads)
         threads.append(torch.get_num_threads())
-        return LLMEngine(engine_args)
+        return LLMEngine(dataclasses.replace(engine_args, serving=True))
 
     metrics = EngineMetrics()
     async_engine = AsyncEngine.on_own_thread(make_engine, metrics=metrics)
