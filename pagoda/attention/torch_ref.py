@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.attention.metadata import AttentionMetadata
+from pagoda.utils import cdiv
 
 
 FP8 = torch.float8_e4m3fn
@@ -105,7 +106,7 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
                       scale: float) -> torch.Tensor:
     """One query per sequence, all sequences in one batched matmul. q: (B, H, D)."""
     batch, num_heads, head_dim = q.shape
-    tables = meta.decode_block_tables[:, :_cdiv(meta.decode_max_seq_len, meta.block_size)]
+    tables = meta.decode_block_tables[:, :cdiv(meta.decode_max_seq_len, meta.block_size)]
     k = _gather_context(kv_cache[0], tables).to(q.dtype)            # (B, L, Hkv, D)
     v = _gather_context(kv_cache[1], tables).to(q.dtype)
     num_kv_heads = k.shape[2]
@@ -120,6 +121,3 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     out = torch.matmul(probs, v.permute(0, 2, 1, 3))                # (B, Hkv, G, D)
     return out.reshape(batch, num_heads, head_dim)
 
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)

@@ -30,6 +30,7 @@ import torch
 from pagoda.attention import cpu_decode
 from pagoda.attention.metadata import AttentionMetadata
 from pagoda.attention.torch_ref import _decode_attention
+from pagoda.utils import cdiv
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -63,7 +64,7 @@ def make_case(batch: int, min_len: int, max_len: int, num_heads: int, num_kv_hea
     """Random queries and cache(s); each sequence's blocks are drawn at random from the pool."""
     gen = torch.Generator().manual_seed(seed)
     seq_lens = torch.randint(min_len, max_len + 1, (batch,), generator=gen, dtype=torch.int64)
-    blocks_per_seq = [-(-int(n) // block_size) for n in seq_lens]
+    blocks_per_seq = [cdiv(int(n), block_size) for n in seq_lens]
     width = max(blocks_per_seq)
     num_blocks = sum(blocks_per_seq) + 1          # block 0 stays the padding block
     perm = torch.randperm(num_blocks - 1, generator=gen) + 1

@@ -41,6 +41,7 @@ from pagoda.config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_BATCHED_TOKENS
 from pagoda.core.outputs import SchedulerOutput
 from pagoda.models.presets import preset_arch, preset_config, preset_names
 from pagoda.sampling import SamplingParams
+from pagoda.utils import cdiv
 from pagoda.worker.cuda_graph import DecodeGraphs, _Graph
 
 NULL_SHAPE = "tiny-qwen3"          # the null model's own shapes: small, so the host's work
@@ -99,7 +100,7 @@ def null_engine_llm(ns: argparse.Namespace, max_model_len: int,
 
     config = preset_config(NULL_SHAPE)
     config.update(num_hidden_layers=NULL_LAYERS, max_position_embeddings=max_model_len)
-    blocks = ns.max_num_seqs * -(-max_model_len // ns.block_size)   # no preemption
+    blocks = ns.max_num_seqs * cdiv(max_model_len, ns.block_size)   # no preemption
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f)

@@ -14,10 +14,8 @@ from typing import Optional, Sequence
 from pagoda.core.block_pool import BlockPool
 from pagoda.core.prefix_cache import extend_block_hashes, root_hash
 from pagoda.request import Request
+from pagoda.utils import cdiv
 
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class KVCacheManager:

@@ -38,6 +38,7 @@ from pagoda.models.cpu_int4 import resolve_quantization
 from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
 from pagoda.request import Request, RequestStatus
 from pagoda.sampling import SamplingParams
+from pagoda.utils import cdiv
 from pagoda.worker.kv_cache import (GIB, cuda_kv_budget, num_blocks_for_memory,
                                     profile_activation_bytes)
 from pagoda.worker.model_runner import ModelRunner, StepHandle
@@ -147,7 +148,7 @@ class LLMEngine:
             budget = int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
         n = num_blocks_for_memory(self.arch, cache.block_size, self.kv_dtype, budget)
         # More blocks than the longest sequences of a full batch could use is waste.
-        cap = -(-self.max_model_len // cache.block_size) * self.args.max_num_seqs
+        cap = cdiv(self.max_model_len, cache.block_size) * self.args.max_num_seqs
         return min(n, cap)
 
     def _start_kv_transfer(self, args: EngineArgs) -> Optional[KVConnectorWorker]:
@@ -247,7 +248,7 @@ class LLMEngine:
         if remote.num_tokens != len(prompt_token_ids):
             raise ValueError(f"kv_transfer_params.remote_num_tokens is {remote.num_tokens}, the "
                              f"prompt has {len(prompt_token_ids)} tokens")
-        if len(remote.block_ids) != -(-remote.num_tokens // self.block_size):
+        if len(remote.block_ids) != cdiv(remote.num_tokens, self.block_size):
             raise ValueError(f"kv_transfer_params.remote_block_ids has {len(remote.block_ids)} "
                              f"blocks for {remote.num_tokens} tokens of {self.block_size}")
 

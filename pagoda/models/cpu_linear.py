@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.utils import cdiv
+
 logger = logging.getLogger(__name__)
 
 PACKED_LINEAR_ENV = "PAGODA_PACKED_LINEAR"   # "1": always, "0": never, unset: timed
@@ -128,7 +130,7 @@ def pack_model(model: nn.Module, head_weight: Optional[torch.Tensor] = None
         # Timed on enough of them to overflow the last-level cache, each in turn (cold, as in
         # a step); the rest are packed one at a time, so the model is never held twice.
         layer_bytes = layers[0].weight.numel() * layers[0].weight.element_size()
-        timed = min(len(layers), -(-TIMING_BYTES // layer_bytes))
+        timed = min(len(layers), cdiv(TIMING_BYTES, layer_bytes))
         packed = [pack_weight(layer.weight) for layer in layers[:timed]]
         if mode != "1":
             pays, ratio = packing_pays([layer.weight for layer in layers[:len(packed)]], packed)

@@ -18,6 +18,8 @@ import gguf
 import numpy as np
 import torch
 
+from pagoda.utils import cdiv
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -119,7 +121,7 @@ class _GGUFFile:
             self.fields[key] = cur.value(cur.unpack("<I"))
         self.tensors = [self._tensor_info(cur) for _ in range(n_tensors)]
         align = int(self.fields.get("general.alignment", 32))
-        self.data_start = -(-cur.pos // align) * align
+        self.data_start = cdiv(cur.pos, align) * align
 
     @staticmethod
     def _tensor_info(cur: _Cursor) -> _TensorInfo:

@@ -26,6 +26,7 @@ import torch
 
 from pagoda.attention.metadata import DeviceAttentionMetadata
 from pagoda.models.llama import LlamaForCausalLM
+from pagoda.utils import cdiv
 from pagoda.worker.host_buffer import pack_ints
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class DecodeGraphs:
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.device = block_size, device
         self.max_model_len = max_model_len
-        self.max_blocks = -(-max_model_len // block_size)
+        self.max_blocks = cdiv(max_model_len, block_size)
         self.sizes = batch_size_ladder(max_num_seqs)
         self.graphs: dict[int, _Graph] = {}
 

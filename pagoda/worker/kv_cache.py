@@ -10,6 +10,7 @@ import torch
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk
 from pagoda.models.config import ModelArch
 from pagoda.models.llama import LlamaForCausalLM
+from pagoda.utils import cdiv
 
 GIB = 1 << 30
 
@@ -61,7 +62,7 @@ def run_profile_step(model: LlamaForCausalLM, num_tokens: int, num_seqs: int, bl
                      dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """One prefill chunk of ``num_tokens`` tokens over a scratch cache, then ``num_seqs`` rows
     of logits in fp32. Returns the logits (num_seqs, V)."""
-    num_blocks = -(-num_tokens // block_size)
+    num_blocks = cdiv(num_tokens, block_size)
     caches = allocate_kv_cache(model.arch, num_blocks, block_size, dtype, device)
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)              # (T,)
     positions = torch.arange(num_tokens, dtype=torch.int64, device=device)       # (T,)

@@ -34,6 +34,7 @@ from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutp
 from pagoda.models import cpu_int4, cpu_linear
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
+from pagoda.utils import cdiv
 from pagoda.worker.cuda_graph import DecodeGraphs
 from pagoda.worker.host_buffer import IntPart, pack_ints, to_device
 from pagoda.worker.kv_cache import allocate_kv_cache
@@ -256,7 +257,7 @@ class ModelRunner:
             host.positions.extend(range(start, start + n))
             host.slots.extend(state.block_ids[p // bs] * bs + p % bs
                               for p in range(start, start + n))
-            num_blocks = -(-(start + n) // bs)
+            num_blocks = cdiv(start + n, bs)
             host.chunks.append((row, n, start + n, state.block_ids[:num_blocks]))
             self._note_sampling(host, rid, state, row, start, n)
         return host
@@ -301,7 +302,7 @@ class ModelRunner:
             empty = self._tensor([])
             return empty.view(0, 0), empty, 0
         max_len = max(host.decode_seq_lens)
-        width = -(-max_len // self.block_size)
+        width = cdiv(max_len, self.block_size)
         padded = [r + [0] * (width - len(r)) for r in host.decode_tables]
         return self._tensor(padded), self._tensor(host.decode_seq_lens), max_len
 
@@ -317,7 +318,7 @@ class ModelRunner:
         """
         num_decodes, num_chunks = len(host.decode_seq_lens), len(host.chunks)
         max_len = max(host.decode_seq_lens, default=0)
-        width = -(-max_len // self.block_size)
+        width = cdiv(max_len, self.block_size)
         chunk_width = max((len(c[3]) for c in host.chunks), default=0)
         first_row = host.chunks[0][0] if host.chunks else 0
         starts = [row - first_row for row, _, _, _ in host.chunks]

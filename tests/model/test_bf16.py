@@ -27,6 +27,7 @@ from pagoda import LLM, SamplingParams
 from pagoda.attention import cpu_attention, cpu_decode, torch_ref
 from pagoda.models import cpu_fused
 from pagoda.models.loader import default_model_path
+from pagoda.worker import model_runner
 from tiny_models import TINY_VOCAB, make_model
 
 from native import needs_ext
@@ -36,7 +37,10 @@ MARGIN_STEPS = 4         # bf16 steps a token may lie below transformers' top ch
 DIVERGENCE_STEPS = 4     # fp32's two candidates where bf16 parts ways, in the same steps
 BF16_MANTISSA_BITS = 7
 NEW_TOKENS = 24
-FUSED_OPS = ("add_rms_norm", "rope_", "silu_mul", "greedy_tokens")
+FUSED_OPS = ("add_rms_norm", "rope_", "silu_mul")
+# Greedy straight from the hidden states, in either form (sampler.greedy_from_hidden: the
+# packed output projection and a row argmax for a few rows, else greedy_tokens).
+FUSED_GREEDY = "greedy_from_hidden"
 
 pytestmark = [needs_ext, pytest.mark.usefixtures("one_thread")]
 
@@ -78,6 +82,15 @@ class PathSpy:
             monkeypatch.setattr(cpu_fused, name, self._counting(name, getattr(cpu_fused, name)))
         monkeypatch.setattr(torch_ref, "prefill_chunks",
                             self._counting("reference_prefill", torch_ref.prefill_chunks))
+        real = model_runner.greedy_from_hidden
+
+        def greedy(*args, **kwargs):
+            tokens = real(*args, **kwargs)
+            if tokens is not None:
+                self.calls[FUSED_GREEDY] = self.calls.get(FUSED_GREEDY, 0) + 1
+            return tokens
+
+        monkeypatch.setattr(model_runner, "greedy_from_hidden", greedy)
         ext = cpu_decode.extension()
         monkeypatch.setattr(ext, "amx_paged_attention",
                             self._counting("amx_prefill", ext.amx_paged_attention))
@@ -89,7 +102,7 @@ class PathSpy:
         return wrapper
 
     def check(self, fused: bool, amx_prefill: bool) -> None:
-        for name in FUSED_OPS:
+        for name in (*FUSED_OPS, FUSED_GREEDY):
             assert (self.calls.get(name, 0) > 0) == fused, (name, self.calls)
         assert (self.calls.get("amx_prefill", 0) > 0) == amx_prefill, self.calls
         assert (self.calls.get("reference_prefill", 0) > 0) == (not amx_prefill), self.calls
