@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagoda.models.cpu_linear import best_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ GROUP = 32                    # weights per scale/zero pair (llama.cpp's Q4_0/Q4
 LEVELS = 15                   # codes 0..15
 MAX_ROWS_ENV = "PAGODA_INT4_MAX_ROWS"
 TIMING_ROWS = (1, 2, 4, 6, 8, 12, 16)   # candidate row limits, timed in this order
-TIMING_REPEATS = 3
 TIMING_BYTES = 64 << 20       # dense weights of one shape timed in turn: cold in cache
 MIN_SPEEDUP = 1.1             # the 4-bit form must beat the dense one by this at a row count
 
@@ -145,19 +145,6 @@ def detach_int4(model: nn.Module) -> None:
                 setattr(parent, name, child.dense)
 
 
-def _seconds(fns: list[Callable[[], torch.Tensor]]) -> float:
-    """Best of a few passes over ``fns`` (each weight once per pass: cold in cache)."""
-    for fn in fns:
-        fn()
-    best = float("inf")
-    for _ in range(TIMING_REPEATS):
-        start = time.perf_counter()
-        for fn in fns:
-            fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def time_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
     """The largest of ``TIMING_ROWS`` up to which the 4-bit form of ``layers`` (one shape) is
     ``MIN_SPEEDUP`` times faster than their dense form at every row count timed (0: not even
@@ -165,8 +152,8 @@ def time_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
     best = 0
     for rows in TIMING_ROWS:
         x = torch.randn(rows, layers[0].in_features, dtype=dtype)
-        dense_s = _seconds([lambda m=m: m.dense(x) for m in layers])
-        int4_s = _seconds([lambda m=m: m.int4(x) for m in layers])
+        dense_s = best_seconds([lambda m=m: m.dense(x) for m in layers])
+        int4_s = best_seconds([lambda m=m: m.int4(x) for m in layers])
         logger.debug("int4 at %d rows: %.2fx dense", rows, dense_s / int4_s)
         if dense_s < MIN_SPEEDUP * int4_s:
             break

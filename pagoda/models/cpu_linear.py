@@ -79,8 +79,9 @@ def packing_supported(dtype: torch.dtype) -> bool:
     return True
 
 
-def _seconds(fns: list[Callable[[], torch.Tensor]]) -> float:
-    """Best of a few passes over ``fns`` (each weight once per pass)."""
+def best_seconds(fns: list[Callable[[], torch.Tensor]]) -> float:
+    """Best of a few passes over ``fns`` (each weight once per pass: cold in cache, as in a
+    step); also times the 4-bit forms of cpu_int4."""
     for fn in fns:
         fn()
     best = float("inf")
@@ -99,8 +100,8 @@ def packing_pays(weights: list[torch.Tensor], packed: list[torch.Tensor]) -> tup
     plain_s = packed_s = 0.0
     for rows in TIMING_ROWS:
         x = torch.randn(rows, k, dtype=weights[0].dtype)
-        plain_s += _seconds([lambda w=w: F.linear(x, w) for w in weights])
-        packed_s += _seconds([lambda p=p: packed_linear(x, p) for p in packed])
+        plain_s += best_seconds([lambda w=w: F.linear(x, w) for w in weights])
+        packed_s += best_seconds([lambda p=p: packed_linear(x, p) for p in packed])
     ratio = plain_s / packed_s
     return ratio >= MIN_SPEEDUP, ratio
 
