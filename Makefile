@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 SERVE_ARGS ?=
 
-.PHONY: setup run generate test bench
+.PHONY: setup run generate lint test bench
 
 setup:
 	@bash scripts/setup.sh
@@ -19,7 +19,13 @@ run: setup
 generate: setup
 	.venv/bin/pagoda generate --chat --prompt "$(PROMPT)" --max-tokens 128
 
-test: setup
+# Lint, format check and type check of pagoda/ (configured in pyproject.toml), before the tests.
+lint: setup
+	.venv/bin/ruff check pagoda
+	.venv/bin/ruff format --check pagoda
+	.venv/bin/mypy
+
+test: lint
 	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
 
 bench: setup

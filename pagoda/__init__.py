@@ -1,5 +1,6 @@
 """pagoda: an LLM inference engine with a paged KV cache, continuous batching and chunked
 prefill. ``from pagoda import LLM, SamplingParams``."""
+
 from pagoda.sampling import SamplingParams
 
 __all__ = ["LLM", "SamplingParams"]

@@ -2,6 +2,7 @@
 
 Kept free of torch so that the scheduler side (``pagoda.core``) can import it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ class SchedulerConfig:
 class CacheConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory_gib: Optional[float] = None  # CPU: the KV pool's size in GiB
-    gpu_memory_utilization: float = 0.9          # CUDA: fraction of free memory for KV
-    num_blocks: Optional[int] = None             # overrides the memory budget (tests)
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory for KV
+    num_blocks: Optional[int] = None  # overrides the memory budget (tests)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -56,20 +57,23 @@ KV_LOAD_FAILURE_POLICIES = ("recompute", "fail")
 @dataclass(frozen=True)
 class KVTransferConfig:
     """Disaggregated prefill. ``both``: colocated, no transfers (the default)."""
+
     kv_role: str = "both"
     engine_id: str = ""
-    lease_seconds: float = 30.0          # prefill: how long finished requests' blocks wait
-    load_failure: str = "recompute"      # decode: what a failed pull does
+    lease_seconds: float = 30.0  # prefill: how long finished requests' blocks wait
+    load_failure: str = "recompute"  # decode: what a failed pull does
     transfer_timeout_seconds: float = 10.0
     side_channel_host: str = "127.0.0.1"
-    side_channel_port: int = 0           # 0: any free port
+    side_channel_port: int = 0  # 0: any free port
 
     def __post_init__(self) -> None:
         if self.kv_role not in KV_ROLES:
             raise ValueError(f"kv_role must be one of {KV_ROLES}, got {self.kv_role!r}")
         if self.load_failure not in KV_LOAD_FAILURE_POLICIES:
-            raise ValueError(f"kv_load_failure must be one of {KV_LOAD_FAILURE_POLICIES}, "
-                             f"got {self.load_failure!r}")
+            raise ValueError(
+                f"kv_load_failure must be one of {KV_LOAD_FAILURE_POLICIES}, "
+                f"got {self.load_failure!r}"
+            )
         for name in ("lease_seconds", "transfer_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -78,51 +82,62 @@ class KVTransferConfig:
 @dataclass(frozen=True)
 class EngineArgs:
     """Everything a user can set, as the CLI and ``LLM(...)`` take it."""
-    model: Optional[str] = None            # directory or .gguf; None: the bundled SmolLM2
+
+    model: Optional[str] = None  # directory or .gguf; None: the bundled SmolLM2
     dtype: str = "auto"
-    kv_cache_dtype: str = "auto"           # "auto": the model's dtype; CPU: bfloat16 also
-    quantization: Optional[str] = None     # None/"none" | "int4" (CPU, small decode steps)
-    device: str = "auto"                   # "auto": cuda if available, else cpu
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; CPU: bfloat16 also
+    quantization: Optional[str] = None  # None/"none" | "int4" (CPU, small decode steps)
+    device: str = "auto"  # "auto": cuda if available, else cpu
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: Optional[float] = None  # GiB (CPU); default DEFAULT_KV_CACHE_GIB
     gpu_memory_utilization: float = 0.9
-    num_kv_blocks: Optional[int] = None    # overrides the memory budget (tests)
+    num_kv_blocks: Optional[int] = None  # overrides the memory budget (tests)
     # None: DEFAULT_MAX_NUM_BATCHED_TOKENS, except a server on the CPU (``serving``), which
     # times a step at start and picks one (engine/cpu_budget.py).
     max_num_batched_tokens: Optional[int] = None
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
-    max_model_len: Optional[int] = None    # default: the model's, capped at 8192
+    max_model_len: Optional[int] = None  # default: the model's, capped at 8192
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0
-    load_format: str = "auto"              # "dummy": random weights, no checkpoint files
-    model_preset: Optional[str] = None     # built-in shapes for dummy weights (models/presets.py)
-    enforce_eager: bool = False            # CUDA: no CUDA graphs for decode steps
+    load_format: str = "auto"  # "dummy": random weights, no checkpoint files
+    model_preset: Optional[str] = None  # built-in shapes for dummy weights (models/presets.py)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     async_scheduling: Optional[bool] = None  # None: on for CUDA, off for the CPU
-    kv_role: str = "both"                  # disaggregated prefill: both | prefill | decode
-    kv_secret: Optional[str] = None        # side-channel secret (else $PAGODA_KV_SECRET)
+    kv_role: str = "both"  # disaggregated prefill: both | prefill | decode
+    kv_secret: Optional[str] = None  # side-channel secret (else $PAGODA_KV_SECRET)
     kv_lease_seconds: float = 30.0
-    kv_load_failure: str = "recompute"     # recompute | fail
+    kv_load_failure: str = "recompute"  # recompute | fail
     kv_transfer_timeout: float = 10.0
-    kv_host: str = "127.0.0.1"             # the side channel's address
+    kv_host: str = "127.0.0.1"  # the side channel's address
     kv_port: int = 0
-    serving: bool = False                  # the defaults of a server (pagoda serve)
+    serving: bool = False  # the defaults of a server (pagoda serve)
 
     def cache_config(self) -> CacheConfig:
-        return CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
-                           self.num_kv_blocks)
+        return CacheConfig(
+            self.block_size, self.kv_cache_memory, self.gpu_memory_utilization, self.num_kv_blocks
+        )
 
     def kv_transfer_config(self, engine_id: str) -> KVTransferConfig:
-        return KVTransferConfig(self.kv_role, engine_id, self.kv_lease_seconds,
-                                self.kv_load_failure, self.kv_transfer_timeout, self.kv_host,
-                                self.kv_port)
+        return KVTransferConfig(
+            self.kv_role,
+            engine_id,
+            self.kv_lease_seconds,
+            self.kv_load_failure,
+            self.kv_transfer_timeout,
+            self.kv_host,
+            self.kv_port,
+        )
 
     @property
     def token_budget(self) -> int:
         """The per-step token budget before any measurement: the user's, or the default."""
         return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
 
-    def scheduler_config(self, max_model_len: int,
-                         budget: Optional[int] = None) -> SchedulerConfig:
-        return SchedulerConfig(budget or self.token_budget, self.max_num_seqs, max_model_len,
-                               self.enable_chunked_prefill)
+    def scheduler_config(self, max_model_len: int, budget: Optional[int] = None) -> SchedulerConfig:
+        return SchedulerConfig(
+            budget or self.token_budget,
+            self.max_num_seqs,
+            max_model_len,
+            self.enable_chunked_prefill,
+        )

@@ -6,26 +6,29 @@ same rule: compute tokens ``[num_computed_tokens, num_tokens)``, then sample whe
 The scheduler advances the counter when it schedules the tokens, so it counts tokens whose
 KV is computed or being computed by a step in flight.
 """
+
 from __future__ import annotations
 
 import enum
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from pagoda.kv_transfer.params import KVTransferRequest, RemotePrefill
 from pagoda.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.core.remote_kv import KVTransferRequest, RemotePrefill
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PREEMPTED = "preempted"           # blocks given back; waits to be recomputed
+    PREEMPTED = "preempted"  # blocks given back; waits to be recomputed
     WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # holds blocks a transfer is filling
-    FINISHED_STOPPED = "stop"          # EOS, a stop token or a stop string
-    FINISHED_LENGTH = "length"         # max_tokens or the context length
-    FINISHED_ABORTED = "abort"         # the client went away, or the caller aborted
-    FINISHED_IGNORED = "ignored"       # can never fit in the KV cache, even alone
-    FINISHED_ERROR = "error"           # could not be served (e.g. its remote KV was lost)
+    FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the context length
+    FINISHED_ABORTED = "abort"  # the client went away, or the caller aborted
+    FINISHED_IGNORED = "ignored"  # can never fit in the KV cache, even alone
+    FINISHED_ERROR = "error"  # could not be served (e.g. its remote KV was lost)
 
     @property
     def finished(self) -> bool:
@@ -39,17 +42,29 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
-_FINISHED = {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-             RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_IGNORED,
-             RequestStatus.FINISHED_ERROR}
+_FINISHED = {
+    RequestStatus.FINISHED_STOPPED,
+    RequestStatus.FINISHED_LENGTH,
+    RequestStatus.FINISHED_ABORTED,
+    RequestStatus.FINISHED_IGNORED,
+    RequestStatus.FINISHED_ERROR,
+}
 
 
 class Request:
-    def __init__(self, request_id: str, prompt_token_ids: list[int],
-                 sampling_params: SamplingParams, eos_token_ids: tuple[int, ...],
-                 max_tokens: int, arrival_time: Optional[float] = None,
-                 prefix_donor: Optional[str] = None, cache_salt: Optional[str] = None,
-                 kv_transfer: Optional[KVTransferRequest] = None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: tuple[int, ...],
+        max_tokens: int,
+        arrival_time: Optional[float] = None,
+        prefix_donor: Optional[str] = None,
+        cache_salt: Optional[str] = None,
+        kv_transfer: Optional[KVTransferRequest] = None,
+        seed_offset: int = 0,
+    ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
@@ -61,6 +76,7 @@ class Request:
         self.cache_salt = cache_salt  # prefix caching: only requests with the same salt share
         self.kv_transfer = kv_transfer  # disaggregated prefill: remote decode / remote prefill
         self.kv_transfer_out: Optional[RemotePrefill] = None  # prefill role: where its KV waits
+        self.seed_offset = seed_offset  # n > 1: the i-th sibling samples from seed + i
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
@@ -71,7 +87,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.stop_reason: Optional[str | int] = None  # the stop string / token that ended it
-        self.finish_detail: Optional[str] = None      # human-readable why, for odd endings
+        self.finish_detail: Optional[str] = None  # human-readable why, for odd endings
         # Prefix caching: chain hashes of the full blocks of all_token_ids computed so far,
         # and how many prompt tokens came from the cache at first admission.
         self.block_hashes: list[bytes] = []
@@ -104,5 +120,7 @@ class Request:
         self.all_token_ids.append(token_id)
 
     def __repr__(self) -> str:
-        return (f"Request({self.request_id!r}, {self.status.name}, "
-                f"computed={self.num_computed_tokens}/{self.num_tokens})")
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens})"
+        )

@@ -3,6 +3,7 @@
 Every invalid value raises ``ValueError`` whose message starts with the field's name,
 so the API layer can turn it into a 400 that names the field.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,8 @@ class SamplingParams:
         _check_int("min_tokens", self.min_tokens, lo=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
-                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+                f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
         self._validate_stops()
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
@@ -104,8 +106,9 @@ def _as_list(name: str, value: object) -> list:
     return list(value)
 
 
-def _check_int(name: str, value: object, lo: Optional[int] = None,
-               hi: Optional[int] = None) -> None:
+def _check_int(
+    name: str, value: object, lo: Optional[int] = None, hi: Optional[int] = None
+) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if lo is not None and value < lo:
@@ -114,8 +117,9 @@ def _check_int(name: str, value: object, lo: Optional[int] = None,
         raise ValueError(f"{name} must be <= {hi}, got {value}")
 
 
-def _check_float(name: str, value: object, lo: Optional[float] = None,
-                 hi: Optional[float] = None) -> None:
+def _check_float(
+    name: str, value: object, lo: Optional[float] = None, hi: Optional[float] = None
+) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:

@@ -1,4 +1,5 @@
 """Small helpers shared by every layer (torch-free, so ``pagoda.core`` may import them)."""
+
 from __future__ import annotations
 
 

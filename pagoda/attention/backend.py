@@ -8,6 +8,10 @@
   (``torch_ref.py``).
 - ``PAGODA_ATTENTION=torch`` forces the reference everywhere.
 
+The choice is made once per model, when it is built (:func:`select`, which reads the switches
+``PAGODA_ATTENTION`` and ``PAGODA_AMX``), and bound to its layers: a layer's forward calls
+the chosen :class:`AttentionBackend` without asking again.
+
 Every backend keeps the reference's invariant: new K/V are written at ``slot_mapping`` first,
 then each query sees exactly its own sequence's tokens ``[0, context_len)``.
 
@@ -17,11 +21,14 @@ it, and the output is widened back. Decode then reads half the bytes per cached 
 cache (``--kv-cache-dtype fp8``, e4m3, CPU and CUDA) stores only K and V rounded; the queries and
 the arithmetic keep the model's dtype, and decode reads one byte per value.
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 import os
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -31,6 +38,24 @@ from pagoda.attention.metadata import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 ATTENTION_BACKEND_ENV = cpu_attention.ATTENTION_BACKEND_ENV  # "torch": the reference everywhere
+
+# (q, k, v, kv_cache, meta, scale) -> (T, H, D); q: (T, H, D), k, v: (T, Hkv, D),
+# kv_cache: (2, num_blocks, block_size, Hkv, D).
+AttentionFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor
+]
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One layer's paged attention as chosen for a model."""
+
+    name: str  # for logs and benchmark reports
+    forward: AttentionFn
+    uses_packed_prefills: bool = False  # reads ``meta.packed(...)`` (the runner packs them)
+
+
+TORCH = AttentionBackend("torch", torch_ref.paged_attention)
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,20 +84,46 @@ def backend_name(device: torch.device) -> str:
     return "torch"
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: (T, H, D); k, v: (T, Hkv, D); kv_cache: (2, num_blocks, block_size, Hkv, D).
-    Returns (T, H, D)."""
-    if kv_cache.dtype != q.dtype and kv_cache.dtype != torch_ref.FP8:
-        narrow = kv_cache.dtype
-        return paged_attention(q.to(narrow), k.to(narrow), v.to(narrow), kv_cache, meta,
-                               scale).to(q.dtype)
-    if q.is_cuda and use_triton(q.device):
-        from pagoda.attention import triton_attention
+def triton_backend() -> AttentionBackend:
+    """The Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
+    from pagoda.attention import triton_attention
 
-        packed = getattr(meta, "packed_prefills", None)
-        splits = getattr(meta, "decode_num_splits", None)
-        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale, packed, splits)
-    if cpu_attention.use_cpu_kernels(q.device):
-        return cpu_attention.paged_attention(q, k, v, kv_cache, meta, scale)
-    return torch_ref.paged_attention(q, k, v, kv_cache, meta, scale)
+    return AttentionBackend("triton", triton_attention.paged_attention, True)
+
+
+def cpu_backend(amx_prefill: bool) -> AttentionBackend:
+    """The C++ kernels, prefill chunks on the AMX kernel or on the reference's SDPA."""
+    forward = functools.partial(cpu_attention.attend, amx=amx_prefill)
+    return AttentionBackend(cpu_attention.backend_name(amx_prefill), forward, amx_prefill)
+
+
+def select(
+    device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int
+) -> AttentionBackend:
+    """The backend for q, k, v of ``dtype`` (the model's) over a cache of ``kv_dtype``. Reads
+    the switches now: call once, when the model is built."""
+    if kv_dtype != dtype and kv_dtype != torch_ref.FP8:
+        return in_cache_dtype(select(device, kv_dtype, kv_dtype, head_dim), kv_dtype)
+    if use_triton(device):
+        return triton_backend()
+    if cpu_attention.use_cpu_kernels(device):
+        return cpu_backend(cpu_attention.amx_prefill(device, dtype, kv_dtype, head_dim))
+    return TORCH
+
+
+def in_cache_dtype(inner: AttentionBackend, narrow: torch.dtype) -> AttentionBackend:
+    """``inner`` over a cache of a narrower float: q, k and v rounded to it, the output
+    widened back to q's dtype."""
+    forward = inner.forward
+
+    def narrowed(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        return forward(q.to(narrow), k.to(narrow), v.to(narrow), kv_cache, meta, scale).to(q.dtype)
+
+    return replace(inner, forward=narrowed)

@@ -17,6 +17,7 @@ One layer's attention over a mixed batch, in three calls into the extension buil
 Invariant (the reference's, ``torch_ref.py``): new K/V are written first, then a query at
 position ``p`` of a sequence sees exactly that sequence's tokens ``[0, p]``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,13 +27,13 @@ from typing import Optional
 import torch
 
 from pagoda.attention import cpu_decode, torch_ref
-from pagoda.attention.metadata import AttentionMetadata, PackedPrefills, pack_prefills
+from pagoda.attention.metadata import AttentionMetadata
 
 # "torch" forces the pure-PyTorch reference even where the C++ kernels are available.
 ATTENTION_BACKEND_ENV = "PAGODA_ATTENTION"
 # "0" keeps prefill chunks on the PyTorch reference even where the AMX kernel could run.
 AMX_ENV = "PAGODA_AMX"
-AMX_HEAD_DIM_MULTIPLE = 32   # a tile row holds 32 bf16 dims
+AMX_HEAD_DIM_MULTIPLE = 32  # a tile row holds 32 bf16 dims
 AMX_MAX_HEAD_DIM = 256
 
 
@@ -62,38 +63,74 @@ def use_amx(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = 
     return dtype == torch.bfloat16 and use_cpu_kernels(device) and _amx_enabled()
 
 
-def amx_prefill(device: torch.device, q_dtype: torch.dtype, kv_dtype: torch.dtype,
-                head_dim: Optional[int] = None) -> bool:
+def amx_prefill(
+    device: torch.device,
+    q_dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    head_dim: Optional[int] = None,
+) -> bool:
     """True when prefill chunks with queries of ``q_dtype`` over a cache of ``kv_dtype`` go
     to the AMX kernel: bf16 queries over a bf16 or an fp8 (e4m3) cache."""
     return kv_dtype in (q_dtype, torch_ref.FP8) and use_amx(device, q_dtype, head_dim)
 
 
-def backend_name() -> str:
-    """For logs and benchmark reports."""
-    prefill = "amx-prefill" if _amx_enabled() else "sdpa"
+def backend_name(amx: Optional[bool] = None) -> str:
+    """For logs and benchmark reports: prefill chunks on the AMX kernel when ``amx`` (None:
+    where the CPU and PAGODA_AMX allow it)."""
+    prefill = "amx-prefill" if (_amx_enabled() if amx is None else amx) else "sdpa"
     return f"cpp-decode+{prefill}"
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D); kv_cache: (2, num_blocks, block_size, Hkv, D).
-    Returns (T, H, D)."""
-    ext = cpu_decode.extension()
+    Returns (T, H, D). Prefill chunks go to the AMX kernel where :func:`amx_prefill` says so,
+    asked now (a model asks once and binds :func:`attend`: ``backend.select``)."""
+    amx = amx_prefill(q.device, q.dtype, kv_cache.dtype, q.shape[-1])
+    return attend(q, k, v, kv_cache, meta, scale, amx=amx)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    amx: bool,
+) -> torch.Tensor:
+    """:func:`paged_attention` with the prefill path chosen: ``amx``, the AMX kernel over the
+    packed chunks (``meta.packed``), else the reference's SDPA per chunk."""
+    ext = cpu_decode.require_extension()
     ext.write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     d = meta.num_decode_tokens
     if d:
-        cpu_decode.paged_decode_attention(q[:d], kv_cache, meta.decode_block_tables,
-                                          meta.decode_seq_lens, scale, out=out[:d])
+        cpu_decode.paged_decode_attention(
+            q[:d], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, out=out[:d]
+        )
     if not meta.prefills:
         return out
-    if amx_prefill(q.device, q.dtype, kv_cache.dtype, q.shape[-1]):
-        packed: Optional[PackedPrefills] = (getattr(meta, "packed_prefills", None)
-                                            or pack_prefills(meta, q.device))
+    if amx:
+        packed = meta.packed(q.device)
+        assert packed is not None  # there are prefill chunks
         first = meta.prefills[0].query_start
-        ext.amx_paged_attention(out[first:], q[first:], kv_cache, packed.query_start_loc,
-                                packed.context_lens, packed.block_tables, float(scale))
+        ext.amx_paged_attention(
+            out[first:],
+            q[first:],
+            kv_cache,
+            packed.query_start_loc,
+            packed.context_lens,
+            packed.block_tables,
+            float(scale),
+        )
     else:
         torch_ref.prefill_chunks(q, k, v, kv_cache, meta, scale, out)
     return out

@@ -24,6 +24,7 @@ Python's versions and the CPU, so a cached build is only reused where it was mad
 built, loading it needs neither ninja nor the compiler. If no build succeeds, :func:`available`
 returns ``False`` and one warning gives the reason; importing this module never raises.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,13 @@ logger = logging.getLogger(__name__)
 
 _EXT_NAME = "pagoda_paged_decode"
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = (_CSRC / "paged_decode.cpp", _CSRC / "fused_ops.cpp", _CSRC / "kv_write.cpp",
-            _CSRC / "amx_attention.cpp", _CSRC / "gumbel_sample.cpp")
+_SOURCES = (
+    _CSRC / "paged_decode.cpp",
+    _CSRC / "fused_ops.cpp",
+    _CSRC / "kv_write.cpp",
+    _CSRC / "amx_attention.cpp",
+    _CSRC / "gumbel_sample.cpp",
+)
 # Not compiled on their own, but part of the build's hash.
 _HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")
 _OK_MARKER = ".pagoda-build-ok"
@@ -55,7 +61,7 @@ _STALE_LOCK_S = 15 * 60  # a build lock older than this was left by a killed bui
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
-_failure: Optional[str] = None      # why the extension is unavailable, once known
+_failure: Optional[str] = None  # why the extension is unavailable, once known
 _build_seconds: Optional[float] = None
 
 
@@ -67,6 +73,15 @@ def available() -> bool:
 def extension() -> Optional[ModuleType]:
     """The loaded extension module (it also holds the fused bf16 ops), or None."""
     return _load()
+
+
+def require_extension() -> ModuleType:
+    """:func:`extension` where it must be loaded (a caller that checked :func:`available`):
+    raises RuntimeError, with :func:`unavailable_reason`, where it is not."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"pagoda CPU paged-decode extension is unavailable: {_failure}")
+    return mod
 
 
 def unavailable_reason() -> Optional[str]:
@@ -81,13 +96,23 @@ def build_info() -> dict[str, object]:
     mod = _load()
     if mod is None:
         return {"available": False, "reason": _failure}
-    return {"available": True, "isa": mod.build_info(), "path": getattr(mod, "__file__", None),
-            "build_seconds": _build_seconds, "flags": getattr(mod, "_pagoda_flags", None)}
+    return {
+        "available": True,
+        "isa": mod.build_info(),
+        "path": getattr(mod, "__file__", None),
+        "build_seconds": _build_seconds,
+        "flags": getattr(mod, "_pagoda_flags", None),
+    }
 
 
-def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float,
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Decode attention of one query token per sequence over its paged context.
 
     q: (B, H, D), dtype of the cache (over a ``float8_e4m3fn`` cache: bfloat16 or float32);
@@ -103,8 +128,15 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     return _call("paged_decode", q, kv_cache, block_tables, seq_lens, scale, out)
 
 
-def _call(fn: str, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-          seq_lens: torch.Tensor, scale: float, out: Optional[torch.Tensor]) -> torch.Tensor:
+def _call(
+    fn: str,
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: Optional[torch.Tensor],
+) -> torch.Tensor:
     """Run the extension's ``fn`` (``paged_decode``, or ``paged_decode_portable``, which always
     uses the auto-vectorised tile code instead of the AVX-512 one: for tests)."""
     mod = _load()
@@ -165,8 +197,10 @@ def _build_name(flags: list[str]) -> str:
 
 
 def _ext_root() -> Path:
-    return Path(os.environ.get("PAGODA_EXT_DIR")
-                or os.path.join(os.path.expanduser("~"), ".cache", "pagoda", "ext"))
+    return Path(
+        os.environ.get("PAGODA_EXT_DIR")
+        or os.path.join(os.path.expanduser("~"), ".cache", "pagoda", "ext")
+    )
 
 
 def _find_ninja() -> bool:
@@ -176,7 +210,8 @@ def _find_ninja() -> bool:
         return True
     candidates = [os.path.dirname(sys.executable)]
     try:
-        import ninja  # type: ignore[import-not-found]
+        import ninja
+
         candidates.append(ninja.BIN_DIR)
     except Exception:
         pass
@@ -221,9 +256,14 @@ def _build(directory: Path, name: str, flags: list[str]) -> ModuleType:
     directory.mkdir(parents=True, exist_ok=True)
     _clear_stale_lock(directory)
     ldflags = ["-fopenmp"] if "-fopenmp" in flags else []
-    mod = cpp_extension.load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=flags,
-                             extra_ldflags=ldflags, build_directory=str(directory),
-                             verbose=False)
+    mod = cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=ldflags,
+        build_directory=str(directory),
+        verbose=False,
+    )
     (directory / _OK_MARKER).write_text(" ".join(flags) + "\n")
     return mod
 
@@ -240,9 +280,11 @@ def _load() -> Optional[ModuleType]:
         except Exception as e:  # never let a broken toolchain escape
             _failure = f"{type(e).__name__}: {e}"
         if _module is None:
-            logger.warning("pagoda CPU paged-decode kernel unavailable (using it raises; "
-                           "cpu_decode.unavailable_reason() has details): %s",
-                           _summary(_failure or ""))
+            logger.warning(
+                "pagoda CPU paged-decode kernel unavailable (using it raises; "
+                "cpu_decode.unavailable_reason() has details): %s",
+                _summary(_failure or ""),
+            )
         return _module
 
 
@@ -284,8 +326,10 @@ def _load_or_build() -> Optional[ModuleType]:
             mod._pagoda_flags = flags  # type: ignore[attr-defined]
             return mod
     if not _find_ninja():
-        _failure = ("ninja is not installed (torch.utils.cpp_extension needs it to build the "
-                    "kernel: pip install ninja)")
+        _failure = (
+            "ninja is not installed (torch.utils.cpp_extension needs it to build the "
+            "kernel: pip install ninja)"
+        )
         return None
     # Flag sets that failed to compile before (marker left in their folder) are skipped,
     # unless all did: then everything is retried (the toolchain may have been fixed).
@@ -308,8 +352,11 @@ def _load_or_build() -> Optional[ModuleType]:
         _build_seconds = time.perf_counter() - start
         mod._pagoda_flags = flags  # type: ignore[attr-defined]
         if errors:
-            logger.info("pagoda CPU paged-decode kernel built with %s after: %s",
-                        " ".join(flags), "; ".join(e.splitlines()[0] for e in errors))
+            logger.info(
+                "pagoda CPU paged-decode kernel built with %s after: %s",
+                " ".join(flags),
+                "; ".join(e.splitlines()[0] for e in errors),
+            )
         return mod
     _failure = "no build succeeded: " + "\n".join(errors)
     return None

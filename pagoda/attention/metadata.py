@@ -6,31 +6,21 @@ chunks (several query tokens whose earlier context may already sit in the cache)
     tokens:  [d0 d1 d2 | p0 p0 p0 p0 | p1 p1]
               decodes     prefill 0    prefill 1
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
 
 @dataclass
 class PrefillChunk:
-    query_start: int        # first row of this chunk in the batch
-    query_len: int          # tokens computed now
-    context_len: int        # tokens attended to: already computed + query_len
+    query_start: int  # first row of this chunk in the batch
+    query_len: int  # tokens computed now
+    context_len: int  # tokens attended to: already computed + query_len
     block_table: torch.Tensor  # (num_blocks_needed,) int64 block ids
-
-
-@dataclass
-class AttentionMetadata:
-    slot_mapping: torch.Tensor          # (T,) int64: block_id * block_size + offset, per token
-    num_decode_tokens: int              # rows [0, num_decode_tokens) are decodes
-    decode_block_tables: torch.Tensor   # (D, max_blocks) int64, padded with block 0
-    decode_seq_lens: torch.Tensor       # (D,) int64, context length including the new token
-    decode_max_seq_len: int
-    prefills: list[PrefillChunk]
-    block_size: int
 
 
 @dataclass
@@ -42,36 +32,76 @@ class PackedPrefills:
     of the batch (counted from the first prefill row); its queries sit at positions
     ``context_lens[n] - query_len + i``.
     """
-    query_start_loc: torch.Tensor   # (N + 1,) int64, cumulative query lengths from 0
-    context_lens: torch.Tensor      # (N,) int64: tokens already cached + query_len
-    block_tables: torch.Tensor      # (N, W) int64, padded with block 0
+
+    query_start_loc: torch.Tensor  # (N + 1,) int64, cumulative query lengths from 0
+    context_lens: torch.Tensor  # (N,) int64: tokens already cached + query_len
+    block_tables: torch.Tensor  # (N, W) int64, padded with block 0
     max_query_len: int
 
 
 @dataclass
-class DeviceAttentionMetadata(AttentionMetadata):
-    """What the model runner builds for the fast kernels: the reference's metadata plus the
-    packed prefills (built once per step with the rest, so no per-layer packing; the Triton
-    kernels on CUDA, the AMX kernel on CPU) and, in a CUDA graph, the fixed flash-decoding
-    split count the graph was captured with."""
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset, per token
+    num_decode_tokens: int  # rows [0, num_decode_tokens) are decodes
+    decode_block_tables: torch.Tensor  # (D, max_blocks) int64, padded with block 0
+    decode_seq_lens: torch.Tensor  # (D,) int64, context length including the new token
+    decode_max_seq_len: int
+    prefills: list[PrefillChunk]
+    block_size: int
+    # The prefill chunks packed for the fast kernels (the Triton prefill, the CPU's AMX
+    # kernel): the model runner packs them once per step with the rest of its inputs.
     packed_prefills: Optional[PackedPrefills] = None
+    # In a CUDA graph, the fixed flash-decoding split count the graph was captured with.
     decode_num_splits: Optional[int] = None
+
+    def packed(self, device: torch.device) -> Optional[PackedPrefills]:
+        """The packed prefill chunks (None without any): the runner's, or, for metadata built
+        by hand, packed here once and kept, so the layers of a step share them."""
+        if self.packed_prefills is None and self.prefills:
+            self.packed_prefills = pack_prefills(self, device)
+        return self.packed_prefills
+
+
+class ChunkSpan(NamedTuple):
+    """A prefill chunk as host integers, before any tensor: what the model runner gathers."""
+
+    row: int  # first row of the chunk in the batch
+    query_len: int  # tokens computed now
+    context_len: int  # tokens attended to: already computed + query_len
+    blocks: list[int]  # the block ids holding tokens [0, context_len)
+
+
+def packed_lists(spans: Sequence[ChunkSpan]) -> tuple[list[int], list[int], list[list[int]]]:
+    """The contents of :class:`PackedPrefills` as host lists: query starts counted from the
+    first chunk's row (N + 1), context lengths (N) and unpadded block tables (N)."""
+    first = spans[0].row if spans else 0
+    starts = [s.row - first for s in spans]
+    if spans:
+        starts.append(starts[-1] + spans[-1].query_len)
+    return starts, [s.context_len for s in spans], [s.blocks for s in spans]
+
+
+def pack_spans(spans: Sequence[ChunkSpan], device: torch.device) -> Optional[PackedPrefills]:
+    """Pack chunks into tensors on ``device`` (None without chunks)."""
+    if not spans:
+        return None
+    starts, context_lens, blocks = packed_lists(spans)
+    width = max(len(b) for b in blocks)
+    tables = [b + [0] * (width - len(b)) for b in blocks]  # (N, W)
+    return PackedPrefills(
+        query_start_loc=torch.tensor(starts, dtype=torch.int64, device=device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int64, device=device),
+        max_query_len=max(s.query_len for s in spans),
+    )
 
 
 def pack_prefills(meta: AttentionMetadata, device: torch.device) -> Optional[PackedPrefills]:
     """Pack ``meta.prefills`` into tensors on ``device`` (None without prefill chunks)."""
-    chunks = meta.prefills
-    if not chunks:
-        return None
-    first = chunks[0].query_start
-    starts = [c.query_start - first for c in chunks]
-    starts.append(starts[-1] + chunks[-1].query_len)
-    width = max(int(c.block_table.numel()) for c in chunks)
-    tables = torch.zeros((len(chunks), width), dtype=torch.int64)        # (N, W)
-    for i, c in enumerate(chunks):
-        tables[i, :c.block_table.numel()] = c.block_table.cpu()
-    return PackedPrefills(
-        query_start_loc=torch.tensor(starts, dtype=torch.int64).to(device),
-        context_lens=torch.tensor([c.context_len for c in chunks], dtype=torch.int64).to(device),
-        block_tables=tables.to(device),
-        max_query_len=max(c.query_len for c in chunks))
+    return pack_spans(
+        [
+            ChunkSpan(c.query_start, c.query_len, c.context_len, c.block_table.tolist())
+            for c in meta.prefills
+        ],
+        device,
+    )

@@ -10,6 +10,7 @@ An fp8 cache (``torch.float8_e4m3fn``, ``--kv-cache-dtype fp8``) stores K/V roun
 prefill chunk with nothing cached before it attends over its own K/V as computed (unrounded);
 the AMX kernel reads even those back from the cache, rounded.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 
 from pagoda.attention.metadata import AttentionMetadata
 from pagoda.utils import cdiv
-
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -30,19 +30,26 @@ def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def write_kv(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store new K/V. kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k, v = to_cache_dtype(k, kv_cache.dtype), to_cache_dtype(v, kv_cache.dtype)
-    if kv_cache.dtype == FP8:   # index_copy_ has no fp8 kernel: copy the bytes
+    if kv_cache.dtype == FP8:  # index_copy_ has no fp8 kernel: copy the bytes
         kv_cache, k, v = kv_cache.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D). Returns (T, H, D)."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
@@ -53,8 +60,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return out
 
 
-def prefill_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                   meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+def prefill_chunks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
     """Attention of each prefill chunk (K/V already written) into its rows of ``out``."""
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
@@ -62,62 +76,67 @@ def prefill_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
             # Nothing cached before this chunk: its own K/V is the whole context.
             out[rows] = _causal_attention(q[rows], k[rows], v[rows], scale)
         else:
-            out[rows] = _prefill_attention(q[rows], kv_cache, chunk.block_table,
-                                           chunk.context_len, scale)
+            out[rows] = _prefill_attention(
+                q[rows], kv_cache, chunk.block_table, chunk.context_len, scale
+            )
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """cache: (num_blocks, bs, Hkv, D); block_table: (..., nb) -> (..., nb * bs, Hkv, D)."""
-    blocks = cache[block_table]                       # (..., nb, bs, Hkv, D)
-    return blocks.flatten(-4, -3)                     # (..., nb * bs, Hkv, D)
+    blocks = cache[block_table]  # (..., nb, bs, Hkv, D)
+    return blocks.flatten(-4, -3)  # (..., nb * bs, Hkv, D)
 
 
-def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                       context_len: int, scale: float) -> torch.Tensor:
+def _prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    scale: float,
+) -> torch.Tensor:
     """A query chunk after ``context_len - Q`` cached tokens. q: (Q, H, D) -> (Q, H, D)."""
-    k = _gather_context(kv_cache[0], block_table)[:context_len]   # (C, Hkv, D)
+    k = _gather_context(kv_cache[0], block_table)[:context_len]  # (C, Hkv, D)
     v = _gather_context(kv_cache[1], block_table)[:context_len]
     return _causal_attention(q, k.to(q.dtype), v.to(q.dtype), scale)
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+def _causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
     """q: (Q, H, D); k, v: (C, Hkv, D) with C >= Q; query i sits at position C - Q + i."""
     query_len, context_len = q.shape[0], k.shape[0]
     # 4-D inputs take PyTorch's fused (flash) kernel, which serves each KV head's group of
     # query heads itself (enable_gqa): no repeated copy of K/V. (The 3-D form of enable_gqa
     # falls back to a path several times slower on CPU.)
-    qh = q.transpose(0, 1).unsqueeze(0)                             # (1, H, Q, D)
-    kh = k.transpose(0, 1).unsqueeze(0)                             # (1, Hkv, C, D)
+    qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
+    kh = k.transpose(0, 1).unsqueeze(0)  # (1, Hkv, C, D)
     vh = v.transpose(0, 1).unsqueeze(0)
     if query_len == context_len:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
-                                           enable_gqa=True)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
         q_pos = torch.arange(context_len - query_len, context_len, device=q.device)
         k_pos = torch.arange(context_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]                     # (Q, C)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
-                                           enable_gqa=True)
-    return o[0].transpose(0, 1)                                     # (Q, H, D)
+        mask = k_pos[None, :] <= q_pos[:, None]  # (Q, C)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)  # (Q, H, D)
 
 
-def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                      scale: float) -> torch.Tensor:
+def _decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """One query per sequence, all sequences in one batched matmul. q: (B, H, D)."""
     batch, num_heads, head_dim = q.shape
-    tables = meta.decode_block_tables[:, :cdiv(meta.decode_max_seq_len, meta.block_size)]
-    k = _gather_context(kv_cache[0], tables).to(q.dtype)            # (B, L, Hkv, D)
+    tables = meta.decode_block_tables[:, : cdiv(meta.decode_max_seq_len, meta.block_size)]
+    k = _gather_context(kv_cache[0], tables).to(q.dtype)  # (B, L, Hkv, D)
     v = _gather_context(kv_cache[1], tables).to(q.dtype)
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
-    qg = q.view(batch, num_kv_heads, group, head_dim)               # (B, Hkv, G, D)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()        # (B, Hkv, G, L)
+    qg = q.view(batch, num_kv_heads, group, head_dim)  # (B, Hkv, G, D)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # (B, Hkv, G, L)
     scores.mul_(scale)
     positions = torch.arange(k.shape[1], device=q.device)
-    pad = positions[None, :] >= meta.decode_seq_lens[:, None]       # (B, L)
+    pad = positions[None, :] >= meta.decode_seq_lens[:, None]  # (B, L)
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v.permute(0, 2, 1, 3))                # (B, Hkv, G, D)
+    out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # (B, Hkv, G, D)
     return out.reshape(batch, num_heads, head_dim)
-

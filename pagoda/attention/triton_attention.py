@@ -33,6 +33,7 @@ conversion.
 Importing this module needs triton; set ``TRITON_INTERPRET=1`` before importing triton to run
 the kernels on CPU tensors (the tests do).
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,9 +49,9 @@ from pagoda.attention.metadata import AttentionMetadata, PackedPrefills, pack_pr
 LOG2_E = 1.4426950408889634
 # Tile sizes. tl.dot needs every dimension >= 16 on the GPU.
 MIN_DOT_DIM = 16
-PREFILL_BLOCK_M = 64       # query rows per prefill program
-PREFILL_BLOCK_N = 64       # context tokens per prefill tile
-DECODE_BLOCK_N = 64        # context tokens per decode tile
+PREFILL_BLOCK_M = 64  # query rows per prefill program
+PREFILL_BLOCK_N = 64  # context tokens per prefill tile
+DECODE_BLOCK_N = 64  # context tokens per decode tile
 # fp32 dots with exact (IEEE) products run on FMA units, not tensor cores, and hold far more
 # per thread: at the tiles above they spill registers (ptxas, sm_90, head dim 128; see
 # tests/unit/test_triton_compile.py), so fp32 takes smaller ones.
@@ -61,7 +62,7 @@ DECODE_BLOCK_N_FP32 = 16
 # many programs per streaming multiprocessor so the whole GPU streams K/V.
 MAX_DECODE_SPLITS = 16
 DECODE_PROGRAMS_PER_SM = 4
-DEFAULT_SM_COUNT = 132     # H100 SXM, used where no CUDA device can be asked
+DEFAULT_SM_COUNT = 132  # H100 SXM, used where no CUDA device can be asked
 # fp8 (e4m3fn) cache: the dtype, the rows an fp8 cache takes (rounded on the way in), and the
 # queries that can attend over it (what it holds widens exactly to each).
 FP8 = torch.float8_e4m3fn
@@ -70,12 +71,14 @@ FP8_SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # kilobytes of registers around the FMA dots (sm_90, Triton 3.7; any elementwise op between an
 # fp32 tile's load and an IEEE dot does that, the widening here included). These do not spill
 # (tests/unit/test_triton_compile.py); the prefill gives up software pipelining for it.
-FP8_FP32_LAUNCH = {"prefill": {"num_warps": 8, "num_stages": 1},
-                   "decode": {"num_warps": 8, "num_stages": 3}}
+FP8_FP32_LAUNCH = {
+    "prefill": {"num_warps": 8, "num_stages": 1},
+    "decode": {"num_warps": 8, "num_stages": 3},
+}
 # The kernels' e4m3 arithmetic (constexpr: a @triton.jit function reads no other globals).
-E4M3_MAX = tl.constexpr(0x7E)          # 448, the largest finite e4m3
-E4M3_NAN = tl.constexpr(0x7F)          # e4m3fn has no infinities; 0x7F and 0xFF are NaN
-F32_MIN_NORMAL_E4M3 = tl.constexpr(0x3C800000)   # 2^-6 as fp32 bits: e4m3's smallest normal
+E4M3_MAX = tl.constexpr(0x7E)  # 448, the largest finite e4m3
+E4M3_NAN = tl.constexpr(0x7F)  # e4m3fn has no infinities; 0x7F and 0xFF are NaN
+F32_MIN_NORMAL_E4M3 = tl.constexpr(0x3C800000)  # 2^-6 as fp32 bits: e4m3's smallest normal
 F32_INF = tl.constexpr(0x7F800000)
 # fp32's exponent bias 127 becomes e4m3's 7, in the (exponent << 3 | mantissa) code.
 E4M3_REBIAS = tl.constexpr((127 - 7) << 3)
@@ -106,9 +109,9 @@ def _e4m3_encode(x):
     NaN to NaN; the sign kept (-0 too). As torch's ``x.clamp(-448, 448).to(float8_e4m3fn)``,
     in integer and fp32 arithmetic that Triton's interpreter and the GPU compute alike."""
     bits = x.to(tl.int32, bitcast=True)
-    sign = (bits >> 24) & 0x80                      # fp32's sign bit, e4m3's bit 7
+    sign = (bits >> 24) & 0x80  # fp32's sign bit, e4m3's bit 7
     mag = bits & 0x7FFFFFFF
-    a = tl.minimum(mag, F32_INF)                    # inf and NaN: no int32 overflow below
+    a = tl.minimum(mag, F32_INF)  # inf and NaN: no int32 overflow below
     # From 2^-6 up: keep 3 mantissa bits, rounding to nearest even (the carry of a round-up
     # bumps the exponent, as it should), then rebias the exponent.
     normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - E4M3_REBIAS
@@ -145,12 +148,26 @@ def _load_kv(ptrs, mask, FP8_CACHE: tl.constexpr):
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_cs, stride_ch,
-                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     FP8_CACHE: tl.constexpr):
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
+):
     """One program per token: copy its (Hkv, D) K and V rows to its slot (negative: skip);
     into an fp8 cache (seen as bytes), rounded."""
     t = tl.program_id(0)
@@ -158,9 +175,13 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     if slot >= 0:
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
-        mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)        # (BH, BD)
-        dst = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-               + h[:, None] * stride_ch + d[None, :])
+        mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)  # (BH, BD)
+        dst = (
+            (slot // BLOCK_SIZE) * stride_cb
+            + (slot % BLOCK_SIZE) * stride_cs
+            + h[:, None] * stride_ch
+            + d[None, :]
+        )
         k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
         v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
         if FP8_CACHE:
@@ -171,13 +192,33 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-                    query_start_ptr, context_lens_ptr, block_tables_ptr, scale_log2,
-                    stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_cb, stride_cs, stride_ch, stride_bt,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr, FP8_CACHE: tl.constexpr):
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    query_start_ptr,
+    context_lens_ptr,
+    block_tables_ptr,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
+):
     """Program (query tile, chunk, query head): FlashAttention-2 over the chunk's paged
     context, causal with the diagonal shifted by the tokens cached before the chunk.
 
@@ -190,9 +231,9 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     query_len = tl.load(query_start_ptr + n + 1) - q_start
     if tile * BLOCK_M < query_len:
         context_len = tl.load(context_lens_ptr + n)
-        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)                       # (BM,)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
         row_ok = rows < query_len
-        q_pos = context_len - query_len + rows                              # (BM,)
+        q_pos = context_len - query_len + rows  # (BM,)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         q_off = (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + d[None, :]
@@ -201,18 +242,20 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         # Keys past the tile's last query position are masked for every row: stop there.
-        kv_end = tl.minimum(context_len, context_len - query_len
-                            + tl.minimum((tile + 1) * BLOCK_M, query_len))
+        kv_end = tl.minimum(
+            context_len, context_len - query_len + tl.minimum((tile + 1) * BLOCK_M, query_len)
+        )
         for k0 in range(0, kv_end, BLOCK_N):
-            cols = k0 + tl.arange(0, BLOCK_N)                               # (BN,)
+            cols = k0 + tl.arange(0, BLOCK_N)  # (BN,)
             col_ok = cols < kv_end
-            blocks = tl.load(block_tables_ptr + n * stride_bt + cols // BLOCK_SIZE,
-                             mask=col_ok, other=0).to(tl.int64)
-            kv_off = (blocks * stride_cb + (cols % BLOCK_SIZE) * stride_cs
-                      + kv_head * stride_ch)                                # (BN,)
+            blocks = tl.load(
+                block_tables_ptr + n * stride_bt + cols // BLOCK_SIZE, mask=col_ok, other=0
+            ).to(tl.int64)
+            kv_off = (
+                blocks * stride_cb + (cols % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+            )  # (BN,)
             kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask,
-                         FP8_CACHE).to(q.dtype)
+            k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
             s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BM, BN)
             s = s * scale_log2
             visible = col_ok[None, :] & (cols[None, :] <= q_pos[:, None])  # (BM, BN)
@@ -220,29 +263,54 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
             # Every row sees key 0 in the first tile, so m_new is finite from the start.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])                                 # (BM, BN)
+            p = tl.exp2(s - m_new[:, None])  # (BM, BN)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask,
-                         FP8_CACHE).to(q.dtype)
+            v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
             pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BM, BD)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         o = acc / l_i[:, None]
         o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
-        tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(
+            out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :]
+        )
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                         out_ptr, mid_o_ptr, mid_lse_ptr, scale_log2,
-                         stride_qb, stride_qh, stride_ob, stride_oh,
-                         stride_cb, stride_cs, stride_ch, stride_bt,
-                         stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
-                         NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                         UPCAST: tl.constexpr, FP8_CACHE: tl.constexpr):
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    mid_o_ptr,
+    mid_lse_ptr,
+    scale_log2,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    NUM_SPLITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
+):
     """Program (sequence, KV head, split): the G query heads of the KV head over the split's
     share of the context. Split s covers tokens [s * L, min((s + 1) * L, seq_len)) with
     L = ceil(ceil(seq_len / NUM_SPLITS) / BLOCK_N) * BLOCK_N, so the partition adapts to each
@@ -256,54 +324,75 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     end = tl.minimum(start + split_len, seq_len)
     if start < end:
         g = tl.arange(0, BLOCK_G)
-        heads = kv_head * GROUP + g                                         # (BG,)
+        heads = kv_head * GROUP + g  # (BG,)
         g_ok = g < GROUP
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)          # (BG, BD)
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # (BG, BD)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         for t0 in range(start, end, BLOCK_N):
-            cols = t0 + tl.arange(0, BLOCK_N)                               # (BN,)
+            cols = t0 + tl.arange(0, BLOCK_N)  # (BN,)
             col_ok = cols < end
-            blocks = tl.load(block_tables_ptr + b * stride_bt + cols // BLOCK_SIZE,
-                             mask=col_ok, other=0).to(tl.int64)
-            kv_off = (blocks * stride_cb + (cols % BLOCK_SIZE) * stride_cs
-                      + kv_head * stride_ch)                                # (BN,)
+            blocks = tl.load(
+                block_tables_ptr + b * stride_bt + cols // BLOCK_SIZE, mask=col_ok, other=0
+            ).to(tl.int64)
+            kv_off = (
+                blocks * stride_cb + (cols % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+            )  # (BN,)
             kv_mask = col_ok[:, None] & d_ok[None, :]
-            k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask,
-                         FP8_CACHE).to(q.dtype)
+            k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
             s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BG, BN)
             s = tl.where(col_ok[None, :], s * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid token
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])                                 # (BG, BN)
+            p = tl.exp2(s - m_new[:, None])  # (BG, BN)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask,
-                         FP8_CACHE).to(q.dtype)
+            v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
             pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BG, BD)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        o = acc / l_i[:, None]                                              # (BG, BD)
+        o = acc / l_i[:, None]  # (BG, BD)
         mask = g_ok[:, None] & d_ok[None, :]
         if NUM_SPLITS == 1:
-            tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-                     o.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                o.to(out_ptr.dtype.element_ty),
+                mask=mask,
+            )
         else:
             mo = b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + d[None, :]
             tl.store(mid_o_ptr + mo, o, mask=mask)
-            tl.store(mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split,
-                     m_i + tl.log2(l_i), mask=g_ok)
+            tl.store(
+                mid_lse_ptr + b * stride_mlb + heads * stride_mlh + split,
+                m_i + tl.log2(l_i),
+                mask=g_ok,
+            )
 
 
 @triton.jit
-def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, out_ptr,
-                          stride_mob, stride_moh, stride_mos, stride_mlb, stride_mlh,
-                          stride_ob, stride_oh,
-                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _decode_reduce_kernel(
+    mid_o_ptr,
+    mid_lse_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    stride_ob,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Program (sequence, query head): merge the non-empty splits' partial softmax states."""
     b, head = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -315,23 +404,30 @@ def _decode_reduce_kernel(mid_o_ptr, mid_lse_ptr, seq_lens_ptr, out_ptr,
     l_sum = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for s in range(0, num_valid):
-        one = tl.zeros([1], tl.int32)           # a (1,) tensor, to keep m and l_sum (1,)
+        one = tl.zeros([1], tl.int32)  # a (1,) tensor, to keep m and l_sum (1,)
         lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + s + one)  # (1,)
-        o = tl.load(mid_o_ptr + b * stride_mob + head * stride_moh + s * stride_mos + d,
-                    mask=d_ok, other=0.0)                                   # (BD,)
+        o = tl.load(
+            mid_o_ptr + b * stride_mob + head * stride_moh + s * stride_mos + d,
+            mask=d_ok,
+            other=0.0,
+        )  # (BD,)
         m_new = tl.maximum(m, lse)
         alpha = tl.exp2(m - m_new)
         w = tl.exp2(lse - m_new)
         acc = acc * alpha + w * o
         l_sum = l_sum * alpha + w
         m = m_new
-    tl.store(out_ptr + b * stride_ob + head * stride_oh + d,
-             (acc / l_sum).to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(
+        out_ptr + b * stride_ob + head * stride_oh + d,
+        (acc / l_sum).to(out_ptr.dtype.element_ty),
+        mask=d_ok,
+    )
 
 
 # ------------------------------------------------------------------------------------ wrappers
-def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """kv_cache: (2, num_blocks, block_size, Hkv, D); k, v: (T, Hkv, D) with a contiguous head
     dim; slot_mapping: (T,) int, ``block * block_size + offset``. Slots < 0 are skipped (padded
     rows of a CUDA-graph batch)."""
@@ -341,44 +437,79 @@ def write_kv_cache(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_cache(kv_cache, k)
     if v.dtype != k.dtype:
         raise ValueError(f"k and v dtypes differ ({k.dtype}, {v.dtype})")
-    k_cache, v_cache = _cache_views(kv_cache)             # (NB, BS, Hkv, D) each
+    k_cache, v_cache = _cache_views(kv_cache)  # (NB, BS, Hkv, D) each
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=kv_cache.shape[2], FP8_CACHE=kv_cache.dtype == FP8)
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_SIZE=kv_cache.shape[2],
+        FP8_CACHE=kv_cache.dtype == FP8,
+    )
 
 
-def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, packed: PackedPrefills,
-                            scale: float, out: torch.Tensor) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, packed: PackedPrefills, scale: float, out: torch.Tensor
+) -> torch.Tensor:
     """Causal attention of prefill chunks over their paged context (K/V already written).
     q, out: (P, H, D), the prefill rows only, chunk n at rows ``packed.query_start_loc[n:n+2]``."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[3]
     _check_cache(kv_cache, q)
-    k_cache, v_cache = _cache_views(kv_cache)             # (NB, BS, Hkv, D) each
+    k_cache, v_cache = _cache_views(kv_cache)  # (NB, BS, Hkv, D) each
     num_chunks = packed.context_lens.shape[0]
     ieee = q.dtype == torch.float32
-    tile_m, tile_n = ((PREFILL_BLOCK_M_FP32, PREFILL_BLOCK_N_FP32) if ieee
-                      else (PREFILL_BLOCK_M, PREFILL_BLOCK_N))
+    tile_m, tile_n = (
+        (PREFILL_BLOCK_M_FP32, PREFILL_BLOCK_N_FP32) if ieee else (PREFILL_BLOCK_M, PREFILL_BLOCK_N)
+    )
     block_m = _dot_dim(min(tile_m, triton.next_power_of_2(packed.max_query_len)))
     grid = (triton.cdiv(packed.max_query_len, block_m), num_chunks, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, packed.query_start_loc, packed.context_lens,
-        packed.block_tables, scale * LOG2_E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), packed.block_tables.stride(0),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_D=_dot_dim(triton.next_power_of_2(head_dim)), BLOCK_SIZE=kv_cache.shape[2],
-        BLOCK_M=block_m, BLOCK_N=tile_n, IEEE=ieee, UPCAST=_upcast_dots(q.dtype),
-        FP8_CACHE=kv_cache.dtype == FP8, **_launch_options("prefill", q.dtype, kv_cache.dtype))
+        q,
+        k_cache,
+        v_cache,
+        out,
+        packed.query_start_loc,
+        packed.context_lens,
+        packed.block_tables,
+        scale * LOG2_E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        packed.block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=_dot_dim(triton.next_power_of_2(head_dim)),
+        BLOCK_SIZE=kv_cache.shape[2],
+        BLOCK_M=block_m,
+        BLOCK_N=tile_n,
+        IEEE=ieee,
+        UPCAST=_upcast_dots(q.dtype),
+        FP8_CACHE=kv_cache.dtype == FP8,
+        **_launch_options("prefill", q.dtype, kv_cache.dtype),
+    )
     return out
 
 
-def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int,
-                       device: torch.device) -> int:
+def default_num_splits(
+    batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device
+) -> int:
     """Flash-decoding's split count: enough programs to fill the GPU when the batch alone does
     not, never more splits than the longest context has tiles."""
     programs = batch * num_kv_heads
@@ -388,11 +519,16 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int,
     return int(min(want, tiles, MAX_DECODE_SPLITS))
 
 
-def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float,
-                           out: Optional[torch.Tensor] = None,
-                           num_splits: Optional[int] = None,
-                           max_seq_len: Optional[int] = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: Optional[torch.Tensor] = None,
+    num_splits: Optional[int] = None,
+    max_seq_len: Optional[int] = None,
+) -> torch.Tensor:
     """One query token per sequence over its paged context (the same contract as
     ``cpu_decode.paged_decode_attention``). q: (B, H, D); block_tables: (B, W) int;
     seq_lens: (B,) int, 1 <= seq_lens[b] <= W * block_size. Returns (B, H, D) in q's dtype.
@@ -409,54 +545,105 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
         num_splits = default_num_splits(batch, num_kv_heads, longest, q.device)
     group = num_heads // num_kv_heads
-    k_cache, v_cache = _cache_views(kv_cache)             # (NB, BS, Hkv, D) each
+    k_cache, v_cache = _cache_views(kv_cache)  # (NB, BS, Hkv, D) each
     if num_splits > 1:
-        mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
-                            device=q.device)              # (B, H, S, D)
-        mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32,
-                              device=q.device)            # (B, H, S)
+        mid_o = torch.empty(
+            (batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device
+        )  # (B, H, S, D)
+        mid_lse = torch.empty(
+            (batch, num_heads, num_splits), dtype=torch.float32, device=q.device
+        )  # (B, H, S)
     else:
         mid_o = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=q.device)
     block_d = _dot_dim(triton.next_power_of_2(head_dim))
     ieee = q.dtype == torch.float32
-    block_n = DECODE_BLOCK_N_FP32 if ieee else DECODE_BLOCK_N   # the reduce must use the same
+    block_n = DECODE_BLOCK_N_FP32 if ieee else DECODE_BLOCK_N  # the reduce must use the same
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, mid_o, mid_lse, scale * LOG2_E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=_dot_dim(triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        IEEE=ieee, UPCAST=_upcast_dots(q.dtype), FP8_CACHE=kv_cache.dtype == FP8,
-        **_launch_options("decode", q.dtype, kv_cache.dtype))
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        mid_o,
+        mid_lse,
+        scale * LOG2_E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        NUM_SPLITS=num_splits,
+        GROUP=group,
+        BLOCK_G=_dot_dim(triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        IEEE=ieee,
+        UPCAST=_upcast_dots(q.dtype),
+        FP8_CACHE=kv_cache.dtype == FP8,
+        **_launch_options("decode", q.dtype, kv_cache.dtype),
+    )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            mid_o, mid_lse, seq_lens, out,
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-            mid_lse.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n)
+            mid_o,
+            mid_lse,
+            seq_lens,
+            out,
+            mid_o.stride(0),
+            mid_o.stride(1),
+            mid_o.stride(2),
+            mid_lse.stride(0),
+            mid_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_splits,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_N=block_n,
+        )
     return out
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float,
-                    packed: Optional[PackedPrefills] = None,
-                    decode_num_splits: Optional[int] = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
     """The whole layer's attention, as ``torch_ref.paged_attention``: write K/V at
-    ``meta.slot_mapping``, then decode rows ``[0, D)`` and prefill rows ``[D, T)``.
+    ``meta.slot_mapping``, then decode rows ``[0, D)`` (``meta.decode_num_splits`` splits, or
+    the default) and prefill rows ``[D, T)`` (over ``meta.packed``: the runner's packing).
     q: (T, H, D); k, v: (T, Hkv, D). Returns (T, H, D)."""
     write_kv_cache(kv_cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)                                               # (T, H, D)
+    out = torch.empty_like(q)  # (T, H, D)
     d = meta.num_decode_tokens
     if d:
-        paged_decode_attention(q[:d], kv_cache, meta.decode_block_tables, meta.decode_seq_lens,
-                               scale, out=out[:d], num_splits=decode_num_splits,
-                               max_seq_len=meta.decode_max_seq_len)
+        paged_decode_attention(
+            q[:d],
+            kv_cache,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            scale,
+            out=out[:d],
+            num_splits=meta.decode_num_splits,
+            max_seq_len=meta.decode_max_seq_len,
+        )
     if meta.prefills:
-        if packed is None:
-            packed = pack_prefills(meta, q.device)
-        assert packed is not None
+        packed = meta.packed(q.device)
+        assert packed is not None  # there are prefill chunks
         paged_prefill_attention(q[d:], kv_cache, packed, scale, out[d:])
     return out
 
@@ -484,8 +671,7 @@ def _cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_cache[0], kv_cache[1]
 
 
-def _launch_options(kernel: str, q_dtype: torch.dtype,
-                    cache_dtype: torch.dtype) -> dict[str, int]:
+def _launch_options(kernel: str, q_dtype: torch.dtype, cache_dtype: torch.dtype) -> dict[str, int]:
     """num_warps / num_stages of a "prefill" or "decode" launch: Triton's defaults, except
     for fp32 queries over an fp8 cache (see FP8_FP32_LAUNCH)."""
     if cache_dtype == FP8 and q_dtype == torch.float32:
@@ -510,5 +696,12 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-__all__ = ["PackedPrefills", "pack_prefills", "write_kv_cache", "paged_prefill_attention",
-           "paged_decode_attention", "paged_attention", "default_num_splits"]
+__all__ = [
+    "PackedPrefills",
+    "pack_prefills",
+    "write_kv_cache",
+    "paged_prefill_attention",
+    "paged_decode_attention",
+    "paged_attention",
+    "default_num_splits",
+]

@@ -15,6 +15,7 @@ same cache, which may then sit in the last-level cache for the smaller batches; 
 cycles through 8 caches, as a model's layers do, so K/V come from DRAM. Times are medians; the
 load average is printed before and after, since other jobs on the machine skew them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 class Case:
     """One decode step's attention inputs; ``kv_caches`` holds one cache per layer (same block
     tables), cycled through call after call."""
+
     q: torch.Tensor
     kv_caches: list[torch.Tensor]
     block_tables: torch.Tensor
@@ -54,32 +56,47 @@ class Case:
     def kv_bytes(self) -> int:
         """Bytes of K and V that the step must read."""
         _, _, _, num_kv_heads, head_dim = self.kv_cache.shape
-        return (int(self.seq_lens.sum()) * num_kv_heads * head_dim * 2
-                * self.kv_cache.element_size())
+        return int(self.seq_lens.sum()) * num_kv_heads * head_dim * 2 * self.kv_cache.element_size()
 
 
-def make_case(batch: int, min_len: int, max_len: int, num_heads: int, num_kv_heads: int,
-              head_dim: int, block_size: int, dtype: torch.dtype, seed: int = 0,
-              layers: int = 1) -> Case:
+def make_case(
+    batch: int,
+    min_len: int,
+    max_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    layers: int = 1,
+) -> Case:
     """Random queries and cache(s); each sequence's blocks are drawn at random from the pool."""
     gen = torch.Generator().manual_seed(seed)
     seq_lens = torch.randint(min_len, max_len + 1, (batch,), generator=gen, dtype=torch.int64)
     blocks_per_seq = [cdiv(int(n), block_size) for n in seq_lens]
     width = max(blocks_per_seq)
-    num_blocks = sum(blocks_per_seq) + 1          # block 0 stays the padding block
+    num_blocks = sum(blocks_per_seq) + 1  # block 0 stays the padding block
     perm = torch.randperm(num_blocks - 1, generator=gen) + 1
     block_tables = torch.zeros(batch, width, dtype=torch.int64)
     start = 0
     for b, n in enumerate(blocks_per_seq):
-        block_tables[b, :n] = perm[start:start + n]
+        block_tables[b, :n] = perm[start : start + n]
         start += n
-    kv_caches = [torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim,
-                             generator=gen).to(dtype) for _ in range(layers)]
+    kv_caches = [
+        torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+        for _ in range(layers)
+    ]
     q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype)
-    meta = AttentionMetadata(slot_mapping=torch.zeros(batch, dtype=torch.int64),
-                             num_decode_tokens=batch, decode_block_tables=block_tables,
-                             decode_seq_lens=seq_lens, decode_max_seq_len=int(seq_lens.max()),
-                             prefills=[], block_size=block_size)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(batch, dtype=torch.int64),
+        num_decode_tokens=batch,
+        decode_block_tables=block_tables,
+        decode_seq_lens=seq_lens,
+        decode_max_seq_len=int(seq_lens.max()),
+        prefills=[],
+        block_size=block_size,
+    )
     return Case(q, kv_caches, block_tables, seq_lens, meta, 1.0 / math.sqrt(head_dim))
 
 
@@ -88,46 +105,87 @@ def time_call(fn: Callable[[], object], repeats: int, min_seconds: float = 0.3) 
     fn()
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_seconds
-                                   and len(times) < 50 * repeats):
+    while len(times) < repeats or (
+        time.perf_counter() - start < min_seconds and len(times) < 50 * repeats
+    ):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def run(batch_sizes: Sequence[int], min_len: int, max_len: int, num_heads: int,
-        num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, repeats: int,
-        skip_ref: bool = False, layers: int = 1) -> list[dict[str, float]]:
+def _cycled_calls(case: Case) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+    """The kernel and the torch reference on ``case`` as argument-free calls; every call, of
+    either, reads the next of ``case.kv_caches`` in turn."""
+    calls = [0]
+
+    def next_cache() -> torch.Tensor:
+        calls[0] += 1
+        return case.kv_caches[calls[0] % len(case.kv_caches)]
+
+    def kernel() -> torch.Tensor:
+        return cpu_decode.paged_decode_attention(
+            case.q, next_cache(), case.block_tables, case.seq_lens, case.scale
+        )
+
+    def ref() -> torch.Tensor:
+        return _decode_attention(case.q, next_cache(), case.meta, case.scale)
+
+    return kernel, ref
+
+
+def run(
+    batch_sizes: Sequence[int],
+    min_len: int,
+    max_len: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    repeats: int,
+    skip_ref: bool = False,
+    layers: int = 1,
+) -> list[dict[str, float]]:
     rows: list[dict[str, float]] = []
     for batch in batch_sizes:
-        case = make_case(batch, min_len, max_len, num_heads, num_kv_heads, head_dim,
-                         block_size, dtype, seed=batch, layers=layers)
-        calls = [0]
-
-        def next_cache() -> torch.Tensor:
-            calls[0] += 1
-            return case.kv_caches[calls[0] % len(case.kv_caches)]
-
-        def kernel() -> torch.Tensor:
-            return cpu_decode.paged_decode_attention(case.q, next_cache(), case.block_tables,
-                                                     case.seq_lens, case.scale)
-
-        def ref() -> torch.Tensor:
-            return _decode_attention(case.q, next_cache(), case.meta, case.scale)
-
+        case = make_case(
+            batch,
+            min_len,
+            max_len,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            dtype,
+            seed=batch,
+            layers=layers,
+        )
+        kernel, ref = _cycled_calls(case)
         t_ker = time_call(kernel, repeats)
-        row = {"batch": batch, "tokens": int(case.seq_lens.sum()), "kv_mb": case.kv_bytes / 1e6,
-               "kernel_ms": t_ker * 1e3, "kernel_gbs": case.kv_bytes / t_ker / 1e9}
+        row = {
+            "batch": batch,
+            "tokens": int(case.seq_lens.sum()),
+            "kv_mb": case.kv_bytes / 1e6,
+            "kernel_ms": t_ker * 1e3,
+            "kernel_gbs": case.kv_bytes / t_ker / 1e9,
+        }
         if not skip_ref:
             t_ref = time_call(ref, repeats)
             kv = case.kv_cache
-            err = (cpu_decode.paged_decode_attention(case.q, kv, case.block_tables,
-                                                     case.seq_lens, case.scale).float()
-                   - _decode_attention(case.q, kv, case.meta, case.scale).float()).abs().max()
-            err = err.item()
-            row.update(ref_ms=t_ref * 1e3, ref_gbs=case.kv_bytes / t_ref / 1e9,
-                       speedup=t_ref / t_ker, max_abs_diff=err)
+            diff = (
+                cpu_decode.paged_decode_attention(
+                    case.q, kv, case.block_tables, case.seq_lens, case.scale
+                ).float()
+                - _decode_attention(case.q, kv, case.meta, case.scale).float()
+            )
+            err = diff.abs().max().item()
+            row.update(
+                ref_ms=t_ref * 1e3,
+                ref_gbs=case.kv_bytes / t_ref / 1e9,
+                speedup=t_ref / t_ker,
+                max_abs_diff=err,
+            )
         rows.append(row)
     return rows
 
@@ -153,8 +211,11 @@ def format_table(rows: Sequence[dict[str, float]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pagoda.bench.attention", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pagoda.bench.attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--batch-sizes", default="1,16,64,128,256")
     p.add_argument("--context", default="64:800", help="min:max context length (uniform)")
     p.add_argument("--heads", type=int, default=9)
@@ -165,9 +226,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--no-ref", action="store_true", help="time only the kernel")
-    p.add_argument("--layers", type=int, default=1,
-                   help="cycle through this many caches (as a model's layers do), so that K/V "
-                        "come from DRAM rather than from the last call's cache lines")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="cycle through this many caches (as a model's layers do), so that K/V "
+        "come from DRAM rather than from the last call's cache lines",
+    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -176,13 +241,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     lo, hi = (int(x) for x in args.context.split(":"))
     batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     info = cpu_decode.build_info()
-    print(f"paged decode attention: H={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
-          f"block_size={args.block_size} {args.dtype} context {lo}..{hi}, "
-          f"torch threads={torch.get_num_threads()}, caches cycled={args.layers}, "
-          f"kernel isa: {info['isa']}")
+    print(
+        f"paged decode attention: H={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
+        f"block_size={args.block_size} {args.dtype} context {lo}..{hi}, "
+        f"torch threads={torch.get_num_threads()}, caches cycled={args.layers}, "
+        f"kernel isa: {info['isa']}"
+    )
     print(f"load average before: {_loadavg()}")
-    rows = run(batch_sizes, lo, hi, args.heads, args.kv_heads, args.head_dim, args.block_size,
-               DTYPES[args.dtype], args.repeats, skip_ref=args.no_ref, layers=args.layers)
+    rows = run(
+        batch_sizes,
+        lo,
+        hi,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        args.block_size,
+        DTYPES[args.dtype],
+        args.repeats,
+        skip_ref=args.no_ref,
+        layers=args.layers,
+    )
     print(format_table(rows))
     print(f"load average after: {_loadavg()}")
 

@@ -10,6 +10,7 @@ The accounting counts the work a dense decoder must do, whatever the engine:
 The limit is the best FLOP/s that ``torch`` reaches on a few matmuls: a square 2048^3 one and
 the model's own projection shapes at a full step's batch.
 """
+
 from __future__ import annotations
 
 import time
@@ -27,6 +28,7 @@ LOGITS_BATCH_CAP = 256  # rows of the lm_head matmul: one per sequence in a step
 @dataclass(frozen=True)
 class ModelShape:
     """The numbers of a decoder that its FLOPs depend on."""
+
     params_non_embedding: int
     hidden_size: int
     vocab_size: int
@@ -37,13 +39,20 @@ class ModelShape:
     @classmethod
     def from_arch(cls, arch: Any) -> "ModelShape":
         """From a :class:`pagoda.models.config.ModelArch`."""
-        return cls(arch.num_params_non_embedding, arch.hidden_size, arch.vocab_size,
-                   arch.num_layers, arch.num_heads, arch.head_dim)
+        return cls(
+            arch.num_params_non_embedding,
+            arch.hidden_size,
+            arch.vocab_size,
+            arch.num_layers,
+            arch.num_heads,
+            arch.head_dim,
+        )
 
 
 @dataclass(frozen=True)
 class MatmulResult:
     """The best rate of one ``(M, K) x (K, N)`` matmul shape."""
+
     m: int
     k: int
     n: int
@@ -54,8 +63,7 @@ class MatmulResult:
         return f"{self.m}x{self.k}x{self.n}"
 
 
-def request_flops(shape: ModelShape, prompt_len: int, output_len: int,
-                  cached_len: int = 0) -> int:
+def request_flops(shape: ModelShape, prompt_len: int, output_len: int, cached_len: int = 0) -> int:
     """FLOPs of one request: linear layers, logits, and causal attention. The first
     ``cached_len`` prompt tokens came from the prefix cache and cost nothing."""
     tokens = prompt_len + output_len
@@ -67,12 +75,13 @@ def request_flops(shape: ModelShape, prompt_len: int, output_len: int,
     return linear + logits + attention
 
 
-def workload_flops(shape: ModelShape, prompt_lens: Sequence[int],
-                   output_lens: Sequence[int]) -> int:
+def workload_flops(
+    shape: ModelShape, prompt_lens: Sequence[int], output_lens: Sequence[int]
+) -> int:
     """The sum of :func:`request_flops` over requests."""
     if len(prompt_lens) != len(output_lens):
         raise ValueError("prompt_lens and output_lens differ in length")
-    return sum(request_flops(shape, p, o) for p, o in zip(prompt_lens, output_lens))
+    return sum(request_flops(shape, p, o) for p, o in zip(prompt_lens, output_lens, strict=True))
 
 
 def model_matmul_shapes(arch: Any, batch_tokens: int, num_seqs: int) -> list[tuple[int, int, int]]:
@@ -85,8 +94,9 @@ def model_matmul_shapes(arch: Any, batch_tokens: int, num_seqs: int) -> list[tup
     return [(m, h, q + 2 * kv), (m, q, h), (m, h, 2 * i), (m, i, h), (rows, h, arch.vocab_size)]
 
 
-def time_matmul(m: int, k: int, n: int, dtype: torch.dtype,
-                repeats: int = DEFAULT_REPEATS) -> MatmulResult:
+def time_matmul(
+    m: int, k: int, n: int, dtype: torch.dtype, repeats: int = DEFAULT_REPEATS
+) -> MatmulResult:
     """Best-of-``repeats`` rate of ``F.linear`` with a (N, K) weight, as the model runs it."""
     x = torch.randn(m, k).to(dtype)
     w = torch.randn(n, k).to(dtype)
@@ -99,8 +109,9 @@ def time_matmul(m: int, k: int, n: int, dtype: torch.dtype,
     return MatmulResult(m, k, n, 2.0 * m * k * n / best)
 
 
-def measure(dtype: torch.dtype, shapes: Iterable[tuple[int, int, int]],
-            repeats: int = DEFAULT_REPEATS) -> list[MatmulResult]:
+def measure(
+    dtype: torch.dtype, shapes: Iterable[tuple[int, int, int]], repeats: int = DEFAULT_REPEATS
+) -> list[MatmulResult]:
     """Time each shape (the square one first) in ``dtype``."""
     unique = list(dict.fromkeys([SQUARE, *shapes]))
     with torch.inference_mode():

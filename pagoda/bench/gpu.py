@@ -10,6 +10,7 @@ The monitor times the runner's decode-only steps (each ends by reading the sampl
 a device sync, so wall time is the step's time) and reports bytes / time as a fraction of the
 bandwidth, which is known per GPU model (override with ``--gpu-bandwidth-tbs``).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -28,7 +29,7 @@ GPU_BANDWIDTH_TBS: list[tuple[tuple[str, ...], float]] = [
     (("GH200",), 4.0),
     (("H100", "NVL"), 3.9),
     (("H100", "PCIE"), 2.0),
-    (("H100",), 3.35),          # SXM5 (HBM3), "NVIDIA H100 80GB HBM3"
+    (("H100",), 3.35),  # SXM5 (HBM3), "NVIDIA H100 80GB HBM3"
     (("H800",), 3.35),
     (("B200",), 8.0),
     (("A100", "80GB"), 2.039),
@@ -70,7 +71,7 @@ def decode_step_bytes(arch: Any, dtype: torch.dtype, context_tokens: int) -> int
 @dataclass
 class DecodeStep:
     batch: int
-    context_tokens: int      # sum of the batch's context lengths (new token included)
+    context_tokens: int  # sum of the batch's context lengths (new token included)
     seconds: float
 
 
@@ -94,6 +95,7 @@ class DecodeStepMonitor:
     to its own: the time per step the engine sees. With synchronous steps that is host and
     device time added; with async scheduling it is the device's time wherever the host
     keeps up."""
+
     runner: Any
     steps: list[DecodeStep] = field(default_factory=list)
     _launch: Optional[Callable[[SchedulerOutput], Any]] = None
@@ -111,6 +113,7 @@ class DecodeStepMonitor:
         self.runner.launch, self.runner.collect = self._launch, self._collect
 
     def _timed_launch(self, sched: SchedulerOutput) -> Any:
+        assert self._launch is not None, "used outside its with block"
         handle = self._launch(sched)
         counts = sched.num_scheduled_tokens
         if counts and all(n == 1 for n in counts.values()):
@@ -118,38 +121,44 @@ class DecodeStepMonitor:
         return handle
 
     def _timed_collect(self, handle: Any) -> ModelRunnerOutput:
+        assert self._collect is not None, "used outside its with block"
         out = self._collect(handle)
         now = time.perf_counter()
         shape = self._decodes.pop(id(handle), None)
         if shape is not None and self._last_read is not None:
             self.steps.append(DecodeStep(*shape, now - self._last_read))
-        if handle.samplers:         # a step without samples is not waited for
+        if handle.samplers:  # a step without samples is not waited for
             self._last_read = now
         return out
 
 
-def summarize(steps: list[DecodeStep], arch: Any, dtype: torch.dtype,
-              bandwidth_tbs: Optional[float]) -> dict:
+def summarize(
+    steps: list[DecodeStep], arch: Any, dtype: torch.dtype, bandwidth_tbs: Optional[float]
+) -> dict[str, Any]:
     """Median step, and bytes moved over time (per step, median; and over all steps)."""
     if not steps:
         return {"decode_steps": 0}
     weights = weight_bytes_per_step(arch, dtype)
     per_token = kv_bytes_per_token(arch, dtype)
     moved = [decode_step_bytes(arch, dtype, s.context_tokens) for s in steps]
-    rates = [b / s.seconds for b, s in zip(moved, steps)]
+    rates = [b / s.seconds for b, s in zip(moved, steps, strict=True)]
     total_bytes = sum(moved)
     total_s = sum(s.seconds for s in steps)
-    out = {"decode_steps": len(steps),
-           "median_batch": statistics.median(s.batch for s in steps),
-           "median_step_ms": 1e3 * statistics.median(s.seconds for s in steps),
-           "weight_bytes_per_step": weights, "kv_bytes_per_token": per_token,
-           "median_bytes_per_s": statistics.median(rates),
-           "aggregate_bytes_per_s": total_bytes / total_s,
-           "bandwidth_bytes_per_s": bandwidth_tbs * TB if bandwidth_tbs else None}
+    median_rate = statistics.median(rates)
+    aggregate_rate = total_bytes / total_s
+    out: dict[str, Any] = {
+        "decode_steps": len(steps),
+        "median_batch": statistics.median(s.batch for s in steps),
+        "median_step_ms": 1e3 * statistics.median(s.seconds for s in steps),
+        "weight_bytes_per_step": weights,
+        "kv_bytes_per_token": per_token,
+        "median_bytes_per_s": median_rate,
+        "aggregate_bytes_per_s": aggregate_rate,
+        "bandwidth_bytes_per_s": bandwidth_tbs * TB if bandwidth_tbs else None,
+    }
     if bandwidth_tbs:
-        out["median_fraction_of_bandwidth"] = out["median_bytes_per_s"] / (bandwidth_tbs * TB)
-        out["aggregate_fraction_of_bandwidth"] = out["aggregate_bytes_per_s"] / (
-            bandwidth_tbs * TB)
+        out["median_fraction_of_bandwidth"] = median_rate / (bandwidth_tbs * TB)
+        out["aggregate_fraction_of_bandwidth"] = aggregate_rate / (bandwidth_tbs * TB)
     return out
 
 
@@ -157,12 +166,16 @@ def batch1_decode(llm: Any, prompt: list[int], output_len: int, params: Any) -> 
     """One request alone: its decode steps (the latency a single user sees per token)."""
     with DecodeStepMonitor(llm.engine.runner) as mon:
         llm.generate([prompt], params, use_tqdm=False)
-    return [s for s in mon.steps if s.batch == 1][: output_len]
+    return [s for s in mon.steps if s.batch == 1][:output_len]
 
 
-def device_info(device: torch.device) -> dict:
+def device_info(device: torch.device) -> dict[str, Any]:
     props = torch.cuda.get_device_properties(device)
-    return {"name": props.name, "sm_count": props.multi_processor_count,
-            "memory_gib": props.total_memory / (1 << 30),
-            "capability": f"{props.major}.{props.minor}",
-            "cuda": torch.version.cuda, "torch": torch.__version__}
+    return {
+        "name": props.name,
+        "sm_count": props.multi_processor_count,
+        "memory_gib": props.total_memory / (1 << 30),
+        "capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+    }

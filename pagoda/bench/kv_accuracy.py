@@ -16,6 +16,7 @@ agreement: ``--prompts`` random-token prompts, ``--max-tokens`` greedy tokens ea
 mode, how many requests match the first mode's tokens exactly, and the mean length of the
 common prefix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 
 def windows(ids: list[int], size: int) -> list[list[int]]:
     """Consecutive windows of ``size`` tokens (the tail shorter than 2 tokens dropped)."""
-    return [ids[i:i + size] for i in range(0, len(ids), size) if len(ids[i:i + size]) >= 2]
+    return [ids[i : i + size] for i in range(0, len(ids), size) if len(ids[i : i + size]) >= 2]
 
 
 def perplexity(llm: Any, token_windows: list[list[int]]) -> dict:
@@ -54,11 +55,18 @@ def greedy_tokens(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[l
 
 def agreement(base: list[list[int]], other: list[list[int]]) -> dict:
     """Requests with identical tokens, and the mean common prefix length."""
+
     def common(a: list[int], b: list[int]) -> int:
-        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    prefixes = [common(a, b) for a, b in zip(base, other)]
-    return {"identical": sum(a == b for a, b in zip(base, other)), "of": len(base),
-            "mean_common_prefix": sum(prefixes) / len(prefixes)}
+        # the two may differ in length: compare up to the shorter
+        pairs = enumerate(zip(a, b, strict=False))
+        return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+
+    prefixes = [common(a, b) for a, b in zip(base, other, strict=True)]
+    return {
+        "identical": sum(a == b for a, b in zip(base, other, strict=True)),
+        "of": len(base),
+        "mean_common_prefix": sum(prefixes) / len(prefixes),
+    }
 
 
 def make_llm(ns: argparse.Namespace, kv: str, quantization: str) -> Any:
@@ -69,9 +77,15 @@ def make_llm(ns: argparse.Namespace, kv: str, quantization: str) -> Any:
     if quantization != "none":
         os.environ[MAX_ROWS_ENV] = str(1 << 30)
     try:
-        return LLM(ns.model, dtype=ns.dtype, kv_cache_dtype=kv, quantization=quantization,
-                   max_num_batched_tokens=ns.chunk, max_num_seqs=ns.max_num_seqs,
-                   enable_prefix_caching=False)
+        return LLM(
+            ns.model,
+            dtype=ns.dtype,
+            kv_cache_dtype=kv,
+            quantization=quantization,
+            max_num_batched_tokens=ns.chunk,
+            max_num_seqs=ns.max_num_seqs,
+            enable_prefix_caching=False,
+        )
     finally:
         if saved is None:
             os.environ.pop(MAX_ROWS_ENV, None)
@@ -90,20 +104,27 @@ def run(ns: argparse.Namespace) -> dict:
         ids = llm.engine.encode(Path(ns.text).read_text())
         rng = random.Random(ns.seed)
         vocab = llm.engine.arch.vocab_size
-        prompts = [[rng.randrange(vocab // 10, vocab - 1) for _ in range(ns.prompt_len)]
-                   for _ in range(ns.prompts)]
-        result = {"kv_dtype": str(llm.engine.kv_dtype).removeprefix("torch."),
-                  "quantization": quantization,
-                  **perplexity(llm, windows(ids, ns.window))}
+        prompts = [
+            [rng.randrange(vocab // 10, vocab - 1) for _ in range(ns.prompt_len)]
+            for _ in range(ns.prompts)
+        ]
+        result = {
+            "kv_dtype": str(llm.engine.kv_dtype).removeprefix("torch."),
+            "quantization": quantization,
+            **perplexity(llm, windows(ids, ns.window)),
+        }
         tokens = greedy_tokens(llm, prompts, ns.max_tokens)
         base = tokens if base is None else base
         result["greedy_vs_first_mode"] = agreement(base, tokens)
         report["modes"][mode] = result
         a = result["greedy_vs_first_mode"]
-        print(f"{mode:>10} ({result['kv_dtype']}): perplexity {result['perplexity']:.4f} over "
-              f"{result['tokens']} tokens; greedy vs {modes[0][0]}: {a['identical']}/"
-              f"{a['of']} identical, mean common prefix {a['mean_common_prefix']:.1f} of "
-              f"{ns.max_tokens}", flush=True)
+        print(
+            f"{mode:>10} ({result['kv_dtype']}): perplexity {result['perplexity']:.4f} over "
+            f"{result['tokens']} tokens; greedy vs {modes[0][0]}: {a['identical']}/"
+            f"{a['of']} identical, mean common prefix {a['mean_common_prefix']:.1f} of "
+            f"{ns.max_tokens}",
+            flush=True,
+        )
         del llm
     return report
 

@@ -17,6 +17,7 @@ every step from the previous step's end to its own (host and compute, as synchro
 steps are); a step's FLOPs follow ``flops.request_flops`` (linears for every computed token,
 causal attention over its context, logits for each sampled row).
 """
+
 from __future__ import annotations
 
 import time
@@ -30,7 +31,7 @@ from pagoda.bench.gpu import computed_before, kv_bytes_per_token, weight_bytes_p
 from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagoda.models.cpu_int4 import bytes_per_weight
 
-READ_BYTES = 1 << 30     # the buffer summed to measure read bandwidth (past any cache)
+READ_BYTES = 1 << 30  # the buffer summed to measure read bandwidth (past any cache)
 READ_REPEATS = 5
 
 
@@ -49,10 +50,10 @@ def read_bytes_per_s(nbytes: int = READ_BYTES, repeats: int = READ_REPEATS) -> f
 
 @dataclass
 class Step:
-    seqs: int               # sequences scheduled
-    tokens: int             # tokens computed
-    context_tokens: int     # their context lengths summed, this step's tokens included
-    attention_flops: int    # causal attention of the computed tokens
+    seqs: int  # sequences scheduled
+    tokens: int  # tokens computed
+    context_tokens: int  # their context lengths summed, this step's tokens included
+    attention_flops: int  # causal attention of the computed tokens
     seconds: float
 
     @property
@@ -67,7 +68,7 @@ def _step_shape(sched: SchedulerOutput, shape: flops.ModelShape) -> tuple[int, i
     for rid, n in sched.num_scheduled_tokens.items():
         c0 = starts[rid]
         context += c0 + n
-        attention += per_pos * (n * c0 + n * (n + 1) // 2)   # positions c0 + 1 .. c0 + n
+        attention += per_pos * (n * c0 + n * (n + 1) // 2)  # positions c0 + 1 .. c0 + n
     counts = sched.num_scheduled_tokens
     return len(counts), sum(counts.values()), context, attention
 
@@ -75,6 +76,7 @@ def _step_shape(sched: SchedulerOutput, shape: flops.ModelShape) -> tuple[int, i
 @dataclass
 class StepMonitor:
     """Records every step of ``runner`` while active (a ``with`` block)."""
+
     runner: Any
     shape: flops.ModelShape
     steps: list[Step] = field(default_factory=list)
@@ -95,16 +97,19 @@ class StepMonitor:
     def _timed_launch(self, sched: SchedulerOutput) -> Any:
         if self._last is None:
             self._last = time.perf_counter()
+        assert self._launch is not None, "used outside its with block"
         handle = self._launch(sched)
         if not sched.is_empty:
             self._pending[id(handle)] = _step_shape(sched, self.shape)
         return handle
 
     def _timed_collect(self, handle: Any) -> ModelRunnerOutput:
+        assert self._collect is not None, "used outside its with block"
         out = self._collect(handle)
         now = time.perf_counter()
         shape = self._pending.pop(id(handle), None)
         if shape is not None:
+            assert self._last is not None, "set by the step's launch"
             self.steps.append(Step(*shape, now - self._last))
         self._last = now
         return out
@@ -119,9 +124,16 @@ def decode_weight_bytes(arch: Any, dtype: torch.dtype, rows: int, int4_max_rows:
     return int(dense - layers * dtype.itemsize + layers * bytes_per_weight(dtype))
 
 
-def summarize(steps: list[Step], arch: Any, dtype: torch.dtype, kv_dtype: torch.dtype,
-              shape: flops.ModelShape, limit_flops_per_s: float,
-              read_limit_bytes_per_s: float, int4_max_rows: int = 0) -> dict:
+def summarize(
+    steps: list[Step],
+    arch: Any,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    shape: flops.ModelShape,
+    limit_flops_per_s: float,
+    read_limit_bytes_per_s: float,
+    int4_max_rows: int = 0,
+) -> dict[str, Any]:
     """Each phase's time, work and fraction of its limit."""
     prefill = [s for s in steps if not s.is_decode]
     decode = [s for s in steps if s.is_decode]
@@ -130,14 +142,22 @@ def summarize(steps: list[Step], arch: Any, dtype: torch.dtype, kv_dtype: torch.
     p_flops = sum(linear * s.tokens + s.attention_flops + logits * s.seqs for s in prefill)
     p_time = sum(s.seconds for s in prefill)
     per_token = kv_bytes_per_token(arch, kv_dtype)
-    d_bytes = sum(decode_weight_bytes(arch, dtype, s.seqs, int4_max_rows)
-                  + s.context_tokens * per_token for s in decode)
+    d_bytes = sum(
+        decode_weight_bytes(arch, dtype, s.seqs, int4_max_rows) + s.context_tokens * per_token
+        for s in decode
+    )
     d_time = sum(s.seconds for s in decode)
-    out = {"prefill_steps": len(prefill), "prefill_s": p_time, "prefill_flops": p_flops,
-           "decode_steps": len(decode), "decode_s": d_time, "decode_bytes": d_bytes,
-           "decode_tokens": sum(s.tokens for s in decode),
-           "read_limit_bytes_per_s": read_limit_bytes_per_s,
-           "limit_flops_per_s": limit_flops_per_s}
+    out: dict[str, Any] = {
+        "prefill_steps": len(prefill),
+        "prefill_s": p_time,
+        "prefill_flops": p_flops,
+        "decode_steps": len(decode),
+        "decode_s": d_time,
+        "decode_bytes": d_bytes,
+        "decode_tokens": sum(s.tokens for s in decode),
+        "read_limit_bytes_per_s": read_limit_bytes_per_s,
+        "limit_flops_per_s": limit_flops_per_s,
+    }
     if p_time > 0:
         out["prefill_flops_per_s"] = p_flops / p_time
         out["prefill_fraction_of_limit"] = p_flops / p_time / limit_flops_per_s

@@ -7,6 +7,7 @@ costs when it never hits. All requests of a run arrive at once. Printed per run:
 first token (mean, p50, p99), throughput, hit rate, and the fraction of the matmul limit
 the computed work reached; then the on / off ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagoda.bench import flops
-from pagoda.bench.throughput import (check_outputs, dtype_name, machine_info, measure_limits,
-                                     print_machine, print_limits, row, token_id_range, warm_up,
-                                     write_json)
+from pagoda.bench.throughput import (
+    check_outputs,
+    dtype_name,
+    machine_info,
+    measure_limits,
+    print_limits,
+    print_machine,
+    row,
+    token_id_range,
+    warm_up,
+    write_json,
+)
 from pagoda.sampling import SamplingParams
 
 
@@ -44,8 +54,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--requests-per-prefix", type=int, default=8)
     g.add_argument("--output-len", type=int, default=32)
     g.add_argument("--data-seed", type=int, default=0)
-    g.add_argument("--no-unique-run", dest="unique_run", action="store_false",
-                   help="skip the 0%%-hit run")
+    g.add_argument(
+        "--no-unique-run", dest="unique_run", action="store_false", help="skip the 0%%-hit run"
+    )
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
 
 
@@ -53,13 +64,17 @@ def _check(ns: argparse.Namespace) -> None:
     for name in ("num_prefixes", "requests_per_prefix", "output_len", "suffix_len"):
         value = getattr(ns, name)
         if value < (0 if name == "suffix_len" else 1):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= "
-                             f"{0 if name == 'suffix_len' else 1}, got {value}")
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be >= "
+                f"{0 if name == 'suffix_len' else 1}, got {value}"
+            )
     if ns.prefix_len < 1:
         raise ValueError(f"--prefix-len must be >= 1, got {ns.prefix_len}")
 
 
-def make_workloads(ns: argparse.Namespace, vocab_size: int) -> tuple[PrefixWorkload, PrefixWorkload]:
+def make_workloads(
+    ns: argparse.Namespace, vocab_size: int
+) -> tuple[PrefixWorkload, PrefixWorkload]:
     """(shared, unique): the same prompt lengths, sharing prefixes or nothing. Shared prompts
     are interleaved across prefixes, so each prefix's first request arrives early."""
     rng = random.Random(ns.data_seed)
@@ -69,8 +84,11 @@ def make_workloads(ns: argparse.Namespace, vocab_size: int) -> tuple[PrefixWorkl
         return [rng.randrange(lo, hi) for _ in range(n)]
 
     prefixes = [tokens(ns.prefix_len) for _ in range(ns.num_prefixes)]
-    shared = [prefixes[p] + tokens(ns.suffix_len)
-              for _ in range(ns.requests_per_prefix) for p in range(ns.num_prefixes)]
+    shared = [
+        prefixes[p] + tokens(ns.suffix_len)
+        for _ in range(ns.requests_per_prefix)
+        for p in range(ns.num_prefixes)
+    ]
     unique = [tokens(ns.prefix_len + ns.suffix_len) for _ in shared]
     return PrefixWorkload(shared, ns.output_len), PrefixWorkload(unique, ns.output_len)
 
@@ -88,18 +106,26 @@ def run(llm: Any, work: PrefixWorkload, shape: flops.ModelShape, limit: float) -
     ttfts = sorted(o.time_to_first_token for o in outs)
     cached = [o.num_cached_tokens for o in outs]
     queries = engine.prefix_cache_queries - queries0
-    work_flops = sum(flops.request_flops(shape, len(p), work.output_len, c)
-                     for p, c in zip(work.prompts, cached))
+    work_flops = sum(
+        flops.request_flops(shape, len(p), work.output_len, c)
+        for p, c in zip(work.prompts, cached, strict=True)
+    )
     out_tokens = work.output_len * len(outs)
-    return {"elapsed_s": elapsed, "requests": len(outs),
-            "ttft_mean_s": statistics.fmean(ttfts), "ttft_p50_s": _pct(ttfts, 50),
-            "ttft_p99_s": _pct(ttfts, 99),
-            "output_tokens_per_s": out_tokens / elapsed,
-            "total_tokens_per_s": (work.prompt_tokens + out_tokens) / elapsed,
-            "prompt_tokens": work.prompt_tokens, "cached_tokens": sum(cached),
-            "hit_rate": (engine.prefix_cache_hits - hits0) / queries if queries else 0.0,
-            "computed_flops": work_flops, "achieved_flops_per_s": work_flops / elapsed,
-            "fraction_of_limit": work_flops / elapsed / limit}
+    return {
+        "elapsed_s": elapsed,
+        "requests": len(outs),
+        "ttft_mean_s": statistics.fmean(ttfts),
+        "ttft_p50_s": _pct(ttfts, 50),
+        "ttft_p99_s": _pct(ttfts, 99),
+        "output_tokens_per_s": out_tokens / elapsed,
+        "total_tokens_per_s": (work.prompt_tokens + out_tokens) / elapsed,
+        "prompt_tokens": work.prompt_tokens,
+        "cached_tokens": sum(cached),
+        "hit_rate": (engine.prefix_cache_hits - hits0) / queries if queries else 0.0,
+        "computed_flops": work_flops,
+        "achieved_flops_per_s": work_flops / elapsed,
+        "fraction_of_limit": work_flops / elapsed / limit,
+    }
 
 
 def _pct(sorted_values: list[float], pct: float) -> float:
@@ -111,20 +137,37 @@ def _pct(sorted_values: list[float], pct: float) -> float:
 def print_run(title: str, r: dict) -> None:
     print(f"== {title} ==")
     print(row("elapsed s", r["elapsed_s"]))
-    print(row("TTFT mean / p50 / p99", f"{1e3 * r['ttft_mean_s']:.0f} / "
-              f"{1e3 * r['ttft_p50_s']:.0f} / {1e3 * r['ttft_p99_s']:.0f} ms"))
+    print(
+        row(
+            "TTFT mean / p50 / p99",
+            f"{1e3 * r['ttft_mean_s']:.0f} / "
+            f"{1e3 * r['ttft_p50_s']:.0f} / {1e3 * r['ttft_p99_s']:.0f} ms",
+        )
+    )
     print(row("output tokens/s", r["output_tokens_per_s"]))
     print(row("total tokens/s", r["total_tokens_per_s"]))
-    print(row("hit rate", f"{100 * r['hit_rate']:.1f} % "
-              f"({r['cached_tokens']} of {r['prompt_tokens']} prompt tokens cached)"))
-    print(row("fraction of limit", f"{100 * r['fraction_of_limit']:.2f} % "
-              f"(computed work, {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s)"))
+    print(
+        row(
+            "hit rate",
+            f"{100 * r['hit_rate']:.1f} % "
+            f"({r['cached_tokens']} of {r['prompt_tokens']} prompt tokens cached)",
+        )
+    )
+    print(
+        row(
+            "fraction of limit",
+            f"{100 * r['fraction_of_limit']:.2f} % "
+            f"(computed work, {r['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s)",
+        )
+    )
 
 
 def ratios(on: dict, off: dict) -> dict:
-    return {"ttft_mean_off_over_on": off["ttft_mean_s"] / on["ttft_mean_s"],
-            "ttft_p99_off_over_on": off["ttft_p99_s"] / on["ttft_p99_s"],
-            "throughput_on_over_off": on["total_tokens_per_s"] / off["total_tokens_per_s"]}
+    return {
+        "ttft_mean_off_over_on": off["ttft_mean_s"] / on["ttft_mean_s"],
+        "ttft_p99_off_over_on": off["ttft_p99_s"] / on["ttft_p99_s"],
+        "throughput_on_over_off": on["total_tokens_per_s"] / off["total_tokens_per_s"],
+    }
 
 
 def print_ratios(title: str, r: dict) -> None:
@@ -140,8 +183,9 @@ def main(ns: argparse.Namespace) -> int:
 
     _check(ns)
     base = engine_args_from(ns)
-    llms = {on: LLM(**vars(dataclasses.replace(base, enable_prefix_caching=on)))
-            for on in (True, False)}
+    llms = {
+        on: LLM(**vars(dataclasses.replace(base, enable_prefix_caching=on))) for on in (True, False)
+    }
     engine = llms[True].engine
     arch, dtype = engine.arch, engine.dtype
     shape = flops.ModelShape.from_arch(arch)
@@ -152,8 +196,12 @@ def main(ns: argparse.Namespace) -> int:
     limit = limits[dtype_name(dtype)]["best_flops_per_s"]
     shared, unique = make_workloads(ns, arch.vocab_size)
     print("== workload ==")
-    print(row("requests", f"{len(shared.prompts)} = {ns.num_prefixes} prefixes x "
-                          f"{ns.requests_per_prefix}"))
+    print(
+        row(
+            "requests",
+            f"{len(shared.prompts)} = {ns.num_prefixes} prefixes x {ns.requests_per_prefix}",
+        )
+    )
     print(row("prompt", f"{ns.prefix_len} shared + {ns.suffix_len} unique tokens"))
     print(row("output len", ns.output_len))
     for llm in llms.values():
@@ -166,18 +214,36 @@ def main(ns: argparse.Namespace) -> int:
             key = f"{name}_caching_{'on' if on else 'off'}"
             results[key] = run(llms[on], work, shape, limit)
             print_run(f"{name} prefixes, caching {'on' if on else 'off'}", results[key])
-        results[f"{name}_ratios"] = ratios(results[f"{name}_caching_on"],
-                                           results[f"{name}_caching_off"])
+        results[f"{name}_ratios"] = ratios(
+            results[f"{name}_caching_on"], results[f"{name}_caching_off"]
+        )
         print_ratios(f"{name} prefixes: on vs off", results[f"{name}_ratios"])
 
     if ns.json:
-        write_json(ns.json, {"command": list(sys.argv), "machine": machine,
-                             "engine_args": dataclasses.asdict(base), "dtype": dtype_name(dtype),
-                             "model": engine.model_name, "matmul": limits,
-                             "limit_flops_per_s": limit, "load_average_after": os.getloadavg(),
-                             "workload": {k: getattr(ns, k) for k in (
-                                 "num_prefixes", "prefix_len", "suffix_len",
-                                 "requests_per_prefix", "output_len", "data_seed")},
-                             **results})
+        write_json(
+            ns.json,
+            {
+                "command": list(sys.argv),
+                "machine": machine,
+                "engine_args": dataclasses.asdict(base),
+                "dtype": dtype_name(dtype),
+                "model": engine.model_name,
+                "matmul": limits,
+                "limit_flops_per_s": limit,
+                "load_average_after": os.getloadavg(),
+                "workload": {
+                    k: getattr(ns, k)
+                    for k in (
+                        "num_prefixes",
+                        "prefix_len",
+                        "suffix_len",
+                        "requests_per_prefix",
+                        "output_len",
+                        "data_seed",
+                    )
+                },
+                **results,
+            },
+        )
         print(row("json", ns.json))
     return 0

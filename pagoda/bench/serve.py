@@ -10,6 +10,7 @@ Datasets: ``random`` (lengths uniform in ranges), ``prefix`` (a shared system pr
 random question: exercises the prefix cache), ``long-mix`` (short chat turns with occasional
 ``--long-input-len`` prompts: exercises chunked prefill).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, AsyncIterator, Optional
 
-WORDS = ("time person year way day thing man world life hand part child eye woman place work "
-         "week case point government company number group problem fact river mountain house "
-         "water light music story garden city paper market energy answer table window "
-         "morning question system program school family money night road voice").split()
+WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work "
+    "week case point government company number group problem fact river mountain house "
+    "water light music story garden city paper market energy answer table window "
+    "morning question system program school family money night road voice"
+).split()
 SLO_KEYS = ("ttft", "tpot", "itl", "e2el")
 PERCENTILES = (50, 90, 99)
 
@@ -62,27 +65,49 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="default: the first of GET /v1/models")
     g.add_argument("--api-key", default=None)
     g.add_argument("--num-prompts", type=int, default=100)
-    g.add_argument("--request-rate", type=float, default=math.inf,
-                   help="requests per second (inf: all at once)")
-    g.add_argument("--burstiness", type=float, default=1.0,
-                   help="gamma shape of the arrivals: 1 is Poisson, < 1 burstier")
+    g.add_argument(
+        "--request-rate",
+        type=float,
+        default=math.inf,
+        help="requests per second (inf: all at once)",
+    )
+    g.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="gamma shape of the arrivals: 1 is Poisson, < 1 burstier",
+    )
     g.add_argument("--max-concurrency", type=int, default=None)
     g.add_argument("--dataset", choices=["random", "prefix", "long-mix"], default="random")
     g.add_argument("--input-len", type=int, default=128, help="random/prefix: mean words")
     g.add_argument("--output-len", type=int, default=128)
-    g.add_argument("--range-ratio", type=float, default=0.5,
-                   help="random: lengths uniform in [len*(1-r), len*(1+r)]")
+    g.add_argument(
+        "--range-ratio",
+        type=float,
+        default=0.5,
+        help="random: lengths uniform in [len*(1-r), len*(1+r)]",
+    )
     g.add_argument("--prefix-len", type=int, default=512, help="prefix: shared words")
     g.add_argument("--long-input-len", type=int, default=2000, help="long-mix: long prompts")
-    g.add_argument("--long-fraction", type=float, default=0.1,
-                   help="long-mix: fraction of long prompts")
-    g.add_argument("--goodput", nargs="*", default=[], metavar="KEY:MS",
-                   help="SLOs, e.g. ttft:500 tpot:50 (keys: ttft tpot itl e2el)")
+    g.add_argument(
+        "--long-fraction", type=float, default=0.1, help="long-mix: fraction of long prompts"
+    )
+    g.add_argument(
+        "--goodput",
+        nargs="*",
+        default=[],
+        metavar="KEY:MS",
+        help="SLOs, e.g. ttft:500 tpot:50 (keys: ttft tpot itl e2el)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    g.add_argument("--probe-health-ms", type=float, default=0.0,
-                   help="also GET /health every this many ms and report its latency "
-                        "(how responsive the server's event loop stays under load)")
+    g.add_argument(
+        "--probe-health-ms",
+        type=float,
+        default=0.0,
+        help="also GET /health every this many ms and report its latency "
+        "(how responsive the server's event loop stays under load)",
+    )
     g.add_argument("--json", default=None, help="write the results here")
 
 
@@ -116,14 +141,24 @@ def _spread(rng: random.Random, mean: int, ratio: float) -> int:
 def make_dataset(ns: argparse.Namespace) -> list[BenchRequest]:
     rng = random.Random(ns.seed)
     if ns.dataset == "random":
-        return [_request(rng, _spread(rng, ns.input_len, ns.range_ratio),
-                         _spread(rng, ns.output_len, ns.range_ratio))
-                for _ in range(ns.num_prompts)]
+        return [
+            _request(
+                rng,
+                _spread(rng, ns.input_len, ns.range_ratio),
+                _spread(rng, ns.output_len, ns.range_ratio),
+            )
+            for _ in range(ns.num_prompts)
+        ]
     if ns.dataset == "prefix":
         prefix = "You are a helpful assistant. " + _words(rng, ns.prefix_len)
-        return [BenchRequest(f"{prefix}\nQuestion: {_words(rng, ns.input_len)}?",
-                             ns.prefix_len + ns.input_len, ns.output_len)
-                for _ in range(ns.num_prompts)]
+        return [
+            BenchRequest(
+                f"{prefix}\nQuestion: {_words(rng, ns.input_len)}?",
+                ns.prefix_len + ns.input_len,
+                ns.output_len,
+            )
+            for _ in range(ns.num_prompts)
+        ]
     return _long_mix(rng, ns)
 
 
@@ -144,8 +179,9 @@ def _request(rng: random.Random, words: int, output_len: int) -> BenchRequest:
     return BenchRequest(_words(rng, words), words, output_len)
 
 
-async def arrivals(n: int, rate: float, burstiness: float,
-                   rng: random.Random) -> AsyncIterator[int]:
+async def arrivals(
+    n: int, rate: float, burstiness: float, rng: random.Random
+) -> AsyncIterator[int]:
     """Yield 0..n-1 at gamma-distributed gaps with mean 1/rate (inf: no gaps)."""
     for i in range(n):
         yield i
@@ -156,17 +192,25 @@ async def arrivals(n: int, rate: float, burstiness: float,
 
 # ---------------------------------------------------------------------- the client
 def _payload(ns: argparse.Namespace, model: str, req: BenchRequest) -> tuple[str, dict]:
-    common = {"model": model, "max_tokens": req.output_len, "stream": True,
-              "stream_options": {"include_usage": True}, "temperature": 0.0,
-              "ignore_eos": True}
+    common = {
+        "model": model,
+        "max_tokens": req.output_len,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
     if ns.endpoint == "chat":
-        return "/v1/chat/completions", {**common, "messages": [
-            {"role": "user", "content": req.prompt}]}
+        return "/v1/chat/completions", {
+            **common,
+            "messages": [{"role": "user", "content": req.prompt}],
+        }
     return "/v1/completions", {**common, "prompt": req.prompt}
 
 
-async def send_one(client: Any, ns: argparse.Namespace, model: str,
-                   req: BenchRequest) -> RequestResult:
+async def send_one(
+    client: Any, ns: argparse.Namespace, model: str, req: BenchRequest
+) -> RequestResult:
     path, body = _payload(ns, model, req)
     result = RequestResult()
     start = time.perf_counter()
@@ -232,16 +276,17 @@ async def first_model(client: Any) -> str:
     return resp.json()["data"][0]["id"]
 
 
-async def run_benchmark(ns: argparse.Namespace,
-                        dataset: list[BenchRequest]
-                        ) -> tuple[list[RequestResult], float, list[float]]:
+async def run_benchmark(
+    ns: argparse.Namespace, dataset: list[BenchRequest]
+) -> tuple[list[RequestResult], float, list[float]]:
     """(per-request results, wall time, /health probe latencies)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=ns.base_url, headers=headers, limits=limits,
-                                 timeout=ns.timeout) as client:
+    async with httpx.AsyncClient(
+        base_url=ns.base_url, headers=headers, limits=limits, timeout=ns.timeout
+    ) as client:
         model = ns.model or await first_model(client)
         sem = asyncio.Semaphore(ns.max_concurrency) if ns.max_concurrency else None
 
@@ -254,8 +299,9 @@ async def run_benchmark(ns: argparse.Namespace,
         probe = HealthProbe(client, ns.probe_health_ms / 1000.0)
         start = time.perf_counter()
         tasks = []
-        async for i in arrivals(len(dataset), ns.request_rate, ns.burstiness,
-                                random.Random(ns.seed + 1)):
+        async for i in arrivals(
+            len(dataset), ns.request_rate, ns.burstiness, random.Random(ns.seed + 1)
+        ):
             tasks.append(asyncio.ensure_future(limited(dataset[i])))
         results = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
@@ -309,21 +355,25 @@ def summarize(values: list[float]) -> dict[str, float]:
 
 
 def meets_slos(r: RequestResult, slos: dict[str, float]) -> bool:
-    values = {"ttft": r.ttft, "tpot": r.tpot, "e2el": r.e2el,
-              "itl": max(r.itl) if r.itl else 0.0}
-    return all(values[k] is None or values[k] <= limit for k, limit in slos.items())
+    values = {"ttft": r.ttft, "tpot": r.tpot, "e2el": r.e2el, "itl": max(r.itl) if r.itl else 0.0}
+    return all((v := values[k]) is None or v <= limit for k, limit in slos.items())
 
 
-def compute_report(results: list[RequestResult], duration: float,
-                   slos: dict[str, float]) -> dict[str, Any]:
+def compute_report(
+    results: list[RequestResult], duration: float, slos: dict[str, float]
+) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
     report: dict[str, Any] = {
-        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
-        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
-        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
         "ttft_ms": summarize([r.ttft for r in ok]),
         "tpot_ms": summarize([r.tpot for r in ok if r.tpot is not None]),
         "itl_ms": summarize([g for r in ok for g in r.itl]),
@@ -340,24 +390,35 @@ def compute_report(results: list[RequestResult], duration: float,
 def print_report(ns: argparse.Namespace, report: dict[str, Any]) -> None:
     w = 34
     print(f"{'=' * 16} Serving Benchmark Result {'=' * 16}")
-    print(f"{'dataset:':<{w}}{ns.dataset}  (request rate {ns.request_rate}, burstiness "
-          f"{ns.burstiness}, max concurrency {ns.max_concurrency})")
-    for key, label in (("completed", "Successful requests"), ("failed", "Failed requests"),
-                       ("duration_s", "Benchmark duration (s)"),
-                       ("total_input_tokens", "Total input tokens"),
-                       ("total_output_tokens", "Total generated tokens"),
-                       ("request_throughput", "Request throughput (req/s)"),
-                       ("output_throughput", "Output token throughput (tok/s)"),
-                       ("total_token_throughput", "Total token throughput (tok/s)"),
-                       ("goodput", "Request goodput (req/s)")):
+    print(
+        f"{'dataset:':<{w}}{ns.dataset}  (request rate {ns.request_rate}, burstiness "
+        f"{ns.burstiness}, max concurrency {ns.max_concurrency})"
+    )
+    for key, label in (
+        ("completed", "Successful requests"),
+        ("failed", "Failed requests"),
+        ("duration_s", "Benchmark duration (s)"),
+        ("total_input_tokens", "Total input tokens"),
+        ("total_output_tokens", "Total generated tokens"),
+        ("request_throughput", "Request throughput (req/s)"),
+        ("output_throughput", "Output token throughput (tok/s)"),
+        ("total_token_throughput", "Total token throughput (tok/s)"),
+        ("goodput", "Request goodput (req/s)"),
+    ):
         if key in report:
             value = report[key]
-            print(f"{label + ':':<{w}}{value:.2f}" if isinstance(value, float)
-                  else f"{label + ':':<{w}}{value}")
-    for key, title in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token "
-                       "(excl. 1st token)"), ("itl_ms", "Inter-token Latency"),
-                       ("e2el_ms", "End-to-end Latency"),
-                       ("health_probe_ms", "GET /health latency under load")):
+            print(
+                f"{label + ':':<{w}}{value:.2f}"
+                if isinstance(value, float)
+                else f"{label + ':':<{w}}{value}"
+            )
+    for key, title in (
+        ("ttft_ms", "Time to First Token"),
+        ("tpot_ms", "Time per Output Token (excl. 1st token)"),
+        ("itl_ms", "Inter-token Latency"),
+        ("e2el_ms", "End-to-end Latency"),
+        ("health_probe_ms", "GET /health latency under load"),
+    ):
         if key not in report:
             continue
         print(f"{'-' * 20} {title} {'-' * 20}")
@@ -383,6 +444,10 @@ def main(ns: argparse.Namespace) -> int:
     if ns.json:
         args = {k: v for k, v in vars(ns).items() if k not in ("func", "api_key")}
         with open(ns.json, "w") as f:
-            json.dump({"args": args, "results": report,
-                       "requests": [asdict(r) for r in results]}, f, indent=1, default=str)
+            json.dump(
+                {"args": args, "results": report, "requests": [asdict(r) for r in results]},
+                f,
+                indent=1,
+                default=str,
+            )
     return 0 if report["completed"] else 1

@@ -14,6 +14,7 @@ needed) the limit is memory bandwidth instead: the decode-only steps of the run 
 their bytes moved (weights + KV read) over time are printed as a fraction of the GPU's
 bandwidth, followed by the decode step of a lone request (batch 1); see ``bench/gpu.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,15 @@ LABEL_WIDTH = 21
 TOKEN_MARGIN = 100  # keep random ids this far from both ends of the vocab (special tokens)
 WARMUP_PROMPT_LEN = 16
 WARMUP_OUTPUT_LEN = 4
-FIRST_TOKENS = 8   # output ids per request compared between pagoda and vLLM
-SETTLE_S = 2.0     # idle time before each engine's round: vLLM's worker busy-waits ~1 s
+FIRST_TOKENS = 8  # output ids per request compared between pagoda and vLLM
+SETTLE_S = 2.0  # idle time before each engine's round: vLLM's worker busy-waits ~1 s
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
 class Workload:
     """Random prompts (token ids) and the exact number of tokens each must produce."""
+
     prompts: list[list[int]]
     output_lens: list[int]
 
@@ -59,7 +62,7 @@ class Workload:
         return Workload(self.prompts[:n], self.output_lens[:n])
 
 
-PagodaRound = tuple[float, list[list[int]]]   # (seconds, each request's first output ids)
+PagodaRound = tuple[float, list[list[int]]]  # (seconds, each request's first output ids)
 
 
 # ---------------------------------------------------------------------------------- arguments
@@ -67,36 +70,76 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     """The benchmark's own arguments (the CLI adds the engine's)."""
     g = parser.add_argument_group("workload")
     g.add_argument("--num-prompts", type=int, default=128)
-    g.add_argument("--input-len", default="64:512",
-                   help="prompt length: N, or LO:HI for uniform random in [LO, HI]")
-    g.add_argument("--output-len", default="64:256",
-                   help="output length: N, or LO:HI for uniform random in [LO, HI]")
+    g.add_argument(
+        "--input-len",
+        default="64:512",
+        help="prompt length: N, or LO:HI for uniform random in [LO, HI]",
+    )
+    g.add_argument(
+        "--output-len",
+        default="64:256",
+        help="output length: N, or LO:HI for uniform random in [LO, HI]",
+    )
     g.add_argument("--data-seed", type=int, default=0, help="seed of the random workload")
-    g.add_argument("--compare", choices=["hf", "vllm"], default=None,
-                   help="hf: also run transformers' generate on the same prompts; vllm: also "
-                        "run vLLM's CPU backend on them (its venv: bash "
-                        "scripts/peers/vllm_cpu.sh), rounds alternating with pagoda")
-    g.add_argument("--rounds", type=int, default=3,
-                   help="--compare vllm: timed rounds of each engine, alternating "
-                        "pagoda, vLLM, pagoda, ...")
-    g.add_argument("--vllm-venv", default=None, metavar="PATH",
-                   help="--compare vllm: the peer's venv (default $VLLM_VENV or .venv-vllm)")
-    g.add_argument("--vllm-dtype", default=None, metavar="DTYPE",
-                   help="--compare vllm: vLLM's dtype (default: pagoda's); e.g. bfloat16, "
-                        "what vLLM's CPU backend runs by default, against pagoda in float32")
-    g.add_argument("--vllm-enforce-eager", action="store_true",
-                   help="--compare vllm: skip vLLM's torch.compile of the model")
+    g.add_argument(
+        "--compare",
+        choices=["hf", "vllm"],
+        default=None,
+        help="hf: also run transformers' generate on the same prompts; vllm: also "
+        "run vLLM's CPU backend on them (its venv: bash "
+        "scripts/peers/vllm_cpu.sh), rounds alternating with pagoda",
+    )
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="--compare vllm: timed rounds of each engine, alternating pagoda, vLLM, pagoda, ...",
+    )
+    g.add_argument(
+        "--vllm-venv",
+        default=None,
+        metavar="PATH",
+        help="--compare vllm: the peer's venv (default $VLLM_VENV or .venv-vllm)",
+    )
+    g.add_argument(
+        "--vllm-dtype",
+        default=None,
+        metavar="DTYPE",
+        help="--compare vllm: vLLM's dtype (default: pagoda's); e.g. bfloat16, "
+        "what vLLM's CPU backend runs by default, against pagoda in float32",
+    )
+    g.add_argument(
+        "--vllm-enforce-eager",
+        action="store_true",
+        help="--compare vllm: skip vLLM's torch.compile of the model",
+    )
     g.add_argument("--hf-batch-size", type=int, default=16)
-    g.add_argument("--hf-num-prompts", type=int, default=None,
-                   help="run HF on the first N prompts only (default: all of them)")
+    g.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="run HF on the first N prompts only (default: all of them)",
+    )
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
-    g.add_argument("--gpu-bandwidth-tbs", type=float, default=None,
-                   help="CUDA: the GPU's memory bandwidth in TB/s (default: by device name, "
-                        "e.g. H100 SXM 3.35, H200 4.8)")
-    g.add_argument("--batch1-input-len", type=int, default=512,
-                   help="CUDA: prompt length of the lone request timed for batch-1 decode")
-    g.add_argument("--batch1-output-len", type=int, default=128,
-                   help="CUDA: its output length (0 skips the batch-1 measurement)")
+    g.add_argument(
+        "--gpu-bandwidth-tbs",
+        type=float,
+        default=None,
+        help="CUDA: the GPU's memory bandwidth in TB/s (default: by device name, "
+        "e.g. H100 SXM 3.35, H200 4.8)",
+    )
+    g.add_argument(
+        "--batch1-input-len",
+        type=int,
+        default=512,
+        help="CUDA: prompt length of the lone request timed for batch-1 decode",
+    )
+    g.add_argument(
+        "--batch1-output-len",
+        type=int,
+        default=128,
+        help="CUDA: its output length (0 skips the batch-1 measurement)",
+    )
 
 
 def parse_len_range(text: str, name: str) -> tuple[int, int]:
@@ -123,8 +166,9 @@ def _check_counts(ns: argparse.Namespace) -> None:
         raise ValueError(f"--hf-batch-size must be >= 1, got {ns.hf_batch_size}")
     n = ns.hf_num_prompts
     if n is not None and not 1 <= n <= ns.num_prompts:
-        raise ValueError(f"--hf-num-prompts must be in [1, --num-prompts={ns.num_prompts}], "
-                         f"got {n}")
+        raise ValueError(
+            f"--hf-num-prompts must be in [1, --num-prompts={ns.num_prompts}], got {n}"
+        )
     if getattr(ns, "rounds", 1) < 1:
         raise ValueError(f"--rounds must be >= 1, got {ns.rounds}")
 
@@ -136,8 +180,13 @@ def token_id_range(vocab_size: int) -> tuple[int, int]:
     return margin, vocab_size - margin
 
 
-def make_workload(num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int],
-                  vocab_size: int, seed: int) -> Workload:
+def make_workload(
+    num_prompts: int,
+    input_len: tuple[int, int],
+    output_len: tuple[int, int],
+    vocab_size: int,
+    seed: int,
+) -> Workload:
     """Deterministic in ``seed``: the same prompts for pagoda and for HF."""
     rng = random.Random(seed)
     lo, hi = token_id_range(vocab_size)
@@ -157,18 +206,22 @@ def _params(output_len: int) -> SamplingParams:
 def warm_up(llm: Any, vocab_size: int) -> None:
     """Two short untimed requests: first-call allocations and kernel choices."""
     lo, _ = token_id_range(vocab_size)
-    prompts = [[lo + i for i in range(WARMUP_PROMPT_LEN)],
-               [lo + 2 * i for i in range(WARMUP_PROMPT_LEN // 2)]]
+    prompts = [
+        [lo + i for i in range(WARMUP_PROMPT_LEN)],
+        [lo + 2 * i for i in range(WARMUP_PROMPT_LEN // 2)],
+    ]
     llm.generate(prompts, _params(WARMUP_OUTPUT_LEN), use_tqdm=False)
 
 
 def check_outputs(outputs: Sequence[Any], expected: Sequence[int]) -> None:
     """Every request must produce exactly its output length."""
-    for i, (out, want) in enumerate(zip(outputs, expected)):
+    for i, (out, want) in enumerate(zip(outputs, expected, strict=True)):
         got = len(out.outputs[0].token_ids)
         if got != want:
-            raise RuntimeError(f"request {i} produced {got} tokens, expected {want} "
-                               f"(finish_reason={out.outputs[0].finish_reason})")
+            raise RuntimeError(
+                f"request {i} produced {got} tokens, expected {want} "
+                f"(finish_reason={out.outputs[0].finish_reason})"
+            )
 
 
 def run_pagoda(llm: Any, work: Workload) -> float:
@@ -195,22 +248,34 @@ def rates(work: Workload, elapsed: float, output_tokens: Optional[int] = None) -
     """requests/s and tokens/s of a finished run."""
     prompt_tokens = sum(work.prompt_lens)
     out = sum(work.output_lens) if output_tokens is None else output_tokens
-    return {"elapsed_s": elapsed, "requests": len(work.prompts),
-            "prompt_tokens": prompt_tokens, "output_tokens": out,
-            "requests_per_s": len(work.prompts) / elapsed,
-            "output_tokens_per_s": out / elapsed,
-            "total_tokens_per_s": (prompt_tokens + out) / elapsed}
+    return {
+        "elapsed_s": elapsed,
+        "requests": len(work.prompts),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": out,
+        "requests_per_s": len(work.prompts) / elapsed,
+        "output_tokens_per_s": out / elapsed,
+        "total_tokens_per_s": (prompt_tokens + out) / elapsed,
+    }
 
 
-def efficiency(shape: flops.ModelShape, work: Workload, elapsed: float,
-               limit_flops_per_s: float, output_tokens_per_s: float) -> dict:
+def efficiency(
+    shape: flops.ModelShape,
+    work: Workload,
+    elapsed: float,
+    limit_flops_per_s: float,
+    output_tokens_per_s: float,
+) -> dict:
     """The workload's FLOPs, the FLOP/s achieved, and its fraction of the matmul limit."""
     total = flops.workload_flops(shape, work.prompt_lens, work.output_lens)
     achieved = total / elapsed
     fraction = achieved / limit_flops_per_s
-    return {"workload_flops": total, "achieved_flops_per_s": achieved,
-            "fraction_of_limit": fraction,
-            "limit_output_tokens_per_s": output_tokens_per_s / fraction}
+    return {
+        "workload_flops": total,
+        "achieved_flops_per_s": achieved,
+        "fraction_of_limit": fraction,
+        "limit_output_tokens_per_s": output_tokens_per_s / fraction,
+    }
 
 
 # ------------------------------------------------------------------------------------------ hf
@@ -228,8 +293,9 @@ def load_hf_model(path: str, dtype: torch.dtype) -> Any:
 
     if path.endswith(".gguf"):
         directory, name = os.path.split(os.path.abspath(path))
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype,
-                                                     **_dense_gguf_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, gguf_file=name, dtype=dtype, **_dense_gguf_kwargs()
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.eval()
@@ -263,21 +329,28 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p) :] = 1
     return ids, mask
 
 
-def hf_generate_batch(model: Any, prompts: Sequence[list[int]], new_tokens: int,
-                      pad_id: int) -> int:
+def hf_generate_batch(
+    model: Any, prompts: Sequence[list[int]], new_tokens: int, pad_id: int
+) -> int:
     """Greedy batched generate of exactly ``new_tokens`` per row; returns tokens generated."""
     ids, mask = left_pad(prompts, pad_id)
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             use_cache=True, pad_token_id=pad_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            use_cache=True,
+            pad_token_id=pad_id,
+        )
     made = out.shape[1] - ids.shape[1]
     if made != new_tokens:
         raise RuntimeError(f"HF generated {made} tokens per row, expected {new_tokens}")
@@ -290,23 +363,33 @@ def run_hf(model: Any, work: Workload, batch_size: int, pad_id: int) -> tuple[fl
     generated = 0
     start = time.perf_counter()
     for i in range(0, len(work.prompts), batch_size):
-        batch = work.prompts[i:i + batch_size]
-        generated += hf_generate_batch(model, batch, max(work.output_lens[i:i + batch_size]),
-                                       pad_id)
+        batch = work.prompts[i : i + batch_size]
+        generated += hf_generate_batch(
+            model, batch, max(work.output_lens[i : i + batch_size]), pad_id
+        )
     return time.perf_counter() - start, generated
 
 
 def _pad_id(tokenizer: Any, arch: Any) -> int:
-    for cand in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                 *arch.eos_token_ids):
+    for cand in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        *arch.eos_token_ids,
+    ):
         if cand is not None:
             return int(cand)
     return 0
 
 
-def compare_hf(ns: argparse.Namespace, work: Workload, dtype: torch.dtype, pad_id: int,
-               shape: flops.ModelShape, limit: Optional[float],
-               device: torch.device = torch.device("cpu")) -> dict:
+def compare_hf(
+    ns: argparse.Namespace,
+    work: Workload,
+    dtype: torch.dtype,
+    pad_id: int,
+    shape: flops.ModelShape,
+    limit: Optional[float],
+    device: torch.device = CPU,
+) -> dict:
     """Run transformers on a prefix of the workload and return its numbers."""
     n = ns.hf_num_prompts or len(work.prompts)
     sub = work.prefix(n)
@@ -320,9 +403,15 @@ def compare_hf(ns: argparse.Namespace, work: Workload, dtype: torch.dtype, pad_i
     result = rates(sub, elapsed)
     if limit is not None:
         result.update(efficiency(shape, sub, elapsed, limit, result["output_tokens_per_s"]))
-    result.update({"num_prompts": n, "of_num_prompts": len(work.prompts),
-                   "batch_size": ns.hf_batch_size, "generated_tokens": generated,
-                   "wasted_tokens": generated - result["output_tokens"]})
+    result.update(
+        {
+            "num_prompts": n,
+            "of_num_prompts": len(work.prompts),
+            "batch_size": ns.hf_batch_size,
+            "generated_tokens": generated,
+            "wasted_tokens": generated - result["output_tokens"],
+        }
+    )
     return result
 
 
@@ -337,8 +426,9 @@ def vllm_dtype(ns: argparse.Namespace, engine_dtype: torch.dtype) -> torch.dtype
     return DTYPES[name]
 
 
-def start_vllm(ns: argparse.Namespace, engine: Any, engine_args: Any, work: Workload,
-               dtype: torch.dtype) -> VllmPeer:
+def start_vllm(
+    ns: argparse.Namespace, engine: Any, engine_args: Any, work: Workload, dtype: torch.dtype
+) -> VllmPeer:
     """vLLM's CPU backend in its venv, on pagoda's weights (a GGUF converted once) and
     scheduler limits, loaded and warmed up; ValueError where it cannot compare."""
     if engine.device.type != "cpu":
@@ -346,23 +436,34 @@ def start_vllm(ns: argparse.Namespace, engine: Any, engine_args: Any, work: Work
     if getattr(ns, "load_format", "auto") == "dummy":
         raise ValueError("--compare vllm needs the model's weights (not --load-format dummy)")
     options = vllm_peer.VllmOptions(
-        model=vllm_peer.hf_model_dir(hf_model_path(ns.model), dtype), dtype=dtype_name(dtype),
-        max_model_len=engine.max_model_len, max_num_seqs=engine_args.max_num_seqs,
+        model=vllm_peer.hf_model_dir(hf_model_path(ns.model), dtype),
+        dtype=dtype_name(dtype),
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine_args.max_num_seqs,
         max_num_batched_tokens=engine.scheduler.config.max_num_batched_tokens,
         enable_prefix_caching=engine_args.enable_prefix_caching,
-        enforce_eager=ns.vllm_enforce_eager, seed=engine_args.seed)
-    warmup = {"prompt_len": WARMUP_PROMPT_LEN, "output_len": WARMUP_OUTPUT_LEN,
-              "first_id": token_id_range(engine.arch.vocab_size)[0]}
+        enforce_eager=ns.vllm_enforce_eager,
+        seed=engine_args.seed,
+    )
+    warmup = {
+        "prompt_len": WARMUP_PROMPT_LEN,
+        "output_len": WARMUP_OUTPUT_LEN,
+        "first_id": token_id_range(engine.arch.vocab_size)[0],
+    }
     peer = VllmPeer(options, work.prompts, work.output_lens, warmup, ns.vllm_venv)
-    print(f"== starting vLLM ({peer.command[0]}; the first start compiles for minutes; "
-          f"log: {peer.log_path}) ==", flush=True)
+    print(
+        f"== starting vLLM ({peer.command[0]}; the first start compiles for minutes; "
+        f"log: {peer.log_path}) ==",
+        flush=True,
+    )
     peer.start()
     time.sleep(SETTLE_S)
     return peer
 
 
-def alternate_rounds(llm: Any, peer: VllmPeer, work: Workload, rounds: int,
-                     first: PagodaRound) -> tuple[list[PagodaRound], list[VllmRound]]:
+def alternate_rounds(
+    llm: Any, peer: VllmPeer, work: Workload, rounds: int, first: PagodaRound
+) -> tuple[list[PagodaRound], list[VllmRound]]:
     """``first`` is pagoda's round 1; then vLLM, pagoda, vLLM, ... (``rounds`` each), every
     round on a cold prefix cache, after ``SETTLE_S`` with both engines idle."""
     ours: list[PagodaRound] = [first]
@@ -375,10 +476,14 @@ def alternate_rounds(llm: Any, peer: VllmPeer, work: Workload, rounds: int,
         time.sleep(SETTLE_S)
         theirs.append(peer.run_round())
         check_vllm_round(theirs[-1], work)
-        print(row(f"round {i + 1} output tok/s",
-                  f"pagoda {rates(work, ours[-1][0])['output_tokens_per_s']:.1f}, "
-                  f"vLLM {rates(work, theirs[-1].elapsed_s)['output_tokens_per_s']:.1f}"),
-              flush=True)
+        print(
+            row(
+                f"round {i + 1} output tok/s",
+                f"pagoda {rates(work, ours[-1][0])['output_tokens_per_s']:.1f}, "
+                f"vLLM {rates(work, theirs[-1].elapsed_s)['output_tokens_per_s']:.1f}",
+            ),
+            flush=True,
+        )
     return ours, theirs
 
 
@@ -390,30 +495,42 @@ def check_vllm_round(r: VllmRound, work: Workload) -> None:
 def agreement(ours: Sequence[list[int]], theirs: Sequence[list[int]]) -> dict:
     """How many requests start with the same output ids in both engines (greedy, same
     weights: most should; float rounding can flip a near tie)."""
-    same_first = sum(1 for a, b in zip(ours, theirs) if a[:1] == b[:1])
-    same_all = sum(1 for a, b in zip(ours, theirs) if a == b[:len(a)])
-    return {"requests": len(ours), "compared_ids": FIRST_TOKENS,
-            "same_first_id": same_first, "same_first_ids": same_all}
+    same_first = sum(1 for a, b in zip(ours, theirs, strict=True) if a[:1] == b[:1])
+    same_all = sum(1 for a, b in zip(ours, theirs, strict=True) if a == b[: len(a)])
+    return {
+        "requests": len(ours),
+        "compared_ids": FIRST_TOKENS,
+        "same_first_id": same_first,
+        "same_first_ids": same_all,
+    }
 
 
-def summarize_vllm(work: Workload, peer: VllmPeer, ours: list[PagodaRound],
-                   theirs: list[VllmRound]) -> dict:
+def summarize_vllm(
+    work: Workload, peer: VllmPeer, ours: list[PagodaRound], theirs: list[VllmRound]
+) -> dict:
     """Per-round rates of both engines, their medians and the ratio pagoda / vLLM."""
     pagoda_rounds = [rates(work, elapsed) for elapsed, _ in ours]
     vllm_rounds = [rates(work, r.elapsed_s, sum(r.output_token_counts)) for r in theirs]
     p_med = statistics.median(r["output_tokens_per_s"] for r in pagoda_rounds)
     v_med = statistics.median(r["output_tokens_per_s"] for r in vllm_rounds)
-    return {"rounds": len(theirs), "order": "pagoda, vllm, pagoda, vllm, ...",
-            "options": dataclasses.asdict(peer.options), "peer": peer.ready,
-            "pagoda_rounds": pagoda_rounds, "vllm_rounds": vllm_rounds,
-            "pagoda_median_output_tokens_per_s": p_med,
-            "vllm_median_output_tokens_per_s": v_med, "pagoda_over_vllm": p_med / v_med,
-            "agreement": agreement(ours[0][1], theirs[0].first_token_ids),
-            "load_average_after": os.getloadavg()[0]}
+    return {
+        "rounds": len(theirs),
+        "order": "pagoda, vllm, pagoda, vllm, ...",
+        "options": dataclasses.asdict(peer.options),
+        "peer": peer.ready,
+        "pagoda_rounds": pagoda_rounds,
+        "vllm_rounds": vllm_rounds,
+        "pagoda_median_output_tokens_per_s": p_med,
+        "vllm_median_output_tokens_per_s": v_med,
+        "pagoda_over_vllm": p_med / v_med,
+        "agreement": agreement(ours[0][1], theirs[0].first_token_ids),
+        "load_average_after": os.getloadavg()[0],
+    }
 
 
-def compare_vllm(ns: argparse.Namespace, llm: Any, work: Workload, peer: VllmPeer,
-                 first: PagodaRound) -> dict:
+def compare_vllm(
+    ns: argparse.Namespace, llm: Any, work: Workload, peer: VllmPeer, first: PagodaRound
+) -> dict:
     """The alternating rounds (pagoda's first one already run) and their summary."""
     try:
         ours, theirs = alternate_rounds(llm, peer, work, ns.rounds, first)
@@ -437,15 +554,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def measure_limits(arch: Any, engine_args: Any, engine_dtype: torch.dtype) -> dict:
     """Matmul FLOP/s in bf16, fp32 and the engine's dtype, for the square and model shapes."""
-    shapes = flops.model_matmul_shapes(arch, engine_args.token_budget,
-                                       engine_args.max_num_seqs)
+    shapes = flops.model_matmul_shapes(arch, engine_args.token_budget, engine_args.max_num_seqs)
     out = {}
     for dtype in dict.fromkeys([torch.bfloat16, torch.float32, engine_dtype]):
         results = flops.measure(dtype, shapes)
         top = flops.best(results)
         out[dtype_name(dtype)] = {
-            "best_flops_per_s": top.flops_per_s, "best_shape": top.label,
-            "shapes": {r.label: r.flops_per_s for r in results}}
+            "best_flops_per_s": top.flops_per_s,
+            "best_shape": top.label,
+            "shapes": {r.label: r.flops_per_s for r in results},
+        }
     return out
 
 
@@ -455,16 +573,22 @@ def print_machine(info: dict) -> None:
     print(row("load average (1 min)", f"{info['load_average'][0]:.2f} at start"))
 
 
-def print_limits(limits: dict, engine_dtype: torch.dtype,
-                 read_bytes_per_s: Optional[float] = None) -> None:
+def print_limits(
+    limits: dict, engine_dtype: torch.dtype, read_bytes_per_s: Optional[float] = None
+) -> None:
     print("== matmul FLOP/s (torch, best of shapes) ==")
     for name, m in limits.items():
-        print(row(f"{name} GFLOP/s", f"{m['best_flops_per_s'] / 1e9:.1f}  "
-                                     f"(best shape {m['best_shape']})"))
+        print(
+            row(
+                f"{name} GFLOP/s",
+                f"{m['best_flops_per_s'] / 1e9:.1f}  (best shape {m['best_shape']})",
+            )
+        )
     print(row("limit dtype", dtype_name(engine_dtype)))
     if read_bytes_per_s is not None:
-        print(row("memory read GB/s", f"{read_bytes_per_s / 1e9:.1f}  "
-                                      "(sum of a 1 GiB fp32 buffer)"))
+        print(
+            row("memory read GB/s", f"{read_bytes_per_s / 1e9:.1f}  (sum of a 1 GiB fp32 buffer)")
+        )
 
 
 def print_phases(p: dict) -> None:
@@ -472,14 +596,24 @@ def print_phases(p: dict) -> None:
     print("== phases of the run, each against its own limit ==")
     if p.get("prefill_steps"):
         print(row("prefill steps / s", f"{p['prefill_steps']} / {p['prefill_s']:.2f}"))
-        print(row("prefill GFLOP/s", f"{p['prefill_flops_per_s'] / 1e9:.1f}  "
-                                     f"({100 * p['prefill_fraction_of_limit']:.1f} % of the "
-                                     "matmul limit)"))
+        print(
+            row(
+                "prefill GFLOP/s",
+                f"{p['prefill_flops_per_s'] / 1e9:.1f}  "
+                f"({100 * p['prefill_fraction_of_limit']:.1f} % of the "
+                "matmul limit)",
+            )
+        )
     if p.get("decode_steps"):
         print(row("decode steps / s", f"{p['decode_steps']} / {p['decode_s']:.2f}"))
-        print(row("decode GB/s", f"{p['decode_bytes_per_s'] / 1e9:.1f}  "
-                                 f"({100 * p['decode_fraction_of_limit']:.1f} % of memory read "
-                                 "bandwidth; weights + KV per step)"))
+        print(
+            row(
+                "decode GB/s",
+                f"{p['decode_bytes_per_s'] / 1e9:.1f}  "
+                f"({100 * p['decode_fraction_of_limit']:.1f} % of memory read "
+                "bandwidth; weights + KV per step)",
+            )
+        )
 
 
 def print_workload(ns: argparse.Namespace, work: Workload) -> None:
@@ -496,7 +630,7 @@ def print_run(title: str, r: dict) -> None:
     print(row("requests/s", r["requests_per_s"]))
     print(row("output tokens/s", r["output_tokens_per_s"]))
     print(row("total tokens/s", r["total_tokens_per_s"]))
-    if "workload_flops" not in r:   # GPU: the limit is bandwidth (print_decode)
+    if "workload_flops" not in r:  # GPU: the limit is bandwidth (print_decode)
         return
     print(row("workload GFLOP", r["workload_flops"] / 1e9))
     print(row("achieved GFLOP/s", r["achieved_flops_per_s"] / 1e9))
@@ -505,30 +639,42 @@ def print_run(title: str, r: dict) -> None:
 
 
 def print_hf(hf: dict, pagoda_rate: float) -> None:
-    print_run(f"transformers (first {hf['num_prompts']} of {hf['of_num_prompts']} prompts, "
-              f"batch {hf['batch_size']})", hf)
+    print_run(
+        f"transformers (first {hf['num_prompts']} of {hf['of_num_prompts']} prompts, "
+        f"batch {hf['batch_size']})",
+        hf,
+    )
     print(row("useful output tokens", hf["output_tokens"]))
-    print(row("generated tokens", f"{hf['generated_tokens']} (incl. {hf['wasted_tokens']} "
-                                  "past a row's length)"))
+    print(
+        row(
+            "generated tokens",
+            f"{hf['generated_tokens']} (incl. {hf['wasted_tokens']} past a row's length)",
+        )
+    )
     print(row("peak RSS MiB (all)", hf["peak_rss_mib_after"]))
     print(row("load average after", hf["load_average_after"]))
-    print(row("pagoda / HF", f"{pagoda_rate / hf['output_tokens_per_s']:.2f}x "
-                             "(output tokens/s)"))
+    print(row("pagoda / HF", f"{pagoda_rate / hf['output_tokens_per_s']:.2f}x (output tokens/s)"))
 
 
 def print_vllm(v: dict) -> None:
     peer, agree = v["peer"], v["agreement"]
-    print(f"== vLLM CPU {peer.get('vllm_version')} ({v['options']['dtype']}, "
-          f"{v['rounds']} rounds alternating with pagoda) ==")
-    print(row("load s / warm-up s", f"{peer.get('load_s', 0):.1f} / "
-                                    f"{peer.get('warmup_s', 0):.1f}"))
+    print(
+        f"== vLLM CPU {peer.get('vllm_version')} ({v['options']['dtype']}, "
+        f"{v['rounds']} rounds alternating with pagoda) =="
+    )
+    print(row("load s / warm-up s", f"{peer.get('load_s', 0):.1f} / {peer.get('warmup_s', 0):.1f}"))
     print(row("pagoda tok/s, rounds", _rounds_text(v["pagoda_rounds"])))
     print(row("vLLM tok/s, rounds", _rounds_text(v["vllm_rounds"])))
     print(row("pagoda median tok/s", v["pagoda_median_output_tokens_per_s"]))
     print(row("vLLM median tok/s", v["vllm_median_output_tokens_per_s"]))
-    print(row("first ids agree", f"{agree['same_first_ids']}/{agree['requests']} requests "
-                                 f"(first {agree['compared_ids']}), "
-                                 f"{agree['same_first_id']}/{agree['requests']} (first one)"))
+    print(
+        row(
+            "first ids agree",
+            f"{agree['same_first_ids']}/{agree['requests']} requests "
+            f"(first {agree['compared_ids']}), "
+            f"{agree['same_first_id']}/{agree['requests']} (first one)",
+        )
+    )
     print(row("pagoda / vLLM", f"{v['pagoda_over_vllm']:.2f}x (medians of output tokens/s)"))
 
 
@@ -538,8 +684,13 @@ def _rounds_text(rounds: Sequence[dict]) -> str:
 
 def print_gpu(info: dict, bandwidth_tbs: Optional[float]) -> None:
     print("== gpu ==")
-    print(row("device", f"{info['name']} ({info['sm_count']} SMs, "
-                        f"{info['memory_gib']:.0f} GiB, sm_{info['capability']})"))
+    print(
+        row(
+            "device",
+            f"{info['name']} ({info['sm_count']} SMs, "
+            f"{info['memory_gib']:.0f} GiB, sm_{info['capability']})",
+        )
+    )
     bw = f"{bandwidth_tbs:.2f} TB/s" if bandwidth_tbs else "unknown (--gpu-bandwidth-tbs)"
     print(row("memory bandwidth", bw))
 
@@ -556,16 +707,26 @@ def print_decode(title: str, d: dict) -> None:
     print(row("median GB/s", d["median_bytes_per_s"] / 1e9))
     print(row("aggregate GB/s", d["aggregate_bytes_per_s"] / 1e9))
     if "median_fraction_of_bandwidth" in d:
-        print(row("fraction of bandwidth", f"{100 * d['median_fraction_of_bandwidth']:.1f} % "
-                  f"(median step), {100 * d['aggregate_fraction_of_bandwidth']:.1f} % "
-                  "(all steps)"))
+        print(
+            row(
+                "fraction of bandwidth",
+                f"{100 * d['median_fraction_of_bandwidth']:.1f} % "
+                f"(median step), {100 * d['aggregate_fraction_of_bandwidth']:.1f} % "
+                "(all steps)",
+            )
+        )
 
 
 def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "load_average": list(os.getloadavg())}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def write_json(path: str, report: dict) -> None:
@@ -583,7 +744,7 @@ def main(ns: argparse.Namespace) -> int:
     input_len = parse_len_range(ns.input_len, "--input-len")
     output_len = parse_len_range(ns.output_len, "--output-len")
     _check_counts(ns)
-    if ns.compare == "vllm":   # before loading anything: a missing venv fails at once
+    if ns.compare == "vllm":  # before loading anything: a missing venv fails at once
         vllm_peer.peer_command(vllm_peer.venv_path(ns.vllm_venv))
     engine_args = engine_args_from(ns)
     llm = LLM(**vars(engine_args))
@@ -627,12 +788,21 @@ def main(ns: argparse.Namespace) -> int:
             with gpu.DecodeStepMonitor(engine.runner) as monitor:
                 elapsed = run_pagoda(llm, work)
             decode = gpu.summarize(monitor.steps, arch, dtype, bandwidth)
-            del monitor   # it holds the runner (and its KV cache): free both before HF
+            del monitor  # it holds the runner (and its KV cache): free both before HF
         else:
+            assert limit is not None and read_bw is not None  # measured above, off the GPU
             with phases.StepMonitor(engine.runner, shape) as steps:
                 elapsed, first_ids = timed_pagoda(llm, work)
-            phase = phases.summarize(steps.steps, arch, dtype, engine.kv_dtype, shape, limit,
-                                     read_bw, engine.runner.int4_max_rows)
+            phase = phases.summarize(
+                steps.steps,
+                arch,
+                dtype,
+                engine.kv_dtype,
+                shape,
+                limit,
+                read_bw,
+                engine.runner.int4_max_rows,
+            )
     except RuntimeError as e:
         print(f"pagoda: error: {e}", file=sys.stderr)
         if peer is not None:
@@ -646,8 +816,12 @@ def main(ns: argparse.Namespace) -> int:
     print_run(f"pagoda ({engine.model_name}, {dtype_name(dtype)})", result)
     print(row("peak RSS MiB", result["peak_rss_mib"]))
     print(row("load average after", result["load_average_after"]))
-    print(row("scheduling", "async (one step ahead)" if engine.async_scheduling
-              else "synchronous steps"))
+    print(
+        row(
+            "scheduling",
+            "async (one step ahead)" if engine.async_scheduling else "synchronous steps",
+        )
+    )
     if phase is not None:
         result["phases"] = phase
         print_phases(phase)
@@ -657,21 +831,33 @@ def main(ns: argparse.Namespace) -> int:
         print_decode("decode steps of the run (weights + KV read over time)", decode or {})
         batch1 = _batch1(ns, llm, arch, dtype, bandwidth)
 
-    report = {"command": list(sys.argv), "machine": machine,
-              "engine_args": dataclasses.asdict(engine_args), "dtype": dtype_name(dtype),
-              "model": engine.model_name, "max_model_len": engine.max_model_len,
-              "num_kv_blocks": engine.num_blocks,
-              "workload": {"num_prompts": ns.num_prompts, "input_len": list(input_len),
-                           "output_len": list(output_len), "data_seed": ns.data_seed,
-                           "prompt_tokens": sum(work.prompt_lens),
-                           "output_tokens": sum(work.output_lens)},
-              "matmul": limits, "limit_flops_per_s": limit,
-              "memory_read_bytes_per_s": read_bw, "pagoda": result, "hf": None,
-              "vllm": None,
-              "batch1_decode": batch1,
-              "attention_backend": _backend_name(engine.device),
-              "cuda_graph_sizes": getattr(engine.runner, "cuda_graph_sizes", []),
-              "async_scheduling": engine.async_scheduling}
+    report = {
+        "command": list(sys.argv),
+        "machine": machine,
+        "engine_args": dataclasses.asdict(engine_args),
+        "dtype": dtype_name(dtype),
+        "model": engine.model_name,
+        "max_model_len": engine.max_model_len,
+        "num_kv_blocks": engine.num_blocks,
+        "workload": {
+            "num_prompts": ns.num_prompts,
+            "input_len": list(input_len),
+            "output_len": list(output_len),
+            "data_seed": ns.data_seed,
+            "prompt_tokens": sum(work.prompt_lens),
+            "output_tokens": sum(work.output_lens),
+        },
+        "matmul": limits,
+        "limit_flops_per_s": limit,
+        "memory_read_bytes_per_s": read_bw,
+        "pagoda": result,
+        "hf": None,
+        "vllm": None,
+        "batch1_decode": batch1,
+        "attention_backend": _backend_name(engine.device),
+        "cuda_graph_sizes": getattr(engine.runner, "cuda_graph_sizes", []),
+        "async_scheduling": engine.async_scheduling,
+    }
 
     if ns.compare == "hf":
         pad_id = _pad_id(llm.tokenizer, arch)
@@ -679,7 +865,7 @@ def main(ns: argparse.Namespace) -> int:
         del llm, engine
         gc.collect()
         if engine_device.type == "cuda":
-            torch.cuda.empty_cache()   # the KV pool and the CUDA graphs' memory, for HF
+            torch.cuda.empty_cache()  # the KV pool and the CUDA graphs' memory, for HF
         try:
             hf = compare_hf(ns, work, dtype, pad_id, shape, limit, engine_device)
         except RuntimeError as e:
@@ -693,7 +879,7 @@ def main(ns: argparse.Namespace) -> int:
     if peer is not None:
         try:
             report["vllm"] = compare_vllm(ns, llm, work, peer, (elapsed, first_ids))
-        except RuntimeError as e:   # VllmPeerError too
+        except RuntimeError as e:  # VllmPeerError too
             print(f"pagoda: error: {e}", file=sys.stderr)
             return 1
 
@@ -703,8 +889,9 @@ def main(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _batch1(ns: argparse.Namespace, llm: Any, arch: Any, dtype: torch.dtype,
-            bandwidth: Optional[float]) -> Optional[dict]:
+def _batch1(
+    ns: argparse.Namespace, llm: Any, arch: Any, dtype: torch.dtype, bandwidth: Optional[float]
+) -> Optional[dict]:
     """The decode step of one request alone (CUDA): ``--batch1-input-len`` prompt tokens,
     ``--batch1-output-len`` outputs."""
     if ns.batch1_output_len < 1:
@@ -716,8 +903,10 @@ def _batch1(ns: argparse.Namespace, llm: Any, arch: Any, dtype: torch.dtype,
     prompt = [rng.randrange(lo, hi) for _ in range(ns.batch1_input_len)]
     steps = gpu.batch1_decode(llm, prompt, ns.batch1_output_len, _params(ns.batch1_output_len))
     summary = gpu.summarize(steps, arch, dtype, bandwidth)
-    print_decode(f"batch-1 decode ({ns.batch1_input_len} prompt + {ns.batch1_output_len} "
-                 "output tokens)", summary)
+    print_decode(
+        f"batch-1 decode ({ns.batch1_input_len} prompt + {ns.batch1_output_len} output tokens)",
+        summary,
+    )
     return summary
 
 

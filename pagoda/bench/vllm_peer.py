@@ -11,6 +11,7 @@ vLLM needs a Hugging Face directory; a GGUF (pagoda's bundled model is one) is c
 with transformers, dequantized to the engine's dtype, and cached under
 ``~/.cache/pagoda/hf-from-gguf/`` (``$PAGODA_CACHE_DIR`` moves it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,7 @@ SETUP_COMMAND = "bash scripts/peers/vllm_cpu.sh"
 RUNNER = Path(__file__).resolve().with_name("vllm_runner.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = ".venv-vllm"
-READY_TIMEOUT_S = 3600.0   # the first start compiles the model for minutes
+READY_TIMEOUT_S = 3600.0  # the first start compiles the model for minutes
 ROUND_TIMEOUT_S = 3600.0
 CONVERTED_MARK = "pagoda-converted.json"
 LOG_TAIL_CHARS = 3000
@@ -56,8 +57,10 @@ def peer_command(venv: Path) -> list[str]:
     """The command that runs the runner in the venv; FileNotFoundError if it is missing."""
     env_script, python = venv / "bin" / "vllm-env", venv / "bin" / "python"
     if not (os.access(env_script, os.X_OK) and os.access(python, os.X_OK)):
-        raise FileNotFoundError(f"no vLLM CPU peer venv at {venv} (no bin/vllm-env): run "
-                            f"`{SETUP_COMMAND}` from the repository root first")
+        raise FileNotFoundError(
+            f"no vLLM CPU peer venv at {venv} (no bin/vllm-env): run "
+            f"`{SETUP_COMMAND}` from the repository root first"
+        )
     return [str(env_script), str(python), str(RUNNER)]
 
 
@@ -85,8 +88,9 @@ def hf_model_dir(model_path: str, dtype: torch.dtype) -> str:
     if os.path.isdir(model_path):
         return model_path
     if not model_path.endswith(".gguf"):
-        raise ValueError(f"vLLM peer: expected a model directory or a .gguf file, got "
-                         f"{model_path!r}")
+        raise ValueError(
+            f"vLLM peer: expected a model directory or a .gguf file, got {model_path!r}"
+        )
     dtype_name = str(dtype).removeprefix("torch.")
     target = cache_root() / f"{file_digest(model_path)[:16]}-{dtype_name}"
     if not (target / CONVERTED_MARK).is_file():
@@ -121,6 +125,7 @@ def convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
 @dataclass(frozen=True)
 class VllmRound:
     """One timed run of the workload in the child."""
+
     elapsed_s: float
     output_token_counts: list[int]
     first_token_ids: list[list[int]]
@@ -129,6 +134,7 @@ class VllmRound:
 @dataclass(frozen=True)
 class VllmOptions:
     """What the child's ``vllm.LLM`` gets (the engine's settings, mirrored from pagoda's)."""
+
     model: str
     dtype: str
     max_model_len: int
@@ -139,11 +145,16 @@ class VllmOptions:
     seed: int = 0
 
     def llm_kwargs(self) -> dict:
-        return {"model": self.model, "dtype": self.dtype,
-                "max_model_len": self.max_model_len, "max_num_seqs": self.max_num_seqs,
-                "max_num_batched_tokens": self.max_num_batched_tokens,
-                "enable_prefix_caching": self.enable_prefix_caching,
-                "enforce_eager": self.enforce_eager, "seed": self.seed}
+        return {
+            "model": self.model,
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "enforce_eager": self.enforce_eager,
+            "seed": self.seed,
+        }
 
 
 def parse_message(line: str) -> Optional[dict]:
@@ -158,14 +169,24 @@ def parse_message(line: str) -> Optional[dict]:
 class VllmPeer:
     """The persistent vLLM child: ``start()`` (or ``with``), ``run_round()``, ``close()``."""
 
-    def __init__(self, options: VllmOptions, prompts: Sequence[list[int]],
-                 output_lens: Sequence[int], warmup: dict, venv: Optional[str] = None):
+    def __init__(
+        self,
+        options: VllmOptions,
+        prompts: Sequence[list[int]],
+        output_lens: Sequence[int],
+        warmup: dict,
+        venv: Optional[str] = None,
+    ):
         self.options = options
         self.command = peer_command(venv_path(venv))
         self.workdir = Path(tempfile.mkdtemp(prefix="pagoda-vllm-"))
-        self.log_path = pagoda_cache() / "vllm-peer.log"   # the last run's, kept
-        self.job = {"llm": options.llm_kwargs(), "prompts": [list(p) for p in prompts],
-                    "output_lens": [int(n) for n in output_lens], "warmup": warmup}
+        self.log_path = pagoda_cache() / "vllm-peer.log"  # the last run's, kept
+        self.job = {
+            "llm": options.llm_kwargs(),
+            "prompts": [list(p) for p in prompts],
+            "output_lens": [int(n) for n in output_lens],
+            "warmup": warmup,
+        }
         self.proc: Optional[subprocess.Popen] = None
         self.lines: queue.Queue[Optional[str]] = queue.Queue()
         self.ready: dict = {}
@@ -183,9 +204,16 @@ class VllmPeer:
         job_path.write_text(json.dumps(self.job))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.command + [str(job_path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
-                                     cwd=self.workdir, env={**os.environ, **CHILD_ENV})
+        self.proc = subprocess.Popen(
+            self.command + [str(job_path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            bufsize=1,
+            cwd=self.workdir,
+            env={**os.environ, **CHILD_ENV},
+        )
         log.close()
         threading.Thread(target=self._read_lines, daemon=True).start()
         self.ready = self._receive("ready", READY_TIMEOUT_S)
@@ -195,8 +223,11 @@ class VllmPeer:
         """One timed run of the whole workload in the child."""
         self._send({"cmd": "run"})
         reply = self._receive("result", ROUND_TIMEOUT_S)
-        return VllmRound(float(reply["elapsed_s"]), list(reply["output_token_counts"]),
-                         [list(ids) for ids in reply["first_token_ids"]])
+        return VllmRound(
+            float(reply["elapsed_s"]),
+            list(reply["output_token_counts"]),
+            [list(ids) for ids in reply["first_token_ids"]],
+        )
 
     def close(self) -> None:
         proc, self.proc = self.proc, None
@@ -220,16 +251,17 @@ class VllmPeer:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.put(line)
-        self.lines.put(None)   # the child closed its stdout: it has exited
+        self.lines.put(None)  # the child closed its stdout: it has exited
 
     def _send(self, message: dict) -> None:
         if self.proc is None:
             raise VllmPeerError("the vLLM peer is not running")
         try:
             self._send_to(self.proc, message)
-        except OSError as e:   # a broken pipe: the child has gone
-            raise VllmPeerError(f"vLLM peer: cannot send {message}: {e}"
-                                + self._log_tail()) from None
+        except OSError as e:  # a broken pipe: the child has gone
+            raise VllmPeerError(
+                f"vLLM peer: cannot send {message}: {e}" + self._log_tail()
+            ) from None
 
     @staticmethod
     def _send_to(proc: subprocess.Popen, message: dict) -> None:
@@ -244,18 +276,19 @@ class VllmPeer:
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise VllmPeerError(f"vLLM peer: no {event!r} after {timeout:.0f} s"
-                                    + self._log_tail()) from None
+                raise VllmPeerError(
+                    f"vLLM peer: no {event!r} after {timeout:.0f} s" + self._log_tail()
+                ) from None
             if line is None:
                 code = self.proc.wait() if self.proc is not None else None
-                raise VllmPeerError(f"vLLM peer exited (status {code}) before {event!r}"
-                                    + self._log_tail())
+                raise VllmPeerError(
+                    f"vLLM peer exited (status {code}) before {event!r}" + self._log_tail()
+                )
             reply = parse_message(line)
             if reply is None:
-                continue   # not the protocol's (nothing else should write there)
+                continue  # not the protocol's (nothing else should write there)
             if reply.get("event") != event:
-                raise VllmPeerError(f"vLLM peer: {reply.get('message', reply)}"
-                                    + self._log_tail())
+                raise VllmPeerError(f"vLLM peer: {reply.get('message', reply)}" + self._log_tail())
             return reply
 
     def _log_tail(self) -> str:

@@ -18,6 +18,7 @@ line: it says ``{"event": "ready", ...}`` on stdout, then answers each command r
 Any failure is ``{"event": "error", "message": ..}``. Everything vLLM prints goes to stderr:
 stdout carries the protocol alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ import time
 import traceback
 from typing import Any, Callable, TextIO
 
-FIRST_TOKENS = 8   # output token ids returned per prompt, to compare engines with
+FIRST_TOKENS = 8  # output token ids returned per prompt, to compare engines with
 
 
 def protocol_stream() -> TextIO:
@@ -55,8 +56,10 @@ def make_requests(prompts: list[list[int]], output_lens: list[int]) -> tuple[lis
     from vllm.inputs import TokensPrompt
 
     inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n, min_tokens=n)
-              for n in output_lens]
+    params = [
+        SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n, min_tokens=n)
+        for n in output_lens
+    ]
     return inputs, params
 
 
@@ -69,11 +72,13 @@ def generate(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> dict
     if len(outputs) != len(prompts):
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
     counts, firsts = [], []
-    for i, (out, want) in enumerate(zip(outputs, output_lens)):
+    for i, (out, want) in enumerate(zip(outputs, output_lens, strict=True)):
         ids = list(out.outputs[0].token_ids)
         if len(ids) != want:
-            raise RuntimeError(f"vLLM: request {i} produced {len(ids)} tokens, expected {want} "
-                               f"(finish_reason={out.outputs[0].finish_reason})")
+            raise RuntimeError(
+                f"vLLM: request {i} produced {len(ids)} tokens, expected {want} "
+                f"(finish_reason={out.outputs[0].finish_reason})"
+            )
         counts.append(len(ids))
         firsts.append(ids[:FIRST_TOKENS])
     return {"elapsed_s": elapsed, "output_token_counts": counts, "first_token_ids": firsts}
@@ -98,12 +103,18 @@ def ready_message(llm: Any, load_s: float, warmup_s: float) -> dict:
     import torch
     import vllm
 
-    return {"event": "ready", "vllm_version": getattr(vllm, "__version__", "unknown"),
-            "torch_version": torch.__version__, "load_s": load_s, "warmup_s": warmup_s,
-            "avx512": bool(torch.cpu._is_avx512_supported()),
-            "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
-            "amx": bool(torch.cpu._is_amx_tile_supported()),
-            "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+    return {
+        "event": "ready",
+        "vllm_version": getattr(vllm, "__version__", "unknown"),
+        "torch_version": torch.__version__,
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "avx512": bool(torch.cpu._is_avx512_supported()),
+        "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+        "amx": bool(torch.cpu._is_amx_tile_supported()),
+        "torch_threads": torch.get_num_threads(),
+        "pid": os.getpid(),
+    }
 
 
 def serve(llm: Any, job: dict, inp: TextIO, out: TextIO) -> None:
@@ -124,9 +135,15 @@ def serve(llm: Any, job: dict, inp: TextIO, out: TextIO) -> None:
             continue
         try:
             send(out, handler())
-        except Exception as e:   # report it, keep serving: the parent decides
-            send(out, {"event": "error", "message": f"{type(e).__name__}: {e}",
-                       "traceback": traceback.format_exc()})
+        except Exception as e:  # report it, keep serving: the parent decides
+            send(
+                out,
+                {
+                    "event": "error",
+                    "message": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc(),
+                },
+            )
 
 
 def run_round(llm: Any, job: dict) -> dict:

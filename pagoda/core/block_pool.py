@@ -8,6 +8,7 @@ Invariants: every block is either free (ref count 0, on the free list) or used (
 number of holders, off the free list); free + used == total; a hash maps to exactly one
 block, and that block carries the hash.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -28,7 +29,7 @@ class BlockPool:
         # hit take a block out of the middle in O(1).
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.block_hash: list[Optional[BlockHash]] = [None] * num_blocks
-        self.cached: dict[BlockHash, int] = {}   # hash -> the one block holding that KV
+        self.cached: dict[BlockHash, int] = {}  # hash -> the one block holding that KV
         self.num_evictions = 0
 
     @property

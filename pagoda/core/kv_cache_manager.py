@@ -7,6 +7,7 @@ Invariant: a request holds exactly ``ceil(tokens it has scheduled / block_size)`
 and with prefix caching on, every full block it has scheduled is named by its chain hash
 (unless another block already holds that name).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -17,10 +18,14 @@ from pagoda.request import Request
 from pagoda.utils import cdiv
 
 
-
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
-                 model_key: str = "") -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = False,
+        model_key: str = "",
+    ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
@@ -58,12 +63,16 @@ class KVCacheManager:
         donor has computed of their common prompt (never the last prompt token's block)."""
         computed = min(request.num_prompt_tokens, donor.num_computed_tokens)
         num_full = min(computed // self.block_size, (request.num_tokens - 1) // self.block_size)
-        return self.block_ids(donor.request_id)[:max(num_full, 0)]
+        return self.block_ids(donor.request_id)[: max(num_full, 0)]
 
     # -------------------------------------------------------------- allocation
-    def allocate_slots(self, request: Request, num_new_tokens: int,
-                       computed_blocks: Sequence[int] = (),
-                       name_blocks: bool = True) -> Optional[list[int]]:
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        computed_blocks: Sequence[int] = (),
+        name_blocks: bool = True,
+    ) -> Optional[list[int]]:
         """Make room for ``num_new_tokens`` more tokens; return the newly allocated block ids,
         or None (changing nothing) when the pool is short. A request being admitted may
         first take ``computed_blocks`` (a prefix hit or a sibling's prompt), which count as
@@ -87,8 +96,9 @@ class KVCacheManager:
                     self.name_blocks(request, num_tokens)
                 return []
         assert not (computed_blocks and blocks), "computed blocks go to a request with none"
-        num_tokens = (request.num_computed_tokens + len(computed_blocks) * self.block_size
-                      + num_new_tokens)
+        num_tokens = (
+            request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        )
         needed = max(self.num_blocks_for(num_tokens) - len(blocks) - len(computed_blocks), 0)
         revived = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
         if needed + revived > self.pool.num_free_blocks:
@@ -127,8 +137,9 @@ class KVCacheManager:
     def _extend_hashes(self, request: Request, num_tokens: int) -> None:
         if len(request.block_hashes) < num_tokens // self.block_size:
             root = root_hash(self.model_key, request.cache_salt)
-            extend_block_hashes(request.block_hashes, root, request.all_token_ids,
-                                self.block_size, num_tokens)
+            extend_block_hashes(
+                request.block_hashes, root, request.all_token_ids, self.block_size, num_tokens
+            )
 
     # ------------------------------------------------------------------- free
     def free(self, request: Request) -> None:

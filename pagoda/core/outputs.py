@@ -3,55 +3,37 @@
 The scheduler speaks in request ids, token counts and block ids; the runner turns that into
 tensors and answers with sampled token ids. Nothing here holds a tensor.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pagoda.kv_transfer.params import RemotePrefill
+from pagoda.core.remote_kv import KVLoad, RemotePrefill
 from pagoda.sampling import SamplingParams
 
 
 @dataclass
 class NewRequestData:
     """A request the runner has not seen (or has forgotten, after a preemption)."""
+
     request_id: str
-    token_ids: list[int]           # prompt + outputs so far (outputs exist after preemption)
+    token_ids: list[int]  # prompt + outputs so far (outputs exist after preemption)
     num_prompt_tokens: int
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
     block_ids: list[int]
-    num_computed_tokens: int       # tokens whose KV is already in the blocks (shared prefix)
-    seed_offset: int = 0           # n > 1: the i-th sibling samples from seed + i
+    num_computed_tokens: int  # tokens whose KV is already in the blocks (shared prefix)
+    seed_offset: int = 0  # n > 1: the i-th sibling samples from seed + i
 
 
 @dataclass
 class CachedRequestData:
     """A request the runner already holds: only what changed."""
+
     request_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
-
-
-@dataclass
-class KVLoad:
-    """Disaggregated prefill: fill ``local_block_ids`` from a prefill instance's blocks."""
-    request_id: str
-    remote: RemotePrefill
-    local_block_ids: list[int]
-    remote_block_ids: list[int]   # same length: local_block_ids[i] <- remote_block_ids[i]
-
-
-@dataclass
-class KVEvents:
-    """What the KV connector reports after a step."""
-    loaded: list[str] = field(default_factory=list)          # loads done: the KV is in place
-    failed: dict[str, str] = field(default_factory=dict)     # request id -> why (no longer writing)
-    released: list[str] = field(default_factory=list)        # leases a decode instance is done with
-
-    @property
-    def any(self) -> bool:
-        return bool(self.loaded or self.failed or self.released)
 
 
 @dataclass
@@ -75,12 +57,17 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.num_scheduled_tokens
 
+    @property
+    def has_kv_work(self) -> bool:
+        """Transfers to start or end (disaggregated prefill), even with nothing to compute."""
+        return bool(self.kv_loads or self.kv_releases)
+
 
 @dataclass
 class TokenLogprobs:
     token_id: int
     logprob: float
-    rank: int                                   # 1 = the most likely token
+    rank: int  # 1 = the most likely token
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
 
 
@@ -96,6 +83,7 @@ class ModelRunnerOutput:
 @dataclass
 class EngineCoreOutput:
     """What the engine hears about a request after a step."""
+
     request_id: str
     new_token_ids: list[int]
     finish_reason: Optional[str] = None

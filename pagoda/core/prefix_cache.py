@@ -6,6 +6,7 @@ token ids, extra keys). Invariant: two blocks have the same hash only if every t
 and inside them is the same and they were computed under the same root (model identity and
 ``cache_salt``), so their KV is the same and one may stand in for the other.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,13 @@ def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
     return _digest(parent, struct.pack(f"<{len(token_ids)}I", *token_ids))
 
 
-def extend_block_hashes(hashes: list[BlockHash], root: BlockHash, token_ids: Sequence[int],
-                        block_size: int, num_tokens: Optional[int] = None) -> None:
+def extend_block_hashes(
+    hashes: list[BlockHash],
+    root: BlockHash,
+    token_ids: Sequence[int],
+    block_size: int,
+    num_tokens: Optional[int] = None,
+) -> None:
     """Append the hashes of the full blocks among the first ``num_tokens`` (default: all)
     of ``token_ids`` that are not yet in ``hashes``.
 
@@ -52,5 +58,5 @@ def extend_block_hashes(hashes: list[BlockHash], root: BlockHash, token_ids: Seq
     num_full = num_tokens // block_size
     parent = hashes[-1] if hashes else root
     for i in range(len(hashes), num_full):
-        parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size])
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)

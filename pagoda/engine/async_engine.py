@@ -17,6 +17,7 @@ Admission control lives here: a bounded waiting queue, by requests and by prompt
 still to compute. An exception inside a step kills the engine: every request in flight fails
 with :class:`EngineDeadError` and so does every later one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,17 +26,54 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Protocol, Union
 
+from pagoda.engine import pacing
+from pagoda.engine.core import CoreStep
 from pagoda.engine.metrics import EngineMetrics
 from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.stats import EngineStats
 from pagoda.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-IDLE_POLL_S = 0.5          # how often an idle engine thread wakes to check for shutdown
-KV_IDLE_POLL_S = 0.02      # ... and with a KV connector: leases expire, transfers finish
-RETRY_AFTER_S = 1          # what a 429 tells the client to wait
+IDLE_POLL_S = 0.5  # how often an idle engine thread wakes to check for shutdown
+KV_IDLE_POLL_S = 0.02  # ... and with a KV connector: leases expire, transfers finish
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+
+
+class Engine(Protocol):
+    """What the engine thread needs of an engine (``LLMEngine`` is the real one)."""
+
+    last_step: CoreStep
+
+    @property
+    def kv_connector(self) -> Optional[object]: ...
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: Optional[str] = None,
+        arrival_time: Optional[float] = None,
+        cache_salt: Optional[str] = None,
+        kv_transfer_params: Optional[dict] = None,
+    ) -> None: ...
+
+    def abort_request(self, request_id: str) -> None: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def poll_kv_transfers(self) -> None: ...
+
+    def inject_fault(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class EngineDeadError(RuntimeError):
@@ -52,7 +90,7 @@ class QueueFullError(RuntimeError):
 
 @dataclass(frozen=True)
 class AdmissionLimits:
-    max_queued_requests: Optional[int] = None       # requests not yet scheduled
+    max_queued_requests: Optional[int] = None  # requests not yet scheduled
     max_queued_prompt_tokens: Optional[int] = None  # prompt tokens of those, still to compute
 
 
@@ -77,23 +115,25 @@ class _Abort:
 @dataclass
 class _Call:
     """Run ``fn(engine)`` on the engine thread and hand back its result."""
-    fn: Callable[[Any], Any]
+
+    fn: Callable[[Engine], Any]
     done: asyncio.Future
 
 
 @dataclass
 class _Fault:
-    """Make the model runner raise inside the next step (debug endpoint; tests engine death)."""
+    """Make the next step raise (debug endpoint; tests engine death)."""
 
 
 _STOP = object()
-_ABORTED = object()    # put on a stream when its request is aborted from the loop side
+_ABORTED = object()  # put on a stream when its request is aborted from the loop side
 Command = Union[_Add, _Abort, _Call, _Fault, object]
 
 
 @dataclass
 class RequestStream:
     """The outputs of one request as the event loop sees them: newest first wins."""
+
     request_id: str
     num_completions: int
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -130,9 +170,10 @@ def _is_final(item: Any) -> bool:
 @dataclass
 class _QueueState:
     """What admission control counts, kept under one lock."""
-    inbox_requests: int = 0      # added on the loop, not yet taken by the engine thread
+
+    inbox_requests: int = 0  # added on the loop, not yet taken by the engine thread
     inbox_tokens: int = 0
-    engine_waiting: int = 0      # engine's waiting queue, as of the last snapshot
+    engine_waiting: int = 0  # engine's waiting queue, as of the last snapshot
     engine_waiting_tokens: int = 0
 
     @property
@@ -145,31 +186,38 @@ class _QueueState:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Any, limits: AdmissionLimits = AdmissionLimits(),
-                 metrics: Optional[EngineMetrics] = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        limits: AdmissionLimits = AdmissionLimits(),
+        metrics: Optional[EngineMetrics] = None,
+    ) -> None:
         self.engine = engine
-        self._host: Optional[queue.Queue] = None   # on_own_thread: hands the thread its loop
+        self._host: Optional[queue.Queue] = None  # on_own_thread: hands the thread its loop
         self.limits = limits
         self.metrics = metrics
         self._inbox: queue.Queue[Command] = queue.Queue()
-        self._streams: dict[str, RequestStream] = {}   # loop side only
-        self._live: dict[str, int] = {}               # engine thread only: id -> n
+        self._streams: dict[str, RequestStream] = {}  # loop side only
+        self._live: dict[str, int] = {}  # engine thread only: id -> n
         self._lock = threading.Lock()
         self._qstate = _QueueState()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self.dead_error: Optional[BaseException] = None
-        self._has_kv = getattr(engine, "kv_connector", None) is not None
+        self._has_kv = engine.kv_connector is not None
         self._idle_poll_s = KV_IDLE_POLL_S if self._has_kv else IDLE_POLL_S
         if metrics is not None:
             metrics.engine_alive.set(1)
-            metrics.update_engine_state(engine)
+            metrics.update(engine.stats())
 
     # -------------------------------------------------------------- lifecycle
     @classmethod
-    def on_own_thread(cls, make_engine: Callable[[], Any],
-                      limits: AdmissionLimits = AdmissionLimits(),
-                      metrics: Optional[EngineMetrics] = None) -> "AsyncEngine":
+    def on_own_thread(
+        cls,
+        make_engine: Callable[[], Engine],
+        limits: AdmissionLimits = AdmissionLimits(),
+        metrics: Optional[EngineMetrics] = None,
+    ) -> "AsyncEngine":
         """Build the engine with ``make_engine()`` on a new thread, which :meth:`start` then
         has step it (see the module docstring for why). Blocks until it is built; re-raises
         what building raised."""
@@ -182,7 +230,7 @@ class AsyncEngine:
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 built.put(e)
                 return
-            started = host.get()      # the AsyncEngine once started; None: shut down unstarted
+            started = host.get()  # the AsyncEngine once started; None: shut down unstarted
             if started is not None:
                 started._run()
 
@@ -198,7 +246,7 @@ class AsyncEngine:
 
     def start(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
-        if self._host is not None:        # on_own_thread: the thread that built the engine
+        if self._host is not None:  # on_own_thread: the thread that built the engine
             self._host.put(self)
             return
         self._thread = threading.Thread(target=self._run, name="pagoda-engine", daemon=True)
@@ -206,31 +254,51 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._host is not None and self._loop is None:
-            self._host.put(None)          # built but never started: let the thread end
+            self._host.put(None)  # built but never started: let the thread end
         self._inbox.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop :meth:`start` was given (every command comes after it)."""
+        assert self._loop is not None, "AsyncEngine.start() was not called"
+        return self._loop
 
     @property
     def is_dead(self) -> bool:
         return self.dead_error is not None
 
     # --------------------------------------------------------- loop-side API
-    async def add_request(self, request_id: str, prompt_token_ids: list[int],
-                          params: SamplingParams, prompt: Optional[str] = None,
-                          cache_salt: Optional[str] = None,
-                          arrival_time: Optional[float] = None,
-                          kv_transfer_params: Optional[dict] = None) -> RequestStream:
+    async def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: Optional[str] = None,
+        cache_salt: Optional[str] = None,
+        arrival_time: Optional[float] = None,
+        kv_transfer_params: Optional[dict] = None,
+    ) -> RequestStream:
         """Admit and queue a request; raises ValueError (bad request), QueueFullError (429)
         or EngineDeadError. The engine validates the prompt before this returns."""
         self._check_alive()
         self._admit(len(prompt_token_ids))
         stream = RequestStream(request_id, params.n)
         self._streams[request_id] = stream
-        done = self._loop.create_future()
+        done = self._running_loop().create_future()
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._inbox.put(_Add(request_id, list(prompt_token_ids), params, prompt, arrival,
-                             cache_salt, kv_transfer_params, done))
+        self._inbox.put(
+            _Add(
+                request_id,
+                list(prompt_token_ids),
+                params,
+                prompt,
+                arrival,
+                cache_salt,
+                kv_transfer_params,
+                done,
+            )
+        )
         try:
             await done
         except asyncio.CancelledError:
@@ -248,10 +316,10 @@ class AsyncEngine:
             stream.queue.put_nowait(_ABORTED)
         self._inbox.put(_Abort(request_id))
 
-    async def call(self, fn: Callable[[Any], Any]) -> Any:
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
         """Run ``fn(engine)`` on the engine thread (debug state, invariant checks)."""
         self._check_alive()
-        done = self._loop.create_future()
+        done = self._running_loop().create_future()
         self._inbox.put(_Call(fn, done))
         return await done
 
@@ -272,12 +340,16 @@ class AsyncEngine:
         with self._lock:
             q = self._qstate
             if max_req is not None and q.requests >= max_req:
-                raise QueueFullError(f"the server is full: {q.requests} requests queued "
-                                     f"(--max-queued-requests {max_req})")
+                raise QueueFullError(
+                    f"the server is full: {q.requests} requests queued "
+                    f"(--max-queued-requests {max_req})"
+                )
             if max_tok is not None and q.tokens > 0 and q.tokens + num_tokens > max_tok:
-                raise QueueFullError(f"the server is full: {q.tokens} prompt tokens queued; "
-                                     f"{num_tokens} more would pass "
-                                     f"--max-queued-prompt-tokens {max_tok}")
+                raise QueueFullError(
+                    f"the server is full: {q.tokens} prompt tokens queued; "
+                    f"{num_tokens} more would pass "
+                    f"--max-queued-prompt-tokens {max_tok}"
+                )
             q.inbox_requests += 1
             q.inbox_tokens += num_tokens
 
@@ -306,9 +378,7 @@ class AsyncEngine:
                     self._step()
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine, loudly
             self._die(e)
-        close = getattr(self.engine, "close", None)
-        if close is not None:
-            close()   # the KV connector's threads and sockets
+        self.engine.close()  # the KV connector's threads and sockets
 
     def _idle_tick(self) -> None:
         """No request is live: still expire KV leases and take in finished transfers (a
@@ -316,28 +386,31 @@ class AsyncEngine:
         if not self._has_kv:
             return
         self.engine.poll_kv_transfers()
-        if self.metrics is not None:
-            self.metrics.update_engine_state(self.engine)
-        self._snapshot_queue()
+        self._publish_state()
 
     def _step(self) -> None:
         outputs = self.engine.step()
+        pacing.after_step(self.engine)
         now = time.monotonic()
         for out in outputs:
             if out.finished:
                 self._live.pop(out.request_id, None)
+        stats = self.engine.stats()
         if self.metrics is not None:
-            self.metrics.on_step(self.engine, outputs, now)
-        self._snapshot_queue()
+            self.metrics.on_step(stats, outputs, now)
+        self._snapshot_queue(stats)
         if outputs:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            self._running_loop().call_soon_threadsafe(self._dispatch, outputs)
 
     def _drain_inbox(self, block: bool) -> bool:
         """Run every queued command; False once asked to stop."""
         while True:
             try:
-                cmd = (self._inbox.get(timeout=self._idle_poll_s) if block
-                       else self._inbox.get_nowait())
+                cmd = (
+                    self._inbox.get(timeout=self._idle_poll_s)
+                    if block
+                    else self._inbox.get_nowait()
+                )
             except queue.Empty:
                 if block:
                     self._idle_tick()
@@ -356,21 +429,27 @@ class AsyncEngine:
         elif isinstance(cmd, _Call):
             self._resolve(cmd.done, *_run_call(cmd.fn, self.engine))
         elif isinstance(cmd, _Fault):
-            self.engine.runner.launch = _failing_launch
+            self.engine.inject_fault()
 
     def _handle_add(self, cmd: _Add) -> None:
         error: Optional[BaseException] = None
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
-                                    prompt=cmd.prompt, arrival_time=cmd.arrival_time,
-                                    cache_salt=cmd.cache_salt, **_optional_kwargs(cmd))
+            self.engine.add_request(
+                cmd.request_id,
+                cmd.prompt_token_ids,
+                cmd.params,
+                prompt=cmd.prompt,
+                arrival_time=cmd.arrival_time,
+                cache_salt=cmd.cache_salt,
+                **_optional_kwargs(cmd),
+            )
             self._live[cmd.request_id] = cmd.params.n
         except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
             error = e
         with self._lock:
             self._qstate.inbox_requests -= 1
             self._qstate.inbox_tokens -= len(cmd.prompt_token_ids)
-        self._snapshot_queue()
+        self._snapshot_queue(self.engine.stats())
         self._resolve(cmd.done, None, error)
 
     def _handle_abort(self, request_id: str) -> None:
@@ -380,22 +459,24 @@ class AsyncEngine:
         self.engine.abort_request(request_id)
         if self.metrics is not None:
             self.metrics.on_abort(request_id, n)
-            self.metrics.update_engine_state(self.engine)
-        self._snapshot_queue()
+        self._publish_state()
         logger.debug("aborted %s", request_id)
 
-    def _snapshot_queue(self) -> None:
-        waiting = list(self.engine.scheduler.waiting)
-        tokens = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
+    def _publish_state(self) -> None:
+        stats = self.engine.stats()
+        if self.metrics is not None:
+            self.metrics.update(stats)
+        self._snapshot_queue(stats)
+
+    def _snapshot_queue(self, stats: EngineStats) -> None:
         with self._lock:
-            self._qstate.engine_waiting = len(waiting)
-            self._qstate.engine_waiting_tokens = tokens
+            self._qstate.engine_waiting = stats.scheduler.num_waiting
+            self._qstate.engine_waiting_tokens = stats.scheduler.num_waiting_tokens
             total = self._qstate.requests
         if self.metrics is not None:
             self.metrics.waiting.set(total)
 
-    def _resolve(self, fut: asyncio.Future, result: Any,
-                 error: Optional[BaseException]) -> None:
+    def _resolve(self, fut: asyncio.Future, result: Any, error: Optional[BaseException]) -> None:
         def settle() -> None:
             if fut.done():
                 return
@@ -403,7 +484,8 @@ class AsyncEngine:
                 fut.set_exception(error)
             else:
                 fut.set_result(result)
-        self._loop.call_soon_threadsafe(settle)
+
+        self._running_loop().call_soon_threadsafe(settle)
 
     def _die(self, error: BaseException) -> None:
         """Log, fail everything in flight, then refuse every later command until stopped."""
@@ -414,7 +496,7 @@ class AsyncEngine:
             self.metrics.engine_alive.set(0)
             self.metrics.running.set(0)
             self.metrics.waiting.set(0)
-        self._loop.call_soon_threadsafe(self._fail_all, dead)
+        self._running_loop().call_soon_threadsafe(self._fail_all, dead)
         while True:
             cmd = self._inbox.get()
             if cmd is _STOP:
@@ -430,12 +512,8 @@ def _optional_kwargs(cmd: _Add) -> dict[str, Any]:
     return {"kv_transfer_params": cmd.kv_transfer_params}
 
 
-def _run_call(fn: Callable[[Any], Any], engine: Any) -> tuple[Any, Optional[BaseException]]:
+def _run_call(fn: Callable[[Engine], Any], engine: Engine) -> tuple[Any, Optional[BaseException]]:
     try:
         return fn(engine), None
     except Exception as e:  # noqa: BLE001 - handed back to the caller
         return None, e
-
-
-def _failing_launch(*args: Any, **kwargs: Any) -> Any:
-    raise RuntimeError("fault injected by /debug/fault: the model step failed")

@@ -19,6 +19,7 @@ Invariant: the chosen budget is one of ``CANDIDATES`` (the smallest when none fi
 timing request leaves nothing behind: no block held, the prefix cache and the engine's token
 counters as they were.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,8 @@ from pagoda.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES = (2048, 1024, 512, 256)   # largest first
-TIMING_TOKENS = 512      # 256 overestimates: a step's fixed costs weigh more there
+CANDIDATES = (2048, 1024, 512, 256)  # largest first
+TIMING_TOKENS = 512  # 256 overestimates: a step's fixed costs weigh more there
 TIMING_REPEATS = 2
 TARGET_STEP_S = 0.5
 
@@ -60,7 +61,7 @@ def time_prefill(engine: Any, tokens: int = TIMING_TOKENS) -> float:
             engine.step()
         best = min(best, time.perf_counter() - start)
     engine.reset_prefix_cache()
-    engine.num_prompt_tokens, engine.num_generation_tokens = counters
+    engine.num_prompt_tokens, engine.output.num_generation_tokens = counters
     return best
 
 
@@ -70,8 +71,15 @@ def serving_budget(engine: Any) -> int:
     tokens = min(TIMING_TOKENS, engine.max_model_len - 1)
     seconds = time_prefill(engine, tokens)
     budget = choose_budget(seconds / tokens)
-    logger.info("token budget %d: a %d-token prefill step took %.0f ms here, so a full step "
-                "of %d tokens should last about %.0f ms (target %.0f ms; "
-                "--max-num-batched-tokens sets it)", budget, tokens, 1e3 * seconds,
-                budget, 1e3 * seconds * budget / tokens, 1e3 * TARGET_STEP_S)
+    logger.info(
+        "token budget %d: a %d-token prefill step took %.0f ms here, so a full step "
+        "of %d tokens should last about %.0f ms (target %.0f ms; "
+        "--max-num-batched-tokens sets it)",
+        budget,
+        tokens,
+        1e3 * seconds,
+        budget,
+        1e3 * seconds * budget / tokens,
+        1e3 * TARGET_STEP_S,
+    )
     return budget

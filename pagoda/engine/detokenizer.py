@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop strings.
+"""Incremental detokenization and stop strings (with the hold-back a live stream needs).
 
 Decoding token by token is wrong for byte-level BPE (one character may span tokens) and
 decoding everything each step is quadratic. We keep two offsets into the output ids:
@@ -10,6 +10,7 @@ Two tokenizers skip the window: a fast (Rust) tokenizer has its own incremental 
 token (the window costs several microseconds, per running request per step); and the
 token-id tokenizer of dummy models, whose text is each token's text joined.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -27,15 +28,21 @@ def _stream_decoder(tokenizer: Any, prompt_tail: list[int], skip_special: bool) 
         return None
     try:
         from tokenizers.decoders import DecodeStream
-    except ImportError:   # tokenizers < 0.21
+    except ImportError:  # tokenizers < 0.21
         return None
     return DecodeStream(ids=prompt_tail, skip_special_tokens=skip_special)
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str],
-                 include_stop_str_in_output: bool, skip_special_tokens: bool,
-                 min_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: list[int],
+        stop: list[str],
+        include_stop_str_in_output: bool,
+        skip_special_tokens: bool,
+        min_tokens: int = 0,
+    ) -> None:
         self.tokenizer = tokenizer
         # A tokenizer whose text is each token's text joined needs no window (token ids).
         self._per_token = getattr(tokenizer, "text_is_per_token", False)
@@ -44,8 +51,9 @@ class IncrementalDetokenizer:
         self.skip_special = skip_special_tokens
         # Seed the window with the prompt's tail so the first output token decodes in context.
         tail = prompt_token_ids[-PREFIX_WINDOW:]
-        self._stream = (None if self._per_token
-                        else _stream_decoder(tokenizer, list(tail), skip_special_tokens))
+        self._stream = (
+            None if self._per_token else _stream_decoder(tokenizer, list(tail), skip_special_tokens)
+        )
         self.ids: list[int] = list(tail)
         self.prefix_offset = 0
         self.read_offset = len(tail)
@@ -69,6 +77,20 @@ class IncrementalDetokenizer:
             return None
         return self._check_stop(max(checked, self._protected_len))
 
+    @property
+    def stream_text(self) -> str:
+        """The text a live stream may show: without a tail that could be the start of a stop
+        string (it is cut if the string completes, so it must not have been sent)."""
+        if not self.stop:
+            return self.text
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        return self.text[: len(self.text) - hold]
+
     def _advance(self) -> None:
         if self._stream is not None:
             chunk = self._stream.step(self.tokenizer.backend_tokenizer, self.ids[-1])
@@ -80,11 +102,12 @@ class IncrementalDetokenizer:
             self.text += decode(self.ids[-1:], skip_special_tokens=self.skip_special)
             self.prefix_offset = self.read_offset = len(self.ids)
             return
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset],
-                        skip_special_tokens=self.skip_special)
-        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special)
+        prefix = decode(
+            self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip_special
+        )
+        full = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special)
         if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
-            self.text += full[len(prefix):]
+            self.text += full[len(prefix) :]
             self.prefix_offset = max(self.read_offset, len(self.ids) - PREFIX_WINDOW)
             self.read_offset = len(self.ids)
 
@@ -99,5 +122,5 @@ class IncrementalDetokenizer:
         if best is None:
             return None
         i, s = best
-        self.text = self.text[:i + len(s)] if self.include_stop else self.text[:i]
+        self.text = self.text[: i + len(s)] if self.include_stop else self.text[:i]
         return s

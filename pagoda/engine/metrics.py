@@ -4,18 +4,64 @@ Names follow the Prometheus conventions (base units, ``_seconds``, ``_total`` on
 the ``pagoda:`` prefix, like vLLM's ``vllm:``. The engine thread updates them after every step;
 ``prometheus_client`` makes that safe against the HTTP thread reading them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pagoda.engine.outputs import RequestOutput
+from pagoda.engine.stats import EngineStats
+from pagoda.kv_transfer.base import KVTransferStats
+
 PREFIX = "pagoda:"
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-                   1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
-               0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
@@ -23,6 +69,7 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 @dataclass
 class _Progress:
     """Per request: each child's token count and the time of its last token (for ITL)."""
+
     counts: dict[int, int] = field(default_factory=dict)
     last_time: dict[int, float] = field(default_factory=dict)
 
@@ -33,7 +80,7 @@ class EngineMetrics:
         self._make_histograms()
         self._make_gauges()
         self._make_counters()
-        self._last: dict[str, int] = {}
+        self._last: dict[str, float] = {}
         self._progress: dict[str, _Progress] = {}
 
     # --------------------------------------------------------------- creation
@@ -43,110 +90,140 @@ class EngineMetrics:
     def _make_histograms(self) -> None:
         h = self._histogram
         self.ttft = h("time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
-        self.itl = h("inter_token_latency_seconds", "Time between two output tokens.",
-                     ITL_BUCKETS)
-        self.tpot = h("time_per_output_token_seconds",
-                      "Mean time per output token after the first, per request.", ITL_BUCKETS)
+        self.itl = h("inter_token_latency_seconds", "Time between two output tokens.", ITL_BUCKETS)
+        self.tpot = h(
+            "time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            ITL_BUCKETS,
+        )
         self.e2e = h("e2e_request_latency_seconds", "Arrival to last token.", LATENCY_BUCKETS)
-        self.queue_time = h("request_queue_time_seconds", "Arrival to first scheduled.",
-                            LATENCY_BUCKETS)
-        self.prompt_len = h("request_prompt_tokens", "Prompt length of finished requests.",
-                            TOKEN_BUCKETS)
-        self.gen_len = h("request_generation_tokens", "Output tokens of finished requests.",
-                         TOKEN_BUCKETS)
+        self.queue_time = h(
+            "request_queue_time_seconds", "Arrival to first scheduled.", LATENCY_BUCKETS
+        )
+        self.prompt_len = h(
+            "request_prompt_tokens", "Prompt length of finished requests.", TOKEN_BUCKETS
+        )
+        self.gen_len = h(
+            "request_generation_tokens", "Output tokens of finished requests.", TOKEN_BUCKETS
+        )
 
     def _make_gauges(self) -> None:
         r = self.registry
         self.running = Gauge(PREFIX + "num_requests_running", "Requests running.", registry=r)
-        self.waiting = Gauge(PREFIX + "num_requests_waiting",
-                             "Requests waiting to be scheduled (engine queue + admission).",
-                             registry=r)
-        self.kv_usage = Gauge(PREFIX + "kv_cache_usage_perc",
-                              "Fraction of KV blocks in use (0..1).", registry=r)
+        self.waiting = Gauge(
+            PREFIX + "num_requests_waiting",
+            "Requests waiting to be scheduled (engine queue + admission).",
+            registry=r,
+        )
+        self.kv_usage = Gauge(
+            PREFIX + "kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).", registry=r
+        )
         self.free_blocks = Gauge(PREFIX + "kv_cache_free_blocks", "Free KV blocks.", registry=r)
-        self.total_blocks = Gauge(PREFIX + "kv_cache_total_blocks", "KV blocks in the pool.",
-                                  registry=r)
-        self.leases_active = Gauge(PREFIX + "kv_leases_active",
-                                   "Prefill: finished requests whose KV waits to be pulled.",
-                                   registry=r)
-        self.engine_alive = Gauge(PREFIX + "engine_alive", "1 while the engine lives.",
-                                  registry=r)
+        self.total_blocks = Gauge(
+            PREFIX + "kv_cache_total_blocks", "KV blocks in the pool.", registry=r
+        )
+        self.leases_active = Gauge(
+            PREFIX + "kv_leases_active",
+            "Prefill: finished requests whose KV waits to be pulled.",
+            registry=r,
+        )
+        self.engine_alive = Gauge(PREFIX + "engine_alive", "1 while the engine lives.", registry=r)
 
     def _make_counters(self) -> None:
         r = self.registry
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens taken in.",
-                                     registry=r)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.",
-                                         registry=r)
-        self.prefix_queries = Counter(PREFIX + "prefix_cache_queries",
-                                      "Prompt tokens looked up in the prefix cache.", registry=r)
-        self.prefix_hits = Counter(PREFIX + "prefix_cache_hits",
-                                   "Prompt tokens found in the prefix cache.", registry=r)
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens taken in.", registry=r
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Tokens generated.", registry=r
+        )
+        self.prefix_queries = Counter(
+            PREFIX + "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
+        )
         self.preemptions = Counter(PREFIX + "num_preemptions", "Preemptions.", registry=r)
-        self.finished = Counter(PREFIX + "request_success", "Finished requests by reason.",
-                                ["finished_reason"], registry=r)
-        self.rejected = Counter(PREFIX + "request_rejected",
-                                "Requests refused before the engine, by reason.", ["reason"],
-                                registry=r)
+        self.finished = Counter(
+            PREFIX + "request_success",
+            "Finished requests by reason.",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            PREFIX + "request_rejected",
+            "Requests refused before the engine, by reason.",
+            ["reason"],
+            registry=r,
+        )
         # Disaggregated prefill (stay 0 on a colocated instance).
-        self.leases_expired = Counter(PREFIX + "kv_leases_expired",
-                                      "Prefill: leases that expired before a decode instance "
-                                      "pulled their KV.", registry=r)
-        self.leases_released = Counter(PREFIX + "kv_leases_released",
-                                       "Prefill: leases a decode instance ended.", registry=r)
-        self.kv_load_failures = Counter(PREFIX + "kv_load_failures",
-                                        "Decode: remote KV pulls that failed.", registry=r)
-        self.kv_blocks_pulled = Counter(PREFIX + "kv_blocks_pulled",
-                                        "Decode: KV blocks pulled from prefill instances.",
-                                        registry=r)
-        self.kv_pulls = Counter(PREFIX + "kv_pulls", "Decode: remote KV pulls completed.",
-                                registry=r)
-        self.kv_pull_bytes = Counter(PREFIX + "kv_pull_bytes",
-                                     "Decode: bytes of KV pulled by completed pulls.", registry=r)
-        self.kv_pull_seconds = Counter(PREFIX + "kv_pull_seconds",
-                                       "Decode: seconds from posting each pull to seeing it done.",
-                                       registry=r)
+        self.leases_expired = Counter(
+            PREFIX + "kv_leases_expired",
+            "Prefill: leases that expired before a decode instance pulled their KV.",
+            registry=r,
+        )
+        self.leases_released = Counter(
+            PREFIX + "kv_leases_released", "Prefill: leases a decode instance ended.", registry=r
+        )
+        self.kv_load_failures = Counter(
+            PREFIX + "kv_load_failures", "Decode: remote KV pulls that failed.", registry=r
+        )
+        self.kv_blocks_pulled = Counter(
+            PREFIX + "kv_blocks_pulled",
+            "Decode: KV blocks pulled from prefill instances.",
+            registry=r,
+        )
+        self.kv_pulls = Counter(
+            PREFIX + "kv_pulls", "Decode: remote KV pulls completed.", registry=r
+        )
+        self.kv_pull_bytes = Counter(
+            PREFIX + "kv_pull_bytes", "Decode: bytes of KV pulled by completed pulls.", registry=r
+        )
+        self.kv_pull_seconds = Counter(
+            PREFIX + "kv_pull_seconds",
+            "Decode: seconds from posting each pull to seeing it done.",
+            registry=r,
+        )
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
         for reason in ("queue_full", "bad_request", "engine_dead"):
             self.rejected.labels(reason)
 
     # ----------------------------------------------------------------- update
-    def on_step(self, engine: Any, outputs: list[Any], now: float) -> None:
+    def on_step(self, stats: EngineStats, outputs: list[RequestOutput], now: float) -> None:
         """After a step, on the engine thread: counters, gauges, per-request latencies."""
-        self.update_engine_state(engine)
+        self.update(stats)
         for out in outputs:
             self._observe_tokens(out, now)
             if out.finished:
                 self._observe_finished(out)
 
-    def update_engine_state(self, engine: Any) -> None:
-        self._add_delta(self.prompt_tokens, "prompt", engine.num_prompt_tokens)
-        self._add_delta(self.generation_tokens, "generation", engine.num_generation_tokens)
-        self._add_delta(self.prefix_queries, "queries", engine.prefix_cache_queries)
-        self._add_delta(self.prefix_hits, "hits", engine.prefix_cache_hits)
-        self._add_delta(self.preemptions, "preemptions", engine.scheduler.num_preemptions)
-        self._update_kv_transfer(engine)
-        self.running.set(engine.scheduler.num_running)
-        self.kv_usage.set(engine.kv.usage)
-        self.free_blocks.set(engine.kv.pool.num_free_blocks)
-        self.total_blocks.set(engine.num_blocks)
+    def update(self, stats: EngineStats) -> None:
+        """Counters and gauges from an engine's stats snapshot."""
+        sched = stats.scheduler
+        self._add_delta(self.prompt_tokens, "prompt", stats.num_prompt_tokens)
+        self._add_delta(self.generation_tokens, "generation", stats.num_generation_tokens)
+        self._add_delta(self.prefix_queries, "queries", sched.prefix_cache_queries)
+        self._add_delta(self.prefix_hits, "hits", sched.prefix_cache_hits)
+        self._add_delta(self.preemptions, "preemptions", sched.num_preemptions)
+        self._add_delta(self.kv_load_failures, "kv_failures", sched.num_kv_load_failures)
+        if stats.kv_transfer is not None:
+            self._update_kv_transfer(stats.kv_transfer)
+        self.running.set(sched.num_running)
+        self.kv_usage.set(sched.kv_usage)
+        self.free_blocks.set(sched.num_free_blocks)
+        self.total_blocks.set(sched.num_blocks)
 
-    def _update_kv_transfer(self, engine: Any) -> None:
-        leases = getattr(engine.scheduler, "leases", None)
-        if leases is not None:
-            self._add_delta(self.leases_expired, "leases_expired", leases.num_expired)
-            self._add_delta(self.leases_released, "leases_released", leases.num_released)
-            self.leases_active.set(len(leases))
-        self._add_delta(self.kv_load_failures, "kv_failures",
-                        getattr(engine.scheduler, "num_kv_load_failures", 0))
-        connector = getattr(engine, "kv_connector", None)
-        self._add_delta(self.kv_blocks_pulled, "kv_pulled",
-                        getattr(connector, "num_blocks_pulled", 0))
-        self._add_delta(self.kv_pulls, "kv_pulls", getattr(connector, "num_pulls_done", 0))
-        self._add_delta(self.kv_pull_bytes, "kv_pull_bytes", getattr(connector, "bytes_pulled", 0))
-        self._add_delta(self.kv_pull_seconds, "kv_pull_seconds",
-                        getattr(connector, "pull_seconds", 0.0))
+    def _update_kv_transfer(self, kv: KVTransferStats) -> None:
+        self._add_delta(self.leases_expired, "leases_expired", kv.num_leases_expired)
+        self._add_delta(self.leases_released, "leases_released", kv.num_leases_released)
+        self.leases_active.set(kv.num_leases)
+        self._add_delta(self.kv_blocks_pulled, "kv_pulled", kv.num_blocks_pulled)
+        self._add_delta(self.kv_pulls, "kv_pulls", kv.num_pulls_done)
+        self._add_delta(self.kv_pull_bytes, "kv_pull_bytes", kv.bytes_pulled)
+        self._add_delta(self.kv_pull_seconds, "kv_pull_seconds", kv.pull_seconds)
 
     def _add_delta(self, counter: Counter, key: str, value: float) -> None:
         delta = value - self._last.get(key, 0)
@@ -154,7 +231,7 @@ class EngineMetrics:
             counter.inc(delta)
         self._last[key] = value
 
-    def _observe_tokens(self, out: Any, now: float) -> None:
+    def _observe_tokens(self, out: RequestOutput, now: float) -> None:
         progress = self._progress.setdefault(out.request_id, _Progress())
         for comp in out.outputs:
             new = len(comp.token_ids) - progress.counts.get(comp.index, 0)
@@ -168,12 +245,15 @@ class EngineMetrics:
             progress.counts[comp.index] = len(comp.token_ids)
             progress.last_time[comp.index] = now
 
-    def _observe_finished(self, out: Any) -> None:
+    def _observe_finished(self, out: RequestOutput) -> None:
         self._progress.pop(out.request_id, None)
         m = out.metrics
-        for hist, value in ((self.ttft, m.time_to_first_token), (self.e2e, m.e2e_latency),
-                            (self.queue_time, m.queue_time),
-                            (self.tpot, out.time_per_output_token)):
+        for hist, value in (
+            (self.ttft, m.time_to_first_token),
+            (self.e2e, m.e2e_latency),
+            (self.queue_time, m.queue_time),
+            (self.tpot, out.time_per_output_token),
+        ):
             if value is not None:
                 hist.observe(value)
         self.prompt_len.observe(len(out.prompt_token_ids))

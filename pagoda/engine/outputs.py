@@ -1,4 +1,5 @@
 """What the engine gives back per request: texts, token ids, finish reasons, timings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,9 +13,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: Optional[str] = None          # "stop" | "length" | "abort" | "error"
-    stop_reason: Optional[str | int] = None      # the stop string or token id that ended it
-    finish_detail: Optional[str] = None          # why, when the ending is unusual
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: Optional[str | int] = None  # the stop string or token id that ended it
+    finish_detail: Optional[str] = None  # why, when the ending is unusual
     logprobs: Optional[list[TokenLogprobs]] = None
     cumulative_logprob: Optional[float] = None
 
@@ -59,7 +60,7 @@ class RequestOutput:
     metrics: RequestMetrics
     time_per_output_token: Optional[float] = None
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
-    num_cached_tokens: int = 0    # prompt tokens whose KV came from the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     kv_transfer_params: Optional[dict] = None  # prefill role: where the prompt's KV waits
 
     @property

@@ -1,4 +1,5 @@
 """The ``pagoda`` command: ``pagoda serve``, ``pagoda generate`` and ``pagoda bench ...``."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,71 +17,131 @@ from pagoda.config import EngineArgs
 BENCHES = [
     ("throughput", "offline throughput vs transformers", True),
     ("prefix", "prefix caching on vs off on shared prefixes", True),
-    ("host", "the engine's host time per step, model work removed (the host side of a GPU "
-             "step)", False),
+    (
+        "host",
+        "the engine's host time per step, model work removed (the host side of a GPU step)",
+        False,
+    ),
     ("serve", "online serving benchmark against an HTTP endpoint", False),
-    ("disagg", "router with prefill + decode instances vs one colocated server, same "
-               "serving workload", False),
+    (
+        "disagg",
+        "router with prefill + decode instances vs one colocated server, same serving workload",
+        False,
+    ),
 ]
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineArgs()
     g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="a Hugging Face directory or a .gguf file (default: bundled SmolLM2-135M)")
-    g.add_argument("--dtype", default=d.dtype,
-                   help="auto | bfloat16 | float16 | float32 (auto: bf16 on CUDA and AMX CPUs, "
-                        "fp32 without bf16 instructions; on AVX512-BF16 CPUs without AMX, fp32 "
-                        "weights with a bf16 KV cache where bf16 matmuls measure slower)")
-    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
-                   help="auto (the model's dtype) | bfloat16: with fp32 weights on the CPU, "
-                        "a bf16 KV cache (half the bytes per cached token) | fp8 (fp8_e4m3): "
-                        "K/V rounded to e4m3, one byte per value (docs/models.md)")
-    g.add_argument("--quantization", default="none", choices=["none", "int4"],
-                   help="int4 (CPU): linear layers also keep 4-bit weights (groups of 32, a "
-                        "GGUF Q4_0/Q4_1 file's own codes), used by steps of at most a few rows, "
-                        "a limit timed at start (docs/models.md)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a Hugging Face directory or a .gguf file (default: bundled SmolLM2-135M)",
+    )
+    g.add_argument(
+        "--dtype",
+        default=d.dtype,
+        help="auto | bfloat16 | float16 | float32 (auto: bf16 on CUDA and AMX CPUs, "
+        "fp32 without bf16 instructions; on AVX512-BF16 CPUs without AMX, fp32 "
+        "weights with a bf16 KV cache where bf16 matmuls measure slower)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default=d.kv_cache_dtype,
+        help="auto (the model's dtype) | bfloat16: with fp32 weights on the CPU, "
+        "a bf16 KV cache (half the bytes per cached token) | fp8 (fp8_e4m3): "
+        "K/V rounded to e4m3, one byte per value (docs/models.md)",
+    )
+    g.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "int4"],
+        help="int4 (CPU): linear layers also keep 4-bit weights (groups of 32, a "
+        "GGUF Q4_0/Q4_1 file's own codes), used by steps of at most a few rows, "
+        "a limit timed at start (docs/models.md)",
+    )
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     g.add_argument("--block-size", type=int, default=d.block_size)
-    g.add_argument("--kv-cache-memory", type=float, default=None,
-                   help="GiB for the KV cache on CPU (default 2)")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        help="GiB for the KV cache on CPU (default 2)",
+    )
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
-    g.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="exact KV pool size in blocks (overrides the memory budget)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="the per-step token budget (default 2048; pagoda serve on the CPU: "
-                        "chosen from a prefill step timed at start, docs/server.md)")
+    g.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=None,
+        help="exact KV pool size in blocks (overrides the memory budget)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="the per-step token budget (default 2048; pagoda serve on the CPU: "
+        "chosen from a prefill step timed at start, docs/server.md)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--load-format", default=d.load_format, choices=["auto", "dummy"],
-                   help="dummy: random weights of the model's shapes, no checkpoint files")
-    g.add_argument("--model-preset", default=None,
-                   help="built-in shapes for --load-format dummy: qwen3-0.6b, llama-3.2-1b, "
-                        "llama-3.1-8b (and tiny-qwen3, tiny-llama for tests)")
+    g.add_argument(
+        "--load-format",
+        default=d.load_format,
+        choices=["auto", "dummy"],
+        help="dummy: random weights of the model's shapes, no checkpoint files",
+    )
+    g.add_argument(
+        "--model-preset",
+        default=None,
+        help="built-in shapes for --load-format dummy: qwen3-0.6b, llama-3.2-1b, "
+        "llama-3.1-8b (and tiny-qwen3, tiny-llama for tests)",
+    )
     kv = parser.add_argument_group("disaggregated prefill")
-    kv.add_argument("--kv-role", default=d.kv_role, choices=["both", "prefill", "decode"],
-                    help="both: colocated (default); prefill / decode: one half of a pair "
-                         "behind `pagoda router`, KV moved by NIXL")
-    kv.add_argument("--kv-secret", default=None,
-                    help="shared secret of the KV side channel (default $PAGODA_KV_SECRET)")
-    kv.add_argument("--kv-lease-seconds", type=float, default=d.kv_lease_seconds,
-                    help="prefill: how long a finished request's KV waits to be pulled")
-    kv.add_argument("--kv-load-failure", default=d.kv_load_failure,
-                    choices=["recompute", "fail"],
-                    help="decode: compute the prompt here, or fail the request, when a pull fails")
+    kv.add_argument(
+        "--kv-role",
+        default=d.kv_role,
+        choices=["both", "prefill", "decode"],
+        help="both: colocated (default); prefill / decode: one half of a pair "
+        "behind `pagoda router`, KV moved by NIXL",
+    )
+    kv.add_argument(
+        "--kv-secret",
+        default=None,
+        help="shared secret of the KV side channel (default $PAGODA_KV_SECRET)",
+    )
+    kv.add_argument(
+        "--kv-lease-seconds",
+        type=float,
+        default=d.kv_lease_seconds,
+        help="prefill: how long a finished request's KV waits to be pulled",
+    )
+    kv.add_argument(
+        "--kv-load-failure",
+        default=d.kv_load_failure,
+        choices=["recompute", "fail"],
+        help="decode: compute the prompt here, or fail the request, when a pull fails",
+    )
     kv.add_argument("--kv-transfer-timeout", type=float, default=d.kv_transfer_timeout)
-    kv.add_argument("--kv-host", default=d.kv_host,
-                    help="the KV side channel's address (default 127.0.0.1)")
+    kv.add_argument(
+        "--kv-host", default=d.kv_host, help="the KV side channel's address (default 127.0.0.1)"
+    )
     kv.add_argument("--kv-port", type=int, default=d.kv_port, help="0: any free port")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: run decode steps eagerly instead of replaying CUDA graphs")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule and launch the next step while the device runs this one "
-                        "(default: on for CUDA, off for the CPU, where nothing overlaps)")
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="CUDA: run decode steps eagerly instead of replaying CUDA graphs",
+    )
+    g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule and launch the next step while the device runs this one "
+        "(default: on for CUDA, off for the CPU, where nothing overlaps)",
+    )
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -94,8 +155,13 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     args = engine_args_from(ns)
     llm = LLM(**vars(args))
-    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature,
-                            top_p=ns.top_p, top_k=ns.top_k, seed=ns.sample_seed)
+    params = SamplingParams(
+        max_tokens=ns.max_tokens,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=ns.top_k,
+        seed=ns.sample_seed,
+    )
     start = time.perf_counter()
     if ns.chat:
         out = llm.chat([{"role": "user", "content": ns.prompt}], params)[0]
@@ -107,8 +173,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     ttft = out.time_to_first_token
     ttft_text = f"{ttft:.3f} s" if ttft is not None else "-"
     detail = f" ({out.outputs[0].finish_detail})" if out.outputs[0].finish_detail else ""
-    print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, finish_reason="
-          f"{out.finish_reason}{detail}, ttft={ttft_text}]", file=sys.stderr)
+    print(
+        f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, finish_reason="
+        f"{out.finish_reason}{detail}, ttft={ttft_text}]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -119,17 +188,29 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def add_router_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prefill", nargs="*", default=[], metavar="URL",
-                        help="prefill instances (pagoda serve --kv-role prefill)")
-    parser.add_argument("--decode", nargs="+", required=True, metavar="URL",
-                        help="decode instances (pagoda serve --kv-role decode)")
+    parser.add_argument(
+        "--prefill",
+        nargs="*",
+        default=[],
+        metavar="URL",
+        help="prefill instances (pagoda serve --kv-role prefill)",
+    )
+    parser.add_argument(
+        "--decode",
+        nargs="+",
+        required=True,
+        metavar="URL",
+        help="decode instances (pagoda serve --kv-role decode)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--policy", choices=["least_outstanding", "round_robin"],
-                        default="least_outstanding")
+    parser.add_argument(
+        "--policy", choices=["least_outstanding", "round_robin"], default="least_outstanding"
+    )
     parser.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS")
-    parser.add_argument("--api-key", default=None,
-                        help="sent to the instances when the client sends none")
+    parser.add_argument(
+        "--api-key", default=None, help="sent to the instances when the client sends none"
+    )
 
 
 def _router_main(ns: argparse.Namespace) -> int:

@@ -1,11 +1,13 @@
 """The offline API: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+
 from __future__ import annotations
 
 import itertools
 from dataclasses import fields
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union, cast
 
 from pagoda.config import EngineArgs
+from pagoda.engine import pacing
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.outputs import RequestOutput
 from pagoda.sampling import SamplingParams
@@ -34,15 +36,18 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
-                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: Optional[bool] = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: Optional[bool] = None,
+    ) -> list[RequestOutput]:
         """Prompts are strings or lists of token ids; returns outputs in prompt order."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         ids = []
         try:
-            for prompt, params in zip(prompt_list, params_list):
+            for prompt, params in zip(prompt_list, params_list, strict=True):
                 ids.append(self._add(prompt, params))
         except Exception:
             for rid in ids:
@@ -50,12 +55,14 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: Union[Messages, Sequence[Messages]],
-             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-             use_tqdm: Optional[bool] = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: Union[Messages, Sequence[Messages]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: Optional[bool] = None,
+    ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or several; uses the chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.encode_chat(conv) for conv in conversations]
+        prompts = [self.engine.encode_chat(conv) for conv in _as_conversations(messages)]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def reset_prefix_cache(self) -> int:
@@ -79,6 +86,7 @@ class LLM:
                     results[out.request_id] = out
                     if bar is not None:
                         bar.update(1)
+            pacing.after_step(self.engine)
         if bar is not None:
             bar.close()
         return [results[rid] for rid in ids]
@@ -87,14 +95,23 @@ class LLM:
 def _as_prompt_list(prompts: Union[PromptType, Sequence[PromptType]]) -> list[PromptType]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if prompts and isinstance(prompts[0], int):
-        return [prompts]  # one prompt of token ids
-    return prompts
+    items = list(prompts)
+    # A list is told apart by its first item, which the type checker cannot follow.
+    if items and isinstance(items[0], int):
+        return [cast(list[int], items)]  # one prompt of token ids
+    return cast(list[PromptType], items)
 
 
-def _as_params_list(params: Union[SamplingParams, Sequence[SamplingParams], None],
-                    n: int) -> list[SamplingParams]:
+def _as_conversations(messages: Union[Messages, Sequence[Messages]]) -> Sequence[Messages]:
+    """One conversation (a list of message dicts) or several (a list of such lists)."""
+    if messages and isinstance(messages[0], dict):
+        return [cast(Messages, messages)]
+    return cast(Sequence[Messages], messages)
+
+
+def _as_params_list(
+    params: Union[SamplingParams, Sequence[SamplingParams], None], n: int
+) -> list[SamplingParams]:
     if params is None:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):

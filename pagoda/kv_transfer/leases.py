@@ -6,6 +6,7 @@ The engine thread creates, expires and releases leases; the side channel's threa
 True, the lease cannot expire before the new deadline, so the blocks under it are not freed
 while the reader is within its transfer timeout.
 """
+
 from __future__ import annotations
 
 import threading

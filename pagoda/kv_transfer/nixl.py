@@ -10,6 +10,7 @@ the blocks cannot be freed while it reads; the READ carries a notification that 
 prefill instance to end the lease when the data has landed.
 Invariant: a load is reported (loaded or failed) only once NIXL no longer writes its blocks.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,23 +23,23 @@ from typing import Any, Optional
 import torch
 
 from pagoda.config import KVTransferConfig
-from pagoda.core.outputs import KVEvents, KVLoad
+from pagoda.core.remote_kv import KVEvents, KVLoad, RemotePrefill
 from pagoda.kv_transfer import side_channel
-from pagoda.kv_transfer.base import KVConnectorWorker
+from pagoda.kv_transfer.base import KVConnectorWorker, KVTransferStats
 from pagoda.kv_transfer.leases import LeaseTable
-from pagoda.kv_transfer.params import RemotePrefill
 
 logger = logging.getLogger(__name__)
 
 RELEASE_PREFIX = b"pagoda-release:"
 PROGRESS_DELAY_US = 1000  # the NIXL progress thread's sleep between polls
-PIN_MARGIN_S = 5.0   # a pin outlives the reader's transfer timeout by this much
+PIN_MARGIN_S = 5.0  # a pin outlives the reader's transfer timeout by this much
 MEMORY_TYPE = {"cpu": "DRAM", "cuda": "VRAM"}
 
 
 @dataclass(frozen=True)
 class KVLayout:
     """What a peer must agree on before reading our blocks, and where they are."""
+
     model_key: str
     dtype: str
     block_size: int
@@ -52,15 +53,24 @@ class KVLayout:
 
     @classmethod
     def of(cls, kv_caches: list[torch.Tensor], model_key: str) -> "KVLayout":
-        first = kv_caches[0]                       # (2, num_blocks, block_size, Hkv, D)
+        first = kv_caches[0]  # (2, num_blocks, block_size, Hkv, D)
         _, num_blocks, block_size, heads, dim = first.shape
         for t in kv_caches:
             if not t.is_contiguous() or t.shape != first.shape:
                 raise ValueError("KV cache tensors must be contiguous and of one shape")
         block_bytes = block_size * heads * dim * first.element_size()
-        return cls(model_key, str(first.dtype).removeprefix("torch."), block_size,
-                   len(kv_caches), heads, dim, num_blocks, block_bytes,
-                   MEMORY_TYPE[first.device.type], tuple(t.data_ptr() for t in kv_caches))
+        return cls(
+            model_key,
+            str(first.dtype).removeprefix("torch."),
+            block_size,
+            len(kv_caches),
+            heads,
+            dim,
+            num_blocks,
+            block_bytes,
+            MEMORY_TYPE[first.device.type],
+            tuple(t.data_ptr() for t in kv_caches),
+        )
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "KVLayout":
@@ -71,8 +81,7 @@ class KVLayout:
 
     def mismatch(self, other: "KVLayout") -> Optional[str]:
         """Why KV blocks of ``other`` cannot stand in for ours; None if they can."""
-        for name in ("dtype", "block_size", "num_layers", "num_kv_heads", "head_dim",
-                     "model_key"):
+        for name in ("dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "model_key"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 return f"incompatible KV layout: {name} is {theirs!r} there, {mine!r} here"
@@ -98,11 +107,13 @@ class _Pull:
 
 
 class NixlConnector(KVConnectorWorker):
-    def __init__(self, config: KVTransferConfig, secret: bytes, kv_caches: list[torch.Tensor],
-                 model_key: str, leases: Optional[LeaseTable] = None) -> None:
+    def __init__(
+        self, config: KVTransferConfig, secret: bytes, kv_caches: list[torch.Tensor], model_key: str
+    ) -> None:
         self.config = config
         self._secret = secret
-        self._leases = leases
+        # Prefill: lease deadlines, extended by pins from the side channel's thread.
+        self._leases = LeaseTable(config.lease_seconds) if config.kv_role == "prefill" else None
         self.layout = KVLayout.of(kv_caches, model_key)
         self.agent = _make_agent(f"pagoda-{config.engine_id}")
         self._registered = self.agent.register_memory(kv_caches)
@@ -118,9 +129,14 @@ class NixlConnector(KVConnectorWorker):
         self._peer_releases: queue.SimpleQueue[str] = queue.SimpleQueue()  # from the channel
         self._notifier = ThreadPoolExecutor(1, thread_name_prefix="pagoda-kv-release")
         self._server = side_channel.SideChannelServer(
-            config.side_channel_host, config.side_channel_port, secret, self._answer)
-        logger.info("KV transfer (%s): NIXL agent %s, side channel %s:%d", config.kv_role,
-                    self.agent.name, *self.address)
+            config.side_channel_host, config.side_channel_port, secret, self._answer
+        )
+        logger.info(
+            "KV transfer (%s): NIXL agent %s, side channel %s:%d",
+            config.kv_role,
+            self.agent.name,
+            *self.address,
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -131,15 +147,21 @@ class NixlConnector(KVConnectorWorker):
         """The side channel's handler (runs on its thread)."""
         op = message.get("op")
         if op == "hello":
-            return {"ok": True, "engine_id": self.config.engine_id,
-                    "agent_metadata": self.agent.get_agent_metadata(),
-                    "layout": self.layout.to_json()}
+            return {
+                "ok": True,
+                "engine_id": self.config.engine_id,
+                "agent_metadata": self.agent.get_agent_metadata(),
+                "layout": self.layout.to_json(),
+            }
         if op == "pin":
             if self._leases is None:
-                return {"ok": False, "error": "this instance holds no leases (not a prefill "
-                                              "instance)"}
-            pinned = self._leases.pin(str(message.get("lease_id")),
-                                      float(message.get("seconds", 0)))
+                return {
+                    "ok": False,
+                    "error": "this instance holds no leases (not a prefill instance)",
+                }
+            pinned = self._leases.pin(
+                str(message.get("lease_id")), float(message.get("seconds", 0))
+            )
             return {"ok": pinned, "error": None if pinned else "no such lease (expired?)"}
         if op == "release":
             self._peer_releases.put(str(message.get("lease_id")))  # freed on the engine thread
@@ -153,7 +175,7 @@ class NixlConnector(KVConnectorWorker):
         for messages in self.agent.get_new_notifs().values():
             for msg in messages:
                 if msg.startswith(RELEASE_PREFIX):
-                    released.append(msg[len(RELEASE_PREFIX):].decode("utf-8", "replace"))
+                    released.append(msg[len(RELEASE_PREFIX) :].decode("utf-8", "replace"))
         return released
 
     # ------------------------------------------------------------ decode side
@@ -165,11 +187,14 @@ class NixlConnector(KVConnectorWorker):
         """Off the engine thread: a slow or dead peer must not stall the step loop (its
         lease then simply expires)."""
         try:
-            side_channel.call(remote.host, remote.port, self._secret,
-                              {"op": "release", "lease_id": remote.request_id})
+            side_channel.call(
+                remote.host,
+                remote.port,
+                self._secret,
+                {"op": "release", "lease_id": remote.lease_id},
+            )
         except side_channel.SideChannelError as e:
-            logger.info("could not release lease %s early (it will expire): %s",
-                        remote.request_id, e)
+            logger.info("could not release lease %s early (it will expire): %s", remote.lease_id, e)
 
     def start_loads(self, loads: list[KVLoad]) -> None:
         for load in loads:
@@ -182,17 +207,23 @@ class NixlConnector(KVConnectorWorker):
     def _start(self, load: KVLoad) -> None:
         remote = self._remote(load.remote)
         timeout = self.config.transfer_timeout_seconds
-        pin = side_channel.call(load.remote.host, load.remote.port, self._secret,
-                                {"op": "pin", "lease_id": load.remote.request_id,
-                                 "seconds": timeout + PIN_MARGIN_S})
+        pin = side_channel.call(
+            load.remote.host,
+            load.remote.port,
+            self._secret,
+            {"op": "pin", "lease_id": load.remote.lease_id, "seconds": timeout + PIN_MARGIN_S},
+        )
         if not pin.get("ok"):
             raise RuntimeError(f"the prefill instance no longer holds the KV: {pin.get('error')}")
         local_descs, remote_descs = self._descriptors(load, remote.layout)
         mem = self.layout.memory_type
         handle = self.agent.initialize_xfer(
-            "READ", self.agent.get_xfer_descs(local_descs, mem),
+            "READ",
+            self.agent.get_xfer_descs(local_descs, mem),
             self.agent.get_xfer_descs(remote_descs, remote.layout.memory_type),
-            remote.agent_name, RELEASE_PREFIX + load.remote.request_id.encode("utf-8"))
+            remote.agent_name,
+            RELEASE_PREFIX + load.remote.lease_id.encode("utf-8"),
+        )
         state = self.agent.transfer(handle)
         if state == "ERR":
             self.agent.release_xfer_handle(handle)
@@ -209,8 +240,10 @@ class NixlConnector(KVConnectorWorker):
             return known
         hello = side_channel.call(prefill.host, prefill.port, self._secret, {"op": "hello"})
         if hello.get("engine_id") != prefill.engine_id:
-            raise RuntimeError(f"{prefill.host}:{prefill.port} is engine "
-                               f"{hello.get('engine_id')!r}, not {prefill.engine_id!r}")
+            raise RuntimeError(
+                f"{prefill.host}:{prefill.port} is engine "
+                f"{hello.get('engine_id')!r}, not {prefill.engine_id!r}"
+            )
         layout = KVLayout.from_json(hello["layout"])
         problem = self.layout.mismatch(layout)
         if problem is not None:
@@ -249,12 +282,31 @@ class NixlConnector(KVConnectorWorker):
             elif state == "ERR":
                 self._end_failed(rid, pull, "NIXL reported a transfer error")
             elif now > pull.deadline:
-                self._end_failed(rid, pull, f"timed out after "
-                                            f"{self.config.transfer_timeout_seconds:.1f} s")
+                self._end_failed(
+                    rid, pull, f"timed out after {self.config.transfer_timeout_seconds:.1f} s"
+                )
         if self._leases is not None:
-            self._events.released.extend(self._released_leases())
+            for lease_id in self._released_leases():
+                if self._leases.release(lease_id):
+                    self._events.released.append(lease_id)
+            self._events.expired.extend(self._expired_leases())
         events, self._events = self._events, KVEvents()
         return events
+
+    def hold_leases(self, lease_ids: list[str]) -> None:
+        if not lease_ids:
+            return
+        if self._leases is None:
+            raise RuntimeError("leases are held by prefill instances only")
+        for lease_id in lease_ids:
+            self._leases.add(lease_id)
+
+    def _expired_leases(self) -> list[str]:
+        assert self._leases is not None
+        expired = self._leases.pop_expired()
+        for lease_id in expired:
+            logger.warning("lease %s expired before a decode instance pulled it", lease_id)
+        return expired
 
     def _end_failed(self, rid: str, pull: _Pull, why: str) -> None:
         try:
@@ -264,9 +316,17 @@ class NixlConnector(KVConnectorWorker):
         del self._pulls[rid]
         self._events.failed[rid] = why
 
-    @property
-    def num_pulls_in_flight(self) -> int:
-        return len(self._pulls)
+    def stats(self) -> KVTransferStats:
+        leases = self._leases
+        return KVTransferStats(
+            num_blocks_pulled=self.num_blocks_pulled,
+            num_pulls_done=self.num_pulls_done,
+            bytes_pulled=self.bytes_pulled,
+            pull_seconds=self.pull_seconds,
+            num_leases=len(leases) if leases is not None else 0,
+            num_leases_expired=leases.num_expired if leases is not None else 0,
+            num_leases_released=leases.num_released if leases is not None else 0,
+        )
 
     def close(self) -> None:
         self._notifier.shutdown(wait=True)
@@ -302,7 +362,7 @@ def _runs(local: list[int], remote: list[int]) -> list[tuple[int, int, int]]:
     """Split paired block lists into (local start, remote start, length) runs in which both
     sides are consecutive, so one descriptor covers each run."""
     runs: list[tuple[int, int, int]] = []
-    for lo, ro in zip(local, remote):
+    for lo, ro in zip(local, remote, strict=True):
         if runs:
             l0, r0, n = runs[-1]
             if lo == l0 + n and ro == r0 + n:

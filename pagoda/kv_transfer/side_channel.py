@@ -6,6 +6,7 @@ Messages are msgpack maps, never pickle. Each one (request and reply) is signed 
 HMAC-SHA256 under a shared secret and carries a timestamp; a message with a bad signature or
 a stale timestamp is dropped. Invariant: a handler only ever sees authenticated messages.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,10 @@ def resolve_secret(secret: Optional[str]) -> bytes:
     """The shared secret: the argument, else $PAGODA_KV_SECRET; an error if neither is set."""
     value = secret or os.environ.get(SECRET_ENV)
     if not value:
-        raise ValueError(f"disaggregated prefill needs a shared secret: pass --kv-secret or set "
-                         f"${SECRET_ENV} (the same on every prefill and decode instance)")
+        raise ValueError(
+            f"disaggregated prefill needs a shared secret: pass --kv-secret or set "
+            f"${SECRET_ENV} (the same on every prefill and decode instance)"
+        )
     return value.encode("utf-8")
 
 
@@ -72,7 +75,7 @@ class SideChannelServer:
     def __init__(self, host: str, port: int, secret: bytes, handler: Handler) -> None:
         self._secret = secret
         self._handler = handler
-        self._context = zmq.Context.instance()
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._socket = self._context.socket(zmq.REP)
         self._socket.setsockopt(zmq.LINGER, 0)
         if port == 0:
@@ -82,8 +85,9 @@ class SideChannelServer:
             self.port = port
         self.host = host
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="pagoda-kv-side-channel",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, name="pagoda-kv-side-channel", daemon=True
+        )
         self._thread.start()
 
     def _serve(self) -> None:
@@ -114,10 +118,16 @@ class SideChannelServer:
         self._thread.join(timeout=2)
 
 
-def call(host: str, port: int, secret: bytes, message: dict[str, Any],
-         timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+def call(
+    host: str,
+    port: int,
+    secret: bytes,
+    message: dict[str, Any],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict[str, Any]:
     """Send one sealed request and return the verified reply."""
-    socket = zmq.Context.instance().socket(zmq.REQ)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    socket = context.socket(zmq.REQ)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
@@ -130,6 +140,7 @@ def call(host: str, port: int, secret: bytes, message: dict[str, Any],
     finally:
         socket.close()
     if not data:
-        raise SideChannelError(f"side channel {host}:{port} refused the request "
-                               "(the shared secrets differ?)")
+        raise SideChannelError(
+            f"side channel {host}:{port} refused the request (the shared secrets differ?)"
+        )
     return open_sealed(secret, data)

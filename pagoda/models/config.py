@@ -1,4 +1,5 @@
 """ModelArch: the shape of a Llama-family decoder, read from a Hugging Face config dict."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ class ModelArch:
     @property
     def num_params_non_embedding(self) -> int:
         """Weights of the transformer layers (the matmuls every token pays for)."""
-        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        h = self.hidden_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h
         mlp = 3 * h * self.intermediate_size
         return self.num_layers * (attn + mlp)
@@ -52,7 +54,8 @@ class ModelArch:
             archs = cfg.get("architectures") or [model_type]
             raise UnsupportedModelError(
                 f"unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
-                f"pagoda supports {sorted(SUPPORTED_MODEL_TYPES)}")
+                f"pagoda supports {sorted(SUPPORTED_MODEL_TYPES)}"
+            )
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only 'silu'")
@@ -87,8 +90,9 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, Optional[dict]]:
     """rope_theta and rope_scaling, from either the old keys or transformers 5's rope_parameters."""
     params = cfg.get("rope_parameters") or {}
     theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default"
-                                          else None)
+    scaling = cfg.get("rope_scaling") or (
+        params if params.get("rope_type", "default") != "default" else None
+    )
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":

@@ -19,8 +19,10 @@ Invariant: an ``Int4Linear`` of at most ``max_rows`` rows computes ``x @ dequant
 (fp32 sums, the model's dtype out); above that, exactly what the dense layer computes.
 ``PAGODA_INT4_MAX_ROWS`` sets the row limit instead of timing it (0: never the 4-bit form).
 """
+
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional
@@ -34,16 +36,17 @@ from pagoda.models.cpu_linear import best_seconds
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "int4")
-GROUP = 32                    # weights per scale/zero pair (llama.cpp's Q4_0/Q4_1 block)
-LEVELS = 15                   # codes 0..15
+GROUP = 32  # weights per scale/zero pair (llama.cpp's Q4_0/Q4_1 block)
+LEVELS = 15  # codes 0..15
 MAX_ROWS_ENV = "PAGODA_INT4_MAX_ROWS"
-TIMING_ROWS = (1, 2, 4, 6, 8, 12, 16)   # candidate row limits, timed in this order
-TIMING_BYTES = 64 << 20       # dense weights of one shape timed in turn: cold in cache
-MIN_SPEEDUP = 1.1             # the 4-bit form must beat the dense one by this at a row count
+TIMING_ROWS = (1, 2, 4, 6, 8, 12, 16)  # candidate row limits, timed in this order
+TIMING_BYTES = 64 << 20  # dense weights of one shape timed in turn: cold in cache
+MIN_SPEEDUP = 1.1  # the 4-bit form must beat the dense one by this at a row count
 
 
-def resolve_quantization(name: Optional[str], device: torch.device,
-                         dtype: torch.dtype) -> Optional[str]:
+def resolve_quantization(
+    name: Optional[str], device: torch.device, dtype: torch.dtype
+) -> Optional[str]:
     """--quantization: None/"none" for the checkpoint's weights as loaded, or "int4"."""
     if name in (None, "none"):
         return None
@@ -62,8 +65,9 @@ def bytes_per_weight(dtype: torch.dtype, group: int = GROUP) -> float:
     return 0.5 + 2 * dtype.itemsize / group
 
 
-def quantize(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
+def quantize(
+    weight: torch.Tensor, group: int = GROUP
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) weights -> codes (N, K) int32 in [0, 15], scale and zero (N, K // group) fp32,
     with ``w ~ (q - 8) * scale + zero``: each group's minimum maps to code 0, its maximum to 15."""
     n, k = weight.shape
@@ -72,7 +76,7 @@ def quantize(weight: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
     w = weight.detach().float().reshape(n, k // group, group)
     lo, hi = w.amin(-1), w.amax(-1)
     scale = (hi - lo) / LEVELS
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))   # constant group: all codes 0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: all codes 0
     codes = torch.round((w - lo[..., None]) / safe[..., None]).clamp_(0, LEVELS)
     zero = lo + 8 * scale
     return codes.to(torch.int32).reshape(n, k), scale, zero
@@ -99,8 +103,9 @@ class Int4Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, K) -> (T, N); the kernel takes only contiguous rows."""
-        return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.packed, self.group,
-                                                 self.scale_zeros)
+        return torch._weight_int4pack_mm_for_cpu(
+            x.contiguous(), self.packed, self.group, self.scale_zeros
+        )
 
 
 class Int4Linear(nn.Module):
@@ -110,7 +115,7 @@ class Int4Linear(nn.Module):
     def __init__(self, dense: nn.Linear) -> None:
         super().__init__()
         self.int4 = Int4Weight(dense.weight, dense.weight.dtype)
-        self.dense = dense          # cpu_linear.pack_model may replace it by a packed layer
+        self.dense = dense  # cpu_linear.pack_model may replace it by a packed layer
         self.bias = None if dense.bias is None else dense.bias.detach()
         self.in_features, self.out_features = dense.in_features, dense.out_features
         self.max_rows = 0
@@ -152,8 +157,8 @@ def time_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
     best = 0
     for rows in TIMING_ROWS:
         x = torch.randn(rows, layers[0].in_features, dtype=dtype)
-        dense_s = best_seconds([lambda m=m: m.dense(x) for m in layers])
-        int4_s = best_seconds([lambda m=m: m.int4(x) for m in layers])
+        dense_s = best_seconds([functools.partial(m.dense, x) for m in layers])
+        int4_s = best_seconds([functools.partial(m.int4, x) for m in layers])
         logger.debug("int4 at %d rows: %.2fx dense", rows, dense_s / int4_s)
         if dense_s < MIN_SPEEDUP * int4_s:
             break
@@ -176,8 +181,11 @@ def choose_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
         max_rows = time_max_rows(same[:count], dtype)
     for m in layers:
         m.max_rows = max_rows
-    logger.info("int4 weights for steps of at most %d rows (%s)", max_rows,
-                MAX_ROWS_ENV if forced is not None else "timed on this CPU")
+    logger.info(
+        "int4 weights for steps of at most %d rows (%s)",
+        max_rows,
+        MAX_ROWS_ENV if forced is not None else "timed on this CPU",
+    )
     return max_rows
 
 

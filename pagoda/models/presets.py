@@ -4,6 +4,7 @@ Each preset is the Hugging Face ``config.json`` of the published model (the fiel
 reads), so it goes through the same ``ModelArch.from_hf_config`` as a real checkpoint. The
 ``tiny-*`` presets are test-sized shapes of the same families.
 """
+
 from __future__ import annotations
 
 import copy
@@ -11,50 +12,101 @@ from typing import Any
 
 from pagoda.models.config import ModelArch
 
-_LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Qwen/Qwen3-0.6B
     "qwen3-0.6b": {
-        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
-        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0, "max_position_embeddings": 40960,
-        "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+        "model_type": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": True,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
         "hidden_act": "silu",
     },
     # meta-llama/Llama-3.2-1B
     "llama-3.2-1b": {
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
-        "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "rope_scaling": {**_LLAMA3_ROPE_SCALING, "factor": 32.0},
-        "max_position_embeddings": 131072, "tie_word_embeddings": True,
-        "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {**_LLAMA3_ROPE_SCALING, "factor": 32.0},
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": True,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "hidden_act": "silu",
     },
     # meta-llama/Llama-3.1-8B
     "llama-3.1-8b": {
-        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0, "rope_scaling": {**_LLAMA3_ROPE_SCALING, "factor": 8.0},
-        "max_position_embeddings": 131072, "tie_word_embeddings": False,
-        "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu",
+        "model_type": "llama",
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": {**_LLAMA3_ROPE_SCALING, "factor": 8.0},
+        "max_position_embeddings": 131072,
+        "tie_word_embeddings": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "hidden_act": "silu",
     },
     # Test-sized shapes (seconds on a CPU): Qwen3 with qk-norm and GQA 2, Llama with GQA 3.
     "tiny-qwen3": {
-        "model_type": "qwen3", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 32, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "max_position_embeddings": 1024, "tie_word_embeddings": True, "eos_token_id": 1,
+        "model_type": "qwen3",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+        "eos_token_id": 1,
         "hidden_act": "silu",
     },
     "tiny-llama": {
-        "model_type": "llama", "vocab_size": 512, "hidden_size": 96, "intermediate_size": 192,
-        "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
-        "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "max_position_embeddings": 1024, "tie_word_embeddings": False, "eos_token_id": 1,
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 96,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+        "eos_token_id": 1,
         "hidden_act": "silu",
     },
 }

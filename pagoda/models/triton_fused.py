@@ -18,6 +18,7 @@ They run on CUDA for 16-bit floats. ``PAGODA_FUSED=0`` turns them off, and fp32 
 reference ops, as on the CPU. Under ``TRITON_INTERPRET=1`` the tests run them on CPU
 tensors.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,20 @@ def _round(x, DTYPE: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, SOFT: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    n,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SOFT: tl.constexpr,
+):
     """One program per row. HAS_RES: res += x (rounded, stored back), then normalise res."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -60,19 +73,33 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
 
 
 @triton.jit
-def _norm_rope_heads(ptr, w_ptr, cos1, sin1, cos2, sin2, t, stride_t, stride_h, num_heads,
-                     eps, HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                     SOFT: tl.constexpr):
+def _norm_rope_heads(
+    ptr,
+    w_ptr,
+    cos1,
+    sin1,
+    cos2,
+    sin2,
+    t,
+    stride_t,
+    stride_h,
+    num_heads,
+    eps,
+    HAS_NORM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    SOFT: tl.constexpr,
+):
     """Token t's heads of one tensor in place: optional RMSNorm over each head, then RoPE."""
     dtype = ptr.dtype.element_ty
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HALF)
-    ok = (h < num_heads)[:, None]                                        # (BH, 1)
-    base = ptr + t * stride_t + h[:, None] * stride_h + d[None, :]      # (BH, HALF)
+    ok = (h < num_heads)[:, None]  # (BH, 1)
+    base = ptr + t * stride_t + h[:, None] * stride_h + d[None, :]  # (BH, HALF)
     x1 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF, mask=ok, other=0.0).to(tl.float32)
     if HAS_NORM:
-        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)          # (BH,)
+        ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)  # (BH,)
         rstd = tl.rsqrt(ss / (2 * HALF) + eps)[:, None]
         w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
         w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
@@ -86,31 +113,79 @@ def _norm_rope_heads(ptr, w_ptr, cos1, sin1, cos2, sin2, t, stride_t, stride_h, 
 
 
 @triton.jit
-def _qk_norm_rope_kernel(q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr,
-                         stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
-                         num_q_heads, num_k_heads, eps, HAS_NORM: tl.constexpr,
-                         HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                         SOFT: tl.constexpr):
+def _qk_norm_rope_kernel(
+    q_ptr,
+    k_ptr,
+    qw_ptr,
+    kw_ptr,
+    cos_ptr,
+    sin_ptr,
+    pos_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cos,
+    num_q_heads,
+    num_k_heads,
+    eps,
+    HAS_NORM: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    SOFT: tl.constexpr,
+):
     """One program per token: its q and k heads, in place."""
     t = tl.program_id(0).to(tl.int64)
     dtype = q_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF)
     row = cos_ptr + pos * stride_cos
-    cos1 = _round(tl.load(row + d), dtype, SOFT)[None, :]                     # (1, HALF)
+    cos1 = _round(tl.load(row + d), dtype, SOFT)[None, :]  # (1, HALF)
     cos2 = _round(tl.load(row + HALF + d), dtype, SOFT)[None, :]
     row = sin_ptr + pos * stride_cos
     sin1 = _round(tl.load(row + d), dtype, SOFT)[None, :]
     sin2 = _round(tl.load(row + HALF + d), dtype, SOFT)[None, :]
-    _norm_rope_heads(q_ptr, qw_ptr, cos1, sin1, cos2, sin2, t, stride_qt, stride_qh,
-                     num_q_heads, eps, HAS_NORM, HALF, BLOCK_HQ, SOFT)
-    _norm_rope_heads(k_ptr, kw_ptr, cos1, sin1, cos2, sin2, t, stride_kt, stride_kh,
-                     num_k_heads, eps, HAS_NORM, HALF, BLOCK_HK, SOFT)
+    _norm_rope_heads(
+        q_ptr,
+        qw_ptr,
+        cos1,
+        sin1,
+        cos2,
+        sin2,
+        t,
+        stride_qt,
+        stride_qh,
+        num_q_heads,
+        eps,
+        HAS_NORM,
+        HALF,
+        BLOCK_HQ,
+        SOFT,
+    )
+    _norm_rope_heads(
+        k_ptr,
+        kw_ptr,
+        cos1,
+        sin1,
+        cos2,
+        sin2,
+        t,
+        stride_kt,
+        stride_kh,
+        num_k_heads,
+        eps,
+        HAS_NORM,
+        HALF,
+        BLOCK_HK,
+        SOFT,
+    )
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_o, inter, BLOCK: tl.constexpr,
-                     SOFT: tl.constexpr):
+def _silu_mul_kernel(
+    gu_ptr, out_ptr, stride_gu, stride_o, inter, BLOCK: tl.constexpr, SOFT: tl.constexpr
+):
     """Program (row, column block): out = SiLU(gate) * up, gate | up side by side."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -126,8 +201,9 @@ SILU_BLOCK = 1024
 
 
 # ------------------------------------------------------------------------------------ wrappers
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """x: (T, E) -> RMSNorm(x), or with ``residual``: residual += x in place and returns
     RMSNorm(residual)."""
     rows, n = x.shape
@@ -135,15 +211,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if rows:
         res = residual if residual is not None else x
         _check_rows(x, res, out)
-        _rms_norm_kernel[(rows,)](x, res, weight, out, x.stride(0), res.stride(0),
-                                  out.stride(0), n, eps, HAS_RES=residual is not None,
-                                  BLOCK=triton.next_power_of_2(n), SOFT=_soft_round())
+        _rms_norm_kernel[(rows,)](
+            x,
+            res,
+            weight,
+            out,
+            x.stride(0),
+            res.stride(0),
+            out.stride(0),
+            n,
+            eps,
+            HAS_RES=residual is not None,
+            BLOCK=triton.next_power_of_2(n),
+            SOFT=_soft_round(),
+        )
     return out
 
 
-def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, q_weight: Optional[torch.Tensor],
-                  k_weight: Optional[torch.Tensor], eps: float) -> None:
+def qk_norm_rope_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_weight: Optional[torch.Tensor],
+    k_weight: Optional[torch.Tensor],
+    eps: float,
+) -> None:
     """In place: q (T, H, D) and k (T, Hkv, D), each head RMSNorm-ed when weights are given
     (Qwen3), then rotated; cos, sin: fp32 (P, D); positions: (T,)."""
     tokens, num_heads, head_dim = q.shape
@@ -155,11 +249,27 @@ def qk_norm_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         raise ValueError("fused RoPE needs contiguous head dims and matching cos/sin tables")
     has_norm = q_weight is not None
     _qk_norm_rope_kernel[(tokens,)](
-        q, k, q_weight if has_norm else q, k_weight if has_norm else k, cos, sin, positions,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-        num_heads, k.shape[1], eps, HAS_NORM=has_norm, HALF=head_dim // 2,
+        q,
+        k,
+        q_weight if has_norm else q,
+        k_weight if has_norm else k,
+        cos,
+        sin,
+        positions,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        num_heads,
+        k.shape[1],
+        eps,
+        HAS_NORM=has_norm,
+        HALF=head_dim // 2,
         BLOCK_HQ=triton.next_power_of_2(num_heads),
-        BLOCK_HK=triton.next_power_of_2(k.shape[1]), SOFT=_soft_round())
+        BLOCK_HK=triton.next_power_of_2(k.shape[1]),
+        SOFT=_soft_round(),
+    )
 
 
 def rope_supported(head_dim: int) -> bool:
@@ -176,8 +286,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         if gate_up.stride(1) != 1:
             raise ValueError("silu_mul needs a contiguous last dim")
         _silu_mul_kernel[(rows, triton.cdiv(inter, SILU_BLOCK))](
-            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=SILU_BLOCK,
-            SOFT=_soft_round())
+            gate_up,
+            out,
+            gate_up.stride(0),
+            out.stride(0),
+            inter,
+            BLOCK=SILU_BLOCK,
+            SOFT=_soft_round(),
+        )
     return out
 
 

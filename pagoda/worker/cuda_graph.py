@@ -16,6 +16,7 @@ Invariant: a replay computes exactly what the eager forward computes for the rea
 flash-decoding split count is fixed per graph, and the decode kernel's partition adapts to each
 sequence's length inside the kernel, so the result does not depend on the capture).
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,16 +25,16 @@ from typing import Callable, Optional
 
 import torch
 
-from pagoda.attention.metadata import DeviceAttentionMetadata
+from pagoda.attention.metadata import AttentionMetadata
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.utils import cdiv
 from pagoda.worker.host_buffer import pack_ints
 
 logger = logging.getLogger(__name__)
 
-PAD_SLOT = -1          # the KV-cache write skips rows with a negative slot
-PAD_SEQ_LEN = 1        # a padded row attends to one token (block 0, offset 0)
-HEAD_ROWS = 4          # input_ids, positions, slot_mapping, seq_lens
+PAD_SLOT = -1  # the KV-cache write skips rows with a negative slot
+PAD_SEQ_LEN = 1  # a padded row attends to one token (block 0, offset 0)
+HEAD_ROWS = 4  # input_ids, positions, slot_mapping, seq_lens
 
 
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
@@ -47,16 +48,23 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    head: torch.Tensor           # (4, B) int64: input_ids, positions, slot_mapping, seq_lens
-    block_tables: torch.Tensor   # (B, W) int64
-    hidden: torch.Tensor         # (B, E), the forward's output (in the graphs' memory pool)
+    head: torch.Tensor  # (4, B) int64: input_ids, positions, slot_mapping, seq_lens
+    block_tables: torch.Tensor  # (B, W) int64
+    hidden: torch.Tensor  # (B, E), the forward's output (in the graphs' memory pool)
 
 
 class DecodeGraphs:
     """Captures the model forward for decode-only batches and replays it."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], block_size: int,
-                 max_num_seqs: int, max_model_len: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[torch.Tensor],
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.block_size, self.device = block_size, device
         self.max_model_len = max_model_len
@@ -78,7 +86,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Largest first, so the smaller graphs reuse the first one's memory pool."""
-        pool = None
+        pool: Optional[torch.cuda._POOL_HANDLE] = None
         for size in reversed(self.sizes):
             self.graphs[size] = self._capture_one(size, pool)
             pool = self.graphs[size].graph.pool()
@@ -86,27 +94,34 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.device)
         logger.info("captured %d CUDA graphs for decode batches %s", len(self.sizes), self.sizes)
 
-    def _metadata(self, head: torch.Tensor, block_tables: torch.Tensor) -> DeviceAttentionMetadata:
+    def _metadata(self, head: torch.Tensor, block_tables: torch.Tensor) -> AttentionMetadata:
         from pagoda.attention.triton_attention import default_num_splits
 
         batch = head.shape[1]
-        splits = default_num_splits(batch, self.model.arch.num_kv_heads, self.max_model_len,
-                                    self.device)
-        return DeviceAttentionMetadata(
-            slot_mapping=head[2], num_decode_tokens=batch, decode_block_tables=block_tables,
-            decode_seq_lens=head[3], decode_max_seq_len=self.max_model_len, prefills=[],
-            block_size=self.block_size, packed_prefills=None, decode_num_splits=splits)
+        splits = default_num_splits(
+            batch, self.model.arch.num_kv_heads, self.max_model_len, self.device
+        )
+        return AttentionMetadata(
+            slot_mapping=head[2],
+            num_decode_tokens=batch,
+            decode_block_tables=block_tables,
+            decode_seq_lens=head[3],
+            decode_max_seq_len=self.max_model_len,
+            prefills=[],
+            block_size=self.block_size,
+            packed_prefills=None,
+            decode_num_splits=splits,
+        )
 
     def _static_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The graph's input buffers, (4, B) and (B, W), holding a harmless all-pad batch."""
         head = torch.zeros((HEAD_ROWS, size), dtype=torch.int64, device=self.device)
-        head[2].fill_(PAD_SLOT)        # warm-up and capture write nothing to the KV cache
+        head[2].fill_(PAD_SLOT)  # warm-up and capture write nothing to the KV cache
         head[3].fill_(PAD_SEQ_LEN)
-        block_tables = torch.zeros((size, self.max_blocks), dtype=torch.int64,
-                                   device=self.device)
+        block_tables = torch.zeros((size, self.max_blocks), dtype=torch.int64, device=self.device)
         return head, block_tables
 
-    def _capture_one(self, size: int, pool: Optional[tuple]) -> _Graph:
+    def _capture_one(self, size: int, pool: Optional[torch.cuda._POOL_HANDLE]) -> _Graph:
         head, block_tables = self._static_inputs(size)
         meta = self._metadata(head, block_tables)
         # Warm-up: compiles the Triton kernels for these shapes outside the capture.
@@ -114,12 +129,18 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            hidden = self.model(head[0], head[1], self.kv_caches, meta)      # (B, E)
+            hidden = self.model(head[0], head[1], self.kv_caches, meta)  # (B, E)
         return _Graph(graph, head, block_tables, hidden)
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            seq_lens: list[int], block_tables: list[list[int]],
-            fill: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        fill: Optional[Callable[[torch.Tensor], None]] = None,
+    ) -> torch.Tensor:
         """Replay the graph for these B decode rows; returns their hidden states (B, E), a view
         of the graph's output (valid until the next replay). ``fill`` may write input ids
         on the device into the graph's input buffer (B_pad,) before the replay."""
@@ -129,11 +150,18 @@ class DecodeGraphs:
         g = self.graphs[size]
         pad = size - batch
         width = max(len(t) for t in block_tables)
-        buf, sizes = pack_ints([input_ids + [0] * pad, positions + [0] * pad,
-                                slots + [PAD_SLOT] * pad, seq_lens + [PAD_SEQ_LEN] * pad,
-                                (block_tables, width)], pin=self.device.type == "cuda")
+        buf, sizes = pack_ints(
+            [
+                input_ids + [0] * pad,
+                positions + [0] * pad,
+                slots + [PAD_SLOT] * pad,
+                seq_lens + [PAD_SEQ_LEN] * pad,
+                (block_tables, width),
+            ],
+            pin=self.device.type == "cuda",
+        )
         head = sum(sizes[:HEAD_ROWS])
-        g.head.copy_(buf[:head].view(HEAD_ROWS, size), non_blocking=True)      # (4, B_pad)
+        g.head.copy_(buf[:head].view(HEAD_ROWS, size), non_blocking=True)  # (4, B_pad)
         # Columns past w keep stale (valid) block ids: no row reads past its seq_len.
         g.block_tables[:batch, :width].copy_(buf[head:].view(batch, width), non_blocking=True)
         if fill is not None:

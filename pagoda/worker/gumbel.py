@@ -14,6 +14,7 @@ kernel's log is a polynomial), so they pick the same token except on near-exact 
 Invariant: ``draw(l, keys)[r]`` is distributed as softmax(l[r]), and is the same token for the
 same (logits, key) wherever the row sits in a batch.
 """
+
 from __future__ import annotations
 
 from types import ModuleType
@@ -62,7 +63,7 @@ def uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
     k1 = ((keys >> 32) & _M32)[:, None]
     index = torch.arange(vocab, dtype=torch.int64, device=keys.device)[None, :]
     h = _fmix32(_fmix32((index * _GOLDEN32 + k0) & _M32) ^ k1)
-    return (((h >> 9) << 1) | 1).to(torch.float32) * 2.0 ** -24
+    return (((h >> 9) << 1) | 1).to(torch.float32) * 2.0**-24
 
 
 def noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -72,4 +73,4 @@ def noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def random_keys(n: int) -> torch.Tensor:
     """Fresh keys from torch's default generator (``torch.manual_seed`` replays them)."""
-    return torch.randint(0, 2 ** 62, (n,), dtype=torch.int64)
+    return torch.randint(0, 2**62, (n,), dtype=torch.int64)

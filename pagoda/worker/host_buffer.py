@@ -5,6 +5,7 @@ Filling the buffer through numpy is several times faster than ``torch.tensor`` o
 Python list (a batch of 256 decodes carries tens of thousands of block ids), and on CUDA the
 buffer is pinned so the copy can be asynchronous.
 """
+
 from __future__ import annotations
 
 from typing import Union
@@ -30,13 +31,13 @@ def pack_ints(parts: list[IntPart], pin: bool) -> tuple[torch.Tensor, list[int]]
     buf = torch.zeros(sum(sizes), dtype=torch.int64, pin_memory=pin)
     flat = buf.numpy()
     offset = 0
-    for part, size in zip(parts, sizes):
-        view = flat[offset:offset + size]
+    for part, size in zip(parts, sizes, strict=True):
+        view = flat[offset : offset + size]
         if isinstance(part, tuple):
             rows, width = part
             table = view.reshape(len(rows), width)
             for i, row in enumerate(rows):
-                table[i, :len(row)] = row
+                table[i, : len(row)] = row
         elif size:
             view[:] = np.fromiter(part, dtype=np.int64, count=size)
         offset += size

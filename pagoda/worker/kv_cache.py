@@ -3,6 +3,7 @@
 Layout per layer: (2, num_blocks, block_size, num_kv_heads, head_dim), K then V. The block
 ids the scheduler hands out index the second dimension of every layer's tensor.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,17 +21,19 @@ def bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int
     return arch.num_layers * 2 * block_size * arch.num_kv_heads * arch.head_dim * elem
 
 
-def num_blocks_for_memory(arch: ModelArch, block_size: int, dtype: torch.dtype,
-                          memory_bytes: int) -> int:
+def num_blocks_for_memory(
+    arch: ModelArch, block_size: int, dtype: torch.dtype, memory_bytes: int
+) -> int:
     n = memory_bytes // bytes_per_block(arch, block_size, dtype)
     if n < 1:
-        raise ValueError(f"the KV cache budget ({memory_bytes / GIB:.3f} GiB) holds no block "
-                         f"of {block_size} tokens")
+        raise ValueError(
+            f"the KV cache budget ({memory_bytes / GIB:.3f} GiB) holds no block "
+            f"of {block_size} tokens"
+        )
     return int(n)
 
 
-def cuda_kv_budget(utilization: float, device: torch.device,
-                   activation_bytes: int = 0) -> int:
+def cuda_kv_budget(utilization: float, device: torch.device, activation_bytes: int = 0) -> int:
     """Bytes for the KV cache on CUDA: ``utilization`` of the device's memory, less what is in
     use now (the weights) and ``activation_bytes`` (a step's peak, see
     :func:`profile_activation_bytes`)."""
@@ -39,8 +42,14 @@ def cuda_kv_budget(utilization: float, device: torch.device,
     return int(max(0.0, free - reserve - activation_bytes))
 
 
-def profile_activation_bytes(model: LlamaForCausalLM, num_tokens: int, num_seqs: int,
-                             block_size: int, dtype: torch.dtype, device: torch.device) -> int:
+def profile_activation_bytes(
+    model: LlamaForCausalLM,
+    num_tokens: int,
+    num_seqs: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
     """CUDA: the peak memory one worst-case step allocates beyond what is allocated now, by
     running it: a forward pass over ``num_tokens`` prompt tokens (the step's token budget) and
     the logits of ``num_seqs`` rows in fp32 (the sampler's copy). Its scratch KV cache (just
@@ -58,27 +67,39 @@ def profile_activation_bytes(model: LlamaForCausalLM, num_tokens: int, num_seqs:
 
 
 @torch.inference_mode()
-def run_profile_step(model: LlamaForCausalLM, num_tokens: int, num_seqs: int, block_size: int,
-                     dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def run_profile_step(
+    model: LlamaForCausalLM,
+    num_tokens: int,
+    num_seqs: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     """One prefill chunk of ``num_tokens`` tokens over a scratch cache, then ``num_seqs`` rows
     of logits in fp32. Returns the logits (num_seqs, V)."""
     num_blocks = cdiv(num_tokens, block_size)
     caches = allocate_kv_cache(model.arch, num_blocks, block_size, dtype, device)
-    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)              # (T,)
-    positions = torch.arange(num_tokens, dtype=torch.int64, device=device)       # (T,)
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)  # (T,)
+    positions = torch.arange(num_tokens, dtype=torch.int64, device=device)  # (T,)
     table = torch.arange(num_blocks, dtype=torch.int64, device=device)
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     meta = AttentionMetadata(
-        slot_mapping=positions, num_decode_tokens=0, decode_block_tables=empty.view(0, 0),
-        decode_seq_lens=empty, decode_max_seq_len=0,
-        prefills=[PrefillChunk(0, num_tokens, num_tokens, table)], block_size=block_size)
-    hidden = model(ids, positions, caches, meta)                                 # (T, E)
-    rows = hidden[-min(num_seqs, num_tokens):]                                   # (S, E)
-    return model.compute_logits(rows).float()                                    # (S, V)
+        slot_mapping=positions,
+        num_decode_tokens=0,
+        decode_block_tables=empty.view(0, 0),
+        decode_seq_lens=empty,
+        decode_max_seq_len=0,
+        prefills=[PrefillChunk(0, num_tokens, num_tokens, table)],
+        block_size=block_size,
+    )
+    hidden = model(ids, positions, caches, meta)  # (T, E)
+    rows = hidden[-min(num_seqs, num_tokens) :]  # (S, E)
+    return model.compute_logits(rows).float()  # (S, V)
 
 
-def allocate_kv_cache(arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: torch.device) -> list[torch.Tensor]:
+def allocate_kv_cache(
+    arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
     # Zeroed, not empty: padded decode slots are masked, but 0 * NaN would still poison.
     shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]

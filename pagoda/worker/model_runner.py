@@ -17,6 +17,7 @@ whose input token the step in flight samples reads it from that step's device te
     step N+1              launch .......... collect
                           ^ its decode rows take N's tokens on the device
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,9 +27,15 @@ from typing import Optional
 
 import torch
 
-from pagoda.attention import backend, cpu_attention, torch_ref
-from pagoda.attention.metadata import (AttentionMetadata, DeviceAttentionMetadata,
-                                       PackedPrefills, PrefillChunk, pack_prefills)
+from pagoda.attention import backend
+from pagoda.attention.metadata import (
+    AttentionMetadata,
+    ChunkSpan,
+    PackedPrefills,
+    PrefillChunk,
+    pack_spans,
+    packed_lists,
+)
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagoda.models import cpu_int4, cpu_linear
@@ -38,8 +45,13 @@ from pagoda.utils import cdiv
 from pagoda.worker.cuda_graph import DecodeGraphs
 from pagoda.worker.host_buffer import IntPart, pack_ints, to_device
 from pagoda.worker.kv_cache import allocate_kv_cache
-from pagoda.worker.sampler import (SamplingRow, greedy_from_hidden, prompt_token_logprobs,
-                                   sample_tokens, token_logprobs)
+from pagoda.worker.sampler import (
+    SamplingRow,
+    greedy_from_hidden,
+    prompt_token_logprobs,
+    sample_tokens,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,33 +64,36 @@ class CachedRequestState:
     params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
-    stop_ids: list[int]            # EOS + stop tokens, masked until min_tokens
+    stop_ids: list[int]  # EOS + stop tokens, masked until min_tokens
     seed_offset: int = 0
-    num_pending: int = 0           # sampled by a launched step, not yet collected (0 or 1)
-    sampled_row: int = 0           # its row among the last launched step's sampled tokens
+    num_pending: int = 0  # sampled by a launched step, not yet collected (0 or 1)
+    sampled_row: int = 0  # its row among the last launched step's sampled tokens
 
 
 @dataclass
 class StepBatch:
     """A step's model inputs on the device."""
-    input_ids: torch.Tensor        # (T,)
-    positions: torch.Tensor        # (T,)
+
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
     attn: AttentionMetadata
-    logits_index_tensor: Optional[torch.Tensor] = None        # (S,) rows to sample (CUDA)
+    logits_index_tensor: Optional[torch.Tensor] = None  # (S,) rows to sample (CUDA)
 
 
 @dataclass
 class HostInputs:
     """A step's inputs as Python lists, before they become tensors on the device."""
-    input_ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    logits_indices: list[int]               # the last row of each request that samples
-    samplers: list[str]                     # their request ids
-    prompt_rows: dict[str, tuple[int, int, int]]   # prompt logprobs: row, position, count
-    decode_seq_lens: list[int]
-    decode_tables: list[list[int]]          # unpadded block ids per decode row
-    chunks: list[tuple[int, int, int, list[int]]]  # prefill: row, query_len, context_len, blocks
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)  # each sampler's last row
+    samplers: list[str] = field(default_factory=list)  # their request ids
+    # prompt logprobs: row, position, count
+    prompt_rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    decode_seq_lens: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)  # unpadded, per decode row
+    chunks: list[ChunkSpan] = field(default_factory=list)  # the prefill chunks
     # Decode rows whose input token is still on the device, and its row in the last
     # launched step's sampled tokens.
     placeholder_rows: list[int] = field(default_factory=list)
@@ -88,59 +103,74 @@ class HostInputs:
 @dataclass
 class StepHandle:
     """A launched step. Its sampled tokens stay on the device until ``collect``."""
-    samplers: list[str] = field(default_factory=list)       # request ids, one per token
+
+    samplers: list[str] = field(default_factory=list)  # request ids, one per token
     rows: list[SamplingRow] = field(default_factory=list)
-    tokens: Optional[torch.Tensor] = None                   # (S,) on the device
-    host_tokens: Optional[torch.Tensor] = None              # (S,) pinned copy (CUDA)
-    ready: Optional[torch.cuda.Event] = None                # recorded after that copy
-    raw_logprobs: Optional[torch.Tensor] = None             # (S, V) when a row wants logprobs
+    tokens: Optional[torch.Tensor] = None  # (S,) on the device
+    host_tokens: Optional[torch.Tensor] = None  # (S,) pinned copy (CUDA)
+    ready: Optional[torch.cuda.Event] = None  # recorded after that copy
+    raw_logprobs: Optional[torch.Tensor] = None  # (S, V) when a row wants logprobs
     output: ModelRunnerOutput = field(default_factory=ModelRunnerOutput)
 
     def read_tokens(self) -> list[int]:
         """The one wait for the device in a step."""
         if self.ready is not None:
+            assert self.host_tokens is not None  # the copy ``ready`` was recorded after
             self.ready.synchronize()
             return self.host_tokens.tolist()
+        assert self.tokens is not None  # read only for a step that sampled
         return self.tokens.tolist()
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, *,
-                 max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_model_len: Optional[int] = None,
-                 enforce_eager: bool = False, kv_dtype: Optional[torch.dtype] = None,
-                 quantization: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_model_len: Optional[int] = None,
+        enforce_eager: bool = False,
+        kv_dtype: Optional[torch.dtype] = None,
+        quantization: Optional[str] = None,
+    ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         int4_layers = cpu_int4.attach_int4(model) if quantization == "int4" else []
-        if device.type == "cpu":   # linear layers' weights packed for the GEMM, where it pays
+        if device.type == "cpu":  # linear layers' weights packed for the GEMM, where it pays
             model.packed_head = cpu_linear.pack_model(model, model.output_weight)
         self.int4_max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
-        if int4_layers and not self.int4_max_rows:   # never faster here: drop the copies
+        if int4_layers and not self.int4_max_rows:  # never faster here: drop the copies
             cpu_int4.detach_int4(model)
-        self.kv_caches = allocate_kv_cache(model.arch, num_blocks, block_size, kv_dtype or dtype,
-                                           device)
+        self.kv_caches = allocate_kv_cache(
+            model.arch, num_blocks, block_size, kv_dtype or dtype, device
+        )
         self.states: dict[str, CachedRequestState] = {}
         self.is_cuda = device.type == "cuda"
-        # Attention computes in the cache's dtype when it is a narrower float (bf16 under fp32
-        # weights); over an fp8 cache, in the model's.
-        kv = kv_dtype or dtype
-        attn_dtype = dtype if kv == torch_ref.FP8 else kv
-        self.use_amx = cpu_attention.amx_prefill(device, attn_dtype, kv, model.arch.head_dim)
+        # The ops and the attention backend, chosen once for this cache's dtype (attention
+        # computes in the cache's when it is a narrower float, bf16 under fp32 weights).
+        model.bind_ops(device, dtype, kv_dtype or dtype)
+        # The CPU path packs the prefill chunks only for a backend that reads them (AMX).
+        self.pack_prefills = model.attention.uses_packed_prefills
         self.graphs: Optional[DecodeGraphs] = None
-        self._last_tokens: Optional[torch.Tensor] = None   # the last launch's samples (S,)
+        self._last_tokens: Optional[torch.Tensor] = None  # the last launch's samples (S,)
         if self.is_cuda and not enforce_eager:
-            self.graphs = self._capture_graphs(min(max_num_seqs, num_blocks),
-                                               max_model_len or model.rope.max_positions)
+            self.graphs = self._capture_graphs(
+                min(max_num_seqs, num_blocks), max_model_len or model.rope.max_positions
+            )
 
     def _capture_graphs(self, max_num_seqs: int, max_model_len: int) -> Optional[DecodeGraphs]:
         """CUDA graphs need the Triton kernels (they skip padded rows' KV writes)."""
         if not backend.use_triton(self.device):
             logger.warning("CUDA graphs off: the Triton attention backend is not in use")
             return None
-        graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_num_seqs,
-                              max_model_len, self.device)
+        graphs = DecodeGraphs(
+            self.model, self.kv_caches, self.block_size, max_num_seqs, max_model_len, self.device
+        )
         graphs.capture()
         return graphs
 
@@ -162,11 +192,17 @@ class ModelRunner:
             self._last_tokens = None
             return StepHandle()
         host = self._gather_inputs(sched)
-        logits_index: Optional[torch.Tensor] = None   # (S,) on the device, CUDA only
+        logits_index: Optional[torch.Tensor] = None  # (S,) on the device, CUDA only
         if self._graph_fits(host):
-            hidden = self.graphs.run(host.input_ids, host.positions, host.slots,
-                                     host.decode_seq_lens, host.decode_tables,
-                                     fill=partial(self._fill_placeholders, host))  # (B, E)
+            assert self.graphs is not None  # _graph_fits checked it
+            hidden = self.graphs.run(
+                host.input_ids,
+                host.positions,
+                host.slots,
+                host.decode_seq_lens,
+                host.decode_tables,
+                fill=partial(self._fill_placeholders, host),
+            )  # (B, E)
             if host.samplers and len(host.logits_indices) != len(host.input_ids):
                 logits_index = to_device(host.logits_indices, torch.int64, self.device)
         else:
@@ -188,22 +224,28 @@ class ModelRunner:
         if not handle.samplers:
             return output
         tokens = handle.read_tokens()
-        for rid, token in zip(handle.samplers, tokens):
+        for rid, token in zip(handle.samplers, tokens, strict=True):  # a token per sampler
             state = self.states.get(rid)
-            if state is not None and state.num_pending:   # else finished or preempted since
+            if state is not None and state.num_pending:  # else finished or preempted since
                 state.token_ids.append(token)
                 state.num_pending -= 1
             output.sampled_token_ids[rid] = token
         if handle.raw_logprobs is not None:
-            for rid, lp in zip(handle.samplers,
-                               token_logprobs(handle.raw_logprobs, tokens, handle.rows)):
+            for rid, lp in zip(
+                handle.samplers,
+                token_logprobs(handle.raw_logprobs, tokens, handle.rows),
+                strict=True,
+            ):
                 if lp is not None:
                     output.logprobs[rid] = lp
         return output
 
     def _graph_fits(self, host: HostInputs) -> bool:
-        return (self.graphs is not None and not host.chunks
-                and len(host.input_ids) <= self.graphs.max_batch_size)
+        return (
+            self.graphs is not None
+            and not host.chunks
+            and len(host.input_ids) <= self.graphs.max_batch_size
+        )
 
     # ------------------------------------------------------------------ states
     def _update_states(self, sched: SchedulerOutput) -> None:
@@ -222,23 +264,30 @@ class ModelRunner:
         stop_ids = list(p.stop_token_ids)
         if not p.ignore_eos:
             stop_ids.extend(new.eos_token_ids)
-        return CachedRequestState(new.request_id, list(new.token_ids), new.num_prompt_tokens, p,
-                                  list(new.block_ids), new.num_computed_tokens, stop_ids,
-                                  new.seed_offset)
+        return CachedRequestState(
+            new.request_id,
+            list(new.token_ids),
+            new.num_prompt_tokens,
+            p,
+            list(new.block_ids),
+            new.num_computed_tokens,
+            stop_ids,
+            new.seed_offset,
+        )
 
     # ------------------------------------------------------------------ inputs
     def _gather_inputs(self, sched: SchedulerOutput) -> HostInputs:
         counts = sched.num_scheduled_tokens
         decodes = [rid for rid, n in counts.items() if n == 1]
         prefills = [rid for rid, n in counts.items() if n > 1]
-        host = HostInputs([], [], [], [], [], {}, [], [], [])
+        host = HostInputs()
         bs = self.block_size
-        for rid in decodes:          # the hot loop of a large decode batch: one token each
+        for rid in decodes:  # the hot loop of a large decode batch: one token each
             state = self.states[rid]
             pos, row, blocks = state.num_computed_tokens, len(host.input_ids), state.block_ids
             if pos < len(state.token_ids):
                 host.input_ids.append(state.token_ids[pos])
-            else:                    # sampled by the step in flight: filled in on the device
+            else:  # sampled by the step in flight: filled in on the device
                 host.input_ids.append(0)
                 host.placeholder_rows.append(row)
                 host.placeholder_sources.append(state.sampled_row)
@@ -247,32 +296,36 @@ class ModelRunner:
             host.decode_seq_lens.append(pos + 1)
             num_blocks = pos // bs + 1
             # The list itself when it is exactly the context's blocks: read within this step.
-            host.decode_tables.append(blocks if len(blocks) == num_blocks
-                                      else blocks[:num_blocks])
+            host.decode_tables.append(blocks if len(blocks) == num_blocks else blocks[:num_blocks])
             self._note_sampling(host, rid, state, row, pos, 1)
         for rid in prefills:
             state, n = self.states[rid], counts[rid]
             start, row = state.num_computed_tokens, len(host.input_ids)
-            host.input_ids.extend(state.token_ids[start:start + n])
+            host.input_ids.extend(state.token_ids[start : start + n])
             host.positions.extend(range(start, start + n))
-            host.slots.extend(state.block_ids[p // bs] * bs + p % bs
-                              for p in range(start, start + n))
+            host.slots.extend(
+                state.block_ids[p // bs] * bs + p % bs for p in range(start, start + n)
+            )
             num_blocks = cdiv(start + n, bs)
-            host.chunks.append((row, n, start + n, state.block_ids[:num_blocks]))
+            host.chunks.append(ChunkSpan(row, n, start + n, state.block_ids[:num_blocks]))
             self._note_sampling(host, rid, state, row, start, n)
         return host
 
     @staticmethod
-    def _note_sampling(host: HostInputs, rid: str, state: CachedRequestState, row: int,
-                       start: int, n: int) -> None:
+    def _note_sampling(
+        host: HostInputs, rid: str, state: CachedRequestState, row: int, start: int, n: int
+    ) -> None:
         """Rows ``[row, row + n)`` hold positions ``[start, start + n)`` of ``rid``: the last
         samples if it reaches the end of the known tokens; prompt rows may want logprobs."""
         if start + n == len(state.token_ids) + state.num_pending:
             host.logits_indices.append(row + n - 1)
             host.samplers.append(rid)
         if state.params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
-            host.prompt_rows[rid] = (row, start,
-                                     min(start + n, state.num_prompt_tokens - 1) - start)
+            host.prompt_rows[rid] = (
+                row,
+                start,
+                min(start + n, state.num_prompt_tokens - 1) - start,
+            )
 
     def _fill_placeholders(self, host: HostInputs, input_ids: torch.Tensor) -> None:
         """Write into a step's input ids (T,) the tokens its placeholder rows take from the
@@ -281,20 +334,28 @@ class ModelRunner:
             return
         assert self._last_tokens is not None, "a placeholder without a step in flight"
         n = len(host.placeholder_rows)
-        idx = to_device(host.placeholder_rows + host.placeholder_sources, torch.int64,
-                        self.device)                                   # (2n,): one copy
+        idx = to_device(
+            host.placeholder_rows + host.placeholder_sources, torch.int64, self.device
+        )  # (2n,): one copy
         input_ids.index_copy_(0, idx[:n], self._last_tokens.index_select(0, idx[n:]))
 
     def _cpu_batch(self, host: HostInputs) -> StepBatch:
-        chunks = [PrefillChunk(row, n, ctx, self._tensor(blocks))
-                  for row, n, ctx, blocks in host.chunks]
+        chunks = [
+            PrefillChunk(c.row, c.query_len, c.context_len, self._tensor(c.blocks))
+            for c in host.chunks
+        ]
         tables, seq_lens, max_len = self._decode_tables(host)
-        attn = DeviceAttentionMetadata(
-            slot_mapping=self._tensor(host.slots), num_decode_tokens=len(host.decode_seq_lens),
-            decode_block_tables=tables, decode_seq_lens=seq_lens, decode_max_seq_len=max_len,
-            prefills=chunks, block_size=self.block_size)
-        if chunks and self.use_amx:
-            attn.packed_prefills = pack_prefills(attn, self.device)   # once, not per layer
+        packed = pack_spans(host.chunks, self.device) if self.pack_prefills else None
+        attn = AttentionMetadata(
+            slot_mapping=self._tensor(host.slots),
+            num_decode_tokens=len(host.decode_seq_lens),
+            decode_block_tables=tables,
+            decode_seq_lens=seq_lens,
+            decode_max_seq_len=max_len,
+            prefills=chunks,
+            block_size=self.block_size,
+            packed_prefills=packed,
+        )
         return StepBatch(self._tensor(host.input_ids), self._tensor(host.positions), attn)
 
     def _decode_tables(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -319,47 +380,79 @@ class ModelRunner:
         num_decodes, num_chunks = len(host.decode_seq_lens), len(host.chunks)
         max_len = max(host.decode_seq_lens, default=0)
         width = cdiv(max_len, self.block_size)
-        chunk_width = max((len(c[3]) for c in host.chunks), default=0)
-        first_row = host.chunks[0][0] if host.chunks else 0
-        starts = [row - first_row for row, _, _, _ in host.chunks]
-        if host.chunks:
-            starts.append(starts[-1] + host.chunks[-1][1])
+        starts, context_lens, blocks = packed_lists(host.chunks)
+        chunk_width = max((len(b) for b in blocks), default=0)
         parts: list[IntPart] = [
-            host.input_ids, host.positions, host.slots, host.logits_indices,
-            host.decode_seq_lens, (host.decode_tables, width),
-            starts, [c[2] for c in host.chunks], ([c[3] for c in host.chunks], chunk_width)]
+            host.input_ids,
+            host.positions,
+            host.slots,
+            host.logits_indices,
+            host.decode_seq_lens,
+            (host.decode_tables, width),
+            starts,
+            context_lens,
+            (blocks, chunk_width),
+        ]
         buf, sizes = pack_ints(parts, pin=self.device.type == "cuda")
         dev = buf.to(self.device, non_blocking=True)
-        (input_ids, positions, slots, logits_idx, seq_lens, tables, chunk_starts, ctx_lens,
-         chunk_tables) = dev.split(sizes)
-        tables = tables.view(num_decodes, width)                       # (D, W)
-        chunk_tables = chunk_tables.view(num_chunks, chunk_width)      # (N, Wp)
-        chunks = [PrefillChunk(row, n, ctx, chunk_tables[i, :len(blocks)])
-                  for i, (row, n, ctx, blocks) in enumerate(host.chunks)]
-        packed = (PackedPrefills(chunk_starts, ctx_lens, chunk_tables,
-                                 max(c[1] for c in host.chunks)) if host.chunks else None)
-        attn = DeviceAttentionMetadata(
-            slot_mapping=slots, num_decode_tokens=num_decodes, decode_block_tables=tables,
-            decode_seq_lens=seq_lens, decode_max_seq_len=max_len, prefills=chunks,
-            block_size=self.block_size, packed_prefills=packed)
+        (
+            input_ids,
+            positions,
+            slots,
+            logits_idx,
+            seq_lens,
+            tables,
+            chunk_starts,
+            ctx_lens,
+            chunk_tables,
+        ) = dev.split(sizes)
+        tables = tables.view(num_decodes, width)  # (D, W)
+        chunk_tables = chunk_tables.view(num_chunks, chunk_width)  # (N, Wp)
+        chunks = [
+            PrefillChunk(c.row, c.query_len, c.context_len, chunk_tables[i, : len(c.blocks)])
+            for i, c in enumerate(host.chunks)
+        ]
+        packed = (
+            PackedPrefills(
+                chunk_starts, ctx_lens, chunk_tables, max(c.query_len for c in host.chunks)
+            )
+            if host.chunks
+            else None
+        )
+        attn = AttentionMetadata(
+            slot_mapping=slots,
+            num_decode_tokens=num_decodes,
+            decode_block_tables=tables,
+            decode_seq_lens=seq_lens,
+            decode_max_seq_len=max_len,
+            prefills=chunks,
+            block_size=self.block_size,
+            packed_prefills=packed,
+        )
         return StepBatch(input_ids, positions, attn, logits_idx)
 
     # ---------------------------------------------------------------- sampling
-    def _sample(self, hidden: torch.Tensor, host: HostInputs,
-                logits_index: Optional[torch.Tensor], handle: StepHandle) -> None:
+    def _sample(
+        self,
+        hidden: torch.Tensor,
+        host: HostInputs,
+        logits_index: Optional[torch.Tensor],
+        handle: StepHandle,
+    ) -> None:
         """hidden: (T, E). The tokens stay on the device; on CUDA a pinned copy is queued
         for ``collect`` to read (the one host-device sync of a step)."""
         if self.is_cuda and len(host.logits_indices) == hidden.shape[0]:
-            rows = hidden                              # every row samples, in order
+            rows = hidden  # every row samples, in order
         elif logits_index is not None:
-            rows = hidden[logits_index]                # (S, E), index already on the device
+            rows = hidden[logits_index]  # (S, E), index already on the device
         else:
             rows = hidden[host.logits_indices]
         sampling_rows = [self._sampling_row(self.states[rid]) for rid in host.samplers]
-        tokens = greedy_from_hidden(rows, self.model.output_weight, sampling_rows,
-                                    self.model.packed_head)
+        tokens = greedy_from_hidden(
+            rows, self.model.output_weight, sampling_rows, self.model.packed_head
+        )
         if tokens is None:
-            logits = self.model.compute_logits(rows)                       # (S, V)
+            logits = self.model.compute_logits(rows)  # (S, V)
             tokens, handle.raw_logprobs = sample_tokens(logits, sampling_rows)
         for i, rid in enumerate(host.samplers):
             state = self.states[rid]
@@ -377,17 +470,32 @@ class ModelRunner:
         (a view: nothing is copied or waited for)."""
         pending = None
         if state.num_pending:
-            pending = self._last_tokens[state.sampled_row:state.sampled_row + 1]   # (1,)
-        return SamplingRow(state.params, state.token_ids, state.num_prompt_tokens,
-                           state.stop_ids, state.seed_offset, pending)
+            assert self._last_tokens is not None  # the last launch sampled its token
+            pending = self._last_tokens[state.sampled_row : state.sampled_row + 1]  # (1,)
+        return SamplingRow(
+            state.params,
+            state.token_ids,
+            state.num_prompt_tokens,
+            state.stop_ids,
+            state.seed_offset,
+            pending,
+        )
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: dict[str, tuple[int, int, int]],
-                         output: ModelRunnerOutput) -> None:
+    def _prompt_logprobs(
+        self,
+        hidden: torch.Tensor,
+        prompt_rows: dict[str, tuple[int, int, int]],
+        output: ModelRunnerOutput,
+    ) -> None:
         for rid, (row, pos, count) in prompt_rows.items():
             state = self.states[rid]
             logprobs = torch.log_softmax(
-                self.model.compute_logits(hidden[row:row + count]).float(), dim=-1)  # (count, V)
-            next_tokens = state.token_ids[pos + 1:pos + 1 + count]
+                self.model.compute_logits(hidden[row : row + count]).float(), dim=-1
+            )  # (count, V)
+            next_tokens = state.token_ids[pos + 1 : pos + 1 + count]
+            num_top = state.params.prompt_logprobs
+            assert num_top is not None  # only such requests have prompt rows
             output.prompt_logprobs[rid] = (
-                pos, prompt_token_logprobs(logprobs, next_tokens, state.params.prompt_logprobs))
-
+                pos,
+                prompt_token_logprobs(logprobs, next_tokens, num_top),
+            )

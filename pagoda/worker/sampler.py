@@ -6,6 +6,7 @@ Gumbel-max draw over its filtered logits (``worker/gumbel.py``: one pass, no sof
 rows key their noise by (seed, sibling index, output index), so a seeded request samples the
 same tokens whatever else shares its batch, and after a preemption.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ PACKED_HEAD_MAX_ROWS = 8
 @dataclass
 class SamplingRow:
     params: SamplingParams
-    token_ids: list[int]          # prompt + outputs so far
+    token_ids: list[int]  # prompt + outputs so far
     num_prompt_tokens: int
     stop_ids_for_min_tokens: list[int]  # EOS + stop_token_ids, masked until min_tokens
     seed_offset: int = 0
@@ -45,9 +46,12 @@ class SamplingRow:
         return len(self.token_ids) + pending - self.num_prompt_tokens
 
 
-def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, rows: list[SamplingRow],
-                       packed_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-                       ) -> Optional[torch.Tensor]:
+def greedy_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    rows: list[SamplingRow],
+    packed_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> Optional[torch.Tensor]:
     """Tokens straight from the final hidden states (S, E) and the output projection (V, E)
     when every row is plain greedy on the CPU bf16 path: ``weight @ hidden.T`` and a column
     argmax (see ``cpu_fused.greedy_tokens``), never building the (S, V) logits; up to
@@ -61,16 +65,18 @@ def greedy_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, rows: list[Sa
     return cpu_fused.greedy_tokens(hidden, weight)
 
 
-def sample(logits: torch.Tensor,
-           rows: list[SamplingRow]) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
+def sample(
+    logits: torch.Tensor, rows: list[SamplingRow]
+) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits: (S, V), one row per entry of ``rows``. Returns tokens and logprobs."""
     tokens, raw_logprobs = sample_tokens(logits, rows)
     ids = tokens.tolist()
     return ids, token_logprobs(raw_logprobs, ids, rows)
 
 
-def sample_tokens(logits: torch.Tensor,
-                  rows: list[SamplingRow]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def sample_tokens(
+    logits: torch.Tensor, rows: list[SamplingRow]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """logits: (S, V). The sampled ids (S,) and, when a row asks for logprobs, the raw
     log-probabilities (S, V), both left on the logits' device: nothing here waits for it."""
     if all(_plain_greedy(r) for r in rows):
@@ -79,26 +85,37 @@ def sample_tokens(logits: torch.Tensor,
             return cpu_fused.argmax(logits), None
         return logits.argmax(dim=-1), None
     logits = logits.float()
-    raw_logprobs = (torch.log_softmax(logits, dim=-1)
-                    if any(r.params.logprobs is not None for r in rows) else None)
+    raw_logprobs = (
+        torch.log_softmax(logits, dim=-1)
+        if any(r.params.logprobs is not None for r in rows)
+        else None
+    )
     logits = _mask_early_stops(_apply_penalties(logits, rows), rows)
     return _choose(logits, rows), raw_logprobs
 
 
-def token_logprobs(raw_logprobs: Optional[torch.Tensor], tokens: list[int],
-                   rows: list[SamplingRow]) -> list[Optional[TokenLogprobs]]:
+def token_logprobs(
+    raw_logprobs: Optional[torch.Tensor], tokens: list[int], rows: list[SamplingRow]
+) -> list[Optional[TokenLogprobs]]:
     """The sampled tokens' logprobs (and top alternatives) for the rows that ask."""
-    return [_token_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs)
-            if raw_logprobs is not None and r.params.logprobs is not None else None
-            for i, r in enumerate(rows)]
+    return [
+        _token_logprobs(raw_logprobs[i], tokens[i], r.params.logprobs)
+        if raw_logprobs is not None and r.params.logprobs is not None
+        else None
+        for i, r in enumerate(rows)
+    ]
 
 
 def _plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing that needs the logits themselves (logprobs, penalties, a masked
     stop token): the argmax alone decides."""
     p = row.params
-    return (p.greedy and p.logprobs is None and not _has_penalty(p)
-            and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens))
+    return (
+        p.greedy
+        and p.logprobs is None
+        and not _has_penalty(p)
+        and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens)
+    )
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -111,11 +128,13 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         p, row, ids = rows[i].params, logits[i], rows[i].token_ids
         # Filtered and split on the host: a mask or bincount on the device would wait for it.
         tokens = to_device([t for t in ids if t < vocab], torch.int64, logits.device)
-        outputs = to_device([t for t in ids[rows[i].num_prompt_tokens:] if t < vocab],
-                             torch.int64, logits.device)
-        if rows[i].pending_token is not None:     # sampled, so < vocab; still on the device
-            tokens = torch.cat([tokens, rows[i].pending_token])
-            outputs = torch.cat([outputs, rows[i].pending_token])
+        outputs = to_device(
+            [t for t in ids[rows[i].num_prompt_tokens :] if t < vocab], torch.int64, logits.device
+        )
+        pending = rows[i].pending_token
+        if pending is not None:  # sampled, so < vocab; still on the device
+            tokens = torch.cat([tokens, pending])
+            outputs = torch.cat([outputs, pending])
         if p.repetition_penalty != 1.0:
             seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
             seen[tokens] = True
@@ -123,8 +142,9 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
             row.copy_(torch.where(seen, scaled, row))
         if p.presence_penalty or p.frequency_penalty:
             counts = torch.zeros(vocab, dtype=row.dtype, device=logits.device)
-            counts.index_add_(0, outputs, torch.ones(outputs.shape, dtype=row.dtype,
-                                                     device=logits.device))
+            counts.index_add_(
+                0, outputs, torch.ones(outputs.shape, dtype=row.dtype, device=logits.device)
+            )
             row.sub_(p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype))
     return logits
 
@@ -149,7 +169,7 @@ def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
 
 
 def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    tokens = logits.argmax(dim=-1)                                     # (S,)
+    tokens = logits.argmax(dim=-1)  # (S,)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = to_device(random_rows, torch.int64, logits.device)
@@ -215,8 +235,11 @@ def _row_keys(rows: list[SamplingRow]) -> torch.Tensor:
 
 def _row_seed(seed: int, sibling: int, step: int) -> int:
     """A well-mixed 63-bit seed for (request seed, sibling index, output index)."""
-    x = (seed & _MASK64) ^ (sibling * 0x9E3779B97F4A7C15 & _MASK64) ^ (step * 0xBF58476D1CE4E5B9
-                                                                        & _MASK64)
+    x = (
+        (seed & _MASK64)
+        ^ (sibling * 0x9E3779B97F4A7C15 & _MASK64)
+        ^ (step * 0xBF58476D1CE4E5B9 & _MASK64)
+    )
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (x ^ (x >> 31)) >> 1
@@ -229,11 +252,12 @@ def _token_logprobs(logprobs: torch.Tensor, token: int, num_top: int) -> TokenLo
     top: list[tuple[int, float]] = []
     if num_top:
         vals, ids = logprobs.topk(num_top)
-        top = list(zip(ids.tolist(), vals.tolist()))
+        top = list(zip(ids.tolist(), vals.tolist(), strict=True))
     return TokenLogprobs(token, float(value.item()), rank, top)
 
 
-def prompt_token_logprobs(logprobs: torch.Tensor, next_tokens: list[int],
-                          num_top: int) -> list[TokenLogprobs]:
+def prompt_token_logprobs(
+    logprobs: torch.Tensor, next_tokens: list[int], num_top: int
+) -> list[TokenLogprobs]:
     """logprobs: (N, V), row i predicting next_tokens[i]."""
     return [_token_logprobs(logprobs[i], t, num_top) for i, t in enumerate(next_tokens)]

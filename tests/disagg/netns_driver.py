@@ -45,7 +45,7 @@ def main() -> None:
                 sys.exit("the decode side never released the lease")
             engine.poll_kv_transfers()
             time.sleep(0.01)
-        print(json.dumps({"released": engine.scheduler.leases.num_released}), flush=True)
+        print(json.dumps({"released": engine.stats().kv_transfer.num_leases_released}), flush=True)
     else:
         params = json.loads(sys.stdin.readline())
         greedy = SamplingParams(temperature=0.0, max_tokens=ns.max_tokens,
@@ -53,7 +53,7 @@ def main() -> None:
         out = finish(engine, "r", prompt, greedy, kv_transfer_params=params)
         print(json.dumps({"token_ids": out.token_ids,
                           "pulled": engine.kv_connector.num_blocks_pulled,
-                          "failures": engine.scheduler.num_kv_load_failures}), flush=True)
+                          "failures": engine.stats().scheduler.num_kv_load_failures}), flush=True)
     engine.close()
 
 

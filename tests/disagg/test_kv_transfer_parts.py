@@ -7,7 +7,7 @@ import pytest
 
 from pagoda.kv_transfer import side_channel
 from pagoda.kv_transfer.leases import LeaseTable
-from pagoda.kv_transfer.params import RemotePrefill, parse_kv_transfer_params
+from pagoda.core.remote_kv import RemotePrefill, parse_kv_transfer_params
 
 GOOD = RemotePrefill("eng", "r#1", (3, 4, 9), 40, "127.0.0.1", 5555, 17).to_json()
 

@@ -81,12 +81,12 @@ def test_decode_continues_from_pulled_kv_token_identical(model, pair):
     for i, prompt in enumerate(prompts[:3]):
         params = prefill(p, f"r{i}", prompt)
         assert params["remote_num_tokens"] == len(prompt)
-        assert len(p.scheduler.leases) == 1              # held until pulled
+        assert p.stats().kv_transfer.num_leases == 1              # held until pulled
         out = run(d, f"r{i}", prompt, greedy(), kv_transfer_params=params)
         assert out.token_ids == refs[i]
         wait_all_free(p)                                 # the READ's notification ended it
-    assert p.scheduler.leases.num_released == 3 and p.scheduler.leases.num_expired == 0
-    assert d.scheduler.num_kv_load_failures == 0
+    assert p.stats().kv_transfer.num_leases_released == 3 and p.stats().kv_transfer.num_leases_expired == 0
+    assert d.stats().scheduler.num_kv_load_failures == 0
     # Only all-but-the-last prompt token is pulled: ceil((len - 1) / BLOCK) blocks each.
     assert d.kv_connector.num_blocks_pulled == sum(-(-(len(q) - 1) // BLOCK)
                                                   for q in prompts[:3])
@@ -103,7 +103,7 @@ def test_a_prompt_too_short_to_pull_still_ends_the_lease_at_once(model, pair):
     assert d.kv_connector.num_blocks_pulled == 0
     run(d, "s2", short, greedy(), kv_transfer_params=params)
     wait_all_free(p)                         # released over the side channel, not expired
-    assert p.scheduler.leases.num_released == 1 and p.scheduler.leases.num_expired == 0
+    assert p.stats().kv_transfer.num_leases_released == 1 and p.stats().kv_transfer.num_leases_expired == 0
     assert out.token_ids == run(d, "s3", short, greedy()).token_ids
 
 
@@ -139,10 +139,10 @@ def test_expired_lease_recomputes_or_fails(model, policy):
         params = prefill(p, "late", prompts[0])
         time.sleep(0.1)
         p.poll_kv_transfers()
-        assert p.scheduler.leases.num_expired == 1
+        assert p.stats().kv_transfer.num_leases_expired == 1
         assert p.kv.pool.num_free_blocks == p.num_blocks
         out = run(d, "late", prompts[0], greedy(), kv_transfer_params=params)
-        assert d.scheduler.num_kv_load_failures == 1
+        assert d.stats().scheduler.num_kv_load_failures == 1
         if policy == "recompute":
             assert out.token_ids == refs[0]
         else:

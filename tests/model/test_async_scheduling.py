@@ -128,7 +128,7 @@ def test_async_abort_mid_flight_leaks_nothing(tiny):
         engine.add_request(f"r{i}", prompt(9 + i, i), params)
     for _ in range(5):
         engine.step()
-    assert engine._in_flight is not None
+    assert engine.core.has_step_in_flight
     engine.abort_request("r1")
     engine.abort_request("r3")
     done = {}

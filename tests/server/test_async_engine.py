@@ -7,16 +7,20 @@ from types import SimpleNamespace
 
 import pytest
 
+from pagoda.core.stats import SchedulerStats
 from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError, QueueFullError
+from pagoda.engine.core import CoreStep
+from pagoda.engine.stats import EngineStats
 from pagoda.sampling import SamplingParams
 
 
 class FakeEngine:
-    """Admits requests into a waiting list and never schedules them (step does nothing)."""
+    """Admits requests into a waiting list and never schedules them (its step raises)."""
 
     def __init__(self, kv_connector: object = None) -> None:
         self.kv_connector = kv_connector
-        self.scheduler = SimpleNamespace(waiting=[], num_waiting=0, num_running=0)
+        self.waiting: list[SimpleNamespace] = []
+        self.last_step = CoreStep()
         self.polls = 0
         self.closed = False
         self.fail_step = False
@@ -25,8 +29,15 @@ class FakeEngine:
                     **_: object) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
-        self.scheduler.waiting.append(SimpleNamespace(num_tokens=len(prompt_token_ids),
-                                                      num_computed_tokens=0))
+        self.waiting.append(SimpleNamespace(num_tokens=len(prompt_token_ids)))
+
+    def stats(self) -> EngineStats:
+        tokens = sum(r.num_tokens for r in self.waiting)
+        return EngineStats(SchedulerStats(0, len(self.waiting), 0, tokens, 8, 8, 0.0, 0, 0, 0),
+                           0, 0)
+
+    def inject_fault(self) -> None:
+        self.fail_step = True
 
     def has_unfinished_requests(self) -> bool:
         return self.fail_step

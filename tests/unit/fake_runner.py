@@ -74,9 +74,11 @@ class FakeRunner:
 
 
 def run_step(scheduler: Scheduler, runner: FakeRunner) -> list:
+    """The engine core's step, on the fake runner: its outputs, then those of requests that
+    finished outside it."""
     out = scheduler.schedule()
     res = runner.execute(out)
-    return scheduler.update_from_output(out, res)
+    return scheduler.update_from_output(out, res) + scheduler.take_pending_outputs()
 
 
 class AsyncDriver:

@@ -2,9 +2,14 @@ import subprocess
 import sys
 
 
-def test_scheduler_side_imports_no_torch():
-    """pagoda.core speaks in ids and counts; importing it must not pull in torch."""
+def test_scheduler_side_imports_no_torch_and_no_kv_transfer():
+    """pagoda.core speaks in ids and counts: importing it (and the request it schedules) must
+    pull in neither torch nor the KV connector (kv_transfer/ depends on core/, never the
+    reverse)."""
     code = ("import sys, pagoda.core.scheduler, pagoda.core.kv_cache_manager, "
-            "pagoda.core.outputs, pagoda.core.block_pool; print('torch' in sys.modules)")
+            "pagoda.core.outputs, pagoda.core.block_pool, pagoda.core.remote_kv, "
+            "pagoda.core.stats, pagoda.request; "
+            "print('torch' in sys.modules, any(m.startswith('pagoda.kv_transfer') "
+            "for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "False"]

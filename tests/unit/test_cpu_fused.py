@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pagoda.models import cpu_fused
-from pagoda.models.llama import RMSNorm, _rotate
+from pagoda.models.llama import RMSNorm
+from pagoda.models.ops import rotate as _rotate
 
 from native import needs_ext
 

@@ -1,6 +1,6 @@
 """The CUDA model-runner input path, exercised on the CPU: one packed host buffer split into
-device views, DeviceAttentionMetadata with packed prefills, and the Triton kernels (under
-TRITON_INTERPRET=1) inside the model. Greedy tokens must equal the CPU path's, through
+device views, AttentionMetadata with packed prefills, and the Triton kernels (under
+TRITON_INTERPRET=1) bound into the model. Greedy tokens must equal the CPU path's, through
 prefills, chunked prefills over a cached context, decodes and mixed batches.
 
 The CUDA-graph decode path is checked the same way, with each "graph" replaying the forward
@@ -24,10 +24,10 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs the Triton kernels on CPU tensors: needs TRITON_INTERPRET=1 (on a GPU, "
                 "tests/gpu/ covers this path)", allow_module_level=True)
 
-import pagoda.models.llama as llama  # noqa: E402
-from pagoda.attention import triton_attention  # noqa: E402
-from pagoda.attention.metadata import DeviceAttentionMetadata  # noqa: E402
+from pagoda.attention import backend, triton_attention  # noqa: E402
+from pagoda.attention.metadata import AttentionMetadata  # noqa: E402
 from pagoda.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
+from pagoda.models import ops  # noqa: E402
 from pagoda.models.loader import load_model  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 from pagoda.worker.cuda_graph import DecodeGraphs, _Graph  # noqa: E402
@@ -107,28 +107,32 @@ def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused, pipe
     kernels of models/triton_fused.py, as on a GPU."""
     loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
     want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
+    calls: list[str] = []
     if fused:
         from pagoda.models import triton_fused
 
-        calls: list[torch.dtype] = []
+        def counted(name):
+            fn = getattr(triton_fused, name)
 
-        def fused_ops(x):
-            calls.append(x.dtype)
-            return triton_fused
+            def wrapper(*args, **kwargs):
+                calls.append(name)
+                return fn(*args, **kwargs)
+            return wrapper
 
-        monkeypatch.setattr(llama, "gpu_fused", fused_ops)
-    seen: list[DeviceAttentionMetadata] = []
+        for name in ("rms_norm", "qk_norm_rope_", "silu_mul"):
+            monkeypatch.setattr(triton_fused, name, counted(name))
+    seen: list[AttentionMetadata] = []
 
     def triton_everywhere(q, k, v, kv_cache, meta, scale):
-        assert isinstance(meta, DeviceAttentionMetadata)
+        assert isinstance(meta, AttentionMetadata)
         assert (meta.packed_prefills is None) == (not meta.prefills)
         seen.append(meta)
-        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale,
-                                                meta.packed_prefills, meta.decode_num_splits)
+        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale)
 
-    monkeypatch.setattr(llama, "paged_attention", triton_everywhere)
     runner = ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU)
     runner.is_cuda = True          # the device input path, on CPU tensors
+    decoder_ops = ops.triton_ops(loaded.arch.head_dim) if fused else loaded.model.ops
+    loaded.model.bind(decoder_ops, backend.AttentionBackend("triton", triton_everywhere, True))
     got = script(runner, pipelined)
     assert got == want
     assert all(len(step) for step in got)
@@ -144,14 +148,9 @@ def test_decode_graph_path_matches_cpu_path(monkeypatch, pipelined):
     loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
     want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
 
-    def triton_everywhere(q, k, v, kv_cache, meta, scale):
-        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale,
-                                                getattr(meta, "packed_prefills", None),
-                                                getattr(meta, "decode_num_splits", None))
-
-    monkeypatch.setattr(llama, "paged_attention", triton_everywhere)
     runner = ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU)
     runner.is_cuda = True
+    loaded.model.bind(loaded.model.ops, backend.triton_backend())   # Triton attention
     runner.graphs = EagerDecodeGraphs(loaded.model, runner.kv_caches, BLOCK_SIZE, 4, 256, CPU)
     runner.graphs.capture()
     EagerDecodeGraphs.replays = []

@@ -25,10 +25,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import pagoda.models.llama as llama  # noqa: E402
-from pagoda.attention import triton_attention  # noqa: E402
+from pagoda.attention import backend, triton_attention  # noqa: E402
 from pagoda.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
-from pagoda.models import cpu_fused, triton_fused  # noqa: E402
+from pagoda.models import cpu_fused, ops, triton_fused  # noqa: E402
 from pagoda.models.loader import load_model  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 from pagoda.worker.model_runner import ModelRunner  # noqa: E402
@@ -82,15 +81,9 @@ def test_a_decode_layer_launches_about_a_dozen_kernels(monkeypatch, preset):
     if not triton_fused.rope_supported(model.arch.head_dim):
         pytest.skip("head dim")
     monkeypatch.setattr(cpu_fused, "enabled", lambda x: False)             # as on a GPU
-    monkeypatch.setattr(llama, "gpu_fused", lambda x: triton_fused)
-
-    def triton_attention_everywhere(q, k, v, kv_cache, meta, scale):
-        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale,
-                                                meta.packed_prefills, meta.decode_num_splits)
-
-    monkeypatch.setattr(llama, "paged_attention", triton_attention_everywhere)
     runner = ModelRunner(model, 8, 16, torch.bfloat16, CPU)
     runner.is_cuda = True
+    model.bind(ops.triton_ops(model.arch.head_dim), backend.triton_backend())   # as on a GPU
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     runner.execute_model(SchedulerOutput(
         [NewRequestData("A", list(range(10, 30)), 20, params, (), [3, 4], 0)], [], {"A": 20}))

@@ -10,9 +10,9 @@ from fake_runner import FakeRunner, run_step  # noqa: E402
 
 from pagoda.config import KVTransferConfig, SchedulerConfig  # noqa: E402
 from pagoda.core.kv_cache_manager import KVCacheManager  # noqa: E402
-from pagoda.core.outputs import KVEvents  # noqa: E402
-from pagoda.core.scheduler import LEASE_HOLDER_PREFIX, Scheduler  # noqa: E402
-from pagoda.kv_transfer.params import RemotePrefill, parse_kv_transfer_params  # noqa: E402
+from pagoda.core.remote_kv import (LEASE_HOLDER_PREFIX, KVEvents, RemotePrefill,  # noqa: E402
+                                   check_remote_prefill, parse_kv_transfer_params)
+from pagoda.core.scheduler import Scheduler  # noqa: E402
 from pagoda.request import Request, RequestStatus  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 
@@ -75,10 +75,10 @@ def test_failed_pull_recomputes_or_fails(policy):
     sched.add_request(r)
     runner.execute(sched.schedule())
     sched.apply_kv_events(KVEvents(failed={"a": "lost"}))
-    assert sched.num_kv_load_failures == 1
+    assert sched.make_stats().num_kv_load_failures == 1
     sched.check_invariants()
     out = sched.schedule()
-    assert [r.request_id for r in out.kv_releases] == ["r#1"]
+    assert [r.lease_id for r in out.kv_releases] == ["r#1"]
     if policy == "recompute":
         # The request computes its whole prompt locally, then decodes to its end.
         assert out.num_scheduled_tokens == {"a": 14} and not out.kv_loads
@@ -132,16 +132,24 @@ def test_prompt_fully_in_the_local_cache_pulls_nothing():
     out = sched.schedule()
     assert not out.kv_loads and out.num_scheduled_tokens == {"a": 2}
     # The prefill instance is told at once, so its lease need not wait to expire.
-    assert [r.request_id for r in out.kv_releases] == ["r#1"]
+    assert [r.lease_id for r in out.kv_releases] == ["r#1"]
 
 
-def test_remote_that_cannot_hold_the_prompt_is_a_failed_load():
-    sched, runner = make("decode", "fail")
-    sched.add_request(req("a", remote_params(num_tokens=9)))
-    out = sched.schedule()
-    assert not out.kv_loads
-    (pending,) = sched.take_pending_outputs()
-    assert pending.finish_reason == "error" and "computed 9 tokens" in pending.finish_detail
+@pytest.mark.parametrize("num_tokens, blocks, error", [
+    (9, (10, 11, 12), "remote_num_tokens is 9, the prompt has 14"),
+    (14, (10, 11, 12), "remote_block_ids has 3 blocks for 14 tokens of 4"),
+    (14, (10, 11, 12, 13, 14), "remote_block_ids has 5 blocks"),
+])
+def test_remote_that_does_not_fit_the_prompt_is_refused_at_intake(num_tokens, blocks, error):
+    """The one validator of remote prefill parameters (the engine calls it at intake, so
+    the scheduler only ever sees parameters that cover the prompt exactly)."""
+    remote = RemotePrefill("p", "r#1", blocks, num_tokens, "h", 1).signed(b"k", PROMPT)
+    with pytest.raises(ValueError, match=error):
+        check_remote_prefill(remote, PROMPT, BS, b"k")
+    good = RemotePrefill("p", "r#1", (10, 11, 12, 13), 14, "h", 1)
+    check_remote_prefill(good.signed(b"k", PROMPT), PROMPT, BS, b"k")
+    with pytest.raises(ValueError, match="signature"):
+        check_remote_prefill(good.signed(b"other", PROMPT), PROMPT, BS, b"k")
 
 
 def test_prefill_side_leases_blocks_until_released_or_expired():
@@ -153,7 +161,7 @@ def test_prefill_side_leases_blocks_until_released_or_expired():
     params = out.kv_transfer_params
     assert params.num_tokens == 14 and params.port == 9
     assert params.first_token_id == out.new_token_ids[0]
-    lease = params.request_id
+    lease = params.lease_id
     assert LEASE_HOLDER_PREFIX + lease in sched.kv.req_blocks
     assert sched.kv.pool.num_free_blocks == 32 - 4
     sched.check_invariants()
@@ -162,23 +170,23 @@ def test_prefill_side_leases_blocks_until_released_or_expired():
     # An aborted request leaves no lease; an expired lease frees its blocks.
     sched.add_request(req("b", decode, max_tokens=1))
     sched.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
-    assert len(sched.leases) == 0
+    assert len(sched.remote.leases) == 0
     sched.add_request(req("c", decode, max_tokens=1))
     (out,) = run_step(sched, runner)
-    assert len(sched.leases) == 1
-    assert out.kv_transfer_params.request_id != lease    # lease ids never repeat
+    assert len(sched.remote.leases) == 1
+    assert out.kv_transfer_params.lease_id != lease      # lease ids never repeat
     sched.apply_kv_events(KVEvents(released=["unknown#9"]))          # ignored
     assert sched.kv.pool.num_free_blocks == 32 - 4
     sched.check_invariants()
 
 
-def test_expire_leases_frees_blocks():
-    sched, runner = make("prefill", lease=0.01)
+def test_expired_lease_frees_blocks_and_each_new_lease_is_handed_to_the_connector():
+    sched, runner = make("prefill")
     sched.add_request(req("a", parse_kv_transfer_params({"do_remote_decode": True}), max_tokens=1))
-    run_step(sched, runner)
+    (out,) = run_step(sched, runner)
+    lease = out.kv_transfer_params.lease_id
+    assert sched.take_new_leases() == [lease] and sched.take_new_leases() == []
     assert sched.kv.pool.num_free_blocks == 32 - 4
-    import time
-    time.sleep(0.02)
-    sched.schedule()                                     # expires leases first
-    assert sched.kv.pool.num_free_blocks == 32 and sched.leases.num_expired == 1
+    sched.apply_kv_events(KVEvents(expired=[lease]))     # the connector owns the deadline
+    assert sched.kv.pool.num_free_blocks == 32 and not sched.remote.leases
     sched.check_invariants()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-from types import SimpleNamespace
 
 import torch
 
@@ -20,8 +19,7 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import pagoda.models.llama as llama  # noqa: E402
-from pagoda.models import cpu_fused  # noqa: E402
+from pagoda.models import cpu_fused, ops  # noqa: E402
 from pagoda.models import triton_fused as tf  # noqa: E402
 from pagoda.models.llama import Attention, RMSNorm, RotaryEmbedding  # noqa: E402
 from pagoda.models.presets import preset_arch  # noqa: E402
@@ -33,9 +31,9 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def reference_ops(monkeypatch):
-    """The reference (unfused) ops in llama.py, whatever this machine has."""
+    """The reference (unfused) ops in llama.py, whatever this machine has (modules built
+    on their own run them: only a model's bind_ops chooses others)."""
     monkeypatch.setattr(cpu_fused, "enabled", lambda x: False)
-    monkeypatch.setattr(llama, "gpu_fused", lambda x: None)
 
 
 def seeded() -> tuple[int, torch.Generator]:
@@ -147,21 +145,14 @@ def test_empty_batches_and_bad_shapes():
 
 def test_dispatch_is_cuda_16_bit_only(monkeypatch):
     monkeypatch.undo()          # the real dispatch
-    assert llama.gpu_fused(torch.zeros(2, 2)) is None                       # CPU
-    assert llama.gpu_fused(torch.zeros(2, 2, dtype=torch.bfloat16)) is None
-    # The CUDA side of the choice, on any machine: the dispatch reads only a tensor's device
-    # type and dtype, so a stand-in with a CUDA device takes the branch a GPU tensor would.
-    def on_cuda(dtype: torch.dtype) -> SimpleNamespace:
-        return SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
-
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ops.select(cpu, torch.float32, 64) is ops.REFERENCE
+    assert ops.select(cpu, torch.bfloat16, 64).name != "triton"
+    # The CUDA side of the choice, on any machine: the dispatch reads only the device type
+    # and dtype, so it takes the branch a GPU model would.
     monkeypatch.delenv(cpu_fused.FUSED_ENV, raising=False)
-    llama._triton_fused_module.cache_clear()
-    try:
-        assert llama.gpu_fused(on_cuda(torch.bfloat16)) is tf
-        assert llama.gpu_fused(on_cuda(torch.float16)) is tf
-        assert llama.gpu_fused(on_cuda(torch.float32)) is None             # fp32: reference
-        monkeypatch.setenv(cpu_fused.FUSED_ENV, "0")
-        llama._triton_fused_module.cache_clear()
-        assert llama.gpu_fused(on_cuda(torch.bfloat16)) is None            # turned off
-    finally:
-        llama._triton_fused_module.cache_clear()
+    assert ops.select(cuda, torch.bfloat16, 64).name == "triton"
+    assert ops.select(cuda, torch.float16, 64).name == "triton"
+    assert ops.select(cuda, torch.float32, 64) is ops.REFERENCE              # fp32: reference
+    monkeypatch.setenv(cpu_fused.FUSED_ENV, "0")
+    assert ops.select(cuda, torch.bfloat16, 64) is ops.REFERENCE             # turned off

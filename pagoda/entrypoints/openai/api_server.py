@@ -3,6 +3,7 @@
 Every bad request is answered with an OpenAI-style error naming the field (400, 401, 404,
 413, 429), never a 500; only a dead engine answers 5xx. See docs/server.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,11 +38,16 @@ from pagoda.entrypoints.openai.protocol import (
 )
 from pagoda.entrypoints.openai.serving import OpenAIServing
 
+if TYPE_CHECKING:
+    from pagoda.config import EngineArgs
+    from pagoda.engine.llm_engine import LLMEngine
+
 logger = logging.getLogger("pagoda.server")
 
 OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)}
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,9 @@ class BodyLimitMiddleware:
         await self.app(scope, _replay(body, receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = error_response(413, f"request body is over {self.max_bytes} bytes", "body",
-                              "request_too_large")
+        resp = error_response(
+            413, f"request body is over {self.max_bytes} bytes", "body", "request_too_large"
+        )
         await resp(scope, receive, send)
 
 
@@ -107,6 +114,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
+
     return replay
 
 
@@ -124,8 +132,12 @@ class ApiKeyMiddleware:
             return await self.app(scope, receive, send)
         key = self._match(_bearer(scope))
         if key is None:
-            resp = error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                  "authorization", "invalid_api_key")
+            resp = error_response(
+                401,
+                "invalid or missing API key (Authorization: Bearer ...)",
+                "authorization",
+                "invalid_api_key",
+            )
             return await resp(scope, receive, send)
         scope.setdefault("state", {})["cache_salt"] = cache_salt_for_key(key.decode())
         await self.app(scope, receive, send)
@@ -170,19 +182,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(e).__name__}")
 
 
-def _validation_response(errors: list[dict[str, Any]]) -> JSONResponse:
+def _validation_response(errors: Sequence[dict[str, Any]]) -> JSONResponse:
     if not errors:
         return error_response(400, "invalid request")
     err = errors[0]
     if err.get("type") == "json_invalid":
-        return error_response(400, f"malformed JSON body: {err.get('msg')}", "body",
-                              "invalid_json")
+        return error_response(400, f"malformed JSON body: {err.get('msg')}", "body", "invalid_json")
     param = loc_to_param(err.get("loc", ()))
     if err.get("type") == "missing":
         message = f"{param} is required"
     elif err.get("type") == "extra_forbidden":
-        message = (f"{param} is not a field this server knows: refused rather than ignored, "
-                   "since it might change the answer")
+        message = (
+            f"{param} is not a field this server knows: refused rather than ignored, "
+            "since it might change the answer"
+        )
     elif any(is_union_tag(p) for p in err.get("loc", ())[1:]):
         message = f"{param}: wrong type or value (got {_short(err.get('input'))})"
     else:
@@ -201,8 +214,9 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 # ----------------------------------------------------------------- routes
-def build_app(async_engine: AsyncEngine, config: ServerConfig,
-              metrics: Optional[EngineMetrics] = None) -> FastAPI:
+def build_app(
+    async_engine: AsyncEngine, config: ServerConfig, metrics: Optional[EngineMetrics] = None
+) -> FastAPI:
     serving = OpenAIServing(async_engine, list(config.model_names))
 
     @asynccontextmanager
@@ -237,8 +251,9 @@ def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
         return await serving.create_chat_completion(body, raw, _salt(raw))
 
 
-def _add_info_routes(app: FastAPI, serving: OpenAIServing, config: ServerConfig,
-                     metrics: Optional[EngineMetrics]) -> None:
+def _add_info_routes(
+    app: FastAPI, serving: OpenAIServing, config: ServerConfig, metrics: Optional[EngineMetrics]
+) -> None:
     engine = serving.engine
     created = int(time.time())
 
@@ -250,9 +265,18 @@ def _add_info_routes(app: FastAPI, serving: OpenAIServing, config: ServerConfig,
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": config.model_names[0], "object": "model", "created": created,
-             "owned_by": "pagoda", "max_model_len": engine.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_names[0],
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "pagoda",
+                    "max_model_len": engine.max_model_len,
+                }
+            ],
+        }
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -280,9 +304,9 @@ def _tokenize(serving: OpenAIServing, body: TokenizeRequest) -> dict:
     if (body.prompt is None) == (body.messages is None):
         raise ApiError(400, "give exactly one of prompt or messages", "prompt")
     if body.prompt is not None:
-        ids = list(engine.tokenizer.encode(body.prompt,
-                                           add_special_tokens=body.add_special_tokens))
+        ids = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
     else:
+        assert body.messages is not None  # exactly one of the two is given (checked above)
         ids = serving.chat_prompt(body.messages)
     return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
@@ -307,25 +331,30 @@ def _engine_state(engine: Any) -> dict:
         broken = None
     except AssertionError as e:
         broken = str(e) or "an invariant does not hold"
-    return {"num_running": engine.scheduler.num_running,
-            "num_waiting": engine.scheduler.num_waiting,
-            "num_unfinished": int(engine.has_unfinished_requests()),
-            "num_free_blocks": engine.kv.pool.num_free_blocks,
-            "num_blocks": engine.num_blocks, "invariants_ok": broken is None,
-            "invariant_error": broken}
+    stats = engine.stats().scheduler
+    return {
+        "num_running": stats.num_running,
+        "num_waiting": stats.num_waiting,
+        "num_unfinished": int(engine.has_unfinished_requests()),
+        "num_free_blocks": stats.num_free_blocks,
+        "num_blocks": stats.num_blocks,
+        "invariants_ok": broken is None,
+        "invariant_error": broken,
+    }
 
 
 # -------------------------------------------------------------------- CLI
-def run_server(ns: argparse.Namespace, engine_args: Any) -> int:
+def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     import uvicorn
 
     app = build_app_from_args(ns, engine_args)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level, timeout_graceful_shutdown=5
+    )
     return 0
 
 
-def build_app_from_args(ns: argparse.Namespace, engine_args: Any) -> FastAPI:
+def build_app_from_args(ns: argparse.Namespace, engine_args: EngineArgs) -> FastAPI:
     """Load the engine as the options say, log what is served, and build the app."""
     import torch
 
@@ -346,20 +375,36 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: Any) -> FastAPI:
     metrics = EngineMetrics()
     async_engine = AsyncEngine.on_own_thread(make_engine, metrics=metrics)
     engine = async_engine.engine
+    assert isinstance(engine, LLMEngine)  # the one make_engine built
     max_tokens = ns.max_queued_prompt_tokens or engine.num_blocks * engine.block_size
     async_engine.limits = AdmissionLimits(ns.max_queued_requests, max_tokens)
     config = _server_config(ns, engine, engine_args)
-    logger.info("pagoda serve: model %s (%s), dtype %s, KV cache %d blocks x %d = %d tokens, "
-                "max_model_len %d, %d torch threads, listening on http://%s:%d",
-                config.model_names[0], engine_args.model or "bundled", engine.dtype,
-                engine.num_blocks, engine.block_size, engine.num_blocks * engine.block_size,
-                engine.max_model_len, threads[0], ns.host, ns.port)
+    logger.info(
+        "pagoda serve: model %s (%s), dtype %s, KV cache %d blocks x %d = %d tokens, "
+        "max_model_len %d, %d torch threads, listening on http://%s:%d",
+        config.model_names[0],
+        engine_args.model or "bundled",
+        engine.dtype,
+        engine.num_blocks,
+        engine.block_size,
+        engine.num_blocks * engine.block_size,
+        engine.max_model_len,
+        threads[0],
+        ns.host,
+        ns.port,
+    )
     return build_app(async_engine, config, metrics)
 
 
-def _server_config(ns: argparse.Namespace, engine: Any, engine_args: Any) -> ServerConfig:
+def _server_config(
+    ns: argparse.Namespace, engine: LLMEngine, engine_args: EngineArgs
+) -> ServerConfig:
     env_key = os.environ.get("PAGODA_API_KEY")
     keys = tuple(ns.api_key or ([env_key] if env_key else []))
     names = (ns.served_model_name or engine.model_name, engine.model_name, engine_args.model)
-    return ServerConfig(tuple(dict.fromkeys(n for n in names if n)), keys,
-                        ns.max_request_body_bytes, ns.enable_debug_endpoints)
+    return ServerConfig(
+        tuple(dict.fromkeys(n for n in names if n)),
+        keys,
+        ns.max_request_body_bytes,
+        ns.enable_debug_endpoints,
+    )

@@ -1,4 +1,5 @@
 """The ``pagoda serve`` options (kept free of heavy imports: the CLI builds its parser eagerly)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,19 +11,39 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--served-model-name", default=None,
-                   help="the name clients use (default: the model's name)")
-    g.add_argument("--api-key", action="append", default=None,
-                   help="require 'Authorization: Bearer KEY' (repeat for several tenants; "
-                        "also $PAGODA_API_KEY)")
-    g.add_argument("--max-queued-requests", type=int, default=256,
-                   help="requests waiting to be scheduled before new ones get 429")
-    g.add_argument("--max-queued-prompt-tokens", type=int, default=None,
-                   help="prompt tokens waiting to be computed before new requests get 429 "
-                        "(default: the KV cache's size in tokens)")
+    g.add_argument(
+        "--served-model-name", default=None, help="the name clients use (default: the model's name)"
+    )
+    g.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (repeat for several tenants; "
+        "also $PAGODA_API_KEY)",
+    )
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=256,
+        help="requests waiting to be scheduled before new ones get 429",
+    )
+    g.add_argument(
+        "--max-queued-prompt-tokens",
+        type=int,
+        default=None,
+        help="prompt tokens waiting to be computed before new requests get 429 "
+        "(default: the KV cache's size in tokens)",
+    )
     g.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    g.add_argument("--num-threads", type=int, default=None,
-                   help="torch intra-op threads for the engine (default: all cores)")
-    g.add_argument("--enable-debug-endpoints", action="store_true",
-                   help="GET /debug/state and POST /debug/fault (tests only)")
+    g.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads for the engine (default: all cores)",
+    )
+    g.add_argument(
+        "--enable-debug-endpoints",
+        action="store_true",
+        help="GET /debug/state and POST /debug/fault (tests only)",
+    )
     g.add_argument("--uvicorn-log-level", default="warning")

@@ -11,6 +11,7 @@ logit bias, vLLM's guided-decoding and beam-search extensions) are declared in
 :data:`UNSUPPORTED` and refused unless their value asks for nothing (``response_format`` of
 type text, an empty ``tools`` list, ``tool_choice`` "none", ...).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Literal, Optional, Union
@@ -55,6 +56,7 @@ class StreamOptions(_Strict):
 
 class SamplingFields(_Strict):
     """Fields both endpoints share, OpenAI's and the usual extensions (vLLM's names)."""
+
     model: str
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
@@ -83,7 +85,7 @@ class SamplingFields(_Strict):
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
-    parallel_tool_calls: Any = None     # only means something with tools, refused below
+    parallel_tool_calls: Any = None  # only means something with tools, refused below
     # Not supported yet, refused unless empty (see UNSUPPORTED and the module docstring).
     response_format: Any = None
     tools: Any = None
@@ -106,8 +108,10 @@ class SamplingFields(_Strict):
     @classmethod
     def _refuse_unsupported(cls, value: Any, info: Any) -> Any:
         if not UNSUPPORTED[info.field_name](value):
-            raise ValueError(f"{info.field_name} is not supported by this server yet; its "
-                             "answer would not honour it (docs/server.md)")
+            raise ValueError(
+                f"{info.field_name} is not supported by this server yet; its "
+                "answer would not honour it (docs/server.md)"
+            )
         return value
 
 

@@ -4,6 +4,7 @@ One HTTP request may hold several prompts (completions) and ``n`` completions ea
 ``i * n + j`` is completion ``j`` of prompt ``i``. Streams send only what is new since the
 last event (text, logprobs, finish_reason); a client that goes away aborts its requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -11,13 +12,19 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field, fields
-from typing import Any, AsyncIterator, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Protocol, Union, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagoda.core.outputs import TokenLogprobs
-from pagoda.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from pagoda.engine.async_engine import (
+    AsyncEngine,
+    Engine,
+    EngineDeadError,
+    QueueFullError,
+    RequestStream,
+)
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
 from pagoda.entrypoints.openai.errors import ApiError, error_body, param_from_message
 from pagoda.entrypoints.openai.protocol import (
@@ -29,16 +36,19 @@ from pagoda.entrypoints.openai.protocol import (
 )
 from pagoda.sampling import SamplingParams
 
-SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams)) + ("prompt",
-                                                                   "kv_transfer_params")
-DEFAULT_COMPLETION_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
-CLIENT_CLOSED_REQUEST = 499          # nginx's status for a client that hung up first
-Prompt = tuple[Optional[str], list[int]]   # (text if given as text, token ids)
+if TYPE_CHECKING:
+    from pagoda.models.config import ModelArch
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams)) + ("prompt", "kv_transfer_params")
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up first
+Prompt = tuple[Optional[str], list[int]]  # (text if given as text, token ids)
 
 
 @dataclass
 class _Choice:
     """What a stream has already sent for one choice."""
+
     text_len: int = 0
     num_logprobs: int = 0
     finished: bool = False
@@ -48,7 +58,8 @@ class _Choice:
 @dataclass
 class _Job:
     """One HTTP request in flight: its engine streams and what it has sent."""
-    kind: str                     # "completion" | "chat"
+
+    kind: str  # "completion" | "chat"
     response_id: str
     model: str
     n: int
@@ -56,7 +67,6 @@ class _Job:
     prompts: list[Prompt]
     logprobs: Optional[int]
     include_usage: bool = False
-    stop: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
     choices: dict[int, _Choice] = field(default_factory=dict)
 
@@ -64,72 +74,122 @@ class _Job:
         return self.choices.setdefault(index, _Choice())
 
 
+class ServedEngine(Engine, Protocol):
+    """What the HTTP layer reads of the engine, on top of what the engine thread needs
+    (``LLMEngine`` has all of it)."""
+
+    tokenizer: Any  # a transformers tokenizer, or the token-id one
+    arch: ModelArch
+    max_model_len: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+
 class OpenAIServing:
     def __init__(self, async_engine: AsyncEngine, model_names: list[str]) -> None:
         self.async_engine = async_engine
-        self.engine = async_engine.engine
+        # AsyncEngine types its engine by what its thread calls (Engine); a server is always
+        # built over a full engine (an LLMEngine), which is a ServedEngine as well.
+        self.engine = cast(ServedEngine, async_engine.engine)
         self.model_names = model_names
         self.tokenizer = self.engine.tokenizer
 
     # ------------------------------------------------------------ endpoints
-    async def create_completion(self, req: CompletionRequest, raw: Request,
-                                cache_salt: Optional[str]) -> Response:
+    async def create_completion(
+        self, req: CompletionRequest, raw: Request, cache_salt: Optional[str]
+    ) -> Response:
         arrival = time.monotonic()
         self.check_model(req.model)
         if req.echo:
             raise ApiError(400, "echo is not supported", "echo")
         if req.suffix:
             raise ApiError(400, "suffix is not supported", "suffix")
-        params = self.sampling_params(req, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS,
-                                      req.logprobs, "max_tokens", "logprobs")
+        params = self.sampling_params(
+            req,
+            req.max_tokens,
+            DEFAULT_COMPLETION_MAX_TOKENS,
+            req.logprobs,
+            "max_tokens",
+            "logprobs",
+        )
         prompts = self.completion_prompts(req.prompt)
-        return await self._serve("completion", "cmpl", req, params, prompts, raw, cache_salt,
-                                 "prompt", arrival)
+        return await self._serve(
+            "completion", "cmpl", req, params, prompts, raw, cache_salt, "prompt", arrival
+        )
 
-    async def create_chat_completion(self, req: ChatCompletionRequest, raw: Request,
-                                     cache_salt: Optional[str]) -> Response:
+    async def create_chat_completion(
+        self, req: ChatCompletionRequest, raw: Request, cache_salt: Optional[str]
+    ) -> Response:
         arrival = time.monotonic()
         self.check_model(req.model)
-        max_name = "max_completion_tokens" if req.max_completion_tokens is not None \
-            else "max_tokens"
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
-            else req.max_tokens
+        max_name = (
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        )
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, max_tokens, None, logprobs, max_name, "top_logprobs")
-        prompts = [(None, self.chat_prompt(req.messages))]
-        return await self._serve("chat", "chatcmpl", req, params, prompts, raw, cache_salt,
-                                 "messages", arrival)
+        prompts: list[Prompt] = [(None, self.chat_prompt(req.messages))]
+        return await self._serve(
+            "chat", "chatcmpl", req, params, prompts, raw, cache_salt, "messages", arrival
+        )
 
     # ---------------------------------------------------------- validation
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model not in self.model_names:
-            raise ApiError(404, f"The model {model!r} does not exist; this server serves "
-                           f"{self.model_names[0]!r}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model {model!r} does not exist; this server serves {self.model_names[0]!r}",
+                "model",
+                "model_not_found",
+            )
 
-    def sampling_params(self, req: SamplingFields, max_tokens: Optional[int],
-                        default_max: Optional[int], logprobs: Optional[int],
-                        max_name: str, logprobs_name: str) -> SamplingParams:
+    def sampling_params(
+        self,
+        req: SamplingFields,
+        max_tokens: Optional[int],
+        default_max: Optional[int],
+        logprobs: Optional[int],
+        max_name: str,
+        logprobs_name: str,
+    ) -> SamplingParams:
         values: dict[str, Any] = dict(
-            n=req.n, seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
+            n=req.n,
+            seed=req.seed,
+            stop=req.stop or [],
+            stop_token_ids=req.stop_token_ids or [],
             include_stop_str_in_output=req.include_stop_str_in_output,
-            ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
-            max_tokens=max_tokens if max_tokens is not None else default_max)
-        optional = {"temperature": req.temperature, "top_p": req.top_p,
-                    "top_k": self._top_k(req.top_k),
-                    "min_p": req.min_p, "repetition_penalty": req.repetition_penalty,
-                    "presence_penalty": req.presence_penalty,
-                    "frequency_penalty": req.frequency_penalty}
+            max_tokens=max_tokens if max_tokens is not None else default_max,
+        )
+        optional = {
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "top_k": self._top_k(req.top_k),
+            "min_p": req.min_p,
+            "repetition_penalty": req.repetition_penalty,
+            "presence_penalty": req.presence_penalty,
+            "frequency_penalty": req.frequency_penalty,
+        }
         values.update({k: v for k, v in optional.items() if v is not None})
         try:
             return SamplingParams(**values)
         except ValueError as e:
             param = param_from_message(str(e), SAMPLING_FIELDS)
             renames = {"max_tokens": max_name, "logprobs": logprobs_name}
-            raise ApiError(400, _rename(str(e), param, renames),
-                           renames.get(param, param)) from None
+            raise ApiError(
+                400,
+                _rename(str(e), param, renames),
+                renames.get(param, param) if param is not None else None,
+            ) from None
 
     def _top_k(self, top_k: Optional[int]) -> Optional[int]:
         """A top_k of the vocabulary's size or more keeps every token: it is top-k off (0).
@@ -148,8 +208,11 @@ class OpenAIServing:
         if not items:
             raise ApiError(400, "prompt must not be empty", "prompt")
         if len(items) > MAX_PROMPTS_PER_REQUEST:
-            raise ApiError(400, f"prompt holds {len(items)} prompts; at most "
-                           f"{MAX_PROMPTS_PER_REQUEST}", "prompt")
+            raise ApiError(
+                400,
+                f"prompt holds {len(items)} prompts; at most {MAX_PROMPTS_PER_REQUEST}",
+                "prompt",
+            )
         out: list[Prompt] = []
         for item in items:
             if isinstance(item, str):
@@ -161,41 +224,72 @@ class OpenAIServing:
         return out
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                 for m in messages]
+        plain = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in messages
+        ]
         try:
             return self.engine.encode_chat(plain)
         except Exception as e:  # noqa: BLE001 - a template may reject any conversation
-            raise ApiError(400, f"messages could not be rendered with the chat template: {e}",
-                           "messages") from None
+            raise ApiError(
+                400, f"messages could not be rendered with the chat template: {e}", "messages"
+            ) from None
 
     # ------------------------------------------------------------- serving
-    async def _serve(self, kind: str, id_prefix: str, req: SamplingFields,
-                     params: SamplingParams, prompts: list[Prompt], raw: Request,
-                     cache_salt: Optional[str], prompt_name: str, arrival: float) -> Response:
+    async def _serve(
+        self,
+        kind: str,
+        id_prefix: str,
+        req: SamplingFields,
+        params: SamplingParams,
+        prompts: list[Prompt],
+        raw: Request,
+        cache_salt: Optional[str],
+        prompt_name: str,
+        arrival: float,
+    ) -> Response:
         """Queue every prompt (TTFT counts from ``arrival``), then stream or collect."""
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
         salt = req.cache_salt or cache_salt
-        streams = await self._submit(response_id, prompts, params, salt, prompt_name,
-                                     req.kv_transfer_params, arrival)
+        streams = await self._submit(
+            response_id, prompts, params, salt, prompt_name, req.kv_transfer_params, arrival
+        )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        job = _Job(kind, response_id, req.model, params.n, streams, prompts, params.logprobs,
-                   include_usage, list(params.stop))
+        job = _Job(
+            kind, response_id, req.model, params.n, streams, prompts, params.logprobs, include_usage
+        )
         if req.stream:
-            return StreamingResponse(self._sse(job), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                self._sse(job),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return await self._complete(job, raw)
 
-    async def _submit(self, response_id: str, prompts: list[Prompt], params: SamplingParams,
-                      salt: Optional[str], prompt_name: str,
-                      kv_transfer_params: Optional[dict],
-                      arrival: float) -> list[RequestStream]:
+    async def _submit(
+        self,
+        response_id: str,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        salt: Optional[str],
+        prompt_name: str,
+        kv_transfer_params: Optional[dict],
+        arrival: float,
+    ) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(prompts):
-                streams.append(await self.async_engine.add_request(
-                    f"{response_id}-{i}", ids, params, prompt=text, cache_salt=salt,
-                    arrival_time=arrival, kv_transfer_params=kv_transfer_params))
+                streams.append(
+                    await self.async_engine.add_request(
+                        f"{response_id}-{i}",
+                        ids,
+                        params,
+                        prompt=text,
+                        cache_salt=salt,
+                        arrival_time=arrival,
+                        kv_transfer_params=kv_transfer_params,
+                    )
+                )
         except BaseException as e:
             self._abort_all(streams)
             converted = _as_api_error(e, prompt_name)
@@ -213,10 +307,11 @@ class OpenAIServing:
         collect = asyncio.ensure_future(asyncio.gather(*(_last(s) for s in job.streams)))
         gone = asyncio.ensure_future(wait_for_disconnect(raw))
         try:
-            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+            racing: set[asyncio.Future[Any]] = {collect, gone}
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            left = not collect.done()    # the client left, or this handler was cancelled
+            left = not collect.done()  # the client left, or this handler was cancelled
             if left:
                 collect.cancel()
                 collect.add_done_callback(_retrieve)
@@ -233,38 +328,62 @@ class OpenAIServing:
     def _full_response(self, job: _Job, outputs: list[Optional[RequestOutput]]) -> dict:
         choices = []
         for i, out in enumerate(outputs):
-            for comp in (out.outputs if out is not None else []):
+            for comp in out.outputs if out is not None else []:
                 choices.append(self._full_choice(job, i * job.n + comp.index, comp))
         obj = "text_completion" if job.kind == "completion" else "chat.completion"
-        response = {"id": job.response_id, "object": obj, "created": job.created,
-                    "model": job.model, "choices": choices,
-                    "usage": self._usage(job, outputs)}
-        kv = next((o.kv_transfer_params for o in outputs
-                   if o is not None and getattr(o, "kv_transfer_params", None)), None)
+        response = {
+            "id": job.response_id,
+            "object": obj,
+            "created": job.created,
+            "model": job.model,
+            "choices": choices,
+            "usage": self._usage(job, outputs),
+        }
+        kv = next(
+            (
+                o.kv_transfer_params
+                for o in outputs
+                if o is not None and getattr(o, "kv_transfer_params", None)
+            ),
+            None,
+        )
         if kv is not None:
-            response["kv_transfer_params"] = kv   # a prefill instance: where the KV waits
+            response["kv_transfer_params"] = kv  # a prefill instance: where the KV waits
         return response
 
     def _full_choice(self, job: _Job, index: int, comp: CompletionOutput) -> dict:
-        logprobs = self._logprobs(job, comp.logprobs or [], 0) if job.logprobs is not None \
-            else None
+        logprobs = self._logprobs(job, comp.logprobs or [], 0) if job.logprobs is not None else None
         reason = comp.finish_reason
         if job.kind == "completion":
-            return {"index": index, "text": comp.text, "logprobs": logprobs,
-                    "finish_reason": reason, "stop_reason": comp.stop_reason}
-        return {"index": index, "message": {"role": "assistant", "content": comp.text},
-                "logprobs": logprobs, "finish_reason": reason, "stop_reason": comp.stop_reason}
+            return {
+                "index": index,
+                "text": comp.text,
+                "logprobs": logprobs,
+                "finish_reason": reason,
+                "stop_reason": comp.stop_reason,
+            }
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": comp.text},
+            "logprobs": logprobs,
+            "finish_reason": reason,
+            "stop_reason": comp.stop_reason,
+        }
 
     def _usage(self, job: _Job, outputs: list[Optional[RequestOutput]]) -> dict:
         prompt = sum(len(ids) for _, ids in job.prompts)
         completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
         cached = sum(o.num_cached_tokens for o in outputs if o is not None)
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
 
-    def _logprobs(self, job: _Job, entries: list[TokenLogprobs], text_offset: int
-                  ) -> Optional[dict]:
+    def _logprobs(
+        self, job: _Job, entries: list[TokenLogprobs], text_offset: int
+    ) -> Optional[dict]:
         if job.kind == "chat":
             return {"content": [self._chat_logprob(e) for e in entries]}
         tokens = [self._token_str(e.token_id) for e in entries]
@@ -272,15 +391,28 @@ class OpenAIServing:
         for tok in tokens:
             offsets.append(text_offset)
             text_offset += len(tok)
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._token_str(t): lp for t, lp in e.top} for e in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self._token_str(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
 
     def _chat_logprob(self, e: TokenLogprobs) -> dict:
         tok = self._token_str(e.token_id)
-        return {"token": tok, "logprob": e.logprob, "bytes": list(tok.encode("utf-8")),
-                "top_logprobs": [{"token": (s := self._token_str(t)), "logprob": lp,
-                                  "bytes": list(s.encode("utf-8"))} for t, lp in e.top]}
+        return {
+            "token": tok,
+            "logprob": e.logprob,
+            "bytes": list(tok.encode("utf-8")),
+            "top_logprobs": [
+                {
+                    "token": (s := self._token_str(t)),
+                    "logprob": lp,
+                    "bytes": list(s.encode("utf-8")),
+                }
+                for t, lp in e.top
+            ],
+        }
 
     def _token_str(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -315,16 +447,18 @@ class OpenAIServing:
                 chunks.append(self._chunk(job, [choice]))
         return chunks
 
-    def _delta_choice(self, job: _Job, index: int, state: _Choice,
-                      comp: CompletionOutput) -> Optional[dict]:
+    def _delta_choice(
+        self, job: _Job, index: int, state: _Choice, comp: CompletionOutput
+    ) -> Optional[dict]:
         reason = comp.finish_reason
-        end = len(comp.text) if reason is not None else _safe_len(comp.text, job.stop)
-        text = comp.text[state.text_len:end]
-        entries = (comp.logprobs or [])[state.num_logprobs:]
+        end = len(comp.text)  # a live text holds back what may start a stop string
+        text = comp.text[state.text_len : end]
+        entries = (comp.logprobs or [])[state.num_logprobs :]
         if not text and not entries and reason is None and state.started:
             return None
-        logprobs = self._logprobs(job, entries, state.text_len) \
-            if job.logprobs is not None else None
+        logprobs = (
+            self._logprobs(job, entries, state.text_len) if job.logprobs is not None else None
+        )
         state.text_len = max(state.text_len, end)
         state.num_logprobs += len(entries)
         state.finished = reason is not None
@@ -339,8 +473,13 @@ class OpenAIServing:
 
     def _chunk(self, job: _Job, choices: list[dict], usage: Optional[dict] = None) -> dict:
         obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
-        chunk = {"id": job.response_id, "object": obj, "created": job.created,
-                 "model": job.model, "choices": choices}
+        chunk = {
+            "id": job.response_id,
+            "object": obj,
+            "created": job.created,
+            "model": job.model,
+            "choices": choices,
+        }
         if job.include_usage:
             chunk["usage"] = usage
         return chunk
@@ -402,25 +541,13 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             t.cancel()
 
 
-def _safe_len(text: str, stops: list[str]) -> int:
-    """How much of a live stream's text is safe to send: hold back a tail that could be
-    the start of a stop string (the engine would cut it when the string completes)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return len(text) - hold
-
-
 def _sse_data(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def _rename(message: str, param: Optional[str], renames: dict[str, str]) -> str:
     if param in renames and renames[param] != param:
-        return renames[param] + message[len(param):]
+        return renames[param] + message[len(param) :]
     return message
 
 
@@ -428,8 +555,7 @@ def _as_api_error(e: BaseException, prompt_name: str) -> BaseException:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, QueueFullError):
-        return ApiError(429, str(e), code="queue_full",
-                        headers={"Retry-After": str(e.retry_after)})
+        return ApiError(429, str(e), code="queue_full", headers={"Retry-After": str(e.retry_after)})
     if isinstance(e, EngineDeadError):
         return ApiError(503, str(e), code="engine_dead")
     if isinstance(e, ValueError):
