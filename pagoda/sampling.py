@@ -16,6 +16,60 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 # Temperatures below this are treated as greedy: dividing logits by them overflows.
 GREEDY_TEMPERATURE = 1e-5
+MAX_GRAMMAR_CHARS = 200_000  # a JSON schema, regex or grammar longer than this is refused
+MAX_CHOICES = 256
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the output must match (vLLM's ``structured_outputs``): exactly one of a JSON
+    schema, any JSON object, a regex, one of a list of strings, or a Lark grammar. Compiled
+    and enforced by ``engine/structured.py``."""
+
+    json: Optional[str] = None  # a JSON schema, as JSON text
+    json_object: bool = False  # any JSON object
+    regex: Optional[str] = None
+    choice: Optional[tuple[str, ...]] = None
+    grammar: Optional[str] = None  # Lark (llguidance's dialect)
+
+    def __post_init__(self) -> None:
+        given = [
+            name
+            for name in ("json", "regex", "choice", "grammar")
+            if getattr(self, name) is not None
+        ] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, json_object, regex, choice "
+                f"and grammar (got {given or 'none'})"
+            )
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+            if value is not None and len(value) > MAX_GRAMMAR_CHARS:
+                raise ValueError(
+                    f"structured_outputs.{name} has {len(value)} characters; "
+                    f"at most {MAX_GRAMMAR_CHARS}"
+                )
+        if self.choice is not None:
+            if not self.choice or len(self.choice) > MAX_CHOICES:
+                raise ValueError(f"structured_outputs.choice must hold 1 to {MAX_CHOICES} strings")
+            if not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured_outputs.choice must hold non-empty strings")
+            if sum(len(c) for c in self.choice) > MAX_GRAMMAR_CHARS:
+                raise ValueError("structured_outputs.choice is too long")
+
+    @property
+    def key(self) -> str:
+        """What identifies the compiled grammar (with the tokenizer)."""
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None:
+                return f"{name}:{value}"
+        if self.choice is not None:
+            return "choice:" + "\x00".join(self.choice)
+        return "json_object"
 
 
 @dataclass
@@ -38,6 +92,7 @@ class SamplingParams:
     logprobs: Optional[int] = None  # top-k logprobs per generated token (0: only the sampled one)
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
+    structured_outputs: Optional[StructuredOutputsParams] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +134,9 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, lo=0, hi=MAX_LOGPROBS)
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")
 
     def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:

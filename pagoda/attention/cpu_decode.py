@@ -52,6 +52,7 @@ _SOURCES = (
     _CSRC / "kv_write.cpp",
     _CSRC / "amx_attention.cpp",
     _CSRC / "gumbel_sample.cpp",
+    _CSRC / "token_mask.cpp",
 )
 # Not compiled on their own, but part of the build's hash.
 _HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")

@@ -48,6 +48,9 @@ class SchedulerOutput:
     kv_loads: list[KVLoad] = field(default_factory=list)  # remote KV to start pulling
     # Remote leases this instance will not pull from (computed here instead): end them.
     kv_releases: list[RemotePrefill] = field(default_factory=list)
+    # Structured outputs: request id -> the tokens it may sample this step (one bit each,
+    # little-endian int32 words), for the requests that sample under a grammar.
+    allowed_tokens: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

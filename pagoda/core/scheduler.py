@@ -163,8 +163,8 @@ class Scheduler:
         for request in order:
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING or self._ends_in_flight(request):
-                continue  # preempted earlier in this step, or its last token is in flight
+            if request.status is not RequestStatus.RUNNING or self._waits_for_token(request):
+                continue  # preempted earlier in this step, or waits for its token in flight
             num_new = min(
                 request.num_tokens_with_placeholders - request.num_computed_tokens, budget
             )
@@ -179,6 +179,16 @@ class Scheduler:
             new_blocks[request.request_id] = blocks
             budget -= num_new
         return self.config.step_token_budget - sum(scheduled.values())
+
+    def _waits_for_token(self, request: Request) -> bool:
+        """Async scheduling: a request whose token in flight ends it by length, or whose
+        grammar (structured outputs) needs that token to say what may follow, is not
+        scheduled again until the token is read."""
+        if not request.num_output_placeholders:
+            return False
+        return request.sampling_params.structured_outputs is not None or self._ends_in_flight(
+            request
+        )
 
     def _ends_in_flight(self, request: Request) -> bool:
         """Async scheduling: the token in flight is the request's last by length (max_tokens

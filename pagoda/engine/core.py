@@ -27,6 +27,7 @@ from typing import Optional
 
 from pagoda.core.outputs import EngineCoreOutput, SchedulerOutput
 from pagoda.core.scheduler import Scheduler
+from pagoda.engine.structured import StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.request import Request, RequestStatus
 from pagoda.worker.model_runner import ModelRunner, StepHandle
@@ -51,20 +52,24 @@ class EngineCore:
         runner: ModelRunner,
         connector: Optional[KVConnectorWorker],
         async_scheduling: bool,
+        structured: Optional[StructuredOutputs] = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.connector = connector
         self.async_scheduling = async_scheduling
+        self.structured = structured  # the matchers of constrained requests
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         self._fault_next_step = False
 
     def step(self) -> CoreStep:
         sched = self.scheduler.schedule()
         self._send_kv(sched)
+        self._mask_tokens(sched)
         outputs, read = self._execute(sched)
         received = self._receive_kv()
         outputs.extend(self.scheduler.take_pending_outputs())  # finished outside the step
+        self._advance_grammars(outputs)
         self._drop_in_flight_if_idle()
         progressed = bool(outputs) or read or received or not sched.is_empty or sched.has_kv_work
         return CoreStep(
@@ -112,22 +117,66 @@ class EngineCore:
 
     # -------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
+        self._add_grammar(request)
         self.scheduler.add_request(request)
+
+    def _add_grammar(self, request: Request) -> None:
+        spec = request.sampling_params.structured_outputs
+        if spec is not None:
+            assert self.structured is not None, "structured outputs are not enabled"
+            self.structured.add(request.request_id, spec)
 
     def add_siblings(self, siblings: list[Request]) -> None:
         """n > 1: the first child has computed the prompt; its siblings go to the front of
         the queue, in order, to share its blocks."""
         for request in reversed(siblings):
+            self._add_grammar(request)
             self.scheduler.add_request_first(request)
 
     def finish_stopped(self, stopped: list[tuple[str, str]]) -> None:
         """End requests a stop string ended (found in the text, above the core)."""
         for request_id, stop_str in stopped:
             self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_STOPPED, stop_str)
+            self._forget_grammar(request_id)
         self._drop_in_flight_if_idle()
 
     def abort(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        for rid in request_ids:
+            self._forget_grammar(rid)
+
+    def _forget_grammar(self, request_id: str) -> None:
+        if self.structured is not None:
+            self.structured.remove(request_id)
+
+    # ------------------------------------------------------- structured outputs
+    def _mask_tokens(self, sched: SchedulerOutput) -> None:
+        """The allowed-token masks of the constrained requests that sample in ``sched``
+        (with async scheduling they are never scheduled with a token in flight, so the one
+        placeholder is this step's)."""
+        if not self.structured:
+            return
+        for rid in sched.num_scheduled_tokens:
+            if self.structured.has(rid) and self.scheduler.requests[rid].num_output_placeholders:
+                sched.allowed_tokens[rid] = self.structured.bitmask(rid)
+
+    def _advance_grammars(self, outputs: list[EngineCoreOutput]) -> None:
+        """Each constrained request's matcher takes its new token; a grammar now complete
+        ends the request ("stop"), one that refused the token ends it with an error."""
+        if not self.structured:
+            return
+        for out in outputs:
+            rid = out.request_id
+            for token in out.new_token_ids:
+                ok, complete = self.structured.accept(rid, token)
+                if out.finish_reason is None and (complete or not ok):
+                    status = RequestStatus.FINISHED_STOPPED if ok else RequestStatus.FINISHED_ERROR
+                    self.scheduler.finish_requests([rid], status)
+                    out.finish_reason = status.finish_reason
+                    if not ok:
+                        out.finish_detail = "the sampled token broke the request's grammar"
+            if out.finish_reason is not None:
+                self.structured.remove(rid)
 
     # ------------------------------------------------------------ KV transfer
     def _send_kv(self, sched: SchedulerOutput) -> None:

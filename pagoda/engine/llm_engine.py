@@ -27,6 +27,7 @@ from pagoda.engine.core import CoreStep, EngineCore
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.stats import EngineStats
+from pagoda.engine.structured import GrammarCompiler, StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.models.cpu_int4 import resolve_quantization
 from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
@@ -114,7 +115,12 @@ class LLMEngine:
         async_scheduling = (
             self.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
         )
-        self.core = EngineCore(self.scheduler, self.runner, connector, async_scheduling)
+        self.structured = StructuredOutputs(
+            GrammarCompiler(self.tokenizer, self.arch.vocab_size, self.arch.eos_token_ids)
+        )
+        self.core = EngineCore(
+            self.scheduler, self.runner, connector, async_scheduling, self.structured
+        )
         self.output = OutputProcessor(
             self.tokenizer, self._issued_params if args.kv_role == "prefill" else None
         )
@@ -194,6 +200,8 @@ class LLMEngine:
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt must be a non-empty string")
         kv_transfer = self._validate_kv_transfer(kv_transfer_params, params, prompt_token_ids)
+        if params.structured_outputs is not None:
+            self.structured.check(params.structured_outputs)  # compiled (or cached) now
         max_tokens = self.max_model_len - len(prompt_token_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)

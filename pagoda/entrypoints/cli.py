@@ -17,6 +17,7 @@ from pagoda.config import EngineArgs
 BENCHES = [
     ("throughput", "offline throughput vs transformers", True),
     ("prefix", "prefix caching on vs off on shared prefixes", True),
+    ("structured", "constrained decoding (a JSON schema) vs none, and what the masks cost", True),
     (
         "host",
         "the engine's host time per step, model work removed (the host side of a GPU step)",

@@ -98,6 +98,7 @@ class HostInputs:
     # launched step's sampled tokens.
     placeholder_rows: list[int] = field(default_factory=list)
     placeholder_sources: list[int] = field(default_factory=list)
+    allowed_tokens: dict[str, bytes] = field(default_factory=dict)  # structured outputs
 
 
 @dataclass
@@ -280,7 +281,7 @@ class ModelRunner:
         counts = sched.num_scheduled_tokens
         decodes = [rid for rid, n in counts.items() if n == 1]
         prefills = [rid for rid, n in counts.items() if n > 1]
-        host = HostInputs()
+        host = HostInputs(allowed_tokens=sched.allowed_tokens)
         bs = self.block_size
         for rid in decodes:  # the hot loop of a large decode batch: one token each
             state = self.states[rid]
@@ -447,7 +448,10 @@ class ModelRunner:
             rows = hidden[logits_index]  # (S, E), index already on the device
         else:
             rows = hidden[host.logits_indices]
-        sampling_rows = [self._sampling_row(self.states[rid]) for rid in host.samplers]
+        allowed = host.allowed_tokens
+        sampling_rows = [
+            self._sampling_row(self.states[rid], allowed.get(rid)) for rid in host.samplers
+        ]
         tokens = greedy_from_hidden(
             rows, self.model.output_weight, sampling_rows, self.model.packed_head
         )
@@ -465,7 +469,9 @@ class ModelRunner:
             handle.ready = torch.cuda.Event()
             handle.ready.record()
 
-    def _sampling_row(self, state: CachedRequestState) -> SamplingRow:
+    def _sampling_row(
+        self, state: CachedRequestState, allowed: Optional[bytes] = None
+    ) -> SamplingRow:
         """Penalties count a token still in flight from its slot in the last step's samples
         (a view: nothing is copied or waited for)."""
         pending = None
@@ -479,6 +485,7 @@ class ModelRunner:
             state.stop_ids,
             state.seed_offset,
             pending,
+            allowed,
         )
 
     def _prompt_logprobs(

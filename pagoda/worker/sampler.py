@@ -1,7 +1,8 @@
 """Sampler: logits -> next tokens, one row per request that caught up this step.
 
 Processing order per row: penalties (repetition, presence, frequency), min_tokens masking,
-then greedy argmax or temperature / top-k / top-p / min-p sampling. A sampled row is one
+the structured-outputs mask (``engine/structured.py``: tokens the request's grammar forbids
+get -inf), then greedy argmax or temperature / top-k / top-p / min-p sampling. A sampled row is one
 Gumbel-max draw over its filtered logits (``worker/gumbel.py``: one pass, no softmax); seeded
 rows key their noise by (seed, sibling index, output index), so a seeded request samples the
 same tokens whatever else shares its batch, and after a preemption.
@@ -10,10 +11,12 @@ same tokens whatever else shares its batch, and after a preemption.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Optional
 
 import torch
 
+from pagoda.attention import cpu_decode
 from pagoda.core.outputs import TokenLogprobs
 from pagoda.models import cpu_fused
 from pagoda.sampling import SamplingParams
@@ -21,6 +24,7 @@ from pagoda.worker import gumbel
 from pagoda.worker.host_buffer import to_device
 
 _MASK64 = (1 << 64) - 1
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 # Up to this many rows the packed output projection and a row argmax beat
 # ``cpu_fused.greedy_tokens``, whose ``weight @ hidden.T`` oneDNN runs as a slower kernel at
 # few columns. Measured on the 2-core Xeon, cold 49152 x 576 bf16 weights: at 1 row 2.4 against
@@ -39,6 +43,8 @@ class SamplingRow:
     # The last output token when a step in flight samples it (async scheduling): (1,) on the
     # device, not yet in token_ids.
     pending_token: Optional[torch.Tensor] = None
+    # Structured outputs: the tokens it may sample, one bit each (little-endian int32 words).
+    allowed: Optional[bytes] = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -80,17 +86,16 @@ def sample_tokens(
     """logits: (S, V). The sampled ids (S,) and, when a row asks for logprobs, the raw
     log-probabilities (S, V), both left on the logits' device: nothing here waits for it."""
     if all(_plain_greedy(r) for r in rows):
-        # Upcasting is exact and keeps the order, so argmax needs no fp32 copy of (S, V).
-        if logits.dim() == 2 and logits.stride(1) == 1 and cpu_fused.enabled(logits):
-            return cpu_fused.argmax(logits), None
-        return logits.argmax(dim=-1), None
+        return _argmax(logits), None
+    if all(_plain_greedy(r, masked=True) for r in rows):  # greedy under grammars only
+        return _argmax(_mask_disallowed(logits, rows)), None
     logits = logits.float()
     raw_logprobs = (
         torch.log_softmax(logits, dim=-1)
         if any(r.params.logprobs is not None for r in rows)
         else None
     )
-    logits = _mask_early_stops(_apply_penalties(logits, rows), rows)
+    logits = _mask_disallowed(_mask_early_stops(_apply_penalties(logits, rows), rows), rows)
     return _choose(logits, rows), raw_logprobs
 
 
@@ -106,12 +111,20 @@ def token_logprobs(
     ]
 
 
-def _plain_greedy(row: SamplingRow) -> bool:
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    # Upcasting is exact and keeps the order, so argmax needs no fp32 copy of (S, V).
+    if logits.dim() == 2 and logits.stride(1) == 1 and cpu_fused.enabled(logits):
+        return cpu_fused.argmax(logits)
+    return logits.argmax(dim=-1)
+
+
+def _plain_greedy(row: SamplingRow, masked: bool = False) -> bool:
     """Greedy with nothing that needs the logits themselves (logprobs, penalties, a masked
-    stop token): the argmax alone decides."""
+    stop token; a grammar's mask too unless ``masked``): the argmax alone decides."""
     p = row.params
     return (
         p.greedy
+        and (masked or row.allowed is None)
         and p.logprobs is None
         and not _has_penalty(p)
         and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens)
@@ -166,6 +179,36 @@ def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
                 logits, cloned = logits.clone(), True
             logits[i].index_fill_(0, to_device(ids, torch.int64, logits.device), float("-inf"))
     return logits
+
+
+def _mask_disallowed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """A copy of ``logits`` with -inf on the tokens a constrained row's grammar forbids: on
+    the CPU by the C++ kernel (``csrc/token_mask.cpp``: unpacking the bits into a bool
+    tensor and ``masked_fill`` cost ~5 ms a step at 32 x 49152), elsewhere by tensor ops.
+    (llguidance's own torch helper goes through torch.compile: a compile on first use.)"""
+    masked = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not masked:
+        return logits
+    words = torch.frombuffer(
+        bytearray(b"".join(rows[i].allowed or b"" for i in masked)), dtype=torch.int32
+    ).view(len(masked), -1)  # (M, W)
+    out = logits.clone()
+    ext = _native(out)
+    if ext is not None and out.stride(-1) == 1:
+        ext.apply_token_bitmask(out, words, torch.tensor(masked, dtype=torch.int64))
+        return out
+    vocab = logits.shape[1]
+    bits = (words.unsqueeze(-1) >> _BIT_SHIFTS) & 1  # (M, W, 32)
+    allowed = bits.view(len(masked), -1)[:, :vocab].bool().to(logits.device)  # (M, V)
+    idx = to_device(masked, torch.int64, logits.device)
+    return out.index_put_((idx,), out[idx].masked_fill(~allowed, float("-inf")))
+
+
+def _native(logits: torch.Tensor) -> Optional[ModuleType]:
+    """The C++ extension for CPU fp32/bf16 logits (None elsewhere or when it did not build)."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return cpu_decode.extension()
 
 
 def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -74,17 +74,11 @@ CHAT_CASES = [
     ({"model": M, "messages": CHAT, "temperature": float("nan")}, 400, "temperature"),
     ({"model": "gpt-nope", "messages": CHAT}, 404, "model"),
     # Fields that change what the answer must be, not supported yet: refused, never dropped.
-    ({"model": M, "messages": CHAT, "response_format": {"type": "json_object"}}, 400,
-     "response_format"),
-    ({"model": M, "messages": CHAT, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-     400, "response_format"),
     ({"model": M, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
      400, "tools"),
     ({"model": M, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
     ({"model": M, "messages": CHAT, "logit_bias": {"5": 100}}, 400, "logit_bias"),
-    ({"model": M, "messages": CHAT, "structured_outputs": {"regex": "[0-9]+"}}, 400,
-     "structured_outputs"),
+    # (response_format and structured_outputs are served: tests/server/test_structured_outputs_api.py)
     ({"model": M, "messages": CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
     ({"model": M, "messages": CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort"),
     ({"model": M, "messages": [{"role": "assistant", "content": "", "tool_calls": []}]}, 400,

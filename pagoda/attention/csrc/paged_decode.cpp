@@ -1205,6 +1205,11 @@ void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tens
                      at::Tensor context_lens, at::Tensor block_tables, double scale);
 }  // namespace pagoda_amx
 
+// Structured outputs: the grammar's forbidden tokens to -inf (token_mask.cpp).
+namespace pagoda_mask {
+void apply_token_bitmask(at::Tensor logits, at::Tensor words, at::Tensor rows);
+}  // namespace pagoda_mask
+
 // Gumbel-max random sampling (gumbel_sample.cpp).
 namespace pagoda_gumbel {
 void gumbel_argmax(at::Tensor out, at::Tensor logits, at::Tensor keys);
@@ -1250,6 +1255,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("query_start"),
         py::arg("context_lens"), py::arg("block_tables"), py::arg("scale"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("apply_token_bitmask", &pagoda_mask::apply_token_bitmask,
+        "Set logits[rows[m], v] = -inf where bit v of words[m] is 0, in place.",
+        py::arg("logits"), py::arg("words"), py::arg("rows"));
   m.def("gumbel_argmax", &pagoda_gumbel::gumbel_argmax,
         "One draw per row of softmax(logits) by the Gumbel-max trick, noise keyed per row.",
         py::arg("out"), py::arg("logits"), py::arg("keys"),

@@ -6,10 +6,11 @@ ranges are checked by :class:`pagoda.sampling.SamplingParams`, whose errors name
 No field is silently dropped: a field a model does not declare is refused with a 400 naming
 it (``extra="forbid"``), since it might change what the answer must be. The fields OpenAI's
 clients send that cannot change the answer (``metadata``, ``store``, ...) are declared and
-ignored. The ones that would and that pagoda does not support yet (a JSON schema, tools, a
-logit bias, vLLM's guided-decoding and beam-search extensions) are declared in
-:data:`UNSUPPORTED` and refused unless their value asks for nothing (``response_format`` of
-type text, an empty ``tools`` list, ``tool_choice`` "none", ...).
+ignored. The ones that would and that pagoda does not support yet (tools, a logit bias,
+vLLM's older guided-decoding fields and beam search) are declared in :data:`UNSUPPORTED` and
+refused unless their value asks for nothing (an empty ``tools`` list, ``tool_choice``
+"none", ...). ``response_format`` and vLLM's ``structured_outputs`` are served
+(``structured.py``).
 """
 
 from __future__ import annotations
@@ -31,13 +32,11 @@ def _empty(value: Any) -> bool:
 
 # field -> the values that ask for nothing (those are accepted, and change nothing).
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "response_format": lambda v: _empty(v) or v == {"type": "text"},
     "tools": _empty,
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "functions": _empty,
     "function_call": lambda v: v in (None, "none", "auto"),
     "logit_bias": _empty,
-    "structured_outputs": _empty,
     "guided_json": _empty,
     "guided_regex": _empty,
     "guided_choice": _empty,
@@ -52,6 +51,33 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
 
 class StreamOptions(_Strict):
     include_usage: Optional[bool] = False
+
+
+class JsonSchemaFormat(_Strict):
+    """``response_format.json_schema``: OpenAI's structured outputs."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's ``structured_outputs``: exactly one of these (checked by the engine's
+    :class:`pagoda.sampling.StructuredOutputsParams`)."""
+
+    json_: Union[dict[str, Any], str, None] = Field(default=None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
 
 class SamplingFields(_Strict):
@@ -86,14 +112,15 @@ class SamplingFields(_Strict):
     store: Any = None
     service_tier: Any = None
     parallel_tool_calls: Any = None  # only means something with tools, refused below
+    # Constrained decoding (entrypoints/openai/structured.py, engine/structured.py).
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsField] = None
     # Not supported yet, refused unless empty (see UNSUPPORTED and the module docstring).
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     logit_bias: Any = None
-    structured_outputs: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None

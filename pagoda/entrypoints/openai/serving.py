@@ -34,6 +34,7 @@ from pagoda.entrypoints.openai.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from pagoda.entrypoints.openai.structured import error_renames, rename, structured_params
 from pagoda.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -181,6 +182,12 @@ class OpenAIServing:
         }
         values.update({k: v for k, v in optional.items() if v is not None})
         try:
+            values["structured_outputs"] = structured_params(req)
+        except ValueError as e:
+            message, renamed = rename(str(e), error_renames(req))
+            param = renamed or param_from_message(message, SAMPLING_FIELDS)
+            raise ApiError(400, message, param or "structured_outputs") from None
+        try:
             return SamplingParams(**values)
         except ValueError as e:
             param = param_from_message(str(e), SAMPLING_FIELDS)
@@ -252,7 +259,14 @@ class OpenAIServing:
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
         salt = req.cache_salt or cache_salt
         streams = await self._submit(
-            response_id, prompts, params, salt, prompt_name, req.kv_transfer_params, arrival
+            response_id,
+            prompts,
+            params,
+            salt,
+            prompt_name,
+            req.kv_transfer_params,
+            arrival,
+            error_renames(req),
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         job = _Job(
@@ -275,6 +289,7 @@ class OpenAIServing:
         prompt_name: str,
         kv_transfer_params: Optional[dict],
         arrival: float,
+        renames: Optional[dict[str, str]] = None,
     ) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
@@ -292,7 +307,7 @@ class OpenAIServing:
                 )
         except BaseException as e:
             self._abort_all(streams)
-            converted = _as_api_error(e, prompt_name)
+            converted = _as_api_error(e, prompt_name, renames or {})
             if converted is e:
                 raise
             raise converted from e
@@ -551,7 +566,9 @@ def _rename(message: str, param: Optional[str], renames: dict[str, str]) -> str:
     return message
 
 
-def _as_api_error(e: BaseException, prompt_name: str) -> BaseException:
+def _as_api_error(
+    e: BaseException, prompt_name: str, renames: Optional[dict[str, str]] = None
+) -> BaseException:
     if isinstance(e, ApiError):
         return e
     if isinstance(e, QueueFullError):
@@ -559,8 +576,9 @@ def _as_api_error(e: BaseException, prompt_name: str) -> BaseException:
     if isinstance(e, EngineDeadError):
         return ApiError(503, str(e), code="engine_dead")
     if isinstance(e, ValueError):
-        param = param_from_message(str(e), SAMPLING_FIELDS)
+        message, renamed = rename(str(e), renames or {})
+        param = renamed or param_from_message(message, SAMPLING_FIELDS)
         if param == "prompt":
             param = prompt_name
-        return ApiError(400, str(e), param)
+        return ApiError(400, message, param)
     return e

@@ -1,0 +1,181 @@
+"""``pagoda bench structured``: what constrained decoding costs (engine/structured.py).
+
+The same chat prompts run with and without a JSON schema, in alternating rounds (A B A B)
+on one engine, every request generating up to ``--output-len`` tokens (EOS ignored; the
+schema is an open-ended list, so constrained requests rarely end before that either). Printed
+per mode: output tokens/s (median over rounds) and the ratio; the time to compute one
+request's allowed-token mask per step (mean, p99); and compile times: the tokenizer's
+conversion (once per engine), a new schema, and a cached one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+from pagoda.bench.throughput import machine_info, print_machine, row, write_json
+from pagoda.sampling import SamplingParams, StructuredOutputsParams
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "population": {"type": "integer", "minimum": 0},
+        "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40}},
+    },
+    "required": ["city", "population", "landmarks"],
+    "additionalProperties": False,
+}
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("workload")
+    g.add_argument("--num-prompts", type=int, default=32)
+    g.add_argument("--output-len", type=int, default=128)
+    g.add_argument("--rounds", type=int, default=3, help="rounds of each mode, alternating")
+    g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+
+
+class MaskTimer:
+    """Times each call of the engine's per-request mask computation (instrumentation)."""
+
+    def __init__(self, structured: Any) -> None:
+        self.structured = structured
+        self.seconds: list[float] = []
+
+    def __enter__(self) -> "MaskTimer":
+        self._bitmask = self.structured.bitmask
+
+        def timed(request_id: str) -> bytes:
+            start = time.perf_counter()
+            mask = self._bitmask(request_id)
+            self.seconds.append(time.perf_counter() - start)
+            return mask
+
+        self.structured.bitmask = timed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.structured.bitmask  # back to the class's method
+
+
+def prompts(llm: Any, n: int) -> list[list[int]]:
+    cities = ["Lisbon", "Kyoto", "Lagos", "Quito", "Oslo", "Hanoi", "Perth", "Tunis"]
+    return [
+        llm.engine.encode_chat(
+            [
+                {
+                    "role": "user",
+                    "content": (
+                        f"Describe {cities[i % len(cities)]} (request {i}) as JSON with its city, "
+                        "population and landmarks."
+                    ),
+                }
+            ]
+        )
+        for i in range(n)
+    ]
+
+
+def compile_times(engine: Any) -> dict[str, float]:
+    compiler = engine.structured.compiler
+    start = time.perf_counter()
+    compiler._tokenizer()
+    tokenizer_s = time.perf_counter() - start
+    fresh = StructuredOutputsParams(json=json.dumps({**SCHEMA, "title": f"t{time.time()}"}))
+    start = time.perf_counter()
+    compiler.matcher(fresh)
+    cold_s = time.perf_counter() - start
+    start = time.perf_counter()
+    compiler.matcher(fresh)
+    cached_s = time.perf_counter() - start
+    return {"tokenizer_s": tokenizer_s, "new_schema_s": cold_s, "cached_schema_s": cached_s}
+
+
+def run(llm: Any, ps: list[list[int]], params: SamplingParams) -> dict[str, Any]:
+    start = time.perf_counter()
+    outs = llm.generate(ps, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {
+        "elapsed_s": elapsed,
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / elapsed,
+        "ended_by_length": sum(o.finish_reason == "length" for o in outs),
+    }
+
+
+def main(ns: argparse.Namespace) -> int:
+    from pagoda.entrypoints.cli import engine_args_from
+    from pagoda.entrypoints.llm import LLM
+
+    base = engine_args_from(ns)
+    llm = LLM(**vars(base))
+    machine = machine_info()
+    print_machine(machine)
+    ps = prompts(llm, ns.num_prompts)
+    spec = StructuredOutputsParams(json=json.dumps(SCHEMA))
+    modes = {
+        "unconstrained": SamplingParams(temperature=0.0, max_tokens=ns.output_len, ignore_eos=True),
+        "json_schema": SamplingParams(
+            temperature=0.0, max_tokens=ns.output_len, ignore_eos=True, structured_outputs=spec
+        ),
+    }
+    compiles = compile_times(llm.engine)
+    for params in modes.values():  # warm-up, untimed
+        llm.generate(ps[:2], params.clone(max_tokens=4), use_tqdm=False)
+    rounds: dict[str, list[dict]] = {m: [] for m in modes}
+    with MaskTimer(llm.engine.structured) as masks:
+        for _ in range(ns.rounds):
+            for mode, params in modes.items():
+                rounds[mode].append(run(llm, ps, params))
+    medians = {
+        m: statistics.median(r["output_tokens_per_s"] for r in rs) for m, rs in rounds.items()
+    }
+    mask_s = sorted(masks.seconds)
+    report = {
+        "command": list(sys.argv),
+        "machine": machine,
+        "engine_args": dataclasses.asdict(base),
+        "model": llm.engine.model_name,
+        "rounds": rounds,
+        "median_output_tokens_per_s": medians,
+        "ratio_constrained_over_unconstrained": medians["json_schema"] / medians["unconstrained"],
+        "mask_mean_s": statistics.fmean(mask_s) if mask_s else None,
+        "mask_p99_s": mask_s[int(0.99 * (len(mask_s) - 1))] if mask_s else None,
+        "masks_computed": len(mask_s),
+        "compile": compiles,
+    }
+    print("== workload ==")
+    print(row("requests", f"{len(ps)} chat prompts, {ns.output_len} output tokens each"))
+    for mode, rs in rounds.items():
+        rates = ", ".join(f"{r['output_tokens_per_s']:.1f}" for r in rs)
+        print(row(f"{mode} tok/s", f"{rates} (median {medians[mode]:.1f})"))
+    print(
+        row("constrained / unconstrained", f"{report['ratio_constrained_over_unconstrained']:.2f}x")
+    )
+    if mask_s:
+        print(
+            row(
+                "mask per request-step",
+                f"mean {1e6 * report['mask_mean_s']:.0f} us, "
+                f"p99 {1e6 * report['mask_p99_s']:.0f} us ({len(mask_s)} masks)",
+            )
+        )
+    print(
+        row(
+            "compile",
+            f"tokenizer {1e3 * compiles['tokenizer_s']:.0f} ms (once), new "
+            f"schema {1e3 * compiles['new_schema_s']:.1f} ms, cached "
+            f"{1e3 * compiles['cached_schema_s']:.3f} ms",
+        )
+    )
+    if ns.json:
+        write_json(ns.json, report)
+        print(row("json", ns.json))
+    return 0
