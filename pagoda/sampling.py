@@ -18,6 +18,8 @@ MAX_STOP_STRING_LEN = 256
 GREEDY_TEMPERATURE = 1e-5
 MAX_GRAMMAR_CHARS = 200_000  # a JSON schema, regex or grammar longer than this is refused
 MAX_CHOICES = 256
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound: -100 bans a token, 100 all but forces it
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     structured_outputs: Optional[StructuredOutputsParams] = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -134,9 +137,21 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, lo=0, hi=MAX_LOGPROBS)
+        self._validate_logit_bias()
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise ValueError("structured_outputs must be a StructuredOutputsParams")
+
+    def _validate_logit_bias(self) -> None:
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError("logit_bias must be an object of token id -> bias")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(
+                f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES}"
+            )
+        for token, bias in self.logit_bias.items():
+            _check_int("logit_bias", token, lo=0)
+            _check_float("logit_bias", bias, lo=-MAX_LOGIT_BIAS, hi=MAX_LOGIT_BIAS)
 
     def _validate_stops(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:

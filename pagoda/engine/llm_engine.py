@@ -234,6 +234,9 @@ class LLMEngine:
         ]  # type(): bools are not ids
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
+        outside = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {outside[:3]}")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens; the context length is "

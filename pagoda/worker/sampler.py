@@ -1,6 +1,7 @@
 """Sampler: logits -> next tokens, one row per request that caught up this step.
 
-Processing order per row: penalties (repetition, presence, frequency), min_tokens masking,
+Processing order per row: the logit bias, penalties (repetition, presence, frequency),
+min_tokens masking,
 the structured-outputs mask (``engine/structured.py``: tokens the request's grammar forbids
 get -inf), then greedy argmax or temperature / top-k / top-p / min-p sampling. A sampled row is one
 Gumbel-max draw over its filtered logits (``worker/gumbel.py``: one pass, no softmax); seeded
@@ -95,7 +96,8 @@ def sample_tokens(
         if any(r.params.logprobs is not None for r in rows)
         else None
     )
-    logits = _mask_disallowed(_mask_early_stops(_apply_penalties(logits, rows), rows), rows)
+    logits = _apply_penalties(_apply_logit_bias(logits, rows), rows)
+    logits = _mask_disallowed(_mask_early_stops(logits, rows), rows)
     return _choose(logits, rows), raw_logprobs
 
 
@@ -125,6 +127,7 @@ def _plain_greedy(row: SamplingRow, masked: bool = False) -> bool:
     return (
         p.greedy
         and (masked or row.allowed is None)
+        and not p.logit_bias
         and p.logprobs is None
         and not _has_penalty(p)
         and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens)
@@ -164,6 +167,25 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
 
 def _has_penalty(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Add each row's ``logit_bias`` to its logits (ids past the vocabulary are ignored: the
+    engine refuses them at intake). Does not write to the caller's tensor."""
+    biased = [i for i, r in enumerate(rows) if r.params.logit_bias]
+    if not biased:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i in biased:
+        bias = rows[i].params.logit_bias
+        ids = [t for t in bias if t < vocab]
+        logits[i].index_add_(
+            0,
+            to_device(ids, torch.int64, logits.device),
+            to_device([float(bias[t]) for t in ids], logits.dtype, logits.device),
+        )
+    return logits
 
 
 def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

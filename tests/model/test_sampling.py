@@ -692,3 +692,19 @@ def test_huge_top_k_keeps_every_token_and_the_engine_lives(tmp_path):
     a, b = llm.generate([[5, 6, 7]] * 2, [huge, off])
     assert a.token_ids == b.token_ids and len(a.token_ids) == 5
     assert llm.generate([5, 6], SamplingParams(max_tokens=2))[0].finish_reason == "length"
+
+
+def test_logit_bias_bans_and_forces_tokens(llm):
+    prompt = rand_prompt(10, 77)
+    base = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6,
+                                               ignore_eos=True))[0].token_ids
+    banned = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                                                 logit_bias={base[0]: -100.0}))[0].token_ids
+    assert banned[0] != base[0]
+    forced = llm.generate(prompt, SamplingParams(temperature=0.9, seed=1, max_tokens=6,
+                                                 ignore_eos=True, logit_bias={7: 100.0}))[0]
+    assert forced.token_ids == [7] * 6
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate(prompt, SamplingParams(logit_bias={TINY_VOCAB + 5: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={3: 101.0})

@@ -77,7 +77,10 @@ CHAT_CASES = [
     ({"model": M, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
      400, "tools"),
     ({"model": M, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
-    ({"model": M, "messages": CHAT, "logit_bias": {"5": 100}}, 400, "logit_bias"),
+    ({"model": M, "messages": CHAT, "logit_bias": {"five": 1}}, 400, "logit_bias"),
+    ({"model": M, "messages": CHAT, "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ({"model": M, "messages": CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ({"model": M, "messages": CHAT, "logit_bias": {"5": "up"}}, 400, "logit_bias.5"),
     # (response_format and structured_outputs are served: tests/server/test_structured_outputs_api.py)
     ({"model": M, "messages": CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
     ({"model": M, "messages": CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort"),

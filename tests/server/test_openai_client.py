@@ -187,3 +187,14 @@ def test_prefix_cache_hits_show_in_usage_and_respect_cache_salt(client, model_na
     cached(cache_salt="tenant-a")
     assert cached(cache_salt="tenant-a") == 48
     assert cached(cache_salt="tenant-b") == 0
+
+
+def test_logit_bias_equals_offline(client, model_name: str, offline: LLM) -> None:
+    want = offline.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5,
+                                                       ignore_eos=True,
+                                                       logit_bias={7: 100.0, 9: -100.0}))
+    got = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=5,
+                                    temperature=0, logit_bias={"7": 100, "9": -100},
+                                    extra_body=IGNORE_EOS)
+    assert got.choices[0].text == want[0].text
+    assert want[0].token_ids == [7] * 5

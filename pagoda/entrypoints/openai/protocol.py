@@ -36,7 +36,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "functions": _empty,
     "function_call": lambda v: v in (None, "none", "auto"),
-    "logit_bias": _empty,
     "guided_json": _empty,
     "guided_regex": _empty,
     "guided_choice": _empty,
@@ -113,6 +112,7 @@ class SamplingFields(_Strict):
     service_tier: Any = None
     parallel_tool_calls: Any = None  # only means something with tools, refused below
     # Constrained decoding (entrypoints/openai/structured.py, engine/structured.py).
+    logit_bias: Optional[dict[str, float]] = None  # token id (as a string) -> bias
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputsField] = None
     # Not supported yet, refused unless empty (see UNSUPPORTED and the module docstring).
@@ -120,7 +120,6 @@ class SamplingFields(_Strict):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    logit_bias: Any = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None

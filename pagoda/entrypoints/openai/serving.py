@@ -181,6 +181,7 @@ class OpenAIServing:
             "frequency_penalty": req.frequency_penalty,
         }
         values.update({k: v for k, v in optional.items() if v is not None})
+        values["logit_bias"] = _logit_bias(req.logit_bias)
         try:
             values["structured_outputs"] = structured_params(req)
         except ValueError as e:
@@ -554,6 +555,18 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _logit_bias(raw: Optional[dict[str, float]]) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` has token ids as JSON object keys, so strings."""
+    if not raw:
+        return {}
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        if not key.isdigit() or len(key) > 12:
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        bias[int(key)] = value
+    return bias
 
 
 def _sse_data(obj: dict) -> str:
