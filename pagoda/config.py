@@ -101,6 +101,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights, no checkpoint files
+    chat_template: Optional[str] = None  # a Jinja file (or the template's text): the model's
     model_preset: Optional[str] = None  # built-in shapes for dummy weights (models/presets.py)
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     async_scheduling: Optional[bool] = None  # None: on for CUDA, off for the CPU

@@ -69,7 +69,7 @@ class LLMEngine:
         self.model_name = loaded.name
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
-        self.chat_template = loaded.chat_template
+        self.chat_template = _read_template(args.chat_template) or loaded.chat_template
         self.max_model_len = args.max_model_len or min(
             self.arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP
         )
@@ -344,20 +344,43 @@ class LLMEngine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+    ) -> str:
+        """The prompt text of a conversation (and of the tools it may call, where the
+        template renders them)."""
         if not self.chat_template:
             raise ValueError(f"model {self.model_name!r} has no chat template")
         return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, chat_template=self.chat_template
+            messages,
+            tools=tools,
+            add_generation_prompt=True,
+            tokenize=False,
+            chat_template=self.chat_template,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+    ) -> list[int]:
         """The chat template's text already holds any BOS it wants: add no special tokens."""
-        text = self.apply_chat_template(messages)
+        text = self.apply_chat_template(messages, tools)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
+
+
+def _read_template(template: Optional[str]) -> Optional[str]:
+    """``--chat-template``: a file's contents, or the template's text itself."""
+    if not template:
+        return None
+    if "{" not in template:  # a Jinja template has tags; a path has none
+        try:
+            with open(template, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise ValueError(f"chat_template: cannot read {template!r}: {e}") from None
+    return template
 
 
 def _resolve_device(device: str) -> torch.device:

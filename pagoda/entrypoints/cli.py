@@ -90,6 +90,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template to use instead of the model's (a file, or the text)",
+    )
+    g.add_argument(
         "--load-format",
         default=d.load_format,
         choices=["auto", "dummy"],

@@ -74,9 +74,22 @@ CHAT_CASES = [
     ({"model": M, "messages": CHAT, "temperature": float("nan")}, 400, "temperature"),
     ({"model": "gpt-nope", "messages": CHAT}, 404, "model"),
     # Fields that change what the answer must be, not supported yet: refused, never dropped.
+    # Tools (served: tests/server/test_tools.py), malformed or inconsistent.
     ({"model": M, "messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     400, "tools"),
+     400, "tool_choice"),          # "auto" by default, and this server has no parser
+    ({"model": M, "messages": CHAT, "tools": [{"type": "function", "function": {}}]},
+     400, "tools[0].function.name"),
+    ({"model": M, "messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "a b"}}]}, 400, "tools[0].function.name"),
     ({"model": M, "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ({"model": M, "messages": CHAT, "tool_choice": {"type": "function", "function": {
+        "name": "g"}}, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tool_choice.function.name"),
+    ({"model": M, "messages": CHAT, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f"}}],
+      "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    ({"model": M, "messages": [{"role": "tool", "content": "42"}]}, 400,
+     "messages[0].tool_call_id"),
     ({"model": M, "messages": CHAT, "logit_bias": {"five": 1}}, 400, "logit_bias"),
     ({"model": M, "messages": CHAT, "logit_bias": {"5": 500}}, 400, "logit_bias"),
     ({"model": M, "messages": CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
@@ -84,8 +97,9 @@ CHAT_CASES = [
     # (response_format and structured_outputs are served: tests/server/test_structured_outputs_api.py)
     ({"model": M, "messages": CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
     ({"model": M, "messages": CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort"),
-    ({"model": M, "messages": [{"role": "assistant", "content": "", "tool_calls": []}]}, 400,
-     "messages[0].tool_calls"),
+    ({"model": M, "messages": [{"role": "user", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+     400, "messages[0].tool_calls"),
 ]
 
 

@@ -56,6 +56,7 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     enable_debug_endpoints: bool = False
+    tool_call_parser: Optional[str] = None
 
 
 def cache_salt_for_key(key: str) -> str:
@@ -217,7 +218,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def build_app(
     async_engine: AsyncEngine, config: ServerConfig, metrics: Optional[EngineMetrics] = None
 ) -> FastAPI:
-    serving = OpenAIServing(async_engine, list(config.model_names))
+    serving = OpenAIServing(async_engine, list(config.model_names), config.tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -407,4 +408,5 @@ def _server_config(
         keys,
         ns.max_request_body_bytes,
         ns.enable_debug_endpoints,
+        ns.tool_call_parser,
     )

@@ -42,6 +42,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="torch intra-op threads for the engine (default: all cores)",
     )
     g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "llama3_json"],
+        help='how the model writes tool calls, for tool_choice "auto": hermes '
+        "(<tool_call>{...}</tool_call>: Hermes, Qwen) or llama3_json (Llama 3.x); "
+        '"required" and named tool_choice need none',
+    )
+    g.add_argument(
         "--enable-debug-endpoints",
         action="store_true",
         help="GET /debug/state and POST /debug/fault (tests only)",

@@ -6,11 +6,11 @@ ranges are checked by :class:`pagoda.sampling.SamplingParams`, whose errors name
 No field is silently dropped: a field a model does not declare is refused with a 400 naming
 it (``extra="forbid"``), since it might change what the answer must be. The fields OpenAI's
 clients send that cannot change the answer (``metadata``, ``store``, ...) are declared and
-ignored. The ones that would and that pagoda does not support yet (tools, a logit bias,
-vLLM's older guided-decoding fields and beam search) are declared in :data:`UNSUPPORTED` and
-refused unless their value asks for nothing (an empty ``tools`` list, ``tool_choice``
-"none", ...). ``response_format`` and vLLM's ``structured_outputs`` are served
-(``structured.py``).
+ignored. The ones that would and that pagoda does not support yet (OpenAI's old
+``functions``, vLLM's older guided-decoding fields, beam search, ...) are declared in
+:data:`UNSUPPORTED` and refused unless their value asks for nothing. ``response_format``,
+vLLM's ``structured_outputs`` (``structured.py``), ``logit_bias`` and, on chat, ``tools``
+(``tools.py``) are served.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ def _empty(value: Any) -> bool:
 
 # field -> the values that ask for nothing (those are accepted, and change nothing).
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "tools": _empty,
-    "tool_choice": lambda v: v in (None, "none", "auto"),
     "functions": _empty,
     "function_call": lambda v: v in (None, "none", "auto"),
     "guided_json": _empty,
@@ -110,14 +108,11 @@ class SamplingFields(_Strict):
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
-    parallel_tool_calls: Any = None  # only means something with tools, refused below
     # Constrained decoding (entrypoints/openai/structured.py, engine/structured.py).
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string) -> bias
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputsField] = None
     # Not supported yet, refused unless empty (see UNSUPPORTED and the module docstring).
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     guided_json: Any = None
@@ -144,11 +139,70 @@ class SamplingFields(_Strict):
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
 
+def _json_or_text(text: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# Chat's tool fields, on /v1/completions: accepted only when they ask for nothing.
+_COMPLETION_NO_TOOLS: dict[str, Callable[[Any], bool]] = {
+    "tools": _empty,
+    "tool_choice": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: True,  # means nothing without tools
+}
+
+
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
     logprobs: Optional[int] = None
     echo: Optional[bool] = False
     suffix: Optional[str] = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+
+    @field_validator(*_COMPLETION_NO_TOOLS)
+    @classmethod
+    def _refuse_tools(cls, value: Any, info: Any) -> Any:
+        if not _COMPLETION_NO_TOOLS[info.field_name](value):
+            raise ValueError(f"{info.field_name} is for /v1/chat/completions")
+        return value
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema
+    strict: Optional[bool] = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as the API returned it
+
+
+class ToolCallMessage(_Strict):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
 
 
 class TextContentPart(_Strict):
@@ -163,6 +217,29 @@ class ChatMessage(_Strict):
     role: Role
     content: Union[str, list[TextContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallMessage]] = None  # assistant: the calls it made
+    tool_call_id: Optional[str] = None  # tool: which call this answers
+
+    def to_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (a call's arguments as an object)."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name:
+            msg["name"] = self.name
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _json_or_text(c.function.arguments),
+                    },
+                }
+                for c in self.tool_calls
+            ]
+        return msg
 
     def text(self) -> str:
         if self.content is None:
@@ -174,6 +251,9 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[Tool]] = Field(default=None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None

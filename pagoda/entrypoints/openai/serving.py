@@ -26,6 +26,7 @@ from pagoda.engine.async_engine import (
     RequestStream,
 )
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
+from pagoda.entrypoints.openai import tools
 from pagoda.entrypoints.openai.errors import ApiError, error_body, param_from_message
 from pagoda.entrypoints.openai.protocol import (
     MAX_PROMPTS_PER_REQUEST,
@@ -54,6 +55,7 @@ class _Choice:
     num_logprobs: int = 0
     finished: bool = False
     started: bool = False
+    tools: Optional[tools.ToolStream] = None  # chat with tools: what of them went out
 
 
 @dataclass
@@ -68,11 +70,17 @@ class _Job:
     prompts: list[Prompt]
     logprobs: Optional[int]
     include_usage: bool = False
+    tools: Optional[tools.ToolPlan] = None
     created: int = field(default_factory=lambda: int(time.time()))
     choices: dict[int, _Choice] = field(default_factory=dict)
 
     def choice(self, index: int) -> _Choice:
-        return self.choices.setdefault(index, _Choice())
+        state = self.choices.get(index)
+        if state is None:
+            state = self.choices[index] = _Choice()
+            if self.tools is not None:
+                state.tools = tools.ToolStream(self.tools)
+        return state
 
 
 class ServedEngine(Engine, Protocol):
@@ -85,12 +93,20 @@ class ServedEngine(Engine, Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+    ) -> list[int]: ...
 
 
 class OpenAIServing:
-    def __init__(self, async_engine: AsyncEngine, model_names: list[str]) -> None:
+    def __init__(
+        self,
+        async_engine: AsyncEngine,
+        model_names: list[str],
+        tool_call_parser: Optional[str] = None,
+    ) -> None:
         self.async_engine = async_engine
+        self.tool_call_parser = tool_call_parser  # the text format of "auto" tool calls
         # AsyncEngine types its engine by what its thread calls (Engine); a server is always
         # built over a full engine (an LLMEngine), which is a ServedEngine as well.
         self.engine = cast(ServedEngine, async_engine.engine)
@@ -135,9 +151,13 @@ class OpenAIServing:
             raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(req, max_tokens, None, logprobs, max_name, "top_logprobs")
-        prompts: list[Prompt] = [(None, self.chat_prompt(req.messages))]
+        plan = tools.plan_for(req, self.tool_call_parser)
+        if plan is not None and (constraint := plan.constraint()) is not None:
+            params = params.clone(structured_outputs=constraint)
+        defs = [{"type": "function", "function": t} for t in plan.tools] if plan else None
+        prompts: list[Prompt] = [(None, self.chat_prompt(req.messages, defs))]
         return await self._serve(
-            "chat", "chatcmpl", req, params, prompts, raw, cache_salt, "messages", arrival
+            "chat", "chatcmpl", req, params, prompts, raw, cache_salt, "messages", arrival, plan
         )
 
     # ---------------------------------------------------------- validation
@@ -231,13 +251,22 @@ class OpenAIServing:
                 out.append((None, list(item)))
         return out
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
-        plain = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in messages
-        ]
+    def chat_prompt(
+        self, messages: list[ChatMessage], tool_defs: Optional[list[dict[str, Any]]] = None
+    ) -> list[int]:
+        for i, m in enumerate(messages):
+            if m.tool_calls and m.role != "assistant":
+                raise ApiError(
+                    400, "only assistant messages carry tool_calls", f"messages[{i}].tool_calls"
+                )
+            if m.role == "tool" and m.tool_call_id is None:
+                raise ApiError(
+                    400,
+                    "a tool message needs the tool_call_id it answers",
+                    f"messages[{i}].tool_call_id",
+                )
         try:
-            return self.engine.encode_chat(plain)
+            return self.engine.encode_chat([m.to_template() for m in messages], tool_defs)
         except Exception as e:  # noqa: BLE001 - a template may reject any conversation
             raise ApiError(
                 400, f"messages could not be rendered with the chat template: {e}", "messages"
@@ -255,6 +284,7 @@ class OpenAIServing:
         cache_salt: Optional[str],
         prompt_name: str,
         arrival: float,
+        plan: Optional[tools.ToolPlan] = None,
     ) -> Response:
         """Queue every prompt (TTFT counts from ``arrival``), then stream or collect."""
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -271,7 +301,15 @@ class OpenAIServing:
         )
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         job = _Job(
-            kind, response_id, req.model, params.n, streams, prompts, params.logprobs, include_usage
+            kind,
+            response_id,
+            req.model,
+            params.n,
+            streams,
+            prompts,
+            params.logprobs,
+            include_usage,
+            plan,
         )
         if req.stream:
             return StreamingResponse(
@@ -378,9 +416,19 @@ class OpenAIServing:
                 "finish_reason": reason,
                 "stop_reason": comp.stop_reason,
             }
+        message: dict[str, Any] = {"role": "assistant", "content": comp.text}
+        if job.tools is not None and reason == "stop":
+            content, calls = job.tools.extract(comp.text)
+            if calls:
+                message = {
+                    "role": "assistant",
+                    "content": content or None,
+                    "tool_calls": [c.to_json() for c in calls],
+                }
+                reason = "tool_calls"
         return {
             "index": index,
-            "message": {"role": "assistant", "content": comp.text},
+            "message": message,
             "logprobs": logprobs,
             "finish_reason": reason,
             "stop_reason": comp.stop_reason,
@@ -482,10 +530,26 @@ class OpenAIServing:
             state.started = True
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         delta: dict[str, Any] = {"content": text}
+        if state.tools is not None:
+            delta, reason = self._tool_delta(state.tools, comp, text, reason)
         if not state.started:
             delta["role"] = "assistant"
             state.started = True
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    @staticmethod
+    def _tool_delta(
+        stream: tools.ToolStream, comp: CompletionOutput, text: str, reason: Optional[str]
+    ) -> tuple[dict[str, Any], Optional[str]]:
+        """A chat delta under tools: the content that surely is content, then the calls."""
+        done = reason == "stop"
+        content, calls, called = stream.feed(comp.text, done)
+        if reason is not None and not done:  # cut (length): what was held back is content
+            content = comp.text[stream.sent_content :] if stream.plan.mode == "auto" else ""
+        delta: dict[str, Any] = {"content": content}
+        if calls:
+            delta["tool_calls"] = calls
+        return delta, ("tool_calls" if done and called else reason)
 
     def _chunk(self, job: _Job, choices: list[dict], usage: Optional[dict] = None) -> dict:
         obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
