@@ -6,11 +6,16 @@ schema is an open-ended list, so constrained requests rarely end before that eit
 per mode: output tokens/s (median over rounds) and the ratio; the time to compute one
 request's allowed-token mask per step (mean, p99); and compile times: the tokenizer's
 conversion (once per engine), a new schema, and a cached one.
+
+With ``--base-url`` it also sends the same prompts, all at once, to a running server's
+``/v1/chat/completions``, with and without ``response_format``, alternating rounds, and prints
+the output tokens/s each way as the server's ``usage`` counts them.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import statistics
@@ -39,6 +44,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output-len", type=int, default=128)
     g.add_argument("--rounds", type=int, default=3, help="rounds of each mode, alternating")
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+    g.add_argument(
+        "--base-url", default=None, help="also through this server (e.g. http://127.0.0.1:8000)"
+    )
 
 
 class MaskTimer:
@@ -65,21 +73,7 @@ class MaskTimer:
 
 
 def prompts(llm: Any, n: int) -> list[list[int]]:
-    cities = ["Lisbon", "Kyoto", "Lagos", "Quito", "Oslo", "Hanoi", "Perth", "Tunis"]
-    return [
-        llm.engine.encode_chat(
-            [
-                {
-                    "role": "user",
-                    "content": (
-                        f"Describe {cities[i % len(cities)]} (request {i}) as JSON with its city, "
-                        "population and landmarks."
-                    ),
-                }
-            ]
-        )
-        for i in range(n)
-    ]
+    return [llm.engine.encode_chat([{"role": "user", "content": ask(i)}]) for i in range(n)]
 
 
 def compile_times(engine: Any) -> dict[str, float]:
@@ -108,6 +102,66 @@ def run(llm: Any, ps: list[list[int]], params: SamplingParams) -> dict[str, Any]
         "output_tokens_per_s": tokens / elapsed,
         "ended_by_length": sum(o.finish_reason == "length" for o in outs),
     }
+
+
+CITIES = ["Lisbon", "Kyoto", "Lagos", "Quito", "Oslo", "Hanoi", "Perth", "Tunis"]
+
+
+def ask(i: int) -> str:
+    return (
+        f"Describe {CITIES[i % len(CITIES)]} (request {i}) as JSON with its city, "
+        "population and landmarks."
+    )
+
+
+async def _serve_round(base_url: str, n: int, output_len: int, constrained: bool) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+
+        async def one(i: int) -> int:
+            body: dict[str, Any] = {
+                "model": model,
+                "max_tokens": output_len,
+                "temperature": 0,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": ask(i)}],
+            }
+            if constrained:
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "city", "schema": SCHEMA},
+                }
+            r = await client.post("/v1/chat/completions", json=body)
+            r.raise_for_status()
+            return int(r.json()["usage"]["completion_tokens"])
+
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(i) for i in range(n))))
+        elapsed = time.perf_counter() - start
+    return {"elapsed_s": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed}
+
+
+def serve_rounds(ns: argparse.Namespace) -> dict[str, Any]:
+    rounds: dict[str, list[dict]] = {"unconstrained": [], "json_schema": []}
+    asyncio.run(_serve_round(ns.base_url, 2, 4, True))  # warm-up: compiles the schema
+    for _ in range(ns.rounds):
+        for mode in rounds:
+            rounds[mode].append(
+                asyncio.run(
+                    _serve_round(ns.base_url, ns.num_prompts, ns.output_len, mode == "json_schema")
+                )
+            )
+    medians = {
+        m: statistics.median(r["output_tokens_per_s"] for r in rs) for m, rs in rounds.items()
+    }
+    for mode, rs in rounds.items():
+        rates = ", ".join(f"{r['output_tokens_per_s']:.1f}" for r in rs)
+        print(row(f"server {mode} tok/s", f"{rates} (median {medians[mode]:.1f})"))
+    ratio = medians["json_schema"] / medians["unconstrained"]
+    print(row("server constrained / not", f"{ratio:.2f}x"))
+    return {"rounds": rounds, "median_output_tokens_per_s": medians, "ratio": ratio}
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -175,6 +229,8 @@ def main(ns: argparse.Namespace) -> int:
             f"{1e3 * compiles['cached_schema_s']:.3f} ms",
         )
     )
+    if ns.base_url:
+        report["server"] = serve_rounds(ns)
     if ns.json:
         write_json(ns.json, report)
         print(row("json", ns.json))
