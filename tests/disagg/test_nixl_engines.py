@@ -243,3 +243,30 @@ def test_abort_right_after_the_pull_starts_leaks_nothing(model, pair):
     assert d.kv.pool.num_free_blocks == d.num_blocks
     d.check_invariants()
     wait_all_free(p)
+
+
+def test_structured_output_on_the_decode_side(model, pair):
+    """A constrained request whose prompt KV was pulled: its first token (sampled on the
+    decode side after the pull) and every later one follow the grammar, and the tokens equal
+    a colocated engine's."""
+    import json
+
+    from pagoda.sampling import StructuredOutputsParams
+
+    path = model[0]
+    p, d = pair
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 999}},
+              "required": ["n"], "additionalProperties": False}
+    params = SamplingParams(temperature=0.0, max_tokens=40,
+                            structured_outputs=StructuredOutputsParams(json=json.dumps(schema)))
+    # A prompt of whole characters (random ids may end mid-character, and the detokenizer
+    # would join those bytes to the output's text).
+    prompt = p.encode("the quick brown fox jumps over the lazy dog " * 4)
+    want = LLM(path, dtype="float32", block_size=BLOCK).generate(prompt, params)[0]
+    kv = prefill(p, "p-so", prompt)
+    out = run(d, "d-so", prompt, params, kv_transfer_params=kv)
+    assert d.kv_connector.num_blocks_pulled > 0, "nothing was pulled"
+    assert out.finish_reason == "stop" and out.token_ids == want.token_ids
+    assert 0 <= json.loads(out.text)["n"] <= 999
+    wait_all_free(d)
