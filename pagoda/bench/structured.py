@@ -79,7 +79,7 @@ def prompts(llm: Any, n: int) -> list[list[int]]:
 def compile_times(engine: Any) -> dict[str, float]:
     compiler = engine.structured.compiler
     start = time.perf_counter()
-    compiler._tokenizer()
+    compiler.tokenizer()
     tokenizer_s = time.perf_counter() - start
     fresh = StructuredOutputsParams(json=json.dumps({**SCHEMA, "title": f"t{time.time()}"}))
     start = time.perf_counter()

@@ -5,7 +5,7 @@ Each constrained request has a matcher that has consumed exactly its accepted ou
 After the scheduler decides a step, the core asks for the allowed-token bitmask of every
 request that samples in it (one bit per vocabulary entry, little-endian 32-bit words) and
 hands the masks to the runner with the step; the sampler sets every other logit to -inf
-before penalties' effects are sampled from. When a step's tokens are read, each matcher
+before it draws (or takes the argmax). When a step's tokens are read, each matcher
 consumes its request's token; a matcher that has reached the end of its grammar ends its
 request ("stop"). Invariant: a constrained request only ever samples a token its matcher
 allows, so its output always parses unless ``max_tokens`` cuts it.
@@ -62,12 +62,13 @@ class GrammarCompiler:
 
         field, grammar = _grammar(spec)
         limits = llguidance.LLParserLimits(verbose_errors=False)  # errors name no internals
-        matcher = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0, limits=limits)
+        matcher = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0, limits=limits)
         if matcher.is_error():
             raise ValueError(f"structured_outputs.{field} is not valid: {matcher.get_error()}")
         return matcher
 
-    def _tokenizer(self) -> llguidance.LLTokenizer:
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        """The tokenizer in llguidance's form, converted on first use (~0.3 s)."""
         if self._ll is None:
             if not hasattr(self._hf_tokenizer, "backend_tokenizer"):
                 raise ValueError(

@@ -60,8 +60,6 @@ def prompts(k, n=12, seed=0):
     """Token ids of ASCII text: every prompt ends on a whole character (random ids may end
     mid-character, and the detokenizer would join those bytes to the output's text)."""
     rng = random.Random(seed)
-    from pagoda.engine.llm_engine import LLMEngine  # noqa: F401 - for the type only
-
     texts = [" ".join(rng.choice(WORDS) for _ in range(n + i)) for i in range(k)]
     return [TOKENIZER.encode(t) for t in texts]
 

@@ -15,6 +15,7 @@ vLLM's ``structured_outputs`` (``structured.py``), ``logit_bias`` and, on chat, 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -140,8 +141,6 @@ PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
 
 def _json_or_text(text: str) -> Any:
-    import json
-
     try:
         return json.loads(text)
     except ValueError:

@@ -35,7 +35,7 @@ from pagoda.entrypoints.openai.protocol import (
     CompletionRequest,
     SamplingFields,
 )
-from pagoda.entrypoints.openai.structured import error_renames, rename, structured_params
+from pagoda.entrypoints.openai.structured import error_renames, structured_params
 from pagoda.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -205,19 +205,11 @@ class OpenAIServing:
         try:
             values["structured_outputs"] = structured_params(req)
         except ValueError as e:
-            message, renamed = rename(str(e), error_renames(req))
-            param = renamed or param_from_message(message, SAMPLING_FIELDS)
-            raise ApiError(400, message, param or "structured_outputs") from None
+            raise _bad_request(e, error_renames(req), "structured_outputs") from None
         try:
             return SamplingParams(**values)
         except ValueError as e:
-            param = param_from_message(str(e), SAMPLING_FIELDS)
-            renames = {"max_tokens": max_name, "logprobs": logprobs_name}
-            raise ApiError(
-                400,
-                _rename(str(e), param, renames),
-                renames.get(param, param) if param is not None else None,
-            ) from None
+            raise _bad_request(e, {"max_tokens": max_name, "logprobs": logprobs_name}) from None
 
     def _top_k(self, top_k: Optional[int]) -> Optional[int]:
         """A top_k of the vocabulary's size or more keeps every token: it is top-k off (0).
@@ -637,10 +629,16 @@ def _sse_data(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _rename(message: str, param: Optional[str], renames: dict[str, str]) -> str:
-    if param in renames and renames[param] != param:
-        return renames[param] + message[len(param) :]
-    return message
+def _bad_request(
+    e: ValueError, renames: dict[str, str], default_param: Optional[str] = None
+) -> ApiError:
+    """A 400 for a ValueError whose message starts with the engine's name of the field,
+    told in the client's terms (``renames``: engine name -> request name)."""
+    message = str(e)
+    param = param_from_message(message, SAMPLING_FIELDS)
+    if param is not None and param in renames:
+        message, param = renames[param] + message[len(param) :], renames[param]
+    return ApiError(400, message, param or default_param)
 
 
 def _as_api_error(
@@ -653,9 +651,8 @@ def _as_api_error(
     if isinstance(e, EngineDeadError):
         return ApiError(503, str(e), code="engine_dead")
     if isinstance(e, ValueError):
-        message, renamed = rename(str(e), renames or {})
-        param = renamed or param_from_message(message, SAMPLING_FIELDS)
-        if param == "prompt":
-            param = prompt_name
-        return ApiError(400, message, param)
+        error = _bad_request(e, renames or {})
+        if error.param == "prompt":  # the field, not the message: it says what was wrong
+            error.param = prompt_name
+        return error
     return e

@@ -69,11 +69,3 @@ def _from_structured_outputs(so: StructuredOutputsField) -> StructuredOutputsPar
         choice=tuple(so.choice) if so.choice is not None else None,
         grammar=so.grammar,
     )
-
-
-def rename(message: str, renames: dict[str, str]) -> tuple[str, Optional[str]]:
-    """(message, field) with an engine field name replaced by the client's."""
-    first = message.split(" ", 1)[0].rstrip(":,")
-    if first in renames:
-        return renames[first] + message[len(first) :], renames[first]
-    return message, None
