@@ -100,6 +100,19 @@ CHAT_CASES = [
     ({"model": M, "messages": [{"role": "user", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
      400, "messages[0].tool_calls"),
+    # The legacy function-calling fields, and content this text-only model cannot read.
+    ({"model": M, "messages": CHAT, "functions": [{"name": "f", "parameters": {}}]}, 400,
+     "functions"),
+    ({"model": M, "messages": CHAT, "function_call": {"name": "f"}}, 400, "function_call"),
+    ({"model": M, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, 400,
+     "messages[0].content"),
+    ({"model": M, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}, 400,
+     "messages[0].content"),
+    # A schema that is JSON but not a JSON schema.
+    ({"model": M, "messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": 12}}}}, 400, "response_format.json_schema.schema"),
 ]
 
 
