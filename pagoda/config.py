@@ -5,8 +5,8 @@ Kept free of torch so that the scheduler side (``pagoda.core``) can import it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional, Union
 
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -79,6 +79,87 @@ class KVTransferConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
+SPEC_METHODS = ("ngram", "suffix")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Model-free speculative decoding (``pagoda/spec_decode/``), with vLLM's keys:
+    ``--speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'``.
+
+    ``num_speculative_tokens`` is the most drafts a request gets in one step; the engine
+    gives each step's requests as many of them as its cost model says pay (``adaptive``,
+    a pagoda key; false drafts the most every time, for measurements)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: Optional[int] = None  # None: 4 (ngram), the tree depth (suffix)
+    prompt_lookup_min: Optional[int] = None  # ngram: shortest match (default 2)
+    prompt_lookup_max: Optional[int] = None  # ngram: longest match tried first (default 4)
+    suffix_decoding_max_tree_depth: int = 24  # suffix: longest match + draft, in tokens
+    suffix_decoding_max_cached_requests: int = 1000  # suffix: outputs in the global tree
+    suffix_decoding_max_spec_factor: float = 1.0  # suffix: draft <= factor x match length
+    suffix_decoding_min_token_prob: float = 0.1  # suffix: stop below this estimated chance
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(
+                f"speculative_config.method must be one of {SPEC_METHODS}, got {self.method!r}"
+            )
+        positive = ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max")
+        for name in (*positive, "suffix_decoding_max_tree_depth"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(
+                    f"speculative_config.{name} must be an integer >= 1, got {value!r}"
+                )
+        if self.lookup_min > self.lookup_max:
+            raise ValueError(
+                "speculative_config.prompt_lookup_min must be <= prompt_lookup_max, got "
+                f"{self.lookup_min} > {self.lookup_max}"
+            )
+        if type(self.suffix_decoding_max_cached_requests) is not int or (
+            self.suffix_decoding_max_cached_requests < 0
+        ):
+            raise ValueError("speculative_config.suffix_decoding_max_cached_requests must be >= 0")
+        if not self.suffix_decoding_max_spec_factor > 0:
+            raise ValueError("speculative_config.suffix_decoding_max_spec_factor must be > 0")
+        if not 0 <= self.suffix_decoding_min_token_prob <= 1:
+            raise ValueError("speculative_config.suffix_decoding_min_token_prob must be in [0, 1]")
+        if type(self.adaptive) is not bool:
+            raise ValueError("speculative_config.adaptive must be true or false")
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> SpeculativeConfig:
+        """From vLLM's JSON keys; an unknown key is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(
+                f"speculative_config: unknown key(s) {unknown}; known: {sorted(known)}"
+            )
+        return cls(**raw)
+
+    @property
+    def num_tokens(self) -> int:
+        """The most drafts per request and step."""
+        if self.num_speculative_tokens is not None:
+            return self.num_speculative_tokens
+        return 4 if self.method == "ngram" else self.suffix_decoding_max_tree_depth
+
+    @property
+    def lookup_min(self) -> int:
+        if self.prompt_lookup_min is not None:
+            return self.prompt_lookup_min
+        return min(2, self.prompt_lookup_max or 2)
+
+    @property
+    def lookup_max(self) -> int:
+        if self.prompt_lookup_max is not None:
+            return self.prompt_lookup_max
+        return max(4, self.prompt_lookup_min or 4)
+
+
 @dataclass(frozen=True)
 class EngineArgs:
     """Everything a user can set, as the CLI and ``LLM(...)`` take it."""
@@ -113,6 +194,8 @@ class EngineArgs:
     kv_host: str = "127.0.0.1"  # the side channel's address
     kv_port: int = 0
     serving: bool = False  # the defaults of a server (pagoda serve)
+    # Speculative decoding: vLLM's dict (or a SpeculativeConfig); None: off.
+    speculative_config: Union[Mapping[str, Any], SpeculativeConfig, None] = None
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
@@ -129,6 +212,14 @@ class EngineArgs:
             self.kv_host,
             self.kv_port,
         )
+
+    def spec_config(self) -> Optional[SpeculativeConfig]:
+        raw = self.speculative_config
+        if raw is None or isinstance(raw, SpeculativeConfig):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise ValueError("speculative_config must be a JSON object (a dict)")
+        return SpeculativeConfig.from_mapping(raw)
 
     @property
     def token_budget(self) -> int:

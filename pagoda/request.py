@@ -84,6 +84,9 @@ class Request:
         # Tokens sampled by a step still in flight, not yet known on the host (0 or 1):
         # async scheduling schedules the next step before the last one's token is read.
         self.num_output_placeholders = 0
+        # Speculative decoding: the drafts the step in flight verifies after its last token.
+        # They are computed (counted in num_computed_tokens) but not known to be tokens.
+        self.spec_token_ids: list[int] = []
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         self.stop_reason: Optional[str | int] = None  # the stop string / token that ended it

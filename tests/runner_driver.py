@@ -29,11 +29,11 @@ def run_greedy(runner: ModelRunner, prompts: list[list[int]], num_steps: int,
     first = runner.execute_model(SchedulerOutput(new, [], {str(i): len(p)
                                                              for i, p in enumerate(prompts)}))
     for i in range(len(prompts)):
-        out[i].append(first.sampled_token_ids[str(i)])
+        out[i].extend(first.sampled_token_ids[str(i)])
     for step in range(1, num_steps):
         cached = [CachedRequestData(str(i), [], len(p) + step - 1) for i, p in enumerate(prompts)]
         res = runner.execute_model(SchedulerOutput([], cached, {str(i): 1
                                                                 for i in range(len(prompts))}))
         for i in range(len(prompts)):
-            out[i].append(res.sampled_token_ids[str(i)])
+            out[i].extend(res.sampled_token_ids[str(i)])
     return out

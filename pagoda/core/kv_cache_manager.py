@@ -141,6 +141,25 @@ class KVCacheManager:
                 request.block_hashes, root, request.all_token_ids, self.block_size, num_tokens
             )
 
+    def trim(self, request: Request) -> None:
+        """Speculative decoding rolled ``num_computed_tokens`` back over rejected drafts:
+        give back the blocks that held only those. Only accepted tokens were ever named
+        (names stop at the request's known tokens), so no cached block goes:
+
+            computed  [ b0 ][ b1 ][ b2 | rejected ][ rejected ]   <- before
+            kept      [ b0 ][ b1 ][ b2 ]                            freed: the last block
+        """
+        blocks = self.req_blocks.get(request.request_id)
+        if not blocks:
+            return
+        keep = self.num_blocks_for(request.num_computed_tokens)
+        if len(blocks) <= keep:
+            return
+        assert self._num_named.get(request.request_id, 0) <= keep, "trimming a named block"
+        extra = blocks[keep:]
+        del blocks[keep:]
+        self.pool.release(reversed(extra))
+
     # ------------------------------------------------------------------- free
     def free(self, request: Request) -> None:
         """Give back all of the request's blocks, tail first: within a chain the tail blocks

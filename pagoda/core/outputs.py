@@ -34,6 +34,9 @@ class CachedRequestData:
     request_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Blocks of its table kept before the new ones: fewer than the runner holds when rolled
+    # back speculative drafts freed some (the runner drops the rest of its table first).
+    num_kept_blocks: Optional[int] = None
 
 
 @dataclass
@@ -48,9 +51,12 @@ class SchedulerOutput:
     kv_loads: list[KVLoad] = field(default_factory=list)  # remote KV to start pulling
     # Remote leases this instance will not pull from (computed here instead): end them.
     kv_releases: list[RemotePrefill] = field(default_factory=list)
-    # Structured outputs: request id -> the tokens it may sample this step (one bit each,
-    # little-endian int32 words), for the requests that sample under a grammar.
-    allowed_tokens: dict[str, bytes] = field(default_factory=dict)
+    # Speculative decoding: request id -> the draft tokens that follow its last token in
+    # this step (its row has 1 + len(drafts) tokens, each position sampled).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Structured outputs: request id -> the tokens it may sample at each position it samples
+    # this step (one bit each, little-endian int32 words; one mask, or one per draft + 1).
+    allowed_tokens: dict[str, list[bytes]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -76,9 +82,10 @@ class TokenLogprobs:
 
 @dataclass
 class ModelRunnerOutput:
-    # request id -> the token it sampled; only requests that caught up this step sample.
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> the tokens it gained: the one it sampled (only requests that caught up
+    # this step sample) or, verifying drafts, the accepted drafts and one sample after them.
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per token
     # request id -> (first prompt position, logprobs of the tokens after it, one each).
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
 
@@ -92,6 +99,6 @@ class EngineCoreOutput:
     finish_reason: Optional[str] = None
     stop_reason: Optional[str | int] = None
     finish_detail: Optional[str] = None
-    logprobs: Optional[TokenLogprobs] = None
+    logprobs: Optional[list[TokenLogprobs]] = None  # one per new token
     prompt_logprobs: Optional[tuple[int, list[TokenLogprobs]]] = None
     kv_transfer_params: Optional[RemotePrefill] = None  # prefill role: where the KV waits

@@ -13,6 +13,10 @@ prefill: its prompt KV is being pulled), and blocks are held only by running and
 requests and by leases (a prefill instance keeps a finished request's blocks until a decode
 instance has pulled them).
 
+With speculative decoding (``pagoda/spec_decode/``), decode rows may also take draft tokens
+with the budget left at the end; a verified row's rejected drafts are rolled back through
+``num_computed_tokens`` when its tokens are read, and the blocks that held only them freed.
+
 Scheduling a token advances ``num_computed_tokens`` at once, and a request that will sample
 gets a placeholder for its next token. So the next step can be scheduled before this one's
 tokens are read (async scheduling, see ``engine/core.py``): a decode whose token is a placeholder
@@ -37,6 +41,8 @@ from pagoda.core.outputs import (
 from pagoda.core.remote_kv import KVEvents, RemoteKV
 from pagoda.core.stats import SchedulerStats
 from pagoda.request import Request, RequestStatus
+from pagoda.spec_decode.policy import StepShape
+from pagoda.spec_decode.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,7 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of those, tokens found there
         # Disaggregated prefill (None when colocated): see the "remote KV" section below.
         self.remote: Optional[RemoteKV] = None
+        self.spec: Optional[Speculator] = None  # speculative decoding, when enabled
 
     # ------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
@@ -131,6 +138,7 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
             num_kv_load_failures=self.remote.num_load_failures if self.remote else 0,
+            spec=self.spec.stats.copy() if self.spec is not None else None,
         )
 
     # ---------------------------------------------------------------- schedule
@@ -140,17 +148,20 @@ class Scheduler:
         new_blocks: dict[str, list[int]] = {}
         budget = self._schedule_running(budget, scheduled, new_blocks)
         self._schedule_waiting(budget, scheduled, new_blocks)
+        self._schedule_drafts(scheduled, new_blocks)
         output = self._make_output(scheduled, new_blocks)
         self._advance(scheduled)
         return output
 
     def _advance(self, scheduled: dict[str, int]) -> None:
         """The scheduled tokens count as computed from now on; a request that reaches its
-        end samples, and holds a placeholder for that token until the output is read."""
+        end (and its drafts') samples, and holds a placeholder for that token until the
+        output is read."""
         for rid, num_new in scheduled.items():
             request = self.requests[rid]
             request.num_computed_tokens += num_new
-            if request.num_computed_tokens == request.num_tokens_with_placeholders:
+            end = request.num_tokens_with_placeholders + len(request.spec_token_ids)
+            if request.num_computed_tokens == end:
                 request.num_output_placeholders += 1
 
     def _schedule_running(
@@ -183,11 +194,15 @@ class Scheduler:
     def _waits_for_token(self, request: Request) -> bool:
         """Async scheduling: a request whose token in flight ends it by length, or whose
         grammar (structured outputs) needs that token to say what may follow, is not
-        scheduled again until the token is read."""
+        scheduled again until the token is read; nor is one that speculation would rather
+        give drafts at the step after (they need its last token)."""
         if not request.num_output_placeholders:
             return False
-        return request.sampling_params.structured_outputs is not None or self._ends_in_flight(
-            request
+        return (
+            request.sampling_params.structured_outputs is not None
+            or bool(request.spec_token_ids)  # how many tokens it gains is not known yet
+            or self._ends_in_flight(request)
+            or (self.spec is not None and self.spec.worth_waiting(request))
         )
 
     def _ends_in_flight(self, request: Request) -> bool:
@@ -240,6 +255,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -281,6 +297,36 @@ class Scheduler:
             new_blocks[request.request_id] = blocks
             budget -= num_new
 
+    def _schedule_drafts(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> None:
+        """Speculative decoding: with the budget the step's own tokens left, drafts for the
+        decode rows the speculator picks. A draft that finds no free block is dropped;
+        nobody is preempted for one."""
+        if self.spec is None:
+            return
+        budget = self.config.step_token_budget - sum(scheduled.values())
+        rows = [self.requests[rid] for rid, n in scheduled.items() if n == 1]
+        rows = [r for r in rows if r.num_computed_tokens == r.num_tokens - 1]  # last token known
+        if budget <= 0 or not rows:
+            return
+        plan = self.spec.plan(rows, budget, self._step_shape(scheduled), self.config.max_model_len)
+        for rid, drafts in plan.items():
+            request = self.requests[rid]
+            blocks = self.kv.allocate_slots(request, 1 + len(drafts))
+            if blocks is None:
+                continue
+            new_blocks[rid].extend(blocks)
+            scheduled[rid] += len(drafts)
+            request.spec_token_ids = drafts
+
+    def _step_shape(self, scheduled: dict[str, int]) -> StepShape:
+        samples = context = 0
+        for rid, n in scheduled.items():
+            request = self.requests[rid]
+            end = request.num_computed_tokens + n
+            samples += end == request.num_tokens_with_placeholders
+            context += end if n == 1 else 0
+        return StepShape(sum(scheduled.values()), samples, context)
+
     @property
     def _num_seqs(self) -> int:
         return len(self.running) + len(self.loading)
@@ -321,8 +367,9 @@ class Scheduler:
         for rid in scheduled:
             request = self.requests[rid]
             if rid in self._runner_knows:
+                kept = len(self.kv.block_ids(rid)) - len(new_blocks[rid])
                 cached_reqs.append(
-                    CachedRequestData(rid, new_blocks[rid], request.num_computed_tokens)
+                    CachedRequestData(rid, new_blocks[rid], request.num_computed_tokens, kept)
                 )
                 continue
             self._runner_knows.add(rid)
@@ -344,6 +391,11 @@ class Scheduler:
             scheduled,
             finished_request_ids=self._finished_ids,
             preempted_request_ids=self._preempted_ids,
+            spec_token_ids={
+                rid: self.requests[rid].spec_token_ids
+                for rid in scheduled
+                if self.requests[rid].spec_token_ids
+            },
         )
         self._finished_ids, self._preempted_ids = set(), set()
         if self.remote is not None:
@@ -374,15 +426,25 @@ class Scheduler:
     def _process_sample(
         self, request: Request, runner_output: ModelRunnerOutput
     ) -> Optional[EngineCoreOutput]:
-        token = runner_output.sampled_token_ids.get(request.request_id)
-        if token is None:
+        """Take the request's new tokens (one, or accepted drafts and one more), up to the
+        first that ends it: tokens after an EOS, a stop token or ``max_tokens`` are dropped,
+        as if they had been sampled one step at a time."""
+        tokens = runner_output.sampled_token_ids.get(request.request_id)
+        if tokens is None:
             return None
         request.num_output_placeholders -= 1
-        request.append_output_token(token)
+        self._roll_back_drafts(request, len(tokens) - 1)
+        status = None
+        for i, token in enumerate(tokens):
+            request.append_output_token(token)
+            status = self._stop_status(request, token)
+            if status is not None:
+                tokens = tokens[: i + 1]
+                break
+        logprobs = runner_output.logprobs.get(request.request_id)
         out = EngineCoreOutput(
-            request.request_id, [token], logprobs=runner_output.logprobs.get(request.request_id)
+            request.request_id, tokens, logprobs=logprobs[: len(tokens)] if logprobs else None
         )
-        status = self._stop_status(request, token)
         if status is not None:
             self._dequeue(request)
             self._finish(request, status, emit=False)
@@ -390,6 +452,24 @@ class Scheduler:
             out.stop_reason = request.stop_reason
             out.kv_transfer_params = request.kv_transfer_out
         return out
+
+    def _roll_back_drafts(self, request: Request, num_accepted: int) -> None:
+        """A verified row: its rejected drafts' KV is garbage from now on. The counter moves
+        back over them (the next step overwrites their slots) and blocks that held only
+        them are freed. A request preempted meanwhile has nothing left to roll back.
+
+            before   | ... last | d1  d2  d3  d4 |      num_computed_tokens after the drafts
+            after    | ... last | d1  d2 | b                accepted d1 d2, then sampled b
+                                          ^ num_computed_tokens (b is computed next step)
+        """
+        drafts, request.spec_token_ids = request.spec_token_ids, []
+        if not drafts:
+            return
+        assert self.spec is not None  # only the speculator makes drafts
+        self.spec.observe(request.request_id, len(drafts), num_accepted)
+        if request.status is RequestStatus.RUNNING:
+            request.num_computed_tokens -= len(drafts) - num_accepted
+            self.kv.trim(request)
 
     def _stop_status(self, request: Request, token: int) -> Optional[RequestStatus]:
         params = request.sampling_params
@@ -415,6 +495,8 @@ class Scheduler:
         """Free everything a request holds and forget it."""
         request.status = status
         request.finish_detail = detail
+        if self.spec is not None:
+            self.spec.finish(request)
         if self.remote is not None and self.remote.should_lease(request, status):
             self.remote.hold_lease(request)
         else:
@@ -502,6 +584,9 @@ class Scheduler:
         ``loading``) until the connector reports the load ended, then frees them."""
         request.status = status
         self.requests.pop(request.request_id, None)
+
+    def enable_speculation(self, speculator: Speculator) -> None:
+        self.spec = speculator
 
     def take_new_leases(self) -> list[str]:
         """Prefill: leases created since the last call, for the connector to guard."""

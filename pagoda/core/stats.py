@@ -4,6 +4,10 @@ endpoint and the admission control read, instead of reaching into its queues and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from pagoda.spec_decode.speculator import SpecStats
 
 
 @dataclass(frozen=True)
@@ -19,3 +23,4 @@ class SchedulerStats:
     prefix_cache_queries: int  # prompt tokens of admitted requests looked up in the cache
     prefix_cache_hits: int  # of those, tokens found there
     num_kv_load_failures: int = 0
+    spec: Optional[SpecStats] = None  # speculative decoding's counters (a copy), when on

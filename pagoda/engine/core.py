@@ -153,30 +153,42 @@ class EngineCore:
     def _mask_tokens(self, sched: SchedulerOutput) -> None:
         """The allowed-token masks of the constrained requests that sample in ``sched``
         (with async scheduling they are never scheduled with a token in flight, so the one
-        placeholder is this step's)."""
+        placeholder is this step's): one mask, or with drafts one per position, each after
+        the drafts before it."""
         if not self.structured:
             return
         for rid in sched.num_scheduled_tokens:
             if self.structured.has(rid) and self.scheduler.requests[rid].num_output_placeholders:
-                sched.allowed_tokens[rid] = self.structured.bitmask(rid)
+                drafts = sched.spec_token_ids.get(rid, [])
+                sched.allowed_tokens[rid] = self.structured.bitmasks(rid, drafts)
 
     def _advance_grammars(self, outputs: list[EngineCoreOutput]) -> None:
-        """Each constrained request's matcher takes its new token; a grammar now complete
-        ends the request ("stop"), one that refused the token ends it with an error."""
+        """Each constrained request's matcher takes its new tokens; a grammar now complete
+        ends the request ("stop"), one that refused a token ends it with an error. Tokens
+        after the one that ended it (the rest of an accepted run) are dropped."""
         if not self.structured:
             return
         for out in outputs:
             rid = out.request_id
-            for token in out.new_token_ids:
+            for i, token in enumerate(out.new_token_ids):
                 ok, complete = self.structured.accept(rid, token)
-                if out.finish_reason is None and (complete or not ok):
-                    status = RequestStatus.FINISHED_STOPPED if ok else RequestStatus.FINISHED_ERROR
-                    self.scheduler.finish_requests([rid], status)
-                    out.finish_reason = status.finish_reason
-                    if not ok:
-                        out.finish_detail = "the sampled token broke the request's grammar"
+                if complete or not ok:
+                    self._end_by_grammar(out, ok, i + 1)
+                    break
             if out.finish_reason is not None:
                 self.structured.remove(rid)
+
+    def _end_by_grammar(self, out: EngineCoreOutput, ok: bool, num_tokens: int) -> None:
+        out.new_token_ids = out.new_token_ids[:num_tokens]
+        if out.logprobs is not None:
+            out.logprobs = out.logprobs[:num_tokens]
+        if out.finish_reason is not None:
+            return  # ended by the scheduler at that very token
+        status = RequestStatus.FINISHED_STOPPED if ok else RequestStatus.FINISHED_ERROR
+        self.scheduler.finish_requests([out.request_id], status)
+        out.finish_reason = status.finish_reason
+        if not ok:
+            out.finish_detail = "the sampled token broke the request's grammar"
 
     # ------------------------------------------------------------ KV transfer
     def _send_kv(self, sched: SchedulerOutput) -> None:

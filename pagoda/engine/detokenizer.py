@@ -63,19 +63,27 @@ class IncrementalDetokenizer:
         self.min_tokens = min_tokens
         self.num_output_tokens = 0
         self._protected_len = 0
+        self.num_taken = 0  # of the last update's tokens
 
     def update(self, new_token_ids: list[int]) -> Optional[str]:
-        """Add tokens; return the stop string that ended the text, if one appeared."""
-        checked = len(self.text)
+        """Add tokens; return the stop string that ended the text, if one appeared. Several
+        tokens (speculative decoding's accepted run) are taken one at a time, as they would
+        be over several steps, and the ones after the token that completed a stop string are
+        not taken: ``num_taken`` says how many were."""
+        self.num_taken = 0
         for token in new_token_ids:
+            checked = len(self.text)
             self.ids.append(token)
             self.num_output_tokens += 1
+            self.num_taken += 1
             self._advance()
             if self.num_output_tokens == self.min_tokens:
                 self._protected_len = len(self.text)
-        if not self.stop or self.num_output_tokens <= self.min_tokens:
-            return None
-        return self._check_stop(max(checked, self._protected_len))
+            if self.stop and self.num_output_tokens > self.min_tokens:
+                stop = self._check_stop(max(checked, self._protected_len))
+                if stop is not None:
+                    return stop
+        return None
 
     @property
     def stream_text(self) -> str:

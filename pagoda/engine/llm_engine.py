@@ -18,11 +18,11 @@ from typing import Any, Optional
 
 import torch
 
-from pagoda.config import DEFAULT_KV_CACHE_GIB, CacheConfig, EngineArgs
+from pagoda.config import DEFAULT_KV_CACHE_GIB, CacheConfig, EngineArgs, SpeculativeConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.remote_kv import KVTransferRequest, check_remote_prefill, parse_kv_transfer_params
 from pagoda.core.scheduler import Scheduler
-from pagoda.engine import cpu_budget
+from pagoda.engine import cpu_budget, spec_timing
 from pagoda.engine.core import CoreStep, EngineCore
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
@@ -33,6 +33,7 @@ from pagoda.models.cpu_int4 import resolve_quantization
 from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
 from pagoda.request import Request
 from pagoda.sampling import SamplingParams
+from pagoda.spec_decode.speculator import Speculator
 from pagoda.utils import cdiv
 from pagoda.worker.kv_cache import (
     GIB,
@@ -129,6 +130,7 @@ class LLMEngine:
         if args.serving and args.max_num_batched_tokens is None and self.device.type == "cpu":
             budget = cpu_budget.serving_budget(self)  # runs a step: the engine is complete
             self.scheduler.config = args.scheduler_config(self.max_model_len, budget)
+        self._start_speculation(args.spec_config())
         logger.info(
             "engine: %s, %s on %s, KV cache %d blocks x %d tokens = %d tokens",
             self.model_name,
@@ -138,6 +140,16 @@ class LLMEngine:
             self.block_size,
             self.num_blocks * self.block_size,
         )
+
+    def _start_speculation(self, config: Optional[SpeculativeConfig]) -> None:
+        """Speculative decoding: the speculator, with a step cost model timed here when it
+        is adaptive (steps run: the engine is complete)."""
+        if config is None:
+            return
+        cost = spec_timing.measure_step_costs(self) if config.adaptive else None
+        speculator = Speculator(config, cost)
+        speculator.draft_filter = self.structured.valid_prefix  # drafts obey grammars
+        self.scheduler.enable_speculation(speculator)
 
     def _model_key(self) -> str:
         """What a cached block's KV depends on besides its tokens (in every prefix hash)."""

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.stats import EngineStats
 from pagoda.kv_transfer.base import KVTransferStats
+from pagoda.spec_decode.speculator import SpecStats
 
 PREFIX = "pagoda:"
 LATENCY_BUCKETS = (
@@ -186,10 +187,40 @@ class EngineMetrics:
             "Decode: seconds from posting each pull to seeing it done.",
             registry=r,
         )
+        self._make_spec_counters()
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
         for reason in ("queue_full", "bad_request", "engine_dead"):
             self.rejected.labels(reason)
+
+    def _make_spec_counters(self) -> None:
+        """Speculative decoding, with vLLM's names (stay 0 with it off)."""
+        r = self.registry
+        self.spec_drafts = Counter(
+            PREFIX + "spec_decode_num_drafts", "Drafts verified (a request's, a step).", registry=r
+        )
+        self.spec_draft_tokens = Counter(
+            PREFIX + "spec_decode_num_draft_tokens", "Draft tokens verified.", registry=r
+        )
+        self.spec_accepted = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens", "Draft tokens accepted.", registry=r
+        )
+        self.spec_accepted_per_pos = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by their position in the draft (0 = first).",
+            ["position"],
+            registry=r,
+        )
+        self.spec_rate = Gauge(
+            PREFIX + "spec_decode_acceptance_rate",
+            "Accepted / draft tokens since start (what vLLM logs as the acceptance rate).",
+            registry=r,
+        )
+        self.spec_length = Gauge(
+            PREFIX + "spec_decode_mean_acceptance_length",
+            "Tokens a verified row yields per step: 1 + accepted / drafts, since start.",
+            registry=r,
+        )
 
     # ----------------------------------------------------------------- update
     def on_step(self, stats: EngineStats, outputs: list[RequestOutput], now: float) -> None:
@@ -211,6 +242,8 @@ class EngineMetrics:
         self._add_delta(self.kv_load_failures, "kv_failures", sched.num_kv_load_failures)
         if stats.kv_transfer is not None:
             self._update_kv_transfer(stats.kv_transfer)
+        if sched.spec is not None:
+            self._update_spec(sched.spec)
         self.running.set(sched.num_running)
         self.kv_usage.set(sched.kv_usage)
         self.free_blocks.set(sched.num_free_blocks)
@@ -224,6 +257,16 @@ class EngineMetrics:
         self._add_delta(self.kv_pulls, "kv_pulls", kv.num_pulls_done)
         self._add_delta(self.kv_pull_bytes, "kv_pull_bytes", kv.bytes_pulled)
         self._add_delta(self.kv_pull_seconds, "kv_pull_seconds", kv.pull_seconds)
+
+    def _update_spec(self, spec: SpecStats) -> None:
+        self._add_delta(self.spec_drafts, "spec_drafts", spec.num_drafts)
+        self._add_delta(self.spec_draft_tokens, "spec_draft_tokens", spec.num_draft_tokens)
+        self._add_delta(self.spec_accepted, "spec_accepted", spec.num_accepted_tokens)
+        for pos, count in enumerate(spec.accepted_per_position):
+            counter = self.spec_accepted_per_pos.labels(str(pos))
+            self._add_delta(counter, f"spec_pos_{pos}", count)
+        self.spec_rate.set(spec.acceptance_rate)
+        self.spec_length.set(spec.mean_accepted_length)
 
     def _add_delta(self, counter: Counter, key: str, value: float) -> None:
         delta = value - self._last.get(key, 0)

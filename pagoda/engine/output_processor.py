@@ -29,6 +29,9 @@ class _Child:
     request: Request
     detok: IncrementalDetokenizer
     logprobs: Optional[list[TokenLogprobs]] = None
+    # Its output tokens: the core's, up to a stop string that ended it inside a run of
+    # several (speculative decoding), after which the core's tokens are dropped.
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None
     finish_detail: Optional[str] = None
     stop_reason: Optional[str | int] = None
@@ -173,25 +176,30 @@ class OutputProcessor:
     def _take_tokens(
         self, group: _Group, child: _Child, out: EngineCoreOutput, now: float, done: Processed
     ) -> None:
-        self.num_generation_tokens += len(out.new_token_ids)
         if child.first_token_time is None:
             child.first_token_time = now
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
-        if child.logprobs is not None and out.logprobs is not None:
-            child.logprobs.append(out.logprobs)
-        stop_str = child.detok.update(_text_tokens(child, out))
+        text_tokens = _text_tokens(child, out)
+        stop_str = child.detok.update(text_tokens)
         if stop_str is not None:
             if out.finish_reason is None:
                 done.stopped.append((out.request_id, stop_str))
             out.finish_reason, out.stop_reason = "stop", stop_str
+            if child.detok.num_taken < len(text_tokens):  # completed inside a run: cut it
+                out.new_token_ids = out.new_token_ids[: child.detok.num_taken]
+        new = out.new_token_ids
+        self.num_generation_tokens += len(new)
+        child.token_ids.extend(new)
+        if child.logprobs is not None and out.logprobs is not None:
+            child.logprobs.extend(out.logprobs[: len(new)])
 
     def _make_output(self, group: _Group) -> RequestOutput:
         completions = [_completion(c) for c in group.children]
         tpot = None
         c0 = group.children[0]
-        if c0.finished_time and c0.first_token_time and c0.request.num_output_tokens > 1:
-            tpot = (c0.finished_time - c0.first_token_time) / (c0.request.num_output_tokens - 1)
+        if c0.finished_time and c0.first_token_time and len(c0.token_ids) > 1:
+            tpot = (c0.finished_time - c0.first_token_time) / (len(c0.token_ids) - 1)
         finished = group.finished
         if finished:
             group.metrics.finished_time = max(c.finished_time or 0.0 for c in group.children)
@@ -231,7 +239,7 @@ def _text_tokens(child: _Child, out: EngineCoreOutput) -> list[int]:
 
 
 def _completion(child: _Child) -> CompletionOutput:
-    ids = list(child.request.output_token_ids)
+    ids = list(child.token_ids)
     cumulative = sum(lp.logprob for lp in child.logprobs) if child.logprobs is not None else None
     text = child.detok.text if child.finish_reason is not None else child.detok.stream_text
     return CompletionOutput(

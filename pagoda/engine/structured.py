@@ -145,6 +145,27 @@ class StructuredOutputs:
         """The tokens the request may sample next (one bit each)."""
         return self._matchers[request_id].compute_bitmask()
 
+    def bitmasks(self, request_id: str, drafts: list[int]) -> list[bytes]:
+        """Speculative decoding: the masks at the position after each prefix of ``drafts``
+        (which the grammar allows: ``valid_prefix``), the matcher left as it was."""
+        matcher = self._matchers[request_id]
+        masks = [matcher.compute_bitmask()]
+        for token in drafts:
+            if not matcher.consume_token(token):
+                raise AssertionError(f"a draft the grammar refuses: {matcher.get_error()}")
+            masks.append(matcher.compute_bitmask())
+        if drafts:
+            matcher.rollback(len(drafts))
+        return masks
+
+    def valid_prefix(self, request_id: str, drafts: list[int]) -> int:
+        """How many of the drafts, from the first, the request's grammar allows (all of
+        them for a request without one)."""
+        matcher = self._matchers.get(request_id)
+        if matcher is None:
+            return len(drafts)
+        return matcher.validate_tokens(drafts)
+
     def accept(self, request_id: str, token_id: int) -> tuple[bool, bool]:
         """Advance by a sampled token: (whether the grammar allowed it, whether it is now
         complete and takes no more tokens)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 import time
@@ -18,6 +19,7 @@ BENCHES = [
     ("throughput", "offline throughput vs transformers", True),
     ("prefix", "prefix caching on vs off on shared prefixes", True),
     ("structured", "constrained decoding (a JSON schema) vs none, and what the masks cost", True),
+    ("spec", "speculative decoding (ngram, suffix) vs none: grounded and saturated work", True),
     (
         "host",
         "the engine's host time per step, model work removed (the host side of a GPU step)",
@@ -149,6 +151,25 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="schedule and launch the next step while the device runs this one "
         "(default: on for CUDA, off for the CPU, where nothing overlaps)",
     )
+    g.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="speculative decoding without a draft model, vLLM's keys: '{\"method\": "
+        '"ngram", "num_speculative_tokens": 4}\' or \'{"method": "suffix"}\' '
+        "(docs/speculative_decoding.md; off by default)",
+    )
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

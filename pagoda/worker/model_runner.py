@@ -9,6 +9,12 @@ with a single asynchronous transfer; nothing in a step waits for the GPU except 
 sampled tokens (argmax and sampling run on the device). Decode-only steps replay a CUDA graph
 (``cuda_graph.py``) unless ``enforce_eager``. The CPU path builds its tensors directly.
 
+Speculative decoding: a decode row with k drafts becomes k + 1 decode rows of the same
+request, at consecutive positions, each attending to the tokens up to its own (the whole
+batch's K/V is written before any row attends), so the decode kernels and CUDA graphs take
+them as they are. Every position samples, as it would without speculation, and
+``spec_verify.accept`` keeps the drafts up to the first one that differs from its sample.
+
 A step is ``launch`` (queue the forward and the sampling) then ``collect`` (read the sampled
 tokens). Between the two the engine may launch the next step (async scheduling): a decode
 whose input token the step in flight samples reads it from that step's device tensor:
@@ -52,6 +58,7 @@ from pagoda.worker.sampler import (
     sample_tokens,
     token_logprobs,
 )
+from pagoda.worker.spec_verify import accept
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +94,10 @@ class HostInputs:
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)
-    logits_indices: list[int] = field(default_factory=list)  # each sampler's last row
+    logits_indices: list[int] = field(default_factory=list)  # the rows that sample
     samplers: list[str] = field(default_factory=list)  # their request ids
+    # Speculative decoding: request id -> its drafts; its rows sample at every position.
+    drafts: dict[str, list[int]] = field(default_factory=dict)
     # prompt logprobs: row, position, count
     prompt_rows: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     decode_seq_lens: list[int] = field(default_factory=list)
@@ -98,7 +107,7 @@ class HostInputs:
     # launched step's sampled tokens.
     placeholder_rows: list[int] = field(default_factory=list)
     placeholder_sources: list[int] = field(default_factory=list)
-    allowed_tokens: dict[str, bytes] = field(default_factory=dict)  # structured outputs
+    allowed_tokens: dict[str, list[bytes]] = field(default_factory=dict)  # structured outputs
 
 
 @dataclass
@@ -107,6 +116,7 @@ class StepHandle:
 
     samplers: list[str] = field(default_factory=list)  # request ids, one per token
     rows: list[SamplingRow] = field(default_factory=list)
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # verified this step
     tokens: Optional[torch.Tensor] = None  # (S,) on the device
     host_tokens: Optional[torch.Tensor] = None  # (S,) pinned copy (CUDA)
     ready: Optional[torch.cuda.Event] = None  # recorded after that copy
@@ -220,25 +230,30 @@ class ModelRunner:
         return handle
 
     def collect(self, handle: StepHandle) -> ModelRunnerOutput:
-        """Read a launched step's sampled tokens into the requests' states and the output."""
+        """Read a launched step's sampled tokens into the requests' states and the output:
+        each request's one token, or its accepted drafts and the sample after them."""
         output = handle.output
         if not handle.samplers:
             return output
         tokens = handle.read_tokens()
-        for rid, token in zip(handle.samplers, tokens, strict=True):  # a token per sampler
+        logprobs = (
+            token_logprobs(handle.raw_logprobs, tokens, handle.rows)
+            if handle.raw_logprobs is not None
+            else None
+        )
+        row = 0
+        while row < len(tokens):  # a request's rows are consecutive
+            rid = handle.samplers[row]
+            drafts = handle.drafts.get(rid, [])
+            new = accept(drafts, tokens[row : row + len(drafts) + 1])
             state = self.states.get(rid)
             if state is not None and state.num_pending:  # else finished or preempted since
-                state.token_ids.append(token)
+                state.token_ids.extend(new)
                 state.num_pending -= 1
-            output.sampled_token_ids[rid] = token
-        if handle.raw_logprobs is not None:
-            for rid, lp in zip(
-                handle.samplers,
-                token_logprobs(handle.raw_logprobs, tokens, handle.rows),
-                strict=True,
-            ):
-                if lp is not None:
-                    output.logprobs[rid] = lp
+            output.sampled_token_ids[rid] = new
+            if logprobs is not None and logprobs[row] is not None:
+                output.logprobs[rid] = logprobs[row : row + len(new)]  # type: ignore[assignment]
+            row += len(drafts) + 1
         return output
 
     def _graph_fits(self, host: HostInputs) -> bool:
@@ -256,6 +271,8 @@ class ModelRunner:
             self.states[new.request_id] = self._new_state(new)
         for cached in sched.cached_requests:
             state = self.states[cached.request_id]
+            if cached.num_kept_blocks is not None:  # rolled-back drafts freed the rest
+                del state.block_ids[cached.num_kept_blocks :]
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
@@ -278,11 +295,13 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ inputs
     def _gather_inputs(self, sched: SchedulerOutput) -> HostInputs:
-        counts = sched.num_scheduled_tokens
+        counts, drafts = sched.num_scheduled_tokens, sched.spec_token_ids
         decodes = [rid for rid, n in counts.items() if n == 1]
-        prefills = [rid for rid, n in counts.items() if n > 1]
-        host = HostInputs(allowed_tokens=sched.allowed_tokens)
+        prefills = [rid for rid, n in counts.items() if n > 1 and rid not in drafts]
+        host = HostInputs(allowed_tokens=sched.allowed_tokens, drafts=drafts)
         bs = self.block_size
+        for rid in drafts:
+            self._add_verify_rows(host, rid, drafts[rid])
         for rid in decodes:  # the hot loop of a large decode batch: one token each
             state = self.states[rid]
             pos, row, blocks = state.num_computed_tokens, len(host.input_ids), state.block_ids
@@ -311,6 +330,23 @@ class ModelRunner:
             host.chunks.append(ChunkSpan(row, n, start + n, state.block_ids[:num_blocks]))
             self._note_sampling(host, rid, state, row, start, n)
         return host
+
+    def _add_verify_rows(self, host: HostInputs, rid: str, drafts: list[int]) -> None:
+        """Speculative decoding: the request's last token and its drafts, as decode rows at
+        consecutive positions, each one sampling. The last token is known (a request with
+        a token in flight gets no drafts)."""
+        state, bs = self.states[rid], self.block_size
+        pos, blocks = state.num_computed_tokens, state.block_ids
+        assert pos == len(state.token_ids) - 1 and not state.num_pending, "drafts need the token"
+        for i, token in enumerate([state.token_ids[pos], *drafts]):
+            p = pos + i
+            host.logits_indices.append(len(host.input_ids))
+            host.samplers.append(rid)
+            host.input_ids.append(token)
+            host.positions.append(p)
+            host.slots.append(blocks[p // bs] * bs + p % bs)
+            host.decode_seq_lens.append(p + 1)
+            host.decode_tables.append(blocks[: p // bs + 1])
 
     @staticmethod
     def _note_sampling(
@@ -448,10 +484,7 @@ class ModelRunner:
             rows = hidden[logits_index]  # (S, E), index already on the device
         else:
             rows = hidden[host.logits_indices]
-        allowed = host.allowed_tokens
-        sampling_rows = [
-            self._sampling_row(self.states[rid], allowed.get(rid)) for rid in host.samplers
-        ]
+        sampling_rows = self._sampling_rows(host)
         tokens = greedy_from_hidden(
             rows, self.model.output_weight, sampling_rows, self.model.packed_head
         )
@@ -460,17 +493,36 @@ class ModelRunner:
             tokens, handle.raw_logprobs = sample_tokens(logits, sampling_rows)
         for i, rid in enumerate(host.samplers):
             state = self.states[rid]
-            state.num_pending += 1
-            state.sampled_row = i
+            if i == 0 or host.samplers[i - 1] != rid:  # a request's first sampled row
+                state.num_pending += 1
+                state.sampled_row = i
         handle.samplers, handle.rows, handle.tokens = host.samplers, sampling_rows, tokens
+        handle.drafts = host.drafts
         if self.device.type == "cuda":
             handle.host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             handle.host_tokens.copy_(tokens, non_blocking=True)
             handle.ready = torch.cuda.Event()
             handle.ready.record()
 
+    def _sampling_rows(self, host: HostInputs) -> list[SamplingRow]:
+        """One per sampled position: a verified request's j-th position samples as if its
+        first j drafts were already its tokens (penalties, min_tokens, the seed's output
+        index, the grammar's mask after them)."""
+        rows: list[SamplingRow] = []
+        j = 0  # the row's position among its request's sampled rows
+        for i, rid in enumerate(host.samplers):
+            j = j + 1 if i and host.samplers[i - 1] == rid else 0
+            masks = host.allowed_tokens.get(rid)
+            allowed = masks[j] if masks is not None and j < len(masks) else None
+            drafts = host.drafts[rid][:j] if j else []
+            rows.append(self._sampling_row(self.states[rid], allowed, drafts))
+        return rows
+
     def _sampling_row(
-        self, state: CachedRequestState, allowed: Optional[bytes] = None
+        self,
+        state: CachedRequestState,
+        allowed: Optional[bytes] = None,
+        drafts: Optional[list[int]] = None,
     ) -> SamplingRow:
         """Penalties count a token still in flight from its slot in the last step's samples
         (a view: nothing is copied or waited for)."""
@@ -486,6 +538,7 @@ class ModelRunner:
             state.seed_offset,
             pending,
             allowed,
+            drafts or [],
         )
 
     def _prompt_logprobs(

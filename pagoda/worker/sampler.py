@@ -11,7 +11,7 @@ same tokens whatever else shares its batch, and after a preemption.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Callable, Optional
 
@@ -46,11 +46,13 @@ class SamplingRow:
     pending_token: Optional[torch.Tensor] = None
     # Structured outputs: the tokens it may sample, one bit each (little-endian int32 words).
     allowed: Optional[bytes] = None
+    # Speculative decoding: the drafts before this position, sampled as if already tokens.
+    drafts: list[int] = field(default_factory=list)
 
     @property
     def num_output_tokens(self) -> int:
         pending = 0 if self.pending_token is None else 1
-        return len(self.token_ids) + pending - self.num_prompt_tokens
+        return len(self.token_ids) + pending + len(self.drafts) - self.num_prompt_tokens
 
 
 def greedy_from_hidden(
@@ -141,7 +143,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     logits = logits.clone()
     vocab = logits.shape[1]
     for i in penalized:
-        p, row, ids = rows[i].params, logits[i], rows[i].token_ids
+        p, row, ids = rows[i].params, logits[i], rows[i].token_ids + rows[i].drafts
         # Filtered and split on the host: a mask or bincount on the device would wait for it.
         tokens = to_device([t for t in ids if t < vocab], torch.int64, logits.device)
         outputs = to_device(

@@ -251,6 +251,22 @@ def test_smollm2_bf16_engine_agrees_with_transformers(smollm2, amx, fused, monke
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks
 
 
+def test_smollm2_bf16_with_speculation_agrees_with_transformers(smollm2, amx):
+    """Speculative decoding in bf16: a verified row's positions are decode rows of a larger
+    batch than one token's, so bf16 rounds them differently and near-ties may flip, as they
+    do when other requests join a batch. The bar is the teacher-forced one, on a prompt the
+    model copies (drafts accepted) and on the questions."""
+    prompts, _, hf = smollm2
+    llm = LLM(dtype="bfloat16", speculative_config={
+        "method": "ngram", "num_speculative_tokens": 6, "adaptive": False})
+    copy_text = ("Repeat the following text word for word.\n\nThe river rises in the hills "
+                 "above the old mill and runs south through the town.")
+    prompts = [llm.engine.encode_chat([{"role": "user", "content": copy_text}]), *prompts[:2]]
+    outs = llm.generate(prompts, greedy(NEW_TOKENS))
+    assert_teacher_forced(hf, prompts, outs)
+    assert llm.engine.stats().scheduler.spec.num_accepted_tokens > 5
+
+
 LONG_RUN = 96
 
 

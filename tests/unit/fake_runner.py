@@ -1,8 +1,12 @@
 """A model runner stand-in for scheduler tests: no torch, deterministic 'sampling'."""
 from __future__ import annotations
 
+import random
+
 from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
 from pagoda.core.scheduler import Scheduler
+from pagoda.spec_decode.suffix import Draft
+from pagoda.worker.spec_verify import accept
 
 
 def fake_token(request_id: str, position: int) -> int:
@@ -46,6 +50,8 @@ class FakeRunner:
             tokens = self._tokens(req)
             assert end <= len(tokens), "scheduled past the known tokens"
             assert len(kv.block_ids(rid)) * kv.block_size >= end, "no slot for a scheduled token"
+            if req.spec_token_ids:  # drafts follow the request's last token, which is known
+                assert end - n == req.num_tokens - 1 and n == 1 + len(req.spec_token_ids)
             for pos in range(end - n, end):
                 self.slots[self._slot(rid, pos)] = tuple(tokens[:pos + 1])
             self.tokens_computed += n
@@ -56,14 +62,23 @@ class FakeRunner:
             for pos in range(end):
                 assert self.slots.get(self._slot(rid, pos)) == tuple(tokens[:pos + 1]), \
                     f"{rid} attends to wrong or missing KV at position {pos}"
-            if req.num_output_placeholders and end == req.num_tokens_with_placeholders - 1:
-                sampled[rid] = fake_token(rid, end)   # its placeholder for this step's token
+            drafts = req.spec_token_ids
+            if req.num_output_placeholders and end == req.num_tokens_with_placeholders - 1 + len(
+                    drafts):
+                # Its placeholder for this step's token; with drafts, a sample at each of
+                # their positions too, kept as the real runner keeps them.
+                first = end - len(drafts)
+                samples = [fake_token(rid, first + j) for j in range(len(drafts) + 1)]
+                sampled[rid] = accept(drafts, samples)
         return ModelRunnerOutput(sampled_token_ids=sampled)
 
     @staticmethod
     def _tokens(req) -> list[int]:
         """The request's tokens, with the one a step in flight samples (async scheduling):
-        a fake token depends only on its position, so it is known here already."""
+        a fake token depends only on its position, so it is known here already; or with
+        the drafts being verified after them."""
+        if req.spec_token_ids:
+            return [*req.all_token_ids, *req.spec_token_ids]
         if req.num_computed_tokens > req.num_tokens:
             return [*req.all_token_ids, fake_token(req.request_id, req.num_tokens)]
         return list(req.all_token_ids)
@@ -102,3 +117,21 @@ class AsyncDriver:
         previous, self.in_flight = self.in_flight, (None if out.is_empty else (out, res))
         outputs = self.scheduler.update_from_output(*previous) if previous else []
         return outputs + self.scheduler.take_pending_outputs()
+
+
+class OracleDrafts:
+    """A proposer that knows the fake tokens to come and gets each wrong with probability
+    ``error``: some drafts are accepted whole, some cut at a wrong token."""
+
+    def __init__(self, error: float = 0.3, seed: int = 0) -> None:
+        self.error, self.rng = error, random.Random(seed)
+        self.finished: list[str] = []
+
+    def propose(self, request, k: int) -> Draft:
+        n = request.num_tokens
+        tokens = [fake_token(request.request_id, n + j) for j in range(k)]
+        tokens = [t + 1 if self.rng.random() < self.error else t for t in tokens]
+        return Draft(tokens, [])
+
+    def finish(self, request) -> None:
+        self.finished.append(request.request_id)
