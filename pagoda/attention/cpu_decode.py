@@ -53,6 +53,7 @@ _SOURCES = (
     _CSRC / "amx_attention.cpp",
     _CSRC / "gumbel_sample.cpp",
     _CSRC / "token_mask.cpp",
+    _CSRC / "suffix_trie.cpp",
 )
 # Not compiled on their own, but part of the build's hash.
 _HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")

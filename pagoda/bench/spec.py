@@ -25,7 +25,9 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import torch
 
 from pagoda.bench.gpu import weight_bytes_per_step
 from pagoda.bench.phases import read_bytes_per_s
@@ -82,6 +84,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--w1-input-len", default="64:512")
     g.add_argument("--w1-output-len", default="64:256")
     g.add_argument("--skip-w1", action="store_true", help="only the grounded workload")
+    g.add_argument(
+        "--w1-temperature",
+        type=float,
+        default=0.0,
+        help="W1 sampled at this temperature (seeded per request) instead of greedy",
+    )
+    g.add_argument("--skip-grounded", action="store_true", help="only W1")
     g.add_argument("--num-speculative-tokens", type=int, default=None, help="k for every method")
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
 
@@ -96,16 +105,58 @@ def grounded_prompts() -> list[str]:
     return asks
 
 
-def speculators(engine: Any, methods: list[str], k: Optional[int]) -> dict[str, Any]:
-    """mode -> the scheduler's speculator (None: off), all sharing the engine's cost model
-    (the engine must have been built with speculation on, so that it timed one)."""
+class ProposeTimer:
+    """Times every draft proposal of the speculators it is attached to (instrumentation)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def attach(self, speculator: Any) -> Any:
+        proposer = speculator.proposer
+        propose = proposer.propose
+
+        def timed(request: Any, k: int) -> Any:
+            start = time.perf_counter()
+            draft = propose(request, k)
+            self.seconds.append(time.perf_counter() - start)
+            return draft
+
+        proposer.propose = timed
+        return speculator
+
+    def summary(self) -> dict:
+        s = sorted(self.seconds)
+        if not s:
+            return {"calls": 0}
+        return {
+            "calls": len(s),
+            "mean_s": statistics.mean(s),
+            "p99_s": s[min(len(s) - 1, int(0.99 * len(s)))],
+        }
+
+
+def speculators(
+    engine: Any, methods: list[str], k: Optional[int], timers: dict[str, ProposeTimer]
+) -> dict[str, Callable[[], Optional[Speculator]]]:
+    """mode -> a maker of a fresh speculator for a round (None: off), all sharing the
+    engine's cost model (the engine must have been built with speculation on, so that it
+    timed one). Fresh each round: the suffix method's trie of recent outputs would
+    otherwise hold the previous round's answers to the same prompts."""
     base = engine.scheduler.spec
     assert base is not None, "the engine was built without speculation"
-    out: dict[str, Any] = {"off": None}
+
+    def maker(method: str) -> Callable[[], Optional[Speculator]]:
+        def make() -> Speculator:
+            config = SpeculativeConfig(method=method, num_speculative_tokens=k)
+            spec = Speculator(config, base.policy.cost, base.make_trie)
+            spec.draft_filter = base.draft_filter
+            return timers[method].attach(spec)
+
+        return make
+
+    out: dict[str, Callable[[], Optional[Speculator]]] = {"off": lambda: None}
     for method in methods:
-        config = SpeculativeConfig(method=method, num_speculative_tokens=k)
-        out[method] = Speculator(config, base.policy.cost)
-        out[method].draft_filter = base.draft_filter
+        out[method] = maker(method)
     return out
 
 
@@ -145,18 +196,19 @@ def batch_round(llm: Any, prompts: list[list[int]], params: SamplingParams) -> d
 
 
 def alternate(llm: Any, modes: dict[str, Any], rounds: int, run: Any, key: str) -> dict[str, Any]:
-    """``rounds`` of each mode, alternating; per mode the rounds, the median of ``key``,
-    the ratio to "off", token identity with "off", and the speculator's counters."""
+    """``rounds`` of each mode, alternating, each round on a fresh speculator; per mode the
+    rounds, the median of ``key``, the ratio to "off", token identity with "off", and the
+    speculators' counters."""
     engine = llm.engine
     results: dict[str, list[dict]] = {m: [] for m in modes}
     counters: dict[str, dict] = {}
     for _ in range(rounds):
-        for mode, spec in modes.items():
+        for mode, make in modes.items():
+            spec = make()
             _use(engine, spec)
-            before = spec.stats.copy() if spec is not None else None
             results[mode].append(run())
-            if spec is not None and before is not None:
-                _add_counters(counters.setdefault(mode, {}), before, spec.stats)
+            if spec is not None:
+                _add_counters(counters.setdefault(mode, {}), spec.stats)
     _use(engine, None)
     base = statistics.median(r[key] for r in results["off"])
     report = {}
@@ -177,9 +229,9 @@ def _identical(got: list, want: list) -> list[int]:
     return [sum(g == w for g, w in zip(got, want, strict=True)), len(want)]
 
 
-def _add_counters(acc: dict, before: Any, after: Any) -> None:
+def _add_counters(acc: dict, stats: Any) -> None:
     for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
-        acc[name] = acc.get(name, 0) + getattr(after, name) - getattr(before, name)
+        acc[name] = acc.get(name, 0) + getattr(stats, name)
 
 
 def _rates(c: Optional[dict]) -> dict:
@@ -238,11 +290,20 @@ def main(ns: argparse.Namespace) -> int:
     llm = LLM(**vars(base))
     machine = machine_info()
     print_machine(machine)
-    modes = speculators(llm.engine, methods, ns.num_speculative_tokens)
-    cost = modes[methods[0]].policy.cost
+    timers = {m: ProposeTimer() for m in methods}
+    spec = llm.engine.scheduler.spec
+    assert spec is not None  # built with speculation above
+    cost = spec.policy.cost
+    modes = speculators(llm.engine, methods, ns.num_speculative_tokens, timers)
     print(row("step cost model", f"{cost}"))
     roof = decode_roofline(llm.engine)
     print(row("decode roofline", f"{roof['tokens_per_s']:.1f} tok/s (weights once a token)"))
+    if llm.engine.dtype != torch.float32:
+        print(
+            "(bf16: a verified row's positions go through the matmuls in a larger batch than a "
+            "lone decode row and round differently, so near-ties may flip, as when requests "
+            "join a batch; with --dtype float32 the tokens are identical)"
+        )
     prompts = [llm.engine.encode_chat([{"role": "user", "content": a}]) for a in grounded_prompts()]
     params = SamplingParams(temperature=0.0, max_tokens=ns.output_len)
     llm.generate(prompts[:2], params.clone(max_tokens=8), use_tqdm=False)  # warm-up
@@ -254,20 +315,8 @@ def main(ns: argparse.Namespace) -> int:
         "cost_model": dataclasses.asdict(cost) if cost is not None else None,
         "decode_roofline": roof,
     }
-    report["grounded_batch1"] = alternate(
-        llm, modes, ns.rounds, lambda: batch1_round(llm, prompts, params), "decode_tokens_per_s"
-    )
-    print_report(
-        f"grounded, batch 1 ({len(prompts)} prompts one at a time), decode",
-        "tok/s",
-        report["grounded_batch1"],
-        roof["tokens_per_s"],
-    )
-    batch = (prompts * ns.batch_size)[: ns.batch_size]
-    report["grounded_batch"] = alternate(
-        llm, modes, ns.rounds, lambda: batch_round(llm, batch, params), "output_tokens_per_s"
-    )
-    print_report(f"grounded, batch {ns.batch_size}", "tok/s", report["grounded_batch"])
+    if not ns.skip_grounded:
+        grounded(llm, ns, modes, prompts, params, report)
     if not ns.skip_w1:
         work = make_workload(
             ns.w1_num_prompts,
@@ -276,18 +325,56 @@ def main(ns: argparse.Namespace) -> int:
             llm.engine.arch.vocab_size,
             0,
         )
+        _w1_round(llm, work, ns.w1_temperature)  # untimed: the first run touches the KV pages
         report["w1"] = alternate(
-            llm, modes, ns.rounds, lambda: _w1_round(llm, work), "output_tokens_per_s"
+            llm,
+            modes,
+            ns.rounds,
+            lambda: _w1_round(llm, work, ns.w1_temperature),
+            "output_tokens_per_s",
         )
-        print_report(f"W1 ({ns.w1_num_prompts} random prompts, saturated)", "tok/s", report["w1"])
+        sampled = f"temperature {ns.w1_temperature}" if ns.w1_temperature else "greedy"
+        title = f"W1 ({ns.w1_num_prompts} random prompts, saturated, {sampled})"
+        print_report(title, "tok/s", report["w1"])
+    report["proposal"] = {m: t.summary() for m, t in timers.items()}
+    print("== draft proposal, per request and step ==")
+    for m, t in report["proposal"].items():
+        if t["calls"]:
+            text = f"mean {1e6 * t['mean_s']:.0f} us, p99 {1e6 * t['p99_s']:.0f} us"
+            print(row(m, f"{text} ({t['calls']} calls)"))
     if ns.json:
         write_json(ns.json, json.loads(json.dumps(report, default=str)))
     return 0
 
 
-def _w1_round(llm: Any, work: Any) -> dict:
+def grounded(
+    llm: Any,
+    ns: argparse.Namespace,
+    modes: dict,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    report: dict,
+) -> None:
+    report["grounded_batch1"] = alternate(
+        llm, modes, ns.rounds, lambda: batch1_round(llm, prompts, params), "decode_tokens_per_s"
+    )
+    print_report(
+        f"grounded, batch 1 ({len(prompts)} prompts one at a time), decode",
+        "tok/s",
+        report["grounded_batch1"],
+        report["decode_roofline"]["tokens_per_s"],
+    )
+    batch = (prompts * ns.batch_size)[: ns.batch_size]
+    report["grounded_batch"] = alternate(
+        llm, modes, ns.rounds, lambda: batch_round(llm, batch, params), "output_tokens_per_s"
+    )
+    print_report(f"grounded, batch {ns.batch_size}", "tok/s", report["grounded_batch"])
+
+
+def _w1_round(llm: Any, work: Any, temperature: float) -> dict:
     params = [
-        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in work.output_lens
+        SamplingParams(temperature=temperature, seed=i, max_tokens=n, ignore_eos=True)
+        for i, n in enumerate(work.output_lens)
     ]
     start = time.perf_counter()
     outs = llm.generate(work.prompts, params, use_tqdm=False)

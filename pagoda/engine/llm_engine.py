@@ -147,7 +147,7 @@ class LLMEngine:
         if config is None:
             return
         cost = spec_timing.measure_step_costs(self) if config.adaptive else None
-        speculator = Speculator(config, cost)
+        speculator = Speculator(config, cost, spec_timing.suffix_trie_factory())
         speculator.draft_filter = self.structured.valid_prefix  # drafts obey grammars
         self.scheduler.enable_speculation(speculator)
 

@@ -79,6 +79,18 @@ class SpecPolicy:
         _, tested = self._seen.get(request_id, (0.0, 0.0))
         return min(MAX_OPTIMISTIC_RATE, self.rate(request_id) + 0.5 / math.sqrt(tested + 1))
 
+    def may_pay(self, request_id: str, context_len: int, step: StepShape) -> bool:
+        """Whether a first draft token of this request could raise the step's rate (if
+        not, no later one can: they yield less and cost more)."""
+        if not self.adaptive:
+            return True
+        assert self.cost is not None  # adaptive needs it
+        gain = step.num_samples / self.cost.seconds(step.num_tokens, step.context)
+        if self.rate(request_id) / self.cost.draft_cost(context_len + 1) > gain:
+            return True
+        self._decline(request_id)
+        return False
+
     def choose(
         self, candidates: list[Candidate], budget: int, step: StepShape
     ) -> dict[str, list[int]]:

@@ -25,7 +25,13 @@ from pagoda.config import SpeculativeConfig
 from pagoda.request import Request
 from pagoda.spec_decode.ngram import NgramIndex
 from pagoda.spec_decode.policy import Candidate, SpecPolicy, StepCostModel, StepShape
-from pagoda.spec_decode.suffix import Draft, GlobalSuffixes, RequestSuffixes
+from pagoda.spec_decode.suffix import (
+    Draft,
+    GlobalSuffixes,
+    RequestSuffixes,
+    SuffixTrie,
+    TrieFactory,
+)
 
 # A filter over a request's drafts: the longest prefix its grammar allows (structured outputs).
 DraftFilter = Callable[[str, list[int]], int]
@@ -59,29 +65,36 @@ class SuffixProposer:
     """Suffix decoding (``suffix.py``): the better of the request's own trie and the global
     trie of recent outputs, by expected accepted length."""
 
-    def __init__(self, config: SpeculativeConfig) -> None:
+    def __init__(self, config: SpeculativeConfig, make_trie: TrieFactory = SuffixTrie) -> None:
         self.depth = config.suffix_decoding_max_tree_depth
         self.factor = config.suffix_decoding_max_spec_factor
         self.min_prob = config.suffix_decoding_min_token_prob
+        self.make_trie = make_trie
         self._own: dict[str, RequestSuffixes] = {}
-        self.recent = GlobalSuffixes(self.depth, config.suffix_decoding_max_cached_requests)
+        self.recent = GlobalSuffixes(
+            self.depth, config.suffix_decoding_max_cached_requests, make_trie
+        )
 
     def propose(self, request: Request, k: int) -> Draft:
         """The best-scoring draft of both tries, each matched at a few lengths: the longest
         match leaves the least depth below it, a shorter one may draft further."""
         own = self._own.get(request.request_id)
         if own is None:
-            own = self._own[request.request_id] = RequestSuffixes(self.depth)
+            own = self._own[request.request_id] = RequestSuffixes(self.depth, self.make_trie)
         own.extend(request.all_token_ids)
         best = Draft([], [])
         context = request.all_token_ids[-(self.depth - 1) :]
         for max_len in self._match_lengths():
             node, length = own.longest_match(max_len)
-            best = _better(best, own.trie.draft(node, self._limit(k, length), self.min_prob))
+            best = _better(best, own.draft(node, self._limit(k, length), self.min_prob))
+            longest = length
             if len(self.recent):
-                node, length = self.recent.trie.longest_match(context, max_len)
-                draft = self.recent.trie.draft(node, self._limit(k, length), self.min_prob)
+                node, length = self.recent.longest_match(context, max_len)
+                draft = self.recent.draft(node, self._limit(k, length), self.min_prob)
                 best = _better(best, draft)
+                longest = max(longest, length)
+            if len(best.tokens) >= k or longest < max_len:
+                break  # as long as asked for, or no match a shorter limit would change
         return best
 
     def _match_lengths(self) -> tuple[int, ...]:
@@ -138,13 +151,21 @@ class SpecStats:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, cost: Optional[StepCostModel] = None) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        cost: Optional[StepCostModel] = None,
+        make_trie: TrieFactory = SuffixTrie,
+    ) -> None:
+        """``make_trie``: suffix decoding's trie (the engine passes the C++ one where its
+        extension is built; the Python one is the reference)."""
         self.config = config
         self.k = config.num_tokens
+        self.make_trie = make_trie
         self.proposer: Proposer = (
             NgramProposer(config.lookup_min, config.lookup_max)
             if config.method == "ngram"
-            else SuffixProposer(config)
+            else SuffixProposer(config, make_trie)
         )
         self.policy = SpecPolicy(cost, adaptive=config.adaptive)
         self.stats = SpecStats()
@@ -159,6 +180,8 @@ class Speculator:
             return {}
         candidates = []
         for request in requests:
+            if not self.policy.may_pay(request.request_id, request.num_tokens, step):
+                continue  # not even its likeliest draft token would: no proposal needed
             k = min(
                 self.k,
                 request.max_tokens - request.num_output_tokens - 1,

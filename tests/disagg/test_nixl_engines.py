@@ -270,3 +270,26 @@ def test_structured_output_on_the_decode_side(model, pair):
     assert out.finish_reason == "stop" and out.token_ids == want.token_ids
     assert 0 <= json.loads(out.text)["n"] <= 999
     wait_all_free(d)
+
+
+def test_speculative_decoding_on_the_decode_side(model):
+    """A decode instance with speculation: a request whose prompt KV was pulled decodes with
+    drafts (the prompt loops, so prompt lookup finds them) and equals a colocated engine."""
+    path = model[0]
+    unit = [random.Random(8).randrange(3, TINY_VOCAB) for _ in range(7)]
+    prompt = unit * 5
+    params = greedy(30)
+    want = LLM(path, dtype="float32", block_size=BLOCK).generate(prompt, params)[0]
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+    p, d = engine(path, "prefill"), engine(path, "decode", speculative_config=spec)
+    try:
+        kv = prefill(p, "p-spec", prompt)
+        out = run(d, "d-spec", prompt, params, kv_transfer_params=kv)
+        assert d.kv_connector.num_blocks_pulled > 0, "nothing was pulled"
+        assert out.token_ids == want.token_ids
+        assert d.stats().scheduler.spec.num_accepted_tokens > 0, "no draft was accepted"
+        wait_all_free(p)
+        d.check_invariants()
+    finally:
+        p.close()
+        d.close()

@@ -164,3 +164,28 @@ def test_phase_accounting_by_hand() -> None:
                                limit_flops_per_s=1e4, read_limit_bytes_per_s=1e5,
                                int4_max_rows=1)
     assert one_row["decode_bytes"] == decode_bytes       # 2-row steps: dense
+
+
+def test_spec_bench_tiny_run(tmp_path: Path) -> None:
+    """pagoda bench spec end to end on a tiny model in fp32: every mode reports a rate, and
+    speculation's greedy tokens equal no speculation's in every workload."""
+    from tiny_models import make_model
+
+    from pagoda.entrypoints.cli import main
+
+    model = make_model(str(tmp_path / "tiny"))
+    out = tmp_path / "spec.json"
+    rc = main(["bench", "spec", "--model", model, "--dtype", "float32", "--rounds", "1",
+               "--output-len", "24", "--batch-size", "3", "--w1-num-prompts", "4",
+               "--w1-input-len", "8:16", "--w1-output-len", "4:8", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    for workload in ("grounded_batch1", "grounded_batch", "w1"):
+        modes = report[workload]
+        assert set(modes) == {"off", "ngram", "suffix"}
+        for mode in modes.values():
+            assert mode["median"] > 0 and mode["ratio"] > 0
+            same, total = mode["identical_to_off"]
+            assert same == total > 0, workload
+    assert report["cost_model"]["base_s"] > 0
+    assert report["proposal"]["ngram"]["calls"] > 0

@@ -23,7 +23,8 @@ from pagoda.spec_decode.ngram import NgramIndex  # noqa: E402
 from pagoda.spec_decode.policy import (  # noqa: E402
     Candidate, SpecPolicy, StepCostModel, StepShape)
 from pagoda.spec_decode.speculator import Speculator  # noqa: E402
-from pagoda.spec_decode.suffix import GlobalSuffixes, RequestSuffixes, SuffixTrie  # noqa: E402
+from pagoda.spec_decode.suffix import (  # noqa: E402
+    GlobalSuffixes, RequestSuffixes, SuffixTrie, check_trie)
 from pagoda.worker.spec_verify import accept  # noqa: E402
 
 EOS = (1,)
@@ -91,65 +92,116 @@ def _substring_counts(seqs, depth):
 
 
 def _trie_counts(trie):
+    kids = {}
+    for parent, t, child in trie.edges():
+        kids.setdefault(parent, []).append((t, child))
     out, stack = {}, [((), 0)]
     while stack:
         path, node = stack.pop()
-        for t, child in (trie._kids[node] or {}).items():
+        for t, child in kids.get(node, []):
             out[path + (t,)] = trie.count(child)
             stack.append((path + (t,), child))
     return out
 
 
-@given(st.lists(st.lists(st.integers(0, 3), max_size=25), min_size=1, max_size=5),
-       st.integers(1, 6), st.data())
-@settings(max_examples=150, deadline=None)
-def test_suffix_trie_counts_every_substring_and_removes_cleanly(seqs, depth, data):
-    trie = SuffixTrie(depth)
+def _native_trie():
+    from pagoda.attention import cpu_decode
+
+    ext = cpu_decode.extension()
+    if ext is None:
+        pytest.skip(f"no C++ extension: {cpu_decode.unavailable_reason()}")
+    return ext.SuffixTrie
+
+
+# The Python reference and the C++ trie the engine uses where its extension is built.
+TRIES = [pytest.param(lambda: SuffixTrie, id="python"), pytest.param(_native_trie, id="cpp")]
+
+
+@pytest.mark.parametrize("impl", TRIES)
+@given(seqs=st.lists(st.lists(st.integers(0, 3), max_size=25), min_size=1, max_size=5),
+       depth=st.integers(1, 6), data=st.data())
+@settings(max_examples=120, deadline=None)
+def test_suffix_trie_counts_every_substring_and_removes_cleanly(impl, seqs, depth, data):
+    trie = impl()(depth)
     for s in seqs:
         trie.add(s)
     assert _trie_counts(trie) == dict(_substring_counts(seqs, depth))
+    check_trie(trie)
     gone = data.draw(st.sets(st.integers(0, len(seqs) - 1)))
     for i in sorted(gone):
         trie.remove(seqs[i])
+        check_trie(trie)
     kept = [s for i, s in enumerate(seqs) if i not in gone]
     assert _trie_counts(trie) == dict(_substring_counts(kept, depth))
     if not kept:
         assert trie.num_nodes == 0
+    for s in kept:  # freed nodes are reused without a trace of their past
+        trie.add(s)
+    check_trie(trie)
+    assert _trie_counts(trie) == dict(_substring_counts(kept + kept, depth))
 
 
-def test_request_suffixes_grow_incrementally_like_a_fresh_trie():
+@given(seqs=st.lists(st.lists(st.integers(0, 5), max_size=40), min_size=1, max_size=4),
+       depth=st.integers(2, 8), k=st.integers(1, 8), data=st.data())
+@settings(max_examples=150, deadline=None)
+def test_cpp_trie_answers_as_the_python_reference(seqs, depth, k, data):
+    native = _native_trie()
+    tries = [SuffixTrie(depth), native(depth)]
+    own = seqs[0]
+    for trie in tries:
+        for s in seqs[1:]:
+            trie.add(s)
+        trie.extend(7, own[: len(own) // 2])
+        trie.extend(7, own[len(own) // 2:])
+        if len(seqs) > 2:
+            trie.remove(seqs[1])
+    context = data.draw(st.lists(st.integers(0, 5), max_size=10))
+    answers = []
+    for trie in tries:
+        node, length = trie.own_match(7, depth)
+        node2, length2 = trie.longest_match(context, depth)
+        answers.append((length, trie.draft(node, k, 0.2), length2, trie.draft(node2, k, 0.0),
+                        _trie_counts(trie), trie.num_nodes))
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("impl", TRIES)
+def test_request_suffixes_grow_incrementally_like_a_fresh_trie(impl):
     rng = random.Random(1)
     seq = [rng.randrange(4) for _ in range(60)]
-    grown = RequestSuffixes(5)
+    grown = RequestSuffixes(5, impl())
     for end in range(0, 61, 7):
         grown.extend(seq[:end])
     grown.extend(seq)
-    fresh = SuffixTrie(5)
+    fresh = impl()(5)
     fresh.add(seq)
     assert _trie_counts(grown.trie) == _trie_counts(fresh)
 
 
-def test_suffix_draft_follows_the_most_frequent_continuation():
-    own = RequestSuffixes(8)
+@pytest.mark.parametrize("impl", TRIES)
+def test_suffix_draft_follows_the_most_frequent_continuation(impl):
+    own = RequestSuffixes(8, impl())
     # "1 2" was followed by 3 three times and by 4 once; the sequence ends in "1 2".
     own.extend([1, 2, 3, 9, 1, 2, 3, 8, 1, 2, 4, 7, 1, 2, 3, 6, 1, 2])
     node, length = own.longest_match(7)
     assert length == 2
-    draft = own.trie.draft(node, 4, min_prob=0.0)
+    draft = own.draft(node, 4, min_prob=0.0)
     assert draft.tokens[0] == 3 and draft.probs[0] == pytest.approx(0.75)
     assert draft.probs == sorted(draft.probs, reverse=True)
-    assert own.trie.draft(node, 4, min_prob=0.8).tokens == []  # 0.75 < 0.8: nothing
+    assert own.draft(node, 4, min_prob=0.8).tokens == []  # 0.75 < 0.8: nothing
 
 
-def test_global_suffixes_evict_the_oldest_request():
-    recent = GlobalSuffixes(4, max_requests=2)
+@pytest.mark.parametrize("impl", TRIES)
+def test_global_suffixes_evict_the_oldest_request(impl):
+    recent = GlobalSuffixes(4, max_requests=2, make_trie=impl())
     recent.add("a", [1, 2, 3])
     recent.add("b", [4, 5, 6])
     recent.add("c", [7, 8, 9])
     assert len(recent) == 2
-    assert recent.trie.walk([1, 2]) is None and recent.trie.walk([7, 8]) is not None
-    node, length = recent.trie.longest_match([0, 4, 5], 3)
-    assert length == 2 and recent.trie.draft(node, 3, 0.0).tokens == [6]
+    assert recent.longest_match([1, 2], 2)[1] == 0, "evicted, but still matched"
+    assert recent.longest_match([7, 8], 2)[1] == 2
+    node, length = recent.longest_match([0, 4, 5], 3)
+    assert length == 2 and recent.draft(node, 3, 0.0).tokens == [6]
 
 
 def test_suffix_proposer_drafts_from_another_requests_output():

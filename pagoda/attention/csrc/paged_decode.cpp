@@ -1221,6 +1221,11 @@ namespace pagoda_kv {
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
 }  // namespace pagoda_kv
 
+// Suffix decoding's trie (suffix_trie.cpp): a class, bound there.
+namespace pagoda_suffix {
+void bind(py::module_& m);
+}  // namespace pagoda_suffix
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Paged decode attention for the CPU (PagedAttention + online softmax).";
   m.def("paged_decode", &paged_decode, "Paged decode attention; writes out in place.",
@@ -1268,4 +1273,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &pagoda_kv::write_kv, "Copy new K/V rows into their cache slots.",
         py::arg("kv_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
         py::call_guard<py::gil_scoped_release>());
+  pagoda_suffix::bind(m);
 }
