@@ -106,8 +106,9 @@ def measure_step_costs(engine: Any) -> StepCostModel:
 def _time_shape(
     engine: Any, drafts: _FixedDrafts, rows: int, context: int
 ) -> list[tuple[int, int, float]]:
-    """(tokens, context, seconds) of timed steps: ``rows`` requests with prompts of
-    ``context`` tokens, decoding with each of ``GRID_DRAFTS`` drafts."""
+    """(tokens, context, seconds) of the median of ``TIMED_STEPS`` steps (a slow step of a
+    busy machine does not bend the fit): ``rows`` requests with prompts of ``context``
+    tokens, decoding with each of ``GRID_DRAFTS`` drafts."""
     rng = random.Random(rows * 1000 + context)
     context = min(context, engine.max_model_len - STEPS_PER_SHAPE - 1)
     vocab = engine.arch.vocab_size
@@ -124,12 +125,14 @@ def _time_shape(
     for k in GRID_DRAFTS:
         drafts.k = k
         engine.step()  # the first step of a shape warms it
+        timed = []
         for _ in range(TIMED_STEPS):
             tokens = rows * (k + 1)
             attended = sum((k + 1) * r.num_tokens + k * (k + 1) // 2 for r in requests)
             start = time.perf_counter()
             engine.step()
-            samples.append((tokens, attended, time.perf_counter() - start))
+            timed.append((tokens, attended, time.perf_counter() - start))
+        samples.append(sorted(timed, key=lambda s: s[2])[len(timed) // 2])  # the median step
     for rid in ids:
         engine.abort_request(rid)
     engine.step()  # the aborted requests leave the runner
