@@ -79,6 +79,51 @@ class KVTransferConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class KVEventsConfig:
+    """KV cache events for KV-aware routers (engine/kv_event_publisher.py), with vLLM's
+    ``KVEventsConfig`` names. pagoda binds the endpoints (a router's subscriber connects);
+    the default address is the loopback's, where vLLM's is every interface."""
+
+    enable_kv_cache_events: bool = False
+    publisher: Optional[str] = None  # "zmq" | "null"; None: zmq when enabled
+    endpoint: str = "tcp://127.0.0.1:5557"
+    replay_endpoint: Optional[str] = None
+    buffer_steps: int = 10_000  # batches kept for replay
+    hwm: int = 100_000  # the PUB socket's high-water mark, in messages
+    max_queue_size: int = 100_000  # batches waiting for the sending thread
+    topic: str = ""
+
+    def __post_init__(self) -> None:
+        if self.publisher not in (None, "zmq", "null"):
+            raise ValueError(
+                f"kv_events_config.publisher must be 'zmq' or 'null', got {self.publisher!r}"
+            )
+        for name in ("buffer_steps", "hwm", "max_queue_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"kv_events_config.{name} must be an integer >= 1")
+        for name in ("endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            if value is not None and not str(value).startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(
+                    f"kv_events_config.{name} must be a ZeroMQ address (tcp://host:port, "
+                    f"ipc://path), got {value!r}"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.enable_kv_cache_events and (self.publisher or "zmq") == "zmq"
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> KVEventsConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"kv_events_config: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**raw)
+
+
 SPEC_METHODS = ("ngram", "suffix")
 # Measured with pagoda bench spec (docs/speculative_decoding.md): 8 beat 4 on grounded work at
 # batch 1 (4.2x against 3.2x no speculation) and 8 (2.0x against 1.5x), W1 the same.
@@ -201,6 +246,8 @@ class EngineArgs:
     serving: bool = False  # the defaults of a server (pagoda serve)
     # Speculative decoding: vLLM's dict (or a SpeculativeConfig); None: off.
     speculative_config: Union[Mapping[str, Any], SpeculativeConfig, None] = None
+    # KV cache events for KV-aware routers: vLLM's dict (or a KVEventsConfig); None: off.
+    kv_events_config: Union[Mapping[str, Any], KVEventsConfig, None] = None
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
@@ -217,6 +264,14 @@ class EngineArgs:
             self.kv_host,
             self.kv_port,
         )
+
+    def events_config(self) -> Optional[KVEventsConfig]:
+        raw = self.kv_events_config
+        if raw is not None and not isinstance(raw, KVEventsConfig):
+            if not isinstance(raw, Mapping):
+                raise ValueError("kv_events_config must be a JSON object (a dict)")
+            raw = KVEventsConfig.from_mapping(raw)
+        return raw if raw is not None and raw.enabled else None
 
     def spec_config(self) -> Optional[SpeculativeConfig]:
         raw = self.speculative_config

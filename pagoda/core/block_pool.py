@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterable, Mapping, Optional, Sequence
 
+from pagoda.core.kv_events import KVEventJournal
 from pagoda.core.prefix_cache import BlockHash
 
 
@@ -31,6 +32,7 @@ class BlockPool:
         self.block_hash: list[Optional[BlockHash]] = [None] * num_blocks
         self.cached: dict[BlockHash, int] = {}  # hash -> the one block holding that KV
         self.num_evictions = 0
+        self.journal: Optional[KVEventJournal] = None  # KV events, when published
 
     @property
     def num_free_blocks(self) -> int:
@@ -115,6 +117,8 @@ class BlockPool:
         for b in self.cached.values():
             self.block_hash[b] = None
         self.cached.clear()
+        if self.journal is not None:
+            self.journal.cleared()
         # Free blocks are all anonymous now: their order no longer matters for eviction.
         return count
 
@@ -124,6 +128,8 @@ class BlockPool:
             del self.cached[h]
             self.block_hash[block_id] = None
             self.num_evictions += 1
+            if self.journal is not None:
+                self.journal.removed(h)
 
     # ------------------------------------------------------------- invariants
     def check_invariants(self, holders: Mapping[str, Sequence[int]]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from pagoda.core.block_pool import BlockPool
+from pagoda.core.kv_events import KVCacheEvent, KVEventJournal
 from pagoda.core.prefix_cache import extend_block_hashes, root_hash
 from pagoda.request import Request
 from pagoda.utils import cdiv
@@ -32,6 +33,14 @@ class KVCacheManager:
         self.model_key = model_key  # enters every hash chain: one model's KV is not another's
         self.req_blocks: dict[str, list[int]] = {}
         self._num_named: dict[str, int] = {}  # leading blocks of a request already hashed in
+        self.journal: Optional[KVEventJournal] = None  # KV events, when published
+
+    def enable_events(self) -> None:
+        """Keep a journal of hashes entering and leaving the prefix cache (kv_events.py)."""
+        self.journal = self.pool.journal = KVEventJournal()
+
+    def take_events(self) -> list[KVCacheEvent]:
+        return self.journal.take() if self.journal is not None else []
 
     @property
     def usage(self) -> float:
@@ -130,9 +139,30 @@ class KVCacheManager:
             return
         self._extend_hashes(request, num_tokens)
         blocks = self.req_blocks[request.request_id]
+        run: list[int] = []  # consecutive blocks that took their names: one event
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], request.block_hashes[i])
+            if self.pool.cache_block(blocks[i], request.block_hashes[i]):
+                run.append(i)
+            elif run:
+                self._stored(request, run)
+                run = []
+        if run:
+            self._stored(request, run)
         self._num_named[request.request_id] = num_full
+
+    def _stored(self, request: Request, run: list[int]) -> None:
+        """Journal the hashes of blocks ``run`` (consecutive indexes) of a request."""
+        if self.journal is None:
+            return
+        bs, first, end = self.block_size, run[0], run[-1] + 1
+        hashes = request.block_hashes
+        self.journal.stored(
+            hashes[first:end],
+            hashes[first - 1] if first else None,
+            request.all_token_ids[first * bs : end * bs],
+            bs,
+            request.cache_salt,
+        )
 
     def _extend_hashes(self, request: Request, num_tokens: int) -> None:
         if len(request.block_hashes) < num_tokens // self.block_size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from pagoda.core.kv_events import KVCacheEvent
 from pagoda.core.remote_kv import KVLoad, RemotePrefill
 from pagoda.sampling import SamplingParams
 
@@ -57,6 +58,9 @@ class SchedulerOutput:
     # Structured outputs: request id -> the tokens it may sample at each position it samples
     # this step (one bit each, little-endian int32 words; one mask, or one per draft + 1).
     allowed_tokens: dict[str, list[bytes]] = field(default_factory=dict)
+    # KV cache events since the last step (hashes named for this step's blocks, evictions),
+    # published once the step has run (its KV written).
+    kv_cache_events: list[KVCacheEvent] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

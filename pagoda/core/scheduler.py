@@ -151,6 +151,7 @@ class Scheduler:
         self._schedule_drafts(scheduled, new_blocks)
         output = self._make_output(scheduled, new_blocks)
         self._advance(scheduled)
+        output.kv_cache_events = self.kv.take_events()
         return output
 
     def _advance(self, scheduled: dict[str, int]) -> None:

@@ -23,8 +23,9 @@ Invariant: every scheduled step is read exactly once, in order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
+from pagoda.core.kv_events import KVCacheEvent
 from pagoda.core.outputs import EngineCoreOutput, SchedulerOutput
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine.structured import StructuredOutputs
@@ -61,6 +62,8 @@ class EngineCore:
         self.structured = structured  # the matchers of constrained requests
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         self._fault_next_step = False
+        # KV cache events (core/kv_events.py): where a read step's events go, when published.
+        self.publish_kv_events: Optional[Callable[[list[KVCacheEvent]], None]] = None
 
     def step(self) -> CoreStep:
         sched = self.scheduler.schedule()
@@ -93,12 +96,26 @@ class EngineCore:
         handle = self.runner.launch(sched)
         if not sched.is_empty:
             self._in_flight = (sched, handle)
+        else:
+            self._publish(sched.kv_cache_events)  # nothing runs: nothing to wait for
         if previous is None:
             return [], False
         return self._update(*previous), True
 
     def _update(self, sched: SchedulerOutput, handle: StepHandle) -> list[EngineCoreOutput]:
-        return self.scheduler.update_from_output(sched, self.runner.collect(handle))
+        outputs = self.scheduler.update_from_output(sched, self.runner.collect(handle))
+        self._publish(sched.kv_cache_events)  # the step has run: its blocks hold their KV
+        return outputs
+
+    def _publish(self, events: list[KVCacheEvent]) -> None:
+        if events and self.publish_kv_events is not None:
+            self.publish_kv_events(events)
+
+    def publish_pending_kv_events(self) -> None:
+        """Events made outside a step (a prefix-cache reset), now, unless a step in flight
+        holds earlier ones (then the next step carries them, in order)."""
+        if self._in_flight is None:
+            self._publish(self.scheduler.kv.take_events())
 
     def _drop_in_flight_if_idle(self) -> None:
         """No request is live: the step in flight holds only dropped tokens; read it so the

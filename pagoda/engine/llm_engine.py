@@ -24,6 +24,7 @@ from pagoda.core.remote_kv import KVTransferRequest, check_remote_prefill, parse
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine import cpu_budget, spec_timing
 from pagoda.engine.core import CoreStep, EngineCore
+from pagoda.engine.kv_event_publisher import KVEventPublisher
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.stats import EngineStats
@@ -131,6 +132,7 @@ class LLMEngine:
             budget = cpu_budget.serving_budget(self)  # runs a step: the engine is complete
             self.scheduler.config = args.scheduler_config(self.max_model_len, budget)
         self._start_speculation(args.spec_config())
+        self.kv_events = self._start_kv_events(args)
         logger.info(
             "engine: %s, %s on %s, KV cache %d blocks x %d tokens = %d tokens",
             self.model_name,
@@ -150,6 +152,18 @@ class LLMEngine:
         speculator = Speculator(config, cost, spec_timing.suffix_trie_factory())
         speculator.draft_filter = self.structured.valid_prefix  # drafts obey grammars
         self.scheduler.enable_speculation(speculator)
+
+    def _start_kv_events(self, args: EngineArgs) -> Optional[KVEventPublisher]:
+        """KV cache events for KV-aware routers (engine/kv_event_publisher.py), when asked."""
+        config = args.events_config()
+        if config is None:
+            return None
+        if not args.enable_prefix_caching:
+            raise ValueError("kv_events_config needs prefix caching (it journals its hashes)")
+        publisher = KVEventPublisher(config)
+        self.kv.enable_events()
+        self.core.publish_kv_events = publisher.publish
+        return publisher
 
     def _model_key(self) -> str:
         """What a cached block's KV depends on besides its tokens (in every prefix hash)."""
@@ -334,7 +348,9 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached block (requests running keep theirs); returns how many."""
-        return self.kv.reset_prefix_cache()
+        count = self.kv.reset_prefix_cache()
+        self.core.publish_pending_kv_events()
+        return count
 
     # ------------------------------------------------------------- KV transfer
     def _issued_params(self, request: Request) -> Optional[dict]:
@@ -351,6 +367,8 @@ class LLMEngine:
 
     def close(self) -> None:
         self.core.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
 
     # ----------------------------------------------------------------- helpers
     def encode(self, text: str) -> list[int]:

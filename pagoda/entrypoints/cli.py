@@ -162,6 +162,48 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_kv_events_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("KV cache events (for KV-aware routers, docs/routing.md)")
+    g.add_argument(
+        "--kv-events-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='vLLM\'s KVEventsConfig: \'{"enable_kv_cache_events": true, "endpoint": '
+        '"tcp://127.0.0.1:5557", "replay_endpoint": ..., "topic": ...}\'',
+    )
+    g.add_argument(
+        "--kv-events-endpoint",
+        default=None,
+        metavar="ADDRESS",
+        help="publish KV cache events on this ZeroMQ address (e.g. tcp://127.0.0.1:5557)",
+    )
+    g.add_argument("--kv-events-replay-endpoint", default=None, metavar="ADDRESS")
+    g.add_argument("--kv-events-topic", default=None)
+    g.add_argument("--kv-events-buffer-steps", type=int, default=None)
+
+
+KV_EVENTS_FLAGS = {
+    "kv_events_endpoint": "endpoint",
+    "kv_events_replay_endpoint": "replay_endpoint",
+    "kv_events_topic": "topic",
+    "kv_events_buffer_steps": "buffer_steps",
+}
+
+
+def _kv_events_config(ns: argparse.Namespace) -> Optional[dict]:
+    """``--kv-events-config`` with the shorthand flags on top (any of them turns events on)."""
+    config = dict(getattr(ns, "kv_events_config", None) or {})
+    shorthand = {
+        key: getattr(ns, flag)
+        for flag, key in KV_EVENTS_FLAGS.items()
+        if getattr(ns, flag, None) is not None
+    }
+    if shorthand:
+        config.update(shorthand, enable_kv_cache_events=True)
+    return config or None
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -174,7 +216,10 @@ def _json_object(text: str) -> dict:
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     names = {f.name for f in fields(EngineArgs)}
-    return EngineArgs(**{k: v for k, v in vars(ns).items() if k in names})
+    args = {k: v for k, v in vars(ns).items() if k in names}
+    if "kv_events_config" in args:
+        args["kv_events_config"] = _kv_events_config(ns)
+    return EngineArgs(**args)
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -278,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
     add_server_args(srv)
     add_engine_args(srv)
+    add_kv_events_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     rt = sub.add_parser("router", help="one endpoint in front of prefill and decode instances")

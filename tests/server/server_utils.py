@@ -93,3 +93,30 @@ def wait_until_idle(url: str, timeout_s: float = 60.0) -> dict[str, float]:
         if time.monotonic() > deadline:
             return m
         time.sleep(0.1)
+
+
+def start_vllm_router(log_dir: Path, *args: str) -> ServerProcess:
+    """Start the vLLM project's Rust router (``pip install vllm-router``, in the test extra)
+    on a free port with ``args``, and wait until it answers /health."""
+    import shutil
+
+    exe = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
+    port = free_port()
+    log_path = log_dir / f"vllm-router-{port}.log"
+    cmd = [exe, "--host", "127.0.0.1", "--port", str(port),
+           "--prometheus-port", str(free_port()), *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    router = ServerProcess(proc, port, log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm-router exited with {proc.returncode}:\n{router.log()}")
+        try:
+            if httpx.get(f"{router.url}/health", timeout=2).status_code == 200:
+                return router
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    router.stop()
+    raise RuntimeError(f"vllm-router did not come up:\n{router.log()}")

@@ -44,6 +44,9 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "allowed_token_ids": lambda v: v is None,
     "bad_words": _empty,
     "prompt_logprobs": lambda v: v is None,
+    # SGLang's, which vllm-router sends on every request it forwards (false: changes nothing)
+    "no_stop_trim": _empty,
+    "return_hidden_states": _empty,
 }
 
 
@@ -125,6 +128,8 @@ class SamplingFields(_Strict):
     allowed_token_ids: Any = None
     bad_words: Any = None
     prompt_logprobs: Any = None
+    no_stop_trim: Any = None
+    return_hidden_states: Any = None
 
     @field_validator(*UNSUPPORTED)
     @classmethod
@@ -256,6 +261,20 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
+    # vLLM's: render the last assistant message as a prefix to continue (refused when true).
+    continue_final_message: Any = None
+    # A reasoning parser's switches (SGLang's names; vllm-router sends them on every chat
+    # request): pagoda has no reasoning parser, so the whole answer is content either way.
+    separate_reasoning: Optional[bool] = None
+    stream_reasoning: Optional[bool] = None
+    include_reasoning: Optional[bool] = None
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _refuse_continue(cls, value: Any) -> Any:
+        if not _empty(value):
+            raise ValueError("continue_final_message is not supported by this server yet")
+        return value
 
 
 class TokenizeRequest(_Strict):
