@@ -27,6 +27,11 @@ BENCHES = [
     ),
     ("serve", "online serving benchmark against an HTTP endpoint", False),
     (
+        "route",
+        "routing policies over replicas (round robin, cache-aware, vllm-router kv_aware)",
+        False,
+    ),
+    (
         "disagg",
         "router with prefill + decode instances vs one colocated server, same serving workload",
         False,
@@ -271,14 +276,47 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode",
         nargs="+",
-        required=True,
+        default=[],
         metavar="URL",
         help="decode instances (pagoda serve --kv-role decode)",
+    )
+    parser.add_argument(
+        "--replicas",
+        nargs="+",
+        default=[],
+        metavar="URL",
+        help="instances that run whole requests (pagoda serve), without prefill instances",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--policy", choices=["least_outstanding", "round_robin"], default="least_outstanding"
+        "--policy",
+        choices=["least_outstanding", "round_robin", "cache_aware"],
+        default="least_outstanding",
+        help="cache_aware: where the prompt's prefix is cached, weighed against load "
+        "(docs/routing.md); among prefill instances when there are some",
+    )
+    parser.add_argument(
+        "--kv-events",
+        action="append",
+        default=[],
+        metavar="URL=ENDPOINT",
+        help="cache_aware: an instance's KV event endpoint (pagoda serve "
+        "--kv-events-endpoint), for the precise index; repeat per instance",
+    )
+    parser.add_argument("--kv-events-replay", action="append", default=[], metavar="URL=ENDPOINT")
+    parser.add_argument(
+        "--cache-load-weight",
+        type=float,
+        default=0.25,
+        help="cache_aware: the weight of an instance's outstanding requests against its "
+        "cached prefix (0: always the best prefix)",
+    )
+    parser.add_argument(
+        "--cache-index-size",
+        type=int,
+        default=200_000,
+        help="cache_aware without events: chunks of routed text remembered per instance",
     )
     parser.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS")
     parser.add_argument(

@@ -1,5 +1,11 @@
 """``pagoda router``: one OpenAI-compatible endpoint in front of prefill and decode instances
-(disaggregated prefill, as in DistServe OSDI'24 and Splitwise).
+(disaggregated prefill, as in DistServe OSDI'24 and Splitwise), or of replicas.
+
+Replicas (``--replicas``, or decode instances with no prefill ones) run whole requests; the
+router picks one by the policy: least outstanding, round robin, or cache-aware
+(``route_policy.py``: where the request's prefix is cached, weighed against load). With
+prefill instances, the policy picks among them (where prompts are computed, so where
+prefixes are cached) and decode instances go least-outstanding.
 
 For each completion or chat request it asks a prefill instance to run the prompt
 (``max_tokens=1``, ``kv_transfer_params={"do_remote_decode": true}``), takes the
@@ -26,6 +32,10 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from pagoda.entrypoints.kv_event_subscriber import KVEventSubscriber
+from pagoda.entrypoints.prefix_index import ApproxPrefixIndex, EventPrefixIndex
+from pagoda.entrypoints.route_policy import CacheAwarePolicy, Names
 
 logger = logging.getLogger("pagoda.router")
 
@@ -55,12 +65,21 @@ class Pool:
     policy: str = "least_outstanding"
     _turn: itertools.count = field(default_factory=itertools.count)
 
-    def pick(self, exclude: tuple[str, ...] = ()) -> Optional[Instance]:
+    def pick(
+        self,
+        exclude: tuple[str, ...] = (),
+        cache: Optional[CacheAwarePolicy] = None,
+        names: Optional[Names] = None,
+    ) -> Optional[Instance]:
         up = [i for i in self.instances if i.healthy and i.url not in exclude]
         if not up:
             return None
         if self.policy == "round_robin":
             return up[next(self._turn) % len(up)]
+        if cache is not None and names is not None:
+            picked = cache.pick(up, names)
+            assert isinstance(picked, Instance)
+            return picked
         return min(up, key=lambda i: i.outstanding)
 
 
@@ -80,6 +99,17 @@ class RouterMetrics:
             "requests sent straight to a decode instance (no prefill up)",
             registry=self.registry,
         )
+        self.failovers = Counter(
+            "pagoda_router_failovers",
+            "requests sent to another instance after one failed before answering",
+            registry=self.registry,
+        )
+        self.cache_matched = Counter(
+            "pagoda_router_cache_matched_fraction",
+            "sum over requests of the fraction of the prompt the chosen instance held "
+            "(cache_aware; divide by pagoda_router_requests_total)",
+            registry=self.registry,
+        )
 
 
 class Router:
@@ -90,15 +120,34 @@ class Router:
         policy: str,
         health_interval_s: float,
         api_key: Optional[str] = None,
+        cache: Optional[CacheAwarePolicy] = None,
     ) -> None:
         if not decode:
-            raise ValueError("--decode needs at least one URL")
+            raise ValueError("--decode (or --replicas) needs at least one URL")
+        # The policy picks where prompts are computed: among prefill instances when there
+        # are some (decode instances then go least outstanding), else among the replicas.
         self.prefill = Pool([Instance(u.rstrip("/")) for u in prefill], policy)
-        self.decode = Pool([Instance(u.rstrip("/")) for u in decode], policy)
+        decode_policy = policy if not prefill else "least_outstanding"
+        self.decode = Pool([Instance(u.rstrip("/")) for u in decode], decode_policy)
+        self.cache = cache if policy == "cache_aware" else None
+        self.subscribers: list[KVEventSubscriber] = []
         self.health_interval_s = health_interval_s
         self.api_key = api_key
         self.metrics = RouterMetrics()
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(DEFAULT_TIMEOUT_S, connect=5.0))
+
+    @property
+    def prompt_pool(self) -> Pool:
+        """Where prompts are computed (and prefixes cached)."""
+        return self.prefill if self.prefill.instances else self.decode
+
+    def subscribe(self, url: str, endpoint: str, replay: Optional[str] = None) -> None:
+        """Feed the precise index from an instance's KV events."""
+        assert self.cache is not None and self.cache.precise is not None
+        precise, url = self.cache.precise, url.rstrip("/")
+        self.subscribers.append(
+            KVEventSubscriber(endpoint, lambda events: precise.apply(url, events), replay)
+        )
 
     # ------------------------------------------------------------ health
     async def watch_health(self) -> None:
@@ -112,7 +161,12 @@ class Router:
         for instance, ok in zip(instances, results, strict=True):
             if ok != instance.healthy:
                 logger.warning("%s is %s", instance.url, "up" if ok else "down")
-            instance.healthy = ok
+            self._set_health(instance, ok)
+
+    def _set_health(self, instance: Instance, ok: bool) -> None:
+        if not ok and self.cache is not None:
+            self.cache.drop(instance.url)  # a dead instance's cache is gone
+        instance.healthy = ok
 
     async def _healthy(self, url: str) -> bool:
         try:
@@ -139,15 +193,49 @@ class Router:
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object")
         headers = self._headers(request)
-        prefilled = await self._prefill(path, body, headers)
+        names = await self._names(body, headers)
+        prefilled = await self._prefill(path, body, headers, names)
         if isinstance(prefilled, Response):
             return prefilled  # the prefill instance refused it (4xx)
         if prefilled is not None:
             body = {**body, "kv_transfer_params": prefilled}
-        return await self._decode(path, body, headers)
+        return await self._decode(path, body, headers, None if self.prefill.instances else names)
+
+    async def _names(self, body: dict[str, Any], headers: dict[str, str]) -> Optional[Names]:
+        if self.cache is None:
+            return None
+        return await self.cache.names(body, lambda b: self._tokenize(b, headers))
+
+    async def _tokenize(self, body: dict[str, Any], headers: dict[str, str]) -> Optional[list]:
+        """The prompt's token ids, from an instance's /tokenize (None if it cannot say)."""
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return prompt
+        instance = self.prompt_pool.pick()
+        if instance is None:
+            return None
+        ask = {"messages": body["messages"]} if "messages" in body else {"prompt": prompt}
+        try:
+            reply = await self.client.post(
+                f"{instance.url}/tokenize", json=ask, headers=headers, timeout=10.0
+            )
+        except httpx.HTTPError:
+            return None
+        return reply.json().get("tokens") if reply.status_code == 200 else None
+
+    def _chose(self, instance: Instance, names: Optional[Names]) -> None:
+        if self.cache is not None and names is not None:
+            if names.names:
+                matched = self.cache.match(instance.url, names)
+                self.metrics.cache_matched.inc(matched / len(names.names))
+            self.cache.routed(instance.url, names)
 
     async def _prefill(
-        self, path: str, body: dict[str, Any], headers: dict[str, str]
+        self,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        names: Optional[Names] = None,
     ) -> Optional[dict[str, Any] | Response]:
         """kv_transfer_params from a prefill instance; None when none could do it (the
         decode instance then runs the whole request); a Response for a client error."""
@@ -156,8 +244,9 @@ class Router:
         if "max_completion_tokens" in body:  # chat's name for it, which wins over max_tokens
             prefill_body["max_completion_tokens"] = 1
         tried: tuple[str, ...] = ()
-        while (instance := self.prefill.pick(exclude=tried)) is not None:
+        while (instance := self.prefill.pick(tried, self.cache, names)) is not None:
             tried += (instance.url,)
+            self._chose(instance, names)
             instance.outstanding += 1
             try:
                 reply = await self.client.post(
@@ -165,7 +254,7 @@ class Router:
                 )
             except httpx.HTTPError as e:
                 logger.warning("prefill on %s failed: %s", instance.url, e)
-                instance.healthy = False
+                self._set_health(instance, False)
                 self.metrics.prefill_retries.inc()
                 continue
             finally:
@@ -186,20 +275,39 @@ class Router:
             self.metrics.colocated.inc()
         return None
 
-    async def _decode(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
-        instance = self.decode.pick()
-        if instance is None:
-            return _error(503, "no decode instance is up", code="no_decode_instance")
-        instance.outstanding += 1
-        upstream = self.client.build_request(
-            "POST", f"{instance.url}{path}", json=body, headers=headers
-        )
-        try:
-            reply = await self.client.send(upstream, stream=True)
-        except httpx.HTTPError as e:
-            instance.outstanding -= 1
-            instance.healthy = False
-            return _error(503, f"decode instance {instance.url} failed: {e}", code="decode_failed")
+    async def _decode(
+        self,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        names: Optional[Names] = None,
+    ) -> Response:
+        """Send the request to a decode instance (a replica) and stream its answer back. An
+        instance that fails before answering is marked down and another is tried: nothing
+        has reached the client yet, so nothing is repeated to it."""
+        tried: tuple[str, ...] = ()
+        while True:
+            instance = self.decode.pick(tried, self.cache, names)
+            if instance is None:
+                if tried:
+                    return _error(
+                        503, f"decode instances failed: {', '.join(tried)}", code="decode_failed"
+                    )
+                return _error(503, "no decode instance is up", code="no_decode_instance")
+            tried += (instance.url,)
+            self._chose(instance, names)
+            instance.outstanding += 1
+            upstream = self.client.build_request(
+                "POST", f"{instance.url}{path}", json=body, headers=headers
+            )
+            try:
+                reply = await self.client.send(upstream, stream=True)
+                break
+            except httpx.HTTPError as e:
+                instance.outstanding -= 1
+                logger.warning("decode on %s failed: %s", instance.url, e)
+                self._set_health(instance, False)
+                self.metrics.failovers.inc()
         kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
         return StreamingResponse(
             self._relay(reply, instance),
@@ -217,6 +325,20 @@ class Router:
         finally:
             instance.outstanding -= 1
             await reply.aclose()
+
+    async def proxy_post(self, path: str, request: Request) -> Response:
+        instance = self.decode.pick()
+        if instance is None:
+            return _error(503, "no decode instance is up", code="no_decode_instance")
+        try:
+            reply = await self.client.post(
+                f"{instance.url}{path}",
+                content=await request.body(),
+                headers=self._headers(request),
+            )
+        except httpx.HTTPError as e:
+            return _error(503, f"decode instance {instance.url} failed: {e}")
+        return _passthrough(reply)
 
     async def proxy_get(self, path: str) -> Response:
         instance = self.decode.pick()
@@ -243,6 +365,40 @@ def _error(status: int, message: str, code: Optional[str] = None) -> JSONRespons
     )
 
 
+def build_router(ns: argparse.Namespace) -> Router:
+    """The router of ``pagoda router``'s arguments, subscribed to the instances' KV events
+    when ``--kv-events URL=ENDPOINT`` names them (cache_aware: the precise index)."""
+    decode = list(ns.decode or []) + list(getattr(ns, "replicas", None) or [])
+    events = _url_map(getattr(ns, "kv_events", None) or [], "--kv-events")
+    replays = _url_map(getattr(ns, "kv_events_replay", None) or [], "--kv-events-replay")
+    cache = None
+    if ns.policy == "cache_aware":
+        cache = CacheAwarePolicy(
+            ApproxPrefixIndex(ns.cache_index_size),
+            EventPrefixIndex() if events else None,
+            ns.cache_load_weight,
+        )
+    elif events:
+        raise ValueError("--kv-events feeds --policy cache_aware; give that policy too")
+    router = Router(ns.prefill, decode, ns.policy, ns.health_interval, ns.api_key, cache)
+    known = {i.url for i in router.prompt_pool.instances}
+    for url, endpoint in events.items():
+        if url not in known:
+            raise ValueError(f"--kv-events names {url}, which is not an instance it routes to")
+        router.subscribe(url, endpoint, replays.get(url))
+    return router
+
+
+def _url_map(pairs: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        url, sep, endpoint = pair.partition("=")
+        if not sep or not endpoint:
+            raise ValueError(f"{flag} takes URL=ENDPOINT, got {pair!r}")
+        out[url.rstrip("/")] = endpoint
+    return out
+
+
 def build_app(router: Router) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -251,6 +407,8 @@ def build_app(router: Router) -> FastAPI:
         yield
         task.cancel()
         await router.client.aclose()
+        for sub in router.subscribers:
+            sub.close()
 
     app = FastAPI(title="pagoda router", lifespan=lifespan)
 
@@ -265,6 +423,10 @@ def build_app(router: Router) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> Response:
         return await router.proxy_get("/v1/models")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await router.proxy_post("/tokenize", request)
 
     @app.get("/health")
     async def health() -> Response:
@@ -283,7 +445,7 @@ def build_app(router: Router) -> FastAPI:
 def main(ns: argparse.Namespace) -> int:
     import uvicorn
 
-    router = Router(ns.prefill, ns.decode, ns.policy, ns.health_interval, ns.api_key)
+    router = build_router(ns)
     logger.warning(
         "router on %s:%d: prefill %s, decode %s",
         ns.host,
