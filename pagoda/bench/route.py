@@ -21,7 +21,6 @@ import asyncio
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,9 +29,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pagoda.bench import serve
+from pagoda.bench.disagg import _free_port, _metric, _Procs, _wait_healthy
 from pagoda.bench.throughput import row, write_json
 
-STARTUP_TIMEOUT_S = 300.0
 POLICIES = ("round_robin", "least_outstanding", "cache_aware", "cache_aware_precise", "kv_aware")
 
 
@@ -88,18 +87,12 @@ def make_dataset(ns: argparse.Namespace) -> list[serve.BenchRequest]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
+class Cluster(_Procs):
     """Replicas (and a router) for one policy's run; stopped together."""
 
     def __init__(self, ns: argparse.Namespace, log_dir: Path, tag: str) -> None:
-        self.ns, self.log_dir, self.tag = ns, log_dir, tag
-        self.procs: list[subprocess.Popen] = []
+        super().__init__(log_dir)
+        self.ns, self.tag = ns, tag
         self.urls: list[str] = []
         self.events: list[tuple[str, str]] = []  # (publisher, replay) per replica
 
@@ -132,7 +125,7 @@ class Cluster:
             self.urls.append(f"http://127.0.0.1:{port}")
             self.events.append((f"tcp://127.0.0.1:{pub}", f"tcp://127.0.0.1:{replay}"))
         for url in self.urls:
-            self._wait(url)
+            _wait_healthy(url, self)
 
     def start_router(self, policy: str, model: str) -> str:
         port = _free_port()
@@ -177,7 +170,7 @@ class Cluster:
                     cmd += ["--kv-events", f"{url}={pub}", "--kv-events-replay", f"{url}={replay}"]
         self._spawn("router", cmd, None)
         url = f"http://127.0.0.1:{port}"
-        self._wait(url)
+        _wait_healthy(url, self)
         return url
 
     def _spawn(self, name: str, cmd: list[str], core: Optional[str]) -> None:
@@ -186,37 +179,11 @@ class Cluster:
         log = open(self.log_dir / f"{self.tag}-{name}.log", "w")
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
 
-    def _wait(self, url: str) -> None:
-        import httpx
-
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError(f"a process exited at start-up; logs in {self.log_dir}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{url} did not come up; logs in {self.log_dir}")
-
     def cache_counters(self) -> tuple[float, float]:
         """(prefix-cache hit tokens, tokens looked up), summed over the replicas."""
-        from pagoda.bench.disagg import _metric
-
         hits = sum(_metric(u, "pagoda:prefix_cache_hits_total") for u in self.urls)
         queries = sum(_metric(u, "pagoda:prefix_cache_queries_total") for u in self.urls)
         return hits, queries
-
-    def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def run_policy(ns: argparse.Namespace, policy: str, log_dir: Path) -> dict[str, Any]:

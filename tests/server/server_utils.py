@@ -55,11 +55,16 @@ def start_server(model_dir: str, log_dir: Path, *extra: str) -> ServerProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log_path, "w") as log:    # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(proc, port, log_path)
+    return _wait_up(ServerProcess(proc, port, log_path), "pagoda serve")
+
+
+def _wait_up(server: ServerProcess, name: str) -> ServerProcess:
+    """Wait until ``server`` answers /health; stop it and raise (with its log) if it exits
+    or takes longer than STARTUP_TIMEOUT_S."""
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pagoda serve exited with {proc.returncode}:\n{server.log()}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.proc.returncode}:\n{server.log()}")
         try:
             if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
                 return server
@@ -67,7 +72,7 @@ def start_server(model_dir: str, log_dir: Path, *extra: str) -> ServerProcess:
             pass
         time.sleep(0.2)
     server.stop()
-    raise RuntimeError(f"pagoda serve did not come up in {STARTUP_TIMEOUT_S} s:\n{server.log()}")
+    raise RuntimeError(f"{name} did not come up in {STARTUP_TIMEOUT_S} s:\n{server.log()}")
 
 
 def metric_values(url: str) -> dict[str, float]:
@@ -107,16 +112,4 @@ def start_vllm_router(log_dir: Path, *args: str) -> ServerProcess:
            "--prometheus-port", str(free_port()), *args]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    router = ServerProcess(proc, port, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm-router exited with {proc.returncode}:\n{router.log()}")
-        try:
-            if httpx.get(f"{router.url}/health", timeout=2).status_code == 200:
-                return router
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    router.stop()
-    raise RuntimeError(f"vllm-router did not come up:\n{router.log()}")
+    return _wait_up(ServerProcess(proc, port, log_path), "vllm-router")
