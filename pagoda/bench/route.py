@@ -1,4 +1,4 @@
-"""``pagoda bench route``: routing policies over replicas, on a prefix-sharing workload.
+"""``pagoda bench route``: routing policies over replicas, on prefix-sharing workloads.
 
 It starts ``--replicas`` instances of ``pagoda serve`` (each pinned to one core, one thread,
 a KV pool of ``--num-kv-blocks`` so that one replica cannot hold every prefix), publishing
@@ -8,7 +8,10 @@ and ``cache_aware_precise`` (from the events) through ``pagoda router``, and vll
 ``kv_aware`` on the same events when it is installed. Requests arrive as a Poisson process:
 each picks one of ``--num-prefixes`` shared prefixes of ``--prefix-words`` words, adds a
 question of ``--suffix-words`` and asks for ``--output-len`` tokens (``--sharing 0`` gives
-every request its own prefix: what the policies cost when there is nothing to share).
+every request its own prefix: what the policies cost when there is nothing to share). With
+``--workload multiturn``, conversations start as a Poisson process and each sends
+``--turns`` chat turns, the next once the last answer is in, every turn carrying the whole
+history (notes of ``--prefix-words``, then the turns so far): each prompt extends the last.
 
 Printed per policy: the replicas' prefix-cache hit rate (hit tokens / prompt tokens looked
 up, from their /metrics), TTFT p50 / p99, output tokens/s, and the ratios to round robin.
@@ -45,6 +48,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-words", type=int, default=760, help="about 1,000 tokens")
     g.add_argument("--suffix-words", type=int, default=48, help="about 64 tokens")
     g.add_argument("--output-len", type=int, default=64)
+    g.add_argument(
+        "--workload",
+        choices=["prefixes", "multiturn"],
+        default="prefixes",
+        help="multiturn: conversations whose every turn extends the last (chat; the next "
+        "turn is sent when the answer is in)",
+    )
+    g.add_argument("--num-conversations", type=int, default=24, help="multiturn")
+    g.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
     g.add_argument(
         "--sharing",
         type=float,
@@ -186,6 +198,83 @@ class Cluster(_Procs):
         return hits, queries
 
 
+async def _conversation(
+    client: Any, model: str, ns: argparse.Namespace, rng: random.Random, delay: float
+) -> list[serve.RequestResult]:
+    """One conversation: ``--turns`` chat turns, each sent once the last answer is in, each
+    carrying the whole history (so its prompt extends the previous one's)."""
+    await asyncio.sleep(delay)
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "Notes: " + serve._words(rng, ns.prefix_words)}
+    ]
+    results = []
+    for _ in range(ns.turns):
+        messages.append({"role": "user", "content": serve._words(rng, ns.suffix_words) + "?"})
+        result, text = await _chat_turn(client, model, messages, ns.output_len)
+        results.append(result)
+        if not result.ok:
+            break
+        messages.append({"role": "assistant", "content": text})
+    return results
+
+
+async def _chat_turn(
+    client: Any, model: str, messages: list[dict[str, str]], output_len: int
+) -> tuple[serve.RequestResult, str]:
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": output_len,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    result, text, start = serve.RequestResult(), "", time.perf_counter()
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            result.error = f"HTTP {resp.status_code}"
+            return result, ""
+        async for line in resp.aiter_lines():
+            data = serve._sse_json(line)
+            if data is None:
+                continue
+            if data.get("usage"):
+                result.prompt_tokens = data["usage"]["prompt_tokens"]
+                result.output_tokens = data["usage"]["completion_tokens"]
+            for choice in data.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if piece and not text:
+                    result.ttft = time.perf_counter() - start
+                text += piece
+    result.e2el = time.perf_counter() - start
+    result.ok = bool(text)
+    return result, text
+
+
+async def run_multiturn(
+    ns: argparse.Namespace, base_url: str, model: str
+) -> tuple[list[serve.RequestResult], float]:
+    import httpx
+
+    rng = random.Random(ns.seed)
+    starts, t = [], 0.0
+    for _ in range(ns.num_conversations):
+        starts.append(t)
+        t += rng.expovariate(ns.request_rate)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=600.0) as client:
+        begin = time.perf_counter()
+        convs = await asyncio.gather(
+            *(
+                _conversation(client, model, ns, random.Random(ns.seed * 1000 + i), s)
+                for i, s in enumerate(starts)
+            )
+        )
+        elapsed = time.perf_counter() - begin
+    return [r for conv in convs for r in conv], elapsed
+
+
 def run_policy(ns: argparse.Namespace, policy: str, log_dir: Path) -> dict[str, Any]:
     import httpx
 
@@ -214,13 +303,28 @@ def run_policy(ns: argparse.Namespace, policy: str, log_dir: Path) -> dict[str, 
             timeout=600.0,
             probe_health_ms=0.0,
         )
-        results, duration, _ = asyncio.run(serve.run_benchmark(client_ns, make_dataset(ns)))
+        if ns.workload == "multiturn":
+            results, duration = asyncio.run(run_multiturn(ns, router, model))
+        else:
+            results, duration, _ = asyncio.run(serve.run_benchmark(client_ns, make_dataset(ns)))
         report = serve.compute_report(results, duration, {})
         hits, queries = (a - b for a, b in zip(cluster.cache_counters(), before, strict=True))
         report["hit_rate"] = hits / queries if queries else 0.0
         return report
     finally:
         cluster.stop()
+
+
+def _workload_text(ns: argparse.Namespace) -> str:
+    if ns.workload == "multiturn":
+        return (
+            f"{ns.num_conversations} conversations of {ns.turns} turns started at "
+            f"{ns.request_rate}/s, {ns.prefix_words}-word notes, {ns.suffix_words}-word turns"
+        )
+    return (
+        f"{ns.num_prompts} requests at {ns.request_rate}/s, {ns.num_prefixes} prefixes of "
+        f"{ns.prefix_words} words, sharing {ns.sharing}"
+    )
 
 
 def main(ns: argparse.Namespace) -> int:
@@ -235,10 +339,7 @@ def main(ns: argparse.Namespace) -> int:
         policies.remove("kv_aware")
     log_dir = Path(ns.log_dir or tempfile.mkdtemp(prefix="pagoda-bench-route-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(
-        f"== {ns.replicas} replicas, {ns.num_prompts} requests at {ns.request_rate}/s, "
-        f"{ns.num_prefixes} prefixes of {ns.prefix_words} words, sharing {ns.sharing} =="
-    )
+    print(f"== {ns.replicas} replicas, {_workload_text(ns)} ==")
     results: dict[str, Any] = {}
     for policy in policies:
         results[policy] = run_policy(ns, policy, log_dir)

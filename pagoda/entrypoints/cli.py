@@ -260,6 +260,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    if ns.data_parallel_size > 1:
+        from pagoda.entrypoints import data_parallel
+
+        serve_argv = ns.raw_argv[ns.raw_argv.index("serve") + 1 :]
+        return data_parallel.run(ns, serve_argv)
     from pagoda.entrypoints.openai.api_server import run_server
 
     return run_server(ns, engine_args_from(ns))
@@ -372,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = parser.parse_args(argv)
+    ns.raw_argv = argv  # pagoda serve --data-parallel-size hands its own to the replicas
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return ns.func(ns)

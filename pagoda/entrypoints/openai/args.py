@@ -55,3 +55,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="GET /debug/state and POST /debug/fault (tests only)",
     )
     g.add_argument("--uvicorn-log-level", default="warning")
+    g.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N replicas of the engine on this host, each pinned to its share of the cores, "
+        "behind the cache-aware router on --host/--port (docs/routing.md)",
+    )
