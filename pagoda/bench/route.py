@@ -4,7 +4,8 @@ It starts ``--replicas`` instances of ``pagoda serve`` (each pinned to one core,
 a KV pool of ``--num-kv-blocks`` so that one replica cannot hold every prefix), publishing
 KV events, and for each policy a router in front of them, fresh replicas each time:
 ``round_robin``, ``least_outstanding``, ``cache_aware`` (approximate: from the text routed)
-and ``cache_aware_precise`` (from the events) through ``pagoda router``, and vllm-router's
+and ``cache_aware_precise`` (from the events; the router tokenizes, ``_tokenize``: it asks a
+replica) through ``pagoda router``, and vllm-router's
 ``kv_aware`` on the same events when it is installed. Requests arrive as a Poisson process:
 each picks one of ``--num-prefixes`` shared prefixes of ``--prefix-words`` words, adds a
 question of ``--suffix-words`` and asks for ``--output-len`` tokens (``--sharing 0`` gives
@@ -34,8 +35,12 @@ from typing import Any, Optional
 from pagoda.bench import serve
 from pagoda.bench.disagg import _free_port, _metric, _Procs, _wait_healthy
 from pagoda.bench.throughput import row, write_json
+from pagoda.models.loader import default_model_path
 
 POLICIES = ("round_robin", "least_outstanding", "cache_aware", "cache_aware_precise", "kv_aware")
+# Also runnable: the precise index fed by a replica's /tokenize instead of the router's own
+# tokenizer (what --tokenizer saves).
+EXTRA_POLICIES = ("cache_aware_precise_tokenize",)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -177,9 +182,11 @@ class Cluster(_Procs):
                 "--policy",
                 name,
             ]
-            if policy == "cache_aware_precise":
+            if policy.startswith("cache_aware_precise"):
                 for url, (pub, replay) in zip(self.urls, self.events, strict=True):
                     cmd += ["--kv-events", f"{url}={pub}", "--kv-events-replay", f"{url}={replay}"]
+            if policy == "cache_aware_precise":  # (_tokenize: ask a replica's /tokenize)
+                cmd += ["--tokenizer", self.ns.serve_model or default_model_path()]
         self._spawn("router", cmd, None)
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, self)
@@ -329,7 +336,7 @@ def _workload_text(ns: argparse.Namespace) -> str:
 
 def main(ns: argparse.Namespace) -> int:
     policies = [p for p in ns.policies.split(",") if p]
-    unknown = set(policies) - set(POLICIES)
+    unknown = set(policies) - set(POLICIES) - set(EXTRA_POLICIES)
     if unknown:
         raise ValueError(f"--policies: unknown {sorted(unknown)}; known: {list(POLICIES)}")
     if "kv_aware" in policies and not (

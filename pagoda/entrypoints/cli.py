@@ -323,6 +323,17 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         default=200_000,
         help="cache_aware without events: chunks of routed text remembered per instance",
     )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="MODEL",
+        help="cache_aware with --kv-events: the instances' model (GGUF file or HF directory), "
+        "to tokenize prompts in the router instead of asking an instance's /tokenize "
+        "(checked against the instances first)",
+    )
+    parser.add_argument(
+        "--chat-template", default=None, help="with --tokenizer: the instances' --chat-template"
+    )
     parser.add_argument("--health-interval", type=float, default=2.0, metavar="SECONDS")
     parser.add_argument(
         "--api-key", default=None, help="sent to the instances when the client sends none"

@@ -157,6 +157,23 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _router_tokenizer(ns: argparse.Namespace) -> Optional[str]:
+    """The replicas' model, for the router to tokenize prompts itself (None: a model
+    without a tokenizer, so the router asks the replicas)."""
+    if getattr(ns, "load_format", "auto") == "dummy":
+        return None
+    model = getattr(ns, "model", None)
+    if model is None:
+        from pagoda.models.loader import default_model_path
+
+        return default_model_path()
+    from pagoda.models.loader import has_tokenizer_files
+
+    if model.endswith(".gguf") and os.path.isfile(model):
+        return model
+    return model if os.path.isdir(model) and has_tokenizer_files(model) else None
+
+
 def run(ns: argparse.Namespace, serve_argv: list[str]) -> int:
     """Start the replicas, then serve the router in front of them until stopped."""
     import uvicorn
@@ -183,6 +200,8 @@ def run(ns: argparse.Namespace, serve_argv: list[str]) -> int:
             # The replicas check keys themselves: the router passes the client's on and
             # must never add one for a client that sent none.
             api_key=None,
+            tokenizer=_router_tokenizer(ns),
+            chat_template=getattr(ns, "chat_template", None),
         )
         router = build_router(router_ns)
         print(

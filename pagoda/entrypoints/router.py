@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from pagoda.entrypoints.kv_event_subscriber import KVEventSubscriber
 from pagoda.entrypoints.prefix_index import ApproxPrefixIndex, EventPrefixIndex
 from pagoda.entrypoints.route_policy import CacheAwarePolicy, Names
+from pagoda.entrypoints.router_tokenizer import RouterTokenizer
 
 logger = logging.getLogger("pagoda.router")
 
@@ -104,6 +105,13 @@ class RouterMetrics:
             "requests sent to another instance after one failed before answering",
             registry=self.registry,
         )
+        self.prompt_tokens = Counter(
+            "pagoda_router_prompt_tokenizations",
+            "prompts tokenized for the precise cache-aware index, by where: the router's "
+            "own tokenizer (--tokenizer) or an instance's /tokenize",
+            ["where"],
+            registry=self.registry,
+        )
         self.cache_matched = Counter(
             "pagoda_router_cache_matched_fraction",
             "sum over requests of the fraction of the prompt the chosen instance held "
@@ -121,6 +129,7 @@ class Router:
         health_interval_s: float,
         api_key: Optional[str] = None,
         cache: Optional[CacheAwarePolicy] = None,
+        tokenizer: Optional[RouterTokenizer] = None,
     ) -> None:
         if not decode:
             raise ValueError("--decode (or --replicas) needs at least one URL")
@@ -130,6 +139,7 @@ class Router:
         decode_policy = policy if not prefill else "least_outstanding"
         self.decode = Pool([Instance(u.rstrip("/")) for u in decode], decode_policy)
         self.cache = cache if policy == "cache_aware" else None
+        self.tokenizer = tokenizer  # the precise index's ids without a /tokenize call
         self.subscribers: list[KVEventSubscriber] = []
         self.health_interval_s = health_interval_s
         self.api_key = api_key
@@ -207,14 +217,29 @@ class Router:
         return await self.cache.names(body, lambda b: self._tokenize(b, headers))
 
     async def _tokenize(self, body: dict[str, Any], headers: dict[str, str]) -> Optional[list]:
-        """The prompt's token ids, from an instance's /tokenize (None if it cannot say)."""
+        """The prompt's token ids: the router's own once they have agreed with an
+        instance's /tokenize, else the instance's (None if neither can say)."""
         prompt = body.get("prompt")
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return prompt
+        mine = self.tokenizer.tokens(body) if self.tokenizer is not None else None
+        if mine is not None and self.tokenizer is not None and self.tokenizer.trusted(body):
+            self.metrics.prompt_tokens.labels("router").inc()
+            return mine
+        self.metrics.prompt_tokens.labels("instance").inc()
+        theirs = await self._remote_tokens(body, headers)
+        if mine is not None and theirs is not None and self.tokenizer is not None:
+            self.tokenizer.check(body, mine, theirs)
+        return theirs
+
+    async def _remote_tokens(self, body: dict[str, Any], headers: dict[str, str]) -> Optional[list]:
         instance = self.prompt_pool.pick()
         if instance is None:
             return None
-        ask = {"messages": body["messages"]} if "messages" in body else {"prompt": prompt}
+        if "messages" in body:
+            ask = {"messages": body["messages"]}
+        else:
+            ask = {"prompt": body.get("prompt")}
         try:
             reply = await self.client.post(
                 f"{instance.url}/tokenize", json=ask, headers=headers, timeout=10.0
@@ -380,7 +405,12 @@ def build_router(ns: argparse.Namespace) -> Router:
         )
     elif events:
         raise ValueError("--kv-events feeds --policy cache_aware; give that policy too")
-    router = Router(ns.prefill, decode, ns.policy, ns.health_interval, ns.api_key, cache)
+    tokenizer = None
+    if getattr(ns, "tokenizer", None):
+        if cache is None or cache.precise is None:
+            raise ValueError("--tokenizer serves --policy cache_aware with --kv-events")
+        tokenizer = RouterTokenizer.load(ns.tokenizer, getattr(ns, "chat_template", None))
+    router = Router(ns.prefill, decode, ns.policy, ns.health_interval, ns.api_key, cache, tokenizer)
     known = {i.url for i in router.prompt_pool.instances}
     for url, endpoint in events.items():
         if url not in known:

@@ -65,6 +65,11 @@ def test_replicas_behind_the_router_as_one_command(tiny_model_dir: str, tmp_path
                 line.startswith("data: ") for line in s.iter_lines())
         m = metric_values(server.url)
         assert m["pagoda_router_cache_matched_fraction_total"] > 2.0  # 3 of 4 found it
+        # The router tokenizes with the replicas' tokenizer, once checked per kind of
+        # request (a completion, the chat) against a replica's /tokenize. (The first
+        # completion may come before any KV event told the router the block size.)
+        where = 'pagoda_router_prompt_tokenizations_total{where="%s"}'
+        assert m[where % "instance"] == 2 and m[where % "router"] >= 2, m
     finally:
         server.stop()
     time.sleep(2.0)

@@ -86,22 +86,31 @@ def _floor(servers, seed: int) -> int:
     return (N - 1) * (len(tokens) // 16 - 1) * 16
 
 
-@pytest.mark.parametrize("mode", ["approximate", "precise"])
-def test_each_prefix_goes_where_it_is_cached(replicas, tmp_path, mode):
+@pytest.mark.parametrize("mode", ["approximate", "precise", "precise_tokenizer"])
+def test_each_prefix_goes_where_it_is_cached(replicas, tiny_model_dir, tmp_path, mode):
     servers, endpoints, replays = replicas
     args = ["--replicas", *[s.url for s in servers], "--policy", "cache_aware"]
-    if mode == "precise":
+    if mode.startswith("precise"):
         for s, ep, rp in zip(servers, endpoints, replays):
             args += ["--kv-events", f"{s.url}={ep}", "--kv-events-replay", f"{s.url}={rp}"]
+    if mode == "precise_tokenizer":  # the router tokenizes: one /tokenize, to check it
+        args += ["--tokenizer", tiny_model_dir]
     router = start_router(tmp_path, *args)
     try:
-        seed = 3 if mode == "approximate" else 4
+        seed = {"approximate": 3, "precise": 4, "precise_tokenizer": 5}[mode]
         gained = _route_groups(router, servers, seed)
         floor = _floor(servers, seed)
         # One prefix per replica: each found its prefix N - 1 times, never the other's.
         assert min(gained) >= floor and max(gained) < 2 * floor, (gained, floor)
         m = metric_values(router.url)
         assert m["pagoda_router_cache_matched_fraction_total"] > 2 * (N - 1) * 0.8
+        # (The first requests may come before any event told the router the block size:
+        # those are named by text and not tokenized.)
+        where = 'pagoda_router_prompt_tokenizations_total{where="%s"}'
+        if mode == "precise_tokenizer":  # checked once, then the router's own
+            assert m[where % "instance"] == 1 and m[where % "router"] >= N, m
+        elif mode == "precise":
+            assert m[where % "instance"] >= N and where % "router" not in m, m
     finally:
         router.stop()
     assert "Traceback" not in router.log(), router.log()[-3000:]

@@ -156,3 +156,29 @@ def test_the_subscriber_replays_what_it_missed_in_order():
         assert sub.num_gaps == 1 and sub.num_replayed == 3
     finally:
         pub.close()
+
+
+class _Tok:
+    chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, chat_template):
+        from jinja2 import Template
+        return Template(chat_template).render(messages=messages)
+
+
+def test_the_router_tokenizer_is_trusted_per_kind_after_it_agreed_and_dropped_if_not():
+    from pagoda.entrypoints.router_tokenizer import RouterTokenizer
+    tok = RouterTokenizer(_Tok(), _Tok.chat_template, "fake")
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    text = {"prompt": "ab"}
+    assert tok.tokens(text) == [1, 97, 98]
+    assert tok.tokens(chat) == [ord(c) for c in "<user>hi<assistant>"]
+    assert tok.tokens({"prompt": [5, 6]}) is None and tok.tokens({"messages": [{}]}) is None
+    assert not tok.trusted(text) and not tok.trusted(chat)
+    tok.check(text, [1, 97, 98], [1, 97, 98])
+    assert tok.trusted(text) and not tok.trusted(chat)  # chat has not been checked yet
+    tok.check(chat, [1, 2], [1, 3])  # another template on the instances
+    assert tok.disabled and not tok.trusted(text) and not tok.trusted(chat)
