@@ -60,6 +60,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="multiturn: conversations whose every turn extends the last (chat; the next "
         "turn is sent when the answer is in)",
     )
+    g.add_argument(
+        "--cache-load-weight",
+        type=float,
+        default=None,
+        help="pagoda router's --cache-load-weight for the cache_aware policies (its default)",
+    )
     g.add_argument("--num-conversations", type=int, default=24, help="multiturn")
     g.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
     g.add_argument(
@@ -185,6 +191,8 @@ class Cluster(_Procs):
             if policy.startswith("cache_aware_precise"):
                 for url, (pub, replay) in zip(self.urls, self.events, strict=True):
                     cmd += ["--kv-events", f"{url}={pub}", "--kv-events-replay", f"{url}={replay}"]
+            if self.ns.cache_load_weight is not None:
+                cmd += ["--cache-load-weight", str(self.ns.cache_load_weight)]
             if policy == "cache_aware_precise":  # (_tokenize: ask a replica's /tokenize)
                 cmd += ["--tokenizer", self.ns.serve_model or default_model_path()]
         self._spawn("router", cmd, None)
