@@ -214,7 +214,10 @@ class SpeculativeConfig:
 class EngineArgs:
     """Everything a user can set, as the CLI and ``LLM(...)`` take it."""
 
-    model: Optional[str] = None  # directory or .gguf; None: the bundled SmolLM2
+    # A directory, a .gguf file, or a Hub id ORG/NAME[@REVISION][:QUANT] (models/hub.py);
+    # None: the bundled SmolLM2.
+    model: Optional[str] = None
+    gguf_file: Optional[str] = None  # the .gguf file of a GGUF repo (or directory) in model
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; CPU: bfloat16 also
     quantization: Optional[str] = None  # None/"none" | "int4" (CPU, small decode steps)

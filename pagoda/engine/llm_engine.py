@@ -67,6 +67,7 @@ class LLMEngine:
             load_format=args.load_format,
             model_preset=args.model_preset,
             seed=args.seed,
+            gguf_file=args.gguf_file,
         )
         self.model_name = loaded.name
         self.arch = loaded.arch

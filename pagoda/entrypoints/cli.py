@@ -45,7 +45,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="a Hugging Face directory or a .gguf file (default: bundled SmolLM2-135M)",
+        help="a Hugging Face directory, a .gguf file, or a Hub id ORG/NAME[@REVISION] "
+        "(ORG/NAME:QUANT: the repo's GGUF file with QUANT in its name), fetched through "
+        "huggingface_hub's cache (default: bundled SmolLM2-135M)",
+    )
+    g.add_argument(
+        "--gguf-file",
+        default=None,
+        metavar="FILE",
+        help="the .gguf file to load from a GGUF repo (or a directory) given as --model",
     )
     g.add_argument(
         "--dtype",
@@ -259,7 +267,16 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _positional_model(ns: argparse.Namespace) -> None:
+    """``pagoda serve MODEL`` (as ``vllm serve MODEL``) is ``--model MODEL``."""
+    tag = getattr(ns, "model_tag", None)
+    if tag is not None and ns.model not in (None, tag):
+        raise ValueError(f"two models: {tag!r} and --model {ns.model!r}")
+    ns.model = ns.model or tag
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
+    _positional_model(ns)
     if ns.data_parallel_size > 1:
         from pagoda.entrypoints import data_parallel
 
@@ -375,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pagoda.entrypoints.openai.args import add_server_args
 
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    srv.add_argument(
+        "model_tag", nargs="?", default=None, metavar="MODEL", help="the same as --model MODEL"
+    )
     add_server_args(srv)
     add_engine_args(srv)
     add_kv_events_args(srv)

@@ -1,5 +1,6 @@
-"""Load a model and its tokenizer from a Hugging Face directory or a GGUF file, or build one
-with random weights of a preset's (or a config.json's) shapes: ``--load-format dummy``."""
+"""Load a model and its tokenizer from a Hugging Face directory, a GGUF file or a Hub id
+(models/hub.py), or build one with random weights of a preset's (or a config.json's) shapes:
+``--load-format dummy``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from pagoda.models.config import ModelArch
+from pagoda.models.hub import SAFETENSORS_INDEX, parse_hub_id, resolve_model
 from pagoda.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -184,10 +186,12 @@ def load_model(
     load_format: str = "auto",
     model_preset: Optional[str] = None,
     seed: int = 0,
+    gguf_file: Optional[str] = None,
 ) -> LoadedModel:
-    """``load_format="auto"``: weights from ``path`` (a directory or a .gguf file).
-    ``"dummy"``: random weights (seeded by ``seed``) of ``model_preset``'s shapes, or of
-    ``path``'s config.json; no checkpoint file is read."""
+    """``load_format="auto"``: weights from ``path`` (a directory, a .gguf file, or a Hugging
+    Face Hub id ``ORG/NAME[@REVISION][:QUANT]``, models/hub.py; ``gguf_file``: the file of a
+    GGUF repo or directory). ``"dummy"``: random weights (seeded by ``seed``) of
+    ``model_preset``'s shapes, or of ``path``'s config.json; no checkpoint file is read."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if load_format == "dummy":
@@ -196,9 +200,8 @@ def load_model(
         raise ValueError(
             f"--model-preset {model_preset!r} has no weights: it needs --load-format dummy"
         )
-    path = path or default_model_path()
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist")
+    source = resolve_model(path or default_model_path(), gguf_file)
+    path = source.path
     if path.endswith(".gguf"):
         config, weights, tokenizer, template = _read_gguf(path)
     elif os.path.isdir(path):
@@ -212,7 +215,7 @@ def load_model(
     arch = ModelArch(**{**arch.__dict__, "eos_token_ids": eos})
     model.arch = arch
     logger.info("loaded %s (%s, %d layers) in %s", path, arch.model_type, arch.num_layers, dtype)
-    return LoadedModel(model, arch, tokenizer, template, os.path.basename(path.rstrip("/")))
+    return LoadedModel(model, arch, tokenizer, template, source.name)
 
 
 def _empty_model(
@@ -245,11 +248,12 @@ def load_dummy_model(
         from pagoda.models.presets import preset_config
 
         config, name = preset_config(model_preset), f"dummy:{model_preset.lower()}"
-    elif path is not None and os.path.isdir(path):
-        with open(os.path.join(path, "config.json")) as f:
+    elif path is not None and (os.path.isdir(path) or parse_hub_id(path) is not None):
+        source = resolve_model(path, weights=False)  # a Hub id: its config and tokenizer
+        with open(os.path.join(source.path, "config.json")) as f:
             config = json.load(f)
-        name = f"dummy:{os.path.basename(path.rstrip('/'))}"
-        tokenizer, template = _maybe_hf_tokenizer(path) or (tokenizer, None)
+        name = f"dummy:{source.name}"
+        tokenizer, template = _maybe_hf_tokenizer(source.path) or (tokenizer, None)
     else:
         raise ValueError(
             "--load-format dummy needs --model-preset NAME or --model DIR "
@@ -348,11 +352,22 @@ def _read_hf_dir(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], A
     with open(config_path) as f:
         config = json.load(f)
     _check_checkpoint_dtype(config)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = _safetensors_files(path)
     if not files:
         raise FileNotFoundError(f"{path!r} has no *.safetensors files")
     tokenizer, template = _maybe_hf_tokenizer(path) or (TokenIdTokenizer(), None)
     return config, _iter_safetensors(files), tokenizer, template
+
+
+def _safetensors_files(path: str) -> list[str]:
+    """The shards ``model.safetensors.index.json`` names, else every ``*.safetensors``: a
+    repo may hold the weights twice (Mistral's consolidated.safetensors beside the shards)."""
+    index = os.path.join(path, SAFETENSORS_INDEX)
+    if not os.path.exists(index):
+        return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(path, shard) for shard in shards]
 
 
 def _check_checkpoint_dtype(config: dict) -> None:
