@@ -279,12 +279,13 @@ def efficiency(
 
 
 # ------------------------------------------------------------------------------------------ hf
-def hf_model_path(model: Optional[str]) -> str:
-    if model is not None:
-        return model
+def hf_model_path(model: Optional[str], gguf_file: Optional[str] = None) -> str:
+    """The files pagoda loads for ``--model`` (a Hub id: in huggingface_hub's cache), for
+    the peers to load the same."""
+    from pagoda.models.hub import resolve_model
     from pagoda.models.loader import default_model_path
 
-    return default_model_path()
+    return resolve_model(model or default_model_path(), gguf_file).path
 
 
 def load_hf_model(path: str, dtype: torch.dtype) -> Any:
@@ -398,7 +399,7 @@ def compare_hf(
 
         model = random_hf_model(preset_config(ns.model_preset), dtype, device)
     else:
-        model = load_hf_model(hf_model_path(ns.model), dtype).to(device)
+        model = load_hf_model(hf_model_path(ns.model, ns.gguf_file), dtype).to(device)
     elapsed, generated = run_hf(model, sub, ns.hf_batch_size, pad_id)
     result = rates(sub, elapsed)
     if limit is not None:
@@ -436,7 +437,7 @@ def start_vllm(
     if getattr(ns, "load_format", "auto") == "dummy":
         raise ValueError("--compare vllm needs the model's weights (not --load-format dummy)")
     options = vllm_peer.VllmOptions(
-        model=vllm_peer.hf_model_dir(hf_model_path(ns.model), dtype),
+        model=vllm_peer.hf_model_dir(hf_model_path(ns.model, ns.gguf_file), dtype),
         dtype=dtype_name(dtype),
         max_model_len=engine.max_model_len,
         max_num_seqs=engine_args.max_num_seqs,
