@@ -129,20 +129,25 @@ def _safetensors_from_hub(hub: HubId, weights: bool) -> str:
     wanted = ["config.json", "the tokenizer files"] + ([ALL_SAFETENSORS] if weights else [])
     folder = _snapshot(hub, METADATA_PATTERNS, hub.revision, wanted, FETCH_INCLUDES)
     commit = os.path.basename(folder)
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        return _gguf_only_repo(hub, commit)
+    has_config = os.path.exists(os.path.join(folder, "config.json"))
     if not weights:
+        if not has_config:
+            raise FileNotFoundError(f"{hub.repo_id} has no config.json to take shapes from")
         return folder
+    if not has_config:
+        return _gguf_only_repo(hub, commit)
     shards = _indexed_shards(folder) or [ALL_SAFETENSORS]
     if _missing_weights(hub, folder, shards):  # a commit's cached files never change
         _snapshot(hub, shards, commit, shards, shards)
     missing = _missing_weights(hub, folder, shards)
     if missing and _offline():
         raise _missing_error(hub, missing, _fetch_command(hub, missing), cause=None)
-    if missing:
+    if missing:  # the Hub listed none, or was out of reach and they are not cached
         raise FileNotFoundError(
-            f"{hub.repo_id} has no {', '.join(missing)} at revision {commit}: pagoda loads "
-            f"safetensors checkpoints, or a GGUF file ({hub.repo_id}:QUANT or --gguf-file)"
+            f"{hub.repo_id} at commit {commit}: no {', '.join(missing)} in the cache after "
+            "asking the Hub. pagoda loads safetensors checkpoints, or a GGUF file "
+            f"({hub.repo_id}:QUANT or --gguf-file); if the repo has them, fetch them with "
+            f"{_fetch_command(hub, missing)}"
         )
     return folder
 

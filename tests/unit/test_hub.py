@@ -217,6 +217,13 @@ def test_dummy_weights_need_only_config_and_tokenizer(cache, tiny_a):
         load_model("org/tiny", torch.float32, torch.device("cpu"))
 
 
+def test_dummy_weights_of_a_gguf_repo_are_refused(gguf_repo):
+    import torch
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model("org/tiny-GGUF", torch.float32, torch.device("cpu"), load_format="dummy")
+
+
 def test_serve_takes_the_model_positionally():
     ns = cli.build_parser().parse_args(["serve", "org/tiny", "--port", "0"])
     cli._positional_model(ns)
