@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ import time
 from typing import Callable, Optional
 
 import httpx
+
+logger = logging.getLogger("pagoda.serve")
 
 STARTUP_TIMEOUT_S = 600.0
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a child gets when its parent dies
@@ -158,20 +161,25 @@ def _healthy(url: str) -> bool:
 
 
 def _router_tokenizer(ns: argparse.Namespace) -> Optional[str]:
-    """The replicas' model, for the router to tokenize prompts itself (None: a model
-    without a tokenizer, so the router asks the replicas)."""
+    """The replicas' model on disk, for the router to tokenize prompts itself (None: a
+    model without a tokenizer, or one that cannot be found, so the router asks the
+    replicas). Called once the replicas are up: a Hub id's files are in the cache then."""
+    from pagoda.models.hub import resolve_model
+    from pagoda.models.loader import default_model_path, has_tokenizer_files
+
     if getattr(ns, "load_format", "auto") == "dummy":
         return None
     model = getattr(ns, "model", None)
     if model is None:
-        from pagoda.models.loader import default_model_path
-
         return default_model_path()
-    from pagoda.models.loader import has_tokenizer_files
-
-    if model.endswith(".gguf") and os.path.isfile(model):
-        return model
-    return model if os.path.isdir(model) and has_tokenizer_files(model) else None
+    try:
+        path = resolve_model(model, getattr(ns, "gguf_file", None), weights=False).path
+    except (OSError, ValueError) as e:
+        logger.warning("the router asks the replicas to tokenize: %s", e)
+        return None
+    if path.endswith(".gguf") and os.path.isfile(path):
+        return path
+    return path if os.path.isdir(path) and has_tokenizer_files(path) else None
 
 
 def run(ns: argparse.Namespace, serve_argv: list[str]) -> int:
