@@ -16,6 +16,17 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 from pagoda.core.kv_events import KVEventJournal
 from pagoda.core.prefix_cache import BlockHash
+from pagoda.core.snapshot import (
+    BLOCK_CACHED,
+    BLOCK_FREE,
+    BLOCK_SHARED,
+    BLOCK_USED,
+    BlockPoolSnapshot,
+    CachedBlock,
+)
+
+# bytes(map(bool, ref_counts)) -> one state character per block, at C speed.
+_HELD_STATE = bytes.maketrans(b"\x00\x01", (BLOCK_FREE + BLOCK_USED).encode())
 
 
 class BlockPool:
@@ -31,6 +42,12 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.block_hash: list[Optional[BlockHash]] = [None] * num_blocks
         self.cached: dict[BlockHash, int] = {}  # hash -> the one block holding that KV
+        # For the inspector: each named block's parent in its hash chain and its hits, and
+        # a version bumped whenever either (or a name) changes, so snapshots reuse work.
+        self.block_parent: list[Optional[BlockHash]] = [None] * num_blocks
+        self.block_hits = [0] * num_blocks
+        self.cache_version = 0
+        self._cached_snapshot: tuple[int, tuple[CachedBlock, ...]] = (0, ())
         self.num_evictions = 0
         self.journal: Optional[KVEventJournal] = None  # KV events, when published
 
@@ -74,6 +91,9 @@ class BlockPool:
                     raise RuntimeError(f"block {b} is free and holds no cached KV")
                 del self._free[b]
             self.ref_counts[b] += 1
+            if self.block_hash[b] is not None:
+                self.block_hits[b] += 1
+                self.cache_version += 1
 
     def release(self, block_ids: Iterable[int]) -> None:
         """One holder fewer. A block whose count reaches 0 becomes free: at the back of the
@@ -98,8 +118,11 @@ class BlockPool:
             blocks.append(b)
         return blocks
 
-    def cache_block(self, block_id: int, block_hash: BlockHash) -> bool:
-        """Name a used block by the hash of its (now fully scheduled) tokens. When another
+    def cache_block(
+        self, block_id: int, block_hash: BlockHash, parent: Optional[BlockHash] = None
+    ) -> bool:
+        """Name a used block by the hash of its (now fully scheduled) tokens; ``parent`` is
+        the hash of the block before it in its chain (None for a first block). When another
         block already holds the same KV (two requests computed one prefix side by side),
         the first keeps the name and this one stays anonymous. Returns whether it took it."""
         if self.ref_counts[block_id] < 1:
@@ -107,7 +130,9 @@ class BlockPool:
         if self.block_hash[block_id] is not None or block_hash in self.cached:
             return False
         self.block_hash[block_id] = block_hash
+        self.block_parent[block_id] = parent
         self.cached[block_hash] = block_id
+        self.cache_version += 1
         return True
 
     def reset_cache(self) -> int:
@@ -115,8 +140,10 @@ class BlockPool:
         Returns how many blocks were named."""
         count = len(self.cached)
         for b in self.cached.values():
-            self.block_hash[b] = None
+            self.block_hash[b] = self.block_parent[b] = None
+            self.block_hits[b] = 0
         self.cached.clear()
+        self.cache_version += 1
         if self.journal is not None:
             self.journal.cleared()
         # Free blocks are all anonymous now: their order no longer matters for eviction.
@@ -126,10 +153,42 @@ class BlockPool:
         h = self.block_hash[block_id]
         if h is not None:
             del self.cached[h]
-            self.block_hash[block_id] = None
+            self.block_hash[block_id] = self.block_parent[block_id] = None
+            self.block_hits[block_id] = 0
+            self.cache_version += 1
             self.num_evictions += 1
             if self.journal is not None:
                 self.journal.removed(h)
+
+    # --------------------------------------------------------------- snapshot
+    def snapshot(self, overlays: Optional[Mapping[str, Iterable[int]]] = None) -> BlockPoolSnapshot:
+        """The pool block by block, for the inspector: a state character and a ref count
+        per block, and the named blocks (reused while nothing named changes). ``overlays``
+        (state character -> blocks) paints blocks whose holder the caller knows better:
+        a lease, a pull in flight."""
+        states = bytearray(bytes(map(bool, self.ref_counts)).translate(_HELD_STATE))
+        free, shared = ord(BLOCK_CACHED), ord(BLOCK_SHARED)
+        for b in self.cached.values():
+            states[b] = shared if self.ref_counts[b] else free
+        for state, blocks in (overlays or {}).items():
+            for b in blocks:
+                states[b] = ord(state)
+        return BlockPoolSnapshot(
+            self.num_blocks,
+            states.decode("ascii"),
+            tuple(self.ref_counts),
+            self._cached_blocks(),
+            self.cache_version,
+            self.num_evictions,
+        )
+
+    def _cached_blocks(self) -> tuple[CachedBlock, ...]:
+        version, blocks = self._cached_snapshot
+        if version != self.cache_version or len(blocks) != len(self.cached):
+            parent, hits = self.block_parent, self.block_hits
+            blocks = tuple(CachedBlock(b, h, parent[b], hits[b]) for h, b in self.cached.items())
+            self._cached_snapshot = (self.cache_version, blocks)
+        return blocks
 
     # ------------------------------------------------------------- invariants
     def check_invariants(self, holders: Mapping[str, Sequence[int]]) -> None:
@@ -149,3 +208,8 @@ class BlockPool:
             assert self.block_hash[b] == h, f"hash index names block {b}, which holds another"
         named = [b for b in range(self.num_blocks) if self.block_hash[b] is not None]
         assert len(named) == len(self.cached), "a block carries a hash the index lacks"
+        for b in range(self.num_blocks):
+            if self.block_hash[b] is None:
+                assert self.block_parent[b] is None and self.block_hits[b] == 0, (
+                    f"anonymous block {b} keeps a parent or hits"
+                )

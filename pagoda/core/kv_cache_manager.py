@@ -140,8 +140,9 @@ class KVCacheManager:
         self._extend_hashes(request, num_tokens)
         blocks = self.req_blocks[request.request_id]
         run: list[int] = []  # consecutive blocks that took their names: one event
+        hashes = request.block_hashes
         for i in range(start, num_full):
-            if self.pool.cache_block(blocks[i], request.block_hashes[i]):
+            if self.pool.cache_block(blocks[i], hashes[i], hashes[i - 1] if i else None):
                 run.append(i)
             elif run:
                 self._stored(request, run)

@@ -11,6 +11,7 @@ from typing import Optional
 
 from pagoda.core.kv_events import KVCacheEvent
 from pagoda.core.remote_kv import KVLoad, RemotePrefill
+from pagoda.core.snapshot import StepTokens
 from pagoda.sampling import SamplingParams
 
 
@@ -61,6 +62,8 @@ class SchedulerOutput:
     # KV cache events since the last step (hashes named for this step's blocks, evictions),
     # published once the step has run (its KV written).
     kv_cache_events: list[KVCacheEvent] = field(default_factory=list)
+    # The step's tokens by kind (decode, prefill, recompute, drafts), for the inspector.
+    step_tokens: StepTokens = field(default_factory=StepTokens)
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -38,7 +38,15 @@ from pagoda.core.outputs import (
     NewRequestData,
     SchedulerOutput,
 )
-from pagoda.core.remote_kv import KVEvents, RemoteKV
+from pagoda.core.remote_kv import LEASE_HOLDER_PREFIX, KVEvents, RemoteKV
+from pagoda.core.snapshot import (
+    BLOCK_LEASED,
+    BLOCK_LOADING,
+    LeaseSnapshot,
+    RequestSnapshot,
+    SchedulerSnapshot,
+    StepTokens,
+)
 from pagoda.core.stats import SchedulerStats
 from pagoda.request import Request, RequestStatus
 from pagoda.spec_decode.policy import StepShape
@@ -141,15 +149,54 @@ class Scheduler:
             spec=self.spec.stats.copy() if self.spec is not None else None,
         )
 
+    def inspect(self) -> SchedulerSnapshot:
+        """Every live request with its block table, every lease, and the block pool block
+        by block (leased and loading blocks painted as such), for the inspector."""
+        leases = tuple(
+            LeaseSnapshot(holder[len(LEASE_HOLDER_PREFIX) :], tuple(blocks))
+            for holder, blocks in self.kv.req_blocks.items()
+            if holder.startswith(LEASE_HOLDER_PREFIX)
+        )
+        loading = [b for rid in self.loading for b in self.kv.block_ids(rid)]
+        overlays = {BLOCK_LEASED: [b for lease in leases for b in lease.block_ids]}
+        overlays[BLOCK_LOADING] = loading
+        order = [*self.running, *self.loading.values(), *self.waiting]
+        return SchedulerSnapshot(
+            self.kv.pool.snapshot(overlays),
+            self.kv.block_size,
+            self.config.step_token_budget,
+            self.config.max_num_seqs,
+            self.kv.enable_prefix_caching,
+            tuple(self._request_snapshot(r) for r in order if not r.is_finished),
+            leases,
+        )
+
+    def _request_snapshot(self, request: Request) -> RequestSnapshot:
+        return RequestSnapshot(
+            request.request_id,
+            request.status.value,
+            request.num_computed_tokens,
+            request.num_tokens,
+            request.num_prompt_tokens,
+            request.num_output_tokens,
+            request.max_tokens,
+            request.num_cached_tokens,
+            request.num_preemptions,
+            tuple(self.kv.block_ids(request.request_id)),
+            request.arrival_time,
+        )
+
     # ---------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         budget = self.config.step_token_budget
+        preemptions = self.num_preemptions
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
         budget = self._schedule_running(budget, scheduled, new_blocks)
         self._schedule_waiting(budget, scheduled, new_blocks)
         self._schedule_drafts(scheduled, new_blocks)
         output = self._make_output(scheduled, new_blocks)
+        output.step_tokens = self._step_tokens(scheduled, self.num_preemptions - preemptions)
         self._advance(scheduled)
         output.kv_cache_events = self.kv.take_events()
         return output
@@ -191,6 +238,34 @@ class Scheduler:
             new_blocks[request.request_id] = blocks
             budget -= num_new
         return self.config.step_token_budget - sum(scheduled.values())
+
+    def _step_tokens(self, scheduled: dict[str, int], preemptions: int) -> StepTokens:
+        """The step's tokens by kind (before ``_advance``: ``num_computed_tokens`` is where
+        each row starts). One token after the prompt is a decode; more, or inside the
+        prompt, is a prefill chunk, or recompute for a request preempted before."""
+        decode = prefill = recompute = spec = 0
+        for rid, num_new in scheduled.items():
+            request = self.requests[rid]
+            drafts = len(request.spec_token_ids)
+            num_new -= drafts
+            spec += drafts
+            if num_new == 1 and request.num_computed_tokens >= request.num_prompt_tokens:
+                decode += 1
+            elif request.num_preemptions:
+                recompute += num_new
+            else:
+                prefill += num_new
+        return StepTokens(
+            decode,
+            prefill,
+            recompute,
+            spec,
+            self.config.step_token_budget,
+            preemptions,
+            len(self.running),
+            len(self.waiting),
+            len(self.loading),
+        )
 
     def _waits_for_token(self, request: Request) -> bool:
         """Async scheduling: a request whose token in flight ends it by length, or whose

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 from pagoda.core.kv_events import KVCacheEvent
 from pagoda.core.outputs import EngineCoreOutput, SchedulerOutput
 from pagoda.core.scheduler import Scheduler
+from pagoda.core.snapshot import StepTokens
 from pagoda.engine.structured import StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.request import Request, RequestStatus
@@ -44,6 +45,7 @@ class CoreStep:
     scheduled: dict[str, int] = field(default_factory=dict)  # request id -> tokens computed
     progressed: bool = False  # anything scheduled, read, finished or transferred
     waiting_for_kv: bool = False  # requests wait for remote KV pulls still in flight
+    tokens: StepTokens = field(default_factory=StepTokens)  # what it scheduled, by kind
 
 
 class EngineCore:
@@ -80,6 +82,7 @@ class EngineCore:
             sched.num_scheduled_tokens,
             progressed,
             waiting_for_kv=bool(self.scheduler.loading),
+            tokens=sched.step_tokens,
         )
 
     # ------------------------------------------------------------------- run

@@ -24,6 +24,7 @@ from pagoda.core.remote_kv import KVTransferRequest, check_remote_prefill, parse
 from pagoda.core.scheduler import Scheduler
 from pagoda.engine import cpu_budget, spec_timing
 from pagoda.engine.core import CoreStep, EngineCore
+from pagoda.engine.inspector import EngineSnapshot, Inspector
 from pagoda.engine.kv_event_publisher import KVEventPublisher
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
@@ -128,6 +129,7 @@ class LLMEngine:
             self.tokenizer, self._issued_params if args.kv_role == "prefill" else None
         )
         self.last_step = CoreStep()
+        self.inspector = Inspector()  # steps and snapshots for GET /inspect
         self.num_prompt_tokens = 0
         if args.serving and args.max_num_batched_tokens is None and self.device.type == "cpu":
             budget = cpu_budget.serving_budget(self)  # runs a step: the engine is complete
@@ -313,10 +315,13 @@ class LLMEngine:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """One iteration: an output for every request that changed in it, or with
         ``final_only`` (offline generation) only for those that finished."""
+        start = time.monotonic()
         core = self.last_step = self.core.step()
         done = self.output.process(core.outputs, core.scheduled, time.monotonic(), final_only)
         self.core.finish_stopped(done.stopped)
         self.core.add_siblings(done.siblings)
+        idle = not self.has_unfinished_requests()
+        self.inspector.on_step(core.tokens, start, time.monotonic(), self.inspect, idle)
         return done.outputs
 
     @property
@@ -334,6 +339,22 @@ class LLMEngine:
             self.num_prompt_tokens,
             self.output.num_generation_tokens,
             connector.stats() if connector is not None else None,
+        )
+
+    def inspect(self, version: int = 0) -> EngineSnapshot:
+        """The whole engine for the inspector: block pool, prefix cache, requests, counters
+        (engine thread only; docs/inspector.md)."""
+        show_text = self.inspector.show_text
+        return EngineSnapshot(
+            version,
+            time.monotonic(),
+            self.model_name,
+            self.args.kv_role,
+            self.max_model_len,
+            self.scheduler.inspect(),
+            self.output.details(show_text),
+            self.stats(),
+            show_text,
         )
 
     # ------------------------------------------------------------ prefix cache
@@ -365,6 +386,7 @@ class LLMEngine:
         """For an idle server loop: take in finished transfers and ended leases even when
         no request is running (a prefill instance's leases outlive its requests)."""
         self.core.poll_kv_transfers()
+        self.inspector.maybe_publish(self.inspect)
 
     def close(self) -> None:
         self.core.close()

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from pagoda.core.outputs import EngineCoreOutput, TokenLogprobs
 from pagoda.engine.detokenizer import IncrementalDetokenizer
+from pagoda.engine.inspector import RequestDetail
 from pagoda.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagoda.request import Request
 from pagoda.sampling import SamplingParams
@@ -110,6 +111,19 @@ class OutputProcessor:
             self._child_group[req.request_id] = (group, child)
         group.deferred = list(requests[1:])
         self._groups[request_id] = group
+
+    def details(self, show_text: bool) -> dict[str, RequestDetail]:
+        """Per live core request: its timings, and with ``show_text`` its prompt and the
+        text generated so far (for the inspector)."""
+        out = {}
+        for rid, (group, child) in self._child_group.items():
+            out[rid] = RequestDetail(
+                group.metrics.first_scheduled_time,
+                child.first_token_time,
+                group.prompt if show_text else None,
+                child.detok.stream_text if show_text else None,
+            )
+        return out
 
     def abort(self, request_id: str, now: float) -> list[str]:
         """Forget a user request; returns the core ids still live, for the core to end."""
