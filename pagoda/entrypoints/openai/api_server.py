@@ -44,7 +44,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pagoda.server")
 
-OPEN_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+# /inspect is the inspector's static page (no data): its data routes take the key.
+OPEN_PATHS = (
+    "/health",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/inspect",
+)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
 }
@@ -57,6 +66,8 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     enable_debug_endpoints: bool = False
     tool_call_parser: Optional[str] = None
+    enable_inspector: bool = True  # GET /inspect and its data routes (docs/inspector.md)
+    inspector_show_text: bool = False
 
 
 def cache_salt_for_key(key: str) -> str:
@@ -232,10 +243,21 @@ def build_app(
     _add_info_routes(app, serving, config, metrics)
     if config.enable_debug_endpoints:
         _add_debug_routes(app, async_engine)
+    _add_inspector(app, async_engine, config)
     if config.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     return app
+
+
+def _add_inspector(app: FastAPI, async_engine: AsyncEngine, config: ServerConfig) -> None:
+    inspector = getattr(async_engine.engine, "inspector", None)  # fakes in tests have none
+    if not config.enable_inspector or inspector is None:
+        return
+    from pagoda.entrypoints.openai.inspector import add_inspector_routes
+
+    inspector.show_text = config.inspector_show_text
+    add_inspector_routes(app, async_engine, inspector)
 
 
 def _salt(raw: Request) -> Optional[str]:
@@ -409,4 +431,6 @@ def _server_config(
         ns.max_request_body_bytes,
         ns.enable_debug_endpoints,
         ns.tool_call_parser,
+        ns.enable_inspector,
+        ns.inspector_show_text,
     )

@@ -54,6 +54,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="GET /debug/state and POST /debug/fault (tests only)",
     )
+    g.add_argument(
+        "--no-inspector",
+        dest="enable_inspector",
+        action="store_false",
+        help="turn off GET /inspect (the live view of the KV cache, prefix cache and "
+        "scheduler) and its data routes /inspect/state and /inspect/events",
+    )
+    g.add_argument(
+        "--inspector-show-text",
+        action="store_true",
+        help="show each request's prompt and output text in the inspector (off: only "
+        "counts, block tables and timings)",
+    )
     g.add_argument("--uvicorn-log-level", default="warning")
     g.add_argument(
         "--data-parallel-size",
