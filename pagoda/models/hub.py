@@ -272,11 +272,11 @@ def _repo_gguf_files(hub: HubId) -> list[str]:
 
 def _cached_files(hub: HubId) -> list[str]:
     """The files of ``hub``'s revision in huggingface_hub's cache, relative to the snapshot."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
     from huggingface_hub.errors import CacheNotFound
 
-    try:
-        cache = scan_cache_dir()
+    try:  # the cache named now (scan_cache_dir's default is the one read at its import)
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)
     except CacheNotFound:
         return []
     wanted = hub.revision or "main"
