@@ -3,14 +3,16 @@ instance is too much busier than the others.
 
 For each instance the router estimates the work a request would wait for there:
 
-    cost = (prompt - cached prefix) + load_weight * outstanding * prompt
+    cost = (prompt - cached prefix) + load_weight * load * prompt
 
-(the prompt and the prefix in chunks of text or KV blocks, ``outstanding`` the requests the
-router has in flight there), and picks the cheapest. A hot prefix so draws its traffic to
-the instance holding it until that instance has about ``1 / load_weight`` more requests in
-flight than an idle one, then spills over (and the other instance caches it too). The prefix
-comes from the instances' KV events where the router subscribes to them (precise), else
-from the text the router has sent each instance (approximate); see ``prefix_index.py``.
+(the prompt and the prefix in chunks of text or KV blocks, ``load`` the requests in flight
+there: the router's own, plus those the instance's /metrics last counted running or waiting
+beyond them, sent by other clients or routers), and picks the cheapest. A hot prefix so
+draws its traffic to the instance holding it until that instance has about
+``1 / load_weight`` more requests in flight than an idle one, then spills over (and the
+other instance caches it too). The prefix comes from the instances' KV events where the
+router subscribes to them (precise), else from the text the router has sent each instance
+(approximate); see ``prefix_index.py``.
 Invariant: with no prefix cached anywhere the choice is the least loaded instance, as the
 ``least_outstanding`` policy's.
 """
@@ -35,7 +37,12 @@ Tokenize = Callable[[dict[str, Any]], Awaitable[Optional[list[int]]]]
 
 class Candidate(Protocol):
     url: str
-    outstanding: int
+
+    @property
+    def load(self) -> int:
+        """Requests in flight there: the router's own, plus those the instance last
+        reported that did not come through this router."""
+        ...
 
 
 @dataclass
@@ -77,13 +84,13 @@ class CacheAwarePolicy:
     def pick(self, candidates: Sequence[Candidate], names: Names) -> Candidate:
         length = len(names.names)
         if not length:
-            return min(candidates, key=lambda c: c.outstanding)
+            return min(candidates, key=lambda c: c.load)
 
         def cost(c: Candidate) -> tuple[float, int, int]:
-            work = length - self.match(c.url, names) + self.load_weight * c.outstanding * length
+            work = length - self.match(c.url, names) + self.load_weight * c.load * length
             # Ties (a prefix cached nowhere): the less busy, then the one holding less, so
             # new prefixes spread over the instances.
-            return work, c.outstanding, self.held(c.url, names.precise)
+            return work, c.load, self.held(c.url, names.precise)
 
         return min(candidates, key=cost)
 

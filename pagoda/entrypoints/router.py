@@ -55,7 +55,12 @@ DEFAULT_TIMEOUT_S = 600.0
 class Instance:
     url: str
     healthy: bool = True
-    outstanding: int = 0
+    outstanding: int = 0  # requests this router has in flight there
+    foreign: int = 0  # requests it last reported beyond those (other clients, routers)
+
+    @property
+    def load(self) -> int:
+        return self.outstanding + self.foreign
 
 
 @dataclass
@@ -81,7 +86,7 @@ class Pool:
             picked = cache.pick(up, names)
             assert isinstance(picked, Instance)
             return picked
-        return min(up, key=lambda i: i.outstanding)
+        return min(up, key=lambda i: i.load)
 
 
 class RouterMetrics:
@@ -167,7 +172,7 @@ class Router:
 
     async def check_health(self) -> None:
         instances = self.prefill.instances + self.decode.instances
-        results = await asyncio.gather(*(self._healthy(i.url) for i in instances))
+        results = await asyncio.gather(*(self._healthy(i) for i in instances))
         for instance, ok in zip(instances, results, strict=True):
             if ok != instance.healthy:
                 logger.warning("%s is %s", instance.url, "up" if ok else "down")
@@ -178,11 +183,26 @@ class Router:
             self.cache.drop(instance.url)  # a dead instance's cache is gone
         instance.healthy = ok
 
-    async def _healthy(self, url: str) -> bool:
+    async def _healthy(self, instance: Instance) -> bool:
         try:
-            return (await self.client.get(f"{url}/health", timeout=2.0)).status_code == 200
+            ok = (await self.client.get(f"{instance.url}/health", timeout=2.0)).status_code
         except httpx.HTTPError:
             return False
+        if ok == 200:
+            await self._read_load(instance)
+        return ok == 200
+
+    async def _read_load(self, instance: Instance) -> None:
+        """The instance's own count of running and waiting requests (its /metrics): what
+        exceeds this router's in-flight count there came from elsewhere."""
+        try:
+            reply = await self.client.get(f"{instance.url}/metrics", timeout=2.0)
+        except httpx.HTTPError:
+            return
+        if reply.status_code == 200:
+            reported = instance_load(reply.text)
+            if reported is not None:
+                instance.foreign = max(0, reported - instance.outstanding)
 
     # ----------------------------------------------------------- routing
     def _headers(self, request: Request) -> dict[str, str]:
@@ -374,6 +394,23 @@ class Router:
         except httpx.HTTPError as e:
             return _error(503, f"decode instance {instance.url} failed: {e}")
         return _passthrough(reply)
+
+
+LOAD_GAUGES = ("pagoda:num_requests_running", "pagoda:num_requests_waiting")
+
+
+def instance_load(metrics_text: str) -> Optional[int]:
+    """Running plus waiting requests from a pagoda instance's /metrics (None: not given)."""
+    total, seen = 0.0, 0
+    for line in metrics_text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.split("{", 1)[0] in LOAD_GAUGES:
+            try:
+                total += float(value.split()[0])
+            except (ValueError, IndexError):
+                return None
+            seen += 1
+    return int(total) if seen else None
 
 
 def _passthrough(reply: httpx.Response) -> Response:

@@ -120,8 +120,10 @@ def test_a_dead_replica_is_routed_around(tiny_model_dir, tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     servers = [start_server(tiny_model_dir, logs, "--num-kv-blocks", "128") for _ in range(2)]
+    # Health checked at start only (the last --health-interval wins): the router learns of
+    # the death from the request that fails, not from a check that might come first.
     router = start_router(tmp_path, "--replicas", *[s.url for s in servers],
-                          "--policy", "round_robin")
+                          "--policy", "round_robin", "--health-interval", "600")
     try:
         model = httpx.get(servers[0].url + "/v1/models").json()["data"][0]["id"]
         servers[1].stop()  # the router has not noticed yet: its next turn fails over

@@ -34,6 +34,11 @@ BS = 4
 class Inst:
     url: str
     outstanding: int = 0
+    foreign: int = 0
+
+    @property
+    def load(self) -> int:
+        return self.outstanding + self.foreign
 
 
 def _engine(num_blocks=12):
@@ -118,6 +123,20 @@ def test_cost_weighs_the_cached_prefix_against_load():
     a.outstanding = b.outstanding = 0
     assert policy.pick([a, b], fresh) is b
     assert policy.pick([a, b], Names([], False)) in (a, b)
+    # Requests the instance reports that did not come through this router count as load.
+    a.outstanding, a.foreign = 2, 3
+    assert policy.pick([a, b], names) is b
+
+
+def test_an_instances_load_is_read_from_its_metrics():
+    from pagoda.entrypoints.router import instance_load
+    text = ("# HELP pagoda:num_requests_running Requests running.\n"
+            "# TYPE pagoda:num_requests_running gauge\n"
+            'pagoda:num_requests_running{model_name="m"} 3.0\n'
+            "pagoda:num_requests_waiting 2.0\n"
+            "pagoda:num_requests_running_other 100.0\n")
+    assert instance_load(text) == 5
+    assert instance_load("vllm:num_requests_running 1.0\n") is None
 
 
 def test_precise_names_come_from_tokens_when_the_block_size_is_known():
@@ -182,3 +201,30 @@ def test_the_router_tokenizer_is_trusted_per_kind_after_it_agreed_and_dropped_if
     assert tok.trusted(text) and not tok.trusted(chat)  # chat has not been checked yet
     tok.check(chat, [1, 2], [1, 3])  # another template on the instances
     assert tok.disabled and not tok.trusted(text) and not tok.trusted(chat)
+
+
+def test_the_router_counts_what_an_instance_runs_for_others_as_load():
+    import httpx
+
+    from pagoda.entrypoints.router import Router
+
+    reported = {"http://a": 4, "http://b": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        url = f"{request.url.scheme}://{request.url.host}"
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return httpx.Response(200, text=f"pagoda:num_requests_running {reported[url]}.0\n"
+                                        "pagoda:num_requests_waiting 0.0\n")
+
+    router = Router([], ["http://a", "http://b"], "least_outstanding", 1.0)
+    router.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    a, b = router.decode.instances
+    a.outstanding = 1  # one of a's four is this router's
+    asyncio.run(router.check_health())
+    assert (a.foreign, a.load, b.load) == (3, 4, 0)
+    b.outstanding = 3
+    assert router.decode.pick() is b  # 3 < 4: without the report it would be a
+    reported["http://a"] = 0
+    asyncio.run(router.check_health())
+    assert a.foreign == 0 and router.decode.pick() is a
