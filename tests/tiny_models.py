@@ -34,8 +34,17 @@ def make_tokenizer(path: str) -> Any:
     return fast
 
 
+# 8 experts, 2 per token, narrower than the dense MLP (as Qwen3-MoE's are).
+_MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                      norm_topk_prob=True),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48),
+}
+
+
 def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any) -> str:
-    """Save a tiny random model of ``family`` (llama, qwen2, qwen3, mistral) to ``path``."""
+    """Save a tiny random model of ``family`` (llama, qwen2, qwen3, mistral, qwen3_moe,
+    mixtral) to ``path``."""
     import transformers
 
     torch.manual_seed(seed)
@@ -49,9 +58,13 @@ def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     }[family]
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         common.setdefault("head_dim", 32)
+    for key, value in _MOE_DEFAULTS.get(family, {}).items():
+        common.setdefault(key, value)
     config = config_cls(**common)
     model = model_cls(config)
     # Larger-than-init weights make the logits less flat, so greedy choices are not near-ties.

@@ -11,7 +11,15 @@ SUPPORTED_MODEL_TYPES = {
     "mistral": {},
     "qwen2": {"attention_bias": True},
     "qwen3": {"qk_norm": True},
+    "qwen3_moe": {"qk_norm": True},  # sparse MoE layers (models/moe.py)
+    "mixtral": {},  # sparse MoE layers (models/moe.py)
 }
+
+# Variants refused at load, by the config key that marks them: (key, the feature's name).
+_REFUSED_KEYS = (
+    ("shared_expert_intermediate_size", "shared experts (Qwen2-MoE style)"),
+    ("n_shared_experts", "shared experts"),
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -37,15 +45,36 @@ class ModelArch:
     qk_norm: bool = False
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (0 experts: every layer dense). A layer i is sparse when i is not in
+    # mlp_only_layers and (i + 1) % decoder_sparse_step == 0 (Qwen3-MoE's rule).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     @property
     def num_params_non_embedding(self) -> int:
-        """Weights of the transformer layers (the matmuls every token pays for)."""
+        """Weights of the transformer layers that each token pays for: in a MoE layer the
+        router and the ``num_experts_per_tok`` experts a token runs through (active
+        parameters), not every expert."""
         h = self.hidden_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h
-        mlp = 3 * h * self.intermediate_size
-        return self.num_layers * (attn + mlp)
+        dense = 3 * h * self.intermediate_size
+        experts = self.num_experts_per_tok * 3 * h * self.moe_intermediate_size
+        sparse = h * self.num_experts + experts  # the router and the routed experts
+        return sum(
+            attn + (sparse if self.is_moe_layer(i) else dense) for i in range(self.num_layers)
+        )
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
@@ -59,6 +88,9 @@ class ModelArch:
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only 'silu'")
+        for key, feature in _REFUSED_KEYS:
+            if cfg.get(key):
+                raise UnsupportedModelError(f"unsupported: {feature} ({key!r} in the config)")
         extra = SUPPORTED_MODEL_TYPES[model_type]
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
@@ -83,7 +115,39 @@ class ModelArch:
             qk_norm=bool(extra.get("qk_norm", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **_moe_params(cfg),
         )
+
+
+def _moe_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields: Qwen3-MoE's names (num_experts, moe_intermediate_size, norm_topk_prob)
+    or Mixtral's (num_local_experts; the experts as wide as intermediate_size; the top-k
+    always renormalised)."""
+    model_type = cfg.get("model_type")
+    if model_type == "mixtral":
+        return dict(
+            num_experts=_num_experts(cfg),
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            moe_intermediate_size=cfg["intermediate_size"],
+            norm_topk_prob=True,
+        )
+    if model_type != "qwen3_moe":
+        return {}
+    step = cfg.get("decoder_sparse_step") or 1
+    return dict(
+        num_experts=_num_experts(cfg),
+        num_experts_per_tok=cfg["num_experts_per_tok"],
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(step),
+        mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
+    )
+
+
+def _num_experts(cfg: dict[str, Any]) -> int:
+    """Published Qwen3-MoE configs say num_experts, Mixtral's and transformers 5's saves of
+    either say num_local_experts."""
+    return int(cfg.get("num_experts") or cfg["num_local_experts"])
 
 
 def _rope_params(cfg: dict[str, Any]) -> tuple[float, Optional[dict]]:

@@ -1,14 +1,17 @@
-"""The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) over a paged KV cache.
+"""The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3, and the mixture-of-experts
+Qwen3-MoE and Mixtral) over a paged KV cache.
 
 One module covers the family: Qwen2 adds a bias to the QKV projection, Qwen3 adds an RMSNorm
-over each head of q and k before RoPE. Shapes: T = tokens in the step (all requests packed),
+over each head of q and k before RoPE; the MoE models replace the MLP of their sparse layers
+with ``moe.SparseMoE``. Shapes: T = tokens in the step (all requests packed),
 H / Hkv = query / KV heads, D = head_dim, E = hidden size.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, cast
+from collections import Counter
+from typing import Iterable, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ from torch import nn
 from pagoda.attention import backend
 from pagoda.attention.backend import AttentionBackend
 from pagoda.attention.metadata import AttentionMetadata
-from pagoda.models import ops
+from pagoda.models import moe, ops
 from pagoda.models.config import ModelArch
 from pagoda.models.ops import DecoderOps
 
@@ -156,12 +159,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, rope: RotaryEmbedding) -> None:
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = Attention(arch, rope)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = MLP(arch)
+        self.mlp: Union[MLP, moe.SparseMoE] = (
+            moe.SparseMoE(arch) if arch.is_moe_layer(index) else MLP(arch)
+        )
 
     def forward(
         self,
@@ -189,6 +194,11 @@ class DecoderLayer(nn.Module):
         self.mlp.ops = decoder_ops
 
 
+def _strip_prefix(name: str) -> str:
+    """``model.layers.0...`` -> ``layers.0...``."""
+    return name[len("model.") :] if name.startswith("model.") else name
+
+
 # Checkpoint names that land in a fused parameter: (fused name, which shard).
 _FUSED = {
     "q_proj": ("qkv_proj", 0),
@@ -205,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
         self.arch = arch
         self.rope = rope = RotaryEmbedding(arch, max_positions)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rope) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, rope, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = (
             None
@@ -266,10 +276,20 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, self.output_weight)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (Hugging Face names) into the fused parameters."""
+        """Copy checkpoint tensors (Hugging Face names) into the fused parameters (and each
+        expert's matrices into its slice of the stacked expert parameters)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        expert_parts: Counter[str] = Counter()
         for name, tensor in weights:
+            expert = moe.expert_param_name(_strip_prefix(name))
+            if expert is not None:
+                param_name, index, matrix = expert
+                if param_name not in params or index >= self.arch.num_experts:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+                moe.copy_expert_weight(params[param_name], index, matrix, tensor, name)
+                expert_parts[param_name] += 1
+                continue
             target = self._param_name(name)
             if target is None:
                 continue
@@ -278,23 +298,26 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
             self._copy_into(params[param_name], param_name, shard, tensor, name)
             loaded.add(param_name)
+        n = self.arch.num_experts
+        loaded.update(p for p, c in expert_parts.items() if c == (2 * n if "gate_up" in p else n))
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
 
     def _param_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
-        if name.startswith("model."):
-            name = name[len("model.") :]
+        name = _strip_prefix(name)
         if "rotary_emb" in name:
             return None
         if name == "lm_head.weight" and self.lm_head is None:
             return None  # tied: the embedding is the output projection
         parts = name.split(".")
+        if len(parts) > 2 and parts[2] == "block_sparse_moe":  # Mixtral's name for the MoE MLP
+            parts[2] = "mlp"
         for i, part in enumerate(parts):
             if part in _FUSED:
                 fused, shard = _FUSED[part]
                 return ".".join(parts[:i] + [fused] + parts[i + 1 :]), shard
-        return name, None
+        return ".".join(parts), None
 
     def _copy_into(
         self,

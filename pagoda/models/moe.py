@@ -1,0 +1,145 @@
+"""Sparse mixture-of-experts MLP layers (Qwen3-MoE, Mixtral).
+
+The technique is the sparsely gated mixture of experts of Shazeer et al. 2017 ("Outrageously
+Large Neural Networks") as Mixtral (Jiang et al. 2024, "Mixtral of Experts") uses it in a
+decoder: a router (one linear layer, E -> num_experts) scores every expert for each token,
+the token runs through its top-k experts only (each a SwiGLU MLP), and their outputs are
+summed weighted by the router's probabilities, softmaxed in fp32 over all experts and, where
+the model asks (Mixtral always, Qwen3-MoE with ``norm_topk_prob``), renormalised over the
+top k so they sum to 1 (Mixtral's softmax over the top-k logits is the same numbers).
+
+The experts run grouped, not token by token: the (token, expert) pairs of the step are sorted
+by expert, and each expert that received tokens runs one gate_up GEMM and one down GEMM over
+its rows; the weighted rows are added back to their tokens with one index_add. The Python loop
+is over active experts (at most num_experts), never over tokens.
+
+Invariant: each token's output is the same sum of the same terms, in the same order (ascending
+expert index, as transformers adds them), as the per-expert reference; only how rows are
+grouped into GEMMs differs, so fp32 tokens match transformers'. Shapes: T tokens,
+E hidden size, N experts, I an expert's intermediate size, K = experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagoda.models import ops
+from pagoda.models.config import ModelArch
+from pagoda.models.ops import DecoderOps
+
+
+class Router(nn.Module):
+    """The gate: logits (T, N) = x @ weight.T. Not an ``nn.Linear`` on purpose, so that int4
+    quantization and weight packing (which wrap every ``nn.Linear``) leave routing exact."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (T, N) -> (weights (T, K) fp32, experts (T, K) int64): softmax in fp32 over all
+    experts, the k largest, renormalised to sum to 1 if asked."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+class SparseMoE(nn.Module):
+    """Router + N SwiGLU experts stacked in two parameters: ``gate_up`` (N, 2I, E) with each
+    expert's gate rows then up rows (as the dense MLP's ``gate_up_proj``), ``down`` (N, E, I)."""
+
+    ops: DecoderOps = ops.REFERENCE  # until the model binds its own (bind_ops)
+
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        n, e, i = arch.num_experts, arch.hidden_size, arch.moe_intermediate_size
+        self.num_experts, self.top_k, self.renormalize = (
+            n,
+            arch.num_experts_per_tok,
+            (arch.norm_topk_prob),
+        )
+        self.intermediate_size = i
+        self.gate = Router(e, n)
+        self.gate_up = nn.Parameter(torch.empty(n, 2 * i, e))
+        self.down = nn.Parameter(torch.empty(n, e, i))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, E) -> (T, E)."""
+        weights, experts = route(self.gate(x), self.top_k, self.renormalize)
+        return self.grouped_experts(x, weights, experts)
+
+    def grouped_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """Sort the T*K (token, expert) pairs by expert (stable: tokens in order within an
+        expert), run each active expert once over its rows, scale each row by its router
+        weight and add it to its token in fp32."""
+        flat = experts.reshape(-1)  # (T*K,)
+        order = torch.argsort(flat, stable=True)
+        token_of = order // self.top_k  # the token of each sorted pair
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        rows = x.index_select(0, token_of)  # (T*K, E), grouped by expert
+        out = torch.empty_like(rows)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                end = start + count
+                out[start:end] = self.expert_mlp(expert, rows[start:end])
+                start = end
+        scaled = out.float() * weights.reshape(-1, 1).index_select(0, order)
+        total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        return total.index_add_(0, token_of, scaled).to(x.dtype)
+
+    def expert_mlp(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        """One expert's SwiGLU over its rows (R, E) -> (R, E)."""
+        h = self.ops.silu_mul(F.linear(rows, self.gate_up[expert]))
+        return F.linear(h, self.down[expert])
+
+
+# Checkpoint names of one expert's matrices -> (which stacked parameter, which rows of it):
+# Mixtral's w1 (gate), w3 (up), w2 (down); Qwen3-MoE's gate_proj, up_proj, down_proj.
+EXPERT_WEIGHTS = {
+    "w1": ("gate_up", 0),
+    "w3": ("gate_up", 1),
+    "w2": ("down", None),
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
+    "down_proj": ("down", None),
+}
+
+
+def expert_param_name(name: str) -> tuple[str, int, str] | None:
+    """A checkpoint name of one expert's matrix (``layers.3.mlp.experts.7.up_proj.weight``,
+    ``layers.3.block_sparse_moe.experts.7.w3.weight``, the ``model.`` prefix removed) ->
+    (stacked parameter ``layers.3.mlp.gate_up``, expert 7, matrix ``up_proj``); None for any
+    other name."""
+    parts = name.split(".")
+    if len(parts) != 7 or parts[3] != "experts" or parts[5] not in EXPERT_WEIGHTS:
+        return None
+    param = EXPERT_WEIGHTS[parts[5]][0]
+    return ".".join([parts[0], parts[1], "mlp", param]), int(parts[4]), parts[5]
+
+
+def copy_expert_weight(
+    param: torch.Tensor, expert: int, matrix: str, tensor: torch.Tensor, source: str
+) -> None:
+    """Copy one expert's (out, in) matrix into its slice of a stacked parameter."""
+    _, half = EXPERT_WEIGHTS[matrix]
+    dest = param.data[expert]
+    if half is not None:
+        rows = dest.shape[0] // 2
+        dest = dest.narrow(0, half * rows, rows)
+    if dest.shape != tensor.shape:
+        raise ValueError(
+            f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
+            f"the model expects {tuple(dest.shape)}"
+        )
+    dest.copy_(tensor)
