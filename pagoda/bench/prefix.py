@@ -58,6 +58,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--no-unique-run", dest="unique_run", action="store_false", help="skip the 0%%-hit run"
     )
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+    g.add_argument(
+        "--plot", default=None, metavar="DIR", help="write the TTFT CDFs (on vs off) here"
+    )
 
 
 def _check(ns: argparse.Namespace) -> None:
@@ -117,6 +120,7 @@ def run(llm: Any, work: PrefixWorkload, shape: flops.ModelShape, limit: float) -
         "ttft_mean_s": statistics.fmean(ttfts),
         "ttft_p50_s": _pct(ttfts, 50),
         "ttft_p99_s": _pct(ttfts, 99),
+        "ttfts_s": ttfts,
         "output_tokens_per_s": out_tokens / elapsed,
         "total_tokens_per_s": (work.prompt_tokens + out_tokens) / elapsed,
         "prompt_tokens": work.prompt_tokens,
@@ -219,6 +223,8 @@ def main(ns: argparse.Namespace) -> int:
         )
         print_ratios(f"{name} prefixes: on vs off", results[f"{name}_ratios"])
 
+    if ns.plot:
+        _plot(ns.plot, results, [name for name, _ in workloads])
     if ns.json:
         write_json(
             ns.json,
@@ -247,3 +253,20 @@ def main(ns: argparse.Namespace) -> int:
         )
         print(row("json", ns.json))
     return 0
+
+
+def _plot(out_dir: str, results: dict[str, Any], workloads: list[str]) -> None:
+    from pagoda.bench.plot import latency_cdf
+
+    for name in workloads:
+        series = {
+            f"caching {state}": [t * 1e3 for t in results[f"{name}_caching_{state}"]["ttfts_s"]]
+            for state in ("on", "off")
+        }
+        path = latency_cdf(
+            os.path.join(out_dir, f"prefix-{name}-ttft-cdf.png"),
+            f"prefix caching, {name} prefixes: time to first token (all requests at once)",
+            "TTFT (ms)",
+            series,
+        )
+        print(row("plot", path))

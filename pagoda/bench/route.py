@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import random
 import shutil
@@ -65,6 +66,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="pagoda router's --cache-load-weight for the cache_aware policies (its default)",
+    )
+    g.add_argument(
+        "--plot", default=None, metavar="DIR", help="write TTFT / ITL CDFs per policy here"
     )
     g.add_argument("--num-conversations", type=int, default=24, help="multiturn")
     g.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
@@ -245,7 +249,8 @@ async def _chat_turn(
         "temperature": 0.0,
         "ignore_eos": True,
     }
-    result, text, start = serve.RequestResult(), "", time.perf_counter()
+    result, text = serve.RequestResult(), ""
+    start = last = result.sent_at = time.perf_counter()
     async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             result.error = f"HTTP {resp.status_code}"
@@ -259,8 +264,13 @@ async def _chat_turn(
                 result.output_tokens = data["usage"]["completion_tokens"]
             for choice in data.get("choices") or []:
                 piece = (choice.get("delta") or {}).get("content") or ""
-                if piece and not text:
-                    result.ttft = time.perf_counter() - start
+                if piece:
+                    now = time.perf_counter()
+                    if not text:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    last = now
                 text += piece
     result.e2el = time.perf_counter() - start
     result.ok = bool(text)
@@ -290,7 +300,10 @@ async def run_multiturn(
     return [r for conv in convs for r in conv], elapsed
 
 
-def run_policy(ns: argparse.Namespace, policy: str, log_dir: Path) -> dict[str, Any]:
+def run_policy(
+    ns: argparse.Namespace, policy: str, log_dir: Path
+) -> tuple[dict[str, Any], list[serve.RequestResult]]:
+    """The policy's report (and its requests, for --plot)."""
     import httpx
 
     cluster = Cluster(ns, log_dir, policy)
@@ -325,7 +338,7 @@ def run_policy(ns: argparse.Namespace, policy: str, log_dir: Path) -> dict[str, 
         report = serve.compute_report(results, duration, {})
         hits, queries = (a - b for a, b in zip(cluster.cache_counters(), before, strict=True))
         report["hit_rate"] = hits / queries if queries else 0.0
-        return report
+        return report, results
     finally:
         cluster.stop()
 
@@ -356,8 +369,10 @@ def main(ns: argparse.Namespace) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"== {ns.replicas} replicas, {_workload_text(ns)} ==")
     results: dict[str, Any] = {}
+    requests: dict[str, list[dict[str, Any]]] = {}
     for policy in policies:
-        results[policy] = run_policy(ns, policy, log_dir)
+        results[policy], done = run_policy(ns, policy, log_dir)
+        requests[policy] = [dataclasses.asdict(r) for r in done]
         r = results[policy]
         print(
             row(
@@ -384,4 +399,10 @@ def main(ns: argparse.Namespace) -> int:
             )
     if ns.json:
         write_json(ns.json, {"command": list(sys.argv), "args": vars(ns), "results": results})
+    if ns.plot:
+        from pagoda.bench.plot import plot_serving_runs
+
+        title = f"bench route ({ns.workload}, {ns.replicas} replicas, {ns.request_rate}/s)"
+        for path in plot_serving_runs(ns.plot, f"route-{ns.workload}", requests, title):
+            print(f"plot: {path}")
     return 0

@@ -30,6 +30,7 @@ WORDS = (
     "morning question system program school family money night road voice"
 ).split()
 SLO_KEYS = ("ttft", "tpot", "itl", "e2el")
+STEP_POLL_S = 1.0  # --plot: how often the server's step records are read
 PERCENTILES = (50, 90, 99)
 
 
@@ -49,6 +50,7 @@ class RequestResult:
     ttft: float = 0.0
     e2el: float = 0.0
     itl: list[float] = field(default_factory=list)
+    sent_at: float = 0.0  # time.perf_counter() when it was sent
 
     @property
     def tpot(self) -> Optional[float]:
@@ -109,6 +111,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "(how responsive the server's event loop stays under load)",
     )
     g.add_argument("--json", default=None, help="write the results here")
+    g.add_argument(
+        "--plot",
+        default=None,
+        metavar="DIR",
+        help="write PNGs here: TTFT and ITL CDFs, throughput over time, and the server's "
+        "step composition (from its inspector, when it has one)",
+    )
+    g.add_argument("--plot-label", default="pagoda", help="the run's name in the pictures")
 
 
 def parse_goodput(items: list[str]) -> dict[str, float]:
@@ -213,7 +223,7 @@ async def send_one(
 ) -> RequestResult:
     path, body = _payload(ns, model, req)
     result = RequestResult()
-    start = time.perf_counter()
+    start = result.sent_at = time.perf_counter()
     last: Optional[float] = None
     chunks = 0
     try:
@@ -436,7 +446,10 @@ def main(ns: argparse.Namespace) -> int:
     if not ns.request_rate > 0 or not ns.burstiness > 0:
         raise ValueError("--request-rate and --burstiness must be > 0")
     dataset = make_dataset(ns)
-    results, duration, health = asyncio.run(run_benchmark(ns, dataset))
+    if ns.plot:
+        results, duration, health, steps = asyncio.run(_with_steps(ns, dataset))
+    else:
+        results, duration, health = asyncio.run(run_benchmark(ns, dataset))
     report = compute_report(results, duration, slos)
     if health:
         report["health_probe_ms"] = summarize(health)
@@ -450,4 +463,64 @@ def main(ns: argparse.Namespace) -> int:
                 indent=1,
                 default=str,
             )
+    if ns.plot:
+        _plot(ns, results, steps)
     return 0 if report["completed"] else 1
+
+
+def _plot(ns: argparse.Namespace, results: list[RequestResult], steps: list[dict]) -> None:
+    from pagoda.bench import plot
+
+    runs = {ns.plot_label: [asdict(r) for r in results]}
+    written = plot.plot_serving_runs(ns.plot, "serve", runs, f"bench serve ({ns.dataset})")
+    if steps:
+        title = f"{ns.plot_label}: engine steps during bench serve ({len(steps)} steps)"
+        written.append(plot.step_composition(f"{ns.plot}/serve-steps.png", title, steps))
+    else:
+        print("no step composition: the server has no inspector (GET /inspect/state)")
+    for path in written:
+        print(f"plot: {path}")
+
+
+async def _with_steps(
+    ns: argparse.Namespace, dataset: list[BenchRequest]
+) -> tuple[list[RequestResult], float, list[float], list[dict]]:
+    """The benchmark, and meanwhile the server's step records from its inspector (read
+    every second; a server without one gives none)."""
+    done = asyncio.Event()
+    steps: dict[int, dict] = {}
+    collector = asyncio.ensure_future(_collect_steps(ns, steps, done))
+    try:
+        results, duration, health = await run_benchmark(ns, dataset)
+    finally:
+        done.set()
+        await collector
+    return results, duration, health, [steps[k] for k in sorted(steps)]
+
+
+async def _collect_steps(
+    ns: argparse.Namespace, steps: dict[int, dict], done: asyncio.Event
+) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}
+    async with httpx.AsyncClient(base_url=ns.base_url, headers=headers, timeout=30) as client:
+        first = True
+        while first or not done.is_set():
+            first = False
+            try:
+                reply = await client.get("/inspect/state")
+            except httpx.HTTPError:
+                return
+            if reply.status_code != 200:
+                return
+            for step in reply.json().get("steps", []):
+                steps[step["seq"]] = step
+            try:
+                await asyncio.wait_for(done.wait(), timeout=STEP_POLL_S)
+            except asyncio.TimeoutError:
+                pass
+        reply = await client.get("/inspect/state")  # the last steps
+        if reply.status_code == 200:
+            for step in reply.json().get("steps", []):
+                steps[step["seq"]] = step

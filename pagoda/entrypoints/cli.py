@@ -36,6 +36,7 @@ BENCHES = [
         "router with prefill + decode instances vs one colocated server, same serving workload",
         False,
     ),
+    ("plot", "latency CDFs and throughput over time of bench serve runs (--json files)", False),
 ]
 
 

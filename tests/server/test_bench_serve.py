@@ -61,8 +61,14 @@ def test_bench_serve_against_the_server(server, tmp_path) -> None:
     out = tmp_path / "bench.json"
     ns = _ns("--base-url", server.url, "--num-prompts", "6", "--input-len", "8",
              "--output-len", "5", "--range-ratio", "0", "--request-rate", "50",
-             "--goodput", "ttft:60000", "--probe-health-ms", "20", "--json", str(out))
+             "--goodput", "ttft:60000", "--probe-health-ms", "20", "--json", str(out),
+             "--plot", str(tmp_path / "plots"))
     assert bench.main(ns) == 0
+    # --plot: the CDFs, throughput over time, and the server's steps from its inspector
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert pngs == ["serve-itl-cdf.png", "serve-steps.png", "serve-throughput.png",
+                    "serve-ttft-cdf.png"]
+    assert all((tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     report = json.loads(out.read_text())["results"]
     assert report["completed"] == 6 and report["failed"] == 0
     assert report["total_output_tokens"] == 30
