@@ -39,12 +39,13 @@ _MOE_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                       norm_topk_prob=True),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48),
+    "phi3": dict(pad_token_id=2, sliding_window=None),
 }
 
 
 def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any) -> str:
     """Save a tiny random model of ``family`` (llama, qwen2, qwen3, mistral, qwen3_moe,
-    mixtral) to ``path``."""
+    mixtral, phi3) to ``path``."""
     import transformers
 
     torch.manual_seed(seed)
@@ -60,6 +61,7 @@ def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[family]
     if family in ("qwen3", "qwen3_moe"):
         common.setdefault("head_dim", 32)

@@ -82,6 +82,7 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.arch.max_position_embeddings}"
             )
+        loaded.model.set_context_len(self.max_model_len)  # picks LongRoPE's factors (Phi-3)
         cache = args.cache_config()
         # CUDA: the peak of a worst-case step comes out of the KV budget (0 elsewhere).
         self._activation_bytes = profile_activation_bytes(

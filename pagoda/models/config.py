@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -13,6 +14,7 @@ SUPPORTED_MODEL_TYPES = {
     "qwen3": {"qk_norm": True},
     "qwen3_moe": {"qk_norm": True},  # sparse MoE layers (models/moe.py)
     "mixtral": {},  # sparse MoE layers (models/moe.py)
+    "phi3": {},  # fused qkv_proj / gate_up_proj in the checkpoint, LongRoPE, partial rotary
 }
 
 # Variants refused at load, by the config key that marks them: (key, the feature's name).
@@ -45,6 +47,8 @@ class ModelArch:
     qk_norm: bool = False
     bos_token_id: Optional[int] = None
     eos_token_ids: tuple[int, ...] = ()
+    # RoPE rotates the first rotary_dim of each head's head_dim (Phi-4-mini: 0.75 of 128).
+    partial_rotary_factor: float = 1.0
     # Mixture of experts (0 experts: every layer dense). A layer i is sparse when i is not in
     # mlp_only_layers and (i + 1) % decoder_sparse_step == 0 (Qwen3-MoE's rule).
     num_experts: int = 0
@@ -53,6 +57,10 @@ class ModelArch:
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def is_moe_layer(self, layer: int) -> bool:
         return (
@@ -95,6 +103,13 @@ class ModelArch:
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         rope_theta, rope_scaling = _rope_params(cfg)
+        partial = float(
+            cfg.get("partial_rotary_factor")
+            or (cfg.get("rope_parameters") or {}).get("partial_rotary_factor")
+            or 1.0
+        )
+        if partial != 1.0 and extra.get("qk_norm"):
+            raise UnsupportedModelError("unsupported: partial rotary with per-head q/k norms")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
@@ -115,6 +130,7 @@ class ModelArch:
             qk_norm=bool(extra.get("qk_norm", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            partial_rotary_factor=partial,
             **_moe_params(cfg),
         )
 
@@ -151,16 +167,46 @@ def _num_experts(cfg: dict[str, Any]) -> int:
 
 
 def _rope_params(cfg: dict[str, Any]) -> tuple[float, Optional[dict]]:
-    """rope_theta and rope_scaling, from either the old keys or transformers 5's rope_parameters."""
+    """rope_theta and rope_scaling, from either the old keys or transformers 5's rope_parameters
+    (a longrope dict completed with the model-level keys it relies on)."""
     params = cfg.get("rope_parameters") or {}
     theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
     scaling = cfg.get("rope_scaling") or (
         params if params.get("rope_type", "default") != "default" else None
     )
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind == "default":
-            scaling = None
-        elif kind != "llama3":
-            raise UnsupportedModelError(f"unsupported rope_scaling type {kind!r}; only 'llama3'")
-    return float(theta), scaling
+    if scaling is None:
+        return float(theta), None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind == "longrope":
+        return float(theta), _longrope_params(cfg, scaling)
+    if kind != "llama3":
+        raise UnsupportedModelError(
+            f"unsupported rope_scaling type {kind!r}; only 'llama3' and 'longrope'"
+        )
+    return float(theta), {**scaling, "rope_type": "llama3"}
+
+
+def _longrope_params(cfg: dict[str, Any], scaling: dict[str, Any]) -> dict[str, Any]:
+    """LongRoPE (Phi-3): per-frequency short and long factors, and the attention factor that
+    scales cos and sin, by default sqrt(1 + ln(factor) / ln(original context)) with factor =
+    max_position_embeddings / original_max_position_embeddings (as transformers computes it)."""
+    original = scaling.get("original_max_position_embeddings") or cfg.get(
+        "original_max_position_embeddings"
+    )
+    if not original:
+        raise UnsupportedModelError(
+            "longrope rope_scaling without original_max_position_embeddings"
+        )
+    factor = scaling.get("factor") or cfg.get("max_position_embeddings", original) / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {
+        "rope_type": "longrope",
+        "short_factor": list(scaling["short_factor"]),
+        "long_factor": list(scaling["long_factor"]),
+        "original_max_position_embeddings": int(original),
+        "attention_factor": float(attention),
+    }

@@ -45,12 +45,18 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def rope_inv_freq(arch: ModelArch, device: torch.device) -> torch.Tensor:
-    """Inverse frequencies (D/2,), with Llama-3 style frequency-dependent scaling if asked."""
-    d = arch.head_dim
+def rope_inv_freq(arch: ModelArch, device: torch.device, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies (R/2,) over the rotary dims R (the head dim unless partial), with
+    Llama-3 style frequency-dependent scaling, or LongRoPE's per-frequency factors (its long
+    ones if ``long``), if the config asks."""
+    d = arch.rotary_dim
     exponents = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
-    inv_freq = 1.0 / (arch.rope_theta**exponents)
     s = arch.rope_scaling
+    if s and s["rope_type"] == "longrope":
+        factors = s["long_factor" if long else "short_factor"]
+        scale = torch.tensor(factors, dtype=torch.float32, device=device)
+        return 1.0 / (scale * arch.rope_theta**exponents)
+    inv_freq = 1.0 / (arch.rope_theta**exponents)
     if not s:
         return inv_freq
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
@@ -65,22 +71,65 @@ def rope_inv_freq(arch: ModelArch, device: torch.device) -> torch.Tensor:
     return torch.where(is_mid, mid, scaled)
 
 
+def partial_rotary_order(head_dim: int, rotary_dim: int) -> torch.Tensor:
+    """Where each head dim comes from when a partial rotary's dims are laid out for a full-width
+    rotate-half table: (D,) source indices. Rotate-half over R dims pairs i with i + R/2; over
+    D dims, i with i + D/2. So the first half takes the rotary dims [0, R/2) then half the
+    pass-through dims, the second half [R/2, R) then the other half; the table holds cos 1 and
+    sin 0 for the pass-through pairs. q and k are permuted alike, so q.k is unchanged."""
+    half, rhalf, rest = head_dim // 2, rotary_dim // 2, (head_dim - rotary_dim) // 2
+    first = list(range(rhalf)) + list(range(rotary_dim, rotary_dim + rest))
+    second = list(range(rhalf, rotary_dim)) + list(range(rotary_dim + rest, head_dim))
+    assert len(first) == len(second) == half
+    return torch.tensor(first + second)
+
+
 class RotaryEmbedding(nn.Module):
     """The cos/sin table of rotate-half RoPE for every position (the rotation itself is an op
-    of the model's ops set, ``ops.py``)."""
+    of the model's ops set, ``ops.py``).
+
+    LongRoPE (Phi-3): transformers takes the short factors while a sequence fits the original
+    context and recomputes everything with the long factors once it is longer; a paged KV
+    cache cannot re-rotate keys it holds, so the choice is made once per engine: the long
+    factors for every position when the engine's context (``max_model_len``,
+    ``set_context_len``) exceeds ``original_max_position_embeddings``, else the short ones."""
 
     def __init__(self, arch: ModelArch, max_positions: int) -> None:
         super().__init__()
         self.arch, self.max_positions = arch, max_positions
+        self.context_len = max_positions
         self.build(torch.device("cpu"))
+
+    @property
+    def long_factors(self) -> bool:
+        s = self.arch.rope_scaling
+        return bool(
+            s
+            and s["rope_type"] == "longrope"
+            and self.context_len > s["original_max_position_embeddings"]
+        )
+
+    def set_context_len(self, context_len: int) -> None:
+        """The longest sequence the engine will run; rebuilds a LongRoPE table if the choice of
+        factors changes."""
+        long = self.long_factors
+        self.context_len = context_len
+        if self.long_factors != long:
+            self.build(self.cos.device)
 
     def build(self, device: torch.device) -> None:
         """(Re)compute the fp32 table on ``device``. Plain attributes, not buffers, so that
         casting the model to bf16 leaves the table in fp32."""
         positions = torch.arange(self.max_positions, dtype=torch.float32, device=device)
-        freqs = torch.outer(positions, rope_inv_freq(self.arch, device))  # (P, D/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (P, D)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        freqs = torch.outer(positions, rope_inv_freq(self.arch, device, self.long_factors))
+        s = self.arch.rope_scaling
+        scale = s["attention_factor"] if s and s["rope_type"] == "longrope" else 1.0
+        cos, sin = freqs.cos() * scale, freqs.sin() * scale  # (P, R/2)
+        pad = (self.arch.head_dim - self.arch.rotary_dim) // 2  # pass-through pairs
+        if pad:
+            cos = torch.cat([cos, cos.new_ones(cos.shape[0], pad)], dim=-1)
+            sin = torch.cat([sin, sin.new_zeros(sin.shape[0], pad)], dim=-1)
+        self.cos, self.sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
 
 class Attention(nn.Module):
@@ -303,6 +352,28 @@ class LlamaForCausalLM(nn.Module):
         missing = set(params) - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}")
+        if self.arch.rotary_dim != self.arch.head_dim:
+            self._permute_partial_rotary()
+
+    @torch.no_grad()
+    def _permute_partial_rotary(self) -> None:
+        """Lay out each q and k head's dims for the full-width RoPE table
+        (``partial_rotary_order``): the rows of the q and k projections, permuted alike."""
+        arch = self.arch
+        order = partial_rotary_order(arch.head_dim, arch.rotary_dim)
+        for layer in self.layers:
+            attn = cast(DecoderLayer, layer).self_attn
+            for param in (attn.qkv_proj.weight, attn.qkv_proj.bias):
+                if param is None:
+                    continue
+                q, k, _ = param.data.split([attn.q_size, attn.kv_size, attn.kv_size])
+                for part, heads in ((q, arch.num_heads), (k, arch.num_kv_heads)):
+                    by_head = part.view(heads, arch.head_dim, *part.shape[1:])
+                    by_head.copy_(by_head[:, order])
+
+    def set_context_len(self, context_len: int) -> None:
+        """The engine's ``max_model_len``, which chooses LongRoPE's factors (RotaryEmbedding)."""
+        self.rope.set_context_len(context_len)
 
     def _param_name(self, name: str) -> Optional[tuple[str, Optional[int]]]:
         name = _strip_prefix(name)

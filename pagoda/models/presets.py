@@ -43,6 +43,17 @@ _QWEN3_30B_A3B: dict[str, Any] = {
     "hidden_act": "silu",
 }
 
+# Phi-4-mini's LongRoPE factors for its 48 rotary frequencies (its config.json).
+_PHI4_MINI_LONG_FACTOR = [
+    1.0, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817,
+    2.187582649, 2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687,
+    4.279200023, 4.785517845, 5.351743533, 5.984965424, 6.693110555, 7.485043894,
+    8.370679318, 9.36110372, 10.4687158, 11.70738129, 13.09260651, 14.64173252,
+    16.37415215, 18.31155283, 20.47818807, 22.90118105, 25.61086418, 28.64115884,
+    32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71, 32.93, 32.97,
+    33.28, 33.49, 33.5, 44.16, 47.77,
+]  # fmt: skip
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Qwen/Qwen3-0.6B
     "qwen3-0.6b": {
@@ -105,6 +116,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The same with 4 of its 48 layers (3.1B parameters, 6.2 GB in bf16): the per-token cost
     # of its layers, benchmarked on a machine without the 61 GB the whole model takes.
     "qwen3-30b-a3b-4l": {**_QWEN3_30B_A3B, "num_hidden_layers": 4},
+    # microsoft/Phi-4-mini-instruct: partial rotary (96 of 128 dims) with LongRoPE.
+    "phi-4-mini": {
+        "model_type": "phi3",
+        "vocab_size": 200064,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.75,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": [1.0] * 48,
+            "long_factor": _PHI4_MINI_LONG_FACTOR,
+        },
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "bos_token_id": 199999,
+        "eos_token_id": 200020,
+        "hidden_act": "silu",
+    },
     # Test-sized shapes (seconds on a CPU): Qwen3 with qk-norm and GQA 2, Llama with GQA 3.
     "tiny-qwen3": {
         "model_type": "qwen3",
