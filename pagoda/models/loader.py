@@ -209,6 +209,7 @@ def load_model(
     else:
         raise ValueError(f"model {path!r} is neither a directory nor a .gguf file")
     arch = ModelArch.from_hf_config(config)
+    _warn_sliding_window(config)
     model = _empty_model(arch, dtype, device, max_positions)
     model.load_weights(weights)  # copy_ casts each tensor to the model's dtype
     eos = _eos_ids(arch, tokenizer)
@@ -216,6 +217,22 @@ def load_model(
     model.arch = arch
     logger.info("loaded %s (%s, %d layers) in %s", path, arch.model_type, arch.num_layers, dtype)
     return LoadedModel(model, arch, tokenizer, template, source.name)
+
+
+def _warn_sliding_window(config: dict) -> None:
+    """Sliding-window attention is not implemented: say so where a config's window is shorter
+    than its context (Phi-3-mini-4k: 2047 of 4096; Mistral v0.1: 4096 of 32768)."""
+    window = config.get("sliding_window")
+    if config.get("use_sliding_window") is False or not window:
+        return
+    if window < config.get("max_position_embeddings", 0):
+        logger.warning(
+            "%s: sliding_window %d is not implemented; sequences longer than it attend to "
+            "every earlier token (pass --max-model-len %d to stay within the window)",
+            config.get("model_type"),
+            window,
+            window,
+        )
 
 
 def _empty_model(
