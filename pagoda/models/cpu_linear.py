@@ -159,7 +159,36 @@ def pack_model(
             p = packed[i] if i < len(packed) else pack_weight(layer.weight)
             bias = None if layer.bias is None else layer.bias.detach()
             setattr(parent, name, PackedLinear(p, bias, *shape))
+    _pack_experts(model, mode)
     return None if head_weight is None else _pack_head(head_weight, mode)
+
+
+def _pack_experts(model: nn.Module, mode: Optional[str]) -> None:
+    """The experts of MoE layers (models/moe.py), packed one matrix at a time where that pays:
+    timed as the linear layers are, on the first layer's experts."""
+    from pagoda.models.moe import SparseMoE  # moe packs with this module's kernels
+
+    layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    if not layers:
+        return
+    if mode != "1":
+        gate_up, down = layers[0].expert_matrices()
+        ratios = []
+        for weights in (gate_up, down):
+            timed = weights[: cdiv(TIMING_BYTES, weights[0].numel() * weights[0].element_size())]
+            ratios.append(packing_pays(timed, [pack_weight(w) for w in timed])[1])
+        pays = min(ratios) >= MIN_SPEEDUP
+        logger.info(
+            "experts x%d a layer (%s): packed %.2fx / %.2fx plain (gate_up / down) -> %s",
+            len(gate_up),
+            gate_up[0].dtype,
+            *ratios,
+            "packed" if pays else "plain",
+        )
+        if not pays:
+            return
+    for layer in layers:
+        layer.pack_experts(pack_weight)
 
 
 def _pack_head(weight: torch.Tensor, mode: Optional[str]) -> Optional[PackedLinear]:

@@ -21,12 +21,15 @@ E hidden size, N experts, I an expert's intermediate size, K = experts per token
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagoda.models import ops
 from pagoda.models.config import ModelArch
+from pagoda.models.cpu_linear import packed_linear
 from pagoda.models.ops import DecoderOps
 
 
@@ -57,6 +60,9 @@ class SparseMoE(nn.Module):
     expert's gate rows then up rows (as the dense MLP's ``gate_up_proj``), ``down`` (N, E, I)."""
 
     ops: DecoderOps = ops.REFERENCE  # until the model binds its own (bind_ops)
+    # Each expert's gate_up and down weights in oneDNN's packed form, where the model runner
+    # found that pays on this CPU (pack_experts; cpu_linear.pack_model).
+    packed: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
 
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
@@ -100,8 +106,25 @@ class SparseMoE(nn.Module):
 
     def expert_mlp(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
         """One expert's SwiGLU over its rows (R, E) -> (R, E)."""
+        if self.packed is not None:
+            gate_up, down = self.packed
+            h = self.ops.silu_mul(packed_linear(rows, gate_up[expert]))
+            return packed_linear(h, down[expert])
         h = self.ops.silu_mul(F.linear(rows, self.gate_up[expert]))
         return F.linear(h, self.down[expert])
+
+    def expert_matrices(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each expert's gate_up (2I, E) and down (E, I) weight (views of the stacks)."""
+        return list(self.gate_up.detach()), list(self.down.detach())
+
+    def pack_experts(self, pack: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Keep each expert's weights only in ``pack``'s form; the stacked parameters are
+        emptied so the model is not held twice."""
+        gate_up, down = self.expert_matrices()
+        self.packed = ([pack(w) for w in gate_up], [pack(w) for w in down])
+        dtype = self.gate_up.dtype
+        self.gate_up = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
 
 
 # Checkpoint names of one expert's matrices -> (which stacked parameter, which rows of it):

@@ -169,3 +169,19 @@ def test_missing_expert_is_an_error(tmp_path):
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing weights: \['layers.1.mlp.gate_up'\]"):
         load_model(path, torch.float32, torch.device("cpu"))
+
+
+def test_packed_experts_match_transformers(moe_case, monkeypatch):
+    """PAGODA_PACKED_LINEAR=1: each expert's matrices in oneDNN's packed form (where this CPU
+    and torch can pack the dtype), the stacks emptied; tokens still transformers'."""
+    from pagoda.models.cpu_linear import packing_supported
+
+    if not packing_supported(torch.float32):
+        pytest.skip("oneDNN cannot pack fp32 weights here")
+    monkeypatch.setenv("PAGODA_PACKED_LINEAR", "1")
+    path, prompts, refs = moe_case
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=7)
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, moe.SparseMoE)]
+    assert layers and all(m.packed is not None and m.gate_up.numel() == 0 for m in layers)
+    outs = llm.generate(prompts, [greedy(m) for m in MAX_TOKENS])
+    assert [o.token_ids for o in outs] == refs
