@@ -314,6 +314,12 @@ class LlamaForCausalLM(nn.Module):
             cast(DecoderLayer, layer).bind(decoder_ops, attention)
 
     @property
+    def cuda_graph_safe(self) -> bool:
+        """False for MoE models: a sparse layer reads its experts' token counts on the host
+        (models/moe.py), which a CUDA graph capture cannot do."""
+        return self.arch.num_experts == 0
+
+    @property
     def output_weight(self) -> torch.Tensor:
         """(V, E): the output projection (the embedding when tied)."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

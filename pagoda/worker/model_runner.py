@@ -179,6 +179,9 @@ class ModelRunner:
         if not backend.use_triton(self.device):
             logger.warning("CUDA graphs off: the Triton attention backend is not in use")
             return None
+        if not self.model.cuda_graph_safe:
+            logger.warning("CUDA graphs off: the MoE layers count tokens per expert on the host")
+            return None
         graphs = DecodeGraphs(
             self.model, self.kv_caches, self.block_size, max_num_seqs, max_model_len, self.device
         )

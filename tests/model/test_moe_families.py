@@ -81,6 +81,7 @@ def test_layers_sparse_where_the_config_says(tmp_path):
     model = load_model(path, torch.float32, torch.device("cpu")).model
     kinds = [type(layer.mlp).__name__ for layer in model.layers]
     assert kinds == ["MLP", "SparseMoE", "MLP", "MLP"]
+    assert not model.cuda_graph_safe  # the expert counts are read on the host
 
 
 def naive_moe(layer: moe.SparseMoE, x: torch.Tensor) -> torch.Tensor:
