@@ -179,7 +179,8 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, Optional[dict]]:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return float(theta), None
-    if kind == "longrope":
+    if kind == "longrope" or (cfg.get("model_type") == "phi3" and kind in ("su", "yarn")):
+        # Phi-3's first 128k releases named LongRoPE "su" (or "yarn"); transformers reads both.
         return float(theta), _longrope_params(cfg, scaling)
     if kind != "llama3":
         raise UnsupportedModelError(

@@ -144,3 +144,6 @@ def test_unsupported_variants_refused():
                rope_scaling=copy.deepcopy(LONGROPE))
     with pytest.raises(UnsupportedModelError, match="original_max_position_embeddings"):
         ModelArch.from_hf_config(phi)
+    su = dict(phi, original_max_position_embeddings=128,
+              rope_scaling=dict(copy.deepcopy(LONGROPE), type="su"))
+    assert ModelArch.from_hf_config(su).rope_scaling["rope_type"] == "longrope"
