@@ -110,6 +110,11 @@ class ModelArch:
         )
         if partial != 1.0 and extra.get("qk_norm"):
             raise UnsupportedModelError("unsupported: partial rotary with per-head q/k norms")
+        rotary = int(head_dim * partial)
+        if rotary % 2 or (head_dim - rotary) % 2:
+            raise UnsupportedModelError(
+                f"unsupported: partial rotary over {rotary} of {head_dim} head dims (odd)"
+            )
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(

@@ -67,12 +67,8 @@ class SparseMoE(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         n, e, i = arch.num_experts, arch.hidden_size, arch.moe_intermediate_size
-        self.num_experts, self.top_k, self.renormalize = (
-            n,
-            arch.num_experts_per_tok,
-            (arch.norm_topk_prob),
-        )
-        self.intermediate_size = i
+        self.num_experts, self.intermediate_size = n, i
+        self.top_k, self.renormalize = arch.num_experts_per_tok, arch.norm_topk_prob
         self.gate = Router(e, n)
         self.gate_up = nn.Parameter(torch.empty(n, 2 * i, e))
         self.down = nn.Parameter(torch.empty(n, e, i))
