@@ -20,6 +20,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 
 
+LOG_SPAN = 30.0  # a CDF whose samples span more than this factor gets a log x axis
+
 # The inspector's step record keys, stacked in this order.
 STEP_KINDS = (
     ("decode", "decode tokens", COLOURS[0]),
@@ -64,6 +66,9 @@ def latency_cdf(path: str, title: str, xlabel: str, series: Mapping[str, Sequenc
         p50, p99 = xs[int(0.5 * (len(xs) - 1))], xs[int(0.99 * (len(xs) - 1))]
         label = f"{name} (p50 {p50:,.0f}, p99 {p99:,.0f} ms)"
         ax.step(xs, ys, where="post", label=label, color=colour)
+    every = [v for values in series.values() for v in values if v > 0]
+    if every and max(every) > LOG_SPAN * min(every):
+        _log_x(ax)  # a long tail: the body and the tail both stay readable
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of samples")
     ax.set_ylim(0, 1.01)
@@ -71,6 +76,15 @@ def latency_cdf(path: str, title: str, xlabel: str, series: Mapping[str, Sequenc
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, plt, path)
+
+
+def _log_x(ax: Any) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def throughput_bins(token_times: Sequence[float], bin_s: float) -> tuple[list[float], list[float]]:
