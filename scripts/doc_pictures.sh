@@ -50,4 +50,9 @@ $P bench route --request-rate 3 --num-prompts 96 \
   --policies round_robin,cache_aware_precise --plot "$WORK"
 cp "$WORK/route-prefixes-ttft-cdf.png" "$OUT/routing-ttft-cdf.png"
 
+# Disaggregated prefill (docs/disaggregated_prefill.md): a prefill and a decode instance, a
+# core each, behind the router, against one colocated server on both cores.
+$P bench disagg --plot "$WORK" --json "$WORK/disagg.json"
+cp "$WORK/disagg-itl-cdf.png" "$OUT/disaggregated-itl-cdf.png"
+
 echo "pictures in $OUT (work files in $WORK)"

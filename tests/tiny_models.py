@@ -7,6 +7,21 @@ from typing import Any
 import torch
 
 TINY_VOCAB = 384
+
+
+def hf_greedy(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' greedy continuation of ``prompt``, exactly ``max_tokens`` long."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens,
+                         min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def greedy(max_tokens: int) -> Any:
+    """pagoda's greedy params for the same: min_tokens masks EOS until max_tokens, exactly as
+    transformers' min_new_tokens does."""
+    from pagoda import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Paged attention keeps the KV cache in fixed-size blocks.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import secrets
@@ -127,7 +128,9 @@ def _run(ns: argparse.Namespace, url: str) -> dict[str, Any]:
         },
     )
     results, duration, _ = asyncio.run(serve.run_benchmark(ns, serve.make_dataset(ns)))
-    return serve.compute_report(results, duration, serve.parse_goodput(ns.goodput))
+    report = serve.compute_report(results, duration, serve.parse_goodput(ns.goodput))
+    report["requests"] = [dataclasses.asdict(r) for r in results]  # (--plot, --json)
+    return report
 
 
 def run_colocated(ns: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -329,6 +332,16 @@ def main(ns: argparse.Namespace) -> int:
     colo = run_colocated(ns, log_dir)
     disagg = run_disagg(ns, log_dir)
     print_comparison(colo, disagg)
+    if ns.plot:
+        from pagoda.bench.plot import plot_serving_runs
+
+        runs = {
+            "colocated (2 cores)": colo["requests"],
+            "prefill + decode (1 + 1)": disagg["requests"],
+        }
+        title = f"bench disagg ({ns.dataset}, {ns.request_rate} req/s)"
+        for path in plot_serving_runs(ns.plot, "disagg", runs, title):
+            print(f"plot: {path}")
     if ns.json:
         args = {k: v for k, v in vars(ns).items() if k not in ("func", "api_key")}
         with open(ns.json, "w") as f:

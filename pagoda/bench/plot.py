@@ -55,8 +55,14 @@ def cdf_points(values: Iterable[float]) -> tuple[list[float], list[float]]:
     return xs, [(i + 1) / n for i in range(n)]
 
 
-def latency_cdf(path: str, title: str, xlabel: str, series: Mapping[str, Sequence[float]]) -> str:
-    """One CDF curve per system (values in ms), p50 and p99 marked in the legend."""
+def latency_cdf(
+    path: str,
+    title: str,
+    xlabel: str,
+    series: Mapping[str, Sequence[float]],
+    unit: str = "ms",
+) -> str:
+    """One CDF curve per system (values in ``unit``), p50 and p99 marked in the legend."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for (name, values), colour in zip(series.items(), _colours(len(series)), strict=True):
@@ -64,7 +70,7 @@ def latency_cdf(path: str, title: str, xlabel: str, series: Mapping[str, Sequenc
             continue
         xs, ys = cdf_points(values)
         p50, p99 = xs[int(0.5 * (len(xs) - 1))], xs[int(0.99 * (len(xs) - 1))]
-        label = f"{name} (p50 {p50:,.0f}, p99 {p99:,.0f} ms)"
+        label = f"{name} (p50 {p50:,.0f}, p99 {p99:,.0f} {unit})"
         ax.step(xs, ys, where="post", label=label, color=colour)
     every = [v for values in series.values() for v in values if v > 0]
     if every and max(every) > LOG_SPAN * min(every):
@@ -147,6 +153,41 @@ def step_composition(path: str, title: str, steps: Sequence[Mapping[str, Any]]) 
     bottom.set_ylabel("step ms")
     bottom.set_xlabel("engine step")
     bottom.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def mode_bars(
+    path: str,
+    title: str,
+    ylabel: str,
+    groups: Mapping[str, Mapping[str, Sequence[float]]],
+    baseline: str = "off",
+) -> str:
+    """Grouped bars: per workload (group), per mode, the median of its rounds (each round a
+    dot), labelled with the ratio to ``baseline``'s median in the same group."""
+    import statistics
+
+    plt = _pyplot()
+    modes = list(dict.fromkeys(m for g in groups.values() for m in g))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(groups)), 4.2))
+    width = 0.8 / max(1, len(modes))
+    for i, (mode, colour) in enumerate(zip(modes, _colours(len(modes)), strict=True)):
+        for j, rounds in enumerate(groups.values()):
+            values = list(rounds.get(mode, []))
+            if not values:
+                continue
+            x, median = j + (i - (len(modes) - 1) / 2) * width, statistics.median(values)
+            ax.bar(x, median, width=width * 0.9, color=colour, label=mode if j == 0 else None)
+            ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
+            base = list(rounds.get(baseline, []))
+            if base and mode != baseline:
+                ratio = median / statistics.median(base)
+                ax.annotate(f"{ratio:.2f}x", (x, median), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
     return _save(fig, plt, path)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -93,6 +94,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-grounded", action="store_true", help="only W1")
     g.add_argument("--num-speculative-tokens", type=int, default=None, help="k for every method")
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+    g.add_argument(
+        "--plot", default=None, metavar="DIR", help="write the tok/s per mode and workload here"
+    )
 
 
 def grounded_prompts() -> list[str]:
@@ -344,7 +348,31 @@ def main(ns: argparse.Namespace) -> int:
             print(row(m, f"{text} ({t['calls']} calls)"))
     if ns.json:
         write_json(ns.json, json.loads(json.dumps(report, default=str)))
+    if ns.plot:
+        _plot(ns.plot, report, ns.batch_size)
     return 0
+
+
+def _plot(out_dir: str, report: dict, batch_size: int) -> None:
+    from pagoda.bench.plot import mode_bars
+
+    names = {
+        "grounded_batch1": "grounded, batch 1\n(decode tok/s)",
+        "grounded_batch": f"grounded, batch {batch_size}\n(output tok/s)",
+        "w1": "W1, saturated\n(output tok/s)",
+    }
+    groups = {
+        label: {mode: _values(r) for mode, r in report[key].items()}
+        for key, label in names.items()
+        if key in report
+    }
+    path = mode_bars(
+        os.path.join(out_dir, "spec-decode-tokens-per-s.png"),
+        f"speculative decoding vs none ({report['model']})",
+        "tokens/s (bar: median; dots: rounds)",
+        groups,
+    )
+    print(row("plot", path))
 
 
 def grounded(

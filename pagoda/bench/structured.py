@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,6 +45,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output-len", type=int, default=128)
     g.add_argument("--rounds", type=int, default=3, help="rounds of each mode, alternating")
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+    g.add_argument(
+        "--plot", default=None, metavar="DIR", help="write tok/s and the mask times' CDF here"
+    )
     g.add_argument(
         "--base-url", default=None, help="also through this server (e.g. http://127.0.0.1:8000)"
     )
@@ -234,4 +238,33 @@ def main(ns: argparse.Namespace) -> int:
     if ns.json:
         write_json(ns.json, report)
         print(row("json", ns.json))
+    if ns.plot:
+        _plot(ns.plot, rounds, mask_s)
     return 0
+
+
+def _plot(out_dir: str, rounds: dict[str, list[dict]], mask_s: list[float]) -> None:
+    from pagoda.bench.plot import latency_cdf, mode_bars
+
+    tok_s = {m: [r["output_tokens_per_s"] for r in rs] for m, rs in rounds.items()}
+    paths = [
+        mode_bars(
+            os.path.join(out_dir, "structured-tokens-per-s.png"),
+            "a JSON schema vs no constraint (offline)",
+            "output tokens/s (bar: median; dots: rounds)",
+            {"offline": tok_s},
+            baseline="unconstrained",
+        )
+    ]
+    if mask_s:
+        paths.append(
+            latency_cdf(
+                os.path.join(out_dir, "structured-mask-cdf.png"),
+                "computing one request's token mask for one step",
+                "mask time (us)",
+                {"llguidance mask": [1e6 * s for s in mask_s]},
+                unit="us",
+            )
+        )
+    for path in paths:
+        print(row("plot", path))

@@ -282,9 +282,13 @@ def test_bench_disagg_tiny_run(cluster, tmp_path):
     rc = main(["bench", "disagg", "--serve-model", cluster[0], "--dataset", "random",
                "--num-prompts", "6", "--input-len", "40", "--output-len", "6",
                "--request-rate", "20", "--log-dir", str(tmp_path / "logs"), "--json", str(out),
-               "--transfer-tokens", "40", "--transfer-repeats", "2"])
+               "--transfer-tokens", "40", "--transfer-repeats", "2",
+               "--plot", str(tmp_path / "plots")])
     assert rc == 0
     import json
+
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "disagg-itl-cdf.png", "disagg-throughput.png", "disagg-ttft-cdf.png"]
 
     report = json.loads(out.read_text())
     colo, disagg = report["colocated"], report["disaggregated"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from pagoda import LLM, SamplingParams
-from tiny_models import TINY_VOCAB, make_model
+from pagoda import LLM
+from tiny_models import TINY_VOCAB, greedy, hf_greedy, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,17 +26,6 @@ def family_case(request, tmp_path_factory):
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     refs = [hf_greedy(hf, p, m) for p, m in zip(prompts, MAX_TOKENS)]
     return path, prompts, refs
-
-
-def hf_greedy(model, prompt, max_tokens):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens,
-                         min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def greedy(max_tokens):
-    # min_tokens masks EOS until max_tokens, exactly as HF's min_new_tokens does.
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
 
 
 MODES = {

@@ -15,7 +15,7 @@ import transformers
 from pagoda import LLM, SamplingParams
 from pagoda.models.config import ModelArch, UnsupportedModelError
 from pagoda.models.llama import RotaryEmbedding, partial_rotary_order
-from tiny_models import TINY_VOCAB, make_model
+from tiny_models import TINY_VOCAB, greedy, hf_greedy, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,16 +46,6 @@ MODES = {
                             enable_prefix_caching=False),
     "async": dict(async_scheduling=True, max_num_batched_tokens=7),
 }
-
-
-def hf_greedy(model, prompt, max_tokens):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens,
-                         min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
-
-
-def greedy(max_tokens):
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens)
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -66,3 +66,14 @@ def test_bench_plot_compares_bench_serve_files(tmp_path: Path, capsys):
     bad.write_text(json.dumps({"results": {}}))
     assert main(["bench", "plot", str(bad), "--plot", str(out)]) == 2
     assert "no per-request results" in capsys.readouterr().err
+
+
+def test_mode_bars_and_a_cdf_in_other_units(tmp_path: Path):
+    groups = {"batch 1": {"off": [10.0, 12.0, 11.0], "ngram": [40.0, 44.0, 42.0]},
+              "W1": {"off": [100.0, 104.0], "ngram": [110.0, 108.0]}}
+    bars = plot.mode_bars(str(tmp_path / "bars.png"), "spec", "tok/s", groups)
+    cdf = plot.latency_cdf(str(tmp_path / "mask.png"), "masks", "us", {"mask": [30.0, 40.0]},
+                           unit="us")
+    for p in (bars, cdf):
+        data = Path(p).read_bytes()
+        assert data[:8] == PNG and len(data) > 5000, p
