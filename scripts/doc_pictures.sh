@@ -50,6 +50,13 @@ $P bench route --request-rate 3 --num-prompts 96 \
   --policies round_robin,cache_aware_precise --plot "$WORK"
 cp "$WORK/route-prefixes-ttft-cdf.png" "$OUT/routing-ttft-cdf.png"
 
+# Speculative decoding (docs/speculative_decoding.md) and structured outputs
+# (docs/structured_outputs.md), offline.
+$P bench spec --rounds 2 --w1-num-prompts 32 --plot "$WORK" --json "$WORK/spec.json"
+cp "$WORK/spec-decode-tokens-per-s.png" "$OUT/spec-decode-tokens-per-s.png"
+$P bench structured --num-prompts 32 --output-len 128 --rounds 1 --plot "$WORK"
+cp "$WORK/structured-mask-cdf.png" "$OUT/structured-mask-cdf.png"
+
 # Disaggregated prefill (docs/disaggregated_prefill.md): a prefill and a decode instance, a
 # core each, behind the router, against one colocated server on both cores.
 $P bench disagg --plot "$WORK" --json "$WORK/disagg.json"

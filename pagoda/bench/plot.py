@@ -182,7 +182,15 @@ def mode_bars(
             base = list(rounds.get(baseline, []))
             if base and mode != baseline:
                 ratio = median / statistics.median(base)
-                ax.annotate(f"{ratio:.2f}x", (x, median), ha="center", va="bottom", fontsize=8)
+                ax.annotate(
+                    f"{ratio:.2f}x",
+                    (x, max(values)),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

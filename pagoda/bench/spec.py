@@ -349,17 +349,17 @@ def main(ns: argparse.Namespace) -> int:
     if ns.json:
         write_json(ns.json, json.loads(json.dumps(report, default=str)))
     if ns.plot:
-        _plot(ns.plot, report, ns.batch_size)
+        _plot(ns.plot, report, ns.batch_size, ns.w1_num_prompts)
     return 0
 
 
-def _plot(out_dir: str, report: dict, batch_size: int) -> None:
+def _plot(out_dir: str, report: dict, batch_size: int, w1_prompts: int) -> None:
     from pagoda.bench.plot import mode_bars
 
     names = {
         "grounded_batch1": "grounded, batch 1\n(decode tok/s)",
         "grounded_batch": f"grounded, batch {batch_size}\n(output tok/s)",
-        "w1": "W1, saturated\n(output tok/s)",
+        "w1": f"W1, {w1_prompts} random prompts\n(output tok/s)",
     }
     groups = {
         label: {mode: _values(r) for mode, r in report[key].items()}

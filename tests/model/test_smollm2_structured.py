@@ -61,3 +61,19 @@ def test_constrained_greedy_is_the_same_under_chunked_prefill():
     want = [o.token_ids for o in _chat(LLM(None, dtype="float32"), params)]
     chunked = LLM(None, dtype="float32", max_num_batched_tokens=16)
     assert [o.token_ids for o in _chat(chunked, params)] == want
+
+
+def test_bench_structured_times_the_masks_the_engine_computes(llm):
+    """bench structured's MaskTimer wraps what the engine core calls: one time per request
+    and step (an instrumentation that wrapped a method the engine no longer called would
+    time nothing)."""
+    from pagoda.bench.structured import MaskTimer
+
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(json=json.dumps(SCHEMA)))
+    with MaskTimer(llm.engine.structured) as masks:
+        outs = _chat(llm, params)
+    steps = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert steps == 6 * len(ASKS)
+    assert len(masks.seconds) >= steps and all(s > 0 for s in masks.seconds)
+    assert "bitmasks" not in vars(llm.engine.structured)  # restored
