@@ -24,7 +24,7 @@ from pagoda.engine.stats import EngineStats
 
 SCHEMA = "pagoda.inspect/1"
 STEP_LOG_CAPACITY = 2048  # steps kept for viewers (a few seconds to minutes of serving)
-PUBLISH_INTERVAL_S = 0.1  # at most 10 snapshots a second, however many viewers
+PUBLISH_INTERVAL_S = 0.25  # at most 4 snapshots a second, however many viewers
 HASH_HEX_CHARS = 16  # a block hash is shown by its first 8 bytes
 
 

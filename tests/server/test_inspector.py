@@ -157,6 +157,9 @@ def test_events_stream_updates_at_a_bounded_rate(server: ServerProcess) -> None:
     # At most ~10 updates a second, and steps reach the viewer in order, none twice.
     span = events[-1]["at"] - events[0]["at"]
     assert len(events) <= 1 + span * 10 * 1.5 + 2
+    # The prefix cache's blocks (the bulk of an update) at most about once a second.
+    with_cache = [e for e in events[1:] if e["doc"]["cache"] is not None]
+    assert len(with_cache) <= span * 1.5 + 1, (len(with_cache), span)
     seqs = [s["seq"] for e in events for s in e["doc"]["steps"]]
     assert seqs == sorted(set(seqs))
     assert any(e["doc"]["requests"] for e in events)

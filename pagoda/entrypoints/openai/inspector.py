@@ -32,6 +32,10 @@ from pagoda.engine.inspector import (
 )
 
 PAGE = Path(__file__).parent / "static" / "inspect.html"
+# The prefix cache's blocks (the bulk of an update on a large pool: a hash, a parent and a
+# hit count per named block) go to a viewer at most this often; everything else, including
+# each block's state, at every update.
+CACHE_INTERVAL_S = 1.0
 KEEPALIVE_S = 5.0  # a comment line this often on a quiet stream: a gone viewer is noticed
 NO_CACHE = {"Cache-Control": "no-store"}
 
@@ -66,8 +70,9 @@ def _inspect(engine: Any) -> EngineSnapshot:
 
 async def _events(inspector: Inspector, snap: EngineSnapshot) -> AsyncIterator[str]:
     """One viewer's stream: an ``update`` event (the JSON of /inspect/state, with only the
-    steps new to this viewer, and ``cache`` null when unchanged) at most every interval,
-    only when something changed; a comment line now and then to keep the stream alive."""
+    steps new to this viewer, and ``cache`` null when unchanged, or changed less than
+    ``CACHE_INTERVAL_S`` after the last one sent) at most every interval, only when
+    something changed; a comment line now and then to keep the stream alive."""
     inspector.viewers += 1
     try:
         steps = inspector.steps.since(0)
@@ -75,26 +80,31 @@ async def _events(inspector: Inspector, snap: EngineSnapshot) -> AsyncIterator[s
         cache_version: Optional[int] = snap.scheduler.pool.cache_version
         yield "retry: 2000\n\n"
         yield _update(snap, steps, True)
-        quiet_since = time.monotonic()
+        quiet_since = cache_sent = time.monotonic()
         while True:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
             latest = inspector.latest
             fresh = latest is not None and latest.time > snap.time
-            steps = inspector.steps.since(seq)
-            if not fresh and not steps:
-                if time.monotonic() - quiet_since >= KEEPALIVE_S:
-                    quiet_since = time.monotonic()
-                    yield ": keep-alive\n\n"
-                continue
             if fresh:
                 assert latest is not None
                 snap = latest
+            steps = inspector.steps.since(seq)
+            now = time.monotonic()
+            send_cache = (
+                snap.scheduler.pool.cache_version != cache_version
+                and now - cache_sent >= CACHE_INTERVAL_S
+            )
+            if not fresh and not steps and not send_cache:
+                if now - quiet_since >= KEEPALIVE_S:
+                    quiet_since = now
+                    yield ": keep-alive\n\n"
+                continue
             if steps:
                 seq = steps[-1].seq
-            version = snap.scheduler.pool.cache_version
-            yield _update(snap, steps, version != cache_version)
-            cache_version = version
-            quiet_since = time.monotonic()
+            yield _update(snap, steps, send_cache)
+            if send_cache:
+                cache_version, cache_sent = snap.scheduler.pool.cache_version, now
+            quiet_since = now
     finally:
         inspector.viewers -= 1
 
