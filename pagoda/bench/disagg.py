@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pagoda.bench import serve
+from pagoda.utils import free_port, stop_processes
 
 STARTUP_TIMEOUT_S = 300.0
 
@@ -72,19 +72,7 @@ class _Procs:
         )
 
     def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        stop_processes(self.procs)
 
 
 def _wait_healthy(url: str, procs: _Procs) -> None:
@@ -135,7 +123,7 @@ def _run(ns: argparse.Namespace, url: str) -> dict[str, Any]:
 
 def run_colocated(ns: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     procs = _Procs(log_dir)
-    port = _free_port()
+    port = free_port()
     try:
         procs.start("colocated", ["serve", "--port", str(port), *_engine_args(ns, 2)], ns.cores)
         url = f"http://127.0.0.1:{port}"
@@ -158,7 +146,7 @@ def _metric(url: str, name: str) -> float:
 
 def run_disagg(ns: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     procs = _Procs(log_dir)
-    prefill_port, decode_port, router_port = _free_port(), _free_port(), _free_port()
+    prefill_port, decode_port, router_port = free_port(), free_port(), free_port()
     secret = ["--kv-secret", secrets.token_hex(16)]
     first, second = ns.cores.split(",")[:2]
     try:

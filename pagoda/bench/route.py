@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pagoda.bench import serve
-from pagoda.bench.disagg import _free_port, _metric, _Procs, _wait_healthy
+from pagoda.bench.disagg import _metric, _Procs, _wait_healthy
 from pagoda.bench.throughput import row, write_json
 from pagoda.models.loader import default_model_path
+from pagoda.utils import free_port
 
 POLICIES = ("round_robin", "least_outstanding", "cache_aware", "cache_aware_precise", "kv_aware")
 # Also runnable: the precise index fed by a replica's /tokenize instead of the router's own
@@ -126,7 +127,7 @@ class Cluster(_Procs):
     def start_replicas(self) -> None:
         cores = sorted(os.sched_getaffinity(0))
         for i in range(self.ns.replicas):
-            port, pub, replay = _free_port(), _free_port(), _free_port()
+            port, pub, replay = free_port(), free_port(), free_port()
             args = [
                 "serve",
                 "--port",
@@ -155,7 +156,7 @@ class Cluster(_Procs):
             _wait_healthy(url, self)
 
     def start_router(self, policy: str, model: str) -> str:
-        port = _free_port()
+        port = free_port()
         if policy == "kv_aware":
             exe = shutil.which("vllm-router") or str(Path(sys.executable).parent / "vllm-router")
             cmd = [
@@ -163,7 +164,7 @@ class Cluster(_Procs):
                 "--port",
                 str(port),
                 "--prometheus-port",
-                str(_free_port()),
+                str(free_port()),
                 "--worker-urls",
                 *self.urls,
                 "--policy",

@@ -36,7 +36,7 @@ from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dty
 from pagoda.request import Request
 from pagoda.sampling import SamplingParams
 from pagoda.spec_decode.speculator import Speculator
-from pagoda.utils import cdiv
+from pagoda.utils import cdiv, read_chat_template
 from pagoda.worker.kv_cache import (
     GIB,
     cuda_kv_budget,
@@ -73,7 +73,7 @@ class LLMEngine:
         self.model_name = loaded.name
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
-        self.chat_template = _read_template(args.chat_template) or loaded.chat_template
+        self.chat_template = read_chat_template(args.chat_template) or loaded.chat_template
         self.max_model_len = args.max_model_len or min(
             self.arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP
         )
@@ -422,19 +422,6 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
-
-
-def _read_template(template: Optional[str]) -> Optional[str]:
-    """``--chat-template``: a file's contents, or the template's text itself."""
-    if not template:
-        return None
-    if "{" not in template:  # a Jinja template has tags; a path has none
-        try:
-            with open(template, encoding="utf-8") as f:
-                return f.read()
-        except OSError as e:
-            raise ValueError(f"chat_template: cannot read {template!r}: {e}") from None
-    return template
 
 
 def _resolve_device(device: str) -> torch.device:

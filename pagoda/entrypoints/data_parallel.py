@@ -17,13 +17,14 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Callable, Optional
 
 import httpx
+
+from pagoda.utils import free_port, stop_processes
 
 logger = logging.getLogger("pagoda.serve")
 
@@ -77,12 +78,6 @@ def offset_endpoint(endpoint: Optional[str], rank: int) -> Optional[str]:
     return f"{base}:{int(port) + rank}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Replicas:
     def __init__(self, ns: argparse.Namespace, serve_argv: list[str]) -> None:
         self.procs: list[subprocess.Popen] = []
@@ -91,10 +86,10 @@ class Replicas:
         groups = core_groups(sorted(os.sched_getaffinity(0)), ns.data_parallel_size)
         base = child_argv(serve_argv)
         for rank, cores in enumerate(groups):
-            port = _free_port()
-            pub = offset_endpoint(ns.kv_events_endpoint, rank) or f"tcp://127.0.0.1:{_free_port()}"
+            port = free_port()
+            pub = offset_endpoint(ns.kv_events_endpoint, rank) or f"tcp://127.0.0.1:{free_port()}"
             replay = offset_endpoint(ns.kv_events_replay_endpoint, rank) or (
-                f"tcp://127.0.0.1:{_free_port()}"
+                f"tcp://127.0.0.1:{free_port()}"
             )
             cmd = [
                 sys.executable,
@@ -129,14 +124,7 @@ class Replicas:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(self.procs)
 
 
 def _pin(cores: list[int]) -> Callable[[], None]:

@@ -242,14 +242,15 @@ class Router:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return prompt
-        mine = self.tokenizer.tokens(body) if self.tokenizer is not None else None
-        if mine is not None and self.tokenizer is not None and self.tokenizer.trusted(body):
+        tok = self.tokenizer if self.tokenizer is not None and not self.tokenizer.disabled else None
+        mine = tok.tokens(body) if tok is not None else None
+        if tok is not None and mine is not None and tok.trusted(body):
             self.metrics.prompt_tokens.labels("router").inc()
             return mine
         self.metrics.prompt_tokens.labels("instance").inc()
         theirs = await self._remote_tokens(body, headers)
-        if mine is not None and theirs is not None and self.tokenizer is not None:
-            self.tokenizer.check(body, mine, theirs)
+        if tok is not None and mine is not None and theirs is not None:
+            tok.check(body, mine, theirs)
         return theirs
 
     async def _remote_tokens(self, body: dict[str, Any], headers: dict[str, str]) -> Optional[list]:

@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from pydantic import ValidationError
-
 from pagoda.entrypoints.openai.protocol import ChatMessage
+from pagoda.utils import read_chat_template
 
 logger = logging.getLogger("pagoda.router")
 
@@ -32,8 +31,6 @@ class RouterTokenizer:
     def load(cls, model: str, chat_template: Optional[str] = None) -> RouterTokenizer:
         """The tokenizer of ``model`` (a GGUF file or a Hugging Face directory) as the
         engine loads it, with ``--chat-template`` (a file or the text) over the model's."""
-        from pagoda.engine.llm_engine import _read_template
-
         if model.endswith(".gguf"):
             from pagoda.models.gguf_loader import load_gguf_tokenizer
 
@@ -42,7 +39,7 @@ class RouterTokenizer:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model)
-        template = _read_template(chat_template) or getattr(tokenizer, "chat_template", None)
+        template = read_chat_template(chat_template) or getattr(tokenizer, "chat_template", None)
         return cls(tokenizer, template, model)
 
     @staticmethod
@@ -68,10 +65,8 @@ class RouterTokenizer:
                 tokenize=False,
                 chat_template=self.chat_template,
             )
-        except (ValidationError, ValueError, TypeError, LookupError):
-            return None  # the instance will refuse it with a 400 that names the field
-        except Exception:  # noqa: BLE001 - a Jinja template may raise anything
-            return None
+        except Exception:  # noqa: BLE001 - bad messages, or a template raising anything:
+            return None  # the instance will answer (or refuse) it itself
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def trusted(self, body: dict[str, Any]) -> bool:
