@@ -28,7 +28,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Protocol
 
 import torch
 
@@ -39,11 +39,25 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_BACKEND_ENV = cpu_attention.ATTENTION_BACKEND_ENV  # "torch": the reference everywhere
 
-# (q, k, v, kv_cache, meta, scale) -> (T, H, D); q: (T, H, D), k, v: (T, Hkv, D),
-# kv_cache: (2, num_blocks, block_size, Hkv, D).
-AttentionFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor
-]
+
+class AttentionFn(Protocol):
+    """(q, k, v, kv_cache, meta, scale) -> (T, H, D); q: (T, H, D), k, v: (T, Hkv, D),
+    kv_cache: (2, num_blocks, block_size, Hkv, D). ``window`` > 0: a query at position p sees
+    keys (p - window, p] only (sliding-window layers); ``softcap`` > 0: each scaled score s
+    becomes softcap * tanh(s / softcap) before the softmax."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        *,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -123,7 +137,20 @@ def in_cache_dtype(inner: AttentionBackend, narrow: torch.dtype) -> AttentionBac
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        *,
+        window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
-        return forward(q.to(narrow), k.to(narrow), v.to(narrow), kv_cache, meta, scale).to(q.dtype)
+        o = forward(
+            q.to(narrow),
+            k.to(narrow),
+            v.to(narrow),
+            kv_cache,
+            meta,
+            scale,
+            window=window,
+            softcap=softcap,
+        )
+        return o.to(q.dtype)
 
     return replace(inner, forward=narrowed)

@@ -88,12 +88,15 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D); kv_cache: (2, num_blocks, block_size, Hkv, D).
     Returns (T, H, D). Prefill chunks go to the AMX kernel where :func:`amx_prefill` says so,
     asked now (a model asks once and binds :func:`attend`: ``backend.select``)."""
     amx = amx_prefill(q.device, q.dtype, kv_cache.dtype, q.shape[-1])
-    return attend(q, k, v, kv_cache, meta, scale, amx=amx)
+    return attend(q, k, v, kv_cache, meta, scale, amx=amx, window=window, softcap=softcap)
 
 
 def attend(
@@ -105,16 +108,26 @@ def attend(
     scale: float,
     *,
     amx: bool,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """:func:`paged_attention` with the prefill path chosen: ``amx``, the AMX kernel over the
     packed chunks (``meta.packed``), else the reference's SDPA per chunk."""
     ext = cpu_decode.require_extension()
+    if window or softcap:  # not in the kernels yet: the reference after the C++ KV write
+        ext.write_kv(kv_cache, k, v, meta.slot_mapping)
+        return _reference_after_write(q, k, v, kv_cache, meta, scale, window, softcap)
     ext.write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     d = meta.num_decode_tokens
     if d:
         cpu_decode.paged_decode_attention(
-            q[:d], kv_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, out=out[:d]
+            q[:d],
+            kv_cache,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            scale,
+            out=out[:d],
         )
     if not meta.prefills:
         return out
@@ -133,4 +146,32 @@ def attend(
         )
     else:
         torch_ref.prefill_chunks(q, k, v, kv_cache, meta, scale, out)
+    return out
+
+
+def _reference_after_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> torch.Tensor:
+    """The reference's decode and prefill attention over an already written cache."""
+    out = torch.empty_like(q)
+    d = meta.num_decode_tokens
+    if d:
+        out[:d] = torch_ref.decode_attention(
+            q[:d],
+            kv_cache,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            meta.decode_max_seq_len,
+            scale,
+            window=window,
+            softcap=softcap,
+        )
+    torch_ref.prefill_chunks(q, k, v, kv_cache, meta, scale, out, window=window, softcap=softcap)
     return out

@@ -9,6 +9,10 @@ An fp8 cache (``torch.float8_e4m3fn``, ``--kv-cache-dtype fp8``) stores K/V roun
 (saturating at +-448, no scale); what is read from it is widened to the queries' dtype. A
 prefill chunk with nothing cached before it attends over its own K/V as computed (unrounded);
 the AMX kernel reads even those back from the cache, rounded.
+
+Two per-layer options (Gemma 2/3, Mistral): a sliding ``window`` W > 0 lets the query at
+position p see only keys (p - W, p]; a ``softcap`` c > 0 bends each scaled score s to
+c * tanh(s / c) before the softmax. Both default to off (0).
 """
 
 from __future__ import annotations
@@ -49,14 +53,26 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D). Returns (T, H, D)."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     d = meta.num_decode_tokens
     if d:
-        out[:d] = _decode_attention(q[:d], kv_cache, meta, scale)
-    prefill_chunks(q, k, v, kv_cache, meta, scale, out)
+        out[:d] = decode_attention(
+            q[:d],
+            kv_cache,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            meta.decode_max_seq_len,
+            scale,
+            window=window,
+            softcap=softcap,
+        )
+    prefill_chunks(q, k, v, kv_cache, meta, scale, out, window=window, softcap=softcap)
     return out
 
 
@@ -68,16 +84,19 @@ def prefill_chunks(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """Attention of each prefill chunk (K/V already written) into its rows of ``out``."""
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         if chunk.context_len == chunk.query_len:
             # Nothing cached before this chunk: its own K/V is the whole context.
-            out[rows] = _causal_attention(q[rows], k[rows], v[rows], scale)
+            out[rows] = causal_attention(q[rows], k[rows], v[rows], scale, window, softcap)
         else:
-            out[rows] = _prefill_attention(
-                q[rows], kv_cache, chunk.block_table, chunk.context_len, scale
+            out[rows] = prefill_attention(
+                q[rows], kv_cache, chunk.block_table, chunk.context_len, scale, window, softcap
             )
 
 
@@ -87,23 +106,32 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Ten
     return blocks.flatten(-4, -3)  # (..., nb * bs, Hkv, D)
 
 
-def _prefill_attention(
+def prefill_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
     context_len: int,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """A query chunk after ``context_len - Q`` cached tokens. q: (Q, H, D) -> (Q, H, D)."""
     k = _gather_context(kv_cache[0], block_table)[:context_len]  # (C, Hkv, D)
     v = _gather_context(kv_cache[1], block_table)[:context_len]
-    return _causal_attention(q, k.to(q.dtype), v.to(q.dtype), scale)
+    return causal_attention(q, k.to(q.dtype), v.to(q.dtype), scale, window, softcap)
 
 
-def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q: (Q, H, D); k, v: (C, Hkv, D) with C >= Q; query i sits at position C - Q + i."""
+    if window or softcap:
+        return _masked_attention(q, k, v, scale, window, softcap)
     query_len, context_len = q.shape[0], k.shape[0]
     # 4-D inputs take PyTorch's fused (flash) kernel, which serves each KV head's group of
     # query heads itself (enable_gqa): no repeated copy of K/V. (The 3-D form of enable_gqa
@@ -121,21 +149,64 @@ def _causal_attention(
     return o[0].transpose(0, 1)  # (Q, H, D)
 
 
-def _decode_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+def _masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
 ) -> torch.Tensor:
-    """One query per sequence, all sequences in one batched matmul. q: (B, H, D)."""
+    """:func:`causal_attention` with a sliding window and/or soft-capped scores, in plain
+    matmuls (SDPA has no soft-cap): each KV head's group of query heads at once."""
+    query_len, context_len = q.shape[0], k.shape[0]
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    qg = q.reshape(query_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("qhgd,khd->hgqk", qg.float(), k.float()) * scale  # (Hkv, G, Q, C)
+    scores = _soft_cap(scores, softcap)
+    q_pos = torch.arange(context_len - query_len, context_len, device=q.device)
+    k_pos = torch.arange(context_len, device=q.device)
+    visible = k_pos[None, :] <= q_pos[:, None]  # (Q, C)
+    if window:
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    scores.masked_fill_(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hgqk,khd->qhgd", probs, v.float())
+    return out.reshape(query_len, num_heads, head_dim).to(q.dtype)
+
+
+def _soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """c * tanh(s / c) (Gemma 2's attention logit soft-capping); s unchanged when c is 0."""
+    return torch.tanh(scores / softcap) * softcap if softcap else scores
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """One query per sequence, all sequences in one batched matmul. q: (B, H, D);
+    block_tables: (B, W); seq_lens: (B,) context lengths including the new token."""
     batch, num_heads, head_dim = q.shape
-    tables = meta.decode_block_tables[:, : cdiv(meta.decode_max_seq_len, meta.block_size)]
+    block_size = kv_cache.shape[2]
+    tables = block_tables[:, : cdiv(max_seq_len, block_size)]
     k = _gather_context(kv_cache[0], tables).to(q.dtype)  # (B, L, Hkv, D)
     v = _gather_context(kv_cache[1], tables).to(q.dtype)
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
     qg = q.view(batch, num_kv_heads, group, head_dim)  # (B, Hkv, G, D)
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # (B, Hkv, G, L)
-    scores.mul_(scale)
+    scores = _soft_cap(scores.mul_(scale), softcap)
     positions = torch.arange(k.shape[1], device=q.device)
-    pad = positions[None, :] >= meta.decode_seq_lens[:, None]  # (B, L)
+    pad = positions[None, :] >= seq_lens[:, None]  # (B, L)
+    if window:
+        pad |= positions[None, :] < seq_lens[:, None] - window
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # (B, Hkv, G, D)

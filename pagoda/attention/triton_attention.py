@@ -47,6 +47,8 @@ import triton.language as tl
 from pagoda.attention.metadata import AttentionMetadata, PackedPrefills, pack_prefills
 
 LOG2_E = 1.4426950408889634
+LOG2_E_K = tl.constexpr(LOG2_E)  # the same, for the kernels (a @triton.jit function reads
+# constexpr globals only)
 # Tile sizes. tl.dot needs every dimension >= 16 on the GPU.
 MIN_DOT_DIM = 16
 PREFILL_BLOCK_M = 64  # query rows per prefill program
@@ -101,6 +103,38 @@ def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     else:
         c = tl.dot(a, b)
     return c
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (Triton has no portable tanh): (1 - t) / (1 + t) with
+    t = e^(-2|x|) <= 1, so it neither overflows nor loses small |x| to cancellation."""
+    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2_E_K))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _log2_scores(qk, scale_log2, softcap_log2, HAS_SOFTCAP: tl.constexpr):
+    """q·k -> the scaled score in log2 units (the kernels exponentiate with exp2). Soft-capped:
+    c·tanh(s / c)·log2(e) for the true score s = scale·q·k, written with c' = c·log2(e) and
+    scale' = scale·log2(e) as c'·tanh(q·k·scale' / c') (scale' / c' = scale / c)."""
+    if HAS_SOFTCAP:
+        s = softcap_log2 * _tanh(qk * (scale_log2 / softcap_log2))
+    else:
+        s = qk * scale_log2
+    return s
+
+
+@triton.jit
+def _window_start(seq_len, window, HAS_WINDOW: tl.constexpr):
+    """The first key the last of ``seq_len`` tokens sees: max(0, seq_len - window) with a
+    sliding window, else 0."""
+    if HAS_WINDOW:
+        start = tl.maximum(seq_len - window, 0)
+    else:
+        start = seq_len * 0
+    return start
 
 
 @triton.jit
@@ -201,6 +235,8 @@ def _prefill_kernel(
     context_lens_ptr,
     block_tables_ptr,
     scale_log2,
+    window,
+    softcap_log2,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -218,12 +254,25 @@ def _prefill_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     FP8_CACHE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Program (query tile, chunk, query head): FlashAttention-2 over the chunk's paged
     context, causal with the diagonal shifted by the tokens cached before the chunk.
 
         context:  [ 0 ........ context_len - query_len | query rows ... context_len )
         row i sees keys [0, context_len - query_len + i]
+
+    HAS_WINDOW: row i at position p sees keys (p - window, p] only. The KV loop of a tile
+    starts at the first key its first row sees and ends after the last row's position; rows
+    further down mask the keys below their own window, as every row masks those past its
+    diagonal. Keys below the first row's window are never loaded: their blocks may be gone.
+
+        keys:     0 ....... kv_lo ...................... kv_end
+        row 0                [ p0 - window + 1  ...  p0 ]
+        row BM-1                      [ p0 + BM - window  ...  p0 + BM - 1 ]
+
+    HAS_SOFTCAP: each score s = scale·q·k becomes c·tanh(s / c) (``softcap_log2`` = c·log2 e).
     """
     tile, n, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_head = head // GROUP
@@ -245,7 +294,9 @@ def _prefill_kernel(
         kv_end = tl.minimum(
             context_len, context_len - query_len + tl.minimum((tile + 1) * BLOCK_M, query_len)
         )
-        for k0 in range(0, kv_end, BLOCK_N):
+        # Keys before the window of the tile's first row are masked for every row: start past.
+        kv_lo = _window_start(context_len - query_len + tile * BLOCK_M + 1, window, HAS_WINDOW)
+        for k0 in range(kv_lo, kv_end, BLOCK_N):
             cols = k0 + tl.arange(0, BLOCK_N)  # (BN,)
             col_ok = cols < kv_end
             blocks = tl.load(
@@ -257,13 +308,20 @@ def _prefill_kernel(
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
             s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BM, BN)
-            s = s * scale_log2
+            s = _log2_scores(s, scale_log2, softcap_log2, HAS_SOFTCAP)
             visible = col_ok[None, :] & (cols[None, :] <= q_pos[:, None])  # (BM, BN)
+            if HAS_WINDOW:
+                visible = visible & (cols[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
-            # Every row sees key 0 in the first tile, so m_new is finite from the start.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])  # (BM, BN)
+            if HAS_WINDOW:
+                # A row whose window starts past this tile sees none of it (m_new = -inf):
+                # exponentiate against 0 so that its state stays zero, not exp2(-inf + inf).
+                m_exp = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_exp = m_new  # every row sees key 0 in the first tile: finite from the start
+            alpha = tl.exp2(m_i - m_exp)
+            p = tl.exp2(s - m_exp[:, None])  # (BM, BN)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
             pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BM, BD)
@@ -287,6 +345,8 @@ def _decode_split_kernel(
     mid_o_ptr,
     mid_lse_ptr,
     scale_log2,
+    window,
+    softcap_log2,
     stride_qb,
     stride_qh,
     stride_ob,
@@ -310,17 +370,26 @@ def _decode_split_kernel(
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     FP8_CACHE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Program (sequence, KV head, split): the G query heads of the KV head over the split's
-    share of the context. Split s covers tokens [s * L, min((s + 1) * L, seq_len)) with
-    L = ceil(ceil(seq_len / NUM_SPLITS) / BLOCK_N) * BLOCK_N, so the partition adapts to each
-    sequence and the grid depends on nothing but the batch size (CUDA graphs). With one split
-    the result is final and goes straight to ``out``; otherwise the normalised partial output
-    and its log2-sum-exp go to ``mid_o`` / ``mid_lse`` for :func:`_decode_reduce_kernel`."""
+    share of the keys they see, [lo, seq_len) with lo = max(0, seq_len - window) under
+    HAS_WINDOW, else 0. Split s covers keys [lo + s * L, min(lo + (s + 1) * L, seq_len)) with
+    L = ceil(ceil((seq_len - lo) / NUM_SPLITS) / BLOCK_N) * BLOCK_N, so the partition adapts
+    to each sequence and the grid depends on nothing but the batch size (CUDA graphs); a split
+    past the end does nothing, and no key below lo is loaded (its block may be gone).
+
+        keys:    0 ....... lo [ split 0 | split 1 | split 2 ) seq_len      (splits 3.. empty)
+
+    With one split the result is final and goes straight to ``out``; otherwise the normalised
+    partial output and its log2-sum-exp go to ``mid_o`` / ``mid_lse`` for
+    :func:`_decode_reduce_kernel`. HAS_SOFTCAP: as in :func:`_prefill_kernel`."""
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    lo = _window_start(seq_len, window, HAS_WINDOW)
+    split_len = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if start < end:
         g = tl.arange(0, BLOCK_G)
@@ -348,7 +417,8 @@ def _decode_split_kernel(
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
             s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BG, BN)
-            s = tl.where(col_ok[None, :], s * scale_log2, float("-inf"))
+            s = _log2_scores(s, scale_log2, softcap_log2, HAS_SOFTCAP)
+            s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])  # (BG, BN)
@@ -381,6 +451,7 @@ def _decode_reduce_kernel(
     mid_lse_ptr,
     seq_lens_ptr,
     out_ptr,
+    window,
     stride_mob,
     stride_moh,
     stride_mos,
@@ -392,12 +463,15 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
-    """Program (sequence, query head): merge the non-empty splits' partial softmax states."""
+    """Program (sequence, query head): merge the non-empty splits' partial softmax states
+    (the partition of :func:`_decode_split_kernel`; seq_len >= 1, so split 0 is never empty)."""
     b, head = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    num_valid = tl.cdiv(seq_len, split_len)
+    num_keys = seq_len - _window_start(seq_len, window, HAS_WINDOW)
+    split_len = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    num_valid = tl.cdiv(num_keys, split_len)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     m = tl.full([1], float("-inf"), tl.float32)
@@ -461,10 +535,21 @@ def write_kv_cache(
 
 
 def paged_prefill_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, packed: PackedPrefills, scale: float, out: torch.Tensor
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    packed: PackedPrefills,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of prefill chunks over their paged context (K/V already written).
-    q, out: (P, H, D), the prefill rows only, chunk n at rows ``packed.query_start_loc[n:n+2]``."""
+    q, out: (P, H, D), the prefill rows only, chunk n at rows ``packed.query_start_loc[n:n+2]``.
+    ``window`` > 0: the query at position p sees keys (p - window, p] only, and no block
+    wholly before its chunk's first window is read; ``softcap`` > 0: each scaled score s
+    becomes softcap * tanh(s / softcap). 0 turns either off."""
+    _check_window_softcap(window, softcap)
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[3]
     _check_cache(kv_cache, q)
@@ -485,6 +570,8 @@ def paged_prefill_attention(
         packed.context_lens,
         packed.block_tables,
         scale * LOG2_E,
+        window,
+        softcap * LOG2_E,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -502,6 +589,8 @@ def paged_prefill_attention(
         IEEE=ieee,
         UPCAST=_upcast_dots(q.dtype),
         FP8_CACHE=kv_cache.dtype == FP8,
+        HAS_WINDOW=window > 0,
+        HAS_SOFTCAP=softcap > 0,
         **_launch_options("prefill", q.dtype, kv_cache.dtype),
     )
     return out
@@ -528,12 +617,19 @@ def paged_decode_attention(
     out: Optional[torch.Tensor] = None,
     num_splits: Optional[int] = None,
     max_seq_len: Optional[int] = None,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """One query token per sequence over its paged context (the same contract as
     ``cpu_decode.paged_decode_attention``). q: (B, H, D); block_tables: (B, W) int;
     seq_lens: (B,) int, 1 <= seq_lens[b] <= W * block_size. Returns (B, H, D) in q's dtype.
     ``num_splits`` fixes the flash-decoding split count (CUDA graphs capture one); otherwise it
-    follows :func:`default_num_splits` for ``max_seq_len`` (default W * block_size)."""
+    follows :func:`default_num_splits` for ``max_seq_len`` (default W * block_size), or for
+    the window where that is shorter. ``window`` > 0: sequence b sees only its keys
+    [max(0, seq_lens[b] - window), seq_lens[b]), and its table entries before them are never
+    read; ``softcap`` > 0: each scaled score s becomes softcap * tanh(s / softcap)."""
+    _check_window_softcap(window, softcap)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if out is None:
@@ -543,6 +639,8 @@ def paged_decode_attention(
     _check_cache(kv_cache, q)
     if num_splits is None:
         longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+        if window:
+            longest = min(longest, window)  # the keys one query sees, at most
         num_splits = default_num_splits(batch, num_kv_heads, longest, q.device)
     group = num_heads // num_kv_heads
     k_cache, v_cache = _cache_views(kv_cache)  # (NB, BS, Hkv, D) each
@@ -569,6 +667,8 @@ def paged_decode_attention(
         mid_o,
         mid_lse,
         scale * LOG2_E,
+        window,
+        softcap * LOG2_E,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -592,6 +692,8 @@ def paged_decode_attention(
         IEEE=ieee,
         UPCAST=_upcast_dots(q.dtype),
         FP8_CACHE=kv_cache.dtype == FP8,
+        HAS_WINDOW=window > 0,
+        HAS_SOFTCAP=softcap > 0,
         **_launch_options("decode", q.dtype, kv_cache.dtype),
     )
     if num_splits > 1:
@@ -600,6 +702,7 @@ def paged_decode_attention(
             mid_lse,
             seq_lens,
             out,
+            window,
             mid_o.stride(0),
             mid_o.stride(1),
             mid_o.stride(2),
@@ -611,6 +714,7 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_N=block_n,
+            HAS_WINDOW=window > 0,
         )
     return out
 
@@ -622,11 +726,15 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """The whole layer's attention, as ``torch_ref.paged_attention``: write K/V at
     ``meta.slot_mapping``, then decode rows ``[0, D)`` (``meta.decode_num_splits`` splits, or
     the default) and prefill rows ``[D, T)`` (over ``meta.packed``: the runner's packing).
-    q: (T, H, D); k, v: (T, Hkv, D). Returns (T, H, D)."""
+    q: (T, H, D); k, v: (T, Hkv, D). Returns (T, H, D). ``window``, ``softcap``: as
+    ``backend.AttentionFn`` (0: off)."""
     write_kv_cache(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)  # (T, H, D)
     d = meta.num_decode_tokens
@@ -640,16 +748,25 @@ def paged_attention(
             out=out[:d],
             num_splits=meta.decode_num_splits,
             max_seq_len=meta.decode_max_seq_len,
+            window=window,
+            softcap=softcap,
         )
     if meta.prefills:
         packed = meta.packed(q.device)
         assert packed is not None  # there are prefill chunks
-        paged_prefill_attention(q[d:], kv_cache, packed, scale, out[d:])
+        paged_prefill_attention(
+            q[d:], kv_cache, packed, scale, out[d:], window=window, softcap=softcap
+        )
     return out
 
 
 def _dot_dim(n: int) -> int:
     return max(MIN_DOT_DIM, n)
+
+
+def _check_window_softcap(window: int, softcap: float) -> None:
+    if window < 0 or softcap < 0:
+        raise ValueError(f"window ({window}) and softcap ({softcap}) must be >= 0 (0: off)")
 
 
 def _check_cache(kv_cache: torch.Tensor, x: torch.Tensor) -> None:

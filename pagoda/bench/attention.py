@@ -1,5 +1,5 @@
 """Micro-benchmark of paged decode attention (PagedAttention, Kwon et al., SOSP'23) on the CPU:
-the torch reference (``torch_ref._decode_attention``: gather the padded context, batched
+the torch reference (``torch_ref.decode_attention``: gather the padded context, batched
 matmuls) against the C++ kernel (``cpu_decode``: reads each needed K/V row once straight from
 the blocks, flash-decoding style online softmax in fp32).
 
@@ -30,7 +30,7 @@ import torch
 
 from pagoda.attention import cpu_decode
 from pagoda.attention.metadata import AttentionMetadata
-from pagoda.attention.torch_ref import _decode_attention
+from pagoda.attention.torch_ref import decode_attention
 from pagoda.utils import cdiv
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -129,7 +129,14 @@ def _cycled_calls(case: Case) -> tuple[Callable[[], torch.Tensor], Callable[[], 
         )
 
     def ref() -> torch.Tensor:
-        return _decode_attention(case.q, next_cache(), case.meta, case.scale)
+        return decode_attention(
+            case.q,
+            next_cache(),
+            case.meta.decode_block_tables,
+            case.meta.decode_seq_lens,
+            case.meta.decode_max_seq_len,
+            case.scale,
+        )
 
     return kernel, ref
 
@@ -177,7 +184,14 @@ def run(
                 cpu_decode.paged_decode_attention(
                     case.q, kv, case.block_tables, case.seq_lens, case.scale
                 ).float()
-                - _decode_attention(case.q, kv, case.meta, case.scale).float()
+                - decode_attention(
+                    case.q,
+                    kv,
+                    case.meta.decode_block_tables,
+                    case.meta.decode_seq_lens,
+                    case.meta.decode_max_seq_len,
+                    case.scale,
+                ).float()
             )
             err = diff.abs().max().item()
             row.update(

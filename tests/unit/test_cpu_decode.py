@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from pagoda.attention import cpu_decode  # noqa: E402
 from pagoda.attention.metadata import AttentionMetadata  # noqa: E402
-from pagoda.attention.torch_ref import _decode_attention  # noqa: E402
+from pagoda.attention.torch_ref import decode_attention  # noqa: E402
 
 from kv_poison import poison_unused  # noqa: E402
 
@@ -157,7 +157,7 @@ def test_every_work_split(threads: int) -> None:
 
 
 def test_matches_torch_reference_backend() -> None:
-    """Same answer as ``torch_ref._decode_attention`` on a clean (unpoisoned) bf16 cache."""
+    """Same answer as ``torch_ref.decode_attention`` on a clean (unpoisoned) bf16 cache."""
     lens = [17, 64, 300, 1]
     q, kv, tables, seq_lens = make_inputs(lens, 9, 3, 64, 16, torch.bfloat16)
     kv = torch.nan_to_num(kv.float(), nan=0.0, posinf=0.0).to(torch.bfloat16)
@@ -165,7 +165,7 @@ def test_matches_torch_reference_backend() -> None:
                              num_decode_tokens=len(lens), decode_block_tables=tables,
                              decode_seq_lens=seq_lens, decode_max_seq_len=max(lens),
                              prefills=[], block_size=16)
-    ref = _decode_attention(q, kv, meta, 0.125)
+    ref = decode_attention(q, kv, tables, seq_lens, max(lens), 0.125)
     out = cpu_decode.paged_decode_attention(q, kv, tables, seq_lens, 0.125)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert (out.float() - ref.float()).abs().max().item() < 2e-2

@@ -154,7 +154,8 @@ def test_torch_reference_backend_agrees() -> None:
         slot_mapping=torch.zeros(0, dtype=torch.int64), num_decode_tokens=len(lens),
         decode_block_tables=tables, decode_seq_lens=seq_lens, decode_max_seq_len=max(lens),
         block_size=16, prefills=[])
-    ref = torch_ref._decode_attention(q, kv, meta, 0.125)
+    ref = torch_ref.decode_attention(q, kv,
+        meta.decode_block_tables, meta.decode_seq_lens, meta.decode_max_seq_len, 0.125)
     out = cpu_decode.paged_decode_attention(q, kv, tables, seq_lens, 0.125)
     check(out, ref.double(), torch.float32)
 

@@ -70,19 +70,21 @@ def test_attention_backend_follows_the_switches(monkeypatch):
 
 def test_a_narrower_cache_runs_attention_in_its_dtype(monkeypatch):
     """fp32 weights over a bf16 cache: q, k, v rounded to bf16, the output widened back;
-    over an fp8 cache the queries keep the model's dtype."""
+    over an fp8 cache the queries keep the model's dtype. A layer's window and softcap pass
+    through."""
     monkeypatch.setenv(backend.ATTENTION_BACKEND_ENV, "torch")
-    seen: list[torch.dtype] = []
+    seen: list[tuple] = []
 
-    def spy(q, k, v, kv_cache, meta, scale):
-        seen.append(q.dtype)
+    def spy(q, k, v, kv_cache, meta, scale, *, window=0, softcap=0.0):
+        seen.append((q.dtype, window, softcap))
         return q.clone()
 
     monkeypatch.setattr(backend, "TORCH", backend.AttentionBackend("torch", spy))
     narrowed = backend.select(CPU, torch.float32, BF16, 64)
     q = torch.randn(3, 2, 64)
-    out = narrowed.forward(q, q[:, :1], q[:, :1], torch.empty(0, dtype=BF16), None, 1.0)
-    assert seen == [BF16] and out.dtype == torch.float32
+    out = narrowed.forward(q, q[:, :1], q[:, :1], torch.empty(0, dtype=BF16), None, 1.0,
+                           window=5, softcap=2.0)
+    assert seen == [(BF16, 5, 2.0)] and out.dtype == torch.float32
     assert backend.select(CPU, torch.float32, torch_ref.FP8, 64) is backend.TORCH
 
 

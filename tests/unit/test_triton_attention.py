@@ -292,7 +292,8 @@ def decode_reference(case: PagedCase, q: torch.Tensor, scale: float) -> torch.Te
         decode_block_tables=case.padded_tables(width),
         decode_seq_lens=torch.tensor(case.seq_lens), decode_max_seq_len=max(case.seq_lens),
         prefills=[], block_size=case.block_size)
-    return torch_ref._decode_attention(q.float(), case.clean, meta, scale)
+    return torch_ref.decode_attention(q.float(), case.clean,
+        meta.decode_block_tables, meta.decode_seq_lens, meta.decode_max_seq_len, scale)
 
 
 @pytest.mark.parametrize("fp8", CACHES, ids=CACHE_IDS)
@@ -362,7 +363,7 @@ def test_prefill_matches_reference(block_size, group, dtype, fp8):
     for (query_len, context_len), table in zip(spans, case.tables):
         rows = slice(row, row + query_len)
         chunks.append(PrefillChunk(row, query_len, context_len, torch.tensor(table)))
-        wants.append(torch_ref._prefill_attention(q[rows].float(), case.clean,
+        wants.append(torch_ref.prefill_attention(q[rows].float(), case.clean,
                                                   torch.tensor(table), context_len, scale))
         row += query_len
     want = torch.cat(wants)                                                # (P, H, D)
@@ -386,10 +387,11 @@ def cached_layer_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     torch_ref.write_kv(cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     d = meta.num_decode_tokens
-    out[:d] = torch_ref._decode_attention(q[:d], cache, meta, scale)
+    out[:d] = torch_ref.decode_attention(q[:d], cache,
+        meta.decode_block_tables, meta.decode_seq_lens, meta.decode_max_seq_len, scale)
     for c in meta.prefills:
         rows = slice(c.query_start, c.query_start + c.query_len)
-        out[rows] = torch_ref._prefill_attention(q[rows], cache, c.block_table, c.context_len,
+        out[rows] = torch_ref.prefill_attention(q[rows], cache, c.block_table, c.context_len,
                                                  scale)
     return out
 
