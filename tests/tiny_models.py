@@ -55,12 +55,19 @@ _MOE_DEFAULTS: dict[str, dict[str, Any]] = {
                       norm_topk_prob=True),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48),
     "phi3": dict(pad_token_id=2, sliding_window=None),
+    # A window of 8 so that the tests' prompts slide; soft-caps and a query scalar small
+    # enough to change the answer.
+    "gemma2": dict(head_dim=16, sliding_window=8, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0, query_pre_attn_scalar=24, pad_token_id=2),
+    "gemma3_text": dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=24, pad_token_id=2,
+                        sliding_window_pattern=2, rope_local_base_freq=100.0,
+                        rope_theta=10000.0),
 }
 
 
 def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any) -> str:
     """Save a tiny random model of ``family`` (llama, qwen2, qwen3, mistral, qwen3_moe,
-    mixtral, phi3) to ``path``."""
+    mixtral, phi3, gemma2, gemma3_text) to ``path``."""
     import transformers
 
     torch.manual_seed(seed)
@@ -77,6 +84,8 @@ def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any
         "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[family]
     if family in ("qwen3", "qwen3_moe"):
         common.setdefault("head_dim", 32)
@@ -91,6 +100,8 @@ def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any
                 p.normal_(0.0, 0.08)
             elif "bias" in name:
                 p.normal_(0.0, 0.05)
+            elif family.startswith("gemma"):  # norms applied as 1 + w: w away from 0
+                p.normal_(0.0, 0.2)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     make_tokenizer(path)

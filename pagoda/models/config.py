@@ -1,4 +1,5 @@
-"""ModelArch: the shape of a Llama-family decoder, read from a Hugging Face config dict."""
+"""ModelArch: the shape of a decoder (the Llama family, Phi-3, the MoE models, Gemma 2/3), read
+from a Hugging Face config dict."""
 
 from __future__ import annotations
 
@@ -15,12 +16,24 @@ SUPPORTED_MODEL_TYPES = {
     "qwen3_moe": {"qk_norm": True},  # sparse MoE layers (models/moe.py)
     "mixtral": {},  # sparse MoE layers (models/moe.py)
     "phi3": {},  # fused qkv_proj / gate_up_proj in the checkpoint, LongRoPE, partial rotary
+    # Gemma (models/gemma.py): sandwich norms with (1 + w) weights, GeGLU, scaled embeddings,
+    # sliding-window layers, soft-capped logits; Gemma 3 adds q/k norms and a local RoPE base.
+    "gemma2": {},
+    "gemma3_text": {"qk_norm": True},
 }
+
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+# Activations of the gated MLP: SiLU (SwiGLU), or GELU's tanh approximation (GeGLU, Gemma).
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+# Model types whose every layer uses the config's sliding_window when it has one (the others
+# mark their sliding layers in layer_types).
+ALL_LAYERS_SLIDE = ("mistral", "mixtral", "phi3")
 
 # Variants refused at load, by the config key that marks them: (key, the feature's name).
 _REFUSED_KEYS = (
     ("shared_expert_intermediate_size", "shared experts (Qwen2-MoE style)"),
     ("n_shared_experts", "shared experts"),
+    ("use_bidirectional_attention", "bidirectional attention (EmbeddingGemma)"),
 )
 
 
@@ -57,10 +70,38 @@ class ModelArch:
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # Sliding-window attention: layer i's query at position p sees keys (p - W_i, p], W_i =
+    # layer_windows[i] (0, or no entry: the whole context).
+    layer_windows: tuple[int, ...] = ()
+    hidden_act: str = "silu"
+    # Gemma: c * tanh(x / c) on the attention scores and on the final logits (0: off); the
+    # attention scale is query_pre_attn_scalar ** -0.5 (0: head_dim); sliding layers rotate
+    # with their own RoPE base (0: rope_theta).
+    attn_logit_softcapping: float = 0.0
+    final_logit_softcapping: float = 0.0
+    query_pre_attn_scalar: float = 0.0
+    rope_local_theta: float = 0.0
 
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def is_gemma(self) -> bool:
+        return self.model_type in GEMMA_TYPES
+
+    def window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window (0: it attends to the whole context)."""
+        return self.layer_windows[layer] if layer < len(self.layer_windows) else 0
+
+    @property
+    def sliding_window(self) -> int:
+        """The widest window of a sliding layer (0 when no layer slides)."""
+        return max(self.layer_windows, default=0)
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def is_moe_layer(self, layer: int) -> bool:
         return (
@@ -87,15 +128,21 @@ class ModelArch:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
         model_type = cfg.get("model_type", "")
+        if model_type == "gemma3":
+            raise UnsupportedModelError(
+                "unsupported: multimodal Gemma 3 checkpoints (model_type 'gemma3', with a vision "
+                "tower); text-only ones (model_type 'gemma3_text', e.g. gemma-3-1b-it) load"
+            )
         if model_type not in SUPPORTED_MODEL_TYPES:
             archs = cfg.get("architectures") or [model_type]
             raise UnsupportedModelError(
                 f"unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
                 f"pagoda supports {sorted(SUPPORTED_MODEL_TYPES)}"
             )
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only 'silu'")
+        default_act = "gelu_pytorch_tanh" if model_type in GEMMA_TYPES else "silu"
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or default_act
+        if act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only {ACTIVATIONS}")
         for key, feature in _REFUSED_KEYS:
             if cfg.get(key):
                 raise UnsupportedModelError(f"unsupported: {feature} ({key!r} in the config)")
@@ -136,8 +183,57 @@ class ModelArch:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             partial_rotary_factor=partial,
+            layer_windows=layer_windows(cfg),
+            hidden_act=act,
             **_moe_params(cfg),
+            **_gemma_params(cfg),
         )
+
+
+def layer_windows(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention), as transformers decides it: from
+    ``layer_types`` where the config lists them, else every layer (Mistral, Mixtral, Phi-3),
+    alternate layers from the first (Gemma 2), or all but every ``sliding_window_pattern``-th
+    (Gemma 3). Qwen2/3 slide only with ``use_sliding_window``."""
+    window = cfg.get("sliding_window") or 0
+    if not window or cfg.get("use_sliding_window") is False:
+        return ()
+    n, model_type = cfg["num_hidden_layers"], cfg.get("model_type")
+    types = cfg.get("layer_types")
+    if types is None and model_type in ALL_LAYERS_SLIDE:
+        types = ["sliding_attention"] * n
+    elif types is None and model_type == "gemma2":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    elif types is None and model_type == "gemma3_text":
+        pattern = cfg.get("sliding_window_pattern") or 6
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    if types is None:
+        return ()
+    if len(types) != n:
+        raise UnsupportedModelError(f"layer_types lists {len(types)} layers, the model has {n}")
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise UnsupportedModelError(f"unsupported layer types {sorted(unknown)}")
+    return tuple(int(window) if t == "sliding_attention" else 0 for t in types)
+
+
+def _gemma_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Gemma's soft-caps, attention scale and Gemma 3's local RoPE base (from transformers
+    4's ``rope_local_base_freq`` or 5's ``rope_parameters["sliding_attention"]``)."""
+    if cfg.get("model_type") not in GEMMA_TYPES:
+        return {}
+    local = cfg.get("rope_local_base_freq")
+    per_type = cfg.get("rope_parameters") or {}
+    if local is None and isinstance(per_type.get("sliding_attention"), dict):
+        local = per_type["sliding_attention"].get("rope_theta")
+    if cfg.get("model_type") == "gemma3_text" and local is None:
+        local = 10000.0  # transformers' default for Gemma 3's sliding layers
+    return dict(
+        attn_logit_softcapping=float(cfg.get("attn_logit_softcapping") or 0.0),
+        final_logit_softcapping=float(cfg.get("final_logit_softcapping") or 0.0),
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or 0.0),
+        rope_local_theta=float(local or 0.0),
+    )
 
 
 def _moe_params(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +271,10 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, Optional[dict]]:
     """rope_theta and rope_scaling, from either the old keys or transformers 5's rope_parameters
     (a longrope dict completed with the model-level keys it relies on)."""
     params = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    if isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3, transformers 5)
+        params = params["full_attention"]
+    default = 1_000_000.0 if cfg.get("model_type") == "gemma3_text" else 10000.0
+    theta = cfg.get("rope_theta", params.get("rope_theta", default))
     scaling = cfg.get("rope_scaling") or (
         params if params.get("rope_type", "default") != "default" else None
     )
@@ -187,9 +286,11 @@ def _rope_params(cfg: dict[str, Any]) -> tuple[float, Optional[dict]]:
     if kind == "longrope" or (cfg.get("model_type") == "phi3" and kind in ("su", "yarn")):
         # Phi-3's first 128k releases named LongRoPE "su" (or "yarn"); transformers reads both.
         return float(theta), _longrope_params(cfg, scaling)
+    if kind == "linear":  # positions divided by factor (Gemma 3's global layers)
+        return float(theta), {"rope_type": "linear", "factor": float(scaling["factor"])}
     if kind != "llama3":
         raise UnsupportedModelError(
-            f"unsupported rope_scaling type {kind!r}; only 'llama3' and 'longrope'"
+            f"unsupported rope_scaling type {kind!r}; only 'llama3', 'linear' and 'longrope'"
         )
     return float(theta), {**scaling, "rope_type": "llama3"}
 

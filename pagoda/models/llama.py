@@ -47,8 +47,9 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(arch: ModelArch, device: torch.device, long: bool = False) -> torch.Tensor:
     """Inverse frequencies (R/2,) over the rotary dims R (the head dim unless partial), with
-    Llama-3 style frequency-dependent scaling, or LongRoPE's per-frequency factors (its long
-    ones if ``long``), if the config asks."""
+    Llama-3 style frequency-dependent scaling, linear scaling (every frequency divided by the
+    factor), or LongRoPE's per-frequency factors (its long ones if ``long``), if the config
+    asks."""
     d = arch.rotary_dim
     exponents = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
     s = arch.rope_scaling
@@ -59,6 +60,8 @@ def rope_inv_freq(arch: ModelArch, device: torch.device, long: bool = False) -> 
     inv_freq = 1.0 / (arch.rope_theta**exponents)
     if not s:
         return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -136,7 +139,7 @@ class Attention(nn.Module):
     ops: DecoderOps = ops.REFERENCE  # until the model binds its own (bind_ops)
     attention: AttentionBackend = backend.TORCH
 
-    def __init__(self, arch: ModelArch, rope: RotaryEmbedding) -> None:
+    def __init__(self, arch: ModelArch, rope: RotaryEmbedding, layer: int = 0) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             arch.num_heads,
@@ -152,7 +155,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.rope = rope
-        self.scale = arch.head_dim**-0.5
+        self.scale = arch.attention_scale
+        # Sliding window (Mistral, Phi-3, Gemma's local layers) and score soft-cap (Gemma 2).
+        self.window, self.softcap = arch.window(layer), arch.attn_logit_softcapping
 
     def bind(self, decoder_ops: DecoderOps, attention: AttentionBackend) -> None:
         self.ops, self.attention = decoder_ops, attention
@@ -171,7 +176,9 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = self._norm_rope(positions, q, k)
-        o = self.attention.forward(q, k, v, kv_cache, meta, self.scale)  # (T, H, D)
+        o = self.attention.forward(
+            q, k, v, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap
+        )  # (T, H, D)
         return self.o_proj(o.reshape(t, self.q_size))  # (T, E)
 
     def _norm_rope(
@@ -202,16 +209,19 @@ class MLP(nn.Module):
         self.intermediate_size = arch.intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.geglu = arch.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))  # (T, E)
+        gate_up = self.gate_up_proj(x)
+        h = ops.gelu_tanh_mul(gate_up) if self.geglu else self.ops.silu_mul(gate_up)
+        return self.down_proj(h)  # (T, E)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, rope: RotaryEmbedding, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Attention(arch, rope)
+        self.self_attn = Attention(arch, rope, index)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp: Union[MLP, moe.SparseMoE] = (
             moe.SparseMoE(arch) if arch.is_moe_layer(index) else MLP(arch)
@@ -262,9 +272,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch, max_positions: int) -> None:
         super().__init__()
         self.arch = arch
-        self.rope = rope = RotaryEmbedding(arch, max_positions)
+        self.rope = RotaryEmbedding(arch, max_positions)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rope, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(self.make_layer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = (
             None
@@ -285,12 +295,22 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """input_ids, positions: (T,). Returns final hidden states (T, E)."""
-        x = self.embed_tokens(input_ids)  # (T, E)
+        x = self.embed(input_ids)  # (T, E)
         residual: Optional[torch.Tensor] = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):  # one cache a layer
             x, residual = layer(x, residual, positions, kv_cache, meta)
         assert residual is not None  # set by the first layer
         return self.norm.add_forward(x, residual)[0]
+
+    def make_layer(self, arch: ModelArch, index: int) -> nn.Module:
+        return DecoderLayer(arch, self.rope, index)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def build_rope(self, device: torch.device) -> None:
+        """(Re)compute the RoPE tables on ``device``."""
+        self.rope.build(device)
 
     def bind_ops(
         self, device: torch.device, dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None

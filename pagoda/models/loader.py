@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from pagoda.models.config import ModelArch
+from pagoda.models.gemma import GemmaForCausalLM
 from pagoda.models.hub import SAFETENSORS_INDEX, parse_hub_id, resolve_model
 from pagoda.models.llama import LlamaForCausalLM
 
@@ -209,7 +210,6 @@ def load_model(
     else:
         raise ValueError(f"model {path!r} is neither a directory nor a .gguf file")
     arch = ModelArch.from_hf_config(config)
-    _warn_sliding_window(config)
     model = _empty_model(arch, dtype, device, max_positions)
     model.load_weights(weights)  # copy_ casts each tensor to the model's dtype
     eos = _eos_ids(arch, tokenizer)
@@ -219,20 +219,9 @@ def load_model(
     return LoadedModel(model, arch, tokenizer, template, source.name)
 
 
-def _warn_sliding_window(config: dict) -> None:
-    """Sliding-window attention is not implemented: say so where a config's window is shorter
-    than its context (Phi-3-mini-4k: 2047 of 4096; Mistral v0.1: 4096 of 32768)."""
-    window = config.get("sliding_window")
-    if config.get("use_sliding_window") is False or not window:
-        return
-    if window < config.get("max_position_embeddings", 0):
-        logger.warning(
-            "%s: sliding_window %d is not implemented; sequences longer than it attend to "
-            "every earlier token (pass --max-model-len %d to stay within the window)",
-            config.get("model_type"),
-            window,
-            window,
-        )
+def model_class(arch: ModelArch) -> type[LlamaForCausalLM]:
+    """The decoder class for ``arch``: Gemma's own layers, else the Llama family's."""
+    return GemmaForCausalLM if arch.is_gemma else LlamaForCausalLM
 
 
 def _empty_model(
@@ -242,9 +231,9 @@ def _empty_model(
     ops chosen for ``dtype`` on ``device`` (the model runner chooses again for its KV cache)."""
     positions = max_positions or arch.max_position_embeddings
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, positions)
+        model = model_class(arch)(arch, positions)
     model = model.to(dtype=dtype).to_empty(device=device).eval()  # cast on meta: free
-    model.rope.build(device)
+    model.build_rope(device)
     model.bind_ops(device, dtype)
     return model
 

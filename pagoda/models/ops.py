@@ -82,6 +82,13 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_mul(gate_up: Tensor) -> Tensor:
+    """GeGLU (Gemma): (T, 2I) [gate | up] -> GELU(gate, tanh approximation) * up, (T, I). Not in
+    the fused sets: every device runs PyTorch's."""
+    gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def norm_heads_then(
     rope_op: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], QK],
 ) -> Callable[..., QK]:

@@ -1,0 +1,134 @@
+"""Gemma 2 and Gemma 3 (text), models/gemma.py: greedy fp32 tokens equal transformers' through
+chunked prefill, prefix caching (a second pass over shared prefixes) and preemption, with
+windows short enough (8 tokens) that every prompt slides, soft-caps and a query scalar that
+change the answer, Gemma 3's local RoPE base and linearly scaled global RoPE. Also: the
+sliding window is what makes the match (without it the tokens differ), the configs'
+windows are read as transformers reads them, and what is not supported is refused by name."""
+import copy
+import random
+
+import pytest
+import torch
+import transformers
+
+from pagoda import LLM
+from pagoda.models.config import ModelArch, UnsupportedModelError, layer_windows
+from tiny_models import TINY_VOCAB, greedy, hf_greedy, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# name: (family, config overrides)
+CASES = {
+    "gemma2": ("gemma2", {}),
+    "gemma2-tied": ("gemma2", dict(tie_word_embeddings=True)),
+    "gemma3": ("gemma3_text", {}),
+    "gemma3-linear-rope": ("gemma3_text", dict(rope_scaling={"rope_type": "linear",
+                                                             "factor": 4.0})),
+}
+PROMPT_LENS = [3, 17, 40, 64]
+MAX_TOKENS = [24, 9, 17, 30]
+MODES = {
+    "default": {},
+    "budget7": dict(max_num_batched_tokens=7),
+    "block1": dict(block_size=1, max_num_batched_tokens=13),
+    "preempt": dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=32),
+    "preempt-nocache": dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=32,
+                            enable_prefix_caching=False),
+    "async": dict(async_scheduling=True, max_num_batched_tokens=7),
+}
+
+
+def prompts_for(seed: int) -> list[list[int]]:
+    """Random prompts; the last two share a 30-token prefix (a prefix-cache hit in a second
+    pass, and within a pass once the first is cached)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in PROMPT_LENS]
+    prompts[3][:30] = prompts[2][:30]
+    return prompts
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def gemma_case(request, tmp_path_factory):
+    family, overrides = CASES[request.param]
+    seed = 60 + list(CASES).index(request.param)
+    path = make_model(str(tmp_path_factory.mktemp(request.param)), family, seed=seed,
+                      **copy.deepcopy(overrides))
+    prompts = prompts_for(seed)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    refs = [hf_greedy(hf, p, m) for p, m in zip(prompts, MAX_TOKENS, strict=True)]
+    return path, prompts, refs
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_greedy_matches_transformers(gemma_case, mode):
+    path, prompts, refs = gemma_case
+    llm = LLM(path, dtype="float32", **MODES[mode])
+    params = [greedy(m) for m in MAX_TOKENS]
+    for _ in range(2):  # the second pass starts from cached prefixes (where caching is on)
+        outs = llm.generate(prompts, params)
+        assert [o.token_ids for o in outs] == refs
+    if "preempt" in mode:
+        assert llm.engine.scheduler.num_preemptions > 0
+    llm.engine.check_invariants()
+
+
+def test_the_window_is_what_makes_the_match(gemma_case, monkeypatch):
+    """With every layer attending to its whole context, some prompt's tokens differ from
+    transformers': the test above can see a missing window."""
+    path, prompts, refs = gemma_case
+    llm = LLM(path, dtype="float32")
+    for layer in llm.engine.runner.model.layers:
+        monkeypatch.setattr(layer.self_attn, "window", 0)
+    outs = llm.generate(prompts, [greedy(m) for m in MAX_TOKENS])
+    assert [o.token_ids for o in outs] != refs
+
+
+def test_layer_windows_as_transformers_reads_them():
+    """Explicit layer_types; Gemma 2's alternation and Gemma 3's pattern when a (transformers
+    4) config has no layer_types; Mistral and Phi-3 slide in every layer; Qwen2 only with
+    use_sliding_window; no window, no sliding."""
+    base = dict(num_hidden_layers=6, sliding_window=16)
+    assert layer_windows(dict(base, model_type="gemma2")) == (16, 0, 16, 0, 16, 0)
+    assert layer_windows(dict(base, model_type="gemma3_text")) == (16, 16, 16, 16, 16, 0)
+    assert layer_windows(dict(base, model_type="gemma3_text", sliding_window_pattern=3)) == (
+        16, 16, 0, 16, 16, 0)
+    types = ["full_attention", "sliding_attention"] * 3
+    assert layer_windows(dict(base, model_type="gemma3_text", layer_types=types)) == (
+        0, 16, 0, 16, 0, 16)
+    assert layer_windows(dict(base, model_type="mistral")) == (16,) * 6
+    assert layer_windows(dict(base, model_type="phi3")) == (16,) * 6
+    assert layer_windows(dict(base, model_type="qwen2", use_sliding_window=False)) == ()
+    assert layer_windows(dict(base, model_type="llama")) == ()
+    assert layer_windows(dict(base, model_type="mistral", sliding_window=None)) == ()
+    with pytest.raises(UnsupportedModelError, match="layer types"):
+        layer_windows(dict(base, model_type="qwen3", layer_types=["chunked_attention"] * 6))
+
+
+def test_gemma3_rope_bases_and_scale_from_either_config_form():
+    """transformers 4's keys (rope_theta, rope_local_base_freq, rope_scaling) and 5's nested
+    rope_parameters give the same arch."""
+    common = dict(model_type="gemma3_text", vocab_size=10, hidden_size=8, intermediate_size=8,
+                  num_hidden_layers=2, num_attention_heads=2, head_dim=4, sliding_window=4,
+                  query_pre_attn_scalar=256)
+    old = ModelArch.from_hf_config(dict(common, rope_theta=1e6, rope_local_base_freq=1e4,
+                                        rope_scaling={"rope_type": "linear", "factor": 8.0}))
+    new = ModelArch.from_hf_config(dict(common, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}))
+    for arch in (old, new):
+        assert (arch.rope_theta, arch.rope_local_theta) == (1e6, 1e4)
+        assert arch.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+        assert arch.attention_scale == 256**-0.5 and arch.hidden_act == "gelu_pytorch_tanh"
+        assert arch.layer_windows == (4, 4)
+
+
+@pytest.mark.parametrize("config, feature", [
+    (dict(model_type="gemma3", text_config={}), "multimodal Gemma 3"),
+    (dict(model_type="gemma3_text", use_bidirectional_attention=True), "bidirectional"),
+    (dict(model_type="gemma2", hidden_activation="relu"), "hidden_act"),
+])
+def test_unsupported_variants_are_refused_by_name(config, feature):
+    full = dict(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                num_attention_heads=2, head_dim=4)
+    with pytest.raises(UnsupportedModelError, match=feature):
+        ModelArch.from_hf_config({**full, **config})
