@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from pagoda.models.llama import LlamaForCausalLM
-from pagoda.models.loader import TokenIdTokenizer, load_model
+from pagoda.models.loader import TokenIdTokenizer, load_model, model_class
 from pagoda.models.presets import preset_arch, preset_config, preset_names
 from pagoda.worker.model_runner import ModelRunner
 from runner_driver import run_greedy
@@ -19,6 +18,8 @@ PUBLISHED_PARAMS = {
     "qwen3-0.6b": 596_049_920,
     "llama-3.2-1b": 1_235_814_400,
     "llama-3.1-8b": 8_030_261_248,
+    "gemma-3-1b": 999_885_952,
+    "gemma-2-2b": 2_614_341_888,
 }
 # Non-embedding parameters Qwen3-0.6B's model card gives: 0.44B.
 QWEN3_06B_NON_EMBEDDING = 440_401_920
@@ -28,7 +29,7 @@ QWEN3_06B_NON_EMBEDDING = 440_401_920
 def test_preset_has_the_published_parameter_count(name):
     arch = preset_arch(name)
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, 16)
+        model = model_class(arch)(arch, 16)
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
 
 
