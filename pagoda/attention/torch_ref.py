@@ -130,7 +130,7 @@ def causal_attention(
     softcap: float = 0.0,
 ) -> torch.Tensor:
     """q: (Q, H, D); k, v: (C, Hkv, D) with C >= Q; query i sits at position C - Q + i."""
-    if window or softcap:
+    if softcap:
         return _masked_attention(q, k, v, scale, window, softcap)
     query_len, context_len = q.shape[0], k.shape[0]
     # 4-D inputs take PyTorch's fused (flash) kernel, which serves each KV head's group of
@@ -139,12 +139,10 @@ def causal_attention(
     qh = q.transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
     kh = k.transpose(0, 1).unsqueeze(0)  # (1, Hkv, C, D)
     vh = v.transpose(0, 1).unsqueeze(0)
-    if query_len == context_len:
+    if query_len == context_len and not window:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        q_pos = torch.arange(context_len - query_len, context_len, device=q.device)
-        k_pos = torch.arange(context_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # (Q, C)
+        mask = _visible(query_len, context_len, window, q.device)  # (Q, C)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return o[0].transpose(0, 1)  # (Q, H, D)
 
@@ -164,15 +162,21 @@ def _masked_attention(
     qg = q.reshape(query_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("qhgd,khd->hgqk", qg.float(), k.float()) * scale  # (Hkv, G, Q, C)
     scores = _soft_cap(scores, softcap)
-    q_pos = torch.arange(context_len - query_len, context_len, device=q.device)
-    k_pos = torch.arange(context_len, device=q.device)
-    visible = k_pos[None, :] <= q_pos[:, None]  # (Q, C)
-    if window:
-        visible &= k_pos[None, :] > q_pos[:, None] - window
-    scores.masked_fill_(~visible, float("-inf"))
+    scores.masked_fill_(~_visible(query_len, context_len, window, q.device), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("hgqk,khd->qhgd", probs, v.float())
     return out.reshape(query_len, num_heads, head_dim).to(q.dtype)
+
+
+def _visible(query_len: int, context_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """(Q, C) bool: query i (at position C - Q + i) sees key j: j <= its position, and within
+    the window when there is one."""
+    q_pos = torch.arange(context_len - query_len, context_len, device=device)
+    k_pos = torch.arange(context_len, device=device)
+    visible = k_pos[None, :] <= q_pos[:, None]
+    if window:
+        visible &= k_pos[None, :] > q_pos[:, None] - window
+    return visible
 
 
 def _soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
