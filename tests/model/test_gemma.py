@@ -11,9 +11,12 @@ import pytest
 import torch
 import transformers
 
-from pagoda import LLM
+from pagoda import LLM, SamplingParams
 from pagoda.models.config import ModelArch, UnsupportedModelError, layer_windows
 from tiny_models import TINY_VOCAB, greedy, hf_greedy, make_model
+
+from native import needs_ext
+from test_bf16 import assert_teacher_forced
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,3 +135,33 @@ def test_unsupported_variants_are_refused_by_name(config, feature):
                 num_attention_heads=2, head_dim=4)
     with pytest.raises(UnsupportedModelError, match=feature):
         ModelArch.from_hf_config({**full, **config})
+
+
+# ----------------------------------------------------------------- bf16 on the CPU kernels
+BF16_CASES = {"gemma2-d16": ("gemma2", 16), "gemma3-d32": ("gemma3_text", 32)}
+BF16_MODES = {"default": {}, "chunked": dict(max_num_batched_tokens=7, block_size=4),
+              "prefix": dict(block_size=8)}
+
+
+@pytest.fixture(scope="module", params=list(BF16_CASES))
+def bf16_case(request, tmp_path_factory):
+    family, head_dim = BF16_CASES[request.param]
+    path = make_model(str(tmp_path_factory.mktemp(request.param)), family, seed=7,
+                      head_dim=head_dim)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    return path, hf
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", list(BF16_MODES))
+def test_bf16_on_the_cpu_kernels_agrees_with_transformers(bf16_case, mode, amx):
+    """bf16 through the C++ decode kernel with windows and soft-caps, and the AMX prefill
+    kernel (head dim 32) or the reference prefill: every token transformers' top choice in
+    bf16 or within a few rounding steps of it (tests/model/test_bf16.py's bar)."""
+    path, hf = bf16_case
+    prompts = prompts_for(9)
+    llm = LLM(path, dtype="bfloat16", **BF16_MODES[mode])
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for _ in range(2 if mode == "prefix" else 1):
+        assert_teacher_forced(hf, prompts, llm.generate(prompts, params))
+    llm.engine.check_invariants()
