@@ -165,3 +165,20 @@ def test_bf16_on_the_cpu_kernels_agrees_with_transformers(bf16_case, mode, amx):
     for _ in range(2 if mode == "prefix" else 1):
         assert_teacher_forced(hf, prompts, llm.generate(prompts, params))
     llm.engine.check_invariants()
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_speculative_decoding_keeps_the_tokens(gemma_case, method):
+    """Drafts verified through the windowed, soft-capped layers (repetitive prompts draw
+    drafts; whether the random model accepts them varies), and the tokens stay
+    transformers'."""
+    path, prompts, _ = gemma_case
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    repetitive = [prompts[1][:12] * 3, prompts[2][:10] * 4 + prompts[0]]
+    refs = [hf_greedy(hf, p, 40) for p in repetitive]
+    config = {"method": method, "num_speculative_tokens": 4, "adaptive": False}
+    llm = LLM(path, dtype="float32", speculative_config=config)
+    outs = llm.generate(repetitive, greedy(40))
+    assert [o.token_ids for o in outs] == refs
+    assert llm.engine.stats().scheduler.spec.num_draft_tokens > 0
+    llm.engine.check_invariants()
