@@ -8,6 +8,17 @@ exactly the K/V of tokens ``[0, context_len)`` of that sequence, token ``i`` liv
 garbage in slots a sequence does not own never reaches its output. Softmax statistics and
 accumulators are fp32 whatever the cache dtype.
 
+Two per-layer options (Gemma 2/3, Mistral; the contract of ``backend.AttentionFn``), each a
+constexpr flag so that a layer without them compiles to the plain kernels. A sliding
+``window`` W > 0: the query at position p sees keys (p - W, p] only. The prefill starts each
+query tile's KV loop at the first key its first row sees and masks the window's edge per
+element, as the causal one; the decode splits only [max(0, seq_len - W), seq_len) among its
+programs (splits past its end stay empty and the reduce skips them). So no key before the
+window of a step's first query is ever loaded, and a block wholly before it may be freed:
+its table entry is never read. A ``softcap`` c > 0: each score s = scale·q·k becomes
+c·tanh(s / c) before the softmax; the kernels work in log2 units (exp2), so they compute
+c·log2(e)·tanh(s / c), the cap applied to the true score.
+
 Layouts follow ``metadata.py``: ``kv_cache`` is (2, num_blocks, block_size, Hkv, D) with K at 0
 and V at 1 (head dim contiguous); q is (T, H, D); query head ``h`` reads KV head
 ``h // (H // Hkv)``. The decode kernel serves the ``G = H // Hkv`` query heads of a KV head in
@@ -327,6 +338,9 @@ def _prefill_kernel(
             pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BM, BD)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
+        if HAS_WINDOW:
+            # Padding rows past the chunk may see no key at all; the others see their own.
+            l_i = tl.where(row_ok, l_i, 1.0)
         o = acc / l_i[:, None]
         o_off = (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :]
         tl.store(

@@ -453,3 +453,208 @@ def test_default_num_splits_fills_the_gpu_but_not_past_the_context():
     many = ta.default_num_splits(4, 8, 8192, torch.device("cpu"))
     assert 1 < many <= ta.MAX_DECODE_SPLITS and many == min(
         ta.MAX_DECODE_SPLITS, ta.DECODE_PROGRAMS_PER_SM * sm // 32)
+
+
+# ------------------------------------------------------------- sliding window and soft-capping
+# The contract of backend.AttentionFn: with window W > 0 the query at position p sees exactly
+# keys (p - W, p] of its sequence; with softcap c > 0 each scaled score s becomes c·tanh(s / c)
+# before the softmax. Checked against an fp64 dense reference over each sequence's whole K/V.
+# Every block wholly before the window of a sequence's first query is a table entry pointing
+# at a NaN block, and the slots before that window in its first live block are NaN too: a
+# kernel that loads any key no query of the step may see turns the output NaN.
+WINDOW_CAPS = [(37, 0.0), (0, 5.0), (24, 5.0), (1, 0.0)]
+WINDOW_CAP_IDS = ["window37", "softcap5", "window24+softcap5", "window1"]
+# Queries drawn this much larger than K, so that scores reach past the cap (std about 3 here).
+SOFTCAP_Q_SPREAD = 3.0
+
+
+class WindowCase:
+    """Sequences ``(query_len, context_len)``, each with its whole K/V drawn up front, in a pool
+    of blocks handed out in random order. The cache holds each sequence's keys from the first
+    one its first query sees up to ``context_len`` (``cached_only``: up to the step's queries,
+    whose K/V the layer writes itself); NaN everywhere else, out-of-window table entries
+    included (they point at a spare NaN block). K/V hold e4m3 values with ``fp8`` (the cache
+    is e4m3 then; the queries' dtype holds them exactly)."""
+
+    def __init__(self, seqs: list[tuple[int, int]], window: int, softcap: float,
+                 block_size: int, group: int, dtype: torch.dtype, seed: int, fp8: bool = False,
+                 cached_only: bool = False) -> None:
+        self.seqs, self.window, self.softcap, self.seed = seqs, window, softcap, seed
+        self.block_size, self.group, self.dtype, self.fp8 = block_size, group, dtype, fp8
+        gen = torch.Generator().manual_seed(seed)
+        self.num_heads = NUM_KV_HEADS * group
+        counts = [-(-ctx // block_size) for _, ctx in seqs]
+        num_blocks = sum(counts) + SPARE_BLOCKS
+        order = torch.randperm(num_blocks, generator=gen).tolist()
+        self.nan_block = order.pop()
+        cache_dtype = FP8 if fp8 else dtype
+        cache = torch.full((2, num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM), float("nan"),
+                           dtype=cache_dtype)
+        self.kv: list[torch.Tensor] = []          # per sequence (2, C, Hkv, D), in dtype
+        self.tables: list[list[int]] = []
+        for (query_len, ctx), count in zip(seqs, counts):
+            kv = torch.randn((2, ctx, NUM_KV_HEADS, HEAD_DIM), generator=gen)
+            kv = torch_ref.to_cache_dtype(kv * FP8_SPREAD, FP8) if fp8 else kv
+            self.kv.append(kv.to(dtype))
+            table, order = order[:count], order[count:]
+            lo = self.first_visible(ctx - query_len)
+            pos = torch.arange(lo, ctx - query_len if cached_only else ctx)
+            blocks = torch.tensor(table, dtype=torch.int64)[pos // block_size]
+            cache[:, blocks, pos % block_size] = kv[:, pos].to(cache_dtype)
+            # Blocks wholly before the window: the engine may have freed them.
+            dead = lo // block_size
+            self.tables.append([self.nan_block] * dead + table[dead:])
+        self.cache = cache.to(DEVICE)
+        spread = SOFTCAP_Q_SPREAD if softcap else 1.0
+        total = sum(q for q, _ in seqs)
+        self.q = (torch.randn((total, self.num_heads, HEAD_DIM), generator=gen)
+                  * spread).to(dtype)              # (T, H, D)
+
+    def first_visible(self, pos: int) -> int:
+        """The first key the query at ``pos`` sees."""
+        return max(0, pos - self.window + 1) if self.window else 0
+
+    def new_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's new K and V rows (T, Hkv, D): each sequence's last query_len tokens."""
+        rows = [kv[:, ctx - q:] for kv, (q, ctx) in zip(self.kv, self.seqs)]
+        both = torch.cat(rows, dim=1)
+        return both[0], both[1]
+
+    def slot_mapping(self) -> torch.Tensor:
+        slots = []
+        for table, (q, ctx) in zip(self.tables, self.seqs):
+            slots += [table[p // self.block_size] * self.block_size + p % self.block_size
+                      for p in range(ctx - q, ctx)]
+        return torch.tensor(slots, dtype=torch.int64)
+
+    def padded_tables(self, seqs: slice) -> torch.Tensor:
+        """(B, width + 1) int64, padded with the NaN block: padding must never be read."""
+        tables = self.tables[seqs]
+        width = max(len(t) for t in tables) + 1
+        return torch.tensor([t + [self.nan_block] * (width - len(t)) for t in tables],
+                            dtype=torch.int64)
+
+    def chunks(self, first: int) -> list[PrefillChunk]:
+        """Sequences ``first`` on as prefill chunks, their rows counted from ``first``'s."""
+        out, row = [], sum(q for q, _ in self.seqs[:first])
+        for (q, ctx), table in zip(self.seqs[first:], self.tables[first:]):
+            out.append(PrefillChunk(row, q, ctx, torch.tensor(table).to(DEVICE)))
+            row += q
+        return out
+
+    def reference(self, scale: float) -> torch.Tensor:
+        """fp64 (T, H, D): every query over the keys of its sequence its position may see."""
+        out, row = [], 0
+        for (query_len, ctx), kv in zip(self.seqs, self.kv):
+            k, v = kv.double().repeat_interleave(self.group, dim=2)   # (C, H, D) each
+            q = self.q[row:row + query_len].double()                   # (Q, H, D)
+            s = torch.einsum("qhd,khd->hqk", q, k) * scale
+            if self.softcap:
+                s = self.softcap * torch.tanh(s / self.softcap)
+            q_pos = torch.arange(ctx - query_len, ctx)[:, None]
+            k_pos = torch.arange(ctx)[None, :]
+            hidden = k_pos > q_pos
+            if self.window:
+                hidden |= k_pos <= q_pos - self.window
+            s = s.masked_fill(hidden, float("-inf"))
+            out.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v))
+            row += query_len
+        return torch.cat(out)
+
+    def message(self, what: str) -> str:
+        return (f"{what}: seed={self.seed} seqs={self.seqs} window={self.window} "
+                f"softcap={self.softcap} block_size={self.block_size} "
+                f"heads={self.num_heads}/{NUM_KV_HEADS} dtype={self.dtype} fp8={self.fp8}")
+
+
+def window_decodes(rng: random.Random, window: int, block_size: int) -> list[tuple[int, int]]:
+    """Contexts shorter than, equal to and past the window, one well past it, one random."""
+    w, long = window or 40, max(window, 24)
+    lens = [1, w - 1, w, w + 1, 3 * long + block_size + 3, rng.randint(1, 4 * long)]
+    return [(1, n) for n in lens if n >= 1]
+
+
+def window_prefills(rng: random.Random, window: int) -> list[tuple[int, int]]:
+    """A fresh prompt past the window (more rows than one query tile), chunks after cached
+    context starting inside and past the window, a single row, one random chunk."""
+    w = max(window, 24)
+    ctx = rng.randint(1, 4 * w)
+    return [(2 * w + 5, 2 * w + 5), (7, w + 3), (w + 9, 3 * w), (1, 2 * w),
+            (rng.randint(1, ctx), ctx)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window, softcap", WINDOW_CAPS, ids=WINDOW_CAP_IDS)
+def test_prefill_window_softcap(window, softcap, dtype):
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    seqs = window_prefills(rng, window)
+    case = WindowCase(seqs, window, softcap, 16, 3, dtype, seed)
+    meta = AttentionMetadata(torch.empty(0, dtype=torch.int64), 0,
+                             torch.empty(0, 0, dtype=torch.int64),
+                             torch.empty(0, dtype=torch.int64), 0, case.chunks(0), 16)
+    out = torch.full(case.q.shape, float("nan"), dtype=dtype, device=DEVICE)
+    scale = HEAD_DIM ** -0.5
+    ta.paged_prefill_attention(case.q.to(DEVICE), case.cache, ta.pack_prefills(meta, DEVICE),
+                               scale, out, window=window, softcap=softcap)
+    err = relative_error(out, case.reference(scale))
+    assert err <= TOLERANCE[dtype], case.message(f"err={err:.2e}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window, softcap", WINDOW_CAPS, ids=WINDOW_CAP_IDS)
+def test_decode_window_softcap(window, softcap, dtype):
+    """One split, a few, more than the window has tiles (empty splits), and the default."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    seqs = window_decodes(rng, window, 16)
+    case = WindowCase(seqs, window, softcap, 16, 3, dtype, seed)
+    tables = case.padded_tables(slice(None)).to(DEVICE)
+    seq_lens = torch.tensor([ctx for _, ctx in seqs]).to(DEVICE)
+    scale = HEAD_DIM ** -0.5
+    want = case.reference(scale)
+    for num_splits in (1, 2, 3, 16, None):
+        out = torch.full(case.q.shape, float("nan"), dtype=dtype, device=DEVICE)
+        ta.paged_decode_attention(case.q.to(DEVICE), case.cache, tables, seq_lens, scale,
+                                  out=out, num_splits=num_splits, window=window,
+                                  softcap=softcap)
+        err = relative_error(out, want)
+        assert err <= TOLERANCE[dtype], case.message(f"num_splits={num_splits} err={err:.2e}")
+
+
+LAYER_DTYPES = [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)]
+LAYER_DTYPE_IDS = ["fp32", "bf16", "bf16-kv-fp8"]
+
+
+@pytest.mark.parametrize("dtype, fp8", LAYER_DTYPES, ids=LAYER_DTYPE_IDS)
+@pytest.mark.parametrize("window, softcap", WINDOW_CAPS, ids=WINDOW_CAP_IDS)
+def test_mixed_batch_window_softcap(window, softcap, dtype, fp8):
+    """The layer entry point on decodes then prefill chunks: the step's K/V written first
+    (at in-window slots), then every row attends; with the default split count and with a
+    fixed one (a CUDA graph's) larger than the window's tiles."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    decodes = window_decodes(rng, window, 16)
+    seqs = decodes + window_prefills(rng, window)
+    scale = 0.125
+    for num_splits in (None, 7):
+        case = WindowCase(seqs, window, softcap, 16, 2, dtype, seed, fp8, cached_only=True)
+        d = len(decodes)
+        meta = AttentionMetadata(
+            case.slot_mapping().to(DEVICE), d, case.padded_tables(slice(0, d)).to(DEVICE),
+            torch.tensor([ctx for _, ctx in decodes]).to(DEVICE),
+            max(ctx for _, ctx in decodes), case.chunks(d), 16, decode_num_splits=num_splits)
+        k, v = case.new_kv()
+        got = ta.paged_attention(case.q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), case.cache,
+                                 meta, scale, window=window, softcap=softcap)
+        err = relative_error(got, case.reference(scale))
+        assert err <= TOLERANCE[dtype], case.message(f"num_splits={num_splits} err={err:.2e}")
+
+
+def test_window_and_softcap_must_not_be_negative():
+    q = torch.zeros((1, NUM_KV_HEADS, HEAD_DIM)).to(DEVICE)
+    cache = torch.zeros((2, 1, 16, NUM_KV_HEADS, HEAD_DIM)).to(DEVICE)
+    table, one = torch.zeros((1, 1), dtype=torch.int64), torch.ones(1, dtype=torch.int64)
+    for bad in ({"window": -1}, {"softcap": -1.0}):
+        with pytest.raises(ValueError, match=">= 0"):
+            ta.paged_decode_attention(q, cache, table.to(DEVICE), one.to(DEVICE), 0.1, **bad)
