@@ -42,9 +42,9 @@ HEAD_DIM, GROUP, BLOCK_SIZE, NUM_KV_HEADS = 128, 2, 16, 8   # Qwen3-0.6B
 INDEX_PTRS = {"query_start_ptr", "context_lens_ptr", "block_tables_ptr", "seq_lens_ptr",
               "slot_ptr", "pos_ptr"}
 FP32_PTRS = {"mid_o_ptr", "mid_lse_ptr", "cos_ptr", "sin_ptr"}
-FP32_SCALARS = {"scale_log2", "eps"}
+FP32_SCALARS = {"scale_log2", "eps", "softcap_log2"}
 # Integer arguments that need not be multiples of 16 (block-table width, split count, sizes).
-ANY_INT = {"stride_bt", "stride_mlh", "n", "inter", "num_q_heads", "num_k_heads"}
+ANY_INT = {"stride_bt", "stride_mlh", "n", "inter", "num_q_heads", "num_k_heads", "window"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 CACHE_PTRS = {"k_cache_ptr", "v_cache_ptr"}   # an fp8 cache: its bytes
 
@@ -108,17 +108,23 @@ for dtype, fp8 in (("bf16", False), ("fp32", False), ("bf16", True), ("fp32", Tr
     decode_n = ta.DECODE_BLOCK_N_FP32 if ieee else ta.DECODE_BLOCK_N
     prefill_m, prefill_n = ((ta.PREFILL_BLOCK_M_FP32, ta.PREFILL_BLOCK_N_FP32) if ieee
                             else (ta.PREFILL_BLOCK_M, ta.PREFILL_BLOCK_N))
-    for splits in ((1, 8) if dtype == "bf16" else (8,)):
-        results.append(build(f"decode {dtype}{kv} splits={splits}", ta._decode_split_kernel,
-            dtype, dict(NUM_SPLITS=splits, GROUP=GROUP, BLOCK_G=16, HEAD_DIM=HEAD_DIM,
-                        BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=decode_n, IEEE=ieee,
-                        UPCAST=False, FP8_CACHE=fp8), launch["decode"]))
-    results.append(build(f"prefill {dtype}{kv}", ta._prefill_kernel, dtype,
-        dict(GROUP=GROUP, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE,
-             BLOCK_M=prefill_m, BLOCK_N=prefill_n, IEEE=ieee, UPCAST=False, FP8_CACHE=fp8),
-        launch["prefill"]))
-results.append(build("reduce", ta._decode_reduce_kernel, "bf16",
-    dict(NUM_SPLITS=8, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_N=ta.DECODE_BLOCK_N)))
+    # Plain, and (bf16 without fp8) with a sliding window and soft-capped scores (Gemma).
+    for extra in ("", " window+softcap") if (dtype, fp8) == ("bf16", False) else ("",):
+        flags = dict(HAS_WINDOW=bool(extra), HAS_SOFTCAP=bool(extra))
+        for splits in ((1, 8) if dtype == "bf16" else (8,)):
+            results.append(build(f"decode {dtype}{kv}{extra} splits={splits}",
+                ta._decode_split_kernel, dtype,
+                dict(NUM_SPLITS=splits, GROUP=GROUP, BLOCK_G=16, HEAD_DIM=HEAD_DIM, BLOCK_D=bd,
+                     BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=decode_n, IEEE=ieee, UPCAST=False,
+                     FP8_CACHE=fp8, **flags), launch["decode"]))
+        results.append(build(f"prefill {dtype}{kv}{extra}", ta._prefill_kernel, dtype,
+            dict(GROUP=GROUP, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE,
+                 BLOCK_M=prefill_m, BLOCK_N=prefill_n, IEEE=ieee, UPCAST=False, FP8_CACHE=fp8,
+                 **flags), launch["prefill"]))
+for window in (False, True):
+    results.append(build(f"reduce{' window' if window else ''}", ta._decode_reduce_kernel,
+        "bf16", dict(NUM_SPLITS=8, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_N=ta.DECODE_BLOCK_N,
+                     HAS_WINDOW=window)))
 for dtype, fp8 in (("bf16", False), ("bf16", True), ("fp32", True)):
     results.append(build(f"write_kv {dtype}{' fp8' if fp8 else ''}", ta._write_kv_kernel,
         dtype, dict(NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, BLOCK_H=NUM_KV_HEADS,
@@ -143,7 +149,7 @@ def test_kernels_compile_for_sm90():
         pytest.skip("triton's bundled ptxas is unavailable here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 18
+    assert len(results) == 22
     for r in results:
         assert r["cubin"], r
         assert r["shared"] <= SM90_MAX_SHARED_BYTES, r
@@ -153,7 +159,7 @@ def test_kernels_compile_for_sm90():
     # Hopper's warpgroup MMA for the prefill's 64-row tiles; the decode's 16-row tiles take
     # mma.sync. K/V tiles of both stream through asynchronous copies (software pipelining).
     # So do they over an fp8 cache, its bytes widened in registers between the two.
-    for kv in ("", " fp8"):
+    for kv in ("", " fp8", " window+softcap"):
         assert by_label[f"prefill bf16{kv}"]["wgmma"] > 0, by_label[f"prefill bf16{kv}"]
         for label in (f"decode bf16{kv} splits=1", f"decode bf16{kv} splits=8"):
             assert by_label[label]["mma_sync"] > 0, by_label[label]
