@@ -1,11 +1,14 @@
 """A C++ CPU kernel for paged decode attention (PagedAttention, Kwon et al., SOSP'23), with a
 flash-decoding style online softmax (running max, running sum and an fp32 accumulator).
 
-Invariant: a query of sequence ``b`` reads exactly the K/V rows of tokens ``[0, seq_lens[b])``
-through its block table (token ``i`` at block ``block_tables[b, i // block_size]``, offset
-``i % block_size``), each row once per (sequence, KV head) and straight from the blocks: no
-padded copy of the context is made, and no other cache slot is touched, so garbage in slots
-outside a sequence's context can never reach its output.
+Invariant: a query of sequence ``b`` reads exactly the K/V rows of tokens
+``[start, seq_lens[b])`` through its block table (token ``i`` at block
+``block_tables[b, i // block_size]``, offset ``i % block_size``), each row once per (sequence,
+KV head) and straight from the blocks: no padded copy of the context is made, and no other
+cache slot is touched, so garbage in slots outside a sequence's context can never reach its
+output. ``start`` is 0, or ``max(0, seq_lens[b] - window)`` with a sliding ``window`` > 0:
+table entries of blocks wholly before it are not even read (they may name a null block).
+With ``softcap`` c > 0, each scaled score s becomes ``c * tanh(s / c)`` before the softmax.
 
 The kernel (``csrc/paged_decode.cpp``) runs (sequence, KV heads, token range) work units on
 torch's intra-op threads (``at::parallel_for``; ``torch.set_num_threads`` applies). Each unit
@@ -114,6 +117,9 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     out: Optional[torch.Tensor] = None,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over its paged context.
 
@@ -124,10 +130,14 @@ def paged_decode_attention(
     including the new token (1 <= seq_lens[b] <= W * block_size). Query head ``h`` attends with
     KV head ``h // (H // Hkv)``. Returns (B, H, D) in q's dtype, written into ``out`` if given
     (then ``out`` must be (B, H, D) with q's dtype and a contiguous head dim).
+    ``window`` > 0: the query (at position ``seq_lens[b] - 1``) sees only the last ``window``
+    tokens, and the table entries of blocks wholly before them are ignored; ``softcap`` > 0:
+    scores s are capped to ``softcap * tanh(s / softcap)``; 0 turns either off.
     Supported dtypes: float32, bfloat16, float16. Raises RuntimeError if the extension is not
-    available (check :func:`available` first) or on bad shapes or out-of-range block ids.
+    available (check :func:`available` first) or on bad shapes, out-of-range block ids, a
+    negative window or a negative or non-finite softcap.
     """
-    return _call("paged_decode", q, kv_cache, block_tables, seq_lens, scale, out)
+    return _call("paged_decode", q, kv_cache, block_tables, seq_lens, scale, out, window, softcap)
 
 
 def _call(
@@ -138,6 +148,8 @@ def _call(
     seq_lens: torch.Tensor,
     scale: float,
     out: Optional[torch.Tensor],
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Run the extension's ``fn`` (``paged_decode``, or ``paged_decode_portable``, which always
     uses the auto-vectorised tile code instead of the AVX-512 one: for tests)."""
@@ -152,7 +164,9 @@ def _call(
         seq_lens = seq_lens.to(torch.int64).contiguous()
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    getattr(mod, fn)(out, q, kv_cache, block_tables, seq_lens, float(scale))
+    getattr(mod, fn)(
+        out, q, kv_cache, block_tables, seq_lens, float(scale), int(window), float(softcap)
+    )
     return out
 
 

@@ -14,6 +14,8 @@ bf16, context lengths uniform in 64..800, torch threads = 2). By default every c
 same cache, which may then sit in the last-level cache for the smaller batches; ``--layers 8``
 cycles through 8 caches, as a model's layers do, so K/V come from DRAM. Times are medians; the
 load average is printed before and after, since other jobs on the machine skew them.
+``--window W`` (a sliding window: each query reads only its last W tokens, so the bandwidth
+counts those) and ``--softcap C`` (scores capped to C * tanh(s / C)) time those options.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Case:
     seq_lens: torch.Tensor
     meta: AttentionMetadata
     scale: float
+    window: int = 0
+    softcap: float = 0.0
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -56,7 +60,8 @@ class Case:
     def kv_bytes(self) -> int:
         """Bytes of K and V that the step must read."""
         _, _, _, num_kv_heads, head_dim = self.kv_cache.shape
-        return int(self.seq_lens.sum()) * num_kv_heads * head_dim * 2 * self.kv_cache.element_size()
+        lens = self.seq_lens.clamp(max=self.window) if self.window else self.seq_lens
+        return int(lens.sum()) * num_kv_heads * head_dim * 2 * self.kv_cache.element_size()
 
 
 def make_case(
@@ -70,6 +75,8 @@ def make_case(
     dtype: torch.dtype,
     seed: int = 0,
     layers: int = 1,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> Case:
     """Random queries and cache(s); each sequence's blocks are drawn at random from the pool."""
     gen = torch.Generator().manual_seed(seed)
@@ -97,7 +104,8 @@ def make_case(
         prefills=[],
         block_size=block_size,
     )
-    return Case(q, kv_caches, block_tables, seq_lens, meta, 1.0 / math.sqrt(head_dim))
+    scale = 1.0 / math.sqrt(head_dim)
+    return Case(q, kv_caches, block_tables, seq_lens, meta, scale, window, softcap)
 
 
 def time_call(fn: Callable[[], object], repeats: int, min_seconds: float = 0.3) -> float:
@@ -124,21 +132,37 @@ def _cycled_calls(case: Case) -> tuple[Callable[[], torch.Tensor], Callable[[], 
         return case.kv_caches[calls[0] % len(case.kv_caches)]
 
     def kernel() -> torch.Tensor:
-        return cpu_decode.paged_decode_attention(
-            case.q, next_cache(), case.block_tables, case.seq_lens, case.scale
-        )
+        return _kernel(case, next_cache())
 
     def ref() -> torch.Tensor:
-        return decode_attention(
-            case.q,
-            next_cache(),
-            case.meta.decode_block_tables,
-            case.meta.decode_seq_lens,
-            case.meta.decode_max_seq_len,
-            case.scale,
-        )
+        return _reference(case, next_cache())
 
     return kernel, ref
+
+
+def _kernel(case: Case, kv: torch.Tensor) -> torch.Tensor:
+    return cpu_decode.paged_decode_attention(
+        case.q,
+        kv,
+        case.block_tables,
+        case.seq_lens,
+        case.scale,
+        window=case.window,
+        softcap=case.softcap,
+    )
+
+
+def _reference(case: Case, kv: torch.Tensor) -> torch.Tensor:
+    return decode_attention(
+        case.q,
+        kv,
+        case.meta.decode_block_tables,
+        case.meta.decode_seq_lens,
+        case.meta.decode_max_seq_len,
+        case.scale,
+        window=case.window,
+        softcap=case.softcap,
+    )
 
 
 def run(
@@ -153,6 +177,8 @@ def run(
     repeats: int,
     skip_ref: bool = False,
     layers: int = 1,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> list[dict[str, float]]:
     rows: list[dict[str, float]] = []
     for batch in batch_sizes:
@@ -167,6 +193,8 @@ def run(
             dtype,
             seed=batch,
             layers=layers,
+            window=window,
+            softcap=softcap,
         )
         kernel, ref = _cycled_calls(case)
         t_ker = time_call(kernel, repeats)
@@ -180,19 +208,7 @@ def run(
         if not skip_ref:
             t_ref = time_call(ref, repeats)
             kv = case.kv_cache
-            diff = (
-                cpu_decode.paged_decode_attention(
-                    case.q, kv, case.block_tables, case.seq_lens, case.scale
-                ).float()
-                - decode_attention(
-                    case.q,
-                    kv,
-                    case.meta.decode_block_tables,
-                    case.meta.decode_seq_lens,
-                    case.meta.decode_max_seq_len,
-                    case.scale,
-                ).float()
-            )
+            diff = _kernel(case, kv).float() - _reference(case, kv).float()
             err = diff.abs().max().item()
             row.update(
                 ref_ms=t_ref * 1e3,
@@ -247,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         help="cycle through this many caches (as a model's layers do), so that K/V "
         "come from DRAM rather than from the last call's cache lines",
     )
+    p.add_argument("--window", type=int, default=0, help="sliding window (0: none)")
+    p.add_argument("--softcap", type=float, default=0.0, help="score soft cap (0: none)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -259,6 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"paged decode attention: H={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
         f"block_size={args.block_size} {args.dtype} context {lo}..{hi}, "
         f"torch threads={torch.get_num_threads()}, caches cycled={args.layers}, "
+        f"window={args.window} softcap={args.softcap}, "
         f"kernel isa: {info['isa']}"
     )
     print(f"load average before: {_loadavg()}")
@@ -274,6 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.repeats,
         skip_ref=args.no_ref,
         layers=args.layers,
+        window=args.window,
+        softcap=args.softcap,
     )
     print(format_table(rows))
     print(f"load average after: {_loadavg()}")

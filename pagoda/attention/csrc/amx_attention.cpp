@@ -3,10 +3,14 @@
 // (Dao et al., 2022) over blocks of 64 keys, the two matrix products on the AMX tile unit.
 //
 // Invariant: query i of sequence n (rows [query_start[n], query_start[n + 1]) of q) sits at
-// position p = context_len[n] - query_len + i and sees exactly the keys [0, p] of its own
-// sequence, read through block_tables[n] after the step's K/V were written. Keys at or past
-// context_len are never read from the cache (their slots in the work buffers are zeros), so
-// garbage in unused slots cannot reach the output.
+// position p = context_len[n] - query_len + i and sees exactly the keys [lo(p), p] of its own
+// sequence, read through block_tables[n] after the step's K/V were written; lo(p) = 0, or
+// max(0, p - window + 1) with a sliding `window` > 0 (the W keys (p - W, p]). Keys at or past
+// context_len, and keys before the window of a unit's first query, are never read from the
+// cache (nor their block-table entries checked: they may name a shared null block); their
+// slots in the work buffers are zeros, and they are masked. So garbage in unused slots cannot
+// reach the output. With `softcap` c > 0, each scaled score s (fp32) becomes c * tanh(s / c)
+// before the softmax.
 //
 // Work units are (sequence, KV head, up to kUnitRows query rows), where the rows of a KV head
 // are its G = H / Hkv query heads for each query token (row r = token r / G, head r % G), so
@@ -16,8 +20,9 @@
 //       Q (16 rows x 32 dims) . Kt is one TDPBF16PS giving the 16 x 16 scores;
 //   Vt: per 32 keys and 16 dims, key pairs interleaved ("VNNI" layout), so that
 //       P (16 rows x 32 keys, bf16) . Vt is one TDPBF16PS giving 16 rows x 16 dims.
-// Then, per tile of 16 rows and per block of 64 keys: scores on the tiles, the causal mask and
-// online softmax in AVX-512 (fp32; probabilities rounded to bf16 for the second product, as
+// Then, per tile of 16 rows and per block of 64 keys that any of its rows sees (with a window,
+// only blocks meeting [min_pos - W + 1, max_pos]): scores on the tiles, the soft cap, the causal
+// and window masks and online softmax in AVX-512 (fp32; probabilities rounded to bf16 for the second product, as
 // PyTorch's CPU flash attention does), P . V on the tiles, and the fp32 accumulator rescaled.
 // Threads take units dynamically, largest first. An fp8 (e4m3) cache is widened to bf16 as the
 // buffers are filled (exactly: e4m3 values are bf16 values), so the products are unchanged.
@@ -27,6 +32,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -85,7 +91,14 @@ struct Problem {
   int64_t q_st, o_st;                    // token strides of q and out (elements)
   int64_t c_skv, c_sblk, c_stok;         // cache strides (elements): K/V, block, token
   float scale;
+  int64_t window;                        // > 0: a query at p sees keys (p - window, p] only
+  float softcap;                         // > 0: scaled scores s -> softcap * tanh(s / softcap)
 };
+
+// First key that a query at position p sees.
+inline int64_t first_key(const Problem& P, int64_t p) {
+  return P.window > 0 ? std::max<int64_t>(0, p - P.window + 1) : 0;
+}
 
 struct Unit {
   int64_t n, h;       // sequence, KV head
@@ -161,12 +174,15 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-// Kt and Vt for keys [0, nkeys) of (n, h), zero-padded to a whole key block.
-//   Kt: group g (keys 16g..), chunk c (dims 32c..): 16 rows (dim pairs) x 16 keys x 2 bf16.
-//   Vt: block b (keys 32b..), group e (dims 16e..): 16 rows (key pairs) x 16 dims x 2 bf16.
+// Kt and Vt for keys [base, nkeys) of (n, h), base a multiple of kKeyBlock, zero-padded to a
+// whole key block; keys before kstart (>= base) are zeros too, never read.
+//   Kt: group g (keys base + 16g..), chunk c (dims 32c..): 16 rows (dim pairs) x 16 keys x 2 bf16.
+//   Vt: block b (keys base + 32b..), group e (dims 16e..): 16 rows (key pairs) x 16 dims x 2 bf16.
 template <bool FP8>
-void transform_kv(const Problem& P, int64_t n, int64_t h, int64_t nkeys, Buffers& buf) {
-  const int64_t D = P.D, chunks = D / 32, padded = (nkeys + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+void transform_kv(const Problem& P, int64_t n, int64_t h, int64_t base, int64_t kstart,
+                  int64_t nkeys, Buffers& buf) {
+  const int64_t D = P.D, chunks = D / 32;
+  const int64_t padded = (nkeys - base + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
   const int64_t kv_offset = P.c_skv * (FP8 ? 1 : 2);   // bytes from a K row to its V row
   uint16_t* kt = buf.kt;
   uint16_t* vt = buf.vt;
@@ -174,12 +190,12 @@ void transform_kv(const Problem& P, int64_t n, int64_t h, int64_t nkeys, Buffers
   for (int64_t g = 0; g < padded / 16; ++g) {
     const char* rows[16];
     for (int64_t t = 0; t < 16; ++t) {
-      const int64_t key = 16 * g + t;
-      rows[t] = key < nkeys ? key_row<FP8>(P, n, h, key) : nullptr;
+      const int64_t key = base + 16 * g + t;
+      rows[t] = key >= kstart && key < nkeys ? key_row<FP8>(P, n, h, key) : nullptr;
     }
-    if (16 * g + 16 < nkeys) {  // prefetch the next group's rows
+    if (base + 16 * g + 16 < nkeys) {  // prefetch the next group's rows
       for (int64_t t = 0; t < 16; ++t) {
-        const int64_t key = 16 * g + 16 + t < nkeys ? 16 * g + 16 + t : nkeys - 1;
+        const int64_t key = std::clamp(base + 16 * g + 16 + t, kstart, nkeys - 1);
         const char* k = key_row<FP8>(P, n, h, key);
         _mm_prefetch(k, _MM_HINT_T0);
         _mm_prefetch(k + kv_offset, _MM_HINT_T0);
@@ -234,7 +250,7 @@ inline __m512 exp2_neg(__m512 x) {
   return _mm512_maskz_scalef_ps(live, p, n);
 }
 
-// Raw scores (before scaling) of the tile's rows against keys [64 kb, 64 kb + 64) into s
+// Raw scores (before scaling) of the tile's rows against the buffers' key block kb into s
 // (16 rows x 64 fp32): four 16-key tiles, each summed over the head dim's 32-dim chunks.
 inline void scores(const Buffers& buf, int64_t kb, int64_t chunks, float* s) {
   const uint16_t* kt = buf.kt + 4 * kb * chunks * kTileElems;
@@ -260,31 +276,59 @@ inline void scores(const Buffers& buf, int64_t kb, int64_t chunks, float* s) {
   _tile_stored(7, s + 48, kStride);
 }
 
-// Online softmax over one key block for the tile's `rows` valid rows, in base 2 (the scale
-// times log2(e) folded into one multiply-add). Keys past a row's position are masked where
-// the block reaches past the tile's first position. Pass 1 finds each row's block maximum;
-// the running maxima, rescales and sums are then updated for all 16 rows as vectors; pass 2
-// writes the bf16 probabilities.
-inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, float scale) {
+// cap * tanh(x * mul / cap), as sign (1 - e) / (1 + e) with e = 2^(-2 |y| log2 e) <= 1; the
+// division is a reciprocal estimate and one Newton step (relative error ~1e-7).
+inline __m512 soft_cap(__m512 x, float mul, float cap) {
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(mul / cap));
+  const __m512 e = exp2_neg(_mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(-2.88539008f)));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 den = _mm512_add_ps(one, e);
+  __m512 r = _mm512_rcp14_ps(den);
+  r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(den, r, one), r);
+  const __m512 t = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(cap), _mm512_sub_ps(one, e)), r);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(INT32_MIN));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
+}
+
+// Online softmax over key block kb (keys 64 kb ..) for the tile's `rows` valid rows, in base 2
+// (the scale times log2(e) folded into one multiply-add; with a soft cap, the capped scores
+// are computed first and the multiplier is log2(e) alone). Keys past a row's position are
+// masked where the block reaches past the tile's first position, and with a window, keys
+// before a row's window where the block starts before the last row's window. Pass 1 finds each
+// row's block maximum; the running maxima, rescales and sums are then updated for all 16 rows
+// as vectors; pass 2 writes the bf16 probabilities. (A row that sees no key of the block, only
+// possible with a window, gets probabilities and alpha 0: exp2_neg maps the NaN of -inf - -inf
+// to 0.)
+inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, const Problem& P) {
   constexpr float kLog2e = 1.44269504088896341f;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  const __m512 c = _mm512_set1_ps(scale * kLog2e);
+  const bool capped = P.softcap > 0.f;
+  const float mul = capped ? 1.f : P.scale;
+  const __m512 c = _mm512_set1_ps(mul * kLog2e);
   const bool diagonal = kKeyBlock * kb + kKeyBlock - 1 > buf.pos[0];
+  const bool before = P.window > 0 && kKeyBlock * kb < first_key(P, buf.pos[rows - 1]);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   alignas(64) float rowmax[kRows], rowsum[kRows];
   for (int64_t r = 0; r < rows; ++r) {
     float* s = buf.s + r * kKeyBlock;
     __m512 x[4];
     for (int j = 0; j < 4; ++j) x[j] = _mm512_load_ps(s + 16 * j);
-    if (diagonal) {
+    if (capped) {
+      for (int j = 0; j < 4; ++j) x[j] = soft_cap(x[j], P.scale, P.softcap);
+    }
+    if (diagonal || before) {
       const __m512i pos = _mm512_set1_epi32(static_cast<int>(buf.pos[r]));
+      const __m512i lo = _mm512_set1_epi32(static_cast<int>(first_key(P, buf.pos[r])));
       for (int j = 0; j < 4; ++j) {
         const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(
             static_cast<int>(kKeyBlock * kb + 16 * j)));
-        const __mmask16 seen = _mm512_cmp_epi32_mask(key, pos, _MM_CMPINT_LE);
+        const __mmask16 seen = _mm512_cmp_epi32_mask(key, pos, _MM_CMPINT_LE) &
+                               _mm512_cmp_epi32_mask(key, lo, _MM_CMPINT_NLT);
         x[j] = _mm512_mask_mov_ps(_mm512_set1_ps(neg_inf), seen, x[j]);
-        _mm512_store_ps(s + 16 * j, x[j]);
       }
+    }
+    if (capped || diagonal || before) {
+      for (int j = 0; j < 4; ++j) _mm512_store_ps(s + 16 * j, x[j]);
     }
     rowmax[r] = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(x[0], x[1]),
                                                    _mm512_max_ps(x[2], x[3])));
@@ -297,7 +341,7 @@ inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, float scale) {
   _mm512_store_ps(buf.m, m_new);
   for (int64_t r = 0; r < rows; ++r) {
     const float* s = buf.s + r * kKeyBlock;
-    const __m512 mc = _mm512_set1_ps(buf.m[r] * scale * kLog2e);
+    const __m512 mc = _mm512_set1_ps(buf.m[r] * mul * kLog2e);
     __m512 p[4];
     for (int j = 0; j < 4; ++j) p[j] = exp2_neg(_mm512_fmsub_ps(_mm512_load_ps(s + 16 * j), c, mc));
     rowsum[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(p[0], p[1]),
@@ -335,7 +379,7 @@ inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, float scale) {
     _tile_stored(C1, (o) + 16 * ((e) + 1), stride);             \
   } while (0)
 
-// acc = acc * alpha + P . V for one key block: P as two 16 x 32-key tiles, V per 32 keys and
+// acc = acc * alpha + P . V for the buffers' key block kb: P as two 16 x 32-key tiles, V per 32 keys and
 // 16 dims; four 16-dim groups at a time (D is a multiple of 32: 2 or 4 groups per pass).
 inline void accumulate(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
   const int64_t groups = D / 16;
@@ -358,8 +402,10 @@ inline void accumulate(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
   }
 }
 
-// Rows [t0, t0 + rows) of unit u: one tile, over every key block any of its rows sees.
-void run_tile(const Problem& P, const Unit& u, int64_t t0, int64_t rows, Buffers& buf) {
+// Rows [t0, t0 + rows) of unit u: one tile, over every key block any of its rows sees; the
+// unit's buffers start at key block kb0.
+void run_tile(const Problem& P, const Unit& u, int64_t t0, int64_t rows, int64_t kb0,
+              Buffers& buf) {
   const int64_t D = P.D, G = P.G, chunks = D / 32;
   const int64_t qstart = P.query_start[u.n];
   const int64_t qlen = P.query_start[u.n + 1] - qstart;
@@ -379,10 +425,10 @@ void run_tile(const Problem& P, const Unit& u, int64_t t0, int64_t rows, Buffers
   }
   std::memset(buf.acc, 0, sizeof(float) * kRows * D);
   const int64_t blocks = max_pos / kKeyBlock + 1;
-  for (int64_t kb = 0; kb < blocks; ++kb) {
-    scores(buf, kb, chunks, buf.s);
-    softmax_block(buf, rows, kb, P.scale);
-    accumulate(buf, rows, kb, D);
+  for (int64_t kb = std::max(kb0, first_key(P, buf.pos[0]) / kKeyBlock); kb < blocks; ++kb) {
+    scores(buf, kb - kb0, chunks, buf.s);
+    softmax_block(buf, rows, kb, P);
+    accumulate(buf, rows, kb - kb0, D);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = t0 + r, i = row / G, g = row % G;
@@ -395,16 +441,27 @@ void run_tile(const Problem& P, const Unit& u, int64_t t0, int64_t rows, Buffers
   }
 }
 
+// Keys [kstart, kend) that the query rows [r0, r1) of sequence n see, and the first key of
+// the key block kstart falls in (where the unit's buffers start).
+struct KeySpan {
+  int64_t base, kstart, kend;
+};
+inline KeySpan unit_keys(const Problem& P, int64_t n, int64_t r0, int64_t r1) {
+  const int64_t qlen = P.query_start[n + 1] - P.query_start[n];
+  const int64_t first_pos = P.context_lens[n] - qlen;
+  const int64_t kstart = first_key(P, first_pos + r0 / P.G);
+  return {kstart / kKeyBlock * kKeyBlock, kstart, first_pos + (r1 - 1) / P.G + 1};
+}
+
 void run_unit(const Problem& P, const Unit& u, Buffers& buf) {
-  const int64_t qlen = P.query_start[u.n + 1] - P.query_start[u.n];
-  const int64_t last_pos = P.context_lens[u.n] - qlen + (u.r1 - 1) / P.G;
+  const KeySpan k = unit_keys(P, u.n, u.r0, u.r1);
   if (P.fp8) {
-    transform_kv<true>(P, u.n, u.h, last_pos + 1, buf);
+    transform_kv<true>(P, u.n, u.h, k.base, k.kstart, k.kend, buf);
   } else {
-    transform_kv<false>(P, u.n, u.h, last_pos + 1, buf);
+    transform_kv<false>(P, u.n, u.h, k.base, k.kstart, k.kend, buf);
   }
   for (int64_t t0 = u.r0; t0 < u.r1; t0 += kRows)
-    run_tile(P, u, t0, std::min<int64_t>(kRows, u.r1 - t0), buf);
+    run_tile(P, u, t0, std::min<int64_t>(kRows, u.r1 - t0), k.base / kKeyBlock, buf);
 }
 
 bool request_amx() {
@@ -425,8 +482,12 @@ bool available() {
 }
 
 void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor query_start,
-                     at::Tensor context_lens, at::Tensor block_tables, double scale) {
+                     at::Tensor context_lens, at::Tensor block_tables, double scale,
+                     int64_t window, double softcap) {
   TORCH_CHECK(available(), "AMX is not available on this CPU or was refused by the kernel");
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: no sliding window), got ", window);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "softcap must be a finite number >= 0 (0: no soft-capping), got ", softcap);
   const bool fp8 = kv_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
                   (kv_cache.scalar_type() == at::kBFloat16 || fp8),
@@ -454,29 +515,30 @@ void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tens
             query_start.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
             block_tables.data_ptr<int64_t>(), q.stride(0), out.stride(0),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-            static_cast<float>(scale)};
+            static_cast<float>(scale), window, static_cast<float>(softcap)};
   TORCH_CHECK(P.query_start[0] == 0 && P.query_start[N] <= T, "query_start out of range");
   std::vector<Unit> units;
-  int64_t max_keys = 0;
+  int64_t max_keys = 0;  // of a unit's buffers
   for (int64_t n = 0; n < N; ++n) {
     const int64_t qlen = P.query_start[n + 1] - P.query_start[n], ctx = P.context_lens[n];
     TORCH_CHECK(qlen >= 0 && qlen <= ctx, "sequence ", n, ": query_len ", qlen,
                 " must lie in [0, context_len = ", ctx, "]");
     const int64_t nb = (ctx + P.block_size - 1) / P.block_size;
     TORCH_CHECK(nb <= P.W, "sequence ", n, ": context needs ", nb, " blocks, the table has ", P.W);
-    for (int64_t j = 0; j < nb; ++j) {
+    // Blocks before the first query's window are never read: not checked.
+    for (int64_t j = first_key(P, ctx - qlen) / P.block_size; j < nb; ++j) {
       const int64_t id = P.block_tables[n * P.W + j];
       TORCH_CHECK(id >= 0 && id < P.num_blocks, "block_tables[", n, "][", j, "] = ", id,
                   " is outside [0, ", P.num_blocks, ")");
     }
     if (qlen == 0) continue;
-    max_keys = std::max(max_keys, ctx);
     const int64_t rows = qlen * P.G;
-    for (int64_t h = 0; h < Hkv; ++h) {
-      for (int64_t r0 = 0; r0 < rows; r0 += kUnitRows) {
-        const int64_t r1 = std::min(rows, r0 + kUnitRows);
-        const int64_t keys = ctx - qlen + (r1 - 1) / P.G + 1;
-        units.push_back({n, h, r0, r1, keys * (16 + (r1 - r0))});
+    for (int64_t r0 = 0; r0 < rows; r0 += kUnitRows) {
+      const int64_t r1 = std::min(rows, r0 + kUnitRows);
+      const KeySpan k = unit_keys(P, n, r0, r1);
+      max_keys = std::max(max_keys, k.kend - k.base);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        units.push_back({n, h, r0, r1, (k.kend - k.kstart) * (16 + (r1 - r0))});
       }
     }
   }
@@ -501,7 +563,7 @@ void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tens
 bool available() { return false; }
 
 void paged_attention(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                     double) {
+                     double, int64_t, double) {
   TORCH_CHECK(false, "this build of the extension has no AMX kernel");
 }
 

@@ -2,12 +2,20 @@
 // the blocks, with a flash-decoding style online softmax (running max, running sum and an fp32
 // accumulator per query head; cf. FlashAttention / Flash-Decoding, Dao et al. 2022-23).
 //
-// Invariant: for sequence b, only the K/V rows of tokens [0, seq_lens[b]) are read, token i at
-// block block_tables[b][i / block_size], offset i % block_size, and each (token, KV head) row
-// is fetched from memory once (groups of more than 4 query heads re-read it from L1). No other
-// cache slot (padding entries of the block table, the
-// unused tail of the last block, blocks of other sequences) is ever read, so garbage or NaN
-// there cannot reach the output. (Prefetch hints touch only rows that will be read.)
+// Invariant: for sequence b, only the K/V rows of tokens [start_b, seq_lens[b]) are read, token
+// i at block block_tables[b][i / block_size], offset i % block_size, and each (token, KV head)
+// row is fetched from memory once (groups of more than 4 query heads re-read it from L1). No
+// other cache slot (padding entries of the block table, the unused tail of the last block,
+// blocks of other sequences, tokens before the window) is ever read, so garbage or NaN there
+// cannot reach the output. (Prefetch hints touch only rows that will be read.)
+//
+// Two options (Gemma 2/3, Mistral): a sliding `window` W > 0 makes start_b = max(0, seq_lens[b]
+// - W), so the query (at position seq_lens[b] - 1) sees the W keys (p - W, p]; the entries of
+// the block table before block start_b / block_size are neither read nor checked (they may
+// name a shared null block), and the rows of the first block before start_b are skipped, not
+// masked. Without one, start_b = 0. A `softcap` c > 0 replaces each scaled score s (fp32) with
+// c * tanh(s / c) before the online softmax. Both 0: off (and the tile loop is unchanged but for
+// one untaken branch per tile).
 //
 // Work units are (sequence, KV heads, token range): all KV heads of a sequence when there are
 // enough sequences to keep the threads busy (blocks are then consumed front to back), else one
@@ -211,6 +219,18 @@ inline float exp_shift_sum(float* __restrict x, float shift, int64_t n) {
   return s;
 }
 
+// x[i] = cap * tanh(x[i] / cap) for i < n (attention-logit soft-capping), as
+// sign(y) (1 - e) / (1 + e) with e = exp(-2 |y|) <= 1, y = x / cap: no overflow, and an
+// absolute error of a few ulp of 1 (times cap) near 0. NaN stays NaN.
+inline void soft_cap_portable(float* __restrict x, int64_t n, float cap) {
+  const float inv = 1.0f / cap;
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = x[i] * inv;
+    const float e = exp_poly(-2.0f * std::fabs(y));
+    x[i] = std::copysign(cap * ((1.0f - e) / (1.0f + e)), y);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 struct Unit {
@@ -229,7 +249,14 @@ struct Problem {
   int64_t o_sb, o_sh;
   int64_t c_skv, c_sblk, c_stok, c_sh;
   float scale;
+  int64_t window;  // > 0: keys [len - window, len) only
+  float softcap;   // > 0: scores s -> softcap * tanh(s / softcap)
 };
+
+// First token of sequence b's context that its query sees.
+inline int64_t key_start(const Problem& P, int64_t b) {
+  return P.window > 0 ? std::max<int64_t>(0, P.seq_lens[b] - P.window) : 0;
+}
 
 PAGODA_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
@@ -366,6 +393,26 @@ inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, fn);
+}
+
+// soft_cap_portable, 16 lanes at a time (a masked tail); the division is a reciprocal
+// estimate refined by one Newton step (relative error ~1e-7).
+inline void soft_cap_avx512(float* x, int64_t n, float cap) {
+  const __m512 inv = _mm512_set1_ps(1.0f / cap), vcap = _mm512_set1_ps(cap);
+  const __m512 one = _mm512_set1_ps(1.0f), m2 = _mm512_set1_ps(-2.0f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = n - j >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                    : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), inv);
+    const __m512 e = exp512(_mm512_mul_ps(m2, _mm512_abs_ps(y)));
+    const __m512 den = _mm512_add_ps(one, e);
+    __m512 r = _mm512_rcp14_ps(den);
+    r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(den, r, one), r);
+    const __m512 t = _mm512_mul_ps(_mm512_mul_ps(vcap, _mm512_sub_ps(one, e)), r);
+    const __m512i s = _mm512_and_si512(_mm512_castps_si512(y), sign);
+    _mm512_mask_storeu_ps(x + j, k, _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), s)));
+  }
 }
 
 // v: 16 rows of 16 floats. Returns the 16 row sums, in order (a transposing reduction:
@@ -774,6 +821,14 @@ struct Avx2Kernel {
 };
 #endif  // AVX2 without AVX-512
 
+inline void soft_cap(float* x, int64_t n, float cap) {
+#if defined(__AVX512F__)
+  soft_cap_avx512(x, n, cap);
+#else
+  soft_cap_portable(x, n, cap);
+#endif
+}
+
 // Row pointers of tokens [t, t + n) of unit u, n = min(TILE, u.t1 - t): walks the block table
 // (one table read per block, no division per token). Returns n.
 template <typename T>
@@ -880,6 +935,9 @@ void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, cons
       float* l = s.l + (kvh - u.k0) * G;
       K::scores(krow, hoff, n, G, D, qf, s, first ? k_ahead : none, P.scale);
       if (first) k_ahead.rest(n);
+      if (P.softcap > 0.f) {
+        for (int64_t g = 0; g < G; ++g) soft_cap(s.scores + g * TILE, n, P.softcap);
+      }
       // Online softmax: new max, rescale the running sum and accumulator, exponentiate.
       for (int64_t g = 0; g < G; ++g) {
         float* sc = s.scores + g * TILE;
@@ -920,7 +978,7 @@ void run_all(const Problem& P, const Q* q, const T* cache, Q* out) {
   const int64_t H = P.H;
   const int64_t D = P.D;
   int64_t total = 0;  // tokens x KV heads to read
-  for (int64_t b = 0; b < P.B; ++b) total += P.seq_lens[b] * P.Hkv;
+  for (int64_t b = 0; b < P.B; ++b) total += (P.seq_lens[b] - key_start(P, b)) * P.Hkv;
   // Tiny steps run on the calling thread: waking the others would cost more than they save.
   const int64_t nthreads = total < SERIAL_BELOW ? 1 : std::max<int64_t>(1, at::get_num_threads());
   const int64_t want_units = 4 * nthreads;
@@ -939,13 +997,13 @@ void run_all(const Problem& P, const Q* q, const T* cache, Q* out) {
   units.reserve(P.B * P.Hkv);
   int64_t num_parts = 0;
   for (int64_t b = 0; b < P.B; ++b) {
-    const int64_t len = P.seq_lens[b];
+    const int64_t len = P.seq_lens[b], start = key_start(P, b);
     for (int64_t k0 = 0; k0 < P.Hkv; k0 += heads_per_unit) {
       const int64_t k1 = k0 + heads_per_unit;
-      if (len <= chunk) {
-        units.push_back({b, k0, k1, 0, len, -1});
+      if (len - start <= chunk) {
+        units.push_back({b, k0, k1, start, len, -1});
       } else {
-        for (int64_t t0 = 0; t0 < len; t0 += chunk) {
+        for (int64_t t0 = start; t0 < len; t0 += chunk) {
           units.push_back({b, k0, k1, t0, std::min(len, t0 + chunk), num_parts++});
         }
       }
@@ -1062,7 +1120,10 @@ void dispatch_fp8(const Problem& P, const void* q, const void* cache, void* out,
 // of out.
 void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                       bool portable) {
+                       int64_t window, double softcap, bool portable) {
+  TORCH_CHECK(window >= 0, "window must be >= 0 (0: no sliding window), got ", window);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "softcap must be a finite number >= 0 (0: no soft-capping), got ", softcap);
   TORCH_CHECK(q.dim() == 3, "q must be (B, H, D), got ", q.sizes());
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2,
               "kv_cache must be (2, num_blocks, block_size, Hkv, D), got ", kv_cache.sizes());
@@ -1111,15 +1172,18 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
   P.c_stok = kv_cache.stride(2);
   P.c_sh = kv_cache.stride(3);
   P.scale = static_cast<float>(scale);
+  P.window = window;
+  P.softcap = static_cast<float>(softcap);
   if (P.B == 0 || P.H == 0 || P.D == 0) return;
 
   // Validate every block id that will be dereferenced: a bad one must raise, not read memory.
+  // (Those before a window are never dereferenced.)
   for (int64_t b = 0; b < P.B; ++b) {
     const int64_t len = P.seq_lens[b];
     TORCH_CHECK(len >= 1 && len <= P.W * P.block_size, "seq_lens[", b, "] = ", len,
                 " is outside [1, ", P.W * P.block_size, "] (block table width x block size)");
     const int64_t nb = (len + P.block_size - 1) / P.block_size;
-    for (int64_t j = 0; j < nb; ++j) {
+    for (int64_t j = key_start(P, b) / P.block_size; j < nb; ++j) {
       const int64_t id = P.block_tables[b * P.W + j];
       TORCH_CHECK(id >= 0 && id < P.num_blocks, "block_tables[", b, "][", j, "] = ", id,
                   " is outside [0, ", P.num_blocks, ")");
@@ -1150,16 +1214,17 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
 }
 
 void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
-                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
-  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, false);
+                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                  int64_t window, double softcap) {
+  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, window, softcap, false);
 }
 
 // The same, always with the portable (auto-vectorised) tile kernels: lets the tests check
 // that path on machines where the AVX-512 one is used.
 void paged_decode_portable(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                           double scale) {
-  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, true);
+                           double scale, int64_t window, double softcap) {
+  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, window, softcap, true);
 }
 
 std::string build_info() {
@@ -1202,7 +1267,8 @@ void argmax_cols(at::Tensor out, at::Tensor logits_t);
 namespace pagoda_amx {
 bool available();
 void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor query_start,
-                     at::Tensor context_lens, at::Tensor block_tables, double scale);
+                     at::Tensor context_lens, at::Tensor block_tables, double scale,
+                     int64_t window, double softcap);
 }  // namespace pagoda_amx
 
 // Structured outputs: the grammar's forbidden tokens to -inf (token_mask.cpp).
@@ -1230,10 +1296,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Paged decode attention for the CPU (PagedAttention + online softmax).";
   m.def("paged_decode", &paged_decode, "Paged decode attention; writes out in place.",
         py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("block_tables"),
-        py::arg("seq_lens"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
+        py::arg("seq_lens"), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("paged_decode_portable", &paged_decode_portable,
         "paged_decode with the portable tile kernels (for tests).", py::arg("out"), py::arg("q"),
         py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
+        py::arg("window") = 0, py::arg("softcap") = 0.0,
         py::call_guard<py::gil_scoped_release>());
   m.def("build_info", &build_info, "Instruction sets this build was compiled for.");
   m.def("rms_norm", &pagoda_fused::rms_norm, "RMSNorm of bf16 rows into out.",
@@ -1259,6 +1327,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Paged attention of a mixed batch (decodes and prefill chunks) on AMX; writes out.",
         py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("query_start"),
         py::arg("context_lens"), py::arg("block_tables"), py::arg("scale"),
+        py::arg("window") = 0, py::arg("softcap") = 0.0,
         py::call_guard<py::gil_scoped_release>());
   m.def("apply_token_bitmask", &pagoda_mask::apply_token_bitmask,
         "Set logits[rows[m], v] = -inf where bit v of words[m] is 0, in place.",
