@@ -1,7 +1,10 @@
-"""Load GGUF checkpoints (llama/mistral, qwen2, qwen3) as Hugging Face style weights.
+"""Load GGUF checkpoints (llama/mistral, qwen2, qwen3, qwen3moe, phi3, gemma2, gemma3) as
+Hugging Face style config and weights.
 
-Parses the GGUF container itself, dequantizes ggml block formats with vectorized numpy,
-undoes llama.cpp's Q/K row permutation, and builds a fast tokenizer from the GGUF vocabulary.
+Parses the GGUF container itself, dequantizes ggml block formats with vectorized numpy, undoes
+what llama.cpp's converter did to the tensors (the llama Q/K row permutation, Gemma's 1 + w
+norm weights, experts stacked per layer), rebuilds the HF config from the metadata as llama.cpp
+reads it, and builds a fast tokenizer from the GGUF vocabulary.
 """
 
 from __future__ import annotations
@@ -313,40 +316,127 @@ def dequantize(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
 
 
-# --------------------------------------------------------------------------- names, permutation
+# --------------------------------------------------------------------------- architectures
 
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK_NAMES = {
+
+@dataclass(frozen=True)
+class _Arch:
+    """A llama.cpp architecture: its HF model type and class, the GGUF block tensors it may hold
+    (GGUF name -> HF module), and the transforms llama.cpp's converter applied to them."""
+
+    model_type: str
+    hf_class: str
+    block_names: dict[str, str]
+    permuted_qk: bool = False  # Q/K rows interleaved for llama.cpp's RoPE (llama only)
+    norm_offset: float = 0.0  # Gemma: each RMSNorm weight stored as w + 1
+    experts: bool = False  # stacked expert tensors blk.N.ffn_{gate,up,down}_exps
+
+
+_ATTENTION = {
     "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
+}
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_LLAMA_BLOCK = {**_ATTENTION, "ffn_norm": "post_attention_layernorm", **_MLP}
+# Gemma's sandwich norms: llama.cpp's ffn_norm is the norm before the MLP.
+_GEMMA_BLOCK = {
+    **_ATTENTION,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    **_MLP,
+}
+
+_PHI3_BLOCK = {
+    **_ATTENTION,
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.gate_up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+_ARCHS = {
+    "llama": _Arch("llama", "LlamaForCausalLM", _LLAMA_BLOCK, permuted_qk=True),
+    "qwen2": _Arch("qwen2", "Qwen2ForCausalLM", _LLAMA_BLOCK),
+    "qwen3": _Arch("qwen3", "Qwen3ForCausalLM", {**_LLAMA_BLOCK, **_QK_NORM}),
+    # Every layer sparse (llama.cpp's graph has no dense layers for it): router + experts.
+    "qwen3moe": _Arch(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        {
+            **_ATTENTION,
+            **_QK_NORM,
+            "ffn_norm": "post_attention_layernorm",
+            "ffn_gate_inp": "mlp.gate",
+        },
+        experts=True,
+    ),
+    # Phi-3 keeps HF's fused tensors: attn_qkv (or separate q/k/v), and ffn_up holding the
+    # gate rows then the up rows (there is no ffn_gate).
+    "phi3": _Arch("phi3", "Phi3ForCausalLM", _PHI3_BLOCK),
+    "gemma2": _Arch("gemma2", "Gemma2ForCausalLM", _GEMMA_BLOCK, norm_offset=1.0),
+    "gemma3": _Arch(
+        "gemma3_text", "Gemma3ForCausalLM", {**_GEMMA_BLOCK, **_QK_NORM}, norm_offset=1.0
+    ),
+}
+
+
+def _arch_of(fields: dict[str, Any]) -> tuple[str, _Arch]:
+    arch = fields.get("general.architecture")
+    if arch not in _ARCHS:
+        raise GGUFError(f"unsupported GGUF architecture {arch!r} (supported: {sorted(_ARCHS)})")
+    return arch, _ARCHS[arch]
+
+
+# --------------------------------------------------------------------------- names, permutation
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _IGNORED = re.compile(
     r"rope_freqs\.weight|rope_factors_(long|short)\.weight"
     r"|blk\.\d+\.attn_rot_embd(\.weight)?"
 )
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_RE = re.compile(r"(\w+)\.(weight|bias)")
+# Stacked experts (experts, out, in); gate_up: gate rows then up rows per expert.
+_EXPERTS_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.weight")
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF parameter name for a GGUF tensor; None for known-irrelevant tensors."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """The HF parameter name for a GGUF tensor of architecture `arch`; None for
+    known-irrelevant tensors. Stacked expert tensors have no single name (split_experts)."""
     if _IGNORED.fullmatch(gguf_name):
         return None
+    block_names = _ARCHS[arch].block_names
     if m := _BLOCK_RE.fullmatch(gguf_name):
-        if m.group(2) in _BLOCK_NAMES:
-            return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+        if m.group(2) in block_names:
+            return f"model.layers.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"
     elif (m := _TOP_RE.fullmatch(gguf_name)) and m.group(1) in _TOP_NAMES:
         return f"{_TOP_NAMES[m.group(1)]}.{m.group(2)}"
-    raise GGUFError(f"unknown GGUF tensor {gguf_name!r}")
+    raise GGUFError(f"unknown GGUF tensor {gguf_name!r} for architecture {arch!r}")
+
+
+def split_experts(gguf_name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A stacked expert tensor (experts, out, in) -> each expert's HF matrix (views of `w`):
+    ``model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight``."""
+    m = _EXPERTS_RE.fullmatch(gguf_name)
+    if m is None or w.dim() != 3:
+        raise GGUFError(f"{gguf_name!r} of shape {tuple(w.shape)} is not a stacked expert tensor")
+    layer, kind = m.groups()
+    parts = {kind: w}
+    if kind == "gate_up":
+        if w.shape[1] % 2:
+            raise GGUFError(f"{gguf_name!r}: an odd number of gate_up rows ({w.shape[1]})")
+        gate, up = w.split(w.shape[1] // 2, dim=1)
+        parts = {"gate": gate, "up": up}
+    return {
+        f"model.layers.{layer}.mlp.experts.{e}.{matrix}_proj.weight": expert
+        for matrix, stacked in parts.items()
+        for e, expert in enumerate(stacked.unbind(0))
+    }
 
 
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -358,12 +448,6 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- config
-
-_ARCHS = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-}
 
 
 def _short_float(x: float) -> float:
@@ -383,7 +467,7 @@ def _model_type(arch: str, fields: dict[str, Any]) -> tuple[str, str]:
     names = f"{fields.get('general.name', '')} {fields.get('general.basename', '')}".lower()
     if arch == "llama" and "mistral" in names:
         return "mistral", "MistralForCausalLM"
-    return _ARCHS[arch]
+    return _ARCHS[arch].model_type, _ARCHS[arch].hf_class
 
 
 def _head_dim(
@@ -439,42 +523,199 @@ def _rope_scaling(
     return None
 
 
-def _build_config(g: _GGUFFile, rope_freqs: np.ndarray | None) -> dict:
-    fields = g.fields
-    arch = fields.get("general.architecture")
-    if arch not in _ARCHS:
-        raise GGUFError(f"unsupported GGUF architecture {arch!r} (supported: {sorted(_ARCHS)})")
+class _Meta:
+    """The file's metadata under its architecture's prefix, and its tensor directory."""
 
-    def get(key: str, default: Any = None) -> Any:
-        return _uniform(fields.get(f"{arch}.{key}", default), f"{arch}.{key}")
+    def __init__(self, g: _GGUFFile) -> None:
+        self.fields = g.fields
+        self.arch = _arch_of(g.fields)[0]
+        self.tensors = {t.name: t for t in g.tensors}
 
-    names = {t.name: t for t in g.tensors}
-    n_head, hidden = int(get("attention.head_count")), int(get("embedding_length"))
-    q = names.get("blk.0.attn_q.weight")
+    def get(self, key: str, default: Any = None) -> Any:
+        key = f"{self.arch}.{key}"
+        return _uniform(self.fields.get(key, default), key)
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise GGUFError(f"{self.arch} GGUF without {self.arch}.{key}")
+        return value
+
+    def has(self, tensor: str) -> bool:
+        return tensor in self.tensors
+
+
+def _build_config(g: _GGUFFile, tensors: dict[str, np.ndarray]) -> dict:
+    """The HF config dict; `tensors` holds the small metadata tensors read up front
+    (rope_freqs, rope_factors_long / _short)."""
+    meta = _Meta(g)
+    arch, fields = meta.arch, meta.fields
+    n_head = int(meta.require("attention.head_count"))
+    hidden = int(meta.require("embedding_length"))
+    q = meta.tensors.get("blk.0.attn_q.weight")
     head_dim = _head_dim(fields, arch, q.shape[0] if q else None, n_head, hidden)
-    theta = _short_float(get("rope.freq_base", 10000.0))
+    theta = _short_float(meta.get("rope.freq_base", 10000.0))
     model_type, cls = _model_type(arch, fields)
-    vocab = get("vocab_size") or len(fields.get("tokenizer.ggml.tokens", ()))
-    vocab = vocab or names["token_embd.weight"].shape[0]
-    return {
+    vocab = meta.get("vocab_size") or len(fields.get("tokenizer.ggml.tokens", ()))
+    vocab = vocab or meta.tensors["token_embd.weight"].shape[0]
+    config = {
         "architectures": [cls],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(meta.get("feed_forward_length", 0)),
+        "num_hidden_layers": int(meta.require("block_count")),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(get("attention.head_count_kv", n_head)),
+        "num_key_value_heads": int(meta.get("attention.head_count_kv", n_head)),
         "head_dim": head_dim,
-        "rms_norm_eps": _short_float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rms_norm_eps": _short_float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": theta,
-        "rope_scaling": _rope_scaling(fields, arch, rope_freqs, theta, head_dim),
+        "rope_scaling": _rope_scaling(
+            fields, arch, tensors.get("rope_freqs.weight"), theta, head_dim
+        ),
         "vocab_size": int(vocab),
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "tie_word_embeddings": "output.weight" not in names,
+        "max_position_embeddings": int(meta.get("context_length", 2048)),
+        "tie_word_embeddings": not meta.has("output.weight"),
         "bos_token_id": fields.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": fields.get("tokenizer.ggml.eos_token_id"),
-        "attention_bias": "blk.0.attn_q.bias" in names,
+        "eos_token_id": _end_of_generation(fields),
+        "attention_bias": meta.has("blk.0.attn_q.bias") or meta.has("blk.0.attn_qkv.bias"),
     }
+    extra = _FAMILY_CONFIG.get(arch)
+    return {**config, **extra(meta, config, tensors)} if extra else config
+
+
+def _end_of_generation(fields: dict[str, Any]) -> int | list[int] | None:
+    """EOS, with the end-of-turn / end-of-message tokens llama.cpp also stops at (Gemma's
+    <end_of_turn>: HF configs list it beside EOS) where the file names them."""
+    ids = [
+        fields[f"tokenizer.ggml.{key}_token_id"]
+        for key in ("eos", "eot", "eom")
+        if f"tokenizer.ggml.{key}_token_id" in fields
+    ]
+    ids = list(dict.fromkeys(ids))
+    return ids[0] if len(ids) == 1 else (ids or None)
+
+
+def _moe_config(meta: _Meta, config: dict, tensors: dict[str, np.ndarray]) -> dict:
+    """Qwen3-MoE: expert counts and width; llama.cpp always renormalises the top-k weights
+    (HF norm_topk_prob) unless the file says expert_weights_norm = false."""
+    gating = meta.get("expert_gating_func")
+    if gating not in (None, gguf.ExpertGatingFuncType.SOFTMAX.value):
+        raise GGUFError(f"{meta.arch}: unsupported expert gating function {gating} (softmax only)")
+    if meta.get("expert_shared_count") or meta.get("expert_shared_feed_forward_length"):
+        raise GGUFError(f"{meta.arch}: shared experts are not supported")
+    width = meta.get("expert_feed_forward_length")
+    if width is None:  # an expert's down projection is (hidden, width)
+        down = next(
+            (t for n, t in meta.tensors.items() if n.endswith("ffn_down_exps.weight")), None
+        )
+        if down is None:
+            raise GGUFError(f"{meta.arch} GGUF without expert tensors (blk.N.ffn_down_exps)")
+        width = down.shape[-1]
+    return {
+        "num_experts": int(meta.require("expert_count")),
+        "num_experts_per_tok": int(meta.require("expert_used_count")),
+        "moe_intermediate_size": int(width),
+        "norm_topk_prob": bool(meta.get("expert_weights_norm", True)),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "intermediate_size": config["intermediate_size"] or int(width),
+    }
+
+
+def _phi3_config(meta: _Meta, config: dict, tensors: dict[str, np.ndarray]) -> dict:
+    """Phi-3 / Phi-4: partial rotary (rope.dimension_count of head_dim), the sliding window
+    (0: none), and LongRoPE from the rope_factors_long / _short tensors."""
+    head_dim = config["head_dim"]
+    rotary = int(meta.get("rope.dimension_count", head_dim))
+    original = meta.get("rope.scaling.original_context_length")
+    window = meta.get("attention.sliding_window")
+    out: dict[str, Any] = {
+        "partial_rotary_factor": rotary / head_dim,
+        "sliding_window": int(window) if window else None,
+    }
+    if original:
+        out["original_max_position_embeddings"] = int(original)
+    long, short = tensors.get("rope_factors_long.weight"), tensors.get("rope_factors_short.weight")
+    if long is None and short is None:
+        return out
+    if long is None or short is None or not original:
+        raise GGUFError(
+            f"{meta.arch}: LongRoPE needs rope_factors_long, rope_factors_short and "
+            "rope.scaling.original_context_length"
+        )
+    scaling = {
+        "rope_type": "longrope",
+        "short_factor": [_short_float(x) for x in short.reshape(-1)],
+        "long_factor": [_short_float(x) for x in long.reshape(-1)],
+        "original_max_position_embeddings": int(original),
+    }
+    attn = meta.get("rope.scaling.attn_factor")
+    if attn is not None and not math.isclose(
+        attn, _longrope_attention(config["max_position_embeddings"], int(original)), rel_tol=1e-6
+    ):
+        scaling["attention_factor"] = _short_float(attn)
+    return {**out, "rope_scaling": scaling}
+
+
+def _longrope_attention(context: int, original: int) -> float:
+    """LongRoPE's default attention factor (transformers' and llama.cpp's converter's)."""
+    factor = context / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+# llama.cpp's Gemma graphs scale the queries by 1/sqrt(hidden / heads) in the 27B models (which
+# it recognises by their layer count), else by 1/sqrt(head_dim).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# Layers per sliding-window period (the last of each is global), as llama.cpp fixes them.
+_GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA3_LOCAL_THETA = 10000.0
+
+
+def _gemma_config(meta: _Meta, config: dict, tensors: dict[str, np.ndarray]) -> dict:
+    """Gemma 2 / 3 (text): GeGLU, the query scale, soft-caps, which layers slide, and
+    Gemma 3's RoPE base for its sliding layers."""
+    arch, n_layers = meta.arch, config["num_hidden_layers"]
+    scale = meta.get("attention.scale")
+    if scale:
+        scalar: float = _short_float(1.0 / float(scale) ** 2)
+    elif n_layers == _GEMMA_27B_LAYERS[arch]:
+        scalar = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        scalar = config["head_dim"]
+    window = meta.get("attention.sliding_window")
+    pattern = meta.fields.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        sliding = [bool(p) for p in pattern]
+    else:
+        period = int(pattern or _GEMMA_SWA_PATTERN[arch])
+        sliding = [(i + 1) % period != 0 for i in range(n_layers)]
+    if len(sliding) != n_layers:
+        raise GGUFError(f"{arch}: sliding_window_pattern lists {len(sliding)} of {n_layers} layers")
+    soft_attn, soft_final = meta.get("attn_logit_softcapping"), meta.get("final_logit_softcapping")
+    out: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": int(window) if window else None,
+        "layer_types": [
+            "sliding_attention" if slides and window else "full_attention" for slides in sliding
+        ],
+        "attn_logit_softcapping": _short_float(soft_attn) if soft_attn else None,
+        "final_logit_softcapping": _short_float(soft_final) if soft_final else None,
+    }
+    if arch == "gemma3":
+        local = meta.get("rope.freq_base_swa", _GEMMA3_LOCAL_THETA)
+        out["rope_local_base_freq"] = _short_float(local)
+        if meta.get("rope.freq_base") is None:
+            out["rope_theta"] = 1_000_000.0  # transformers' Gemma 3 default
+    return out
+
+
+_FAMILY_CONFIG: dict[str, Callable[[_Meta, dict, dict[str, np.ndarray]], dict]] = {
+    "qwen3moe": _moe_config,
+    "phi3": _phi3_config,
+    "gemma2": _gemma_config,
+    "gemma3": _gemma_config,
+}
 
 
 # --------------------------------------------------------------------------- loading
@@ -487,9 +728,12 @@ def _read_tensor(g: _GGUFFile, info: _TensorInfo) -> torch.Tensor:
     return dequantize(g.raw(info), qtype, info.shape)
 
 
-def _fix_layout(name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
-    """Undo llama.cpp's Q/K permutation (llama arch only; qwen GGUFs are not permuted)."""
-    if config["model_type"] not in ("llama", "mistral"):
+def _fix_layout(name: str, w: torch.Tensor, config: dict, spec: _Arch) -> torch.Tensor:
+    """Undo the converter's transforms: llama's Q/K row permutation (qwen, phi3 and gemma
+    GGUFs are not permuted), Gemma's +1 on every RMSNorm weight."""
+    if spec.norm_offset and name.endswith("norm.weight"):
+        return w - spec.norm_offset
+    if not spec.permuted_qk:
         return w
     if ".self_attn.q_proj." in name:
         return unpermute_rows(w, config["num_attention_heads"])
@@ -498,16 +742,25 @@ def _fix_layout(name: str, w: torch.Tensor, config: dict) -> torch.Tensor:
     return w
 
 
+# Small tensors the config is built from (read before the others).
+_CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
 def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
     """Read a GGUF file into an HF config and HF-named tensors of `dtype`, one tensor at a time."""
     g = _GGUFFile(path)
-    freqs = next((t for t in g.tensors if t.name == "rope_freqs.weight"), None)
-    config = _build_config(g, _read_tensor(g, freqs).numpy() if freqs else None)
+    arch, spec = _arch_of(g.fields)
+    small = {t.name: _read_tensor(g, t).numpy() for t in g.tensors if t.name in _CONFIG_TENSORS}
+    config = _build_config(g, small)
     tensors: dict[str, torch.Tensor] = {}
     for info in g.tensors:
-        name = hf_tensor_name(info.name)
+        if spec.experts and _EXPERTS_RE.fullmatch(info.name):
+            w = _read_tensor(g, info)
+            tensors.update(split_experts(info.name, w if dtype == torch.float32 else w.to(dtype)))
+            continue
+        name = hf_tensor_name(info.name, arch)
         if name is not None:
-            w = _fix_layout(name, _read_tensor(g, info), config)
+            w = _fix_layout(name, _read_tensor(g, info), config, spec)
             tensors[name] = w if dtype == torch.float32 else w.to(dtype)
     return GGUFCheckpoint(config, tensors, g.fields.get("tokenizer.chat_template"), path)
 
@@ -624,7 +877,10 @@ def _fast_byte_level_tokenizer(fields: dict[str, Any], split: str) -> PreTrained
 
 
 def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """A fast tokenizer for the GGUF's vocabulary, with its special tokens and chat template."""
+    """A fast tokenizer for the GGUF's vocabulary, with its special tokens and chat template:
+    byte-level BPE built here; SentencePiece vocabularies (tokenizer.ggml.model "llama": Gemma,
+    Phi-3, Llama 2) and the rest by transformers' GGUF converters, which know each
+    architecture's variant (Gemma's unprefixed text and merge order, Phi-3's normalizer)."""
     fields = _GGUFFile(path).fields
     split = _PRE_SPLITS.get(fields.get("tokenizer.ggml.pre", "gpt2"))
     if fields.get("tokenizer.ggml.model") == "gpt2" and split is not None:
