@@ -59,7 +59,8 @@ def make_case(
     for (qlen, ctx), table in zip(seqs, tables, strict=True):
         for p in range(ctx):
             used[table[p // block_size], p % block_size] = True
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx - qlen, ctx)]
+        slots += [table[p // block_size] * block_size + p % block_size
+                  for p in range(ctx - qlen, ctx)]
     if poison:
         poison_unused(cache, used)
     else:
@@ -155,6 +156,31 @@ def test_cpu_backend(window, softcap, dtype, amx):
     """The C++ decode kernel, and the AMX kernel (or the reference's prefill without it)."""
     seqs, d = mixed_seqs(window, 16)
     case = make_case(seqs, d, 8, 2, 64, 16, dtype)
+    out = cpu_attention.attend(case.q, case.k, case.v, case.cache.clone(), case.meta, 0.125,
+                               amx=amx and dtype == BF16, window=window, softcap=softcap)
+    check(out, dense_reference(case, 0.125, window, softcap), dtype)
+
+
+def null_before_window(case: Case, window: int) -> None:
+    """Point every table entry of a block wholly before the first query's window at block 0
+    (owned by no sequence, so poisoned), as the engine will with a null block."""
+    bs = case.cache.shape[2]
+    for i, (_, ctx) in enumerate(case.seqs[: case.meta.num_decode_tokens]):
+        case.meta.decode_block_tables[i, : max(0, ctx - window) // bs] = 0
+    for chunk in case.meta.prefills:
+        chunk.block_table[: max(0, chunk.context_len - chunk.query_len - window + 1) // bs] = 0
+
+
+@needs_ext
+@pytest.mark.parametrize("window, softcap", [(32, 0.0), (37, 5.0), (1, 0.0)],
+                         ids=["window", "window+softcap", "window1"])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16], ids=["fp32", "bf16"])
+def test_cpu_backend_never_reads_before_the_window(window, softcap, dtype, amx):
+    """The whole CPU backend (decode kernel, then the AMX kernel or the reference prefill)
+    with the table entries before each window naming a poisoned block: finite, right."""
+    seqs, d = mixed_seqs(window, 16)
+    case = make_case(seqs, d, 8, 2, 64, 16, dtype)
+    null_before_window(case, window)
     out = cpu_attention.attend(case.q, case.k, case.v, case.cache.clone(), case.meta, 0.125,
                                amx=amx and dtype == BF16, window=window, softcap=softcap)
     check(out, dense_reference(case, 0.125, window, softcap), dtype)
