@@ -80,7 +80,8 @@ def bench_round(url: str, ns: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 class SSEViewer:
-    """Reads /inspect/events until stopped; counts updates and bytes."""
+    """Reads /inspect/events until stopped; counts its events (keyframes and deltas) and
+    bytes."""
 
     def __init__(self, url: str) -> None:
         self.url, self.stop_flag = url, threading.Event()
@@ -91,7 +92,7 @@ class SSEViewer:
         with httpx.stream("GET", self.url + "/inspect/events", timeout=None) as r:
             for line in r.iter_lines():
                 self.bytes += len(line) + 1
-                self.updates += line.startswith("event: update")
+                self.updates += line.startswith(("event: update", "event: delta"))
                 if self.stop_flag.is_set():
                     return
 

@@ -7,8 +7,10 @@ interval (nothing when nobody watches), and a step costs one small record in the
 Invariant: step records carry consecutive sequence numbers; a reader that finds a gap knows
 that many steps fell out of the ring before it read them.
 
-``snapshot_json`` is the one place the JSON schema of ``GET /inspect/state`` is written
-(documented in docs/inspector.md).
+``snapshot_json`` is the one place the JSON schema of ``GET /inspect/state`` is written, and
+``DeltaEncoder`` / ``apply_delta`` the one place its deltas are (what a viewer's stream sends
+between keyframes: only what changed since the snapshot before). Both are documented in
+docs/inspector.md.
 """
 
 from __future__ import annotations
@@ -17,15 +19,29 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from itertools import compress
+from operator import itemgetter, ne, not_
+from typing import Any, Callable, Optional, Sequence
 
-from pagoda.core.snapshot import BLOCK_STATES, SchedulerSnapshot, StepTokens
+import numpy as np
+
+from pagoda.core.snapshot import (
+    BLOCK_STATES,
+    CachedBlock,
+    RequestSnapshot,
+    SchedulerSnapshot,
+    StepTokens,
+)
 from pagoda.engine.stats import EngineStats
 
 SCHEMA = "pagoda.inspect/1"
 STEP_LOG_CAPACITY = 2048  # steps kept for viewers (a few seconds to minutes of serving)
 PUBLISH_INTERVAL_S = 0.25  # at most 4 snapshots a second, however many viewers
 HASH_HEX_CHARS = 16  # a block hash is shown by its first 8 bytes
+# In a delta, two changed blocks at most this many unchanged ones apart go in one run
+# (resending a few blocks is cheaper than the run's own start and brackets).
+POOL_RUN_GAP = 4
+CACHE_FIELDS = ["block_id", "hash", "parent", "hits"]  # a row of ``cache.blocks``
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,7 @@ class StepLog:
             return list(self._ring)[-new:]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestDetail:
     """What the output processor knows of a request: timings, and its text when shown."""
 
@@ -117,35 +133,26 @@ class Inspector:
         if self.viewers > 0 and now - self._last_publish >= PUBLISH_INTERVAL_S:
             self.publish(make, now)
 
-    def publish(self, make: Callable[[int], EngineSnapshot], now: float) -> None:
+    def publish(self, make: Callable[[int], EngineSnapshot], now: float) -> EngineSnapshot:
         self._version += 1
-        self.latest = make(self._version)
+        latest = self.latest = make(self._version)
         self._last_publish = now
+        return latest
 
 
 # --------------------------------------------------------------------- JSON
 def snapshot_json(
     snap: EngineSnapshot, steps: list[StepRecord], with_cache: bool = True
 ) -> dict[str, Any]:
-    """The JSON of ``GET /inspect/state`` (and of each SSE update, where ``cache`` is null
-    when unchanged since the client's previous update, and ``steps`` holds only new steps)."""
+    """The JSON of ``GET /inspect/state``, and of each keyframe (``update`` event) of
+    ``GET /inspect/events`` (where ``steps`` holds only the steps new to that stream)."""
     sched = snap.scheduler
     pool = sched.pool
     return {
         "schema": SCHEMA,
         "version": snap.version,
         "time": snap.time,
-        "engine": {
-            "model": snap.model,
-            "kv_role": snap.kv_role,
-            "num_blocks": pool.num_blocks,
-            "block_size": sched.block_size,
-            "token_budget": sched.token_budget,
-            "max_num_seqs": sched.max_num_seqs,
-            "max_model_len": snap.max_model_len,
-            "prefix_caching": sched.prefix_caching,
-            "show_text": snap.show_text,
-        },
+        "engine": _engine_json(snap),
         "counters": _counters(snap),
         "pool": {
             "states": pool.states,
@@ -154,9 +161,24 @@ def snapshot_json(
         },
         "cache": _cache_json(snap) if with_cache else None,
         "requests": [_request_json(r, snap) for r in sched.requests],
-        "leases": [{"id": le.lease_id, "block_ids": le.block_ids} for le in sched.leases],
+        "leases": _leases_json(sched),
         "kv_transfer": _kv_transfer_json(snap),
         "steps": [step_json(s) for s in steps],
+    }
+
+
+def _engine_json(snap: EngineSnapshot) -> dict[str, Any]:
+    sched = snap.scheduler
+    return {
+        "model": snap.model,
+        "kv_role": snap.kv_role,
+        "num_blocks": sched.pool.num_blocks,
+        "block_size": sched.block_size,
+        "token_budget": sched.token_budget,
+        "max_num_seqs": sched.max_num_seqs,
+        "max_model_len": snap.max_model_len,
+        "prefix_caching": sched.prefix_caching,
+        "show_text": snap.show_text,
     }
 
 
@@ -184,34 +206,72 @@ def _hex(h: Optional[bytes]) -> Optional[str]:
 
 def _cache_json(snap: EngineSnapshot) -> dict[str, Any]:
     pool = snap.scheduler.pool
-    return {
-        "version": pool.cache_version,
-        "fields": ["block_id", "hash", "parent", "hits"],
-        "blocks": [[c.block_id, _hex(c.block_hash), _hex(c.parent), c.hits] for c in pool.cached],
-    }
+    return _cache_full(pool.cached, pool.cache_version)
 
 
-def _request_json(r: Any, snap: EngineSnapshot) -> dict[str, Any]:
+def _cache_full(cached: Sequence[CachedBlock], version: int) -> dict[str, Any]:
+    return {"version": version, "fields": CACHE_FIELDS, "blocks": [_cache_row(c) for c in cached]}
+
+
+def _cache_row(c: CachedBlock) -> list[Any]:
+    block_id, block_hash, parent, hits = c
+    return [block_id, _hex(block_hash), _hex(parent), hits]
+
+
+# A request row's fields, in order; "prompt" and "output" only with --inspector-show-text.
+REQUEST_FIELDS = (
+    "id",
+    "status",
+    "num_computed_tokens",
+    "num_tokens",
+    "num_prompt_tokens",
+    "num_output_tokens",
+    "max_tokens",
+    "num_cached_tokens",
+    "num_preemptions",
+    "block_ids",
+    "arrival_time",
+    "first_scheduled_time",
+    "first_token_time",
+    "prompt",
+    "output",
+)
+_BLOCK_IDS = REQUEST_FIELDS.index("block_ids")
+
+
+def _request_json(r: RequestSnapshot, snap: EngineSnapshot) -> dict[str, Any]:
+    return _row_json(_request_values(r, snap))
+
+
+def _request_values(r: RequestSnapshot, snap: EngineSnapshot) -> tuple[Any, ...]:
+    """A request row's values, in the order of ``REQUEST_FIELDS``."""
     detail = snap.details.get(r.request_id)
-    out: dict[str, Any] = {
-        "id": r.request_id,
-        "status": r.status,
-        "num_computed_tokens": r.num_computed_tokens,
-        "num_tokens": r.num_tokens,
-        "num_prompt_tokens": r.num_prompt_tokens,
-        "num_output_tokens": r.num_output_tokens,
-        "max_tokens": r.max_tokens,
-        "num_cached_tokens": r.num_cached_tokens,
-        "num_preemptions": r.num_preemptions,
-        "block_ids": r.block_ids,
-        "arrival_time": r.arrival_time,
-        "first_scheduled_time": detail.first_scheduled_time if detail else None,
-        "first_token_time": detail.first_token_time if detail else None,
-    }
+    values: tuple[Any, ...] = (
+        r.request_id,
+        r.status,
+        r.num_computed_tokens,
+        r.num_tokens,
+        r.num_prompt_tokens,
+        r.num_output_tokens,
+        r.max_tokens,
+        r.num_cached_tokens,
+        r.num_preemptions,
+        r.block_ids,
+        r.arrival_time,
+        detail.first_scheduled_time if detail else None,
+        detail.first_token_time if detail else None,
+    )
     if snap.show_text and detail is not None:
-        out["prompt"] = detail.prompt
-        out["output"] = detail.output
-    return out
+        values += (detail.prompt, detail.output)
+    return values
+
+
+def _row_json(values: tuple[Any, ...]) -> dict[str, Any]:
+    return dict(zip(REQUEST_FIELDS[: len(values)], values, strict=True))
+
+
+def _leases_json(sched: SchedulerSnapshot) -> list[dict[str, Any]]:
+    return [{"id": le.lease_id, "block_ids": le.block_ids} for le in sched.leases]
 
 
 def _kv_transfer_json(snap: EngineSnapshot) -> Optional[dict[str, Any]]:
@@ -246,3 +306,207 @@ def step_json(step: StepRecord) -> dict[str, Any]:
         "waiting": t.waiting,
         "loading": t.loading,
     }
+
+
+# ------------------------------------------------------------------- deltas
+_BLOCK_ID, _HASH = itemgetter(0), itemgetter(1)  # of a CachedBlock
+# The parts of a document a delta carries whole when they changed (each is small).
+_WHOLE_PARTS = ("engine", "counters", "leases", "kv_transfer")
+
+
+class DeltaEncoder:
+    """What changed from one snapshot to the next, as the JSON of a ``delta`` event.
+
+    A delta names the version it applies to (``base``) and carries only what changed:
+    the blocks whose state or ref count changed (as runs), the prefix cache's names removed,
+    re-counted and added, the request rows that changed (only their changed fields, a grown
+    block table as its new tail), and the small parts whole when they changed. ``apply_delta``
+    is its inverse: a keyframe (``snapshot_json``) of the first snapshot with the deltas of
+    the next ones applied is the keyframe of the last, exactly. The encoder keeps what it
+    needs of the last snapshot, so a delta costs about what changed, not the pool's size.
+    """
+
+    def __init__(self, snap: EngineSnapshot) -> None:
+        self.snap = snap
+        self._states, self._refs = _pool_arrays(snap)
+        self._rows = {r.request_id: _request_values(r, snap) for r in snap.scheduler.requests}
+
+    def delta(self, new: EngineSnapshot) -> dict[str, Any]:
+        """The delta from the last snapshot given to ``new``, which becomes the last."""
+        old = self.snap
+        out: dict[str, Any] = {"version": new.version, "base": old.version, "time": new.time}
+        for part in _WHOLE_PARTS:
+            now = _whole_part(part, new)
+            if now != _whole_part(part, old):
+                out[part] = now
+        runs = self._pool_runs(new)
+        if runs:
+            out["pool"] = runs
+        old_pool, new_pool = old.scheduler.pool, new.scheduler.pool
+        if new_pool.cache_version != old_pool.cache_version or new_pool.cached != old_pool.cached:
+            out["cache"] = _cache_delta(old_pool.cached, new_pool.cached, new_pool.cache_version)
+        requests = self._requests(new)
+        if requests:
+            out["requests"] = requests
+        self.snap = new
+        return out
+
+    def _pool_runs(self, new: EngineSnapshot) -> list[list[Any]]:
+        """Runs of blocks where some state or ref count changed: ``[first block, states,
+        ref counts]``, joined across gaps of up to ``POOL_RUN_GAP`` unchanged blocks."""
+        pool, old = new.scheduler.pool, self.snap.scheduler.pool
+        if pool.states == old.states and pool.ref_counts == old.ref_counts:
+            return []
+        states, refs = _pool_arrays(new)
+        changed = np.flatnonzero((states != self._states) | (refs != self._refs))
+        self._states, self._refs = states, refs
+        if not changed.size:
+            return []
+        breaks = np.flatnonzero(np.diff(changed) > POOL_RUN_GAP + 1)
+        starts = changed[np.concatenate(([0], breaks + 1))].tolist()
+        ends = (changed[np.concatenate((breaks, [changed.size - 1]))] + 1).tolist()
+        spans = zip(starts, ends, strict=True)
+        return [[a, pool.states[a:b], pool.ref_counts[a:b]] for a, b in spans]
+
+    def _requests(self, new: EngineSnapshot) -> Optional[dict[str, Any]]:
+        """Rows removed (ids), rows new (whole) or changed (their id and changed fields), and
+        the order of ids only when it is not the old order without the removed, followed by
+        the new ones."""
+        rows: dict[str, tuple[Any, ...]] = {}
+        old_ids = list(self._rows)
+        changed: list[dict[str, Any]] = []
+        for r in new.scheduler.requests:
+            values = rows[r.request_id] = _request_values(r, new)
+            before = self._rows.get(r.request_id)
+            if before is None:
+                changed.append(_row_json(values))
+            elif values != before:
+                changed.append(_row_change(before, values))
+        self._rows, old = rows, set(old_ids)
+        removed = [rid for rid in old_ids if rid not in rows]
+        order = list(rows)
+        implied = [rid for rid in old_ids if rid in rows]
+        implied += [row["id"] for row in changed if row["id"] not in old]
+        out: dict[str, Any] = {}
+        if removed:
+            out["removed"] = removed
+        if changed:
+            out["rows"] = changed
+        if order != implied:
+            out["order"] = order
+        return out or None
+
+
+def _pool_arrays(snap: EngineSnapshot) -> tuple[np.ndarray, np.ndarray]:
+    pool = snap.scheduler.pool
+    states = np.frombuffer(pool.states.encode("ascii"), np.uint8)
+    return states, np.fromiter(pool.ref_counts, np.int64, len(pool.ref_counts))
+
+
+def _whole_part(part: str, snap: EngineSnapshot) -> Any:
+    if part == "engine":
+        return _engine_json(snap)
+    if part == "counters":
+        return _counters(snap)
+    if part == "leases":
+        return _leases_json(snap.scheduler)
+    return _kv_transfer_json(snap)
+
+
+def _row_change(old: tuple[Any, ...], new: tuple[Any, ...]) -> dict[str, Any]:
+    """A request row's changed fields, with its id; a block table that only grew is sent as
+    the blocks it gained (``+block_ids``)."""
+    change = {"id": new[0]}
+    for i in compress(range(len(new)), map(ne, old, new)):
+        change[REQUEST_FIELDS[i]] = new[i]
+    before, after = old[_BLOCK_IDS], new[_BLOCK_IDS]
+    if "block_ids" in change and len(after) > len(before) and after[: len(before)] == before:
+        del change["block_ids"]
+        change["+block_ids"] = after[len(before) :]
+    return change
+
+
+def _cache_delta(
+    old: Sequence[CachedBlock], new: Sequence[CachedBlock], version: int
+) -> dict[str, Any]:
+    """The prefix cache's change: ``removed`` (block ids, as the old list named them),
+    ``updated`` ([index among the blocks kept, new row]) and ``added`` (rows, appended).
+
+    The pool lists its named blocks in the order they were named (a dict's order), so the
+    blocks kept are a prefix of the new list and the ones named since are its tail. Should
+    that not hold, the whole part is sent instead (``blocks``, as in a keyframe). Every pass
+    over the (large) lists is a C loop (map, compress): a delta costs little more than what
+    changed."""
+    old_hashes, new_hashes = list(map(_HASH, old)), list(map(_HASH, new))
+    removed: list[int] = []
+    if new_hashes[: len(old_hashes)] != old_hashes:  # some names left
+        names = set(new_hashes)
+        keep = list(map(names.__contains__, old_hashes))
+        removed = list(map(_BLOCK_ID, compress(old, map(not_, keep))))
+        old = list(compress(old, keep))
+        if new_hashes[: len(old)] != list(compress(old_hashes, keep)):
+            return _cache_full(new, version)
+    k = len(old)
+    updated = [[i, _cache_row(new[i])] for i in compress(range(k), map(ne, old, new))]
+    return {
+        "version": version,
+        "removed": removed,
+        "updated": updated,
+        "added": [_cache_row(c) for c in new[k:]],
+    }
+
+
+def apply_delta(doc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """The document a delta leads to from ``doc``, the document of version ``delta["base"]``
+    (both as JSON values). The page does the same in JavaScript (inspect.html, ``applyDelta``);
+    this one is the reference the tests hold both to."""
+    if doc["version"] != delta["base"]:
+        raise ValueError(f"a delta from version {delta['base']} applied to {doc['version']}")
+    out = {**doc, "version": delta["version"], "time": delta.get("time", doc["time"])}
+    for part in _WHOLE_PARTS:
+        if part in delta:
+            out[part] = delta[part]
+    if "pool" in delta:
+        out["pool"] = _apply_pool(doc["pool"], delta["pool"])
+    if "cache" in delta:
+        out["cache"] = _apply_cache(doc["cache"], delta["cache"])
+    if "requests" in delta:
+        out["requests"] = _apply_requests(doc["requests"], delta["requests"])
+    out["steps"] = delta.get("steps", [])
+    return out
+
+
+def _apply_pool(pool: dict[str, Any], runs: list[list[Any]]) -> dict[str, Any]:
+    states, refs = list(pool["states"]), list(pool["ref_counts"])
+    for start, run_states, run_refs in runs:
+        states[start : start + len(run_states)] = run_states
+        refs[start : start + len(run_refs)] = run_refs
+    return {**pool, "states": "".join(states), "ref_counts": refs}
+
+
+def _apply_cache(cache: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    if "blocks" in change:
+        return change
+    removed = set(change["removed"])
+    blocks = [row for row in cache["blocks"] if row[0] not in removed]
+    for i, row in change["updated"]:
+        blocks[i] = row
+    return {**cache, "version": change["version"], "blocks": blocks + change["added"]}
+
+
+def _apply_requests(rows: list[dict[str, Any]], change: dict[str, Any]) -> list[dict[str, Any]]:
+    by_id = {row["id"]: row for row in rows}
+    for rid in change.get("removed", []):
+        del by_id[rid]
+    order = list(by_id)
+    for part in change.get("rows", []):
+        old = by_id.get(part["id"])
+        if old is None:
+            by_id[part["id"]] = part
+            order.append(part["id"])
+            continue
+        row = {**old, **part}
+        if "+block_ids" in row:
+            row["block_ids"] = list(old["block_ids"]) + row.pop("+block_ids")
+        by_id[part["id"]] = row
+    return [by_id[rid] for rid in change.get("order", order)]

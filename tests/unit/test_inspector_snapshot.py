@@ -1,6 +1,7 @@
 """The inspector's snapshots (core/snapshot.py, engine/inspector.py) against the scheduler's
 and the block pool's own state, on the fake runner: no model, no server."""
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -64,11 +65,11 @@ def check_consistent(sched: Scheduler) -> None:
     for b, (state, rc) in enumerate(zip(ps.states, ps.ref_counts)):
         assert (state in "fc") == (rc == 0), (b, state, rc)
         assert (state in "cs") == (pool.block_hash[b] is not None), (b, state)
-    assert {c.block_hash: c.block_id for c in ps.cached} == pool.cached
-    named = {c.block_hash for c in ps.cached}
-    for c in ps.cached:
-        assert c.parent is None or isinstance(c.parent, bytes)
-        assert c.hits == pool.block_hits[c.block_id]
+    assert {h: b for b, h, _, _ in ps.cached} == pool.cached
+    named = {h for _, h, _, _ in ps.cached}
+    for block_id, _, parent, hits in ps.cached:
+        assert parent is None or isinstance(parent, bytes)
+        assert hits == pool.block_hits[block_id]
     holders: dict[int, int] = {}
     for r in snap.requests:
         assert list(r.block_ids) == sched.kv.block_ids(r.request_id)
@@ -97,10 +98,10 @@ def test_snapshot_agrees_with_the_pool_step_by_step():
     snap = sched.inspect()
     (b,) = snap.requests
     assert b.num_cached_tokens == 16
-    hits = {c.block_id: c.hits for c in snap.pool.cached}
+    hits = {b: n for b, _, _, n in snap.pool.cached}
     assert [hits[blk] for blk in b.block_ids[:4]] == [1, 1, 1, 1]
     # The shared blocks form one chain: each names the one before as its parent.
-    parents = {c.block_hash: c.parent for c in snap.pool.cached}
+    parents = {h: parent for _, h, parent, _ in snap.pool.cached}
     chain = [sched.kv.pool.block_hash[blk] for blk in b.block_ids[:4]]
     assert parents[chain[0]] is None
     assert [parents[h] for h in chain[1:]] == chain[:3]
@@ -179,6 +180,20 @@ def test_cached_blocks_are_reused_until_the_cache_changes():
     sched.add_request(req("b", SHARED + [3, 4], max_tokens=1))
     run_step(sched, runner)
     assert sched.kv.pool.snapshot().cached is not first  # hits changed
+
+
+def test_cached_blocks_are_plain_tuples_the_collector_lets_go():
+    """A snapshot's named blocks are plain tuples: the garbage collector stops tracking
+    them at its first pass (a tuple subclass it would track for life, and thousands a
+    second of those pushed full collections of the heap while a viewer watched)."""
+    sched, runner = make()
+    sched.add_request(req("a", SHARED + [1, 2], max_tokens=1))
+    while sched.has_unfinished_requests():
+        run_step(sched, runner)
+    cached = sched.kv.pool.snapshot().cached
+    assert cached and all(type(c) is tuple and len(c) == 4 for c in cached)
+    gc.collect()
+    assert not any(gc.is_tracked(c) for c in cached)
 
 
 def test_step_log_is_a_bounded_ring_with_sequence_numbers():
