@@ -29,7 +29,7 @@ import functools
 import math
 import os
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -130,11 +130,6 @@ def attend(
     out = torch.empty_like(q)
     d = meta.num_decode_tokens
     if d:
-        # The options only where set: wrappers of the old signature (tests/model/test_bf16.py's
-        # mutants) keep working on plain layers.
-        options: dict[str, Any] = (
-            {"window": window, "softcap": softcap} if window or softcap else {}
-        )
         cpu_decode.paged_decode_attention(
             q[:d],
             kv_cache,
@@ -142,7 +137,8 @@ def attend(
             meta.decode_seq_lens,
             scale,
             out=out[:d],
-            **options,
+            window=window,
+            softcap=softcap,
         )
     if not meta.prefills:
         return out

@@ -115,7 +115,13 @@ def prefill_attention(
     window: int = 0,
     softcap: float = 0.0,
 ) -> torch.Tensor:
-    """A query chunk after ``context_len - Q`` cached tokens. q: (Q, H, D) -> (Q, H, D)."""
+    """A query chunk after ``context_len - Q`` cached tokens. q: (Q, H, D) -> (Q, H, D).
+    With a window, the blocks wholly before the first query's window are not gathered (the
+    mask depends on positions relative to the last key, so it is unchanged)."""
+    if window:
+        block_size = kv_cache.shape[2]
+        skip = max(0, context_len - q.shape[0] - window + 1) // block_size
+        block_table, context_len = block_table[skip:], context_len - skip * block_size
     k = _gather_context(kv_cache[0], block_table)[:context_len]  # (C, Hkv, D)
     v = _gather_context(kv_cache[1], block_table)[:context_len]
     return causal_attention(q, k.to(q.dtype), v.to(q.dtype), scale, window, softcap)

@@ -169,8 +169,9 @@ def rope_on_q_only(rope: Callable) -> Callable:
 
 
 def decode_without_newest(decode: Callable) -> Callable:
-    def mutant(q, kv_cache, block_tables, seq_lens, scale, out=None):
-        return decode(q, kv_cache, block_tables, (seq_lens - 1).clamp_min(1), scale, out=out)
+    def mutant(q, kv_cache, block_tables, seq_lens, scale, out=None, **options):
+        return decode(q, kv_cache, block_tables, (seq_lens - 1).clamp_min(1), scale, out=out,
+                      **options)
     return mutant
 
 
