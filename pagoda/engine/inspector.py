@@ -37,6 +37,10 @@ from pagoda.engine.stats import EngineStats
 SCHEMA = "pagoda.inspect/1"
 STEP_LOG_CAPACITY = 2048  # steps kept for viewers (a few seconds to minutes of serving)
 PUBLISH_INTERVAL_S = 0.25  # at most 4 snapshots a second, however many viewers
+# ... and fewer when they are dear: making snapshots takes at most this share of the engine
+# thread (a snapshot that took 5 ms comes every 0.5 s), but one comes at least this often.
+PUBLISH_BUDGET = 0.01
+PUBLISH_MAX_INTERVAL_S = 1.0
 HASH_HEX_CHARS = 16  # a block hash is shown by its first 8 bytes
 # In a delta, two changed blocks at most this many unchanged ones apart go in one run
 # (resending a few blocks is cheaper than the run's own start and brackets).
@@ -101,15 +105,19 @@ class Inspector:
     """Owned by the engine: the step ring, and the latest published snapshot.
 
     ``viewers`` is counted by the server (event loop thread) and only read here; the engine
-    publishes while it is above 0. ``show_text`` puts prompt and output text in snapshots."""
+    publishes while it is above 0. ``show_text`` puts prompt and output text in snapshots.
+    ``interval`` is the time between two publications: ``PUBLISH_INTERVAL_S``, or longer
+    while a snapshot costs more than ``PUBLISH_BUDGET`` of it (a large, busy pool)."""
 
     def __init__(self, capacity: int = STEP_LOG_CAPACITY) -> None:
         self.steps = StepLog(capacity)
         self.viewers = 0
         self.show_text = False
         self.latest: Optional[EngineSnapshot] = None
+        self.interval = PUBLISH_INTERVAL_S
         self._version = 0
         self._last_publish = 0.0
+        self._cost_s: Optional[float] = None  # what a snapshot takes, smoothed
 
     def on_step(
         self,
@@ -124,20 +132,30 @@ class Inspector:
         once more when the engine goes idle, so viewers see it settle)."""
         if tokens.total or tokens.preemptions:
             self.steps.append(tokens, end, end - start)
-        if self.viewers > 0 and (idle or end - self._last_publish >= PUBLISH_INTERVAL_S):
+        if self.viewers > 0 and (idle or end - self._last_publish >= self.interval):
             self.publish(make, end)
 
     def maybe_publish(self, make: Callable[[int], EngineSnapshot]) -> None:
         """From an idle engine loop (leases expire, pulls end with no step running)."""
         now = time.monotonic()
-        if self.viewers > 0 and now - self._last_publish >= PUBLISH_INTERVAL_S:
+        if self.viewers > 0 and now - self._last_publish >= self.interval:
             self.publish(make, now)
 
     def publish(self, make: Callable[[int], EngineSnapshot], now: float) -> EngineSnapshot:
         self._version += 1
+        start = time.perf_counter()
         latest = self.latest = make(self._version)
         self._last_publish = now
+        self._pace(time.perf_counter() - start)
         return latest
+
+    def _pace(self, cost_s: float) -> None:
+        """The interval that keeps snapshots within their budget of the engine thread,
+        from their cost smoothed over the last few (one slowed by a garbage collection
+        does not stall the page for long)."""
+        prev = self._cost_s
+        self._cost_s = cost = cost_s if prev is None else 0.7 * prev + 0.3 * cost_s
+        self.interval = min(PUBLISH_MAX_INTERVAL_S, max(PUBLISH_INTERVAL_S, cost / PUBLISH_BUDGET))
 
 
 # --------------------------------------------------------------------- JSON

@@ -15,7 +15,9 @@ from pagoda.core.scheduler import Scheduler  # noqa: E402
 from pagoda.core.snapshot import BLOCK_STATES, StepTokens  # noqa: E402
 from pagoda.engine.inspector import (  # noqa: E402
     HASH_HEX_CHARS,
+    PUBLISH_BUDGET,
     PUBLISH_INTERVAL_S,
+    PUBLISH_MAX_INTERVAL_S,
     SCHEMA,
     EngineSnapshot,
     Inspector,
@@ -229,3 +231,19 @@ def test_inspector_publishes_only_while_watched_and_at_most_at_its_rate():
     insp.on_step(StepTokens(), t, t, make_snapshot, idle=False)
     assert insp.steps.last_seq == 56  # an empty step is not recorded
 
+
+
+def test_snapshots_slow_down_when_they_are_dear():
+    """The interval keeps snapshots within PUBLISH_BUDGET of the engine thread, between
+    PUBLISH_INTERVAL_S and PUBLISH_MAX_INTERVAL_S, from a smoothed cost."""
+    insp = Inspector()
+    insp._pace(0.001)
+    assert insp.interval == PUBLISH_INTERVAL_S  # cheap: the base rate
+    for _ in range(30):
+        insp._pace(0.005)
+    assert abs(insp.interval - 0.005 / PUBLISH_BUDGET) < 1e-3  # 5 ms each: 1 % of 0.5 s
+    insp._pace(2.0)  # one snapshot caught in a long garbage collection
+    assert insp.interval == PUBLISH_MAX_INTERVAL_S
+    for _ in range(30):
+        insp._pace(0.001)
+    assert insp.interval == PUBLISH_INTERVAL_S
