@@ -69,6 +69,7 @@ class LLMEngine:
             model_preset=args.model_preset,
             seed=args.seed,
             gguf_file=args.gguf_file,
+            quantization=self.quantization,
         )
         self.model_name = loaded.name
         self.arch = loaded.arch

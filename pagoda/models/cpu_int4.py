@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,15 +69,16 @@ def quantize(
     weight: torch.Tensor, group: int = GROUP
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) weights -> codes (N, K) int32 in [0, 15], scale and zero (N, K // group) fp32,
-    with ``w ~ (q - 8) * scale + zero``: each group's minimum maps to code 0, its maximum to 15."""
+    with ``w ~ (q - 8) * scale + zero``: each group's minimum maps to code 0, its maximum to 15.
+    (In place on an fp32 copy: loading a MoE model quantizes every expert matrix.)"""
     n, k = weight.shape
     if k % group:
         raise ValueError(f"int4: in_features {k} is not a multiple of the group size {group}")
-    w = weight.detach().float().reshape(n, k // group, group)
+    w = weight.detach().to(torch.float32, copy=True).reshape(n, k // group, group)
     lo, hi = w.amin(-1), w.amax(-1)
     scale = (hi - lo) / LEVELS
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant group: all codes 0
-    codes = torch.round((w - lo[..., None]) / safe[..., None]).clamp_(0, LEVELS)
+    codes = w.sub_(lo[..., None]).div_(safe[..., None]).round_().clamp_(0, LEVELS)
     zero = lo + 8 * scale
     return codes.to(torch.int32).reshape(n, k), scale, zero
 
@@ -131,7 +132,13 @@ class Int4Linear(nn.Module):
 def attach_int4(model: nn.Module) -> list[Int4Linear]:
     """Wrap every ``nn.Linear`` of the model in an ``Int4Linear`` (before weight packing, which
     then packs each one's dense form), but the output projection and layers whose input width
-    is not a multiple of ``GROUP`` (they stay dense)."""
+    is not a multiple of ``GROUP`` (they stay dense). MoE experts loaded dense are converted
+    to their 4-bit form only (the loader quantizes them as they load when it is told)."""
+    from pagoda.models.moe import SparseMoE  # moe holds its experts with this module's types
+
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            module.quantize_experts()
     wrapped = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -192,3 +199,224 @@ def choose_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
 def reference_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """What the 4-bit form of ``weight`` computes, in fp32 (for tests)."""
     return F.linear(x.float(), dequantize(*quantize(weight)))
+
+
+# Experts of mixture-of-experts layers (models/moe.py) in 4-bit form only.
+#
+# A MoE model's experts are nearly all of its bytes (Qwen3-30B-A3B: 29 of 30.5 B weights), so
+# with ``--quantization int4`` they are held only as 4-bit codes with their scales, never
+# also dense. A product of at most ``max_rows`` rows (a decode step gives each active expert
+# a few) runs the 4-bit kernel; a larger one (a prefill chunk's) dequantizes that expert's
+# matrix to the model's dtype and runs a dense GEMM, since the kernel does not block over rows.
+# Both compute ``x @ dequantize(W).T``; the row limit is timed at load on this CPU
+# (:func:`choose_expert_max_rows`) or set by ``PAGODA_INT4_MAX_ROWS``.
+
+EXPERT_TIMING_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # candidate row limits for the experts
+
+
+def int4_shape_supported(out_features: int, in_features: int) -> bool:
+    """The kernel's packing needs rows in multiples of 16, inputs in whole groups."""
+    return out_features % 16 == 0 and in_features % GROUP == 0
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) int32 in [0, 15] -> (N, K // 2) uint8 in the kernel's layout (which is
+    the CPU's: 64-row blocks with AVX-512, 32 with AVX2)."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def unpack_order(out_features: int, in_features: int) -> torch.Tensor:
+    """For the packed form of an (N, K) matrix: the index into its nibbles (each byte's low
+    then high nibble, bytes in memory order) of every code in row-major order, (N * K,).
+    Learned from the packing itself (codes that spell their own index in base 16, one digit
+    per pass), so it holds for whatever layout this CPU's kernel uses."""
+    n = out_features * in_features
+    index = torch.arange(n, dtype=torch.int64)
+    source = torch.zeros(n, dtype=torch.int64)  # nibble -> the code index it holds
+    shift = 0
+    while n > 1 << shift:
+        digit = ((index >> shift) & LEVELS).to(torch.int32).reshape(out_features, in_features)
+        source |= _nibbles(pack_codes(digit)).to(torch.int64) << shift
+        shift += 4
+    order = torch.empty_like(source)
+    order[source] = index
+    return order.to(torch.int32)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(..., B) uint8 -> (2 * numel,) uint8: each byte's low nibble, then its high one."""
+    return torch.stack([packed & LEVELS, packed >> 4], -1).reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def packing_block() -> Optional[int]:
+    """The rows of one block of this CPU's packed layout where it is the plain one: bytes
+    (N / B, K, B / 2), the low nibble from row j of the block, the high one from row j + B / 2
+    (64 with AVX-512, 32 with AVX2); None for any other (then codes are unpacked by
+    :func:`unpack_order`)."""
+    for block in (64, 32):
+        codes = torch.randint(0, LEVELS + 1, (block, 2 * GROUP), dtype=torch.int32)
+        plain = (codes[: block // 2] | codes[block // 2 :] << 4).t().to(torch.uint8)
+        if torch.equal(pack_codes(codes).view(2 * GROUP, block // 2), plain):
+            return block
+    return None
+
+
+def unpack_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The inverse of :func:`pack_codes`: (N, K // 2) uint8 -> codes (N, K) uint8."""
+    order = unpack_order(out_features, in_features)
+    return _nibbles(packed).index_select(0, order).view(out_features, in_features)
+
+
+class Int4Stack(nn.Module):
+    """One matrix of every expert, (N, out, in) stacked, in 4-bit form: ``packed`` (N, out,
+    in // 2) uint8 and ``scale_zeros`` (N, in // GROUP, out, 2) in the model's dtype (each
+    expert's slice is what ``_weight_int4pack_mm_for_cpu`` reads)."""
+
+    packed: torch.Tensor
+    scale_zeros: torch.Tensor
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, dtype: torch.dtype):
+        super().__init__()
+        if not int4_shape_supported(out_features, in_features):
+            raise ValueError(f"int4: no 4-bit kernel for ({out_features}, {in_features}) weights")
+        self.num_experts, self.out_features, self.in_features = (
+            num_experts,
+            out_features,
+            in_features,
+        )
+        packed = torch.empty(num_experts, out_features, in_features // 2, dtype=torch.uint8)
+        groups = in_features // GROUP
+        scale_zeros = torch.empty(num_experts, groups, out_features, 2, dtype=dtype)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scale_zeros", scale_zeros, persistent=False)
+        self.max_rows = 0
+
+    @torch.no_grad()
+    def store(self, expert: int, weight: torch.Tensor) -> None:
+        """Quantize one expert's (out, in) weight, as the model's dtype holds it (what dense
+        experts would hold), into its slot."""
+        codes, scale, zero = quantize(weight.to(self.scale_zeros.dtype))
+        self.packed[expert].copy_(pack_codes(codes))
+        self.scale_zeros[expert].copy_(torch.stack([scale.t(), zero.t()], -1))
+
+    def dequantized(self, expert: int) -> torch.Tensor:
+        """One expert's weight, transposed: (in, out) in the model's dtype, ``dequantize`` of
+        its codes (in fp32, with the scales the kernel reads) rounded once."""
+        n, k = self.out_features, self.in_features
+        block = packing_block()
+        sz = self.scale_zeros[expert].float()  # (groups, out, 2)
+        groups = k // GROUP
+        if block is None or n % block:
+            codes = unpack_codes(self.packed[expert], n, k)
+            scale, zero = sz.permute(2, 1, 0)  # 2 x (out, groups)
+            return dequantize(codes, scale, zero).to(self.scale_zeros.dtype).t()
+        # The packed bytes are (out / block, in, block / 2): the low nibbles of a block's
+        # bytes are its first block / 2 rows, the high ones the rest. Read in this order they
+        # are the transpose, block by block: (in, out) = (groups, GROUP, out), whose scales
+        # broadcast over GROUP.
+        blocks = self.packed[expert].view(n // block, k, block // 2)
+        codes = torch.cat([blocks & LEVELS, blocks >> 4], -1)  # (out / block, in, block)
+        w = torch.empty(groups, GROUP, n, dtype=torch.float32, device=codes.device)
+        w.view(k, n // block, block).copy_(codes.transpose(0, 1))
+        w.sub_(8).mul_(sz[:, None, :, 0]).add_(sz[:, None, :, 1])  # (q - 8) * scale + zero
+        return w.view(k, n).to(self.scale_zeros.dtype)
+
+    def forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x (R, in) -> (R, out)."""
+        if x.shape[0] > self.max_rows:
+            return x @ self.dequantized(expert)
+        return self.kernel(expert, x)
+
+    def kernel(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(
+            x.contiguous(), self.packed[expert], GROUP, self.scale_zeros[expert]
+        )
+
+
+class Int4Experts(nn.Module):
+    """The experts of one MoE layer in 4-bit form: ``gate_up`` (N, 2I, E) and ``down`` (N, E,
+    I) as :class:`Int4Stack` s. Loading takes one checkpoint matrix at a time: an expert's
+    gate rows wait (as loaded) for its up rows, then both are quantized and packed."""
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up = Int4Stack(num_experts, 2 * intermediate_size, hidden_size, dtype)
+        self.down = Int4Stack(num_experts, hidden_size, intermediate_size, dtype)
+        self._halves: dict[int, dict[int, torch.Tensor]] = {}  # expert -> {half: rows}
+
+    def load(self, expert: int, half: Optional[int], weight: torch.Tensor) -> None:
+        """One expert's matrix from a checkpoint: down (E, I) if ``half`` is None, else its
+        gate (0) or up (1) rows (I, E)."""
+        if half is None:
+            self.down.store(expert, weight)
+            return
+        halves = self._halves.setdefault(expert, {})
+        halves[half] = weight
+        if len(halves) == 2:
+            del self._halves[expert]
+            self.gate_up.store(expert, torch.cat([halves[0], halves[1]]))
+
+    @property
+    def waiting(self) -> int:
+        """Experts whose gate or up rows came without the other half yet."""
+        return len(self._halves)
+
+    def set_max_rows(self, max_rows: int) -> None:
+        self.gate_up.max_rows = self.down.max_rows = max_rows
+
+
+def int4_experts(model: nn.Module) -> list[Int4Experts]:
+    return [m for m in model.modules() if isinstance(m, Int4Experts)]
+
+
+def time_expert_max_rows(experts: Int4Experts, dtype: torch.dtype) -> int:
+    """The largest of ``EXPERT_TIMING_ROWS`` at which the 4-bit kernel over the experts'
+    gate_up and down products was faster than dequantizing each matrix and a dense GEMM, on as
+    many of this layer's experts as hold ``TIMING_BYTES`` of dense weights (0: at none). Every
+    count is timed: the kernel's time grows with the rows and the dequantization's does not,
+    so a win at some count stands for the smaller ones too, whatever noise said there."""
+    stacks = (experts.gate_up, experts.down)
+    dense_bytes = sum(s.out_features * s.in_features for s in stacks) * dtype.itemsize
+    count = max(1, min(experts.gate_up.num_experts, TIMING_BYTES // dense_bytes))
+    best = 0
+    for rows in EXPERT_TIMING_ROWS:
+        kernel: list[Callable[[], torch.Tensor]] = []
+        dense: list[Callable[[], torch.Tensor]] = []
+        for s in stacks:
+            x = torch.randn(rows, s.in_features, dtype=dtype)
+            for e in range(count):
+                kernel.append(functools.partial(s.kernel, e, x))
+                dense.append(functools.partial(_dequantized_linear, s, e, x))
+        kernel_s, dense_s = best_seconds(kernel), best_seconds(dense)
+        logger.debug(
+            "int4 experts at %d rows: kernel %.2fx dequantize + GEMM", rows, dense_s / kernel_s
+        )
+        if kernel_s <= dense_s:
+            best = rows
+    return best
+
+
+def _dequantized_linear(stack: Int4Stack, expert: int, x: torch.Tensor) -> torch.Tensor:
+    return x @ stack.dequantized(expert)
+
+
+def choose_expert_max_rows(experts: list[Int4Experts], dtype: torch.dtype) -> int:
+    """Set every MoE layer's row limit for the 4-bit kernel: ``PAGODA_INT4_MAX_ROWS``, or
+    timed on the first layer's experts. Returns the limit."""
+    if not experts:
+        return 0
+    forced = os.environ.get(MAX_ROWS_ENV)
+    max_rows = int(forced) if forced is not None else time_expert_max_rows(experts[0], dtype)
+    for layer in experts:
+        layer.set_max_rows(max_rows)
+    logger.info(
+        "int4 experts: the 4-bit kernel for at most %d rows an expert, else dequantized (%s)",
+        max_rows,
+        MAX_ROWS_ENV if forced is not None else "timed on this CPU",
+    )
+    return max_rows

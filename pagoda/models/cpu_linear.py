@@ -168,7 +168,7 @@ def _pack_experts(model: nn.Module, mode: Optional[str]) -> None:
     timed as the linear layers are, on the first layer's experts."""
     from pagoda.models.moe import SparseMoE  # moe packs with this module's kernels
 
-    layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    layers = [m for m in model.modules() if isinstance(m, SparseMoE) and m.int4 is None]
     if not layers:
         return
     if mode != "1":

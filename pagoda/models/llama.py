@@ -362,7 +362,8 @@ class LlamaForCausalLM(nn.Module):
                 param_name, index, matrix = expert
                 if param_name not in params or index >= self.arch.num_experts:
                     raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-                moe.copy_expert_weight(params[param_name], index, matrix, tensor, name)
+                layer = cast(moe.SparseMoE, self.get_submodule(param_name.rpartition(".")[0]))
+                layer.load_expert(index, matrix, tensor, name)  # dense, or quantized (int4)
                 expert_parts[param_name] += 1
                 continue
             target = self._param_name(name)

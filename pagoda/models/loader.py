@@ -20,6 +20,7 @@ from pagoda.models.config import ModelArch
 from pagoda.models.gemma import GemmaForCausalLM
 from pagoda.models.hub import SAFETENSORS_INDEX, parse_hub_id, resolve_model
 from pagoda.models.llama import LlamaForCausalLM
+from pagoda.models.moe import SparseMoE
 
 logger = logging.getLogger(__name__)
 
@@ -188,15 +189,20 @@ def load_model(
     model_preset: Optional[str] = None,
     seed: int = 0,
     gguf_file: Optional[str] = None,
+    quantization: Optional[str] = None,
 ) -> LoadedModel:
     """``load_format="auto"``: weights from ``path`` (a directory, a .gguf file, or a Hugging
     Face Hub id ``ORG/NAME[@REVISION][:QUANT]``, models/hub.py; ``gguf_file``: the file of a
     GGUF repo or directory). ``"dummy"``: random weights (seeded by ``seed``) of
-    ``model_preset``'s shapes, or of ``path``'s config.json; no checkpoint file is read."""
+    ``model_preset``'s shapes, or of ``path``'s config.json; no checkpoint file is read.
+    ``quantization="int4"``: MoE experts are quantized as they load and held only in 4-bit
+    form (models/moe.py); the model runner quantizes the rest."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if load_format == "dummy":
-        return load_dummy_model(path, model_preset, dtype, device, max_positions, seed)
+        return load_dummy_model(
+            path, model_preset, dtype, device, max_positions, seed, quantization
+        )
     if model_preset is not None:
         raise ValueError(
             f"--model-preset {model_preset!r} has no weights: it needs --load-format dummy"
@@ -210,7 +216,7 @@ def load_model(
     else:
         raise ValueError(f"model {path!r} is neither a directory nor a .gguf file")
     arch = ModelArch.from_hf_config(config)
-    model = _empty_model(arch, dtype, device, max_positions)
+    model = _empty_model(arch, dtype, device, max_positions, quantization)
     model.load_weights(weights)  # copy_ casts each tensor to the model's dtype
     eos = _eos_ids(arch, tokenizer)
     arch = ModelArch(**{**arch.__dict__, "eos_token_ids": eos})
@@ -225,13 +231,22 @@ def model_class(arch: ModelArch) -> type[LlamaForCausalLM]:
 
 
 def _empty_model(
-    arch: ModelArch, dtype: torch.dtype, device: torch.device, max_positions: Optional[int]
+    arch: ModelArch,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: Optional[int],
+    quantization: Optional[str] = None,
 ) -> LlamaForCausalLM:
     """The model with uninitialised weights on ``device`` (built on meta: no CPU copy), its
-    ops chosen for ``dtype`` on ``device`` (the model runner chooses again for its KV cache)."""
+    ops chosen for ``dtype`` on ``device`` (the model runner chooses again for its KV cache).
+    int4: MoE experts get 4-bit storage only (never allocated dense)."""
     positions = max_positions or arch.max_position_embeddings
     with torch.device("meta"):
         model = model_class(arch)(arch, positions)
+        if quantization == "int4":
+            for module in model.modules():
+                if isinstance(module, SparseMoE):
+                    module.hold_int4(dtype)
     model = model.to(dtype=dtype).to_empty(device=device).eval()  # cast on meta: free
     model.build_rope(device)
     model.bind_ops(device, dtype)
@@ -245,6 +260,7 @@ def load_dummy_model(
     device: torch.device,
     max_positions: Optional[int] = None,
     seed: int = 0,
+    quantization: Optional[str] = None,
 ) -> LoadedModel:
     """Random weights of the right shapes, made on ``device``. Shapes come from the preset, or
     from ``path``'s config.json (whose tokenizer is then used if it has one)."""
@@ -266,7 +282,7 @@ def load_dummy_model(
             "(a directory with a config.json)"
         )
     arch = ModelArch.from_hf_config(config)
-    model = _empty_model(arch, dtype, device, max_positions)
+    model = _empty_model(arch, dtype, device, max_positions, quantization)
     init_dummy_weights(model, seed)
     model.arch = arch
     logger.info(
@@ -294,6 +310,9 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
             param.zero_()
         else:
             param.fill_(1.0)
+    for module in model.modules():  # 4-bit experts (int4): drawn and quantized one by one
+        if isinstance(module, SparseMoE) and module.int4 is not None:
+            module.init_dummy_experts(gen, DUMMY_WEIGHT_STD)
 
 
 # A directory holds a tokenizer only with one of these: transformers would otherwise build

@@ -17,6 +17,11 @@ Invariant: each token's output is the same sum of the same terms, in the same or
 expert index, as transformers adds them), as the per-expert reference; only how rows are
 grouped into GEMMs differs, so fp32 tokens match transformers'. Shapes: T tokens,
 E hidden size, N experts, I an expert's intermediate size, K = experts per token.
+
+With ``--quantization int4`` the experts are held only in 4-bit form (cpu_int4.Int4Experts,
+quantized as the checkpoint loads, one matrix at a time): each expert's GEMMs then compute
+``x @ dequantize(W).T``, by the 4-bit kernel for a few rows or a dense GEMM over the expert's
+dequantized matrix for many; the grouping and the sum order above are unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 
 from pagoda.models import ops
 from pagoda.models.config import ModelArch
+from pagoda.models.cpu_int4 import Int4Experts, int4_shape_supported
 from pagoda.models.cpu_linear import packed_linear
 from pagoda.models.ops import DecoderOps
 
@@ -67,11 +73,14 @@ class SparseMoE(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         n, e, i = arch.num_experts, arch.hidden_size, arch.moe_intermediate_size
-        self.num_experts, self.intermediate_size = n, i
+        self.num_experts, self.hidden_size, self.intermediate_size = n, e, i
         self.top_k, self.renormalize = arch.num_experts_per_tok, arch.norm_topk_prob
         self.gate = Router(e, n)
         self.gate_up = nn.Parameter(torch.empty(n, 2 * i, e))
         self.down = nn.Parameter(torch.empty(n, e, i))
+        # The experts in 4-bit form only (hold_int4 / quantize_experts); then the stacks above
+        # are empty.
+        self.int4: Optional[Int4Experts] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, E) -> (T, E)."""
@@ -102,6 +111,9 @@ class SparseMoE(nn.Module):
 
     def expert_mlp(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
         """One expert's SwiGLU over its rows (R, E) -> (R, E)."""
+        if self.int4 is not None:
+            h = self.ops.silu_mul(self.int4.gate_up(expert, rows))
+            return self.int4.down(expert, h)
         if self.packed is not None:
             gate_up, down = self.packed
             h = self.ops.silu_mul(packed_linear(rows, gate_up[expert]))
@@ -118,9 +130,70 @@ class SparseMoE(nn.Module):
         emptied so the model is not held twice."""
         gate_up, down = self.expert_matrices()
         self.packed = ([pack(w) for w in gate_up], [pack(w) for w in down])
-        dtype = self.gate_up.dtype
-        self.gate_up = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
-        self.down = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        self._empty_stacks()
+
+    def _empty_stacks(self) -> None:
+        dtype, device = self.gate_up.dtype, self.gate_up.device
+        self.gate_up = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+        self.down = nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False)
+
+    def int4_supported(self) -> bool:
+        """True when the 4-bit kernel takes both expert matrices' shapes."""
+        e, i = self.hidden_size, self.intermediate_size
+        return int4_shape_supported(2 * i, e) and int4_shape_supported(e, i)
+
+    def hold_int4(self, dtype: torch.dtype) -> bool:
+        """Before any weights are loaded (the model on meta): hold the experts in 4-bit form
+        only, to be filled by :meth:`load_expert` or :meth:`init_dummy_experts`. False (dense
+        experts kept) where the kernel cannot take their shapes."""
+        if not self.int4_supported():
+            return False
+        self.int4 = Int4Experts(self.num_experts, self.hidden_size, self.intermediate_size, dtype)
+        self._empty_stacks()
+        return True
+
+    @torch.no_grad()
+    def quantize_experts(self) -> bool:
+        """Loaded dense experts -> 4-bit form only, one expert at a time (the stacks freed at
+        the end). False where the kernel cannot take their shapes."""
+        if self.int4 is not None or self.packed is not None or not self.int4_supported():
+            return False
+        n, e, i = self.num_experts, self.hidden_size, self.intermediate_size
+        with torch.device(self.gate_up.device):
+            int4 = Int4Experts(n, e, i, self.gate_up.dtype)
+        for expert in range(n):
+            int4.gate_up.store(expert, self.gate_up[expert])
+            int4.down.store(expert, self.down[expert])
+        self.int4 = int4
+        self._empty_stacks()
+        return True
+
+    @torch.no_grad()
+    def init_dummy_experts(self, generator: torch.Generator, std: float) -> None:
+        """Random 4-bit experts: each matrix drawn ~ N(0, std^2) in fp32 and quantized, one at
+        a time (the dense model is never held)."""
+        assert self.int4 is not None
+        device = self.int4.gate_up.packed.device
+        for stack in (self.int4.gate_up, self.int4.down):
+            for expert in range(self.num_experts):
+                w = torch.empty(stack.out_features, stack.in_features, device=device)
+                stack.store(expert, w.normal_(0.0, std, generator=generator))
+
+    def load_expert(self, expert: int, matrix: str, tensor: torch.Tensor, source: str) -> None:
+        """One expert's checkpoint matrix (``matrix`` a key of ``EXPERT_WEIGHTS``) into the
+        dense stacks or, with 4-bit experts, into their 4-bit form."""
+        param, half = EXPERT_WEIGHTS[matrix]
+        if self.int4 is None:
+            copy_expert_weight(getattr(self, param), expert, matrix, tensor, source)
+            return
+        e, i = self.hidden_size, self.intermediate_size
+        expected = (e, i) if half is None else (i, e)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"checkpoint tensor {source!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {expected}"
+            )
+        self.int4.load(expert, half, tensor)
 
 
 # Checkpoint names of one expert's matrices -> (which stacked parameter, which rows of it):

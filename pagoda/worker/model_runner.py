@@ -155,6 +155,7 @@ class ModelRunner:
         if device.type == "cpu":  # linear layers' weights packed for the GEMM, where it pays
             model.packed_head = cpu_linear.pack_model(model, model.output_weight)
         self.int4_max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
+        cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
         if int4_layers and not self.int4_max_rows:  # never faster here: drop the copies
             cpu_int4.detach_int4(model)
         self.kv_caches = allocate_kv_cache(

@@ -151,3 +151,68 @@ def test_none_means_no_quantization():
     assert cpu_int4.resolve_quantization(None, cpu, torch.float32) is None
     assert cpu_int4.resolve_quantization("none", cpu, torch.float32) is None
     assert cpu_int4.resolve_quantization("int4", cpu, torch.bfloat16) == "int4"
+
+
+# The 4-bit experts of MoE layers (Int4Stack / Int4Experts).
+
+@pytest.mark.parametrize("shape", [(16, 32), (48, 64), (96, 64), (128, 96), (1536, 256)])
+def test_unpacking_inverts_the_kernels_packing(seed, shape):
+    """Whatever block layout this CPU's kernel packs in (tails of fewer than 64 rows too)."""
+    codes = torch.randint(0, 16, shape, dtype=torch.int32)
+    back = cpu_int4.unpack_codes(cpu_int4.pack_codes(codes), *shape)
+    assert back.dtype == torch.uint8 and torch.equal(back.int(), codes), seed
+
+
+@pytest.mark.parametrize("out_features", [48, 64, 192])
+@pytest.mark.parametrize("layout", ["plain blocks", "learned order"])
+def test_an_expert_dequantizes_to_what_its_codes_stand_for(seed, out_features, layout,
+                                                           monkeypatch):
+    """Both ways of reading the codes back: the plain block layout read as the transpose
+    (where this CPU packs so and the rows fill its blocks), and the learned order (any)."""
+    if layout == "learned order":
+        monkeypatch.setattr(cpu_int4, "packing_block", lambda: None)
+    w = torch.randn(3, out_features, 96)
+    stack = cpu_int4.Int4Stack(3, out_features, 96, torch.float32)
+    for e in range(3):
+        stack.store(e, w[e])
+    for e in range(3):
+        want = cpu_int4.dequantize(*cpu_int4.quantize(w[e]))
+        assert torch.equal(stack.dequantized(e), want.t()), seed
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("max_rows", [0, 8])
+def test_an_expert_product_is_the_dequantized_product(seed, rows, max_rows):
+    w = torch.randn(2, 96, 64)
+    stack = cpu_int4.Int4Stack(2, 96, 64, torch.float32)
+    stack.store(0, w[0])
+    stack.store(1, w[1])
+    stack.max_rows = max_rows
+    x = torch.randn(rows, 64)
+    assert torch.allclose(stack(1, x), cpu_int4.reference_linear(x, w[1]), rtol=1e-5,
+                          atol=1e-5), seed
+
+
+def test_gate_and_up_rows_pack_the_same_in_either_order(seed):
+    gate, up, down = torch.randn(32, 64), torch.randn(32, 64), torch.randn(64, 32)
+    a = cpu_int4.Int4Experts(2, 64, 32, torch.float32)
+    a.load(1, 0, gate)
+    assert a.waiting == 1
+    a.load(1, None, down)
+    a.load(1, 1, up)
+    b = cpu_int4.Int4Experts(2, 64, 32, torch.float32)
+    b.load(1, 1, up)
+    b.load(1, 0, gate)
+    assert a.waiting == b.waiting == 0
+    whole = cpu_int4.dequantize(*cpu_int4.quantize(torch.cat([gate, up])))
+    assert torch.equal(a.gate_up.dequantized(1), whole.t())
+    assert torch.equal(b.gate_up.dequantized(1), whole.t())
+    assert torch.equal(a.down.dequantized(1), cpu_int4.dequantize(*cpu_int4.quantize(down)).t())
+
+
+def test_expert_shapes_the_kernel_cannot_take_are_refused():
+    assert cpu_int4.int4_shape_supported(96, 64)
+    assert not cpu_int4.int4_shape_supported(96, 48)  # inputs not whole groups
+    assert not cpu_int4.int4_shape_supported(40, 64)  # rows not a multiple of 16
+    with pytest.raises(ValueError, match="no 4-bit kernel"):
+        cpu_int4.Int4Stack(2, 64, 48, torch.float32)
