@@ -231,9 +231,11 @@ def _cache_full(cached: Sequence[CachedBlock], version: int) -> dict[str, Any]:
     return {"version": version, "fields": CACHE_FIELDS, "blocks": [_cache_row(c) for c in cached]}
 
 
-def _cache_row(c: CachedBlock) -> list[Any]:
+def _cache_row(c: CachedBlock) -> tuple[int, Optional[str], Optional[str], int]:
+    """A row of ``cache.blocks`` (a JSON array; a tuple here, which the garbage collector
+    stops tracking at its first pass: a keyframe makes thousands)."""
     block_id, block_hash, parent, hits = c
-    return [block_id, _hex(block_hash), _hex(parent), hits]
+    return block_id, _hex(block_hash), _hex(parent), hits
 
 
 # A request row's fields, in order; "prompt" and "output" only with --inspector-show-text.

@@ -41,7 +41,7 @@ PAGE = Path(__file__).parent / "static" / "inspect.html"
 # A keyframe (the whole state, the prefix cache's every block included) this often on each
 # stream, deltas between: a viewer that lost track (a page left in the background, a delta
 # it could not apply) is whole again within this time.
-KEYFRAME_INTERVAL_S = 10.0
+KEYFRAME_INTERVAL_S = 30.0
 DELTAS_KEPT = 8  # recent deltas kept, so a viewer a few frames behind gets them, not a keyframe
 KEEPALIVE_S = 5.0  # a comment line this often on a quiet stream: a gone viewer is noticed
 NO_CACHE = {"Cache-Control": "no-store"}
