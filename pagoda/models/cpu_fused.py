@@ -94,3 +94,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
     _kernels().silu_mul(out, gate_up)
     return out
+
+
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma): (T, 2I) [gate | up] -> GELU(gate, tanh approximation) * up, (T, I)."""
+    out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+    _kernels().gelu_tanh_mul(out, gate_up)
+    return out

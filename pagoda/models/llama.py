@@ -213,7 +213,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        h = ops.gelu_tanh_mul(gate_up) if self.geglu else self.ops.silu_mul(gate_up)
+        h = self.ops.gelu_tanh_mul(gate_up) if self.geglu else self.ops.silu_mul(gate_up)
         return self.down_proj(h)  # (T, E)
 
 

@@ -1,7 +1,7 @@
 """The decoder's elementwise ops (RMSNorm, RMSNorm after a residual add, RoPE, Qwen3's per-head
-q/k RMSNorm with RoPE, SiLU(gate) * up), as one set chosen per model when it is built and
-bound to its layers, so the forward does no dispatch (as vLLM's ``CustomOp`` picks its
-implementation in ``__init__``).
+q/k RMSNorm with RoPE, SiLU(gate) * up, Gemma's GELU(gate) * up), as one set chosen per model
+when it is built and bound to its layers, so the forward does no dispatch (as vLLM's
+``CustomOp`` picks its implementation in ``__init__``).
 
 Three sets:
 - ``REFERENCE``: plain PyTorch, every device and dtype; fp32 always takes it (the path compared
@@ -46,6 +46,7 @@ class DecoderOps:
     # (positions, q, k, cos, sin, q_weight, k_weight, eps): per-head RMSNorm, then RoPE.
     qk_norm_rope: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float], QK]
     silu_mul: Callable[[Tensor], Tensor]
+    gelu_tanh_mul: Callable[[Tensor], Tensor]  # GeGLU (Gemma)
 
 
 # ----------------------------------------------------------------------------------- reference
@@ -83,8 +84,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 
 def gelu_tanh_mul(gate_up: Tensor) -> Tensor:
-    """GeGLU (Gemma): (T, 2I) [gate | up] -> GELU(gate, tanh approximation) * up, (T, I). Not in
-    the fused sets: every device runs PyTorch's."""
+    """GeGLU (Gemma): (T, 2I) [gate | up] -> GELU(gate, tanh approximation) * up, (T, I)."""
     gate, up = gate_up.split(gate_up.shape[-1] // 2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
 
@@ -109,7 +109,9 @@ def norm_heads_then(
     return qk_norm_rope
 
 
-REFERENCE = DecoderOps("torch", rms_norm, add_rms_norm, rope, norm_heads_then(rope), silu_mul)
+REFERENCE = DecoderOps(
+    "torch", rms_norm, add_rms_norm, rope, norm_heads_then(rope), silu_mul, gelu_tanh_mul
+)
 
 
 # ----------------------------------------------------------------------------------- CPU fused
@@ -131,6 +133,10 @@ def _cpu_silu_mul(gate_up: Tensor) -> Tensor:
     return cpu_fused.silu_mul(gate_up)
 
 
+def _cpu_gelu_tanh_mul(gate_up: Tensor) -> Tensor:
+    return cpu_fused.gelu_tanh_mul(gate_up)
+
+
 # The per-head q/k norms stay the reference's: the kernel normalises (T, E) rows only.
 CPU_FUSED = DecoderOps(
     "cpu-fused",
@@ -139,6 +145,7 @@ CPU_FUSED = DecoderOps(
     _cpu_rope,
     norm_heads_then(_cpu_rope),
     _cpu_silu_mul,
+    _cpu_gelu_tanh_mul,
 )
 
 
@@ -174,8 +181,8 @@ def triton_ops(head_dim: int) -> DecoderOps:
         return tf.silu_mul(gate_up)
 
     if not tf.rope_supported(head_dim):
-        return DecoderOps("triton", norm, add_norm, rope, norm_heads_then(rope), act)
-    return DecoderOps("triton", norm, add_norm, fused_rope, qk_norm_rope, act)
+        return DecoderOps("triton", norm, add_norm, rope, norm_heads_then(rope), act, gelu_tanh_mul)
+    return DecoderOps("triton", norm, add_norm, fused_rope, qk_norm_rope, act, gelu_tanh_mul)
 
 
 # ------------------------------------------------------------------------------------- choice

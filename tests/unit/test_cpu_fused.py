@@ -68,6 +68,17 @@ def test_silu_mul():
     mostly_identical(cpu_fused.silu_mul(gate_up), F.silu(gate) * up, min_equal=0.999)
 
 
+@pytest.mark.parametrize("rows, inter", [(1, 40), (50, 1536), (300, 6912)])
+def test_gelu_tanh_mul(rows, inter):
+    """GeGLU (Gemma) against PyTorch's tanh-approximated GELU times up, over the range where
+    the approximation's tanh saturates and where it is linear; odd widths take the scalar tail."""
+    g = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * inter, generator=g) * 4).to(BF16)
+    gate, up = gate_up.split(inter, dim=-1)
+    ref = F.gelu(gate, approximate="tanh") * up
+    mostly_identical(cpu_fused.gelu_tanh_mul(gate_up), ref, min_equal=0.999)
+
+
 def test_bad_inputs_raise_instead_of_crashing():
     with pytest.raises(RuntimeError, match="bfloat16"):
         cpu_fused.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-5)

@@ -1259,6 +1259,7 @@ void add_rms_norm(at::Tensor out, at::Tensor residual, at::Tensor x, at::Tensor 
                   double eps);
 void rope(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin, at::Tensor positions);
 void silu_mul(at::Tensor out, at::Tensor gate_up);
+void gelu_tanh_mul(at::Tensor out, at::Tensor gate_up);
 void argmax_rows(at::Tensor out, at::Tensor logits);
 void argmax_cols(at::Tensor out, at::Tensor logits_t);
 }  // namespace pagoda_fused
@@ -1316,6 +1317,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("silu_mul", &pagoda_fused::silu_mul, "out = silu(gate) * up for bf16 [gate | up] rows.",
         py::arg("out"), py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
+  m.def("gelu_tanh_mul", &pagoda_fused::gelu_tanh_mul,
+        "out = gelu_tanh(gate) * up for bf16 [gate | up] rows (GeGLU).", py::arg("out"),
+        py::arg("gate_up"), py::call_guard<py::gil_scoped_release>());
   m.def("argmax_rows", &pagoda_fused::argmax_rows, "Row-wise argmax of bf16 logits.",
         py::arg("out"), py::arg("logits"), py::call_guard<py::gil_scoped_release>());
   m.def("argmax_cols", &pagoda_fused::argmax_cols,
