@@ -123,11 +123,11 @@ def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused, pipe
             monkeypatch.setattr(triton_fused, name, counted(name))
     seen: list[AttentionMetadata] = []
 
-    def triton_everywhere(q, k, v, kv_cache, meta, scale):
+    def triton_everywhere(q, k, v, kv_cache, meta, scale, **options):
         assert isinstance(meta, AttentionMetadata)
         assert (meta.packed_prefills is None) == (not meta.prefills)
         seen.append(meta)
-        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale)
+        return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale, **options)
 
     runner = ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU)
     runner.is_cuda = True          # the device input path, on CPU tensors

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import hmac
 import json
@@ -371,6 +372,11 @@ def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     import uvicorn
 
     app = build_app_from_args(ns, engine_args)
+    # Everything alive now (the model, the tokenizer, the app) lives until exit: move it out of
+    # the collector's generations, so the full collections that serving sets off do not walk
+    # it each time (one cost about 190 ms on the bundled model: docs/inspector.md).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level, timeout_graceful_shutdown=5
     )
