@@ -48,6 +48,9 @@ class BlockPool:
         self.block_hits = [0] * num_blocks
         self.cache_version = 0
         self._cached_snapshot: tuple[int, tuple[CachedBlock, ...]] = (0, ())
+        # Each named block's row for snapshots, kept as names and hits change (in naming
+        # order, as ``cached``), so that a snapshot lists them without rebuilding each one.
+        self._cached_rows: dict[int, CachedBlock] = {}
         self.num_evictions = 0
         self.journal: Optional[KVEventJournal] = None  # KV events, when published
 
@@ -91,9 +94,11 @@ class BlockPool:
                     raise RuntimeError(f"block {b} is free and holds no cached KV")
                 del self._free[b]
             self.ref_counts[b] += 1
-            if self.block_hash[b] is not None:
+            h = self.block_hash[b]
+            if h is not None:
                 self.block_hits[b] += 1
                 self.cache_version += 1
+                self._cached_rows[b] = CachedBlock(b, h, self.block_parent[b], self.block_hits[b])
 
     def release(self, block_ids: Iterable[int]) -> None:
         """One holder fewer. A block whose count reaches 0 becomes free: at the back of the
@@ -132,6 +137,7 @@ class BlockPool:
         self.block_hash[block_id] = block_hash
         self.block_parent[block_id] = parent
         self.cached[block_hash] = block_id
+        self._cached_rows[block_id] = CachedBlock(block_id, block_hash, parent, 0)
         self.cache_version += 1
         return True
 
@@ -143,6 +149,7 @@ class BlockPool:
             self.block_hash[b] = self.block_parent[b] = None
             self.block_hits[b] = 0
         self.cached.clear()
+        self._cached_rows.clear()
         self.cache_version += 1
         if self.journal is not None:
             self.journal.cleared()
@@ -153,6 +160,7 @@ class BlockPool:
         h = self.block_hash[block_id]
         if h is not None:
             del self.cached[h]
+            del self._cached_rows[block_id]
             self.block_hash[block_id] = self.block_parent[block_id] = None
             self.block_hits[block_id] = 0
             self.cache_version += 1
@@ -185,8 +193,7 @@ class BlockPool:
     def _cached_blocks(self) -> tuple[CachedBlock, ...]:
         version, blocks = self._cached_snapshot
         if version != self.cache_version or len(blocks) != len(self.cached):
-            parent, hits = self.block_parent, self.block_hits
-            blocks = tuple(CachedBlock(b, h, parent[b], hits[b]) for h, b in self.cached.items())
+            blocks = tuple(self._cached_rows.values())
             self._cached_snapshot = (self.cache_version, blocks)
         return blocks
 
@@ -206,6 +213,11 @@ class BlockPool:
         assert used + len(free) == self.num_blocks, "free + used != total"
         for h, b in self.cached.items():
             assert self.block_hash[b] == h, f"hash index names block {b}, which holds another"
+        rows = [
+            CachedBlock(b, h, self.block_parent[b], self.block_hits[b])
+            for h, b in self.cached.items()
+        ]
+        assert list(self._cached_rows.values()) == rows, "the snapshot rows differ from the index"
         named = [b for b in range(self.num_blocks) if self.block_hash[b] is not None]
         assert len(named) == len(self.cached), "a block carries a hash the index lacks"
         for b in range(self.num_blocks):
