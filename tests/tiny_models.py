@@ -16,6 +16,19 @@ def hf_greedy(model: Any, prompt: list[int], max_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+# Engine settings the families' equivalence tests run under: chunked prefill (a budget of 7),
+# block size 1, preemption with and without prefix caching, async scheduling.
+ENGINE_MODES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "budget7": dict(max_num_batched_tokens=7),
+    "block1": dict(block_size=1, max_num_batched_tokens=13),
+    "preempt": dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=32),
+    "preempt-nocache": dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=32,
+                            enable_prefix_caching=False),
+    "async": dict(async_scheduling=True, max_num_batched_tokens=7),
+}
+
+
 def greedy(max_tokens: int) -> Any:
     """pagoda's greedy params for the same: min_tokens masks EOS until max_tokens, exactly as
     transformers' min_new_tokens does."""

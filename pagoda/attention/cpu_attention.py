@@ -12,8 +12,7 @@ One layer's attention over a mixed batch, in three calls into the extension buil
    (``csrc/amx_attention.cpp``: FlashAttention-style, the two products on the tile unit) for
    every chunk of the step, reading the context through the block tables (an fp8 cache is
    widened to bf16 as it is read, a fresh chunk's own K/V included); elsewhere the PyTorch
-   reference (fused SDPA per chunk; with a window, handed each chunk's table without the
-   blocks wholly before its window).
+   reference (fused SDPA per chunk; with a window, it gathers no block wholly before it).
 
 Invariant (the reference's, ``torch_ref.py``): new K/V are written first, then a query at
 position ``p`` of a sequence sees exactly that sequence's tokens ``[0, p]``, or with a sliding
@@ -28,13 +27,12 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from pagoda.attention import cpu_decode, torch_ref
-from pagoda.attention.metadata import AttentionMetadata, PrefillChunk
+from pagoda.attention.metadata import AttentionMetadata
 
 # "torch" forces the pure-PyTorch reference even where the C++ kernels are available.
 ATTENTION_BACKEND_ENV = "PAGODA_ATTENTION"
@@ -157,29 +155,8 @@ def attend(
             int(window),
             float(softcap),
         )
-    else:
-        if window:
-            prefills = _skip_before_window(meta.prefills, window, meta.block_size)
-            meta = replace(meta, prefills=prefills, packed_prefills=None)
+    else:  # the reference skips the blocks wholly before each chunk's window itself
         torch_ref.prefill_chunks(
             q, k, v, kv_cache, meta, scale, out, window=window, softcap=softcap
         )
-    return out
-
-
-def _skip_before_window(
-    chunks: list[PrefillChunk], window: int, block_size: int
-) -> list[PrefillChunk]:
-    """The chunks without the blocks wholly before their first query's window, so that the
-    reference (which gathers whole blocks) reads no more than the kernels do: those table
-    entries may name a null block of garbage. The attention is unchanged: a window's mask, like
-    the causal one, depends only on positions relative to each other."""
-    out = []
-    for c in chunks:
-        skip = max(0, c.context_len - c.query_len - window + 1) // block_size
-        if skip:
-            c = replace(
-                c, context_len=c.context_len - skip * block_size, block_table=c.block_table[skip:]
-            )
-        out.append(c)
     return out

@@ -63,10 +63,7 @@ class GemmaDecoderLayer(DecoderLayer):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.input_norm(x, residual)
         attn = self.post_attention_layernorm(self.self_attn(h, positions, kv_cache, meta))
         h, residual = self.pre_feedforward_layernorm.add_forward(attn, residual)
         return self.post_feedforward_layernorm(self.mlp(h)), residual

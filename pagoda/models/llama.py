@@ -238,13 +238,19 @@ class DecoderLayer(nn.Module):
         """x: the previous layer's output (T, E), not yet added to ``residual`` (the running
         sum of the residual stream; None in the first layer, where x is the embedding).
         Returns (this layer's MLP output, residual): each add is fused into the next norm."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm.add_forward(x, residual)
+        h, residual = self.input_norm(x, residual)
         attn = self.self_attn(h, positions, kv_cache, meta)
         h, residual = self.post_attention_layernorm.add_forward(attn, residual)
         return self.mlp(h), residual
+
+    def input_norm(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the attention's input, the residual stream): the previous layer's output added to
+        the stream and normalised (in the first layer, x is the stream)."""
+        if residual is None:
+            return self.input_layernorm(x), x
+        return self.input_layernorm.add_forward(x, residual)
 
     def bind(self, decoder_ops: DecoderOps, attention: AttentionBackend) -> None:
         """The per-head q/k norms are not bound: ``ops.qk_norm_rope`` does them."""

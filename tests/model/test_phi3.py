@@ -15,7 +15,7 @@ import transformers
 from pagoda import LLM, SamplingParams
 from pagoda.models.config import ModelArch, UnsupportedModelError
 from pagoda.models.llama import RotaryEmbedding, partial_rotary_order
-from tiny_models import TINY_VOCAB, greedy, hf_greedy, make_model
+from tiny_models import ENGINE_MODES, TINY_VOCAB, greedy, hf_greedy, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,15 +37,7 @@ CASES = {
                       512, [33, 40, 47, 64]),
 }
 MAX_TOKENS = [24, 9, 17, 30]
-MODES = {
-    "default": {},
-    "budget7": dict(max_num_batched_tokens=7),
-    "block1": dict(block_size=1, max_num_batched_tokens=13),
-    "preempt": dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=32),
-    "preempt-nocache": dict(block_size=8, num_kv_blocks=14, max_num_batched_tokens=32,
-                            enable_prefix_caching=False),
-    "async": dict(async_scheduling=True, max_num_batched_tokens=7),
-}
+MODES = ENGINE_MODES
 
 
 @pytest.fixture(scope="module", params=list(CASES))

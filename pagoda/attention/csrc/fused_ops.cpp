@@ -295,8 +295,11 @@ void rope(at::Tensor q, at::Tensor k, at::Tensor cos, at::Tensor sin, at::Tensor
   rope_one(k, cos, sin, pos, tokens);
 }
 
-// out = bf16(bf16(silu(gate)) * up) where gate_up = [gate | up] along the last dim.
-void silu_mul(at::Tensor out, at::Tensor gate_up) {
+// out = bf16(bf16(act(gate)) * up) for each row of gate_up = [gate | up] (the last dim): the
+// row loop of the gated MLPs. ``vec`` maps 16 fp32 gates to their activation (AVX-512 builds),
+// ``scalar`` one gate (the tail, and every element elsewhere); both unrounded.
+template <class Vec, class Scalar>
+void gated_rows(at::Tensor out, at::Tensor gate_up, [[maybe_unused]] Vec vec, Scalar scalar) {
   check_bf16_rows(gate_up, "gate_up");
   check_bf16_rows(out, "out");
   const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
@@ -308,77 +311,74 @@ void silu_mul(at::Tensor out, at::Tensor gate_up) {
       auto* o = reinterpret_cast<uint16_t*>(out.data_ptr()) + r * out.stride(0);
       int64_t i = 0;
 #if defined(PAGODA_FUSED_AVX512)
-      const __m512 one = _mm512_set1_ps(1.f);
       for (; i + 16 <= inter; i += 16) {
-        const __m512 x = v16::load(g + i);
-        const __m512 e = v16::exp(v16::neg(x));
-        const __m512 act = v16::round(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+        const __m512 act = v16::round(vec(v16::load(g + i)));
         v16::store(o + i, _mm512_mul_ps(act, v16::load(u + i)));
       }
 #endif
       for (; i < inter; ++i) {
-        const float x = bf16_to_f32(g[i]);
-        const float act = round_bf16(x / (1.f + fast_exp(-x)));
+        const float act = round_bf16(scalar(bf16_to_f32(g[i])));
         o[i] = f32_to_bf16(act * bf16_to_f32(u[i]));
       }
     }
   });
 }
 
-// out = bf16(bf16(gelu_tanh(gate)) * up) (GeGLU, Gemma), gelu_tanh(x) = x / 2 * (1 + tanh(z)),
+#if defined(PAGODA_FUSED_AVX512)
+#define PAGODA_VEC_ACT(body) [](__m512 x) { body }
+#else
+#define PAGODA_VEC_ACT(body) nullptr
+#endif
+
+// SiLU (SwiGLU): silu(x) = x / (1 + exp(-x)).
+void silu_mul(at::Tensor out, at::Tensor gate_up) {
+  gated_rows(
+      out, gate_up,
+      PAGODA_VEC_ACT(return _mm512_div_ps(
+                         x, _mm512_add_ps(_mm512_set1_ps(1.f), v16::exp(v16::neg(x))));),
+      [](float x) { return x / (1.f + fast_exp(-x)); });
+}
+
+// GELU, tanh approximation (GeGLU, Gemma): gelu_tanh(x) = x / 2 * (1 + tanh(z)),
 // z = sqrt(2 / pi) * (x + 0.044715 x^3). PyTorch adds 1 to tanh(z) rounded to fp32, which for z
 // below about -9 cancels to 0 (its answer is -0) and elsewhere keeps tanh's rounding near -1.
 // To keep those roundings: 1 + tanh(z) = 2 / (1 + exp(-2 z)) computed accurately, then
 // tanh(z) = that - 1 rounded to fp32, then 1 + tanh(z) (exact); and, as PyTorch's vectorised
 // tanh does, tanh(z) = +-1 exactly beyond |z| = kTanhSaturates.
-constexpr float kTanhSaturates = 8.664339742f;
 constexpr float kGeluK0 = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluK1 = 0.044715f;
+constexpr float kTanhSaturates = 8.664339742f;
+
+#if defined(PAGODA_FUSED_AVX512)
+inline __m512 gelu_tanh16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  // -2z, and exp(-2z)
+  const __m512 z2 = _mm512_mul_ps(_mm512_set1_ps(-2.f * kGeluK0),
+                                  _mm512_fmadd_ps(_mm512_set1_ps(kGeluK1), x3, x));
+  const __m512 e = v16::exp(z2);
+  __m512 t = _mm512_sub_ps(_mm512_div_ps(_mm512_set1_ps(2.f), _mm512_add_ps(one, e)), one);
+  const __mmask16 saturated =
+      _mm512_cmp_ps_mask(_mm512_abs_ps(z2), _mm512_set1_ps(2.f * kTanhSaturates), _CMP_GT_OQ);
+  // +-1 with tanh's sign, the opposite of -2z's.
+  const __mmask16 positive = _mm512_cmp_ps_mask(z2, _mm512_setzero_ps(), _CMP_LT_OQ);
+  t = _mm512_mask_blend_ps(saturated, t, _mm512_mask_blend_ps(positive, _mm512_set1_ps(-1.f), one));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, t));
+}
+#endif
+
+inline float gelu_tanh1(float x) {
+  const float z = kGeluK0 * (x + kGeluK1 * x * x * x);
+  const float t = std::fabs(z) > kTanhSaturates ? (z < 0 ? -1.f : 1.f)
+                                                : 2.f / (1.f + fast_exp(-2.f * z)) - 1.f;
+  return 0.5f * x * (1.f + t);
+}
 
 void gelu_tanh_mul(at::Tensor out, at::Tensor gate_up) {
-  check_bf16_rows(gate_up, "gate_up");
-  check_bf16_rows(out, "out");
-  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
-  TORCH_CHECK(out.size(0) == rows && out.size(1) == inter, "out must be (T, I)");
-  at::parallel_for(0, rows, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const auto* g = reinterpret_cast<const uint16_t*>(gate_up.data_ptr()) + r * gate_up.stride(0);
-      const uint16_t* u = g + inter;
-      auto* o = reinterpret_cast<uint16_t*>(out.data_ptr()) + r * out.stride(0);
-      int64_t i = 0;
-#if defined(PAGODA_FUSED_AVX512)
-      const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
-      const __m512 half = _mm512_set1_ps(0.5f);
-      const __m512 k0 = _mm512_set1_ps(-2.f * kGeluK0), k1 = _mm512_set1_ps(kGeluK1);
-      const __m512 limit = _mm512_set1_ps(2.f * kTanhSaturates), zero = _mm512_setzero_ps();
-      const __m512 minus_one = _mm512_set1_ps(-1.f);
-      for (; i + 16 <= inter; i += 16) {
-        const __m512 x = v16::load(g + i);
-        const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-        const __m512 z = _mm512_mul_ps(k0, _mm512_fmadd_ps(k1, x3, x));  // -2z, as k0 is
-        const __m512 e = v16::exp(z);
-        __m512 t = _mm512_sub_ps(_mm512_div_ps(two, _mm512_add_ps(one, e)), one);
-        const __m512 abs_z = _mm512_abs_ps(z);
-        const __mmask16 saturated = _mm512_cmp_ps_mask(abs_z, limit, _CMP_GT_OQ);
-        // +-1 with tanh's sign, the opposite of -2z's.
-        t = _mm512_mask_blend_ps(saturated, t,
-                                 _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, zero, _CMP_LT_OQ),
-                                                      minus_one, one));
-        const __m512 act = v16::round(_mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t)));
-        v16::store(o + i, _mm512_mul_ps(act, v16::load(u + i)));
-      }
-#endif
-      for (; i < inter; ++i) {
-        const float x = bf16_to_f32(g[i]);
-        const float z = kGeluK0 * (x + kGeluK1 * x * x * x);
-        const float t = std::fabs(z) > kTanhSaturates ? (z < 0 ? -1.f : 1.f)
-                                                      : 2.f / (1.f + fast_exp(-2.f * z)) - 1.f;
-        const float act = round_bf16(0.5f * x * (1.f + t));
-        o[i] = f32_to_bf16(act * bf16_to_f32(u[i]));
-      }
-    }
-  });
+  gated_rows(out, gate_up, PAGODA_VEC_ACT(return gelu_tanh16(x);), gelu_tanh1);
 }
+
+#undef PAGODA_VEC_ACT
 
 #if defined(PAGODA_FUSED_AVX512)
 // The vector part of a row's argmax: lane j keeps the best value among elements j mod 16 (the
