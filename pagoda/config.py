@@ -40,8 +40,14 @@ class CacheConfig:
     kv_cache_memory_gib: Optional[float] = None  # CPU: the KV pool's size in GiB
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of free memory for KV
     num_blocks: Optional[int] = None  # overrides the memory budget (tests)
+    # The sliding-window layers' own pool (core/sliding_kv.py): its exact size (None: sized
+    # by the engine), or kept in the one pool with the rest (``hybrid`` False).
+    num_sliding_blocks: Optional[int] = None
+    hybrid: bool = True
 
     def __post_init__(self) -> None:
+        if self.num_sliding_blocks is not None and self.num_sliding_blocks < 1:
+            raise ValueError(f"num_sliding_blocks must be >= 1, got {self.num_sliding_blocks}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -226,6 +232,8 @@ class EngineArgs:
     kv_cache_memory: Optional[float] = None  # GiB (CPU); default DEFAULT_KV_CACHE_GIB
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: Optional[int] = None  # overrides the memory budget (tests)
+    num_sliding_kv_blocks: Optional[int] = None  # the sliding layers' pool (core/sliding_kv.py)
+    disable_hybrid_kv_cache_manager: bool = False  # sliding layers' KV in the one pool
     # None: DEFAULT_MAX_NUM_BATCHED_TOKENS, except a server on the CPU (``serving``), which
     # times a step at start and picks one (engine/cpu_budget.py).
     max_num_batched_tokens: Optional[int] = None
@@ -254,7 +262,12 @@ class EngineArgs:
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
-            self.block_size, self.kv_cache_memory, self.gpu_memory_utilization, self.num_kv_blocks
+            self.block_size,
+            self.kv_cache_memory,
+            self.gpu_memory_utilization,
+            self.num_kv_blocks,
+            self.num_sliding_kv_blocks,
+            not self.disable_hybrid_kv_cache_manager,
         )
 
     def kv_transfer_config(self, engine_id: str) -> KVTransferConfig:

@@ -53,6 +53,13 @@ class AttentionMetadata:
     packed_prefills: Optional[PackedPrefills] = None
     # In a CUDA graph, the fixed flash-decoding split count the graph was captured with.
     decode_num_splits: Optional[int] = None
+    # The sliding-window layers' own slots and tables when their KV is kept apart
+    # (core/sliding_kv.py): the same rows, in their pool's blocks.
+    sliding: Optional["AttentionMetadata"] = None
+
+    def for_window(self, window: int) -> "AttentionMetadata":
+        """The metadata a layer with sliding window ``window`` (0: none) reads and writes."""
+        return self.sliding if window and self.sliding is not None else self
 
     def packed(self, device: torch.device) -> Optional[PackedPrefills]:
         """The packed prefill chunks (None without any): the runner's, or, for metadata built

@@ -6,6 +6,10 @@ token ``i`` lives in block ``blocks[i // block_size]`` at offset ``i % block_siz
 Invariant: a request holds exactly ``ceil(tokens it has scheduled / block_size)`` blocks,
 and with prefix caching on, every full block it has scheduled is named by its chain hash
 (unless another block already holds that name).
+
+A model with sliding-window layers may keep their KV apart (``sliding``, see sliding_kv.py):
+then each request has a second table, as long as the first, that holds only the blocks its
+window still reaches, and every allocation, hit, trim and free covers both tables.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Optional, Sequence
 from pagoda.core.block_pool import BlockPool
 from pagoda.core.kv_events import KVCacheEvent, KVEventJournal
 from pagoda.core.prefix_cache import extend_block_hashes, root_hash
+from pagoda.core.sliding_kv import SlidingTables
 from pagoda.request import Request
 from pagoda.utils import cdiv
 
@@ -26,6 +31,7 @@ class KVCacheManager:
         block_size: int,
         enable_prefix_caching: bool = False,
         model_key: str = "",
+        sliding: Optional[SlidingTables] = None,
     ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
@@ -34,6 +40,7 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[int]] = {}
         self._num_named: dict[str, int] = {}  # leading blocks of a request already hashed in
         self.journal: Optional[KVEventJournal] = None  # KV events, when published
+        self.sliding = sliding  # the sliding layers' tables, when kept apart
 
     def enable_events(self) -> None:
         """Keep a journal of hashes entering and leaving the prefix cache (kv_events.py)."""
@@ -52,6 +59,15 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return self.req_blocks.get(request_id, [])
 
+    def sliding_block_ids(self, request_id: str) -> list[int]:
+        """The sliding layers' table (holes before the window); empty without one."""
+        return self.sliding.table(request_id) if self.sliding is not None else []
+
+    def slide(self, request: Request) -> None:
+        """Give back the sliding-layer blocks that fell out of the request's window."""
+        if self.sliding is not None:
+            self.sliding.slide(request.request_id, request.num_computed_tokens)
+
     # ------------------------------------------------------------- prefix hits
     def get_computed_blocks(self, request: Request) -> list[int]:
         """The cached blocks a new request can start on: the longest run of its full blocks,
@@ -65,11 +81,17 @@ class KVCacheManager:
             return []
         self._extend_hashes(request, request.num_tokens)
         max_blocks = (request.num_tokens - 1) // self.block_size
-        return self.pool.lookup(request.block_hashes[:max_blocks])
+        blocks = self.pool.lookup(request.block_hashes[:max_blocks])
+        if self.sliding is not None:  # and the sliding layers' window before the hit
+            num_hit, _, _ = self.sliding.hit_blocks(request.block_hashes, len(blocks))
+            del blocks[num_hit:]
+        return blocks
 
     def sibling_blocks(self, request: Request, donor: Request) -> list[int]:
         """Without prefix caching, an n > 1 sibling can still start on the full blocks its
         donor has computed of their common prompt (never the last prompt token's block)."""
+        if self.sliding is not None:
+            return []  # the donor's window has moved on: its sliding blocks are gone
         computed = min(request.num_prompt_tokens, donor.num_computed_tokens)
         num_full = min(computed // self.block_size, (request.num_tokens - 1) // self.block_size)
         return self.block_ids(donor.request_id)[: max(num_full, 0)]
@@ -100,7 +122,7 @@ class KVCacheManager:
         if not computed_blocks and blocks:
             # The common decode step: the new tokens fit in the blocks the request holds.
             num_tokens = request.num_computed_tokens + num_new_tokens
-            if num_tokens <= len(blocks) * self.block_size:
+            if num_tokens <= len(blocks) * self.block_size:  # (and the sliding table's)
                 if name_blocks:
                     self.name_blocks(request, num_tokens)
                 return []
@@ -112,6 +134,10 @@ class KVCacheManager:
         revived = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
         if needed + revived > self.pool.num_free_blocks:
             return None
+        if not self._extend_sliding(
+            request, len(blocks) + len(computed_blocks) + needed, len(computed_blocks)
+        ):
+            return None
         self.pool.take(computed_blocks)
         new_blocks = self.pool.allocate(needed)
         blocks = self.req_blocks.setdefault(request.request_id, blocks)
@@ -122,6 +148,22 @@ class KVCacheManager:
         if name_blocks:
             self.name_blocks(request, num_tokens)
         return new_blocks
+
+    def _extend_sliding(self, request: Request, num_blocks: int, num_hit: int) -> bool:
+        """Grow the sliding table to ``num_blocks`` entries, the window before a hit of
+        ``num_hit`` blocks taken from the cache; False (changing nothing) if short."""
+        if self.sliding is None:
+            return True
+        rid = request.request_id
+        first = 0
+        hit: list[int] = []
+        if num_hit:
+            k, first, hit = self.sliding.hit_blocks(request.block_hashes, num_hit)
+            assert k == num_hit, "a hit whose sliding window is not cached"
+        if self.sliding.room(rid, num_blocks, hit, first) < 0:
+            return False
+        self.sliding.extend(rid, num_blocks, hit, first)
+        return True
 
     def name_blocks(self, request: Request, num_tokens: int) -> None:
         """Hash in the blocks that ``num_tokens`` scheduled tokens fill. They are named when
@@ -142,7 +184,10 @@ class KVCacheManager:
         run: list[int] = []  # consecutive blocks that took their names: one event
         hashes = request.block_hashes
         for i in range(start, num_full):
-            if self.pool.cache_block(blocks[i], hashes[i], hashes[i - 1] if i else None):
+            parent = hashes[i - 1] if i else None
+            if self.sliding is not None:
+                self.sliding.name(request.request_id, i, hashes[i], parent)
+            if self.pool.cache_block(blocks[i], hashes[i], parent):
                 run.append(i)
             elif run:
                 self._stored(request, run)
@@ -190,6 +235,8 @@ class KVCacheManager:
         extra = blocks[keep:]
         del blocks[keep:]
         self.pool.release(reversed(extra))
+        if self.sliding is not None:
+            self.sliding.trim(request.request_id, keep)
 
     # ------------------------------------------------------------------- free
     def free(self, request: Request) -> None:
@@ -198,9 +245,12 @@ class KVCacheManager:
         blocks = self.req_blocks.pop(request.request_id, [])
         self._num_named.pop(request.request_id, None)
         self.pool.release(reversed(blocks))
+        if self.sliding is not None:
+            self.sliding.free(request.request_id)
 
     def rename_holder(self, request_id: str, holder: str) -> None:
         """Hand a request's blocks to another holder (a lease) unchanged."""
+        assert self.sliding is None, "KV transfer keeps one table (the engine turns sliding off)"
         self.req_blocks[holder] = self.req_blocks.pop(request_id)
         self._num_named.pop(request_id, None)
 
@@ -209,10 +259,14 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> int:
         """Forget every cached block; returns how many there were."""
+        if self.sliding is not None:
+            self.sliding.pool.reset_cache()
         return self.pool.reset_cache()
 
     def check_invariants(self) -> None:
         self.pool.check_invariants(self.req_blocks)
+        if self.sliding is not None:
+            self.sliding.check_invariants(self.req_blocks)
         if self.enable_prefix_caching:
             self._check_naming()
 

@@ -27,6 +27,8 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int  # tokens whose KV is already in the blocks (shared prefix)
     seed_offset: int = 0  # n > 1: the i-th sibling samples from seed + i
+    # The sliding layers' table when their KV is kept apart (core/sliding_kv.py), else [].
+    sliding_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -39,6 +41,8 @@ class CachedRequestData:
     # Blocks of its table kept before the new ones: fewer than the runner holds when rolled
     # back speculative drafts freed some (the runner drops the rest of its table first).
     num_kept_blocks: Optional[int] = None
+    # The sliding layers' table's new entries (its kept length is the same), else [].
+    new_sliding_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -192,6 +192,8 @@ class Scheduler:
         preemptions = self.num_preemptions
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
+        for request in self.running:  # the sliding layers' blocks behind every window go
+            self.kv.slide(request)
         budget = self._schedule_running(budget, scheduled, new_blocks)
         self._schedule_waiting(budget, scheduled, new_blocks)
         self._schedule_drafts(scheduled, new_blocks)
@@ -445,7 +447,13 @@ class Scheduler:
             if rid in self._runner_knows:
                 kept = len(self.kv.block_ids(rid)) - len(new_blocks[rid])
                 cached_reqs.append(
-                    CachedRequestData(rid, new_blocks[rid], request.num_computed_tokens, kept)
+                    CachedRequestData(
+                        rid,
+                        new_blocks[rid],
+                        request.num_computed_tokens,
+                        kept,
+                        self.kv.sliding_block_ids(rid)[kept:],
+                    )
                 )
                 continue
             self._runner_knows.add(rid)
@@ -458,6 +466,7 @@ class Scheduler:
                     eos_token_ids=request.eos_token_ids,
                     block_ids=list(self.kv.block_ids(rid)),
                     num_computed_tokens=request.num_computed_tokens,
+                    sliding_block_ids=list(self.kv.sliding_block_ids(rid)),
                     seed_offset=request.seed_offset,
                 )
             )

@@ -166,7 +166,7 @@ class KVEventPublisher:
         start = int.from_bytes(start_bytes, "big")
         with self._buffer_lock:
             batches = [(s, p) for s, p in self._replay_buffer if s >= start]
+        self.stats.num_replays += 1  # before the answer: a client that has it sees the count
         for seq, payload in batches:
             self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
         self._replay.send_multipart((client, b"", END_OF_REPLAY, b""))
-        self.stats.num_replays += 1

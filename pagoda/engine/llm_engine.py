@@ -22,6 +22,7 @@ from pagoda.config import DEFAULT_KV_CACHE_GIB, CacheConfig, EngineArgs, Specula
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.remote_kv import KVTransferRequest, check_remote_prefill, parse_kv_transfer_params
 from pagoda.core.scheduler import Scheduler
+from pagoda.core.sliding_kv import SlidingTables, sliding_pool_blocks
 from pagoda.engine import cpu_budget, spec_timing
 from pagoda.engine.core import CoreStep, EngineCore
 from pagoda.engine.inspector import EngineSnapshot, Inspector
@@ -40,8 +41,10 @@ from pagoda.utils import cdiv, read_chat_template
 from pagoda.worker.kv_cache import (
     GIB,
     cuda_kv_budget,
+    layer_counts,
     num_blocks_for_memory,
     profile_activation_bytes,
+    split_for_sliding,
 )
 from pagoda.worker.model_runner import ModelRunner
 
@@ -94,8 +97,10 @@ class LLMEngine:
             self.dtype,
             self.device,
         )
-        self.num_blocks = cache.num_blocks or self._blocks_for_budget(cache)
         self.block_size = cache.block_size
+        self.num_blocks = cache.num_blocks or self._blocks_for_budget(cache)
+        # The sliding layers' own pool, when their KV is kept apart (None: one pool).
+        self.sliding_blocks = self._sliding_pool(args, cache)
         # The model's identity enters every prefix-cache hash (it matters once KV crosses
         # engines, as in disaggregated prefill; within one engine the model never changes).
         self.kv = KVCacheManager(
@@ -103,6 +108,11 @@ class LLMEngine:
             cache.block_size,
             args.enable_prefix_caching,
             model_key=self._model_key(),
+            sliding=(
+                SlidingTables(self.sliding_blocks, self.arch.sliding_window, cache.block_size)
+                if self.sliding_blocks is not None
+                else None
+            ),
         )
         self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
         self.runner = ModelRunner(
@@ -116,6 +126,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             enforce_eager=args.enforce_eager,
             quantization=self.quantization,
+            sliding_num_blocks=self.sliding_blocks,
         )
         connector = self._start_kv_transfer(args)
         async_scheduling = (
@@ -147,6 +158,12 @@ class LLMEngine:
             self.block_size,
             self.num_blocks * self.block_size,
         )
+        if self.sliding_blocks is not None:
+            logger.info(
+                "sliding-window layers (window %d): their own KV pool of %d blocks",
+                self.arch.sliding_window,
+                self.sliding_blocks,
+            )
 
     def _start_speculation(self, config: Optional[SpeculativeConfig]) -> None:
         """Speculative decoding: the speculator, with a step cost model timed here when it
@@ -177,17 +194,49 @@ class LLMEngine:
             key = f"{key}:{self.quantization}"
         return key if self.kv_dtype == self.dtype else f"{key}:kv-{self.kv_dtype}"
 
-    def _blocks_for_budget(self, cache: CacheConfig) -> int:
+    def _kv_budget(self, cache: CacheConfig) -> int:
         if self.device.type == "cuda":
-            budget = cuda_kv_budget(
-                cache.gpu_memory_utilization, self.device, self._activation_bytes
+            return cuda_kv_budget(cache.gpu_memory_utilization, self.device, self._activation_bytes)
+        return int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
+
+    def _blocks_for_budget(self, cache: CacheConfig) -> int:
+        n = num_blocks_for_memory(
+            self.arch, cache.block_size, self.kv_dtype, self._kv_budget(cache)
+        )
+        return min(n, self._block_cap(cache))
+
+    def _block_cap(self, cache: CacheConfig) -> int:
+        """More blocks than the longest sequences of a full batch could use is waste."""
+        return cdiv(self.max_model_len, cache.block_size) * self.args.max_num_seqs
+
+    def _sliding_pool(self, args: EngineArgs, cache: CacheConfig) -> Optional[int]:
+        """Blocks of the sliding-window layers' own pool (core/sliding_kv.py), or None to
+        keep every layer in one pool: for models without both kinds of layer, with
+        ``--disable-hybrid-kv-cache-manager``, for KV transfer and CUDA (which take one
+        table), and where a pool that never runs short first would save nothing. Sizing
+        from the memory budget gives the full layers what the sliding ones leave."""
+        full, sliding = layer_counts(self.arch)
+        if not (full and sliding and cache.hybrid):
+            return None
+        if args.kv_role != "both" or self.device.type != "cpu":
+            logger.info(
+                "sliding-window layers keep the whole context: %s",
+                "KV transfer" if args.kv_role != "both" else "CUDA",
             )
-        else:
-            budget = int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
-        n = num_blocks_for_memory(self.arch, cache.block_size, self.kv_dtype, budget)
-        # More blocks than the longest sequences of a full batch could use is waste.
-        cap = cdiv(self.max_model_len, cache.block_size) * self.args.max_num_seqs
-        return min(n, cap)
+            return None
+        if cache.num_sliding_blocks is not None:
+            return cache.num_sliding_blocks
+        wanted = sliding_pool_blocks(
+            self.arch.sliding_window, cache.block_size, args.max_num_seqs, args.token_budget
+        )
+        if cache.num_blocks is not None:
+            return wanted if wanted < cache.num_blocks else None
+        budget = self._kv_budget(cache)
+        split = split_for_sliding(self.arch, cache.block_size, self.kv_dtype, budget, wanted)
+        if split <= self.num_blocks:  # the window's blocks take as much as they save
+            return None
+        self.num_blocks = min(split, self._block_cap(cache))
+        return wanted
 
     def _start_kv_transfer(self, args: EngineArgs) -> Optional[KVConnectorWorker]:
         """Disaggregated prefill: the NIXL connector and its side channel (roles prefill and

@@ -94,6 +94,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="exact KV pool size in blocks (overrides the memory budget)",
     )
     g.add_argument(
+        "--num-sliding-kv-blocks",
+        type=int,
+        default=None,
+        help="exact size in blocks of the sliding-window layers' own KV pool (Gemma 2/3; "
+        "default: what max-num-seqs windows can hold at once, docs/models.md)",
+    )
+    g.add_argument(
+        "--disable-hybrid-kv-cache-manager",
+        action="store_true",
+        help="keep the sliding-window layers' KV in the one pool, whole context (as vLLM's "
+        "flag: no blocks are freed as windows slide)",
+    )
+    g.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=None,

@@ -4,8 +4,9 @@ Practical Size", 2024; "Gemma 3 Technical Report", 2025) over the paged KV cache
 What differs from the Llama family (``llama.py``), and where it is handled:
 - sliding-window layers interleaved with global ones (Gemma 2: every other layer, window 4096;
   Gemma 3: five of every six, window 512 or 1024): each layer's window goes to the attention
-  backend (``ModelArch.layer_windows``, ``Attention.window``), and the KV cache manager frees
-  the blocks that fell out of every window;
+  backend (``ModelArch.layer_windows``, ``Attention.window``), and the sliding layers' KV is
+  kept in a pool of its own whose blocks go back as they fall out of every window
+  (``core/sliding_kv.py``);
 - soft-capping: c * tanh(x / c) on the attention scores (Gemma 2, in the backend) and on the
   final logits (:meth:`GemmaForCausalLM.compute_logits`);
 - sandwich norms: RMSNorm after attention and around the MLP, each weight applied as (1 + w):

@@ -176,6 +176,7 @@ class Attention(nn.Module):
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         q, k = self._norm_rope(positions, q, k)
+        meta = meta.for_window(self.window)  # a sliding layer's own tables, when apart
         o = self.attention.forward(
             q, k, v, kv_cache, meta, self.scale, window=self.window, softcap=self.softcap
         )  # (T, H, D)

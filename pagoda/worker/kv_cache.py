@@ -6,6 +6,8 @@ ids the scheduler hands out index the second dimension of every layer's tensor.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk
@@ -19,6 +21,17 @@ GIB = 1 << 30
 def bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.tensor([], dtype=dtype).element_size()
     return arch.num_layers * 2 * block_size * arch.num_kv_heads * arch.head_dim * elem
+
+
+def split_for_sliding(
+    arch: ModelArch, block_size: int, dtype: torch.dtype, memory_bytes: int, sliding_blocks: int
+) -> int:
+    """Blocks of the full-attention layers' pool when the sliding layers take
+    ``sliding_blocks`` of their own out of ``memory_bytes`` (0 if that leaves nothing)."""
+    full, sliding = layer_counts(arch)
+    per_layer = bytes_per_block(arch, block_size, dtype) // arch.num_layers
+    left = memory_bytes - sliding * sliding_blocks * per_layer
+    return max(left // (full * per_layer), 0) if full else 0
 
 
 def num_blocks_for_memory(
@@ -98,8 +111,25 @@ def run_profile_step(
 
 
 def allocate_kv_cache(
-    arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    arch: ModelArch,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sliding_num_blocks: Optional[int] = None,
 ) -> list[torch.Tensor]:
+    """One tensor per layer; a sliding-window layer's has ``sliding_num_blocks`` blocks when
+    those layers' KV is kept apart (core/sliding_kv.py), else ``num_blocks`` like the rest."""
+
+    def shape(layer: int) -> tuple[int, ...]:
+        n = sliding_num_blocks if sliding_num_blocks and arch.window(layer) else num_blocks
+        return (2, n, block_size, arch.num_kv_heads, arch.head_dim)
+
     # Zeroed, not empty: padded decode slots are masked, but 0 * NaN would still poison.
-    shape = (2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(arch.num_layers)]
+    return [torch.zeros(shape(i), dtype=dtype, device=device) for i in range(arch.num_layers)]
+
+
+def layer_counts(arch: ModelArch) -> tuple[int, int]:
+    """(full-attention layers, sliding-window layers)."""
+    sliding = sum(1 for i in range(arch.num_layers) if arch.window(i))
+    return arch.num_layers - sliding, sliding

@@ -74,6 +74,7 @@ class CachedRequestState:
     stop_ids: list[int]  # EOS + stop tokens, masked until min_tokens
     seed_offset: int = 0
     num_pending: int = 0  # sampled by a launched step, not yet collected (0 or 1)
+    sliding_ids: list[int] = field(default_factory=list)  # the sliding layers' table, if apart
     sampled_row: int = 0  # its row among the last launched step's sampled tokens
 
 
@@ -108,6 +109,8 @@ class HostInputs:
     placeholder_rows: list[int] = field(default_factory=list)
     placeholder_sources: list[int] = field(default_factory=list)
     allowed_tokens: dict[str, list[bytes]] = field(default_factory=dict)  # structured outputs
+    # The sliding layers' slots, decode tables and chunks when their KV is apart.
+    sliding: Optional["HostInputs"] = None
 
 
 @dataclass
@@ -147,6 +150,7 @@ class ModelRunner:
         enforce_eager: bool = False,
         kv_dtype: Optional[torch.dtype] = None,
         quantization: Optional[str] = None,
+        sliding_num_blocks: Optional[int] = None,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -158,11 +162,14 @@ class ModelRunner:
         cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
         if int4_layers and not self.int4_max_rows:  # never faster here: drop the copies
             cpu_int4.detach_int4(model)
+        # Sliding layers' KV apart, in a pool of its own (core/sliding_kv.py): the CPU path.
+        self.sliding = sliding_num_blocks is not None
+        self.is_cuda = device.type == "cuda"
+        assert not (self.sliding and self.is_cuda), "sliding-layer tables are built on the CPU"
         self.kv_caches = allocate_kv_cache(
-            model.arch, num_blocks, block_size, kv_dtype or dtype, device
+            model.arch, num_blocks, block_size, kv_dtype or dtype, device, sliding_num_blocks
         )
         self.states: dict[str, CachedRequestState] = {}
-        self.is_cuda = device.type == "cuda"
         # The ops and the attention backend, chosen once for this cache's dtype (attention
         # computes in the cache's when it is a narrower float, bf16 under fp32 weights).
         model.bind_ops(device, dtype, kv_dtype or dtype)
@@ -277,7 +284,9 @@ class ModelRunner:
             state = self.states[cached.request_id]
             if cached.num_kept_blocks is not None:  # rolled-back drafts freed the rest
                 del state.block_ids[cached.num_kept_blocks :]
+                del state.sliding_ids[cached.num_kept_blocks :]
             state.block_ids.extend(cached.new_block_ids)
+            state.sliding_ids.extend(cached.new_sliding_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     @staticmethod
@@ -295,13 +304,21 @@ class ModelRunner:
             new.num_computed_tokens,
             stop_ids,
             new.seed_offset,
+            sliding_ids=list(new.sliding_block_ids),
         )
 
     # ------------------------------------------------------------------ inputs
-    def _gather_inputs(self, sched: SchedulerOutput) -> HostInputs:
+    @staticmethod
+    def _row_order(sched: SchedulerOutput) -> tuple[list[str], list[str], list[str]]:
+        """The step's requests in batch order: verified drafts, decodes, prefill chunks."""
         counts, drafts = sched.num_scheduled_tokens, sched.spec_token_ids
         decodes = [rid for rid, n in counts.items() if n == 1]
         prefills = [rid for rid, n in counts.items() if n > 1 and rid not in drafts]
+        return list(drafts), decodes, prefills
+
+    def _gather_inputs(self, sched: SchedulerOutput) -> HostInputs:
+        counts, drafts = sched.num_scheduled_tokens, sched.spec_token_ids
+        _, decodes, prefills = self._row_order(sched)
         host = HostInputs(allowed_tokens=sched.allowed_tokens, drafts=drafts)
         bs = self.block_size
         for rid in drafts:
@@ -333,7 +350,29 @@ class ModelRunner:
             num_blocks = cdiv(start + n, bs)
             host.chunks.append(ChunkSpan(row, n, start + n, state.block_ids[:num_blocks]))
             self._note_sampling(host, rid, state, row, start, n)
+        if self.sliding:
+            host.sliding = self._gather_sliding(sched, host)
         return host
+
+    def _gather_sliding(self, sched: SchedulerOutput, host: HostInputs) -> HostInputs:
+        """The sliding layers' slots and tables for the rows ``_gather_inputs`` laid out, in
+        the same order, from each request's sliding table (holes before the window, which
+        no kernel reads)."""
+        bs, counts = self.block_size, sched.num_scheduled_tokens
+        verify, decodes, prefills = self._row_order(sched)
+        out = HostInputs()
+        for rid in verify + decodes:
+            state = self.states[rid]
+            for p in range(state.num_computed_tokens, state.num_computed_tokens + counts[rid]):
+                out.slots.append(state.sliding_ids[p // bs] * bs + p % bs)
+                out.decode_tables.append(state.sliding_ids[: p // bs + 1])
+        for rid, chunk in zip(prefills, host.chunks, strict=True):
+            state, start = self.states[rid], self.states[rid].num_computed_tokens
+            ids = state.sliding_ids
+            out.slots.extend(ids[p // bs] * bs + p % bs for p in range(start, start + counts[rid]))
+            out.chunks.append(chunk._replace(blocks=ids[: len(chunk.blocks)]))
+        out.decode_seq_lens = host.decode_seq_lens
+        return out
 
     def _add_verify_rows(self, host: HostInputs, rid: str, drafts: list[int]) -> None:
         """Speculative decoding: the request's last token and its drafts, as decode rows at
@@ -381,13 +420,19 @@ class ModelRunner:
         input_ids.index_copy_(0, idx[:n], self._last_tokens.index_select(0, idx[n:]))
 
     def _cpu_batch(self, host: HostInputs) -> StepBatch:
+        attn = self._cpu_attention(host)
+        if host.sliding is not None:
+            attn.sliding = self._cpu_attention(host.sliding)
+        return StepBatch(self._tensor(host.input_ids), self._tensor(host.positions), attn)
+
+    def _cpu_attention(self, host: HostInputs) -> AttentionMetadata:
         chunks = [
             PrefillChunk(c.row, c.query_len, c.context_len, self._tensor(c.blocks))
             for c in host.chunks
         ]
         tables, seq_lens, max_len = self._decode_tables(host)
         packed = pack_spans(host.chunks, self.device) if self.pack_prefills else None
-        attn = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=self._tensor(host.slots),
             num_decode_tokens=len(host.decode_seq_lens),
             decode_block_tables=tables,
@@ -397,7 +442,6 @@ class ModelRunner:
             block_size=self.block_size,
             packed_prefills=packed,
         )
-        return StepBatch(self._tensor(host.input_ids), self._tensor(host.positions), attn)
 
     def _decode_tables(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, int]:
         if not host.decode_seq_lens:

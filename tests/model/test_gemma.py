@@ -30,7 +30,17 @@ CASES = {
 }
 PROMPT_LENS = [3, 17, 40, 64]
 MAX_TOKENS = [24, 9, 17, 30]
-MODES = ENGINE_MODES
+# The sliding layers' KV apart in a pool of their own (core/sliding_kv.py): on by default
+# here (the engine sizes it); "sliding-tight" makes that pool small enough that it preempts
+# and evicts, "one-pool" keeps every layer in one pool. The preempt modes' 14-block pool is
+# too small to gain from a second pool: one pool there.
+MODES = {
+    **ENGINE_MODES,
+    "sliding-tight": dict(block_size=4, num_kv_blocks=64, num_sliding_kv_blocks=9,
+                          max_num_batched_tokens=8),
+    "one-pool": dict(disable_hybrid_kv_cache_manager=True),
+}
+ONE_POOL = {"preempt", "preempt-nocache", "one-pool"}
 
 
 def prompts_for(seed: int) -> list[list[int]]:
@@ -62,8 +72,12 @@ def test_greedy_matches_transformers(gemma_case, mode):
     for _ in range(2):  # the second pass starts from cached prefixes (where caching is on)
         outs = llm.generate(prompts, params)
         assert [o.token_ids for o in outs] == refs
-    if "preempt" in mode:
+    if "preempt" in mode or mode == "sliding-tight":
         assert llm.engine.scheduler.num_preemptions > 0
+    sliding = llm.engine.kv.sliding
+    assert (sliding is None) == (mode in ONE_POOL)
+    if sliding is not None:  # blocks went back as windows moved on
+        assert sliding.num_freed > 0
     llm.engine.check_invariants()
 
 
@@ -71,7 +85,7 @@ def test_the_window_is_what_makes_the_match(gemma_case, monkeypatch):
     """With every layer attending to its whole context, some prompt's tokens differ from
     transformers': the test above can see a missing window."""
     path, prompts, refs = gemma_case
-    llm = LLM(path, dtype="float32")
+    llm = LLM(path, dtype="float32", disable_hybrid_kv_cache_manager=True)  # one table
     for layer in llm.engine.runner.model.layers:
         monkeypatch.setattr(layer.self_attn, "window", 0)
     outs = llm.generate(prompts, [greedy(m) for m in MAX_TOKENS])

@@ -22,6 +22,10 @@ class FakeRunner:
     that. Like the real runner it writes the whole batch first, then checks that every
     scheduled request sees its own sequence in every slot it attends to: a prefix-cache
     hit on the wrong block, or on one nobody computed, fails here.
+
+    With the sliding layers' KV apart (``kv.sliding``), it keeps their slots too, written
+    through the sliding table, and checks them over each query's window: a block freed too
+    early, or a hole where the window still reads, fails here.
     """
 
     def __init__(self, scheduler: Scheduler) -> None:
@@ -29,6 +33,7 @@ class FakeRunner:
         self.known: set[str] = set()
         self.steps: list[SchedulerOutput] = []
         self.slots: dict[int, tuple[int, ...]] = {}   # slot -> the tokens its KV stands for
+        self.sliding_slots: dict[int, tuple[int, ...]] = {}  # the same, sliding layers' pool
         self.tokens_computed = 0
         self.placeholder_inputs = 0   # tokens computed whose value a step in flight samples
 
@@ -54,6 +59,8 @@ class FakeRunner:
                 assert end - n == req.num_tokens - 1 and n == 1 + len(req.spec_token_ids)
             for pos in range(end - n, end):
                 self.slots[self._slot(rid, pos)] = tuple(tokens[:pos + 1])
+                if kv.sliding is not None:
+                    self.sliding_slots[self._sliding_slot(rid, pos)] = tuple(tokens[:pos + 1])
             self.tokens_computed += n
             self.placeholder_inputs += end > req.num_tokens
         for rid in out.num_scheduled_tokens:
@@ -62,6 +69,11 @@ class FakeRunner:
             for pos in range(end):
                 assert self.slots.get(self._slot(rid, pos)) == tuple(tokens[:pos + 1]), \
                     f"{rid} attends to wrong or missing KV at position {pos}"
+            if kv.sliding is not None:  # the first query's window, to the end
+                first = max(end - out.num_scheduled_tokens[rid] - kv.sliding.window + 1, 0)
+                for pos in range(first, end):
+                    assert self.sliding_slots.get(self._sliding_slot(rid, pos)) == tuple(
+                        tokens[:pos + 1]), f"{rid}: wrong sliding-layer KV at position {pos}"
             drafts = req.spec_token_ids
             if req.num_output_placeholders and end == req.num_tokens_with_placeholders - 1 + len(
                     drafts):
@@ -86,6 +98,11 @@ class FakeRunner:
     def _slot(self, rid: str, pos: int) -> int:
         kv = self.scheduler.kv
         return kv.block_ids(rid)[pos // kv.block_size] * kv.block_size + pos % kv.block_size
+
+    def _sliding_slot(self, rid: str, pos: int) -> int:
+        kv = self.scheduler.kv
+        block = kv.sliding_block_ids(rid)[pos // kv.block_size]
+        return block * kv.block_size + pos % kv.block_size
 
 
 def run_step(scheduler: Scheduler, runner: FakeRunner) -> list:
