@@ -113,12 +113,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         done = subprocess.run([*cmd, "--one", mode], capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     mib = 1 << 20
-    print(f"{'mode':<10} {'ran':>4} {'cache tokens':>13} {'KV alloc MiB':>13} "
-          f"{'KV held MiB':>12} {'prefill s':>10} {'RSS MiB':>8}")
+    print(
+        f"{'mode':<10} {'ran':>4} {'cache tokens':>13} {'KV alloc MiB':>13} "
+        f"{'KV held MiB':>12} {'prefill s':>10} {'RSS MiB':>8}"
+    )
     for r in rows:
-        print(f"{r['mode']:<10} {str(r['ran']):>4} {r['cache_tokens']:>13} "
-              f"{r['kv_bytes_allocated'] / mib:>13.1f} {r['peak_kv_bytes_held'] / mib:>12.1f} "
-              f"{r['prefill_s']:>10.1f} {r['peak_rss_mib']:>8.0f}")
+        print(
+            f"{r['mode']:<10} {str(r['ran']):>4} {r['cache_tokens']:>13} "
+            f"{r['kv_bytes_allocated'] / mib:>13.1f} {r['peak_kv_bytes_held'] / mib:>12.1f} "
+            f"{r['prefill_s']:>10.1f} {r['peak_rss_mib']:>8.0f}"
+        )
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(rows, f, indent=2)
