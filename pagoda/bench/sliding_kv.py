@@ -57,7 +57,7 @@ def run_one(ns: argparse.Namespace, mode: str) -> dict[str, Any]:
             peak["sliding"] = max(peak["sliding"], kv.sliding.pool.num_used_blocks)
         return out
 
-    engine.scheduler.schedule = tracked  # type: ignore[method-assign]
+    engine.scheduler.schedule = tracked
     rng = random.Random(0)
     prompt = [rng.randrange(10, arch.vocab_size - 10) for _ in range(ns.prompt_len)]
     start = time.perf_counter()
