@@ -38,6 +38,7 @@ def run_one(ns: argparse.Namespace, mode: str) -> dict[str, Any]:
         kv_cache_memory=ns.kv_cache_memory,
         max_model_len=ns.prompt_len + ns.output_len + 1,
         max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
         disable_hybrid_kv_cache_manager=mode == "one-pool",
     )
     engine = llm.engine
@@ -96,6 +97,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--kv-cache-memory", type=float, default=0.5, help="GiB, both modes")
     p.add_argument("--max-num-seqs", type=int, default=4, help="sizes the sliding pool")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="the prompt's chunk: the sliding layers hold its window plus one chunk",
+    )
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--json", default=None)
     p.add_argument("--one", default=None, choices=MODES, help=argparse.SUPPRESS)
