@@ -224,15 +224,21 @@ class LLMEngine:
                 "KV transfer" if args.kv_role != "both" else "CUDA",
             )
             return None
+        window, budget = self.arch.sliding_window, args.token_budget
         if cache.num_sliding_blocks is not None:
+            least = sliding_pool_blocks(window, cache.block_size, 1, budget)
+            if cache.num_sliding_blocks < least:  # else a request could wait forever
+                raise ValueError(
+                    f"num_sliding_kv_blocks {cache.num_sliding_blocks} is below what one request "
+                    f"needs: {least} blocks for a {window}-token window and a "
+                    f"{budget}-token step"
+                )
             return cache.num_sliding_blocks
-        wanted = sliding_pool_blocks(
-            self.arch.sliding_window, cache.block_size, args.max_num_seqs, args.token_budget
-        )
+        wanted = sliding_pool_blocks(window, cache.block_size, args.max_num_seqs, budget)
         if cache.num_blocks is not None:
             return wanted if wanted < cache.num_blocks else None
-        budget = self._kv_budget(cache)
-        split = split_for_sliding(self.arch, cache.block_size, self.kv_dtype, budget, wanted)
+        memory = self._kv_budget(cache)
+        split = split_for_sliding(self.arch, cache.block_size, self.kv_dtype, memory, wanted)
         if split <= self.num_blocks:  # the window's blocks take as much as they save
             return None
         self.num_blocks = min(split, self._block_cap(cache))

@@ -188,3 +188,12 @@ def test_speculative_decoding_keeps_the_tokens(gemma_case, method):
     assert [o.token_ids for o in outs] == refs
     assert llm.engine.stats().scheduler.spec.num_draft_tokens > 0
     llm.engine.check_invariants()
+
+
+def test_a_sliding_pool_too_small_for_one_request_is_refused(gemma_case):
+    """An explicit pool below one request's window and step would leave it waiting forever."""
+    path, _, _ = gemma_case
+    with pytest.raises(ValueError, match="num_sliding_kv_blocks 5 is below what one request "
+                                         "needs: 6 blocks for a 8-token window"):
+        LLM(path, dtype="float32", block_size=4, num_sliding_kv_blocks=5,
+            max_num_batched_tokens=8)
