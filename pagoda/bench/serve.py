@@ -102,6 +102,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="SLOs, e.g. ttft:500 tpot:50 (keys: ttft tpot itl e2el)",
     )
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--shape-seed",
+        type=int,
+        default=None,
+        help="random: draw the lengths from this seed and the words from --seed, so that "
+        "runs with different --seed have the same shape and share no prefix "
+        "(default: both from --seed)",
+    )
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     g.add_argument(
         "--probe-health-ms",
@@ -150,6 +158,16 @@ def _spread(rng: random.Random, mean: int, ratio: float) -> int:
 
 def make_dataset(ns: argparse.Namespace) -> list[BenchRequest]:
     rng = random.Random(ns.seed)
+    if ns.dataset == "random" and ns.shape_seed is not None:
+        shape = random.Random(ns.shape_seed)
+        lengths = [
+            (
+                _spread(shape, ns.input_len, ns.range_ratio),
+                _spread(shape, ns.output_len, ns.range_ratio),
+            )
+            for _ in range(ns.num_prompts)
+        ]
+        return [_request(rng, words, out) for words, out in lengths]
     if ns.dataset == "random":
         return [
             _request(

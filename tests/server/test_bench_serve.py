@@ -46,6 +46,15 @@ def test_datasets() -> None:
     assert all(5 <= r.prompt_words <= 15 for r in rnd)
     assert rnd == bench.make_dataset(_ns("--num-prompts", "20", "--input-len", "10",
                                          "--range-ratio", "0.5", "--seed", "3"))
+    # --shape-seed: the same lengths under another --seed, other words.
+    a, b = (bench.make_dataset(_ns("--num-prompts", "20", "--input-len", "10", "--range-ratio",
+                                   "0.5", "--seed", seed, "--shape-seed", "7"))
+            for seed in ("1", "2"))
+    assert [(r.prompt_words, r.output_len) for r in a] == [(r.prompt_words, r.output_len)
+                                                            for r in b]
+    assert len({r.prompt_words for r in a}) > 1 and all(len(r.prompt.split()) == r.prompt_words
+                                                        for r in a)
+    assert not {r.prompt for r in a} & {r.prompt for r in b}
 
 
 def test_goodput_counts_requests_meeting_every_slo() -> None:
