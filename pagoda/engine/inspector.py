@@ -37,9 +37,11 @@ from pagoda.engine.stats import EngineStats
 SCHEMA = "pagoda.inspect/1"
 STEP_LOG_CAPACITY = 2048  # steps kept for viewers (a few seconds to minutes of serving)
 PUBLISH_INTERVAL_S = 0.25  # at most 4 snapshots a second, however many viewers
-# ... and fewer when they are dear: making snapshots takes at most this share of the engine
-# thread (a snapshot that took 5 ms comes every 0.5 s), but one comes at least this often.
-PUBLISH_BUDGET = 0.01
+# ... and fewer when they are dear: making a snapshot (engine thread) and its delta (the
+# server's event loop, which holds the same GIL the engine needs between its kernels) take
+# at most this share of the time (5 ms for both: one every second), but one comes at least
+# every PUBLISH_MAX_INTERVAL_S.
+PUBLISH_BUDGET = 0.005
 PUBLISH_MAX_INTERVAL_S = 1.0
 HASH_HEX_CHARS = 16  # a block hash is shown by its first 8 bytes
 # In a delta, two changed blocks at most this many unchanged ones apart go in one run
@@ -107,7 +109,8 @@ class Inspector:
     ``viewers`` is counted by the server (event loop thread) and only read here; the engine
     publishes while it is above 0. ``show_text`` puts prompt and output text in snapshots.
     ``interval`` is the time between two publications: ``PUBLISH_INTERVAL_S``, or longer
-    while a snapshot costs more than ``PUBLISH_BUDGET`` of it (a large, busy pool)."""
+    while a snapshot and its frame cost more than ``PUBLISH_BUDGET`` of it (a large, busy
+    pool)."""
 
     def __init__(self, capacity: int = STEP_LOG_CAPACITY) -> None:
         self.steps = StepLog(capacity)
@@ -118,6 +121,8 @@ class Inspector:
         self._version = 0
         self._last_publish = 0.0
         self._cost_s: Optional[float] = None  # what a snapshot takes, smoothed
+        # What the server takes to turn one into a frame (a delta), smoothed; set by its feed.
+        self.frame_cost_s = 0.0
 
     def on_step(
         self,
@@ -155,6 +160,7 @@ class Inspector:
         does not stall the page for long)."""
         prev = self._cost_s
         self._cost_s = cost = cost_s if prev is None else 0.7 * prev + 0.3 * cost_s
+        cost += self.frame_cost_s
         self.interval = min(PUBLISH_MAX_INTERVAL_S, max(PUBLISH_INTERVAL_S, cost / PUBLISH_BUDGET))
 
 

@@ -234,14 +234,18 @@ def test_inspector_publishes_only_while_watched_and_at_most_at_its_rate():
 
 
 def test_snapshots_slow_down_when_they_are_dear():
-    """The interval keeps snapshots within PUBLISH_BUDGET of the engine thread, between
-    PUBLISH_INTERVAL_S and PUBLISH_MAX_INTERVAL_S, from a smoothed cost."""
+    """The interval keeps snapshots and their frames within PUBLISH_BUDGET of the time,
+    between PUBLISH_INTERVAL_S and PUBLISH_MAX_INTERVAL_S, from smoothed costs."""
     insp = Inspector()
     insp._pace(0.001)
     assert insp.interval == PUBLISH_INTERVAL_S  # cheap: the base rate
     for _ in range(30):
-        insp._pace(0.005)
-    assert abs(insp.interval - 0.005 / PUBLISH_BUDGET) < 1e-3  # 5 ms each: 1 % of 0.5 s
+        insp._pace(0.002)
+    assert abs(insp.interval - 0.002 / PUBLISH_BUDGET) < 1e-3  # 2 ms each: 0.4 s at 0.5 %
+    insp.frame_cost_s = 0.001  # the server's delta for each: the interval counts it too
+    insp._pace(0.002)
+    assert abs(insp.interval - 0.003 / PUBLISH_BUDGET) < 1e-3
+    insp.frame_cost_s = 0.0
     insp._pace(2.0)  # one snapshot caught in a long garbage collection
     assert insp.interval == PUBLISH_MAX_INTERVAL_S
     for _ in range(30):

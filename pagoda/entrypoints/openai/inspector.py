@@ -49,7 +49,7 @@ NO_CACHE = {"Cache-Control": "no-store"}
 
 def add_inspector_routes(app: FastAPI, async_engine: AsyncEngine, inspector: Inspector) -> None:
     page = PAGE.read_text(encoding="utf-8")
-    feed = Feed()
+    feed = Feed(inspector)
 
     @app.get("/inspect", include_in_schema=False)
     async def inspect_page() -> HTMLResponse:
@@ -87,7 +87,8 @@ class Feed:
     keyframe and the deltas that led to it, each encoded once. A frame's JSON is kept
     without its ``steps``, which each stream adds (only the steps new to it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inspector: Optional[Inspector] = None) -> None:
+        self.inspector = inspector  # told what a delta costs, which paces the snapshots
         self.snap: Optional[EngineSnapshot] = None
         self._encoder: Optional[DeltaEncoder] = None
         self._deltas: deque[tuple[int, int, str]] = deque(maxlen=DELTAS_KEPT)  # base, version
@@ -104,8 +105,12 @@ class Feed:
         if self._encoder is None or self.snap is None:
             self._encoder = DeltaEncoder(snap)
         else:
+            start = time.perf_counter()
             body = _encode(self._encoder.delta(snap))
             self._deltas.append((self.snap.version, snap.version, body))
+            if self.inspector is not None:
+                cost = time.perf_counter() - start
+                self.inspector.frame_cost_s = 0.7 * self.inspector.frame_cost_s + 0.3 * cost
         self.snap = snap
 
     def keyframe(self, steps: list[StepRecord]) -> str:
