@@ -147,7 +147,18 @@ class Scheduler:
             prefix_cache_hits=self.prefix_cache_hits,
             num_kv_load_failures=self.remote.num_load_failures if self.remote else 0,
             spec=self.spec.stats.copy() if self.spec is not None else None,
+            **self._sliding_stats(),
         )
+
+    def _sliding_stats(self) -> dict[str, int]:
+        sliding = self.kv.sliding
+        if sliding is None:
+            return {}
+        return {
+            "num_sliding_blocks": sliding.pool.num_blocks,
+            "num_free_sliding_blocks": sliding.pool.num_free_blocks,
+            "num_sliding_blocks_freed": sliding.num_freed,
+        }
 
     def inspect(self) -> SchedulerSnapshot:
         """Every live request with its block table, every lease, and the block pool block

@@ -24,3 +24,7 @@ class SchedulerStats:
     prefix_cache_hits: int  # of those, tokens found there
     num_kv_load_failures: int = 0
     spec: Optional[SpecStats] = None  # speculative decoding's counters (a copy), when on
+    # The sliding-window layers' own pool (core/sliding_kv.py), when apart; else 0s.
+    num_sliding_blocks: int = 0
+    num_free_sliding_blocks: int = 0
+    num_sliding_blocks_freed: int = 0  # total given back as windows moved on

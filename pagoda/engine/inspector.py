@@ -32,6 +32,7 @@ from pagoda.core.snapshot import (
     SchedulerSnapshot,
     StepTokens,
 )
+from pagoda.core.stats import SchedulerStats
 from pagoda.engine.stats import EngineStats
 
 SCHEMA = "pagoda.inspect/1"
@@ -217,10 +218,22 @@ def _counters(snap: EngineSnapshot) -> dict[str, Any]:
         "kv_usage": sched.kv_usage,
         "num_preemptions": sched.num_preemptions,
         "num_evictions": snap.scheduler.pool.num_evictions,
+        "sliding_pool": _sliding_pool_json(sched),
         "prefix_cache_queries": sched.prefix_cache_queries,
         "prefix_cache_hits": sched.prefix_cache_hits,
         "prompt_tokens": snap.stats.num_prompt_tokens,
         "generation_tokens": snap.stats.num_generation_tokens,
+    }
+
+
+def _sliding_pool_json(sched: SchedulerStats) -> Optional[dict[str, int]]:
+    """The sliding-window layers' own pool (core/sliding_kv.py); None when there is none."""
+    if not sched.num_sliding_blocks:
+        return None
+    return {
+        "num_blocks": sched.num_sliding_blocks,
+        "num_free_blocks": sched.num_free_sliding_blocks,
+        "num_freed": sched.num_sliding_blocks_freed,
     }
 
 

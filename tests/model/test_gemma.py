@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from pagoda import LLM, SamplingParams
+from pagoda.engine.inspector import snapshot_json
 from pagoda.models.config import ModelArch, UnsupportedModelError, layer_windows
 from tiny_models import ENGINE_MODES, TINY_VOCAB, greedy, hf_greedy, make_model
 
@@ -76,8 +77,14 @@ def test_greedy_matches_transformers(gemma_case, mode):
         assert llm.engine.scheduler.num_preemptions > 0
     sliding = llm.engine.kv.sliding
     assert (sliding is None) == (mode in ONE_POOL)
-    if sliding is not None:  # blocks went back as windows moved on
+    counters = snapshot_json(llm.engine.inspect(), [])["counters"]
+    if sliding is not None:  # blocks went back as windows moved on; stats and inspector say so
         assert sliding.num_freed > 0
+        assert counters["sliding_pool"] == {"num_blocks": sliding.pool.num_blocks,
+                                            "num_free_blocks": sliding.pool.num_blocks,
+                                            "num_freed": sliding.num_freed}
+    else:
+        assert counters["sliding_pool"] is None
     llm.engine.check_invariants()
 
 
