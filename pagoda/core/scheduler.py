@@ -203,8 +203,9 @@ class Scheduler:
         preemptions = self.num_preemptions
         scheduled: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
-        for request in self.running:  # the sliding layers' blocks behind every window go
-            self.kv.slide(request)
+        if self.kv.sliding is not None:  # the sliding layers' blocks behind every window go
+            for request in self.running:
+                self.kv.slide(request)
         budget = self._schedule_running(budget, scheduled, new_blocks)
         self._schedule_waiting(budget, scheduled, new_blocks)
         self._schedule_drafts(scheduled, new_blocks)

@@ -98,9 +98,8 @@ class LLMEngine:
             self.device,
         )
         self.block_size = cache.block_size
-        self.num_blocks = cache.num_blocks or self._blocks_for_budget(cache)
         # The sliding layers' own pool, when their KV is kept apart (None: one pool).
-        self.sliding_blocks = self._sliding_pool(args, cache)
+        self.num_blocks, self.sliding_blocks = self._kv_pools(args, cache)
         # The model's identity enters every prefix-cache hash (it matters once KV crosses
         # engines, as in disaggregated prefill; within one engine the model never changes).
         self.kv = KVCacheManager(
@@ -199,31 +198,34 @@ class LLMEngine:
             return cuda_kv_budget(cache.gpu_memory_utilization, self.device, self._activation_bytes)
         return int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
 
-    def _blocks_for_budget(self, cache: CacheConfig) -> int:
-        n = num_blocks_for_memory(
-            self.arch, cache.block_size, self.kv_dtype, self._kv_budget(cache)
-        )
-        return min(n, self._block_cap(cache))
-
     def _block_cap(self, cache: CacheConfig) -> int:
         """More blocks than the longest sequences of a full batch could use is waste."""
         return cdiv(self.max_model_len, cache.block_size) * self.args.max_num_seqs
 
-    def _sliding_pool(self, args: EngineArgs, cache: CacheConfig) -> Optional[int]:
-        """Blocks of the sliding-window layers' own pool (core/sliding_kv.py), or None to
-        keep every layer in one pool: for models without both kinds of layer, with
-        ``--disable-hybrid-kv-cache-manager``, for KV transfer and CUDA (which take one
-        table), and where a pool that never runs short first would save nothing. Sizing
-        from the memory budget gives the full layers what the sliding ones leave."""
+    def _kv_pools(self, args: EngineArgs, cache: CacheConfig) -> tuple[int, Optional[int]]:
+        """(blocks of the KV pool, blocks of the sliding-window layers' own pool or None).
+
+        The second pool (core/sliding_kv.py) is None, every layer in one pool: for models
+        without both kinds of layer, with ``--disable-hybrid-kv-cache-manager``, for KV
+        transfer and CUDA (which take one table), and where a pool that never runs short
+        first would save nothing. Sized from the memory budget, the full layers get what
+        the sliding ones leave."""
+        memory: Optional[int] = None  # bytes, when sized from the budget
+        if cache.num_blocks is not None:
+            num_blocks = cache.num_blocks
+        else:
+            memory = self._kv_budget(cache)
+            n = num_blocks_for_memory(self.arch, cache.block_size, self.kv_dtype, memory)
+            num_blocks = min(n, self._block_cap(cache))
         full, sliding = layer_counts(self.arch)
         if not (full and sliding and cache.hybrid):
-            return None
+            return num_blocks, None
         if args.kv_role != "both" or self.device.type != "cpu":
             logger.info(
                 "sliding-window layers keep the whole context: %s",
                 "KV transfer" if args.kv_role != "both" else "CUDA",
             )
-            return None
+            return num_blocks, None
         window, budget = self.arch.sliding_window, args.token_budget
         if cache.num_sliding_blocks is not None:
             least = sliding_pool_blocks(window, cache.block_size, 1, budget)
@@ -233,16 +235,14 @@ class LLMEngine:
                     f"needs: {least} blocks for a {window}-token window and a "
                     f"{budget}-token step"
                 )
-            return cache.num_sliding_blocks
+            return num_blocks, cache.num_sliding_blocks
         wanted = sliding_pool_blocks(window, cache.block_size, args.max_num_seqs, budget)
-        if cache.num_blocks is not None:
-            return wanted if wanted < cache.num_blocks else None
-        memory = self._kv_budget(cache)
+        if memory is None:  # an exact pool size: the second pool only where it is smaller
+            return num_blocks, (wanted if wanted < num_blocks else None)
         split = split_for_sliding(self.arch, cache.block_size, self.kv_dtype, memory, wanted)
-        if split <= self.num_blocks:  # the window's blocks take as much as they save
-            return None
-        self.num_blocks = min(split, self._block_cap(cache))
-        return wanted
+        if split <= num_blocks:  # the window's blocks take as much as they save
+            return num_blocks, None
+        return min(split, self._block_cap(cache)), wanted
 
     def _start_kv_transfer(self, args: EngineArgs) -> Optional[KVConnectorWorker]:
         """Disaggregated prefill: the NIXL connector and its side channel (roles prefill and
