@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-from server_utils import REPO, free_port, metric_values, start_server  # noqa: E402
+from server_utils import (  # noqa: E402
+    REPO, ServerProcess, free_port, metric_values, start_on_free_port, start_server)
 from tiny_models import make_model  # noqa: E402
 
 pytest.importorskip("nixl")
@@ -27,22 +28,17 @@ PROMPTS = ["The paged KV cache keeps", "Continuous batching means that",
 
 def start_router(prefill: list[str], decode: list[str], log_dir: Path,
                  *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", "router", "--port", str(port),
-           "--prefill", *prefill, "--decode", *decode, *extra]
-    log = open(log_dir / f"router-{port}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("router did not come up")
+    def launch(port: int) -> ServerProcess:
+        cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", "router", "--port", str(port),
+               "--prefill", *prefill, "--decode", *decode, *extra]
+        log_path = log_dir / f"router-{port}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ))
+        return ServerProcess(proc, port, log_path)
+
+    router = start_on_free_port(launch, "pagoda router")
+    return router.proc, router.url
 
 
 @pytest.fixture(scope="module")
