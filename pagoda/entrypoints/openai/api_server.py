@@ -28,6 +28,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError
 from pagoda.engine.metrics import EngineMetrics
+from pagoda.entrypoints.field_policy import (
+    IGNORED_FIELDS_HEADER,
+    UNKNOWN_FIELD_CODE,
+    FieldPolicy,
+    UnknownFieldError,
+    header_value,
+)
 from pagoda.entrypoints.openai.args import DEFAULT_MAX_BODY_BYTES
 from pagoda.entrypoints.openai.errors import ApiError, error_response, is_union_tag, loc_to_param
 from pagoda.entrypoints.openai.protocol import (
@@ -69,6 +76,7 @@ class ServerConfig:
     tool_call_parser: Optional[str] = None
     enable_inspector: bool = True  # GET /inspect and its data routes (docs/inspector.md)
     inspector_show_text: bool = False
+    strict_fields: bool = False  # undeclared fields refused (400), not reported
 
 
 def cache_salt_for_key(key: str) -> str:
@@ -185,6 +193,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, str(e.detail), headers=e.headers)
 
+    @app.exception_handler(UnknownFieldError)
+    async def unknown_field(_: Request, e: UnknownFieldError) -> JSONResponse:
+        return error_response(400, str(e), e.param, UNKNOWN_FIELD_CODE)
+
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
         return error_response(503, str(e), code="engine_dead")
@@ -204,11 +216,6 @@ def _validation_response(errors: Sequence[dict[str, Any]]) -> JSONResponse:
     param = loc_to_param(err.get("loc", ()))
     if err.get("type") == "missing":
         message = f"{param} is required"
-    elif err.get("type") == "extra_forbidden":
-        message = (
-            f"{param} is not a field this server knows: refused rather than ignored, "
-            "since it might change the answer"
-        )
     elif any(is_union_tag(p) for p in err.get("loc", ())[1:]):
         message = f"{param}: wrong type or value (got {_short(err.get('input'))})"
     else:
@@ -240,8 +247,9 @@ def build_app(
 
     app = FastAPI(title="pagoda", version="0.1.0", lifespan=lifespan)
     _install_error_handlers(app)
-    _add_generation_routes(app, serving)
-    _add_info_routes(app, serving, config, metrics)
+    policy = FieldPolicy(config.strict_fields)
+    _add_generation_routes(app, serving, policy)
+    _add_info_routes(app, serving, config, metrics, policy)
     if config.enable_debug_endpoints:
         _add_debug_routes(app, async_engine)
     _add_inspector(app, async_engine, config)
@@ -265,18 +273,31 @@ def _salt(raw: Request) -> Optional[str]:
     return raw.scope.get("state", {}).get("cache_salt")
 
 
-def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
+def _add_generation_routes(app: FastAPI, serving: OpenAIServing, policy: FieldPolicy) -> None:
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, raw: Request) -> Response:
-        return await serving.create_completion(body, raw, _salt(raw))
+        ignored = policy.check(body)
+        return _reported(await serving.create_completion(body, raw, _salt(raw)), ignored)
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        return await serving.create_chat_completion(body, raw, _salt(raw))
+        ignored = policy.check(body)
+        return _reported(await serving.create_chat_completion(body, raw, _salt(raw)), ignored)
+
+
+def _reported(response: Response, ignored: list[str]) -> Response:
+    """``response`` with the request's undeclared fields named in its header."""
+    if ignored:
+        response.headers[IGNORED_FIELDS_HEADER] = header_value(ignored)
+    return response
 
 
 def _add_info_routes(
-    app: FastAPI, serving: OpenAIServing, config: ServerConfig, metrics: Optional[EngineMetrics]
+    app: FastAPI,
+    serving: OpenAIServing,
+    config: ServerConfig,
+    metrics: Optional[EngineMetrics],
+    policy: FieldPolicy,
 ) -> None:
     engine = serving.engine
     created = int(time.time())
@@ -309,17 +330,19 @@ def _add_info_routes(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/tokenize", responses=ERROR_RESPONSES)
-    async def tokenize(body: TokenizeRequest) -> dict:
-        return _tokenize(serving, body)
+    async def tokenize(body: TokenizeRequest) -> Response:
+        ignored = policy.check(body)
+        return _reported(JSONResponse(_tokenize(serving, body)), ignored)
 
     @app.post("/detokenize", responses=ERROR_RESPONSES)
-    async def detokenize(body: DetokenizeRequest) -> dict:
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        ignored = policy.check(body)
         serving.check_model(body.model)
         vocab = engine.arch.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"tokens must be in [0, {vocab}); got {bad[:3]}", "tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+        return _reported(JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)}), ignored)
 
 
 def _tokenize(serving: OpenAIServing, body: TokenizeRequest) -> dict:
@@ -439,4 +462,5 @@ def _server_config(
         ns.tool_call_parser,
         ns.enable_inspector,
         ns.inspector_show_text,
+        ns.strict_fields,
     )

@@ -50,6 +50,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         '"required" and named tool_choice need none',
     )
     g.add_argument(
+        "--strict-fields",
+        action="store_true",
+        help="refuse (400) request fields the API does not declare; by default they are "
+        "accepted, logged once and listed in the x-pagoda-ignored-fields response header",
+    )
+    g.add_argument(
         "--enable-debug-endpoints",
         action="store_true",
         help="GET /debug/state and POST /debug/fault (tests only)",

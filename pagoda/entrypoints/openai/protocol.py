@@ -3,14 +3,14 @@
 Strict mode: a string is not a number and a bool is not an int, as in OpenAI's API. Value
 ranges are checked by :class:`pagoda.sampling.SamplingParams`, whose errors name the field.
 
-No field is silently dropped: a field a model does not declare is refused with a 400 naming
-it (``extra="forbid"``), since it might change what the answer must be. The fields OpenAI's
-clients send that cannot change the answer (``metadata``, ``store``, ...) are declared and
-ignored. The ones that would and that pagoda does not support yet (OpenAI's old
-``functions``, vLLM's older guided-decoding fields, beam search, ...) are declared in
-:data:`UNSUPPORTED` and refused unless their value asks for nothing. ``response_format``,
-vLLM's ``structured_outputs`` (``structured.py``), ``logit_bias`` and, on chat, ``tools``
-(``tools.py``) are served.
+No field is silently dropped (``entrypoints/field_policy.py``, the table in docs/server.md):
+a field no model declares is accepted and reported (``x-pagoda-ignored-fields``; refused
+under ``--strict-fields``). The fields clients send that cannot change the answer
+(``metadata``, ``store``, the keys an SDK leaves on an assistant message it sends back) are
+declared and ignored. The ones that would and that pagoda does not support yet (OpenAI's old
+``functions``, beam search, ...) are declared in :data:`UNSUPPORTED` and refused unless their
+value asks for nothing. ``response_format``, vLLM's ``structured_outputs``
+(``structured.py``), ``logit_bias`` and, on chat, ``tools`` (``tools.py``) are served.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pagoda.entrypoints.field_policy import Tolerant
+
 MAX_PROMPTS_PER_REQUEST = 64
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid")
+class _Strict(Tolerant):
+    """Strict types; undeclared fields reported, not refused (field_policy.py)."""
 
 
 def _empty(value: Any) -> bool:
@@ -47,17 +49,48 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     # SGLang's, which vllm-router sends on every request it forwards (false: changes nothing)
     "no_stop_trim": _empty,
     "return_hidden_states": _empty,
+    # OpenAI's, for what this server has no model or tool for
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "web_search_options": lambda v: v is None,
+    "verbosity": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    # vLLM's, not implemented yet: the prompt, its template or the tokens would differ
+    "chat_template": lambda v: v is None,
+    "chat_template_kwargs": _empty,
+    "add_generation_prompt": lambda v: v in (None, True),
+    "add_special_tokens": lambda v: v is None,
+    "documents": _empty,
+    "mm_processor_kwargs": _empty,
+    "truncate_prompt_tokens": lambda v: v is None,
+    "length_penalty": lambda v: v in (None, 1, 1.0),
+    "spaces_between_special_tokens": lambda v: v in (None, True),
+    "logits_processors": _empty,
+    "prompt_embeds": lambda v: v is None,
+    "return_tokens_as_token_ids": _empty,
+    "return_token_ids": _empty,
+    "priority": lambda v: v in (None, 0),
+    "vllm_xargs": _empty,
 }
 
 
 class StreamOptions(_Strict):
     include_usage: Optional[bool] = False
+    # vLLM's usage on every chunk: not implemented yet (false or absent only)
+    continuous_usage_stats: Optional[bool] = None
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _refuse_continuous(cls, value: Optional[bool]) -> Optional[bool]:
+        if value:
+            raise ValueError("continuous_usage_stats is not supported by this server yet")
+        return value
 
 
 class JsonSchemaFormat(_Strict):
     """``response_format.json_schema``: OpenAI's structured outputs."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
     name: str = Field(min_length=1, max_length=64)
     description: Optional[str] = None
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
@@ -78,7 +111,7 @@ class StructuredOutputsField(_Strict):
     choice: Optional[list[str]] = None
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
 
 
 class SamplingFields(_Strict):
@@ -112,6 +145,10 @@ class SamplingFields(_Strict):
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
+    prompt_cache_key: Any = None  # OpenAI's cache routing hint (the prefix cache needs none)
+    safety_identifier: Any = None
+    prediction: Any = None  # OpenAI's predicted output: a latency hint, never the answer
+    request_id: Any = None  # vLLM's: pagoda names its requests itself
     # Constrained decoding (entrypoints/openai/structured.py, engine/structured.py).
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string) -> bias
     response_format: Optional[ResponseFormat] = None
@@ -130,6 +167,26 @@ class SamplingFields(_Strict):
     prompt_logprobs: Any = None
     no_stop_trim: Any = None
     return_hidden_states: Any = None
+    audio: Any = None
+    modalities: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+    reasoning_effort: Any = None
+    chat_template: Any = None
+    chat_template_kwargs: Any = None
+    add_generation_prompt: Any = None
+    add_special_tokens: Any = None
+    documents: Any = None
+    mm_processor_kwargs: Any = None
+    truncate_prompt_tokens: Any = None
+    length_penalty: Any = None
+    spaces_between_special_tokens: Any = None
+    logits_processors: Any = None
+    prompt_embeds: Any = None
+    return_tokens_as_token_ids: Any = None
+    return_token_ids: Any = None
+    priority: Any = None
+    vllm_xargs: Any = None
 
     @field_validator(*UNSUPPORTED)
     @classmethod
@@ -201,12 +258,14 @@ class NamedToolChoice(_Strict):
 class ToolCallFunction(_Strict):
     name: str
     arguments: str  # JSON text, as the API returned it
+    parsed_arguments: Any = None  # the openai SDK's parse() leaves it: the same arguments
 
 
 class ToolCallMessage(_Strict):
     id: str
     type: Literal["function"]
     function: ToolCallFunction
+    index: Optional[int] = None  # a streamed call's position, kept by clients that merge deltas
 
 
 class TextContentPart(_Strict):
@@ -223,12 +282,33 @@ class ChatMessage(_Strict):
     name: Optional[str] = None
     tool_calls: Optional[list[ToolCallMessage]] = None  # assistant: the calls it made
     tool_call_id: Optional[str] = None  # tool: which call this answers
+    # An earlier turn's reasoning, as reasoning parsers return it (vLLM's two names): given
+    # to the chat template as ``reasoning_content``, which templates that show it read.
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
+    # What the openai SDK leaves on an assistant message it sends back (``model_dump()``,
+    # ``parse()``): none of it is part of the conversation a template renders.
+    refusal: Optional[str] = None
+    annotations: Optional[list[Any]] = None
+    audio: Any = None
+    parsed: Any = None
+    function_call: Any = None  # OpenAI's legacy function calling: only null is accepted
+
+    @field_validator("function_call")
+    @classmethod
+    def _refuse_legacy_call(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("a legacy function_call message is not supported: use tool_calls")
+        return value
 
     def to_template(self) -> dict[str, Any]:
         """The message as chat templates take it (a call's arguments as an object)."""
         msg: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name:
             msg["name"] = self.name
+        reasoning = self.reasoning_content or self.reasoning
+        if reasoning:
+            msg["reasoning_content"] = reasoning
         if self.tool_call_id is not None:
             msg["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
