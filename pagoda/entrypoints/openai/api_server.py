@@ -323,6 +323,10 @@ def _add_info_routes(
             ],
         }
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        return _tokenizer_info(engine)
+
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         if metrics is None:
@@ -343,6 +347,22 @@ def _add_info_routes(
         if bad:
             raise ApiError(400, f"tokens must be in [0, {vocab}); got {bad[:3]}", "tokens")
         return _reported(JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)}), ignored)
+
+
+def _tokenizer_info(engine: Any) -> dict[str, Any]:
+    """vLLM's ``GET /tokenizer_info``: what a remote client needs to tokenize as the server
+    does (lm-eval's remote tokenizer reads the special tokens and the chat template; it
+    tokenizes through /tokenize and /detokenize)."""
+    tok = engine.tokenizer
+    info: dict[str, Any] = {
+        "tokenizer_class": type(tok).__name__,
+        "model_max_length": engine.max_model_len,
+        "chat_template": getattr(engine, "chat_template", None),
+    }
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = getattr(tok, name, None)
+        info[name] = value if isinstance(value, str) else None
+    return info
 
 
 def _tokenize(serving: OpenAIServing, body: TokenizeRequest) -> dict:

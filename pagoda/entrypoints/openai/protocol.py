@@ -45,7 +45,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "use_beam_search": _empty,
     "allowed_token_ids": lambda v: v is None,
     "bad_words": _empty,
-    "prompt_logprobs": lambda v: v is None,
     # SGLang's, which vllm-router sends on every request it forwards (false: changes nothing)
     "no_stop_trim": _empty,
     "return_hidden_states": _empty,
@@ -149,6 +148,8 @@ class SamplingFields(_Strict):
     safety_identifier: Any = None
     prediction: Any = None  # OpenAI's predicted output: a latency hint, never the answer
     request_id: Any = None  # vLLM's: pagoda names its requests itself
+    # vLLM's: the prompt tokens' logprobs (this many top tokens each), not streamed
+    prompt_logprobs: Optional[int] = None
     # Constrained decoding (entrypoints/openai/structured.py, engine/structured.py).
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string) -> bias
     response_format: Optional[ResponseFormat] = None
@@ -164,7 +165,6 @@ class SamplingFields(_Strict):
     use_beam_search: Any = None
     allowed_token_ids: Any = None
     bad_words: Any = None
-    prompt_logprobs: Any = None
     no_stop_trim: Any = None
     return_hidden_states: Any = None
     audio: Any = None
@@ -349,11 +349,15 @@ class ChatCompletionRequest(SamplingFields):
     stream_reasoning: Optional[bool] = None
     include_reasoning: Optional[bool] = None
 
-    @field_validator("continue_final_message")
+    # vLLM's: the last message prepended to the answer (refused when true; completions
+    # serve their own echo)
+    echo: Any = None
+
+    @field_validator("continue_final_message", "echo")
     @classmethod
-    def _refuse_continue(cls, value: Any) -> Any:
+    def _refuse_continue(cls, value: Any, info: Any) -> Any:
         if not _empty(value):
-            raise ValueError("continue_final_message is not supported by this server yet")
+            raise ValueError(f"{info.field_name} is not supported by this server yet")
         return value
 
 

@@ -56,6 +56,16 @@ class _Choice:
     finished: bool = False
     started: bool = False
     tools: Optional[tools.ToolStream] = None  # chat with tools: what of them went out
+    echoed: Optional[int] = None  # echo: the length of the prompt text sent before the text
+
+
+@dataclass(frozen=True)
+class Echo:
+    """``echo`` on /v1/completions: each choice's text (and logprobs) starts with its prompt's;
+    ``only``: ``max_tokens`` 0, the prompt scored and nothing generated (lm-eval's
+    log-likelihood requests ask for one token and drop it; both work)."""
+
+    only: bool = False
 
 
 @dataclass
@@ -71,6 +81,8 @@ class _Job:
     logprobs: Optional[int]
     include_usage: bool = False
     tools: Optional[tools.ToolPlan] = None
+    echo: Optional[Echo] = None  # completions: the prompt goes before each choice's text
+    prompt_logprobs: Optional[int] = None  # vLLM's field: the prompt's logprobs, its format
     created: int = field(default_factory=lambda: int(time.time()))
     choices: dict[int, _Choice] = field(default_factory=dict)
 
@@ -119,21 +131,30 @@ class OpenAIServing:
     ) -> Response:
         arrival = time.monotonic()
         self.check_model(req.model)
-        if req.echo:
-            raise ApiError(400, "echo is not supported", "echo")
         if req.suffix:
             raise ApiError(400, "suffix is not supported", "suffix")
+        echo = Echo(only=req.max_tokens == 0) if req.echo else None
         params = self.sampling_params(
             req,
-            req.max_tokens,
+            1 if echo is not None and echo.only else req.max_tokens,
             DEFAULT_COMPLETION_MAX_TOKENS,
             req.logprobs,
             "max_tokens",
             "logprobs",
+            _prompt_logprobs_needed(req.prompt_logprobs, req.logprobs if echo else None),
         )
         prompts = self.completion_prompts(req.prompt)
         return await self._serve(
-            "completion", "cmpl", req, params, prompts, raw, cache_salt, "prompt", arrival
+            "completion",
+            "cmpl",
+            req,
+            params,
+            prompts,
+            raw,
+            cache_salt,
+            "prompt",
+            arrival,
+            echo=echo,
         )
 
     async def create_chat_completion(
@@ -150,7 +171,9 @@ class OpenAIServing:
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling_params(req, max_tokens, None, logprobs, max_name, "top_logprobs")
+        params = self.sampling_params(
+            req, max_tokens, None, logprobs, max_name, "top_logprobs", req.prompt_logprobs
+        )
         plan = tools.plan_for(req, self.tool_call_parser)
         if plan is not None and (constraint := plan.constraint()) is not None:
             params = params.clone(structured_outputs=constraint)
@@ -178,8 +201,12 @@ class OpenAIServing:
         logprobs: Optional[int],
         max_name: str,
         logprobs_name: str,
+        prompt_logprobs: Optional[int] = None,
     ) -> SamplingParams:
+        if req.stream and req.prompt_logprobs is not None:
+            raise ApiError(400, "prompt_logprobs cannot be streamed", "prompt_logprobs")
         values: dict[str, Any] = dict(
+            prompt_logprobs=prompt_logprobs,
             n=req.n,
             seed=req.seed,
             stop=req.stop or [],
@@ -277,6 +304,7 @@ class OpenAIServing:
         prompt_name: str,
         arrival: float,
         plan: Optional[tools.ToolPlan] = None,
+        echo: Optional[Echo] = None,
     ) -> Response:
         """Queue every prompt (TTFT counts from ``arrival``), then stream or collect."""
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -302,6 +330,8 @@ class OpenAIServing:
             params.logprobs,
             include_usage,
             plan,
+            echo,
+            req.prompt_logprobs,
         )
         if req.stream:
             return StreamingResponse(
@@ -375,7 +405,8 @@ class OpenAIServing:
         choices = []
         for i, out in enumerate(outputs):
             for comp in out.outputs if out is not None else []:
-                choices.append(self._full_choice(job, i * job.n + comp.index, comp))
+                assert out is not None
+                choices.append(self._full_choice(job, i, out, comp))
         obj = "text_completion" if job.kind == "completion" else "chat.completion"
         response = {
             "id": job.response_id,
@@ -395,19 +426,30 @@ class OpenAIServing:
         )
         if kv is not None:
             response["kv_transfer_params"] = kv  # a prefill instance: where the KV waits
+        if job.kind == "chat" and job.prompt_logprobs is not None and outputs[0] is not None:
+            response["prompt_logprobs"] = self._vllm_prompt_logprobs(job, outputs[0])
         return response
 
-    def _full_choice(self, job: _Job, index: int, comp: CompletionOutput) -> dict:
+    def _full_choice(
+        self, job: _Job, prompt_index: int, out: RequestOutput, comp: CompletionOutput
+    ) -> dict:
+        index = prompt_index * job.n + comp.index
         logprobs = self._logprobs(job, comp.logprobs or [], 0) if job.logprobs is not None else None
         reason = comp.finish_reason
         if job.kind == "completion":
-            return {
+            text = comp.text
+            if job.echo is not None:
+                text, logprobs = self._echoed(job, prompt_index, out, comp.text, comp.logprobs)
+            choice = {
                 "index": index,
-                "text": comp.text,
+                "text": text,
                 "logprobs": logprobs,
                 "finish_reason": reason,
                 "stop_reason": comp.stop_reason,
             }
+            if job.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._vllm_prompt_logprobs(job, out)
+            return choice
         message: dict[str, Any] = {"role": "assistant", "content": comp.text}
         if job.tools is not None and reason == "stop":
             content, calls = job.tools.extract(comp.text)
@@ -426,9 +468,81 @@ class OpenAIServing:
             "stop_reason": comp.stop_reason,
         }
 
+    def _echoed(
+        self,
+        job: _Job,
+        prompt_index: int,
+        out: RequestOutput,
+        text: str,
+        entries: Optional[list[TokenLogprobs]],
+    ) -> tuple[str, Optional[dict]]:
+        """A completion choice's text and logprobs with its prompt's before them (``echo``):
+        the prompt's tokens each with its logprob given what precedes it (the first has none,
+        as in OpenAI's legacy API)."""
+        assert job.echo is not None
+        given, ids = job.prompts[prompt_index]
+        head = given if given is not None else self.tokenizer.decode(ids)
+        if job.echo.only:
+            text, entries = "", []
+        if job.logprobs is None:
+            return head + text, None
+        prompt = self._prompt_token_logprobs(ids, out.prompt_logprobs, job.logprobs)
+        tail = self._logprobs(job, entries or [], len(head))
+        assert tail is not None
+        return head + text, {key: prompt[key] + tail[key] for key in prompt}
+
+    def _prompt_token_logprobs(
+        self, ids: list[int], entries: Optional[list[Optional[TokenLogprobs]]], k: int
+    ) -> dict[str, list]:
+        """The legacy completions ``logprobs`` object of a prompt's tokens."""
+        if entries is None or any(e is None for e in entries[1:]):
+            raise RuntimeError("the engine returned no logprobs for some prompt tokens")
+        tokens = [self._token_str(t) for t in ids]
+        offsets, at = [], 0
+        for tok in tokens:
+            offsets.append(at)
+            at += len(tok)
+        scored = [e for e in entries[1:] if e is not None]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [None, *(e.logprob for e in scored)],
+            "top_logprobs": [None, *(self._top_with_chosen(e, k) for e in scored)],
+            "text_offset": offsets,
+        }
+
+    def _top_with_chosen(self, e: TokenLogprobs, k: int) -> dict[str, float]:
+        """The ``k`` most likely tokens and the chosen one (OpenAI's legacy API: up to k + 1
+        entries), best first; a string two ids decode to keeps the likelier logprob."""
+        top: dict[str, float] = {}
+        for t, lp in e.top[:k]:
+            top.setdefault(self._token_str(t), lp)
+        top.setdefault(self._token_str(e.token_id), e.logprob)
+        return top
+
+    def _vllm_prompt_logprobs(self, job: _Job, out: RequestOutput) -> list[Optional[dict]]:
+        """vLLM's ``prompt_logprobs``: per prompt token (the first: null), the token and the
+        ``prompt_logprobs`` most likely ones, by id: {logprob, rank, decoded_token}."""
+        assert job.prompt_logprobs is not None
+        k = job.prompt_logprobs
+        result: list[Optional[dict]] = []
+        for e in out.prompt_logprobs or []:
+            if e is None:
+                result.append(None)
+                continue
+            ranked = [(t, lp, r) for r, (t, lp) in enumerate(e.top[:k], start=1)]
+            entry = {str(t): self._ranked(lp, r, t) for t, lp, r in ranked}
+            entry.setdefault(str(e.token_id), self._ranked(e.logprob, e.rank, e.token_id))
+            result.append(entry)
+        return result
+
+    def _ranked(self, logprob: float, rank: int, token_id: int) -> dict[str, Any]:
+        return {"logprob": logprob, "rank": rank, "decoded_token": self._token_str(token_id)}
+
     def _usage(self, job: _Job, outputs: list[Optional[RequestOutput]]) -> dict:
         prompt = sum(len(ids) for _, ids in job.prompts)
-        completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
+        completion = 0
+        if job.echo is None or not job.echo.only:  # an echo of the prompt alone generates none
+            completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
         cached = sum(o.num_cached_tokens for o in outputs if o is not None)
         return {
             "prompt_tokens": prompt,
@@ -447,10 +561,11 @@ class OpenAIServing:
         for tok in tokens:
             offsets.append(text_offset)
             text_offset += len(tok)
+        k = job.logprobs or 0
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self._token_str(t): lp for t, lp in e.top} for e in entries],
+            "top_logprobs": [self._top_with_chosen(e, k) for e in entries],
             "text_offset": offsets,
         }
 
@@ -498,6 +613,11 @@ class OpenAIServing:
             state = job.choice(index)
             if state.finished:
                 continue
+            if job.echo is not None and state.echoed is None:
+                if not comp.token_ids and comp.finish_reason is None:
+                    continue  # the prompt (and its logprobs) is still being computed
+                chunks.append(self._chunk(job, [self._echo_choice(job, index, prompt_index, out)]))
+                state.echoed = len(chunks[-1]["choices"][0]["text"])
             choice = self._delta_choice(job, index, state, comp)
             if choice is not None:
                 chunks.append(self._chunk(job, [choice]))
@@ -510,11 +630,12 @@ class OpenAIServing:
         end = len(comp.text)  # a live text holds back what may start a stop string
         text = comp.text[state.text_len : end]
         entries = (comp.logprobs or [])[state.num_logprobs :]
+        if job.echo is not None and job.echo.only:
+            text, entries = "", []  # the prompt alone was asked for: its token is not sent
         if not text and not entries and reason is None and state.started:
             return None
-        logprobs = (
-            self._logprobs(job, entries, state.text_len) if job.logprobs is not None else None
-        )
+        offset = state.text_len + (state.echoed or 0)
+        logprobs = self._logprobs(job, entries, offset) if job.logprobs is not None else None
         state.text_len = max(state.text_len, end)
         state.num_logprobs += len(entries)
         state.finished = reason is not None
@@ -528,6 +649,12 @@ class OpenAIServing:
             delta["role"] = "assistant"
             state.started = True
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def _echo_choice(self, job: _Job, index: int, prompt_index: int, out: RequestOutput) -> dict:
+        """A streamed completion choice's first chunk under ``echo``: its prompt's text (and
+        logprobs), before anything generated."""
+        text, logprobs = self._echoed(job, prompt_index, out, "", [])
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
 
     @staticmethod
     def _tool_delta(
@@ -611,6 +738,13 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _prompt_logprobs_needed(asked: Optional[int], echoed: Optional[int]) -> Optional[int]:
+    """How many top tokens the engine keeps per prompt token: what ``prompt_logprobs`` asks,
+    or what ``logprobs`` asks of an echoed prompt, whichever is more (None: neither)."""
+    wanted = [k for k in (asked, echoed) if k is not None]
+    return max(wanted) if wanted else None
 
 
 def _logit_bias(raw: Optional[dict[str, float]]) -> dict[int, float]:
