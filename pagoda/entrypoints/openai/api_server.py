@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import pagoda
 from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError
 from pagoda.engine.metrics import EngineMetrics
 from pagoda.entrypoints.field_policy import (
@@ -68,6 +70,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
+class CorsConfig:
+    """vLLM's CORS flags (``--allowed-origins`` and friends), given to Starlette's middleware."""
+
+    allowed_origins: tuple[str, ...]
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     model_names: tuple[str, ...]
     api_keys: tuple[str, ...] = ()
@@ -77,6 +89,8 @@ class ServerConfig:
     enable_inspector: bool = True  # GET /inspect and its data routes (docs/inspector.md)
     inspector_show_text: bool = False
     strict_fields: bool = False  # undeclared fields refused (400), not reported
+    model_root: Optional[str] = None  # what the model was loaded from (a path or Hub id)
+    cors: Optional[CorsConfig] = None  # None: no CORS headers (browsers refuse other origins)
 
 
 def cache_salt_for_key(key: str) -> str:
@@ -256,6 +270,15 @@ def build_app(
     if config.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.cors is not None:  # outermost: a preflight is answered before the key check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors.allowed_origins),
+            allow_methods=list(config.cors.allowed_methods),
+            allow_headers=list(config.cors.allowed_headers),
+            allow_credentials=config.cors.allow_credentials,
+            expose_headers=[IGNORED_FIELDS_HEADER],
+        )
     return app
 
 
@@ -308,20 +331,21 @@ def _add_info_routes(
             return error_response(503, "the engine has died", code="engine_dead")
         return JSONResponse({"status": "ok"})
 
+    def card() -> dict[str, Any]:
+        return model_card(config, created, engine.max_model_len)
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": config.model_names[0],
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "pagoda",
-                    "max_model_len": engine.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}", responses={404: {"model": ErrorResponse}})
+    async def model(model_id: str) -> dict:
+        serving.check_model(model_id)
+        return card()
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": pagoda.__version__}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
@@ -347,6 +371,38 @@ def _add_info_routes(
         if bad:
             raise ApiError(400, f"tokens must be in [0, {vocab}); got {bad[:3]}", "tokens")
         return _reported(JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)}), ignored)
+
+
+def model_card(config: ServerConfig, created: int, max_model_len: int) -> dict[str, Any]:
+    """The served model as vLLM's ``ModelCard`` describes it: ``root`` is what it was loaded
+    from (``vllm bench serve`` without ``--model`` reads it), ``parent`` the base model of an
+    adapter (none here), ``permission`` OpenAI's old permission object."""
+    digest = hashlib.sha256(config.model_names[0].encode()).hexdigest()[:24]
+    return {
+        "id": config.model_names[0],
+        "object": "model",
+        "created": created,
+        "owned_by": "pagoda",
+        "root": config.model_root or config.model_names[0],
+        "parent": None,
+        "max_model_len": max_model_len,
+        "permission": [
+            {
+                "id": f"modelperm-{digest}",
+                "object": "model_permission",
+                "created": created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
+    }
 
 
 def _tokenizer_info(engine: Any) -> dict[str, Any]:
@@ -483,4 +539,18 @@ def _server_config(
         ns.enable_inspector,
         ns.inspector_show_text,
         ns.strict_fields,
+        engine_args.model,
+        cors_config(ns),
+    )
+
+
+def cors_config(ns: argparse.Namespace) -> Optional[CorsConfig]:
+    """CORS as the flags ask; off (None) unless ``--allowed-origins`` names an origin."""
+    if not ns.allowed_origins:
+        return None
+    return CorsConfig(
+        tuple(ns.allowed_origins),
+        tuple(ns.allowed_methods),
+        tuple(ns.allowed_headers),
+        ns.allow_credentials,
     )

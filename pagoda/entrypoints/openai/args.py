@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -49,6 +50,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "(<tool_call>{...}</tool_call>: Hermes, Qwen) or llama3_json (Llama 3.x); "
         '"required" and named tool_choice need none',
     )
+    _add_cors_args(g)
     g.add_argument(
         "--strict-fields",
         action="store_true",
@@ -81,4 +83,35 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="N replicas of the engine on this host, each pinned to its share of the cores, "
         "behind the cache-aware router on --host/--port (docs/routing.md)",
+    )
+
+
+def _list_arg(text: str) -> list[str]:
+    """A JSON list of strings (vLLM's form: '["https://a.example"]') or a comma-separated
+    list."""
+    text = text.strip()
+    if text.startswith("["):
+        value = json.loads(text)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+        return value
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_cors_args(g: argparse._ArgumentGroup) -> None:
+    """vLLM's CORS flags; CORS stays off (no browser on another origin may call the server)
+    until --allowed-origins names one (or "*")."""
+    g.add_argument(
+        "--allowed-origins",
+        type=_list_arg,
+        default=[],
+        help="origins a browser page may call from: a JSON list ('[\"http://localhost:3000\"]') "
+        'or comma-separated; "*" for any (default: none, CORS off)',
+    )
+    g.add_argument("--allowed-methods", type=_list_arg, default=["*"], help="CORS methods")
+    g.add_argument("--allowed-headers", type=_list_arg, default=["*"], help="CORS headers")
+    g.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="CORS: let browsers send credentials (cookies, HTTP auth)",
     )
