@@ -47,9 +47,9 @@ COMPLETION_CASES = [
     ({"model": M, "prompt": "x", "seed": "abc"}, 400, "seed"),
     ({"model": M, "prompt": "x", "min_tokens": 20, "max_tokens": 4}, 400, "min_tokens"),
     ({"model": M, "prompt": "x", "stream": "yes"}, 400, "stream"),
-    ({"model": M, "prompt": "x", "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    ({"model": M, "prompt": "x", "guided_choice": []}, 400, "guided_choice"),
     ({"model": M, "prompt": "x", "best_of": 3}, 400, "best_of"),
-    ({"model": M, "prompt": "x", "truncate_prompt_tokens": 4}, 400, "truncate_prompt_tokens"),
+    ({"model": M, "prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
     ({"model": M, "prompt": "x", "kv_transfer_params": "remote"}, 400, "kv_transfer_params"),
     ({"model": M, "prompt": "x", "kv_transfer_params": {"do_remote_decode": True}}, 400,
      "kv_transfer_params.do_remote_decode"),     # this instance is no prefill instance
@@ -93,7 +93,7 @@ CHAT_CASES = [
     ({"model": M, "messages": CHAT, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ({"model": M, "messages": CHAT, "logit_bias": {"5": "up"}}, 400, "logit_bias.5"),
     # (response_format and structured_outputs are served: tests/server/test_structured_outputs_api.py)
-    ({"model": M, "messages": CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
+    ({"model": M, "messages": CHAT, "guided_json": {"type": 12}}, 400, "guided_json"),
     ({"model": M, "messages": CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort"),
     ({"model": M, "messages": [{"role": "user", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},

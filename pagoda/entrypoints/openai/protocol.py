@@ -37,10 +37,6 @@ def _empty(value: Any) -> bool:
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "functions": _empty,
     "function_call": lambda v: v in (None, "none", "auto"),
-    "guided_json": _empty,
-    "guided_regex": _empty,
-    "guided_choice": _empty,
-    "guided_grammar": _empty,
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": _empty,
     "allowed_token_ids": lambda v: v is None,
@@ -61,29 +57,20 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "add_special_tokens": lambda v: v is None,
     "documents": _empty,
     "mm_processor_kwargs": _empty,
-    "truncate_prompt_tokens": lambda v: v is None,
     "length_penalty": lambda v: v in (None, 1, 1.0),
     "spaces_between_special_tokens": lambda v: v in (None, True),
     "logits_processors": _empty,
     "prompt_embeds": lambda v: v is None,
     "return_tokens_as_token_ids": _empty,
-    "return_token_ids": _empty,
     "priority": lambda v: v in (None, 0),
+    "guided_whitespace_pattern": lambda v: v is None,
     "vllm_xargs": _empty,
 }
 
 
 class StreamOptions(_Strict):
     include_usage: Optional[bool] = False
-    # vLLM's usage on every chunk: not implemented yet (false or absent only)
-    continuous_usage_stats: Optional[bool] = None
-
-    @field_validator("continuous_usage_stats")
-    @classmethod
-    def _refuse_continuous(cls, value: Optional[bool]) -> Optional[bool]:
-        if value:
-            raise ValueError("continuous_usage_stats is not supported by this server yet")
-        return value
+    continuous_usage_stats: Optional[bool] = False  # vLLM's: usage on every chunk so far
 
 
 class JsonSchemaFormat(_Strict):
@@ -111,6 +98,24 @@ class StructuredOutputsField(_Strict):
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
     model_config = ConfigDict(strict=True, extra="allow", populate_by_name=True)
+    # vLLM's other keys: what would change the grammar is refused unless it asks for nothing
+    disable_fallback: Optional[bool] = None  # one backend here: nothing to fall back from
+    disable_any_whitespace: Optional[bool] = None
+    disable_additional_properties: Optional[bool] = None
+    whitespace_pattern: Optional[str] = None
+    structural_tag: Optional[str] = None
+
+    @field_validator(
+        "disable_any_whitespace",
+        "disable_additional_properties",
+        "whitespace_pattern",
+        "structural_tag",
+    )
+    @classmethod
+    def _refuse_grammar_options(cls, value: Any, info: Any) -> Any:
+        if not _empty(value):
+            raise ValueError(f"{info.field_name} is not supported by this server yet")
+        return value
 
 
 class SamplingFields(_Strict):
@@ -150,6 +155,16 @@ class SamplingFields(_Strict):
     request_id: Any = None  # vLLM's: pagoda names its requests itself
     # vLLM's: the prompt tokens' logprobs (this many top tokens each), not streamed
     prompt_logprobs: Optional[int] = None
+    # vLLM's: keep only the last k prompt tokens (-1: as many as the context allows)
+    truncate_prompt_tokens: Optional[int] = None
+    # vLLM's: the prompt's and each choice's token ids beside the text
+    return_token_ids: Optional[bool] = None
+    # vLLM's older spellings of structured_outputs (structured.py maps them)
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None  # pagoda has one backend (llguidance)
     # Constrained decoding (entrypoints/openai/structured.py, engine/structured.py).
     logit_bias: Optional[dict[str, float]] = None  # token id (as a string) -> bias
     response_format: Optional[ResponseFormat] = None
@@ -157,10 +172,6 @@ class SamplingFields(_Strict):
     # Not supported yet, refused unless empty (see UNSUPPORTED and the module docstring).
     functions: Any = None
     function_call: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     best_of: Any = None
     use_beam_search: Any = None
     allowed_token_ids: Any = None
@@ -178,14 +189,13 @@ class SamplingFields(_Strict):
     add_special_tokens: Any = None
     documents: Any = None
     mm_processor_kwargs: Any = None
-    truncate_prompt_tokens: Any = None
     length_penalty: Any = None
     spaces_between_special_tokens: Any = None
     logits_processors: Any = None
     prompt_embeds: Any = None
     return_tokens_as_token_ids: Any = None
-    return_token_ids: Any = None
     priority: Any = None
+    guided_whitespace_pattern: Any = None
     vllm_xargs: Any = None
 
     @field_validator(*UNSUPPORTED)
@@ -219,6 +229,7 @@ _COMPLETION_NO_TOOLS: dict[str, Callable[[Any], bool]] = {
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
+    max_completion_tokens: Optional[int] = None  # chat's name, which some clients send here
     logprobs: Optional[int] = None
     echo: Optional[bool] = False
     suffix: Optional[str] = None

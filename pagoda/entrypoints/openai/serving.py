@@ -57,6 +57,7 @@ class _Choice:
     started: bool = False
     tools: Optional[tools.ToolStream] = None  # chat with tools: what of them went out
     echoed: Optional[int] = None  # echo: the length of the prompt text sent before the text
+    num_tokens: int = 0  # return_token_ids: the token ids sent so far
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class _Job:
     tools: Optional[tools.ToolPlan] = None
     echo: Optional[Echo] = None  # completions: the prompt goes before each choice's text
     prompt_logprobs: Optional[int] = None  # vLLM's field: the prompt's logprobs, its format
+    return_token_ids: bool = False  # vLLM's: token ids beside the text
+    continuous_usage: bool = False  # vLLM's: every chunk carries the usage so far
+    generated: dict[int, int] = field(default_factory=dict)  # choice -> tokens so far
     created: int = field(default_factory=lambda: int(time.time()))
     choices: dict[int, _Choice] = field(default_factory=dict)
 
@@ -133,17 +137,21 @@ class OpenAIServing:
         self.check_model(req.model)
         if req.suffix:
             raise ApiError(400, "suffix is not supported", "suffix")
-        echo = Echo(only=req.max_tokens == 0) if req.echo else None
+        max_name = (
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        )
+        max_tokens = getattr(req, max_name)
+        echo = Echo(only=max_tokens == 0) if req.echo else None
         params = self.sampling_params(
             req,
-            1 if echo is not None and echo.only else req.max_tokens,
+            1 if echo is not None and echo.only else max_tokens,
             DEFAULT_COMPLETION_MAX_TOKENS,
             req.logprobs,
-            "max_tokens",
+            max_name,
             "logprobs",
             _prompt_logprobs_needed(req.prompt_logprobs, req.logprobs if echo else None),
         )
-        prompts = self.completion_prompts(req.prompt)
+        prompts = self.truncated(self.completion_prompts(req.prompt), req.truncate_prompt_tokens)
         return await self._serve(
             "completion",
             "cmpl",
@@ -178,7 +186,9 @@ class OpenAIServing:
         if plan is not None and (constraint := plan.constraint()) is not None:
             params = params.clone(structured_outputs=constraint)
         defs = [{"type": "function", "function": t} for t in plan.tools] if plan else None
-        prompts: list[Prompt] = [(None, self.chat_prompt(req.messages, defs))]
+        prompts = self.truncated(
+            [(None, self.chat_prompt(req.messages, defs))], req.truncate_prompt_tokens
+        )
         return await self._serve(
             "chat", "chatcmpl", req, params, prompts, raw, cache_salt, "messages", arrival, plan
         )
@@ -270,6 +280,22 @@ class OpenAIServing:
                 out.append((None, list(item)))
         return out
 
+    def truncated(self, prompts: list[Prompt], keep: Optional[int]) -> list[Prompt]:
+        """vLLM's ``truncate_prompt_tokens``: each prompt's last ``keep`` tokens (-1: as many
+        as the context holds, less one for the answer); a cut prompt has no text of its own."""
+        if keep is None:
+            return prompts
+        limit = self.engine.max_model_len - 1
+        if keep == -1:
+            keep = limit
+        if not 1 <= keep <= limit:
+            raise ApiError(
+                400,
+                f"truncate_prompt_tokens must be -1 or in [1, {limit}], got {keep}",
+                "truncate_prompt_tokens",
+            )
+        return [(text, ids) if len(ids) <= keep else (None, ids[-keep:]) for text, ids in prompts]
+
     def chat_prompt(
         self, messages: list[ChatMessage], tool_defs: Optional[list[dict[str, Any]]] = None
     ) -> list[int]:
@@ -319,7 +345,8 @@ class OpenAIServing:
             arrival,
             error_renames(req),
         )
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        options = req.stream_options
+        include_usage = bool(options and options.include_usage)
         job = _Job(
             kind,
             response_id,
@@ -332,6 +359,8 @@ class OpenAIServing:
             plan,
             echo,
             req.prompt_logprobs,
+            bool(req.return_token_ids),
+            include_usage and bool(options and options.continuous_usage_stats),
         )
         if req.stream:
             return StreamingResponse(
@@ -428,6 +457,8 @@ class OpenAIServing:
             response["kv_transfer_params"] = kv  # a prefill instance: where the KV waits
         if job.kind == "chat" and job.prompt_logprobs is not None and outputs[0] is not None:
             response["prompt_logprobs"] = self._vllm_prompt_logprobs(job, outputs[0])
+        if job.kind == "chat" and job.return_token_ids:
+            response["prompt_token_ids"] = job.prompts[0][1]
         return response
 
     def _full_choice(
@@ -449,6 +480,9 @@ class OpenAIServing:
             }
             if job.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self._vllm_prompt_logprobs(job, out)
+            if job.return_token_ids:
+                choice["prompt_token_ids"] = job.prompts[prompt_index][1]
+                choice["token_ids"] = list(comp.token_ids)
             return choice
         message: dict[str, Any] = {"role": "assistant", "content": comp.text}
         if job.tools is not None and reason == "stop":
@@ -460,13 +494,16 @@ class OpenAIServing:
                     "tool_calls": [c.to_json() for c in calls],
                 }
                 reason = "tool_calls"
-        return {
+        choice = {
             "index": index,
             "message": message,
             "logprobs": logprobs,
             "finish_reason": reason,
             "stop_reason": comp.stop_reason,
         }
+        if job.return_token_ids:
+            choice["token_ids"] = list(comp.token_ids)
+        return choice
 
     def _echoed(
         self,
@@ -618,10 +655,35 @@ class OpenAIServing:
                     continue  # the prompt (and its logprobs) is still being computed
                 chunks.append(self._chunk(job, [self._echo_choice(job, index, prompt_index, out)]))
                 state.echoed = len(chunks[-1]["choices"][0]["text"])
+            job.generated[index] = len(comp.token_ids)
+            first = not state.started
             choice = self._delta_choice(job, index, state, comp)
-            if choice is not None:
-                chunks.append(self._chunk(job, [choice]))
+            if choice is None:
+                continue
+            chunk = self._chunk(job, [choice])
+            if job.return_token_ids:
+                self._add_token_ids(job, chunk, state, comp, first, out.prompt_token_ids)
+            chunks.append(chunk)
         return chunks
+
+    @staticmethod
+    def _add_token_ids(
+        job: _Job,
+        chunk: dict,
+        state: _Choice,
+        comp: CompletionOutput,
+        first: bool,
+        prompt_ids: list[int],
+    ) -> None:
+        """``return_token_ids`` on a stream: each chunk's new token ids on its choice, and
+        the prompt's with the choice's first chunk (on the choice for completions, on the
+        chunk for chat, as vLLM places them)."""
+        choice = chunk["choices"][0]
+        new = [] if job.echo is not None and job.echo.only else comp.token_ids[state.num_tokens :]
+        choice["token_ids"] = list(new)
+        state.num_tokens += len(new)
+        if first:
+            (choice if job.kind == "completion" else chunk)["prompt_token_ids"] = prompt_ids
 
     def _delta_choice(
         self, job: _Job, index: int, state: _Choice, comp: CompletionOutput
@@ -681,7 +743,20 @@ class OpenAIServing:
         }
         if job.include_usage:
             chunk["usage"] = usage
+            if usage is None and job.continuous_usage:
+                chunk["usage"] = self._usage_so_far(job)
         return chunk
+
+    @staticmethod
+    def _usage_so_far(job: _Job) -> dict:
+        """vLLM's ``continuous_usage_stats``: the request's usage at this chunk."""
+        prompt = sum(len(ids) for _, ids in job.prompts)
+        generated = 0 if job.echo is not None and job.echo.only else sum(job.generated.values())
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": generated,
+            "total_tokens": prompt + generated,
+        }
 
 
 # ---------------------------------------------------------------- helpers

@@ -21,15 +21,25 @@ RESPONSE_FORMAT_RENAMES = {
 }
 
 
+# vLLM's older fields, each one of structured_outputs' keys.
+GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
 def structured_params(req: SamplingFields) -> Optional[StructuredOutputsParams]:
     """The request's output constraint, None if it has none; ValueError (naming the
     engine's field, see :func:`error_renames`) or ApiError if it is malformed."""
-    fmt, so = req.response_format, req.structured_outputs
+    guided = _from_guided(req)  # raises where it meets structured_outputs
+    fmt, so = req.response_format, req.structured_outputs or guided
     if fmt is not None and fmt.type != "text" and so is not None:
         raise ApiError(
             400,
             "response_format and structured_outputs cannot both constrain the output",
-            "structured_outputs",
+            "structured_outputs" if req.structured_outputs else _guided_given(req)[0],
         )
     if so is not None:
         return _from_structured_outputs(so)
@@ -57,7 +67,26 @@ def error_renames(req: SamplingFields) -> dict[str, str]:
     fmt = req.response_format
     if fmt is not None and fmt.type != "text" and req.structured_outputs is None:
         return RESPONSE_FORMAT_RENAMES
+    if req.structured_outputs is None and _guided_given(req):
+        return {f"structured_outputs.{key}": name for name, key in GUIDED_FIELDS.items()}
     return {}
+
+
+def _guided_given(req: SamplingFields) -> list[str]:
+    return [name for name in GUIDED_FIELDS if getattr(req, name) is not None]
+
+
+def _from_guided(req: SamplingFields) -> Optional[StructuredOutputsField]:
+    """vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` as
+    the ``structured_outputs`` they mean (at most one; not beside structured_outputs)."""
+    given = _guided_given(req)
+    if not given:
+        return None
+    if req.structured_outputs is not None or len(given) > 1:
+        others = given[1:] or ["structured_outputs"]
+        raise ApiError(400, f"{given[0]} cannot be combined with {others[0]}", given[0])
+    key = GUIDED_FIELDS[given[0]]
+    return StructuredOutputsField.model_validate({key: getattr(req, given[0])})
 
 
 def _from_structured_outputs(so: StructuredOutputsField) -> StructuredOutputsParams:
