@@ -33,6 +33,9 @@ class StructuredOutputsParams:
     regex: Optional[str] = None
     choice: Optional[tuple[str, ...]] = None
     grammar: Optional[str] = None  # Lark (llguidance's dialect)
+    # A reasoning model's thinking tags (start, end): the grammar holds from after the end
+    # tag; before it the model thinks freely (set by the server's reasoning parser).
+    reasoning_tags: Optional[tuple[str, str]] = None
 
     def __post_init__(self) -> None:
         given = [
@@ -65,13 +68,14 @@ class StructuredOutputsParams:
     @property
     def key(self) -> str:
         """What identifies the compiled grammar (with the tokenizer)."""
+        after = "" if self.reasoning_tags is None else "after:" + "\x00".join(self.reasoning_tags)
         for name in ("json", "regex", "grammar"):
             value = getattr(self, name)
             if value is not None:
-                return f"{name}:{value}"
+                return f"{after}{name}:{value}"
         if self.choice is not None:
-            return "choice:" + "\x00".join(self.choice)
-        return "json_object"
+            return after + "choice:" + "\x00".join(self.choice)
+        return after + "json_object"
 
 
 @dataclass

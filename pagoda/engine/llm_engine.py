@@ -455,25 +455,34 @@ class LLMEngine:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: Optional[list[dict[str, Any]]] = None,
+        **template_kwargs: Any,
     ) -> str:
         """The prompt text of a conversation (and of the tools it may call, where the
-        template renders them)."""
+        template renders them). ``template_kwargs``: ``add_generation_prompt`` (default
+        True), ``continue_final_message``, and variables the template reads
+        (``enable_thinking``, ...)."""
         if not self.chat_template:
             raise ValueError(f"model {self.model_name!r} has no chat template")
+        template_kwargs.setdefault("add_generation_prompt", True)
         return self.tokenizer.apply_chat_template(
             messages,
             tools=tools,
-            add_generation_prompt=True,
             tokenize=False,
             chat_template=self.chat_template,
+            **template_kwargs,
         )
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: Optional[list[dict[str, Any]]] = None,
+        **template_kwargs: Any,
     ) -> list[int]:
         """The chat template's text already holds any BOS it wants: add no special tokens."""
-        text = self.apply_chat_template(messages, tools)
+        text = self.apply_chat_template(messages, tools, **template_kwargs)
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def check_invariants(self) -> None:

@@ -61,11 +61,34 @@ class GrammarCompiler:
         import llguidance
 
         field, grammar = _grammar(spec)
+        if spec.reasoning_tags is not None:
+            grammar = self._after_reasoning(grammar, spec.reasoning_tags)
         limits = llguidance.LLParserLimits(verbose_errors=False)  # errors name no internals
         matcher = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0, limits=limits)
         if matcher.is_error():
             raise ValueError(f"structured_outputs.{field} is not valid: {matcher.get_error()}")
         return matcher
+
+    def _after_reasoning(self, grammar: str, tags: tuple[str, str]) -> str:
+        """``grammar`` after a reasoning model's thinking: an optional start tag, any tokens
+        but the end tag, the end tag, then the answer (llguidance's grammar references)."""
+        start, end = (self._single_token(tag) for tag in tags)
+        try:
+            answer = json.loads(grammar)["grammars"][0]  # JSON schema and regex grammars
+        except (ValueError, TypeError, KeyError, IndexError):
+            answer = {"lark_grammar": grammar}  # a Lark grammar's text
+        answer["name"] = "answer"
+        think = f"start: <[{start}]>? <[^{end}]>* <[{end}]> @answer"
+        return json.dumps({"grammars": [{"lark_grammar": think}, answer]})
+
+    def _single_token(self, text: str) -> int:
+        ids = self._hf_tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(
+                f"structured_outputs after reasoning needs {text!r} to be one token of this "
+                "model's tokenizer (is the reasoning parser this model's?)"
+            )
+        return int(ids[0])
 
     def tokenizer(self) -> llguidance.LLTokenizer:
         """The tokenizer in llguidance's form, converted on first use (~0.3 s)."""

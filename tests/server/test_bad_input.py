@@ -94,7 +94,11 @@ CHAT_CASES = [
     ({"model": M, "messages": CHAT, "logit_bias": {"5": "up"}}, 400, "logit_bias.5"),
     # (response_format and structured_outputs are served: tests/server/test_structured_outputs_api.py)
     ({"model": M, "messages": CHAT, "guided_json": {"type": 12}}, 400, "guided_json"),
-    ({"model": M, "messages": CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort"),
+    ({"model": M, "messages": CHAT, "reasoning_effort": 3}, 400, "reasoning_effort"),
+    ({"model": M, "messages": CHAT, "chat_template_kwargs": {"tools": []}}, 400,
+     "chat_template_kwargs.tools"),
+    ({"model": M, "messages": CHAT, "continue_final_message": True}, 400,
+     "continue_final_message"),
     ({"model": M, "messages": [{"role": "user", "content": "", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
      400, "messages[0].tool_calls"),

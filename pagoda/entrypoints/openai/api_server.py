@@ -91,6 +91,7 @@ class ServerConfig:
     strict_fields: bool = False  # undeclared fields refused (400), not reported
     model_root: Optional[str] = None  # what the model was loaded from (a path or Hub id)
     cors: Optional[CorsConfig] = None  # None: no CORS headers (browsers refuse other origins)
+    reasoning_parser: Optional[str] = None  # the model's thinking tags (reasoning.py)
 
 
 def cache_salt_for_key(key: str) -> str:
@@ -251,7 +252,9 @@ def _short(value: Any, limit: int = 80) -> str:
 def build_app(
     async_engine: AsyncEngine, config: ServerConfig, metrics: Optional[EngineMetrics] = None
 ) -> FastAPI:
-    serving = OpenAIServing(async_engine, list(config.model_names), config.tool_call_parser)
+    serving = OpenAIServing(
+        async_engine, list(config.model_names), config.tool_call_parser, config.reasoning_parser
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -541,6 +544,7 @@ def _server_config(
         ns.strict_fields,
         engine_args.model,
         cors_config(ns),
+        ns.reasoning_parser,
     )
 
 

@@ -58,6 +58,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "accepted, logged once and listed in the x-pagoda-ignored-fields response header",
     )
     g.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=["qwen3", "deepseek_r1"],
+        help="how the model marks its thinking (<think>...</think>: qwen3 for Qwen3 / QwQ, "
+        "deepseek_r1 where the template opens it): chat answers carry it as "
+        "reasoning_content / reasoning, and tools and structured outputs apply after it",
+    )
+    g.add_argument(
         "--enable-debug-endpoints",
         action="store_true",
         help="GET /debug/state and POST /debug/fault (tests only)",

@@ -49,11 +49,8 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "modalities": lambda v: v in (None, ["text"]),
     "web_search_options": lambda v: v is None,
     "verbosity": lambda v: v is None,
-    "reasoning_effort": lambda v: v is None,
     # vLLM's, not implemented yet: the prompt, its template or the tokens would differ
     "chat_template": lambda v: v is None,
-    "chat_template_kwargs": _empty,
-    "add_generation_prompt": lambda v: v in (None, True),
     "add_special_tokens": lambda v: v is None,
     "documents": _empty,
     "mm_processor_kwargs": _empty,
@@ -182,10 +179,7 @@ class SamplingFields(_Strict):
     modalities: Any = None
     web_search_options: Any = None
     verbosity: Any = None
-    reasoning_effort: Any = None
     chat_template: Any = None
-    chat_template_kwargs: Any = None
-    add_generation_prompt: Any = None
     add_special_tokens: Any = None
     documents: Any = None
     mm_processor_kwargs: Any = None
@@ -352,19 +346,23 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
-    # vLLM's: render the last assistant message as a prefix to continue (refused when true).
-    continue_final_message: Any = None
-    # A reasoning parser's switches (SGLang's names; vllm-router sends them on every chat
-    # request): pagoda has no reasoning parser, so the whole answer is content either way.
+    # The chat template (vLLM's): its variables (``enable_thinking``...), whether it adds
+    # the assistant's turn, or continues the last (assistant) message instead
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_generation_prompt: Optional[bool] = True
+    continue_final_message: Optional[bool] = False
+    reasoning_effort: Optional[str] = None  # given to the template, as vLLM does
+    # Under --reasoning-parser: whether the reasoning is returned (vLLM's
+    # include_reasoning), and SGLang's switches (vllm-router sends them on every chat
+    # request): separate_reasoning false keeps the whole answer as content.
+    include_reasoning: Optional[bool] = None
     separate_reasoning: Optional[bool] = None
     stream_reasoning: Optional[bool] = None
-    include_reasoning: Optional[bool] = None
-
     # vLLM's: the last message prepended to the answer (refused when true; completions
     # serve their own echo)
     echo: Any = None
 
-    @field_validator("continue_final_message", "echo")
+    @field_validator("echo")
     @classmethod
     def _refuse_continue(cls, value: Any, info: Any) -> Any:
         if not _empty(value):

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Protocol, Union, cast
 
 from fastapi import Request
@@ -26,7 +26,7 @@ from pagoda.engine.async_engine import (
     RequestStream,
 )
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
-from pagoda.entrypoints.openai import tools
+from pagoda.entrypoints.openai import reasoning, tools
 from pagoda.entrypoints.openai.errors import ApiError, error_body, param_from_message
 from pagoda.entrypoints.openai.protocol import (
     MAX_PROMPTS_PER_REQUEST,
@@ -56,6 +56,7 @@ class _Choice:
     finished: bool = False
     started: bool = False
     tools: Optional[tools.ToolStream] = None  # chat with tools: what of them went out
+    reasoning: Optional[reasoning.ReasoningStream] = None  # chat: reasoning and content sent
     echoed: Optional[int] = None  # echo: the length of the prompt text sent before the text
     num_tokens: int = 0  # return_token_ids: the token ids sent so far
 
@@ -67,6 +68,19 @@ class Echo:
     log-likelihood requests ask for one token and drop it; both work)."""
 
     only: bool = False
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """A chat request's reasoning: the model's format, where its answer starts (read from
+    the prompt), and whether the reasoning is returned (``include_reasoning``)."""
+
+    format: reasoning.ReasoningFormat
+    start: reasoning.Start
+    include: bool = True
+
+    def split(self, text: str) -> reasoning.Split:
+        return reasoning.split(self.format, text, self.start, final=True)
 
 
 @dataclass
@@ -87,6 +101,7 @@ class _Job:
     return_token_ids: bool = False  # vLLM's: token ids beside the text
     continuous_usage: bool = False  # vLLM's: every chunk carries the usage so far
     generated: dict[int, int] = field(default_factory=dict)  # choice -> tokens so far
+    reasoning: Optional[Thinking] = None  # chat under --reasoning-parser
     created: int = field(default_factory=lambda: int(time.time()))
     choices: dict[int, _Choice] = field(default_factory=dict)
 
@@ -96,6 +111,10 @@ class _Job:
             state = self.choices[index] = _Choice()
             if self.tools is not None:
                 state.tools = tools.ToolStream(self.tools)
+            if self.reasoning is not None:
+                state.reasoning = reasoning.ReasoningStream(
+                    self.reasoning.format, self.reasoning.start
+                )
         return state
 
 
@@ -110,7 +129,10 @@ class ServedEngine(Engine, Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: Optional[list[dict[str, Any]]] = None,
+        **template_kwargs: Any,
     ) -> list[int]: ...
 
 
@@ -120,9 +142,11 @@ class OpenAIServing:
         async_engine: AsyncEngine,
         model_names: list[str],
         tool_call_parser: Optional[str] = None,
+        reasoning_parser: Optional[str] = None,
     ) -> None:
         self.async_engine = async_engine
         self.tool_call_parser = tool_call_parser  # the text format of "auto" tool calls
+        self.reasoning = reasoning.get_format(reasoning_parser)  # thinking tags, if any
         # AsyncEngine types its engine by what its thread calls (Engine); a server is always
         # built over a full engine (an LLMEngine), which is a ServedEngine as well.
         self.engine = cast(ServedEngine, async_engine.engine)
@@ -186,12 +210,33 @@ class OpenAIServing:
         if plan is not None and (constraint := plan.constraint()) is not None:
             params = params.clone(structured_outputs=constraint)
         defs = [{"type": "function", "function": t} for t in plan.tools] if plan else None
-        prompts = self.truncated(
-            [(None, self.chat_prompt(req.messages, defs))], req.truncate_prompt_tokens
-        )
+        ids = self.chat_prompt(req.messages, defs, template_kwargs(req))
+        prompts = self.truncated([(None, ids)], req.truncate_prompt_tokens)
+        thinking = self._thinking(req, prompts[0][1])
+        if thinking is not None and thinking.start is not reasoning.Start.CONTENT:
+            params = _grammar_after_thinking(params, thinking.format)
         return await self._serve(
-            "chat", "chatcmpl", req, params, prompts, raw, cache_salt, "messages", arrival, plan
+            "chat",
+            "chatcmpl",
+            req,
+            params,
+            prompts,
+            raw,
+            cache_salt,
+            "messages",
+            arrival,
+            plan,
+            thinking=thinking,
         )
+
+    def _thinking(self, req: ChatCompletionRequest, prompt: list[int]) -> Optional[Thinking]:
+        """How this request's answer is split (None: the server has no reasoning parser,
+        or the request asks for none with SGLang's ``separate_reasoning: false``)."""
+        if self.reasoning is None or req.separate_reasoning is False:
+            return None
+        tail = self.tokenizer.decode(prompt[-reasoning.PROMPT_TAIL_TOKENS :])
+        start = reasoning.prompt_start(self.reasoning, tail)
+        return Thinking(self.reasoning, start, include=req.include_reasoning is not False)
 
     # ---------------------------------------------------------- validation
     def check_model(self, model: Optional[str]) -> None:
@@ -297,7 +342,10 @@ class OpenAIServing:
         return [(text, ids) if len(ids) <= keep else (None, ids[-keep:]) for text, ids in prompts]
 
     def chat_prompt(
-        self, messages: list[ChatMessage], tool_defs: Optional[list[dict[str, Any]]] = None
+        self,
+        messages: list[ChatMessage],
+        tool_defs: Optional[list[dict[str, Any]]] = None,
+        template_kwargs: Optional[dict[str, Any]] = None,
     ) -> list[int]:
         for i, m in enumerate(messages):
             if m.tool_calls and m.role != "assistant":
@@ -310,8 +358,18 @@ class OpenAIServing:
                     "a tool message needs the tool_call_id it answers",
                     f"messages[{i}].tool_call_id",
                 )
+        if (template_kwargs or {}).get("continue_final_message") and (
+            messages[-1].role != "assistant"
+        ):
+            raise ApiError(
+                400,
+                "continue_final_message needs the last message to be the assistant's",
+                "continue_final_message",
+            )
         try:
-            return self.engine.encode_chat([m.to_template() for m in messages], tool_defs)
+            return self.engine.encode_chat(
+                [m.to_template() for m in messages], tool_defs, **(template_kwargs or {})
+            )
         except Exception as e:  # noqa: BLE001 - a template may reject any conversation
             raise ApiError(
                 400, f"messages could not be rendered with the chat template: {e}", "messages"
@@ -331,6 +389,7 @@ class OpenAIServing:
         arrival: float,
         plan: Optional[tools.ToolPlan] = None,
         echo: Optional[Echo] = None,
+        thinking: Optional[Thinking] = None,
     ) -> Response:
         """Queue every prompt (TTFT counts from ``arrival``), then stream or collect."""
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
@@ -361,6 +420,7 @@ class OpenAIServing:
             req.prompt_logprobs,
             bool(req.return_token_ids),
             include_usage and bool(options and options.continuous_usage_stats),
+            reasoning=thinking,
         )
         if req.stream:
             return StreamingResponse(
@@ -484,9 +544,13 @@ class OpenAIServing:
                 choice["prompt_token_ids"] = job.prompts[prompt_index][1]
                 choice["token_ids"] = list(comp.token_ids)
             return choice
-        message: dict[str, Any] = {"role": "assistant", "content": comp.text}
+        text, thought = comp.text, None
+        if job.reasoning is not None:
+            parts = job.reasoning.split(comp.text)
+            text, thought = parts.content, parts.reasoning
+        message: dict[str, Any] = {"role": "assistant", "content": text}
         if job.tools is not None and reason == "stop":
-            content, calls = job.tools.extract(comp.text)
+            content, calls = job.tools.extract(text)
             if calls:
                 message = {
                     "role": "assistant",
@@ -494,6 +558,11 @@ class OpenAIServing:
                     "tool_calls": [c.to_json() for c in calls],
                 }
                 reason = "tool_calls"
+        if thought:
+            if not message["content"]:
+                message["content"] = None  # all of it was thinking (cut by max_tokens)
+            if job.reasoning is not None and job.reasoning.include:
+                message["reasoning_content"] = message["reasoning"] = thought
         choice = {
             "index": index,
             "message": message,
@@ -704,13 +773,29 @@ class OpenAIServing:
         if job.kind == "completion":
             state.started = True
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        delta: dict[str, Any] = {"content": text}
-        if state.tools is not None:
-            delta, reason = self._tool_delta(state.tools, comp, text, reason)
+        delta, reason = self._chat_delta(job, state, comp, text, reason)
         if not state.started:
             delta["role"] = "assistant"
             state.started = True
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+
+    def _chat_delta(
+        self, job: _Job, state: _Choice, comp: CompletionOutput, text: str, reason: Optional[str]
+    ) -> tuple[dict[str, Any], Optional[str]]:
+        """A chat delta: the new reasoning (under a reasoning parser), then the new content
+        or, with tools, the content that surely is content and the calls."""
+        content_so_far, thought = comp.text, ""
+        if state.reasoning is not None:
+            thought, text = state.reasoning.feed(comp.text, final=reason is not None)
+            content_so_far = state.reasoning.content
+        delta: dict[str, Any] = {"content": text}
+        if state.tools is not None:
+            delta, reason = self._tool_delta(state.tools, content_so_far, reason)
+        if thought and job.reasoning is not None and job.reasoning.include:
+            delta = {"reasoning_content": thought, "reasoning": thought, **delta}
+            if not delta["content"]:
+                delta["content"] = None
+        return delta, reason
 
     def _echo_choice(self, job: _Job, index: int, prompt_index: int, out: RequestOutput) -> dict:
         """A streamed completion choice's first chunk under ``echo``: its prompt's text (and
@@ -720,13 +805,14 @@ class OpenAIServing:
 
     @staticmethod
     def _tool_delta(
-        stream: tools.ToolStream, comp: CompletionOutput, text: str, reason: Optional[str]
+        stream: tools.ToolStream, answer: str, reason: Optional[str]
     ) -> tuple[dict[str, Any], Optional[str]]:
-        """A chat delta under tools: the content that surely is content, then the calls."""
+        """A chat delta under tools: the content that surely is content, then the calls
+        (``answer``: the answer's text so far, after any reasoning)."""
         done = reason == "stop"
-        content, calls, called = stream.feed(comp.text, done)
+        content, calls, called = stream.feed(answer, done)
         if reason is not None and not done:  # cut (length): what was held back is content
-            content = comp.text[stream.sent_content :] if stream.plan.mode == "auto" else ""
+            content = answer[stream.sent_content :] if stream.plan.mode == "auto" else ""
         delta: dict[str, Any] = {"content": content}
         if calls:
             delta["tool_calls"] = calls
@@ -813,6 +899,46 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
     finally:
         for t in tasks:
             t.cancel()
+
+
+RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "tokenize", "chat_template", "documents")
+
+
+def template_kwargs(req: ChatCompletionRequest) -> dict[str, Any]:
+    """What the chat template is rendered with beyond the messages and tools: vLLM's
+    ``chat_template_kwargs`` (``enable_thinking``, ...), ``reasoning_effort`` (given to the
+    template as vLLM gives it), ``add_generation_prompt`` and ``continue_final_message``."""
+    kwargs = dict(req.chat_template_kwargs or {})
+    for key in kwargs:
+        if key in RESERVED_TEMPLATE_KWARGS or key in ("add_generation_prompt",):
+            raise ApiError(
+                400,
+                f"chat_template_kwargs.{key} is set by the request itself",
+                f"chat_template_kwargs.{key}",
+            )
+    if req.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    add_prompt = req.add_generation_prompt is not False
+    if req.continue_final_message:
+        if "add_generation_prompt" in req.model_fields_set and add_prompt:
+            raise ApiError(
+                400,
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "continue_final_message",
+            )
+        kwargs["continue_final_message"], add_prompt = True, False
+    kwargs["add_generation_prompt"] = add_prompt
+    return kwargs
+
+
+def _grammar_after_thinking(
+    params: SamplingParams, fmt: reasoning.ReasoningFormat
+) -> SamplingParams:
+    """A constrained answer of a reasoning model: the grammar holds after the thinking."""
+    so = params.structured_outputs
+    if so is None:
+        return params
+    return params.clone(structured_outputs=replace(so, reasoning_tags=(fmt.start, fmt.end)))
 
 
 def _prompt_logprobs_needed(asked: Optional[int], echoed: Optional[int]) -> Optional[int]:
