@@ -132,3 +132,21 @@ def test_continue_final_message_resumes_inside_the_thinking(thinker):
     assert message["reasoning_content"] == REASONING and message["content"] == ANSWER
     implicit = _chat(thinker, messages=messages, continue_final_message=True)
     assert implicit["choices"][0]["message"] == message
+
+
+def test_litellm_hosted_vllm_with_reasoning_effort_and_its_message_sent_back(thinker,
+                                                                           monkeypatch):
+    """LiteLLM's ``hosted_vllm/`` provider, as agents run it: reasoning_effort sent, the
+    reasoning read back, and the message it returned appended for the next turn."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import
+    litellm = pytest.importorskip("litellm", reason="litellm is in the test extra")
+    srv, name = thinker
+    kw = dict(model=f"hosted_vllm/{name}", api_base=srv.url + "/v1", api_key="unused",
+              temperature=0, max_tokens=40)
+    first = litellm.completion(messages=ASK, reasoning_effort="low", **kw)
+    message = first.choices[0].message
+    assert message.reasoning_content == REASONING and message.content == ANSWER
+    history = ASK + [message.model_dump(exclude_none=True),
+                     {"role": "user", "content": "And tomorrow?"}]
+    second = litellm.completion(messages=history, **kw)
+    assert second.choices[0].message.reasoning_content == REASONING
