@@ -20,6 +20,8 @@ MAX_GRAMMAR_CHARS = 200_000  # a JSON schema, regex or grammar longer than this 
 MAX_CHOICES = 256
 MAX_LOGIT_BIAS_ENTRIES = 1024
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound: -100 bans a token, 100 all but forces it
+MAX_ALLOWED_TOKEN_IDS = 100_000
+MAX_BAD_WORDS = 64
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     structured_outputs: Optional[StructuredOutputsParams] = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    allowed_token_ids: Optional[list[int]] = None  # vLLM's: only these may be sampled
+    # vLLM's: words never generated. The engine tokenizes them (with and without a leading
+    # space) into bad_words_token_ids; a sequence's last token is banned wherever the
+    # output so far ends with the rest of it.
+    bad_words: list[str] = field(default_factory=list)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -142,6 +150,7 @@ class SamplingParams:
             if value is not None:
                 _check_int(name, value, lo=0, hi=MAX_LOGPROBS)
         self._validate_logit_bias()
+        self._validate_token_sets()
         so = self.structured_outputs
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise ValueError("structured_outputs must be a StructuredOutputsParams")
@@ -167,6 +176,31 @@ class SamplingParams:
                 raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_LEN} characters")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0)
+
+    def _validate_token_sets(self) -> None:
+        if self.allowed_token_ids is not None:
+            ids = _as_list("allowed_token_ids", self.allowed_token_ids)
+            if not ids or len(ids) > MAX_ALLOWED_TOKEN_IDS:
+                raise ValueError(
+                    f"allowed_token_ids must hold 1 to {MAX_ALLOWED_TOKEN_IDS} token ids"
+                )
+            for t in ids:
+                _check_int("allowed_token_ids", t, lo=0)
+            self.allowed_token_ids = ids
+        self.bad_words = _as_list("bad_words", self.bad_words)
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words has {len(self.bad_words)} words; at most {MAX_BAD_WORDS}")
+        for w in self.bad_words:
+            if not isinstance(w, str) or not w.strip() or len(w) > MAX_STOP_STRING_LEN:
+                raise ValueError(
+                    f"bad_words must hold non-empty strings of at most {MAX_STOP_STRING_LEN} "
+                    f"characters, got {w!r}"
+                )
+        for seq in self.bad_words_token_ids:
+            if not isinstance(seq, list) or not seq:
+                raise ValueError("bad_words_token_ids must hold non-empty lists of token ids")
+            for t in seq:
+                _check_int("bad_words_token_ids", t, lo=0)
 
     def clone(self, **changes: object) -> "SamplingParams":
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}

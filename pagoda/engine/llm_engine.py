@@ -282,6 +282,7 @@ class LLMEngine:
         """Check a request and queue it; ValueError naming what was wrong."""
         if request_id in self.output:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        params = self._with_bad_word_ids(params)
         self._validate_prompt(prompt_token_ids, params)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError("cache_salt must be a non-empty string")
@@ -311,6 +312,19 @@ class LLMEngine:
         self.core.add_request(requests[0])
         self.num_prompt_tokens += len(prompt_token_ids)
 
+    def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
+        """``bad_words`` as token sequences (as vLLM reads them: each word as written and
+        after a space, the two tokenizations a word has inside a text)."""
+        if not params.bad_words:
+            return params
+        sequences = [list(seq) for seq in params.bad_words_token_ids]
+        for word in params.bad_words:
+            for text in (word, " " + word.lstrip()):
+                ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return params.clone(bad_words_token_ids=sequences)
+
     def _validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
@@ -320,9 +334,14 @@ class LLMEngine:
         ]  # type(): bools are not ids
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
-        outside = [t for t in params.logit_bias if not 0 <= t < vocab]
-        if outside:
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab}); got {outside[:3]}")
+        for name, ids in (
+            ("logit_bias", list(params.logit_bias)),
+            ("allowed_token_ids", params.allowed_token_ids or []),
+            ("bad_words_token_ids", [t for seq in params.bad_words_token_ids for t in seq]),
+        ):
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"{name} token ids must be in [0, {vocab}); got {outside[:3]}")
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(prompt_token_ids)} tokens; the context length is "

@@ -99,7 +99,8 @@ def sample_tokens(
         else None
     )
     logits = _apply_penalties(_apply_logit_bias(logits, rows), rows)
-    logits = _mask_disallowed(_mask_early_stops(logits, rows), rows)
+    logits = _mask_banned(_mask_early_stops(logits, rows), rows)
+    logits = _mask_disallowed(logits, rows)
     return _choose(logits, rows), raw_logprobs
 
 
@@ -130,6 +131,8 @@ def _plain_greedy(row: SamplingRow, masked: bool = False) -> bool:
         p.greedy
         and (masked or row.allowed is None)
         and not p.logit_bias
+        and p.allowed_token_ids is None
+        and not p.bad_words_token_ids
         and p.logprobs is None
         and not _has_penalty(p)
         and not (row.num_output_tokens < p.min_tokens and row.stop_ids_for_min_tokens)
@@ -188,6 +191,51 @@ def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
             to_device([float(bias[t]) for t in ids], logits.dtype, logits.device),
         )
     return logits
+
+
+def _mask_banned(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """-inf outside a row's ``allowed_token_ids`` and on the tokens that would complete one
+    of its bad words. Does not write to the caller's tensor."""
+    touched = [
+        i
+        for i, r in enumerate(rows)
+        if r.params.allowed_token_ids is not None or r.params.bad_words_token_ids
+    ]
+    if not touched:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[1]
+    for i in touched:
+        p = rows[i].params
+        if p.allowed_token_ids is not None:
+            keep = torch.full((vocab,), float("-inf"), dtype=logits.dtype, device=logits.device)
+            ids = to_device([t for t in p.allowed_token_ids if t < vocab], torch.int64, keep.device)
+            keep[ids] = 0.0
+            logits[i] += keep
+        banned = _bad_word_ends(rows[i])
+        if banned:
+            logits[i].index_fill_(0, to_device(banned, torch.int64, logits.device), float("-inf"))
+    return logits
+
+
+def _bad_word_ends(row: SamplingRow) -> list[int]:
+    """The tokens that would complete one of the row's bad words after its output so far
+    (the token in flight and the drafts before this position included)."""
+    sequences = row.params.bad_words_token_ids
+    if not sequences:
+        return []
+    longest = max(len(seq) for seq in sequences) - 1
+    tail: list[int] = []
+    if longest:
+        tail = row.token_ids[row.num_prompt_tokens :][-longest:]
+        if row.pending_token is not None:  # async scheduling: the last token is in flight
+            tail = tail + [int(row.pending_token.item())]
+        tail = (tail + row.drafts)[-longest:]
+    return [seq[-1] for seq in sequences if _ends_with(tail, seq[:-1])]
+
+
+def _ends_with(tokens: list[int], prefix: list[int]) -> bool:
+    return not prefix or (len(prefix) <= len(tokens) and tokens[-len(prefix) :] == prefix)
 
 
 def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

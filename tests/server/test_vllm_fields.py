@@ -108,3 +108,28 @@ def test_continuous_usage_counts_up_on_every_chunk(server, model_name):
     prompt = chunks[-1]["usage"]["prompt_tokens"]
     assert all(c["usage"]["total_tokens"] == prompt + c["usage"]["completion_tokens"]
                for c in chunks)
+
+
+def test_allowed_token_ids_and_bad_words(server, model_name):
+    base = {"model": model_name, "prompt": [5, 17, 42, 99, 7], "max_tokens": 12,
+            "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    allowed = list(range(40, 50))
+    got = _post(server, "/v1/completions", {**base, "allowed_token_ids": allowed}).json()
+    assert set(got["choices"][0]["token_ids"]) <= set(allowed)
+
+    def ids(text: str) -> list[int]:
+        return httpx.post(server.url + "/tokenize", json={"prompt": text,
+                                                        "add_special_tokens": False}
+                          ).json()["tokens"]
+
+    fox, the = ids(" fox"), ids(" the")
+    assert len(fox) == len(the) == 1
+    sampled = {**base, "temperature": 1.0, "seed": 3, "max_tokens": 40,
+               "allowed_token_ids": fox + the}
+    free = _post(server, "/v1/completions", sampled).json()["choices"][0]["token_ids"]
+    assert fox[0] in free and the[0] in free  # left alone, it writes both words
+    got = _post(server, "/v1/completions", {**sampled, "bad_words": ["fox"]})
+    assert got.status_code == 200, got.text
+    assert set(got.json()["choices"][0]["token_ids"]) == set(the)
+    r = _post(server, "/v1/completions", {**base, "allowed_token_ids": [10**8]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids", r.text

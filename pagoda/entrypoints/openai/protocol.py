@@ -39,8 +39,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v in (None, "none", "auto"),
     "best_of": lambda v: v in (None, 1),
     "use_beam_search": _empty,
-    "allowed_token_ids": lambda v: v is None,
-    "bad_words": _empty,
     # SGLang's, which vllm-router sends on every request it forwards (false: changes nothing)
     "no_stop_trim": _empty,
     "return_hidden_states": _empty,
@@ -156,6 +154,9 @@ class SamplingFields(_Strict):
     truncate_prompt_tokens: Optional[int] = None
     # vLLM's: the prompt's and each choice's token ids beside the text
     return_token_ids: Optional[bool] = None
+    # vLLM's: only these tokens may be sampled; these words are never generated
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
     # vLLM's older spellings of structured_outputs (structured.py maps them)
     guided_json: Union[dict[str, Any], str, None] = None
     guided_regex: Optional[str] = None
@@ -171,8 +172,6 @@ class SamplingFields(_Strict):
     function_call: Any = None
     best_of: Any = None
     use_beam_search: Any = None
-    allowed_token_ids: Any = None
-    bad_words: Any = None
     no_stop_trim: Any = None
     return_hidden_states: Any = None
     audio: Any = None

@@ -284,6 +284,8 @@ class OpenAIServing:
         }
         values.update({k: v for k, v in optional.items() if v is not None})
         values["logit_bias"] = _logit_bias(req.logit_bias)
+        values["allowed_token_ids"] = req.allowed_token_ids
+        values["bad_words"] = req.bad_words or []
         try:
             values["structured_outputs"] = structured_params(req)
         except ValueError as e:
