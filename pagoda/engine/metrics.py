@@ -84,6 +84,16 @@ class EngineMetrics:
         self._last: dict[str, float] = {}
         self._progress: dict[str, _Progress] = {}
 
+    def add_vllm_names(self, model_name: str) -> None:
+        """Serve the metrics vLLM's dashboards and autoscalers read under vLLM's names too
+        (``vllm:…{model_name=...}``, vllm_metrics.py)."""
+        from prometheus_client.metrics import MetricWrapperBase
+
+        from pagoda.engine.vllm_metrics import VllmNames
+
+        own = [v for v in vars(self).values() if isinstance(v, MetricWrapperBase)]
+        self.registry.register(VllmNames(own, model_name))
+
     # --------------------------------------------------------------- creation
     def _histogram(self, name: str, doc: str, buckets: tuple) -> Histogram:
         return Histogram(PREFIX + name, doc, buckets=buckets, registry=self.registry)

@@ -80,3 +80,36 @@ def test_rejected_requests_do_not_count_as_tokens(server, model_name: str) -> No
     assert resp.status_code == 400
     after = metric_values(server.url)
     assert after["pagoda:prompt_tokens_total"] == before["pagoda:prompt_tokens_total"]
+
+
+# What the Gateway API Inference Extension's model-server protocol and vLLM's dashboard read:
+# vLLM's name, its labels besides model_name, and pagoda's name for the same samples.
+VLLM_READS = [
+    ("num_requests_waiting", {}, "num_requests_waiting"),
+    ("num_requests_running", {}, "num_requests_running"),
+    ("kv_cache_usage_perc", {}, "kv_cache_usage_perc"),
+    ("gpu_cache_usage_perc", {}, "kv_cache_usage_perc"),
+    ("prompt_tokens_total", {}, "prompt_tokens_total"),
+    ("generation_tokens_total", {}, "generation_tokens_total"),
+    ("time_to_first_token_seconds_count", {}, "time_to_first_token_seconds_count"),
+    ("e2e_request_latency_seconds_sum", {}, "e2e_request_latency_seconds_sum"),
+    ("request_time_per_output_token_seconds_count", {}, "time_per_output_token_seconds_count"),
+    ("request_success_total", {"finished_reason": "length"}, "request_success_total"),
+]
+
+
+def _key(name: str, labels: dict) -> str:
+    """A sample's key as metric_values writes it."""
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{inner}}}" if inner else name
+
+
+def test_vllm_names_carry_the_same_values(server, model_name: str) -> None:
+    r = httpx.post(server.url + "/v1/completions", json={
+        "model": model_name, "prompt": "hello", "max_tokens": 4, "ignore_eos": True})
+    assert r.status_code == 200
+    values = wait_until_idle(server.url)
+    for theirs, labels, ours in VLLM_READS:
+        got = values[_key("vllm:" + theirs, {**labels, "model_name": model_name})]
+        assert got == values[_key("pagoda:" + ours, labels)], theirs
+    assert values[_key("vllm:generation_tokens_total", {"model_name": model_name})] > 0

@@ -510,6 +510,7 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: EngineArgs) -> Fast
     max_tokens = ns.max_queued_prompt_tokens or engine.num_blocks * engine.block_size
     async_engine.limits = AdmissionLimits(ns.max_queued_requests, max_tokens)
     config = _server_config(ns, engine, engine_args)
+    metrics.add_vllm_names(config.model_names[0])
     logger.info(
         "pagoda serve: model %s (%s), dtype %s, KV cache %d blocks x %d = %d tokens, "
         "max_model_len %d, %d torch threads, listening on http://%s:%d",
