@@ -35,6 +35,23 @@ def random_seed():
     return seed
 
 
+STATISTICAL_SEED = 20261207
+
+
+@pytest.fixture
+def statistical_seed():
+    """The seed of a statistical test whose threshold a fresh seed would cross now and then
+    (a chi-square at p = 0.001): fixed, so the suite does not fail by chance, printed, and
+    ``PAGODA_TEST_SEED=N`` runs it on another draw."""
+    import torch
+
+    seed = int(os.environ.get(SEED_ENV) or STATISTICAL_SEED)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    print(f"statistical seed {seed} (another draw: {SEED_ENV}=N)")
+    return seed
+
+
 @pytest.fixture(params=["amx", "no-amx"])
 def amx(request, monkeypatch) -> bool:
     """Both bf16 prefill paths of the CPU backend: the AMX kernel (skipped where the CPU has

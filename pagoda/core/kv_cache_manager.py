@@ -14,14 +14,26 @@ window still reaches, and every allocation, hit, trim and free covers both table
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from pagoda.core.block_pool import BlockPool
-from pagoda.core.kv_events import KVCacheEvent, KVEventJournal
+from pagoda.core.kv_events import (
+    FULL_ATTENTION,
+    SLIDING_WINDOW,
+    CacheGroup,
+    KVCacheEvent,
+    KVEventJournal,
+)
 from pagoda.core.prefix_cache import extend_block_hashes, root_hash
 from pagoda.core.sliding_kv import SlidingTables
 from pagoda.request import Request
 from pagoda.utils import cdiv
+
+
+def num_kept(request: Request) -> int:
+    """Tokens of the request whose KV is certainly kept: those computed, less the drafts
+    in flight (async scheduling), which a rollback may yet take back."""
+    return request.num_computed_tokens - len(request.spec_token_ids)
 
 
 class KVCacheManager:
@@ -43,8 +55,14 @@ class KVCacheManager:
         self.sliding = sliding  # the sliding layers' tables, when kept apart
 
     def enable_events(self) -> None:
-        """Keep a journal of hashes entering and leaving the prefix cache (kv_events.py)."""
-        self.journal = self.pool.journal = KVEventJournal()
+        """Keep a journal of hashes entering and leaving the prefix cache (kv_events.py); with
+        a sliding layers' pool, of both pools, as two groups."""
+        if self.sliding is None:
+            self.journal = self.pool.journal = KVEventJournal()
+            return
+        self.journal = self.pool.journal = KVEventJournal(CacheGroup(0, FULL_ATTENTION))
+        group = CacheGroup(1, SLIDING_WINDOW, self.sliding.window)
+        self.sliding.pool.journal = self.journal.for_group(group)
 
     def take_events(self) -> list[KVCacheEvent]:
         return self.journal.take() if self.journal is not None else []
@@ -64,9 +82,18 @@ class KVCacheManager:
         return self.sliding.table(request_id) if self.sliding is not None else []
 
     def slide(self, request: Request) -> None:
-        """Give back the sliding-layer blocks that fell out of the request's window."""
+        """Give back the sliding-layer blocks that fell out of the request's window. Drafts
+        in flight (async scheduling) count as computed but may all be rejected, which moves
+        the next query back to the first of them; so the window is placed after the tokens
+        certainly kept (window 8, blocks of 4):
+
+            position   0 .. 12 | 13 14 15 | 16 .. 19 | d20 d21 d22 d23 |
+            block         0..2 |    3     |    4     |        5        |
+            next query at 24 (all kept):  first key 17, block 4
+            next query at 20 (all rejected): first key 13, block 3   <- still held
+        """
         if self.sliding is not None:
-            self.sliding.slide(request.request_id, request.num_computed_tokens)
+            self.sliding.slide(request.request_id, num_kept(request))
 
     # ------------------------------------------------------------- prefix hits
     def get_computed_blocks(self, request: Request) -> list[int]:
@@ -180,29 +207,37 @@ class KVCacheManager:
         if num_full <= start:
             return
         self._extend_hashes(request, num_tokens)
-        blocks = self.req_blocks[request.request_id]
-        run: list[int] = []  # consecutive blocks that took their names: one event
-        hashes = request.block_hashes
+        rid, hashes = request.request_id, request.block_hashes
+        blocks = self.req_blocks[rid]
+        named: list[int] = []  # the blocks that took their names, in each pool
+        slid: list[int] = []
         for i in range(start, num_full):
             parent = hashes[i - 1] if i else None
-            if self.sliding is not None:
-                self.sliding.name(request.request_id, i, hashes[i], parent)
+            if self.sliding is not None and self.sliding.name(rid, i, hashes[i], parent):
+                slid.append(i)
             if self.pool.cache_block(blocks[i], hashes[i], parent):
-                run.append(i)
-            elif run:
-                self._stored(request, run)
-                run = []
-        if run:
-            self._stored(request, run)
-        self._num_named[request.request_id] = num_full
+                named.append(i)
+        self._stored(request, named, self.journal)
+        if self.sliding is not None:
+            self._stored(request, slid, self.sliding.pool.journal)
+        self._num_named[rid] = num_full
 
-    def _stored(self, request: Request, run: list[int]) -> None:
-        """Journal the hashes of blocks ``run`` (consecutive indexes) of a request."""
-        if self.journal is None:
+    def _stored(
+        self, request: Request, named: list[int], journal: Optional[KVEventJournal]
+    ) -> None:
+        """Journal the hashes of a request's blocks ``named`` (increasing indexes): an event
+        per run of consecutive ones."""
+        if journal is None:
             return
-        bs, first, end = self.block_size, run[0], run[-1] + 1
-        hashes = request.block_hashes
-        self.journal.stored(
+        start = 0
+        for k in range(1, len(named) + 1):
+            if k == len(named) or named[k] != named[k - 1] + 1:
+                self._stored_run(request, named[start], named[k - 1] + 1, journal)
+                start = k
+
+    def _stored_run(self, request: Request, first: int, end: int, journal: KVEventJournal) -> None:
+        bs, hashes = self.block_size, request.block_hashes
+        journal.stored(
             hashes[first:end],
             hashes[first - 1] if first else None,
             request.all_token_ids[first * bs : end * bs],
@@ -225,6 +260,8 @@ class KVCacheManager:
             computed  [ b0 ][ b1 ][ b2 | rejected ][ rejected ]   <- before
             kept      [ b0 ][ b1 ][ b2 ]                            freed: the last block
         """
+        if self.sliding is not None:
+            self.sliding.trim(request.request_id, request.num_computed_tokens)
         blocks = self.req_blocks.get(request.request_id)
         if not blocks:
             return
@@ -235,8 +272,6 @@ class KVCacheManager:
         extra = blocks[keep:]
         del blocks[keep:]
         self.pool.release(reversed(extra))
-        if self.sliding is not None:
-            self.sliding.trim(request.request_id, keep)
 
     # ------------------------------------------------------------------- free
     def free(self, request: Request) -> None:
@@ -269,6 +304,13 @@ class KVCacheManager:
             self.sliding.check_invariants(self.req_blocks)
         if self.enable_prefix_caching:
             self._check_naming()
+
+    def check_windows(self, requests: Iterable[Request]) -> None:
+        """Each request's next query, however many drafts in flight are rejected, finds its
+        sliding window held (sliding_kv.py's invariant)."""
+        if self.sliding is not None:
+            for request in requests:
+                self.sliding.check_window(request.request_id, num_kept(request))
 
     def _check_naming(self) -> None:
         for rid, blocks in self.req_blocks.items():

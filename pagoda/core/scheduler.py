@@ -611,6 +611,7 @@ class Scheduler:
 
     def check_invariants(self) -> None:
         self.kv.check_invariants()
+        self.kv.check_windows(self.running)
         live = set(self.requests)
         in_waiting = {r.request_id for r in self.waiting}
         in_running = {r.request_id for r in self.running}

@@ -108,13 +108,16 @@ class SlidingTables:
         self.start[request_id] = end
         self.num_freed += end - start
 
-    def trim(self, request_id: str, keep: int) -> None:
-        """Rolled-back drafts: drop entries from ``keep`` on (the full table's trim)."""
+    def trim(self, request_id: str, num_computed: int) -> None:
+        """Rolled-back drafts: drop the entries past ``num_computed`` tokens (the full
+        table's trim). The next query, at ``num_computed``, must find its window held."""
         table = self.tables.get(request_id)
-        if not table or len(table) <= keep:
+        if not table:
             return
-        start = self.start.get(request_id, 0)
-        assert start <= keep, "trimming below the window"
+        self.check_window(request_id, num_computed)
+        keep = cdiv(num_computed, self.block_size)
+        if len(table) <= keep:
+            return
         extra = table[keep:]
         del table[keep:]
         self.pool.release(reversed(extra))
@@ -129,11 +132,13 @@ class SlidingTables:
     # ------------------------------------------------------------ prefix cache
     def name(
         self, request_id: str, index: int, block_hash: BlockHash, parent: Optional[BlockHash]
-    ) -> None:
+    ) -> bool:
         """Name entry ``index`` as its full-attention twin is named (same tokens, same hash),
-        unless it is a hole already (slid out before its last token was known)."""
-        if index >= self.start.get(request_id, 0):
-            self.pool.cache_block(self.tables[request_id][index], block_hash, parent)
+        unless it is a hole already (slid out before its last token was known). Returns
+        whether it took the name (for the KV events)."""
+        if index < self.start.get(request_id, 0):
+            return False
+        return self.pool.cache_block(self.tables[request_id][index], block_hash, parent)
 
     def hit_blocks(self, hashes: Sequence[BlockHash], num_full: int) -> tuple[int, int, list[int]]:
         """The longest hit of ``k <= num_full`` blocks whose window is cached here: returns
@@ -150,6 +155,15 @@ class SlidingTables:
         return 0, 0, []
 
     # ------------------------------------------------------------- invariants
+    def check_window(self, request_id: str, num_computed: int) -> None:
+        """The window of a query at ``num_computed`` starts at or after the first held entry."""
+        start = self.start.get(request_id, 0)
+        first = window_start_block(num_computed, self.window, self.block_size)
+        assert start <= first, (
+            f"{request_id}: a query at {num_computed} reads block {first}, given back already "
+            f"(the window holds blocks from {start})"
+        )
+
     def check_invariants(self, full_tables: dict[str, list[int]]) -> None:
         self.pool.check_invariants({rid: self.held(rid) for rid in self.tables})
         for rid, table in self.tables.items():

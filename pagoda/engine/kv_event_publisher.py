@@ -13,24 +13,37 @@ Invariant: publishing never blocks the engine: :meth:`KVEventPublisher.publish` 
 encodes the batch, keeps it for replay and hands it to the sending thread through a bounded
 queue; a full queue or a full socket drops the message, never the engine's time, and the
 sequence numbers let a subscriber see the gap and ask for a replay.
+
+Sequence numbers start at 0 in every process, as vLLM's do: a subscriber that sees them go
+back knows the instance restarted (its cache is gone). A replay asked from a batch older
+than the buffer cannot be answered batch for batch; it is answered with one batch in their
+place, numbered as the last of them, that clears and stores again every block cached at
+that point (``core/kv_events.py``'s ``CachedBlocks``, kept by replaying each batch as it
+leaves the buffer), then the buffered batches. A subscriber applying it in order ends with
+exactly the engine's cache; it is a batch of vLLM's own events, so any consumer can.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Optional
 
 import msgpack
 import zmq
 
 from pagoda.config import KVEventsConfig
-from pagoda.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from pagoda.core.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    CachedBlocks,
+    KVCacheEvent,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +66,23 @@ def encode_event(event: KVCacheEvent) -> dict[str, Any]:
         }
         if event.extra_keys is not None:
             out["extra_keys"] = [list(k) if k is not None else None for k in event.extra_keys]
+        _put_group(out, event.group_idx)
+        if event.kv_cache_spec_kind is not None:
+            out["kv_cache_spec_kind"] = event.kv_cache_spec_kind
+        if event.kv_cache_spec_sliding_window is not None:
+            out["kv_cache_spec_sliding_window"] = event.kv_cache_spec_sliding_window
         return out
     if isinstance(event, BlockRemoved):
-        return {"type": "BlockRemoved", "block_hashes": event.block_hashes, "medium": event.medium}
+        out = {"type": "BlockRemoved", "block_hashes": event.block_hashes, "medium": event.medium}
+        _put_group(out, event.group_idx)
+        return out
     assert isinstance(event, AllBlocksCleared)
     return {"type": "AllBlocksCleared"}
+
+
+def _put_group(out: dict[str, Any], group_idx: Optional[int]) -> None:
+    if group_idx is not None:  # vLLM leaves a field at its default (None) out
+        out["group_idx"] = group_idx
 
 
 def encode_batch(ts: float, events: list[KVCacheEvent], data_parallel_rank: int = 0) -> bytes:
@@ -67,9 +92,17 @@ def encode_batch(ts: float, events: list[KVCacheEvent], data_parallel_rank: int 
 
 @dataclass
 class PublisherStats:
-    num_batches: int = 0
+    num_published: int = 0  # batches numbered and kept for replay: the next one's number
+    num_batches: int = 0  # batches sent
     num_dropped: int = 0  # batches the queue or the socket had no room for
-    num_replays: int = 0
+    num_replays: int = 0  # replay requests answered
+    num_snapshots: int = 0  # of them answered from before the buffer (the cache again)
+
+
+class _Buffered(NamedTuple):
+    seq: int
+    payload: bytes
+    events: list[KVCacheEvent]  # replayed into the base state when the batch leaves
 
 
 class KVEventPublisher:
@@ -77,9 +110,9 @@ class KVEventPublisher:
         self.config = config
         self.data_parallel_rank = data_parallel_rank
         self.stats = PublisherStats()
-        self._seq = itertools.count()
         self._topic = config.topic.encode("utf-8")
-        self._replay_buffer: deque[tuple[int, bytes]] = deque(maxlen=config.buffer_steps)
+        self._replay_buffer: deque[_Buffered] = deque()
+        self._base = CachedBlocks()  # the cache before the buffer's first batch
         self._buffer_lock = threading.Lock()
         self._queue: queue.Queue[Optional[tuple[int, bytes]]] = queue.Queue(
             maxsize=config.max_queue_size
@@ -111,14 +144,21 @@ class KVEventPublisher:
         """Number, encode and queue a step's events (the engine thread; never blocks)."""
         if not events:
             return
-        seq = next(self._seq)
+        seq = self.stats.num_published
         payload = encode_batch(time.time(), events, self.data_parallel_rank)
         with self._buffer_lock:
-            self._replay_buffer.append((seq, payload))
+            self._replay_buffer.append(_Buffered(seq, payload, events))
+            if len(self._replay_buffer) > self.config.buffer_steps:
+                self._base.apply(self._replay_buffer.popleft().events)
+            self.stats.num_published = seq + 1
         try:
             self._queue.put_nowait((seq, payload))
         except queue.Full:
             self.stats.num_dropped += 1
+
+    def make_stats(self) -> PublisherStats:
+        """The counters now (a copy)."""
+        return replace(self.stats)
 
     def close(self) -> None:
         if not self._running:
@@ -164,9 +204,21 @@ class KVEventPublisher:
             return
         client, _, start_bytes = frames
         start = int.from_bytes(start_bytes, "big")
-        with self._buffer_lock:
-            batches = [(s, p) for s, p in self._replay_buffer if s >= start]
+        batches = self._replay_from(start)
         self.stats.num_replays += 1  # before the answer: a client that has it sees the count
         for seq, payload in batches:
             self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
         self._replay.send_multipart((client, b"", END_OF_REPLAY, b""))
+
+    def _replay_from(self, start: int) -> list[tuple[int, bytes]]:
+        """The batches from ``start`` on: the buffered ones, after the cache as of the one
+        before the buffer when ``start`` is older than the buffer."""
+        with self._buffer_lock:
+            batches = [(b.seq, b.payload) for b in self._replay_buffer if b.seq >= start]
+            first = self._replay_buffer[0].seq if self._replay_buffer else 0
+            base = self._base.copy() if start < first else None  # (a dict copy: quick)
+        if base is None:
+            return batches
+        self.stats.num_snapshots += 1
+        events = base.as_events()  # outside the lock: the engine never waits on this
+        return [(first - 1, encode_batch(time.time(), events, self.data_parallel_rank))] + batches

@@ -415,6 +415,7 @@ class LLMEngine:
             self.num_prompt_tokens,
             self.output.num_generation_tokens,
             connector.stats() if connector is not None else None,
+            self.kv_events.make_stats() if self.kv_events is not None else None,
         )
 
     def inspect(self, version: int = 0) -> EngineSnapshot:

@@ -12,6 +12,7 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pagoda.engine.kv_event_publisher import PublisherStats
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.stats import EngineStats
 from pagoda.kv_transfer.base import KVTransferStats
@@ -198,10 +199,33 @@ class EngineMetrics:
             registry=r,
         )
         self._make_spec_counters()
+        self._make_kv_event_counters()
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
         for reason in ("queue_full", "bad_request", "engine_dead"):
             self.rejected.labels(reason)
+
+    def _make_kv_event_counters(self) -> None:
+        """KV cache events (stay 0 when none are published)."""
+        r = self.registry
+        self.kv_event_batches = Counter(
+            PREFIX + "kv_events_batches",
+            "KV event batches published (numbered and kept for replay): the next one's number.",
+            registry=r,
+        )
+        self.kv_event_drops = Counter(
+            PREFIX + "kv_events_dropped",
+            "KV event batches the send queue or socket had no room for (replay still has them).",
+            registry=r,
+        )
+        self.kv_event_replays = Counter(
+            PREFIX + "kv_events_replays", "KV event replay requests answered.", registry=r
+        )
+        self.kv_event_snapshots = Counter(
+            PREFIX + "kv_events_snapshots",
+            "KV event replays asked from before the buffer, answered with the whole cache.",
+            registry=r,
+        )
 
     def _make_spec_counters(self) -> None:
         """Speculative decoding, with vLLM's names (stay 0 with it off)."""
@@ -254,6 +278,8 @@ class EngineMetrics:
             self._update_kv_transfer(stats.kv_transfer)
         if sched.spec is not None:
             self._update_spec(sched.spec)
+        if stats.kv_events is not None:
+            self._update_kv_events(stats.kv_events)
         self.running.set(sched.num_running)
         self.kv_usage.set(sched.kv_usage)
         self.free_blocks.set(sched.num_free_blocks)
@@ -267,6 +293,12 @@ class EngineMetrics:
         self._add_delta(self.kv_pulls, "kv_pulls", kv.num_pulls_done)
         self._add_delta(self.kv_pull_bytes, "kv_pull_bytes", kv.bytes_pulled)
         self._add_delta(self.kv_pull_seconds, "kv_pull_seconds", kv.pull_seconds)
+
+    def _update_kv_events(self, kv: PublisherStats) -> None:
+        self._add_delta(self.kv_event_batches, "kv_event_batches", kv.num_published)
+        self._add_delta(self.kv_event_drops, "kv_event_drops", kv.num_dropped)
+        self._add_delta(self.kv_event_replays, "kv_event_replays", kv.num_replays)
+        self._add_delta(self.kv_event_snapshots, "kv_event_snapshots", kv.num_snapshots)
 
     def _update_spec(self, spec: SpecStats) -> None:
         self._add_delta(self.spec_drafts, "spec_drafts", spec.num_drafts)

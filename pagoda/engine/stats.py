@@ -1,5 +1,6 @@
 """EngineStats: one snapshot of an engine, made by its parts (the scheduler's ``make_stats``,
-the KV connector's ``stats``), for metrics, admission control and the debug endpoint."""
+the KV connector's ``stats``, the KV event publisher's ``make_stats``), for metrics, admission
+control and the debug endpoint."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from pagoda.core.stats import SchedulerStats
+from pagoda.engine.kv_event_publisher import PublisherStats
 from pagoda.kv_transfer.base import KVTransferStats
 
 
@@ -16,3 +18,4 @@ class EngineStats:
     num_prompt_tokens: int  # totals since start
     num_generation_tokens: int
     kv_transfer: Optional[KVTransferStats] = None  # None when colocated
+    kv_events: Optional[PublisherStats] = None  # None when no KV events are published

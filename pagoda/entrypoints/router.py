@@ -26,12 +26,13 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Iterator, Optional
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from pagoda.entrypoints.kv_event_subscriber import KVEventSubscriber
 from pagoda.entrypoints.prefix_index import ApproxPrefixIndex, EventPrefixIndex
@@ -125,6 +126,61 @@ class RouterMetrics:
         )
 
 
+class InstanceMetrics:
+    """Per instance, read when /metrics is (a prometheus_client collector): whether the
+    router counts it up, and its KV event subscriber's counters and precise index size."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "pagoda_router_instance_up",
+            "1 while the router routes to the instance (its last health check or request "
+            "passed), else 0",
+            labels=["instance"],
+        )
+        for instance in self.router.prefill.instances + self.router.decode.instances:
+            up.add_metric([instance.url], 1.0 if instance.healthy else 0.0)
+        yield up
+        yield from self._kv_events()
+
+    def _kv_events(self) -> Iterator[Metric]:
+        label = ["instance"]
+        next_seq = GaugeMetricFamily(
+            "pagoda_router_kv_events_next_seq",
+            "the KV event batch expected next from the instance (its count, once caught up)",
+            labels=label,
+        )
+        batches = CounterMetricFamily(
+            "pagoda_router_kv_event_batches", "KV event batches applied", labels=label
+        )
+        resyncs = CounterMetricFamily(
+            "pagoda_router_kv_event_resyncs",
+            "times the instance's index was cleared and rebuilt, by reason: restart (its "
+            "numbers went back), disconnect, whole_cache (a replay past its buffer began "
+            "with the whole cache), lost (batches nothing could give), asked (the router "
+            "saw it fail)",
+            labels=["instance", "reason"],
+        )
+        blocks = GaugeMetricFamily(
+            "pagoda_router_indexed_blocks",
+            "blocks the precise index holds for the instance (full-attention layers)",
+            labels=label,
+        )
+        precise = self.router.cache.precise if self.router.cache is not None else None
+        for url, subscriber in self.router.subscribers.items():
+            stats = subscriber.stats()
+            if stats.next_seq is not None:
+                next_seq.add_metric([url], stats.next_seq)
+            batches.add_metric([url], stats.num_batches)
+            for reason, count in stats.resyncs.items():
+                resyncs.add_metric([url, reason], count)
+            if precise is not None:
+                blocks.add_metric([url], precise.size(url))
+        yield from (next_seq, batches, resyncs, blocks)
+
+
 class Router:
     def __init__(
         self,
@@ -145,10 +201,11 @@ class Router:
         self.decode = Pool([Instance(u.rstrip("/")) for u in decode], decode_policy)
         self.cache = cache if policy == "cache_aware" else None
         self.tokenizer = tokenizer  # the precise index's ids without a /tokenize call
-        self.subscribers: list[KVEventSubscriber] = []
+        self.subscribers: dict[str, KVEventSubscriber] = {}  # instance URL -> its events
         self.health_interval_s = health_interval_s
         self.api_key = api_key
         self.metrics = RouterMetrics()
+        self.metrics.registry.register(InstanceMetrics(self))
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(DEFAULT_TIMEOUT_S, connect=5.0))
 
     @property
@@ -160,8 +217,8 @@ class Router:
         """Feed the precise index from an instance's KV events."""
         assert self.cache is not None and self.cache.precise is not None
         precise, url = self.cache.precise, url.rstrip("/")
-        self.subscribers.append(
-            KVEventSubscriber(endpoint, lambda events: precise.apply(url, events), replay)
+        self.subscribers[url] = KVEventSubscriber(
+            endpoint, lambda events: precise.apply(url, events), replay
         )
 
     # ------------------------------------------------------------ health
@@ -179,8 +236,11 @@ class Router:
             self._set_health(instance, ok)
 
     def _set_health(self, instance: Instance, ok: bool) -> None:
-        if not ok and self.cache is not None:
+        if not ok and instance.healthy and self.cache is not None:
             self.cache.drop(instance.url)  # a dead instance's cache is gone
+            subscriber = self.subscribers.get(instance.url)
+            if subscriber is not None:  # what it holds when back comes from its events
+                subscriber.resync()
         instance.healthy = ok
 
     async def _healthy(self, instance: Instance) -> bool:
@@ -475,7 +535,7 @@ def build_app(router: Router) -> FastAPI:
         yield
         task.cancel()
         await router.client.aclose()
-        for sub in router.subscribers:
+        for sub in router.subscribers.values():
             sub.close()
 
     app = FastAPI(title="pagoda router", lifespan=lifespan)

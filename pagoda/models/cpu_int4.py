@@ -18,6 +18,11 @@ checkpoint it is a real 4-bit rounding with a cost in accuracy (docs/benchmarks.
 Invariant: an ``Int4Linear`` of at most ``max_rows`` rows computes ``x @ dequantize(W).T``
 (fp32 sums, the model's dtype out); above that, exactly what the dense layer computes.
 ``PAGODA_INT4_MAX_ROWS`` sets the row limit instead of timing it (0: never the 4-bit form).
+
+Speculative decoding counts a step's rows without its drafts (``Int4Route``): a request's
+k + 1 verified rows run the weights its one decode row would have run, so speculation
+leaves greedy output as it was (the two forms are different models; a step that switched
+between them with its draft count would change the answer).
 """
 
 from __future__ import annotations
@@ -109,31 +114,44 @@ class Int4Weight(nn.Module):
         )
 
 
-class Int4Linear(nn.Module):
-    """A linear layer with a dense and a 4-bit form of its weight; the 4-bit one serves inputs
-    of at most ``max_rows`` rows (0 until :func:`choose_max_rows` sets it)."""
+class Int4Route:
+    """The row count that picks the weights of a step, shared by a model's ``Int4Linear``
+    layers: ``None`` (each layer's input rows), or the step's rows without its drafts
+    (set by the model runner for a step that verifies drafts)."""
 
-    def __init__(self, dense: nn.Linear) -> None:
+    def __init__(self) -> None:
+        self.rows: Optional[int] = None
+
+
+class Int4Linear(nn.Module):
+    """A linear layer with a dense and a 4-bit form of its weight; the 4-bit one serves steps
+    of at most ``max_rows`` rows (0 until :func:`choose_max_rows` sets it), counted by
+    ``route``."""
+
+    def __init__(self, dense: nn.Linear, route: Optional[Int4Route] = None) -> None:
         super().__init__()
         self.int4 = Int4Weight(dense.weight, dense.weight.dtype)
         self.dense = dense  # cpu_linear.pack_model may replace it by a packed layer
         self.bias = None if dense.bias is None else dense.bias.detach()
         self.in_features, self.out_features = dense.in_features, dense.out_features
         self.max_rows = 0
+        self.route = route if route is not None else Int4Route()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, K) -> (T, N)."""
-        if x.shape[0] > self.max_rows:
+        rows = x.shape[0] if self.route.rows is None else self.route.rows
+        if rows > self.max_rows:
             return self.dense(x)
         y = self.int4(x)
         return y if self.bias is None else y + self.bias
 
 
-def attach_int4(model: nn.Module) -> list[Int4Linear]:
-    """Wrap every ``nn.Linear`` of the model in an ``Int4Linear`` (before weight packing, which
-    then packs each one's dense form), but the output projection and layers whose input width
-    is not a multiple of ``GROUP`` (they stay dense). MoE experts loaded dense are converted
-    to their 4-bit form only (the loader quantizes them as they load when it is told)."""
+def attach_int4(model: nn.Module, route: Optional[Int4Route] = None) -> list[Int4Linear]:
+    """Wrap every ``nn.Linear`` of the model in an ``Int4Linear`` routed by ``route``
+    (before weight packing, which then packs each one's dense form), but the output
+    projection and layers whose input width is not a multiple of ``GROUP`` (they stay
+    dense). MoE experts loaded dense are converted to their 4-bit form only (the loader
+    quantizes them as they load when it is told); they hold no dense form to switch to."""
     from pagoda.models.moe import SparseMoE  # moe holds its experts with this module's types
 
     for module in model.modules():
@@ -143,7 +161,7 @@ def attach_int4(model: nn.Module) -> list[Int4Linear]:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and name != "lm_head" and child.in_features % GROUP == 0:
-                layer = Int4Linear(child)
+                layer = Int4Linear(child, route)
                 setattr(parent, name, layer)
                 wrapped.append(layer)
     return wrapped

@@ -113,6 +113,15 @@ class HostInputs:
     sliding: Optional["HostInputs"] = None
 
 
+def rows_without_drafts(host: HostInputs) -> Optional[int]:
+    """The rows the step would have without its drafts (None: it has none), which pick the
+    weights of ``--quantization int4`` (models/cpu_int4.py): a verified row runs on what
+    its decode row would have run on."""
+    if not host.drafts:
+        return None
+    return len(host.input_ids) - sum(len(d) for d in host.drafts.values())
+
+
 @dataclass
 class StepHandle:
     """A launched step. Its sampled tokens stay on the device until ``collect``."""
@@ -155,7 +164,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        int4_layers = cpu_int4.attach_int4(model) if quantization == "int4" else []
+        self.int4_route = cpu_int4.Int4Route()  # speculation: verified rows count as one
+        int4_layers = cpu_int4.attach_int4(model, self.int4_route) if quantization == "int4" else []
         if device.type == "cpu":  # linear layers' weights packed for the GEMM, where it pays
             model.packed_head = cpu_linear.pack_model(model, model.output_weight)
         self.int4_max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
@@ -214,6 +224,7 @@ class ModelRunner:
             self._last_tokens = None
             return StepHandle()
         host = self._gather_inputs(sched)
+        self.int4_route.rows = rows_without_drafts(host)
         logits_index: Optional[torch.Tensor] = None  # (S,) on the device, CUDA only
         if self._graph_fits(host):
             assert self.graphs is not None  # _graph_fits checked it

@@ -1,9 +1,11 @@
 """Gemma 2 and Gemma 3 (text), models/gemma.py: greedy fp32 tokens equal transformers' through
 chunked prefill, prefix caching (a second pass over shared prefixes) and preemption, with
 windows short enough (8 tokens) that every prompt slides, soft-caps and a query scalar that
-change the answer, Gemma 3's local RoPE base and linearly scaled global RoPE. Also: the
-sliding window is what makes the match (without it the tokens differ), the configs'
-windows are read as transformers reads them, and what is not supported is refused by name."""
+change the answer, Gemma 3's local RoPE base and linearly scaled global RoPE; with
+speculative decoding too (sync, and async with a small sliding pool), and over an fp8 cache
+the C++ kernels equal the PyTorch reference. Also: the sliding window is what makes the
+match (without it the tokens differ), the configs' windows are read as transformers reads
+them, and what is not supported is refused by name."""
 import copy
 import random
 
@@ -12,8 +14,10 @@ import torch
 import transformers
 
 from pagoda import LLM, SamplingParams
+from pagoda.attention.cpu_attention import ATTENTION_BACKEND_ENV
 from pagoda.engine.inspector import snapshot_json
 from pagoda.models.config import ModelArch, UnsupportedModelError, layer_windows
+from spec_oracle import with_oracle_tokens
 from tiny_models import ENGINE_MODES, TINY_VOCAB, greedy, hf_greedy, make_model
 
 from native import needs_ext
@@ -180,21 +184,70 @@ def test_bf16_on_the_cpu_kernels_agrees_with_transformers(bf16_case, mode, amx):
     llm.engine.check_invariants()
 
 
-@pytest.mark.parametrize("method", ["ngram", "suffix"])
-def test_speculative_decoding_keeps_the_tokens(gemma_case, method):
-    """Drafts verified through the windowed, soft-capped layers (repetitive prompts draw
-    drafts; whether the random model accepts them varies), and the tokens stay
-    transformers'."""
+# Speculation: sync, and async scheduling (the next step scheduled, and every window slid,
+# while a verified row's drafts are in flight) with the sliding pool small enough that the
+# blocks given back are soon handed out again.
+SPEC_MODES = {
+    "sync": {},
+    "async-tight": dict(async_scheduling=True, block_size=4, num_kv_blocks=64,
+                        num_sliding_kv_blocks=9, max_num_batched_tokens=12),
+}
+
+
+@pytest.mark.parametrize("mode", list(SPEC_MODES))
+def test_speculative_decoding_keeps_the_tokens(gemma_case, mode):
+    """Drafts verified through the windowed, soft-capped layers and rolled back, and the
+    tokens stay transformers'. The drafts are transformers' own output with a third of
+    the tokens wrong (tests/spec_oracle.py), so runs are accepted and rejected."""
     path, prompts, _ = gemma_case
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    repetitive = [prompts[1][:12] * 3, prompts[2][:10] * 4 + prompts[0]]
+    repetitive = [prompts[1][:12] * 3, prompts[2][:10] * 4 + prompts[0], prompts[3]]
     refs = [hf_greedy(hf, p, 40) for p in repetitive]
-    config = {"method": method, "num_speculative_tokens": 4, "adaptive": False}
-    llm = LLM(path, dtype="float32", speculative_config=config)
+    config = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+    llm = LLM(path, dtype="float32", speculative_config=config, **SPEC_MODES[mode])
+    with_oracle_tokens(llm, repetitive, refs, error=0.3)
     outs = llm.generate(repetitive, greedy(40))
     assert [o.token_ids for o in outs] == refs
-    assert llm.engine.stats().scheduler.spec.num_draft_tokens > 0
+    stats = llm.engine.stats().scheduler.spec
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert llm.engine.kv.sliding is not None and llm.engine.kv.sliding.num_freed > 0
     llm.engine.check_invariants()
+
+
+FP8_MODES = ("default", "sliding-tight", "one-pool")
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", FP8_MODES)
+def test_fp8_kv_kernels_match_the_reference_backend(gemma_case, mode, monkeypatch):
+    """An fp8 (e4m3) KV cache, the sliding layers' pool included, under fp32 weights: the C++
+    kernels (windows, soft-caps, the sliding tables' holes) and the PyTorch reference read
+    the same rounded K/V, so their greedy tokens are identical, a second pass over cached
+    prefixes included (test_fp8_kv_engine.py's bar: the rounding moves the answer away from
+    transformers', so they are not the bar). Its log-probabilities differ from an fp32
+    cache's: the rounding is in effect."""
+    path, prompts, _ = gemma_case
+    params = [SamplingParams(temperature=0.0, max_tokens=m, min_tokens=m, logprobs=0)
+              for m in MAX_TOKENS]
+
+    def run(kv_cache_dtype: str) -> tuple[list, list]:
+        llm = LLM(path, dtype="float32", kv_cache_dtype=kv_cache_dtype, **MODES[mode])
+        caches = llm.engine.runner.kv_caches
+        want = torch.float8_e4m3fn if kv_cache_dtype == "fp8" else torch.float32
+        assert caches and all(c.dtype == want for c in caches)
+        assert (llm.engine.kv.sliding is None) == (mode in ONE_POOL)
+        passes = [llm.generate(prompts, params) for _ in range(2)]
+        if mode == "sliding-tight":
+            assert llm.engine.scheduler.num_preemptions > 0
+        llm.engine.check_invariants()
+        assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks
+        tokens = [[o.outputs[0].token_ids for o in outs] for outs in passes]
+        return tokens, [o.outputs[0].cumulative_logprob for o in passes[0]]
+
+    ours, logprobs = run("fp8")
+    assert logprobs != run("auto")[1], "the e4m3 rounding changed nothing"
+    monkeypatch.setenv(ATTENTION_BACKEND_ENV, "torch")
+    assert run("fp8")[0] == ours
 
 
 def test_a_sliding_pool_too_small_for_one_request_is_refused(gemma_case):

@@ -2,7 +2,9 @@
 4-bit weights (``PAGODA_INT4_MAX_ROWS`` above any step's rows), greedy output in fp32 is
 token-identical to transformers in fp32 on a checkpoint whose linear weights were replaced by
 what the 4-bit codes stand for, in every scheduling mode; with the row limit of the timing or
-a small one, decode steps take the 4-bit weights and prefill steps the dense ones."""
+a small one, decode steps take the 4-bit weights and prefill steps the dense ones, and a
+step's drafts (speculative decoding) do not count: its verified rows run the weights its
+decode rows would have run, so greedy output is unchanged by speculation."""
 from __future__ import annotations
 
 import os
@@ -16,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pagoda import LLM, SamplingParams
 from pagoda.models import cpu_int4
+from spec_oracle import with_oracle
 from tiny_models import TINY_VOCAB, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,23 +89,59 @@ def test_every_step_on_int4_matches_transformers_on_the_dequantized_weights(case
     assert got == refs
 
 
+def spy_paths(layer: cpu_int4.Int4Linear) -> tuple[list[int], list[tuple[int, str]]]:
+    """Record each call of ``layer`` (its rows) and each form it ran (rows, "int4" or
+    "dense"): the 4-bit kernel's and the dense layer's own calls, not the routing rule."""
+    calls: list[int] = []
+    paths: list[tuple[int, str]] = []
+
+    def record(module: torch.nn.Module, name: str, log: list) -> None:
+        forward = module.forward
+
+        def spy(x: torch.Tensor) -> torch.Tensor:
+            log.append((x.shape[0], name) if name else x.shape[0])
+            return forward(x)
+
+        module.forward = spy
+
+    record(layer, "", calls)
+    record(layer.int4, "int4", paths)
+    record(layer.dense, "dense", paths)
+    return calls, paths
+
+
 def test_small_steps_take_int4_and_large_ones_dense(case, monkeypatch):
     path, prompts, refs = case
     monkeypatch.setenv(cpu_int4.MAX_ROWS_ENV, "4")
     llm = LLM(path, dtype="float32", quantization="int4")
-    rows: list[tuple[int, bool]] = []
-    layer = llm.engine.runner.model.layers[0].mlp.down_proj
-    forward = layer.forward
-
-    def spy(x: torch.Tensor) -> torch.Tensor:
-        rows.append((x.shape[0], x.shape[0] <= layer.max_rows))
-        return forward(x)
-
-    layer.forward = spy
+    calls, paths = spy_paths(llm.engine.runner.model.layers[0].mlp.down_proj)
     llm.generate(prompts, [greedy(m) for m in MAX_TOKENS], use_tqdm=False)
-    assert any(small for _, small in rows) and any(not small for _, small in rows)
-    assert all(small == (n <= 4) for n, small in rows)
+    assert len(paths) == len(calls), "a call ran both forms, or neither"
+    assert {name for _, name in paths} == {"int4", "dense"}
+    assert all((name == "int4") == (n <= 4) for n, name in paths), paths
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks
+
+
+def test_speculation_verifies_on_the_weights_decode_runs(case, monkeypatch):
+    """A verified row of 1 + 6 rows runs the 4-bit weights, as its decode row of one would
+    (steps of at most 4 rows without drafts take them): greedy output with drafts (the
+    answer itself, a third wrong) equals int4's without, which differs from dense weights'
+    in these tiny models (the ``case`` fixture checks that)."""
+    path, prompts, _ = case
+    monkeypatch.setenv(cpu_int4.MAX_ROWS_ENV, "4")
+    params = [greedy(m) for m in MAX_TOKENS]
+    want = LLM(path, dtype="float32", quantization="int4").generate(prompts, params)
+    config = {"method": "ngram", "num_speculative_tokens": 6, "adaptive": False}
+    llm = LLM(path, dtype="float32", quantization="int4", speculative_config=config)
+    calls, paths = spy_paths(llm.engine.runner.model.layers[0].mlp.down_proj)
+    with_oracle(llm, prompts, want, error=0.3)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    stats = llm.engine.stats().scheduler.spec
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert len(paths) == len(calls)
+    assert any(name == "int4" and n > 4 for n, name in paths), "no verify step on 4 bits"
+    llm.engine.check_invariants()
 
 
 def test_a_zero_limit_leaves_the_model_dense(case, monkeypatch):

@@ -3,22 +3,29 @@
 manner, see test_smollm2_spec_decode below): greedy output equals decoding without
 speculation for both draft methods and three model families; under chunked prefill,
 preemption, prefix-cache hits, n > 1, stop strings and EOS inside accepted runs, logprobs,
-structured outputs and async scheduling; seeded sampling is reproducible token for token and
-unseeded sampling keeps its distribution (a chi-square test).
+structured outputs (with preemption) and async scheduling; seeded sampling is reproducible
+token for token and unseeded sampling keeps its distribution (a chi-square test, its seed
+printed and replayable). All of it at one thread and contexts under 128 tokens but one test:
+two threads and 1,100-token contexts, where the C++ decode kernel splits a lone row's
+context and not a verified row's.
 
 Drafts from a random model's own text are accepted only where it repeats itself; the
-"oracle" proposer below drafts the reference output (with errors at a set rate) so that
-long accepted runs and rejections both happen wherever a test needs them."""
+"oracle" proposer (tests/spec_oracle.py) drafts the reference output (with errors at a set
+rate) so that long accepted runs and rejections both happen wherever a test needs them."""
 import json
 import random
 
 import jsonschema
 import pytest
+import torch
+import transformers
 
 from pagoda import LLM, SamplingParams
+from pagoda.attention import cpu_decode
 from pagoda.sampling import StructuredOutputsParams
-from pagoda.spec_decode.suffix import Draft
-from tiny_models import TINY_VOCAB, make_model
+from native import needs_ext
+from spec_oracle import with_oracle, with_oracle_tokens
+from tiny_models import TINY_VOCAB, greedy, hf_greedy, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,34 +41,6 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain(tiny):
     return LLM(tiny, dtype="float32")
-
-
-class Oracle:
-    """Drafts the reference output of each request (by prompt and sibling, else the first
-    sibling's), each token wrong with probability ``error``."""
-
-    def __init__(self, refs: dict, error: float, seed: int = 0) -> None:
-        self.refs, self.error, self.rng = refs, error, random.Random(seed)
-
-    def propose(self, request, k):
-        key = tuple(request.prompt_token_ids)
-        ref = self.refs.get((key, request.seed_offset), self.refs.get((key, 0), []))
-        done = request.num_output_tokens
-        tokens = [(t + 1) % TINY_VOCAB if self.rng.random() < self.error else t
-                  for t in ref[done:done + k]]
-        return Draft(tokens, [])
-
-    def finish(self, request):
-        pass
-
-
-def with_oracle(llm, prompts, outs, error=0.3):
-    refs = {}
-    for p, out in zip(prompts, outs):
-        for comp in out.outputs:
-            refs[(tuple(p), comp.index)] = list(comp.token_ids)
-    llm.engine.scheduler.spec.proposer = Oracle(refs, error)
-    return llm
 
 
 def repeating_prompts(k, seed=0):
@@ -128,6 +107,35 @@ def test_identical_under_chunking_preemption_cache_hits_and_n(tiny, plain):
     assert_clean(tight)
 
 
+@pytest.mark.parametrize("mode", ["cached", "no-cache", "async"])
+def test_n_siblings_each_verify_their_own_drafts(tiny, plain, mode):
+    """n = 3 seeded siblings (different texts) of each prompt, each drafted its own answer
+    (some tokens wrong): every sibling has drafts accepted and all keep plain decoding's
+    tokens; without prefix caching the siblings start on their donor's prompt blocks."""
+    ps = random_prompts(2, n=20, seed=12)
+    params = SamplingParams(temperature=0.8, seed=7, n=3, max_tokens=30)
+    want = plain.generate(ps, params)
+    assert all(len({tuple(c.token_ids) for c in o.outputs}) == 3 for o in want)
+    kw = {"cached": {}, "no-cache": dict(enable_prefix_caching=False),
+          "async": dict(async_scheduling=True)}[mode]
+    spec = with_oracle(LLM(tiny, dtype="float32", block_size=4, speculative_config=NGRAM, **kw),
+                       ps, want, error=0.3)
+    accepted: dict[str, int] = {}
+    speculator = spec.engine.scheduler.spec
+    observe = speculator.observe
+
+    def count(request_id: str, num_drafts: int, num_accepted: int) -> None:
+        accepted[request_id] = accepted.get(request_id, 0) + num_accepted
+        observe(request_id, num_drafts, num_accepted)
+
+    speculator.observe = count
+    assert tokens(spec.generate(ps, params)) == tokens(want)
+    assert len(accepted) == 6 and all(accepted.values()), accepted
+    stats = spec_stats(spec)
+    assert stats.num_accepted_tokens < stats.num_draft_tokens
+    assert_clean(spec)
+
+
 def test_eos_and_stop_strings_inside_an_accepted_run(tiny, plain):
     ps = random_prompts(3, seed=7)
     free = plain.generate(ps, SamplingParams(temperature=0.0, max_tokens=40))
@@ -177,15 +185,19 @@ def test_seeded_sampling_and_logprobs_are_identical(tiny, plain):
     assert_clean(spec)
 
 
-def test_unseeded_sampling_keeps_its_distribution(tiny, plain):
+def test_unseeded_sampling_keeps_its_distribution(tiny, plain, statistical_seed):
     """Each of 4 positions after the prompt over 1,500 unseeded samples, with drafts (the
     greedy continuation, accepted at about its probability) and without: a chi-square test
-    of homogeneity per position, p > 0.001 (critical values for the degrees of freedom)."""
+    of homogeneity per position, p > 0.001 (critical values for the degrees of freedom).
+    Unseeded requests draw their noise from torch's global generator, which the engine
+    seeds from its ``seed`` at start: here a fixed one, printed, which ``PAGODA_TEST_SEED``
+    changes (tests/conftest.py: at p = 0.001 over 4 positions a fresh seed would fail one
+    run in 250)."""
     prompt = random_prompts(1, seed=9)[0]
     params = SamplingParams(temperature=1.0, top_k=4, max_tokens=4, n=25)
     guess = plain.generate(prompt, SamplingParams(temperature=0.0, max_tokens=4))[0]
-    spec = with_oracle(LLM(tiny, dtype="float32", speculative_config=NGRAM), [prompt],
-                       [guess], error=0.0)
+    spec = with_oracle(LLM(tiny, dtype="float32", speculative_config=NGRAM, seed=statistical_seed),
+                       [prompt], [guess], error=0.0)
     counts = []
     for llm in (plain, spec):
         seen = [dict() for _ in range(4)]
@@ -232,34 +244,63 @@ def _chi_square_ok(a: dict, b: dict) -> bool:
     return stat < critical
 
 
-def test_structured_outputs_with_drafts_follow_the_grammar(tiny, plain):
-    schema = {"type": "object", "properties": {
-        "a": {"type": "integer"}, "b": {"type": "array", "items": {"enum": ["x", "yz"]},
-                                        "maxItems": 4}}, "required": ["a", "b"],
-        "additionalProperties": False}
-    so = StructuredOutputsParams(json=json.dumps(schema))
+def _schema(a: dict) -> dict:
+    return {"type": "object", "properties": {
+        "a": a, "b": {"type": "array", "items": {"enum": ["x", "yz"]}, "maxItems": 4}},
+        "required": ["a", "b"], "additionalProperties": False}
+
+
+# The tiny model writes digits of an integer until max_tokens (drafts cut by the grammar and
+# rejected by the model), and finishes the bounded one within a few tokens (a whole answer).
+SCHEMAS = [_schema({"type": "integer"}), _schema({"enum": [0, 12, 345]})]
+# 16 blocks of 8 tokens hold two of the four constrained requests, not all four.
+GRAMMAR_MODES = {
+    "roomy": {},
+    "preempt": dict(block_size=8, num_kv_blocks=16, max_num_batched_tokens=24),
+    "preempt-nocache": dict(block_size=8, num_kv_blocks=16, max_num_batched_tokens=24,
+                            enable_prefix_caching=False),
+}
+
+
+@pytest.mark.parametrize("mode", list(GRAMMAR_MODES))
+def test_structured_outputs_with_drafts_follow_the_grammar(tiny, plain, mode):
+    """Drafts cut at the grammar's first refusal and verified under its masks; with a pool
+    too small for every request, constrained requests are preempted (drafts and all) and
+    recomputed, and their grammars go on from where they were."""
     # Text prompts: random ids may end inside a character, whose bytes join the output text.
     ps = [plain.tokenizer.encode(f"item {i}: the quick brown fox") for i in range(4)]
-    params = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=so)
+    schemas = [SCHEMAS[i % 2] for i in range(len(ps))]
+    params = [SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=(
+        StructuredOutputsParams(json=json.dumps(schema)))) for schema in schemas]
     want = plain.generate(ps, params)
-    spec = with_oracle(LLM(tiny, dtype="float32", speculative_config=NGRAM), ps, want, 0.3)
-    got = spec.generate(ps, params)
+    spec = LLM(tiny, dtype="float32", speculative_config=NGRAM, **GRAMMAR_MODES[mode])
+    got = with_oracle(spec, ps, want, 0.3).generate(ps, params)
     assert tokens(got) == tokens(want)
-    for out in got:
-        if out.outputs[0].finish_reason == "stop":
-            jsonschema.validate(json.loads(out.outputs[0].text), schema)
-    assert spec_stats(spec).num_accepted_tokens > 0
+    finished = [(out.outputs[0], schema) for out, schema in zip(got, schemas, strict=True)]
+    for comp, schema in finished:
+        if comp.finish_reason == "stop":
+            jsonschema.validate(json.loads(comp.text), schema)
+    assert {comp.finish_reason for comp, _ in finished} == {"stop", "length"}
+    stats = spec_stats(spec)
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    if mode != "roomy":
+        assert spec.engine.scheduler.num_preemptions > 0, "the test did not preempt"
     assert not spec.engine.structured, "a matcher outlived its request"
     assert_clean(spec)
 
 
 def test_async_scheduling_with_speculation(tiny, plain):
+    """Oracle drafts (some wrong) under async scheduling: drafts are accepted and rejected,
+    and the tokens are those of plain decoding."""
     ps = repeating_prompts(3, seed=2) + random_prompts(2, seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=30)
     want = plain.generate(ps, params)
     spec = LLM(tiny, dtype="float32", async_scheduling=True, speculative_config=SUFFIX)
-    assert tokens(spec.generate(ps, params)) == tokens(want)
-    assert spec_stats(spec).num_drafts > 0
+    assert spec.engine.async_scheduling
+    got = with_oracle(spec, ps, want, error=0.3).generate(ps, params)
+    assert tokens(got) == tokens(want)
+    stats = spec_stats(spec)
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
     assert_clean(spec)
 
 
@@ -293,3 +334,62 @@ def test_smollm2_greedy_is_identical_with_speculation():
     spec = LLM(dtype="float32", speculative_config=NGRAM)
     assert spec.chat(msgs, params)[0].token_ids == want
     assert spec_stats(spec).num_accepted_tokens > 10
+
+
+# The C++ decode kernel (attention/csrc/paged_decode.cpp, run_all) splits a row's context
+# into chunks on several threads, merged at the end, when the step has enough work (tokens x
+# KV heads >= SERIAL_BELOW, 4,096) spread over too few (row, KV head) units (fewer than 4 per
+# thread). At two threads a lone decode row over 1,100 tokens x 4 KV heads is split in two;
+# a verified row's k + 1 rows make enough units and are not. So decoding and verifying add
+# the same scores in different orders: the fp32 tokens must not care.
+LONG_KV_HEADS = 4
+LONG_CONTEXT = 1100
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _split_changes_the_sums(context: int, kv_heads: int) -> bool:
+    """One decode row over ``context`` tokens, at one thread and at two: True when the
+    outputs differ in their last bits (the two-thread run split the context) yet agree."""
+    gen = torch.Generator().manual_seed(0)
+    block, head_dim = 16, 16
+    blocks = -(-context // block)
+    cache = torch.randn(2, blocks, block, kv_heads, head_dim, generator=gen)
+    q = torch.randn(1, kv_heads, head_dim, generator=gen)
+    table, lens = torch.arange(blocks)[None, :], torch.tensor([context])
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outs.append(cpu_decode.paged_decode_attention(q, cache, table, lens, 0.25))
+    return not torch.equal(*outs) and torch.allclose(*outs, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.usefixtures("two_threads")
+def test_two_threads_and_long_contexts_keep_greedy_tokens(tmp_path_factory):
+    """fp32 at two threads, contexts past the decode kernel's split: plain decoding and
+    speculation (oracle drafts, some wrong) both give transformers' greedy tokens (one
+    request at a time: a lone decode row is the one split)."""
+    assert _split_changes_the_sums(LONG_CONTEXT, LONG_KV_HEADS), "the kernel did not split"
+    torch.set_num_threads(2)
+    path = make_model(str(tmp_path_factory.mktemp("spec_long")), "llama", seed=5,
+                      num_key_value_heads=LONG_KV_HEADS, max_position_embeddings=2048)
+    prompts = random_prompts(2, n=LONG_CONTEXT, seed=4)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    refs = [hf_greedy(hf, p, 16) for p in prompts]
+    plain_llm = LLM(path, dtype="float32", max_model_len=2048)
+    spec = LLM(path, dtype="float32", max_model_len=2048, speculative_config=NGRAM)
+    with_oracle_tokens(spec, prompts, refs, error=0.3)
+    for prompt, ref in zip(prompts, refs, strict=True):
+        assert plain_llm.generate(prompt, greedy(16))[0].outputs[0].token_ids == ref
+        assert spec.generate(prompt, greedy(16))[0].outputs[0].token_ids == ref
+    assert torch.get_num_threads() == 2
+    stats = spec_stats(spec)
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert_clean(spec)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from server_utils import REPO, ServerProcess, _wait_up, free_port, metric_values
+from waiting import wait_for
 
 from pagoda.entrypoints.data_parallel import child_argv, core_groups, offset_endpoint
 
@@ -72,7 +72,14 @@ def test_replicas_behind_the_router_as_one_command(tiny_model_dir: str, tmp_path
         assert m[where % "instance"] == 2 and m[where % "router"] >= 2, m
     finally:
         server.stop()
-    time.sleep(2.0)
-    alive = [pid for pid in replicas if Path(f"/proc/{pid}").exists()
-             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
-    assert not alive, f"replicas outlived the command: {alive}"
+    wait_for(lambda: not _alive(replicas), 30, "the replicas to exit with the command")
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie has exited, its parent gone)."""
+    def running(pid: int) -> bool:
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+        except FileNotFoundError:
+            return False
+    return [pid for pid in pids if running(pid)]

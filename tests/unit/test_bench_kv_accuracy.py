@@ -23,9 +23,9 @@ def test_modes_report_perplexity_and_agreement(tmp_path: Path, monkeypatch) -> N
     seen: list[str | None] = []
     int4_attach = cpu_int4.attach_int4
 
-    def spy(model):   # the row limit in force when the 4-bit weights are made
+    def spy(model, *route):   # the row limit in force when the 4-bit weights are made
         seen.append(os.environ.get(cpu_int4.MAX_ROWS_ENV))
-        return int4_attach(model)
+        return int4_attach(model, *route)
 
     monkeypatch.setattr(cpu_int4, "attach_int4", spy)
     out = tmp_path / "acc.json"

@@ -96,6 +96,25 @@ def test_layer_routes_by_row_count(seed, bias):
     assert (got - dense(small)).abs().max() > 1e-4            # ... and it is the 4-bit one
 
 
+def test_a_route_picks_the_form_by_the_steps_rows_without_drafts(seed):
+    """Speculative decoding: a step of 1 + 6 rows whose route says 1 (its drafts not
+    counted) takes the 4-bit form; a route of 5 the dense one, whatever the input's rows."""
+    route = cpu_int4.Int4Route()
+    dense = nn.Linear(64, 48, bias=False)
+    layer = Int4Linear(dense, route)
+    layer.max_rows = 4
+    verify, decode = torch.randn(7, 64), torch.randn(1, 64)
+    route.rows = 1
+    four_bit = cpu_int4.reference_linear(verify, dense.weight)
+    assert (layer(verify) - four_bit).abs().max() <= 1e-5 * four_bit.abs().max(), seed
+    route.rows = 5
+    assert torch.equal(layer(decode), dense(decode)), seed
+    route.rows = None  # no drafts: the input's rows
+    assert torch.equal(layer(verify), dense(verify)), seed
+    layers = cpu_int4.attach_int4(Tiny(), route)
+    assert layers and all(m.route is route for m in layers)
+
+
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()

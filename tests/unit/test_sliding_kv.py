@@ -2,7 +2,7 @@
 blocks behind every window go back to their pool, a prefix hit needs the window before it
 cached, allocation is all or nothing across both pools, and the fake runner (which keeps
 fake KV for both tables) sees every query's window intact through chunked prefill,
-preemption, prefix caching and async scheduling."""
+preemption, prefix caching, async scheduling and speculation (drafts rolled back)."""
 import os
 import random
 import sys
@@ -10,9 +10,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from fake_runner import AsyncDriver, FakeRunner, run_step  # noqa: E402
+from fake_runner import AsyncDriver, FakeRunner, OracleDrafts, fake_token, run_step  # noqa: E402
 
-from pagoda.config import SchedulerConfig  # noqa: E402
+from pagoda.config import SchedulerConfig, SpeculativeConfig  # noqa: E402
 from pagoda.core.kv_cache_manager import KVCacheManager  # noqa: E402
 from pagoda.core.prefix_cache import extend_block_hashes, root_hash  # noqa: E402
 from pagoda.core.scheduler import Scheduler  # noqa: E402
@@ -24,17 +24,26 @@ from pagoda.core.sliding_kv import (  # noqa: E402
 )
 from pagoda.request import Request  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
+from pagoda.spec_decode.speculator import Speculator  # noqa: E402
 
 EOS = (1,)
 BS, WINDOW = 4, 10
 
 
-def make(num_blocks=64, sliding_blocks=16, budget=8, max_seqs=4, caching=True):
-    sliding = SlidingTables(sliding_blocks, WINDOW, BS)
+def make(num_blocks=64, sliding_blocks=16, budget=8, max_seqs=4, caching=True, window=WINDOW):
+    sliding = SlidingTables(sliding_blocks, window, BS)
     kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=caching, model_key="m",
                         sliding=sliding)
     sched = Scheduler(SchedulerConfig(budget, max_seqs, 512, True), kv)
     return sched, FakeRunner(sched)
+
+
+def with_drafts(sched, error, k=4, seed=0):
+    """Speculation with the fake runner's oracle: each draft token wrong with ``error``."""
+    speculator = Speculator(SpeculativeConfig(num_speculative_tokens=k, adaptive=False))
+    speculator.proposer = OracleDrafts(error, seed)
+    sched.enable_speculation(speculator)
+    return sched
 
 
 def req(rid, tokens, max_tokens=6):
@@ -174,15 +183,74 @@ def test_allocation_is_all_or_nothing_across_both_pools():
 def test_trim_and_free_cover_both_tables():
     sched, _ = make(caching=False)  # (drafts are never named: no names to trim here either)
     kv = sched.kv
-    r = req("a", range(200, 220))
-    kv.allocate_slots(r, 20)
+    r = req("a", range(200, 224))
+    kv.allocate_slots(r, 24)
     r.num_computed_tokens = 20
     kv.slide(r)  # first key 11: block 2
     assert kv.sliding.start["a"] == 2
-    r.num_computed_tokens = 12
-    kv.trim(r)  # 3 blocks kept in both
-    assert len(kv.block_ids("a")) == len(kv.sliding_block_ids("a")) == 3
+    r.num_computed_tokens = 17  # first key 8: block 2 still
+    kv.trim(r)  # 5 blocks kept in both
+    assert len(kv.block_ids("a")) == len(kv.sliding_block_ids("a")) == 5
     kv.check_invariants()
+    r.num_computed_tokens = 16  # first key 7: block 1, given back already
+    with pytest.raises(AssertionError, match="reads block 1, given back already"):
+        kv.trim(r)
+    r.num_computed_tokens = 17
     kv.free(r)
     assert kv.pool.num_used_blocks == kv.sliding.pool.num_used_blocks == 0
     kv.check_invariants()
+
+
+def test_async_rejected_drafts_keep_the_next_window():
+    """The issue's case: window 8, blocks of 4, 20 tokens computed, 4 drafts in flight
+    (async scheduling), all rejected. The next step is scheduled (and the windows slid)
+    while the drafts are in flight; the query after the rollback is at position 20:
+
+        position   0 .. 12 | 13 14 15 | 16 .. 19 | d20 d21 d22 d23
+        block         0..2 |    3     |    4     |       5
+        window of 20:        13 ................ 20      first key 13: block 3 is read
+
+    Sliding from the 24 tokens counted with the drafts would give back block 3 (first key
+    of a query at 24 is 17: block 4): the scheduler's invariant check fails, and the fake
+    runner would read a hole at position 13."""
+    sched = with_drafts(make(window=8, budget=32, caching=False)[0], error=1.0)
+    runner = FakeRunner(sched)
+    sched.add_request(req("a", range(200, 219), max_tokens=8))  # 19 prompt tokens + 1
+    driver = AsyncDriver(sched, runner)
+    got = drain(sched, runner, lambda s, r: driver.step())
+    stats = sched.spec.stats
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens == 0
+    assert got["a"] == [fake_token("a", 19 + j) for j in range(8)]
+
+
+@pytest.mark.parametrize("caching", [False, True])
+@pytest.mark.parametrize("error", [0.0, 0.3, 1.0])
+def test_async_speculation_keeps_every_window_intact(error, caching):
+    """Several requests over shared prefixes, chunked prefill, a small full pool
+    (preemption), drafts right and wrong at random, under async scheduling: every window
+    the fake runner reads is intact and the outputs equal those of plain decoding."""
+    rng = random.Random(3)
+    trunk = [rng.randrange(20, 90) for _ in range(16)]
+    prompts = [trunk[: rng.randrange(0, 16)] + [rng.randrange(20, 90)
+                                                for _ in range(rng.randrange(3, 20))]
+               for _ in range(8)]
+
+    def run(spec, num_blocks):
+        sched, runner = make(num_blocks, sliding_blocks=64, budget=12, caching=caching,
+                             window=8)
+        if spec:
+            with_drafts(sched, error, k=5)
+        for i, p in enumerate(prompts):
+            sched.add_request(req(f"r{i}", p, max_tokens=14))
+        driver = AsyncDriver(sched, runner)
+        return drain(sched, runner, lambda s, r: driver.step()), sched
+
+    want, _ = run(False, 512)
+    got, sched = run(True, 24)
+    assert got == want
+    stats = sched.spec.stats
+    assert stats.num_draft_tokens > 0
+    assert (stats.num_accepted_tokens > 0) == (error < 1.0)
+    assert (stats.num_accepted_tokens < stats.num_draft_tokens) == (error > 0.0)
+    assert sched.num_preemptions > 0
+    assert (sched.prefix_cache_hits > 0) == caching
