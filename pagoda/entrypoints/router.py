@@ -26,7 +26,7 @@ import json
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional
 
 import httpx
 from fastapi import FastAPI, Request
@@ -38,6 +38,7 @@ from pagoda.entrypoints.kv_event_subscriber import KVEventSubscriber
 from pagoda.entrypoints.prefix_index import ApproxPrefixIndex, EventPrefixIndex
 from pagoda.entrypoints.route_policy import CacheAwarePolicy, Names
 from pagoda.entrypoints.router_tokenizer import RouterTokenizer
+from pagoda.entrypoints.routes import ROUTES, Routing
 
 logger = logging.getLogger("pagoda.router")
 
@@ -432,29 +433,45 @@ class Router:
             instance.outstanding -= 1
             await reply.aclose()
 
-    async def proxy_post(self, path: str, request: Request) -> Response:
-        instance = self.decode.pick()
+    async def proxy(self, request: Request) -> Response:
+        """A route served by one instance (routes.py's INSTANCE): the request as it came
+        (method, path, query, body, the client's key) to ``?instance=N`` or the least
+        loaded decode instance, its answer relayed as it comes (a stream too)."""
+        instance = self._proxy_target(request)
         if instance is None:
             return _error(503, "no decode instance is up", code="no_decode_instance")
+        query = httpx.QueryParams(
+            [(k, v) for k, v in request.query_params.multi_items() if k != "instance"]
+        )
+        headers = self._headers(request)
+        headers["content-type"] = request.headers.get("content-type", "application/json")
+        upstream = self.client.build_request(
+            request.method,
+            f"{instance.url}{request.url.path}",
+            params=query,
+            content=await request.body(),
+            headers=headers,
+        )
         try:
-            reply = await self.client.post(
-                f"{instance.url}{path}",
-                content=await request.body(),
-                headers=self._headers(request),
-            )
+            reply = await self.client.send(upstream, stream=True)
         except httpx.HTTPError as e:
-            return _error(503, f"decode instance {instance.url} failed: {e}")
-        return _passthrough(reply)
+            return _error(503, f"instance {instance.url} failed: {e}")
+        instance.outstanding += 1  # _relay gives it back when the answer ends
+        kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
+        return StreamingResponse(
+            self._relay(reply, instance),
+            status_code=reply.status_code,
+            headers=kept,
+            media_type=reply.headers.get("content-type"),
+        )
 
-    async def proxy_get(self, path: str) -> Response:
-        instance = self.decode.pick()
-        if instance is None:
-            return _error(503, "no decode instance is up", code="no_decode_instance")
-        try:
-            reply = await self.client.get(f"{instance.url}{path}")
-        except httpx.HTTPError as e:
-            return _error(503, f"decode instance {instance.url} failed: {e}")
-        return _passthrough(reply)
+    def _proxy_target(self, request: Request) -> Optional[Instance]:
+        """``?instance=N``: the N-th decode instance (down or not, to look at it); else
+        the policy's pick among those up."""
+        chosen = request.query_params.get("instance")
+        if chosen is not None and chosen.isdigit() and int(chosen) < len(self.decode.instances):
+            return self.decode.instances[int(chosen)]
+        return self.decode.pick()
 
 
 LOAD_GAUGES = ("pagoda:num_requests_running", "pagoda:num_requests_waiting")
@@ -475,9 +492,9 @@ def instance_load(metrics_text: str) -> Optional[int]:
 
 
 def _passthrough(reply: httpx.Response) -> Response:
-    return Response(
-        reply.content, status_code=reply.status_code, media_type=reply.headers.get("content-type")
-    )
+    """An instance's whole answer, with its headers (x-pagoda-ignored-fields, ...)."""
+    kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
+    return Response(reply.content, status_code=reply.status_code, headers=kept)
 
 
 def _error(status: int, message: str, code: Optional[str] = None) -> JSONResponse:
@@ -539,23 +556,30 @@ def build_app(router: Router) -> FastAPI:
             sub.close()
 
     app = FastAPI(title="pagoda router", lifespan=lifespan)
+    for route in ROUTES:
+        if route.routing is Routing.PROMPT:
+            app.add_api_route(route.path, _prompt_handler(router, route.path), methods=["POST"])
+        elif route.routing is Routing.INSTANCE:
+            app.add_api_route(route.path, _proxy_handler(router), methods=[route.method])
+    _add_local_routes(app, router)
+    return app
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await router.route("/v1/completions", request)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        return await router.route("/v1/chat/completions", request)
+def _prompt_handler(router: Router, path: str) -> Callable[[Request], Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        return await router.route(path, request)
 
-    @app.get("/v1/models")
-    async def models() -> Response:
-        return await router.proxy_get("/v1/models")
+    return handle
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        return await router.proxy_post("/tokenize", request)
 
+def _proxy_handler(router: Router) -> Callable[[Request], Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        return await router.proxy(request)
+
+    return handle
+
+
+def _add_local_routes(app: FastAPI, router: Router) -> None:
     @app.get("/health")
     async def health() -> Response:
         up = any(i.healthy for i in router.decode.instances)
@@ -566,8 +590,6 @@ def build_app(router: Router) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(router.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -156,6 +156,21 @@ def wait_until_idle(url: str, timeout_s: float = 60.0) -> dict[str, float]:
         time.sleep(0.1)
 
 
+def start_pagoda_router(log_dir: Path, *args: str) -> ServerProcess:
+    """Start ``pagoda router`` with ``args`` on a free port and wait until /health answers
+    (at least one instance behind it is up)."""
+
+    def launch(port: int) -> ServerProcess:
+        log_path = log_dir / f"pagoda-router-{port}.log"
+        cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", "router", "--port", str(port),
+               *args]
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        return ServerProcess(proc, port, log_path)
+
+    return start_on_free_port(launch, "pagoda router")
+
+
 def start_vllm_router(log_dir: Path, *args: str) -> ServerProcess:
     """Start the vLLM project's Rust router (``pip install vllm-router``, in the test extra)
     on a free port with ``args``, and wait until it answers /health."""
