@@ -14,17 +14,23 @@ DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_KV_CACHE_GIB = 2.0
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # the per-step token budget
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs" | "priority" (vLLM's --scheduling-policy)
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}")
 
     @property
     def step_token_budget(self) -> int:
@@ -241,6 +247,7 @@ class EngineArgs:
     max_model_len: Optional[int] = None  # default: the model's, capped at 8192
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # "priority": lower priority values served first
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights, no checkpoint files
     chat_template: Optional[str] = None  # a Jinja file (or the template's text): the model's
@@ -308,4 +315,5 @@ class EngineArgs:
             self.max_num_seqs,
             max_model_len,
             self.enable_chunked_prefill,
+            self.scheduling_policy,
         )

@@ -64,6 +64,7 @@ class Request:
         cache_salt: Optional[str] = None,
         kv_transfer: Optional[KVTransferRequest] = None,
         seed_offset: int = 0,
+        priority: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -77,6 +78,7 @@ class Request:
         self.kv_transfer = kv_transfer  # disaggregated prefill: remote decode / remote prefill
         self.kv_transfer_out: Optional[RemotePrefill] = None  # prefill role: where its KV waits
         self.seed_offset = seed_offset  # n > 1: the i-th sibling samples from seed + i
+        self.priority = priority  # --scheduling-policy priority: lower is served first
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

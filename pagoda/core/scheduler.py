@@ -1,12 +1,15 @@
 """Scheduler: continuous batching (Orca, OSDI'22) with chunked prefill (Sarathi-Serve, OSDI'24).
 
 Every step it hands out a token budget: running requests first (decodes, then continuing
-prefill chunks), then waiting requests in arrival order. A prompt longer than what is left of
+prefill chunks), then waiting requests in arrival order (or, with the ``priority`` policy,
+by each request's priority, then arrival). A prompt longer than what is left of
 the budget is computed in chunks over several steps while decodes keep running. When blocks
 run out, the most recently admitted running request is preempted (its blocks freed, its
-tokens recomputed later). With prefix caching, a request being admitted starts on the longest
-run of its full blocks already in the cache (SGLang's RadixAttention idea, by block hash), and
-cached free blocks are evicted before anyone is preempted.
+tokens recomputed later); with the ``priority`` policy, the running request of the lowest
+priority (the latest among equals), and a waiting request may preempt running ones of
+strictly lower priority to be admitted. With prefix caching, a request being admitted
+starts on the longest run of its full blocks already in the cache (SGLang's RadixAttention
+idea, by block hash), and cached free blocks are evicted before anyone is preempted.
 
 Invariant: a live request is in exactly one of waiting / running / loading (disaggregated
 prefill: its prompt KV is being pulled), and blocks are held only by running and loading
@@ -82,13 +85,27 @@ class Scheduler:
         if self._can_never_fit(request):
             self._finish(request, RequestStatus.FINISHED_IGNORED, self._too_big_detail(request))
             return
-        self.waiting.append(request)
+        self._enqueue(request)
 
     def add_request_first(self, request: Request) -> None:
         """Queue at the front (n > 1 siblings that arrived with a request already running)."""
         self.add_request(request)
-        if self.waiting and self.waiting[-1] is request:
+        if self.waiting and self.waiting[-1] is request and not self._by_priority:
             self.waiting.rotate(1)
+
+    @property
+    def _by_priority(self) -> bool:
+        return self.config.policy == "priority"
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        """Into the waiting queue: at the back (or the front: preempted) in arrival order,
+        or in (priority, arrival) order under the priority policy."""
+        if not self._by_priority:
+            (self.waiting.appendleft if front else self.waiting.append)(request)
+            return
+        key = _priority_key(request)
+        at = next((i for i, r in enumerate(self.waiting) if _priority_key(r) > key), None)
+        self.waiting.insert(len(self.waiting) if at is None else at, request)
 
     def finish_requests(
         self,
@@ -330,10 +347,30 @@ class Scheduler:
                     f"({self.kv.pool.num_blocks} blocks)",
                 )
                 return None
-            victim = self.running[-1]
+            victim = self._victim()
             self._preempt(victim, scheduled, new_blocks)
             if victim is request:
                 return None
+
+    def _victim(self) -> Request:
+        """Whom to preempt: the newest running request, or under the priority policy the
+        one of the lowest priority (the latest among equals)."""
+        if self._by_priority:
+            return max(self.running, key=_priority_key)
+        return self.running[-1]
+
+    def _room_by_priority(
+        self, request: Request, scheduled: dict[str, int], new_blocks: dict[str, list[int]]
+    ) -> bool:
+        """Priority policy: preempt the lowest-priority running request if it is strictly
+        below ``request`` (which the KV cache cannot take now); whether one was."""
+        if not self._by_priority or not self.running:
+            return False
+        victim = self._victim()
+        if victim.priority <= request.priority:
+            return False
+        self._preempt(victim, scheduled, new_blocks)
+        return True
 
     def _preempt(
         self, request: Request, scheduled: dict[str, int], new_blocks: dict[str, list[int]]
@@ -348,7 +385,7 @@ class Scheduler:
         request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
         if request.request_id in self._runner_knows:
             self._runner_knows.discard(request.request_id)
             self._preempted_ids.add(request.request_id)
@@ -377,7 +414,10 @@ class Scheduler:
                 num_new = budget
             blocks = self.kv.allocate_slots(request, num_new, computed_blocks)
             if blocks is None:
-                break  # strict FCFS: nobody overtakes the head of the queue
+                if self._room_by_priority(request, scheduled, new_blocks):
+                    budget = self.config.step_token_budget - sum(scheduled.values())
+                    continue  # a lower-priority request gave its blocks back: try again
+                break  # strict order: nobody overtakes the head of the queue
             self.waiting.popleft()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
@@ -692,3 +732,8 @@ class Scheduler:
             return []
         leases, self.remote.new_leases = self.remote.new_leases, []
         return leases
+
+
+def _priority_key(request: Request) -> tuple[int, float]:
+    """The priority policy's order: lower priority values first, then earlier arrivals."""
+    return (request.priority, request.arrival_time)

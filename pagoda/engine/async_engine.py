@@ -59,6 +59,7 @@ class Engine(Protocol):
         arrival_time: Optional[float] = None,
         cache_salt: Optional[str] = None,
         kv_transfer_params: Optional[dict] = None,
+        priority: int = 0,
     ) -> None: ...
 
     def abort_request(self, request_id: str) -> None: ...
@@ -105,6 +106,7 @@ class _Add:
     cache_salt: Optional[str]
     kv_transfer_params: Optional[dict]
     done: asyncio.Future
+    priority: int = 0
 
 
 @dataclass
@@ -278,6 +280,7 @@ class AsyncEngine:
         cache_salt: Optional[str] = None,
         arrival_time: Optional[float] = None,
         kv_transfer_params: Optional[dict] = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Admit and queue a request; raises ValueError (bad request), QueueFullError (429)
         or EngineDeadError. The engine validates the prompt before this returns."""
@@ -297,6 +300,7 @@ class AsyncEngine:
                 cache_salt,
                 kv_transfer_params,
                 done,
+                priority,
             )
         )
         try:
@@ -506,10 +510,14 @@ class AsyncEngine:
 
 
 def _optional_kwargs(cmd: _Add) -> dict[str, Any]:
-    """Pass kv_transfer_params only when given: a colocated request needs none."""
-    if cmd.kv_transfer_params is None:
-        return {}
-    return {"kv_transfer_params": cmd.kv_transfer_params}
+    """Pass kv_transfer_params and priority only when given: a colocated request of the
+    default priority needs neither."""
+    kwargs: dict[str, Any] = {}
+    if cmd.kv_transfer_params is not None:
+        kwargs["kv_transfer_params"] = cmd.kv_transfer_params
+    if cmd.priority:
+        kwargs["priority"] = cmd.priority
+    return kwargs
 
 
 def _run_call(fn: Callable[[Engine], Any], engine: Engine) -> tuple[Any, Optional[BaseException]]:

@@ -278,10 +278,16 @@ class LLMEngine:
         arrival_time: Optional[float] = None,
         cache_salt: Optional[str] = None,
         kv_transfer_params: Optional[dict] = None,
+        priority: int = 0,
     ) -> None:
-        """Check a request and queue it; ValueError naming what was wrong."""
+        """Check a request and queue it; ValueError naming what was wrong. ``priority``
+        (``--scheduling-policy priority``): lower values are served first."""
         if request_id in self.output:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if priority and self.scheduler.config.policy != "priority":
+            raise ValueError(
+                f"priority {priority} needs a server started with --scheduling-policy priority"
+            )
         params = self._with_bad_word_ids(params)
         self._validate_prompt(prompt_token_ids, params)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
@@ -305,6 +311,7 @@ class LLMEngine:
                 cache_salt=cache_salt,
                 kv_transfer=kv_transfer if i == 0 else None,
                 seed_offset=i,
+                priority=priority,
             )
             for i in range(params.n)
         ]

@@ -117,6 +117,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    g.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        default=d.scheduling_policy,
+        help="fcfs: arrival order; priority: requests' priority field first (lower is "
+        "sooner), then arrival, and a waiting request may preempt running ones of lower "
+        "priority when the KV cache is full",
+    )
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument(
         "--chat-template",

@@ -88,7 +88,7 @@ def test_null_means_the_default(server, model_name):
 
 @pytest.mark.parametrize("field, value", [
     ("verbosity", "low"), ("web_search_options", {}), ("modalities", ["text", "audio"]),
-    ("length_penalty", 2.0), ("priority", 5), ("audio", {"voice": "alloy"}),
+    ("length_penalty", 2.0), ("audio", {"voice": "alloy"}),
     ("chat_template", "{{ messages }}"), ("use_beam_search", True),
     ("guided_whitespace_pattern", " ")])
 def test_a_known_field_not_implemented_is_still_refused(server, model_name, field, value):

@@ -133,3 +133,10 @@ def test_allowed_token_ids_and_bad_words(server, model_name):
     assert set(got.json()["choices"][0]["token_ids"]) == set(the)
     r = _post(server, "/v1/completions", {**base, "allowed_token_ids": [10**8]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "allowed_token_ids", r.text
+
+
+def test_priority_needs_the_priority_policy(server, model_name):
+    base = {"model": model_name, "prompt": "hi", "max_tokens": 2}
+    assert _post(server, "/v1/completions", {**base, "priority": 0}).status_code == 200
+    r = _post(server, "/v1/completions", {**base, "priority": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority", r.text

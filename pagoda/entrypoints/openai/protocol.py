@@ -57,7 +57,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "logits_processors": _empty,
     "prompt_embeds": lambda v: v is None,
     "return_tokens_as_token_ids": _empty,
-    "priority": lambda v: v in (None, 0),
     "guided_whitespace_pattern": lambda v: v is None,
     "vllm_xargs": _empty,
 }
@@ -154,6 +153,8 @@ class SamplingFields(_Strict):
     truncate_prompt_tokens: Optional[int] = None
     # vLLM's: the prompt's and each choice's token ids beside the text
     return_token_ids: Optional[bool] = None
+    # vLLM's: lower is served first (a server started with --scheduling-policy priority)
+    priority: Optional[int] = None
     # vLLM's: only these tokens may be sampled; these words are never generated
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
@@ -187,7 +188,6 @@ class SamplingFields(_Strict):
     logits_processors: Any = None
     prompt_embeds: Any = None
     return_tokens_as_token_ids: Any = None
-    priority: Any = None
     guided_whitespace_pattern: Any = None
     vllm_xargs: Any = None
 

@@ -41,7 +41,11 @@ from pagoda.sampling import SamplingParams
 if TYPE_CHECKING:
     from pagoda.models.config import ModelArch
 
-SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams)) + ("prompt", "kv_transfer_params")
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams)) + (
+    "prompt",
+    "kv_transfer_params",
+    "priority",
+)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up first
 Prompt = tuple[Optional[str], list[int]]  # (text if given as text, token ids)
@@ -405,6 +409,7 @@ class OpenAIServing:
             req.kv_transfer_params,
             arrival,
             error_renames(req),
+            req.priority or 0,
         )
         options = req.stream_options
         include_usage = bool(options and options.include_usage)
@@ -442,6 +447,7 @@ class OpenAIServing:
         kv_transfer_params: Optional[dict],
         arrival: float,
         renames: Optional[dict[str, str]] = None,
+        priority: int = 0,
     ) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
@@ -455,6 +461,7 @@ class OpenAIServing:
                         cache_salt=salt,
                         arrival_time=arrival,
                         kv_transfer_params=kv_transfer_params,
+                        priority=priority,
                     )
                 )
         except BaseException as e:
