@@ -415,6 +415,10 @@ class Router:
                 logger.warning("decode on %s failed: %s", instance.url, e)
                 self._set_health(instance, False)
                 self.metrics.failovers.inc()
+        return self._relayed(reply, instance)
+
+    def _relayed(self, reply: httpx.Response, instance: Instance) -> StreamingResponse:
+        """The instance's answer to the client as it comes, with its status and headers."""
         kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
         return StreamingResponse(
             self._relay(reply, instance),
@@ -457,13 +461,7 @@ class Router:
         except httpx.HTTPError as e:
             return _error(503, f"instance {instance.url} failed: {e}")
         instance.outstanding += 1  # _relay gives it back when the answer ends
-        kept = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_HEADERS}
-        return StreamingResponse(
-            self._relay(reply, instance),
-            status_code=reply.status_code,
-            headers=kept,
-            media_type=reply.headers.get("content-type"),
-        )
+        return self._relayed(reply, instance)
 
     def _proxy_target(self, request: Request) -> Optional[Instance]:
         """``?instance=N``: the N-th decode instance (down or not, to look at it); else
