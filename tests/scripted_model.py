@@ -1,5 +1,8 @@
 """A tiny real checkpoint whose greedy answer is a script: for API features that depend on
 what the model writes (reasoning tags, tool calls), tested end to end through the engine.
+``make_scripted_model(path)`` writes the reasoning script below; ``script=`` another one,
+e.g. one of ``TOOL_SCRIPTS`` (a tool-call format's calls, several tokens each, so that
+their arguments arrive in pieces).
 
 The model is a Qwen3 (transformers' own class, loaded by pagoda as any checkpoint) whose
 attention and MLP outputs are zero, so each position's final hidden state is its own token's
@@ -44,16 +47,42 @@ CALL = {"name": "get_weather", "arguments": {"city": "Oslo"}}
 SCRIPT = ["<think>", REASONING, "</think>", LEAD, "<tool_call>", json.dumps(CALL),
           "</tool_call>"]
 
+# Tool-call formats as models write them: text before (where the format has any), a call
+# of get_weather and one of get_time, each cut into several tokens.
+TOOL_SCRIPTS: dict[str, list[str]] = {
+    "hermes": ["Let me check. ", "<tool_call>", '\n{"name": "get_weather", ',
+               '"arguments": {"city": ', '"Oslo", ', '"unit": "C"}}', "\n</tool_call>",
+               "\n<tool_call>", '\n{"name": "get_time", "arguments": ', '{"zone": "CET"}}',
+               "\n</tool_call>\n"],
+    "pythonic": ['[get_weather(city="Oslo", ', 'unit="C"), ', 'get_time(zone="CET")]'],
+    "qwen3_coder": ["Checking both.", "\n<tool_call>\n<function=get_weather>\n",
+                    "<parameter=city>\nOslo\n</parameter>\n",
+                    "<parameter=unit>\nC\n</parameter>\n", "<parameter=days>\n3\n</parameter>\n",
+                    "</function>\n</tool_call>", "\n<tool_call>\n<function=get_time>\n",
+                    "<parameter=zone>\nCET\n</parameter>\n", "</function>\n</tool_call>\n"],
+}
+# Mistral v11+, whose markers are special tokens (decoded only when the tool parser keeps
+# them): one call, as the chain has each token once.
+MISTRAL_SCRIPT = ["Checking. ", "[TOOL_CALLS]", "get_weather", "[ARGS]", '{"city": "Oslo", ',
+                  '"unit": "C"}']
+MISTRAL_SPECIAL = ("[TOOL_CALLS]", "[ARGS]")
+# tool_choice "required": the JSON list its grammar allows, written as the model would.
+REQUIRED_SCRIPT = ['[{"name": "get_weather", ', '"parameters": {"city": ', '"Oslo", ',
+                   '"unit": "C"}}]']
 
-def make_scripted_model(path: str, script: list[str] = SCRIPT) -> str:
-    """Save the scripted Qwen3 and its tokenizer to ``path``."""
+
+def make_scripted_model(path: str, script: list[str] = SCRIPT, template: str = TEMPLATE,
+                        special: tuple[str, ...] = ()) -> str:
+    """Save the scripted Qwen3 and its tokenizer (chat template ``template``; ``special``:
+    pieces that are special tokens, which decoding skips unless asked not to) to ``path``."""
     import transformers
 
     tok = make_tokenizer(path)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL[:2]})
-    tok.add_tokens([p for p in SPECIAL[2:] + script if p not in SPECIAL[:2]])
+    specials = SPECIAL[:2] + list(special)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.add_tokens([p for p in SPECIAL[2:] + script if p not in specials])
     tok.eos_token = END_OF_TURN
-    tok.chat_template = TEMPLATE
+    tok.chat_template = template
     tok.save_pretrained(path)
     ids = _script_ids(tok, script)
     config = transformers.Qwen3Config(

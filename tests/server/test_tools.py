@@ -155,6 +155,16 @@ def test_auto_with_parallel_calls(tclient, tmodel) -> None:
     assert (content, reason) == ("", "tool_calls")
     assert [(c["name"], c["arguments"]) for c in calls] == [
         (c.function.name, c.function.arguments) for c in out.message.tool_calls]
+    # parallel_tool_calls false: the first call alone, streamed or not (as vLLM does)
+    one = tclient.chat.completions.create(parallel_tool_calls=False, **kw).choices[0]
+    first = out.message.tool_calls[0].function
+    assert one.finish_reason == "tool_calls" and one.message.content is None
+    assert [(c.function.name, c.function.arguments) for c in one.message.tool_calls] == [
+        (first.name, first.arguments)]
+    content, calls, reason = _streamed(tclient, parallel_tool_calls=False, **kw)
+    assert (content, reason) == ("", "tool_calls")
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in one.message.tool_calls]
 
 
 def test_none_answers_in_text_without_the_tools_in_the_prompt(tool_server, tclient,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from pagoda.entrypoints.openai.tool_parsers import FORMATS as TOOL_FORMATS
+
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
@@ -45,10 +47,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--tool-call-parser",
         default=None,
-        choices=["hermes", "llama3_json"],
-        help='how the model writes tool calls, for tool_choice "auto": hermes '
-        "(<tool_call>{...}</tool_call>: Hermes, Qwen) or llama3_json (Llama 3.x); "
-        '"required" and named tool_choice need none',
+        choices=list(TOOL_FORMATS),
+        help='how the model writes tool calls, for tool_choice "auto" (vLLM\'s names): '
+        "hermes (<tool_call>{...}</tool_call>: Hermes, Qwen2.5, Qwen3), llama3_json "
+        "(Llama 3.1-3.3), pythonic ([f(x=1)]: Llama 3.2, Llama 4), mistral ([TOOL_CALLS]), "
+        "qwen3_coder (<function=...> XML), phi4_mini_json (functools[...]), gemma "
+        '(```tool_code fences); "required" and named tool_choice need none',
     )
     _add_cors_args(g)
     g.add_argument(

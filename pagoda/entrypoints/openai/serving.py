@@ -213,6 +213,8 @@ class OpenAIServing:
         plan = tools.plan_for(req, self.tool_call_parser)
         if plan is not None and (constraint := plan.constraint()) is not None:
             params = params.clone(structured_outputs=constraint)
+        if plan is not None and plan.keeps_special_tokens:  # the format's markers (vLLM too)
+            params = params.clone(skip_special_tokens=False)
         defs = [{"type": "function", "function": t} for t in plan.tools] if plan else None
         ids = self.chat_prompt(req.messages, defs, template_kwargs(req))
         prompts = self.truncated([(None, ids)], req.truncate_prompt_tokens)
@@ -558,7 +560,7 @@ class OpenAIServing:
             parts = job.reasoning.split(comp.text)
             text, thought = parts.content, parts.reasoning
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        if job.tools is not None and reason == "stop":
+        if job.tools is not None:  # parsed whatever ended the answer, as a stream sends it
             content, calls = job.tools.extract(text)
             if calls:
                 message = {
@@ -566,7 +568,7 @@ class OpenAIServing:
                     "content": content or None,
                     "tool_calls": [c.to_json() for c in calls],
                 }
-                reason = "tool_calls"
+                reason = "tool_calls" if reason == "stop" else reason
         if thought:
             if not message["content"]:
                 message["content"] = None  # all of it was thinking (cut by max_tokens)
@@ -817,15 +819,13 @@ class OpenAIServing:
         stream: tools.ToolStream, answer: str, reason: Optional[str]
     ) -> tuple[dict[str, Any], Optional[str]]:
         """A chat delta under tools: the content that surely is content, then the calls
-        (``answer``: the answer's text so far, after any reasoning)."""
-        done = reason == "stop"
-        content, calls, called = stream.feed(answer, done)
-        if reason is not None and not done:  # cut (length): what was held back is content
-            content = answer[stream.sent_content :] if stream.plan.mode == "auto" else ""
+        and their arguments as far as they are written (``answer``: the answer's text so
+        far, after any reasoning). Once it has ended (stop or length), nothing is held."""
+        content, calls = stream.feed(answer, final=reason is not None)
         delta: dict[str, Any] = {"content": content}
         if calls:
             delta["tool_calls"] = calls
-        return delta, ("tool_calls" if done and called else reason)
+        return delta, ("tool_calls" if reason == "stop" and stream.called else reason)
 
     def _chunk(self, job: _Job, choices: list[dict], usage: Optional[dict] = None) -> dict:
         obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"

@@ -1,33 +1,48 @@
-"""Tool calling on ``/v1/chat/completions``: OpenAI's ``tools`` and ``tool_choice``.
+"""Tool calling on ``/v1/chat/completions``: OpenAI's ``tools``, ``tool_choice`` and
+``parallel_tool_calls``.
 
 - ``"none"``: the tools are left out of the prompt; the answer is text.
 - ``"required"`` or a named function: the output is constrained (structured outputs) to a
   JSON array of ``{"name", "parameters"}`` calls of the given tools, or to the named
-  function's arguments, so it always parses (vLLM does the same); the calls are built from
+  function's arguments, so it always parses (vLLM does the same); the calls are read from
   that JSON whatever the model's own tool format is.
-- ``"auto"``: the model writes what it likes; a ``--tool-call-parser`` (the model family's
-  format: ``hermes`` for ``<tool_call>{...}</tool_call>`` as Hermes and Qwen write it,
-  ``llama3_json`` for Llama 3.x's bare ``{"name", "parameters"}`` objects) finds the calls in
-  the text, and what is not a call stays ``content``.
+- ``"auto"``: the model writes what it likes; the ``--tool-call-parser`` format
+  (``tool_parsers/``: hermes, llama3_json, pythonic, mistral, qwen3_coder, phi4_mini_json,
+  gemma) finds the calls in the text, and what is not a call stays ``content``.
+- ``parallel_tool_calls: false``: one call at most (the grammar of "required" allows one;
+  under "auto" the calls after the first are dropped, as vLLM does).
 
 Streaming follows OpenAI: a call's first delta carries ``index``, ``id``, ``type`` and
-``function.name``, later ones ``function.arguments`` fragments. Invariant: no text that may
-still turn out to be (part of) a call is ever sent as ``content``.
+``function.name``, later ones ``function.arguments`` fragments, sent as the model writes
+them. Invariant: a stream sends the difference between readings of the answer so far, and
+a format's reading of a text is never taken back by a longer one, so no text that may still
+turn out to be (part of) a call is sent as ``content`` and the deltas join to exactly the
+non-streamed message.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Optional
 
 from pagoda.entrypoints.openai.errors import ApiError
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
+from pagoda.entrypoints.openai.tool_parsers import (
+    FORMATS,
+    REQUIRED,
+    Call,
+    Output,
+    Parsed,
+    Schemas,
+    ToolFormat,
+    get_format,
+    openai_id,
+)
 from pagoda.sampling import StructuredOutputsParams
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = tuple(FORMATS)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -35,7 +50,7 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 class ToolCall:
     name: str
     arguments: str  # JSON text
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = field(default_factory=openai_id)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,37 +83,42 @@ class ToolPlan:
             return StructuredOutputsParams(json=json.dumps(schema))
         return None
 
+    @property
+    def format(self) -> Optional[ToolFormat]:
+        """How the calls are read from the text (None: named, where the text is the
+        arguments)."""
+        if self.mode == "named":
+            return None
+        return REQUIRED if self.mode == "required" else get_format(self.parser or "hermes")
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """Whether the answer must be decoded with its special tokens (the format's markers
+        are special tokens in some checkpoints: Mistral's [TOOL_CALLS], Hermes 2 Pro's)."""
+        return self.format is not None and self.format.keeps_special_tokens
+
+    @cached_property
+    def schemas(self) -> Schemas:
+        return {t["name"]: t.get("parameters") or ANY_OBJECT for t in self.tools}
+
+    def parse(self, text: str, final: bool, memo: Optional[dict[Any, Any]] = None) -> Parsed:
+        """The content and calls of the answer so far (``final``: it is complete; ``memo``:
+        what reading this answer when it was shorter settled, see ``Output``)."""
+        if self.format is None:
+            assert self.name is not None
+            return Parsed("", (Call(self.name, text),))
+        out = Output(text, final, self.schemas, {} if memo is None else memo)
+        return self.format.parse(out, self.parallel)
+
+    def new_id(self) -> str:
+        return openai_id() if self.format is None else self.format.new_id()
+
     def extract(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls) of a finished output."""
-        if self.mode == "named":
-            assert self.name is not None
-            return "", [ToolCall(self.name, text)]
-        if self.mode == "required":
-            try:
-                items = json.loads(text)
-            except json.JSONDecodeError:  # cut by max_tokens: no call to give
-                return text, []
-            return "", [ToolCall(i["name"], json.dumps(i["parameters"])) for i in items]
-        return parse_calls(self.parser or "hermes", text)
-
-    def safe_len(self, text: str) -> int:
-        """How much of a live text is surely content (auto): a possible call is held back."""
-        if self.mode != "auto":
-            return 0
-        if self.parser == "llama3_json":
-            stripped = text.lstrip()
-            if stripped.startswith(("{", "<|python_tag|>")) or "<|python_tag|>".startswith(
-                stripped
-            ):
-                return 0
-            return len(text)
-        start = text.find(HERMES_OPEN)
-        if start >= 0:
-            return start
-        for k in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
-            if text.endswith(HERMES_OPEN[:k]):
-                return len(text) - k
-        return len(text)
+        parsed = self.parse(text, final=True)
+        return parsed.content, [
+            ToolCall(c.name, c.arguments, c.id or self.new_id()) for c in parsed.calls
+        ]
 
 
 def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
@@ -157,102 +177,49 @@ def _choice_name(choice: Any) -> str:
     return choice if isinstance(choice, str) else "function"
 
 
-# -------------------------------------------------------------- parsers
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-_HERMES = re.compile(re.escape(HERMES_OPEN) + r"\s*(.*?)\s*" + re.escape(HERMES_CLOSE), re.S)
-
-
-def parse_calls(parser: str, text: str) -> tuple[str, list[ToolCall]]:
-    """The calls in a model's text and what remains as content (unparseable calls stay
-    content, verbatim)."""
-    if parser == "llama3_json":
-        return _parse_llama3(text)
-    calls, content, last = [], [], 0
-    for m in _HERMES.finditer(text):
-        call = _call_from(m.group(1), "arguments")
-        if call is None:
-            continue
-        content.append(text[last : m.start()])
-        calls.append(call)
-        last = m.end()
-    content.append(text[last:])
-    # The text before the first call verbatim (a stream has sent it as it came); later
-    # pieces only if they are more than the whitespace between calls.
-    return content[0] + "".join(c for c in content[1:] if c.strip()), calls
-
-
-def _parse_llama3(text: str) -> tuple[str, list[ToolCall]]:
-    body = text.strip().removeprefix("<|python_tag|>").strip()
-    if not body.startswith("{"):
-        return text, []
-    calls = []
-    decoder = json.JSONDecoder()
-    pos = 0
-    while pos < len(body):
-        try:
-            obj, end = decoder.raw_decode(body, pos)
-        except json.JSONDecodeError:
-            return text, []
-        call = _call_from(obj, "parameters")
-        if call is None:
-            return text, []
-        calls.append(call)
-        pos = end
-        while pos < len(body) and body[pos] in " \t\n;":
-            pos += 1
-    return "", calls
-
-
-def _call_from(raw: Any, args_key: str) -> Optional[ToolCall]:
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-        return None
-    args = raw.get(args_key, raw.get("arguments", raw.get("parameters", {})))
-    return ToolCall(raw["name"], args if isinstance(args, str) else json.dumps(args))
-
-
 # ------------------------------------------------------------ streaming
 @dataclass
+class _SentCall:
+    id: str
+    arguments: int  # how much of its arguments went out
+
+
+@dataclass
 class ToolStream:
-    """One streamed choice under a tool plan: what has gone out."""
+    """One streamed choice under a tool plan: what of its content and calls went out."""
 
     plan: ToolPlan
     sent_content: int = 0
-    named_id: Optional[str] = None
-    sent_args: int = 0
+    sent_calls: list[_SentCall] = field(default_factory=list)
+    memo: dict[Any, Any] = field(default_factory=dict)  # what reading the answer settled
+    last_text: str = ""
 
-    def feed(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]], bool]:
-        """(content to send, tool-call deltas to send, whether the choice made calls)."""
-        if self.plan.mode == "named":
-            return self._named(text, finished)
-        if not finished:
-            end = self.plan.safe_len(text)
-            content = text[self.sent_content : end] if end > self.sent_content else ""
-            self.sent_content = max(self.sent_content, end)
-            return content, [], False
-        content, calls = self.plan.extract(text)
-        rest = content[self.sent_content :] if len(content) > self.sent_content else ""
-        deltas = [{"index": i, **c.to_json()} for i, c in enumerate(calls)]
-        return rest, deltas, bool(calls)
+    @property
+    def called(self) -> bool:
+        return bool(self.sent_calls)
 
-    def _named(self, text: str, finished: bool) -> tuple[str, list[dict[str, Any]], bool]:
-        deltas: list[dict[str, Any]] = []
-        if self.named_id is None:
-            self.named_id = f"call_{uuid.uuid4().hex[:24]}"
-            deltas.append(
-                {
-                    "index": 0,
-                    "id": self.named_id,
-                    "type": "function",
-                    "function": {"name": self.plan.name, "arguments": ""},
-                }
-            )
-        fragment = text[self.sent_args :]
-        self.sent_args = len(text)
-        if fragment:
-            deltas.append({"index": 0, "function": {"arguments": fragment}})
-        return "", deltas, True
+    def feed(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """The content and the tool-call deltas to send, given the answer so far."""
+        if not text.startswith(self.last_text):  # not the same answer grown: read it anew
+            self.memo = {}
+        self.last_text = text
+        parsed = self.plan.parse(text, final, self.memo)
+        content = parsed.content[self.sent_content :]
+        self.sent_content += len(content)
+        deltas = [self._delta(i, call) for i, call in enumerate(parsed.calls)]
+        return content, [d for d in deltas if d is not None]
+
+    def _delta(self, index: int, call: Call) -> Optional[dict[str, Any]]:
+        """A new call's first delta (its name and arguments so far), or the fragment of
+        arguments written since the last one."""
+        if index == len(self.sent_calls):
+            self.sent_calls.append(_SentCall(call.id or self.plan.new_id(), len(call.arguments)))
+            function = {"name": call.name, "arguments": call.arguments}
+            return {"index": index, "id": self.sent_calls[index].id, "type": "function",
+                    "function": function}  # fmt: skip
+        sent = self.sent_calls[index]
+        fragment = call.arguments[sent.arguments :]
+        if not fragment:
+            return None
+        sent.arguments = len(call.arguments)
+        return {"index": index, "function": {"arguments": fragment}}
