@@ -543,10 +543,21 @@ def _server_config(
         ns.enable_inspector,
         ns.inspector_show_text,
         ns.strict_fields,
-        engine_args.model,
+        _model_root(engine_args),
         cors_config(ns),
         ns.reasoning_parser,
     )
+
+
+def _model_root(engine_args: EngineArgs) -> str:
+    """What the model was loaded from, as vLLM's card's ``root`` says it: the ``--model``
+    given (a path, a Hub id, a .gguf file), or the bundled model's file. ``vllm bench serve``
+    without ``--model`` loads its tokenizer from it."""
+    if engine_args.model:
+        return engine_args.model
+    from pagoda.models.loader import default_model_path
+
+    return default_model_path()
 
 
 def cors_config(ns: argparse.Namespace) -> Optional[CorsConfig]:
