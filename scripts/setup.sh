@@ -23,7 +23,7 @@ fi
 # PAGODA_ALLOW_NO_EXT=1 accepts the fallback anyway.
 .venv/bin/python - <<'PY'
 import os, shutil, sys
-from pagoda.attention import cpu_decode as k
+from pagoda.kernels import ext as k
 if not k.available():
     compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
     print("pagoda: the C++ CPU kernels did not build:", k.unavailable_reason(), file=sys.stderr)

@@ -72,7 +72,7 @@ def amx(request, monkeypatch) -> bool:
 def fused(request, monkeypatch) -> bool:
     """The fused bf16 CPU ops (RMSNorm+add, RoPE, SiLU·up, greedy argmax) and the reference
     ops they replace (``PAGODA_FUSED=0``)."""
-    from pagoda.models.cpu_fused import FUSED_ENV
+    from pagoda.kernels.cpu_fused import FUSED_ENV
 
     if request.param == "fused":
         monkeypatch.delenv(FUSED_ENV, raising=False)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import pytest
 
-from pagoda.attention import cpu_decode
+from pagoda.kernels import ext
 
 
 def compiler() -> Optional[str]:
@@ -31,12 +31,12 @@ def cpu_flags() -> set[str]:
 
 
 def has_amx() -> bool:
-    return cpu_decode.available() and bool(cpu_decode.extension().amx_available())
+    return ext.available() and bool(ext.extension().amx_available())
 
 
 # Tests of the C++ kernels: skipped only where nothing could build them.
 needs_ext = pytest.mark.skipif(
-    not cpu_decode.available() and compiler() is None,
+    not ext.available() and compiler() is None,
     reason="no C++ compiler on this machine: the C++ kernels cannot be built")
 # Tests of the AMX kernel itself: skipped on CPUs without AMX-BF16.
 needs_amx = pytest.mark.skipif(not has_amx(), reason="no AMX-BF16 on this CPU")

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
+from pagoda import envs
 from pagoda.attention import cpu_attention, torch_ref
 from pagoda.attention.metadata import AttentionMetadata
 
@@ -84,7 +84,7 @@ def triton_available() -> bool:
 
 
 def use_triton(device: torch.device) -> bool:
-    if device.type != "cuda" or os.environ.get(ATTENTION_BACKEND_ENV) == "torch":
+    if device.type != "cuda" or envs.ATTENTION_REFERENCE():
         return False
     return triton_available()
 

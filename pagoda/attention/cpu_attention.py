@@ -1,15 +1,15 @@
 """Paged attention on the CPU with the C++ kernels (PagedAttention, Kwon et al., SOSP'23).
 
-One layer's attention over a mixed batch, in three calls into the extension built by
-``cpu_decode.py``:
+One layer's attention over a mixed batch, in three calls into the C++ extension
+(``kernels/ext.py`` builds it; the decode call goes through ``cpu_decode.py``):
 
 1. the KV write: each new token's K/V row copied to its ``slot_mapping`` slot
-   (``csrc/kv_write.cpp``; rounded to e4m3 for an fp8 cache), for the whole batch before any
+   (``kernels/csrc/kv_write.cpp``; rounded to e4m3 for an fp8 cache), for the whole batch before any
    row attends;
-2. decode rows: the flash-decoding kernel (``csrc/paged_decode.cpp``), which streams each
+2. decode rows: the flash-decoding kernel (``kernels/csrc/paged_decode.cpp``), which streams each
    sequence's K/V rows once for all query heads of a KV head;
 3. prefill chunks: on CPUs with AMX and bf16 activations, one call of the AMX kernel
-   (``csrc/amx_attention.cpp``: FlashAttention-style, the two products on the tile unit) for
+   (``kernels/csrc/amx_attention.cpp``: FlashAttention-style, the two products on the tile unit) for
    every chunk of the step, reading the context through the block tables (an fp8 cache is
    widened to bf16 as it is read, a fresh chunk's own K/V included); elsewhere the PyTorch
    reference (fused SDPA per chunk; with a window, it gathers no block wholly before it).
@@ -26,38 +26,39 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 
+from pagoda import envs
 from pagoda.attention import cpu_decode, torch_ref
 from pagoda.attention.metadata import AttentionMetadata
+from pagoda.kernels import ext
 
 # "torch" forces the pure-PyTorch reference even where the C++ kernels are available.
-ATTENTION_BACKEND_ENV = "PAGODA_ATTENTION"
+ATTENTION_BACKEND_ENV = envs.ATTENTION_REFERENCE.name
 # "0" keeps prefill chunks on the PyTorch reference even where the AMX kernel could run.
-AMX_ENV = "PAGODA_AMX"
+AMX_ENV = envs.AMX.name
 AMX_HEAD_DIM_MULTIPLE = 32  # a tile row holds 32 bf16 dims
 AMX_MAX_HEAD_DIM = 256
 
 
 def use_cpu_kernels(device: torch.device) -> bool:
     """True on CPU when the extension is built (and the reference is not forced)."""
-    if device.type != "cpu" or os.environ.get(ATTENTION_BACKEND_ENV) == "torch":
+    if device.type != "cpu" or envs.ATTENTION_REFERENCE():
         return False
-    return cpu_decode.available()
+    return ext.available()
 
 
 @functools.lru_cache(maxsize=None)
 def _amx_supported() -> bool:
-    ext = cpu_decode.extension()
-    return ext is not None and bool(ext.amx_available())
+    mod = ext.extension()
+    return mod is not None and bool(mod.amx_available())
 
 
 def _amx_enabled() -> bool:
     """The CPU and OS allow AMX, the build has the kernel, and PAGODA_AMX does not refuse it."""
-    return os.environ.get(AMX_ENV) != "0" and _amx_supported()
+    return envs.AMX() and _amx_supported()
 
 
 def use_amx(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None) -> bool:
@@ -123,8 +124,8 @@ def attend(
             f"window must be >= 0 and softcap a finite number >= 0 (0: off); "
             f"got window={window}, softcap={softcap}"
         )
-    ext = cpu_decode.require_extension()
-    ext.write_kv(kv_cache, k, v, meta.slot_mapping)
+    kernels = ext.require_extension()
+    kernels.write_kv(kv_cache, k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     d = meta.num_decode_tokens
     if d:
@@ -144,7 +145,7 @@ def attend(
         packed = meta.packed(q.device)
         assert packed is not None  # there are prefill chunks
         first = meta.prefills[0].query_start
-        ext.amx_paged_attention(
+        kernels.amx_paged_attention(
             out[first:],
             q[first:],
             kv_cache,

@@ -48,14 +48,17 @@ the kernels on CPU tensors (the tests do).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from pagoda import envs
 from pagoda.attention.metadata import AttentionMetadata, PackedPrefills, pack_prefills
+
+# Read once, at import: the moment triton reads it to decorate the kernels below.
+_INTERPRETED = envs.TRITON_INTERPRET()
 
 LOG2_E = 1.4426950408889634
 LOG2_E_K = tl.constexpr(LOG2_E)  # the same, for the kernels (a @triton.jit function reads
@@ -812,7 +815,7 @@ def _launch_options(kernel: str, q_dtype: torch.dtype, cache_dtype: torch.dtype)
 
 def _upcast_dots(dtype: torch.dtype) -> bool:
     """Under TRITON_INTERPRET=1, bf16 operands of tl.dot must be widened (see _mma)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    return dtype == torch.bfloat16 and _INTERPRETED
 
 
 def _sm_count(device: torch.device) -> int:

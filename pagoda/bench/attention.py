@@ -33,6 +33,7 @@ import torch
 from pagoda.attention import cpu_decode
 from pagoda.attention.metadata import AttentionMetadata
 from pagoda.attention.torch_ref import decode_attention
+from pagoda.kernels import ext
 from pagoda.utils import cdiv
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -268,11 +269,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    if not cpu_decode.available():
-        raise SystemExit(f"the C++ kernel is unavailable: {cpu_decode.unavailable_reason()}")
+    if not ext.available():
+        raise SystemExit(f"the C++ kernel is unavailable: {ext.unavailable_reason()}")
     lo, hi = (int(x) for x in args.context.split(":"))
     batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
-    info = cpu_decode.build_info()
+    info = ext.build_info()
     print(
         f"paged decode attention: H={args.heads} Hkv={args.kv_heads} D={args.head_dim} "
         f"block_size={args.block_size} {args.dtype} context {lo}..{hi}, "

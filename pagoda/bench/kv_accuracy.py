@@ -70,12 +70,13 @@ def agreement(base: list[list[int]], other: list[list[int]]) -> dict:
 
 
 def make_llm(ns: argparse.Namespace, kv: str, quantization: str) -> Any:
+    from pagoda import envs
     from pagoda.entrypoints.llm import LLM
-    from pagoda.models.cpu_int4 import MAX_ROWS_ENV
 
-    saved = os.environ.get(MAX_ROWS_ENV)
+    rows_env = envs.INT4_MAX_ROWS.name  # set for the engine this builds, then restored
+    saved = os.environ.get(rows_env)
     if quantization != "none":
-        os.environ[MAX_ROWS_ENV] = str(1 << 30)
+        os.environ[rows_env] = str(1 << 30)
     try:
         return LLM(
             ns.model,
@@ -88,9 +89,9 @@ def make_llm(ns: argparse.Namespace, kv: str, quantization: str) -> Any:
         )
     finally:
         if saved is None:
-            os.environ.pop(MAX_ROWS_ENV, None)
+            os.environ.pop(rows_env, None)
         else:
-            os.environ[MAX_ROWS_ENV] = saved
+            os.environ[rows_env] = saved
 
 
 def run(ns: argparse.Namespace) -> dict:

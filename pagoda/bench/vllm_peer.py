@@ -29,6 +29,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from pagoda import envs
+
 SETUP_COMMAND = "bash scripts/peers/vllm_cpu.sh"
 RUNNER = Path(__file__).resolve().with_name("vllm_runner.py")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +51,7 @@ class VllmPeerError(RuntimeError):
 def venv_path(venv: Optional[str] = None) -> Path:
     """``venv``, else ``$VLLM_VENV``, else ``.venv-vllm``; relative ones from the checkout's
     root, as ``scripts/peers/vllm_cpu.sh`` reads them."""
-    path = Path(venv or os.environ.get("VLLM_VENV") or DEFAULT_VENV).expanduser()
+    path = Path(venv or envs.VLLM_VENV() or DEFAULT_VENV).expanduser()
     return path if path.is_absolute() else REPO_ROOT / path
 
 
@@ -66,8 +68,7 @@ def peer_command(venv: Path) -> list[str]:
 
 # --------------------------------------------------------------------------------- the model
 def pagoda_cache() -> Path:
-    base = os.environ.get("PAGODA_CACHE_DIR") or os.path.join("~", ".cache", "pagoda")
-    return Path(base).expanduser()
+    return envs.CACHE_DIR()
 
 
 def cache_root() -> Path:

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from pagoda.attention import cpu_decode
 from pagoda.config import SpeculativeConfig
+from pagoda.kernels import ext
 from pagoda.request import Request
 from pagoda.sampling import SamplingParams
 from pagoda.spec_decode.policy import StepCostModel
@@ -142,8 +142,8 @@ def _time_shape(
 def suffix_trie_factory() -> TrieFactory:
     """Suffix decoding's trie: the C++ one where the CPU extension is built (a token costs
     a few hundred ns instead of ~20 us), else the Python reference."""
-    ext = cpu_decode.extension()
-    native = getattr(ext, "SuffixTrie", None) if ext is not None else None
+    mod = ext.extension()
+    native = getattr(mod, "SuffixTrie", None) if mod is not None else None
     return native if native is not None else SuffixTrie
 
 

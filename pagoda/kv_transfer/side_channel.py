@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -20,9 +19,11 @@ from typing import Any, Callable, Optional
 import msgpack
 import zmq
 
+from pagoda import envs
+
 logger = logging.getLogger(__name__)
 
-SECRET_ENV = "PAGODA_KV_SECRET"
+SECRET_ENV = envs.KV_SECRET.name
 MAX_CLOCK_SKEW_S = 60.0
 POLL_INTERVAL_MS = 100
 DEFAULT_TIMEOUT_S = 5.0
@@ -36,7 +37,7 @@ class SideChannelError(RuntimeError):
 
 def resolve_secret(secret: Optional[str]) -> bytes:
     """The shared secret: the argument, else $PAGODA_KV_SECRET; an error if neither is set."""
-    value = secret or os.environ.get(SECRET_ENV)
+    value = secret or envs.KV_SECRET()
     if not value:
         raise ValueError(
             f"disaggregated prefill needs a shared secret: pass --kv-secret or set "

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda import envs
 from pagoda.models.cpu_linear import best_seconds
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "int4")
 GROUP = 32  # weights per scale/zero pair (llama.cpp's Q4_0/Q4_1 block)
 LEVELS = 15  # codes 0..15
-MAX_ROWS_ENV = "PAGODA_INT4_MAX_ROWS"
+MAX_ROWS_ENV = envs.INT4_MAX_ROWS.name
 TIMING_ROWS = (1, 2, 4, 6, 8, 12, 16)  # candidate row limits, timed in this order
 TIMING_BYTES = 64 << 20  # dense weights of one shape timed in turn: cold in cache
 MIN_SPEEDUP = 1.1  # the 4-bit form must beat the dense one by this at a row count
@@ -196,9 +196,9 @@ def choose_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
     final dense form (packed or not) against their 4-bit one. Returns the limit."""
     if not layers:
         return 0
-    forced = os.environ.get(MAX_ROWS_ENV)
+    forced = envs.INT4_MAX_ROWS()
     if forced is not None:
-        max_rows = int(forced)
+        max_rows = forced
     else:
         shape = max(((m.out_features, m.in_features) for m in layers), key=lambda s: s[0] * s[1])
         same = [m for m in layers if (m.out_features, m.in_features) == shape]
@@ -428,8 +428,8 @@ def choose_expert_max_rows(experts: list[Int4Experts], dtype: torch.dtype) -> in
     timed on the first layer's experts. Returns the limit."""
     if not experts:
         return 0
-    forced = os.environ.get(MAX_ROWS_ENV)
-    max_rows = int(forced) if forced is not None else time_expert_max_rows(experts[0], dtype)
+    forced = envs.INT4_MAX_ROWS()
+    max_rows = forced if forced is not None else time_expert_max_rows(experts[0], dtype)
     for layer in experts:
         layer.set_max_rows(max_rows)
     logger.info(

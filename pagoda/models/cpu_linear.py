@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from typing import Callable, Optional
 
@@ -30,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagoda import envs
 from pagoda.utils import cdiv
 
 logger = logging.getLogger(__name__)
 
-PACKED_LINEAR_ENV = "PAGODA_PACKED_LINEAR"  # "1": always, "0": never, unset: timed
+PACKED_LINEAR_ENV = envs.PACKED_LINEAR.name  # "1": always, "0": never, unset: timed
 TIMING_ROWS = (1, 32)  # a decode step's rows and a small prefill chunk's
 TIMING_REPEATS = 3
 TIMING_BYTES = 64 << 20  # weights of one shape timed in turn: more than a last-level cache
@@ -132,9 +132,9 @@ def pack_model(
     """Replace the model's linear layers by packed ones where that pays (or as
     ``PAGODA_PACKED_LINEAR`` says). ``head_weight``: the output projection (V, E), which may
     be tied to the embedding; returns its packed form where that pays, else None."""
-    mode = os.environ.get(PACKED_LINEAR_ENV)
+    forced = envs.PACKED_LINEAR()  # True: always, False: never, None: where timing says
     dtype = next(model.parameters()).dtype
-    if mode == "0" or not packing_supported(dtype):
+    if forced is False or not packing_supported(dtype):
         return None
     for shape, places in _linears(model).items():
         layers = [getattr(parent, name) for parent, name in places]
@@ -143,7 +143,7 @@ def pack_model(
         layer_bytes = layers[0].weight.numel() * layers[0].weight.element_size()
         timed = min(len(layers), cdiv(TIMING_BYTES, layer_bytes))
         packed = [pack_weight(layer.weight) for layer in layers[:timed]]
-        if mode != "1":
+        if not forced:
             pays, ratio = packing_pays([layer.weight for layer in layers[: len(packed)]], packed)
             logger.info(
                 "linear %s x%d (%s): packed %.2fx plain -> %s",
@@ -159,11 +159,11 @@ def pack_model(
             p = packed[i] if i < len(packed) else pack_weight(layer.weight)
             bias = None if layer.bias is None else layer.bias.detach()
             setattr(parent, name, PackedLinear(p, bias, *shape))
-    _pack_experts(model, mode)
-    return None if head_weight is None else _pack_head(head_weight, mode)
+    _pack_experts(model, forced)
+    return None if head_weight is None else _pack_head(head_weight, forced)
 
 
-def _pack_experts(model: nn.Module, mode: Optional[str]) -> None:
+def _pack_experts(model: nn.Module, forced: Optional[bool]) -> None:
     """The experts of MoE layers (models/moe.py), packed one matrix at a time where that pays:
     timed as the linear layers are, on the first layer's experts."""
     from pagoda.models.moe import SparseMoE  # moe packs with this module's kernels
@@ -171,7 +171,7 @@ def _pack_experts(model: nn.Module, mode: Optional[str]) -> None:
     layers = [m for m in model.modules() if isinstance(m, SparseMoE) and m.int4 is None]
     if not layers:
         return
-    if mode != "1":
+    if not forced:
         gate_up, down = layers[0].expert_matrices()
         ratios = []
         for weights in (gate_up, down):
@@ -191,9 +191,9 @@ def _pack_experts(model: nn.Module, mode: Optional[str]) -> None:
         layer.pack_experts(pack_weight)
 
 
-def _pack_head(weight: torch.Tensor, mode: Optional[str]) -> Optional[PackedLinear]:
+def _pack_head(weight: torch.Tensor, forced: Optional[bool]) -> Optional[PackedLinear]:
     head = PackedLinear.of(weight)
-    if mode == "1":
+    if forced:
         return head
     pays, ratio = packing_pays([weight.detach()], [head.packed])
     logger.info(

@@ -6,8 +6,8 @@ when it is built and bound to its layers, so the forward does no dispatch (as vL
 Three sets:
 - ``REFERENCE``: plain PyTorch, every device and dtype; fp32 always takes it (the path compared
   token for token with Hugging Face).
-- CPU fused (``cpu_fused.py``, the C++ extension): bf16 on the CPU.
-- Triton fused (``triton_fused.py``): 16-bit floats on CUDA (on CPU tensors under
+- CPU fused (``kernels/cpu_fused.py``, the C++ extension): bf16 on the CPU.
+- Triton fused (``kernels/triton_fused.py``): 16-bit floats on CUDA (on CPU tensors under
   ``TRITON_INTERPRET=1``, as the tests bind it); RoPE fused for power-of-two head dims.
 ``PAGODA_FUSED=0`` keeps the reference; the switch is read when the ops are chosen.
 
@@ -18,15 +18,15 @@ k (T, Hkv, D); cos, sin: fp32 (P, D) tables; positions (T,).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from pagoda import envs
 from pagoda.attention.backend import triton_available
-from pagoda.models import cpu_fused
+from pagoda.kernels import cpu_fused
 
 Tensor = torch.Tensor
 QK = tuple[Tensor, Tensor]
@@ -153,7 +153,7 @@ CPU_FUSED = DecoderOps(
 def triton_ops(head_dim: int) -> DecoderOps:
     """The Triton set for a model of ``head_dim``: RoPE (with Qwen3's q/k norms) is one
     kernel where it tiles the head dim (a power of two), else the reference's."""
-    from pagoda.models import triton_fused as tf
+    from pagoda.kernels import triton_fused as tf
 
     def norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return tf.rms_norm(x, weight, eps)
@@ -189,7 +189,7 @@ def triton_ops(head_dim: int) -> DecoderOps:
 def select(device: torch.device, dtype: torch.dtype, head_dim: int) -> DecoderOps:
     """The set for activations of ``dtype`` on ``device``. Reads ``PAGODA_FUSED`` (and loads
     the extension or imports triton) now: call once, when the model is built."""
-    if os.environ.get(cpu_fused.FUSED_ENV) == "0":
+    if not envs.FUSED():
         return REFERENCE
     if cpu_fused.enabled_for(device, dtype):
         return CPU_FUSED

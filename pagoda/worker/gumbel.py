@@ -6,7 +6,7 @@ and tokens a filter removed (l_v = -inf) are never drawn.
 
 The uniforms come from a counter-based hash of (row key, token index) (murmur3's finaliser
 applied twice), so a row's draw depends on its key alone: not on its batch, the thread count
-or the instruction set. On the CPU the C++ kernel (``attention/csrc/gumbel_sample.cpp``) does it
+or the instruction set. On the CPU the C++ kernel (``kernels/csrc/gumbel_sample.cpp``) does it
 in one pass; :func:`noise` is the same noise in tensor ops (the reference the tests hold the
 kernel to, and the path on CUDA or without the extension). The two agree to about 1e-6 (the
 kernel's log is a polynomial), so they pick the same token except on near-exact ties.
@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from pagoda.attention import cpu_decode
+from pagoda.kernels import ext
 
 _M32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B1
@@ -31,7 +31,7 @@ _GOLDEN32 = 0x9E3779B1
 def _ext(logits: torch.Tensor) -> Optional[ModuleType]:
     if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16):
         return None
-    return cpu_decode.extension()
+    return ext.extension()
 
 
 def draw(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

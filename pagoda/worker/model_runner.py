@@ -44,6 +44,7 @@ from pagoda.attention.metadata import (
 )
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from pagoda.kernels import cpu_fused
 from pagoda.models import cpu_int4, cpu_linear
 from pagoda.models.llama import LlamaForCausalLM
 from pagoda.sampling import SamplingParams
@@ -183,6 +184,8 @@ class ModelRunner:
         # The ops and the attention backend, chosen once for this cache's dtype (attention
         # computes in the cache's when it is a narrower float, bf16 under fp32 weights).
         model.bind_ops(device, dtype, kv_dtype or dtype)
+        # Greedy rows' argmax on the fused CPU kernel: chosen here, with the ops (PAGODA_FUSED).
+        self.fused_sampling = cpu_fused.enabled_for(device, dtype)
         # The CPU path packs the prefill chunks only for a backend that reads them (AMX).
         self.pack_prefills = model.attention.uses_packed_prefills
         self.graphs: Optional[DecodeGraphs] = None
@@ -544,12 +547,13 @@ class ModelRunner:
         else:
             rows = hidden[host.logits_indices]
         sampling_rows = self._sampling_rows(host)
+        fused = self.fused_sampling
         tokens = greedy_from_hidden(
-            rows, self.model.output_weight, sampling_rows, self.model.packed_head
+            rows, self.model.output_weight, sampling_rows, self.model.packed_head, fused=fused
         )
         if tokens is None:
             logits = self.model.compute_logits(rows)  # (S, V)
-            tokens, handle.raw_logprobs = sample_tokens(logits, sampling_rows)
+            tokens, handle.raw_logprobs = sample_tokens(logits, sampling_rows, fused=fused)
         for i, rid in enumerate(host.samplers):
             state = self.states[rid]
             if i == 0 or host.samplers[i - 1] != rid:  # a request's first sampled row

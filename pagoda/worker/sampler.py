@@ -7,6 +7,9 @@ get -inf), then greedy argmax or temperature / top-k / top-p / min-p sampling. A
 Gumbel-max draw over its filtered logits (``worker/gumbel.py``: one pass, no softmax); seeded
 rows key their noise by (seed, sibling index, output index), so a seeded request samples the
 same tokens whatever else shares its batch, and after a preemption.
+
+Whether greedy rows take the fused CPU argmax (``kernels/cpu_fused.py``) is the caller's
+``fused``, chosen once when the runner is built (``PAGODA_FUSED``); nothing here reads a switch.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ from typing import Callable, Optional
 
 import torch
 
-from pagoda.attention import cpu_decode
 from pagoda.core.outputs import TokenLogprobs
-from pagoda.models import cpu_fused
+from pagoda.kernels import cpu_fused, ext
 from pagoda.sampling import SamplingParams
 from pagoda.worker import gumbel
 from pagoda.worker.host_buffer import to_device
@@ -60,14 +62,16 @@ def greedy_from_hidden(
     weight: torch.Tensor,
     rows: list[SamplingRow],
     packed_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    *,
+    fused: bool = True,
 ) -> Optional[torch.Tensor]:
     """Tokens straight from the final hidden states (S, E) and the output projection (V, E)
-    when every row is plain greedy on the CPU bf16 path: ``weight @ hidden.T`` and a column
-    argmax (see ``cpu_fused.greedy_tokens``), never building the (S, V) logits; up to
-    ``PACKED_HEAD_MAX_ROWS`` rows, ``packed_head`` (the packed projection, where there is one)
-    and a row argmax. None where the general path (``compute_logits`` then
-    :func:`sample_tokens`) must run."""
-    if not (cpu_fused.enabled(hidden) and all(_plain_greedy(r) for r in rows)):
+    when every row is plain greedy on the CPU bf16 path (and ``fused``, the runner's choice):
+    ``weight @ hidden.T`` and a column argmax (see ``cpu_fused.greedy_tokens``), never building
+    the (S, V) logits; up to ``PACKED_HEAD_MAX_ROWS`` rows, ``packed_head`` (the packed
+    projection, where there is one) and a row argmax. None where the general path
+    (``compute_logits`` then :func:`sample_tokens`) must run."""
+    if not (fused and cpu_fused.enabled(hidden) and all(_plain_greedy(r) for r in rows)):
         return None
     if packed_head is not None and hidden.shape[0] <= PACKED_HEAD_MAX_ROWS:
         return cpu_fused.argmax(packed_head(hidden))
@@ -75,23 +79,24 @@ def greedy_from_hidden(
 
 
 def sample(
-    logits: torch.Tensor, rows: list[SamplingRow]
+    logits: torch.Tensor, rows: list[SamplingRow], *, fused: bool = True
 ) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
     """logits: (S, V), one row per entry of ``rows``. Returns tokens and logprobs."""
-    tokens, raw_logprobs = sample_tokens(logits, rows)
+    tokens, raw_logprobs = sample_tokens(logits, rows, fused=fused)
     ids = tokens.tolist()
     return ids, token_logprobs(raw_logprobs, ids, rows)
 
 
 def sample_tokens(
-    logits: torch.Tensor, rows: list[SamplingRow]
+    logits: torch.Tensor, rows: list[SamplingRow], *, fused: bool = True
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """logits: (S, V). The sampled ids (S,) and, when a row asks for logprobs, the raw
-    log-probabilities (S, V), both left on the logits' device: nothing here waits for it."""
+    log-probabilities (S, V), both left on the logits' device: nothing here waits for it.
+    ``fused``: greedy rows may take the fused CPU argmax (the runner's choice)."""
     if all(_plain_greedy(r) for r in rows):
-        return _argmax(logits), None
+        return _argmax(logits, fused), None
     if all(_plain_greedy(r, masked=True) for r in rows):  # greedy under grammars only
-        return _argmax(_mask_disallowed(logits, rows)), None
+        return _argmax(_mask_disallowed(logits, rows), fused), None
     logits = logits.float()
     raw_logprobs = (
         torch.log_softmax(logits, dim=-1)
@@ -116,9 +121,9 @@ def token_logprobs(
     ]
 
 
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
+def _argmax(logits: torch.Tensor, fused: bool) -> torch.Tensor:
     # Upcasting is exact and keeps the order, so argmax needs no fp32 copy of (S, V).
-    if logits.dim() == 2 and logits.stride(1) == 1 and cpu_fused.enabled(logits):
+    if fused and logits.dim() == 2 and logits.stride(1) == 1 and cpu_fused.enabled(logits):
         return cpu_fused.argmax(logits)
     return logits.argmax(dim=-1)
 
@@ -255,7 +260,7 @@ def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
 
 def _mask_disallowed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """A copy of ``logits`` with -inf on the tokens a constrained row's grammar forbids: on
-    the CPU by the C++ kernel (``csrc/token_mask.cpp``: unpacking the bits into a bool
+    the CPU by the C++ kernel (``kernels/csrc/token_mask.cpp``: unpacking the bits into a bool
     tensor and ``masked_fill`` cost ~5 ms a step at 32 x 49152), elsewhere by tensor ops.
     (llguidance's own torch helper goes through torch.compile: a compile on first use.)"""
     masked = [i for i, r in enumerate(rows) if r.allowed is not None]
@@ -280,7 +285,7 @@ def _native(logits: torch.Tensor) -> Optional[ModuleType]:
     """The C++ extension for CPU fp32/bf16 logits (None elsewhere or when it did not build)."""
     if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16):
         return None
-    return cpu_decode.extension()
+    return ext.extension()
 
 
 def _choose(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

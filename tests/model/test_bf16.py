@@ -25,7 +25,7 @@ import transformers
 
 from pagoda import LLM, SamplingParams
 from pagoda.attention import cpu_attention, cpu_decode, torch_ref
-from pagoda.models import cpu_fused
+from pagoda.kernels import cpu_fused, ext
 from pagoda.models.loader import default_model_path
 from pagoda.worker import model_runner
 from tiny_models import TINY_VOCAB, make_model
@@ -91,9 +91,9 @@ class PathSpy:
             return tokens
 
         monkeypatch.setattr(model_runner, "greedy_from_hidden", greedy)
-        ext = cpu_decode.extension()
-        monkeypatch.setattr(ext, "amx_paged_attention",
-                            self._counting("amx_prefill", ext.amx_paged_attention))
+        mod = ext.extension()
+        monkeypatch.setattr(mod, "amx_paged_attention",
+                            self._counting("amx_prefill", mod.amx_paged_attention))
 
     def _counting(self, name: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
@@ -186,7 +186,7 @@ def kv_write_zeroing_some_keys(write: Callable) -> Callable:
 MUTANTS = {"rope-on-q-only": (lambda: cpu_fused, "rope_", rope_on_q_only),
            "decode-without-newest-token": (lambda: cpu_decode, "paged_decode_attention",
                                            decode_without_newest),
-           "kv-write-zeroing-some-keys": (cpu_decode.extension, "write_kv",
+           "kv-write-zeroing-some-keys": (ext.extension, "write_kv",
                                           kv_write_zeroing_some_keys)}
 
 

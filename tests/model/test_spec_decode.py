@@ -336,7 +336,7 @@ def test_smollm2_greedy_is_identical_with_speculation():
     assert spec_stats(spec).num_accepted_tokens > 10
 
 
-# The C++ decode kernel (attention/csrc/paged_decode.cpp, run_all) splits a row's context
+# The C++ decode kernel (kernels/csrc/paged_decode.cpp, run_all) splits a row's context
 # into chunks on several threads, merged at the end, when the step has enough work (tokens x
 # KV heads >= SERIAL_BELOW, 4,096) spread over too few (row, KV head) units (fewer than 4 per
 # thread). At two threads a lone decode row over 1,100 tokens x 4 KV heads is split in two;

@@ -15,7 +15,8 @@ import random
 import pytest
 import torch
 
-from pagoda.attention import cpu_attention, cpu_decode, torch_ref
+from pagoda.attention import cpu_attention, torch_ref
+from pagoda.kernels import ext
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk, pack_prefills
 
 from kv_poison import poison_unused
@@ -71,7 +72,7 @@ def reference(case: dict, scale: float) -> torch.Tensor:
 
 def run_amx(case: dict, scale: float) -> torch.Tensor:
     out = torch.full(case["q"].shape, float("nan"), dtype=BF16)
-    cpu_decode.extension().amx_paged_attention(out, case["q"], case["kv"], case["starts"],
+    ext.extension().amx_paged_attention(out, case["q"], case["kv"], case["starts"],
                                                case["ctx"], case["tables"], scale)
     return out
 
@@ -118,18 +119,18 @@ def test_amx_prefill_is_causal_within_a_chunk():
 @needs_amx
 def test_amx_bad_inputs_raise_with_the_reason():
     case = make_case([(4, 20)], 9, 3, 64, 16)
-    ext = cpu_decode.extension()
+    mod = ext.extension()
     out = torch.empty_like(case["q"])
     bad_tables = case["tables"].clone()
     bad_tables[0, 0] = 10_000
     with pytest.raises(RuntimeError, match="outside"):
-        ext.amx_paged_attention(out, case["q"], case["kv"], case["starts"], case["ctx"],
+        mod.amx_paged_attention(out, case["q"], case["kv"], case["starts"], case["ctx"],
                                 bad_tables, 0.125)
     with pytest.raises(RuntimeError, match="query_len"):
-        ext.amx_paged_attention(out, case["q"], case["kv"], case["starts"],
+        mod.amx_paged_attention(out, case["q"], case["kv"], case["starts"],
                                 torch.tensor([3]), case["tables"], 0.125)
     with pytest.raises(RuntimeError, match="bfloat16"):
-        ext.amx_paged_attention(out.float(), case["q"].float(), case["kv"], case["starts"],
+        mod.amx_paged_attention(out.float(), case["q"].float(), case["kv"], case["starts"],
                                 case["ctx"], case["tables"], 0.125)
 
 
@@ -183,7 +184,7 @@ def test_kv_write_copies_strided_rows_to_their_slots_only():
     slots = torch.randperm(12 * 16, generator=g)[:20]
     want = cache.clone()
     torch_ref.write_kv(want, k, v, slots)
-    cpu_decode.extension().write_kv(cache, k, v, slots)
+    ext.extension().write_kv(cache, k, v, slots)
     assert torch.equal(cache, want)
 
 
@@ -192,7 +193,7 @@ def test_kv_write_rejects_a_bad_slot_before_writing_anything():
     cache = torch.zeros(2, 4, 16, 3, 64, dtype=BF16)
     k = torch.ones(3, 3, 64, dtype=BF16)
     with pytest.raises(RuntimeError, match="slot_mapping"):
-        cpu_decode.extension().write_kv(cache, k, k, torch.tensor([0, 5, 64]))
+        ext.extension().write_kv(cache, k, k, torch.tensor([0, 5, 64]))
     assert not cache.any()
 
 
@@ -230,11 +231,11 @@ def test_the_native_build_is_in_use():
     would silently drop the AVX-512 and AMX kernels (and skip their tests). On every CPU the
     build in use covers each instruction set the CPU has, and AMX runs where the CPU has it."""
     flags = cpu_flags()
-    info = cpu_decode.build_info()
+    info = ext.build_info()
     assert info["available"], info
     isa = info["isa"].split()
     for cpu_name, build_name in NATIVE_ISA.items():
         if cpu_name in flags:
             assert build_name in isa, (cpu_name, info)
-    assert bool(cpu_decode.extension().amx_available()) == ("amx_bf16" in flags
+    assert bool(ext.extension().amx_available()) == ("amx_bf16" in flags
                                                             and "amx_tile" in flags), info

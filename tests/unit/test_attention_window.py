@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from pagoda.attention import cpu_attention, cpu_decode, torch_ref
+from pagoda.kernels import ext
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk
 
 from kv_poison import poison_unused
@@ -352,7 +353,7 @@ def test_amx_kernel_never_reads_before_the_window(fp8, group, head_dim, window, 
     q = (2 * torch.randn(int(starts[-1]), 2 * group, head_dim)).to(BF16)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
-    cpu_decode.require_extension().amx_paged_attention(
+    ext.require_extension().amx_paged_attention(
         out, q, cache, starts, torch.tensor([c for _, c in seqs]), tables, scale, window, softcap)
     check_kernel(out, windowed_reference(q, cache, tables, seqs, scale, window, softcap), 2e-2)
 
@@ -375,9 +376,9 @@ def test_bad_options_raise():
         with pytest.raises(ValueError, match="softcap"):
             cpu_attention.attend(case.q, case.k, case.v, case.cache, case.meta, 0.125,
                                  amx=False, window=window, softcap=softcap)
-        if cpu_decode.require_extension().amx_available():
+        if ext.require_extension().amx_available():
             out = torch.empty(3, 2, 64, dtype=BF16)
             with pytest.raises(RuntimeError, match=name):
-                cpu_decode.require_extension().amx_paged_attention(
+                ext.require_extension().amx_paged_attention(
                     out, out.clone(), cache.to(BF16), torch.tensor([0, 3]), torch.tensor([40]),
                     tables, 0.125, window, softcap)

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from pagoda.attention import cpu_decode  # noqa: E402
+from pagoda.kernels import ext  # noqa: E402
 from pagoda.attention.metadata import AttentionMetadata  # noqa: E402
 from pagoda.attention.torch_ref import decode_attention  # noqa: E402
 
@@ -227,6 +228,6 @@ def test_bad_inputs_raise(bad: str, match: str) -> None:
 
 
 def test_build_info() -> None:
-    info = cpu_decode.build_info()
+    info = ext.build_info()
     assert info["available"] is True and isinstance(info["isa"], str)
-    assert cpu_decode.unavailable_reason() is None
+    assert ext.unavailable_reason() is None

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagoda.models import cpu_fused
+from pagoda.kernels import cpu_fused
 from pagoda.models.llama import RMSNorm
 from pagoda.models.ops import rotate as _rotate
 

@@ -104,12 +104,12 @@ class EagerDecodeGraphs(DecodeGraphs):
                          ids=["reference-ops", "triton-fused-ops", "pipelined"])
 def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused, pipelined):
     """With ``fused``, the model's norms, q/k norm + RoPE and SiLU·up also take the Triton
-    kernels of models/triton_fused.py, as on a GPU."""
+    kernels of kernels/triton_fused.py, as on a GPU."""
     loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
     want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
     calls: list[str] = []
     if fused:
-        from pagoda.models import triton_fused
+        from pagoda.kernels import triton_fused
 
         def counted(name):
             fn = getattr(triton_fused, name)

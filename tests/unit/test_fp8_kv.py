@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from pagoda.attention import cpu_decode, torch_ref  # noqa: E402
+from pagoda.kernels import ext  # noqa: E402
 from pagoda.attention.metadata import AttentionMetadata  # noqa: E402
 
 from native import needs_amx, needs_ext  # noqa: E402
@@ -66,7 +67,7 @@ def test_write_rounds_like_torch(dtype: torch.dtype) -> None:
     slots = torch.randperm(num_blocks * block_size)[:tokens]
     fill = torch.randint(0, 256, (2, num_blocks, block_size, heads, dim), dtype=torch.uint8)
     cache = fill.clone().view(FP8)
-    cpu_decode.extension().write_kv(cache, k, v, slots)
+    ext.extension().write_kv(cache, k, v, slots)
     got = cache.view(torch.uint8).view(2, -1, heads, dim)
     want_k = torch_ref.to_cache_dtype(k, FP8).view(torch.uint8)
     want_v = torch_ref.to_cache_dtype(v, FP8).view(torch.uint8)
@@ -80,7 +81,7 @@ def test_write_rounds_like_torch(dtype: torch.dtype) -> None:
 def test_write_saturates_and_keeps_sign() -> None:
     x = torch.tensor([1e6, -1e6, float("inf"), float("-inf"), 448.0, -0.0]).view(6, 1, 1)
     cache = torch.zeros(2, 1, 8, 1, 1, dtype=FP8)
-    cpu_decode.extension().write_kv(cache, x, x, torch.arange(6))
+    ext.extension().write_kv(cache, x, x, torch.arange(6))
     assert cache[0, 0, :6, 0, 0].float().tolist() == [448.0, -448.0, 448.0, -448.0, 448.0, 0.0]
     assert cache[0, 0, 5].view(torch.uint8).item() == 0x80   # -0 keeps its sign
 
@@ -89,7 +90,7 @@ def test_write_rejects_other_dtypes() -> None:
     cache = torch.zeros(2, 1, 4, 1, 8, dtype=FP8)
     k = torch.zeros(1, 1, 8, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="dtypes differ"):
-        cpu_decode.extension().write_kv(cache, k, k, torch.zeros(1, dtype=torch.int64))
+        ext.extension().write_kv(cache, k, k, torch.zeros(1, dtype=torch.int64))
 
 
 def fp8_inputs(seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int,

@@ -1,4 +1,4 @@
-"""The Gumbel-max sampler (worker/gumbel.py, attention/csrc/gumbel_sample.cpp) against its
+"""The Gumbel-max sampler (worker/gumbel.py, kernels/csrc/gumbel_sample.cpp) against its
 PyTorch reference and against the distribution it must draw from. Fresh random inputs each run
 (the seed is printed; PAGODA_TEST_SEED replays)."""
 from __future__ import annotations
@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from pagoda.attention import cpu_decode
+from pagoda.kernels import ext
 from pagoda.worker import gumbel
 from tests.native import needs_ext
 
 
 def _ext():
-    mod = cpu_decode.extension()
-    assert mod is not None, cpu_decode.unavailable_reason()
+    mod = ext.extension()
+    assert mod is not None, ext.unavailable_reason()
     return mod
 
 
@@ -107,7 +107,7 @@ def test_draws_follow_the_softmax(random_seed, path, monkeypatch):
     """40000 rows with distinct keys sample a 12-token distribution: Pearson's test must not
     reject at p < 1e-6 (a right-tailed exponential noise, for one, fails it by far)."""
     if path == "kernel":
-        cpu_decode.require_extension()  # built wherever it can be: a failure, no skip
+        ext.require_extension()  # built wherever it can be: a failure, no skip
     else:
         monkeypatch.setattr(gumbel, "_ext", lambda logits: None)
     logits = torch.randn(12) * 1.5

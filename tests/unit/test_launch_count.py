@@ -27,7 +27,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from pagoda.attention import backend, triton_attention  # noqa: E402
 from pagoda.core.outputs import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
-from pagoda.models import cpu_fused, ops, triton_fused  # noqa: E402
+from pagoda.kernels import cpu_fused, triton_fused  # noqa: E402
+from pagoda.models import ops  # noqa: E402
 from pagoda.models.loader import load_model  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 from pagoda.worker.model_runner import ModelRunner  # noqa: E402

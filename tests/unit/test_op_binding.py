@@ -10,7 +10,8 @@ import torch
 from pagoda.attention import backend, cpu_attention, torch_ref
 from pagoda.attention.metadata import (AttentionMetadata, ChunkSpan, PrefillChunk,
                                        pack_prefills, pack_spans)
-from pagoda.models import cpu_fused, ops
+from pagoda.kernels import cpu_fused
+from pagoda.models import ops
 from pagoda.models.loader import load_model
 from pagoda.worker.model_runner import ModelRunner
 from runner_driver import run_greedy

@@ -106,9 +106,9 @@ def _trie_counts(trie):
 
 
 def _native_trie():
-    from pagoda.attention import cpu_decode
+    from pagoda.kernels import ext
 
-    return cpu_decode.require_extension().SuffixTrie  # a failed build fails, never skips
+    return ext.require_extension().SuffixTrie  # a failed build fails, never skips
 
 
 # The Python reference and the C++ trie the engine uses where its extension is built

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from pagoda.attention import cpu_decode
+from pagoda.kernels import ext
 from pagoda.sampling import SamplingParams
 from pagoda.worker import sampler
 from pagoda.worker.sampler import SamplingRow, _mask_disallowed, sample_tokens
@@ -46,7 +46,7 @@ def _expected(logits, rows):
 @pytest.mark.parametrize("native", [pytest.param(True, marks=needs_ext), False])
 def test_mask_matches_the_bits(dtype, native, monkeypatch):
     if native:  # a machine that can build the extension must have it: a failure, no skip
-        cpu_decode.require_extension()
+        ext.require_extension()
     else:
         monkeypatch.setattr(sampler, "_native", lambda logits: None)
     vocab = 203                                           # not a multiple of 32

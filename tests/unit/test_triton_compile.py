@@ -35,7 +35,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pagoda.attention import triton_attention as ta
-from pagoda.models import triton_fused as tf
+from pagoda.kernels import triton_fused as tf
 
 TARGET = GPUTarget("cuda", 90, 32)
 HEAD_DIM, GROUP, BLOCK_SIZE, NUM_KV_HEADS = 128, 2, 16, 8   # Qwen3-0.6B

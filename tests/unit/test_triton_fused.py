@@ -1,4 +1,4 @@
-"""The Triton fused decoder ops (models/triton_fused.py) against the model's reference ops
+"""The Triton fused decoder ops (kernels/triton_fused.py) against the model's reference ops
 (llama.py with the fused paths off), under TRITON_INTERPRET=1 on the CPU (compiled on a GPU).
 
 Fresh random inputs each run (the seed is in every failure message). fp32 must agree to
@@ -19,8 +19,9 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from pagoda.models import cpu_fused, ops  # noqa: E402
-from pagoda.models import triton_fused as tf  # noqa: E402
+from pagoda.kernels import cpu_fused  # noqa: E402
+from pagoda.kernels import triton_fused as tf  # noqa: E402
+from pagoda.models import ops  # noqa: E402
 from pagoda.models.llama import Attention, RMSNorm, RotaryEmbedding  # noqa: E402
 from pagoda.models.presets import preset_arch  # noqa: E402
 

@@ -15,18 +15,22 @@ where an fp32 sum's order tips a rounding:
 - SiLU rounds before the multiply.
 
 They run on CUDA for 16-bit floats. ``PAGODA_FUSED=0`` turns them off, and fp32 keeps the
-reference ops, as on the CPU. Under ``TRITON_INTERPRET=1`` the tests run them on CPU
-tensors.
+reference ops, as on the CPU (``models/ops.py`` chooses, once, when a model is built). Under
+``TRITON_INTERPRET=1`` the tests run them on CPU tensors.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from pagoda import envs
+
+# Read once, at import: the moment triton reads it to decorate the kernels below.
+_INTERPRETED = envs.TRITON_INTERPRET()
 
 
 @triton.jit
@@ -299,7 +303,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def _soft_round() -> bool:
     """Under TRITON_INTERPRET=1, round to bf16 in integer ops (see _round)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETED
 
 
 def _check_rows(*tensors: torch.Tensor) -> None:

@@ -1,50 +1,48 @@
 """Fused CPU kernels for the bf16 decoder: RMSNorm (after a residual add), RoPE in place,
 SiLU(gate) * up, and the greedy sampler's argmax (of rows, or of the columns of transposed
 logits), each one pass instead of the reference's several (the C++ lives in
-``attention/csrc/fused_ops.cpp``, built with the decode kernel).
+``kernels/csrc/fused_ops.cpp``, in the one extension ``kernels/ext.py`` builds).
 
 They keep the reference's bf16 roundings, so tokens match the unfused path except where an
 fp32 sum's order tips a rounding. Used only for bf16 on CPU when the extension is built;
-``PAGODA_FUSED=0`` turns them off. fp32 always takes the reference ops (the path that is
-compared token for token with Hugging Face). The model's layers call them through the ops set
-``models/ops.py`` chooses when the model is built.
+``PAGODA_FUSED=0`` turns them off, read once by :func:`enabled_for` when a model's ops
+(``models/ops.py``) and its runner's sampler path are chosen, never per call. fp32 always takes
+the reference ops (the path that is compared token for token with Hugging Face).
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-from pagoda.attention import cpu_decode
+from pagoda import envs
+from pagoda.kernels import ext
 
-FUSED_ENV = "PAGODA_FUSED"
+FUSED_ENV = envs.FUSED.name
 
 
 def _ext() -> Optional[ModuleType]:
-    if os.environ.get(FUSED_ENV) == "0":
-        return None
-    return cpu_decode.extension()
+    return ext.extension()
 
 
 def _kernels() -> ModuleType:
-    """The extension for an op below, called only where :func:`enabled` holds: raises
-    RuntimeError where ``PAGODA_FUSED=0`` or the extension is not built."""
-    if os.environ.get(FUSED_ENV) == "0":
-        raise RuntimeError(f"pagoda fused CPU ops are turned off ({FUSED_ENV}=0)")
-    return cpu_decode.require_extension()
+    """The extension for an op below: raises RuntimeError where it is not built."""
+    return ext.require_extension()
 
 
 def enabled(x: torch.Tensor) -> bool:
+    """The kernels take ``x``: a CPU bf16 tensor, and the extension is built (asks no switch:
+    the caller chose the fused path once, with :func:`enabled_for`)."""
     return x.device.type == "cpu" and x.dtype == torch.bfloat16 and _ext() is not None
 
 
 def enabled_for(device: torch.device, dtype: torch.dtype) -> bool:
-    """What :func:`enabled` says of tensors of ``dtype`` on ``device`` (the model's choice of
-    ops, ``models/ops.py``, made once when it is built)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and _ext() is not None
+    """Whether a model of ``dtype`` on ``device`` takes the fused ops: bf16 on the CPU, the
+    extension built and ``PAGODA_FUSED`` not "0" (read now: call once, when the model and its
+    runner are built)."""
+    return envs.FUSED() and device.type == "cpu" and dtype == torch.bfloat16 and _ext() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
