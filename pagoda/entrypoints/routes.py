@@ -1,7 +1,12 @@
-"""Every HTTP route of ``pagoda serve``, in one table that ``pagoda router`` (and
-``pagoda serve --data-parallel-size``, which runs it) builds its routes from, so an endpoint
-added to the server works behind the router too (a test holds the server's routes to this
-table).
+"""Every HTTP route of ``pagoda serve``, in one table that both sides build from:
+``pagoda serve`` registers each route's handler from it (``openai/api_server.py``), and
+``pagoda router`` (and ``pagoda serve --data-parallel-size``, which runs it) its routing,
+so an endpoint added to the server works behind the router too (a test holds the server's
+routes to this table).
+
+A route names its handler as ``"module:factory"``: the server imports the module and calls
+``factory(ctx)`` for the endpoint (``dialect.py``); the router never imports it, so this
+table stays light (no torch). Adding an API dialect is one module and its lines here.
 
 How the router serves each:
 
@@ -30,23 +35,26 @@ class Route:
     method: str  # "GET" | "POST"
     path: str  # FastAPI's form: "{model_id:path}" for a parameter
     routing: Routing
+    handler: str  # "module:factory", the factory making the server's endpoint (dialect.py)
     optional: bool = False  # served only with a flag (debug) or a part that can be off
 
 
+OPENAI = "pagoda.entrypoints.openai"
+
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/v1/completions", Routing.PROMPT),
-    Route("POST", "/v1/chat/completions", Routing.PROMPT),
-    Route("GET", "/v1/models", Routing.INSTANCE),
-    Route("GET", "/v1/models/{model_id:path}", Routing.INSTANCE),
-    Route("GET", "/version", Routing.INSTANCE),
-    Route("POST", "/tokenize", Routing.INSTANCE),
-    Route("POST", "/detokenize", Routing.INSTANCE),
-    Route("GET", "/tokenizer_info", Routing.INSTANCE),
-    Route("GET", "/inspect", Routing.INSTANCE, optional=True),
-    Route("GET", "/inspect/state", Routing.INSTANCE, optional=True),
-    Route("GET", "/inspect/events", Routing.INSTANCE, optional=True),
-    Route("GET", "/debug/state", Routing.INSTANCE, optional=True),
-    Route("POST", "/debug/fault", Routing.INSTANCE, optional=True),
-    Route("GET", "/health", Routing.LOCAL),
-    Route("GET", "/metrics", Routing.LOCAL),
+    Route("POST", "/v1/completions", Routing.PROMPT, f"{OPENAI}.completions:endpoint"),
+    Route("POST", "/v1/chat/completions", Routing.PROMPT, f"{OPENAI}.chat:endpoint"),
+    Route("GET", "/v1/models", Routing.INSTANCE, f"{OPENAI}.info:models"),
+    Route("GET", "/v1/models/{model_id:path}", Routing.INSTANCE, f"{OPENAI}.info:model"),
+    Route("GET", "/version", Routing.INSTANCE, f"{OPENAI}.info:version"),
+    Route("POST", "/tokenize", Routing.INSTANCE, f"{OPENAI}.info:tokenize"),
+    Route("POST", "/detokenize", Routing.INSTANCE, f"{OPENAI}.info:detokenize"),
+    Route("GET", "/tokenizer_info", Routing.INSTANCE, f"{OPENAI}.info:tokenizer_info"),
+    Route("GET", "/inspect", Routing.INSTANCE, f"{OPENAI}.inspector:page", optional=True),
+    Route("GET", "/inspect/state", Routing.INSTANCE, f"{OPENAI}.inspector:state", optional=True),
+    Route("GET", "/inspect/events", Routing.INSTANCE, f"{OPENAI}.inspector:events", optional=True),
+    Route("GET", "/debug/state", Routing.INSTANCE, f"{OPENAI}.debug:state", optional=True),
+    Route("POST", "/debug/fault", Routing.INSTANCE, f"{OPENAI}.debug:fault", optional=True),
+    Route("GET", "/health", Routing.LOCAL, f"{OPENAI}.info:health"),
+    Route("GET", "/metrics", Routing.LOCAL, f"{OPENAI}.info:metrics"),
 )

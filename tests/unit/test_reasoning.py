@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pagoda.entrypoints.openai.reasoning import (
+from pagoda.entrypoints.reasoning import (
     FORMATS, ReasoningStream, Start, prompt_start, split)
 
 QWEN3, R1 = FORMATS["qwen3"], FORMATS["deepseek_r1"]

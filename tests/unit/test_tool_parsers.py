@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scripted_model import TOOL_SCRIPTS
 
-from pagoda.entrypoints.openai.tool_parsers import FORMATS, REQUIRED, Output
-from pagoda.entrypoints.openai.tool_parsers.json_scan import scan_value
-from pagoda.entrypoints.openai.tool_parsers.xml_calls import convert
-from pagoda.entrypoints.openai.tools import ToolPlan, ToolStream
+from pagoda.entrypoints.tool_parsers import FORMATS, REQUIRED, Output
+from pagoda.entrypoints.tool_parsers.json_scan import scan_value
+from pagoda.entrypoints.tool_parsers.xml_calls import convert
+from pagoda.entrypoints.tools import ToolPlan, ToolStream
 
 FN = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}
 WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {

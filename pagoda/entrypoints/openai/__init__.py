@@ -1,1 +1,2 @@
-"""The OpenAI-compatible HTTP server: protocol models, serving logic, the FastAPI app."""
+"""OpenAI's dialect (completions, chat, its error shape, protocol models, the info routes)
+and ``pagoda serve``'s app, which every dialect's routes are registered in (api_server.py)."""

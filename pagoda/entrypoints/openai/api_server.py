@@ -1,7 +1,13 @@
-"""``pagoda serve``: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over an AsyncEngine.
+"""``pagoda serve``: the HTTP server (FastAPI + uvicorn) over an AsyncEngine, for every API
+dialect it speaks (OpenAI's today).
 
-Every bad request is answered with an OpenAI-style error naming the field (400, 401, 404,
-413, 429), never a 500; only a dead engine answers 5xx. See docs/server.md.
+The app is built from the route table (``entrypoints/routes.py``): each route's handler
+factory makes its endpoint (``dialect.py``), over one front door to the engine
+(``front_door.py``). Around them sit what every dialect shares: the body limit (413), the
+API keys (401, and each key's cache salt), CORS, and the error handlers, which render each
+error in the shape of the dialect that owns the route. Every bad request is answered with
+an error naming the field (400, 401, 404, 413, 429), never a 500; only a dead engine
+answers 5xx. See docs/server.md and docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -11,42 +17,30 @@ import dataclasses
 import gc
 import hashlib
 import hmac
-import json
 import logging
 import os
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import pagoda
 from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError
 from pagoda.engine.metrics import EngineMetrics
-from pagoda.entrypoints.field_policy import (
-    IGNORED_FIELDS_HEADER,
-    UNKNOWN_FIELD_CODE,
-    FieldPolicy,
-    UnknownFieldError,
-    header_value,
-)
+from pagoda.entrypoints import errors
+from pagoda.entrypoints.dialect import Dialect, ServerContext, resolve
+from pagoda.entrypoints.errors import ApiError
+from pagoda.entrypoints.field_policy import IGNORED_FIELDS_HEADER, FieldPolicy, UnknownFieldError
+from pagoda.entrypoints.front_door import FrontDoor
 from pagoda.entrypoints.openai.args import DEFAULT_MAX_BODY_BYTES
-from pagoda.entrypoints.openai.errors import ApiError, error_response, is_union_tag, loc_to_param
-from pagoda.entrypoints.openai.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    ErrorResponse,
-    TokenizeRequest,
-)
-from pagoda.entrypoints.openai.serving import OpenAIServing
+from pagoda.entrypoints.openai.errors import OPENAI
+from pagoda.entrypoints.routes import ROUTES
 
 if TYPE_CHECKING:
     from pagoda.config import EngineArgs
@@ -64,9 +58,8 @@ OPEN_PATHS = (
     "/redoc",
     "/inspect",
 )
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
-}
+DEFAULT_DIALECT = OPENAI  # the error shape of a path no route matches
+Render = Callable[[Scope, ApiError], Response]  # an error, in the shape of its route's dialect
 
 
 @dataclass(frozen=True)
@@ -104,9 +97,10 @@ class BodyLimitMiddleware:
     """413 for a body over the limit (by Content-Length, or counted as it arrives); the
     app then gets the body replayed, and later receive() calls (disconnects) pass through."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, render: Render) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.render = render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
@@ -125,9 +119,8 @@ class BodyLimitMiddleware:
         await self.app(scope, _replay(body, receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        resp = error_response(
-            413, f"request body is over {self.max_bytes} bytes", "body", "request_too_large"
-        )
+        message = f"request body is over {self.max_bytes} bytes"
+        resp = self.render(scope, ApiError(413, message, "body", "request_too_large"))
         await resp(scope, receive, send)
 
 
@@ -159,22 +152,19 @@ class ApiKeyMiddleware:
     hmac.compare_digest against every key, so the time does not tell which byte differed.
     The matched key's cache salt goes into ``scope["state"]["cache_salt"]``."""
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], render: Render) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.render = render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         key = self._match(_bearer(scope))
         if key is None:
-            resp = error_response(
-                401,
-                "invalid or missing API key (Authorization: Bearer ...)",
-                "authorization",
-                "invalid_api_key",
-            )
-            return await resp(scope, receive, send)
+            message = "invalid or missing API key (Authorization: Bearer ...)"
+            error = ApiError(401, message, "authorization", "invalid_api_key")
+            return await self.render(scope, error)(scope, receive, send)
         scope.setdefault("state", {})["cache_salt"] = cache_salt_for_key(key.decode())
         await self.app(scope, receive, send)
 
@@ -195,66 +185,64 @@ def _bearer(scope: Scope) -> bytes:
 
 
 # ----------------------------------------------------------------- errors
-def _install_error_handlers(app: FastAPI) -> None:
+class Owners:
+    """Which dialect owns each route, so that an error is rendered in its shape: by the
+    route a request matched (fully, or by path only: a 405), else the default dialect."""
+
+    def __init__(self) -> None:
+        self.routes: list[tuple[BaseRoute, Dialect]] = []
+
+    def add(self, route: BaseRoute, dialect: Dialect) -> None:
+        self.routes.append((route, dialect))
+
+    def dialect(self, scope: Scope) -> Dialect:
+        for route, dialect in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return dialect
+        return DEFAULT_DIALECT
+
+    def render(self, scope: Scope, error: ApiError) -> Response:
+        return self.dialect(scope).render_error(error)
+
+
+def _install_error_handlers(app: FastAPI, owners: Owners) -> None:
+    def render(request: Request, error: ApiError) -> Response:
+        return owners.render(request.scope, error)
+
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return e.response()
+    async def api_error(request: Request, e: ApiError) -> Response:
+        return render(request, e)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        return _validation_response(e.errors())
+    async def validation_error(request: Request, e: RequestValidationError) -> Response:
+        return render(request, errors.validation_error(e.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(e.status_code, str(e.detail), headers=e.headers)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        return render(request, ApiError(e.status_code, str(e.detail), headers=e.headers))
 
     @app.exception_handler(UnknownFieldError)
-    async def unknown_field(_: Request, e: UnknownFieldError) -> JSONResponse:
-        return error_response(400, str(e), e.param, UNKNOWN_FIELD_CODE)
+    async def unknown_field(request: Request, e: UnknownFieldError) -> Response:
+        return render(request, errors.unknown_field(e))
 
     @app.exception_handler(EngineDeadError)
-    async def engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
-        return error_response(503, str(e), code="engine_dead")
+    async def engine_dead(request: Request, e: EngineDeadError) -> Response:
+        return render(request, errors.engine_dead(e, 503))
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, e: Exception) -> JSONResponse:
+    async def unexpected(request: Request, e: Exception) -> Response:
         logger.exception("unexpected error while serving a request")
-        return error_response(500, f"internal error: {type(e).__name__}")
-
-
-def _validation_response(errors: Sequence[dict[str, Any]]) -> JSONResponse:
-    if not errors:
-        return error_response(400, "invalid request")
-    err = errors[0]
-    if err.get("type") == "json_invalid":
-        return error_response(400, f"malformed JSON body: {err.get('msg')}", "body", "invalid_json")
-    param = loc_to_param(err.get("loc", ()))
-    if err.get("type") == "missing":
-        message = f"{param} is required"
-    elif any(is_union_tag(p) for p in err.get("loc", ())[1:]):
-        message = f"{param}: wrong type or value (got {_short(err.get('input'))})"
-    else:
-        message = f"{param or 'body'}: {err.get('msg')}"
-        if "input" in err and err["type"] != "model_attributes_type":
-            message += f" (got {_short(err['input'])})"
-    return error_response(400, message, param or "body")
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+        return render(request, ApiError(500, f"internal error: {type(e).__name__}"))
 
 
 # ----------------------------------------------------------------- routes
 def build_app(
     async_engine: AsyncEngine, config: ServerConfig, metrics: Optional[EngineMetrics] = None
 ) -> FastAPI:
-    serving = OpenAIServing(
+    door = FrontDoor(
         async_engine, list(config.model_names), config.tool_call_parser, config.reasoning_parser
     )
+    ctx = ServerContext(async_engine, door, config, FieldPolicy(config.strict_fields), metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -263,16 +251,11 @@ def build_app(
         async_engine.shutdown()
 
     app = FastAPI(title="pagoda", version="0.1.0", lifespan=lifespan)
-    _install_error_handlers(app)
-    policy = FieldPolicy(config.strict_fields)
-    _add_generation_routes(app, serving, policy)
-    _add_info_routes(app, serving, config, metrics, policy)
-    if config.enable_debug_endpoints:
-        _add_debug_routes(app, async_engine)
-    _add_inspector(app, async_engine, config)
+    owners = _add_routes(app, ctx)
+    _install_error_handlers(app, owners)
     if config.api_keys:
-        app.add_middleware(ApiKeyMiddleware, keys=config.api_keys)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+        app.add_middleware(ApiKeyMiddleware, keys=config.api_keys, render=owners.render)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, render=owners.render)
     if config.cors is not None:  # outermost: a preflight is answered before the key check
         app.add_middleware(
             CORSMiddleware,
@@ -285,188 +268,25 @@ def build_app(
     return app
 
 
-def _add_inspector(app: FastAPI, async_engine: AsyncEngine, config: ServerConfig) -> None:
-    inspector = getattr(async_engine.engine, "inspector", None)  # fakes in tests have none
-    if not config.enable_inspector or inspector is None:
-        return
-    from pagoda.entrypoints.openai.inspector import add_inspector_routes
-
-    inspector.show_text = config.inspector_show_text
-    add_inspector_routes(app, async_engine, inspector)
-
-
-def _salt(raw: Request) -> Optional[str]:
-    return raw.scope.get("state", {}).get("cache_salt")
-
-
-def _add_generation_routes(app: FastAPI, serving: OpenAIServing, policy: FieldPolicy) -> None:
-    @app.post("/v1/completions", responses=ERROR_RESPONSES)
-    async def completions(body: CompletionRequest, raw: Request) -> Response:
-        ignored = policy.check(body)
-        return _reported(await serving.create_completion(body, raw, _salt(raw)), ignored)
-
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        ignored = policy.check(body)
-        return _reported(await serving.create_chat_completion(body, raw, _salt(raw)), ignored)
-
-
-def _reported(response: Response, ignored: list[str]) -> Response:
-    """``response`` with the request's undeclared fields named in its header."""
-    if ignored:
-        response.headers[IGNORED_FIELDS_HEADER] = header_value(ignored)
-    return response
-
-
-def _add_info_routes(
-    app: FastAPI,
-    serving: OpenAIServing,
-    config: ServerConfig,
-    metrics: Optional[EngineMetrics],
-    policy: FieldPolicy,
-) -> None:
-    engine = serving.engine
-    created = int(time.time())
-
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
-    async def health() -> Response:
-        if serving.async_engine.is_dead:
-            return error_response(503, "the engine has died", code="engine_dead")
-        return JSONResponse({"status": "ok"})
-
-    def card() -> dict[str, Any]:
-        return model_card(config, created, engine.max_model_len)
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [card()]}
-
-    @app.get("/v1/models/{model_id:path}", responses={404: {"model": ErrorResponse}})
-    async def model(model_id: str) -> dict:
-        serving.check_model(model_id)
-        return card()
-
-    @app.get("/version")
-    async def version() -> dict:
-        return {"version": pagoda.__version__}
-
-    @app.get("/tokenizer_info")
-    async def tokenizer_info() -> dict:
-        return _tokenizer_info(engine)
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        if metrics is None:
-            return Response("", media_type=CONTENT_TYPE_LATEST)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/tokenize", responses=ERROR_RESPONSES)
-    async def tokenize(body: TokenizeRequest) -> Response:
-        ignored = policy.check(body)
-        return _reported(JSONResponse(_tokenize(serving, body)), ignored)
-
-    @app.post("/detokenize", responses=ERROR_RESPONSES)
-    async def detokenize(body: DetokenizeRequest) -> Response:
-        ignored = policy.check(body)
-        serving.check_model(body.model)
-        vocab = engine.arch.vocab_size
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise ApiError(400, f"tokens must be in [0, {vocab}); got {bad[:3]}", "tokens")
-        return _reported(JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)}), ignored)
-
-
-def model_card(config: ServerConfig, created: int, max_model_len: int) -> dict[str, Any]:
-    """The served model as vLLM's ``ModelCard`` describes it: ``root`` is what it was loaded
-    from (``vllm bench serve`` without ``--model`` reads it), ``parent`` the base model of an
-    adapter (none here), ``permission`` OpenAI's old permission object."""
-    digest = hashlib.sha256(config.model_names[0].encode()).hexdigest()[:24]
-    return {
-        "id": config.model_names[0],
-        "object": "model",
-        "created": created,
-        "owned_by": "pagoda",
-        "root": config.model_root or config.model_names[0],
-        "parent": None,
-        "max_model_len": max_model_len,
-        "permission": [
-            {
-                "id": f"modelperm-{digest}",
-                "object": "model_permission",
-                "created": created,
-                "allow_create_engine": False,
-                "allow_sampling": True,
-                "allow_logprobs": True,
-                "allow_search_indices": False,
-                "allow_view": True,
-                "allow_fine_tuning": False,
-                "organization": "*",
-                "group": None,
-                "is_blocking": False,
-            }
-        ],
-    }
-
-
-def _tokenizer_info(engine: Any) -> dict[str, Any]:
-    """vLLM's ``GET /tokenizer_info``: what a remote client needs to tokenize as the server
-    does (lm-eval's remote tokenizer reads the special tokens and the chat template; it
-    tokenizes through /tokenize and /detokenize)."""
-    tok = engine.tokenizer
-    info: dict[str, Any] = {
-        "tokenizer_class": type(tok).__name__,
-        "model_max_length": engine.max_model_len,
-        "chat_template": getattr(engine, "chat_template", None),
-    }
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = getattr(tok, name, None)
-        info[name] = value if isinstance(value, str) else None
-    return info
-
-
-def _tokenize(serving: OpenAIServing, body: TokenizeRequest) -> dict:
-    serving.check_model(body.model)
-    engine = serving.engine
-    if (body.prompt is None) == (body.messages is None):
-        raise ApiError(400, "give exactly one of prompt or messages", "prompt")
-    if body.prompt is not None:
-        ids = list(engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens))
-    else:
-        assert body.messages is not None  # exactly one of the two is given (checked above)
-        ids = serving.chat_prompt(body.messages)
-    return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
-
-
-def _add_debug_routes(app: FastAPI, async_engine: AsyncEngine) -> None:
-    """Off unless --enable-debug-endpoints: engine internals for tests and operators."""
-
-    @app.get("/debug/state")
-    async def debug_state() -> dict:
-        return await async_engine.call(_engine_state)
-
-    @app.post("/debug/fault")
-    async def debug_fault() -> dict:
-        async_engine.inject_fault()
-        return {"status": "the next engine step will raise"}
-
-
-def _engine_state(engine: Any) -> dict:
-    """Runs on the engine thread."""
-    try:
-        engine.check_invariants()
-        broken = None
-    except AssertionError as e:
-        broken = str(e) or "an invariant does not hold"
-    stats = engine.stats().scheduler
-    return {
-        "num_running": stats.num_running,
-        "num_waiting": stats.num_waiting,
-        "num_unfinished": int(engine.has_unfinished_requests()),
-        "num_free_blocks": stats.num_free_blocks,
-        "num_blocks": stats.num_blocks,
-        "invariants_ok": broken is None,
-        "invariant_error": broken,
-    }
+def _add_routes(app: FastAPI, ctx: ServerContext) -> Owners:
+    """Every route of the table whose handler makes an endpoint (an optional part that is
+    off makes none), and which dialect owns it."""
+    owners = Owners()
+    for route in ROUTES:
+        endpoint = resolve(route.handler)(ctx)
+        if endpoint is None:
+            if not route.optional:
+                raise RuntimeError(f"{route.handler} made no endpoint for {route.path}")
+            continue
+        app.add_api_route(
+            route.path,
+            endpoint.call,
+            methods=[route.method],
+            responses=dict(endpoint.responses) or None,
+            include_in_schema=endpoint.include_in_schema,
+        )
+        owners.add(app.router.routes[-1], endpoint.dialect)
+    return owners
 
 
 # -------------------------------------------------------------------- CLI

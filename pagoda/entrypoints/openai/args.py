@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pagoda.entrypoints.openai.tool_parsers import FORMATS as TOOL_FORMATS
+from pagoda.entrypoints.tool_parsers import FORMATS as TOOL_FORMATS
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 

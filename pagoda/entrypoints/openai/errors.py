@@ -1,10 +1,16 @@
-"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}`` with a status code."""
+"""OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}`` with a status
+code, and :data:`OPENAI`, the dialect of every route that answers that way (and of paths no
+route matches)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from fastapi.responses import JSONResponse
+
+from pagoda.entrypoints.dialect import Dialect
+from pagoda.entrypoints.errors import ApiError
+from pagoda.entrypoints.openai.protocol import ErrorResponse
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -15,26 +21,6 @@ ERROR_TYPES = {
     500: "internal_error",
     503: "service_unavailable",
 }
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: Optional[str] = None,
-        code: Optional[str] = None,
-        headers: Optional[dict[str, str]] = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.headers)
 
 
 def error_body(
@@ -62,29 +48,13 @@ def error_response(
     )
 
 
-TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+def render(e: ApiError) -> JSONResponse:
+    return error_response(e.status, e.message, e.param, e.code, e.headers)
 
 
-def is_union_tag(part: Any) -> bool:
-    """Pydantic puts the union member it tried into the loc: 'str', 'list[int]', ..."""
-    text = str(part)
-    return text in TYPE_TAGS or "[" in text or "-" in text
+def stream_error(e: ApiError) -> dict[str, Any]:
+    """The error event a stream ends with (then ``[DONE]``)."""
+    return error_body(e.status, e.message, e.param, e.code)
 
 
-def loc_to_param(loc: Sequence[Any]) -> Optional[str]:
-    """("body", "messages", 0, "role") -> "messages[0].role"; union tags dropped."""
-    out = ""
-    for p in loc:
-        if p == "body" and not out:
-            continue
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif not is_union_tag(p):
-            out += ("." if out else "") + str(p)
-    return out or None
-
-
-def param_from_message(message: str, known: Sequence[str]) -> Optional[str]:
-    """SamplingParams and the engine start their messages with the field's name."""
-    first = message.split(" ", 1)[0].rstrip(":,")
-    return first if first.split(".", 1)[0] in known else None
+OPENAI = Dialect("openai", render, ErrorResponse)

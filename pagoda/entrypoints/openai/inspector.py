@@ -23,10 +23,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from pagoda.engine.async_engine import AsyncEngine
 from pagoda.engine.inspector import (
     PUBLISH_INTERVAL_S,
     DeltaEncoder,
@@ -36,6 +34,8 @@ from pagoda.engine.inspector import (
     snapshot_json,
     step_json,
 )
+from pagoda.entrypoints.dialect import Endpoint, ServerContext
+from pagoda.entrypoints.openai.errors import OPENAI
 
 PAGE = Path(__file__).parent / "static" / "inspect.html"
 # A keyframe (the whole state, the prefix cache's every block included) this often on each
@@ -47,27 +47,57 @@ KEEPALIVE_S = 5.0  # a comment line this often on a quiet stream: a gone viewer 
 NO_CACHE = {"Cache-Control": "no-store"}
 
 
-def add_inspector_routes(app: FastAPI, async_engine: AsyncEngine, inspector: Inspector) -> None:
-    page = PAGE.read_text(encoding="utf-8")
-    feed = Feed(inspector)
+def page(ctx: ServerContext) -> Optional[Endpoint]:
+    """The route table's ``GET /inspect`` (None: the inspector is off)."""
+    if _inspector(ctx) is None:
+        return None
+    html = PAGE.read_text(encoding="utf-8")
 
-    @app.get("/inspect", include_in_schema=False)
     async def inspect_page() -> HTMLResponse:
-        return HTMLResponse(page, headers=NO_CACHE)
+        return HTMLResponse(html, headers=NO_CACHE)
 
-    @app.get("/inspect/state")
+    return Endpoint(inspect_page, OPENAI, include_in_schema=False)
+
+
+def state(ctx: ServerContext) -> Optional[Endpoint]:
+    """The route table's ``GET /inspect/state``: one snapshot as JSON."""
+    inspector = _inspector(ctx)
+    if inspector is None:
+        return None
+
     async def inspect_state() -> JSONResponse:
-        snap = await async_engine.call(_inspect)
+        snap = await ctx.async_engine.call(_inspect)
         return JSONResponse(snapshot_json(snap, inspector.steps.since(0)), headers=NO_CACHE)
 
-    @app.get("/inspect/events")
+    return Endpoint(inspect_state, OPENAI)
+
+
+def events(ctx: ServerContext) -> Optional[Endpoint]:
+    """The route table's ``GET /inspect/events``: the server-sent events of a viewer."""
+    inspector = _inspector(ctx)
+    if inspector is None:
+        return None
+    feed = Feed(inspector)  # one for every viewer
+
     async def inspect_events() -> StreamingResponse:
-        first = await async_engine.call(_publish)  # once per viewer, on connecting
+        first = await ctx.async_engine.call(_publish)  # once per viewer, on connecting
         return StreamingResponse(
             _events(inspector, feed, first),
             media_type="text/event-stream",
             headers={**NO_CACHE, "X-Accel-Buffering": "no"},
         )
+
+    return Endpoint(inspect_events, OPENAI)
+
+
+def _inspector(ctx: ServerContext) -> Optional[Inspector]:
+    """The engine's inspector, told whether snapshots show text (None: off, or an engine
+    without one, as the fakes of tests)."""
+    inspector: Optional[Inspector] = getattr(ctx.async_engine.engine, "inspector", None)
+    if not ctx.config.enable_inspector or inspector is None:
+        return None
+    inspector.show_text = ctx.config.inspector_show_text
+    return inspector
 
 
 def _inspect(engine: Any) -> EngineSnapshot:

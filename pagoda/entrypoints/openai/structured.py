@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from pagoda.entrypoints.openai.errors import ApiError
+from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.openai.protocol import SamplingFields, StructuredOutputsField
 from pagoda.sampling import StructuredOutputsParams
 

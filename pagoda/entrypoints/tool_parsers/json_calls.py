@@ -23,7 +23,7 @@ import json
 import re
 from typing import Optional
 
-from pagoda.entrypoints.openai.tool_parsers.base import (
+from pagoda.entrypoints.tool_parsers.base import (
     PENDING,
     Block,
     Call,
@@ -37,7 +37,7 @@ from pagoda.entrypoints.openai.tool_parsers.base import (
     read_leading,
     read_marked,
 )
-from pagoda.entrypoints.openai.tool_parsers.json_scan import JsonScan, scan_value, skip_ws
+from pagoda.entrypoints.tool_parsers.json_scan import JsonScan, scan_value, skip_ws
 
 ARGUMENT_KEYS = ("arguments", "parameters")
 NO_ARGUMENTS = "{}"  # a call that ended before any arguments were written

@@ -1,7 +1,8 @@
-"""Reasoning models on /v1/chat/completions: the thinking a model writes between tags
-(``<think>…</think>``: Qwen3, DeepSeek-R1, QwQ) goes to ``message.reasoning_content`` and
-``message.reasoning`` (vLLM's two names), the rest to ``content``; tools and structured
-outputs apply to the answer after the thinking (``--reasoning-parser``, vLLM's names).
+"""Reasoning models, whatever API serves them: the thinking a model writes between tags
+(``<think>…</think>``: Qwen3, DeepSeek-R1, QwQ) is split from the rest of its answer, which
+is the content; tools and structured outputs apply to the answer after the thinking
+(``--reasoning-parser``, vLLM's names). OpenAI's chat returns the thinking as
+``message.reasoning_content`` and ``message.reasoning`` (vLLM's two names).
 
 Where a conversation starts is read from the end of its prompt: a template that opened the
 thinking (DeepSeek-R1's ``<think>\\n``) starts the answer inside it; one that closed it
@@ -16,9 +17,11 @@ reasoning or content that the finished answer would put elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Optional
+
+from pagoda.sampling import SamplingParams
 
 PROMPT_TAIL_TOKENS = 8  # how near its end a prompt's tag must be to say where the answer starts
 
@@ -130,6 +133,32 @@ class ReasoningStream:
         self.sent_content += len(content)
         self.content = parts.content
         return reasoning, content
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """A request's reasoning: the model's format, where its answer starts (read from the
+    prompt), and whether the reasoning is returned (OpenAI chat's ``include_reasoning``)."""
+
+    format: ReasoningFormat
+    start: Start
+    include: bool = True
+
+    def split(self, text: str) -> Split:
+        """A finished answer's reasoning and content."""
+        return split(self.format, text, self.start, final=True)
+
+    def stream(self) -> ReasoningStream:
+        return ReasoningStream(self.format, self.start)
+
+    def constrain_answer(self, params: SamplingParams) -> SamplingParams:
+        """A constrained answer of a reasoning model: the grammar holds after the thinking
+        (none when the prompt closed the thinking: then it holds from the first token)."""
+        so = params.structured_outputs
+        if so is None or self.start is Start.CONTENT:
+            return params
+        tags = (self.format.start, self.format.end)
+        return params.clone(structured_outputs=replace(so, reasoning_tags=tags))
 
 
 def get_format(name: Optional[str]) -> Optional[ReasoningFormat]:

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from pagoda.entrypoints.openai.tool_parsers.base import (
+from pagoda.entrypoints.tool_parsers.base import (
     PENDING,
     Block,
     Call,
@@ -44,8 +44,8 @@ from pagoda.entrypoints.openai.tool_parsers.base import (
     read_marked,
     render_json,
 )
-from pagoda.entrypoints.openai.tool_parsers.json_scan import skip_ws
-from pagoda.entrypoints.openai.tool_parsers.python_calls import PARSE_ERRORS, NotLiteral, literal
+from pagoda.entrypoints.tool_parsers.json_scan import skip_ws
+from pagoda.entrypoints.tool_parsers.python_calls import PARSE_ERRORS, NotLiteral, literal
 
 TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 FUNCTION, FUNCTION_END = "<function=", "</function>"

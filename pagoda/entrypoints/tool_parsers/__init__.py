@@ -8,7 +8,7 @@ is a reader and one line here.
 
 from __future__ import annotations
 
-from pagoda.entrypoints.openai.tool_parsers.base import (
+from pagoda.entrypoints.tool_parsers.base import (
     Call,
     Output,
     Parsed,
@@ -17,15 +17,15 @@ from pagoda.entrypoints.openai.tool_parsers.base import (
     mistral_id,
     openai_id,
 )
-from pagoda.entrypoints.openai.tool_parsers.json_calls import (
+from pagoda.entrypoints.tool_parsers.json_calls import (
     read_hermes,
     read_llama3,
     read_mistral,
     read_phi4_mini,
     read_required,
 )
-from pagoda.entrypoints.openai.tool_parsers.python_calls import read_gemma, read_pythonic
-from pagoda.entrypoints.openai.tool_parsers.xml_calls import read_qwen3_coder
+from pagoda.entrypoints.tool_parsers.python_calls import read_gemma, read_pythonic
+from pagoda.entrypoints.tool_parsers.xml_calls import read_qwen3_coder
 
 FORMATS: dict[str, ToolFormat] = {
     # <tool_call>{json}</tool_call>: Hermes 2/3, Qwen2.5, Qwen3 (special tokens in Hermes 2 Pro)

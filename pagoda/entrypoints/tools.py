@@ -1,23 +1,25 @@
-"""Tool calling on ``/v1/chat/completions``: OpenAI's ``tools``, ``tool_choice`` and
-``parallel_tool_calls``.
+"""Tool calling, whatever API asked for it: a request's :class:`ToolPlan` (which tools, how
+the calls are made), the calls read from a finished answer, and a :class:`ToolStream` that
+reads a growing one into content and call deltas.
 
-- ``"none"``: the tools are left out of the prompt; the answer is text.
-- ``"required"`` or a named function: the output is constrained (structured outputs) to a
-  JSON array of ``{"name", "parameters"}`` calls of the given tools, or to the named
-  function's arguments, so it always parses (vLLM does the same); the calls are read from
-  that JSON whatever the model's own tool format is.
-- ``"auto"``: the model writes what it likes; the ``--tool-call-parser`` format
+- ``auto``: the model writes what it likes; the ``--tool-call-parser`` format
   (``tool_parsers/``: hermes, llama3_json, pythonic, mistral, qwen3_coder, phi4_mini_json,
-  gemma) finds the calls in the text, and what is not a call stays ``content``.
-- ``parallel_tool_calls: false``: one call at most (the grammar of "required" allows one;
-  under "auto" the calls after the first are dropped, as vLLM does).
+  gemma) finds the calls in the text, and what is not a call stays content.
+- ``required`` or ``named``: the output is constrained (structured outputs) to a JSON array
+  of ``{"name", "parameters"}`` calls of the given tools, or to the named function's
+  arguments, so it always parses (vLLM does the same); the calls are read from that JSON
+  whatever the model's own tool format is.
+- ``parallel`` false: one call at most (the grammar of ``required`` allows one; under
+  ``auto`` the calls after the first are dropped, as vLLM does).
 
-Streaming follows OpenAI: a call's first delta carries ``index``, ``id``, ``type`` and
-``function.name``, later ones ``function.arguments`` fragments, sent as the model writes
-them. Invariant: a stream sends the difference between readings of the answer so far, and
-a format's reading of a text is never taken back by a longer one, so no text that may still
-turn out to be (part of) a call is sent as ``content`` and the deltas join to exactly the
-non-streamed message.
+Each dialect maps its own fields onto a plan (OpenAI's ``tools`` / ``tool_choice`` /
+``parallel_tool_calls``: ``openai/chat_tools.py``) and renders calls and deltas its own way.
+A streamed call's first :class:`ToolCallDelta` carries its index, id and name (and the
+arguments written so far), later ones fragments of its arguments, sent as the model writes
+them. Invariant: a stream sends the difference between readings of the answer so far, and a
+format's reading of a text is never taken back by a longer one, so no text that may still
+turn out to be (part of) a call is sent as content, and the deltas join to exactly the
+calls and content of the non-streamed answer.
 """
 
 from __future__ import annotations
@@ -27,10 +29,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Optional
 
-from pagoda.entrypoints.openai.errors import ApiError
-from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
-from pagoda.entrypoints.openai.tool_parsers import (
-    FORMATS,
+from pagoda.entrypoints.tool_parsers import (
     REQUIRED,
     Call,
     Output,
@@ -40,19 +39,21 @@ from pagoda.entrypoints.openai.tool_parsers import (
     get_format,
     openai_id,
 )
-from pagoda.sampling import StructuredOutputsParams
+from pagoda.sampling import SamplingParams, StructuredOutputsParams
 
-PARSERS = tuple(FORMATS)
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
 @dataclass
 class ToolCall:
+    """A call of a finished answer."""
+
     name: str
-    arguments: str  # JSON text
+    arguments: str  # JSON text, as the model wrote it
     id: str = field(default_factory=openai_id)
 
     def to_json(self) -> dict[str, Any]:
+        """The call in OpenAI's chat shape."""
         return {
             "id": self.id,
             "type": "function",
@@ -113,6 +114,19 @@ class ToolPlan:
     def new_id(self) -> str:
         return openai_id() if self.format is None else self.format.new_id()
 
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        """``params`` as this plan needs them: a required or named call's grammar, and the
+        answer decoded with its special tokens where the format's markers are some."""
+        if (constraint := self.constraint()) is not None:
+            params = params.clone(structured_outputs=constraint)
+        if self.keeps_special_tokens:  # the format's markers (vLLM too)
+            params = params.clone(skip_special_tokens=False)
+        return params
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The tools as chat templates take them."""
+        return [{"type": "function", "function": t} for t in self.tools]
+
     def extract(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls) of a finished output."""
         parsed = self.parse(text, final=True)
@@ -133,51 +147,30 @@ def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plan_for(req: ChatCompletionRequest, parser: Optional[str]) -> Optional[ToolPlan]:
-    """The request's tool plan (None: no tools, or ``tool_choice`` "none"); ApiError naming
-    the field when the request is inconsistent."""
-    tools = tuple(t.function.model_dump(by_alias=True, exclude_none=True) for t in req.tools or [])
-    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
-    if choice == "none" or not tools:
-        if not isinstance(choice, str) or choice not in ("none", "auto"):
-            raise ApiError(400, "tool_choice needs tools", "tool_choice")
-        return None
-    names = [t["name"] for t in tools]
-    if len(set(names)) != len(names):
-        raise ApiError(400, "tools must have distinct function names", "tools")
-    constrained = req.response_format is not None and req.response_format.type != "text"
-    if choice != "auto" and (constrained or req.structured_outputs is not None):
-        raise ApiError(
-            400,
-            f"tool_choice {_choice_name(choice)!r} constrains the output "
-            "itself; it cannot be combined with response_format or "
-            "structured_outputs",
-            "tool_choice",
-        )
-    parallel = req.parallel_tool_calls is not False
-    if isinstance(choice, str):
-        if choice == "auto" and parser is None:
-            raise ApiError(
-                400,
-                'tool_choice "auto" needs a server started with '
-                f"--tool-call-parser (one of {', '.join(PARSERS)}); "
-                '"required" or a named function work without one',
-                "tool_choice",
-            )
-        return ToolPlan(choice, tools, parallel=parallel, parser=parser)
-    name = choice.function.name
-    if name not in names:
-        raise ApiError(
-            400, f"tool_choice names {name!r}, which is not in tools", "tool_choice.function.name"
-        )
-    return ToolPlan("named", tools, name=name, parallel=parallel)
-
-
-def _choice_name(choice: Any) -> str:
-    return choice if isinstance(choice, str) else "function"
-
-
 # ------------------------------------------------------------ streaming
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """What a stream sends of one call: its first delta carries ``id`` and ``name`` (and the
+    arguments written so far), later ones only a fragment of its arguments."""
+
+    index: int  # the call's position in the answer
+    arguments: str
+    id: Optional[str] = None
+    name: Optional[str] = None
+
+    @property
+    def opens(self) -> bool:
+        """Whether this is the call's first delta."""
+        return self.id is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The delta in OpenAI's chat shape."""
+        if self.opens:
+            function = {"name": self.name, "arguments": self.arguments}
+            return {"index": self.index, "id": self.id, "type": "function", "function": function}
+        return {"index": self.index, "function": {"arguments": self.arguments}}
+
+
 @dataclass
 class _SentCall:
     id: str
@@ -198,8 +191,8 @@ class ToolStream:
     def called(self) -> bool:
         return bool(self.sent_calls)
 
-    def feed(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
-        """The content and the tool-call deltas to send, given the answer so far."""
+    def advance(self, text: str, final: bool) -> tuple[str, list[ToolCallDelta]]:
+        """The content and the call deltas to send, given the answer so far."""
         if not text.startswith(self.last_text):  # not the same answer grown: read it anew
             self.memo = {}
         self.last_text = text
@@ -209,17 +202,20 @@ class ToolStream:
         deltas = [self._delta(i, call) for i, call in enumerate(parsed.calls)]
         return content, [d for d in deltas if d is not None]
 
-    def _delta(self, index: int, call: Call) -> Optional[dict[str, Any]]:
+    def feed(self, text: str, final: bool) -> tuple[str, list[dict[str, Any]]]:
+        """:meth:`advance`, with the deltas in OpenAI's chat shape."""
+        content, deltas = self.advance(text, final)
+        return content, [d.to_json() for d in deltas]
+
+    def _delta(self, index: int, call: Call) -> Optional[ToolCallDelta]:
         """A new call's first delta (its name and arguments so far), or the fragment of
         arguments written since the last one."""
         if index == len(self.sent_calls):
             self.sent_calls.append(_SentCall(call.id or self.plan.new_id(), len(call.arguments)))
-            function = {"name": call.name, "arguments": call.arguments}
-            return {"index": index, "id": self.sent_calls[index].id, "type": "function",
-                    "function": function}  # fmt: skip
+            return ToolCallDelta(index, call.arguments, self.sent_calls[index].id, call.name)
         sent = self.sent_calls[index]
         fragment = call.arguments[sent.arguments :]
         if not fragment:
             return None
         sent.arguments = len(call.arguments)
-        return {"index": index, "function": {"arguments": fragment}}
+        return ToolCallDelta(index, fragment)

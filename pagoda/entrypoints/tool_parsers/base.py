@@ -25,7 +25,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from pagoda.entrypoints.openai.tool_parsers.json_scan import skip_ws
+from pagoda.entrypoints.tool_parsers.json_scan import skip_ws
 
 Schemas = Mapping[str, Mapping[str, Any]]  # a tool's name -> its parameters' JSON schema
 

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from pagoda.entrypoints.openai.tool_parsers.base import (
+from pagoda.entrypoints.tool_parsers.base import (
     PENDING,
     Block,
     Call,
@@ -38,7 +38,7 @@ from pagoda.entrypoints.openai.tool_parsers.base import (
     read_marked,
     render_json,
 )
-from pagoda.entrypoints.openai.tool_parsers.json_scan import skip_ws
+from pagoda.entrypoints.tool_parsers.json_scan import skip_ws
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
