@@ -1,4 +1,4 @@
-"""The reasoning parsers (pagoda/entrypoints/openai/reasoning.py): the split of finished
+"""The reasoning parsers (pagoda/entrypoints/reasoning.py): the split of finished
 answers as Qwen3 and DeepSeek-R1 write them, where the prompt says the answer starts, and
 that streaming any answer in any chunks sends exactly the finished split."""
 from __future__ import annotations

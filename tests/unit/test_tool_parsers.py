@@ -1,4 +1,4 @@
-"""Tool-call parsing (entrypoints/openai/tools.py, tool_parsers/): every --tool-call-parser
+"""Tool-call parsing (entrypoints/tools.py, entrypoints/tool_parsers/): every --tool-call-parser
 format on outputs as models write them (several calls, text around them, malformed calls
 left as text, partial text held back), parallel_tool_calls false, the JSON scanner under
 the JSON formats, Qwen3-Coder's schema conversions, the grammars of required and named
