@@ -14,19 +14,14 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
 import secrets
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from pagoda.bench import serve
-from pagoda.utils import free_port, stop_processes
-
-STARTUP_TIMEOUT_S = 300.0
+from pagoda.bench.procs import Procs, metric, wait_healthy
+from pagoda.utils import free_port
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -53,42 +48,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="prompt length of the raw KV transfer measurement",
     )
     g.add_argument("--transfer-repeats", type=int, default=5)
-
-
-class _Procs:
-    """Child processes started for one setup; stopped together."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str, args: list[str], core: Optional[str]) -> None:
-        cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", *args]
-        if core is not None and shutil.which("taskset"):
-            cmd = ["taskset", "-c", core, *cmd]
-        log = open(self.log_dir / f"{name}.log", "w")
-        self.procs.append(
-            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-        )
-
-    def stop(self) -> None:
-        stop_processes(self.procs)
-
-
-def _wait_healthy(url: str, procs: _Procs) -> None:
-    import httpx
-
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs.procs):
-            raise RuntimeError(f"a server exited at start-up; logs in {procs.log_dir}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up; logs in {procs.log_dir}")
 
 
 def _engine_args(ns: argparse.Namespace, threads: int) -> list[str]:
@@ -122,30 +81,19 @@ def _run(ns: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 def run_colocated(ns: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    procs = _Procs(log_dir)
+    procs = Procs(log_dir)
     port = free_port()
     try:
         procs.start("colocated", ["serve", "--port", str(port), *_engine_args(ns, 2)], ns.cores)
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, procs)
+        wait_healthy(url, procs)
         return _run(ns, url)
     finally:
         procs.stop()
 
 
-def _metric(url: str, name: str) -> float:
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
-        for sample in family.samples:
-            if sample.name == name:
-                return float(sample.value)
-    return 0.0
-
-
 def run_disagg(ns: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    procs = _Procs(log_dir)
+    procs = Procs(log_dir)
     prefill_port, decode_port, router_port = free_port(), free_port(), free_port()
     secret = ["--kv-secret", secrets.token_hex(16)]
     first, second = ns.cores.split(",")[:2]
@@ -177,27 +125,27 @@ def run_disagg(ns: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             second,
         )
         prefill, decode = (f"http://127.0.0.1:{p}" for p in (prefill_port, decode_port))
-        _wait_healthy(prefill, procs)
-        _wait_healthy(decode, procs)
+        wait_healthy(prefill, procs)
+        wait_healthy(decode, procs)
         procs.start(
             "router",
             ["router", "--port", str(router_port), "--prefill", prefill, "--decode", decode],
             None,
         )
         url = f"http://127.0.0.1:{router_port}"
-        _wait_healthy(url, procs)
+        wait_healthy(url, procs)
         report = _run(ns, url)
-        pulls = _metric(decode, "pagoda:kv_pulls_total")
-        nbytes = _metric(decode, "pagoda:kv_pull_bytes_total")
-        seconds = _metric(decode, "pagoda:kv_pull_seconds_total")
+        pulls = metric(decode, "pagoda:kv_pulls_total")
+        nbytes = metric(decode, "pagoda:kv_pull_bytes_total")
+        seconds = metric(decode, "pagoda:kv_pull_seconds_total")
         report["kv_transfer"] = {
             "pulls": pulls,
             "bytes": nbytes,
             "seconds": seconds,
             "gb_per_s": nbytes / seconds / 1e9 if seconds else 0.0,
             "ms_per_request": 1e3 * seconds / pulls if pulls else 0.0,
-            "load_failures": _metric(decode, "pagoda:kv_load_failures_total"),
-            "leases_expired": _metric(prefill, "pagoda:kv_leases_expired_total"),
+            "load_failures": metric(decode, "pagoda:kv_load_failures_total"),
+            "leases_expired": metric(prefill, "pagoda:kv_leases_expired_total"),
         }
         return report
     finally:

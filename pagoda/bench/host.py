@@ -36,7 +36,7 @@ from typing import Any, Callable, cast
 import torch
 
 from pagoda.bench import gpu
-from pagoda.bench.throughput import (
+from pagoda.bench.common import (
     check_outputs,
     machine_info,
     parse_len_range,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pagoda.bench import flops
-from pagoda.bench.throughput import (
+from pagoda.bench.common import (
     check_outputs,
     dtype_name,
     machine_info,

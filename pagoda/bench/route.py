@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pagoda.bench import serve
-from pagoda.bench.disagg import _metric, _Procs, _wait_healthy
-from pagoda.bench.throughput import row, write_json
+from pagoda.bench.common import row, write_json
+from pagoda.bench.procs import Procs, metric, wait_healthy
 from pagoda.models.loader import default_model_path
 from pagoda.utils import free_port
 
@@ -115,7 +115,7 @@ def make_dataset(ns: argparse.Namespace) -> list[serve.BenchRequest]:
     return out
 
 
-class Cluster(_Procs):
+class Cluster(Procs):
     """Replicas (and a router) for one policy's run; stopped together."""
 
     def __init__(self, ns: argparse.Namespace, log_dir: Path, tag: str) -> None:
@@ -153,7 +153,7 @@ class Cluster(_Procs):
             self.urls.append(f"http://127.0.0.1:{port}")
             self.events.append((f"tcp://127.0.0.1:{pub}", f"tcp://127.0.0.1:{replay}"))
         for url in self.urls:
-            _wait_healthy(url, self)
+            wait_healthy(url, self)
 
     def start_router(self, policy: str, model: str) -> str:
         port = free_port()
@@ -202,7 +202,7 @@ class Cluster(_Procs):
                 cmd += ["--tokenizer", self.ns.serve_model or default_model_path()]
         self._spawn("router", cmd, None)
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, self)
+        wait_healthy(url, self)
         return url
 
     def _spawn(self, name: str, cmd: list[str], core: Optional[str]) -> None:
@@ -213,8 +213,8 @@ class Cluster(_Procs):
 
     def cache_counters(self) -> tuple[float, float]:
         """(prefix-cache hit tokens, tokens looked up), summed over the replicas."""
-        hits = sum(_metric(u, "pagoda:prefix_cache_hits_total") for u in self.urls)
-        queries = sum(_metric(u, "pagoda:prefix_cache_queries_total") for u in self.urls)
+        hits = sum(metric(u, "pagoda:prefix_cache_hits_total") for u in self.urls)
+        queries = sum(metric(u, "pagoda:prefix_cache_queries_total") for u in self.urls)
         return hits, queries
 
 

@@ -30,9 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from pagoda.bench.gpu import weight_bytes_per_step
-from pagoda.bench.phases import read_bytes_per_s
-from pagoda.bench.throughput import (
+from pagoda.bench.common import (
     machine_info,
     make_workload,
     parse_len_range,
@@ -40,6 +38,8 @@ from pagoda.bench.throughput import (
     row,
     write_json,
 )
+from pagoda.bench.gpu import weight_bytes_per_step
+from pagoda.bench.phases import read_bytes_per_s
 from pagoda.config import SpeculativeConfig
 from pagoda.sampling import SamplingParams
 from pagoda.spec_decode.speculator import Speculator

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from pagoda.bench.throughput import machine_info, print_machine, row, write_json
+from pagoda.bench.common import machine_info, print_machine, row, write_json
 from pagoda.sampling import SamplingParams, StructuredOutputsParams
 
 SCHEMA = {

@@ -20,46 +20,44 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
-import platform
 import random
 import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
 from pagoda.bench import flops, phases, vllm_peer
+from pagoda.bench.common import (
+    WARMUP_OUTPUT_LEN,
+    WARMUP_PROMPT_LEN,
+    Workload,
+    check_outputs,
+    dtype_name,
+    greedy_params,
+    hf_model_path,
+    load_hf_model,
+    machine_info,
+    make_workload,
+    measure_limits,
+    parse_len_range,
+    print_limits,
+    print_machine,
+    random_hf_model,
+    row,
+    token_id_range,
+    warm_up,
+    write_json,
+)
 from pagoda.bench.vllm_peer import VllmPeer, VllmPeerError, VllmRound
 from pagoda.models.loader import DTYPES
-from pagoda.sampling import SamplingParams
 
-LABEL_WIDTH = 21
-TOKEN_MARGIN = 100  # keep random ids this far from both ends of the vocab (special tokens)
-WARMUP_PROMPT_LEN = 16
-WARMUP_OUTPUT_LEN = 4
 FIRST_TOKENS = 8  # output ids per request compared between pagoda and vLLM
 SETTLE_S = 2.0  # idle time before each engine's round: vLLM's worker busy-waits ~1 s
 CPU = torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class Workload:
-    """Random prompts (token ids) and the exact number of tokens each must produce."""
-
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    @property
-    def prompt_lens(self) -> list[int]:
-        return [len(p) for p in self.prompts]
-
-    def prefix(self, n: int) -> "Workload":
-        return Workload(self.prompts[:n], self.output_lens[:n])
 
 
 PagodaRound = tuple[float, list[list[int]]]  # (seconds, each request's first output ids)
@@ -142,23 +140,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_len_range(text: str, name: str) -> tuple[int, int]:
-    """``"N"`` -> (N, N); ``"LO:HI"`` -> (LO, HI); ValueError naming ``name`` otherwise."""
-    parts = str(text).strip().split(":")
-    if len(parts) not in (1, 2):
-        raise ValueError(f"{name}: expected N or LO:HI, got {text!r}")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"{name}: expected integers as N or LO:HI, got {text!r}") from None
-    lo, hi = values[0], values[-1]
-    if lo < 1:
-        raise ValueError(f"{name}: lengths must be >= 1, got {text!r}")
-    if lo > hi:
-        raise ValueError(f"{name}: LO must be <= HI, got {text!r}")
-    return lo, hi
-
-
 def _check_counts(ns: argparse.Namespace) -> None:
     if ns.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {ns.num_prompts}")
@@ -174,54 +155,9 @@ def _check_counts(ns: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------- workload
-def token_id_range(vocab_size: int) -> tuple[int, int]:
-    """[lo, hi) of ids to draw from: away from the ends, where special tokens live."""
-    margin = min(TOKEN_MARGIN, vocab_size // 4)
-    return margin, vocab_size - margin
-
-
-def make_workload(
-    num_prompts: int,
-    input_len: tuple[int, int],
-    output_len: tuple[int, int],
-    vocab_size: int,
-    seed: int,
-) -> Workload:
-    """Deterministic in ``seed``: the same prompts for pagoda and for HF."""
-    rng = random.Random(seed)
-    lo, hi = token_id_range(vocab_size)
-    prompts, outs = [], []
-    for _ in range(num_prompts):
-        n = rng.randint(*input_len)
-        prompts.append([rng.randrange(lo, hi) for _ in range(n)])
-        outs.append(rng.randint(*output_len))
-    return Workload(prompts, outs)
-
-
-def _params(output_len: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
 
 
 # -------------------------------------------------------------------------------------- pagoda
-def warm_up(llm: Any, vocab_size: int) -> None:
-    """Two short untimed requests: first-call allocations and kernel choices."""
-    lo, _ = token_id_range(vocab_size)
-    prompts = [
-        [lo + i for i in range(WARMUP_PROMPT_LEN)],
-        [lo + 2 * i for i in range(WARMUP_PROMPT_LEN // 2)],
-    ]
-    llm.generate(prompts, _params(WARMUP_OUTPUT_LEN), use_tqdm=False)
-
-
-def check_outputs(outputs: Sequence[Any], expected: Sequence[int]) -> None:
-    """Every request must produce exactly its output length."""
-    for i, (out, want) in enumerate(zip(outputs, expected, strict=True)):
-        got = len(out.outputs[0].token_ids)
-        if got != want:
-            raise RuntimeError(
-                f"request {i} produced {got} tokens, expected {want} "
-                f"(finish_reason={out.outputs[0].finish_reason})"
-            )
 
 
 def run_pagoda(llm: Any, work: Workload) -> float:
@@ -231,7 +167,7 @@ def run_pagoda(llm: Any, work: Workload) -> float:
 
 def timed_pagoda(llm: Any, work: Workload) -> PagodaRound:
     """Generate the workload; (wall-clock seconds, each request's first output ids)."""
-    params = [_params(n) for n in work.output_lens]
+    params = [greedy_params(n) for n in work.output_lens]
     start = time.perf_counter()
     outputs = llm.generate(work.prompts, params)
     elapsed = time.perf_counter() - start
@@ -279,49 +215,6 @@ def efficiency(
 
 
 # ------------------------------------------------------------------------------------------ hf
-def hf_model_path(model: Optional[str], gguf_file: Optional[str] = None) -> str:
-    """The files pagoda loads for ``--model`` (a Hub id: in huggingface_hub's cache), for
-    the peers to load the same."""
-    from pagoda.models.hub import resolve_model
-    from pagoda.models.loader import default_model_path
-
-    return resolve_model(model or default_model_path(), gguf_file).path
-
-
-def load_hf_model(path: str, dtype: torch.dtype) -> Any:
-    """transformers' model for a directory or a .gguf file, in ``dtype``, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    if path.endswith(".gguf"):
-        directory, name = os.path.split(os.path.abspath(path))
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, gguf_file=name, dtype=dtype, **_dense_gguf_kwargs()
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.eval()
-
-
-def _dense_gguf_kwargs() -> dict:
-    """Ask transformers to unpack GGUF weights into dense ``dtype`` ones, as pagoda does
-    (newer versions can keep them packed and compute through a quantized kernel)."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def random_hf_model(config: dict, dtype: torch.dtype, device: torch.device) -> Any:
-    """transformers' model of a preset's shapes with random weights (``--load-format dummy``):
-    the peer for a benchmark that has no checkpoint either."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(config)
-    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    return model.to(dtype).eval()
 
 
 def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,9 +222,9 @@ def left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p) :] = 1
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
@@ -543,53 +436,6 @@ def compare_vllm(
 
 
 # ------------------------------------------------------------------------------------- report
-def row(label: str, value: Any) -> str:
-    if isinstance(value, float):
-        value = f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
-    return f"{label:<{LABEL_WIDTH}}: {value}"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def measure_limits(arch: Any, engine_args: Any, engine_dtype: torch.dtype) -> dict:
-    """Matmul FLOP/s in bf16, fp32 and the engine's dtype, for the square and model shapes."""
-    shapes = flops.model_matmul_shapes(arch, engine_args.token_budget, engine_args.max_num_seqs)
-    out = {}
-    for dtype in dict.fromkeys([torch.bfloat16, torch.float32, engine_dtype]):
-        results = flops.measure(dtype, shapes)
-        top = flops.best(results)
-        out[dtype_name(dtype)] = {
-            "best_flops_per_s": top.flops_per_s,
-            "best_shape": top.label,
-            "shapes": {r.label: r.flops_per_s for r in results},
-        }
-    return out
-
-
-def print_machine(info: dict) -> None:
-    print("== machine ==")
-    print(row("cpus / torch threads", f"{info['cpu_count']} / {info['torch_threads']}"))
-    print(row("load average (1 min)", f"{info['load_average'][0]:.2f} at start"))
-
-
-def print_limits(
-    limits: dict, engine_dtype: torch.dtype, read_bytes_per_s: Optional[float] = None
-) -> None:
-    print("== matmul FLOP/s (torch, best of shapes) ==")
-    for name, m in limits.items():
-        print(
-            row(
-                f"{name} GFLOP/s",
-                f"{m['best_flops_per_s'] / 1e9:.1f}  (best shape {m['best_shape']})",
-            )
-        )
-    print(row("limit dtype", dtype_name(engine_dtype)))
-    if read_bytes_per_s is not None:
-        print(
-            row("memory read GB/s", f"{read_bytes_per_s / 1e9:.1f}  (sum of a 1 GiB fp32 buffer)")
-        )
 
 
 def print_phases(p: dict) -> None:
@@ -716,24 +562,6 @@ def print_decode(title: str, d: dict) -> None:
                 "(all steps)",
             )
         )
-
-
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "load_average": list(os.getloadavg()),
-    }
-
-
-def write_json(path: str, report: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=str)
-        f.write("\n")
 
 
 # --------------------------------------------------------------------------------------- main
@@ -902,7 +730,9 @@ def _batch1(
     lo, hi = token_id_range(arch.vocab_size)
     rng = random.Random(ns.data_seed + 1)
     prompt = [rng.randrange(lo, hi) for _ in range(ns.batch1_input_len)]
-    steps = gpu.batch1_decode(llm, prompt, ns.batch1_output_len, _params(ns.batch1_output_len))
+    steps = gpu.batch1_decode(
+        llm, prompt, ns.batch1_output_len, greedy_params(ns.batch1_output_len)
+    )
     summary = gpu.summarize(steps, arch, dtype, bandwidth)
     print_decode(
         f"batch-1 decode ({ns.batch1_input_len} prompt + {ns.batch1_output_len} output tokens)",

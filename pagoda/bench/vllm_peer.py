@@ -104,7 +104,7 @@ def convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
     ``target``, written beside it first and renamed into place."""
     from transformers import AutoTokenizer
 
-    from pagoda.bench.throughput import load_hf_model
+    from pagoda.bench.common import load_hf_model
 
     directory, name = os.path.split(os.path.abspath(gguf_path))
     target.parent.mkdir(parents=True, exist_ok=True)

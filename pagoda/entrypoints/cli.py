@@ -385,7 +385,9 @@ def _router_main(ns: argparse.Namespace) -> int:
     return router_main(ns)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(bench_name: Optional[str] = None) -> argparse.ArgumentParser:
+    """The command line; ``bench_name`` is the one ``pagoda bench`` module whose options are
+    added (the others are only listed, so no other command imports the benchmarks)."""
     parser = argparse.ArgumentParser(prog="pagoda", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -404,12 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, help_text, takes_engine_args in BENCHES:
-        module = importlib.import_module(f"pagoda.bench.{name}")
         cmd = bench_sub.add_parser(name, help=help_text)
-        module.add_args(cmd)
-        if takes_engine_args:
-            add_engine_args(cmd)
-        cmd.set_defaults(func=module.main)
+        if name == bench_name:  # only the bench that runs is imported
+            module = importlib.import_module(f"pagoda.bench.{name}")
+            module.add_args(cmd)
+            if takes_engine_args:
+                add_engine_args(cmd)
+            cmd.set_defaults(func=module.main)
 
     from pagoda.entrypoints.openai.args import add_server_args
 
@@ -428,9 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def bench_named(argv: Sequence[str]) -> Optional[str]:
+    """NAME in ``pagoda [--log-level L] bench NAME ...`` (None for any other command)."""
+    words = [
+        w
+        for i, w in enumerate(argv)
+        if not w.startswith("-") and argv[i - 1 : i] != ["--log-level"]
+    ]
+    return words[1] if len(words) > 1 and words[0] == "bench" else None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(bench_named(argv))
     ns = parser.parse_args(argv)
     ns.raw_argv = argv  # pagoda serve --data-parallel-size hands its own to the replicas
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pagoda.bench import flops  # noqa: E402
-from pagoda.bench.throughput import make_workload, parse_len_range, token_id_range  # noqa: E402
+from pagoda.bench.common import make_workload, parse_len_range, token_id_range  # noqa: E402
 
 
 @pytest.mark.parametrize("text, expected", [("64:512", (64, 512)), ("7", (7, 7)),
@@ -189,3 +189,33 @@ def test_spec_bench_tiny_run(tmp_path: Path) -> None:
             assert same == total > 0, workload
     assert report["cost_model"]["base_s"] > 0
     assert report["proposal"]["ngram"]["calls"] > 0
+
+
+BENCH_MODULES_LOADED = (
+    "import sys; from pagoda.entrypoints import cli; cli.build_parser({name!r}); "
+    "print(sorted(m for m in sys.modules if m.startswith('pagoda.bench.')))"
+)
+
+
+@pytest.mark.parametrize("argv, loaded", [
+    (["serve", "--port", "0"], []),
+    (["--log-level", "INFO", "bench", "spec", "--rounds", "1"], ["pagoda.bench.spec"]),
+    (["bench", "plot", "a.json"], ["pagoda.bench.plot"]),
+])
+def test_the_cli_imports_only_the_bench_that_runs(argv: list[str], loaded: list[str]) -> None:
+    """`pagoda serve` imports no benchmark; `pagoda bench NAME` imports NAME's module (and
+    what it imports itself)."""
+    import ast
+    import subprocess
+
+    from pagoda.entrypoints.cli import bench_named
+
+    name = bench_named(argv)
+    out = subprocess.run([sys.executable, "-c", BENCH_MODULES_LOADED.format(name=name)],
+                         capture_output=True, text=True, check=True).stdout
+    modules = ast.literal_eval(out)  # the list of names the child printed
+    assert all(m in modules for m in loaded), modules
+    if not loaded:
+        assert modules == []
+    else:
+        assert "pagoda.bench.route" not in modules and "pagoda.bench.disagg" not in modules

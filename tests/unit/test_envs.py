@@ -22,7 +22,7 @@ RAW_ENVIRON: dict[str, str] = {
     "pagoda.envs": "the one reader",
     "pagoda.kernels.ext": "puts the ninja it found on PATH for torch's extension builder",
     "pagoda.bench.vllm_peer": "the vLLM peer's subprocess environment",
-    "pagoda.bench.disagg": "the instances' subprocess environment",
+    "pagoda.bench.procs": "the instances' subprocess environment",
     "pagoda.bench.kv_accuracy": "sets PAGODA_INT4_MAX_ROWS (envs.INT4_MAX_ROWS.name) for the "
                                 "engine it builds, then restores it",
     "pagoda.entrypoints.openai.api_server": "reads PAGODA_API_KEY (envs.API_KEY): to move to "
