@@ -4,10 +4,11 @@ does (the table in docs/envs.md is this file's, in words).
 Each is an :class:`EnvVar`; calling it reads the environment *now* and returns the typed value
 (``envs.FUSED()`` -> bool). Nothing reads ``os.environ`` for a switch anywhere else. A switch
 is read when the piece it configures is built (a model's ops and attention backend in
-``bind_ops``, the runner's sampler path, the packing and int4 row limits at load, the C++
-extension on its first load), never per step: tests set one with ``monkeypatch.setenv`` before
-building an engine. ``TRITON_INTERPRET`` is the exception in timing only: it is read when the
-Triton kernel modules are imported, the moment triton itself reads it to decorate them.
+``bind_ops``, the runner's sampler path, the packing and int4 row limits when the model is
+prepared by ``models/prepare.py``, the C++ extension on its first load), never per step:
+tests set one with ``monkeypatch.setenv`` before building an engine. ``TRITON_INTERPRET`` is
+the exception in timing only: it is read when the Triton kernel modules are imported, the
+moment triton itself reads it to decorate them.
 
 Invariant: an unset variable gives the default; a variable set to a value the switch does not
 name behaves as documented for "anything else" (nothing is refused here, except a row limit

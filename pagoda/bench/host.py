@@ -147,7 +147,7 @@ def null_engine_llm(
     def null_forward(input_ids: torch.Tensor, *_: Any) -> torch.Tensor:
         return torch.zeros(input_ids.shape[0], hidden_size, dtype=torch.bfloat16)
 
-    module: torch.nn.Module = model  # nn.Module's forward is an attribute: set it here
+    module = cast(torch.nn.Module, model)  # nn.Module's forward is an attribute: set it here
     module.forward = null_forward
     runner.is_cuda = True  # the packed-buffer input path and CUDA-graph padding
     runner.graphs = NullDecodeGraphs(

@@ -22,11 +22,12 @@ from pagoda.config import DEFAULT_KV_CACHE_GIB, CacheConfig, EngineArgs, Specula
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.remote_kv import KVTransferRequest, check_remote_prefill, parse_kv_transfer_params
 from pagoda.core.scheduler import Scheduler
-from pagoda.core.sliding_kv import SlidingTables, sliding_pool_blocks
+from pagoda.core.sliding_kv import SlidingTables
 from pagoda.engine import cpu_budget, spec_timing
 from pagoda.engine.core import CoreStep, EngineCore
 from pagoda.engine.inspector import EngineSnapshot, Inspector
 from pagoda.engine.kv_event_publisher import KVEventPublisher
+from pagoda.engine.kv_plan import KVRequest, plan_pools
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.stats import EngineStats
@@ -34,17 +35,16 @@ from pagoda.engine.structured import GrammarCompiler, StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.models.cpu_int4 import resolve_quantization
 from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
+from pagoda.models.prepare import prepare_model
 from pagoda.request import Request
 from pagoda.sampling import SamplingParams
 from pagoda.spec_decode.speculator import Speculator
-from pagoda.utils import cdiv, read_chat_template
+from pagoda.utils import read_chat_template
 from pagoda.worker.kv_cache import (
     GIB,
     cuda_kv_budget,
     layer_counts,
-    num_blocks_for_memory,
     profile_activation_bytes,
-    split_for_sliding,
 )
 from pagoda.worker.model_runner import ModelRunner
 
@@ -86,11 +86,18 @@ class LLMEngine:
                 f"max_model_len {self.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.arch.max_position_embeddings}"
             )
-        loaded.model.set_context_len(self.max_model_len)  # picks LongRoPE's factors (Phi-3)
+        prepared = prepare_model(
+            loaded.model,
+            self.device,
+            self.dtype,
+            self.kv_dtype,
+            self.quantization,
+            context_len=self.max_model_len,  # picks LongRoPE's factors (Phi-3)
+        )
         cache = args.cache_config()
         # CUDA: the peak of a worst-case step comes out of the KV budget (0 elsewhere).
         self._activation_bytes = profile_activation_bytes(
-            loaded.model,
+            prepared.model,
             args.token_budget,
             args.max_num_seqs,
             cache.block_size,
@@ -115,16 +122,12 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
         self.runner = ModelRunner(
-            loaded.model,
+            prepared,
             self.num_blocks,
             cache.block_size,
-            self.dtype,
-            self.device,
-            kv_dtype=self.kv_dtype,
             max_num_seqs=args.max_num_seqs,
             max_model_len=self.max_model_len,
             enforce_eager=args.enforce_eager,
-            quantization=self.quantization,
             sliding_num_blocks=self.sliding_blocks,
         )
         connector = self._start_kv_transfer(args)
@@ -198,51 +201,29 @@ class LLMEngine:
             return cuda_kv_budget(cache.gpu_memory_utilization, self.device, self._activation_bytes)
         return int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
 
-    def _block_cap(self, cache: CacheConfig) -> int:
-        """More blocks than the longest sequences of a full batch could use is waste."""
-        return cdiv(self.max_model_len, cache.block_size) * self.args.max_num_seqs
-
     def _kv_pools(self, args: EngineArgs, cache: CacheConfig) -> tuple[int, Optional[int]]:
-        """(blocks of the KV pool, blocks of the sliding-window layers' own pool or None).
-
-        The second pool (core/sliding_kv.py) is None, every layer in one pool: for models
-        without both kinds of layer, with ``--disable-hybrid-kv-cache-manager``, for KV
-        transfer and CUDA (which take one table), and where a pool that never runs short
-        first would save nothing. Sized from the memory budget, the full layers get what
-        the sliding ones leave."""
-        memory: Optional[int] = None  # bytes, when sized from the budget
-        if cache.num_blocks is not None:
-            num_blocks = cache.num_blocks
-        else:
-            memory = self._kv_budget(cache)
-            n = num_blocks_for_memory(self.arch, cache.block_size, self.kv_dtype, memory)
-            num_blocks = min(n, self._block_cap(cache))
+        """(blocks of the KV pool, blocks of the sliding-window layers' own pool or None),
+        planned by ``kv_plan.plan_pools`` from the budget measured here."""
+        one_table = args.kv_role != "both" or self.device.type != "cpu"
+        req = KVRequest(
+            cache.block_size,
+            self.max_model_len,
+            args.max_num_seqs,
+            args.token_budget,
+            cache.num_blocks,
+            cache.num_sliding_blocks,
+            cache.hybrid,
+            one_table,
+        )
+        memory = None if cache.num_blocks is not None else self._kv_budget(cache)
+        plan = plan_pools(self.arch, self.kv_dtype, req, memory)
         full, sliding = layer_counts(self.arch)
-        if not (full and sliding and cache.hybrid):
-            return num_blocks, None
-        if args.kv_role != "both" or self.device.type != "cpu":
+        if full and sliding and cache.hybrid and one_table:
             logger.info(
                 "sliding-window layers keep the whole context: %s",
                 "KV transfer" if args.kv_role != "both" else "CUDA",
             )
-            return num_blocks, None
-        window, budget = self.arch.sliding_window, args.token_budget
-        if cache.num_sliding_blocks is not None:
-            least = sliding_pool_blocks(window, cache.block_size, 1, budget)
-            if cache.num_sliding_blocks < least:  # else a request could wait forever
-                raise ValueError(
-                    f"num_sliding_kv_blocks {cache.num_sliding_blocks} is below what one request "
-                    f"needs: {least} blocks for a {window}-token window and a "
-                    f"{budget}-token step"
-                )
-            return num_blocks, cache.num_sliding_blocks
-        wanted = sliding_pool_blocks(window, cache.block_size, args.max_num_seqs, budget)
-        if memory is None:  # an exact pool size: the second pool only where it is smaller
-            return num_blocks, (wanted if wanted < num_blocks else None)
-        split = split_for_sliding(self.arch, cache.block_size, self.kv_dtype, memory, wanted)
-        if split <= num_blocks:  # the window's blocks take as much as they save
-            return num_blocks, None
-        return min(split, self._block_cap(cache)), wanted
+        return plan.num_blocks, plan.sliding_blocks
 
     def _start_kv_transfer(self, args: EngineArgs) -> Optional[KVConnectorWorker]:
         """Disaggregated prefill: the NIXL connector and its side channel (roles prefill and

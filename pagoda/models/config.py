@@ -7,28 +7,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-# model_type -> what differs from plain Llama.
-SUPPORTED_MODEL_TYPES = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {"attention_bias": True},
-    "qwen3": {"qk_norm": True},
-    "qwen3_moe": {"qk_norm": True},  # sparse MoE layers (models/moe.py)
-    "mixtral": {},  # sparse MoE layers (models/moe.py)
-    "phi3": {},  # fused qkv_proj / gate_up_proj in the checkpoint, LongRoPE, partial rotary
-    # Gemma (models/gemma.py): sandwich norms with (1 + w) weights, GeGLU, scaled embeddings,
-    # sliding-window layers, soft-capped logits; Gemma 3 adds q/k norms and a local RoPE base.
-    "gemma2": {},
-    "gemma3_text": {"qk_norm": True},
-}
+from pagoda.models.registry import FAMILIES, Family, Windows
 
-GEMMA_TYPES = ("gemma2", "gemma3_text")
 # Activations of the gated MLP: SiLU (SwiGLU), or GELU's tanh approximation (GeGLU, Gemma).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-# Model types whose every layer uses the config's sliding_window when it has one (the others
-# mark their sliding layers in layer_types).
-ALL_LAYERS_SLIDE = ("mistral", "mixtral", "phi3")
-
 # Variants refused at load, by the config key that marks them: (key, the feature's name).
 _REFUSED_KEYS = (
     ("shared_expert_intermediate_size", "shared experts (Qwen2-MoE style)"),
@@ -87,8 +69,9 @@ class ModelArch:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
-    def is_gemma(self) -> bool:
-        return self.model_type in GEMMA_TYPES
+    def family(self) -> Family:
+        """The registry's row for this model type (``registry.py``)."""
+        return FAMILIES[self.model_type]
 
     def window(self, layer: int) -> int:
         """Layer ``layer``'s sliding window (0: it attends to the whole context)."""
@@ -133,20 +116,20 @@ class ModelArch:
                 "unsupported: multimodal Gemma 3 checkpoints (model_type 'gemma3', with a vision "
                 "tower); text-only ones (model_type 'gemma3_text', e.g. gemma-3-1b-it) load"
             )
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        family = FAMILIES.get(model_type)
+        if family is None:
             archs = cfg.get("architectures") or [model_type]
             raise UnsupportedModelError(
                 f"unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
-                f"pagoda supports {sorted(SUPPORTED_MODEL_TYPES)}"
+                f"pagoda supports {sorted(FAMILIES)}"
             )
-        default_act = "gelu_pytorch_tanh" if model_type in GEMMA_TYPES else "silu"
-        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or default_act
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or family.activation
         if act not in ACTIVATIONS:
             raise UnsupportedModelError(f"unsupported hidden_act {act!r}; only {ACTIVATIONS}")
         for key, feature in _REFUSED_KEYS:
             if cfg.get(key):
                 raise UnsupportedModelError(f"unsupported: {feature} ({key!r} in the config)")
-        extra = SUPPORTED_MODEL_TYPES[model_type]
+        extra = family.defaults
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         rope_theta, rope_scaling = _rope_params(cfg)
@@ -186,25 +169,27 @@ class ModelArch:
             layer_windows=layer_windows(cfg),
             hidden_act=act,
             **_moe_params(cfg),
-            **_gemma_params(cfg),
+            **(_gemma_params(cfg) if family.gemma else {}),
         )
 
 
 def layer_windows(cfg: dict[str, Any]) -> tuple[int, ...]:
     """Each layer's sliding window (0: full attention), as transformers decides it: from
-    ``layer_types`` where the config lists them, else every layer (Mistral, Mixtral, Phi-3),
-    alternate layers from the first (Gemma 2), or all but every ``sliding_window_pattern``-th
-    (Gemma 3). Qwen2/3 slide only with ``use_sliding_window``."""
+    ``layer_types`` where the config lists them, else by the family's rule (every layer:
+    Mistral, Mixtral, Phi-3; alternate layers from the first: Gemma 2; all but every
+    ``sliding_window_pattern``-th: Gemma 3). Qwen2/3 slide only with ``use_sliding_window``."""
     window = cfg.get("sliding_window") or 0
     if not window or cfg.get("use_sliding_window") is False:
         return ()
-    n, model_type = cfg["num_hidden_layers"], cfg.get("model_type")
+    n = cfg["num_hidden_layers"]
+    family = FAMILIES.get(cfg.get("model_type", ""))
+    rule = family.windows if family is not None else Windows.NONE
     types = cfg.get("layer_types")
-    if types is None and model_type in ALL_LAYERS_SLIDE:
+    if types is None and rule is Windows.ALL:
         types = ["sliding_attention"] * n
-    elif types is None and model_type == "gemma2":
+    elif types is None and rule is Windows.ALTERNATE:
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-    elif types is None and model_type == "gemma3_text":
+    elif types is None and rule is Windows.PATTERN:
         pattern = cfg.get("sliding_window_pattern") or 6
         types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
     if types is None:
@@ -220,8 +205,6 @@ def layer_windows(cfg: dict[str, Any]) -> tuple[int, ...]:
 def _gemma_params(cfg: dict[str, Any]) -> dict[str, Any]:
     """Gemma's soft-caps, attention scale and Gemma 3's local RoPE base (from transformers
     4's ``rope_local_base_freq`` or 5's ``rope_parameters["sliding_attention"]``)."""
-    if cfg.get("model_type") not in GEMMA_TYPES:
-        return {}
     local = cfg.get("rope_local_base_freq")
     per_type = cfg.get("rope_parameters") or {}
     if local is None and isinstance(per_type.get("sliding_attention"), dict):

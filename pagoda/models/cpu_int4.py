@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda import envs
+from pagoda.models.base import ExpertLayer, Modules
 from pagoda.models.cpu_linear import best_seconds
 
 logger = logging.getLogger(__name__)
@@ -146,16 +147,14 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def attach_int4(model: nn.Module, route: Optional[Int4Route] = None) -> list[Int4Linear]:
+def attach_int4(model: Modules, route: Optional[Int4Route] = None) -> list[Int4Linear]:
     """Wrap every ``nn.Linear`` of the model in an ``Int4Linear`` routed by ``route``
     (before weight packing, which then packs each one's dense form), but the output
     projection and layers whose input width is not a multiple of ``GROUP`` (they stay
     dense). MoE experts loaded dense are converted to their 4-bit form only (the loader
     quantizes them as they load when it is told); they hold no dense form to switch to."""
-    from pagoda.models.moe import SparseMoE  # moe holds its experts with this module's types
-
     for module in model.modules():
-        if isinstance(module, SparseMoE):
+        if isinstance(module, ExpertLayer):
             module.quantize_experts()
     wrapped = []
     for parent in list(model.modules()):
@@ -167,7 +166,7 @@ def attach_int4(model: nn.Module, route: Optional[Int4Route] = None) -> list[Int
     return wrapped
 
 
-def detach_int4(model: nn.Module) -> None:
+def detach_int4(model: Modules) -> None:
     """Put every ``Int4Linear``'s dense form back in its place (their 4-bit weights freed)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -388,7 +387,7 @@ class Int4Experts(nn.Module):
         self.gate_up.max_rows = self.down.max_rows = max_rows
 
 
-def int4_experts(model: nn.Module) -> list[Int4Experts]:
+def int4_experts(model: Modules) -> list[Int4Experts]:
     return [m for m in model.modules() if isinstance(m, Int4Experts)]
 
 

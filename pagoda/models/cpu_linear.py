@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda import envs
+from pagoda.models.base import ExpertLayer, Modules
 from pagoda.utils import cdiv
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def packing_pays(weights: list[torch.Tensor], packed: list[torch.Tensor]) -> tup
     return ratio >= MIN_SPEEDUP, ratio
 
 
-def _linears(model: nn.Module) -> dict[tuple[int, int], list[tuple[nn.Module, str]]]:
+def _linears(model: Modules) -> dict[tuple[int, int], list[tuple[nn.Module, str]]]:
     """Every ``nn.Linear`` of the model but the output projection (``lm_head``, see
     :func:`pack_model`), grouped by weight shape: (parent, attribute name)."""
     groups: dict[tuple[int, int], list[tuple[nn.Module, str]]] = {}
@@ -127,7 +128,7 @@ def _linears(model: nn.Module) -> dict[tuple[int, int], list[tuple[nn.Module, st
 
 
 def pack_model(
-    model: nn.Module, head_weight: Optional[torch.Tensor] = None
+    model: Modules, head_weight: Optional[torch.Tensor] = None
 ) -> Optional[PackedLinear]:
     """Replace the model's linear layers by packed ones where that pays (or as
     ``PAGODA_PACKED_LINEAR`` says). ``head_weight``: the output projection (V, E), which may
@@ -163,12 +164,10 @@ def pack_model(
     return None if head_weight is None else _pack_head(head_weight, forced)
 
 
-def _pack_experts(model: nn.Module, forced: Optional[bool]) -> None:
+def _pack_experts(model: Modules, forced: Optional[bool]) -> None:
     """The experts of MoE layers (models/moe.py), packed one matrix at a time where that pays:
     timed as the linear layers are, on the first layer's experts."""
-    from pagoda.models.moe import SparseMoE  # moe packs with this module's kernels
-
-    layers = [m for m in model.modules() if isinstance(m, SparseMoE) and m.int4 is None]
+    layers = [m for m in model.modules() if isinstance(m, ExpertLayer) and m.int4 is None]
     if not layers:
         return
     if not forced:

@@ -12,15 +12,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 import torch
+from torch import nn
 
+from pagoda.models.base import CausalLM, CausalLMClass, ExpertLayer
 from pagoda.models.config import ModelArch
-from pagoda.models.gemma import GemmaForCausalLM
 from pagoda.models.hub import SAFETENSORS_INDEX, parse_hub_id, resolve_model
-from pagoda.models.llama import LlamaForCausalLM
-from pagoda.models.moe import SparseMoE
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ DTYPES = {
 
 @dataclass
 class LoadedModel:
-    model: LlamaForCausalLM
+    model: CausalLM  # its weights loaded, the reference ops bound (prepare.py readies it)
     arch: ModelArch
     tokenizer: Any  # a transformers tokenizer
     chat_template: Optional[str]
@@ -196,7 +195,7 @@ def load_model(
     GGUF repo or directory). ``"dummy"``: random weights (seeded by ``seed``) of
     ``model_preset``'s shapes, or of ``path``'s config.json; no checkpoint file is read.
     ``quantization="int4"``: MoE experts are quantized as they load and held only in 4-bit
-    form (models/moe.py); the model runner quantizes the rest."""
+    form (models/moe.py); ``prepare.py`` quantizes the rest."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if load_format == "dummy":
@@ -225,9 +224,11 @@ def load_model(
     return LoadedModel(model, arch, tokenizer, template, source.name)
 
 
-def model_class(arch: ModelArch) -> type[LlamaForCausalLM]:
-    """The decoder class for ``arch``: Gemma's own layers, else the Llama family's."""
-    return GemmaForCausalLM if arch.is_gemma else LlamaForCausalLM
+def model_class(arch: ModelArch) -> CausalLMClass:
+    """The decoder class for ``arch``, as the registry's row for its type names it."""
+    module, _, name = arch.family.model_class.partition(":")
+    cls: CausalLMClass = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def _empty_model(
@@ -236,20 +237,20 @@ def _empty_model(
     device: torch.device,
     max_positions: Optional[int],
     quantization: Optional[str] = None,
-) -> LlamaForCausalLM:
-    """The model with uninitialised weights on ``device`` (built on meta: no CPU copy), its
-    ops chosen for ``dtype`` on ``device`` (the model runner chooses again for its KV cache).
-    int4: MoE experts get 4-bit storage only (never allocated dense)."""
+) -> CausalLM:
+    """The model with uninitialised weights on ``device`` (built on meta: no CPU copy), with
+    the reference ops (``prepare.py`` binds the final ones). int4: MoE experts get 4-bit
+    storage only (never allocated dense)."""
     positions = max_positions or arch.max_position_embeddings
     with torch.device("meta"):
-        model = model_class(arch)(arch, positions)
+        built = cast(nn.Module, model_class(arch)(arch, positions))
         if quantization == "int4":
-            for module in model.modules():
-                if isinstance(module, SparseMoE):
+            for module in built.modules():
+                if isinstance(module, ExpertLayer):
                     module.hold_int4(dtype)
-    model = model.to(dtype=dtype).to_empty(device=device).eval()  # cast on meta: free
+    built = built.to(dtype=dtype).to_empty(device=device).eval()  # cast on meta: free
+    model = cast(CausalLM, built)
     model.build_rope(device)
-    model.bind_ops(device, dtype)
     return model
 
 
@@ -297,7 +298,7 @@ def load_dummy_model(
 
 
 @torch.no_grad()
-def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+def init_dummy_weights(model: CausalLM, seed: int) -> None:
     """Matrices ~ N(0, DUMMY_WEIGHT_STD^2), norm weights 1, biases 0: finite activations in
     bf16 through any depth. Drawn on the model's device with a generator seeded by ``seed``."""
     device = next(model.parameters()).device
@@ -311,7 +312,7 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
         else:
             param.fill_(1.0)
     for module in model.modules():  # 4-bit experts (int4): drawn and quantized one by one
-        if isinstance(module, SparseMoE) and module.int4 is not None:
+        if isinstance(module, ExpertLayer) and module.int4 is not None:
             module.init_dummy_experts(gen, DUMMY_WEIGHT_STD)
 
 

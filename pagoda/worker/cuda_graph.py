@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from pagoda.attention.metadata import AttentionMetadata
-from pagoda.models.llama import LlamaForCausalLM
+from pagoda.models.base import CausalLM
 from pagoda.utils import cdiv
 from pagoda.worker.host_buffer import pack_ints
 
@@ -58,7 +58,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_caches: list[torch.Tensor],
         block_size: int,
         max_num_seqs: int,

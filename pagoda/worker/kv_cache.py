@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk
+from pagoda.models.base import CausalLM
 from pagoda.models.config import ModelArch
-from pagoda.models.llama import LlamaForCausalLM
 from pagoda.utils import cdiv
 
 GIB = 1 << 30
@@ -56,7 +56,7 @@ def cuda_kv_budget(utilization: float, device: torch.device, activation_bytes: i
 
 
 def profile_activation_bytes(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     num_tokens: int,
     num_seqs: int,
     block_size: int,
@@ -81,7 +81,7 @@ def profile_activation_bytes(
 
 @torch.inference_mode()
 def run_profile_step(
-    model: LlamaForCausalLM,
+    model: CausalLM,
     num_tokens: int,
     num_seqs: int,
     block_size: int,

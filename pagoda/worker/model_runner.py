@@ -45,8 +45,7 @@ from pagoda.attention.metadata import (
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagoda.kernels import cpu_fused
-from pagoda.models import cpu_int4, cpu_linear
-from pagoda.models.llama import LlamaForCausalLM
+from pagoda.models.prepare import PreparedModel
 from pagoda.sampling import SamplingParams
 from pagoda.utils import cdiv
 from pagoda.worker.cuda_graph import DecodeGraphs
@@ -149,41 +148,32 @@ class StepHandle:
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        prepared: PreparedModel,
         num_blocks: int,
         block_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
         *,
         max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         max_model_len: Optional[int] = None,
         enforce_eager: bool = False,
-        kv_dtype: Optional[torch.dtype] = None,
-        quantization: Optional[str] = None,
         sliding_num_blocks: Optional[int] = None,
     ) -> None:
+        """Run steps of ``prepared``'s model (``models/prepare.py``: its weights, int4 routes
+        and ops are final) over a KV cache of ``num_blocks`` blocks it allocates."""
+        model, device = prepared.model, prepared.device
+        dtype, kv_dtype = prepared.dtype, prepared.kv_dtype
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.int4_route = cpu_int4.Int4Route()  # speculation: verified rows count as one
-        int4_layers = cpu_int4.attach_int4(model, self.int4_route) if quantization == "int4" else []
-        if device.type == "cpu":  # linear layers' weights packed for the GEMM, where it pays
-            model.packed_head = cpu_linear.pack_model(model, model.output_weight)
-        self.int4_max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
-        cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
-        if int4_layers and not self.int4_max_rows:  # never faster here: drop the copies
-            cpu_int4.detach_int4(model)
+        self.int4_route = prepared.int4_route  # speculation: verified rows count as one
+        self.int4_max_rows = prepared.int4_max_rows
         # Sliding layers' KV apart, in a pool of its own (core/sliding_kv.py): the CPU path.
         self.sliding = sliding_num_blocks is not None
         self.is_cuda = device.type == "cuda"
         assert not (self.sliding and self.is_cuda), "sliding-layer tables are built on the CPU"
         self.kv_caches = allocate_kv_cache(
-            model.arch, num_blocks, block_size, kv_dtype or dtype, device, sliding_num_blocks
+            model.arch, num_blocks, block_size, kv_dtype, device, sliding_num_blocks
         )
         self.states: dict[str, CachedRequestState] = {}
-        # The ops and the attention backend, chosen once for this cache's dtype (attention
-        # computes in the cache's when it is a narrower float, bf16 under fp32 weights).
-        model.bind_ops(device, dtype, kv_dtype or dtype)
         # Greedy rows' argmax on the fused CPU kernel: chosen here, with the ops (PAGODA_FUSED).
         self.fused_sampling = cpu_fused.enabled_for(device, dtype)
         # The CPU path packs the prefill chunks only for a backend that reads them (AMX).

@@ -148,11 +148,13 @@ def test_profile_activation_bytes_for_qwen3_preset():
     """The peak of a 2048-token step of Qwen3-0.6B's shapes: positive, and far below 1 GiB
     (hidden, QKV, MLP and attention buffers of 2048 tokens, 256 rows of fp32 logits)."""
     from pagoda.models.loader import load_model
+    from pagoda.models.prepare import prepare_model
     from pagoda.worker.kv_cache import profile_activation_bytes
 
     device = torch.device("cuda")
     model = load_model(None, torch.bfloat16, device, load_format="dummy",
                        model_preset="qwen3-0.6b", max_positions=4096).model
+    model = prepare_model(model, device, torch.bfloat16).model  # as the engine profiles it
     peak = profile_activation_bytes(model, 2048, 256, 16, torch.bfloat16, device)
     assert 0 < peak < (1 << 30), peak
 

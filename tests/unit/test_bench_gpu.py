@@ -10,6 +10,7 @@ from pagoda.core.outputs import CachedRequestData, NewRequestData, SchedulerOutp
 from pagoda.models.loader import load_model
 from pagoda.models.presets import preset_arch
 from pagoda.sampling import SamplingParams
+from pagoda.models.prepare import prepare_model
 from pagoda.worker.model_runner import ModelRunner
 from runner_driver import run_greedy
 
@@ -48,7 +49,7 @@ def test_summarize_fraction():
 def test_monitor_counts_decode_steps_and_contexts():
     loaded = load_model(None, torch.float32, torch.device("cpu"), load_format="dummy",
                         model_preset="tiny-llama")
-    runner = ModelRunner(loaded.model, 16, 16, torch.float32, torch.device("cpu"))
+    runner = ModelRunner(prepare_model(loaded.model, torch.device("cpu"), torch.float32), 16, 16)
     with gpu.DecodeStepMonitor(runner) as mon:
         run_greedy(runner, [[1, 2, 3], list(range(10, 30))], 4)
     # The prefill step is not a decode step; the 3 decode steps see contexts 4+21, 5+22, 6+23.
@@ -63,7 +64,7 @@ def test_monitor_times_pipelined_steps_from_read_to_read(monkeypatch):
     from the read before it to its own read."""
     loaded = load_model(None, torch.float32, torch.device("cpu"), load_format="dummy",
                         model_preset="tiny-llama")
-    runner = ModelRunner(loaded.model, 16, 16, torch.float32, torch.device("cpu"))
+    runner = ModelRunner(prepare_model(loaded.model, torch.device("cpu"), torch.float32), 16, 16)
     clock = iter(float(t) for t in range(100, 200, 10))
     monkeypatch.setattr(gpu.time, "perf_counter", lambda: next(clock))
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

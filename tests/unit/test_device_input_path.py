@@ -31,6 +31,7 @@ from pagoda.models import ops  # noqa: E402
 from pagoda.models.loader import load_model  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 from pagoda.worker.cuda_graph import DecodeGraphs, _Graph  # noqa: E402
+from pagoda.models.prepare import prepare_model
 from pagoda.worker.model_runner import ModelRunner  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -106,7 +107,7 @@ def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused, pipe
     """With ``fused``, the model's norms, q/k norm + RoPE and SiLU·up also take the Triton
     kernels of kernels/triton_fused.py, as on a GPU."""
     loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
-    want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
+    want = script(ModelRunner(prepare_model(loaded.model, CPU, torch.float32), 12, BLOCK_SIZE))
     calls: list[str] = []
     if fused:
         from pagoda.kernels import triton_fused
@@ -129,7 +130,7 @@ def test_device_input_path_with_triton_matches_cpu_path(monkeypatch, fused, pipe
         seen.append(meta)
         return triton_attention.paged_attention(q, k, v, kv_cache, meta, scale, **options)
 
-    runner = ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU)
+    runner = ModelRunner(prepare_model(loaded.model, CPU, torch.float32), 12, BLOCK_SIZE)
     runner.is_cuda = True          # the device input path, on CPU tensors
     decoder_ops = ops.triton_ops(loaded.arch.head_dim) if fused else loaded.model.ops
     loaded.model.bind(decoder_ops, backend.AttentionBackend("triton", triton_everywhere, True))
@@ -146,9 +147,9 @@ def test_decode_graph_path_matches_cpu_path(monkeypatch, pipelined):
     """Decode-only steps of 2 and 3 requests go through the graphs of 2 and 4 (one pad row);
     ``pipelined``, their input tokens are written into the graph's buffer on the device."""
     loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
-    want = script(ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU))
+    want = script(ModelRunner(prepare_model(loaded.model, CPU, torch.float32), 12, BLOCK_SIZE))
 
-    runner = ModelRunner(loaded.model, 12, BLOCK_SIZE, torch.float32, CPU)
+    runner = ModelRunner(prepare_model(loaded.model, CPU, torch.float32), 12, BLOCK_SIZE)
     runner.is_cuda = True
     loaded.model.bind(loaded.model.ops, backend.triton_backend())   # Triton attention
     runner.graphs = EagerDecodeGraphs(loaded.model, runner.kv_caches, BLOCK_SIZE, 4, 256, CPU)

@@ -8,6 +8,7 @@ import torch
 
 from pagoda.models.loader import TokenIdTokenizer, load_model, model_class
 from pagoda.models.presets import preset_arch, preset_config, preset_names
+from pagoda.models.prepare import prepare_model
 from pagoda.worker.model_runner import ModelRunner
 from runner_driver import run_greedy
 
@@ -85,13 +86,13 @@ def test_dummy_model_decodes_greedily_on_cpu(preset):
     assert loaded.name == f"dummy:{preset}"
     prompts = [[7, 8, 9, 10, 11], list(range(40, 77)), [300]]
     steps = 6
-    runner = ModelRunner(loaded.model, 64, 16, torch.float32, CPU)
+    runner = ModelRunner(prepare_model(loaded.model, CPU, torch.float32), 64, 16)
     got = run_greedy(runner, prompts, steps)
     assert all(len(g) == steps for g in got)
     for prompt, tokens in zip(prompts, got):
         seq = list(prompt)
         for want in tokens:
-            fresh = ModelRunner(loaded.model, 8, 16, torch.float32, CPU)
+            fresh = ModelRunner(prepare_model(loaded.model, CPU, torch.float32), 8, 16)
             seq.append(run_greedy(fresh, [seq], 1)[0][0])
             assert seq[-1] == want
 

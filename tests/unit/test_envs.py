@@ -11,6 +11,7 @@ import torch
 
 from pagoda import envs
 from pagoda.models.loader import load_model
+from pagoda.models.prepare import prepare_model
 from pagoda.worker.model_runner import ModelRunner
 from runner_driver import run_greedy
 
@@ -112,8 +113,8 @@ def test_a_step_reads_no_switch(monkeypatch, dtype):
     argmax included: chosen with the ops, when the runner is built)."""
     model = load_model(None, dtype, CPU, load_format="dummy", model_preset="tiny-qwen3").model
     prompts = [[7, 8, 9, 10, 11], list(range(40, 77))]
-    want = run_greedy(ModelRunner(model, 16, 16, dtype, CPU), prompts, 3)
-    runner = ModelRunner(model, 16, 16, dtype, CPU)
+    want = run_greedy(ModelRunner(prepare_model(model, CPU, dtype), 16, 16), prompts, 3)
+    runner = ModelRunner(prepare_model(model, CPU, dtype), 16, 16)
 
     def read(self):
         raise AssertionError(f"{self.name} read during a step")

@@ -31,6 +31,7 @@ from pagoda.kernels import cpu_fused, triton_fused  # noqa: E402
 from pagoda.models import ops  # noqa: E402
 from pagoda.models.loader import load_model  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
+from pagoda.models.prepare import prepare_model
 from pagoda.worker.model_runner import ModelRunner  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -82,7 +83,7 @@ def test_a_decode_layer_launches_about_a_dozen_kernels(monkeypatch, preset):
     if not triton_fused.rope_supported(model.arch.head_dim):
         pytest.skip("head dim")
     monkeypatch.setattr(cpu_fused, "enabled", lambda x: False)             # as on a GPU
-    runner = ModelRunner(model, 8, 16, torch.bfloat16, CPU)
+    runner = ModelRunner(prepare_model(model, CPU, torch.bfloat16), 8, 16)
     runner.is_cuda = True
     model.bind(ops.triton_ops(model.arch.head_dim), backend.triton_backend())   # as on a GPU
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

@@ -13,6 +13,7 @@ from pagoda.attention.metadata import (AttentionMetadata, ChunkSpan, PrefillChun
 from pagoda.kernels import cpu_fused
 from pagoda.models import ops
 from pagoda.models.loader import load_model
+from pagoda.models.prepare import prepare_model
 from pagoda.worker.model_runner import ModelRunner
 from runner_driver import run_greedy
 
@@ -23,7 +24,9 @@ BF16 = torch.bfloat16
 
 
 def tiny(dtype: torch.dtype, preset: str = "tiny-qwen3"):
-    return load_model(None, dtype, CPU, load_format="dummy", model_preset=preset).model
+    """A loaded model, prepared (its ops bound) as the engine prepares it."""
+    model = load_model(None, dtype, CPU, load_format="dummy", model_preset=preset).model
+    return prepare_model(model, CPU, dtype).model
 
 
 def layer_ops(model) -> set[str]:
@@ -95,8 +98,8 @@ def test_the_forward_asks_nothing(monkeypatch, dtype):
     """Once the runner has bound the model, a step reads no switch and calls no chooser."""
     model = tiny(dtype)
     prompts = [[7, 8, 9, 10, 11], list(range(40, 77))]
-    want = run_greedy(ModelRunner(model, 16, 16, dtype, CPU), prompts, 3)
-    runner = ModelRunner(model, 16, 16, dtype, CPU)
+    want = run_greedy(ModelRunner(prepare_model(model, CPU, dtype), 16, 16), prompts, 3)
+    runner = ModelRunner(prepare_model(model, CPU, dtype), 16, 16)
 
     def asked(*args, **kwargs):
         raise AssertionError("dispatch in the forward")

@@ -1,0 +1,65 @@
+"""A loaded model made ready to serve, once: its context length, its 4-bit weights, its packed
+weights and its ops, in that order.
+
+The loader gives a model with its weights and the reference ops. :func:`prepare_model` then
+
+1. sets the context length the engine serves (LongRoPE picks its factors from it: Phi-3);
+2. under ``--quantization int4``, wraps the linear layers in their 4-bit form beside the dense
+   one, and converts MoE experts loaded dense to 4-bit only (``cpu_int4.py``);
+3. on the CPU, packs the dense weights for the GEMM where that is faster (``cpu_linear.py``),
+   the output projection included;
+4. times up to how many rows the 4-bit form is faster than the dense (packed) one, and drops
+   the 4-bit copies where it never is;
+5. binds the decoder ops and the attention backend for the weights' dtype over the KV cache's
+   (``bind_ops``), reading the switches now: the forward reads none.
+
+Invariant: each step runs once, in this order (packing wraps the dense forms the int4 layers
+fall back to, and the row limits are timed on the final dense form); nothing else in pagoda
+changes a model's weights or ops after this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from pagoda.models import cpu_int4, cpu_linear
+from pagoda.models.base import CausalLM
+
+
+@dataclass
+class PreparedModel:
+    """A model ready for the model runner, with what preparing it decided."""
+
+    model: CausalLM
+    device: torch.device
+    dtype: torch.dtype  # the weights'
+    kv_dtype: torch.dtype  # the KV cache's the attention backend was bound for
+    int4_route: cpu_int4.Int4Route  # the rows a step's 4-bit layers count (speculation)
+    int4_max_rows: int  # the 4-bit form runs steps of at most this many rows (0: never)
+
+
+def prepare_model(
+    model: CausalLM,
+    device: torch.device,
+    dtype: torch.dtype,
+    kv_dtype: Optional[torch.dtype] = None,
+    quantization: Optional[str] = None,
+    context_len: Optional[int] = None,
+) -> PreparedModel:
+    """Ready ``model`` (weights of ``dtype`` on ``device``) for a KV cache of ``kv_dtype``
+    (default: ``dtype``) and, when given, a served context of ``context_len`` tokens."""
+    if context_len is not None:
+        model.set_context_len(context_len)
+    route = cpu_int4.Int4Route()
+    int4_layers = cpu_int4.attach_int4(model, route) if quantization == "int4" else []
+    if device.type == "cpu":
+        model.packed_head = cpu_linear.pack_model(model, model.output_weight)
+    max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
+    cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
+    if int4_layers and not max_rows:  # never faster here: drop the copies
+        cpu_int4.detach_int4(model)
+    model.bind_ops(device, dtype, kv_dtype or dtype)
+    return PreparedModel(model, device, dtype, kv_dtype or dtype, route, max_rows)
