@@ -191,6 +191,33 @@ class FrontDoor:
         start = reasoning.prompt_start(self.reasoning, tail)
         return Thinking(self.reasoning, start, include=include)
 
+    def conversation_request(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        arrival: float,
+        names: FieldNames,
+        cache_salt: Optional[str] = None,
+        tools: Optional[ToolPlan] = None,
+        include_thinking: bool = True,
+    ) -> EngineRequest:
+        """One rendered conversation's request: the tool plan's constraint on ``params``,
+        then, under a reasoning parser, the answer's grammar moved after the thinking."""
+        if tools is not None:
+            params = tools.sampling(params)
+        thinking = self.thinking(ids, include=include_thinking)
+        if thinking is not None:
+            params = thinking.constrain_answer(params)
+        return EngineRequest(
+            [Prompt(ids)],
+            params,
+            arrival,
+            cache_salt=cache_salt,
+            tools=tools,
+            thinking=thinking,
+            names=names,
+        )
+
     # ------------------------------------------------------- serving them
     async def submit(self, request_id: str, request: EngineRequest) -> Submission:
         """Queue every prompt (``{request_id}-{i}``); on any failure, abort those queued."""

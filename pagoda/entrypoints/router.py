@@ -41,6 +41,8 @@ from pagoda.entrypoints.router_tokenizer import RouterTokenizer
 from pagoda.entrypoints.routes import ROUTES, Routing
 
 logger = logging.getLogger("pagoda.router")
+# Request headers an instance reads besides the key, passed on as they came.
+FORWARDED_HEADERS = ("x-api-key", "anthropic-version", "anthropic-beta")
 
 PREFILL_PARAMS = {
     "max_tokens": 1,
@@ -273,6 +275,9 @@ class Router:
         )
         if auth:
             headers["authorization"] = auth
+        for name in FORWARDED_HEADERS:  # Anthropic's key and version, as the client sent them
+            if name in request.headers:
+                headers[name] = request.headers[name]
         return headers
 
     async def route(self, path: str, request: Request) -> Response:

@@ -40,6 +40,8 @@ class Route:
 
 
 OPENAI = "pagoda.entrypoints.openai"
+ANTHROPIC_API = "pagoda.entrypoints.anthropic"
+OLLAMA_API = "pagoda.entrypoints.ollama"
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/completions", Routing.PROMPT, f"{OPENAI}.completions:endpoint"),
@@ -57,4 +59,28 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/debug/fault", Routing.INSTANCE, f"{OPENAI}.debug:fault", optional=True),
     Route("GET", "/health", Routing.LOCAL, f"{OPENAI}.info:health"),
     Route("GET", "/metrics", Routing.LOCAL, f"{OPENAI}.info:metrics"),
+    # Anthropic's Messages API: INSTANCE, as the router reads only OpenAI bodies for PROMPT
+    Route("POST", "/v1/messages", Routing.INSTANCE, f"{ANTHROPIC_API}.messages:endpoint"),
+    Route(
+        "POST",
+        "/v1/messages/count_tokens",
+        Routing.INSTANCE,
+        f"{ANTHROPIC_API}.messages:count_tokens",
+    ),
+    # Ollama's API: INSTANCE, as the router reads only OpenAI bodies for PROMPT
+    Route("GET", "/", Routing.INSTANCE, f"{OLLAMA_API}.info:root"),
+    Route("HEAD", "/", Routing.INSTANCE, f"{OLLAMA_API}.info:root"),
+    Route("GET", "/api/version", Routing.INSTANCE, f"{OLLAMA_API}.info:version"),
+    Route("GET", "/api/tags", Routing.INSTANCE, f"{OLLAMA_API}.info:tags"),
+    Route("POST", "/api/show", Routing.INSTANCE, f"{OLLAMA_API}.info:show"),
+    Route("GET", "/api/ps", Routing.INSTANCE, f"{OLLAMA_API}.info:ps"),
+    Route("POST", "/api/chat", Routing.INSTANCE, f"{OLLAMA_API}.chat:endpoint"),
+    Route("POST", "/api/generate", Routing.INSTANCE, f"{OLLAMA_API}.generate:endpoint"),
+    Route("POST", "/api/embed", Routing.INSTANCE, f"{OLLAMA_API}.info:embed"),
+    Route("POST", "/api/embeddings", Routing.INSTANCE, f"{OLLAMA_API}.info:embed"),
+    # OpenAI's Responses API: INSTANCE, as the router reads only completions' and chat's
+    # prompts, and a stored response lives on the instance that answered it
+    Route("POST", "/v1/responses", Routing.INSTANCE, f"{OPENAI}.responses:endpoint"),
+    Route("GET", "/v1/responses/{response_id}", Routing.INSTANCE, f"{OPENAI}.responses:retrieve"),
+    Route("DELETE", "/v1/responses/{response_id}", Routing.INSTANCE, f"{OPENAI}.responses:delete"),
 )

@@ -53,7 +53,7 @@ def cluster(tmp_path_factory):
     router.wait(timeout=10)
     for srv in (prefill, decode):
         srv.stop()
-        assert "Traceback" not in srv.log(), srv.log()[-3000:]
+        assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-3000:]
 
 
 @pytest.fixture(scope="module")

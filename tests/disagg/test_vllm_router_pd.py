@@ -38,7 +38,7 @@ def pd(tmp_path_factory):
     router.stop()
     for srv in (prefill, decode):
         srv.stop()
-        assert "Traceback" not in srv.log(), srv.log()[-3000:]
+        assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-3000:]
 
 
 def _sse_text(r: httpx.Response, key: str) -> str:

@@ -24,7 +24,7 @@ def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
     yield srv
     srv.stop()
     # Nothing the tests sent, bad input and hang-ups included, may raise inside the server.
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 @pytest.fixture(scope="session")

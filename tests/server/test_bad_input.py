@@ -220,7 +220,7 @@ def tight_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory):
                        "--api-key", KEYS[0], "--api-key", KEYS[1])
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 def _auth(key: str) -> dict:

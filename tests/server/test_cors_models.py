@@ -75,7 +75,7 @@ def cors_server(tiny_model_dir, tmp_path_factory, origins) -> Iterator[ServerPro
                        "--allowed-origins", json.dumps([origins[0]]))
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 def test_a_preflight_needs_no_key(cors_server, origins):

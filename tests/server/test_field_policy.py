@@ -115,7 +115,7 @@ def strict(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
     srv = start_server(tiny_model_dir, tmp_path_factory.mktemp("strict"), "--strict-fields")
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 @pytest.mark.parametrize("path", sorted(UNKNOWN))

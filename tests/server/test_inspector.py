@@ -220,7 +220,7 @@ def keyed(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
                        "--api-key", KEY, "--inspector-show-text")
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 def test_no_inspector_is_404(no_inspector: ServerProcess) -> None:

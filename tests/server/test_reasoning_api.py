@@ -29,7 +29,7 @@ def thinker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     name = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
     yield srv, name
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 def _chat(thinker, **body) -> dict:

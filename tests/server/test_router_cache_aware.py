@@ -139,7 +139,7 @@ def test_each_prefix_goes_where_it_is_cached(replicas, tiny_model_dir, tmp_path,
             assert m[where % "instance"] >= N and where % "router" not in m, m
     finally:
         router.stop()
-    assert "Traceback" not in router.log(), router.log()[-3000:]
+    assert "Traceback (most recent call last)" not in router.log(), router.log()[-3000:]
 
 
 def test_a_dead_replica_is_routed_around(tiny_model_dir, tmp_path):
@@ -226,7 +226,7 @@ def test_the_precise_index_forgets_what_a_replica_evicts(tiny_model_dir, tmp_pat
         router.stop()
         for s in servers:
             s.stop()
-    assert "Traceback" not in router.log(), router.log()[-3000:]
+    assert "Traceback (most recent call last)" not in router.log(), router.log()[-3000:]
 
 
 def test_the_precise_index_follows_a_replica_that_restarts(tiny_model_dir, tmp_path):
@@ -273,4 +273,4 @@ def test_the_precise_index_follows_a_replica_that_restarts(tiny_model_dir, tmp_p
         router.stop()
         for s in servers:
             s.stop()
-    assert "Traceback" not in router.log(), router.log()[-3000:]
+    assert "Traceback (most recent call last)" not in router.log(), router.log()[-3000:]

@@ -19,7 +19,7 @@ def router(server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     srv = start_pagoda_router(tmp_path_factory.mktemp("routes"), "--replicas", server.url)
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 def test_the_server_serves_exactly_the_table(server):
@@ -32,10 +32,19 @@ def test_the_server_serves_exactly_the_table(server):
 
 
 BODIES = {"/tokenize": {"prompt": "hello there"}, "/detokenize": {"tokens": [5, 6, 7]}}
+# Anthropic's routes need the model's name in their bodies: test_anthropic_routes below
+ANTHROPIC_ROUTES = ("/v1/messages", "/v1/messages/count_tokens")
+# The Responses API's need a body and a stored id: test_responses_routes below
+RESPONSES_ROUTES = ("/v1/responses", "/v1/responses/{response_id}")
+# Ollama's generation routes answer with a clock (created_at, durations), its embedding
+# routes with a 400: test_ollama_routes below
+OLLAMA_ROUTES = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
 
 
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.routing is Routing.INSTANCE
-                                   and r.path not in ("/inspect/events", "/debug/fault")],
+                                   and r.path not in ("/inspect/events", "/debug/fault",
+                                                      *ANTHROPIC_ROUTES, *RESPONSES_ROUTES,
+                                                      *OLLAMA_ROUTES)],
                          ids=lambda r: r.path)
 def test_each_instance_route_answers_behind_the_router(server, router, model_name, route):
     path = route.path.replace("{model_id:path}", model_name)
@@ -67,3 +76,61 @@ def test_instance_headers_are_relayed(router, model_name):
         assert r.headers["x-pagoda-ignored-fields"] == "num_ctx"
     bad = httpx.post(router.url + "/detokenize", json={"tokens": [10**9]}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_anthropic_routes_answer_behind_the_router(server, router, model_name):
+    """/v1/messages (its stream too) and /v1/messages/count_tokens, proxied as they came."""
+    body = {"model": model_name, "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": "hi"}]}
+    count = {"model": model_name, "messages": body["messages"]}
+    direct = httpx.post(server.url + "/v1/messages/count_tokens", json=count, timeout=30)
+    routed = httpx.post(router.url + "/v1/messages/count_tokens", json=count, timeout=30)
+    assert direct.status_code == routed.status_code == 200 and routed.content == direct.content
+    direct = httpx.post(server.url + "/v1/messages", json=body, timeout=60).json()
+    routed = httpx.post(router.url + "/v1/messages", json=body, timeout=60).json()
+    assert routed["content"] == direct["content"] and routed["id"] != direct["id"]
+    with httpx.stream("POST", router.url + "/v1/messages", json={**body, "stream": True},
+                      timeout=60) as r:
+        events = [line for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "event: message_start" and events[-1] == "event: message_stop"
+    bad = httpx.post(router.url + "/v1/messages", json=count, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_responses_routes_answer_behind_the_router(server, router, model_name):
+    """/v1/responses (its stream too), then GET and DELETE of the stored response, proxied
+    as they came (one instance: the response is stored where the router sends them)."""
+    body = {"model": model_name, "input": "hi", "max_output_tokens": 4, "temperature": 0}
+    direct = httpx.post(server.url + "/v1/responses", json=body, timeout=60).json()
+    routed = httpx.post(router.url + "/v1/responses", json=body, timeout=60).json()
+    assert routed["output"][0]["content"] == direct["output"][0]["content"]
+    with httpx.stream("POST", router.url + "/v1/responses", json={**body, "stream": True},
+                      timeout=60) as r:
+        events = [line for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "event: response.created" and events[-1] == "event: response.incomplete"
+    url = f"{router.url}/v1/responses/{routed['id']}"
+    assert httpx.get(url, timeout=30).json() == routed
+    assert httpx.delete(url, timeout=30).status_code == 200
+    assert httpx.get(url, timeout=30).status_code == 404
+
+
+def test_ollama_routes_answer_behind_the_router(server, router, model_name):
+    """/api/chat and /api/generate (NDJSON too) and the embedding routes' 400, proxied as
+    they came."""
+    options = {"temperature": 0, "num_predict": 4}
+    chat = {"model": model_name, "messages": [{"role": "user", "content": "hi"}],
+            "stream": False, "options": options}
+    direct = httpx.post(server.url + "/api/chat", json=chat, timeout=60).json()
+    routed = httpx.post(router.url + "/api/chat", json=chat, timeout=60).json()
+    assert routed["message"] == direct["message"] and routed["eval_count"] == direct["eval_count"]
+    generate = {"model": model_name, "prompt": "hi", "options": options}
+    with httpx.stream("POST", router.url + "/api/generate", json=generate, timeout=60) as r:
+        assert r.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[-1]["done"] and not any(line["done"] for line in lines[:-1])
+    whole = httpx.post(server.url + "/api/generate", json={**generate, "stream": False},
+                       timeout=60).json()
+    assert "".join(line["response"] for line in lines) == whole["response"]
+    for path in ("/api/embed", "/api/embeddings"):
+        bad = httpx.post(router.url + path, json={"model": model_name, "input": "x"}, timeout=30)
+        assert bad.status_code == 400 and "embeddings" in bad.json()["error"]

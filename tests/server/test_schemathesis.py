@@ -22,7 +22,8 @@ from server_utils import start_server, wait_until_idle
 
 MAX_EXAMPLES = int(os.environ.get("PAGODA_FUZZ_EXAMPLES", "40"))
 # field -> (low, high): the values a realistic request holds, clamped into
-LIMITS = {"max_tokens": (1, 8), "max_completion_tokens": (1, 8), "n": (1, 3),
+LIMITS = {"max_tokens": (1, 8), "max_completion_tokens": (1, 8), "max_output_tokens": (1, 8),
+          "num_predict": (1, 8), "n": (1, 3),
           "logprobs": (0, 5), "top_logprobs": (0, 5), "prompt_logprobs": (0, 3),
           "truncate_prompt_tokens": (1, 32), "min_tokens": (0, 2)}
 
@@ -34,7 +35,7 @@ def fuzz_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory):
                        "--num-kv-blocks", "256", "--max-model-len", "256")
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 def test_no_server_errors(fuzz_server) -> None:
@@ -67,10 +68,10 @@ def test_no_server_errors(fuzz_server) -> None:
     for op in operations:
         fuzz_one(op)
     _report(statuses, time.monotonic() - started)
-    assert {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"} <= {
+    assert set(GENERATING) | {"/tokenize", "/detokenize", "/api/show"} <= {
         path for path, _ in statuses}
     assert not [key for key in statuses if key[1] == 5]
-    for path in ("/v1/completions", "/v1/chat/completions"):  # the fuzzing reached the engine
+    for path in GENERATING:  # the fuzzing reached the engine through every dialect
         assert statuses[(path, 2)] >= MAX_EXAMPLES // 5, statuses
     assert fuzz_server.proc.poll() is None
     assert httpx.get(fuzz_server.url + "/health").status_code == 200
@@ -84,8 +85,12 @@ def test_no_server_errors(fuzz_server) -> None:
 REALISTIC = ("model", "prompt", "messages", "stream", "stream_options", "seed", "stop",
              "temperature", "top_p", "presence_penalty", "frequency_penalty", "echo",
              "return_token_ids", "ignore_eos", "skip_special_tokens", "user", "metadata",
-             *LIMITS)
+             "input", "system", "options", *LIMITS)
+OLLAMA_OPTIONS = ("num_predict", "seed", "temperature", "top_p", "stop")
 TINY_VOCAB = 384  # tests/tiny_models.py
+# The routes that generate, one or two per dialect: each must reach the engine.
+GENERATING = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages",
+              "/api/chat", "/api/generate")
 
 
 def _within_limits(body: dict) -> None:
@@ -93,16 +98,22 @@ def _within_limits(body: dict) -> None:
     prompts and messages short and well formed, a few tokens, small n."""
     for key in [k for k in body if k not in REALISTIC]:
         del body[key]
-    for key, (low, high) in LIMITS.items():
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            body[key] = min(max(value, low), high)
-    for key in ("temperature", "top_p"):
-        value = body.get(key)
-        if isinstance(value, float) and not 0.0 < value <= 1.0:
-            body[key] = 0.5
+    if "options" in body:  # Ollama's sampling fields
+        options = body["options"] if isinstance(body["options"], dict) else {}
+        body["options"] = {k: v for k, v in options.items() if k in OLLAMA_OPTIONS}
+    for fields in (body, body.get("options", {})):
+        for key, (low, high) in LIMITS.items():
+            value = fields.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                fields[key] = min(max(value, low), high)
+        for key in ("temperature", "top_p"):
+            value = fields.get(key)
+            if isinstance(value, float) and not 0.0 < value <= 1.0:
+                fields[key] = 0.5
     if "prompt" in body:
         body["prompt"] = _short_prompt(body["prompt"])
+    if "input" in body:  # the Responses API's
+        body["input"] = _short_prompt(body["input"]) if isinstance(body["input"], str) else "hi"
     if isinstance(body.get("messages"), list):
         body["messages"] = [{"role": "user", "content": _short_text(m)} for m in
                             body["messages"][:3]] or [{"role": "user", "content": "hi"}]

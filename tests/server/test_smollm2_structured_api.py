@@ -32,7 +32,7 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
                        "--max-num-batched-tokens", "512")
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def spec_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
                        "--num-kv-blocks", "256", "--speculative-config", json.dumps(SPEC))
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 def _messages(i: int) -> list[dict[str, str]]:

@@ -48,7 +48,7 @@ def tool_server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
                        "--tool-call-parser", "hermes", "--chat-template", str(template))
     yield srv
     srv.stop()
-    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+    assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ def pair(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory
     yield servers, endpoints
     for s in servers:
         s.stop()
-        assert "Traceback" not in s.log(), s.log()[-4000:]
+        assert "Traceback (most recent call last)" not in s.log(), s.log()[-4000:]
 
 
 def _model(server: ServerProcess) -> str:

@@ -38,7 +38,11 @@ from pagoda.entrypoints.dialect import Dialect, ServerContext, resolve
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.field_policy import IGNORED_FIELDS_HEADER, FieldPolicy, UnknownFieldError
 from pagoda.entrypoints.front_door import FrontDoor
-from pagoda.entrypoints.openai.args import DEFAULT_MAX_BODY_BYTES
+from pagoda.entrypoints.openai.args import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_RESPONSES_STORE_BYTES,
+    DEFAULT_RESPONSES_STORE_ENTRIES,
+)
 from pagoda.entrypoints.openai.errors import OPENAI
 from pagoda.entrypoints.routes import ROUTES
 
@@ -85,6 +89,8 @@ class ServerConfig:
     model_root: Optional[str] = None  # what the model was loaded from (a path or Hub id)
     cors: Optional[CorsConfig] = None  # None: no CORS headers (browsers refuse other origins)
     reasoning_parser: Optional[str] = None  # the model's thinking tags (reasoning.py)
+    responses_store_entries: int = DEFAULT_RESPONSES_STORE_ENTRIES  # /v1/responses' store
+    responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES
 
 
 def cache_salt_for_key(key: str) -> str:
@@ -148,7 +154,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 class ApiKeyMiddleware:
-    """``Authorization: Bearer KEY`` on every path but /health and /metrics; compared with
+    """``Authorization: Bearer KEY`` (or Anthropic's ``x-api-key: KEY``) on every path but
+    /health and /metrics; compared with
     hmac.compare_digest against every key, so the time does not tell which byte differed.
     The matched key's cache salt goes into ``scope["state"]["cache_salt"]``."""
 
@@ -160,9 +167,9 @@ class ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        key = self._match(_bearer(scope))
+        key = self._match(_bearer(scope)) or self._match(_x_api_key(scope))
         if key is None:
-            message = "invalid or missing API key (Authorization: Bearer ...)"
+            message = "invalid or missing API key (Authorization: Bearer ... or x-api-key)"
             error = ApiError(401, message, "authorization", "invalid_api_key")
             return await self.render(scope, error)(scope, receive, send)
         scope.setdefault("state", {})["cache_salt"] = cache_salt_for_key(key.decode())
@@ -174,6 +181,14 @@ class ApiKeyMiddleware:
             if hmac.compare_digest(given, key):
                 found = key
         return found
+
+
+def _x_api_key(scope: Scope) -> bytes:
+    """Anthropic's header for the key (its SDK and Claude Code send it)."""
+    for name, value in scope.get("headers", []):
+        if name == b"x-api-key":
+            return value.strip()
+    return b""
 
 
 def _bearer(scope: Scope) -> bytes:
@@ -366,6 +381,8 @@ def _server_config(
         _model_root(engine_args),
         cors_config(ns),
         ns.reasoning_parser,
+        responses_store_entries=ns.responses_store_entries,
+        responses_store_bytes=ns.responses_store_bytes,
     )
 
 

@@ -8,6 +8,8 @@ import json
 from pagoda.entrypoints.tool_parsers import FORMATS as TOOL_FORMATS
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_RESPONSES_STORE_ENTRIES = 1024  # /v1/responses kept for previous_response_id
+DEFAULT_RESPONSES_STORE_BYTES = 64 * 1024 * 1024
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +23,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=None,
-        help="require 'Authorization: Bearer KEY' (repeat for several tenants; "
-        "also $PAGODA_API_KEY)",
+        help="require 'Authorization: Bearer KEY' or Anthropic's 'x-api-key: KEY' (repeat "
+        "for several tenants; also $PAGODA_API_KEY)",
     )
     g.add_argument(
         "--max-queued-requests",
@@ -86,6 +88,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="show each request's prompt and output text in the inspector (off: only "
         "counts, block tables and timings)",
+    )
+    g.add_argument(
+        "--responses-store-entries",
+        type=int,
+        default=DEFAULT_RESPONSES_STORE_ENTRIES,
+        help="responses /v1/responses keeps (store: true) for GET and previous_response_id, "
+        "in memory; the oldest are evicted first (0: none kept)",
+    )
+    g.add_argument(
+        "--responses-store-bytes",
+        type=int,
+        default=DEFAULT_RESPONSES_STORE_BYTES,
+        help="the bytes (JSON) the stored responses and their conversations may take",
     )
     g.add_argument("--uvicorn-log-level", default="warning")
     g.add_argument(

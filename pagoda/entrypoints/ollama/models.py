@@ -1,0 +1,147 @@
+"""The served model as Ollama describes its models: the names a request may give it, its
+``details`` (format, family, parameter size, quantization), its size and digest, its
+``model_info`` (``general.architecture``, ``<arch>.context_length``, ...) and what it can
+do (``capabilities``).
+
+Ollama names carry a tag (``smollm2:135m``, ``llama3.2:latest``): a request may name the
+model by any of the server's names, or by one of them with ``:latest``; ``/api/tags`` lists
+the first with ``:latest`` (or as it is, when it has a tag of its own). Invariant: every
+name this module lists is one :func:`resolve` accepts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from pagoda.entrypoints.dialect import ServerContext
+from pagoda.entrypoints.errors import ApiError
+from pagoda.entrypoints.ollama.errors import not_found
+
+LATEST = ":latest"
+
+
+def tagged(name: str) -> str:
+    """``name`` as Ollama lists it: with a tag (``:latest`` unless it has one)."""
+    return name if ":" in name.rsplit("/", 1)[-1] else name + LATEST
+
+
+def resolve(ctx: ServerContext, model: Optional[str], required: bool = True) -> str:
+    """The model a request names (the served one when it names none and none is
+    required): 400 when one is required and missing, 404 when it is not served."""
+    names = ctx.config.model_names
+    if not model:
+        if required:
+            raise ApiError(400, "model is required", "model")
+        return tagged(names[0])
+    if model in names or (model.endswith(LATEST) and model[: -len(LATEST)] in names):
+        return model
+    raise not_found(model)
+
+
+@dataclass(frozen=True)
+class Description:
+    """What the engine knows of its model, in Ollama's terms."""
+
+    name: str  # as /api/tags lists it
+    family: str  # the architecture (``llama``, ``qwen3``, ...)
+    format: str  # "gguf" or "safetensors"
+    parameters: int
+    size: int  # bytes of weights
+    quantization: str
+    context_length: int
+    digest: str
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "parent_model": "",
+            "format": self.format,
+            "family": self.family,
+            "families": [self.family],
+            "parameter_size": parameter_size(self.parameters),
+            "quantization_level": self.quantization,
+        }
+
+
+def describe(ctx: ServerContext) -> Description:
+    engine = ctx.door.engine
+    arch = engine.arch
+    parameters, size = _weights(engine)
+    root = ctx.config.model_root or ctx.config.model_names[0]
+    name = tagged(ctx.config.model_names[0])
+    return Description(
+        name,
+        arch.model_type or "unknown",
+        "gguf" if root.endswith(".gguf") else "safetensors",
+        parameters,
+        size,
+        _quantization(engine),
+        engine.max_model_len,
+        hashlib.sha256(f"{name}\x00{root}".encode()).hexdigest(),
+    )
+
+
+def model_info(ctx: ServerContext, d: Description) -> dict[str, Any]:
+    """Ollama's ``model_info``: GGUF's metadata keys, from the model's config."""
+    arch = ctx.door.engine.arch
+    fam = d.family
+    return {
+        "general.architecture": fam,
+        "general.parameter_count": d.parameters,
+        f"{fam}.context_length": d.context_length,
+        f"{fam}.embedding_length": arch.hidden_size,
+        f"{fam}.feed_forward_length": arch.intermediate_size,
+        f"{fam}.block_count": arch.num_layers,
+        f"{fam}.attention.head_count": arch.num_heads,
+        f"{fam}.attention.head_count_kv": arch.num_kv_heads,
+        f"{fam}.attention.key_length": arch.head_dim,
+        f"{fam}.attention.layer_norm_rms_epsilon": arch.rms_norm_eps,
+        f"{fam}.rope.freq_base": arch.rope_theta,
+        f"{fam}.vocab_size": arch.vocab_size,
+    }
+
+
+def capabilities(ctx: ServerContext) -> list[str]:
+    """``completion`` always; ``tools`` with a tool-call parser; ``thinking`` with a
+    reasoning parser."""
+    found = ["completion"]
+    if ctx.config.tool_call_parser is not None:
+        found.append("tools")
+    if ctx.config.reasoning_parser is not None:
+        found.append("thinking")
+    return found
+
+
+def parameter_size(count: int) -> str:
+    """``135M``, ``1.7B``: how Ollama writes a parameter count."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return str(count)
+
+
+def _weights(engine: Any) -> tuple[int, int]:
+    """(parameters, bytes) of the loaded weights; from the config when the module cannot
+    be read."""
+    module = getattr(getattr(engine, "runner", None), "model", None)
+    params = getattr(module, "parameters", None)
+    if callable(params):
+        tensors = list(params())
+        if tensors:
+            count = sum(t.numel() for t in tensors)
+            return count, sum(t.numel() * t.element_size() for t in tensors)
+    arch = engine.arch
+    embed = arch.vocab_size * arch.hidden_size
+    count = arch.num_params_non_embedding + embed * (1 if arch.tie_word_embeddings else 2)
+    return count, count * 2
+
+
+def _quantization(engine: Any) -> str:
+    """The weights' quantization, else their dtype (``F32``, ``BF16``), as Ollama names it."""
+    quantization = getattr(engine, "quantization", None)
+    if quantization:
+        return str(quantization).upper()
+    dtype = str(getattr(engine, "dtype", "")).replace("torch.", "")
+    return {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}.get(dtype, dtype.upper())
