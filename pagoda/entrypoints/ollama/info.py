@@ -33,9 +33,8 @@ VERSION = "0.12.0"  # an Ollama release with every feature this dialect serves
 RUNNING = "Ollama is running"
 NEVER = "9999-12-31T23:59:59Z"  # /api/ps' expires_at: the served model is never unloaded
 NO_EMBEDDINGS = (
-    "this server does not serve embeddings: pagoda serves text generation only (no "
-    "embedding model or endpoint yet, issue 35); send embedding requests to an embedding "
-    "server"
+    "this server does not serve embeddings: the model it serves generates text, and pagoda "
+    "has no embedding runner yet; send embedding requests to an embedding server"
 )
 
 
