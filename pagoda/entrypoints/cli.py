@@ -380,7 +380,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _router_main(ns: argparse.Namespace) -> int:
-    from pagoda.entrypoints.router import main as router_main
+    from pagoda.entrypoints.router.app import main as router_main
 
     return router_main(ns)
 

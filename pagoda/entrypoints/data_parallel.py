@@ -174,7 +174,7 @@ def run(ns: argparse.Namespace, serve_argv: list[str]) -> int:
     """Start the replicas, then serve the router in front of them until stopped."""
     import uvicorn
 
-    from pagoda.entrypoints.router import build_app, build_router
+    from pagoda.entrypoints.router.app import build_app, build_router
 
     replicas = Replicas(ns, serve_argv)
     try:

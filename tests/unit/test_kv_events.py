@@ -28,7 +28,7 @@ from pagoda.core.scheduler import Scheduler  # noqa: E402
 from pagoda.core.sliding_kv import SlidingTables  # noqa: E402
 from pagoda.engine.kv_event_publisher import (  # noqa: E402
     KVEventPublisher, encode_batch, encode_event)
-from pagoda.entrypoints.prefix_index import EventPrefixIndex, token_block_names  # noqa: E402
+from pagoda.entrypoints.router.prefix_index import EventPrefixIndex, token_block_names  # noqa: E402
 from pagoda.request import Request, RequestStatus  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 from waiting import wait_for  # noqa: E402

@@ -1,6 +1,6 @@
-"""pagoda router's cache-aware policy (entrypoints/route_policy.py) and its two indexes
-(entrypoints/prefix_index.py), and the KV event subscriber that feeds the precise one
-(entrypoints/kv_event_subscriber.py): an index built from an engine's own events matches
+"""pagoda router's cache-aware policy (entrypoints/router/policy.py) and its two indexes
+(entrypoints/router/prefix_index.py), and the KV event subscriber that feeds the precise one
+(entrypoints/router/kv_events.py): an index built from an engine's own events matches
 the blocks its prefix cache holds; the score weighs the prefix against load; a subscriber
 that misses batches asks for them again and applies every batch once, in order; one that
 misses more than the publisher keeps, or follows an instance that restarts, ends with
@@ -18,12 +18,12 @@ from pagoda.core.kv_cache_manager import KVCacheManager  # noqa: E402
 from pagoda.core.kv_events import BlockStored, external_hash  # noqa: E402
 from pagoda.core.scheduler import Scheduler  # noqa: E402
 from pagoda.engine.kv_event_publisher import KVEventPublisher, encode_event  # noqa: E402
-from pagoda.entrypoints.kv_event_subscriber import KVEventSubscriber  # noqa: E402
+from pagoda.entrypoints.router.kv_events import KVEventSubscriber  # noqa: E402
 from waiting import wait_for  # noqa: E402
-from pagoda.entrypoints.prefix_index import (  # noqa: E402
+from pagoda.entrypoints.router.prefix_index import (  # noqa: E402
     CHUNK_CHARS, ApproxPrefixIndex, EventPrefixIndex, request_text, text_chunk_names,
     token_block_names)
-from pagoda.entrypoints.route_policy import CacheAwarePolicy, Names  # noqa: E402
+from pagoda.entrypoints.router.policy import CacheAwarePolicy, Names  # noqa: E402
 from pagoda.request import Request  # noqa: E402
 from pagoda.sampling import SamplingParams  # noqa: E402
 
@@ -138,7 +138,7 @@ def test_cost_weighs_the_cached_prefix_against_load():
 
 
 def test_an_instances_load_is_read_from_its_metrics():
-    from pagoda.entrypoints.router import instance_load
+    from pagoda.entrypoints.router.app import instance_load
     text = ("# HELP pagoda:num_requests_running Requests running.\n"
             "# TYPE pagoda:num_requests_running gauge\n"
             'pagoda:num_requests_running{model_name="m"} 3.0\n'
@@ -370,7 +370,7 @@ class _Tok:
 
 
 def test_the_router_tokenizer_is_trusted_per_kind_after_it_agreed_and_dropped_if_not():
-    from pagoda.entrypoints.router_tokenizer import RouterTokenizer
+    from pagoda.entrypoints.router.tokenizer import RouterTokenizer
     tok = RouterTokenizer(_Tok(), _Tok.chat_template, "fake")
     chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
     text = {"prompt": "ab"}
@@ -387,7 +387,7 @@ def test_the_router_tokenizer_is_trusted_per_kind_after_it_agreed_and_dropped_if
 def test_the_router_counts_what_an_instance_runs_for_others_as_load():
     import httpx
 
-    from pagoda.entrypoints.router import Router
+    from pagoda.entrypoints.router.app import Router
 
     reported = {"http://a": 4, "http://b": 0}
 
@@ -416,7 +416,7 @@ def test_an_instance_that_fails_its_check_is_dropped_and_its_events_asked_again(
     resynchronise, once, when it goes down; what it holds when back comes from its events."""
     import httpx
 
-    from pagoda.entrypoints.router import Router
+    from pagoda.entrypoints.router.app import Router
 
     precise = EventPrefixIndex()
     cache = CacheAwarePolicy(ApproxPrefixIndex(), precise)

@@ -34,10 +34,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pagoda.entrypoints.kv_event_subscriber import KVEventSubscriber
-from pagoda.entrypoints.prefix_index import ApproxPrefixIndex, EventPrefixIndex
-from pagoda.entrypoints.route_policy import CacheAwarePolicy, Names
-from pagoda.entrypoints.router_tokenizer import RouterTokenizer
+from pagoda.entrypoints.router.kv_events import KVEventSubscriber
+from pagoda.entrypoints.router.policy import CacheAwarePolicy, Names
+from pagoda.entrypoints.router.prefix_index import ApproxPrefixIndex, EventPrefixIndex
+from pagoda.entrypoints.router.tokenizer import RouterTokenizer
 from pagoda.entrypoints.routes import ROUTES, Routing
 
 logger = logging.getLogger("pagoda.router")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol, Sequence
 
-from pagoda.entrypoints.prefix_index import (
+from pagoda.entrypoints.router.prefix_index import (
     ApproxPrefixIndex,
     EventPrefixIndex,
     request_text,
