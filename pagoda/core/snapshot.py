@@ -66,9 +66,9 @@ class CachedBlock(tuple[int, BlockHash, Optional[BlockHash], int]):
     while a viewer watches a busy server that is thousands of tuples a second, each living
     until the next snapshot. The garbage collector stops tracking a plain tuple of ints and
     bytes at its first pass, but tracks a tuple subclass (a NamedTuple) for life: those were
-    promoted to the oldest generation and set off full collections of the whole heap (about
-    190 ms each with torch loaded, the engine stalled), four times as many as without a
-    viewer (docs/inspector.md, "What a viewer costs").
+    promoted to the oldest generation and set off full collections of the whole heap (long
+    ones with torch loaded, the engine stalled), several times as many as without a viewer
+    (docs/inspector.md, "What a viewer costs", has the measurements).
     """
 
     __slots__ = ()

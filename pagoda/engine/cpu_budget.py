@@ -3,17 +3,16 @@
 Every running request waits for every step, so a step's wall time is an inter-token gap of
 each of them: a budget whose full prefill step lasts two seconds puts two seconds into the
 p99 inter-token latency. How long a full step lasts differs by several times between the
-CPUs this project runs on: a 2048-token prefill step of the bundled model took 0.43 s on the
-2-core AMX Xeon and 2.4 s on the same cores with AMX switched off (bf16 on AVX512-BF16).
+CPUs this project runs on (with AMX or without: docs/server.md, "The token budget of a CPU
+server", has the measurements).
 
 Offline (``LLM``, ``pagoda bench throughput``) the budget that gives the most throughput is
-the default, ``DEFAULT_MAX_NUM_BATCHED_TOKENS`` (2048: on W1 it beat 1024, 512 and 4096).
+the default, ``DEFAULT_MAX_NUM_BATCHED_TOKENS`` (the best of those measured on W1).
 A server (``pagoda serve`` without ``--max-num-batched-tokens``) on the CPU times one prefill
 step of ``TIMING_TOKENS`` tokens at start and takes the largest of ``CANDIDATES`` whose step,
-extrapolated linearly in tokens, stays within ``TARGET_STEP_S``. Measured (steps of 256,
-512, 1024 and 2048 tokens): 62, 109, 223, 434 ms with AMX and 289, 567, 1178, 2382 ms
-without, so four 512-token steps predict a 2048-token one within 5 %. vLLM's CPU backend
-fixes 2048 tokens for its server instead.
+extrapolated linearly in tokens, stays within ``TARGET_STEP_S`` (a step's time grows about
+linearly in its tokens over the candidates; the docs give the measurements). vLLM's CPU
+backend fixes its server's budget instead.
 
 Invariant: the chosen budget is one of ``CANDIDATES`` (the smallest when none fits), and the
 timing request leaves nothing behind: no block held, the prefix cache and the engine's token

@@ -40,7 +40,7 @@ STEP_LOG_CAPACITY = 2048  # steps kept for viewers (a few seconds to minutes of 
 PUBLISH_INTERVAL_S = 0.25  # at most 4 snapshots a second, however many viewers
 # ... and fewer when they are dear: making a snapshot (engine thread) and its delta (the
 # server's event loop, which holds the same GIL the engine needs between its kernels) take
-# at most this share of the time (5 ms for both: one every second), but one comes at least
+# at most this share of the time, but one comes at least
 # every PUBLISH_MAX_INTERVAL_S.
 PUBLISH_BUDGET = 0.005
 PUBLISH_MAX_INTERVAL_S = 1.0

@@ -140,8 +140,8 @@ def _time_shape(
 
 
 def suffix_trie_factory() -> TrieFactory:
-    """Suffix decoding's trie: the C++ one where the CPU extension is built (a token costs
-    a few hundred ns instead of ~20 us), else the Python reference."""
+    """Suffix decoding's trie: the C++ one where the CPU extension is built (far cheaper a
+    token: docs/speculative_decoding.md), else the Python reference."""
     mod = ext.extension()
     native = getattr(mod, "SuffixTrie", None) if mod is not None else None
     return native if native is not None else SuffixTrie

@@ -79,8 +79,8 @@ def greedy_tokens(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """argmax over the vocabulary of ``hidden @ weight.T`` per row: (N, E), (V, E) -> (N,).
 
     Computed as ``weight @ hidden.T`` (V, N) and a column argmax: with a large vocabulary and
-    few rows that GEMM shape runs about 1.5x faster on the CPU than the (N, V) one, and the
-    logits are never transposed back."""
+    few rows that GEMM shape runs faster on the CPU than the (N, V) one (docs/sampling.md),
+    and the logits are never transposed back."""
     logits_t = torch.mm(weight, hidden.t())  # (V, N)
     out = torch.empty(hidden.shape[0], dtype=torch.int64)
     _kernels().argmax_cols(out, logits_t)

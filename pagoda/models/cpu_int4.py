@@ -4,11 +4,12 @@ A decode step of a few rows is bound by reading the weights: batch-1 decode read
 linear weight to make one token. Groups of 32 weights stored as 4-bit codes with a scale and
 a zero per group (the layout of llama.cpp's Q4_1, ``w = (q - 8) * scale + zero`` in PyTorch's
 int4 convention) read a quarter of bf16's bytes. PyTorch's CPU kernel for them
-(``_weight_int4pack_mm_for_cpu``) widens the codes in registers and is 3-4x faster than the
-packed bf16 GEMM at one row, but it does not block over rows: from about 8 rows on it is the
-slower one. So each linear layer keeps both forms and a step takes the 4-bit one only when it
-has at most ``max_rows`` rows, a number timed at load on this machine (as cpu_linear times
-weight packing). Prefill chunks and large decode batches run the dense weights unchanged.
+(``_weight_int4pack_mm_for_cpu``) widens the codes in registers and is several times faster
+than the packed bf16 GEMM at one row, but it does not block over rows: from a handful of rows
+on it is the slower one (docs/models.md has the measurements). So each linear layer keeps
+both forms and a step takes the 4-bit one only when it has at most ``max_rows`` rows, a
+number timed when the model is prepared on this machine (as cpu_linear times weight
+packing). Prefill chunks and large decode batches run the dense weights unchanged.
 
 The codes are made from the loaded weights by rounding each group to 16 levels between its
 minimum and maximum. For a GGUF Q4_0/Q4_1 tensor (the bundled model) that recovers the file's

@@ -3,9 +3,7 @@
 A GEMM library handed a plain (N, K) weight re-lays it out into its blocked format on every
 call. For the small-M products of decode steps that repacking streams the whole weight an
 extra time and costs about as much as the product itself; packing once at load removes it
-(vLLM's CPU backend does the same with oneDNN). Measured on a 2-core AVX2 AMD EPYC, fp32,
-SmolLM2 shapes, weights cold in cache: the MLP's gate/up product at 24 rows 2.8 -> 1.6 ms,
-the 49152-row output projection 52 -> 20 ms.
+(vLLM's CPU backend does the same with oneDNN; docs/models.md has what it saves).
 
 Whether packing pays depends on the CPU and dtype (oneDNN's bf16 packing needs AVX-512 or
 AVX-NE-CONVERT; torch's own bf16 path may already be fast), so it is chosen per weight shape

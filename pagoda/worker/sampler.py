@@ -30,9 +30,8 @@ _MASK64 = (1 << 64) - 1
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 # Up to this many rows the packed output projection and a row argmax beat
 # ``cpu_fused.greedy_tokens``, whose ``weight @ hidden.T`` oneDNN runs as a slower kernel at
-# few columns. Measured on the 2-core Xeon, cold 49152 x 576 bf16 weights: at 1 row 2.4 against
-# 3.9 ms with AMX, 2.6 against 3.7 without (AVX512-BF16); at 2 to 8 rows even with AMX, 3.1-3.8
-# against 5.5 ms without; from 16 rows on greedy_tokens is as fast or faster.
+# few columns; from a few more rows on greedy_tokens is as fast or faster (the measurements:
+# docs/benchmarks.md, "Greedy at one row").
 PACKED_HEAD_MAX_ROWS = 8
 
 
@@ -261,7 +260,8 @@ def _mask_early_stops(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
 def _mask_disallowed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """A copy of ``logits`` with -inf on the tokens a constrained row's grammar forbids: on
     the CPU by the C++ kernel (``kernels/csrc/token_mask.cpp``: unpacking the bits into a bool
-    tensor and ``masked_fill`` cost ~5 ms a step at 32 x 49152), elsewhere by tensor ops.
+    tensor and ``masked_fill`` cost more than the step's other sampling work,
+    docs/structured_outputs.md), elsewhere by tensor ops.
     (llguidance's own torch helper goes through torch.compile: a compile on first use.)"""
     masked = [i for i, r in enumerate(rows) if r.allowed is not None]
     if not masked:

@@ -311,7 +311,7 @@ def run_server(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     app = build_app_from_args(ns, engine_args)
     # Everything alive now (the model, the tokenizer, the app) lives until exit: move it out of
     # the collector's generations, so the full collections that serving sets off do not walk
-    # it each time (one cost about 190 ms on the bundled model: docs/inspector.md).
+    # it each time (what one costs: docs/inspector.md).
     gc.collect()
     gc.freeze()
     uvicorn.run(
