@@ -164,10 +164,6 @@ class StructuredOutputs:
     def has(self, request_id: str) -> bool:
         return request_id in self._matchers
 
-    def bitmask(self, request_id: str) -> bytes:
-        """The tokens the request may sample next (one bit each)."""
-        return self._matchers[request_id].compute_bitmask()
-
     def bitmasks(self, request_id: str, drafts: list[int]) -> list[bytes]:
         """Speculative decoding: the masks at the position after each prefix of ``drafts``
         (which the grammar allows: ``valid_prefix``), the matcher left as it was."""
