@@ -150,8 +150,8 @@ API_KEY: EnvVar[Optional[str]] = EnvVar(
     "PAGODA_API_KEY",
     "str",
     "unset",
-    "pagoda serve: the API key clients must send (Authorization: Bearer), where --api-key is "
-    "not given. (Read today in entrypoints/openai/api_server.py.)",
+    "pagoda serve: the API key clients must send (Authorization: Bearer, or x-api-key), "
+    "where --api-key is not given.",
     _raw,
 )
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from runner_driver import run_greedy
 
 from pagoda import envs
 from pagoda.models.loader import load_model
 from pagoda.models.prepare import prepare_model
 from pagoda.worker.model_runner import ModelRunner
-from runner_driver import run_greedy
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -26,8 +26,6 @@ RAW_ENVIRON: dict[str, str] = {
     "pagoda.bench.procs": "the instances' subprocess environment",
     "pagoda.bench.kv_accuracy": "sets PAGODA_INT4_MAX_ROWS (envs.INT4_MAX_ROWS.name) for the "
                                 "engine it builds, then restores it",
-    "pagoda.entrypoints.openai.api_server": "reads PAGODA_API_KEY (envs.API_KEY): to move to "
-                                            "the accessor with the entrypoints refactor",
 }
 
 
@@ -121,3 +119,23 @@ def test_a_step_reads_no_switch(monkeypatch, dtype):
 
     monkeypatch.setattr(envs.EnvVar, "__call__", read)
     assert run_greedy(runner, prompts, 3) == want
+
+
+def test_the_servers_key_comes_from_the_flag_or_else_pagoda_api_key(monkeypatch):
+    from types import SimpleNamespace
+
+    from pagoda.config import EngineArgs
+    from pagoda.entrypoints import cli
+    from pagoda.entrypoints.openai.api_server import _server_config
+
+    engine, args = SimpleNamespace(model_name="m"), EngineArgs(model="m")
+
+    def keys(*argv: str) -> tuple:
+        ns = cli.build_parser().parse_args(["serve", "--model", "m", *argv])
+        return _server_config(ns, engine, args).api_keys
+
+    monkeypatch.delenv(envs.API_KEY.name, raising=False)
+    assert keys() == ()
+    monkeypatch.setenv(envs.API_KEY.name, "from-env")
+    assert keys() == ("from-env",)
+    assert keys("--api-key", "a", "--api-key", "b") == ("a", "b")

@@ -18,7 +18,6 @@ import gc
 import hashlib
 import hmac
 import logging
-import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Optional
@@ -31,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pagoda import envs
 from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError
 from pagoda.engine.metrics import EngineMetrics
 from pagoda.entrypoints import errors
@@ -366,7 +366,7 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: EngineArgs) -> Fast
 def _server_config(
     ns: argparse.Namespace, engine: LLMEngine, engine_args: EngineArgs
 ) -> ServerConfig:
-    env_key = os.environ.get("PAGODA_API_KEY")
+    env_key = envs.API_KEY()
     keys = tuple(ns.api_key or ([env_key] if env_key else []))
     names = (ns.served_model_name or engine.model_name, engine.model_name, engine_args.model)
     return ServerConfig(
