@@ -4,10 +4,11 @@ It keeps a small state per request (its tokens and block table) so the scheduler
 what changed. Each step's batch puts decode-form requests (one query token) first, then
 prefill chunks; see ``pagoda.attention.metadata``.
 
-On CUDA the step's integer inputs are gathered on the host into one pinned buffer and copied
-with a single asynchronous transfer; nothing in a step waits for the GPU except reading the
-sampled tokens (argmax and sampling run on the device). Decode-only steps replay a CUDA graph
-(``cuda_graph.py``) unless ``enforce_eager``. The CPU path builds its tensors directly.
+A step's integer inputs are gathered on the host into one buffer (pinned on CUDA) and
+copied with a single transfer (asynchronous on CUDA; none on the CPU, where the views are of
+the buffer itself), on every device alike: one input path. Nothing in a step waits for the
+GPU except reading the sampled tokens (argmax and sampling run on the device). Decode-only
+steps on CUDA replay a CUDA graph (``cuda_graph.py``) unless ``enforce_eager``.
 
 Speculative decoding: a decode row with k drafts becomes k + 1 decode rows of the same
 request, at consecutive positions, each attending to the tokens up to its own (the whole
@@ -39,7 +40,6 @@ from pagoda.attention.metadata import (
     ChunkSpan,
     PackedPrefills,
     PrefillChunk,
-    pack_spans,
     packed_lists,
 )
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
@@ -85,7 +85,7 @@ class StepBatch:
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
     attn: AttentionMetadata
-    logits_index_tensor: Optional[torch.Tensor] = None  # (S,) rows to sample (CUDA)
+    logits_index_tensor: Optional[torch.Tensor] = None  # (S,) the rows that sample
 
 
 @dataclass
@@ -145,6 +145,63 @@ class StepHandle:
         return self.tokens.tolist()
 
 
+@dataclass
+class _Group:
+    """One KV pool's attention inputs of a step, laid out for the packed buffer:
+
+    [ slots | seq_lens | decode tables (D x W) | chunk starts (N + 1) | context lens (N)
+      | chunk tables (N x Wp) ]
+    """
+
+    NUM_PARTS = 6
+    host: HostInputs
+    block_size: int
+    max_len: int  # the longest decode row's context
+    width: int  # decode tables' columns
+    chunk_width: int  # chunk tables' columns
+    parts: list[IntPart]
+
+    @staticmethod
+    def of(host: HostInputs, block_size: int) -> _Group:
+        max_len = max(host.decode_seq_lens, default=0)
+        width = cdiv(max_len, block_size)
+        starts, context_lens, blocks = packed_lists(host.chunks)
+        chunk_width = max((len(b) for b in blocks), default=0)
+        parts: list[IntPart] = [
+            host.slots,
+            host.decode_seq_lens,
+            (host.decode_tables, width),
+            starts,
+            context_lens,
+            (blocks, chunk_width),
+        ]
+        return _Group(host, block_size, max_len, width, chunk_width, parts)
+
+    def metadata(self, views: list[torch.Tensor]) -> AttentionMetadata:
+        """The group's AttentionMetadata over its views of the copied buffer."""
+        slots, seq_lens, tables, chunk_starts, ctx_lens, chunk_tables = views
+        chunks = self.host.chunks
+        chunk_tables = chunk_tables.view(len(chunks), self.chunk_width)  # (N, Wp)
+        packed = (
+            PackedPrefills(chunk_starts, ctx_lens, chunk_tables, max(c.query_len for c in chunks))
+            if chunks
+            else None
+        )
+        return AttentionMetadata(
+            slot_mapping=slots,
+            num_decode_tokens=len(self.host.decode_seq_lens),
+            decode_block_tables=tables.view(len(self.host.decode_seq_lens), self.width),
+            decode_seq_lens=seq_lens,
+            decode_max_seq_len=self.max_len,
+            prefills=[
+                PrefillChunk(c.row, c.query_len, c.context_len, chunk_tables[i, : len(c.blocks)])
+                for i, c in enumerate(chunks)
+            ],
+            block_size=self.block_size,
+            packed_prefills=packed,
+        )
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -176,8 +233,6 @@ class ModelRunner:
         self.states: dict[str, CachedRequestState] = {}
         # Greedy rows' argmax on the fused CPU kernel: chosen here, with the ops (PAGODA_FUSED).
         self.fused_sampling = cpu_fused.enabled_for(device, dtype)
-        # The CPU path packs the prefill chunks only for a backend that reads them (AMX).
-        self.pack_prefills = model.attention.uses_packed_prefills
         self.graphs: Optional[DecodeGraphs] = None
         self._last_tokens: Optional[torch.Tensor] = None  # the last launch's samples (S,)
         if self.is_cuda and not enforce_eager:
@@ -218,7 +273,7 @@ class ModelRunner:
             return StepHandle()
         host = self._gather_inputs(sched)
         self.int4_route.rows = rows_without_drafts(host)
-        logits_index: Optional[torch.Tensor] = None  # (S,) on the device, CUDA only
+        logits_index: Optional[torch.Tensor] = None  # (S,) on the device
         if self._graph_fits(host):
             assert self.graphs is not None  # _graph_fits checked it
             hidden = self.graphs.run(
@@ -232,7 +287,7 @@ class ModelRunner:
             if host.samplers and len(host.logits_indices) != len(host.input_ids):
                 logits_index = to_device(host.logits_indices, torch.int64, self.device)
         else:
-            batch = self._cuda_batch(host) if self.is_cuda else self._cpu_batch(host)
+            batch = self._batch(host)
             self._fill_placeholders(host, batch.input_ids)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)
             logits_index = batch.logits_index_tensor
@@ -423,101 +478,31 @@ class ModelRunner:
         )  # (2n,): one copy
         input_ids.index_copy_(0, idx[:n], self._last_tokens.index_select(0, idx[n:]))
 
-    def _cpu_batch(self, host: HostInputs) -> StepBatch:
-        attn = self._cpu_attention(host)
+    def _batch(self, host: HostInputs) -> StepBatch:
+        """Every integer input of the step in one host buffer (pinned on CUDA), one copy,
+        then views on the device:
+
+            [ input_ids | positions | logits idx | attention group | sliding group ]
+
+        where an attention group (``_Group``) is the slots, decode lengths and tables and the
+        prefill chunks of one KV pool: the sliding layers' own pool, when theirs is apart,
+        is a second group."""
+        groups = [_Group.of(host, self.block_size)]
         if host.sliding is not None:
-            attn.sliding = self._cpu_attention(host.sliding)
-        return StepBatch(self._tensor(host.input_ids), self._tensor(host.positions), attn)
-
-    def _cpu_attention(self, host: HostInputs) -> AttentionMetadata:
-        chunks = [
-            PrefillChunk(c.row, c.query_len, c.context_len, self._tensor(c.blocks))
-            for c in host.chunks
-        ]
-        tables, seq_lens, max_len = self._decode_tables(host)
-        packed = pack_spans(host.chunks, self.device) if self.pack_prefills else None
-        return AttentionMetadata(
-            slot_mapping=self._tensor(host.slots),
-            num_decode_tokens=len(host.decode_seq_lens),
-            decode_block_tables=tables,
-            decode_seq_lens=seq_lens,
-            decode_max_seq_len=max_len,
-            prefills=chunks,
-            block_size=self.block_size,
-            packed_prefills=packed,
-        )
-
-    def _decode_tables(self, host: HostInputs) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if not host.decode_seq_lens:
-            empty = self._tensor([])
-            return empty.view(0, 0), empty, 0
-        max_len = max(host.decode_seq_lens)
-        width = cdiv(max_len, self.block_size)
-        padded = [r + [0] * (width - len(r)) for r in host.decode_tables]
-        return self._tensor(padded), self._tensor(host.decode_seq_lens), max_len
-
-    def _tensor(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-    def _cuda_batch(self, host: HostInputs) -> StepBatch:
-        """Every integer input of the step in one pinned host buffer, one async copy, then
-        views on the device:
-
-            [ input_ids | positions | slots | logits idx | seq_lens | decode tables (D x W)
-              | chunk starts (N + 1) | context lens (N) | chunk tables (N x Wp) ]
-        """
-        num_decodes, num_chunks = len(host.decode_seq_lens), len(host.chunks)
-        max_len = max(host.decode_seq_lens, default=0)
-        width = cdiv(max_len, self.block_size)
-        starts, context_lens, blocks = packed_lists(host.chunks)
-        chunk_width = max((len(b) for b in blocks), default=0)
-        parts: list[IntPart] = [
-            host.input_ids,
-            host.positions,
-            host.slots,
-            host.logits_indices,
-            host.decode_seq_lens,
-            (host.decode_tables, width),
-            starts,
-            context_lens,
-            (blocks, chunk_width),
-        ]
+            groups.append(_Group.of(host.sliding, self.block_size))
+        parts: list[IntPart] = [host.input_ids, host.positions, host.logits_indices]
+        for group in groups:
+            parts += group.parts
         buf, sizes = pack_ints(parts, pin=self.device.type == "cuda")
-        dev = buf.to(self.device, non_blocking=True)
-        (
-            input_ids,
-            positions,
-            slots,
-            logits_idx,
-            seq_lens,
-            tables,
-            chunk_starts,
-            ctx_lens,
-            chunk_tables,
-        ) = dev.split(sizes)
-        tables = tables.view(num_decodes, width)  # (D, W)
-        chunk_tables = chunk_tables.view(num_chunks, chunk_width)  # (N, Wp)
-        chunks = [
-            PrefillChunk(c.row, c.query_len, c.context_len, chunk_tables[i, : len(c.blocks)])
-            for i, c in enumerate(host.chunks)
+        views = list(buf.to(self.device, non_blocking=True).split(sizes))
+        input_ids, positions, logits_idx = views[:3]
+        metas = [
+            group.metadata(views[3 + i * _Group.NUM_PARTS : 3 + (i + 1) * _Group.NUM_PARTS])
+            for i, group in enumerate(groups)
         ]
-        packed = (
-            PackedPrefills(
-                chunk_starts, ctx_lens, chunk_tables, max(c.query_len for c in host.chunks)
-            )
-            if host.chunks
-            else None
-        )
-        attn = AttentionMetadata(
-            slot_mapping=slots,
-            num_decode_tokens=num_decodes,
-            decode_block_tables=tables,
-            decode_seq_lens=seq_lens,
-            decode_max_seq_len=max_len,
-            prefills=chunks,
-            block_size=self.block_size,
-            packed_prefills=packed,
-        )
+        attn = metas[0]
+        if len(metas) > 1:
+            attn.sliding = metas[1]
         return StepBatch(input_ids, positions, attn, logits_idx)
 
     # ---------------------------------------------------------------- sampling
@@ -530,7 +515,7 @@ class ModelRunner:
     ) -> None:
         """hidden: (T, E). The tokens stay on the device; on CUDA a pinned copy is queued
         for ``collect`` to read (the one host-device sync of a step)."""
-        if self.is_cuda and len(host.logits_indices) == hidden.shape[0]:
+        if len(host.logits_indices) == hidden.shape[0]:
             rows = hidden  # every row samples, in order
         elif logits_index is not None:
             rows = hidden[logits_index]  # (S, E), index already on the device

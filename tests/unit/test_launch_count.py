@@ -90,7 +90,7 @@ def test_a_decode_layer_launches_about_a_dozen_kernels(monkeypatch, preset):
     runner.execute_model(SchedulerOutput(
         [NewRequestData("A", list(range(10, 30)), 20, params, (), [3, 4], 0)], [], {"A": 20}))
     decode = SchedulerOutput([], [CachedRequestData("A", [], 20)], {"A": 1})
-    batch = runner._cuda_batch(runner._gather_inputs(decode))
+    batch = runner._batch(runner._gather_inputs(decode))
 
     counter, triton_counts = LaunchCounter(), Counter()
     for module in (triton_fused, triton_attention):
