@@ -41,6 +41,9 @@ class Dialect:
     name: str  # "openai", ...
     render_error: Callable[[ApiError], Response]  # the error in this API's own shape
     error_model: Optional[type[BaseModel]] = None  # that shape, for the OpenAPI schema
+    # Bodies read as JSON whatever their Content-Type says (Ollama's server does; its docs'
+    # `curl -d '{...}'` examples send a form type).
+    json_any_content_type: bool = False
 
     def error_responses(self, *statuses: int) -> dict[int | str, dict[str, Any]]:
         """OpenAPI's ``responses`` for these statuses, in this dialect's error shape."""

@@ -357,3 +357,17 @@ def test_smollm2_answers_sensibly(tmp_path_factory: pytest.TempPathFactory) -> N
     finally:
         srv.stop()
     assert "Traceback (most recent call last)" not in srv.log(), srv.log()[-4000:]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", None])
+def test_a_body_is_json_whatever_its_content_type(server, model_name, content_type) -> None:
+    """Ollama's docs post with `curl -d '{...}'` (a form type): Ollama reads JSON anyway, and
+    so do its routes here; OpenAI's routes still want JSON's type."""
+    body = json.dumps({"model": model_name, "stream": False, "messages": ASK,
+                       "options": {"num_predict": 2}}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    r = httpx.post(server.url + "/api/chat", content=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["done"] is True and r.json()["message"]["role"] == "assistant"
+    openai = httpx.post(server.url + "/v1/chat/completions", content=body, headers=headers)
+    assert openai.status_code == 400

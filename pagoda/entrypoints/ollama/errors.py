@@ -37,4 +37,4 @@ def not_found(model: str) -> ApiError:
     return ApiError(404, f"model '{model}' not found", "model", "model_not_found")
 
 
-OLLAMA = Dialect("ollama", render, ErrorResponse)
+OLLAMA = Dialect("ollama", render, ErrorResponse, json_any_content_type=True)

@@ -199,6 +199,29 @@ def _bearer(scope: Scope) -> bytes:
     return b""
 
 
+class JsonBodyMiddleware:
+    """A POST body sent with another Content-Type (or none) to a route whose dialect reads
+    every body as JSON (``Dialect.json_any_content_type``: Ollama's) is passed on as JSON."""
+
+    def __init__(self, app: ASGIApp, owners: Owners) -> None:
+        self.app = app
+        self.owners = owners
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not _is_json(scope):
+            if self.owners.dialect(scope).json_any_content_type:
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"content-type":
+            return value.split(b";")[0].strip().lower() == b"application/json"
+    return False
+
+
 # ----------------------------------------------------------------- errors
 class Owners:
     """Which dialect owns each route, so that an error is rendered in its shape: by the
@@ -268,6 +291,7 @@ def build_app(
     app = FastAPI(title="pagoda", version="0.1.0", lifespan=lifespan)
     owners = _add_routes(app, ctx)
     _install_error_handlers(app, owners)
+    app.add_middleware(JsonBodyMiddleware, owners=owners)
     if config.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=config.api_keys, render=owners.render)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, render=owners.render)
