@@ -27,9 +27,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.tool_parsers import (
+    FORMATS,
     REQUIRED,
     Call,
     Output,
@@ -219,3 +221,25 @@ class ToolStream:
             return None
         sent.arguments = len(call.arguments)
         return ToolCallDelta(index, fragment)
+
+
+# ------------------------------------------------------------ what every dialect checks
+AUTO_NEEDS = 'tool_choice "auto" needs'  # what asks for the server's parser, in OpenAI's
+# and Anthropic's words
+
+
+def distinct_names(tools: Sequence[dict[str, Any]], what: str = "names") -> list[str]:
+    """The tools' names; a 400 naming ``tools`` when two share one."""
+    names = [t["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise ApiError(400, f"tools must have distinct {what}", "tools")
+    return names
+
+
+def require_parser(parser: Optional[str], asked: str, param: str, alternative: str = "") -> str:
+    """The server's tool-call parser; a 400 naming ``param`` when what was ``asked`` (a
+    model choosing its calls itself) needs one and the server has none."""
+    if parser is None:
+        message = f"{asked} a server started with --tool-call-parser (one of {', '.join(FORMATS)})"
+        raise ApiError(400, message + (f"; {alternative}" if alternative else ""), param)
+    return parser

@@ -19,8 +19,7 @@ from typing import Any, Optional
 
 from pagoda.entrypoints.anthropic.protocol import Conversation, Tool
 from pagoda.entrypoints.errors import ApiError
-from pagoda.entrypoints.tool_parsers import FORMATS
-from pagoda.entrypoints.tools import ToolPlan
+from pagoda.entrypoints.tools import AUTO_NEEDS, ToolPlan, distinct_names, require_parser
 
 CLIENT_TOOL_TYPES = (None, "custom")
 
@@ -34,18 +33,10 @@ def plan_for(req: Conversation, parser: Optional[str]) -> Optional[ToolPlan]:
         if kind not in ("none", "auto"):
             raise ApiError(400, f"tool_choice {kind!r} needs tools", "tool_choice")
         return None
-    names = [t["name"] for t in tools]
-    if len(set(names)) != len(names):
-        raise ApiError(400, "tools must have distinct names", "tools")
+    names = distinct_names(tools)
     parallel = not (choice is not None and choice.disable_parallel_tool_use)
     if kind == "auto":
-        if parser is None:
-            raise ApiError(
-                400,
-                'tool_choice "auto" needs a server started with --tool-call-parser (one of '
-                f'{", ".join(FORMATS)}); "any" or "tool" work without one',
-                "tool_choice",
-            )
+        require_parser(parser, AUTO_NEEDS, "tool_choice", '"any" or "tool" work without one')
         return ToolPlan("auto", tools, parallel=parallel, parser=parser)
     if kind == "any":
         return ToolPlan("required", tools, parallel=parallel)

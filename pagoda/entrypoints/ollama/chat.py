@@ -19,15 +19,13 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
-from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.ollama.errors import OLLAMA
 from pagoda.entrypoints.ollama.models import resolve
 from pagoda.entrypoints.ollama.options import report
 from pagoda.entrypoints.ollama.protocol import ChatRequest
 from pagoda.entrypoints.ollama.reply import Shape
 from pagoda.entrypoints.ollama.serving import Serving
-from pagoda.entrypoints.tool_parsers import FORMATS
-from pagoda.entrypoints.tools import ToolPlan
+from pagoda.entrypoints.tools import ToolPlan, distinct_names, require_parser
 
 ERRORS = (400, 401, 404, 413, 429, 503)
 
@@ -61,13 +59,6 @@ def tool_plan(req: ChatRequest, parser: Optional[str]) -> Optional[ToolPlan]:
     if not req.tools:
         return None
     tools = tuple(t.function.model_dump(exclude_none=True) for t in req.tools)
-    names = [t["name"] for t in tools]
-    if len(set(names)) != len(names):
-        raise ApiError(400, "tools must have distinct function names", "tools")
-    if parser is None:
-        raise ApiError(
-            400,
-            f"tools need a server started with --tool-call-parser (one of {', '.join(FORMATS)})",
-            "tools",
-        )
+    distinct_names(tools, "function names")
+    require_parser(parser, "tools need", "tools")
     return ToolPlan("auto", tools, parser=parser)

@@ -17,10 +17,7 @@ from typing import Any, Optional
 
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
-from pagoda.entrypoints.tool_parsers import FORMATS
-from pagoda.entrypoints.tools import ToolPlan
-
-PARSERS = tuple(FORMATS)
+from pagoda.entrypoints.tools import AUTO_NEEDS, ToolPlan, distinct_names, require_parser
 
 
 def plan_for(req: ChatCompletionRequest, parser: Optional[str]) -> Optional[ToolPlan]:
@@ -32,9 +29,7 @@ def plan_for(req: ChatCompletionRequest, parser: Optional[str]) -> Optional[Tool
         if not isinstance(choice, str) or choice not in ("none", "auto"):
             raise ApiError(400, "tool_choice needs tools", "tool_choice")
         return None
-    names = [t["name"] for t in tools]
-    if len(set(names)) != len(names):
-        raise ApiError(400, "tools must have distinct function names", "tools")
+    names = distinct_names(tools, "function names")
     constrained = req.response_format is not None and req.response_format.type != "text"
     if choice != "auto" and (constrained or req.structured_outputs is not None):
         raise ApiError(
@@ -46,13 +41,9 @@ def plan_for(req: ChatCompletionRequest, parser: Optional[str]) -> Optional[Tool
         )
     parallel = req.parallel_tool_calls is not False
     if isinstance(choice, str):
-        if choice == "auto" and parser is None:
-            raise ApiError(
-                400,
-                'tool_choice "auto" needs a server started with '
-                f"--tool-call-parser (one of {', '.join(PARSERS)}); "
-                '"required" or a named function work without one',
-                "tool_choice",
+        if choice == "auto":
+            require_parser(
+                parser, AUTO_NEEDS, "tool_choice", '"required" or a named function work without one'
             )
         return ToolPlan(choice, tools, parallel=parallel, parser=parser)
     name = choice.function.name

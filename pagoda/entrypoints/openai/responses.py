@@ -56,8 +56,7 @@ from pagoda.entrypoints.openai.responses_output import (
 )
 from pagoda.entrypoints.openai.responses_protocol import FunctionTool, ResponsesRequest
 from pagoda.entrypoints.openai.responses_stream import ResponseEvents, response_events
-from pagoda.entrypoints.tool_parsers import FORMATS
-from pagoda.entrypoints.tools import ToolPlan
+from pagoda.entrypoints.tools import AUTO_NEEDS, ToolPlan, distinct_names, require_parser
 from pagoda.sampling import SamplingParams, StructuredOutputsParams
 
 UsageOf = Callable[[Usage, Optional[RequestOutput]], dict[str, Any]]
@@ -269,9 +268,7 @@ def tool_plan(req: ResponsesRequest, parser: Optional[str]) -> Optional[ToolPlan
         if choice not in ("none", "auto"):
             raise ApiError(400, "tool_choice needs tools", "tool_choice")
         return None
-    names = [t["name"] for t in tools]
-    if len(set(names)) != len(names):
-        raise ApiError(400, "tools must have distinct names", "tools")
+    names = distinct_names(tools)
     if choice != "auto" and text_constraint(req) is not None:
         raise ApiError(
             400,
@@ -281,12 +278,9 @@ def tool_plan(req: ResponsesRequest, parser: Optional[str]) -> Optional[ToolPlan
         )
     parallel = req.parallel_tool_calls is not False
     if isinstance(choice, str):
-        if choice == "auto" and parser is None:
-            raise ApiError(
-                400,
-                'tool_choice "auto" needs a server started with --tool-call-parser (one of '
-                f'{", ".join(FORMATS)}); "required" or a named function work without one',
-                "tool_choice",
+        if choice == "auto":
+            require_parser(
+                parser, AUTO_NEEDS, "tool_choice", '"required" or a named function work without one'
             )
         return ToolPlan(choice, tools, parallel=parallel, parser=parser)
     if choice.name not in names:
