@@ -159,13 +159,14 @@ def measure_transfer(model: Optional[str], num_tokens: int, repeats: int) -> dic
     import random
 
     from pagoda.config import EngineArgs
+    from pagoda.engine.build import build_engine
     from pagoda.engine.llm_engine import LLMEngine
     from pagoda.sampling import SamplingParams
 
     secret = secrets.token_hex(16)
 
     def engine(kv_role: str) -> LLMEngine:
-        return LLMEngine(
+        return build_engine(
             EngineArgs(model=model, kv_cache_memory=0.5, kv_secret=secret, kv_role=kv_role)
         )
 

@@ -44,7 +44,10 @@ class KVCacheManager:
         enable_prefix_caching: bool = False,
         model_key: str = "",
         sliding: Optional[SlidingTables] = None,
+        events: bool = False,
     ) -> None:
+        """``events``: keep a journal of hashes entering and leaving the prefix cache, for
+        KV events (kv_events.py); with a sliding layers' pool, of both pools, as two groups."""
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
@@ -53,10 +56,10 @@ class KVCacheManager:
         self._num_named: dict[str, int] = {}  # leading blocks of a request already hashed in
         self.journal: Optional[KVEventJournal] = None  # KV events, when published
         self.sliding = sliding  # the sliding layers' tables, when kept apart
+        if events:
+            self._start_journal()
 
-    def enable_events(self) -> None:
-        """Keep a journal of hashes entering and leaving the prefix cache (kv_events.py); with
-        a sliding layers' pool, of both pools, as two groups."""
+    def _start_journal(self) -> None:
         if self.sliding is None:
             self.journal = self.pool.journal = KVEventJournal()
             return

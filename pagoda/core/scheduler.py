@@ -32,7 +32,7 @@ import logging
 from collections import deque
 from typing import Iterable, Optional
 
-from pagoda.config import KVTransferConfig, SchedulerConfig
+from pagoda.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.outputs import (
     CachedRequestData,
@@ -59,7 +59,15 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        spec: Optional[Speculator] = None,
+        remote: Optional[RemoteKV] = None,
+    ) -> None:
+        """``spec``: speculative decoding's speculator; ``remote``: disaggregated prefill's
+        KV leases and loads (its role's; both None when off)."""
         self.config = config
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}  # every live request
@@ -74,8 +82,8 @@ class Scheduler:
         self.prefix_cache_queries = 0  # tokens of admitted requests looked up in the cache
         self.prefix_cache_hits = 0  # of those, tokens found there
         # Disaggregated prefill (None when colocated): see the "remote KV" section below.
-        self.remote: Optional[RemoteKV] = None
-        self.spec: Optional[Speculator] = None  # speculative decoding, when enabled
+        self.remote = remote
+        self.spec = spec  # speculative decoding, when enabled
 
     # ------------------------------------------------------------------ intake
     def add_request(self, request: Request) -> None:
@@ -669,9 +677,6 @@ class Scheduler:
     # Disaggregated prefill (core/remote_kv.py holds the state): requests move between
     # waiting, loading and running here; RemoteKV does the rest.
 
-    def enable_kv_transfer(self, config: KVTransferConfig, address: tuple[str, int]) -> None:
-        self.remote = RemoteKV(config, self.kv, address)
-
     @property
     def loading(self) -> dict[str, Request]:
         return self.remote.loading if self.remote is not None else {}
@@ -722,9 +727,6 @@ class Scheduler:
         ``loading``) until the connector reports the load ended, then frees them."""
         request.status = status
         self.requests.pop(request.request_id, None)
-
-    def enable_speculation(self, speculator: Speculator) -> None:
-        self.spec = speculator
 
     def take_new_leases(self) -> list[str]:
         """Prefill: leases created since the last call, for the connector to guard."""

@@ -56,6 +56,7 @@ class EngineCore:
         connector: Optional[KVConnectorWorker],
         async_scheduling: bool,
         structured: Optional[StructuredOutputs] = None,
+        publish_kv_events: Optional[Callable[[list[KVCacheEvent]], None]] = None,
     ) -> None:
         self.scheduler = scheduler
         self.runner = runner
@@ -65,7 +66,7 @@ class EngineCore:
         self._in_flight: Optional[tuple[SchedulerOutput, StepHandle]] = None
         self._fault_next_step = False
         # KV cache events (core/kv_events.py): where a read step's events go, when published.
-        self.publish_kv_events: Optional[Callable[[list[KVCacheEvent]], None]] = None
+        self.publish_kv_events = publish_kv_events
 
     def step(self) -> CoreStep:
         sched = self.scheduler.schedule()

@@ -14,9 +14,8 @@ extrapolated linearly in tokens, stays within ``TARGET_STEP_S`` (a step's time g
 linearly in its tokens over the candidates; the docs give the measurements). vLLM's CPU
 backend fixes its server's budget instead.
 
-Invariant: the chosen budget is one of ``CANDIDATES`` (the smallest when none fits), and the
-timing request leaves nothing behind: no block held, the prefix cache and the engine's token
-counters as they were.
+Invariant: the chosen budget is one of ``CANDIDATES`` (the smallest when none fits); the
+timing runs on a calibration engine (engine/build.py drops it), where it leaves no request.
 """
 
 from __future__ import annotations
@@ -46,8 +45,7 @@ def choose_budget(seconds_per_token: float, target_s: float = TARGET_STEP_S) -> 
 
 def time_prefill(engine: Any, tokens: int = TIMING_TOKENS) -> float:
     """Best wall time of a ``tokens``-token prompt computed in one step (and one token
-    sampled) through ``engine``; restores its prefix cache and counters afterwards."""
-    counters = engine.num_prompt_tokens, engine.num_generation_tokens
+    sampled) through ``engine``."""
     rng = random.Random(0)
     vocab = engine.arch.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
@@ -59,8 +57,6 @@ def time_prefill(engine: Any, tokens: int = TIMING_TOKENS) -> float:
         while engine.has_unfinished_requests():
             engine.step()
         best = min(best, time.perf_counter() - start)
-    engine.reset_prefix_cache()
-    engine.num_prompt_tokens, engine.output.num_generation_tokens = counters
     return best
 
 

@@ -2,244 +2,97 @@
 
     core step (schedule -> run -> update)  ->  output processor (text, n > 1, outputs)
 
-It builds the pieces (the model and its runner, the KV cache manager, the scheduler, the KV
-connector when disaggregated), checks each request at intake, and joins the two halves of a
-step: ``core.py`` works in ids and counts, ``output_processor.py`` turns them into what the
-user asked for. It neither sleeps nor watches for stalls: the loops that call :meth:`step`
-do (``pacing.py``).
+It checks each request at intake and joins the two halves of a step: ``core.py`` works in
+ids and counts, ``output_processor.py`` turns them into what the user asked for. Its pieces
+are built by ``build.py`` (``build_engine(args)``), in one pass, before it exists. It neither
+sleeps nor watches for stalls: the loops that call :meth:`step` do (``pacing.py``).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-import uuid
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from pagoda.config import DEFAULT_KV_CACHE_GIB, CacheConfig, EngineArgs, SpeculativeConfig
+from pagoda.config import EngineArgs
 from pagoda.core.kv_cache_manager import KVCacheManager
 from pagoda.core.remote_kv import KVTransferRequest, check_remote_prefill, parse_kv_transfer_params
 from pagoda.core.scheduler import Scheduler
-from pagoda.core.sliding_kv import SlidingTables
-from pagoda.engine import cpu_budget, spec_timing
 from pagoda.engine.core import CoreStep, EngineCore
 from pagoda.engine.inspector import EngineSnapshot, Inspector
 from pagoda.engine.kv_event_publisher import KVEventPublisher
-from pagoda.engine.kv_plan import KVRequest, plan_pools
+from pagoda.engine.kv_plan import KVPlan
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.stats import EngineStats
-from pagoda.engine.structured import GrammarCompiler, StructuredOutputs
+from pagoda.engine.structured import StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
-from pagoda.models.cpu_int4 import resolve_quantization
-from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
-from pagoda.models.prepare import prepare_model
+from pagoda.models.config import ModelArch
 from pagoda.request import Request
 from pagoda.sampling import SamplingParams
-from pagoda.spec_decode.speculator import Speculator
-from pagoda.utils import read_chat_template
-from pagoda.worker.kv_cache import (
-    GIB,
-    cuda_kv_budget,
-    layer_counts,
-    profile_activation_bytes,
-)
 from pagoda.worker.model_runner import ModelRunner
 
-logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MODEL_LEN_CAP = 8192
+@dataclass(frozen=True)
+class ServedModel:
+    """The model as the engine knows it: its name, shapes, tokenizer and placement."""
 
+    name: str
+    arch: ModelArch
+    tokenizer: Any  # a transformers tokenizer
+    chat_template: Optional[str]
+    max_model_len: int
+    device: torch.device
+    dtype: torch.dtype
+    kv_dtype: torch.dtype
+    quantization: Optional[str]
 
-class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
-        self.args = args
-        self.device = _resolve_device(args.device)
-        self.dtype = resolve_dtype(args.dtype, self.device)
-        self.kv_dtype = resolve_kv_cache_dtype(
-            args.kv_cache_dtype, self.dtype, self.device, dtype_auto=args.dtype in (None, "auto")
-        )
-        self.quantization = resolve_quantization(args.quantization, self.device, self.dtype)
-        torch.manual_seed(args.seed)
-        loaded = load_model(
-            args.model,
-            self.dtype,
-            self.device,
-            max_positions=None,
-            load_format=args.load_format,
-            model_preset=args.model_preset,
-            seed=args.seed,
-            gguf_file=args.gguf_file,
-            quantization=self.quantization,
-        )
-        self.model_name = loaded.name
-        self.arch = loaded.arch
-        self.tokenizer = loaded.tokenizer
-        self.chat_template = read_chat_template(args.chat_template) or loaded.chat_template
-        self.max_model_len = args.max_model_len or min(
-            self.arch.max_position_embeddings, DEFAULT_MAX_MODEL_LEN_CAP
-        )
-        if self.max_model_len > self.arch.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the model's "
-                f"max_position_embeddings {self.arch.max_position_embeddings}"
-            )
-        prepared = prepare_model(
-            loaded.model,
-            self.device,
-            self.dtype,
-            self.kv_dtype,
-            self.quantization,
-            context_len=self.max_model_len,  # picks LongRoPE's factors (Phi-3)
-        )
-        cache = args.cache_config()
-        # CUDA: the peak of a worst-case step comes out of the KV budget (0 elsewhere).
-        self._activation_bytes = profile_activation_bytes(
-            prepared.model,
-            args.token_budget,
-            args.max_num_seqs,
-            cache.block_size,
-            self.dtype,
-            self.device,
-        )
-        self.block_size = cache.block_size
-        # The sliding layers' own pool, when their KV is kept apart (None: one pool).
-        self.num_blocks, self.sliding_blocks = self._kv_pools(args, cache)
-        # The model's identity enters every prefix-cache hash (it matters once KV crosses
-        # engines, as in disaggregated prefill; within one engine the model never changes).
-        self.kv = KVCacheManager(
-            self.num_blocks,
-            cache.block_size,
-            args.enable_prefix_caching,
-            model_key=self._model_key(),
-            sliding=(
-                SlidingTables(self.sliding_blocks, self.arch.sliding_window, cache.block_size)
-                if self.sliding_blocks is not None
-                else None
-            ),
-        )
-        self.scheduler = Scheduler(args.scheduler_config(self.max_model_len), self.kv)
-        self.runner = ModelRunner(
-            prepared,
-            self.num_blocks,
-            cache.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=self.max_model_len,
-            enforce_eager=args.enforce_eager,
-            sliding_num_blocks=self.sliding_blocks,
-        )
-        connector = self._start_kv_transfer(args)
-        async_scheduling = (
-            self.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
-        )
-        self.structured = StructuredOutputs(
-            GrammarCompiler(self.tokenizer, self.arch.vocab_size, self.arch.eos_token_ids)
-        )
-        self.core = EngineCore(
-            self.scheduler, self.runner, connector, async_scheduling, self.structured
-        )
-        self.output = OutputProcessor(
-            self.tokenizer, self._issued_params if args.kv_role == "prefill" else None
-        )
-        self.last_step = CoreStep()
-        self.inspector = Inspector()  # steps and snapshots for GET /inspect
-        self.num_prompt_tokens = 0
-        if args.serving and args.max_num_batched_tokens is None and self.device.type == "cpu":
-            budget = cpu_budget.serving_budget(self)  # runs a step: the engine is complete
-            self.scheduler.config = args.scheduler_config(self.max_model_len, budget)
-        self._start_speculation(args.spec_config())
-        self.kv_events = self._start_kv_events(args)
-        logger.info(
-            "engine: %s, %s on %s, KV cache %d blocks x %d tokens = %d tokens",
-            self.model_name,
-            self.dtype,
-            self.device,
-            self.num_blocks,
-            self.block_size,
-            self.num_blocks * self.block_size,
-        )
-        if self.sliding_blocks is not None:
-            logger.info(
-                "sliding-window layers (window %d): their own KV pool of %d blocks",
-                self.arch.sliding_window,
-                self.sliding_blocks,
-            )
-
-    def _start_speculation(self, config: Optional[SpeculativeConfig]) -> None:
-        """Speculative decoding: the speculator, with a step cost model timed here when it
-        is adaptive (steps run: the engine is complete)."""
-        if config is None:
-            return
-        cost = spec_timing.measure_step_costs(self) if config.adaptive else None
-        speculator = Speculator(config, cost, spec_timing.suffix_trie_factory())
-        speculator.draft_filter = self.structured.valid_prefix  # drafts obey grammars
-        self.scheduler.enable_speculation(speculator)
-
-    def _start_kv_events(self, args: EngineArgs) -> Optional[KVEventPublisher]:
-        """KV cache events for KV-aware routers (engine/kv_event_publisher.py), when asked."""
-        config = args.events_config()
-        if config is None:
-            return None
-        if not args.enable_prefix_caching:
-            raise ValueError("kv_events_config needs prefix caching (it journals its hashes)")
-        publisher = KVEventPublisher(config)
-        self.kv.enable_events()
-        self.core.publish_kv_events = publisher.publish
-        return publisher
-
-    def _model_key(self) -> str:
-        """What a cached block's KV depends on besides its tokens (in every prefix hash)."""
-        key = f"{self.model_name}:{self.dtype}"
+    @property
+    def key(self) -> str:
+        """What a cached block's KV depends on besides its tokens (in every prefix hash: it
+        matters once KV crosses engines, as in disaggregated prefill)."""
+        key = f"{self.name}:{self.dtype}"
         if self.quantization is not None:  # decode steps' KV comes from the 4-bit weights
             key = f"{key}:{self.quantization}"
         return key if self.kv_dtype == self.dtype else f"{key}:kv-{self.kv_dtype}"
 
-    def _kv_budget(self, cache: CacheConfig) -> int:
-        if self.device.type == "cuda":
-            return cuda_kv_budget(cache.gpu_memory_utilization, self.device, self._activation_bytes)
-        return int((cache.kv_cache_memory_gib or DEFAULT_KV_CACHE_GIB) * GIB)
 
-    def _kv_pools(self, args: EngineArgs, cache: CacheConfig) -> tuple[int, Optional[int]]:
-        """(blocks of the KV pool, blocks of the sliding-window layers' own pool or None),
-        planned by ``kv_plan.plan_pools`` from the budget measured here."""
-        one_table = args.kv_role != "both" or self.device.type != "cpu"
-        req = KVRequest(
-            cache.block_size,
-            self.max_model_len,
-            args.max_num_seqs,
-            args.token_budget,
-            cache.num_blocks,
-            cache.num_sliding_blocks,
-            cache.hybrid,
-            one_table,
-        )
-        memory = None if cache.num_blocks is not None else self._kv_budget(cache)
-        plan = plan_pools(self.arch, self.kv_dtype, req, memory)
-        full, sliding = layer_counts(self.arch)
-        if full and sliding and cache.hybrid and one_table:
-            logger.info(
-                "sliding-window layers keep the whole context: %s",
-                "KV transfer" if args.kv_role != "both" else "CUDA",
-            )
-        return plan.num_blocks, plan.sliding_blocks
+@dataclass(frozen=True)
+class EngineParts:
+    """An engine's pieces, as ``build.py`` made them."""
 
-    def _start_kv_transfer(self, args: EngineArgs) -> Optional[KVConnectorWorker]:
-        """Disaggregated prefill: the NIXL connector and its side channel (roles prefill and
-        decode); None when colocated."""
-        self._kv_secret = b""
-        if args.kv_role == "both":
-            return None
-        from pagoda.kv_transfer.nixl import NixlConnector
-        from pagoda.kv_transfer.side_channel import resolve_secret
+    args: EngineArgs
+    model: ServedModel
+    plan: KVPlan  # the KV pools' sizes
+    block_size: int
+    kv: KVCacheManager
+    scheduler: Scheduler
+    runner: ModelRunner
+    structured: StructuredOutputs
+    core: EngineCore
+    output: OutputProcessor
+    kv_secret: bytes  # the side channel's (disaggregated prefill; empty when colocated)
+    kv_events: Optional[KVEventPublisher]
 
-        self.engine_id = uuid.uuid4().hex
-        config = args.kv_transfer_config(self.engine_id)
-        self._kv_secret = resolve_secret(args.kv_secret)
-        connector = NixlConnector(config, self._kv_secret, self.runner.kv_caches, self.kv.model_key)
-        self.scheduler.enable_kv_transfer(config, connector.address)
-        return connector
+
+class LLMEngine:
+    def __init__(self, parts: EngineParts) -> None:
+        model = parts.model
+        self.args, self.kv, self.scheduler, self.runner = (
+            parts.args, parts.kv, parts.scheduler, parts.runner,
+        )  # fmt: skip
+        self.structured, self.core, self.output = parts.structured, parts.core, parts.output
+        self.kv_events, self._kv_secret = parts.kv_events, parts.kv_secret
+        self.model_name, self.arch, self.tokenizer = model.name, model.arch, model.tokenizer
+        self.chat_template, self.max_model_len = model.chat_template, model.max_model_len
+        self.device, self.dtype, self.kv_dtype = model.device, model.dtype, model.kv_dtype
+        self.quantization = model.quantization
+        self.block_size, self.num_blocks = parts.block_size, parts.plan.num_blocks
+        self.sliding_blocks = parts.plan.sliding_blocks  # the sliding layers' pool, or None
+        self.last_step, self.inspector = CoreStep(), Inspector()  # Inspector: GET /inspect
+        self.num_prompt_tokens = 0
 
     @property
     def kv_connector(self) -> Optional[KVConnectorWorker]:
@@ -440,13 +293,6 @@ class LLMEngine:
         return count
 
     # ------------------------------------------------------------- KV transfer
-    def _issued_params(self, request: Request) -> Optional[dict]:
-        """Prefill role: the signed kv_transfer_params of a finished request's lease."""
-        remote = request.kv_transfer_out
-        if remote is None:
-            return None
-        return remote.signed(self._kv_secret, request.prompt_token_ids).to_json()
-
     def poll_kv_transfers(self) -> None:
         """For an idle server loop: take in finished transfers and ended leases even when
         no request is running (a prefill instance's leases outlive its requests)."""
@@ -495,12 +341,3 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but CUDA is not available")
-    return dev

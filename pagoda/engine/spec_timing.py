@@ -18,8 +18,8 @@ so at batch 1 a draft costs about a hundredth of a step, and with 32 long rows a
 thirtieth each: the model fits these within about 10 %. The timing runs ``GRID_ROWS`` x
 ``GRID_CONTEXT`` x ``GRID_DRAFTS`` steps with fixed drafts (never accepted: their cost does
 not depend on it) and fits the three coefficients by least squares.
-Invariant: the timing leaves nothing behind: no request, no block held, the prefix cache
-and the engine's counters as they were.
+Invariant: the timing runs on an engine of its own (engine/build.py drops it) and leaves no
+request in it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -63,35 +63,19 @@ class _FixedDrafts:
         pass
 
 
-def measure_step_costs(engine: Any) -> StepCostModel:
-    """Time decode steps of the grid's shapes through ``engine`` and fit the model."""
-    scheduler = engine.scheduler
-    saved = (
-        scheduler.spec,
-        engine.num_prompt_tokens,
-        engine.output.num_generation_tokens,
-        scheduler.prefix_cache_queries,
-        scheduler.prefix_cache_hits,
-    )
+def measure_step_costs(make_engine: Callable[[Speculator], Any]) -> StepCostModel:
+    """Time decode steps of the grid's shapes through an engine that ``make_engine`` builds
+    around a speculator of fixed drafts (a calibration engine, dropped afterwards), and fit
+    the model."""
     config = SpeculativeConfig(num_speculative_tokens=max(GRID_DRAFTS), adaptive=False)
     timing = Speculator(config)
+    engine = make_engine(timing)
     drafts = _FixedDrafts(engine.arch.vocab_size // 2)
     timing.proposer = drafts
-    scheduler.spec = timing
     samples: list[tuple[int, int, float]] = []
-    try:
-        for rows in GRID_ROWS:
-            for context in GRID_CONTEXT:
-                samples.extend(_time_shape(engine, drafts, rows, context))
-    finally:
-        engine.reset_prefix_cache()
-        (
-            scheduler.spec,
-            engine.num_prompt_tokens,
-            engine.output.num_generation_tokens,
-            scheduler.prefix_cache_queries,
-            scheduler.prefix_cache_hits,
-        ) = saved
+    for rows in GRID_ROWS:
+        for context in GRID_CONTEXT:
+            samples.extend(_time_shape(engine, drafts, rows, context))
     cost = fit(samples)
     logger.info(
         "speculative decoding: a step takes %.1f ms + %.3f ms a token + %.2f us a token of "

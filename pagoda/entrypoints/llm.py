@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence, Union, cast
 
 from pagoda.config import EngineArgs
 from pagoda.engine import pacing
+from pagoda.engine.build import build_engine
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.outputs import RequestOutput
 from pagoda.sampling import SamplingParams
@@ -29,7 +30,7 @@ class LLM:
         unknown = set(kwargs) - known
         if unknown:
             raise TypeError(f"unknown engine argument(s): {sorted(unknown)}")
-        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self.engine: LLMEngine = build_engine(EngineArgs(model=model, **kwargs))
         self._ids = itertools.count()
 
     @property

@@ -334,6 +334,10 @@ class ModelRunner:
         )
 
     # ------------------------------------------------------------------ states
+    def forget_requests(self) -> None:
+        """Drop every request's state (after calibration steps, whose scheduler is gone)."""
+        self.states.clear()
+
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids | sched.preempted_request_ids:
             self.states.pop(rid, None)

@@ -10,6 +10,7 @@ import time
 
 from pagoda import SamplingParams
 from pagoda.config import EngineArgs
+from pagoda.engine.build import build_engine
 from pagoda.engine.llm_engine import LLMEngine
 
 SECRET = "netns-secret"
@@ -32,7 +33,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ns = ap.parse_args()
     prompt = json.loads(ns.prompt)
-    engine = LLMEngine(EngineArgs(model=ns.model, dtype="float32", block_size=8,
+    engine = build_engine(EngineArgs(model=ns.model, dtype="float32", block_size=8,
                                   num_kv_blocks=64, kv_role=ns.role, kv_secret=SECRET,
                                   kv_host=ns.host, kv_transfer_timeout=60.0))
     if ns.role == "prefill":

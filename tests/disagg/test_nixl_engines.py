@@ -8,7 +8,7 @@ import pytest
 
 from pagoda import LLM, SamplingParams
 from pagoda.config import EngineArgs
-from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.build import build_engine
 from tiny_models import TINY_VOCAB, make_model
 
 pytest.importorskip("nixl")
@@ -37,7 +37,7 @@ def greedy(max_tokens=MAX_TOKENS):
 def engine(path, role, **kw):
     args = dict(model=path, dtype="float32", block_size=BLOCK, num_kv_blocks=64,
                 kv_role=role, kv_secret=SECRET)
-    return LLMEngine(EngineArgs(**{**args, **kw}))
+    return build_engine(EngineArgs(**{**args, **kw}))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 from pagoda.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineArgs
 from pagoda.engine import cpu_budget
-from pagoda.engine.llm_engine import LLMEngine
+from pagoda.engine.build import build_engine
 from tiny_models import make_model
 
 
@@ -32,18 +32,20 @@ def args(path: str, **kw) -> EngineArgs:
 
 
 def test_a_cpu_server_times_a_step_and_leaves_no_trace(tiny):
-    engine = LLMEngine(args(tiny, serving=True))
+    engine = build_engine(args(tiny, serving=True))
     assert engine.scheduler.config.max_num_batched_tokens in cpu_budget.CANDIDATES
     assert engine.kv.pool.num_free_blocks == engine.num_blocks
     assert engine.kv.pool.num_cached_blocks == 0
     assert (engine.num_prompt_tokens, engine.num_generation_tokens) == (0, 0)
+    assert engine.scheduler.prefix_cache_queries == 0
+    assert engine.runner.states == {}   # the timing requests' states are gone
     assert not engine.has_unfinished_requests()
     engine.check_invariants()
 
 
 def test_a_slow_step_gives_a_small_budget(tiny, monkeypatch):
     monkeypatch.setattr(cpu_budget, "time_prefill", lambda engine, n: 2.0)   # >= 4 ms a token
-    engine = LLMEngine(args(tiny, serving=True))
+    engine = build_engine(args(tiny, serving=True))
     assert engine.scheduler.config.max_num_batched_tokens == 256
 
 
@@ -56,7 +58,7 @@ def test_nothing_is_timed_offline_or_when_set(tiny, monkeypatch, kw, budget):
         raise AssertionError("timed a step")
 
     monkeypatch.setattr(cpu_budget, "time_prefill", fail)
-    assert LLMEngine(args(tiny, **kw)).scheduler.config.max_num_batched_tokens == budget
+    assert build_engine(args(tiny, **kw)).scheduler.config.max_num_batched_tokens == budget
 
 
 def test_a_short_max_model_len_times_a_shorter_prompt(tiny, monkeypatch):
@@ -68,6 +70,6 @@ def test_a_short_max_model_len_times_a_shorter_prompt(tiny, monkeypatch):
         return real(engine, tokens)
 
     monkeypatch.setattr(cpu_budget, "time_prefill", spy)
-    engine = LLMEngine(args(tiny, serving=True, max_model_len=64))
+    engine = build_engine(args(tiny, serving=True, max_model_len=64))
     assert timed == [63] and cpu_budget.TIMING_TOKENS > 63
     assert engine.scheduler.config.max_num_batched_tokens in cpu_budget.CANDIDATES

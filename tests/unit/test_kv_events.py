@@ -112,8 +112,7 @@ def test_external_hash_is_the_digests_last_8_bytes():
 
 # ------------------------------------------------------------------- the journal replays
 def make(num_blocks=14, budget=9):
-    kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=True, model_key="m")
-    kv.enable_events()
+    kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=True, model_key="m", events=True)
     sched = Scheduler(SchedulerConfig(budget, 4, 512, True), kv)
     return sched, FakeRunner(sched)
 
@@ -197,8 +196,7 @@ def make_sliding(num_blocks=14, sliding_blocks=12, budget=9):
     """A tiny Gemma's KV: full-attention layers in one pool, sliding-window layers in their
     own (core/sliding_kv.py), small enough that both evict."""
     kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=True, model_key="m",
-                        sliding=SlidingTables(sliding_blocks, WINDOW, BS))
-    kv.enable_events()
+                        sliding=SlidingTables(sliding_blocks, WINDOW, BS), events=True)
     sched = Scheduler(SchedulerConfig(budget, 4, 512, True), kv)
     return sched, FakeRunner(sched)
 

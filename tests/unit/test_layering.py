@@ -227,3 +227,29 @@ def test_the_cycle_finder_finds_one():
         assert cycles_within("pagoda.x") == [["pagoda.x.a", "pagoda.x.b", "pagoda.x.a"]]
     finally:
         me.all_imports = saved
+
+
+# What builds an engine lives in engine/build.py; llm_engine.py takes the built pieces.
+CONSTRUCTION = (
+    "pagoda.models.loader", "pagoda.models.prepare", "pagoda.models.cpu_int4",
+    "pagoda.worker.kv_cache", "pagoda.engine.cpu_budget",
+    "pagoda.engine.spec_timing", "pagoda.engine.build", "pagoda.kv_transfer.nixl",
+    "pagoda.spec_decode.speculator",
+)
+MAX_INIT_LINES = 16
+
+
+def test_llm_engine_builds_nothing():
+    """LLMEngine keeps intake, stepping, stats and inspection: it imports none of what
+    builds an engine, and its constructor only stores the pieces it is given."""
+    path = PAGODA / "engine" / "llm_engine.py"
+    grown = sorted({imp.target for imp in imports_of(path)} & set(CONSTRUCTION))
+    assert grown == [], f"construction belongs in engine/build.py: {grown}"
+    tree = ast.parse(path.read_text())
+    init = next(node for node in ast.walk(tree)
+                if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    lines = init.end_lineno - init.lineno  # type: ignore[operator]
+    assert lines <= MAX_INIT_LINES, f"LLMEngine.__init__ is {lines} lines: build in build.py"
+    calls = {node.func.id for node in ast.walk(init)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    assert calls <= {"CoreStep", "Inspector"}, f"__init__ builds {sorted(calls)}"

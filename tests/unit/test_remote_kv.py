@@ -10,7 +10,7 @@ from fake_runner import FakeRunner, run_step  # noqa: E402
 
 from pagoda.config import KVTransferConfig, SchedulerConfig  # noqa: E402
 from pagoda.core.kv_cache_manager import KVCacheManager  # noqa: E402
-from pagoda.core.remote_kv import (LEASE_HOLDER_PREFIX, KVEvents, RemotePrefill,  # noqa: E402
+from pagoda.core.remote_kv import (LEASE_HOLDER_PREFIX, KVEvents, RemoteKV, RemotePrefill,  # noqa: E402
                                    check_remote_prefill, parse_kv_transfer_params)
 from pagoda.core.scheduler import Scheduler  # noqa: E402
 from pagoda.request import Request, RequestStatus  # noqa: E402
@@ -22,8 +22,8 @@ PROMPT = list(range(100, 114))   # 14 tokens: 13 pulled = 4 blocks (the last par
 
 def make(role, policy="recompute", num_blocks=32, lease=30.0):
     kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=True, model_key="m")
-    sched = Scheduler(SchedulerConfig(64, 8, 512, True), kv)
-    sched.enable_kv_transfer(KVTransferConfig(role, "eng", lease, policy), ("127.0.0.1", 9))
+    remote = RemoteKV(KVTransferConfig(role, "eng", lease, policy), kv, ("127.0.0.1", 9))
+    sched = Scheduler(SchedulerConfig(64, 8, 512, True), kv, remote=remote)
     return sched, FakeRunner(sched)
 
 

@@ -42,8 +42,7 @@ class Inst:
 
 
 def _engine(num_blocks=12):
-    kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=True, model_key="m")
-    kv.enable_events()
+    kv = KVCacheManager(num_blocks, BS, enable_prefix_caching=True, model_key="m", events=True)
     sched = Scheduler(SchedulerConfig(16, 4, 512, True), kv)
     return sched, FakeRunner(sched)
 

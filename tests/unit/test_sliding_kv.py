@@ -42,7 +42,7 @@ def with_drafts(sched, error, k=4, seed=0):
     """Speculation with the fake runner's oracle: each draft token wrong with ``error``."""
     speculator = Speculator(SpeculativeConfig(num_speculative_tokens=k, adaptive=False))
     speculator.proposer = OracleDrafts(error, seed)
-    sched.enable_speculation(speculator)
+    sched.spec = speculator
     return sched
 
 

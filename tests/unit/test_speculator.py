@@ -281,12 +281,12 @@ def test_config_keys_are_vllms_and_checked():
 def make(num_blocks=64, block_size=4, budget=32, max_seqs=8, caching=False, error=0.3,
          k=4, spec=True):
     kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=caching, model_key="m")
-    sched = Scheduler(SchedulerConfig(budget, max_seqs, 512, True), kv)
     drafts = OracleDrafts(error)
+    speculator = None
     if spec:
         speculator = Speculator(SpeculativeConfig(num_speculative_tokens=k, adaptive=False))
         speculator.proposer = drafts
-        sched.enable_speculation(speculator)
+    sched = Scheduler(SchedulerConfig(budget, max_seqs, 512, True), kv, speculator)
     return sched, FakeRunner(sched), drafts
 
 

@@ -348,6 +348,7 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: EngineArgs) -> Fast
     """Load the engine as the options say, log what is served, and build the app."""
     import torch
 
+    from pagoda.engine.build import build_engine
     from pagoda.engine.llm_engine import LLMEngine
 
     if logging.getLogger("pagoda").getEffectiveLevel() > logging.INFO:
@@ -360,7 +361,7 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: EngineArgs) -> Fast
         if ns.num_threads is not None:
             torch.set_num_threads(ns.num_threads)
         threads.append(torch.get_num_threads())
-        return LLMEngine(dataclasses.replace(engine_args, serving=True))
+        return build_engine(dataclasses.replace(engine_args, serving=True))
 
     metrics = EngineMetrics()
     async_engine = AsyncEngine.on_own_thread(make_engine, metrics=metrics)
