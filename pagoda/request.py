@@ -1,4 +1,9 @@
-"""Request: one sequence's life in the engine, and the state machine it moves through.
+"""EngineRequest, what a caller asks of the engine; Request, one sequence's life in it.
+
+:class:`EngineRequest` is the one message a request travels as from the edge (the offline
+``LLM``, the server's front door) through the engine thread to ``LLMEngine.add_request``;
+its fields are written once, here. The engine turns it into ``n`` :class:`Request` objects.
+
 
 The one progress counter is ``num_computed_tokens``: it chases ``num_tokens`` (prompt plus
 output so far). Prefill, chunked prefill, decode and recompute after preemption are all the
@@ -11,12 +16,27 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
 from pagoda.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pagoda.core.remote_kv import KVTransferRequest, RemotePrefill
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A request as the engine takes it: a prompt's token ids and how to complete it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: Optional[str] = None  # the text, when the caller had one (outputs echo it)
+    arrival_time: Optional[float] = None  # time.monotonic(); None: when the engine takes it
+    cache_salt: Optional[str] = None  # prefix caching: only requests with the same salt share
+    kv_transfer_params: Optional[dict[str, Any]] = None  # disaggregated prefill
+    priority: int = 0  # --scheduling-policy priority: lower is served first
 
 
 class RequestStatus(enum.Enum):

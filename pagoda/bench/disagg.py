@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from pagoda.bench import serve
 from pagoda.bench.procs import Procs, metric, wait_healthy
+from pagoda.request import EngineRequest
 from pagoda.utils import free_port
 
 
@@ -188,7 +189,9 @@ def measure_transfer(model: Optional[str], num_tokens: int, repeats: int) -> dic
                 kv_transfer_params={"do_remote_decode": True},
             ).kv_transfer_params
             decode.add_request(
-                f"d{i}", prompt, SamplingParams(max_tokens=1), kv_transfer_params=params
+                EngineRequest(
+                    f"d{i}", prompt, SamplingParams(max_tokens=1), kv_transfer_params=params
+                )
             )
             sched = decode.scheduler.schedule()
             start = time.perf_counter()
@@ -218,7 +221,7 @@ def measure_transfer(model: Optional[str], num_tokens: int, repeats: int) -> dic
 
 
 def _finish(engine: Any, rid: str, prompt: list[int], params: Any, **kw: Any) -> Any:
-    engine.add_request(rid, prompt, params, **kw)
+    engine.add_request(EngineRequest(rid, prompt, params, **kw))
     while True:
         for out in engine.step():
             if out.finished:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from pagoda.config import SchedulerConfig
 from pagoda.core.kv_cache_manager import KVCacheManager
@@ -71,6 +71,7 @@ class Scheduler:
         self.config = config
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}  # every live request
+        self._held: dict[str, list[Request]] = {}  # n > 1: siblings waiting on the first
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: last = newest
         self._runner_knows: set[str] = set()  # ids the model runner holds state for
@@ -86,20 +87,33 @@ class Scheduler:
         self.spec = spec  # speculative decoding, when enabled
 
     # ------------------------------------------------------------------ intake
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, siblings: Sequence[Request] = ()) -> None:
+        """Queue a request. n > 1: its ``siblings`` (same prompt) are held until it has
+        computed the prompt (its first token, or its end), then queued at the front, in
+        order, so that they admit on its blocks instead of computing the prompt again."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if siblings:
+            self._held[request.request_id] = list(siblings)
+        self._add(request)
+
+    def _add(self, request: Request, first: bool = False) -> None:
         self.requests[request.request_id] = request
         if self._can_never_fit(request):
             self._finish(request, RequestStatus.FINISHED_IGNORED, self._too_big_detail(request))
             return
         self._enqueue(request)
-
-    def add_request_first(self, request: Request) -> None:
-        """Queue at the front (n > 1 siblings that arrived with a request already running)."""
-        self.add_request(request)
-        if self.waiting and self.waiting[-1] is request and not self._by_priority:
+        if first and not self._by_priority:
             self.waiting.rotate(1)
+
+    def _release_siblings(self, request: Request, status: Optional[RequestStatus]) -> None:
+        """The held siblings of ``request``, which has computed the prompt (or ended): to
+        the front of the queue; dropped if it was aborted (the user request was)."""
+        siblings = self._held.pop(request.request_id, None)
+        if siblings is None or status is RequestStatus.FINISHED_ABORTED:
+            return
+        for sibling in reversed(siblings):
+            self._add(sibling, first=True)
 
     @property
     def _by_priority(self) -> bool:
@@ -127,6 +141,7 @@ class Scheduler:
             if request is None:
                 continue
             request.stop_reason = stop_reason
+            self._release_siblings(request, status)
             if request.status is RequestStatus.WAITING_FOR_REMOTE_KV:
                 self._abort_loading(request, status)
                 continue
@@ -586,6 +601,7 @@ class Scheduler:
             if status is not None:
                 tokens = tokens[: i + 1]
                 break
+        self._release_siblings(request, status)
         logprobs = runner_output.logprobs.get(request.request_id)
         out = EngineCoreOutput(
             request.request_id, tokens, logprobs=logprobs[: len(tokens)] if logprobs else None
@@ -640,6 +656,7 @@ class Scheduler:
         """Free everything a request holds and forget it."""
         request.status = status
         request.finish_detail = detail
+        self._release_siblings(request, status)
         if self.spec is not None:
             self.spec.finish(request)
         if self.remote is not None and self.remote.should_lease(request, status):
@@ -672,6 +689,7 @@ class Scheduler:
         holders = in_running | (self.remote.holders() if self.remote is not None else set())
         assert set(self.kv.req_blocks) <= holders, "blocks held by no running, loading or lease"
         assert not in_running & set(self.loading), "a request both running and loading"
+        assert set(self._held) <= live, "n > 1 siblings held for a request that has ended"
 
     # --------------------------------------------------------------- remote KV
     # Disaggregated prefill (core/remote_kv.py holds the state): requests move between

@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Callable, Optional, Protocol, Union
 
 from pagoda.engine import pacing
@@ -33,7 +33,7 @@ from pagoda.engine.core import CoreStep
 from pagoda.engine.metrics import EngineMetrics
 from pagoda.engine.outputs import RequestOutput
 from pagoda.engine.stats import EngineStats
-from pagoda.sampling import SamplingParams
+from pagoda.request import EngineRequest
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +50,7 @@ class Engine(Protocol):
     @property
     def kv_connector(self) -> Optional[object]: ...
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        prompt: Optional[str] = None,
-        arrival_time: Optional[float] = None,
-        cache_salt: Optional[str] = None,
-        kv_transfer_params: Optional[dict] = None,
-        priority: int = 0,
-    ) -> None: ...
+    def add_request(self, request: EngineRequest) -> None: ...
 
     def abort_request(self, request_id: str) -> None: ...
 
@@ -98,15 +88,8 @@ class AdmissionLimits:
 # ---------------------------------------------------------------- commands
 @dataclass
 class _Add:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: Optional[str]
-    arrival_time: float
-    cache_salt: Optional[str]
-    kv_transfer_params: Optional[dict]
+    request: EngineRequest
     done: asyncio.Future
-    priority: int = 0
 
 
 @dataclass
@@ -271,38 +254,19 @@ class AsyncEngine:
         return self.dead_error is not None
 
     # --------------------------------------------------------- loop-side API
-    async def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        prompt: Optional[str] = None,
-        cache_salt: Optional[str] = None,
-        arrival_time: Optional[float] = None,
-        kv_transfer_params: Optional[dict] = None,
-        priority: int = 0,
-    ) -> RequestStream:
-        """Admit and queue a request; raises ValueError (bad request), QueueFullError (429)
-        or EngineDeadError. The engine validates the prompt before this returns."""
+    async def add_request(self, request: EngineRequest) -> RequestStream:
+        """Admit and queue a request (its arrival time is now if it has none); raises
+        ValueError (bad request), QueueFullError (429) or EngineDeadError. The engine
+        validates the prompt before this returns."""
         self._check_alive()
-        self._admit(len(prompt_token_ids))
-        stream = RequestStream(request_id, params.n)
+        self._admit(len(request.prompt_token_ids))
+        request_id = request.request_id
+        stream = RequestStream(request_id, request.params.n)
         self._streams[request_id] = stream
         done = self._running_loop().create_future()
-        arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._inbox.put(
-            _Add(
-                request_id,
-                list(prompt_token_ids),
-                params,
-                prompt,
-                arrival,
-                cache_salt,
-                kv_transfer_params,
-                done,
-                priority,
-            )
-        )
+        if request.arrival_time is None:
+            request = replace(request, arrival_time=time.monotonic())
+        self._inbox.put(_Add(request, done))
         try:
             await done
         except asyncio.CancelledError:
@@ -438,21 +402,13 @@ class AsyncEngine:
     def _handle_add(self, cmd: _Add) -> None:
         error: Optional[BaseException] = None
         try:
-            self.engine.add_request(
-                cmd.request_id,
-                cmd.prompt_token_ids,
-                cmd.params,
-                prompt=cmd.prompt,
-                arrival_time=cmd.arrival_time,
-                cache_salt=cmd.cache_salt,
-                **_optional_kwargs(cmd),
-            )
-            self._live[cmd.request_id] = cmd.params.n
+            self.engine.add_request(cmd.request)
+            self._live[cmd.request.request_id] = cmd.request.params.n
         except Exception as e:  # noqa: BLE001 - reported to the caller, the engine goes on
             error = e
         with self._lock:
             self._qstate.inbox_requests -= 1
-            self._qstate.inbox_tokens -= len(cmd.prompt_token_ids)
+            self._qstate.inbox_tokens -= len(cmd.request.prompt_token_ids)
         self._snapshot_queue(self.engine.stats())
         self._resolve(cmd.done, None, error)
 
@@ -507,17 +463,6 @@ class AsyncEngine:
                 return
             if isinstance(cmd, (_Add, _Call)):
                 self._resolve(cmd.done, None, dead)
-
-
-def _optional_kwargs(cmd: _Add) -> dict[str, Any]:
-    """Pass kv_transfer_params and priority only when given: a colocated request of the
-    default priority needs neither."""
-    kwargs: dict[str, Any] = {}
-    if cmd.kv_transfer_params is not None:
-        kwargs["kv_transfer_params"] = cmd.kv_transfer_params
-    if cmd.priority:
-        kwargs["priority"] = cmd.priority
-    return kwargs
 
 
 def _run_call(fn: Callable[[Engine], Any], engine: Engine) -> tuple[Any, Optional[BaseException]]:

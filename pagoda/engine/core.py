@@ -23,7 +23,7 @@ Invariant: every scheduled step is read exactly once, in order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from pagoda.core.kv_events import KVCacheEvent
 from pagoda.core.outputs import EngineCoreOutput, SchedulerOutput
@@ -137,22 +137,18 @@ class EngineCore:
         self._fault_next_step = True
 
     # -------------------------------------------------------------- requests
-    def add_request(self, request: Request) -> None:
-        self._add_grammar(request)
-        self.scheduler.add_request(request)
+    def add_request(self, request: Request, siblings: Sequence[Request] = ()) -> None:
+        """Queue a request (and its n > 1 siblings, which the scheduler holds until it has
+        computed the prompt); their grammars are compiled now."""
+        for r in (request, *siblings):
+            self._add_grammar(r)
+        self.scheduler.add_request(request, siblings)
 
     def _add_grammar(self, request: Request) -> None:
         spec = request.sampling_params.structured_outputs
         if spec is not None:
             assert self.structured is not None, "structured outputs are not enabled"
             self.structured.add(request.request_id, spec)
-
-    def add_siblings(self, siblings: list[Request]) -> None:
-        """n > 1: the first child has computed the prompt; its siblings go to the front of
-        the queue, in order, to share its blocks."""
-        for request in reversed(siblings):
-            self._add_grammar(request)
-            self.scheduler.add_request_first(request)
 
     def finish_stopped(self, stopped: list[tuple[str, str]]) -> None:
         """End requests a stop string ended (found in the text, above the core)."""

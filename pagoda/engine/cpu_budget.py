@@ -25,6 +25,7 @@ import random
 import time
 from typing import Any
 
+from pagoda.request import EngineRequest
 from pagoda.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def time_prefill(engine: Any, tokens: int = TIMING_TOKENS) -> float:
     for i in range(TIMING_REPEATS):
         prompt = [rng.randrange(vocab // 10, vocab - 1) for _ in range(tokens)]
         start = time.perf_counter()
-        engine.add_request(f"budget-timing-{i}", prompt, params)
+        engine.add_request(EngineRequest(f"budget-timing-{i}", prompt, params))
         while engine.has_unfinished_requests():
             engine.step()
         best = min(best, time.perf_counter() - start)

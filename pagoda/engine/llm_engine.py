@@ -30,7 +30,7 @@ from pagoda.engine.stats import EngineStats
 from pagoda.engine.structured import StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.models.config import ModelArch
-from pagoda.request import Request
+from pagoda.request import EngineRequest, Request
 from pagoda.sampling import SamplingParams
 from pagoda.worker.model_runner import ModelRunner
 
@@ -103,55 +103,67 @@ class LLMEngine:
         return self.core.async_scheduling
 
     # ------------------------------------------------------------------ intake
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        prompt: Optional[str] = None,
-        arrival_time: Optional[float] = None,
-        cache_salt: Optional[str] = None,
-        kv_transfer_params: Optional[dict] = None,
-        priority: int = 0,
-    ) -> None:
+    def add_request(self, request: EngineRequest) -> None:
         """Check a request and queue it; ValueError naming what was wrong. ``priority``
         (``--scheduling-policy priority``): lower values are served first."""
-        if request_id in self.output:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        if priority and self.scheduler.config.policy != "priority":
+        if request.request_id in self.output:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        params = self._checked_params(request)
+        kv_transfer = self._validate_kv_transfer(
+            request.kv_transfer_params, params, request.prompt_token_ids
+        )
+        now = time.monotonic() if request.arrival_time is None else request.arrival_time
+        children = self._children(request, params, kv_transfer, now)
+        self.output.add(request.request_id, request.prompt, children, now)
+        self.core.add_request(children[0], children[1:])
+        self.num_prompt_tokens += len(request.prompt_token_ids)
+
+    def _checked_params(self, request: EngineRequest) -> SamplingParams:
+        """The request's sampling params with its bad words tokenized, once every field the
+        engine checks at intake is valid."""
+        if request.priority and self.scheduler.config.policy != "priority":
             raise ValueError(
-                f"priority {priority} needs a server started with --scheduling-policy priority"
+                f"priority {request.priority} needs a server started with"
+                " --scheduling-policy priority"
             )
-        params = self._with_bad_word_ids(params)
-        self._validate_prompt(prompt_token_ids, params)
-        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        params = self._with_bad_word_ids(request.params)
+        self._validate_prompt(request.prompt_token_ids, params)
+        salt = request.cache_salt
+        if salt is not None and (not isinstance(salt, str) or not salt):
             raise ValueError("cache_salt must be a non-empty string")
-        kv_transfer = self._validate_kv_transfer(kv_transfer_params, params, prompt_token_ids)
         if params.structured_outputs is not None:
             self.structured.check(params.structured_outputs)  # compiled (or cached) now
-        max_tokens = self.max_model_len - len(prompt_token_ids)
+        return params
+
+    def _children(
+        self,
+        request: EngineRequest,
+        params: SamplingParams,
+        kv_transfer: Optional[KVTransferRequest],
+        now: float,
+    ) -> list[Request]:
+        """The n core requests of a user request (``id:i`` when n > 1): the first computes
+        the prompt, and the scheduler holds the others until it has, to share its blocks."""
+        rid, prompt_ids = request.request_id, request.prompt_token_ids
+        max_tokens = self.max_model_len - len(prompt_ids)
         if params.max_tokens is not None:
             max_tokens = min(max_tokens, params.max_tokens)
-        now = time.monotonic() if arrival_time is None else arrival_time
-        requests = [
+        return [
             Request(
-                request_id if params.n == 1 else f"{request_id}:{i}",
-                prompt_token_ids,
+                rid if params.n == 1 else f"{rid}:{i}",
+                prompt_ids,
                 params,
                 self.arch.eos_token_ids,
                 max_tokens,
                 now,
-                prefix_donor=None if i == 0 else f"{request_id}:0",
-                cache_salt=cache_salt,
+                prefix_donor=None if i == 0 else f"{rid}:0",
+                cache_salt=request.cache_salt,
                 kv_transfer=kv_transfer if i == 0 else None,
                 seed_offset=i,
-                priority=priority,
+                priority=request.priority,
             )
             for i in range(params.n)
         ]
-        self.output.add(request_id, prompt, requests, now)
-        self.core.add_request(requests[0])
-        self.num_prompt_tokens += len(prompt_token_ids)
 
     def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
         """``bad_words`` as token sequences (as vLLM reads them: each word as written and
@@ -236,7 +248,6 @@ class LLMEngine:
         core = self.last_step = self.core.step()
         done = self.output.process(core.outputs, core.scheduled, time.monotonic(), final_only)
         self.core.finish_stopped(done.stopped)
-        self.core.add_siblings(done.siblings)
         idle = not self.has_unfinished_requests()
         self.inspector.on_step(core.tokens, start, time.monotonic(), self.inspect, idle)
         return done.outputs

@@ -1,11 +1,11 @@
 """OutputProcessor: from the core's token ids to what a user asked for.
 
 It owns every piece of a user request's state that the scheduler does not need: its n
-completions (n > 1 fans one request out into sibling core requests, the first computing the
-prompt and the others joining on its blocks once it has), each completion's text (incremental
-detokenizing, stop strings, and the hold-back of a live stream), logprobs, timings, and the
-:class:`RequestOutput` it yields. It never calls the core: what the core must do in turn
-(finish a request a stop string ended, queue the siblings) comes back in :class:`Processed`.
+completions joined into one output (n > 1 runs as n sibling core requests, which the scheduler
+holds and releases), each completion's text (incremental detokenizing, stop strings, and the
+hold-back of a live stream), logprobs, timings, and the :class:`RequestOutput` it yields. It
+never calls the core: what the core must do in turn (finish a request a stop string ended)
+comes back in :class:`Processed`.
 Invariant: a completion's text as streamed is always a prefix of its final text.
 """
 
@@ -42,7 +42,7 @@ class _Child:
 
 @dataclass
 class _Group:
-    """A user request: its prompt, its children, and siblings waiting to join."""
+    """A user request: its prompt and its children (one per completion)."""
 
     request_id: str
     prompt: Optional[str]
@@ -50,12 +50,11 @@ class _Group:
     params: SamplingParams
     metrics: RequestMetrics
     children: list[_Child] = field(default_factory=list)
-    deferred: list[Request] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
 
     @property
     def finished(self) -> bool:
-        return not self.deferred and all(c.finish_reason is not None for c in self.children)
+        return all(c.finish_reason is not None for c in self.children)
 
 
 @dataclass
@@ -64,7 +63,6 @@ class Processed:
 
     outputs: list[RequestOutput] = field(default_factory=list)
     stopped: list[tuple[str, str]] = field(default_factory=list)  # (core id, stop string)
-    siblings: list[Request] = field(default_factory=list)  # to queue, in order
 
 
 class OutputProcessor:
@@ -88,8 +86,7 @@ class OutputProcessor:
     def add(
         self, request_id: str, prompt: Optional[str], requests: list[Request], arrival_time: float
     ) -> None:
-        """A user request and its n core requests (the first computes the prompt; the
-        others wait in ``deferred`` until it has)."""
+        """A user request and its n core requests."""
         first = requests[0]
         params = first.sampling_params
         group = _Group(
@@ -109,7 +106,6 @@ class OutputProcessor:
             child = _Child(i, req, detok, [] if params.logprobs is not None else None)
             group.children.append(child)
             self._child_group[req.request_id] = (group, child)
-        group.deferred = list(requests[1:])
         self._groups[request_id] = group
 
     def details(self, show_text: bool) -> dict[str, RequestDetail]:
@@ -131,7 +127,6 @@ class OutputProcessor:
         if group is None:
             return []
         live = [c.request.request_id for c in group.children if c.finish_reason is None]
-        group.deferred.clear()
         for child in group.children:
             if child.finish_reason is None:
                 child.finish_reason, child.finished_time = "abort", now
@@ -179,9 +174,6 @@ class OutputProcessor:
                 group.prompt_logprobs[start + 1 + j] = lp
         if out.new_token_ids:
             self._take_tokens(group, child, out, now, done)
-        if child.index == 0 and group.deferred and (out.new_token_ids or out.finish_reason):
-            done.siblings.extend(group.deferred)  # the prompt is computed: they may share it
-            group.deferred.clear()
         if out.finish_reason is not None:
             child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
             child.finish_detail = out.finish_detail or child.request.finish_detail

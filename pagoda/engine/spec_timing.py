@@ -33,7 +33,7 @@ import torch
 
 from pagoda.config import SpeculativeConfig
 from pagoda.kernels import ext
-from pagoda.request import Request
+from pagoda.request import EngineRequest, Request
 from pagoda.sampling import SamplingParams
 from pagoda.spec_decode.policy import StepCostModel
 from pagoda.spec_decode.speculator import Speculator
@@ -100,7 +100,7 @@ def _time_shape(
     ids = [f"spec-timing-{rows}-{context}-{i}" for i in range(rows)]
     for rid in ids:
         prompt = [rng.randrange(vocab // 10, vocab - 1) for _ in range(context)]
-        engine.add_request(rid, prompt, params)
+        engine.add_request(EngineRequest(rid, prompt, params))
     requests = [engine.scheduler.requests[rid] for rid in ids]
     drafts.k = 0
     while any(r.num_computed_tokens < r.num_tokens - 1 for r in requests):

@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 
 from pagoda.core.outputs import TokenLogprobs
 from pagoda.engine.outputs import CompletionOutput, RequestOutput
-from pagoda.entrypoints.front_door import EngineRequest, Outputs
+from pagoda.entrypoints.front_door import ApiRequest, Outputs
 from pagoda.entrypoints.reasoning import ReasoningStream, Thinking
 from pagoda.entrypoints.tools import ToolCall, ToolCallDelta, ToolPlan, ToolStream
 
@@ -92,7 +92,7 @@ def final_answer(
 
 
 def final_answers(
-    request: EngineRequest, outputs: Outputs
+    request: ApiRequest, outputs: Outputs
 ) -> Iterator[tuple[int, RequestOutput, Answer]]:
     """Every finished choice of a request, in choice order, with its prompt's index and
     output."""
@@ -168,7 +168,7 @@ class AnswerStream:
 class AnswerStreams:
     """The streamed choices of one request, made as their outputs first come."""
 
-    def __init__(self, request: EngineRequest) -> None:
+    def __init__(self, request: ApiRequest) -> None:
         self.request = request
         self.choices: dict[int, AnswerStream] = {}
 

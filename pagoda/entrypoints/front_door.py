@@ -1,7 +1,7 @@
 """The one path from every API dialect to the engine: admission, cancellation, usage, errors.
 
 A dialect module (``openai/completions.py``, ``openai/chat.py``, ...) turns its HTTP request
-into one :class:`EngineRequest`, made once at the edge: the prompts as token ids (and text,
+into one :class:`ApiRequest`, made once at the edge: the prompts as token ids (and text,
 if the client gave text), ``SamplingParams``, cache salt, priority, ``kv_transfer_params``,
 the arrival time, the tool plan and the thinking, and how the engine's field names read in
 the request's own terms. The :class:`FrontDoor` then
@@ -43,6 +43,7 @@ from pagoda.entrypoints import reasoning
 from pagoda.entrypoints.errors import ApiError, engine_dead, engine_value_error, queue_full
 from pagoda.entrypoints.reasoning import Thinking
 from pagoda.entrypoints.tools import ToolPlan
+from pagoda.request import EngineRequest
 from pagoda.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class FieldNames:
 
 
 @dataclass(frozen=True)
-class EngineRequest:
+class ApiRequest:
     """What one HTTP request asks of the engine, whatever its dialect."""
 
     prompts: list[Prompt]  # one engine request each, with params.n completions each
@@ -119,10 +120,10 @@ class EngineRequest:
 
 @dataclass
 class Submission:
-    """An EngineRequest the engine took: its id and one stream per prompt."""
+    """An ApiRequest the engine took: its id and one stream per prompt."""
 
     id: str
-    request: EngineRequest
+    request: ApiRequest
     streams: list[RequestStream]
 
 
@@ -137,7 +138,7 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
     @staticmethod
-    def of(request: EngineRequest, outputs: Outputs) -> Usage:
+    def of(request: ApiRequest, outputs: Outputs) -> Usage:
         """A finished request's usage: every completion's tokens, every prompt's hits."""
         done = [o for o in outputs if o is not None]
         completion = sum(len(c.token_ids) for o in done for c in o.outputs)
@@ -200,7 +201,7 @@ class FrontDoor:
         cache_salt: Optional[str] = None,
         tools: Optional[ToolPlan] = None,
         include_thinking: bool = True,
-    ) -> EngineRequest:
+    ) -> ApiRequest:
         """One rendered conversation's request: the tool plan's constraint on ``params``,
         then, under a reasoning parser, the answer's grammar moved after the thinking."""
         if tools is not None:
@@ -208,7 +209,7 @@ class FrontDoor:
         thinking = self.thinking(ids, include=include_thinking)
         if thinking is not None:
             params = thinking.constrain_answer(params)
-        return EngineRequest(
+        return ApiRequest(
             [Prompt(ids)],
             params,
             arrival,
@@ -219,7 +220,7 @@ class FrontDoor:
         )
 
     # ------------------------------------------------------- serving them
-    async def submit(self, request_id: str, request: EngineRequest) -> Submission:
+    async def submit(self, request_id: str, request: ApiRequest) -> Submission:
         """Queue every prompt (``{request_id}-{i}``); on any failure, abort those queued."""
         streams: list[RequestStream] = []
         try:
@@ -233,16 +234,18 @@ class FrontDoor:
             raise converted from e
         return Submission(request_id, request, streams)
 
-    async def _add(self, request_id: str, prompt: Prompt, request: EngineRequest) -> RequestStream:
+    async def _add(self, request_id: str, prompt: Prompt, request: ApiRequest) -> RequestStream:
         return await self.async_engine.add_request(
-            request_id,
-            prompt.ids,
-            request.params,
-            prompt=prompt.text,
-            cache_salt=request.cache_salt,
-            arrival_time=request.arrival,
-            kv_transfer_params=request.kv_transfer_params,
-            priority=request.priority,
+            EngineRequest(
+                request_id,
+                prompt.ids,
+                request.params,
+                prompt=prompt.text,
+                arrival_time=request.arrival,
+                cache_salt=request.cache_salt,
+                kv_transfer_params=request.kv_transfer_params,
+                priority=request.priority,
+            )
         )
 
     async def collect(self, sub: Submission, raw: Request) -> Optional[Outputs]:

@@ -11,6 +11,7 @@ from pagoda.engine import pacing
 from pagoda.engine.build import build_engine
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.engine.outputs import RequestOutput
+from pagoda.request import EngineRequest
 from pagoda.sampling import SamplingParams
 
 PromptType = Union[str, list[int]]
@@ -73,9 +74,11 @@ class LLM:
     def _add(self, prompt: PromptType, params: SamplingParams) -> str:
         rid = str(next(self._ids))
         if isinstance(prompt, str):
-            self.engine.add_request(rid, self.engine.encode(prompt), params, prompt=prompt)
+            self.engine.add_request(
+                EngineRequest(rid, self.engine.encode(prompt), params, prompt=prompt)
+            )
         else:
-            self.engine.add_request(rid, list(prompt), params)
+            self.engine.add_request(EngineRequest(rid, list(prompt), params))
         return rid
 
     def _run(self, ids: list[str], use_tqdm: Optional[bool]) -> list[RequestOutput]:

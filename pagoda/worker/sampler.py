@@ -77,15 +77,6 @@ def greedy_from_hidden(
     return cpu_fused.greedy_tokens(hidden, weight)
 
 
-def sample(
-    logits: torch.Tensor, rows: list[SamplingRow], *, fused: bool = True
-) -> tuple[list[int], list[Optional[TokenLogprobs]]]:
-    """logits: (S, V), one row per entry of ``rows``. Returns tokens and logprobs."""
-    tokens, raw_logprobs = sample_tokens(logits, rows, fused=fused)
-    ids = tokens.tolist()
-    return ids, token_logprobs(raw_logprobs, ids, rows)
-
-
 def sample_tokens(
     logits: torch.Tensor, rows: list[SamplingRow], *, fused: bool = True
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -12,12 +12,13 @@ from pagoda import SamplingParams
 from pagoda.config import EngineArgs
 from pagoda.engine.build import build_engine
 from pagoda.engine.llm_engine import LLMEngine
+from pagoda.request import EngineRequest
 
 SECRET = "netns-secret"
 
 
 def finish(engine: LLMEngine, rid: str, prompt: list[int], params: SamplingParams, **kw):
-    engine.add_request(rid, prompt, params, **kw)
+    engine.add_request(EngineRequest(rid, prompt, params, **kw))
     while True:
         for out in engine.step():
             if out.finished:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from pagoda import LLM, SamplingParams
+from pagoda.request import EngineRequest
 from pagoda.config import EngineArgs
 from pagoda.engine.build import build_engine
 from tiny_models import TINY_VOCAB, make_model
@@ -50,7 +51,7 @@ def pair(model):
 
 
 def run(e, rid, prompt, params, **kw):
-    e.add_request(rid, prompt, params, **kw)
+    e.add_request(EngineRequest(rid, prompt, params, **kw))
     for _ in range(10_000):
         for out in e.step():
             if out.finished:
@@ -171,7 +172,7 @@ def test_incompatible_instances_refuse_to_transfer(model):
         try:
             params = prefill(p16, "r16", prompts[0])
             with pytest.raises(ValueError, match="remote_block_ids has 3 blocks"):
-                d.add_request("r16", prompts[0], greedy(), kv_transfer_params=params)
+                d.add_request(EngineRequest("r16", prompts[0], greedy(), kv_transfer_params=params))
         finally:
             p16.close()
     finally:
@@ -186,7 +187,7 @@ def test_wrong_secret_is_refused(model):
     try:
         params = prefill(p, "r", prompts[0])
         with pytest.raises(ValueError, match="signature"):
-            d.add_request("r", prompts[0], greedy(), kv_transfer_params=params)
+            d.add_request(EngineRequest("r", prompts[0], greedy(), kv_transfer_params=params))
         assert not d.has_unfinished_requests()
     finally:
         p.close()
@@ -202,10 +203,10 @@ def test_forged_params_are_refused_before_any_connection(model, pair, change):
     p, d = pair
     params = prefill(p, "f", prompts[0])
     with pytest.raises(ValueError, match="kv_transfer_params"):
-        d.add_request("f", prompts[0], greedy(), kv_transfer_params={**params, **change})
+        d.add_request(EngineRequest("f", prompts[0], greedy(), kv_transfer_params={**params, **change}))
     # Genuine parameters for another prompt are refused too: they are bound to the prompt.
     with pytest.raises(ValueError, match="signature"):
-        d.add_request("g", prompts[1], greedy(), kv_transfer_params=params)
+        d.add_request(EngineRequest("g", prompts[1], greedy(), kv_transfer_params=params))
     assert not d.has_unfinished_requests() and d.kv_connector.num_blocks_pulled == 0
 
 
@@ -213,16 +214,16 @@ def test_role_checks_name_the_problem(model, pair):
     path, prompts, _ = model
     p, d = pair
     with pytest.raises(ValueError, match="--kv-role prefill"):
-        d.add_request("a", prompts[0], greedy(), kv_transfer_params={"do_remote_decode": True})
+        d.add_request(EngineRequest("a", prompts[0], greedy(), kv_transfer_params={"do_remote_decode": True}))
     with pytest.raises(ValueError, match="--kv-role decode"):
-        p.add_request("b", prompts[0], greedy(),
+        p.add_request(EngineRequest("b", prompts[0], greedy(),
                       kv_transfer_params={"do_remote_prefill": True, "remote_engine_id": "e",
                                           "remote_request_id": "r", "remote_block_ids": [0],
                                           "remote_num_tokens": 5, "remote_host": "h",
-                                          "remote_port": 1})
+                                          "remote_port": 1}))
     with pytest.raises(ValueError, match="n must be 1"):
-        p.add_request("c", prompts[0], SamplingParams(n=2),
-                      kv_transfer_params={"do_remote_decode": True})
+        p.add_request(EngineRequest("c", prompts[0], SamplingParams(n=2),
+                      kv_transfer_params={"do_remote_decode": True}))
 
 
 def test_abort_right_after_the_pull_starts_leaks_nothing(model, pair):
@@ -231,7 +232,7 @@ def test_abort_right_after_the_pull_starts_leaks_nothing(model, pair):
     path, prompts, refs = model
     p, d = pair
     params = prefill(p, "ab", prompts[0])
-    d.add_request("ab", prompts[0], greedy(), kv_transfer_params=params)
+    d.add_request(EngineRequest("ab", prompts[0], greedy(), kv_transfer_params=params))
     d.step()
     d.abort_request("ab")
     for _ in range(200):

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pagoda import LLM, SamplingParams
+from pagoda.request import EngineRequest
 from tiny_models import TINY_VOCAB, make_model
 
 pytestmark = [pytest.mark.gpu,
@@ -189,7 +190,7 @@ def test_one_host_device_sync_per_step(params, async_scheduling, monkeypatch):
     engine = llm.engine
     rng = random.Random(3)
     for i, n in enumerate((5, 40, 90)):
-        engine.add_request(str(i), [rng.randrange(10, 500) for _ in range(n)], params)
+        engine.add_request(EngineRequest(str(i), [rng.randrange(10, 500) for _ in range(n)], params))
     engine.step()                    # first launches of this batch's kernels
     counts, first = [], len(reads)
     torch.cuda.set_sync_debug_mode("warn")

@@ -10,6 +10,7 @@ import random
 import pytest
 
 from pagoda import LLM, SamplingParams
+from pagoda.request import EngineRequest
 from tiny_models import TINY_VOCAB, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -125,7 +126,7 @@ def test_async_abort_mid_flight_leaks_nothing(tiny):
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     for i in range(4):
-        engine.add_request(f"r{i}", prompt(9 + i, i), params)
+        engine.add_request(EngineRequest(f"r{i}", prompt(9 + i, i), params))
     for _ in range(5):
         engine.step()
     assert engine.core.has_step_in_flight
@@ -159,10 +160,10 @@ def test_penalized_request_decodes_on_placeholders(tiny, monkeypatch):
                 on_placeholder[rid] += 1
         return host
     monkeypatch.setattr(runner, "_gather_inputs", recording)
-    llm.engine.add_request("plain", prompt(6, 1), SamplingParams(
-        temperature=0.0, max_tokens=12, ignore_eos=True))
-    llm.engine.add_request("penalized", prompt(6, 2), SamplingParams(
-        temperature=0.0, repetition_penalty=1.5, max_tokens=5, ignore_eos=True))
+    llm.engine.add_request(EngineRequest("plain", prompt(6, 1), SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True)))
+    llm.engine.add_request(EngineRequest("penalized", prompt(6, 2), SamplingParams(
+        temperature=0.0, repetition_penalty=1.5, max_tokens=5, ignore_eos=True)))
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     assert on_placeholder["penalized"] == 4     # every decode after the first token

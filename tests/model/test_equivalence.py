@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from pagoda import LLM
+from pagoda.request import EngineRequest
 from tiny_models import TINY_VOCAB, greedy, hf_greedy, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +75,7 @@ def test_requests_joining_mid_run_match(family_case):
     while pending or engine.has_unfinished_requests():
         if pending and step % 3 == 0:
             i, (p, m) = pending.pop(0)
-            engine.add_request(str(i), p, greedy(m))
+            engine.add_request(EngineRequest(str(i), p, greedy(m)))
         for out in engine.step() if engine.has_unfinished_requests() else []:
             if out.finished:
                 done[int(out.request_id)] = out.token_ids

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from pagoda import LLM, SamplingParams
+from pagoda.request import EngineRequest
 from tiny_models import TINY_VOCAB, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,7 +135,7 @@ def test_salt_isolation_and_reset(case):
     engine = llm.engine
 
     def run(rid, salt=None):
-        engine.add_request(rid, prompts[3], greedy(), cache_salt=salt)
+        engine.add_request(EngineRequest(rid, prompts[3], greedy(), cache_salt=salt))
         while True:
             for out in engine.step():
                 if out.finished:
@@ -148,4 +149,4 @@ def test_salt_isolation_and_reset(case):
     assert llm.reset_prefix_cache() > 0
     assert run("e", "tenant-a").num_cached_tokens == 0
     with pytest.raises(ValueError, match="cache_salt"):
-        engine.add_request("f", prompts[3], greedy(), cache_salt="")
+        engine.add_request(EngineRequest("f", prompts[3], greedy(), cache_salt=""))

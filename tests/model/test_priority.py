@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pagoda import LLM, SamplingParams
+from pagoda.request import EngineRequest
 from tiny_models import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,7 +24,7 @@ def test_requests_finish_in_priority_order_with_their_own_tokens(tiny):
     want = {rid: llm.generate([p], params)[0].outputs[0].token_ids for rid, p in prompts.items()}
     engine = llm.engine
     for rid, prio in (("c", 3), ("a", 1), ("b", 2)):
-        engine.add_request(rid, prompts[rid], params, priority=prio)
+        engine.add_request(EngineRequest(rid, prompts[rid], params, priority=prio))
     order, got = [], {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -37,4 +38,4 @@ def test_requests_finish_in_priority_order_with_their_own_tokens(tiny):
 def test_the_default_policy_refuses_a_priority(tiny):
     llm = LLM(tiny, dtype="float32")
     with pytest.raises(ValueError, match="^priority 2 needs"):
-        llm.engine.add_request("x", [5, 6], SamplingParams(max_tokens=2), priority=2)
+        llm.engine.add_request(EngineRequest("x", [5, 6], SamplingParams(max_tokens=2), priority=2))

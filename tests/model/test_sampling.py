@@ -10,8 +10,23 @@ import torch
 import transformers
 
 from pagoda import LLM, SamplingParams
-from pagoda.worker.sampler import SamplingRow, _apply_penalties, _filtered_probs, sample
+from pagoda.request import EngineRequest
+from pagoda.worker.sampler import (
+    SamplingRow,
+    _apply_penalties,
+    _filtered_probs,
+    sample_tokens,
+    token_logprobs,
+)
 from tiny_models import TINY_VOCAB, make_model
+
+
+def sample(logits, rows):
+    """The runner's two halves in one call: tokens, then their logprobs."""
+    tokens, raw = sample_tokens(logits, rows)
+    ids = tokens.tolist()
+    return ids, token_logprobs(raw, ids, rows)
+
 
 EOS = 1
 
@@ -75,7 +90,7 @@ def run_manually(engine, requests):
     """add_request everything, step to the end; returns outputs and max preemptions seen."""
     done, preemptions = {}, {rid: 0 for rid, _, _ in requests}
     for rid, prompt, params in requests:
-        engine.add_request(rid, prompt, params)
+        engine.add_request(EngineRequest(rid, prompt, params))
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -558,8 +573,8 @@ def test_n_siblings_share_prompt_blocks(tiny):
     engine = small.engine
     prompt = rand_prompt(40, 500)
     ref = small.generate(prompt, greedy(10))[0].token_ids
-    engine.add_request("g", prompt, SamplingParams(n=3, temperature=0.0, max_tokens=10,
-                                                   ignore_eos=True))
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine.add_request(EngineRequest("g", prompt, params))
     max_ref, result = 0, None
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -571,8 +586,8 @@ def test_n_siblings_share_prompt_blocks(tiny):
     assert [c.token_ids for c in result.outputs] == [ref] * 3
     assert_clean(small)
     # Sampled siblings share too, and stay distinct.
-    engine.add_request("s", prompt, SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8,
-                                                   ignore_eos=True))
+    params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, ignore_eos=True)
+    engine.add_request(EngineRequest("s", prompt, params))
     max_ref = 0
     while engine.has_unfinished_requests():
         for out in engine.step():

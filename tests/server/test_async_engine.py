@@ -11,6 +11,7 @@ from pagoda.core.stats import SchedulerStats
 from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError, QueueFullError
 from pagoda.engine.core import CoreStep
 from pagoda.engine.stats import EngineStats
+from pagoda.request import EngineRequest
 from pagoda.sampling import SamplingParams
 
 
@@ -25,11 +26,10 @@ class FakeEngine:
         self.closed = False
         self.fail_step = False
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    **_: object) -> None:
-        if not prompt_token_ids:
+    def add_request(self, request: EngineRequest) -> None:
+        if not request.prompt_token_ids:
             raise ValueError("prompt must not be empty")
-        self.waiting.append(SimpleNamespace(num_tokens=len(prompt_token_ids)))
+        self.waiting.append(SimpleNamespace(num_tokens=len(request.prompt_token_ids)))
 
     def stats(self) -> EngineStats:
         tokens = sum(r.num_tokens for r in self.waiting)
@@ -69,13 +69,13 @@ def _run(engine: FakeEngine, limits: AdmissionLimits, body) -> None:
 def test_admission_limits_by_requests_and_tokens() -> None:
     async def body(ae: AsyncEngine) -> None:
         with pytest.raises(ValueError, match="empty"):        # refused by the engine
-            await ae.add_request("e", [], SamplingParams())
-        await ae.add_request("a", [1] * 30, SamplingParams())
+            await ae.add_request(EngineRequest("e", [], SamplingParams()))
+        await ae.add_request(EngineRequest("a", [1] * 30, SamplingParams()))
         with pytest.raises(QueueFullError, match="prompt tokens"):
-            await ae.add_request("b", [1] * 20, SamplingParams())
-        await ae.add_request("c", [1] * 5, SamplingParams())
+            await ae.add_request(EngineRequest("b", [1] * 20, SamplingParams()))
+        await ae.add_request(EngineRequest("c", [1] * 5, SamplingParams()))
         with pytest.raises(QueueFullError, match="requests queued"):
-            await ae.add_request("d", [1], SamplingParams())
+            await ae.add_request(EngineRequest("d", [1], SamplingParams()))
         assert ae.queue_state() == (2, 35)
 
     _run(FakeEngine(), AdmissionLimits(max_queued_requests=2, max_queued_prompt_tokens=40), body)
@@ -106,14 +106,14 @@ def test_step_failure_kills_and_refuses() -> None:
     engine = FakeEngine()
 
     async def body(ae: AsyncEngine) -> None:
-        stream = await ae.add_request("a", [1, 2], SamplingParams())
+        stream = await ae.add_request(EngineRequest("a", [1, 2], SamplingParams()))
         engine.fail_step = True
-        await ae.add_request("b", [3], SamplingParams())  # wakes the thread: its step raises
+        await ae.add_request(EngineRequest("b", [3], SamplingParams()))  # wakes the thread: its step raises
         with pytest.raises(EngineDeadError):
             await stream.next()
         assert ae.is_dead
         with pytest.raises(EngineDeadError):
-            await ae.add_request("c", [1], SamplingParams())
+            await ae.add_request(EngineRequest("c", [1], SamplingParams()))
 
     _run(engine, AdmissionLimits(), body)
     assert engine.closed
@@ -127,9 +127,9 @@ class ThreadRecordingEngine(FakeEngine):
         self.built_on = threading.get_ident()
         self.called_on: set[int] = set()
 
-    def add_request(self, *args: object, **kwargs: object) -> None:
+    def add_request(self, request: EngineRequest) -> None:
         self.called_on.add(threading.get_ident())
-        super().add_request(*args, **kwargs)
+        super().add_request(request)
 
 
 def test_on_own_thread_builds_and_steps_on_one_thread() -> None:
@@ -141,7 +141,7 @@ def test_on_own_thread_builds_and_steps_on_one_thread() -> None:
         assert engine.built_on != threading.get_ident()
         ae.start()
         try:
-            await ae.add_request("a", [1, 2, 3], SamplingParams())
+            await ae.add_request(EngineRequest("a", [1, 2, 3], SamplingParams()))
             assert engine.called_on == {engine.built_on}
         finally:
             ae.shutdown()

@@ -2,6 +2,7 @@
 the same final results either way."""
 import pytest
 
+from pagoda.request import EngineRequest
 from pagoda.entrypoints.llm import LLM
 from pagoda.sampling import SamplingParams
 
@@ -16,8 +17,8 @@ def run(llm, final_only: bool):
     engine = llm.engine
     lens = {"a": 3, "b": 7, "c": 1}
     for rid, n in lens.items():
-        engine.add_request(rid, [10 + len(rid), 20, 30 + n], SamplingParams(
-            temperature=0.0, max_tokens=n, ignore_eos=True, stop=[" 9999"]))
+        engine.add_request(EngineRequest(rid, [10 + len(rid), 20, 30 + n], SamplingParams(
+            temperature=0.0, max_tokens=n, ignore_eos=True, stop=[" 9999"])))
     seen: dict[str, list] = {rid: [] for rid in lens}
     while engine.has_unfinished_requests():
         for out in engine.step(final_only=final_only):
@@ -44,7 +45,7 @@ def test_a_live_text_holds_back_what_may_start_a_stop_string(llm):
     a prefix of the final text (the stop string here never completes, so nothing is cut)."""
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    engine.add_request("learn", [11, 22, 33], params)
+    engine.add_request(EngineRequest("learn", [11, 22, 33], params))
     full = []
     while engine.has_unfinished_requests():
         full += engine.step(final_only=True)
@@ -52,8 +53,8 @@ def test_a_live_text_holds_back_what_may_start_a_stop_string(llm):
     ids = full[-1].outputs[0].token_ids
     piece = engine.tokenizer.decode(ids[2:3])         # the third token's text
     stop = piece + "\u2603"                              # starts like it, never completes
-    engine.add_request("live", [11, 22, 33], SamplingParams(
-        temperature=0.0, max_tokens=6, ignore_eos=True, stop=[stop]))
+    engine.add_request(EngineRequest("live", [11, 22, 33], SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, stop=[stop])))
     streamed = []
     while engine.has_unfinished_requests():
         streamed += [o.outputs[0] for o in engine.step()]

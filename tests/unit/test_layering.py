@@ -253,3 +253,21 @@ def test_llm_engine_builds_nothing():
     calls = {node.func.id for node in ast.walk(init)
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert calls <= {"CoreStep", "Inspector"}, f"__init__ builds {sorted(calls)}"
+
+
+INTAKE = ("engine/llm_engine.py", "engine/async_engine.py")
+
+
+def test_a_request_travels_as_one_message():
+    """LLMEngine, AsyncEngine and the Engine protocol take an EngineRequest, not its
+    fields one by one: a new field is written once (pagoda/request.py)."""
+    for rel in INTAKE:
+        tree = ast.parse((PAGODA / rel).read_text())
+        defs = [node for node in ast.walk(tree)
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node.name == "add_request"]
+        assert defs, f"{rel} has no add_request"
+        for node in defs:
+            params = [a.arg for a in node.args.args + node.args.kwonlyargs]
+            assert params == ["self", "request"], f"{rel}:{node.lineno} takes {params}"
+            assert ast.unparse(node.args.args[1].annotation) == "EngineRequest"

@@ -272,3 +272,48 @@ TestAsyncSchedulerMachine = AsyncSchedulerMachine.TestCase
 TestAsyncSchedulerMachine.settings = TestSchedulerMachine.settings
 TestAsyncCachingSchedulerMachine = AsyncCachingSchedulerMachine.TestCase
 TestAsyncCachingSchedulerMachine.settings = TestSchedulerMachine.settings
+
+
+# ------------------------------------------------------------------- n > 1 siblings
+def siblings_of(rid, prompt_len, n, max_tokens=4):
+    first = req(rid, prompt_len, max_tokens)
+    return first, [Request(f"{rid}:{i}", first.prompt_token_ids, first.sampling_params, EOS,
+                           max_tokens, prefix_donor=rid) for i in range(1, n)]
+
+
+def test_siblings_wait_for_the_prompt_then_go_first_in_order():
+    sched, runner = make(budget=8, caching=True)
+    first, sibs = siblings_of("a", 24, 3)  # three full chunks: no room for "late"
+    sched.add_request(first, sibs)
+    sched.add_request(req("late", 6))
+    seen_waiting = []
+    while first.num_output_tokens == 0:
+        seen_waiting.append([r.request_id for r in sched.waiting])
+        run_step(sched, runner)
+        sched.check_invariants()
+    assert all("a:1" not in w and "a:2" not in w for w in seen_waiting), "released too early"
+    # Released at the front, in order, ahead of the request that came later.
+    assert [r.request_id for r in sched.waiting][:3] == ["a:1", "a:2", "late"]
+    out = sched.schedule()
+    assert sched.requests["a:1"].num_cached_tokens == 20  # the full blocks but the last token's
+    sched.update_from_output(out, runner.execute(out))
+    assert set(drain(sched, runner)) == {"a", "a:1", "a:2", "late"}
+
+
+def test_siblings_of_an_aborted_request_are_dropped():
+    sched, runner = make(budget=8)
+    first, sibs = siblings_of("a", 20, 3)
+    sched.add_request(first, sibs)
+    run_step(sched, runner)  # a chunk of the prompt: no token yet
+    sched.finish_requests(["a", "a:1", "a:2"], RequestStatus.FINISHED_ABORTED)
+    sched.check_invariants()
+    assert not sched.has_unfinished_requests() and not sched.waiting
+
+
+def test_siblings_of_a_request_too_big_end_too():
+    sched, runner = make(num_blocks=4, block_size=4)
+    first, sibs = siblings_of("big", 40, 2)
+    sched.add_request(first, sibs)
+    assert not sched.has_unfinished_requests()
+    done = {o.request_id: o.finish_reason for o in sched.take_pending_outputs()}
+    assert done == {"big": "length", "big:1": "length"}

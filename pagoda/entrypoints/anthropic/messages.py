@@ -2,7 +2,7 @@
 ``POST /v1/messages/count_tokens``, over the front door every dialect shares.
 
 The conversation is rendered with the model's chat template (``conversation.py``; the tools
-as the template takes them, ``tool_choice.py``), and becomes one EngineRequest:
+as the template takes them, ``tool_choice.py``), and becomes one ApiRequest:
 ``max_tokens`` (required; a ceiling, cut to the room the context leaves after the prompt,
 where the answer then stops with ``model_context_window_exceeded``), ``stop_sequences``,
 ``temperature``, ``top_p``, ``top_k``, ``output_config.format`` (a JSON schema the answer
@@ -51,7 +51,7 @@ from pagoda.entrypoints.anthropic.tool_choice import plan_for
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported, tenant_salt
 from pagoda.entrypoints.errors import ApiError, engine_value_error
 from pagoda.entrypoints.front_door import (
-    EngineRequest,
+    ApiRequest,
     FieldNames,
     FrontDoor,
     Outputs,
@@ -110,7 +110,7 @@ class Messages:
         return JSONResponse(self._message(sub.id, reply, request, outputs))
 
     # ------------------------------------------------------------ the request
-    def engine_request(self, req: MessagesRequest, raw: Request, arrival: float) -> EngineRequest:
+    def engine_request(self, req: MessagesRequest, raw: Request, arrival: float) -> ApiRequest:
         self.door.check_model(req.model)
         ids, plan = self.prompt(req)
         params, renames = self._sampling(req, self.door.engine.max_model_len - len(ids))
@@ -172,7 +172,7 @@ class Messages:
     # ------------------------------------------------------------ the answer
     @staticmethod
     def _message(
-        msg_id: str, reply: Reply, request: EngineRequest, outputs: Outputs
+        msg_id: str, reply: Reply, request: ApiRequest, outputs: Outputs
     ) -> dict[str, Any]:
         answer = next((a for _, _, a in final_answers(request, outputs)), None)
         blocks: list[dict[str, Any]] = []  # none when aborted before any output

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pagoda.entrypoints.dialect import ServerContext, tenant_salt
 from pagoda.entrypoints.errors import ApiError
-from pagoda.entrypoints.front_door import EngineRequest, FieldNames, client_closed
+from pagoda.entrypoints.front_door import ApiRequest, FieldNames, client_closed
 from pagoda.entrypoints.ollama import reply
 from pagoda.entrypoints.ollama.options import RENAMES, sampling_params
 from pagoda.entrypoints.ollama.protocol import GenerationFields, Think
@@ -77,7 +77,7 @@ class Serving:
         ids: list[int],
         field: str,
         plan: Optional[ToolPlan] = None,
-    ) -> EngineRequest:
+    ) -> ApiRequest:
         arrival = time.monotonic()
         params = sampling_params(req, self.door)
         names = FieldNames(RENAMES, field)
@@ -85,7 +85,7 @@ class Serving:
         return self.door.conversation_request(ids, params, arrival, names, salt, plan, include)
 
     async def answer(
-        self, req: GenerationFields, request: EngineRequest, shape: Shape, raw: Request
+        self, req: GenerationFields, request: ApiRequest, shape: Shape, raw: Request
     ) -> Response:
         """Submit the request; its answer streamed (NDJSON) or whole."""
         sub = await self.door.submit(f"ollama-{uuid.uuid4().hex}", request)

@@ -4,7 +4,7 @@ chunks of ``delta`` s).
 The messages are rendered with the model's chat template (vLLM's ``chat_template_kwargs``,
 ``add_generation_prompt``, ``continue_final_message``), tools become a plan
 (``chat_tools.py``) and, under ``--reasoning-parser``, the thinking is split off; all of it
-goes to the engine as one EngineRequest (``front_door.py``). The answers (``answer.py``) are
+goes to the engine as one ApiRequest (``front_door.py``). The answers (``answer.py``) are
 rendered here: ``message.content``, ``tool_calls``, ``reasoning_content`` and ``reasoning``
 (vLLM's two names), ``finish_reason: "tool_calls"``; vLLM's ``prompt_logprobs`` and
 ``return_token_ids`` beside them.
@@ -30,7 +30,7 @@ from pagoda.entrypoints.answer import Answer, AnswerStreams, Delta, final_answer
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.front_door import (
-    EngineRequest,
+    ApiRequest,
     Outputs,
     Prompt,
     ServedEngine,
@@ -78,7 +78,7 @@ class _Job:
     answers: Optional[AnswerStreams] = None
 
     @property
-    def request(self) -> EngineRequest:
+    def request(self) -> ApiRequest:
         return self.sub.request
 
     @property
@@ -116,7 +116,7 @@ class ChatCompletions:
     # ------------------------------------------------------------ the request
     def engine_request(
         self, req: ChatCompletionRequest, raw: Request, arrival: float
-    ) -> EngineRequest:
+    ) -> ApiRequest:
         self.door.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")

@@ -4,7 +4,7 @@ One request may hold several prompts and ``n`` completions each; choice ``i * n 
 completion ``j`` of prompt ``i``. Beyond OpenAI's fields: ``echo`` (each choice's text and
 logprobs start with its prompt's; with ``max_tokens: 0`` the prompt alone is scored, as
 lm-eval asks), vLLM's ``prompt_logprobs``, ``return_token_ids``, ``continuous_usage_stats``.
-The request becomes one EngineRequest (``front_door.py``); the answers (``answer.py``) are
+The request becomes one ApiRequest (``front_door.py``); the answers (``answer.py``) are
 rendered here.
 
 Invariant: a streamed choice's texts (the echoed prompt first) join to the non-streamed
@@ -28,7 +28,7 @@ from pagoda.entrypoints.answer import Answer, AnswerStreams, Delta, final_answer
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.front_door import (
-    EngineRequest,
+    ApiRequest,
     Outputs,
     Prompt,
     Submission,
@@ -90,7 +90,7 @@ class _Job:
     echoed: dict[int, int] = field(default_factory=dict)  # choice -> prompt text sent
 
     @property
-    def request(self) -> EngineRequest:
+    def request(self) -> ApiRequest:
         return self.sub.request
 
     @property
@@ -128,7 +128,7 @@ class Completions:
     # ------------------------------------------------------------ the request
     def engine_request(
         self, req: CompletionRequest, raw: Request, arrival: float
-    ) -> tuple[EngineRequest, Optional[Echo]]:
+    ) -> tuple[ApiRequest, Optional[Echo]]:
         self.door.check_model(req.model)
         if req.suffix:
             raise ApiError(400, "suffix is not supported", "suffix")

@@ -6,7 +6,7 @@ A request's ``instructions`` (a system message first), the conversation its
 (``responses_input.py``) are rendered with the model's chat template; its function
 ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` become a tool plan (``tools.py``), its
 ``text.format`` an output grammar, ``reasoning.effort`` the template's ``reasoning_effort``;
-all of it goes to the engine as one EngineRequest (``front_door.py``). The answer
+all of it goes to the engine as one ApiRequest (``front_door.py``). The answer
 (``answer.py``) becomes the response's items (``responses_output.py``) or its events
 (``responses_stream.py``); with ``store`` (the default) the response and its conversation
 are kept for ``GET`` and the next ``previous_response_id``, under the caller's API key.
@@ -32,7 +32,7 @@ from pagoda.entrypoints.answer import final_answers
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported, tenant_salt
 from pagoda.entrypoints.errors import ApiError, engine_value_error
 from pagoda.entrypoints.front_door import (
-    EngineRequest,
+    ApiRequest,
     FieldNames,
     FrontDoor,
     Outputs,
@@ -204,7 +204,7 @@ def _renames(plan: Optional[ToolPlan], params: SamplingParams) -> dict[str, str]
     return renames
 
 
-def _turn(request: EngineRequest, outputs: Outputs) -> tuple[Turn, Optional[RequestOutput]]:
+def _turn(request: ApiRequest, outputs: Outputs) -> tuple[Turn, Optional[RequestOutput]]:
     """The finished answer (the one choice of the one prompt), and its output."""
     for _, out, a in final_answers(request, outputs):
         calls = [Call(c.id, c.name, c.arguments) for c in a.tool_calls]

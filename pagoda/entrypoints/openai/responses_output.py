@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pagoda.engine.outputs import CompletionOutput
-from pagoda.entrypoints.front_door import EngineRequest, Usage
+from pagoda.entrypoints.front_door import ApiRequest, Usage
 from pagoda.entrypoints.openai.responses_input import assistant_turn, seal_thinking
 from pagoda.entrypoints.openai.responses_protocol import ResponsesRequest
 
@@ -149,7 +149,7 @@ class Job:
 
     id: str
     req: ResponsesRequest
-    request: EngineRequest
+    request: ApiRequest
     conversation: list[dict[str, Any]]  # without the instructions, ending with the input
     owner: Optional[str]
     shape: Shape
@@ -207,7 +207,7 @@ def usage_object(usage: Usage, reasoning_tokens: int) -> dict[str, Any]:
     }
 
 
-def reasoning_tokens(tokenizer: Any, request: EngineRequest, comp: CompletionOutput) -> int:
+def reasoning_tokens(tokenizer: Any, request: ApiRequest, comp: CompletionOutput) -> int:
     """The answer's tokens up to the end of its thinking (its text re-tokenized up to the
     closing tag, at most the tokens generated; none when nothing was split off)."""
     thinking = request.thinking

@@ -1,6 +1,6 @@
 """What both OpenAI endpoints share on the way in: their sampling fields (OpenAI's and vLLM's)
 as the engine's ``SamplingParams``, vLLM's ``truncate_prompt_tokens``, and the
-:class:`EngineRequest` made of them. Errors name the field as the request spelled it
+:class:`ApiRequest` made of them. Errors name the field as the request spelled it
 (``max_completion_tokens`` when that is what it sent, ``top_logprobs`` on chat).
 """
 
@@ -13,7 +13,7 @@ from fastapi import Request
 
 from pagoda.entrypoints.dialect import tenant_salt
 from pagoda.entrypoints.errors import ApiError, engine_value_error
-from pagoda.entrypoints.front_door import EngineRequest, FieldNames, FrontDoor, Prompt
+from pagoda.entrypoints.front_door import ApiRequest, FieldNames, FrontDoor, Prompt
 from pagoda.entrypoints.openai.protocol import SamplingFields
 from pagoda.entrypoints.openai.structured import error_renames, structured_params
 from pagoda.entrypoints.reasoning import Thinking
@@ -106,10 +106,10 @@ def engine_request(
     prompt_field: str,
     tools: Optional[ToolPlan] = None,
     thinking: Optional[Thinking] = None,
-) -> EngineRequest:
+) -> ApiRequest:
     """The engine request of an OpenAI request (the request's cache salt wins over its
     API key's)."""
-    return EngineRequest(
+    return ApiRequest(
         prompts,
         params,
         arrival,
