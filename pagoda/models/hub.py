@@ -40,6 +40,9 @@ METADATA_PATTERNS = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    # Sentence Transformers' pooling of an embedding model (models/pooling.py)
+    "modules.json",
+    "*_Pooling/config.json",
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 ALL_SAFETENSORS = "*.safetensors"
