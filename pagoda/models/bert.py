@@ -73,9 +73,10 @@ def packed_attention(
 
     One SDPA call per sequence, not one call with a block-diagonal (T, T) mask: on the CPU the
     masked call computes (and allocates) every one of the T^2 scores, those of other sequences
-    included, while the loop computes only sum(L_i^2); measured on mixed lengths the loop was
-    many times faster, and its Python overhead (one call per sequence and layer) is small
-    beside the matmuls."""
+    included, while the loop computes only sum(L_i^2). Measured on the CPU the loop was faster
+    on every mix of lengths tried, by most when many short sequences share a step (one long
+    sequence dominating narrows the gap); its Python overhead (one call per sequence and
+    layer) is small beside the matmuls."""
     outs, start = [], 0
     for n in seq_lens:
         span = slice(start, start + n)

@@ -34,6 +34,7 @@ from pagoda.models.pooling import (
     PoolerConfig,
     PoolingConfigError,
     classifier_activation,
+    read_st_config,
     resolve_pooler_config,
 )
 
@@ -77,7 +78,7 @@ def load_encoder(
     model.load_weights(_iter_safetensors(files))
     tokenizer = (_maybe_hf_tokenizer(source.path) or (TokenIdTokenizer(), None))[0]
     pooler = resolve_pooler_config(source.path, task, encoder=True, override=pooler_override)
-    activation = classifier_activation(config, arch.num_labels)
+    activation = classifier_activation(config, arch.num_labels, read_st_config(source.path))
     logger.info("loaded encoder %s (%s, %s) in %s", source.path, arch.architecture, task, dtype)
     return LoadedEncoder(model, arch, tokenizer, task, pooler, activation, source.name)
 

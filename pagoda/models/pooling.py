@@ -15,10 +15,10 @@ Which pooling a model gets, lowest precedence first (as vLLM's pooling runner de
    ``dimensions``, ``use_activation``).
 
 The classifier's activation follows Sentence Transformers' ``CrossEncoder`` and vLLM: the
-checkpoint's ``sentence_transformers.activation_fn`` when it names one; else a regression
-head (``problem_type``) gets none, one label a sigmoid, several a softmax (``CrossEncoder``
-itself returns raw logits for several labels unless ``apply_softmax``; vLLM's ``classify``
-gives probabilities, and so does pagoda).
+``activation_fn`` the checkpoint's Sentence Transformers config names, when it names one; else
+a regression head (``problem_type``) gets none, one label a sigmoid, several a softmax
+(``CrossEncoder`` itself returns raw logits for several labels unless ``apply_softmax``;
+vLLM's ``classify`` gives probabilities, and so does pagoda).
 
 Embeddings are truncated to ``dimensions`` (Matryoshka) first, then normalized, as vLLM does
 (Sentence Transformers' ``truncate_dim`` cuts after its Normalize module: same direction,
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 TASKS = ("embed", "classify", "score")
 ST_MODULES = "modules.json"
+ST_CONFIG = "config_sentence_transformers.json"
 
 
 class PoolingType(str, Enum):
@@ -224,12 +225,30 @@ def resolve_pooler_config(
     return config
 
 
-def classifier_activation(hf_config: dict[str, Any], num_labels: int) -> Activation:
-    """The activation ``classify`` / ``score`` apply to a head's logits (module docstring)."""
+def read_st_config(path: str) -> dict[str, Any]:
+    """A Sentence Transformers directory's ``config_sentence_transformers.json`` ({} if none)."""
+    st_path = os.path.join(path, ST_CONFIG)
+    if not os.path.exists(st_path):
+        return {}
+    with open(st_path) as f:
+        config: dict[str, Any] = json.load(f)
+    return config
+
+
+def classifier_activation(
+    hf_config: dict[str, Any], num_labels: int, st_config: Optional[dict[str, Any]] = None
+) -> Activation:
+    """The activation ``classify`` / ``score`` apply to a head's logits (module docstring).
+    Sentence Transformers recorded a CrossEncoder's ``activation_fn`` in three places over its
+    versions: ``config_sentence_transformers.json`` (``st_config``, v6), ``config.json``'s
+    ``sentence_transformers`` (v4, v5), ``sbert_ce_default_activation_function`` (before)."""
     if num_labels == 0:
         return Activation.NONE  # no head: nothing to activate
-    st = hf_config.get("sentence_transformers") or {}
-    name = st.get("activation_fn") or hf_config.get("sbert_ce_default_activation_function")
+    name = (
+        (st_config or {}).get("activation_fn")
+        or (hf_config.get("sentence_transformers") or {}).get("activation_fn")
+        or hf_config.get("sbert_ce_default_activation_function")
+    )
     if name:
         kind = str(name).rpartition(".")[2]
         if kind not in _ST_ACTIVATIONS:
