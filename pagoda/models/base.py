@@ -1,5 +1,6 @@
-"""What the rest of pagoda may use of a model: the :class:`CausalLM` interface, and the
-:class:`ExpertLayer` one through which weight preparation reaches a mixture-of-experts layer.
+"""What the rest of pagoda may use of a model: the :class:`CausalLM` interface, the
+:class:`Encoder` one of the encoder-only pooling models, and the :class:`ExpertLayer` one
+through which weight preparation reaches a mixture-of-experts layer.
 
 A decoder family (``llama.py``, ``gemma.py``, the rows of ``registry.py``) is an ``nn.Module``
 with these members; the loader builds it, ``prepare.py`` readies it once for the device and
@@ -17,6 +18,7 @@ from typing import (
     Iterator,
     Optional,
     Protocol,
+    Sequence,
     runtime_checkable,
 )
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from pagoda.attention.backend import AttentionBackend
     from pagoda.attention.metadata import AttentionMetadata
     from pagoda.models.config import ModelArch
+    from pagoda.models.encoder_config import EncoderArch
     from pagoda.models.ops import DecoderOps
 
 
@@ -87,6 +90,33 @@ class CausalLM(Modules, Protocol):
     ) -> Iterator[tuple[str, nn.Parameter]]: ...
 
     def to(self, *args: object, **kwargs: object) -> CausalLM: ...
+
+
+class Encoder(Modules, Protocol):
+    """An encoder-only model (``bert.py``, ``roberta.py``): whole sequences packed one after the
+    other (no padding, no KV cache), bidirectional attention within each; hidden states out,
+    and, with a classifier head, logits from each sequence's first row."""
+
+    arch: EncoderArch
+    num_labels: int  # the classifier head's outputs; 0: no head (an embedding model)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        seq_lens: Sequence[int],
+        token_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor: ...
+
+    def classify(self, cls_rows: torch.Tensor) -> torch.Tensor: ...
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+
+class EncoderClass(Protocol):
+    """An encoder family's class (``registry.ENCODERS``): built from its shapes."""
+
+    def __call__(self, arch: EncoderArch) -> Encoder: ...
 
 
 class CausalLMClass(Protocol):

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from pagoda.models.registry import FAMILIES, Family, Windows
+from pagoda.models.registry import ENCODERS, FAMILIES, Family, Windows
 
 # Activations of the gated MLP: SiLU (SwiGLU), or GELU's tanh approximation (GeGLU, Gemma).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -115,6 +115,11 @@ class ModelArch:
             raise UnsupportedModelError(
                 "unsupported: multimodal Gemma 3 checkpoints (model_type 'gemma3', with a vision "
                 "tower); text-only ones (model_type 'gemma3_text', e.g. gemma-3-1b-it) load"
+            )
+        if model_type in ENCODERS:
+            raise UnsupportedModelError(
+                f"model_type {model_type!r} is an encoder-only model: it embeds, scores and "
+                "classifies (models/encoder_loader.py), it does not generate text"
             )
         family = FAMILIES.get(model_type)
         if family is None:

@@ -40,6 +40,11 @@ METADATA_PATTERNS = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    # Sentence Transformers' pooling of an embedding model, its cross-encoder's activation
+    # (models/pooling.py)
+    "modules.json",
+    "*_Pooling/config.json",
+    "config_sentence_transformers.json",
 )
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 ALL_SAFETENSORS = "*.safetensors"

@@ -8,7 +8,10 @@ activation) and how its sliding windows are laid out when it has one. ``config.p
 table when it turns a config into a ``ModelArch``; ``loader.py`` builds the class it names.
 
 Adding a Llama-like family is one row here (and its module, if its layers differ).
-Invariant: a ``model_type`` not in the table is refused at load, naming the supported ones.
+Encoder-only families (BERT, RoBERTa, XLM-RoBERTa) are rows of :data:`ENCODERS` beside it:
+they run as pooling models only (``encoder_loader.py``), never through the decoder loader.
+Invariant: a ``model_type`` not in the table is refused at load, naming the supported ones; a
+type is in at most one of the two tables.
 """
 
 from __future__ import annotations
@@ -61,4 +64,25 @@ FAMILIES: dict[str, Family] = {
         windows=Windows.PATTERN,
         gemma=True,
     ),
+}
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """One encoder-only family: the class that runs it, the prefix its task checkpoints put
+    before the encoder's weights, and whether its positions start after the padding index."""
+
+    model_class: str  # "module:Class"
+    weight_prefix: str  # "bert." in BertForSequenceClassification's checkpoints
+    positions_after_padding: bool = False  # RoBERTa: position ids start at pad_token_id + 1
+
+
+BERT = "pagoda.models.bert:BertEncoder"
+ROBERTA = "pagoda.models.roberta:RobertaEncoder"
+
+ENCODERS: dict[str, EncoderFamily] = {
+    # bge, all-MiniLM, e5, gte, ms-marco cross-encoders: post-norm, GELU, absolute positions
+    "bert": EncoderFamily(BERT, "bert."),
+    "roberta": EncoderFamily(ROBERTA, "roberta.", positions_after_padding=True),
+    "xlm-roberta": EncoderFamily(ROBERTA, "roberta.", positions_after_padding=True),
 }
