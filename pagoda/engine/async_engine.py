@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Callable, Optional, Protocol, Union
+from typing import Any, AsyncIterator, Callable, Generic, Optional, Protocol, TypeVar, Union
 
 from pagoda.engine import pacing
 from pagoda.engine.core import CoreStep
@@ -67,6 +67,9 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+E = TypeVar("E", bound=Engine)  # the engine an AsyncEngine runs: its callers see its type
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread died; no request can be served any more."""
 
@@ -101,7 +104,7 @@ class _Abort:
 class _Call:
     """Run ``fn(engine)`` on the engine thread and hand back its result."""
 
-    fn: Callable[[Engine], Any]
+    fn: Callable[[Any], Any]  # given the engine
     done: asyncio.Future
 
 
@@ -170,10 +173,10 @@ class _QueueState:
         return self.inbox_tokens + self.engine_waiting_tokens
 
 
-class AsyncEngine:
+class AsyncEngine(Generic[E]):
     def __init__(
         self,
-        engine: Engine,
+        engine: E,
         limits: AdmissionLimits = AdmissionLimits(),
         metrics: Optional[EngineMetrics] = None,
     ) -> None:
@@ -199,10 +202,10 @@ class AsyncEngine:
     @classmethod
     def on_own_thread(
         cls,
-        make_engine: Callable[[], Engine],
+        make_engine: Callable[[], E],
         limits: AdmissionLimits = AdmissionLimits(),
         metrics: Optional[EngineMetrics] = None,
-    ) -> "AsyncEngine":
+    ) -> "AsyncEngine[E]":
         """Build the engine with ``make_engine()`` on a new thread, which :meth:`start` then
         has step it (see the module docstring for why). Blocks until it is built; re-raises
         what building raised."""
@@ -284,7 +287,7 @@ class AsyncEngine:
             stream.queue.put_nowait(_ABORTED)
         self._inbox.put(_Abort(request_id))
 
-    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+    async def call(self, fn: Callable[[E], Any]) -> Any:
         """Run ``fn(engine)`` on the engine thread (debug state, invariant checks)."""
         self._check_alive()
         done = self._running_loop().create_future()
@@ -465,7 +468,7 @@ class AsyncEngine:
                 self._resolve(cmd.done, None, dead)
 
 
-def _run_call(fn: Callable[[Engine], Any], engine: Engine) -> tuple[Any, Optional[BaseException]]:
+def _run_call(fn: Callable[[Any], Any], engine: Engine) -> tuple[Any, Optional[BaseException]]:
     try:
         return fn(engine), None
     except Exception as e:  # noqa: BLE001 - handed back to the caller

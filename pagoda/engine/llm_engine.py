@@ -55,6 +55,7 @@ class ServedModel:
     # score); a generation model pools nothing.
     runner_kind: RunnerKind = "generate"
     pooling_tasks: frozenset[str] = frozenset()
+    class_labels: tuple[str, ...] = ()  # a classifier's label names (id2label), by index
 
     @property
     def key(self) -> str:
@@ -95,7 +96,7 @@ class LLMEngine:
         self.model_name, self.arch, self.tokenizer = model.name, model.arch, model.tokenizer
         self.chat_template, self.max_model_len = model.chat_template, model.max_model_len
         self.device, self.dtype, self.kv_dtype = model.device, model.dtype, model.kv_dtype
-        self.quantization = model.quantization
+        self.quantization, self.class_labels = model.quantization, model.class_labels
         self.runner_kind: RunnerKind = model.runner_kind  # "generate" or "pooling"
         self.pooling_tasks: frozenset[str] = model.pooling_tasks  # empty for "generate"
         self.block_size, self.num_blocks = parts.block_size, parts.plan.num_blocks

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.field_policy import IGNORED_FIELDS_HEADER, FieldPolicy, header_value
-from pagoda.entrypoints.front_door import FrontDoor
+from pagoda.entrypoints.front_door import FrontDoor, ServedEngine
 
 if TYPE_CHECKING:
     from pagoda.engine.async_engine import AsyncEngine
@@ -66,7 +66,7 @@ class Endpoint:
 class ServerContext:
     """What every handler factory of one ``pagoda serve`` app is given."""
 
-    async_engine: AsyncEngine
+    async_engine: AsyncEngine[ServedEngine]
     door: FrontDoor
     config: ServerConfig
     policy: FieldPolicy

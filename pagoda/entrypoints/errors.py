@@ -19,13 +19,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 from pagoda.engine.async_engine import EngineDeadError, QueueFullError
 from pagoda.entrypoints.field_policy import UNKNOWN_FIELD_CODE, UnknownFieldError
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling import SamplingParams
 
 # The engine's names for the fields its ValueErrors start with.
-ENGINE_FIELDS = tuple(f.name for f in fields(SamplingParams)) + (
-    "prompt",
-    "kv_transfer_params",
-    "priority",
+ENGINE_FIELDS = (
+    tuple(f.name for f in fields(SamplingParams))
+    + tuple(f.name for f in fields(PoolingParams))
+    + ("prompt", "kv_transfer_params", "priority", "model")
 )
 ENGINE_DEAD = "engine_dead"
 QUEUE_FULL = "queue_full"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Optional, Protocol, cast
+from typing import TYPE_CHECKING, Any, AsyncIterator, Mapping, Optional, Protocol
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -43,10 +43,12 @@ from pagoda.entrypoints import reasoning
 from pagoda.entrypoints.errors import ApiError, engine_dead, engine_value_error, queue_full
 from pagoda.entrypoints.reasoning import Thinking
 from pagoda.entrypoints.tools import ToolPlan
+from pagoda.pooling_params import PoolingParams
 from pagoda.request import EngineRequest
 from pagoda.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from pagoda.engine.llm_engine import RunnerKind
     from pagoda.models.config import ModelArch
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up first
@@ -60,8 +62,13 @@ class ServedEngine(Engine, Protocol):
     tokenizer: Any  # a transformers tokenizer, or the token-id one
     arch: ModelArch
     max_model_len: int
+    runner_kind: RunnerKind  # "generate" or "pooling" (--runner)
+    pooling_tasks: frozenset[str]  # what a pooling model serves: embed, classify, score
+    class_labels: tuple[str, ...]  # a classifier's label names, by class index
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_pair(self, query: str, doc: str) -> tuple[list[int], list[int]]: ...
 
     def encode_chat(
         self,
@@ -76,6 +83,7 @@ class ServedEngine(Engine, Protocol):
 class Prompt:
     ids: list[int]
     text: Optional[str] = None  # the prompt as the client wrote it, when it was text
+    token_type_ids: Optional[list[int]] = None  # a cross-encoder's (query, document) pair
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ class ApiRequest:
     """What one HTTP request asks of the engine, whatever its dialect."""
 
     prompts: list[Prompt]  # one engine request each, with params.n completions each
-    params: SamplingParams
+    params: SamplingParams | PoolingParams  # generate text, or pool one vector (embeddings)
     arrival: float  # time.monotonic() when the request came in (TTFT counts from it)
     cache_salt: Optional[str] = None  # the request's own, else its API key's
     priority: int = 0
@@ -112,6 +120,12 @@ class ApiRequest:
     @property
     def num_prompt_tokens(self) -> int:
         return sum(len(p.ids) for p in self.prompts)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """A generating request's params (every route but the pooling ones)."""
+        assert isinstance(self.params, SamplingParams), "a pooling request samples nothing"
+        return self.params
 
     def choice_index(self, prompt_index: int, completion_index: int) -> int:
         """Choice ``i * n + j`` is completion ``j`` of prompt ``i``."""
@@ -152,15 +166,13 @@ class FrontDoor:
 
     def __init__(
         self,
-        async_engine: AsyncEngine,
+        async_engine: AsyncEngine[ServedEngine],
         model_names: list[str],
         tool_call_parser: Optional[str] = None,
         reasoning_parser: Optional[str] = None,
     ) -> None:
         self.async_engine = async_engine
-        # AsyncEngine types its engine by what its thread calls (Engine); a server is always
-        # built over a full engine (an LLMEngine), which is a ServedEngine as well.
-        self.engine = cast(ServedEngine, async_engine.engine)
+        self.engine = async_engine.engine
         self.tokenizer = self.engine.tokenizer
         self.model_names = model_names
         self.tool_call_parser = tool_call_parser  # the text format of "auto" tool calls
@@ -245,6 +257,7 @@ class FrontDoor:
                 cache_salt=request.cache_salt,
                 kv_transfer_params=request.kv_transfer_params,
                 priority=request.priority,
+                token_type_ids=prompt.token_type_ids,
             )
         )
 
@@ -325,7 +338,7 @@ def _admission_error(e: BaseException, names: FieldNames) -> BaseException:
     return e
 
 
-def _abort(async_engine: AsyncEngine, streams: list[RequestStream]) -> None:
+def _abort(async_engine: AsyncEngine[ServedEngine], streams: list[RequestStream]) -> None:
     for s in streams:
         if not s.finished:
             async_engine.abort(s.request_id)

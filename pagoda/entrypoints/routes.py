@@ -46,6 +46,15 @@ OLLAMA_API = "pagoda.entrypoints.ollama"
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/completions", Routing.PROMPT, f"{OPENAI}.completions:endpoint"),
     Route("POST", "/v1/chat/completions", Routing.PROMPT, f"{OPENAI}.chat:endpoint"),
+    # Pooling models (--runner pooling): OpenAI's embeddings, vLLM's rerank, score, classify
+    Route("POST", "/v1/embeddings", Routing.INSTANCE, f"{OPENAI}.embeddings:endpoint"),
+    Route("POST", "/v1/rerank", Routing.INSTANCE, f"{OPENAI}.scoring:rerank"),
+    Route("POST", "/rerank", Routing.INSTANCE, f"{OPENAI}.scoring:rerank"),
+    Route("POST", "/v2/rerank", Routing.INSTANCE, f"{OPENAI}.scoring:rerank"),
+    Route("POST", "/score", Routing.INSTANCE, f"{OPENAI}.scoring:score"),
+    Route("POST", "/v1/score", Routing.INSTANCE, f"{OPENAI}.scoring:score"),
+    Route("POST", "/classify", Routing.INSTANCE, f"{OPENAI}.classify:endpoint"),
+    Route("POST", "/v1/classify", Routing.INSTANCE, f"{OPENAI}.classify:endpoint"),
     Route("GET", "/v1/models", Routing.INSTANCE, f"{OPENAI}.info:models"),
     Route("GET", "/v1/models/{model_id:path}", Routing.INSTANCE, f"{OPENAI}.info:model"),
     Route("GET", "/version", Routing.INSTANCE, f"{OPENAI}.info:version"),
@@ -76,8 +85,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/ps", Routing.INSTANCE, f"{OLLAMA_API}.info:ps"),
     Route("POST", "/api/chat", Routing.INSTANCE, f"{OLLAMA_API}.chat:endpoint"),
     Route("POST", "/api/generate", Routing.INSTANCE, f"{OLLAMA_API}.generate:endpoint"),
-    Route("POST", "/api/embed", Routing.INSTANCE, f"{OLLAMA_API}.info:embed"),
-    Route("POST", "/api/embeddings", Routing.INSTANCE, f"{OLLAMA_API}.info:embed"),
+    Route("POST", "/api/embed", Routing.INSTANCE, f"{OLLAMA_API}.embed:embed"),
+    Route("POST", "/api/embeddings", Routing.INSTANCE, f"{OLLAMA_API}.embed:embeddings"),
     # OpenAI's Responses API: INSTANCE, as the router reads only completions' and chat's
     # prompts, and a stored response lives on the instance that answered it
     Route("POST", "/v1/responses", Routing.INSTANCE, f"{OPENAI}.responses:endpoint"),

@@ -169,6 +169,23 @@ def test_bad_chat(server, model_name: str, body: dict, status: int, param: str) 
     _assert_still_serves(server.url, model_name)
 
 
+POOLING_ROUTES = [
+    ("/v1/embeddings", {"input": "x"}),
+    ("/v1/rerank", {"query": "q", "documents": ["d"]}),
+    ("/score", {"text_1": "a", "text_2": "b"}),
+    ("/classify", {"input": "x"}),
+]
+
+
+@pytest.mark.parametrize("path, body", POOLING_ROUTES)
+def test_pooling_routes_name_the_runner_on_a_generation_model(server, model_name: str,
+                                                               path: str, body: dict) -> None:
+    resp = _post_raw(server.url, path, {"model": model_name, **body})
+    _check_error(resp, 400, "model")
+    assert "--runner pooling" in resp.json()["error"]["message"]
+    _assert_still_serves(server.url, model_name)
+
+
 @pytest.mark.parametrize("extra", EXTREME_CASES)
 def test_extreme_values_are_served(server, model_name: str, extra: dict) -> None:
     resp = _post_raw(server.url, "/v1/completions", {"model": model_name, "prompt": [5, 6, 7],

@@ -209,8 +209,8 @@ BAD = [
     ("/api/generate", {"model": M, "prompt": "x " * 3000, "raw": True}, 400, "prompt"),
     ("/api/generate", {"model": "nope", "prompt": "x"}, 404, "model 'nope'"),
     ("/api/show", {"model": "nope"}, 404, "model 'nope'"),
-    ("/api/embed", {"model": M, "input": "x"}, 400, "does not serve embeddings"),
-    ("/api/embeddings", {"model": M, "prompt": "x"}, 400, "does not serve embeddings"),
+    ("/api/embed", {"model": M, "input": "x"}, 400, "--runner pooling"),
+    ("/api/embeddings", {"model": M, "prompt": "x"}, 400, "--runner pooling"),
 ]
 
 

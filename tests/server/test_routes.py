@@ -39,12 +39,15 @@ RESPONSES_ROUTES = ("/v1/responses", "/v1/responses/{response_id}")
 # Ollama's generation routes answer with a clock (created_at, durations), its embedding
 # routes with a 400: test_ollama_routes below
 OLLAMA_ROUTES = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")
+# a pooling model's routes: on this (generation) server, a 400 naming --runner pooling
+POOLING_ROUTES = ("/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank", "/score",
+                  "/v1/score", "/classify", "/v1/classify")
 
 
 @pytest.mark.parametrize("route", [r for r in ROUTES if r.routing is Routing.INSTANCE
                                    and r.path not in ("/inspect/events", "/debug/fault",
                                                       *ANTHROPIC_ROUTES, *RESPONSES_ROUTES,
-                                                      *OLLAMA_ROUTES)],
+                                                      *OLLAMA_ROUTES, *POOLING_ROUTES)],
                          ids=lambda r: r.path)
 def test_each_instance_route_answers_behind_the_router(server, router, model_name, route):
     path = route.path.replace("{model_id:path}", model_name)
@@ -57,6 +60,16 @@ def test_each_instance_route_answers_behind_the_router(server, router, model_nam
         assert routed.json().keys() == direct.json().keys()
     else:
         assert routed.content == direct.content
+
+
+@pytest.mark.parametrize("path", POOLING_ROUTES)
+def test_pooling_routes_answer_alike_behind_the_router(server, router, model_name, path):
+    body = {"model": model_name, "input": "x", "query": "q", "documents": ["d"],
+            "text_1": "a", "text_2": "b"}
+    direct = httpx.post(server.url + path, json=body, timeout=30)
+    routed = httpx.post(router.url + path, json=body, timeout=30)
+    assert direct.status_code == routed.status_code == 400, routed.text
+    assert routed.content == direct.content and "--runner pooling" in routed.text
 
 
 def test_the_inspector_stream_and_a_chosen_instance(router):
@@ -132,5 +145,6 @@ def test_ollama_routes_answer_behind_the_router(server, router, model_name):
                        timeout=60).json()
     assert "".join(line["response"] for line in lines) == whole["response"]
     for path in ("/api/embed", "/api/embeddings"):
-        bad = httpx.post(router.url + path, json={"model": model_name, "input": "x"}, timeout=30)
-        assert bad.status_code == 400 and "embeddings" in bad.json()["error"]
+        body = {"model": model_name, "input": "x", "prompt": "x"}
+        bad = httpx.post(router.url + path, json=body, timeout=30)
+        assert bad.status_code == 400 and "--runner pooling" in bad.json()["error"]

@@ -97,7 +97,7 @@ class Messages:
     async def create(self, req: MessagesRequest, raw: Request) -> Response:
         request = self.engine_request(req, raw, time.monotonic())
         sub = await self.door.submit(message_id(), request)
-        reply = Reply(req.model, shows_thinking(req), request.params.max_tokens != req.max_tokens)
+        reply = Reply(req.model, shows_thinking(req), request.sampling.max_tokens != req.max_tokens)
         if req.stream:
             return StreamingResponse(
                 message_events(self.door, sub, reply),

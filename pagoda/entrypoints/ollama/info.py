@@ -1,8 +1,7 @@
 """Ollama's routes beside generation, each a route-table handler: ``GET /`` (and ``HEAD``:
 "Ollama is running", what clients probe), ``/api/version``, ``/api/tags`` (the served model),
 ``/api/show`` (its template, parameters, details, ``model_info``, capabilities), ``/api/ps``
-(the loaded model: always the one served, never unloaded), and ``/api/embed`` /
-``/api/embeddings``, refused: this server does not serve embeddings.
+(the loaded model: always the one served, never unloaded). Embeddings are ``embed.py``'s.
 
 The version reported is an Ollama release's (:data:`VERSION`): clients gate features on it
 (structured outputs, tools, ``think``), all of which this dialect serves. Invariant: every
@@ -18,7 +17,6 @@ from typing import Any
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
-from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.ollama.errors import OLLAMA
 from pagoda.entrypoints.ollama.models import (
     Description,
@@ -32,10 +30,6 @@ from pagoda.entrypoints.ollama.protocol import ShowRequest
 VERSION = "0.12.0"  # an Ollama release with every feature this dialect serves
 RUNNING = "Ollama is running"
 NEVER = "9999-12-31T23:59:59Z"  # /api/ps' expires_at: the served model is never unloaded
-NO_EMBEDDINGS = (
-    "this server does not serve embeddings: the model it serves generates text, and pagoda "
-    "has no embedding runner yet; send embedding requests to an embedding server"
-)
 
 
 def root(ctx: ServerContext) -> Endpoint:
@@ -83,13 +77,6 @@ def show(ctx: ServerContext) -> Endpoint:
         return reported(JSONResponse(_show(ctx)), ignored)
 
     return Endpoint(ollama_show, OLLAMA, OLLAMA.error_responses(400, 401, 404, 413))
-
-
-def embed(ctx: ServerContext) -> Endpoint:
-    async def ollama_embed() -> Response:
-        raise ApiError(400, NO_EMBEDDINGS, "model", "embeddings_not_served")
-
-    return Endpoint(ollama_embed, OLLAMA, OLLAMA.error_responses(400))
 
 
 # ---------------------------------------------------------------- helpers

@@ -37,7 +37,7 @@ from pagoda.entrypoints import errors
 from pagoda.entrypoints.dialect import Dialect, ServerContext, resolve
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.field_policy import IGNORED_FIELDS_HEADER, FieldPolicy, UnknownFieldError
-from pagoda.entrypoints.front_door import FrontDoor
+from pagoda.entrypoints.front_door import FrontDoor, ServedEngine
 from pagoda.entrypoints.openai.args import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_RESPONSES_STORE_BYTES,
@@ -275,7 +275,9 @@ def _install_error_handlers(app: FastAPI, owners: Owners) -> None:
 
 # ----------------------------------------------------------------- routes
 def build_app(
-    async_engine: AsyncEngine, config: ServerConfig, metrics: Optional[EngineMetrics] = None
+    async_engine: AsyncEngine[ServedEngine],
+    config: ServerConfig,
+    metrics: Optional[EngineMetrics] = None,
 ) -> FastAPI:
     door = FrontDoor(
         async_engine, list(config.model_names), config.tool_call_parser, config.reasoning_parser
@@ -355,7 +357,7 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: EngineArgs) -> Fast
         logging.getLogger("pagoda").setLevel(logging.INFO)  # say what is being served
     threads: list[int] = []
 
-    def make_engine() -> LLMEngine:
+    def make_engine() -> ServedEngine:
         # On the engine's own thread (AsyncEngine.on_own_thread), where every torch kernel
         # of the server runs: torch's thread count is that thread's OpenMP setting.
         if ns.num_threads is not None:

@@ -100,7 +100,7 @@ class ChatCompletions:
         job = _Job(
             sub,
             Envelope.of(req, sub.id, "chat.completion", "chat.completion.chunk"),
-            request.params.logprobs is not None,
+            request.sampling.logprobs is not None,
             req.prompt_logprobs,
             bool(req.return_token_ids),
         )

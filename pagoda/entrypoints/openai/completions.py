@@ -111,7 +111,7 @@ class Completions:
         job = _Job(
             sub,
             Envelope.of(req, sub.id, "text_completion"),
-            request.params.logprobs,
+            request.sampling.logprobs,
             echo,
             req.prompt_logprobs,
             bool(req.return_token_ids),

@@ -163,7 +163,7 @@ def response_object(
     usage: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """The ``response`` object, with the request's settings echoed as OpenAI echoes them."""
-    req, params = job.req, job.request.params
+    req, params = job.req, job.request.sampling
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     error = {"code": "server_error", "message": "the answer failed"} if status == "failed" else None
     return {
