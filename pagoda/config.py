@@ -15,6 +15,10 @@ DEFAULT_KV_CACHE_GIB = 2.0
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# Pooling models (vLLM's flags): which runner serves the model, and what a decoder checkpoint
+# is converted to (docs/models.md, "Pooling models").
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "embed", "classify", "none")
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,28 @@ class EngineArgs:
     speculative_config: Union[Mapping[str, Any], SpeculativeConfig, None] = None
     # KV cache events for KV-aware routers: vLLM's dict (or a KVEventsConfig); None: off.
     kv_events_config: Union[Mapping[str, Any], KVEventsConfig, None] = None
+    # Pooling models (docs/models.md): --runner auto picks pooling for *Model,
+    # *EmbeddingModel and *ForSequenceClassification architectures and for encoders.
+    runner: str = "auto"  # auto | generate | pooling
+    convert: str = "auto"  # auto | embed | classify | none: a decoder served as a pooler
+    pooler_config: Optional[Mapping[str, Any]] = None  # vLLM's keys, over the checkpoint's
+    # Over the checkpoint's config.json (vLLM's --hf-overrides): a Qwen3-Reranker-style model
+    # is {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token":
+    # ["no", "yes"], "is_original_qwen3_reranker": true}.
+    hf_overrides: Optional[Mapping[str, Any]] = None
+
+    def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"--runner must be one of {list(RUNNERS)}, got {self.runner!r}")
+        if self.convert not in CONVERTS:
+            raise ValueError(f"--convert must be one of {list(CONVERTS)}, got {self.convert!r}")
+        if self.runner == "generate" and self.convert not in ("auto", "none"):
+            raise ValueError(f"--convert {self.convert} needs --runner pooling (or auto)")
+        for name in ("pooler_config", "hf_overrides"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be a JSON object, got {value!r}")
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -27,16 +28,24 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EngineRequest:
-    """A request as the engine takes it: a prompt's token ids and how to complete it."""
+    """A request as the engine takes it: a prompt's token ids and how to complete it
+    (``SamplingParams``: generate) or what to pool from it (``PoolingParams``: one vector)."""
 
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     prompt: Optional[str] = None  # the text, when the caller had one (outputs echo it)
     arrival_time: Optional[float] = None  # time.monotonic(); None: when the engine takes it
     cache_salt: Optional[str] = None  # prefix caching: only requests with the same salt share
     kv_transfer_params: Optional[dict[str, Any]] = None  # disaggregated prefill
     priority: int = 0  # --scheduling-policy priority: lower is served first
+    # Cross-encoders: the segment of each prompt token (0: the query, 1: the document), as
+    # the tokenizer gives them for a (query, document) pair; None: all 0.
+    token_type_ids: Optional[list[int]] = None
+
+    @property
+    def is_pooling(self) -> bool:
+        return isinstance(self.params, PoolingParams)
 
 
 class RequestStatus(enum.Enum):

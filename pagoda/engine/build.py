@@ -72,6 +72,8 @@ class _Base:
 def build_engine(args: EngineArgs) -> LLMEngine:
     """An engine for ``args``, calibrated and ready to take requests."""
     torch.manual_seed(args.seed)
+    if args.runner == "pooling":
+        raise NotImplementedError("--runner pooling comes with the next commit")
     model, prepared = _load(args)
     plan = _plan_kv(args, model, prepared)
     block_size = args.cache_config().block_size

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -30,9 +30,12 @@ from pagoda.engine.stats import EngineStats
 from pagoda.engine.structured import StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.models.config import ModelArch
+from pagoda.pooling_params import PoolingParams
 from pagoda.request import EngineRequest, Request
 from pagoda.sampling import SamplingParams
 from pagoda.worker.model_runner import ModelRunner
+
+RunnerKind = Literal["generate", "pooling"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ class ServedModel:
     dtype: torch.dtype
     kv_dtype: torch.dtype
     quantization: Optional[str]
+    # What it serves (--runner): text, or pooled vectors for these tasks (embed, classify,
+    # score); a generation model pools nothing.
+    runner_kind: RunnerKind = "generate"
+    pooling_tasks: frozenset[str] = frozenset()
 
     @property
     def key(self) -> str:
@@ -89,6 +96,8 @@ class LLMEngine:
         self.chat_template, self.max_model_len = model.chat_template, model.max_model_len
         self.device, self.dtype, self.kv_dtype = model.device, model.dtype, model.kv_dtype
         self.quantization = model.quantization
+        self.runner_kind: RunnerKind = model.runner_kind  # "generate" or "pooling"
+        self.pooling_tasks: frozenset[str] = model.pooling_tasks  # empty for "generate"
         self.block_size, self.num_blocks = parts.block_size, parts.plan.num_blocks
         self.sliding_blocks = parts.plan.sliding_blocks  # the sliding layers' pool, or None
         self.last_step, self.inspector = CoreStep(), Inspector()  # Inspector: GET /inspect
@@ -108,7 +117,10 @@ class LLMEngine:
         (``--scheduling-policy priority``): lower values are served first."""
         if request.request_id in self.output:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
-        params = self._checked_params(request)
+        self._check_runner(request)
+        if isinstance(request.params, PoolingParams):
+            raise NotImplementedError("pooling engines come with the next commit")
+        params = self._checked_params(request, request.params)
         kv_transfer = self._validate_kv_transfer(
             request.kv_transfer_params, params, request.prompt_token_ids
         )
@@ -118,7 +130,29 @@ class LLMEngine:
         self.core.add_request(children[0], children[1:])
         self.num_prompt_tokens += len(request.prompt_token_ids)
 
-    def _checked_params(self, request: EngineRequest) -> SamplingParams:
+    def _check_runner(self, request: EngineRequest) -> None:
+        """A pooling request needs a pooling engine serving its task, a generation request
+        a generation engine (``--runner``)."""
+        params = request.params
+        if not isinstance(params, PoolingParams):
+            if self.runner_kind == "pooling":
+                raise ValueError(
+                    f"model {self.model_name!r} is served with --runner pooling: it computes "
+                    f"{_tasks_text(self.pooling_tasks)}, not text"
+                )
+            return
+        if self.runner_kind != "pooling":
+            raise ValueError(
+                f"task {params.task!r} needs a pooling model: model {self.model_name!r} is "
+                "served for generation (start it with --runner pooling)"
+            )
+        if params.task not in self.pooling_tasks:
+            raise ValueError(
+                f"task {params.task!r} is not supported by model {self.model_name!r}; it "
+                f"serves {_tasks_text(self.pooling_tasks)}"
+            )
+
+    def _checked_params(self, request: EngineRequest, params: SamplingParams) -> SamplingParams:
         """The request's sampling params with its bad words tokenized, once every field the
         engine checks at intake is valid."""
         if request.priority and self.scheduler.config.policy != "priority":
@@ -126,7 +160,7 @@ class LLMEngine:
                 f"priority {request.priority} needs a server started with"
                 " --scheduling-policy priority"
             )
-        params = self._with_bad_word_ids(request.params)
+        params = self._with_bad_word_ids(params)
         self._validate_prompt(request.prompt_token_ids, params)
         salt = request.cache_salt
         if salt is not None and (not isinstance(salt, str) or not salt):
@@ -319,6 +353,15 @@ class LLMEngine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
+    def encode_pair(self, query: str, doc: str) -> tuple[list[int], list[int]]:
+        """A (query, document) pair tokenized together, as a cross-encoder reads it: the
+        token ids and each token's segment (token_type_ids: 0 the query, 1 the document;
+        all 0 for a tokenizer without segments)."""
+        enc = self.tokenizer(query, text_pair=doc, add_special_tokens=True)
+        ids = list(enc["input_ids"])
+        types = enc.get("token_type_ids")
+        return ids, list(types) if types is not None else [0] * len(ids)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -352,3 +395,7 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
+
+
+def _tasks_text(tasks: frozenset[str]) -> str:
+    return " and ".join(sorted(tasks)) if tasks else "nothing"

@@ -1,9 +1,12 @@
-"""What the engine gives back per request: texts, token ids, finish reasons, timings."""
+"""What the engine gives back per request: texts, token ids, finish reasons, timings; for a
+pooling request, its one pooled vector (``RequestOutput.pooled``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 from pagoda.core.outputs import TokenLogprobs
 
@@ -62,6 +65,10 @@ class RequestOutput:
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     kv_transfer_params: Optional[dict] = None  # prefill role: where the prompt's KV waits
+    # A finished pooling request's result, 1-D float32 on the CPU: the embedding (truncated,
+    # normalized), classify's class probabilities, or score's one score. Its ``outputs`` is
+    # [] and it yields this one output only.
+    pooled: Optional[torch.Tensor] = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -195,6 +195,46 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         '"ngram", "num_speculative_tokens": 4}\' or \'{"method": "suffix"}\' '
         "(docs/speculative_decoding.md; off by default)",
     )
+    add_pooling_args(parser)
+
+
+def add_pooling_args(parser: argparse.ArgumentParser) -> None:
+    """Pooling models (embeddings, classification, scores; vLLM's flags, docs/models.md)."""
+    d = EngineArgs()
+    g = parser.add_argument_group("pooling models (embeddings, rerankers; docs/models.md)")
+    g.add_argument(
+        "--runner",
+        default=d.runner,
+        choices=["auto", "generate", "pooling"],
+        help="pooling: serve embeddings / scores instead of text; auto: pooling for "
+        "*Model, *EmbeddingModel and *ForSequenceClassification architectures and for "
+        "encoders (BERT, RoBERTa, XLM-R), else generate",
+    )
+    g.add_argument(
+        "--convert",
+        default=d.convert,
+        choices=["auto", "embed", "classify", "none"],
+        help="what a decoder checkpoint is served as under --runner pooling: embed (its "
+        "last hidden states pooled), classify (a classifier head, or "
+        "classifier_from_token in --hf-overrides)",
+    )
+    g.add_argument(
+        "--pooler-config",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='vLLM\'s pooler keys over the checkpoint\'s: \'{"pooling_type": "MEAN", '
+        '"normalize": true, "dimensions": 256, "use_activation": true}\'',
+    )
+    g.add_argument(
+        "--hf-overrides",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="keys over the checkpoint's config.json, as vLLM's; a Qwen3-Reranker: "
+        '\'{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": '
+        '["no", "yes"], "is_original_qwen3_reranker": true}\'',
+    )
 
 
 def add_kv_events_args(parser: argparse.ArgumentParser) -> None:
