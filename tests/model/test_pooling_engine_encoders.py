@@ -185,3 +185,34 @@ def test_bf16_embeddings_within_the_measured_tolerance(tmp_path):
     llm = LLM(path, dtype="bfloat16", max_num_batched_tokens=BUDGET)
     ours = [o.outputs.embedding for o in llm.embed(TEXTS)]
     assert _cosines(ours, st.encode(TEXTS, convert_to_tensor=True)).min() >= BF16_MIN_COSINE
+
+
+def test_prometheus_counts_pooling_requests_and_tokens(st_embedder):
+    from prometheus_client import CollectorRegistry
+
+    from pagoda.engine.metrics import EngineMetrics
+
+    _, _, llm = st_embedder
+    metrics = EngineMetrics(CollectorRegistry())
+    metrics.update(llm.engine.stats())
+    before = llm.engine.stats()
+    outs = llm.embed(TEXTS)
+    n_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    after = llm.engine.stats()
+    assert after.num_pooling_requests - before.num_pooling_requests == len(TEXTS)
+    assert after.num_pooling_tokens - before.num_pooling_tokens == n_tokens
+    metrics.update(after)
+    reg = metrics.registry
+    assert reg.get_sample_value("pagoda:pooling_requests_total") == after.num_pooling_requests
+    assert reg.get_sample_value("pagoda:pooling_tokens_total") == after.num_pooling_tokens
+    # a finished pooling request counts as a success (its one output has no completion)
+    engine = llm.engine
+    engine.add_request(EngineRequest("m", outs[0].prompt_token_ids, PoolingParams()))
+    done = []
+    while not done:
+        done = [o for o in engine.step() if o.finished]
+    assert done[0].outputs == [] and done[0].pooled is not None
+    assert done[0].pooled.dtype == torch.float32 and done[0].pooled.device.type == "cpu"
+    assert done[0].metrics.time_to_first_token is not None
+    metrics.on_step(engine.stats(), done, 0.0)
+    assert reg.get_sample_value("pagoda:request_success_total", {"finished_reason": "stop"}) == 1
