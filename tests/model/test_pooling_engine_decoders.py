@@ -153,3 +153,18 @@ def test_decoder_refusals_leak_no_block(tmp_path):
         LLM(path, runner="pooling", pooler_config={"pooling": "MEAN"}, **ENGINE)
     with pytest.raises(ValueError, match="--hf-overrides key 'hidden_size'"):
         LLM(path, runner="pooling", hf_overrides={"hidden_size": 32}, **ENGINE)
+
+
+def test_mean_pooling_under_async_scheduling(tmp_path):
+    """A pooled vector read one step late, as on CUDA (async scheduling is on there)."""
+    path = make_model(str(tmp_path / "llama"), "llama")
+    engine_args = {**ENGINE, "async_scheduling": True}
+    llm = LLM(path, runner="pooling", pooler_config={"pooling_type": "MEAN"}, **engine_args)
+    assert llm.engine.async_scheduling
+    prompts = _prompts(LENS)
+    _assert_close(llm.embed(prompts), _reference(path, prompts, "MEAN"))
+    _assert_all_blocks_free(llm)
+    raw = llm.encode(prompts[:2], PoolingParams(normalize=False))
+    ref = _reference(path, prompts[:2], "MEAN")
+    torch.testing.assert_close(F.normalize(torch.stack([r.outputs.data for r in raw])), ref,
+                               atol=1e-5, rtol=0)  # fmt: skip

@@ -216,3 +216,37 @@ def test_prometheus_counts_pooling_requests_and_tokens(st_embedder):
     assert done[0].metrics.time_to_first_token is not None
     metrics.on_step(engine.stats(), done, 0.0)
     assert reg.get_sample_value("pagoda:request_success_total", {"finished_reason": "stop"}) == 1
+
+
+def test_async_engine_serves_a_pooling_engine(st_embedder):
+    import asyncio
+
+    from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine
+
+    st, _, llm = st_embedder
+    ids = [llm.tokenizer(t)["input_ids"] for t in TEXTS]
+
+    async def main() -> list:
+        ae = AsyncEngine(llm.engine, AdmissionLimits())
+        ae.start()
+        try:
+            streams = [
+                await ae.add_request(EngineRequest(f"a{i}", p, PoolingParams()))
+                for i, p in enumerate(ids)
+            ]
+            with pytest.raises(ValueError, match="--runner pooling"):
+                await ae.add_request(EngineRequest("g", ids[0], SamplingParams()))
+            outs = []
+            for stream in streams:
+                out = await stream.next()
+                assert out is not None and out.finished  # one output: the final one
+                outs.append(out)
+            await ae.call(lambda engine: engine.check_invariants())
+            return outs
+        finally:
+            ae.shutdown()
+
+    outs = asyncio.run(main())
+    ref = st.encode(TEXTS, convert_to_tensor=True)
+    cos = F.cosine_similarity(torch.stack([o.pooled for o in outs]), ref.float(), dim=-1)
+    assert cos.min().item() >= MIN_COSINE
