@@ -203,6 +203,8 @@ class LLMEngine:
         ):
             raise ValueError("token_type_ids must hold one 0 or 1 per prompt token")
         keep = params.truncate_prompt_tokens
+        if keep == -1:  # vLLM's: as many as the model takes
+            keep = self.max_model_len
         if keep is not None and keep > self.max_model_len:
             raise ValueError(
                 f"truncate_prompt_tokens {keep} exceeds the model's {self.max_model_len} tokens"
