@@ -85,6 +85,8 @@ class RequestOutput:
 
     @property
     def finish_reason(self) -> Optional[str]:
+        if not self.outputs:  # a pooling request's vector: "stop" once it is there
+            return "stop" if self.pooled is not None else None
         return self.outputs[0].finish_reason
 
     @property

@@ -212,6 +212,9 @@ def test_prometheus_counts_pooling_requests_and_tokens(st_embedder):
     while not done:
         done = [o for o in engine.step() if o.finished]
     assert done[0].outputs == [] and done[0].pooled is not None
+    assert done[0].finish_reason == "stop" and done[0].num_prompt_tokens == len(
+        outs[0].prompt_token_ids
+    )
     assert done[0].pooled.dtype == torch.float32 and done[0].pooled.device.type == "cpu"
     assert done[0].metrics.time_to_first_token is not None
     metrics.on_step(engine.stats(), done, 0.0)
