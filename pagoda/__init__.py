@@ -1,9 +1,10 @@
 """pagoda: an LLM inference engine with a paged KV cache, continuous batching and chunked
-prefill. ``from pagoda import LLM, SamplingParams``."""
+prefill. ``from pagoda import LLM, SamplingParams, PoolingParams``."""
 
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling import SamplingParams
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "PoolingParams", "SamplingParams"]
 __version__ = "0.1.0"
 
 

@@ -24,16 +24,20 @@ class PoolingParams:
     dimensions: Optional[int] = None  # embed: keep the first this many (Matryoshka)
     normalize: Optional[bool] = None  # embed: L2-normalize; None: the model's pooler config
     activation: Optional[bool] = None  # classify / score: apply the head's activation (None: yes)
-    # Keep only the prompt's last k tokens (as vLLM); without it an over-long prompt is refused.
+    # Keep only the prompt's last k tokens (as vLLM; -1: the model's context length); without
+    # it an over-long prompt is refused.
     truncate_prompt_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.task not in POOLING_TASKS:
             raise ValueError(f"task must be one of {list(POOLING_TASKS)}, got {self.task!r}")
-        for name in ("dimensions", "truncate_prompt_tokens"):
-            value = getattr(self, name)
-            if value is not None and (type(value) is not int or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        dims, keep = self.dimensions, self.truncate_prompt_tokens
+        if dims is not None and (type(dims) is not int or dims < 1):
+            raise ValueError(f"dimensions must be a positive integer, got {dims!r}")
+        if keep is not None and (type(keep) is not int or (keep < 1 and keep != -1)):
+            raise ValueError(
+                f"truncate_prompt_tokens must be a positive integer or -1, got {keep!r}"
+            )
         for name in ("normalize", "activation"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):

@@ -80,6 +80,11 @@ _FINISHED = {
 }
 
 
+# A pooling request's sampling params: it never samples, so nothing here is ever read but the
+# defaults (no logprobs, no grammar) that keep the sampling-only paths off.
+NO_SAMPLING = SamplingParams(max_tokens=None)
+
+
 class Request:
     def __init__(
         self,
@@ -94,6 +99,9 @@ class Request:
         kv_transfer: Optional[KVTransferRequest] = None,
         seed_offset: int = 0,
         priority: int = 0,
+        pooling_params: Optional[PoolingParams] = None,
+        token_type_ids: Optional[list[int]] = None,
+        reads_every_row: bool = False,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -108,6 +116,13 @@ class Request:
         self.kv_transfer_out: Optional[RemotePrefill] = None  # prefill role: where its KV waits
         self.seed_offset = seed_offset  # n > 1: the i-th sibling samples from seed + i
         self.priority = priority  # --scheduling-policy priority: lower is served first
+        # A pooling request: computes its prompt, then ends with one pooled vector (taken in
+        # place of a sampled token); it never samples (``sampling_params`` is NO_SAMPLING).
+        self.pooling_params = pooling_params
+        self.token_type_ids = token_type_ids  # cross-encoders' segments, one per prompt token
+        # Its pooling reads every prompt row (MEAN, CLS, ALL): a prefix-cache hit would skip
+        # rows it needs, so it is computed whole.
+        self.reads_every_row = reads_every_row
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
@@ -148,6 +163,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

@@ -200,7 +200,7 @@ def measure_transfer(model: Optional[str], num_tokens: int, repeats: int) -> dic
                 pass
             times.append(time.perf_counter() - start)
             assert events.loaded, events.failed
-            decode.runner.execute_model(sched)
+            decode.model_runner.execute_model(sched)
             decode.scheduler.apply_kv_events(events)
             sizes.append(connector.stats().bytes_pulled - sum(sizes))
             while decode.has_unfinished_requests():

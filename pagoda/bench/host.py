@@ -140,7 +140,7 @@ def null_engine_llm(
             num_kv_blocks=blocks,
             async_scheduling=async_scheduling,
         )
-    runner = llm.engine.runner
+    runner = llm.engine.model_runner
     model = runner.model
     hidden_size = model.arch.hidden_size
 

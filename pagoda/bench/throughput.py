@@ -630,7 +630,7 @@ def main(ns: argparse.Namespace) -> int:
                 shape,
                 limit,
                 read_bw,
-                engine.runner.int4_max_rows,
+                engine.model_runner.int4_max_rows,
             )
     except RuntimeError as e:
         print(f"pagoda: error: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """The typed messages between the scheduler, the model runner and the engine.
 
 The scheduler speaks in request ids, token counts and block ids; the runner turns that into
-tensors and answers with sampled token ids. Nothing here holds a tensor.
+tensors and answers with sampled token ids. Nothing here holds a tensor, except a pooling
+request's pooled vector, which passes through the scheduler as an opaque ``object`` it never
+reads (the runner makes it, the output processor hands it out).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Optional
 from pagoda.core.kv_events import KVCacheEvent
 from pagoda.core.remote_kv import KVLoad, RemotePrefill
 from pagoda.core.snapshot import StepTokens
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling import SamplingParams
 
 
@@ -29,6 +32,8 @@ class NewRequestData:
     seed_offset: int = 0  # n > 1: the i-th sibling samples from seed + i
     # The sliding layers' table when their KV is kept apart (core/sliding_kv.py), else [].
     sliding_block_ids: list[int] = field(default_factory=list)
+    pooling_params: Optional[PoolingParams] = None  # a pooling request: pool, never sample
+    token_type_ids: Optional[list[int]] = None  # cross-encoders: one segment id per token
 
 
 @dataclass
@@ -99,6 +104,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per token
     # request id -> (first prompt position, logprobs of the tokens after it, one each).
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # request id -> the pooled vector of a pooling request whose last prompt row ran in this
+    # step (a CPU tensor; opaque here).
+    pooled: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,3 +121,4 @@ class EngineCoreOutput:
     logprobs: Optional[list[TokenLogprobs]] = None  # one per new token
     prompt_logprobs: Optional[tuple[int, list[TokenLogprobs]]] = None
     kv_transfer_params: Optional[RemotePrefill] = None  # prefill role: where the KV waits
+    pooled: Optional[object] = None  # a finished pooling request's vector (opaque here)

@@ -16,6 +16,10 @@ prefill: its prompt KV is being pulled), and blocks are held only by running and
 requests and by leases (a prefill instance keeps a finished request's blocks until a decode
 instance has pulled them).
 
+A pooling request (an embedding, a score) is a prompt without decode: it is chunked, packed
+and prefix-cached like any prompt, and the step that computes its last prompt token ends it,
+its pooled vector taken in place of a sampled token and its blocks freed at once.
+
 With speculative decoding (``pagoda/spec_decode/``), decode rows may also take draft tokens
 with the budget left at the end; a verified row's rejected drafts are rolled back through
 ``num_computed_tokens`` when its tokens are read, and the blocks that held only them freed.
@@ -329,7 +333,8 @@ class Scheduler:
         if not request.num_output_placeholders:
             return False
         return (
-            request.sampling_params.structured_outputs is not None
+            request.is_pooling  # its pooled vector is in flight: nothing follows it
+            or request.sampling_params.structured_outputs is not None
             or bool(request.spec_token_ids)  # how many tokens it gains is not known yet
             or self._ends_in_flight(request)
             or (self.spec is not None and self.spec.worth_waiting(request))
@@ -487,8 +492,8 @@ class Scheduler:
     def _computed_prefix(self, request: Request) -> list[int]:
         """Blocks whose KV a request being admitted can start on: a prefix-cache hit, or
         (with caching off) the prompt blocks an n > 1 sibling has computed."""
-        if request.sampling_params.prompt_logprobs is not None:
-            return []  # it needs the logits of every prompt position
+        if request.sampling_params.prompt_logprobs is not None or request.reads_every_row:
+            return []  # it needs the logits (or the pooled rows) of every prompt position
         if self.kv.enable_prefix_caching:
             return self.kv.get_computed_blocks(request)
         donor = self.requests.get(request.prefix_donor) if request.prefix_donor else None
@@ -543,6 +548,8 @@ class Scheduler:
                     num_computed_tokens=request.num_computed_tokens,
                     sliding_block_ids=list(self.kv.sliding_block_ids(rid)),
                     seed_offset=request.seed_offset,
+                    pooling_params=request.pooling_params,
+                    token_type_ids=request.token_type_ids,
                 )
             )
         output = SchedulerOutput(
@@ -574,6 +581,11 @@ class Scheduler:
             request = self.requests.get(rid)
             if request is None:
                 continue  # finished (aborted, stopped) while the step ran
+            if request.is_pooling:
+                pooled = self._process_pooled(request, runner_output)
+                if pooled is not None:
+                    outputs.append(pooled)
+                continue
             out = self._process_sample(request, runner_output)
             prompt_lp = runner_output.prompt_logprobs.get(rid)
             if prompt_lp is not None:
@@ -613,6 +625,23 @@ class Scheduler:
             out.stop_reason = request.stop_reason
             out.kv_transfer_params = request.kv_transfer_out
         return out
+
+    def _process_pooled(
+        self, request: Request, runner_output: ModelRunnerOutput
+    ) -> Optional[EngineCoreOutput]:
+        """A pooling request whose last prompt row ran: it ends with its pooled vector, and
+        its blocks go back (full ones stay in the prefix cache)."""
+        if request.request_id not in runner_output.pooled:
+            return None  # a chunk before its last
+        request.num_output_placeholders -= 1
+        self._dequeue(request)
+        self._finish(request, RequestStatus.FINISHED_STOPPED, emit=False)
+        return EngineCoreOutput(
+            request.request_id,
+            [],
+            finish_reason=request.status.finish_reason,
+            pooled=runner_output.pooled[request.request_id],
+        )
 
     def _roll_back_drafts(self, request: Request, num_accepted: int) -> None:
         """A verified row: its rejected drafts' KV is garbage from now on. The counter moves

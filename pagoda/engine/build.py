@@ -4,6 +4,11 @@
     ->  calibration (token budget, speculation cost)  ->  connector  ->  scheduler
     ->  engine core  ->  LLMEngine
 
+A pooling model (``pooling_model.py`` chooses) is built the same way without calibration (its
+steps are prefills only; the budget is the user's); an encoder-only one has no KV cache at all:
+its runner (``worker/encoder_runner.py``) computes whole sequences, and its scheduler counts
+one nominal block per sequence, a pool that holds no memory.
+
 Each piece is made once, with its final configuration, from the pieces above it: the
 scheduler gets its speculator, remote-KV state and budget in its constructor, the core its
 event sink. The measurements that settle the scheduler's configuration (the CPU server's
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Optional
 
@@ -40,17 +45,28 @@ from pagoda.engine.kv_event_publisher import KVEventPublisher
 from pagoda.engine.kv_plan import KVPlan, KVRequest, plan_pools
 from pagoda.engine.llm_engine import EngineParts, LLMEngine, ServedModel
 from pagoda.engine.output_processor import OutputProcessor
+from pagoda.engine.pooling_model import (
+    RunnerChoice,
+    choose_runner,
+    decoder_pooler,
+    encoder_pooler,
+    encoder_view,
+    parse_pooler_config,
+)
 from pagoda.engine.structured import GrammarCompiler, StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.models.cpu_int4 import resolve_quantization
+from pagoda.models.encoder_loader import load_encoder
 from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
 from pagoda.models.prepare import PreparedModel, prepare_model
 from pagoda.request import Request
 from pagoda.spec_decode.policy import StepCostModel
 from pagoda.spec_decode.speculator import Speculator
 from pagoda.utils import read_chat_template
+from pagoda.worker.encoder_runner import EncoderRunner
 from pagoda.worker.kv_cache import GIB, cuda_kv_budget, layer_counts, profile_activation_bytes
 from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.pooler import Pooler
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +83,24 @@ class _Base:
     block_size: int
     runner: ModelRunner
     structured: StructuredOutputs
+    pooler: Optional[Pooler] = None  # a pooling model's
 
 
 def build_engine(args: EngineArgs) -> LLMEngine:
     """An engine for ``args``, calibrated and ready to take requests."""
     torch.manual_seed(args.seed)
-    if args.runner == "pooling":
-        raise NotImplementedError("--runner pooling comes with the next commit")
+    choice = choose_runner(args)
+    if choice.kind == "pooling":
+        _check_pooling_args(args)
+    if choice.encoder:
+        return _build_encoder_engine(args, choice)
     model, prepared = _load(args)
+    pooler = None
+    if choice.kind == "pooling":
+        override = parse_pooler_config(args.pooler_config)
+        weight = prepared.model.output_weight
+        pooler = decoder_pooler(choice, model.arch, weight, model.tokenizer, model.dtype, override)
+        model = replace(model, runner_kind="pooling", pooling_tasks=pooler.tasks)
     plan = _plan_kv(args, model, prepared)
     block_size = args.cache_config().block_size
     runner = ModelRunner(
@@ -85,15 +111,96 @@ def build_engine(args: EngineArgs) -> LLMEngine:
         max_model_len=model.max_model_len,
         enforce_eager=args.enforce_eager,
         sliding_num_blocks=plan.sliding_blocks,
+        pooler=pooler,
     )
-    structured = StructuredOutputs(
-        GrammarCompiler(model.tokenizer, model.arch.vocab_size, model.arch.eos_token_ids)
-    )
-    base = _Base(args, model, plan, block_size, runner, structured)
-    config, speculator = _calibrate(base)
+    base = _Base(args, model, plan, block_size, runner, _structured(model), pooler)
+    if pooler is None:
+        config, speculator = _calibrate(base)
+    else:  # prefills only: nothing to calibrate
+        config, speculator = args.scheduler_config(model.max_model_len), None
     engine = _assemble(base, config, speculator, final=True)
     _log_engine(engine)
     return engine
+
+
+def _structured(model: ServedModel) -> StructuredOutputs:
+    return StructuredOutputs(
+        GrammarCompiler(model.tokenizer, model.arch.vocab_size, model.arch.eos_token_ids)
+    )
+
+
+def _check_pooling_args(args: EngineArgs) -> None:
+    """What a pooling model cannot be served with, by flag."""
+    if args.spec_config() is not None:
+        raise ValueError("--speculative-config: a pooling model (--runner pooling) never decodes")
+    if args.kv_role != "both":
+        raise ValueError("--kv-role: a pooling model (--runner pooling) serves colocated only")
+
+
+# ----------------------------------------------------------------------- the encoders
+def _build_encoder_engine(args: EngineArgs, choice: RunnerChoice) -> LLMEngine:
+    """An encoder-only pooling model (module docstring): no KV cache, no calibration."""
+    if args.quantization not in (None, "none"):
+        raise ValueError(f"--quantization {args.quantization}: not for encoder models")
+    if args.load_format != "auto":
+        raise ValueError(f"--load-format {args.load_format}: encoder models load their weights")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    assert choice.path is not None  # an encoder is known by its config.json
+    override = parse_pooler_config(args.pooler_config)
+    loaded = load_encoder(choice.path, dtype, device, choice.task, override)
+    pooler = encoder_pooler(loaded, choice.hf_config, dtype)
+    max_len = loaded.arch.max_seq_len
+    if args.max_model_len is not None and args.max_model_len > max_len:
+        raise ValueError(
+            f"--max-model-len {args.max_model_len} exceeds the encoder's {max_len} positions"
+        )
+    model = ServedModel(
+        loaded.name,
+        encoder_view(loaded.arch),
+        loaded.tokenizer,
+        None,
+        args.max_model_len or max_len,
+        device,
+        dtype,
+        dtype,
+        None,
+        runner_kind="pooling",
+        pooling_tasks=pooler.tasks,
+    )
+    # Whole sequences, FCFS under the budget (which is at least one sequence: without chunked
+    # prefill it grows to max_model_len); one nominal block per sequence, max_num_seqs of them.
+    config = replace(args.scheduler_config(model.max_model_len), enable_chunked_prefill=False)
+    plan = KVPlan(args.max_num_seqs + 1)
+    kv = KVCacheManager(plan.num_blocks, model.max_model_len + 1, model_key=model.key)
+    scheduler = Scheduler(config, kv)
+    structured = _structured(model)
+    runner = EncoderRunner(loaded.model, pooler, device)
+    core = EngineCore(scheduler, runner, None, False, structured)
+    parts = EngineParts(
+        args=args,
+        model=model,
+        plan=plan,
+        block_size=kv.block_size,
+        kv=kv,
+        scheduler=scheduler,
+        runner=runner,
+        structured=structured,
+        core=core,
+        output=OutputProcessor(model.tokenizer),
+        kv_secret=b"",
+        kv_events=None,
+        pooler=pooler,
+    )
+    logger.info(
+        "engine: encoder %s (%s), %s on %s, tasks %s, no KV cache",
+        model.name,
+        loaded.arch.architecture,
+        dtype,
+        device,
+        sorted(pooler.tasks),
+    )
+    return LLMEngine(parts)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -282,6 +389,7 @@ def _assemble(
             output=output,
             kv_secret=secret,
             kv_events=publisher,
+            pooler=base.pooler,
         )
     )
 

@@ -32,7 +32,7 @@ from pagoda.core.snapshot import StepTokens
 from pagoda.engine.structured import StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.request import Request, RequestStatus
-from pagoda.worker.model_runner import ModelRunner, StepHandle
+from pagoda.worker.model_runner import StepHandle, StepRunner
 
 FAULT_MESSAGE = "fault injected by /debug/fault: the model step failed"
 
@@ -52,7 +52,7 @@ class EngineCore:
     def __init__(
         self,
         scheduler: Scheduler,
-        runner: ModelRunner,
+        runner: StepRunner,
         connector: Optional[KVConnectorWorker],
         async_scheduling: bool,
         structured: Optional[StructuredOutputs] = None,

@@ -31,9 +31,10 @@ from pagoda.engine.structured import StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.models.config import ModelArch
 from pagoda.pooling_params import PoolingParams
-from pagoda.request import EngineRequest, Request
+from pagoda.request import NO_SAMPLING, EngineRequest, Request
 from pagoda.sampling import SamplingParams
-from pagoda.worker.model_runner import ModelRunner
+from pagoda.worker.model_runner import ModelRunner, StepRunner
+from pagoda.worker.pooler import Pooler
 
 RunnerKind = Literal["generate", "pooling"]
 
@@ -55,7 +56,6 @@ class ServedModel:
     # score); a generation model pools nothing.
     runner_kind: RunnerKind = "generate"
     pooling_tasks: frozenset[str] = frozenset()
-    class_labels: tuple[str, ...] = ()  # a classifier's label names (id2label), by index
 
     @property
     def key(self) -> str:
@@ -77,12 +77,13 @@ class EngineParts:
     block_size: int
     kv: KVCacheManager
     scheduler: Scheduler
-    runner: ModelRunner
+    runner: StepRunner
     structured: StructuredOutputs
     core: EngineCore
     output: OutputProcessor
     kv_secret: bytes  # the side channel's (disaggregated prefill; empty when colocated)
     kv_events: Optional[KVEventPublisher]
+    pooler: Optional[Pooler] = None  # a pooling model's: what its pooled rows become
 
 
 class LLMEngine:
@@ -96,13 +97,25 @@ class LLMEngine:
         self.model_name, self.arch, self.tokenizer = model.name, model.arch, model.tokenizer
         self.chat_template, self.max_model_len = model.chat_template, model.max_model_len
         self.device, self.dtype, self.kv_dtype = model.device, model.dtype, model.kv_dtype
-        self.quantization, self.class_labels = model.quantization, model.class_labels
-        self.runner_kind: RunnerKind = model.runner_kind  # "generate" or "pooling"
-        self.pooling_tasks: frozenset[str] = model.pooling_tasks  # empty for "generate"
+        self.quantization, self.pooling_tasks = model.quantization, model.pooling_tasks
         self.block_size, self.num_blocks = parts.block_size, parts.plan.num_blocks
         self.sliding_blocks = parts.plan.sliding_blocks  # the sliding layers' pool, or None
         self.last_step, self.inspector = CoreStep(), Inspector()  # Inspector: GET /inspect
-        self.num_prompt_tokens = 0
+        # What it serves: "generate", or "pooling" (for pooling_tasks, with its pooler).
+        self.runner_kind, self.pooler = model.runner_kind, parts.pooler
+        self.num_prompt_tokens = self.num_pooling_requests = self.num_pooling_tokens = 0
+
+    @property
+    def class_labels(self) -> tuple[str, ...]:
+        """A classifier's class names by index (empty for other models)."""
+        return self.pooler.labels if self.pooler is not None else ()
+
+    @property
+    def model_runner(self) -> ModelRunner:
+        """The decoder's runner, for the benchmarks that time its parts (an encoder's engine
+        runs an ``EncoderRunner``)."""
+        assert isinstance(self.runner, ModelRunner), "an encoder engine has no ModelRunner"
+        return self.runner
 
     @property
     def kv_connector(self) -> Optional[KVConnectorWorker]:
@@ -120,7 +133,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self._check_runner(request)
         if isinstance(request.params, PoolingParams):
-            raise NotImplementedError("pooling engines come with the next commit")
+            self._add_pooling(request, request.params)
+            return
         params = self._checked_params(request, request.params)
         kv_transfer = self._validate_kv_transfer(
             request.kv_transfer_params, params, request.prompt_token_ids
@@ -153,19 +167,79 @@ class LLMEngine:
                 f"serves {_tasks_text(self.pooling_tasks)}"
             )
 
-    def _checked_params(self, request: EngineRequest, params: SamplingParams) -> SamplingParams:
-        """The request's sampling params with its bad words tokenized, once every field the
-        engine checks at intake is valid."""
+    def _add_pooling(self, request: EngineRequest, params: PoolingParams) -> None:
+        """A pooling request: one core request that computes its prompt (truncated to its
+        last ``truncate_prompt_tokens``) and ends with its pooled vector."""
+        assert self.pooler is not None  # _check_runner: this is a pooling engine
+        self.pooler.check(params)
+        self._check_common(request)
+        if request.kv_transfer_params is not None:
+            raise ValueError("kv_transfer_params: not for pooling requests")
+        ids, types = self._pooling_prompt(request, params)
+        now = time.monotonic() if request.arrival_time is None else request.arrival_time
+        core_request = Request(
+            request.request_id,
+            ids,
+            NO_SAMPLING,
+            (),
+            0,
+            now,
+            cache_salt=request.cache_salt,
+            priority=request.priority,
+            pooling_params=params,
+            token_type_ids=types,
+            reads_every_row=self.pooler.reads_every_row,
+        )
+        self.output.add(request.request_id, request.prompt, [core_request], now)
+        self.core.add_request(core_request)
+        self.num_prompt_tokens += len(ids)
+        self.num_pooling_requests += 1
+        self.num_pooling_tokens += len(ids)
+
+    def _pooling_prompt(
+        self, request: EngineRequest, params: PoolingParams
+    ) -> tuple[list[int], Optional[list[int]]]:
+        """The prompt's ids and segments as computed: its last ``truncate_prompt_tokens``, at
+        most the model's context."""
+        ids, types = request.prompt_token_ids, request.token_type_ids
+        self._validate_token_ids(ids)
+        if types is not None and (
+            len(types) != len(ids) or any(type(t) is not int or t not in (0, 1) for t in types)
+        ):
+            raise ValueError("token_type_ids must hold one 0 or 1 per prompt token")
+        keep = params.truncate_prompt_tokens
+        if keep == -1:  # vLLM's: as many as the model takes
+            keep = self.max_model_len
+        if keep is not None and keep > self.max_model_len:
+            raise ValueError(
+                f"truncate_prompt_tokens {keep} exceeds the model's {self.max_model_len} tokens"
+            )
+        if keep is not None and len(ids) > keep:
+            ids, types = ids[-keep:], types[-keep:] if types is not None else None
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the model takes at most {self.max_model_len} "
+                "(truncate_prompt_tokens keeps the last ones)"
+            )
+        return list(ids), list(types) if types is not None else None
+
+    def _check_common(self, request: EngineRequest) -> None:
+        """What every request is checked for, generating or pooling."""
         if request.priority and self.scheduler.config.policy != "priority":
             raise ValueError(
                 f"priority {request.priority} needs a server started with"
                 " --scheduling-policy priority"
             )
-        params = self._with_bad_word_ids(params)
-        self._validate_prompt(request.prompt_token_ids, params)
         salt = request.cache_salt
         if salt is not None and (not isinstance(salt, str) or not salt):
             raise ValueError("cache_salt must be a non-empty string")
+
+    def _checked_params(self, request: EngineRequest, params: SamplingParams) -> SamplingParams:
+        """The request's sampling params with its bad words tokenized, once every field the
+        engine checks at intake is valid."""
+        self._check_common(request)
+        params = self._with_bad_word_ids(params)
+        self._validate_prompt(request.prompt_token_ids, params)
         if params.structured_outputs is not None:
             self.structured.check(params.structured_outputs)  # compiled (or cached) now
         return params
@@ -213,7 +287,7 @@ class LLMEngine:
                     sequences.append(ids)
         return params.clone(bad_words_token_ids=sequences)
 
-    def _validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def _validate_token_ids(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt must not be empty")
         vocab = self.arch.vocab_size
@@ -222,6 +296,10 @@ class LLMEngine:
         ]  # type(): bools are not ids
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
+
+    def _validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._validate_token_ids(prompt_token_ids)
+        vocab = self.arch.vocab_size
         for name, ids in (
             ("logit_bias", list(params.logit_bias)),
             ("allowed_token_ids", params.allowed_token_ids or []),
@@ -303,6 +381,8 @@ class LLMEngine:
             self.output.num_generation_tokens,
             connector.stats() if connector is not None else None,
             self.kv_events.make_stats() if self.kv_events is not None else None,
+            self.num_pooling_requests,
+            self.num_pooling_tokens,
         )
 
     def inspect(self, version: int = 0) -> EngineSnapshot:

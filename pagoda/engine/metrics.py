@@ -149,6 +149,16 @@ class EngineMetrics:
         self.generation_tokens = Counter(
             PREFIX + "generation_tokens", "Tokens generated.", registry=r
         )
+        self.pooling_requests = Counter(
+            PREFIX + "pooling_requests",
+            "Pooling requests (embeddings, scores) taken in.",
+            registry=r,
+        )
+        self.pooling_tokens = Counter(
+            PREFIX + "pooling_tokens",
+            "Prompt tokens of pooling requests (also in prompt_tokens).",
+            registry=r,
+        )
         self.prefix_queries = Counter(
             PREFIX + "prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache.",
@@ -270,6 +280,8 @@ class EngineMetrics:
         sched = stats.scheduler
         self._add_delta(self.prompt_tokens, "prompt", stats.num_prompt_tokens)
         self._add_delta(self.generation_tokens, "generation", stats.num_generation_tokens)
+        self._add_delta(self.pooling_requests, "pooling_requests", stats.num_pooling_requests)
+        self._add_delta(self.pooling_tokens, "pooling_tokens", stats.num_pooling_tokens)
         self._add_delta(self.prefix_queries, "queries", sched.prefix_cache_queries)
         self._add_delta(self.prefix_hits, "hits", sched.prefix_cache_hits)
         self._add_delta(self.preemptions, "preemptions", sched.num_preemptions)
@@ -342,6 +354,8 @@ class EngineMetrics:
             if value is not None:
                 hist.observe(value)
         self.prompt_len.observe(len(out.prompt_token_ids))
+        if out.pooled is not None:  # a pooling request: its vector, no completion
+            self.finished.labels("stop").inc()
         for comp in out.outputs:
             self.gen_len.observe(len(comp.token_ids))
             self.finished.labels(comp.finish_reason or "abort").inc()

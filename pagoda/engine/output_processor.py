@@ -6,6 +6,9 @@ holds and releases), each completion's text (incremental detokenizing, stop stri
 hold-back of a live stream), logprobs, timings, and the :class:`RequestOutput` it yields. It
 never calls the core: what the core must do in turn (finish a request a stop string ended)
 comes back in :class:`Processed`.
+A pooling request has no completion: its one output comes when it finishes, with its pooled
+vector (``RequestOutput.pooled``) and ``outputs`` empty (or, when it ended without a vector,
+aborted or too long for the KV cache, one completion holding why).
 Invariant: a completion's text as streamed is always a prefix of its final text.
 """
 
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+import torch
 
 from pagoda.core.outputs import EngineCoreOutput, TokenLogprobs
 from pagoda.engine.detokenizer import IncrementalDetokenizer
@@ -51,6 +56,8 @@ class _Group:
     metrics: RequestMetrics
     children: list[_Child] = field(default_factory=list)
     prompt_logprobs: Optional[list[Optional[TokenLogprobs]]] = None
+    pooling: bool = False  # a pooling request: one output, when finished
+    pooled: Optional[torch.Tensor] = None  # its vector, once computed
 
     @property
     def finished(self) -> bool:
@@ -92,6 +99,7 @@ class OutputProcessor:
         group = _Group(
             request_id, prompt, list(first.prompt_token_ids), params, RequestMetrics(arrival_time)
         )
+        group.pooling = first.is_pooling
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None] * first.num_prompt_tokens
         for i, req in enumerate(requests):
@@ -153,7 +161,7 @@ class OutputProcessor:
             touched[group.request_id] = group
         for group in touched.values():
             finished = group.finished
-            if finished or not final_only:
+            if finished or not (final_only or group.pooling):
                 done.outputs.append(self._make_output(group))
             if finished:
                 self._forget(group)
@@ -172,6 +180,10 @@ class OutputProcessor:
             start, entries = out.prompt_logprobs
             for j, lp in enumerate(entries):
                 group.prompt_logprobs[start + 1 + j] = lp
+        if out.pooled is not None:
+            assert isinstance(out.pooled, torch.Tensor)  # made by the runner
+            group.pooled = out.pooled
+            child.first_token_time = group.metrics.first_token_time = now  # its one result
         if out.new_token_ids:
             self._take_tokens(group, child, out, now, done)
         if out.finish_reason is not None:
@@ -218,13 +230,14 @@ class OutputProcessor:
             group.request_id,
             group.prompt,
             group.prompt_token_ids,
-            completions,
+            [] if group.pooled is not None else completions,
             finished,
             group.metrics,
             tpot,
             group.prompt_logprobs,
             c0.request.num_cached_tokens or 0,
             kv_params,
+            group.pooled,
         )
 
     def _forget(self, group: _Group) -> None:

@@ -4,7 +4,7 @@ pooling request, its one pooled vector (``RequestOutput.pooled``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Generic, Optional, TypeVar
 
 import torch
 
@@ -85,8 +85,60 @@ class RequestOutput:
 
     @property
     def finish_reason(self) -> Optional[str]:
+        if not self.outputs:  # a pooling request's vector: "stop" once it is there
+            return "stop" if self.pooled is not None else None
         return self.outputs[0].finish_reason
 
     @property
     def time_to_first_token(self) -> Optional[float]:
         return self.metrics.time_to_first_token
+
+
+# --- the offline API's pooling outputs (vLLM's shapes: ``LLM.embed / classify / score``) ---
+
+
+@dataclass
+class PoolingOutput:
+    data: torch.Tensor  # the pooled result as the engine gives it (1-D float32, CPU)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]  # one per class (raw logits with activation=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class PoolingRequestOutput(Generic[T]):
+    """One pooling request's result: ``outputs`` is one of the classes above."""
+
+    request_id: str
+    outputs: T
+    prompt_token_ids: list[int]
+    finished: bool = True
+    num_cached_tokens: int = 0
+
+
+EmbeddingRequestOutput = PoolingRequestOutput[EmbeddingOutput]
+ClassificationRequestOutput = PoolingRequestOutput[ClassificationOutput]
+ScoringRequestOutput = PoolingRequestOutput[ScoringOutput]

@@ -19,3 +19,7 @@ class EngineStats:
     num_generation_tokens: int
     kv_transfer: Optional[KVTransferStats] = None  # None when colocated
     kv_events: Optional[PublisherStats] = None  # None when no KV events are published
+    # Pooling requests (embeddings, scores) taken, and their prompt tokens (also counted in
+    # num_prompt_tokens); 0 on a generation engine.
+    num_pooling_requests: int = 0
+    num_pooling_tokens: int = 0

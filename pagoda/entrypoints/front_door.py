@@ -64,7 +64,9 @@ class ServedEngine(Engine, Protocol):
     max_model_len: int
     runner_kind: RunnerKind  # "generate" or "pooling" (--runner)
     pooling_tasks: frozenset[str]  # what a pooling model serves: embed, classify, score
-    class_labels: tuple[str, ...]  # a classifier's label names, by class index
+
+    @property
+    def class_labels(self) -> tuple[str, ...]: ...  # a classifier's class names, by index
 
     def encode(self, text: str) -> list[int]: ...
 

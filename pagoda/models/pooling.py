@@ -315,12 +315,14 @@ class PoolingState:
         if chunk.shape[0] == 0:
             return
         kind = self.pooling_type
+        # Copies, never views: the step's hidden states may be a buffer the next step reuses
+        # (a CUDA graph's output), and a view would keep the whole step's rows alive.
         if kind is PoolingType.ALL:
-            self.rows.append(chunk.float())
+            self.rows.append(chunk.to(torch.float32, copy=True))
         elif kind is PoolingType.CLS and self.kept is None:
-            self.kept = chunk[0].float()
+            self.kept = chunk[0].to(torch.float32, copy=True)
         elif kind is PoolingType.LAST:
-            self.kept = chunk[-1].float()
+            self.kept = chunk[-1].to(torch.float32, copy=True)
         elif kind is PoolingType.MEAN:
             total = chunk.float().sum(0)  # (E,)
             self.kept = total if self.kept is None else self.kept + total

@@ -10,6 +10,10 @@ the buffer itself), on every device alike: one input path. Nothing in a step wai
 GPU except reading the sampled tokens (argmax and sampling run on the device). Decode-only
 steps on CUDA replay a CUDA graph (``cuda_graph.py``) unless ``enforce_eager``.
 
+Pooling requests (embeddings, scores; ``pooler.py``) sample nothing: each chunk's hidden rows
+go to the request's :class:`PoolingState`, and the step with its last prompt row finishes it
+into the step's ``pooled`` output instead of a token.
+
 Speculative decoding: a decode row with k drafts becomes k + 1 decode rows of the same
 request, at consecutive positions, each attending to the tokens up to its own (the whole
 batch's K/V is written before any row attends), so the decode kernels and CUDA graphs take
@@ -30,7 +34,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
@@ -45,12 +49,15 @@ from pagoda.attention.metadata import (
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagoda.kernels import cpu_fused
+from pagoda.models.pooling import PoolingState
 from pagoda.models.prepare import PreparedModel
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling import SamplingParams
 from pagoda.utils import cdiv
 from pagoda.worker.cuda_graph import DecodeGraphs
 from pagoda.worker.host_buffer import IntPart, pack_ints, to_device
 from pagoda.worker.kv_cache import allocate_kv_cache
+from pagoda.worker.pooler import Pooler
 from pagoda.worker.sampler import (
     SamplingRow,
     greedy_from_hidden,
@@ -76,6 +83,8 @@ class CachedRequestState:
     num_pending: int = 0  # sampled by a launched step, not yet collected (0 or 1)
     sliding_ids: list[int] = field(default_factory=list)  # the sliding layers' table, if apart
     sampled_row: int = 0  # its row among the last launched step's sampled tokens
+    pooling_params: Optional[PoolingParams] = None  # a pooling request: pools, never samples
+    pool: Optional[PoolingState] = None  # its rows pooled so far (pooling requests)
 
 
 @dataclass
@@ -109,6 +118,8 @@ class HostInputs:
     placeholder_rows: list[int] = field(default_factory=list)
     placeholder_sources: list[int] = field(default_factory=list)
     allowed_tokens: dict[str, list[bytes]] = field(default_factory=dict)  # structured outputs
+    # Pooling requests' chunks: (request id, first row, rows, whether its prompt ends there).
+    pool_chunks: list[tuple[str, int, int, bool]] = field(default_factory=list)
     # The sliding layers' slots, decode tables and chunks when their KV is apart.
     sliding: Optional["HostInputs"] = None
 
@@ -143,6 +154,17 @@ class StepHandle:
             return self.host_tokens.tolist()
         assert self.tokens is not None  # read only for a step that sampled
         return self.tokens.tolist()
+
+
+class StepRunner(Protocol):
+    """What the engine core runs a step on: this module's ModelRunner, or an encoder's
+    (``encoder_runner.py``)."""
+
+    def launch(self, sched: SchedulerOutput) -> StepHandle: ...
+
+    def collect(self, handle: StepHandle) -> ModelRunnerOutput: ...
+
+    def forget_requests(self) -> None: ...
 
 
 @dataclass
@@ -213,9 +235,11 @@ class ModelRunner:
         max_model_len: Optional[int] = None,
         enforce_eager: bool = False,
         sliding_num_blocks: Optional[int] = None,
+        pooler: Optional[Pooler] = None,
     ) -> None:
         """Run steps of ``prepared``'s model (``models/prepare.py``: its weights, int4 routes
-        and ops are final) over a KV cache of ``num_blocks`` blocks it allocates."""
+        and ops are final) over a KV cache of ``num_blocks`` blocks it allocates; ``pooler``:
+        what its pooling requests' pooled rows become (a pooling model)."""
         model, device = prepared.model, prepared.device
         dtype, kv_dtype = prepared.dtype, prepared.kv_dtype
         self.model = model
@@ -231,6 +255,7 @@ class ModelRunner:
             model.arch, num_blocks, block_size, kv_dtype, device, sliding_num_blocks
         )
         self.states: dict[str, CachedRequestState] = {}
+        self.pooler = pooler
         # Greedy rows' argmax on the fused CPU kernel: chosen here, with the ops (PAGODA_FUSED).
         self.fused_sampling = cpu_fused.enabled_for(device, dtype)
         self.graphs: Optional[DecodeGraphs] = None
@@ -295,6 +320,8 @@ class ModelRunner:
         if host.samplers:
             self._sample(hidden, host, logits_index, handle)
         self._last_tokens = handle.tokens
+        if host.pool_chunks:
+            self._pool(hidden, host.pool_chunks, handle.output)
         if host.prompt_rows:
             self._prompt_logprobs(hidden, host.prompt_rows, handle.output)
         return handle
@@ -303,6 +330,9 @@ class ModelRunner:
         """Read a launched step's sampled tokens into the requests' states and the output:
         each request's one token, or its accepted drafts and the sample after them."""
         output = handle.output
+        for rid, pooled in output.pooled.items():
+            assert isinstance(pooled, torch.Tensor)
+            output.pooled[rid] = pooled.cpu()  # the step's only wait when nothing samples
         if not handle.samplers:
             return output
         tokens = handle.read_tokens()
@@ -352,12 +382,15 @@ class ModelRunner:
             state.sliding_ids.extend(cached.new_sliding_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    @staticmethod
-    def _new_state(new: NewRequestData) -> CachedRequestState:
+    def _new_state(self, new: NewRequestData) -> CachedRequestState:
         p = new.sampling_params
         stop_ids = list(p.stop_token_ids)
         if not p.ignore_eos:
             stop_ids.extend(new.eos_token_ids)
+        pool = None
+        if new.pooling_params is not None:
+            assert self.pooler is not None, "a pooling request on a generation model"
+            pool = PoolingState(self.pooler.pooling_type)
         return CachedRequestState(
             new.request_id,
             list(new.token_ids),
@@ -368,6 +401,8 @@ class ModelRunner:
             stop_ids,
             new.seed_offset,
             sliding_ids=list(new.sliding_block_ids),
+            pooling_params=new.pooling_params,
+            pool=pool,
         )
 
     # ------------------------------------------------------------------ inputs
@@ -459,7 +494,11 @@ class ModelRunner:
         host: HostInputs, rid: str, state: CachedRequestState, row: int, start: int, n: int
     ) -> None:
         """Rows ``[row, row + n)`` hold positions ``[start, start + n)`` of ``rid``: the last
-        samples if it reaches the end of the known tokens; prompt rows may want logprobs."""
+        samples if it reaches the end of the known tokens; prompt rows may want logprobs; a
+        pooling request's rows are pooled instead."""
+        if state.pool is not None:
+            host.pool_chunks.append((rid, row, n, start + n == state.num_prompt_tokens))
+            return
         if start + n == len(state.token_ids) + state.num_pending:
             host.logits_indices.append(row + n - 1)
             host.samplers.append(rid)
@@ -582,6 +621,30 @@ class ModelRunner:
             allowed,
             drafts or [],
         )
+
+    def _pool(
+        self,
+        hidden: torch.Tensor,
+        chunks: list[tuple[str, int, int, bool]],
+        output: ModelRunnerOutput,
+    ) -> None:
+        """hidden: (T, E). Each pooling request's rows join its pooled state; those whose
+        prompt ended here are finished into ``output.pooled`` (on the device until
+        ``collect``)."""
+        done: list[tuple[str, CachedRequestState]] = []
+        for rid, row, n, last in chunks:
+            state = self.states[rid]
+            assert state.pool is not None  # only pooling requests have pool chunks
+            state.pool.add(hidden[row : row + n])  # (n, E)
+            if last:
+                done.append((rid, state))
+        if not done:
+            return
+        assert self.pooler is not None  # pooling requests exist only on a pooling model
+        pooled = torch.stack([s.pool.result() for _, s in done if s.pool is not None])
+        params = [s.pooling_params for _, s in done if s.pooling_params is not None]
+        for (rid, _), result in zip(done, self.pooler.finish(pooled, params), strict=True):
+            output.pooled[rid] = result
 
     def _prompt_logprobs(
         self,
