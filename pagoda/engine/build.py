@@ -41,9 +41,10 @@ from pagoda.core.scheduler import Scheduler
 from pagoda.core.sliding_kv import SlidingTables
 from pagoda.engine import cpu_budget, spec_timing
 from pagoda.engine.core import EngineCore
+from pagoda.engine.intake import Intake
 from pagoda.engine.kv_event_publisher import KVEventPublisher
 from pagoda.engine.kv_plan import KVPlan, KVRequest, plan_pools
-from pagoda.engine.llm_engine import EngineParts, LLMEngine, ServedModel
+from pagoda.engine.llm_engine import EngineParts, LLMEngine
 from pagoda.engine.output_processor import OutputProcessor
 from pagoda.engine.pooling_model import (
     RunnerChoice,
@@ -53,6 +54,7 @@ from pagoda.engine.pooling_model import (
     encoder_view,
     parse_pooler_config,
 )
+from pagoda.engine.served_model import ServedModel
 from pagoda.engine.structured import GrammarCompiler, StructuredOutputs
 from pagoda.kv_transfer.base import KVConnectorWorker
 from pagoda.models.cpu_int4 import resolve_quantization
@@ -188,7 +190,7 @@ def _build_encoder_engine(args: EngineArgs, choice: RunnerChoice) -> LLMEngine:
         structured=structured,
         core=core,
         output=OutputProcessor(model.tokenizer),
-        kv_secret=b"",
+        intake=Intake(model, config.policy, structured, args.kv_role, kv.block_size, b"", pooler),
         kv_events=None,
         pooler=pooler,
     )
@@ -387,7 +389,15 @@ def _assemble(
             structured=base.structured,
             core=core,
             output=output,
-            kv_secret=secret,
+            intake=Intake(
+                model,
+                config.policy,
+                base.structured,
+                args.kv_role,
+                base.block_size,
+                secret,
+                base.pooler,
+            ),
             kv_events=publisher,
             pooler=base.pooler,
         )

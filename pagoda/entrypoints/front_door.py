@@ -48,7 +48,7 @@ from pagoda.request import EngineRequest
 from pagoda.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from pagoda.engine.llm_engine import RunnerKind
+    from pagoda.engine.served_model import RunnerKind
     from pagoda.models.config import ModelArch
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up first

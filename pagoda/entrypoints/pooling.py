@@ -18,14 +18,14 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from fastapi import Request
 
 from pagoda.engine.outputs import RequestOutput
 from pagoda.entrypoints.dialect import tenant_salt
-from pagoda.entrypoints.errors import ApiError
+from pagoda.entrypoints.errors import ApiError, engine_value_error
 from pagoda.entrypoints.front_door import ApiRequest, FieldNames, FrontDoor, Prompt, Usage
 from pagoda.pooling_params import PoolingParams, PoolingTask
 
@@ -43,6 +43,14 @@ class Pooled:
     vectors: list[torch.Tensor]
     usage: Usage
     outputs: list[RequestOutput]
+
+
+def pooling_params(task: PoolingTask, **fields: Any) -> PoolingParams:
+    """The request's pooling params; a bad value is a 400 naming its field."""
+    try:
+        return PoolingParams(task, **fields)
+    except ValueError as e:
+        raise engine_value_error(e, {}) from None
 
 
 def check_serves(door: FrontDoor, task: PoolingTask, route: str) -> None:
@@ -140,23 +148,11 @@ async def pool(
     for out in done:
         assert out.pooled is not None, f"request {out.request_id} finished without a vector"
         vectors.append(out.pooled)
-    return Pooled(vectors, Usage.of(request, outputs), done)
+    # The tokens the engine read: a truncated prompt counts its kept tokens.
+    usage = Usage(sum(o.num_prompt_tokens for o in done), 0, sum(o.num_cached_tokens for o in done))
+    return Pooled(vectors, usage, done)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """The cosine similarity of two embeddings (rerank and score on an embedding model)."""
     return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=0))
-
-
-def truncation(
-    door: FrontDoor, value: Optional[int], field: str = "truncate_prompt_tokens"
-) -> Optional[int]:
-    """vLLM's ``truncate_prompt_tokens``: keep a prompt's last k tokens; -1: as many as the
-    model takes. None: an over-long prompt is refused."""
-    if value is None:
-        return None
-    if value == -1:
-        return door.engine.max_model_len
-    if value < 1:
-        raise ApiError(400, f"{field} must be a positive integer or -1, got {value}", field)
-    return value

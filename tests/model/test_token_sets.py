@@ -71,7 +71,7 @@ def test_a_bad_word_is_never_written_and_nothing_else_changes(llm):
 def test_bad_words_are_tokenized_as_written_and_after_a_space(tiny):
     llm = LLM(tiny, dtype="float32")
     params = SamplingParams(bad_words=["fox", " brown"], max_tokens=2)
-    engine_params = llm.engine._with_bad_word_ids(params)
+    engine_params = llm.engine.intake._with_bad_word_ids(params)
     tok = llm.engine.tokenizer
     for text in ("fox", " fox", " brown"):
         assert tok.encode(text, add_special_tokens=False) in engine_params.bad_words_token_ids

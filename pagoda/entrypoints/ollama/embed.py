@@ -24,8 +24,7 @@ from pagoda.entrypoints.field_policy import Tolerant
 from pagoda.entrypoints.front_door import client_closed
 from pagoda.entrypoints.ollama.errors import OLLAMA
 from pagoda.entrypoints.ollama.models import resolve
-from pagoda.entrypoints.pooling import check_serves, pool, prompts_of
-from pagoda.pooling_params import PoolingParams
+from pagoda.entrypoints.pooling import check_serves, pool, pooling_params, prompts_of
 
 ERRORS = OLLAMA.error_responses(400, 401, 404, 413, 429, 503)
 
@@ -72,7 +71,7 @@ async def _embed(ctx: ServerContext, req: EmbedRequest, raw: Request) -> Respons
     check_serves(door, "embed", "/api/embed")
     start = time.monotonic()
     keep = door.engine.max_model_len if req.truncate else None
-    params = PoolingParams(
+    params = pooling_params(
         "embed", dimensions=req.dimensions, normalize=True, truncate_prompt_tokens=keep
     )
     pooled = await pool(door, "embed", prompts_of(door, req.input, "input"), params, raw)
@@ -95,7 +94,7 @@ async def _embeddings(ctx: ServerContext, req: EmbeddingsRequest, raw: Request) 
     check_serves(door, "embed", "/api/embeddings")
     if not req.prompt:
         raise ApiError(400, "prompt must not be empty", "prompt")
-    params = PoolingParams("embed", normalize=False)
+    params = pooling_params("embed", normalize=False)
     pooled = await pool(door, "embed", prompts_of(door, req.prompt, "prompt"), params, raw)
     if pooled is None:
         return client_closed()

@@ -21,8 +21,7 @@ from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
 from pagoda.entrypoints.front_door import FrontDoor, client_closed
 from pagoda.entrypoints.openai.errors import OPENAI
 from pagoda.entrypoints.openai.protocol import _Strict
-from pagoda.entrypoints.pooling import check_serves, pool, prompts_of, truncation
-from pagoda.pooling_params import PoolingParams
+from pagoda.entrypoints.pooling import check_serves, pool, pooling_params, prompts_of
 
 
 class ClassifyRequest(_Strict):
@@ -46,9 +45,7 @@ def endpoint(ctx: ServerContext) -> Endpoint:
 async def _classify(door: FrontDoor, req: ClassifyRequest, raw: Request) -> Response:
     door.check_model(req.model)
     check_serves(door, "classify", "/classify")
-    params = PoolingParams(
-        "classify", truncate_prompt_tokens=truncation(door, req.truncate_prompt_tokens)
-    )
+    params = pooling_params("classify", truncate_prompt_tokens=req.truncate_prompt_tokens)
     created = int(time.time())
     pooled = await pool(door, "classify", prompts_of(door, req.input, "input"), params, raw)
     if pooled is None:

@@ -26,8 +26,7 @@ from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
 from pagoda.entrypoints.front_door import Usage, client_closed
 from pagoda.entrypoints.openai.errors import OPENAI
 from pagoda.entrypoints.openai.protocol import _Strict
-from pagoda.entrypoints.pooling import check_serves, pool, prompts_of, truncation
-from pagoda.pooling_params import PoolingParams
+from pagoda.entrypoints.pooling import check_serves, pool, pooling_params, prompts_of
 
 ROUTE = "/v1/embeddings"
 
@@ -58,11 +57,11 @@ async def create(ctx: ServerContext, req: EmbeddingRequest, raw: Request) -> Res
     door = ctx.door
     door.check_model(req.model)
     check_serves(door, "embed", ROUTE)
-    params = PoolingParams(
+    params = pooling_params(
         "embed",
         dimensions=req.dimensions,
         normalize=req.normalize,
-        truncate_prompt_tokens=truncation(door, req.truncate_prompt_tokens),
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
     created = int(time.time())
     pooled = await pool(door, "embd", prompts_of(door, req.input, "input"), params, raw)

@@ -32,10 +32,9 @@ from pagoda.entrypoints.pooling import (
     cosine,
     pair_prompts,
     pool,
+    pooling_params,
     serves,
-    truncation,
 )
-from pagoda.pooling_params import PoolingParams
 
 ERRORS = OPENAI.error_responses(400, 401, 404, 413, 429, 503)
 
@@ -177,9 +176,9 @@ async def _relevance(
 ) -> Optional[tuple[list[float], Usage]]:
     """The score of each (query, document) pair: a cross-encoder's, else the cosine of the
     two embeddings. None when the client left."""
-    keep = truncation(door, truncate)
+    keep = truncate
     if serves(door, "score"):
-        params = PoolingParams("score", truncate_prompt_tokens=keep)
+        params = pooling_params("score", truncate_prompt_tokens=keep)
         pooled = await pool(door, "score", pair_prompts(door, queries, docs), params, raw)
         if pooled is None:
             return None
@@ -195,7 +194,7 @@ async def _cosine_scores(
     texts = list(dict.fromkeys([*queries, *docs]))
     where = {text: i for i, text in enumerate(texts)}
     prompts = [Prompt(door.engine.encode(t), t) for t in texts]
-    params = PoolingParams("embed", truncate_prompt_tokens=keep)
+    params = pooling_params("embed", truncate_prompt_tokens=keep)
     pooled = await pool(door, "score", prompts, params, raw)
     if pooled is None:
         return None
