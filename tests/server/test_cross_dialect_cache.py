@@ -16,7 +16,9 @@ def _conversation() -> tuple[str, list[dict], list[dict], list[dict]]:
     (system apart, a tool_use and its tool_result) and OpenAI's (system first, tool_calls,
     a tool message)."""
     tag = uuid.uuid4().hex
-    system = f"Conversation {tag}. " + "You are a terse assistant. " * 8  # a few KV blocks
+    # The tag first: two conversations differ from their first block on (a tag later in the
+    # text would leave a first block two conversations share, read from the cache).
+    system = f"{tag}: " + "You are a terse assistant. " * 8  # a few KV blocks
     ask = "What is the weather in Oslo?"
     anthropic_messages = [
         {"role": "user", "content": ask},
