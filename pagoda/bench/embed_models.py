@@ -149,10 +149,13 @@ def save_word_tokenizer(path: str, preset: EmbedPreset) -> Any:
         if not preset.is_decoder
         else dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, **names)
+    inputs = ["input_ids", "attention_mask"]
+    if not preset.is_decoder:
+        inputs.insert(1, "token_type_ids")  # BERT's segments of a (query, document) pair
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token=unk, model_input_names=inputs, **names
+    )
     fast.model_max_length = preset.config["max_position_embeddings"]
-    if preset.is_decoder:
-        fast.model_input_names = ["input_ids", "attention_mask"]
     fast.save_pretrained(path)
     return fast
 
