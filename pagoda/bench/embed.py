@@ -104,7 +104,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--num-texts",
         type=int,
         default=None,
-        help="texts (rerank: documents); default 2000 for bert-small, 48 for qwen3-0.6b "
+        help="texts (rerank: documents); default 2000 for bert-small, 16 for qwen3-0.6b "
         "(minutes on 2 cores), 100 documents for rerank",
     )
     g.add_argument("--min-tokens", type=int, default=16)

@@ -95,7 +95,7 @@ PRESETS: dict[str, EmbedPreset] = {
         2000, hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
         intermediate_size=1536,
     ),
-    "qwen3-0.6b": _qwen3_preset(48),
+    "qwen3-0.6b": _qwen3_preset(16),
     "tiny-bert": _bert_preset(
         12, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, vocab_size=1000, max_position_embeddings=64,
