@@ -75,6 +75,16 @@ def request_flops(shape: ModelShape, prompt_len: int, output_len: int, cached_le
     return linear + logits + attention
 
 
+def pooling_flops(shape: ModelShape, prompt_len: int, bidirectional: bool) -> int:
+    """FLOPs of one pooling request (a prefill, no logits): linear layers, and attention over
+    every position (an encoder) or the positions up to each token (a decoder embedder). The
+    pooler and a classifier head (a vector each) are left out."""
+    linear = 2 * shape.params_non_embedding * prompt_len
+    pairs = prompt_len * prompt_len if bidirectional else prompt_len * (prompt_len + 1) // 2
+    attention = 4 * shape.num_heads * shape.head_dim * shape.num_layers * pairs
+    return linear + attention
+
+
 def workload_flops(
     shape: ModelShape, prompt_lens: Sequence[int], output_lens: Sequence[int]
 ) -> int:
@@ -87,7 +97,7 @@ def workload_flops(
 def model_matmul_shapes(arch: Any, batch_tokens: int, num_seqs: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of the model's projections at ``batch_tokens`` rows, plus its lm_head."""
     h, q = arch.hidden_size, arch.num_heads * arch.head_dim
-    kv = arch.num_kv_heads * arch.head_dim
+    kv = getattr(arch, "num_kv_heads", arch.num_heads) * arch.head_dim  # encoders: MHA
     i = arch.intermediate_size
     m = batch_tokens
     rows = max(1, min(num_seqs, LOGITS_BATCH_CAP))

@@ -21,6 +21,12 @@ BENCHES = [
     ("structured", "constrained decoding (a JSON schema) vs none, and what the masks cost", True),
     ("spec", "speculative decoding (ngram, suffix) vs none: grounded and saturated work", True),
     (
+        "embed",
+        "embeddings (--task embed) or reranking (--task rerank): pagoda offline and served "
+        "vs sentence-transformers",
+        True,
+    ),
+    (
         "host",
         "the engine's host time per step, model work removed (the host side of a GPU step)",
         False,
