@@ -80,7 +80,10 @@ def packed_attention(
     outs, start = [], 0
     for n in seq_lens:
         span = slice(start, start + n)
-        outs.append(F.scaled_dot_product_attention(q[:, span], k[:, span], v[:, span]))
+        # 4-D (a batch of one): the CPU's fused (flash) kernel takes only 4-D inputs; a 3-D
+        # call falls back to the unfused math path (matmul, mask, softmax, matmul).
+        o = F.scaled_dot_product_attention(q[None, :, span], k[None, :, span], v[None, :, span])
+        outs.append(o[0])
         start += n
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
