@@ -373,13 +373,16 @@ def load_sentence_transformers(setup: Setup, dtype: torch.dtype) -> Any:
 
 
 def pagoda_engine_args(ns: argparse.Namespace, setup: Setup) -> Any:
+    """The offline engine's args. Prefix caching is off: every round embeds the same texts,
+    and a decoder's last-token pooling would read round 1's prompts from the cache (the
+    workload's texts share nothing, so a user embedding new texts gets no hits either)."""
     from pagoda.entrypoints.cli import engine_args_from
 
     base = engine_args_from(ns)
     convert = "embed" if setup.decoder and not setup.rerank else base.convert
     return dataclasses.replace(
         base, model=setup.model_path, model_preset=None, load_format="auto",
-        runner="pooling", convert=convert,
+        runner="pooling", convert=convert, enable_prefix_caching=False,
     )  # fmt: skip
 
 
@@ -389,7 +392,7 @@ def server_args(engine_args: Any, ns: argparse.Namespace, port: int, threads: in
         "serve", engine_args.model, "--runner", "pooling", "--convert", engine_args.convert,
         "--dtype", ns.dtype, "--port", str(port), "--num-threads", str(threads),
         "--max-num-batched-tokens", str(engine_args.token_budget),
-        "--max-num-seqs", str(engine_args.max_num_seqs),
+        "--max-num-seqs", str(engine_args.max_num_seqs), "--no-prefix-caching",
     ]  # fmt: skip
     if engine_args.kv_cache_memory is not None:
         args += ["--kv-cache-memory", str(engine_args.kv_cache_memory)]
