@@ -23,7 +23,6 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from fastapi import Request
 
-from pagoda.engine.outputs import RequestOutput
 from pagoda.entrypoints.dialect import tenant_salt
 from pagoda.entrypoints.errors import ApiError, engine_value_error
 from pagoda.entrypoints.front_door import ApiRequest, FieldNames, FrontDoor, Prompt, Usage
@@ -42,7 +41,6 @@ class Pooled:
 
     vectors: list[torch.Tensor]
     usage: Usage
-    outputs: list[RequestOutput]
 
 
 def pooling_params(task: PoolingTask, **fields: Any) -> PoolingParams:
@@ -150,7 +148,7 @@ async def pool(
         vectors.append(out.pooled)
     # The tokens the engine read: a truncated prompt counts its kept tokens.
     usage = Usage(sum(o.num_prompt_tokens for o in done), 0, sum(o.num_cached_tokens for o in done))
-    return Pooled(vectors, usage, done)
+    return Pooled(vectors, usage)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

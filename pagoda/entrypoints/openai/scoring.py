@@ -17,7 +17,6 @@ import time
 import uuid
 from typing import Any, Optional, Sequence, Union
 
-import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
@@ -176,29 +175,28 @@ async def _relevance(
 ) -> Optional[tuple[list[float], Usage]]:
     """The score of each (query, document) pair: a cross-encoder's, else the cosine of the
     two embeddings. None when the client left."""
-    keep = truncate
     if serves(door, "score"):
-        params = pooling_params("score", truncate_prompt_tokens=keep)
+        params = pooling_params("score", truncate_prompt_tokens=truncate)
         pooled = await pool(door, "score", pair_prompts(door, queries, docs), params, raw)
         if pooled is None:
             return None
         return [float(v.reshape(-1)[0]) for v in pooled.vectors], pooled.usage
     check_serves(door, "embed", "scoring")
-    return await _cosine_scores(door, queries, docs, keep, raw)
+    return await _cosine_scores(door, queries, docs, truncate, raw)
 
 
 async def _cosine_scores(
-    door: FrontDoor, queries: list[str], docs: list[str], keep: Optional[int], raw: Request
+    door: FrontDoor, queries: list[str], docs: list[str], truncate: Optional[int], raw: Request
 ) -> Optional[tuple[list[float], Usage]]:
     """Each distinct text embedded once (a rerank's query once, not per document)."""
     texts = list(dict.fromkeys([*queries, *docs]))
     where = {text: i for i, text in enumerate(texts)}
     prompts = [Prompt(door.engine.encode(t), t) for t in texts]
-    params = pooling_params("embed", truncate_prompt_tokens=keep)
+    params = pooling_params("embed", truncate_prompt_tokens=truncate)
     pooled = await pool(door, "score", prompts, params, raw)
     if pooled is None:
         return None
-    vectors: list[torch.Tensor] = pooled.vectors
+    vectors = pooled.vectors
     scores = [
         cosine(vectors[where[q]], vectors[where[d]]) for q, d in zip(queries, docs, strict=True)
     ]
