@@ -1,10 +1,11 @@
 """pagoda: an LLM inference engine with a paged KV cache, continuous batching and chunked
-prefill. ``from pagoda import LLM, SamplingParams, PoolingParams``."""
+prefill. ``from pagoda import LLM, SamplingParams, PoolingParams, LoRARequest``."""
 
+from pagoda.lora_request import LoRARequest
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling import SamplingParams
 
-__all__ = ["LLM", "PoolingParams", "SamplingParams"]
+__all__ = ["LLM", "LoRARequest", "PoolingParams", "SamplingParams"]
 __version__ = "0.1.0"
 
 

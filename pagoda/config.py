@@ -28,6 +28,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" | "priority" (vLLM's --scheduling-policy)
+    max_loras: Optional[int] = None  # distinct LoRA adapters running at once (None: no LoRA)
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
@@ -227,6 +228,31 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (docs/lora.md), vLLM's flags: adapters resident at once (and so
+    distinct adapters in a step), adapters kept read on the host, the largest rank."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None  # None: max_loras
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})"
+            )
+
+    @property
+    def host_loras(self) -> int:
+        return self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+
+
+@dataclass(frozen=True)
 class EngineArgs:
     """Everything a user can set, as the CLI and ``LLM(...)`` take it."""
 
@@ -279,6 +305,11 @@ class EngineArgs:
     # is {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token":
     # ["no", "yes"], "is_original_qwen3_reranker": true}.
     hf_overrides: Optional[Mapping[str, Any]] = None
+    # Multi-LoRA (docs/lora.md): requests name an adapter (LoRARequest); vLLM's flags.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -302,6 +333,11 @@ class EngineArgs:
             self.num_sliding_kv_blocks,
             not self.disable_hybrid_kv_cache_manager,
         )
+
+    def lora_config(self) -> Optional[LoRAConfig]:
+        if not self.enable_lora:
+            return None
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     def kv_transfer_config(self, engine_id: str) -> KVTransferConfig:
         return KVTransferConfig(
@@ -342,4 +378,5 @@ class EngineArgs:
             max_model_len,
             self.enable_chunked_prefill,
             self.scheduling_policy,
+            self.max_loras if self.enable_lora else None,
         )

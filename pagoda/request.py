@@ -24,6 +24,7 @@ from pagoda.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pagoda.core.remote_kv import KVTransferRequest, RemotePrefill
+    from pagoda.lora_request import LoRARequest
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class EngineRequest:
     # Cross-encoders: the segment of each prompt token (0: the query, 1: the document), as
     # the tokenizer gives them for a (query, document) pair; None: all 0.
     token_type_ids: Optional[list[int]] = None
+    lora_request: Optional[LoRARequest] = None  # the LoRA adapter to run under (None: base)
 
     @property
     def is_pooling(self) -> bool:
@@ -102,6 +104,7 @@ class Request:
         pooling_params: Optional[PoolingParams] = None,
         token_type_ids: Optional[list[int]] = None,
         reads_every_row: bool = False,
+        lora: Optional[LoRARequest] = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -123,6 +126,9 @@ class Request:
         # Its pooling reads every prompt row (MEAN, CLS, ALL): a prefix-cache hit would skip
         # rows it needs, so it is computed whole.
         self.reads_every_row = reads_every_row
+        # The LoRA adapter it runs under (None: the base model): part of its KV's identity.
+        self.lora = lora
+        self.lora_passes = 0  # waiting on an adapter slot: later requests admitted past it
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

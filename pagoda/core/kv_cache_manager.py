@@ -246,11 +246,13 @@ class KVCacheManager:
             request.all_token_ids[first * bs : end * bs],
             bs,
             request.cache_salt,
+            request.lora,
         )
 
     def _extend_hashes(self, request: Request, num_tokens: int) -> None:
         if len(request.block_hashes) < num_tokens // self.block_size:
-            root = root_hash(self.model_key, request.cache_salt)
+            adapter = request.lora.cache_key if request.lora is not None else None
+            root = root_hash(self.model_key, request.cache_salt, adapter)
             extend_block_hashes(
                 request.block_hashes, root, request.all_token_ids, self.block_size, num_tokens
             )

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple, Optional, Sequence, Union
 
 from pagoda.core.prefix_cache import BlockHash
+from pagoda.lora_request import LoRARequest
 
 # The medium of an engine's own KV cache, as vLLM names it on every device ("GPU"): routers
 # treat other media (CPU offload, disk) as slower tiers.
@@ -62,7 +63,8 @@ class BlockStored:
     token_ids: list[int]  # the blocks' tokens, block after block
     block_size: int
     medium: str = MEDIUM
-    lora_name: Optional[str] = None
+    lora_name: Optional[str] = None  # the adapter the blocks' KV was computed under
+    lora_id: Optional[int] = None
     # Per block, what else its hash depends on (vLLM: multimodal hashes, LoRA, cache_salt):
     # ("cache_salt",) on the first block of a salted chain, else None. None: none at all.
     extra_keys: Optional[list[ExtraKey]] = None
@@ -107,6 +109,7 @@ class KVEventJournal:
         token_ids: list[int],
         block_size: int,
         cache_salt: Optional[str] = None,
+        lora: Optional[LoRARequest] = None,
     ) -> None:
         extra: Optional[list[ExtraKey]] = None
         if cache_salt is not None and parent is None:
@@ -118,6 +121,8 @@ class KVEventJournal:
                 None if parent is None else external_hash(parent),
                 token_ids,
                 block_size,
+                lora_name=lora.lora_name if lora is not None else None,
+                lora_id=lora.lora_int_id if lora is not None else None,
                 extra_keys=extra,
                 group_idx=group.idx if group else None,
                 kv_cache_spec_kind=group.kind if group else None,
@@ -168,6 +173,7 @@ class _Block(NamedTuple):
     block_size: int
     extra_key: ExtraKey
     group: Optional[CacheGroup]
+    lora: tuple[Optional[int], Optional[str]] = (None, None)  # (lora_id, lora_name)
 
 
 class CachedBlocks:
@@ -197,8 +203,9 @@ class CachedBlocks:
         for i, h in enumerate(event.block_hashes):
             extra = event.extra_keys[i] if event.extra_keys else None
             tokens = array("I", event.token_ids[i * size : (i + 1) * size])
+            lora = (event.lora_id, event.lora_name)
             self._blocks.setdefault(
-                (event.group_idx, h), _Block(parent, tokens, size, extra, group)
+                (event.group_idx, h), _Block(parent, tokens, size, extra, group, lora)
             )
             parent = h
 
@@ -254,6 +261,7 @@ def _extends(run: list[tuple[int, _Block]], block: _Block) -> bool:
         block.parent == last_hash
         and block.group == last.group
         and block.block_size == last.block_size
+        and block.lora == last.lora
         and block.extra_key is None
     )
 
@@ -267,6 +275,8 @@ def _run_event(run: list[tuple[int, _Block]]) -> BlockStored:
         first.parent,
         [t for _, b in run for t in b.tokens],
         first.block_size,
+        lora_name=first.lora[1],
+        lora_id=first.lora[0],
         extra_keys=extra if any(k is not None for k in extra) else None,
         group_idx=group.idx if group else None,
         kv_cache_spec_kind=group.kind if group else None,

@@ -14,6 +14,7 @@ from typing import Optional
 from pagoda.core.kv_events import KVCacheEvent
 from pagoda.core.remote_kv import KVLoad, RemotePrefill
 from pagoda.core.snapshot import StepTokens
+from pagoda.lora_request import LoRARequest
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling import SamplingParams
 
@@ -34,6 +35,7 @@ class NewRequestData:
     sliding_block_ids: list[int] = field(default_factory=list)
     pooling_params: Optional[PoolingParams] = None  # a pooling request: pool, never sample
     token_type_ids: Optional[list[int]] = None  # cross-encoders: one segment id per token
+    lora: Optional[LoRARequest] = None  # the adapter it runs under (None: the base model)
 
 
 @dataclass

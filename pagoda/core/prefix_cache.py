@@ -25,15 +25,21 @@ def _digest(*parts: bytes) -> BlockHash:
     return h.digest()
 
 
-def root_hash(model_key: str, cache_salt: Optional[str] = None) -> BlockHash:
+def root_hash(
+    model_key: str, cache_salt: Optional[str] = None, adapter: Optional[str] = None
+) -> BlockHash:
     """The parent of a request's first block: the extra keys every chain starts from.
 
     The model identity keeps two models' KV apart; ``cache_salt`` keeps tenants apart (the
-    same prompt under another salt shares nothing). Both enter through the first block, and
-    the chain carries them to every later one.
+    same prompt under another salt shares nothing); the LoRA adapter (``LoRARequest.
+    cache_key``) keeps adapters apart, and from the base. They enter through the first block,
+    and the chain carries them to every later one.
     """
     salt = b"" if cache_salt is None else b"\x01" + cache_salt.encode("utf-8")
-    return _digest(b"pagoda-prefix-root-v1", model_key.encode("utf-8"), salt)
+    if adapter is None:  # the base model's chains hash as they did before adapters
+        return _digest(b"pagoda-prefix-root-v1", model_key.encode("utf-8"), salt)
+    lora = b"\x02" + adapter.encode("utf-8")
+    return _digest(b"pagoda-prefix-root-v1", model_key.encode("utf-8"), salt, lora)
 
 
 def hash_block(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:

@@ -32,6 +32,7 @@ is scheduled like any other, its input read on the device from the step before.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from typing import Iterable, Optional, Sequence
@@ -422,11 +423,13 @@ class Scheduler:
         self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]]
     ) -> None:
         while self.waiting and budget > 0 and self._num_seqs < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self._next_waiting()
+            if request is None:
+                break  # the head waits for an adapter to leave, and may be passed no more
             if request.num_output_placeholders:
                 break  # preempted with a token in flight: readmitted once it is read
             if self._can_never_fit(request):
-                self.waiting.popleft()
+                self.waiting.remove(request)
                 self._finish(request, RequestStatus.FINISHED_LENGTH, self._too_big_detail(request))
                 continue
             computed_blocks = self._computed_prefix(request)
@@ -446,7 +449,7 @@ class Scheduler:
                     budget = self.config.step_token_budget - sum(scheduled.values())
                     continue  # a lower-priority request gave its blocks back: try again
                 break  # strict order: nobody overtakes the head of the queue
-            self.waiting.popleft()
+            self._take_waiting(request)
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_computed
@@ -454,6 +457,42 @@ class Scheduler:
             scheduled[request.request_id] = num_new
             new_blocks[request.request_id] = blocks
             budget -= num_new
+
+    # ------------------------------------------------------------ LoRA adapters
+    # At most ``max_loras`` distinct adapters run at once (the model holds that many). The
+    # head of the queue, when its adapter would be one too many, waits; a later request
+    # whose adapter is already running (or that runs the base) may pass it, at most
+    # ``max_num_seqs`` times per head. After that the queue holds behind it until a
+    # running adapter's last request ends, so no adapter's requests wait forever.
+    def _next_waiting(self) -> Optional[Request]:
+        """The waiting request to admit next: the head, or one that may pass it."""
+        head = self.waiting[0]
+        if self._adapter_fits(head):
+            return head
+        if head.lora_passes >= self.config.max_num_seqs:
+            return None
+        running = self._running_adapters()
+        for request in itertools.islice(self.waiting, 1, None):
+            if request.lora is None or request.lora.lora_int_id in running:
+                return request
+        return None
+
+    def _take_waiting(self, request: Request) -> None:
+        head = self.waiting[0]
+        if request is head:
+            self.waiting.popleft()
+            return
+        head.lora_passes += 1
+        self.waiting.remove(request)
+
+    def _adapter_fits(self, request: Request) -> bool:
+        if request.lora is None or self.config.max_loras is None:
+            return True
+        running = self._running_adapters()
+        return request.lora.lora_int_id in running or len(running) < self.config.max_loras
+
+    def _running_adapters(self) -> set[int]:
+        return {r.lora.lora_int_id for r in self.running if r.lora is not None}
 
     def _schedule_drafts(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> None:
         """Speculative decoding: with the budget the step's own tokens left, drafts for the
@@ -550,6 +589,7 @@ class Scheduler:
                     seed_offset=request.seed_offset,
                     pooling_params=request.pooling_params,
                     token_type_ids=request.token_type_ids,
+                    lora=request.lora,
                 )
             )
         output = SchedulerOutput(
@@ -719,6 +759,8 @@ class Scheduler:
         assert set(self.kv.req_blocks) <= holders, "blocks held by no running, loading or lease"
         assert not in_running & set(self.loading), "a request both running and loading"
         assert set(self._held) <= live, "n > 1 siblings held for a request that has ended"
+        if self.config.max_loras is not None:
+            assert len(self._running_adapters()) <= self.config.max_loras, "too many adapters"
 
     # --------------------------------------------------------------- remote KV
     # Disaggregated prefill (core/remote_kv.py holds the state): requests move between

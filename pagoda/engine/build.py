@@ -241,6 +241,7 @@ def _load(args: EngineArgs) -> tuple[ServedModel, PreparedModel]:
         kv_dtype,
         quantization,
         context_len=max_model_len,  # picks LongRoPE's factors (Phi-3)
+        lora=args.lora_config(),
     )
     served = ServedModel(
         loaded.name,
@@ -397,6 +398,7 @@ def _assemble(
                 base.block_size,
                 secret,
                 base.pooler,
+                base.runner.lora.prefetch if base.runner.lora is not None else None,
             ),
             kv_events=publisher,
             pooler=base.pooler,

@@ -3,8 +3,9 @@
 Every check an ``EngineRequest`` gets before it is queued is here: the runner and task it
 needs (``--runner``), its prompt's ids against the vocabulary and the context, its sampling
 params (bad words tokenized, token ids in range, a grammar compiled), priority and cache
-salt, ``kv_transfer_params`` (disaggregated prefill: the role and the signed lease), and a
-pooling request's fields against the model's pooler (truncation, Matryoshka widths). It
+salt, ``kv_transfer_params`` (disaggregated prefill: the role and the signed lease), its LoRA
+adapter (read and checked against the base), and a pooling request's fields against the
+model's pooler (truncation, Matryoshka widths). It
 then makes the ``n`` core requests of a generating request (``id:i`` when n > 1: the first
 computes the prompt, the scheduler holds the others until it has) or the one core request of
 a pooling request (its prompt truncated to its last ``truncate_prompt_tokens``).
@@ -15,11 +16,12 @@ that was wrong (the API layers turn it into a 400 naming it), raised before anyt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from pagoda.core.remote_kv import KVTransferRequest, check_remote_prefill, parse_kv_transfer_params
 from pagoda.engine.served_model import ServedModel
 from pagoda.engine.structured import StructuredOutputs
+from pagoda.lora_request import LoRARequest
 from pagoda.pooling_params import PoolingParams
 from pagoda.request import NO_SAMPLING, EngineRequest, Request
 from pagoda.sampling import SamplingParams
@@ -37,6 +39,9 @@ class Intake:
     block_size: int
     kv_secret: bytes  # signs the remote-prefill leases this instance checks
     pooler: Optional[Pooler] = None  # a pooling model's
+    # LoRA on: reads a request's adapter into the host set (lora/slots.py), raising a
+    # ValueError (AdapterError) naming what was wrong; None: the engine serves no adapters.
+    read_adapter: Optional[Callable[[LoRARequest], None]] = None
 
     def core_requests(self, request: EngineRequest, now: float) -> list[Request]:
         """The core requests serving ``request`` (one, or n for n > 1); ValueError naming
@@ -48,7 +53,29 @@ class Intake:
         kv_transfer = self._validate_kv_transfer(
             request.kv_transfer_params, params, request.prompt_token_ids
         )
+        self.check_lora(request)
         return self._children(request, params, kv_transfer, now)
+
+    def check_lora(self, request: EngineRequest) -> None:
+        """A request's adapter: LoRA must be on, and the adapter readable and fit for the
+        base; disaggregated prefill does not carry adapters (refused, not served wrong)."""
+        lora = request.lora_request
+        if lora is None:
+            return
+        if self.read_adapter is None:
+            raise ValueError(
+                f"lora_request {lora.lora_name!r}: this engine serves no LoRA adapters "
+                "(start it with --enable-lora)"
+            )
+        if request.kv_transfer_params is not None:
+            raise ValueError(
+                "kv_transfer_params: disaggregated prefill does not carry LoRA adapters; "
+                f"serve {lora.lora_name!r} colocated"
+            )
+        try:
+            self.read_adapter(lora)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"lora_request {lora.lora_name!r}: {e}") from None
 
     def check_runner(self, request: EngineRequest) -> None:
         """A pooling request needs a pooling engine serving its task, a generation request
@@ -82,6 +109,7 @@ class Intake:
         self._check_common(request)
         if request.kv_transfer_params is not None:
             raise ValueError("kv_transfer_params: not for pooling requests")
+        self.check_lora(request)
         ids, types = self._pooling_prompt(request, params)
         return Request(
             request.request_id,
@@ -95,6 +123,7 @@ class Intake:
             pooling_params=params,
             token_type_ids=types,
             reads_every_row=self.pooler.reads_every_row,
+            lora=request.lora_request,
         )
 
     def _pooling_prompt(
@@ -169,6 +198,7 @@ class Intake:
                 kv_transfer=kv_transfer if i == 0 else None,
                 seed_offset=i,
                 priority=request.priority,
+                lora=request.lora_request,
             )
             for i in range(params.n)
         ]

@@ -60,7 +60,7 @@ def encode_event(event: KVCacheEvent) -> dict[str, Any]:
             "parent_block_hash": event.parent_block_hash,
             "token_ids": event.token_ids,
             "block_size": event.block_size,
-            "lora_id": None,  # vLLM's deprecated field, still required
+            "lora_id": event.lora_id,  # vLLM's deprecated field, still required
             "medium": event.medium,
             "lora_name": event.lora_name,
         }

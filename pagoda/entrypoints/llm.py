@@ -25,6 +25,7 @@ from pagoda.engine.outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from pagoda.lora_request import LoRARequest
 from pagoda.pooling_params import PoolingParams, PoolingTask
 from pagoda.request import EngineRequest
 from pagoda.sampling import SamplingParams
@@ -59,22 +60,27 @@ class LLM:
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: Optional[bool] = None,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
-        """Prompts are strings or lists of token ids; returns outputs in prompt order."""
+        """Prompts are strings or lists of token ids; returns outputs in prompt order.
+        ``lora_request``: one adapter for every prompt, or one (or None: the base) each."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        return self._run(self._submit(prompt_list, params_list), use_tqdm)
+        loras = _as_lora_list(lora_request, len(prompt_list))
+        return self._run(self._submit(prompt_list, params_list, loras), use_tqdm)
 
     def _submit(
         self,
         prompts: Sequence[PromptType],
         params: Sequence[Union[SamplingParams, PoolingParams]],
+        loras: Optional[Sequence[Optional[LoRARequest]]] = None,
     ) -> list[str]:
         """Add every request, or none (the ones added are aborted if one is refused)."""
         ids: list[str] = []
+        loras = loras or [None] * len(prompts)
         try:
-            for prompt, p in zip(prompts, params, strict=True):
-                ids.append(self._add(prompt, p))
+            for prompt, p, lora in zip(prompts, params, loras, strict=True):
+                ids.append(self._add(prompt, p, lora))
         except Exception:
             for rid in ids:
                 self.engine.abort_request(rid)
@@ -188,14 +194,16 @@ class LLM:
         """Drop every cached prefix block; returns how many were cached."""
         return self.engine.reset_prefix_cache()
 
-    def _add(self, prompt: PromptType, params: Union[SamplingParams, PoolingParams]) -> str:
+    def _add(
+        self,
+        prompt: PromptType,
+        params: Union[SamplingParams, PoolingParams],
+        lora: Optional[LoRARequest] = None,
+    ) -> str:
         rid = str(next(self._ids))
-        if isinstance(prompt, str):
-            self.engine.add_request(
-                EngineRequest(rid, self.engine.encode(prompt), params, prompt=prompt)
-            )
-        else:
-            self.engine.add_request(EngineRequest(rid, list(prompt), params))
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.engine.add_request(EngineRequest(rid, ids, params, prompt=text, lora_request=lora))
         return rid
 
     def _run(self, ids: list[str], use_tqdm: Optional[bool]) -> list[RequestOutput]:
@@ -287,3 +295,13 @@ def _score_pairs(
 
 def _cosine(a: list[float], b: list[float]) -> float:
     return float(F.cosine_similarity(torch.tensor([a]), torch.tensor([b]))[0])
+
+
+def _as_lora_list(
+    lora: Union[LoRARequest, Sequence[Optional[LoRARequest]], None], n: int
+) -> list[Optional[LoRARequest]]:
+    if lora is None or isinstance(lora, LoRARequest):
+        return [lora] * n
+    if len(lora) != n:
+        raise ValueError(f"lora_request has {len(lora)} entries for {n} prompts")
+    return list(lora)

@@ -241,6 +241,10 @@ def _split_key(key: str) -> tuple[str, str]:
     (``model.layers.0.self_attn.q_proj``, ``lora_A``)."""
     name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
     parts = name.split(".")
+    if "embed_tokens" in parts or "lm_head" in parts:
+        raise AdapterError(
+            f"adapter tensor {key!r}: embedding and lm_head adapters are not supported"
+        )
     if len(parts) < 3 or parts[-1] != "weight" or parts[-2] not in (LORA_A, LORA_B):
         if "lora_embedding" in key:
             raise AdapterError(f"adapter tensor {key!r} adapts an embedding; not supported")

@@ -91,6 +91,8 @@ class CausalLM(Modules, Protocol):
 
     def to(self, *args: object, **kwargs: object) -> CausalLM: ...
 
+    def get_submodule(self, target: str) -> nn.Module: ...  # LoRA wraps linears (lora/layers.py)
+
 
 class Encoder(Modules, Protocol):
     """An encoder-only model (``bert.py``, ``roberta.py``): whole sequences packed one after the

@@ -113,6 +113,20 @@ def resolve_model(model: str, gguf_file: Optional[str] = None, weights: bool = T
     return ModelSource(_safetensors_from_hub(hub, weights), hub.typed)
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def resolve_adapter(path: str) -> str:
+    """A LoRA adapter's directory: ``path`` itself when it exists, else the Hub id's adapter
+    files (``adapter_config.json``, ``adapter_model.safetensors``) from the Hub cache."""
+    if os.path.exists(path):
+        return path
+    hub = parse_hub_id(path)
+    if hub is None or hub.quant is not None:
+        raise FileNotFoundError(f"LoRA adapter path {path!r} does not exist")
+    return _snapshot(hub, ADAPTER_FILES, hub.revision, ADAPTER_FILES, ADAPTER_FILES)
+
+
 def _local_source(path: str, gguf_file: Optional[str]) -> ModelSource:
     if gguf_file is not None:
         if not os.path.isdir(path):

@@ -10,12 +10,14 @@ The loader gives a model with its weights and the reference ops. :func:`prepare_
    the output projection included;
 4. times up to how many rows the 4-bit form is faster than the dense (packed) one, and drops
    the 4-bit copies where it never is;
-5. binds the decoder ops and the attention backend for the weights' dtype over the KV cache's
+5. with LoRA on (``--enable-lora``), wraps each adaptable linear, in its final form, in a
+   ``LoRALinear`` holding ``--max-loras`` empty adapter slots (``lora/layers.py``);
+6. binds the decoder ops and the attention backend for the weights' dtype over the KV cache's
    (``bind_ops``), reading the switches now: the forward reads none.
 
 Invariant: each step runs once, in this order (packing wraps the dense forms the int4 layers
 fall back to, and the row limits are timed on the final dense form); nothing else in pagoda
-changes a model's weights or ops after this.
+changes a model's weights or ops after this (adapters fill the slots, never the base).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Optional
 
 import torch
 
+from pagoda.config import LoRAConfig
+from pagoda.lora.layers import attach_lora
+from pagoda.lora.slots import LoRASlots, adapter_reader
 from pagoda.models import cpu_int4, cpu_linear
 from pagoda.models.base import CausalLM
 
@@ -39,6 +44,7 @@ class PreparedModel:
     kv_dtype: torch.dtype  # the KV cache's the attention backend was bound for
     int4_route: cpu_int4.Int4Route  # the rows a step's 4-bit layers count (speculation)
     int4_max_rows: int  # the 4-bit form runs steps of at most this many rows (0: never)
+    lora: Optional[LoRASlots] = None  # the adapter slots (--enable-lora)
 
 
 def prepare_model(
@@ -48,6 +54,7 @@ def prepare_model(
     kv_dtype: Optional[torch.dtype] = None,
     quantization: Optional[str] = None,
     context_len: Optional[int] = None,
+    lora: Optional[LoRAConfig] = None,
 ) -> PreparedModel:
     """Ready ``model`` (weights of ``dtype`` on ``device``) for a KV cache of ``kv_dtype``
     (default: ``dtype``) and, when given, a served context of ``context_len`` tokens."""
@@ -61,5 +68,10 @@ def prepare_model(
     cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
     if int4_layers and not max_rows:  # never faster here: drop the copies
         cpu_int4.detach_int4(model)
+    slots = None
+    if lora is not None:
+        layers, batch = attach_lora(model, lora.max_loras, lora.max_lora_rank, dtype, device)
+        read = adapter_reader(model.arch, lora.max_lora_rank)
+        slots = LoRASlots(layers, batch, lora.max_loras, lora.host_loras, read)
     model.bind_ops(device, dtype, kv_dtype or dtype)
-    return PreparedModel(model, device, dtype, kv_dtype or dtype, route, max_rows)
+    return PreparedModel(model, device, dtype, kv_dtype or dtype, route, max_rows, slots)

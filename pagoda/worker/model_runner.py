@@ -49,6 +49,7 @@ from pagoda.attention.metadata import (
 from pagoda.config import DEFAULT_MAX_NUM_SEQS
 from pagoda.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from pagoda.kernels import cpu_fused
+from pagoda.lora_request import LoRARequest
 from pagoda.models.pooling import PoolingState
 from pagoda.models.prepare import PreparedModel
 from pagoda.pooling_params import PoolingParams
@@ -85,6 +86,7 @@ class CachedRequestState:
     sampled_row: int = 0  # its row among the last launched step's sampled tokens
     pooling_params: Optional[PoolingParams] = None  # a pooling request: pools, never samples
     pool: Optional[PoolingState] = None  # its rows pooled so far (pooling requests)
+    lora: Optional[LoRARequest] = None  # the adapter it runs under (None: the base)
 
 
 @dataclass
@@ -247,6 +249,7 @@ class ModelRunner:
         self.device = device
         self.int4_route = prepared.int4_route  # speculation: verified rows count as one
         self.int4_max_rows = prepared.int4_max_rows
+        self.lora = prepared.lora  # the adapter slots (--enable-lora), else None
         # Sliding layers' KV apart, in a pool of its own (core/sliding_kv.py): the CPU path.
         self.sliding = sliding_num_blocks is not None
         self.is_cuda = device.type == "cuda"
@@ -260,7 +263,7 @@ class ModelRunner:
         self.fused_sampling = cpu_fused.enabled_for(device, dtype)
         self.graphs: Optional[DecodeGraphs] = None
         self._last_tokens: Optional[torch.Tensor] = None  # the last launch's samples (S,)
-        if self.is_cuda and not enforce_eager:
+        if self.is_cuda and not enforce_eager and self.lora is None:
             self.graphs = self._capture_graphs(
                 min(max_num_seqs, num_blocks), max_model_len or model.rope.max_positions
             )
@@ -298,6 +301,8 @@ class ModelRunner:
             return StepHandle()
         host = self._gather_inputs(sched)
         self.int4_route.rows = rows_without_drafts(host)
+        if self.lora is not None:
+            self._set_adapters(sched)
         logits_index: Optional[torch.Tensor] = None  # (S,) on the device
         if self._graph_fits(host):
             assert self.graphs is not None  # _graph_fits checked it
@@ -403,16 +408,38 @@ class ModelRunner:
             sliding_ids=list(new.sliding_block_ids),
             pooling_params=new.pooling_params,
             pool=pool,
+            lora=new.lora,
         )
 
     # ------------------------------------------------------------------ inputs
-    @staticmethod
-    def _row_order(sched: SchedulerOutput) -> tuple[list[str], list[str], list[str]]:
-        """The step's requests in batch order: verified drafts, decodes, prefill chunks."""
+    def _row_order(self, sched: SchedulerOutput) -> tuple[list[str], list[str], list[str]]:
+        """The step's requests in batch order: verified drafts, decodes, prefill chunks;
+        with LoRA on, the decodes grouped by adapter (fewer segments for ``punica``)."""
         counts, drafts = sched.num_scheduled_tokens, sched.spec_token_ids
         decodes = [rid for rid, n in counts.items() if n == 1]
         prefills = [rid for rid, n in counts.items() if n > 1 and rid not in drafts]
+        if self.lora is not None:
+            decodes.sort(key=self._adapter_id)
         return list(drafts), decodes, prefills
+
+    def _adapter_id(self, rid: str) -> int:
+        lora = self.states[rid].lora
+        return 0 if lora is None else lora.lora_int_id
+
+    def _set_adapters(self, sched: SchedulerOutput) -> None:
+        """The step's rows of each adapter, in batch order, for the adapted linears; the
+        adapters of every live request stay resident (``lora/slots.py``)."""
+        assert self.lora is not None
+        rows: list[tuple[int, int, LoRARequest]] = []
+        row = 0
+        for group in self._row_order(sched):
+            for rid in group:
+                n, lora = sched.num_scheduled_tokens[rid], self.states[rid].lora
+                if lora is not None:
+                    rows.append((row, n, lora))
+                row += n
+        live = {s.lora.lora_int_id for s in self.states.values() if s.lora is not None}
+        self.lora.set_step(rows, live)
 
     def _gather_inputs(self, sched: SchedulerOutput) -> HostInputs:
         counts, drafts = sched.num_scheduled_tokens, sched.spec_token_ids
