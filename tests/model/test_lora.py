@@ -234,3 +234,51 @@ def test_layers_are_wrapped_once(family):
     llm = LLM(base, dtype="float32", enable_lora=True)
     wrapped = [m for m in llm.engine.runner.model.modules() if isinstance(m, LoRALinear)]
     assert len(wrapped) == 4 * 2 and not any(isinstance(m.base, LoRALinear) for m in wrapped)
+
+
+# ------------------------------------------------------------------ bf16, int4 bases
+def test_bf16_adapters_agree_with_peft(family):
+    """bf16: each token under each adapter is peft-in-bf16's top choice or within the bf16
+    tests' margin of it (teacher forcing, as test_bf16.py), in a mixed batch."""
+    from test_bf16 import assert_teacher_forced
+
+    base, adapters, prompts, _ = family
+    llm = LLM(base, dtype="bfloat16", enable_lora=True, max_loras=3)
+    loras = [None, *requests(adapters)]
+    ps = [p for p in prompts for _ in loras]
+    ls = [lora for _ in prompts for lora in loras]
+    outs = llm.generate(ps, [SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)]
+                        * len(ps), lora_request=ls)
+    for lora in loras:
+        if lora is None:
+            ref = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        else:
+            ref = peft_model(base, lora.lora_path).to(torch.bfloat16)
+        mine = [i for i, x in enumerate(ls) if x == lora]
+        assert_teacher_forced(ref, [ps[i] for i in mine], [outs[i] for i in mine])
+
+
+def test_int4_base_with_adapters(tmp_path, monkeypatch):
+    """--quantization int4 base, adapters in the model's dtype: every step on the 4-bit
+    weights, tokens equal peft over the checkpoint the 4-bit codes stand for."""
+    from test_int4_engine import dequantized_copy
+
+    from pagoda.models import cpu_int4
+
+    base = make_model(str(tmp_path / "base"), "llama", seed=11)
+    ref_path = dequantized_copy(base, str(tmp_path / "dequantized"))
+    adapters = [make_adapter(base, str(tmp_path / f"a{i}"), r=8, targets=ALL_LLAMA, seed=20 + i)
+                for i in range(2)]
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in LENS]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ref_path, dtype=torch.float32)
+    refs = {None: [hf_greedy(hf, p, NEW) for p in prompts]}
+    for path in adapters:
+        refs[path] = [hf_greedy(peft_model(ref_path, path), p, NEW) for p in prompts]
+    monkeypatch.setenv(cpu_int4.MAX_ROWS_ENV, str(1 << 20))
+    llm = LLM(base, dtype="float32", quantization="int4", enable_lora=True, max_loras=2)
+    wrapped = llm.engine.runner.lora.layers.values()
+    assert all(isinstance(layer.base, cpu_int4.Int4Linear) for layer in wrapped)
+    ps, ls, want = mixed(prompts, adapters, refs)
+    outs = llm.generate(ps, [greedy(NEW)] * len(ps), lora_request=ls)
+    assert [o.token_ids for o in outs] == want
