@@ -26,6 +26,7 @@ BENCHES = [
         "vs sentence-transformers",
         True,
     ),
+    ("lora", "LoRA adapters (0, 1, 4, 8 of them) vs the base model, offline", True),
     (
         "host",
         "the engine's host time per step, model work removed (the host side of a GPU step)",

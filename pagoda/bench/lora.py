@@ -1,0 +1,162 @@
+"""``pagoda bench lora``: what serving LoRA adapters costs, offline, against the base alone.
+
+The workload is ``bench throughput``'s (random token-id prompts, uniform input and output
+lengths, greedy, ``ignore_eos``; W1 by default). Random rank-``--rank`` PEFT adapters over
+every adaptable linear (q/k/v/o, gate/up/down) of the model are written to a temporary
+directory, the files a user would download. Each round runs, one after the other on the same
+workload: the base model on an engine without LoRA, then an engine with ``--enable-lora``
+(``--max-loras`` = the most adapters asked) with the requests spread round robin over 0, 1,
+4 and 8 distinct adapters (``--adapters``). Printed per configuration: output tokens/s per
+round, the median, and the median over the base's: the cost of the adapters.
+
+Invariant: a run counts only when every request produced its full output length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from pagoda.bench.common import (
+    check_outputs,
+    greedy_params,
+    machine_info,
+    make_workload,
+    parse_len_range,
+    print_machine,
+    row,
+    warm_up,
+    write_json,
+)
+from pagoda.lora.adapter import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, targets_for
+from pagoda.lora_request import LoRARequest
+from pagoda.models.config import ModelArch
+
+BASE = "base (no LoRA)"
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("workload")
+    g.add_argument("--num-prompts", type=int, default=128)
+    g.add_argument("--input-len", default="64:512", help="prompt tokens, MIN:MAX (uniform)")
+    g.add_argument("--output-len", default="64:256", help="output tokens, MIN:MAX (uniform)")
+    g.add_argument("--data-seed", type=int, default=0)
+    g.add_argument(
+        "--adapters",
+        default="0,1,4,8",
+        help="distinct adapters the requests are spread over, one run each (comma list)",
+    )
+    g.add_argument("--rank", type=int, default=16, help="the adapters' rank")
+    g.add_argument("--rounds", type=int, default=2, help="rounds of every configuration")
+    g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+
+
+def write_adapter(arch: ModelArch, path: str, rank: int, seed: int) -> str:
+    """A random PEFT adapter of ``rank`` over every adaptable linear of ``arch``."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    modules = set()
+    for layer_path, target in targets_for(arch).items():
+        parent = layer_path.rpartition(".")[0]
+        for name, rows in zip(target.shard_names, target.shards, strict=True):
+            key = f"{PEFT_PREFIX}model.{parent}.{name}"
+            a = torch.randn(rank, target.in_features, generator=gen) / target.in_features**0.5
+            tensors[f"{key}.lora_A.weight"] = a
+            tensors[f"{key}.lora_B.weight"] = torch.randn(rows, rank, generator=gen) * 0.01
+            modules.add(name)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
+              "target_modules": sorted(modules), "task_type": "CAUSAL_LM"}  # fmt: skip
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def timed_run(llm: Any, prompts: list[list[int]], outs: list[int], loras: Sequence[Any]) -> float:
+    params = [greedy_params(n) for n in outs]
+    start = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False, lora_request=list(loras))
+    elapsed = time.perf_counter() - start
+    check_outputs(results, outs)
+    return elapsed
+
+
+def spread(adapters: list[LoRARequest], n: int) -> list[Optional[LoRARequest]]:
+    """Request i runs under adapter i mod len(adapters) (none: the base)."""
+    return [adapters[i % len(adapters)] if adapters else None for i in range(n)]
+
+
+def main(ns: argparse.Namespace) -> int:
+    from pagoda.entrypoints.cli import engine_args_from
+    from pagoda.entrypoints.llm import LLM
+
+    counts = [int(c) for c in ns.adapters.split(",")]
+    if ns.rounds < 1 or any(c < 0 for c in counts):
+        raise ValueError("--rounds must be >= 1 and --adapters counts >= 0")
+    engine_args = engine_args_from(ns)
+    base = LLM(**vars(engine_args))
+    arch = base.engine.arch
+    lora = LLM(
+        **{
+            **vars(engine_args),
+            "enable_lora": True,
+            "max_loras": max(max(counts), 1),
+            "max_lora_rank": ns.rank,
+        }  # fmt: skip
+    )
+    print_machine(machine_info())
+    work = make_workload(
+        ns.num_prompts,
+        parse_len_range(ns.input_len, "--input-len"),
+        parse_len_range(ns.output_len, "--output-len"),
+        arch.vocab_size,
+        ns.data_seed,
+    )
+    out_tokens = sum(work.output_lens)
+    print(row("workload", f"{ns.num_prompts} prompts, in {ns.input_len}, out {ns.output_len}"))
+    print(row("adapters", f"rank {ns.rank}, every q/k/v/o/gate/up/down; {counts}"))
+    with tempfile.TemporaryDirectory(prefix="pagoda-lora-bench-") as tmp:
+        adapters = [
+            LoRARequest(f"bench-{i}", i + 1, write_adapter(arch, f"{tmp}/a{i}", ns.rank, i))
+            for i in range(max(counts))
+        ]
+        warm_up(base, arch.vocab_size)
+        warm_up(lora, arch.vocab_size)
+        configs = [BASE] + [f"{c} adapters" for c in counts]
+        rates: dict[str, list[float]] = {c: [] for c in configs}
+        for r in range(ns.rounds):
+            elapsed = timed_run(base, work.prompts, work.output_lens, [None] * ns.num_prompts)
+            rates[BASE].append(out_tokens / elapsed)
+            print(row(f"round {r + 1} {BASE}", f"{rates[BASE][-1]:.1f} output tok/s"))
+            for c in counts:
+                loras = spread(adapters[:c], ns.num_prompts)
+                elapsed = timed_run(lora, work.prompts, work.output_lens, loras)
+                rates[f"{c} adapters"].append(out_tokens / elapsed)
+                print(
+                    row(f"round {r + 1} {c} adapters", f"{out_tokens / elapsed:.1f} output tok/s")
+                )
+    report = summarize(rates)
+    if ns.json:
+        write_json(ns.json, {"machine": machine_info(), "args": vars(ns), "runs": report})
+    return 0
+
+
+def summarize(rates: dict[str, list[float]]) -> dict[str, dict]:
+    base = statistics.median(rates[BASE])
+    print(f"\n{'configuration':<20} {'output tok/s (rounds)':<32} {'median':>8} {'vs base':>8}")
+    report = {}
+    for config, values in rates.items():
+        med = statistics.median(values)
+        rounds = " / ".join(f"{v:.1f}" for v in values)
+        print(f"{config:<20} {rounds:<32} {med:>8.1f} {med / base:>8.3f}")
+        report[config] = {"output_tokens_per_s": values, "median": med, "vs_base": med / base}
+    return report
