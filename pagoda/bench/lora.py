@@ -9,6 +9,11 @@ workload: the base model on an engine without LoRA, then an engine with ``--enab
 4 and 8 distinct adapters (``--adapters``). Printed per configuration: output tokens/s per
 round, the median, and the median over the base's: the cost of the adapters.
 
+With ``--compare vllm``, vLLM's CPU backend (``bench/vllm_peer.py``, its own venv) runs in a
+child with LoRA on (the same ``--max-loras`` and rank) on the same weights, prompts and adapter
+files; in each round, after each pagoda configuration, vLLM runs the same adapter spread, and
+the table adds vLLM's median and pagoda / vLLM.
+
 Invariant: a run counts only when every request produced its full output length.
 """
 
@@ -26,16 +31,23 @@ import torch
 from safetensors.torch import save_file
 
 from pagoda.bench.common import (
+    WARMUP_OUTPUT_LEN,
+    WARMUP_PROMPT_LEN,
     check_outputs,
+    dtype_name,
     greedy_params,
+    hf_model_path,
     machine_info,
     make_workload,
     parse_len_range,
     print_machine,
     row,
+    token_id_range,
     warm_up,
     write_json,
 )
+from pagoda.bench.throughput import SETTLE_S, vllm_dtype
+from pagoda.bench.vllm_peer import VllmOptions, VllmPeer, hf_model_dir
 from pagoda.lora.adapter import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, targets_for
 from pagoda.lora_request import LoRARequest
 from pagoda.models.config import ModelArch
@@ -57,6 +69,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=int, default=16, help="the adapters' rank")
     g.add_argument("--rounds", type=int, default=2, help="rounds of every configuration")
     g.add_argument("--json", default=None, metavar="PATH", help="write every number here")
+    g.add_argument("--compare", choices=["none", "vllm"], default="none")
+    g.add_argument("--vllm-venv", default=None, help="vLLM's venv (default .venv-vllm)")
+    g.add_argument("--vllm-dtype", default=None, help="vLLM's dtype (default: pagoda's)")
+    g.add_argument("--vllm-enforce-eager", action="store_true")
 
 
 def write_adapter(arch: ModelArch, path: str, rank: int, seed: int) -> str:
@@ -121,7 +137,6 @@ def main(ns: argparse.Namespace) -> int:
         arch.vocab_size,
         ns.data_seed,
     )
-    out_tokens = sum(work.output_lens)
     print(row("workload", f"{ns.num_prompts} prompts, in {ns.input_len}, out {ns.output_len}"))
     print(row("adapters", f"rank {ns.rank}, every q/k/v/o/gate/up/down; {counts}"))
     with tempfile.TemporaryDirectory(prefix="pagoda-lora-bench-") as tmp:
@@ -131,32 +146,98 @@ def main(ns: argparse.Namespace) -> int:
         ]
         warm_up(base, arch.vocab_size)
         warm_up(lora, arch.vocab_size)
-        configs = [BASE] + [f"{c} adapters" for c in counts]
-        rates: dict[str, list[float]] = {c: [] for c in configs}
-        for r in range(ns.rounds):
-            elapsed = timed_run(base, work.prompts, work.output_lens, [None] * ns.num_prompts)
-            rates[BASE].append(out_tokens / elapsed)
-            print(row(f"round {r + 1} {BASE}", f"{rates[BASE][-1]:.1f} output tok/s"))
-            for c in counts:
-                loras = spread(adapters[:c], ns.num_prompts)
-                elapsed = timed_run(lora, work.prompts, work.output_lens, loras)
-                rates[f"{c} adapters"].append(out_tokens / elapsed)
-                print(
-                    row(f"round {r + 1} {c} adapters", f"{out_tokens / elapsed:.1f} output tok/s")
-                )
-    report = summarize(rates)
+        peer = start_peer(ns, lora, engine_args, work, max(max(counts), 1))
+        try:
+            rates, vllm_rates = run_rounds(ns, base, lora, peer, work, adapters, counts)
+        finally:
+            if peer is not None:
+                peer.close()
+    report = summarize(rates, vllm_rates)
     if ns.json:
         write_json(ns.json, {"machine": machine_info(), "args": vars(ns), "runs": report})
     return 0
 
 
-def summarize(rates: dict[str, list[float]]) -> dict[str, dict]:
+Rates = dict[str, list[float]]
+
+
+def run_rounds(
+    ns: argparse.Namespace,
+    base: Any,
+    lora: Any,
+    peer: Optional[VllmPeer],
+    work: Any,
+    adapters: list[LoRARequest],
+    counts: list[int],
+) -> tuple[Rates, Rates]:
+    """Every configuration once a round, pagoda then (with a peer) vLLM on the same spread."""
+    out_tokens = sum(work.output_lens)
+    rates: Rates = {c: [] for c in [BASE] + [f"{c} adapters" for c in counts]}
+    vllm_rates: Rates = {f"{c} adapters": [] for c in counts} if peer is not None else {}
+    for r in range(ns.rounds):
+        elapsed = timed_run(base, work.prompts, work.output_lens, [None] * ns.num_prompts)
+        rates[BASE].append(out_tokens / elapsed)
+        print(row(f"round {r + 1} {BASE}", f"{rates[BASE][-1]:.1f} output tok/s"))
+        for c in counts:
+            config, loras = f"{c} adapters", spread(adapters[:c], ns.num_prompts)
+            elapsed = timed_run(lora, work.prompts, work.output_lens, loras)
+            rates[config].append(out_tokens / elapsed)
+            print(row(f"round {r + 1} {config}", f"{out_tokens / elapsed:.1f} output tok/s"))
+            if peer is not None:
+                time.sleep(SETTLE_S)
+                specs = [(x.lora_name, x.lora_int_id, x.lora_path) if x else None for x in loras]
+                v = peer.run_round(specs)
+                vllm_rates[config].append(out_tokens / v.elapsed_s)
+                print(row(f"round {r + 1} {config} vLLM", f"{vllm_rates[config][-1]:.1f}"))
+                time.sleep(SETTLE_S)
+    return rates, vllm_rates
+
+
+def start_peer(
+    ns: argparse.Namespace, lora: Any, engine_args: Any, work: Any, max_loras: int
+) -> Optional[VllmPeer]:
+    """vLLM's CPU backend with LoRA on, loaded and warmed up (None without --compare)."""
+    if ns.compare != "vllm":
+        return None
+    engine = lora.engine
+    dtype = vllm_dtype(ns, engine.dtype)
+    options = VllmOptions(
+        model=hf_model_dir(hf_model_path(ns.model, ns.gguf_file), dtype),
+        dtype=dtype_name(dtype),
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine_args.max_num_seqs,
+        max_num_batched_tokens=engine.scheduler.config.max_num_batched_tokens,
+        enable_prefix_caching=engine_args.enable_prefix_caching,
+        enforce_eager=ns.vllm_enforce_eager,
+        seed=engine_args.seed,
+        max_loras=max_loras,
+        max_lora_rank=ns.rank,
+    )
+    warmup = {
+        "prompt_len": WARMUP_PROMPT_LEN,
+        "output_len": WARMUP_OUTPUT_LEN,
+        "first_id": token_id_range(engine.arch.vocab_size)[0],
+    }
+    peer = VllmPeer(options, work.prompts, work.output_lens, warmup, ns.vllm_venv)
+    print(f"== starting vLLM with LoRA (log: {peer.log_path}) ==", flush=True)
+    peer.start()
+    time.sleep(SETTLE_S)
+    return peer
+
+
+def summarize(rates: Rates, vllm_rates: Rates) -> dict[str, dict]:
     base = statistics.median(rates[BASE])
-    print(f"\n{'configuration':<20} {'output tok/s (rounds)':<32} {'median':>8} {'vs base':>8}")
+    head = f"{'configuration':<20} {'output tok/s (rounds)':<32} {'median':>8} {'vs base':>8}"
+    print("\n" + head + ("  vLLM median  pagoda/vLLM" if vllm_rates else ""))
     report = {}
     for config, values in rates.items():
         med = statistics.median(values)
         rounds = " / ".join(f"{v:.1f}" for v in values)
-        print(f"{config:<20} {rounds:<32} {med:>8.1f} {med / base:>8.3f}")
+        line = f"{config:<20} {rounds:<32} {med:>8.1f} {med / base:>8.3f}"
         report[config] = {"output_tokens_per_s": values, "median": med, "vs_base": med / base}
+        if config in vllm_rates:
+            vmed = statistics.median(vllm_rates[config])
+            line += f"  {vmed:>11.1f}  {med / vmed:>11.3f}"
+            report[config]["vllm"] = {"output_tokens_per_s": vllm_rates[config], "median": vmed}
+        print(line)
     return report

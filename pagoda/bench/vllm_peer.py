@@ -123,6 +123,9 @@ def convert_gguf(gguf_path: str, target: Path, dtype: torch.dtype) -> None:
 
 
 # --------------------------------------------------------------------------------- the child
+LoRASpec = tuple[str, int, str]  # an adapter as vLLM's LoRARequest takes it: name, id, path
+
+
 @dataclass(frozen=True)
 class VllmRound:
     """One timed run of the workload in the child."""
@@ -144,9 +147,16 @@ class VllmOptions:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     seed: int = 0
+    max_loras: Optional[int] = None  # LoRA on, with this many adapters per batch
+    max_lora_rank: int = 16
 
     def llm_kwargs(self) -> dict:
-        return {
+        lora = (
+            {"enable_lora": True, "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank}
+            if self.max_loras is not None
+            else {}
+        )
+        return lora | {
             "model": self.model,
             "dtype": self.dtype,
             "max_model_len": self.max_model_len,
@@ -220,9 +230,10 @@ class VllmPeer:
         self.ready = self._receive("ready", READY_TIMEOUT_S)
         return self.ready
 
-    def run_round(self) -> VllmRound:
-        """One timed run of the whole workload in the child."""
-        self._send({"cmd": "run"})
+    def run_round(self, loras: Optional[Sequence[Optional[LoRASpec]]] = None) -> VllmRound:
+        """One timed run of the whole workload in the child; ``loras``: each request's
+        adapter (name, id, path) or None, when the child runs with LoRA on."""
+        self._send({"cmd": "run", "loras": list(loras) if loras is not None else None})
         reply = self._receive("result", ROUND_TIMEOUT_S)
         return VllmRound(
             float(reply["elapsed_s"]),

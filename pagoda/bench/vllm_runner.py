@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 FIRST_TOKENS = 8  # output token ids returned per prompt, to compare engines with
 
@@ -63,11 +63,19 @@ def make_requests(prompts: list[list[int]], output_lens: list[int]) -> tuple[lis
     return inputs, params
 
 
-def generate(llm: Any, prompts: list[list[int]], output_lens: list[int]) -> dict:
-    """One timed run of the workload; checks every request made exactly its length."""
+def generate(
+    llm: Any, prompts: list[list[int]], output_lens: list[int], loras: Optional[list] = None
+) -> dict:
+    """One timed run of the workload; checks every request made exactly its length.
+    ``loras``: each request's adapter as [name, id, path] (or None: the base)."""
     inputs, params = make_requests(prompts, output_lens)
+    kwargs = {}
+    if loras is not None:
+        from vllm.lora.request import LoRARequest
+
+        kwargs["lora_request"] = [LoRARequest(*spec) if spec else None for spec in loras]
     start = time.perf_counter()
-    outputs = llm.generate(inputs, params, use_tqdm=False)
+    outputs = llm.generate(inputs, params, use_tqdm=False, **kwargs)
     elapsed = time.perf_counter() - start
     if len(outputs) != len(prompts):
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
@@ -119,14 +127,18 @@ def ready_message(llm: Any, load_s: float, warmup_s: float) -> dict:
 
 def serve(llm: Any, job: dict, inp: TextIO, out: TextIO) -> None:
     """Answer commands until "quit" or the end of stdin."""
-    handlers: dict[str, Callable[[], dict]] = {"run": lambda: run_round(llm, job)}
+    message: dict = {}
+    handlers: dict[str, Callable[[], dict]] = {
+        "run": lambda: run_round(llm, job, message.get("loras"))
+    }
     for line in inp:
         if not line.strip():
             continue
         try:
-            cmd = json.loads(line).get("cmd")
+            message = json.loads(line)
+            cmd = str(message.get("cmd"))
         except (ValueError, AttributeError):
-            cmd = line.strip()
+            message, cmd = {}, line.strip()
         if cmd == "quit":
             return
         handler = handlers.get(cmd)
@@ -146,9 +158,9 @@ def serve(llm: Any, job: dict, inp: TextIO, out: TextIO) -> None:
             )
 
 
-def run_round(llm: Any, job: dict) -> dict:
+def run_round(llm: Any, job: dict, loras: Optional[list] = None) -> dict:
     reset_prefix_cache(llm)
-    result = generate(llm, job["prompts"], job["output_lens"])
+    result = generate(llm, job["prompts"], job["output_lens"], loras)
     result["event"] = "result"
     return result
 

@@ -282,3 +282,17 @@ def test_int4_base_with_adapters(tmp_path, monkeypatch):
     ps, ls, want = mixed(prompts, adapters, refs)
     outs = llm.generate(ps, [greedy(NEW)] * len(ps), lora_request=ls)
     assert [o.token_ids for o in outs] == want
+
+
+def test_partial_rotary_phi_adapter(tmp_path):
+    """Phi-4-mini style partial rotary: pagoda permutes q and k rows of the fused qkv for
+    its RoPE table, and an adapter's B rows must follow; tokens equal peft's."""
+    base = make_model(str(tmp_path / "base"), "phi3", seed=44, partial_rotary_factor=0.75)
+    adapter = make_adapter(base, str(tmp_path / "a"), r=8, targets=["qkv_proj", "o_proj"], seed=45)
+    rng = random.Random(4)
+    prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(n)] for n in LENS]
+    want = [hf_greedy(peft_model(base, adapter), p, NEW) for p in prompts]
+    llm = LLM(base, dtype="float32", enable_lora=True)
+    outs = llm.generate(prompts, [greedy(NEW)] * len(prompts),
+                        lora_request=LoRARequest("a", 1, adapter))
+    assert [o.token_ids for o in outs] == want
