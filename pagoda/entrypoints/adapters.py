@@ -300,6 +300,7 @@ async def forget_when_idle(async_engine: AsyncEngine[Any], lora_int_id: int) -> 
     while True:
         try:
             if await async_engine.call(partial(_forget_if_idle, lora_int_id)):
+                logger.info("LoRA adapter id %d: its weights left the engine", lora_int_id)
                 return
         except EngineDeadError:
             return
@@ -307,15 +308,15 @@ async def forget_when_idle(async_engine: AsyncEngine[Any], lora_int_id: int) -> 
 
 
 def _forget_if_idle(lora_int_id: int, engine: Any) -> bool:
-    """On the engine thread: forget the adapter unless a live request (waiting, running,
-    or in the runner's state) runs under it; whether it was forgotten."""
-    runner = getattr(engine, "runner", None)
-    slots = getattr(runner, "lora", None)
+    """On the engine thread: forget the adapter unless a live request (the scheduler's:
+    waiting, running, or held for its n > 1 siblings) runs under it; whether it was
+    forgotten. A finished request's state the runner still keeps is never scheduled again,
+    so it needs no slot."""
+    slots = getattr(getattr(engine, "runner", None), "lora", None)
     if slots is None:
         return True
-    scheduler = getattr(engine, "scheduler", None)
-    live = [*getattr(scheduler, "requests", {}).values(), *getattr(runner, "states", {}).values()]
-    if any(_runs_under(r, lora_int_id) for r in live):
+    live = getattr(getattr(engine, "scheduler", None), "requests", {})
+    if any(_runs_under(r, lora_int_id) for r in live.values()):
         return False
     slots.forget(lora_int_id)
     return True
