@@ -210,6 +210,9 @@ def test_load_use_unload_then_404(oai, lora_server, adapters) -> None:
     again = _load(url, "fresh", adapters.sql)
     assert again.status_code == 400 and again.json()["error"]["param"] == "lora_name"
     assert "already been loaded" in again.json()["error"]["message"]
+    assert _load(url, "fresh", adapters.sql, load_inplace=True).status_code == 200  # vLLM's
+    answer = oai.completions.create(model="fresh", prompt=PROMPTS[0], **_exact())
+    assert _ids(answer.choices[0]) == adapters.reference(adapters.sql, PROMPTS[0])
     assert _unload(url, "fresh").text == "Success: LoRA adapter 'fresh' removed successfully."
     gone = httpx.post(url + "/v1/completions", json={"model": "fresh", "prompt": "hi"})
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
@@ -218,7 +221,7 @@ def test_load_use_unload_then_404(oai, lora_server, adapters) -> None:
     assert _load(url, "fresh", adapters.fresh).status_code == 200  # the name again: a new id
     assert _unload(url, "fresh").status_code == 200
     ids = re.findall(r": loaded LoRA adapter 'fresh' \(id (\d+)\)", lora_server.log())
-    assert len(ids) == 2 and len(set(ids)) == 2
+    assert len(ids) == 3 and len(set(ids)) == 3
 
 
 def test_unload_and_load_while_a_request_streams_under_the_adapter(oai, lora_server,
@@ -325,6 +328,7 @@ def test_a_bad_startup_adapter_stops_the_start_with_its_message(adapters) -> Non
 # ---------------------------------------------------------------- flags
 def test_lora_module_flags_and_the_vllm_switch(monkeypatch) -> None:
     from pagoda.config import EngineArgs
+    from pagoda.entrypoints.adapters import AdapterCatalog, LoRAServing
     from pagoda.entrypoints.cli import build_parser
     from pagoda.entrypoints.openai.api_server import lora_serving
     from pagoda.entrypoints.openai.args import LoRAModule
@@ -342,3 +346,8 @@ def test_lora_module_flags_and_the_vllm_switch(monkeypatch) -> None:
     for bad in ("a", "=x", '{"name": "a"}', '{"name": "a", "path": "/x", "rank": 8}'):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--lora-modules", bad])
+    for module, why in ((LoRAModule("x", "/x", "other"), "base_model_name 'other' is not"),
+                        (LoRAModule("m", "/x"), "'m' is the base model's name")):
+        catalog = AdapterCatalog(LoRAServing(True, modules=(module,)), ["m", "/m"], None)
+        with pytest.raises(ValueError, match=why):
+            catalog.add_modules()
