@@ -3,10 +3,12 @@
 The catalog maps a name to one :class:`~pagoda.lora_request.LoRARequest`. Adapters come from
 ``--lora-modules`` (read and checked against the served model before the server listens: a
 bad one stops the start with its message) and, behind ``--allow-runtime-lora``, from vLLM's
-``POST /v1/load_lora_adapter`` (only from directories under ``--lora-allowed-dir``, read in a
-worker thread so the event loop keeps serving). Checking an adapter is reading it as the engine
-will (``lora/adapter.py``: the base's shapes, ``--max-lora-rank``), so a bad one is refused
-here with the tensor named, never halfway through a step.
+``POST /v1/load_lora_adapter`` (only from directories under ``--lora-allowed-dir``, read off
+the event loop so it keeps serving). Checking an adapter is reading it as the engine will
+(``lora/adapter.py``: the base's shapes, ``--max-lora-rank``), so a bad one is refused here
+with the tensor named, never halfway through a step. Each read runs on a thread of its own
+with one torch thread: the server's threads other than the engine's run no OpenMP pool
+(docs/server.md, "The engine is built on its own thread"), and the reader's ends with it.
 
 Unloading drops the name at once: requests already running under the adapter finish (each
 holds its LoRARequest), new ones get the 404 of an unknown model. Its weights leave the
@@ -21,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 from pagoda.engine.async_engine import EngineDeadError
 from pagoda.entrypoints.errors import ApiError
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
     from pagoda.models.config import ModelArch
 
 logger = logging.getLogger("pagoda.server")
+T = TypeVar("T")
 
 FORGET_RETRY_S = 1.0  # how often an unloaded adapter's weights are offered to be dropped
 LISTED_NAMES = 8  # a 404 for an unknown model lists at most this many adapter names
@@ -119,7 +123,7 @@ class AdapterCatalog:
             try:
                 self._check_name(module.name)
                 parent = self._parent(module.base_model_name)
-                num_bytes = self._read(module.path, resolve=True)
+                num_bytes = on_reader_thread(partial(self._read, module.path, True))
             except (ApiError, ValueError, OSError) as e:
                 raise ValueError(f"{where}: {e}") from None
             entry = self._add(module.name, module.path, parent, num_bytes)
@@ -154,7 +158,8 @@ class AdapterCatalog:
         real = self._allowed(path)
         self._loading.add(name)
         try:
-            num_bytes = await asyncio.to_thread(self._read, real, False)
+            read = partial(self._read, real, False)
+            num_bytes = await asyncio.to_thread(on_reader_thread, read)
         except (ValueError, OSError) as e:
             raise ApiError(400, f"lora_path {path!r}: {e}", "lora_path", INVALID_ADAPTER) from None
         finally:
@@ -272,6 +277,29 @@ class AdapterCatalog:
         entry = Entry(LoRARequest(name, self._last_id, path, parent), parent, num_bytes)
         self._entries[name] = entry
         return entry
+
+
+def on_reader_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a short-lived thread of its own with one torch thread (so no OpenMP pool
+    opens beside the engine's); what it returned, or what it raised."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            outcome["error"] = e
+
+    reader = threading.Thread(target=run, name="pagoda-lora-reader", daemon=True)
+    reader.start()
+    reader.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    value: T = outcome["value"]
+    return value
 
 
 def _exists(name: str) -> ApiError:
