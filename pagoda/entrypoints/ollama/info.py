@@ -6,8 +6,8 @@ then each LoRA adapter, its ``details.parent_model`` the base),
 
 The version reported is an Ollama release's (:data:`VERSION`): clients gate features on it
 (structured outputs, tools, ``think``), all of which this dialect serves. Invariant: every
-answer here is the same for the same server (no clock but the server's start), so a router
-in front relays the instance's answer as it is.
+answer here is the same for the same server and adapters (no clock but the server's start
+and each adapter's load), so a router in front relays the instance's answer as it is.
 """
 
 from __future__ import annotations
