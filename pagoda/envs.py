@@ -49,6 +49,11 @@ def _is_one(raw: Optional[str]) -> bool:
     return raw == "1"
 
 
+def _true_or_one(raw: Optional[str]) -> bool:
+    """vLLM's reading of its boolean switches: "1" or "true" (any case, spaces trimmed)."""
+    return (raw or "").strip().lower() in ("1", "true")
+
+
 def _is_torch(raw: Optional[str]) -> bool:
     return raw == "torch"
 
@@ -154,6 +159,15 @@ API_KEY: EnvVar[Optional[str]] = EnvVar(
     "where --api-key is not given.",
     _raw,
 )
+ALLOW_RUNTIME_LORA_UPDATING: EnvVar[bool] = EnvVar(
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING",
+    "bool",
+    "off",
+    "pagoda serve: vLLM's switch, the same as --allow-runtime-lora: POST "
+    "/v1/load_lora_adapter and /v1/unload_lora_adapter are taken (a 404 without it), loads "
+    'only from --lora-allowed-dir. "1" or "true" (any case): on; anything else: off.',
+    _true_or_one,
+)
 
 # -------------------------------------------------------------------------------- benchmarks
 CACHE_DIR: EnvVar[Path] = EnvVar(
@@ -182,6 +196,7 @@ ALL: tuple[EnvVar[Any], ...] = (
     TRITON_INTERPRET,
     KV_SECRET,
     API_KEY,
+    ALLOW_RUNTIME_LORA_UPDATING,
     CACHE_DIR,
     VLLM_VENV,
 )

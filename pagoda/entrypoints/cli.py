@@ -344,8 +344,16 @@ def _positional_model(ns: argparse.Namespace) -> None:
     ns.model = ns.model or tag
 
 
+def _lora_implied(ns: argparse.Namespace) -> None:
+    """``--lora-modules`` turns on ``--enable-lora`` (vLLM refuses it without)."""
+    if getattr(ns, "lora_modules", None) and not ns.enable_lora:
+        logging.getLogger("pagoda.serve").info("--lora-modules given: LoRA is on")
+        ns.enable_lora = True
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     _positional_model(ns)
+    _lora_implied(ns)
     if ns.data_parallel_size > 1:
         from pagoda.entrypoints import data_parallel
 
@@ -461,7 +469,7 @@ def build_parser(bench_name: Optional[str] = None) -> argparse.ArgumentParser:
                 add_engine_args(cmd)
             cmd.set_defaults(func=module.main)
 
-    from pagoda.entrypoints.openai.args import add_server_args
+    from pagoda.entrypoints.openai.args import add_lora_args, add_server_args
 
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
     srv.add_argument(
@@ -469,6 +477,7 @@ def build_parser(bench_name: Optional[str] = None) -> argparse.ArgumentParser:
     )
     add_server_args(srv)
     add_engine_args(srv)
+    add_lora_args(srv)
     add_kv_events_args(srv)
     srv.set_defaults(func=cmd_serve)
 

@@ -2,9 +2,10 @@
 
 A dialect module (``openai/completions.py``, ``openai/chat.py``, ...) turns its HTTP request
 into one :class:`ApiRequest`, made once at the edge: the prompts as token ids (and text,
-if the client gave text), ``SamplingParams``, cache salt, priority, ``kv_transfer_params``,
-the arrival time, the tool plan and the thinking, and how the engine's field names read in
-the request's own terms. The :class:`FrontDoor` then
+if the client gave text), ``SamplingParams``, the LoRA adapter its ``model`` names (the
+door's ``AdapterCatalog``), cache salt, priority, ``kv_transfer_params``, the arrival time,
+the tool plan and the thinking, and how the engine's field names read in the request's own
+terms. The :class:`FrontDoor` then
 
 - **submits** it, one engine request per prompt (``{id}-{i}``): admission control answers
   429 (``QueueFullError``), the engine's ``ValueError`` becomes a 400 naming the request's
@@ -40,9 +41,11 @@ from pagoda.engine.async_engine import (
 )
 from pagoda.engine.outputs import RequestOutput
 from pagoda.entrypoints import reasoning
+from pagoda.entrypoints.adapters import AdapterCatalog, LoRAServing, forget_when_idle
 from pagoda.entrypoints.errors import ApiError, engine_dead, engine_value_error, queue_full
 from pagoda.entrypoints.reasoning import Thinking
 from pagoda.entrypoints.tools import ToolPlan
+from pagoda.lora_request import LoRARequest
 from pagoda.pooling_params import PoolingParams
 from pagoda.request import EngineRequest
 from pagoda.sampling import SamplingParams
@@ -118,6 +121,7 @@ class ApiRequest:
     tools: Optional[ToolPlan] = None
     thinking: Optional[Thinking] = None  # under --reasoning-parser
     names: FieldNames = field(default_factory=FieldNames)
+    lora: Optional[LoRARequest] = None  # the adapter ``model`` named (None: the base)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -172,6 +176,7 @@ class FrontDoor:
         model_names: list[str],
         tool_call_parser: Optional[str] = None,
         reasoning_parser: Optional[str] = None,
+        adapters: Optional[AdapterCatalog] = None,
     ) -> None:
         self.async_engine = async_engine
         self.engine = async_engine.engine
@@ -179,16 +184,19 @@ class FrontDoor:
         self.model_names = model_names
         self.tool_call_parser = tool_call_parser  # the text format of "auto" tool calls
         self.reasoning = reasoning.get_format(reasoning_parser)  # thinking tags, if any
+        self.adapters = adapters or AdapterCatalog(LoRAServing(), model_names, None)
+        self._forgetting: set[asyncio.Task[None]] = set()  # unloaded adapters' weights
 
     # ------------------------------------------------------- building requests
-    def check_model(self, model: Optional[str]) -> None:
-        if model is not None and model not in self.model_names:
-            raise ApiError(
-                404,
-                f"The model {model!r} does not exist; this server serves {self.model_names[0]!r}",
-                "model",
-                "model_not_found",
-            )
+    def check_model(self, model: Optional[str]) -> Optional[LoRARequest]:
+        """What a request's ``model`` selects: the base (None; also when it names none) or
+        one of the LoRA adapters; 404 naming it when it is neither."""
+        if model is None or model in self.model_names:
+            return None
+        lora = self.adapters.get(model)
+        if lora is None:
+            raise ApiError(404, self.adapters.unknown_model(model), "model", "model_not_found")
+        return lora
 
     def top_k(self, top_k: Optional[int]) -> Optional[int]:
         """A top_k of the vocabulary's size or more keeps every token: it is top-k off (0).
@@ -215,6 +223,7 @@ class FrontDoor:
         cache_salt: Optional[str] = None,
         tools: Optional[ToolPlan] = None,
         include_thinking: bool = True,
+        lora: Optional[LoRARequest] = None,
     ) -> ApiRequest:
         """One rendered conversation's request: the tool plan's constraint on ``params``,
         then, under a reasoning parser, the answer's grammar moved after the thinking."""
@@ -231,7 +240,15 @@ class FrontDoor:
             tools=tools,
             thinking=thinking,
             names=names,
+            lora=lora,
         )
+
+    def retire(self, lora: LoRARequest) -> None:
+        """An adapter no longer served (unloaded, or replaced): its weights leave the
+        engine once no request runs under it (``adapters.forget_when_idle``)."""
+        task = asyncio.ensure_future(forget_when_idle(self.async_engine, lora.lora_int_id))
+        self._forgetting.add(task)
+        task.add_done_callback(self._forgetting.discard)
 
     # ------------------------------------------------------- serving them
     async def submit(self, request_id: str, request: ApiRequest) -> Submission:
@@ -260,6 +277,7 @@ class FrontDoor:
                 kv_transfer_params=request.kv_transfer_params,
                 priority=request.priority,
                 token_type_ids=prompt.token_type_ids,
+                lora_request=request.lora,
             )
         )
 

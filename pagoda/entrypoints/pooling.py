@@ -26,6 +26,7 @@ from fastapi import Request
 from pagoda.entrypoints.dialect import tenant_salt
 from pagoda.entrypoints.errors import ApiError, engine_value_error
 from pagoda.entrypoints.front_door import ApiRequest, FieldNames, FrontDoor, Prompt, Usage
+from pagoda.lora_request import LoRARequest
 from pagoda.pooling_params import PoolingParams, PoolingTask
 
 MAX_POOLING_INPUTS = 2048  # inputs per request (OpenAI's limit for embeddings)
@@ -128,14 +129,17 @@ async def pool(
     params: PoolingParams,
     raw: Request,
     names: Optional[FieldNames] = None,
+    lora: Optional[LoRARequest] = None,
 ) -> Optional[Pooled]:
-    """Every prompt through the engine in one submission; None when the client left."""
+    """Every prompt through the engine in one submission (under the LoRA adapter the
+    request's ``model`` named, if any); None when the client left."""
     request = ApiRequest(
         prompts,
         params,
         time.monotonic(),
         cache_salt=tenant_salt(raw),
         names=names or FieldNames(prompt="input"),
+        lora=lora,
     )
     sub = await door.submit(f"{prefix}-{uuid.uuid4().hex}", request)
     outputs = await door.collect(sub, raw)

@@ -15,6 +15,10 @@ How the router serves each:
 - ``INSTANCE``: proxied to one instance as it came (method, body, query, the client's key),
   its answer (a stream too) relayed; ``?instance=N`` picks the N-th, else the policy's
   least loaded (an instance's own view: ``/inspect``, ``/debug/state``);
+- ``EVERY``: sent as it came to every instance in turn (prefill ones first), stopping at
+  the first that refuses it, whose answer is relayed; else the first instance's answer.
+  For what must be the same everywhere: the runtime LoRA adapter loads, so that a request
+  naming an adapter finds it wherever it is routed;
 - ``LOCAL``: the router answers itself (``/health``, ``/metrics`` are the router's own).
 """
 
@@ -27,6 +31,7 @@ from enum import Enum
 class Routing(Enum):
     PROMPT = "prompt"
     INSTANCE = "instance"
+    EVERY = "every"
     LOCAL = "local"
 
 
@@ -66,6 +71,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/inspect/events", Routing.INSTANCE, f"{OPENAI}.inspector:events", optional=True),
     Route("GET", "/debug/state", Routing.INSTANCE, f"{OPENAI}.debug:state", optional=True),
     Route("POST", "/debug/fault", Routing.INSTANCE, f"{OPENAI}.debug:fault", optional=True),
+    # vLLM's runtime LoRA routes (refused with a 404 unless --allow-runtime-lora)
+    Route("POST", "/v1/load_lora_adapter", Routing.EVERY, f"{OPENAI}.lora:load"),
+    Route("POST", "/v1/unload_lora_adapter", Routing.EVERY, f"{OPENAI}.lora:unload"),
     Route("GET", "/health", Routing.LOCAL, f"{OPENAI}.info:health"),
     Route("GET", "/metrics", Routing.LOCAL, f"{OPENAI}.info:metrics"),
     # Anthropic's Messages API: INSTANCE, as the router reads only OpenAI bodies for PROMPT

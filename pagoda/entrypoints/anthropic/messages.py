@@ -111,13 +111,14 @@ class Messages:
 
     # ------------------------------------------------------------ the request
     def engine_request(self, req: MessagesRequest, raw: Request, arrival: float) -> ApiRequest:
-        self.door.check_model(req.model)
+        lora = self.door.check_model(req.model)
         ids, plan = self.prompt(req)
         params, renames = self._sampling(req, self.door.engine.max_model_len - len(ids))
         if plan is not None:
             _one_constraint(req, plan, params)
         names = FieldNames(renames, "messages")
-        return self.door.conversation_request(ids, params, arrival, names, tenant_salt(raw), plan)
+        salt = tenant_salt(raw)
+        return self.door.conversation_request(ids, params, arrival, names, salt, plan, lora=lora)
 
     def prompt(self, req: Conversation) -> tuple[list[int], Optional[ToolPlan]]:
         """The conversation's token ids (as the chat template renders it) and tool plan."""

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
 from pagoda.entrypoints.ollama.errors import OLLAMA
-from pagoda.entrypoints.ollama.models import resolve
+from pagoda.entrypoints.ollama.models import adapter_of, resolve
 from pagoda.entrypoints.ollama.options import report
 from pagoda.entrypoints.ollama.protocol import ChatRequest
 from pagoda.entrypoints.ollama.reply import Shape
@@ -50,7 +50,8 @@ async def create(serving: Serving, req: ChatRequest, raw: Request) -> Response:
         return serving.nothing(req, shape)
     messages = [m.to_template() for m in req.messages]
     ids = serving.chat_ids(messages, plan, kwargs, "messages")
-    request = serving.engine_request(req, raw, ids, "messages", plan)
+    lora = adapter_of(serving.ctx, model)
+    request = serving.engine_request(req, raw, ids, "messages", plan, lora)
     return await serving.answer(req, request, shape, raw)
 
 

@@ -23,7 +23,7 @@ from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.field_policy import Tolerant
 from pagoda.entrypoints.front_door import client_closed
 from pagoda.entrypoints.ollama.errors import OLLAMA
-from pagoda.entrypoints.ollama.models import resolve
+from pagoda.entrypoints.ollama.models import adapter_of, resolve
 from pagoda.entrypoints.pooling import check_serves, pool, pooling_params, prompts_of
 
 ERRORS = OLLAMA.error_responses(400, 401, 404, 413, 429, 503)
@@ -74,7 +74,8 @@ async def _embed(ctx: ServerContext, req: EmbedRequest, raw: Request) -> Respons
     params = pooling_params(
         "embed", dimensions=req.dimensions, normalize=True, truncate_prompt_tokens=keep
     )
-    pooled = await pool(door, "embed", prompts_of(door, req.input, "input"), params, raw)
+    prompts = prompts_of(door, req.input, "input")
+    pooled = await pool(door, "embed", prompts, params, raw, lora=adapter_of(ctx, model))
     if pooled is None:
         return client_closed()
     return JSONResponse(
@@ -89,13 +90,14 @@ async def _embed(ctx: ServerContext, req: EmbedRequest, raw: Request) -> Respons
 
 
 async def _embeddings(ctx: ServerContext, req: EmbeddingsRequest, raw: Request) -> Response:
-    resolve(ctx, req.model)
+    lora = adapter_of(ctx, resolve(ctx, req.model))
     door = ctx.door
     check_serves(door, "embed", "/api/embeddings")
     if not req.prompt:
         raise ApiError(400, "prompt must not be empty", "prompt")
     params = pooling_params("embed", normalize=False)
-    pooled = await pool(door, "embed", prompts_of(door, req.prompt, "prompt"), params, raw)
+    prompts = prompts_of(door, req.prompt, "prompt")
+    pooled = await pool(door, "embed", prompts, params, raw, lora=lora)
     if pooled is None:
         return client_closed()
     return JSONResponse({"embedding": pooled.vectors[0].tolist()})

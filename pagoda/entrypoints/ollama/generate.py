@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.ollama.errors import OLLAMA
-from pagoda.entrypoints.ollama.models import resolve
+from pagoda.entrypoints.ollama.models import adapter_of, resolve
 from pagoda.entrypoints.ollama.options import report
 from pagoda.entrypoints.ollama.protocol import GenerateRequest
 from pagoda.entrypoints.ollama.reply import Shape
@@ -54,7 +54,8 @@ async def create(serving: Serving, req: GenerateRequest, raw: Request) -> Respon
         ids = serving.door.engine.encode(req.prompt)
     else:
         ids = serving.chat_ids(_messages(req), None, kwargs, "prompt")
-    request = serving.engine_request(req, raw, ids, "prompt")
+    lora = adapter_of(serving.ctx, model)
+    request = serving.engine_request(req, raw, ids, "prompt", lora=lora)
     return await serving.answer(req, request, shape, raw)
 
 

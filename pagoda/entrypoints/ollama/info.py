@@ -1,21 +1,24 @@
 """Ollama's routes beside generation, each a route-table handler: ``GET /`` (and ``HEAD``:
-"Ollama is running", what clients probe), ``/api/version``, ``/api/tags`` (the served model),
+"Ollama is running", what clients probe), ``/api/version``, ``/api/tags`` (the served model,
+then each LoRA adapter, its ``details.parent_model`` the base),
 ``/api/show`` (its template, parameters, details, ``model_info``, capabilities), ``/api/ps``
 (the loaded model: always the one served, never unloaded). Embeddings are ``embed.py``'s.
 
 The version reported is an Ollama release's (:data:`VERSION`): clients gate features on it
 (structured outputs, tools, ``think``), all of which this dialect serves. Invariant: every
-answer here is the same for the same server (no clock but the server's start), so a router
-in front relays the instance's answer as it is.
+answer here is the same for the same server and adapters (no clock but the server's start
+and each adapter's load), so a router in front relays the instance's answer as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 from typing import Any
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from pagoda.entrypoints.adapters import Entry
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
 from pagoda.entrypoints.ollama.errors import OLLAMA
 from pagoda.entrypoints.ollama.models import (
@@ -24,6 +27,7 @@ from pagoda.entrypoints.ollama.models import (
     describe,
     model_info,
     resolve,
+    tagged,
 )
 from pagoda.entrypoints.ollama.protocol import ShowRequest
 
@@ -49,7 +53,8 @@ def version(ctx: ServerContext) -> Endpoint:
 def tags(ctx: ServerContext) -> Endpoint:
     async def ollama_tags() -> dict[str, Any]:
         d = describe(ctx)
-        return {"models": [{**_entry(d), "modified_at": _modified(ctx)}]}
+        adapters = [_adapter_entry(d, e) for e in ctx.door.adapters.entries()]
+        return {"models": [{**_entry(d), "modified_at": _modified(ctx.created)}, *adapters]}
 
     return Endpoint(ollama_tags, OLLAMA)
 
@@ -90,9 +95,24 @@ def _entry(d: Description) -> dict[str, Any]:
     }
 
 
-def _modified(ctx: ServerContext) -> str:
-    """When the model was loaded (the server's start), RFC 3339."""
-    return datetime.fromtimestamp(ctx.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _adapter_entry(d: Description, entry: Entry) -> dict[str, Any]:
+    """A LoRA adapter as /api/tags lists it: the base's details, the base as its parent,
+    its own weights' size."""
+    name = tagged(entry.lora.lora_name)
+    digest = hashlib.sha256(f"{name}\x00{entry.lora.lora_path}".encode()).hexdigest()
+    return {
+        "name": name,
+        "model": name,
+        "size": entry.num_bytes,
+        "digest": digest,
+        "details": {**d.details(), "parent_model": tagged(entry.parent)},
+        "modified_at": _modified(entry.created),
+    }
+
+
+def _modified(when: int) -> str:
+    """When a model was loaded (the base: the server's start), RFC 3339."""
+    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _show(ctx: ServerContext) -> dict[str, Any]:
@@ -111,7 +131,7 @@ def _show(ctx: ServerContext) -> dict[str, Any]:
         "details": d.details(),
         "model_info": model_info(ctx, d),
         "capabilities": capabilities(ctx),
-        "modified_at": _modified(ctx),
+        "modified_at": _modified(ctx.created),
     }
 
 

@@ -5,8 +5,10 @@ do (``capabilities``).
 
 Ollama names carry a tag (``smollm2:135m``, ``llama3.2:latest``): a request may name the
 model by any of the server's names, or by one of them with ``:latest``; ``/api/tags`` lists
-the first with ``:latest`` (or as it is, when it has a tag of its own). Invariant: every
-name this module lists is one :func:`resolve` accepts.
+the first with ``:latest`` (or as it is, when it has a tag of its own). A LoRA adapter the
+server serves (``--lora-modules``, or loaded at runtime) is named the same way, and selects
+that adapter (:func:`adapter_of`). Invariant: every name this module lists is one
+:func:`resolve` accepts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Optional
 from pagoda.entrypoints.dialect import ServerContext
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.ollama.errors import not_found
+from pagoda.lora_request import LoRARequest
 
 LATEST = ":latest"
 
@@ -35,9 +38,28 @@ def resolve(ctx: ServerContext, model: Optional[str], required: bool = True) -> 
         if required:
             raise ApiError(400, "model is required", "model")
         return tagged(names[0])
-    if model in names or (model.endswith(LATEST) and model[: -len(LATEST)] in names):
-        return model
+    for name in _untagged(model):
+        if name in names or ctx.door.adapters.get(name) is not None:
+            return model
     raise not_found(model)
+
+
+def adapter_of(ctx: ServerContext, model: str) -> Optional[LoRARequest]:
+    """The LoRA adapter a name :func:`resolve` accepted selects (None: the base model)."""
+    for name in _untagged(model):
+        if name in ctx.config.model_names:
+            return None
+        lora = ctx.door.adapters.get(name)
+        if lora is not None:
+            return lora
+    return None
+
+
+def _untagged(model: str) -> list[str]:
+    """The names ``model`` may stand for: itself, and without ``:latest``."""
+    if model.endswith(LATEST):
+        return [model, model[: -len(LATEST)]]
+    return [model]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pagoda.entrypoints.ollama.options import RENAMES, sampling_params
 from pagoda.entrypoints.ollama.protocol import GenerationFields, Think
 from pagoda.entrypoints.ollama.reply import Shape
 from pagoda.entrypoints.tools import ToolPlan
+from pagoda.lora_request import LoRARequest
 
 
 class Serving:
@@ -77,12 +78,15 @@ class Serving:
         ids: list[int],
         field: str,
         plan: Optional[ToolPlan] = None,
+        lora: Optional[LoRARequest] = None,
     ) -> ApiRequest:
         arrival = time.monotonic()
         params = sampling_params(req, self.door)
         names = FieldNames(RENAMES, field)
         salt, include = tenant_salt(raw), req.think is not False
-        return self.door.conversation_request(ids, params, arrival, names, salt, plan, include)
+        return self.door.conversation_request(
+            ids, params, arrival, names, salt, plan, include, lora
+        )
 
     async def answer(
         self, req: GenerationFields, request: ApiRequest, shape: Shape, raw: Request

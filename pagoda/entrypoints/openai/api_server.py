@@ -34,6 +34,7 @@ from pagoda import envs
 from pagoda.engine.async_engine import AdmissionLimits, AsyncEngine, EngineDeadError
 from pagoda.engine.metrics import EngineMetrics
 from pagoda.entrypoints import errors
+from pagoda.entrypoints.adapters import AdapterCatalog, LoRAServing
 from pagoda.entrypoints.dialect import Dialect, ServerContext, resolve
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.field_policy import IGNORED_FIELDS_HEADER, FieldPolicy, UnknownFieldError
@@ -91,6 +92,7 @@ class ServerConfig:
     reasoning_parser: Optional[str] = None  # the model's thinking tags (reasoning.py)
     responses_store_entries: int = DEFAULT_RESPONSES_STORE_ENTRIES  # /v1/responses' store
     responses_store_bytes: int = DEFAULT_RESPONSES_STORE_BYTES
+    lora: LoRAServing = LoRAServing()  # the LoRA adapters served, and runtime loads
 
 
 def cache_salt_for_key(key: str) -> str:
@@ -279,8 +281,11 @@ def build_app(
     config: ServerConfig,
     metrics: Optional[EngineMetrics] = None,
 ) -> FastAPI:
+    names = list(config.model_names)
+    adapters = AdapterCatalog(config.lora, names, async_engine.engine.arch)
+    adapters.add_modules()  # before the server listens: a bad adapter stops the start
     door = FrontDoor(
-        async_engine, list(config.model_names), config.tool_call_parser, config.reasoning_parser
+        async_engine, names, config.tool_call_parser, config.reasoning_parser, adapters
     )
     ctx = ServerContext(async_engine, door, config, FieldPolicy(config.strict_fields), metrics)
 
@@ -373,6 +378,7 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: EngineArgs) -> Fast
     async_engine.limits = AdmissionLimits(ns.max_queued_requests, max_tokens)
     config = _server_config(ns, engine, engine_args)
     metrics.add_vllm_names(config.model_names[0])
+    app = build_app(async_engine, config, metrics)  # reads the --lora-modules adapters
     logger.info(
         "pagoda serve: model %s (%s), dtype %s, KV cache %d blocks x %d = %d tokens, "
         "max_model_len %d, %d torch threads, listening on http://%s:%d",
@@ -387,7 +393,7 @@ def build_app_from_args(ns: argparse.Namespace, engine_args: EngineArgs) -> Fast
         ns.host,
         ns.port,
     )
-    return build_app(async_engine, config, metrics)
+    return app
 
 
 def _server_config(
@@ -410,6 +416,19 @@ def _server_config(
         ns.reasoning_parser,
         responses_store_entries=ns.responses_store_entries,
         responses_store_bytes=ns.responses_store_bytes,
+        lora=lora_serving(ns, engine_args),
+    )
+
+
+def lora_serving(ns: argparse.Namespace, engine_args: EngineArgs) -> LoRAServing:
+    """The LoRA flags: adapters to read at start, and whether (and from where) runtime
+    loads are taken (``--allow-runtime-lora``, or vLLM's environment switch)."""
+    return LoRAServing(
+        engine_args.enable_lora,
+        engine_args.max_lora_rank,
+        tuple(getattr(ns, "lora_modules", None) or ()),
+        bool(getattr(ns, "allow_runtime_lora", False)) or envs.ALLOW_RUNTIME_LORA_UPDATING(),
+        tuple(getattr(ns, "lora_allowed_dir", None) or ()),
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+from typing import Optional
 
 from pagoda.entrypoints.tool_parsers import FORMATS as TOOL_FORMATS
 
@@ -111,6 +113,104 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="N replicas of the engine on this host, each pinned to its share of the cores, "
         "behind the cache-aware router on --host/--port (docs/routing.md)",
     )
+
+
+def add_lora_args(parser: argparse.ArgumentParser) -> None:
+    """vLLM's LoRA flags (docs/lora.md), and the runtime loads' opt-in and directories."""
+    from pagoda.config import EngineArgs
+
+    d = EngineArgs()
+    g = parser.add_argument_group("LoRA adapters (docs/lora.md)")
+    g.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters over the model: a request selects one by its model name",
+    )
+    g.add_argument(
+        "--lora-modules",
+        type=parse_lora_module,
+        nargs="+",
+        action="extend",
+        default=None,
+        metavar="NAME=PATH",
+        help="adapters served from the start (turns on --enable-lora): name=path (a PEFT "
+        "adapter directory or a Hub id) or vLLM's JSON form "
+        '\'{"name": ..., "path": ..., "base_model_name": ...}\'; each is read and checked '
+        "before the server listens",
+    )
+    g.add_argument(
+        "--max-loras", type=int, default=d.max_loras, help="distinct adapters in one step"
+    )
+    g.add_argument(
+        "--max-lora-rank", type=int, default=d.max_lora_rank, help="the largest rank served"
+    )
+    g.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=d.max_cpu_loras,
+        help="adapters kept read in host memory (default: --max-loras)",
+    )
+    g.add_argument(
+        "--allow-runtime-lora",
+        action="store_true",
+        help="take POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=1); loads only from --lora-allowed-dir",
+    )
+    g.add_argument(
+        "--lora-allowed-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a directory runtime loads may read adapters from (repeat for several; "
+        "default: none, so every runtime load is refused)",
+    )
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    """One ``--lora-modules`` item: ``name=path`` or vLLM's JSON form."""
+
+    name: str
+    path: str
+    base_model_name: Optional[str] = None
+
+
+LORA_MODULE_KEYS = ("name", "path", "base_model_name")  # the JSON form's (vLLM's)
+
+
+def parse_lora_module(text: str) -> LoRAModule:
+    """``name=path`` or ``{"name": ..., "path": ..., "base_model_name": ...}`` (the type of
+    ``--lora-modules``)."""
+    text = text.strip()
+    if text.startswith("{"):
+        return _module_from_json(text)
+    name, eq, path = text.partition("=")
+    if not eq or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected name=path or a JSON object with name and path, got {text!r}"
+        )
+    return LoRAModule(name.strip(), path.strip())
+
+
+def _module_from_json(text: str) -> LoRAModule:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    unknown = sorted(set(value) - set(LORA_MODULE_KEYS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown keys {unknown}; a LoRA module takes {', '.join(LORA_MODULE_KEYS)}"
+        )
+    for key in ("name", "path"):
+        if not isinstance(value.get(key), str) or not value[key]:
+            raise argparse.ArgumentTypeError(f"{key} must be a non-empty string in {text!r}")
+    base = value.get("base_model_name")
+    if base is not None and not isinstance(base, str):
+        raise argparse.ArgumentTypeError(f"base_model_name must be a string in {text!r}")
+    return LoRAModule(value["name"], value["path"], base)
 
 
 def _list_arg(text: str) -> list[str]:

@@ -117,7 +117,7 @@ class ChatCompletions:
     def engine_request(
         self, req: ChatCompletionRequest, raw: Request, arrival: float
     ) -> ApiRequest:
-        self.door.check_model(req.model)
+        lora = self.door.check_model(req.model)
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
         max_name = max_tokens_name(req)
@@ -137,7 +137,9 @@ class ChatCompletions:
         thinking = self._thinking(req, prompts[0].ids)
         if thinking is not None:
             params = thinking.constrain_answer(params)
-        return engine_request(req, raw, prompts, params, arrival, "messages", plan, thinking)
+        return engine_request(
+            req, raw, prompts, params, arrival, "messages", plan, thinking, lora=lora
+        )
 
     def _thinking(self, req: ChatCompletionRequest, prompt: list[int]) -> Optional[Thinking]:
         """How this request's answer is split (None: the server has no reasoning parser,

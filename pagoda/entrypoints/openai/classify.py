@@ -43,11 +43,12 @@ def endpoint(ctx: ServerContext) -> Endpoint:
 
 
 async def _classify(door: FrontDoor, req: ClassifyRequest, raw: Request) -> Response:
-    door.check_model(req.model)
+    lora = door.check_model(req.model)
     check_serves(door, "classify", "/classify")
     params = pooling_params("classify", truncate_prompt_tokens=req.truncate_prompt_tokens)
     created = int(time.time())
-    pooled = await pool(door, "classify", prompts_of(door, req.input, "input"), params, raw)
+    prompts = prompts_of(door, req.input, "input")
+    pooled = await pool(door, "classify", prompts, params, raw, lora=lora)
     if pooled is None:
         return client_closed()
     labels = door.engine.class_labels

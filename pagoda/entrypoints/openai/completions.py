@@ -129,7 +129,7 @@ class Completions:
     def engine_request(
         self, req: CompletionRequest, raw: Request, arrival: float
     ) -> tuple[ApiRequest, Optional[Echo]]:
-        self.door.check_model(req.model)
+        lora = self.door.check_model(req.model)
         if req.suffix:
             raise ApiError(400, "suffix is not supported", "suffix")
         max_name = max_tokens_name(req)
@@ -147,7 +147,7 @@ class Completions:
         prompts = truncated(
             self.prompts(req.prompt), req.truncate_prompt_tokens, self.door.engine.max_model_len
         )
-        return engine_request(req, raw, prompts, params, arrival, "prompt"), echo
+        return engine_request(req, raw, prompts, params, arrival, "prompt", lora=lora), echo
 
     def prompts(self, prompt: Union[str, list]) -> list[Prompt]:
         if isinstance(prompt, str):

@@ -55,7 +55,7 @@ def endpoint(ctx: ServerContext) -> Endpoint:
 
 async def create(ctx: ServerContext, req: EmbeddingRequest, raw: Request) -> Response:
     door = ctx.door
-    door.check_model(req.model)
+    lora = door.check_model(req.model)
     check_serves(door, "embed", ROUTE)
     params = pooling_params(
         "embed",
@@ -64,7 +64,8 @@ async def create(ctx: ServerContext, req: EmbeddingRequest, raw: Request) -> Res
         truncate_prompt_tokens=req.truncate_prompt_tokens,
     )
     created = int(time.time())
-    pooled = await pool(door, "embd", prompts_of(door, req.input, "input"), params, raw)
+    prompts = prompts_of(door, req.input, "input")
+    pooled = await pool(door, "embd", prompts, params, raw, lora=lora)
     if pooled is None:
         return client_closed()
     data = [

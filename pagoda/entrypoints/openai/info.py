@@ -1,17 +1,19 @@
 """The server's routes beside generation, each a route-table handler: the model cards
-(``/v1/models``, vLLM's card), ``/version``, vLLM's ``/tokenize``, ``/detokenize`` and
+(``/v1/models``, vLLM's card: the base, then each LoRA adapter with the base as its
+``parent``), ``/version``, vLLM's ``/tokenize``, ``/detokenize`` and
 ``/tokenizer_info``, ``/health`` (503 once the engine has died) and ``/metrics``
 (Prometheus). Errors are OpenAI's shape."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Optional
 
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import pagoda
+from pagoda.entrypoints.adapters import Entry
 from pagoda.entrypoints.dialect import Endpoint, ServerContext, reported
 from pagoda.entrypoints.errors import ApiError
 from pagoda.entrypoints.front_door import ServedEngine
@@ -25,15 +27,19 @@ ERRORS = (400, 401, 404, 413, 429, 503)
 # ---------------------------------------------------------------- models
 def models(ctx: ServerContext) -> Endpoint:
     async def models() -> dict:
-        return {"object": "list", "data": [_card(ctx)]}
+        adapters = [_adapter_card(ctx, e) for e in ctx.door.adapters.entries()]
+        return {"object": "list", "data": [_card(ctx), *adapters]}
 
     return Endpoint(models, OPENAI)
 
 
 def model(ctx: ServerContext) -> Endpoint:
     async def model(model_id: str) -> dict:
-        ctx.door.check_model(model_id)
-        return _card(ctx)
+        if ctx.door.check_model(model_id) is None:
+            return _card(ctx)
+        entry = ctx.door.adapters.entry(model_id)
+        assert entry is not None  # check_model found it
+        return _adapter_card(ctx, entry)
 
     return Endpoint(model, OPENAI, OPENAI.error_responses(404))
 
@@ -41,16 +47,29 @@ def model(ctx: ServerContext) -> Endpoint:
 def _card(ctx: ServerContext) -> dict[str, Any]:
     """The served model as vLLM's ``ModelCard`` describes it: ``root`` is what it was loaded
     from (``vllm bench serve`` without ``--model`` reads it), ``parent`` the base model of an
-    adapter (none here), ``permission`` OpenAI's old permission object."""
-    config, created = ctx.config, ctx.created
-    digest = hashlib.sha256(config.model_names[0].encode()).hexdigest()[:24]
+    adapter (none: this is the base), ``permission`` OpenAI's old permission object."""
+    config = ctx.config
+    root = config.model_root or config.model_names[0]
+    return _model_card(ctx, config.model_names[0], root, None, ctx.created)
+
+
+def _adapter_card(ctx: ServerContext, entry: Entry) -> dict[str, Any]:
+    """A LoRA adapter's card, as vLLM's: ``root`` its path, ``parent`` the base's name."""
+    lora = entry.lora
+    return _model_card(ctx, lora.lora_name, lora.lora_path, entry.parent, entry.created)
+
+
+def _model_card(
+    ctx: ServerContext, name: str, root: str, parent: Optional[str], created: int
+) -> dict[str, Any]:
+    digest = hashlib.sha256(name.encode()).hexdigest()[:24]
     return {
-        "id": config.model_names[0],
+        "id": name,
         "object": "model",
         "created": created,
         "owned_by": "pagoda",
-        "root": config.model_root or config.model_names[0],
-        "parent": None,
+        "root": root,
+        "parent": parent,
         "max_model_len": ctx.door.engine.max_model_len,
         "permission": [
             {

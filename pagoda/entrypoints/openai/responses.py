@@ -158,7 +158,7 @@ class Responses:
 
     # ------------------------------------------------------------ the request
     def job(self, req: ResponsesRequest, raw: Request, arrival: float) -> Job:
-        self.door.check_model(req.model)
+        lora = self.door.check_model(req.model)
         owner = tenant_salt(raw)
         conversation = read_input(req.input, self._history(req, owner))
         plan = tool_plan(req, self.door.tool_call_parser)
@@ -167,7 +167,9 @@ class Responses:
         defs = plan.template_tools() if plan is not None else None
         ids = self._render([*system, *conversation], defs, template_kwargs(req))
         names = FieldNames(_renames(plan, params), "input")
-        request = self.door.conversation_request(ids, params, arrival, names, owner, plan)
+        request = self.door.conversation_request(
+            ids, params, arrival, names, owner, plan, lora=lora
+        )
         return Job(new_id("resp"), req, request, conversation, owner, Shape.of(req))
 
     def _history(self, req: ResponsesRequest, owner: Optional[str]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from pagoda.entrypoints.openai.protocol import SamplingFields
 from pagoda.entrypoints.openai.structured import error_renames, structured_params
 from pagoda.entrypoints.reasoning import Thinking
 from pagoda.entrypoints.tools import ToolPlan
+from pagoda.lora_request import LoRARequest
 from pagoda.sampling import SamplingParams
 
 
@@ -106,9 +107,10 @@ def engine_request(
     prompt_field: str,
     tools: Optional[ToolPlan] = None,
     thinking: Optional[Thinking] = None,
+    lora: Optional[LoRARequest] = None,
 ) -> ApiRequest:
     """The engine request of an OpenAI request (the request's cache salt wins over its
-    API key's)."""
+    API key's), under the LoRA adapter its ``model`` named, if any."""
     return ApiRequest(
         prompts,
         params,
@@ -119,6 +121,7 @@ def engine_request(
         tools=tools,
         thinking=thinking,
         names=FieldNames(error_renames(req), prompt_field),
+        lora=lora,
     )
 
 

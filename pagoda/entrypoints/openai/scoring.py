@@ -34,6 +34,7 @@ from pagoda.entrypoints.pooling import (
     pooling_params,
     serves,
 )
+from pagoda.lora_request import LoRARequest
 
 ERRORS = OPENAI.error_responses(400, 401, 404, 413, 429, 503)
 
@@ -85,13 +86,14 @@ def score(ctx: ServerContext) -> Endpoint:
 
 # ------------------------------------------------------------------ rerank
 async def _rerank(door: FrontDoor, req: RerankRequest, raw: Request) -> Response:
-    door.check_model(req.model)
+    lora = door.check_model(req.model)
     docs = [d if isinstance(d, str) else d.text for d in req.documents]
     _check_texts([req.query], "query")
     _check_texts(docs, "documents")
     if req.top_n is not None and req.top_n < 0:
         raise ApiError(400, f"top_n must be 0 or more, got {req.top_n}", "top_n")
-    scored = await _relevance(door, [req.query] * len(docs), docs, req.truncate_prompt_tokens, raw)
+    queries = [req.query] * len(docs)
+    scored = await _relevance(door, queries, docs, req.truncate_prompt_tokens, raw, lora)
     if scored is None:
         return client_closed()
     scores, usage = scored
@@ -121,7 +123,7 @@ def _rerank_result(index: int, value: float, text: Optional[str]) -> dict[str, A
 
 # ------------------------------------------------------------------ score
 async def _score(door: FrontDoor, req: ScoreRequest, raw: Request) -> Response:
-    door.check_model(req.model)
+    lora = door.check_model(req.model)
     firsts = [req.text_1] if isinstance(req.text_1, str) else list(req.text_1)
     seconds = [req.text_2] if isinstance(req.text_2, str) else list(req.text_2)
     _check_texts(firsts, "text_1")
@@ -136,7 +138,7 @@ async def _score(door: FrontDoor, req: ScoreRequest, raw: Request) -> Response:
             "text_2",
         )
     created = int(time.time())
-    scored = await _relevance(door, firsts, seconds, req.truncate_prompt_tokens, raw)
+    scored = await _relevance(door, firsts, seconds, req.truncate_prompt_tokens, raw, lora)
     if scored is None:
         return client_closed()
     scores, usage = scored
@@ -172,28 +174,35 @@ async def _relevance(
     docs: list[str],
     truncate: Optional[int],
     raw: Request,
+    lora: Optional[LoRARequest] = None,
 ) -> Optional[tuple[list[float], Usage]]:
     """The score of each (query, document) pair: a cross-encoder's, else the cosine of the
     two embeddings. None when the client left."""
     if serves(door, "score"):
         params = pooling_params("score", truncate_prompt_tokens=truncate)
-        pooled = await pool(door, "score", pair_prompts(door, queries, docs), params, raw)
+        pairs = pair_prompts(door, queries, docs)
+        pooled = await pool(door, "score", pairs, params, raw, lora=lora)
         if pooled is None:
             return None
         return [float(v.reshape(-1)[0]) for v in pooled.vectors], pooled.usage
     check_serves(door, "embed", "scoring")
-    return await _cosine_scores(door, queries, docs, truncate, raw)
+    return await _cosine_scores(door, queries, docs, truncate, raw, lora)
 
 
 async def _cosine_scores(
-    door: FrontDoor, queries: list[str], docs: list[str], truncate: Optional[int], raw: Request
+    door: FrontDoor,
+    queries: list[str],
+    docs: list[str],
+    truncate: Optional[int],
+    raw: Request,
+    lora: Optional[LoRARequest],
 ) -> Optional[tuple[list[float], Usage]]:
     """Each distinct text embedded once (a rerank's query once, not per document)."""
     texts = list(dict.fromkeys([*queries, *docs]))
     where = {text: i for i, text in enumerate(texts)}
     prompts = [Prompt(door.engine.encode(t), t) for t in texts]
     params = pooling_params("embed", truncate_prompt_tokens=truncate)
-    pooled = await pool(door, "score", prompts, params, raw)
+    pooled = await pool(door, "score", prompts, params, raw, lora=lora)
     if pooled is None:
         return None
     vectors = pooled.vectors

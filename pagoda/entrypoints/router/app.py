@@ -468,6 +468,29 @@ class Router:
         instance.outstanding += 1  # _relay gives it back when the answer ends
         return self._relayed(reply, instance)
 
+    async def broadcast(self, request: Request) -> Response:
+        """A route every instance must serve alike (routes.py's EVERY: runtime LoRA
+        loads): the request as it came to each instance in turn, prefill ones first; the
+        first refusal is the answer (those before it took the request: logged), else the
+        first instance's answer."""
+        body, headers = await request.body(), self._headers(request)
+        headers["content-type"] = request.headers.get("content-type", "application/json")
+        first: Optional[httpx.Response] = None
+        for n, instance in enumerate(self.prefill.instances + self.decode.instances):
+            url = f"{instance.url}{request.url.path}"
+            try:
+                reply = await self.client.request(
+                    request.method, url, content=body, headers=headers
+                )
+            except httpx.HTTPError as e:
+                failed = _error(503, f"instance {instance.url} failed: {e}")
+                return _refused(request, n, instance, failed)
+            if reply.status_code >= 400:
+                return _refused(request, n, instance, _passthrough(reply))
+            first = first or reply
+        assert first is not None  # the router has at least one instance
+        return _passthrough(first)
+
     def _proxy_target(self, request: Request) -> Optional[Instance]:
         """``?instance=N``: the N-th decode instance (down or not, to look at it); else
         the policy's pick among those up."""
@@ -492,6 +515,15 @@ def instance_load(metrics_text: str) -> Optional[int]:
                 return None
             seen += 1
     return int(total) if seen else None
+
+
+def _refused(request: Request, taken: int, instance: Instance, answer: Response) -> Response:
+    """A broadcast's answer when ``instance`` refused it, after ``taken`` took it."""
+    if taken:
+        logger.warning(
+            "%s: %d instances took it before %s refused it", request.url.path, taken, instance.url
+        )
+    return answer
 
 
 def _passthrough(reply: httpx.Response) -> Response:
@@ -564,6 +596,8 @@ def build_app(router: Router) -> FastAPI:
             app.add_api_route(route.path, _prompt_handler(router, route.path), methods=["POST"])
         elif route.routing is Routing.INSTANCE:
             app.add_api_route(route.path, _proxy_handler(router), methods=[route.method])
+        elif route.routing is Routing.EVERY:
+            app.add_api_route(route.path, _broadcast_handler(router), methods=[route.method])
     _add_local_routes(app, router)
     return app
 
@@ -578,6 +612,13 @@ def _prompt_handler(router: Router, path: str) -> Callable[[Request], Awaitable[
 def _proxy_handler(router: Router) -> Callable[[Request], Awaitable[Response]]:
     async def handle(request: Request) -> Response:
         return await router.proxy(request)
+
+    return handle
+
+
+def _broadcast_handler(router: Router) -> Callable[[Request], Awaitable[Response]]:
+    async def handle(request: Request) -> Response:
+        return await router.broadcast(request)
 
     return handle
 
