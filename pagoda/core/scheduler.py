@@ -491,6 +491,15 @@ class Scheduler:
         running = self._running_adapters()
         return request.lora.lora_int_id in running or len(running) < self.config.max_loras
 
+    def runs_adapter(self, lora_int_id: int) -> bool:
+        """Whether a live request (waiting, running, loading, or held as an n > 1 sibling)
+        runs under the adapter."""
+        held = (r for siblings in self._held.values() for r in siblings)
+        return any(
+            r.lora is not None and r.lora.lora_int_id == lora_int_id
+            for r in itertools.chain(self.requests.values(), held)
+        )
+
     def _running_adapters(self) -> set[int]:
         return {r.lora.lora_int_id for r in self.running if r.lora is not None}
 

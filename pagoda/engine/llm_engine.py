@@ -178,6 +178,15 @@ class LLMEngine:
         self.core.publish_pending_kv_events()
         return count
 
+    def forget_adapter(self, lora_int_id: int) -> bool:
+        """An unloaded LoRA adapter's weights leave the engine, unless a live request still
+        runs under it (then nothing changes: ask again later); whether they left."""
+        if self.scheduler.runs_adapter(lora_int_id):
+            return False
+        if isinstance(self.runner, ModelRunner) and self.runner.lora is not None:
+            self.runner.lora.forget(lora_int_id)
+        return True
+
     # ------------------------------------------------------------- KV transfer
     def poll_kv_transfers(self) -> None:
         """For an idle server loop: take in finished transfers and ended leases even when

@@ -336,20 +336,6 @@ async def forget_when_idle(async_engine: AsyncEngine[Any], lora_int_id: int) -> 
 
 
 def _forget_if_idle(lora_int_id: int, engine: Any) -> bool:
-    """On the engine thread: forget the adapter unless a live request (the scheduler's:
-    waiting, running, or held for its n > 1 siblings) runs under it; whether it was
-    forgotten. A finished request's state the runner still keeps is never scheduled again,
-    so it needs no slot."""
-    slots = getattr(getattr(engine, "runner", None), "lora", None)
-    if slots is None:
-        return True
-    live = getattr(getattr(engine, "scheduler", None), "requests", {})
-    if any(_runs_under(r, lora_int_id) for r in live.values()):
-        return False
-    slots.forget(lora_int_id)
-    return True
-
-
-def _runs_under(request: Any, lora_int_id: int) -> bool:
-    lora = getattr(request, "lora", None)
-    return lora is not None and lora.lora_int_id == lora_int_id
+    """On the engine thread: ``LLMEngine.forget_adapter`` (which keeps the weights while a
+    live request runs under them); whether they left."""
+    return bool(engine.forget_adapter(lora_int_id))
