@@ -5,7 +5,8 @@ Multi-Tenant LoRA Serving", MLSys'24) in one C++ call per linear
 Invariant: the contract of ``lora/punica.py`` — per segment ``(start, rows, slot)``,
 ``out[start : start + rows] += (x[start : start + rows] @ a[slot].T) @ b[slot].T``; rows
 outside every segment are not written and a segment reads only its own slot. fp32 and bf16
-(bf16 sums in fp32 and rounds once, when the delta is added to ``out``).
+(bf16 sums in fp32 and rounds once, when the delta is added to ``out``; on CPUs with
+AVX512-BF16 h is rounded to bf16 between shrink and expand, as the reference rounds it).
 
 The batch is typed by what the kernel reads (:class:`Segments`, which ``punica.LoRABatch``
 is), so this ground-floor module does not import ``pagoda.lora``.

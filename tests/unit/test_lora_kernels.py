@@ -3,7 +3,7 @@
 
 Every case checks the contract of ``punica.py``: rows inside a segment get
 ``(x @ a[slot].T) @ b[slot].T`` added (fp32: to rounding noise; bf16: within bf16 rounding,
-since the kernels keep h in fp32 where the reference rounds it to bf16), rows outside every
+as the kernels may keep h in fp32 where the reference rounds it to bf16), rows outside every
 segment keep the base output bit for bit. The layout has several slots interleaved (one slot
 twice, apart), a base-only gap, a single row and a 300-row segment; the poison test fills every
 slot no segment uses, and the x rows outside the segments, with NaN. Two mutants (a kernel
