@@ -37,6 +37,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -244,20 +245,30 @@ inline __m128i to_bf16(V f) {
   const __m256i packed = _mm256_packus_epi32(r, r);
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08));
 }
-inline void add_to(float* o, V d, int64_t n) {
-  if (n >= W) return _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), d));
+// A partial vector goes through memory, out of line: inlined, gcc would keep the caller's
+// accumulators in memory too (a store each step of the expand loop).
+template <class T>
+__attribute__((noinline)) void add_part(T* o, V d, int64_t n) {
   alignas(32) float tmp[W];
   _mm256_store_ps(tmp, d);
-  for (int64_t j = 0; j < n; ++j) o[j] += tmp[j];
+  for (int64_t j = 0; j < n; ++j) {
+    if constexpr (std::is_same_v<T, float>) {
+      o[j] += tmp[j];
+    } else {
+      o[j] = pagoda_bf16::from_f32(pagoda_bf16::to_f32(o[j]) + tmp[j]);
+    }
+  }
+}
+inline void add_to(float* o, V d, int64_t n) {
+  if (n >= W) return _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), d));
+  add_part(o, d, n);
 }
 inline void add_to(bf16_t* o, V d, int64_t n) {
   if (n >= W) {
     const __m128i r = to_bf16(_mm256_add_ps(load(o), d));
     return _mm_storeu_si128(reinterpret_cast<__m128i*>(o), r);
   }
-  alignas(32) float tmp[W];
-  _mm256_store_ps(tmp, d);
-  for (int64_t j = 0; j < n; ++j) o[j] = pagoda_bf16::from_f32(pagoda_bf16::to_f32(o[j]) + tmp[j]);
+  add_part(o, d, n);
 }
 #else
 inline void add_to(float* o, V d, int64_t n) {
@@ -306,6 +317,27 @@ inline void row_tiles(int64_t rows, F f) {
   int64_t i = 0;
   for (; i + M <= rows; i += M) f(std::integral_constant<int, M>{}, i);
   tail_tile<M - 1>(rows - i, i, f);
+}
+
+// f(std::integral_constant<int, i>) for i = 0 .. N - 1, unrolled at compile time.
+template <class F, int... I>
+inline void unrolled(F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, class F>
+inline void static_for(F f) {
+  unrolled(f, std::make_integer_sequence<int, N>{});
+}
+
+// o (MRt rows, stride ldo) += acc over nn columns. Every index a constant (a runtime loop here
+// makes gcc keep acc in memory, a store per accumulator each step of the loop that fills it).
+template <int MRt, class T>
+inline void add_tile(V (&acc)[MRt][NV], T* o, int64_t ldo, int64_t nn) {
+  static_for<MRt>([&](auto i) {
+    static_for<NV>([&](auto c) {
+      if (c * W < nn) add_to(o + i * ldo + c * W, acc[i][c], nn - c * W);
+    });
+  });
 }
 
 // ---------------------------------------------------------------------------------- shrink
@@ -449,8 +481,7 @@ inline void expand_tile(const float* h, int64_t R, const float* bt, T* o, int64_
       for (int c = 0; c < NV; ++c) acc[i][c] = fma(hv, bv[c], acc[i][c]);
     }
   }
-  for (int i = 0; i < MRt; ++i)
-    for (int c = 0; c < NV && c * W < nn; ++c) add_to(o + i * ldo + c * W, acc[i][c], nn - c * W);
+  add_tile(acc, o, ldo, nn);
 }
 
 #if defined(PAGODA_LORA_DPBF16)
@@ -492,8 +523,7 @@ inline void expand_tile_dp(const uint32_t* h2, int64_t P, const uint32_t* bt2, b
       for (int c = 0; c < NV; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], hv, bv[c]);
     }
   }
-  for (int i = 0; i < MRt; ++i)
-    for (int c = 0; c < NV && c * W < nn; ++c) add_to(o + i * ldo + c * W, acc[i][c], nn - c * W);
+  add_tile(acc, o, ldo, nn);
 }
 #endif
 
