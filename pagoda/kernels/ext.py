@@ -10,6 +10,8 @@ Its sources (``kernels/csrc/``), one module between them:
 - ``gumbel_sample.cpp``: the Gumbel-max draw (``worker/gumbel.py``); ``token_mask.cpp``: the
   structured-outputs mask (``worker/sampler.py``);
 - ``suffix_trie.cpp``: the suffix trie of speculative decoding (``engine/spec_timing.py``);
+- ``lora_sgmv.cpp``: the grouped LoRA delta of a mixed batch, Punica's SGMV shrink / expand
+  (``kernels/cpu_lora.py``);
 - ``bf16.h``, ``fp8.h``: conversions they share.
 
 The extension is built just in time on first use with ``torch.utils.cpp_extension.load``
@@ -56,6 +58,7 @@ _SOURCES = (
     _CSRC / "gumbel_sample.cpp",
     _CSRC / "token_mask.cpp",
     _CSRC / "suffix_trie.cpp",
+    _CSRC / "lora_sgmv.cpp",
 )
 # Not compiled on their own, but part of the build's hash.
 _HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")

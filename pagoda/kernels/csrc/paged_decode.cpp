@@ -1288,6 +1288,12 @@ namespace pagoda_kv {
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
 }  // namespace pagoda_kv
 
+// The grouped LoRA delta, Punica's SGMV shrink / expand (lora_sgmv.cpp).
+namespace pagoda_lora {
+void lora_sgmv(at::Tensor out, at::Tensor x, at::Tensor a, at::Tensor b, at::Tensor segments);
+std::string isa();
+}  // namespace pagoda_lora
+
 // Suffix decoding's trie (suffix_trie.cpp): a class, bound there.
 namespace pagoda_suffix {
 void bind(py::module_& m);
@@ -1346,5 +1352,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &pagoda_kv::write_kv, "Copy new K/V rows into their cache slots.",
         py::arg("kv_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("lora_sgmv", &pagoda_lora::lora_sgmv,
+        "out[start:start+rows] += (x[start:start+rows] @ a[slot].T) @ b[slot].T per segment "
+        "(start, rows, slot) of the (G, 3) int32 segments; in place.",
+        py::arg("out"), py::arg("x"), py::arg("a"), py::arg("b"), py::arg("segments"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("lora_isa", &pagoda_lora::isa, "Instruction set lora_sgmv was compiled for.");
   pagoda_suffix::bind(m);
 }
