@@ -59,17 +59,14 @@ def grouped_torch(
 
 def select(device: torch.device, dtype: torch.dtype) -> Kernel:
     """The implementation for adapted linears of ``dtype`` on ``device``."""
-    try:
-        if device.type == "cpu":
-            from pagoda.kernels import cpu_lora  # type: ignore[attr-defined]
+    if device.type == "cpu":
+        from pagoda.kernels import cpu_lora
 
-            if cpu_lora.available():
-                return cpu_lora.lora_sgmv
-        if device.type == "cuda":
-            from pagoda.lora import triton_lora  # type: ignore[attr-defined]
+        if cpu_lora.available():
+            return cpu_lora.lora_sgmv
+    if device.type == "cuda":
+        from pagoda.lora import triton_lora
 
-            if triton_lora.usable(dtype):
-                return triton_lora.lora_sgmv
-    except ImportError:  # TODO(issue 37): the kernels land next
-        pass
+        if triton_lora.usable(dtype):
+            return triton_lora.lora_sgmv
     return grouped_torch
