@@ -9,13 +9,17 @@ twice, apart), a base-only gap, a single row and a 300-row segment; the poison t
 slot no segment uses, and the x rows outside the segments, with NaN. Two mutants (a kernel
 reading slot 0 for every segment, one writing a row past each segment) show the comparison
 catches what it must. The Triton kernels run under ``TRITON_INTERPRET=1`` on CPU tensors
-where there is no GPU. Fresh random inputs each run: the seed is in every failure message.
+where there is no GPU, and are compiled for an H100 (sm_90) as ``test_triton_compile.py``
+does. Fresh random inputs each run: the seed is in every failure message.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -213,3 +217,68 @@ def test_a_bad_segment_raises_before_any_write():
     with pytest.raises(RuntimeError, match="segment 1"):
         impl.run(out, case.x, case.a, case.b, case.batch())
     assert torch.equal(out, case.base)
+
+
+# Compiled in a subprocess: this one runs the kernels interpreted (TRITON_INTERPRET=1), and
+# interpreted @triton.jit functions cannot be compiled.
+_COMPILE = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pagoda.lora import triton_lora as tlr
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+def spills(ptx):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    return int(re.search(r"(\d+) bytes spill stores", out).group(1))
+
+def build(label, kernel, ptrs, consts):
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in kernel.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+               if n.endswith("_ptr")}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=aligned)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    ptx = c.asm["ptx"]
+    return {"label": label, "cubin": len(c.asm.get("cubin", b"")) > 0, "spill": spills(ptx),
+            "mma": ptx.count("mma.sync") + ptx.count("wgmma.mma_async")}
+
+out = []
+for dt in ("bf16", "fp16", "fp32"):
+    prec = "ieee" if dt == "fp32" else "tf32"
+    for br in (16, tlr.MAX_BLOCK_R):
+        out.append(build(f"shrink {dt} R{br}", tlr._shrink_kernel,
+            {"x_ptr": "*" + dt, "a_ptr": "*" + dt, "h_ptr": "*fp32", "seg_ptr": "*i32"},
+            dict(BLOCK_M=tlr.BLOCK_M, BLOCK_R=br, BLOCK_K=tlr.BLOCK_K, PRECISION=prec,
+                 UPCAST=False)))
+        out.append(build(f"expand {dt} R{br}", tlr._expand_kernel,
+            {"h_ptr": "*fp32", "b_ptr": "*" + dt, "out_ptr": "*" + dt, "seg_ptr": "*i32"},
+            dict(BLOCK_M=tlr.BLOCK_M, BLOCK_N=tlr.BLOCK_N, BLOCK_R=br, PRECISION=prec,
+                 SOFT=False)))
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    """Both kernels lower to an H100 cubin for every dtype, spill no registers, and the 16-bit
+    ones run their dots on the tensor cores."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300
+    )
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("triton's bundled ptxas is unavailable here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 12
+    for r in results:
+        assert r["cubin"] and r["spill"] == 0, r
+        assert r["mma"] > 0 or "fp32" in r["label"], r

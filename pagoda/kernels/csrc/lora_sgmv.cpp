@@ -61,6 +61,9 @@ inline float widen(bf16_t v) { return pagoda_bf16::to_f32(v); }
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define PAGODA_LORA_ISA "avx512"
 #define PAGODA_LORA_AVX512 1
+#if defined(__AVX512BF16__)
+#define PAGODA_LORA_DPBF16 1  // vdpbf16ps: bf16 pairs, products exact, fp32 sums
+#endif
 constexpr int W = 16;
 using V = __m512;
 inline V zero() { return _mm512_setzero_ps(); }
@@ -282,13 +285,24 @@ inline void add_to(bf16_t* o, V d, int64_t n) {
 
 // ------------------------------------------------------------------------------------------
 // Blocking: MR x MA dot products per shrink tile, MR_E rows x NV vectors per expand tile, as
-// many accumulators as the build's vector registers hold (32 with AVX-512, 16 otherwise).
+// many accumulators as the build's vector registers hold (32 with AVX-512, 16 otherwise); the
+// vdpbf16ps tiles (_DP) have their own (measured best on Zen 4).
 #if defined(PAGODA_LORA_AVX512)
-constexpr int MR = 4, MA = 4, MR_E = 4, NV = 6;
+constexpr int MR = 6, MA = 4, MR_E = 6, NV = 2;
 #else
 constexpr int MR = 2, MA = 4, MR_E = 6, NV = 2;
 #endif
-constexpr int NB = NV * W;         // columns per expand work item
+constexpr int MR_DP = 4, MR_E_DP = 4, NV_DP = 6;
+constexpr int NB = NV * W, NB_DP = NV_DP * W;  // columns per expand work item
+
+// Whether a pass runs on vdpbf16ps: the shrink of bf16 x, the expand of a bf16 h.
+template <class T>
+constexpr bool kDp =
+#if defined(PAGODA_LORA_DPBF16)
+    std::is_same_v<T, bf16_t>;
+#else
+    false;
+#endif
 constexpr int64_t kRowChunk = 64;  // rows per work item (bounds the imbalance between threads)
 constexpr int64_t kMinTaskMacs = 1 << 16;  // multiply-adds under which a pass stays serial
 
@@ -331,10 +345,10 @@ inline void static_for(F f) {
 
 // o (MRt rows, stride ldo) += acc over nn columns. Every index a constant (a runtime loop here
 // makes gcc keep acc in memory, a store per accumulator each step of the loop that fills it).
-template <int MRt, class T>
-inline void add_tile(V (&acc)[MRt][NV], T* o, int64_t ldo, int64_t nn) {
+template <int MRt, int NVt, class T>
+inline void add_tile(V (&acc)[MRt][NVt], T* o, int64_t ldo, int64_t nn) {
   static_for<MRt>([&](auto i) {
-    static_for<NV>([&](auto c) {
+    static_for<NVt>([&](auto c) {
       if (c * W < nn) add_to(o + i * ldo + c * W, acc[i][c], nn - c * W);
     });
   });
@@ -384,8 +398,7 @@ inline void shrink_tile(const T* x, int64_t ldx, const T* a, int64_t K, H* h, in
   store_sums(acc, h, ldh);
 }
 
-#if defined(PAGODA_LORA_AVX512) && defined(__AVX512BF16__)
-#define PAGODA_LORA_DPBF16 1
+#if defined(PAGODA_LORA_DPBF16)
 // acc[i][j] += 32 products of bf16 x_i and a_j at k, each exact, summed in fp32 (vdpbf16ps);
 // only the first n (<= 32) elements are read.
 template <int MRt, int MAt, bool kFull>
@@ -442,7 +455,7 @@ void shrink_item(const Item& it, const Seg& s, const T* x, int64_t ldx, const T*
   const int64_t na = std::min<int64_t>(MA, R - it.col0);
   const T* xr = x + (s.start + it.row0) * ldx;  // (rows, K), stride ldx
   H* hr = h + (s.h_row + it.row0) * ldh + it.col0;
-  row_tiles<MR>(it.rows, [&](auto m, int64_t i) {
+  row_tiles<kDp<T> ? MR_DP : MR>(it.rows, [&](auto m, int64_t i) {
     shrink_rows<decltype(m)::value>(xr + i * ldx, ldx, a_blk, na, K, hr + i * ldh, ldh);
   });
 }
@@ -488,11 +501,11 @@ inline void expand_tile(const float* h, int64_t R, const float* bt, T* o, int64_
 // The bf16 expand: h rounded to bf16 (as the reference rounds it) and paired, (h[2p], h[2p+1])
 // one 32-bit word, against B's pairs (B[n, 2p], B[n, 2p + 1]), which are adjacent in memory:
 // viewed as 32-bit words, b_slot is (N, ceil(R / 2)), and its transpose is the layout
-// vdpbf16ps wants. bt2 (P, NB) words = those of rows n0 .. n0 + nn; an odd R's last word has a
-// zero upper half (masked loads), columns nn .. NB are zero.
+// vdpbf16ps wants. bt2 (P, NB_DP) words = those of rows n0 .. n0 + nn; an odd R's last word
+// has a zero upper half (masked loads), columns nn .. NB_DP are zero.
 void pack_bt2(const bf16_t* b_slot, int64_t n0, int64_t nn, int64_t R, uint32_t* bt2) {
   const int64_t P = (R + 1) / 2;
-  for (int64_t j0 = 0; j0 < NB; j0 += W) {
+  for (int64_t j0 = 0; j0 < NB_DP; j0 += W) {
     for (int64_t p0 = 0; p0 < P; p0 += W) {
       const int64_t left = std::min<int64_t>(2 * W, R - 2 * p0);  // bf16 of a row in this block
       const __mmask32 m = static_cast<__mmask32>((1ull << left) - 1u);
@@ -503,36 +516,38 @@ void pack_bt2(const bf16_t* b_slot, int64_t n0, int64_t nn, int64_t R, uint32_t*
       }
       transpose(t);  // t[q]: word column p0 + q
       for (int64_t q = 0; q < std::min<int64_t>(W, P - p0); ++q)
-        _mm512_storeu_ps(reinterpret_cast<float*>(bt2 + (p0 + q) * NB + j0), t[q]);
+        _mm512_storeu_ps(reinterpret_cast<float*>(bt2 + (p0 + q) * NB_DP + j0), t[q]);
     }
   }
 }
 
-// o (MRt rows, stride ldo; nn columns) += h2 (MRt rows of P words) @ bt2 (P, NB words).
+// o (MRt rows, stride ldo; nn columns) += h2 (MRt rows of P words) @ bt2 (P, NB_DP words).
 template <int MRt>
 inline void expand_tile_dp(const uint32_t* h2, int64_t P, const uint32_t* bt2, bf16_t* o,
                            int64_t ldo, int64_t nn) {
-  V acc[MRt][NV];
+  V acc[MRt][NV_DP];
   for (int i = 0; i < MRt; ++i)
-    for (int c = 0; c < NV; ++c) acc[i][c] = zero();
+    for (int c = 0; c < NV_DP; ++c) acc[i][c] = zero();
   for (int64_t p = 0; p < P; ++p) {
-    __m512bh bv[NV];
-    for (int c = 0; c < NV; ++c) bv[c] = (__m512bh)_mm512_loadu_si512(bt2 + p * NB + c * W);
+    __m512bh bv[NV_DP];
+    for (int c = 0; c < NV_DP; ++c)
+      bv[c] = (__m512bh)_mm512_loadu_si512(bt2 + p * NB_DP + c * W);
     for (int i = 0; i < MRt; ++i) {
       const __m512bh hv = (__m512bh)_mm512_set1_epi32(static_cast<int>(h2[i * P + p]));
-      for (int c = 0; c < NV; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], hv, bv[c]);
+      for (int c = 0; c < NV_DP; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], hv, bv[c]);
     }
   }
   add_tile(acc, o, ldo, nn);
 }
 #endif
 
-// One expand item: out rows of the chunk, columns [col0, col0 + NB) of N. h: fp32 (rows, R),
-// or bf16 (rows, R rounded up to even) for the vdpbf16ps tile; pack: room for B's block.
+// One expand item: out rows of the chunk, columns [col0, col0 + NB) of N (NB_DP on
+// vdpbf16ps). h: fp32 (rows, R), or bf16 (rows, R rounded up to even) for the vdpbf16ps tile;
+// pack: room for B's block.
 template <class T, class H>
 void expand_item(const Item& it, const Seg& s, const T* b, int64_t N, int64_t R, const H* h,
                  T* out, int64_t ldo, float* pack) {
-  const int64_t nn = std::min<int64_t>(NB, N - it.col0);
+  const int64_t nn = std::min<int64_t>(kDp<H> ? NB_DP : NB, N - it.col0);
   T* o = out + (s.start + it.row0) * ldo + it.col0;
 #if defined(PAGODA_LORA_DPBF16)
   if constexpr (std::is_same_v<H, bf16_t>) {
@@ -540,7 +555,7 @@ void expand_item(const Item& it, const Seg& s, const T* b, int64_t N, int64_t R,
     auto* bt2 = reinterpret_cast<uint32_t*>(pack);
     pack_bt2(b + s.slot * N * R, it.col0, nn, R, bt2);
     const auto* h2 = reinterpret_cast<const uint32_t*>(h + (s.h_row + it.row0) * 2 * P);
-    return row_tiles<MR_E>(it.rows, [&](auto m, int64_t i) {
+    return row_tiles<MR_E_DP>(it.rows, [&](auto m, int64_t i) {
       expand_tile_dp<decltype(m)::value>(h2 + i * P, P, bt2, o + i * ldo, ldo, nn);
     });
   }
@@ -595,10 +610,10 @@ void run(at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Te
       shrink_item(it, segs[it.seg], xp, ldx, ap, R, K, h.data(), ldh);
     }
   });
-  const std::vector<Item> expand = items(segs, N, NB);
+  const std::vector<Item> expand = items(segs, N, kDp<H> ? NB_DP : NB);
   const int64_t n_expand = static_cast<int64_t>(expand.size());
   at::parallel_for(0, n_expand, grain(n_expand, total_rows * R * N), [&](int64_t lo, int64_t hi) {
-    std::vector<float> pack(static_cast<size_t>((R + 1) * NB));  // B's block, (R, NB)
+    std::vector<float> pack(static_cast<size_t>((R + 1) * std::max(NB, NB_DP)));  // B's block
     for (int64_t i = lo; i < hi; ++i) {
       const Item& it = expand[i];
       expand_item(it, segs[it.seg], bp, N, R, h.data(), op, ldo, pack.data());
