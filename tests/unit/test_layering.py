@@ -16,12 +16,14 @@ PAGODA = Path(__file__).resolve().parents[2] / "pagoda"
 # Lowest first: a module may import its own floor and those below it.
 FLOORS: list[set[str]] = [
     # the ground floor: kernels, the switches, and the plain types everything shares
-    {"kernels", "envs", "utils", "config", "sampling", "pooling_params", "request"},
+    {"kernels", "envs", "utils", "config", "sampling", "pooling_params", "request",
+     "lora_request"},
     # the scheduler side, pure Python (no torch: test_core_is_torch_free.py and below); the
     # speculator is beside the scheduler, which calls it
     {"core", "spec_decode"},
-    # tensors: the model families, their ops, the attention backends
-    {"models", "attention"},
+    # tensors: the model families, their ops, the attention backends, LoRA adapters over
+    # the models' linears (models/prepare.py wraps them)
+    {"models", "attention", "lora"},
     # running a step (runner, sampler, KV cache); moving KV between instances
     {"worker", "kv_transfer"},
     {"engine"},
