@@ -3,11 +3,10 @@
 LoRA (Hu et al., ICLR'22) adds ``(x A^T) B^T * scale`` to a frozen linear ``x W^T``, with A
 (r, K) and B (N, r) of a small rank r. PEFT saves them per module of the Hugging Face model
 (``...self_attn.q_proj.lora_A.weight``); pagoda's layers fuse q/k/v into ``qkv_proj`` and
-gate/up into ``gate_up_proj``. :func:`read_adapter` turns the pieces of one fused linear into
-one pair: A (R, K), the pieces' A stacked, and B (N, R), each piece's B in its own rows and
-columns (zeros elsewhere) with the scale folded in, so that ``(x A^T) B^T`` is exactly the sum
-of the pieces' deltas. Phi-3's checkpoints (and so its adapters) are fused already: a whole
-``qkv_proj`` adapter is one piece over all rows.
+gate/up into ``gate_up_proj``. :func:`read_adapter` gives each shard of a fused linear (q, k,
+v; gate, up) its own pair: A (r, K) and B (n, r) of the shard's rows, with the scale folded
+in. Phi-3's checkpoints (and so its adapters) are fused already: a whole ``qkv_proj``
+adapter is one piece over all rows, which each shard takes its rows of (with the same A).
 
 Invariant: an adapter that loads matches the base's shapes tensor by tensor, has finite
 weights, and asks for nothing pagoda does not run; anything else is refused with an
@@ -77,8 +76,8 @@ class Target:
 
 
 @dataclass(frozen=True)
-class LoRALayer:
-    """One adapted linear: A (R, K) and B (N, R), scale folded into B, fp32."""
+class ShardLoRA:
+    """One shard's delta: A (r, K) and B (n, r) over the shard's rows, scale folded in, fp32."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -86,6 +85,13 @@ class LoRALayer:
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+
+@dataclass(frozen=True)
+class LoRALayer:
+    """One adapted linear: each shard's delta, in the fused order (None: not adapted)."""
+
+    shards: tuple[Optional[ShardLoRA], ...]
 
 
 @dataclass(frozen=True)
@@ -100,9 +106,8 @@ class Adapter:
 
     @property
     def num_bytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size() for ly in self.layers.values() for t in (ly.a, ly.b)
-        )
+        pairs = (s for ly in self.layers.values() for s in ly.shards if s is not None)
+        return sum(t.numel() * t.element_size() for s in pairs for t in (s.a, s.b))
 
 
 def targets_for(arch: ModelArch) -> dict[str, Target]:
@@ -312,21 +317,28 @@ def _scale(config: Mapping[str, Any], module: str, rank: int) -> float:
 def _fuse(
     target: Target, pieces: list[tuple[Optional[int], torch.Tensor, torch.Tensor]]
 ) -> LoRALayer:
-    """One (A, B) pair for the layer's pieces: A stacked by rank, each B in its shard's rows
-    and its own rank's columns (zeros elsewhere), rows in the layer's order.
+    """Each shard's (A, B), rows in the layer's order (``row_order``). A piece of one shard
+    is that shard's pair; a whole piece (Phi-3's fused ``qkv_proj``) gives every shard its
+    A and the shard's rows of its B:
 
-        A = [A_q ; A_v]            B = [ B_q   0  ]   q rows
-                                       [  0    0  ]   k rows
-                                       [  0   B_v ]   v rows
+        q_proj, v_proj adapted:   q: (A_q, B_q)   k: None   v: (A_v, B_v)
+        qkv_proj adapted:         q: (A, B[q rows])   k: (A, B[k rows])   v: (A, B[v rows])
     """
-    rank = sum(a.shape[0] for _, a, _ in pieces)
-    a_full = torch.cat([a for _, a, _ in pieces])  # (R, K)
-    b_full = torch.zeros(target.out_features, rank)  # (N, R)
-    col = 0
-    for shard, a, b in pieces:
-        row = 0 if shard is None else target.shard_offset(shard)
-        b_full[row : row + b.shape[0], col : col + a.shape[0]] = b
-        col += a.shape[0]
-    if target.row_order is not None:
-        b_full = b_full[target.row_order]
-    return LoRALayer(a_full.contiguous(), b_full.contiguous())
+    whole = [(a, b) for shard, a, b in pieces if shard is None]
+    by_shard = {shard: (a, b) for shard, a, b in pieces if shard is not None}
+    order = target.row_order
+    shards: list[Optional[ShardLoRA]] = []
+    for i, rows in enumerate(target.shards):
+        offset = target.shard_offset(i)
+        if whole:
+            a, b = whole[0]
+            b = b if order is None else b[order]
+            shards.append(ShardLoRA(a.contiguous(), b[offset : offset + rows].contiguous()))
+        elif i in by_shard:
+            a, b = by_shard[i]
+            if order is not None:  # the permutation keeps each row within its shard
+                b = b[order[offset : offset + rows] - offset]
+            shards.append(ShardLoRA(a.contiguous(), b.contiguous()))
+        else:
+            shards.append(None)
+    return LoRALayer(tuple(shards))
