@@ -31,23 +31,18 @@ import torch
 from safetensors.torch import save_file
 
 from pagoda.bench.common import (
-    WARMUP_OUTPUT_LEN,
-    WARMUP_PROMPT_LEN,
     check_outputs,
-    dtype_name,
     greedy_params,
-    hf_model_path,
     machine_info,
     make_workload,
     parse_len_range,
     print_machine,
     row,
-    token_id_range,
     warm_up,
     write_json,
 )
-from pagoda.bench.throughput import SETTLE_S, vllm_dtype
-from pagoda.bench.vllm_peer import VllmOptions, VllmPeer, hf_model_dir
+from pagoda.bench.throughput import SETTLE_S, start_vllm, vllm_dtype
+from pagoda.bench.vllm_peer import VllmPeer
 from pagoda.lora.adapter import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, targets_for
 from pagoda.lora_request import LoRARequest
 from pagoda.models.config import ModelArch
@@ -199,30 +194,8 @@ def start_peer(
     """vLLM's CPU backend with LoRA on, loaded and warmed up (None without --compare)."""
     if ns.compare != "vllm":
         return None
-    engine = lora.engine
-    dtype = vllm_dtype(ns, engine.dtype)
-    options = VllmOptions(
-        model=hf_model_dir(hf_model_path(ns.model, ns.gguf_file), dtype),
-        dtype=dtype_name(dtype),
-        max_model_len=engine.max_model_len,
-        max_num_seqs=engine_args.max_num_seqs,
-        max_num_batched_tokens=engine.scheduler.config.max_num_batched_tokens,
-        enable_prefix_caching=engine_args.enable_prefix_caching,
-        enforce_eager=ns.vllm_enforce_eager,
-        seed=engine_args.seed,
-        max_loras=max_loras,
-        max_lora_rank=ns.rank,
-    )
-    warmup = {
-        "prompt_len": WARMUP_PROMPT_LEN,
-        "output_len": WARMUP_OUTPUT_LEN,
-        "first_id": token_id_range(engine.arch.vocab_size)[0],
-    }
-    peer = VllmPeer(options, work.prompts, work.output_lens, warmup, ns.vllm_venv)
-    print(f"== starting vLLM with LoRA (log: {peer.log_path}) ==", flush=True)
-    peer.start()
-    time.sleep(SETTLE_S)
-    return peer
+    dtype = vllm_dtype(ns, lora.engine.dtype)
+    return start_vllm(ns, lora.engine, engine_args, work, dtype, max_loras, ns.rank)
 
 
 def summarize(rates: Rates, vllm_rates: Rates) -> dict[str, dict]:

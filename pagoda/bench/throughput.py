@@ -321,10 +321,17 @@ def vllm_dtype(ns: argparse.Namespace, engine_dtype: torch.dtype) -> torch.dtype
 
 
 def start_vllm(
-    ns: argparse.Namespace, engine: Any, engine_args: Any, work: Workload, dtype: torch.dtype
+    ns: argparse.Namespace,
+    engine: Any,
+    engine_args: Any,
+    work: Workload,
+    dtype: torch.dtype,
+    max_loras: Optional[int] = None,
+    max_lora_rank: int = 16,
 ) -> VllmPeer:
     """vLLM's CPU backend in its venv, on pagoda's weights (a GGUF converted once) and
-    scheduler limits, loaded and warmed up; ValueError where it cannot compare."""
+    scheduler limits (and LoRA on, given ``max_loras``), loaded and warmed up; ValueError
+    where it cannot compare."""
     if engine.device.type != "cpu":
         raise ValueError("--compare vllm runs vLLM's CPU backend: use --device cpu")
     if getattr(ns, "load_format", "auto") == "dummy":
@@ -338,6 +345,8 @@ def start_vllm(
         enable_prefix_caching=engine_args.enable_prefix_caching,
         enforce_eager=ns.vllm_enforce_eager,
         seed=engine_args.seed,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
     )
     warmup = {
         "prompt_len": WARMUP_PROMPT_LEN,
