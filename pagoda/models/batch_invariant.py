@@ -1,0 +1,74 @@
+"""Batch-invariant linear layers on the CPU (``--deterministic``): a row's result does not depend
+on how many rows the step has (the batch-invariance of Thinking Machines' "Defeating
+Nondeterminism in LLM Inference", 2025, and vLLM's ``VLLM_BATCH_INVARIANT``, here for oneDNN).
+
+A GEMM library picks its blocking, its kernel for the row tail and its split of the reduction
+by the shape of the call, so the same row can round differently at M = 1 and at M = 3 (measured
+on a Zen 4, docs/deterministic.md: oneDNN's bf16 product with K = 1536 at M = 3, 10, 15; MKL's
+fp32 one at every M > 1). Here every call is cut into tiles of exactly ``ROW_TILE`` rows (the
+last one padded with zero rows) and each tile is one call of the same shape, so every row goes
+through the same kernel with the same reduction order, whatever the rest of the step::
+
+    x (T, K):  [ t0 .. t7 | t8 .. t15 | t16 t17 0 0 0 0 0 0 ]   T = 18, ROW_TILE = 8
+                 tile 0      tile 1      tile 2 (padded)
+               each tile: (8, K) @ (K, N), one call of one shape
+
+Invariant: row ``i`` of ``RowTiledLinear(inner)(x)`` depends only on ``x[i]``, the weights and
+the row's place in its tile (``i % ROW_TILE``), never on T; the tests check that the place does
+not matter either on the CPU they run on (tests/model/test_deterministic.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagoda.models.base import ExpertLayer, Modules
+from pagoda.models.cpu_linear import PackedLinear
+
+ROW_TILE = 8  # rows per GEMM call: a decode step of one row pays 8 (docs/deterministic.md)
+
+
+class RowTiledLinear(nn.Module):
+    """``inner`` (an ``nn.Linear`` or a ``PackedLinear``) called on fixed tiles of rows."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, K) -> (T, N)."""
+        rows = x.shape[0]
+        pad = -rows % ROW_TILE
+        if pad:
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # (T + pad, K)
+        tiles = [self.inner(tile) for tile in x.split(ROW_TILE)]  # each (ROW_TILE, N)
+        out = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
+        return out[:rows]
+
+
+class PlainHead(nn.Module):
+    """The output projection (V, E) as a module, where it is not packed."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.head_weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, E) -> (T, V)."""
+        return nn.functional.linear(x, self.head_weight)
+
+
+def tile_linears(model: Modules, head: nn.Module) -> RowTiledLinear:
+    """Wrap each linear layer of ``model`` (plain or packed; not ``lm_head``, which
+    ``output_weight`` reads: ``head`` stands for it) in a :class:`RowTiledLinear`; returns
+    ``head`` (the output projection, packed or :class:`PlainHead`) wrapped too.
+    Raises ValueError for a mixture of experts (a step's rows per expert vary with the
+    batch, and the experts' products are not tiled)."""
+    if any(isinstance(m, ExpertLayer) for m in model.modules()):
+        raise ValueError("--deterministic does not take mixture-of-experts models yet")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (nn.Linear, PackedLinear) and name != "lm_head":
+                setattr(parent, name, RowTiledLinear(child))
+    return RowTiledLinear(head)
