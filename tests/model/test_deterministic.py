@@ -1,0 +1,215 @@
+"""--deterministic (issue 39, docs/deterministic.md): a request's tokens do not depend on what
+else the engine runs. With the switch, one request is run alone and then among random
+batch-mates, under chunk budgets 7 / 64 / whole, after a prefix-cache hit, after preemption,
+and with ngram and suffix speculation; its tokens (and, where asked, its logprobs, to the bit)
+must be identical every time. Seeded sampling likewise. Both bf16 prefill paths of the CPU
+backend run through the ``amx`` fixture (under the switch, attention is the decode kernel on
+both: what AMX changes is oneDNN's GEMM kernels, which the row tiles must keep invariant).
+
+A mutant linear whose reduction order depends on the number of rows (what an untiled GEMM
+library may do) must be caught by the same comparison.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagoda import LLM, SamplingParams
+from pagoda.models import batch_invariant
+from tiny_models import TINY_VOCAB, make_model
+
+from native import needs_ext
+
+pytestmark = [needs_ext]
+
+NEW_TOKENS = 64
+NUM_MATES = 32
+SMOLLM2_VOCAB = 49152  # the bundled model's
+NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "adaptive": False}
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 8, "adaptive": False}
+COPY_TEXT = (
+    "Repeat the following text word for word.\n\nThe river rises in the hills above the old "
+    "mill and runs south through the town, past the church, the school and the market, "
+    "before it turns east to the sea."
+)
+
+
+def greedy(max_tokens: int = NEW_TOKENS, logprobs: bool = False) -> SamplingParams:
+    return SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0 if logprobs else None
+    )
+
+
+def seeded(seed: int = 1234) -> SamplingParams:
+    return SamplingParams(
+        temperature=0.9, top_p=0.95, seed=seed, max_tokens=NEW_TOKENS, ignore_eos=True
+    )
+
+
+def mates(rng: random.Random, vocab: int, n: int = NUM_MATES) -> list[list[int]]:
+    """Random prompts of random lengths (3 to 150 tokens)."""
+    return [[rng.randrange(3, vocab) for _ in range(rng.randrange(3, 150))] for _ in range(n)]
+
+
+def mate_params(rng: random.Random, n: int = NUM_MATES) -> list[SamplingParams]:
+    """Random lengths, half greedy and half sampled (the batch mixes both sampler paths)."""
+    return [
+        SamplingParams(
+            temperature=rng.choice([0.0, 0.8]),
+            seed=rng.randrange(1000),
+            max_tokens=rng.randrange(8, NEW_TOKENS + 16),
+            ignore_eos=True,
+        )
+        for _ in range(n)
+    ]
+
+
+def run(llm: LLM, target: list[int], params: SamplingParams, rng=None, vocab=0, n=NUM_MATES):
+    """The target's (tokens, cumulative logprob): alone, or at a random place among ``n``
+    random batch-mates when ``rng`` is given."""
+    if rng is None:
+        out = llm.generate([target], params)[0].outputs[0]
+        return out.token_ids, out.cumulative_logprob
+    others, other_params = mates(rng, vocab, n), mate_params(rng, n)
+    at = rng.randrange(n + 1)
+    prompts = others[:at] + [target] + others[at:]
+    out = llm.generate(prompts, other_params[:at] + [params] + other_params[at:])[at].outputs[0]
+    return out.token_ids, out.cumulative_logprob
+
+
+# ------------------------------------------------------------------------------ SmolLM2, bf16
+_SMOLLM2: dict[bool, LLM] = {}
+
+
+@pytest.fixture
+def smollm2(amx) -> LLM:
+    """The bundled SmolLM2 in bf16 under --deterministic, one engine per AMX path (the
+    switches are read when it is built)."""
+    if amx not in _SMOLLM2:
+        _SMOLLM2[amx] = LLM(dtype="bfloat16", deterministic=True)
+    return _SMOLLM2[amx]
+
+
+def copy_prompt(llm: LLM) -> list[int]:
+    return llm.engine.encode_chat([{"role": "user", "content": COPY_TEXT}])
+
+
+def test_smollm2_alone_equals_among_32_random_mates(smollm2):
+    target = copy_prompt(smollm2)
+    vocab = SMOLLM2_VOCAB
+    alone = run(smollm2, target, greedy())
+    assert len(alone[0]) == NEW_TOKENS
+    for seed in (1, 2):
+        assert run(smollm2, target, greedy(), random.Random(seed), vocab) == alone, seed
+
+
+def test_smollm2_prefix_hit_and_seeded_sampling(smollm2):
+    """A second run hits the cached prompt; a prompt that extends it hits its blocks and
+    computes the rest; seeded sampling is the same alone and among mates."""
+    target = copy_prompt(smollm2) + smollm2.engine.encode_chat(
+        [{"role": "user", "content": "Then count to twenty."}]
+    )
+    vocab = SMOLLM2_VOCAB
+    first = smollm2.generate([target], greedy())[0]
+    again = smollm2.generate([target], greedy())[0]
+    assert again.num_cached_tokens > 0
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    alone = run(smollm2, target, seeded())
+    assert run(smollm2, target, seeded(), random.Random(3), vocab, n=8) == alone
+
+
+@pytest.mark.parametrize("config", [NGRAM, SUFFIX], ids=["ngram", "suffix"])
+def test_smollm2_speculation_changes_no_token(smollm2, amx, config):
+    """The issue's measurement: without the switch, bf16 tokens under ngram or suffix
+    speculation differed from those without. With it, identical, and drafts are accepted."""
+    target = copy_prompt(smollm2)
+    spec = LLM(dtype="bfloat16", deterministic=True, speculative_config=config)
+    assert run(spec, target, greedy()) == run(smollm2, target, greedy())
+    assert spec.engine.stats().scheduler.spec.num_accepted_tokens > 5
+
+
+# -------------------------------------------------------------------- tiny models, both dtypes
+TINY = {
+    "llama": ("llama", {}),
+    # a sliding window shorter than the prompts, soft-capped scores, its own KV pool
+    "gemma2-window": ("gemma2", dict(sliding_window=24)),
+}
+MODES = {
+    "whole": dict(max_num_batched_tokens=4096),
+    "chunk-64": dict(max_num_batched_tokens=64, block_size=8),
+    "chunk-7": dict(max_num_batched_tokens=7, block_size=4),
+    # 16 blocks x 8 tokens cannot hold the target and its mates at once: preemption
+    "preempt": dict(block_size=8, num_kv_blocks=16, max_num_batched_tokens=32),
+}
+TINY_TARGET = [random.Random(7).randrange(3, TINY_VOCAB) for _ in range(45)]
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def tiny(request, tmp_path_factory) -> str:
+    family, overrides = TINY[request.param]
+    return make_model(str(tmp_path_factory.mktemp(request.param)), family, seed=5, **overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_alone(tiny) -> dict[str, tuple]:
+    """The target alone, whole prefill, per dtype: the tokens every mode must reproduce."""
+    return {
+        dtype: run(LLM(tiny, dtype=dtype, deterministic=True), TINY_TARGET, greedy(logprobs=True))
+        for dtype in ("bfloat16", "float32")
+    }
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_tiny_every_mode_equals_alone(tiny, tiny_alone, amx, mode, dtype):
+    llm = LLM(tiny, dtype=dtype, deterministic=True, **MODES[mode])
+    got = run(llm, TINY_TARGET, greedy(logprobs=True), random.Random(4), TINY_VOCAB, n=12)
+    assert got == tiny_alone[dtype]
+    if mode == "preempt":
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+# ---------------------------------------------------------------------------------- the mutant
+def rows_dependent_linear(self, x: torch.Tensor) -> torch.Tensor:
+    """A linear whose sum over K is cut in two at a place set by the number of rows: each
+    half rounded to x's dtype, then added (an untiled GEMM library may change its reduction
+    with M so)."""
+    inner = self.inner
+    weight = inner.weight if hasattr(inner, "weight") else inner.head_weight
+    bias = getattr(inner, "bias", None)
+    cut = weight.shape[1] // (2 if x.shape[0] % 2 else 3)
+    out = F.linear(x[:, :cut], weight[:, :cut]) + F.linear(x[:, cut:], weight[:, cut:])
+    return out if bias is None else out + bias
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_rows_dependent_linear_is_caught(tiny, monkeypatch):
+    monkeypatch.setenv("PAGODA_PACKED_LINEAR", "0")  # plain weights for the mutant to cut
+    monkeypatch.setattr(batch_invariant.RowTiledLinear, "forward", rows_dependent_linear)
+    llm = LLM(tiny, dtype="bfloat16", deterministic=True)
+    alone = run(llm, TINY_TARGET, greedy(logprobs=True))
+    among = [
+        run(llm, TINY_TARGET, greedy(logprobs=True), random.Random(s), TINY_VOCAB, n=12)
+        for s in (4, 5)
+    ]
+    assert any(a != alone for a in among), "the batch-invariance check missed the mutant"
+
+
+def test_the_switch_refuses_what_it_cannot_keep(monkeypatch, tmp_path):
+    from pagoda.config import EngineArgs
+
+    with pytest.raises(ValueError, match="int4"):
+        EngineArgs(deterministic=True, quantization="int4").is_deterministic()
+    with pytest.raises(ValueError, match="lora"):
+        EngineArgs(deterministic=True, enable_lora=True).is_deterministic()
+    assert not EngineArgs().is_deterministic()
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", "1")
+    assert EngineArgs().is_deterministic()
+    moe = make_model(str(tmp_path / "moe"), "qwen3_moe", seed=1)
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        LLM(moe, dtype="bfloat16")
