@@ -10,8 +10,9 @@ The loader gives a model with its weights and the reference ops. :func:`prepare_
    the output projection included;
 4. times up to how many rows the 4-bit form is faster than the dense (packed) one, and drops
    the 4-bit copies where it never is;
-5. under ``--deterministic``, cuts every linear's rows (the output projection's too) into
-   fixed tiles (``batch_invariant.py``), packing every dense weight that can be packed;
+5. under ``--deterministic``, gives every linear (the output projection too) its
+   batch-invariant form (``batch_invariant.py``): bf16 layers on pagoda's own kernel (left
+   unpacked for oneDNN, which it does not use), others in fixed row tiles over packed weights;
 6. with LoRA on (``--enable-lora``), wraps each adaptable linear, in its final form, in a
    ``LoRALinear`` holding ``--max-loras`` empty adapter slots (``lora/layers.py``);
 7. binds the decoder ops and the attention backend for the weights' dtype over the KV cache's
@@ -70,7 +71,8 @@ def prepare_model(
         model.set_context_len(context_len)
     route = cpu_int4.Int4Route()
     int4_layers = cpu_int4.attach_int4(model, route) if quantization == "int4" else []
-    if device.type == "cpu":
+    own_kernel = deterministic and batch_invariant.kernel_takes(dtype, 2)
+    if device.type == "cpu" and not own_kernel:
         model.packed_head = cpu_linear.pack_model(model, model.output_weight, deterministic)
     max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
     cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
@@ -78,7 +80,7 @@ def prepare_model(
         cpu_int4.detach_int4(model)
     if deterministic:
         head = model.packed_head or batch_invariant.PlainHead(model.output_weight)
-        model.packed_head = batch_invariant.tile_linears(model, head)
+        model.packed_head = batch_invariant.invariant_linears(model, head, model.output_weight)
     slots = None
     if lora is not None:
         layers, batch = attach_lora(model, lora.max_loras, lora.max_lora_rank, dtype, device)

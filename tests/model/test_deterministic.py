@@ -87,20 +87,40 @@ SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)
 ROWS = [1, 2, 3, 5, 8, 10, 15, 17, 33, 64, 100, 257, 600]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
-def test_row_tiled_linear_gives_each_row_what_it_gets_alone(dtype, packed):
+LAYERS = {
+    "kernel-bf16": (torch.bfloat16, "kernel"),
+    "tiles-packed-bf16": (torch.bfloat16, "packed"),
+    "tiles-plain-bf16": (torch.bfloat16, "plain"),
+    "tiles-packed-fp32": (torch.float32, "packed"),
+    "tiles-plain-fp32": (torch.float32, "plain"),
+}
+
+
+def invariant_layer(weight: torch.Tensor, form: str) -> torch.nn.Module:
+    if form == "kernel":
+        return batch_invariant.InvariantLinear(weight, torch.randn(weight.shape[0]))
+    inner = (
+        cpu_linear.PackedLinear.of(weight)
+        if form == "packed"
+        else batch_invariant.PlainHead(weight)
+    )
+    return batch_invariant.RowTiledLinear(inner)
+
+
+@pytest.mark.parametrize("layer_kind", list(LAYERS))
+def test_invariant_linears_give_each_row_what_it_gets_alone(layer_kind):
     """Every row of every call of 1 to 600 rows equals the row computed alone, bit for bit,
-    at the bundled model's shapes (untiled, oneDNN's bf16 product with K = 1536 is not: a
-    Zen 4 rounds the last row of 3, 10 and 15 rows differently; MKL's fp32 one differs at
-    every M > 1)."""
-    if packed and not cpu_linear.packing_supported(dtype):
+    at the bundled model's shapes: pagoda's bf16 kernel, and the row tiles over oneDNN or
+    torch (untiled, oneDNN's bf16 product with K = 1536 is not invariant: a Zen 4 rounds the
+    last row of 3, 10 and 15 rows differently; MKL's fp32 one differs at every M > 1). The
+    kernel is also checked against fp32 arithmetic."""
+    dtype, form = LAYERS[layer_kind]
+    if form == "packed" and not cpu_linear.packing_supported(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
     gen = torch.Generator().manual_seed(0)
     for n, k in SMOLLM2_SHAPES:
         weight = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
-        inner = cpu_linear.PackedLinear.of(weight) if packed else batch_invariant.PlainHead(weight)
-        layer = batch_invariant.RowTiledLinear(inner)
+        layer = invariant_layer(weight, form)
         x = torch.randn(max(ROWS), k, generator=gen).to(dtype)
         checked = sorted({*range(17), *(m - 1 for m in ROWS)})  # the first tiles, every last row
         alone = {i: layer(x[i : i + 1])[0] for i in checked}
@@ -108,6 +128,9 @@ def test_row_tiled_linear_gives_each_row_what_it_gets_alone(dtype, packed):
             out = layer(x[:m])
             for i in (i for i in checked if i < m):
                 assert torch.equal(out[i], alone[i]), ((n, k), m, i)
+        if form == "kernel":
+            ref = F.linear(x.float(), weight.float(), layer.bias32[:n])
+            assert torch.allclose(layer(x).float(), ref, rtol=1e-2, atol=1e-2), (n, k)
 
 
 def test_invariant_attention_gives_each_row_what_it_gets_alone():
@@ -267,21 +290,20 @@ def test_tiny_every_mode_equals_alone(tiny, tiny_alone, amx, mode, dtype):
 
 # ---------------------------------------------------------------------------------- the mutant
 def rows_dependent_linear(self, x: torch.Tensor) -> torch.Tensor:
-    """A linear whose sum over K is cut in two at a place set by the number of rows: each
-    half rounded to x's dtype, then added (an untiled GEMM library may change its reduction
-    with M so)."""
-    inner = self.inner
-    weight = inner.weight if hasattr(inner, "weight") else inner.head_weight
-    bias = getattr(inner, "bias", None)
+    """The bf16 kernel's layer with its sum over K cut in two at a place set by the number of
+    rows, each half rounded to bf16, then added (a GEMM library may change its reduction with
+    M so)."""
+    blocks, half_k, cols = self.packed.shape
+    weight = self.packed.transpose(1, 2).reshape(blocks * cols, half_k).view(torch.bfloat16)
+    weight = weight[: self.out_features]  # (N, K), unpacked
     cut = weight.shape[1] // (2 if x.shape[0] % 2 else 3)
     out = F.linear(x[:, :cut], weight[:, :cut]) + F.linear(x[:, cut:], weight[:, cut:])
-    return out if bias is None else out + bias
+    return (out.float() + self.bias32[: self.out_features]).to(x.dtype)
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_rows_dependent_linear_is_caught(tiny, monkeypatch):
-    monkeypatch.setenv("PAGODA_PACKED_LINEAR", "0")  # plain weights for the mutant to cut
-    monkeypatch.setattr(batch_invariant.RowTiledLinear, "forward", rows_dependent_linear)
+    monkeypatch.setattr(batch_invariant.InvariantLinear, "forward", rows_dependent_linear)
     llm = LLM(tiny, dtype="bfloat16", deterministic=True)
     alone = run(llm, TINY_TARGET, greedy(logprobs=True))
     among = [

@@ -1294,6 +1294,12 @@ void gumbel_argmax(at::Tensor out, at::Tensor logits, at::Tensor keys);
 void gumbel_noise(at::Tensor out, at::Tensor keys);
 }  // namespace pagoda_gumbel
 
+// The batch-invariant bf16 linear (invariant_gemm.cpp).
+namespace pagoda_invariant {
+bool native();
+void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias);
+}  // namespace pagoda_invariant
+
 // The KV-cache write (kv_write.cpp).
 namespace pagoda_kv {
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
@@ -1357,5 +1363,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &pagoda_kv::write_kv, "Copy new K/V rows into their cache slots.",
         py::arg("kv_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("invariant_gemm_native", &pagoda_invariant::native,
+        "True when the batch-invariant linear runs on AVX512-BF16 (else a portable loop).");
+  m.def("invariant_linear", &pagoda_invariant::linear,
+        "out = x @ W.T + bias with a reduction order fixed per output element.", py::arg("out"),
+        py::arg("x"), py::arg("packed"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
   pagoda_suffix::bind(m);
 }
