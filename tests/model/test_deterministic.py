@@ -200,6 +200,7 @@ def smollm2_alone(llm: LLM, amx: bool, logprobs: bool) -> tuple:
     return _ALONE[amx, logprobs]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logprobs", [False, True], ids=["tokens", "logprobs"])
 def test_smollm2_alone_equals_among_32_random_mates(smollm2, amx, logprobs):
     """Plain greedy (the fused greedy straight from the hidden states) on its tokens; with
@@ -216,6 +217,7 @@ def test_smollm2_alone_equals_among_32_random_mates(smollm2, amx, logprobs):
     assert among == alone
 
 
+@pytest.mark.slow
 def test_smollm2_prefix_hit_and_seeded_sampling(smollm2):
     """A second run hits the cached prompt; a prompt that extends it hits its blocks and
     computes the rest; seeded sampling is the same alone and among mates."""
@@ -230,6 +232,7 @@ def test_smollm2_prefix_hit_and_seeded_sampling(smollm2):
     assert run(smollm2, target, seeded(), random.Random(3), SMOLLM2_VOCAB, n=8) == alone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [NGRAM, SUFFIX], ids=["ngram", "suffix"])
 def test_smollm2_speculation_changes_no_token(smollm2, amx, config):
     """The issue's measurement: without the switch, bf16 tokens under ngram or suffix
