@@ -329,3 +329,18 @@ def test_the_switch_refuses_what_it_cannot_keep(monkeypatch, tmp_path):
     moe = make_model(str(tmp_path / "moe"), "qwen3_moe", seed=1)
     with pytest.raises(ValueError, match="mixture-of-experts"):
         LLM(moe, dtype="bfloat16")
+
+
+def test_tiny_thread_count_changes_nothing(tiny, tiny_alone):
+    """The kernels split work over threads, never a row's sums: 2 threads give what 1 gives."""
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            llm = LLM(tiny, dtype="bfloat16", deterministic=True)
+            mates_rng = random.Random(6)
+            got.append(run(llm, TINY_TARGET, greedy(logprobs=True), mates_rng, TINY_VOCAB, n=12))
+    finally:
+        torch.set_num_threads(before)
+    assert got == [tiny_alone["bfloat16"]] * 2
