@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Union
 
+from pagoda import envs
+
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 DEFAULT_MAX_NUM_SEQS = 256
@@ -310,6 +312,10 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: Optional[int] = None
+    # Batch-invariant execution (docs/deterministic.md): a request's tokens do not depend on
+    # its batch-mates, chunking, prefix hits or speculation. VLLM_BATCH_INVARIANT=1 also sets
+    # it (read once, by :meth:`is_deterministic`).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
@@ -333,6 +339,21 @@ class EngineArgs:
             self.num_sliding_kv_blocks,
             not self.disable_hybrid_kv_cache_manager,
         )
+
+    def is_deterministic(self) -> bool:
+        """--deterministic or VLLM_BATCH_INVARIANT=1 (read now: once, when the model is
+        prepared). Refuses what it cannot keep batch-invariant: int4 layers switch between
+        their 4-bit and dense forms by a step's rows, and LoRA's grouped products change with
+        the rows of each adapter."""
+        on = self.deterministic or envs.BATCH_INVARIANT()
+        if on and self.quantization == "int4":
+            raise ValueError(
+                "--deterministic does not take --quantization int4 (its layers run the 4-bit "
+                "or the dense form by the number of rows in a step)"
+            )
+        if on and self.enable_lora:
+            raise ValueError("--deterministic does not take --enable-lora")
+        return on
 
     def lora_config(self) -> Optional[LoRAConfig]:
         if not self.enable_lora:

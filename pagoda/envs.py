@@ -124,6 +124,15 @@ INT4_MAX_ROWS: EnvVar[Optional[int]] = EnvVar(
     "integer.",
     _optional_int,
 )
+BATCH_INVARIANT: EnvVar[bool] = EnvVar(
+    "VLLM_BATCH_INVARIANT",
+    "bool",
+    "off",
+    "vLLM's switch, the same as --deterministic (docs/deterministic.md): every kernel computes "
+    "a row the same way whatever else the step holds (batch-invariant linears and attention). "
+    '"1" or "true" (any case): on; anything else: off. Read when the model is prepared.',
+    _true_or_one,
+)
 EXT_DIR: EnvVar[Path] = EnvVar(
     "PAGODA_EXT_DIR",
     "path",
@@ -192,6 +201,7 @@ ALL: tuple[EnvVar[Any], ...] = (
     AMX,
     PACKED_LINEAR,
     INT4_MAX_ROWS,
+    BATCH_INVARIANT,
     EXT_DIR,
     TRITON_INTERPRET,
     KV_SECRET,

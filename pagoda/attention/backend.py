@@ -34,6 +34,7 @@ import torch
 from pagoda import envs
 from pagoda.attention import cpu_attention, torch_ref
 from pagoda.attention.metadata import AttentionMetadata
+from pagoda.kernels.ext import available as ext_available
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +112,31 @@ def cpu_backend(amx_prefill: bool) -> AttentionBackend:
     return AttentionBackend(cpu_attention.backend_name(amx_prefill), forward, amx_prefill)
 
 
+def invariant_backend(device: torch.device) -> AttentionBackend:
+    """The batch-invariant CPU attention (``--deterministic``)."""
+    if device.type != "cpu" or not ext_available():
+        raise RuntimeError(
+            "--deterministic needs the C++ CPU kernels (pagoda/kernels: a C++ compiler)"
+        )
+    return AttentionBackend("cpp-invariant", cpu_attention.attend_invariant)
+
+
 def select(
-    device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype, head_dim: int
+    device: torch.device,
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    head_dim: int,
+    deterministic: bool = False,
 ) -> AttentionBackend:
     """The backend for q, k, v of ``dtype`` (the model's) over a cache of ``kv_dtype``. Reads
-    the switches now: call once, when the model is built."""
+    the switches now: call once, when the model is built. ``deterministic``: every row on
+    the C++ decode kernel with a fixed split of the keys (``cpu_attention.attend_invariant``;
+    raises RuntimeError where the extension is not built)."""
     if kv_dtype != dtype and kv_dtype != torch_ref.FP8:
-        return in_cache_dtype(select(device, kv_dtype, kv_dtype, head_dim), kv_dtype)
+        inner = select(device, kv_dtype, kv_dtype, head_dim, deterministic)
+        return in_cache_dtype(inner, kv_dtype)
+    if deterministic:
+        return invariant_backend(device)
     if use_triton(device):
         return triton_backend()
     if cpu_attention.use_cpu_kernels(device):

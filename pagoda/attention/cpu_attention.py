@@ -14,6 +14,12 @@ One layer's attention over a mixed batch, in three calls into the C++ extension
    widened to bf16 as it is read, a fresh chunk's own K/V included); elsewhere the PyTorch
    reference (fused SDPA per chunk; with a window, it gathers no block wholly before it).
 
+Under ``--deterministic`` (:func:`attend_invariant`) every query row, decode or prefill, goes to
+the decode kernel as a sequence of its own (``metadata.RowContexts``), its keys split every
+``KEY_SPLIT`` tokens and the parts merged in order: a row's arithmetic is then fixed by its own
+context, whatever its batch, its chunk's boundaries, or whether its keys were cached before this
+step or written in it (batch-invariance; docs/deterministic.md).
+
 Invariant (the reference's, ``torch_ref.py``): new K/V are written first, then a query at
 position ``p`` of a sequence sees exactly that sequence's tokens ``[0, p]``, or with a sliding
 ``window`` W > 0 (Mistral, Gemma 2/3's local layers) only ``(p - W, p]``; both kernels skip the
@@ -41,6 +47,7 @@ ATTENTION_BACKEND_ENV = envs.ATTENTION_REFERENCE.name
 AMX_ENV = envs.AMX.name
 AMX_HEAD_DIM_MULTIPLE = 32  # a tile row holds 32 bf16 dims
 AMX_MAX_HEAD_DIM = 256
+KEY_SPLIT = 256  # --deterministic: keys per part of a row's softmax (a multiple of 64)
 
 
 def use_cpu_kernels(device: torch.device) -> bool:
@@ -161,3 +168,31 @@ def attend(
             q, k, v, kv_cache, meta, scale, out, window=window, softcap=softcap
         )
     return out
+
+
+def attend_invariant(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """:func:`paged_attention`, batch-invariant: the KV write, then one decode-kernel call in
+    which every row (decodes and prefill chunks alike) reads its own context from the cache
+    with the fixed ``KEY_SPLIT``. q: (T, H, D) -> (T, H, D)."""
+    ext.require_extension().write_kv(kv_cache, k, v, meta.slot_mapping)
+    rows = meta.rows()
+    return cpu_decode.paged_decode_attention(
+        q,
+        kv_cache,
+        rows.block_tables,
+        rows.seq_lens,
+        scale,
+        window=window,
+        softcap=softcap,
+        key_split=KEY_SPLIT,
+    )

@@ -43,6 +43,7 @@ def paged_decode_attention(
     *,
     window: int = 0,
     softcap: float = 0.0,
+    key_split: int = 0,
 ) -> torch.Tensor:
     """Decode attention of one query token per sequence over its paged context.
 
@@ -56,11 +57,16 @@ def paged_decode_attention(
     ``window`` > 0: the query (at position ``seq_lens[b] - 1``) sees only the last ``window``
     tokens, and the table entries of blocks wholly before them are ignored; ``softcap`` > 0:
     scores s are capped to ``softcap * tanh(s / softcap)``; 0 turns either off.
+    ``key_split`` > 0 (a multiple of 64): each row's keys are split every ``key_split`` tokens
+    from its first and the parts merged in order, whatever the batch (``--deterministic``);
+    0: the split adapts to the batch and the threads.
     Supported dtypes: float32, bfloat16, float16. Raises RuntimeError if the extension is not
     available (check ``ext.available()`` first) or on bad shapes, out-of-range block ids, a
     negative window or a negative or non-finite softcap.
     """
-    return _call("paged_decode", q, kv_cache, block_tables, seq_lens, scale, out, window, softcap)
+    return _call(
+        "paged_decode", q, kv_cache, block_tables, seq_lens, scale, out, window, softcap, key_split
+    )
 
 
 def _call(
@@ -73,6 +79,7 @@ def _call(
     out: Optional[torch.Tensor],
     window: int = 0,
     softcap: float = 0.0,
+    key_split: int = 0,
 ) -> torch.Tensor:
     """Run the extension's ``fn`` (``paged_decode``, or ``paged_decode_portable``, which always
     uses the auto-vectorised tile code instead of the AVX-512 one: for tests)."""
@@ -86,6 +93,14 @@ def _call(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     getattr(mod, fn)(
-        out, q, kv_cache, block_tables, seq_lens, float(scale), int(window), float(softcap)
+        out,
+        q,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        float(scale),
+        int(window),
+        float(softcap),
+        int(key_split),
     )
     return out

@@ -56,10 +56,19 @@ class AttentionMetadata:
     # The sliding-window layers' own slots and tables when their KV is kept apart
     # (core/sliding_kv.py): the same rows, in their pool's blocks.
     sliding: Optional["AttentionMetadata"] = None
+    # Every query row as a sequence of its own (--deterministic): built once per step.
+    row_contexts: Optional["RowContexts"] = None
 
     def for_window(self, window: int) -> "AttentionMetadata":
         """The metadata a layer with sliding window ``window`` (0: none) reads and writes."""
         return self.sliding if window and self.sliding is not None else self
+
+    def rows(self) -> "RowContexts":
+        """Every query row, decode or prefill, as a decode kernel's sequence (built on first
+        use and kept, so the layers of a step share it)."""
+        if self.row_contexts is None:
+            self.row_contexts = row_contexts(self)
+        return self.row_contexts
 
     def packed(self, device: torch.device) -> Optional[PackedPrefills]:
         """The packed prefill chunks (None without any): the runner's, or, for metadata built
@@ -112,3 +121,29 @@ def pack_prefills(meta: AttentionMetadata, device: torch.device) -> Optional[Pac
         ],
         device,
     )
+
+
+@dataclass
+class RowContexts:
+    """Each query row of a step seen as one decode query over its own context: the row at
+    position p of its sequence reads tokens [0, p] through its sequence's block table. A
+    prefill chunk of 3 rows after 5 cached tokens becomes 3 rows of seq_lens 6, 7, 8::
+
+        cached: [t0 .. t4] | chunk: [t5 t6 t7]   ->   t5: [0, 6)  t6: [0, 7)  t7: [0, 8)
+    """
+
+    block_tables: torch.Tensor  # (T, W) int64, padded with block 0
+    seq_lens: torch.Tensor  # (T,) int64: the row's position + 1
+
+
+def row_contexts(meta: AttentionMetadata) -> RowContexts:
+    """The decode rows as they are, then each prefill chunk's rows with their own lengths."""
+    tables = [meta.decode_block_tables]
+    lens = [meta.decode_seq_lens]
+    for c in meta.prefills:
+        first = c.context_len - c.query_len + 1
+        lens.append(torch.arange(first, c.context_len + 1, dtype=torch.int64))
+        tables.append(c.block_table.to(torch.int64).expand(c.query_len, -1))
+    width = max(int(t.shape[1]) for t in tables)
+    padded = [torch.nn.functional.pad(t, (0, width - int(t.shape[1]))) for t in tables]
+    return RowContexts(torch.cat(padded).contiguous(), torch.cat(lens).contiguous())

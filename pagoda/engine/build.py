@@ -242,6 +242,7 @@ def _load(args: EngineArgs) -> tuple[ServedModel, PreparedModel]:
         quantization,
         context_len=max_model_len,  # picks LongRoPE's factors (Phi-3)
         lora=args.lora_config(),
+        deterministic=args.is_deterministic(),
     )
     served = ServedModel(
         loaded.name,

@@ -187,6 +187,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="CUDA: run decode steps eagerly instead of replaying CUDA graphs",
     )
     g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="batch-invariant execution: a request's tokens do not depend on what else is in "
+        "the batch, chunking, prefix hits or speculation (CPU; also VLLM_BATCH_INVARIANT=1; "
+        "docs/deterministic.md)",
+    )
+    g.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,

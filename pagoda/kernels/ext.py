@@ -9,6 +9,8 @@ Its sources (``kernels/csrc/``), one module between them:
   greedy argmax (``kernels/cpu_fused.py``);
 - ``gumbel_sample.cpp``: the Gumbel-max draw (``worker/gumbel.py``); ``token_mask.cpp``: the
   structured-outputs mask (``worker/sampler.py``);
+- ``invariant_gemm.cpp``: the batch-invariant bf16 linear of ``--deterministic``
+  (``models/batch_invariant.py``);
 - ``suffix_trie.cpp``: the suffix trie of speculative decoding (``engine/spec_timing.py``);
 - ``lora_sgmv.cpp``: the grouped LoRA delta of a mixed batch, Punica's SGMV shrink / expand
   (``kernels/cpu_lora.py``);
@@ -59,6 +61,7 @@ _SOURCES = (
     _CSRC / "token_mask.cpp",
     _CSRC / "suffix_trie.cpp",
     _CSRC / "lora_sgmv.cpp",
+    _CSRC / "invariant_gemm.cpp",
 )
 # Not compiled on their own, but part of the build's hash.
 _HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")

@@ -79,7 +79,11 @@ class CausalLM(Modules, Protocol):
     def set_context_len(self, context_len: int) -> None: ...
 
     def bind_ops(
-        self, device: torch.device, dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        kv_dtype: Optional[torch.dtype] = None,
+        deterministic: bool = False,
     ) -> None: ...
 
     def bind(self, decoder_ops: DecoderOps, attention: AttentionBackend) -> None: ...

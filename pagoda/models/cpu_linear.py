@@ -126,12 +126,15 @@ def _linears(model: Modules) -> dict[tuple[int, int], list[tuple[nn.Module, str]
 
 
 def pack_model(
-    model: Modules, head_weight: Optional[torch.Tensor] = None
+    model: Modules, head_weight: Optional[torch.Tensor] = None, always: bool = False
 ) -> Optional[PackedLinear]:
     """Replace the model's linear layers by packed ones where that pays (or as
-    ``PAGODA_PACKED_LINEAR`` says). ``head_weight``: the output projection (V, E), which may
-    be tied to the embedding; returns its packed form where that pays, else None."""
+    ``PAGODA_PACKED_LINEAR`` says; ``always``: packed without timing unless it says "0", as
+    ``--deterministic`` asks). ``head_weight``: the output projection (V, E), which may be
+    tied to the embedding; returns its packed form where that pays, else None."""
     forced = envs.PACKED_LINEAR()  # True: always, False: never, None: where timing says
+    if forced is None and always:
+        forced = True
     dtype = next(model.parameters()).dtype
     if forced is False or not packing_supported(dtype):
         return None

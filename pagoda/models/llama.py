@@ -320,16 +320,21 @@ class LlamaForCausalLM(nn.Module):
         self.rope.build(device)
 
     def bind_ops(
-        self, device: torch.device, dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        kv_dtype: Optional[torch.dtype] = None,
+        deterministic: bool = False,
     ) -> None:
         """Choose, once, the decoder ops and the attention backend for weights of ``dtype`` on
         ``device`` over a KV cache of ``kv_dtype`` (default: ``dtype``), reading the switches
         (PAGODA_FUSED, PAGODA_ATTENTION, PAGODA_AMX) now; the forward then asks nothing. The
-        loader binds for the model's dtype, the model runner again for its cache's."""
+        loader binds for the model's dtype, the model runner again for its cache's.
+        ``deterministic``: the batch-invariant attention (``backend.select``)."""
         head_dim = self.arch.head_dim
         self.bind(
             ops.select(device, dtype, head_dim),
-            backend.select(device, dtype, kv_dtype or dtype, head_dim),
+            backend.select(device, dtype, kv_dtype or dtype, head_dim, deterministic),
         )
 
     def bind(self, decoder_ops: DecoderOps, attention: AttentionBackend) -> None:

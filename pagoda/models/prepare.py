@@ -10,10 +10,14 @@ The loader gives a model with its weights and the reference ops. :func:`prepare_
    the output projection included;
 4. times up to how many rows the 4-bit form is faster than the dense (packed) one, and drops
    the 4-bit copies where it never is;
-5. with LoRA on (``--enable-lora``), wraps each adaptable linear, in its final form, in a
+5. under ``--deterministic``, gives every linear (the output projection too) its
+   batch-invariant form (``batch_invariant.py``): bf16 layers on pagoda's own kernel (left
+   unpacked for oneDNN, which it does not use), others in fixed row tiles over packed weights;
+6. with LoRA on (``--enable-lora``), wraps each adaptable linear, in its final form, in a
    ``LoRALinear`` holding ``--max-loras`` empty adapter slots (``lora/layers.py``);
-6. binds the decoder ops and the attention backend for the weights' dtype over the KV cache's
-   (``bind_ops``), reading the switches now: the forward reads none.
+7. binds the decoder ops and the attention backend for the weights' dtype over the KV cache's
+   (``bind_ops``; batch-invariant attention under ``--deterministic``), reading the switches
+   now: the forward reads none.
 
 Invariant: each step runs once, in this order (packing wraps the dense forms the int4 layers
 fall back to, and the row limits are timed on the final dense form); nothing else in pagoda
@@ -30,7 +34,7 @@ import torch
 from pagoda.config import LoRAConfig
 from pagoda.lora.layers import attach_lora
 from pagoda.lora.slots import LoRASlots, adapter_reader
-from pagoda.models import cpu_int4, cpu_linear
+from pagoda.models import batch_invariant, cpu_int4, cpu_linear
 from pagoda.models.base import CausalLM
 
 
@@ -45,6 +49,7 @@ class PreparedModel:
     int4_route: cpu_int4.Int4Route  # the rows a step's 4-bit layers count (speculation)
     int4_max_rows: int  # the 4-bit form runs steps of at most this many rows (0: never)
     lora: Optional[LoRASlots] = None  # the adapter slots (--enable-lora)
+    deterministic: bool = False  # batch-invariant kernels (--deterministic)
 
 
 def prepare_model(
@@ -55,23 +60,32 @@ def prepare_model(
     quantization: Optional[str] = None,
     context_len: Optional[int] = None,
     lora: Optional[LoRAConfig] = None,
+    deterministic: bool = False,
 ) -> PreparedModel:
     """Ready ``model`` (weights of ``dtype`` on ``device``) for a KV cache of ``kv_dtype``
-    (default: ``dtype``) and, when given, a served context of ``context_len`` tokens."""
+    (default: ``dtype``) and, when given, a served context of ``context_len`` tokens.
+    ``deterministic``: batch-invariant kernels (the CPU only; raises ValueError elsewhere)."""
+    if deterministic and device.type != "cpu":
+        raise ValueError("--deterministic runs on the CPU only (its kernels are the CPU's)")
     if context_len is not None:
         model.set_context_len(context_len)
     route = cpu_int4.Int4Route()
     int4_layers = cpu_int4.attach_int4(model, route) if quantization == "int4" else []
-    if device.type == "cpu":
-        model.packed_head = cpu_linear.pack_model(model, model.output_weight)
+    own_kernel = deterministic and batch_invariant.kernel_takes(dtype, 2)
+    if device.type == "cpu" and not own_kernel:
+        model.packed_head = cpu_linear.pack_model(model, model.output_weight, deterministic)
     max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
     cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
     if int4_layers and not max_rows:  # never faster here: drop the copies
         cpu_int4.detach_int4(model)
+    if deterministic:
+        head = model.packed_head or batch_invariant.PlainHead(model.output_weight)
+        model.packed_head = batch_invariant.invariant_linears(model, head, model.output_weight)
     slots = None
     if lora is not None:
         layers, batch = attach_lora(model, lora.max_loras, lora.max_lora_rank, dtype, device)
         read = adapter_reader(model.arch, lora.max_lora_rank)
         slots = LoRASlots(layers, batch, lora.max_loras, lora.host_loras, read)
-    model.bind_ops(device, dtype, kv_dtype or dtype)
-    return PreparedModel(model, device, dtype, kv_dtype or dtype, route, max_rows, slots)
+    model.bind_ops(device, dtype, kv_dtype or dtype, deterministic)
+    kv = kv_dtype or dtype
+    return PreparedModel(model, device, dtype, kv, route, max_rows, slots, deterministic)

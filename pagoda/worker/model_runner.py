@@ -261,6 +261,8 @@ class ModelRunner:
         self.pooler = pooler
         # Greedy rows' argmax on the fused CPU kernel: chosen here, with the ops (PAGODA_FUSED).
         self.fused_sampling = cpu_fused.enabled_for(device, dtype)
+        # --deterministic: greedy rows always through the row-tiled output projection.
+        self.deterministic = prepared.deterministic
         self.graphs: Optional[DecodeGraphs] = None
         self._last_tokens: Optional[torch.Tensor] = None  # the last launch's samples (S,)
         if self.is_cuda and not enforce_eager and self.lora is None:
@@ -594,7 +596,12 @@ class ModelRunner:
         sampling_rows = self._sampling_rows(host)
         fused = self.fused_sampling
         tokens = greedy_from_hidden(
-            rows, self.model.output_weight, sampling_rows, self.model.packed_head, fused=fused
+            rows,
+            self.model.output_weight,
+            sampling_rows,
+            self.model.packed_head,
+            fused=fused,
+            invariant=self.deterministic,
         )
         if tokens is None:
             logits = self.model.compute_logits(rows)  # (S, V)

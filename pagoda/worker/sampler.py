@@ -63,16 +63,19 @@ def greedy_from_hidden(
     packed_head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     *,
     fused: bool = True,
+    invariant: bool = False,
 ) -> Optional[torch.Tensor]:
     """Tokens straight from the final hidden states (S, E) and the output projection (V, E)
     when every row is plain greedy on the CPU bf16 path (and ``fused``, the runner's choice):
     ``weight @ hidden.T`` and a column argmax (see ``cpu_fused.greedy_tokens``), never building
     the (S, V) logits; up to ``PACKED_HEAD_MAX_ROWS`` rows, ``packed_head`` (the packed
-    projection, where there is one) and a row argmax. None where the general path
-    (``compute_logits`` then :func:`sample_tokens`) must run."""
+    projection, where there is one) and a row argmax. ``invariant`` (``--deterministic``, where
+    ``packed_head`` is the row-tiled projection): always ``packed_head`` and a row argmax,
+    whatever the rows. None where the general path (``compute_logits`` then
+    :func:`sample_tokens`) must run."""
     if not (fused and cpu_fused.enabled(hidden) and all(_plain_greedy(r) for r in rows)):
         return None
-    if packed_head is not None and hidden.shape[0] <= PACKED_HEAD_MAX_ROWS:
+    if packed_head is not None and (invariant or hidden.shape[0] <= PACKED_HEAD_MAX_ROWS):
         return cpu_fused.argmax(packed_head(hidden))
     return cpu_fused.greedy_tokens(hidden, weight)
 

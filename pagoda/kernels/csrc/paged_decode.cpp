@@ -20,7 +20,9 @@
 // Work units are (sequence, KV heads, token range): all KV heads of a sequence when there are
 // enough sequences to keep the threads busy (blocks are then consumed front to back), else one
 // KV head, and contexts are split into chunks when even that leaves too few units; the chunks'
-// partial (max, sum, accumulator) are merged at the end (flash-decoding). Threads take units
+// partial (max, sum, accumulator) are merged at the end (flash-decoding). With a key_split > 0
+// (--deterministic) units are always one KV head and contexts always split every key_split
+// tokens from their first key, so a row's arithmetic is fixed by its own context. Threads take units
 // dynamically, longest first. Within a unit, tokens go in tiles of TILE rows: each K row is
 // used by all G = H / Hkv query heads of its KV head (grouped-query attention) while it is in
 // registers, the tile's scores (G x TILE) are exponentiated against the running max, then each
@@ -251,6 +253,7 @@ struct Problem {
   float scale;
   int64_t window;  // > 0: keys [len - window, len) only
   float softcap;   // > 0: scores s -> softcap * tanh(s / softcap)
+  int64_t key_split;  // > 0: fixed key chunks of this many tokens (batch-invariant mode)
 };
 
 // First token of sequence b's context that its query sees.
@@ -986,9 +989,12 @@ void run_all(const Problem& P, const Q* q, const T* cache, Q* out) {
   // A unit takes all KV heads of a sequence when there are enough sequences (each block is
   // then read front to back), else one KV head; if that still leaves too few units to keep
   // every thread busy with balanced work, contexts are split into chunks.
-  const int64_t heads_per_unit = (P.B >= want_units || nthreads == 1) ? P.Hkv : 1;
-  int64_t chunk = std::numeric_limits<int64_t>::max();
-  if (nthreads > 1 && P.B * (P.Hkv / heads_per_unit) < want_units) {
+  // With a fixed key_split (batch-invariant mode) a row's units, and so the order in which its
+  // partial softmax states are merged, depend on its own context only, never on the batch.
+  const bool fixed = P.key_split > 0;
+  const int64_t heads_per_unit = (!fixed && (P.B >= want_units || nthreads == 1)) ? P.Hkv : 1;
+  int64_t chunk = fixed ? P.key_split : std::numeric_limits<int64_t>::max();
+  if (!fixed && nthreads > 1 && P.B * (P.Hkv / heads_per_unit) < want_units) {
     chunk = std::max<int64_t>(MIN_CHUNK, (total + want_units - 1) / want_units);
     chunk = (chunk + TILE - 1) / TILE * TILE;
   }
@@ -1120,7 +1126,9 @@ void dispatch_fp8(const Problem& P, const void* q, const void* cache, void* out,
 // of out.
 void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                       int64_t window, double softcap, bool portable) {
+                       int64_t window, double softcap, bool portable, int64_t key_split) {
+  TORCH_CHECK(key_split >= 0 && key_split % TILE == 0,
+              "key_split must be 0 (adaptive) or a multiple of ", TILE, ", got ", key_split);
   TORCH_CHECK(window >= 0, "window must be >= 0 (0: no sliding window), got ", window);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
               "softcap must be a finite number >= 0 (0: no soft-capping), got ", softcap);
@@ -1174,6 +1182,7 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
   P.scale = static_cast<float>(scale);
   P.window = window;
   P.softcap = static_cast<float>(softcap);
+  P.key_split = key_split;
   if (P.B == 0 || P.H == 0 || P.D == 0) return;
 
   // Validate every block id that will be dereferenced: a bad one must raise, not read memory.
@@ -1215,16 +1224,18 @@ void paged_decode_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
 
 void paged_decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                  int64_t window, double softcap) {
-  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, window, softcap, false);
+                  int64_t window, double softcap, int64_t key_split) {
+  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, window, softcap, false,
+                    key_split);
 }
 
 // The same, always with the portable (auto-vectorised) tile kernels: lets the tests check
 // that path on machines where the AVX-512 one is used.
 void paged_decode_portable(at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                           double scale, int64_t window, double softcap) {
-  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, window, softcap, true);
+                           double scale, int64_t window, double softcap, int64_t key_split) {
+  paged_decode_impl(out, q, kv_cache, block_tables, seq_lens, scale, window, softcap, true,
+                    key_split);
 }
 
 std::string build_info() {
@@ -1283,6 +1294,12 @@ void gumbel_argmax(at::Tensor out, at::Tensor logits, at::Tensor keys);
 void gumbel_noise(at::Tensor out, at::Tensor keys);
 }  // namespace pagoda_gumbel
 
+// The batch-invariant bf16 linear (invariant_gemm.cpp).
+namespace pagoda_invariant {
+bool native();
+void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias);
+}  // namespace pagoda_invariant
+
 // The KV-cache write (kv_write.cpp).
 namespace pagoda_kv {
 void write_kv(at::Tensor kv_cache, at::Tensor k, at::Tensor v, at::Tensor slot_mapping);
@@ -1304,11 +1321,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "Paged decode attention; writes out in place.",
         py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("block_tables"),
         py::arg("seq_lens"), py::arg("scale"), py::arg("window") = 0, py::arg("softcap") = 0.0,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("key_split") = 0, py::call_guard<py::gil_scoped_release>());
   m.def("paged_decode_portable", &paged_decode_portable,
         "paged_decode with the portable tile kernels (for tests).", py::arg("out"), py::arg("q"),
         py::arg("kv_cache"), py::arg("block_tables"), py::arg("seq_lens"), py::arg("scale"),
-        py::arg("window") = 0, py::arg("softcap") = 0.0,
+        py::arg("window") = 0, py::arg("softcap") = 0.0, py::arg("key_split") = 0,
         py::call_guard<py::gil_scoped_release>());
   m.def("build_info", &build_info, "Instruction sets this build was compiled for.");
   m.def("rms_norm", &pagoda_fused::rms_norm, "RMSNorm of bf16 rows into out.",
@@ -1358,5 +1375,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out"), py::arg("x"), py::arg("a"), py::arg("b"), py::arg("segments"),
         py::call_guard<py::gil_scoped_release>());
   m.def("lora_isa", &pagoda_lora::isa, "Instruction set lora_sgmv was compiled for.");
+  m.def("invariant_gemm_native", &pagoda_invariant::native,
+        "True when the batch-invariant linear runs on AVX512-BF16 (else a portable loop).");
+  m.def("invariant_linear", &pagoda_invariant::linear,
+        "out = x @ W.T + bias with a reduction order fixed per output element.", py::arg("out"),
+        py::arg("x"), py::arg("packed"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
   pagoda_suffix::bind(m);
 }
