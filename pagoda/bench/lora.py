@@ -14,7 +14,9 @@ child with LoRA on (the same ``--max-loras`` and rank) on the same weights, prom
 files; in each round, after each pagoda configuration, vLLM runs the same adapter spread, and
 the table adds vLLM's median and pagoda / vLLM.
 
-Invariant: a run counts only when every request produced its full output length.
+Every run starts from an empty prefix cache (the same prompts under another adapter spread
+would otherwise hit the last run's blocks). Invariant: a run counts only when every request
+produced its full output length.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def write_adapter(arch: ModelArch, path: str, rank: int, seed: int) -> str:
 
 def timed_run(llm: Any, prompts: list[list[int]], outs: list[int], loras: Sequence[Any]) -> float:
     params = [greedy_params(n) for n in outs]
+    llm.reset_prefix_cache()  # every run computes every prompt (no hits from the last one)
     start = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False, lora_request=list(loras))
     elapsed = time.perf_counter() - start

@@ -298,3 +298,20 @@ def test_partial_rotary_phi_adapter(tmp_path):
     outs = llm.generate(prompts, [greedy(NEW)] * len(prompts),
                         lora_request=LoRARequest("a", 1, adapter))
     assert [o.token_ids for o in outs] == want
+
+
+def test_structured_outputs_under_adapters(tmp_path):
+    """A grammar holds under every adapter of a mixed batch (the masks are the sampler's,
+    the deltas the model's: they meet only in the logits)."""
+    from pagoda.sampling import StructuredOutputsParams
+
+    base = make_model(str(tmp_path / "base"), "llama", seed=5)
+    adapters = [make_adapter(base, str(tmp_path / f"a{i}"), r=8, targets=ALL_LLAMA, seed=6 + i)
+                for i in range(2)]
+    llm = LLM(base, dtype="float32", enable_lora=True, max_loras=2)
+    choices = ("alpha", "beta", "gamma delta")
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=20,
+                            structured_outputs=StructuredOutputsParams(choice=choices))
+    loras = [None, *requests(adapters)] * 2
+    outs = llm.generate([[5, 6, 7, 8]] * len(loras), [params] * len(loras), lora_request=loras)
+    assert all(o.outputs[0].text in choices for o in outs), [o.outputs[0].text for o in outs]
