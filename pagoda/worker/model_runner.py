@@ -124,6 +124,8 @@ class HostInputs:
     pool_chunks: list[tuple[str, int, int, bool]] = field(default_factory=list)
     # The sliding layers' slots, decode tables and chunks when their KV is apart.
     sliding: Optional["HostInputs"] = None
+    # The step's requests in batch order (ModelRunner._row_order), chosen once.
+    order: tuple[list[str], list[str], list[str]] = ([], [], [])
 
 
 def rows_without_drafts(host: HostInputs) -> Optional[int]:
@@ -304,7 +306,7 @@ class ModelRunner:
         host = self._gather_inputs(sched)
         self.int4_route.rows = rows_without_drafts(host)
         if self.lora is not None:
-            self._set_adapters(sched)
+            self._set_adapters(sched, host)
         logits_index: Optional[torch.Tensor] = None  # (S,) on the device
         if self._graph_fits(host):
             assert self.graphs is not None  # _graph_fits checked it
@@ -428,13 +430,13 @@ class ModelRunner:
         lora = self.states[rid].lora
         return 0 if lora is None else lora.lora_int_id
 
-    def _set_adapters(self, sched: SchedulerOutput) -> None:
+    def _set_adapters(self, sched: SchedulerOutput, host: HostInputs) -> None:
         """The step's rows of each adapter, in batch order, for the adapted linears; the
         adapters of every live request stay resident (``lora/slots.py``)."""
         assert self.lora is not None
         rows: list[tuple[int, int, LoRARequest]] = []
         row = 0
-        for group in self._row_order(sched):
+        for group in host.order:
             for rid in group:
                 n, lora = sched.num_scheduled_tokens[rid], self.states[rid].lora
                 if lora is not None:
@@ -445,8 +447,9 @@ class ModelRunner:
 
     def _gather_inputs(self, sched: SchedulerOutput) -> HostInputs:
         counts, drafts = sched.num_scheduled_tokens, sched.spec_token_ids
-        _, decodes, prefills = self._row_order(sched)
-        host = HostInputs(allowed_tokens=sched.allowed_tokens, drafts=drafts)
+        order = self._row_order(sched)
+        _, decodes, prefills = order
+        host = HostInputs(allowed_tokens=sched.allowed_tokens, drafts=drafts, order=order)
         bs = self.block_size
         for rid in drafts:
             self._add_verify_rows(host, rid, drafts[rid])
@@ -486,7 +489,7 @@ class ModelRunner:
         the same order, from each request's sliding table (holes before the window, which
         no kernel reads)."""
         bs, counts = self.block_size, sched.num_scheduled_tokens
-        verify, decodes, prefills = self._row_order(sched)
+        verify, decodes, prefills = host.order
         out = HostInputs()
         for rid in verify + decodes:
             state = self.states[rid]
