@@ -14,6 +14,7 @@ DEFAULT_BLOCK_SIZE = 16
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_KV_CACHE_GIB = 2.0
+SHORT_PREFILL_SHARE = 4  # by default a prefill is short with a quarter of the budget left
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -31,6 +32,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"  # "fcfs" | "priority" (vLLM's --scheduling-policy)
     max_loras: Optional[int] = None  # distinct LoRA adapters running at once (None: no LoRA)
+    # Prefills with at most this many tokens left go before longer ones (None: arrival order).
+    short_prefill_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len"):
@@ -276,6 +279,9 @@ class EngineArgs:
     # times a step at start and picks one (engine/cpu_budget.py).
     max_num_batched_tokens: Optional[int] = None
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    # Prefills with at most this many tokens left go before longer ones (None: a quarter of
+    # the budget; 0: arrival order only). core/scheduler.py, "short prefills first".
+    short_prefill_tokens: Optional[int] = None
     max_model_len: Optional[int] = None  # default: the model's, capped at 8192
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
@@ -324,6 +330,10 @@ class EngineArgs:
             raise ValueError(f"--convert must be one of {list(CONVERTS)}, got {self.convert!r}")
         if self.runner == "generate" and self.convert not in ("auto", "none"):
             raise ValueError(f"--convert {self.convert} needs --runner pooling (or auto)")
+        if self.short_prefill_tokens is not None and self.short_prefill_tokens < 0:
+            raise ValueError(
+                f"--short-prefill-tokens must be >= 0, got {self.short_prefill_tokens}"
+            )
         for name in ("pooler_config", "hf_overrides"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Mapping):
@@ -393,11 +403,14 @@ class EngineArgs:
         return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
 
     def scheduler_config(self, max_model_len: int, budget: Optional[int] = None) -> SchedulerConfig:
+        budget = budget or self.token_budget
+        short = self.short_prefill_tokens
         return SchedulerConfig(
-            budget or self.token_budget,
+            budget,
             self.max_num_seqs,
             max_model_len,
             self.enable_chunked_prefill,
             self.scheduling_policy,
             self.max_loras if self.enable_lora else None,
+            budget // SHORT_PREFILL_SHARE if short is None else (short or None),
         )

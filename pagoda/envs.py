@@ -101,9 +101,18 @@ AMX: EnvVar[bool] = EnvVar(
     "PAGODA_AMX",
     "bool",
     "on",
-    '"0" keeps bf16 prefill chunks on the reference SDPA even where the CPU has AMX; anything '
-    "else: the AMX kernel where the CPU, OS and build allow it. Read when the attention "
-    "backend is chosen.",
+    '"0" keeps bf16 prefill chunks off the AMX tiles even where the CPU has them (on the '
+    "AVX512-BF16 kernel where the CPU has it, else the reference SDPA); anything else: the AMX "
+    "kernel where the CPU, OS and build allow it. Read when the attention backend is chosen.",
+    _on_unless_zero,
+)
+BF16_ATTENTION: EnvVar[bool] = EnvVar(
+    "PAGODA_BF16_ATTENTION",
+    "bool",
+    "on",
+    '"0" keeps bf16 prefill chunks on the reference SDPA where AMX does not take them; '
+    "anything else: the prefill kernel with its products on AVX512-BF16 where the CPU and "
+    "build have it. Read when the attention backend is chosen.",
     _on_unless_zero,
 )
 PACKED_LINEAR: EnvVar[Optional[bool]] = EnvVar(
@@ -199,6 +208,7 @@ ALL: tuple[EnvVar[Any], ...] = (
     FUSED,
     ATTENTION_REFERENCE,
     AMX,
+    BF16_ATTENTION,
     PACKED_LINEAR,
     INT4_MAX_ROWS,
     BATCH_INVARIANT,

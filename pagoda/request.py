@@ -129,6 +129,7 @@ class Request:
         # The LoRA adapter it runs under (None: the base model): part of its KV's identity.
         self.lora = lora
         self.lora_passes = 0  # waiting on an adapter slot: later requests admitted past it
+        self.short_passes = 0  # at the head: short prefills admitted past it
 
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

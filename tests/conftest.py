@@ -52,12 +52,14 @@ def statistical_seed():
     return seed
 
 
-@pytest.fixture(params=["amx", "no-amx"])
+@pytest.fixture(params=["amx", "avx512", "sdpa"])
 def amx(request, monkeypatch) -> bool:
-    """Both bf16 prefill paths of the CPU backend: the AMX kernel (skipped where the CPU has
-    no AMX-BF16) and the PyTorch reference that every other CPU takes (``PAGODA_AMX=0``)."""
-    from pagoda.attention.cpu_attention import AMX_ENV
-    from native import has_amx
+    """The three bf16 prefill paths of the CPU backend: the tile kernel on AMX (skipped where
+    the CPU has no AMX-BF16), the same kernel on AVX512-BF16 (``PAGODA_AMX=0``; skipped where
+    the build has no AVX512-BF16) and the PyTorch reference that every other CPU takes
+    (``PAGODA_BF16_ATTENTION=0`` too). True for the AMX one."""
+    from pagoda.attention.cpu_attention import AMX_ENV, BF16_ATTENTION_ENV
+    from native import has_amx, has_bf16_attention
 
     if request.param == "amx":
         if not has_amx():
@@ -65,6 +67,12 @@ def amx(request, monkeypatch) -> bool:
         monkeypatch.delenv(AMX_ENV, raising=False)
         return True
     monkeypatch.setenv(AMX_ENV, "0")
+    if request.param == "avx512":
+        if not has_bf16_attention():
+            pytest.skip("no AVX512-BF16 attention kernel in this build")
+        monkeypatch.delenv(BF16_ATTENTION_ENV, raising=False)
+    else:
+        monkeypatch.setenv(BF16_ATTENTION_ENV, "0")
     return False
 
 

@@ -34,9 +34,21 @@ def has_amx() -> bool:
     return ext.available() and bool(ext.extension().amx_available())
 
 
+def has_bf16_attention() -> bool:
+    return ext.available() and bool(ext.extension().bf16_attention_available())
+
+
 # Tests of the C++ kernels: skipped only where nothing could build them.
 needs_ext = pytest.mark.skipif(
     not ext.available() and compiler() is None,
     reason="no C++ compiler on this machine: the C++ kernels cannot be built")
 # Tests of the AMX kernel itself: skipped on CPUs without AMX-BF16.
 needs_amx = pytest.mark.skipif(not has_amx(), reason="no AMX-BF16 on this CPU")
+
+
+def tile_kernels() -> list:
+    """The forms of the prefill tile kernel this machine runs (True: AMX, False: AVX512-BF16),
+    as pytest params; the missing ones skip."""
+    return [pytest.param(True, id="amx", marks=needs_amx),
+            pytest.param(False, id="avx512", marks=pytest.mark.skipif(
+                not has_bf16_attention(), reason="no AVX512-BF16 attention kernel"))]

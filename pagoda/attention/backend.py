@@ -106,10 +106,11 @@ def triton_backend() -> AttentionBackend:
     return AttentionBackend("triton", triton_attention.paged_attention, True)
 
 
-def cpu_backend(amx_prefill: bool) -> AttentionBackend:
-    """The C++ kernels, prefill chunks on the AMX kernel or on the reference's SDPA."""
-    forward = functools.partial(cpu_attention.attend, amx=amx_prefill)
-    return AttentionBackend(cpu_attention.backend_name(amx_prefill), forward, amx_prefill)
+def cpu_backend(prefill: str) -> AttentionBackend:
+    """The C++ kernels, prefill chunks on the tile kernel (AMX or AVX512-BF16) or on the
+    reference's SDPA (``cpu_attention.prefill_kernel``)."""
+    forward = functools.partial(cpu_attention.attend, prefill=prefill)
+    return AttentionBackend(cpu_attention.backend_name(prefill), forward, prefill != "sdpa")
 
 
 def invariant_backend(device: torch.device) -> AttentionBackend:
@@ -140,7 +141,7 @@ def select(
     if use_triton(device):
         return triton_backend()
     if cpu_attention.use_cpu_kernels(device):
-        return cpu_backend(cpu_attention.amx_prefill(device, dtype, kv_dtype, head_dim))
+        return cpu_backend(cpu_attention.prefill_kernel(device, dtype, kv_dtype, head_dim))
     return TORCH
 
 

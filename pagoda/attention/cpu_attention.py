@@ -45,8 +45,11 @@ from pagoda.kernels import ext
 ATTENTION_BACKEND_ENV = envs.ATTENTION_REFERENCE.name
 # "0" keeps prefill chunks on the PyTorch reference even where the AMX kernel could run.
 AMX_ENV = envs.AMX.name
+# "0" keeps them on the reference where AMX does not take them (no AVX512-BF16 kernel).
+BF16_ATTENTION_ENV = envs.BF16_ATTENTION.name
 AMX_HEAD_DIM_MULTIPLE = 32  # a tile row holds 32 bf16 dims
 AMX_MAX_HEAD_DIM = 256
+PREFILL_NAMES = {"amx": "amx-prefill", "avx512": "avx512bf16-prefill", "sdpa": "sdpa"}
 KEY_SPLIT = 256  # --deterministic: keys per part of a row's softmax (a multiple of 64)
 
 
@@ -68,30 +71,49 @@ def _amx_enabled() -> bool:
     return envs.AMX() and _amx_supported()
 
 
-def use_amx(device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None) -> bool:
+def use_amx(
+    device: torch.device, dtype: torch.dtype, head_dim: Optional[int] = None, amx: bool = True
+) -> bool:
     """True when prefill chunks of this device, dtype (and head dim, if given) go to the AMX
-    kernel: bf16, head dims that are multiples of 32 up to 256."""
+    kernel: bf16, head dims that are multiples of 32 up to 256. ``amx`` False: whether they
+    could go to the tile kernel at all (its AVX512-BF16 form, AMX aside)."""
     if head_dim is not None and (head_dim % AMX_HEAD_DIM_MULTIPLE or head_dim > AMX_MAX_HEAD_DIM):
         return False
-    return dtype == torch.bfloat16 and use_cpu_kernels(device) and _amx_enabled()
+    if dtype != torch.bfloat16 or not use_cpu_kernels(device):
+        return False
+    return _amx_enabled() if amx else True
 
 
-def amx_prefill(
+@functools.lru_cache(maxsize=None)
+def _bf16_kernel_supported() -> bool:
+    mod = ext.extension()
+    return mod is not None and bool(mod.bf16_attention_available())
+
+
+def prefill_kernel(
     device: torch.device,
     q_dtype: torch.dtype,
     kv_dtype: torch.dtype,
     head_dim: Optional[int] = None,
-) -> bool:
-    """True when prefill chunks with queries of ``q_dtype`` over a cache of ``kv_dtype`` go
-    to the AMX kernel: bf16 queries over a bf16 or an fp8 (e4m3) cache."""
-    return kv_dtype in (q_dtype, torch_ref.FP8) and use_amx(device, q_dtype, head_dim)
+) -> str:
+    """Where prefill chunks with queries of ``q_dtype`` over a cache of ``kv_dtype`` go:
+    "amx" (the tile kernel on AMX), "avx512" (the same kernel's products on AVX512-BF16),
+    both for bf16 queries over a bf16 or fp8 (e4m3) cache, or "sdpa" (the reference)."""
+    if kv_dtype not in (q_dtype, torch_ref.FP8):
+        return "sdpa"
+    if use_amx(device, q_dtype, head_dim):
+        return "amx"
+    if use_amx(device, q_dtype, head_dim, amx=False) and envs.BF16_ATTENTION():
+        return "avx512" if _bf16_kernel_supported() else "sdpa"
+    return "sdpa"
 
 
-def backend_name(amx: Optional[bool] = None) -> str:
-    """For logs and benchmark reports: prefill chunks on the AMX kernel when ``amx`` (None:
-    where the CPU and PAGODA_AMX allow it)."""
-    prefill = "amx-prefill" if (_amx_enabled() if amx is None else amx) else "sdpa"
-    return f"cpp-decode+{prefill}"
+def backend_name(prefill: Optional[str] = None) -> str:
+    """For logs and benchmark reports: where prefill chunks go (None: where the CPU and the
+    switches send bf16 chunks of head dim 64)."""
+    if prefill is None:
+        prefill = prefill_kernel(torch.device("cpu"), torch.bfloat16, torch.bfloat16, 64)
+    return f"cpp-decode+{PREFILL_NAMES[prefill]}"
 
 
 def paged_attention(
@@ -106,10 +128,10 @@ def paged_attention(
     softcap: float = 0.0,
 ) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, Hkv, D); kv_cache: (2, num_blocks, block_size, Hkv, D).
-    Returns (T, H, D). Prefill chunks go to the AMX kernel where :func:`amx_prefill` says so,
-    asked now (a model asks once and binds :func:`attend`: ``backend.select``)."""
-    amx = amx_prefill(q.device, q.dtype, kv_cache.dtype, q.shape[-1])
-    return attend(q, k, v, kv_cache, meta, scale, amx=amx, window=window, softcap=softcap)
+    Returns (T, H, D). Prefill chunks go where :func:`prefill_kernel` says, asked now (a
+    model asks once and binds :func:`attend`: ``backend.select``)."""
+    prefill = prefill_kernel(q.device, q.dtype, kv_cache.dtype, q.shape[-1])
+    return attend(q, k, v, kv_cache, meta, scale, prefill=prefill, window=window, softcap=softcap)
 
 
 def attend(
@@ -120,12 +142,12 @@ def attend(
     meta: AttentionMetadata,
     scale: float,
     *,
-    amx: bool,
+    prefill: str,
     window: int = 0,
     softcap: float = 0.0,
 ) -> torch.Tensor:
-    """:func:`paged_attention` with the prefill path chosen: ``amx``, the AMX kernel over the
-    packed chunks (``meta.packed``), else the reference's SDPA per chunk."""
+    """:func:`paged_attention` with the prefill path chosen: "amx" or "avx512", the tile
+    kernel over the packed chunks (``meta.packed``), "sdpa" the reference's SDPA per chunk."""
     if window < 0 or not softcap >= 0.0 or math.isinf(softcap):
         raise ValueError(
             f"window must be >= 0 and softcap a finite number >= 0 (0: off); "
@@ -148,7 +170,7 @@ def attend(
         )
     if not meta.prefills:
         return out
-    if amx:
+    if prefill != "sdpa":
         packed = meta.packed(q.device)
         assert packed is not None  # there are prefill chunks
         first = meta.prefills[0].query_start
@@ -162,6 +184,7 @@ def attend(
             float(scale),
             int(window),
             float(softcap),
+            prefill == "amx",
         )
     else:  # the reference skips the blocks wholly before each chunk's window itself
         torch_ref.prefill_chunks(

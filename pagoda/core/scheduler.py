@@ -62,6 +62,8 @@ from pagoda.spec_decode.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
+SHORT_SCAN = 64  # waiting requests the short-prefill pass looks at, from the head
+
 
 class Scheduler:
     def __init__(
@@ -251,6 +253,8 @@ class Scheduler:
         if self.kv.sliding is not None:  # the sliding layers' blocks behind every window go
             for request in self.running:
                 self.kv.slide(request)
+        budget = self._schedule_running(budget, scheduled, new_blocks, decodes_only=True)
+        budget = self._admit_short(budget, scheduled, new_blocks)
         budget = self._schedule_running(budget, scheduled, new_blocks)
         self._schedule_waiting(budget, scheduled, new_blocks)
         self._schedule_drafts(scheduled, new_blocks)
@@ -272,20 +276,27 @@ class Scheduler:
                 request.num_output_placeholders += 1
 
     def _schedule_running(
-        self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]]
+        self,
+        budget: int,
+        scheduled: dict[str, int],
+        new_blocks: dict[str, list[int]],
+        decodes_only: bool = False,
     ) -> int:
-        # Decodes first (one token each), then continuing prefill chunks; stable in admission order.
-        order = sorted(
-            self.running, key=lambda r: r.num_tokens_with_placeholders - r.num_computed_tokens > 1
-        )
+        """Decodes first (one token each), then continuing prefill chunks; stable in admission
+        order. ``decodes_only``: the first pass of a step (short prefills are admitted before
+        the second takes the prefill chunks)."""
+        order = sorted(self.running, key=lambda r: self._remaining(r) > 1)
         for request in order:
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING or self._waits_for_token(request):
                 continue  # preempted earlier in this step, or waits for its token in flight
-            num_new = min(
-                request.num_tokens_with_placeholders - request.num_computed_tokens, budget
-            )
+            if request.request_id in scheduled:
+                continue  # the first pass took it
+            remaining = self._remaining(request)
+            if decodes_only and remaining > 1:
+                break  # (sorted: the rest are prefill chunks)
+            num_new = min(remaining, budget)
             if num_new <= 0:
                 continue
             blocks = self._allocate_or_preempt(request, num_new, scheduled, new_blocks)
@@ -419,6 +430,78 @@ class Scheduler:
             self._runner_knows.discard(request.request_id)
             self._preempted_ids.add(request.request_id)
 
+    @staticmethod
+    def _remaining(request: Request) -> int:
+        return request.num_tokens_with_placeholders - request.num_computed_tokens
+
+    # ------------------------------------------------------- short prefills first
+    # A prompt with little left to compute (a prefix-cache hit, a short turn) would wait
+    # behind every longer prompt ahead of it, for a few tokens of work. So prefills of at
+    # most ``short_prefill_tokens`` go first: after the decodes, before any prefill chunk,
+    # admitted past the head of the queue (FCFS only), within half the step's budget. A
+    # head may be passed ``max_num_seqs`` times; then the queue holds behind it.
+    def _is_short(self, remaining: int) -> bool:
+        limit = self.config.short_prefill_tokens
+        return limit is not None and remaining <= limit
+
+    def _admit_short(
+        self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]]
+    ) -> int:
+        """Admit waiting requests whose prompt, after its cached prefix, is short; returns
+        the budget left."""
+        if self.config.short_prefill_tokens is None or self._by_priority or not self.waiting:
+            return budget
+        room = min(budget, self.config.step_token_budget // 2)
+        head = self.waiting[0]
+        for request in list(itertools.islice(self.waiting, SHORT_SCAN)):
+            if room <= 0 or self._num_seqs >= self.config.max_num_seqs:
+                break
+            if request is not head and head.short_passes >= self.config.max_num_seqs:
+                break
+            if not self._may_pass(request):
+                continue
+            computed_blocks = self._computed_prefix(request)
+            num_computed = len(computed_blocks) * self.kv.block_size
+            num_new = request.num_tokens - num_computed
+            if not self._is_short(num_new) or num_new > room:
+                continue
+            blocks = self.kv.allocate_slots(request, num_new, computed_blocks)
+            if blocks is None:
+                break  # no blocks: nobody else passes either
+            if request is not head:
+                head.short_passes += 1
+            self.waiting.remove(request)
+            self._start(request, num_computed, num_new, blocks, scheduled, new_blocks)
+            room -= num_new
+            budget -= num_new
+        return budget
+
+    def _may_pass(self, request: Request) -> bool:
+        """A waiting request that may be admitted by the short-prefill pass."""
+        return (
+            not request.num_output_placeholders
+            and self._adapter_fits(request)
+            and (request.kv_transfer is None or request.kv_transfer.remote_prefill is None)
+            and not self._can_never_fit(request)
+        )
+
+    def _start(
+        self,
+        request: Request,
+        num_computed: int,
+        num_new: int,
+        blocks: list[int],
+        scheduled: dict[str, int],
+        new_blocks: dict[str, list[int]],
+    ) -> None:
+        """A request taken off the queue starts running on ``num_computed`` cached tokens."""
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_computed
+        self._count_prefix_hit(request, num_computed)
+        scheduled[request.request_id] = num_new
+        new_blocks[request.request_id] = blocks
+
     def _schedule_waiting(
         self, budget: int, scheduled: dict[str, int], new_blocks: dict[str, list[int]]
     ) -> None:
@@ -450,12 +533,7 @@ class Scheduler:
                     continue  # a lower-priority request gave its blocks back: try again
                 break  # strict order: nobody overtakes the head of the queue
             self._take_waiting(request)
-            self.running.append(request)
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_computed
-            self._count_prefix_hit(request, num_computed)
-            scheduled[request.request_id] = num_new
-            new_blocks[request.request_id] = blocks
+            self._start(request, num_computed, num_new, blocks, scheduled, new_blocks)
             budget -= num_new
 
     # ------------------------------------------------------------ LoRA adapters

@@ -121,6 +121,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "chosen from a prefill step timed at start, docs/server.md)",
     )
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    g.add_argument(
+        "--short-prefill-tokens",
+        type=int,
+        default=None,
+        help="prefills with at most this many tokens left to compute (a prefix-cache hit, a "
+        "short turn) go before longer ones (default: a quarter of the budget; 0: arrival "
+        "order only; docs/server.md)",
+    )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")

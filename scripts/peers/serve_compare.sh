@@ -11,6 +11,8 @@
 #   DTYPE=bfloat16 KV_GIB=4 OUT=bench-serve-compare PAGODA_ARGS="..." VLLM_ARGS="..."
 #   VLLM_ENFORCE_EAGER=1 (skip vLLM's minutes of torch.compile at every start)
 #   ENGINES="pagoda vllm" (or just one of them)
+#   DATASET=random, or DATASET=prefix: vLLM's prefix_repetition set (PREFIX_LEN=1024 shared
+#   tokens out of NUM_PREFIXES=8, then SUFFIX_LEN=64 of the request's own; OUTPUT_LEN out)
 #
 # Both servers get the bundled SmolLM2-135M: pagoda its GGUF, vLLM the same weights
 # dequantized to a safetensors directory (bench/vllm_peer.py makes and caches it). The client
@@ -31,6 +33,10 @@ KV_GIB=${KV_GIB:-4}
 OUT=${OUT:-bench-serve-compare}
 ENGINES=${ENGINES:-"pagoda vllm"}
 PORT=${PORT:-8123}
+DATASET=${DATASET:-random}
+PREFIX_LEN=${PREFIX_LEN:-1024}
+SUFFIX_LEN=${SUFFIX_LEN:-64}
+NUM_PREFIXES=${NUM_PREFIXES:-8}
 NAME=smollm2
 VENV=${VLLM_VENV:-.venv-vllm}
 mkdir -p "$OUT"
@@ -89,13 +95,23 @@ start_server() {   # $1: engine
   wait_healthy "$log"
 }
 
+dataset_args() {
+  if [ "$DATASET" = prefix ]; then
+    echo --dataset-name prefix_repetition --prefix-repetition-prefix-len "$PREFIX_LEN" \
+      --prefix-repetition-suffix-len "$SUFFIX_LEN" --prefix-repetition-num-prefixes \
+      "$NUM_PREFIXES" --prefix-repetition-output-len "$OUTPUT_LEN"
+  else
+    echo --dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN"
+  fi
+}
+
 run_client() {   # $1: engine, $2: round
+  # shellcheck disable=SC2046
   "$VENV/bin/vllm-cli" bench serve --backend openai --base-url "http://127.0.0.1:$PORT" \
-    --endpoint /v1/completions --model "$NAME" --tokenizer "$HF_DIR" \
-    --dataset-name random --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" \
+    --endpoint /v1/completions --model "$NAME" --tokenizer "$HF_DIR" $(dataset_args) \
     --num-prompts "$NUM_PROMPTS" --request-rate "$RATE" --seed 0 --ignore-eos \
     --temperature "$TEMPERATURE" --percentile-metrics ttft,tpot,itl --metric-percentiles 50,99 \
-    --save-result --result-dir "$OUT" --result-filename "$1-$2.json" >"$OUT/$1-$2.client.log" 2>&1 \
+    --save-result --save-detailed --result-dir "$OUT" --result-filename "$1-$2.json" >"$OUT/$1-$2.client.log" 2>&1 \
     || { echo "serve_compare.sh: vllm bench serve failed; see $OUT/$1-$2.client.log" >&2; exit 1; }
 }
 

@@ -101,11 +101,12 @@ class PathSpy:
             return fn(*args, **kwargs)
         return wrapper
 
-    def check(self, fused: bool, amx_prefill: bool) -> None:
+    def check(self, fused: bool, tiles: bool) -> None:
+        """``tiles``: prefill chunks went to the tile kernel (AMX or AVX512-BF16)."""
         for name in (*FUSED_OPS, FUSED_GREEDY):
             assert (self.calls.get(name, 0) > 0) == fused, (name, self.calls)
-        assert (self.calls.get("amx_prefill", 0) > 0) == amx_prefill, self.calls
-        assert (self.calls.get("reference_prefill", 0) > 0) == (not amx_prefill), self.calls
+        assert (self.calls.get("amx_prefill", 0) > 0) == tiles, self.calls
+        assert (self.calls.get("reference_prefill", 0) > 0) == (not tiles), self.calls
 
 
 # ------------------------------------------------------------------ tiny random models
@@ -146,12 +147,13 @@ def test_tiny_bf16_engine_agrees_with_transformers(tiny_case, mode, amx, fused, 
     path, head_dim, hf = tiny_case
     amx_prefill = amx and cpu_attention.use_amx(torch.device("cpu"), BF16, head_dim)
     assert amx_prefill == (amx and head_dim % cpu_attention.AMX_HEAD_DIM_MULTIPLE == 0)
+    tiles = cpu_attention.prefill_kernel(torch.device("cpu"), BF16, BF16, head_dim) != "sdpa"
     prompts = tiny_prompts(mode)
     llm = LLM(path, dtype="bfloat16", **MODES[mode])
     spy = PathSpy(monkeypatch)
     outs = llm.generate(prompts, greedy(NEW_TOKENS))
     assert_teacher_forced(hf, prompts, outs)
-    spy.check(fused, amx_prefill)
+    spy.check(fused, tiles)
     if mode == "preempt":
         assert llm.engine.scheduler.num_preemptions > 0
     if mode == "prefix":
@@ -240,11 +242,12 @@ def test_smollm2_bf16_engine_agrees_with_transformers(smollm2, amx, fused, monke
     prompts, _, hf = smollm2
     amx_prefill = amx and cpu_attention.use_amx(torch.device("cpu"), BF16, 64)
     assert amx_prefill == amx
+    tiles = cpu_attention.prefill_kernel(torch.device("cpu"), BF16, BF16, 64) != "sdpa"
     llm = LLM(dtype="bfloat16", **SMOLLM2_ENGINE)
     spy = PathSpy(monkeypatch)
     outs = llm.generate(prompts, greedy(NEW_TOKENS))
     assert_teacher_forced(hf, prompts, outs)
-    spy.check(fused, amx_prefill)
+    spy.check(fused, tiles)
     assert llm.engine.scheduler.num_preemptions > 0
     again = llm.generate(prompts, greedy(NEW_TOKENS))
     assert any(o.num_cached_tokens > 0 for o in again)

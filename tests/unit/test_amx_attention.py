@@ -20,7 +20,7 @@ from pagoda.kernels import ext
 from pagoda.attention.metadata import AttentionMetadata, PrefillChunk, pack_prefills
 
 from kv_poison import poison_unused
-from native import cpu_flags, needs_amx, needs_ext
+from native import cpu_flags, needs_amx, needs_ext, tile_kernels
 
 BF16 = torch.bfloat16
 pytestmark = pytest.mark.usefixtures("random_seed")
@@ -70,10 +70,11 @@ def reference(case: dict, scale: float) -> torch.Tensor:
     return out
 
 
-def run_amx(case: dict, scale: float) -> torch.Tensor:
+def run_amx(case: dict, scale: float, amx: bool = True) -> torch.Tensor:
+    """The tile kernel, its products on AMX (``amx``) or on AVX512-BF16."""
     out = torch.full(case["q"].shape, float("nan"), dtype=BF16)
     ext.extension().amx_paged_attention(out, case["q"], case["kv"], case["starts"],
-                                               case["ctx"], case["tables"], scale)
+                                        case["ctx"], case["tables"], scale, amx=amx)
     return out
 
 
@@ -90,34 +91,34 @@ def ragged_chunks(block_size: int) -> list[tuple[int, int]]:
     return fixed + extra
 
 
-@needs_amx
+@pytest.mark.parametrize("tiles", tile_kernels())
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (9, 3, 64), (16, 2, 128)],
                          ids=["mha", "gqa3", "gqa8-d128"])
-def test_amx_prefill_matches_reference(block_size, heads, kv_heads, head_dim):
+def test_amx_prefill_matches_reference(block_size, heads, kv_heads, head_dim, tiles):
     case = make_case(ragged_chunks(block_size), heads, kv_heads, head_dim, block_size)
     scale = head_dim ** -0.5
-    out = run_amx(case, scale)
+    out = run_amx(case, scale, amx=tiles)
     assert torch.isfinite(out).all(), "NaN/inf reached the output (a stray read or no write)"
     ref = reference(case, scale)
     err = (out.double() - ref).abs().max().item()
     assert err <= 1.5e-2 * max(1.0, ref.abs().max().item()), f"max abs error {err}"
 
 
-@needs_amx
-def test_amx_prefill_is_causal_within_a_chunk():
+@pytest.mark.parametrize("tiles", tile_kernels())
+def test_amx_prefill_is_causal_within_a_chunk(tiles):
     """Changing the last token's K/V must leave every earlier query's output unchanged."""
     case = make_case([(50, 50)], 9, 3, 64, 16)
-    before = run_amx(case, 0.125)
+    before = run_amx(case, 0.125, amx=tiles)
     last_block = case["tables"][0, 49 // 16]
     case["kv"][:, last_block, 49 % 16] = 100.0
-    after = run_amx(case, 0.125)
+    after = run_amx(case, 0.125, amx=tiles)
     assert torch.equal(before[:49], after[:49])
     assert not torch.equal(before[49], after[49])
 
 
-@needs_amx
-def test_amx_bad_inputs_raise_with_the_reason():
+@pytest.mark.parametrize("tiles", tile_kernels())
+def test_amx_bad_inputs_raise_with_the_reason(tiles):
     case = make_case([(4, 20)], 9, 3, 64, 16)
     mod = ext.extension()
     out = torch.empty_like(case["q"])
@@ -125,13 +126,13 @@ def test_amx_bad_inputs_raise_with_the_reason():
     bad_tables[0, 0] = 10_000
     with pytest.raises(RuntimeError, match="outside"):
         mod.amx_paged_attention(out, case["q"], case["kv"], case["starts"], case["ctx"],
-                                bad_tables, 0.125)
+                                bad_tables, 0.125, amx=tiles)
     with pytest.raises(RuntimeError, match="query_len"):
         mod.amx_paged_attention(out, case["q"], case["kv"], case["starts"],
-                                torch.tensor([3]), case["tables"], 0.125)
+                                torch.tensor([3]), case["tables"], 0.125, amx=tiles)
     with pytest.raises(RuntimeError, match="bfloat16"):
         mod.amx_paged_attention(out.float(), case["q"].float(), case["kv"], case["starts"],
-                                case["ctx"], case["tables"], 0.125)
+                                case["ctx"], case["tables"], 0.125, amx=tiles)
 
 
 @needs_ext
@@ -140,6 +141,7 @@ def test_cpu_backend_mixed_batch_matches_the_reference_backend(amx):
     backend (C++ write, decode kernel, and the AMX prefill or, without it, the reference
     prefill) equals torch_ref's on the same inputs."""
     assert cpu_attention.use_amx(torch.device("cpu"), BF16, 64) is amx
+    assert (cpu_attention.prefill_kernel(torch.device("cpu"), BF16, BF16, 64) == "amx") is amx
     torch.manual_seed(int(torch.randint(0, 2**31, ())))
     bs, heads, kv_heads, dim = 16, 9, 3, 64
     num_blocks = 40

@@ -158,8 +158,13 @@ def test_cpu_backend(window, softcap, dtype, amx):
     seqs, d = mixed_seqs(window, 16)
     case = make_case(seqs, d, 8, 2, 64, 16, dtype)
     out = cpu_attention.attend(case.q, case.k, case.v, case.cache.clone(), case.meta, 0.125,
-                               amx=amx and dtype == BF16, window=window, softcap=softcap)
+                               prefill=prefill_path(dtype), window=window, softcap=softcap)
     check(out, dense_reference(case, 0.125, window, softcap), dtype)
+
+
+def prefill_path(dtype: torch.dtype) -> str:
+    """Where the switches (set by the ``amx`` fixture) send prefill chunks of this dtype."""
+    return cpu_attention.prefill_kernel(torch.device("cpu"), dtype, dtype, 64)
 
 
 def null_before_window(case: Case, window: int) -> None:
@@ -183,7 +188,7 @@ def test_cpu_backend_never_reads_before_the_window(window, softcap, dtype, amx):
     case = make_case(seqs, d, 8, 2, 64, 16, dtype)
     null_before_window(case, window)
     out = cpu_attention.attend(case.q, case.k, case.v, case.cache.clone(), case.meta, 0.125,
-                               amx=amx and dtype == BF16, window=window, softcap=softcap)
+                               prefill=prefill_path(dtype), window=window, softcap=softcap)
     check(out, dense_reference(case, 0.125, window, softcap), dtype)
 
 
@@ -375,10 +380,11 @@ def test_bad_options_raise():
         case = make_case([(1, 40), (3, 3)], 1, 2, 1, 64, 16, BF16, poison=False)
         with pytest.raises(ValueError, match="softcap"):
             cpu_attention.attend(case.q, case.k, case.v, case.cache, case.meta, 0.125,
-                                 amx=False, window=window, softcap=softcap)
-        if ext.require_extension().amx_available():
+                                 prefill="sdpa", window=window, softcap=softcap)
+        mod = ext.require_extension()
+        for tiles in [True] * mod.amx_available() + [False] * mod.bf16_attention_available():
             out = torch.empty(3, 2, 64, dtype=BF16)
             with pytest.raises(RuntimeError, match=name):
-                ext.require_extension().amx_paged_attention(
+                mod.amx_paged_attention(
                     out, out.clone(), cache.to(BF16), torch.tensor([0, 3]), torch.tensor([40]),
-                    tables, 0.125, window, softcap)
+                    tables, 0.125, window, softcap, tiles)

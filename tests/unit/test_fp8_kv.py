@@ -23,7 +23,7 @@ from pagoda.attention import cpu_decode, torch_ref  # noqa: E402
 from pagoda.kernels import ext  # noqa: E402
 from pagoda.attention.metadata import AttentionMetadata  # noqa: E402
 
-from native import needs_amx, needs_ext  # noqa: E402
+from native import needs_ext, tile_kernels  # noqa: E402
 from test_amx_attention import make_case, ragged_chunks, run_amx  # noqa: E402
 from test_amx_attention import reference as amx_reference  # noqa: E402
 from test_cpu_decode import check, lens_for, make_inputs, reference  # noqa: E402
@@ -167,17 +167,17 @@ def test_other_query_dtypes_raise() -> None:
         cpu_decode.paged_decode_attention(q, kv, tables, lens, 0.125)
 
 
-@needs_amx
+@pytest.mark.parametrize("tiles", tile_kernels())
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (16, 2, 128)],
                          ids=["gqa3", "gqa8-d128"])
-def test_amx_prefill_over_fp8_matches_reference(block_size, heads, kv_heads, head_dim):
+def test_amx_prefill_over_fp8_matches_reference(block_size, heads, kv_heads, head_dim, tiles):
     """The AMX prefill kernel widens an fp8 cache exactly: the same answer as fp64 attention
     over the cache's values (poisoned unused slots turn NaN in fp8 and must stay unread)."""
     case = make_case(ragged_chunks(block_size), heads, kv_heads, head_dim, block_size)
     case["kv"] = (case["kv"].float() * 3).to(FP8)
     scale = head_dim ** -0.5
-    out = run_amx(case, scale)
+    out = run_amx(case, scale, amx=tiles)
     assert torch.isfinite(out).all(), "NaN/inf reached the output (a stray read or no write)"
     ref = amx_reference(case, scale)
     err = (out.double() - ref).abs().max().item()

@@ -17,7 +17,7 @@ from pagoda.models.prepare import prepare_model
 from pagoda.worker.model_runner import ModelRunner
 from runner_driver import run_greedy
 
-from native import has_amx, needs_ext
+from native import has_amx, has_bf16_attention, needs_ext
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16
@@ -60,12 +60,18 @@ def test_triton_rope_only_for_power_of_two_head_dims():
 def test_attention_backend_follows_the_switches(monkeypatch):
     monkeypatch.delenv(backend.ATTENTION_BACKEND_ENV, raising=False)
     monkeypatch.delenv(cpu_attention.AMX_ENV, raising=False)
+    monkeypatch.delenv(cpu_attention.BF16_ATTENTION_ENV, raising=False)
     fp32 = backend.select(CPU, torch.float32, torch.float32, 64)
     assert fp32.name == "cpp-decode+sdpa" and not fp32.uses_packed_prefills
     bf16 = backend.select(CPU, BF16, BF16, 64)
-    assert bf16.uses_packed_prefills == has_amx()
+    assert bf16.uses_packed_prefills == (has_amx() or has_bf16_attention())
+    assert bf16.name.endswith("amx-prefill") == has_amx()
     assert not backend.select(CPU, BF16, BF16, 16).uses_packed_prefills   # head dim 16: no
     monkeypatch.setenv(cpu_attention.AMX_ENV, "0")
+    no_amx = backend.select(CPU, BF16, BF16, 64)
+    assert no_amx.name == ("cpp-decode+avx512bf16-prefill" if has_bf16_attention()
+                           else "cpp-decode+sdpa")
+    monkeypatch.setenv(cpu_attention.BF16_ATTENTION_ENV, "0")
     assert backend.select(CPU, BF16, BF16, 64).name == "cpp-decode+sdpa"
     monkeypatch.setenv(backend.ATTENTION_BACKEND_ENV, "torch")
     assert backend.select(CPU, BF16, BF16, 64) is backend.TORCH
@@ -105,7 +111,7 @@ def test_the_forward_asks_nothing(monkeypatch, dtype):
         raise AssertionError("dispatch in the forward")
 
     for owner, name in [(ops, "select"), (backend, "select"), (backend, "use_triton"),
-                        (cpu_attention, "use_cpu_kernels"), (cpu_attention, "amx_prefill"),
+                        (cpu_attention, "use_cpu_kernels"), (cpu_attention, "prefill_kernel"),
                         (cpu_attention, "_amx_enabled")]:
         monkeypatch.setattr(owner, name, asked)
     assert run_greedy(runner, prompts, 3) == want

@@ -41,17 +41,23 @@
 
 #include "fp8.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
-    defined(__linux__)
-#define PAGODA_AMX 1
+// Without AMX (AMD Zen 4 / Zen 5, Xeons whose OS refuses the tiles) the same kernel runs its
+// two products with AVX512-BF16's VDPBF16PS on the same buffers: a Kt row (16 keys x one dim
+// pair) against a query's dim pair broadcast gives 16 scores' partial sums, a Vt row (16 dims
+// x one key pair) against a row's probability pair broadcast 16 outputs'.
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__linux__)
+#define PAGODA_BF16_ATTENTION 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define PAGODA_AMX 1
+#endif
 #endif
 
 namespace pagoda_amx {
 
-#if defined(PAGODA_AMX)
+#if defined(PAGODA_BF16_ATTENTION)
 namespace {
 
 constexpr int64_t kRows = 16;        // rows of a tile
@@ -62,6 +68,7 @@ constexpr int64_t kTileElems = kRows * 32;  // bf16 elements of one tile
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
 
+#if defined(PAGODA_AMX)
 // Tile registers (every one 16 rows x 64 bytes): 0, 1, 6, 7 the scores of four 16-key groups,
 // then the P.V products of four 16-dim groups; 2 a Q chunk; 4 a Kt or Vt tile; 5 and 3 the
 // probabilities of the block's two 32-key halves.
@@ -78,6 +85,8 @@ struct alignas(64) TileConfig {
     }
   }
 };
+
+#endif  // PAGODA_AMX
 
 struct Problem {
   int64_t H, Hkv, G, D, block_size, W, num_blocks;
@@ -251,8 +260,31 @@ inline __m512 exp2_neg(__m512 x) {
 }
 
 // Raw scores (before scaling) of the tile's rows against the buffers' key block kb into s
-// (16 rows x 64 fp32): four 16-key tiles, each summed over the head dim's 32-dim chunks.
-inline void scores(const Buffers& buf, int64_t kb, int64_t chunks, float* s) {
+// (16 rows x 64 fp32), on AVX512-BF16: per 16-key group, 16 row accumulators summed over the
+// head dim's pairs, each Kt row loaded once for the 16 rows.
+inline void scores_avx512(const Buffers& buf, int64_t kb, int64_t chunks, float* s) {
+  const uint16_t* kt = buf.kt + 4 * kb * chunks * kTileElems;
+  for (int64_t j = 0; j < 4; ++j) {
+    __m512 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const uint16_t* tile = kt + (j * chunks + c) * kTileElems;  // 16 dim pairs x 16 keys
+      const uint32_t* q = reinterpret_cast<const uint32_t*>(buf.qs[c]);  // 16 rows x 16 pairs
+      for (int k = 0; k < 16; ++k) {
+        const __m512bh keys = (__m512bh)_mm512_load_si512(tile + 32 * k);
+        for (int r = 0; r < kRows; ++r) {
+          const __m512bh pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[r * 16 + k]));
+          acc[r] = _mm512_dpbf16_ps(acc[r], keys, pair);
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) _mm512_store_ps(s + r * kKeyBlock + 16 * j, acc[r]);
+  }
+}
+
+#if defined(PAGODA_AMX)
+// The same on the AMX tiles: four 16-key tiles, each summed over the head dim's 32-dim chunks.
+inline void scores_amx(const Buffers& buf, int64_t kb, int64_t chunks, float* s) {
   const uint16_t* kt = buf.kt + 4 * kb * chunks * kTileElems;
   _tile_zero(0);
   _tile_zero(1);
@@ -275,6 +307,7 @@ inline void scores(const Buffers& buf, int64_t kb, int64_t chunks, float* s) {
   _tile_stored(6, s + 32, kStride);
   _tile_stored(7, s + 48, kStride);
 }
+#endif  // PAGODA_AMX
 
 // cap * tanh(x * mul / cap), as sign (1 - e) / (1 + e) with e = 2^(-2 |y| log2 e) <= 1; the
 // division is a reciprocal estimate and one Newton step (relative error ~1e-7).
@@ -359,6 +392,35 @@ inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, const Problem&
                                          _mm512_load_ps(rowsum)));
 }
 
+// acc = acc * alpha + P . V for the buffers' key block kb on AVX512-BF16: per 16-dim group,
+// 16 row accumulators started from the rescaled acc, over the block's 32 key pairs, each Vt
+// row loaded once for the 16 rows (padding rows have zero probabilities and accumulators).
+inline void accumulate_avx512(Buffers& buf, int64_t kb, int64_t D) {
+  const int64_t groups = D / 16;
+  const uint16_t* v0 = buf.vt + (2 * kb) * groups * kTileElems;  // keys 64 kb ..
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(buf.p);  // row r: 32 key pairs
+  for (int64_t e = 0; e < groups; ++e) {
+    __m512 acc[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      acc[r] = _mm512_mul_ps(_mm512_load_ps(buf.acc + r * D + 16 * e),
+                             _mm512_set1_ps(buf.alpha[r]));
+    }
+    for (int64_t half = 0; half < 2; ++half) {
+      const uint16_t* tile = v0 + (half * groups + e) * kTileElems;  // 16 key pairs x 16 dims
+      for (int k = 0; k < 16; ++k) {
+        const __m512bh values = (__m512bh)_mm512_load_si512(tile + 32 * k);
+        for (int r = 0; r < kRows; ++r) {
+          const __m512bh pair =
+              (__m512bh)_mm512_set1_epi32(static_cast<int>(p[r * 32 + half * 16 + k]));
+          acc[r] = _mm512_dpbf16_ps(acc[r], values, pair);
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) _mm512_store_ps(buf.acc + r * D + 16 * e, acc[r]);
+  }
+}
+
+#if defined(PAGODA_AMX)
 // P . V for the 16-dim groups e and e + 1 of one key block into tiles C0, C1, stored to o:
 // each sums the block's two 32-key halves (P halves in tiles 5 and 3, V tiles loaded into 4).
 // A macro, not a template: the tile intrinsics paste their register numbers into the
@@ -381,7 +443,7 @@ inline void softmax_block(Buffers& buf, int64_t rows, int64_t kb, const Problem&
 
 // acc = acc * alpha + P . V for the buffers' key block kb: P as two 16 x 32-key tiles, V per 32 keys and
 // 16 dims; four 16-dim groups at a time (D is a multiple of 32: 2 or 4 groups per pass).
-inline void accumulate(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
+inline void accumulate_amx(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
   const int64_t groups = D / 16;
   const uint16_t* v0 = buf.vt + (2 * kb) * groups * kTileElems;   // keys 64 kb ..
   const uint16_t* v1 = v0 + groups * kTileElems;                   // keys 64 kb + 32 ..
@@ -402,8 +464,11 @@ inline void accumulate(Buffers& buf, int64_t rows, int64_t kb, int64_t D) {
   }
 }
 
+#endif  // PAGODA_AMX
+
 // Rows [t0, t0 + rows) of unit u: one tile, over every key block any of its rows sees; the
-// unit's buffers start at key block kb0.
+// unit's buffers start at key block kb0. AMX: the products on the tiles, else AVX512-BF16.
+template <bool AMX>
 void run_tile(const Problem& P, const Unit& u, int64_t t0, int64_t rows, int64_t kb0,
               Buffers& buf) {
   const int64_t D = P.D, G = P.G, chunks = D / 32;
@@ -426,9 +491,17 @@ void run_tile(const Problem& P, const Unit& u, int64_t t0, int64_t rows, int64_t
   std::memset(buf.acc, 0, sizeof(float) * kRows * D);
   const int64_t blocks = max_pos / kKeyBlock + 1;
   for (int64_t kb = std::max(kb0, first_key(P, buf.pos[0]) / kKeyBlock); kb < blocks; ++kb) {
-    scores(buf, kb - kb0, chunks, buf.s);
+#if defined(PAGODA_AMX)
+    if constexpr (AMX) {
+      scores_amx(buf, kb - kb0, chunks, buf.s);
+      softmax_block(buf, rows, kb, P);
+      accumulate_amx(buf, rows, kb - kb0, D);
+      continue;
+    }
+#endif
+    scores_avx512(buf, kb - kb0, chunks, buf.s);
     softmax_block(buf, rows, kb, P);
-    accumulate(buf, rows, kb - kb0, D);
+    accumulate_avx512(buf, kb - kb0, D);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t row = t0 + r, i = row / G, g = row % G;
@@ -453,6 +526,7 @@ inline KeySpan unit_keys(const Problem& P, int64_t n, int64_t r0, int64_t r1) {
   return {kstart / kKeyBlock * kKeyBlock, kstart, first_pos + (r1 - 1) / P.G + 1};
 }
 
+template <bool AMX>
 void run_unit(const Problem& P, const Unit& u, Buffers& buf) {
   const KeySpan k = unit_keys(P, u.n, u.r0, u.r1);
   if (P.fp8) {
@@ -461,9 +535,10 @@ void run_unit(const Problem& P, const Unit& u, Buffers& buf) {
     transform_kv<false>(P, u.n, u.h, k.base, k.kstart, k.kend, buf);
   }
   for (int64_t t0 = u.r0; t0 < u.r1; t0 += kRows)
-    run_tile(P, u, t0, std::min<int64_t>(kRows, u.r1 - t0), k.base / kKeyBlock, buf);
+    run_tile<AMX>(P, u, t0, std::min<int64_t>(kRows, u.r1 - t0), k.base / kKeyBlock, buf);
 }
 
+#if defined(PAGODA_AMX)
 bool request_amx() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
@@ -473,18 +548,25 @@ bool cpu_has_amx_bf16() {
   __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
   return ((edx >> 22) & 1) && ((edx >> 24) & 1);  // AMX-BF16, AMX-TILE
 }
+#endif  // PAGODA_AMX
 
 }  // namespace
 
 bool available() {
+#if defined(PAGODA_AMX)
   static const bool ok = cpu_has_amx_bf16() && request_amx();
   return ok;
+#else
+  return false;
+#endif
 }
+
+bool bf16_available() { return true; }  // built with AVX512-BF16 for this very CPU
 
 void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor query_start,
                      at::Tensor context_lens, at::Tensor block_tables, double scale,
-                     int64_t window, double softcap) {
-  TORCH_CHECK(available(), "AMX is not available on this CPU or was refused by the kernel");
+                     int64_t window, double softcap, bool amx) {
+  TORCH_CHECK(!amx || available(), "AMX is not available on this CPU or was refused by the kernel");
   TORCH_CHECK(window >= 0, "window must be >= 0 (0: no sliding window), got ", window);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
               "softcap must be a finite number >= 0 (0: no soft-capping), got ", softcap);
@@ -550,21 +632,29 @@ void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tens
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
     auto buf = std::make_unique<Buffers>();
     buf->reserve(padded * D);
-    TileConfig cfg;
-    _tile_loadconfig(&cfg);
+#if defined(PAGODA_AMX)
+    if (amx) {
+      TileConfig cfg;
+      _tile_loadconfig(&cfg);
+      for (int64_t i = next++; i < static_cast<int64_t>(units.size()); i = next++)
+        run_unit<true>(P, units[i], *buf);
+      _tile_release();
+      return;
+    }
+#endif
     for (int64_t i = next++; i < static_cast<int64_t>(units.size()); i = next++)
-      run_unit(P, units[i], *buf);
-    _tile_release();
+      run_unit<false>(P, units[i], *buf);
   });
 }
 
-#else  // no AMX in this build
+#else  // neither AMX nor AVX512-BF16 in this build
 
 bool available() { return false; }
+bool bf16_available() { return false; }
 
 void paged_attention(at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                     double, int64_t, double) {
-  TORCH_CHECK(false, "this build of the extension has no AMX kernel");
+                     double, int64_t, double, bool) {
+  TORCH_CHECK(false, "this build of the extension has no AVX512-BF16 (or AMX) attention kernel");
 }
 
 #endif

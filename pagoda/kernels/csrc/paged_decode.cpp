@@ -1278,9 +1278,10 @@ void argmax_cols(at::Tensor out, at::Tensor logits_t);
 // Mixed-batch paged attention on AMX tiles (amx_attention.cpp).
 namespace pagoda_amx {
 bool available();
+bool bf16_available();
 void paged_attention(at::Tensor out, at::Tensor q, at::Tensor kv_cache, at::Tensor query_start,
                      at::Tensor context_lens, at::Tensor block_tables, double scale,
-                     int64_t window, double softcap);
+                     int64_t window, double softcap, bool amx);
 }  // namespace pagoda_amx
 
 // Structured outputs: the grammar's forbidden tokens to -inf (token_mask.cpp).
@@ -1350,11 +1351,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits_t"), py::call_guard<py::gil_scoped_release>());
   m.def("amx_available", &pagoda_amx::available,
         "True when this build has the AMX kernel and the CPU and OS allow AMX.");
+  m.def("bf16_attention_available", &pagoda_amx::bf16_available,
+        "True when this build has the prefill kernel on AVX512-BF16 (no AMX needed).");
   m.def("amx_paged_attention", &pagoda_amx::paged_attention,
-        "Paged attention of a mixed batch (decodes and prefill chunks) on AMX; writes out.",
+        "Paged attention of a mixed batch (decodes and prefill chunks) on AMX tiles, or with "
+        "amx=False on AVX512-BF16; writes out.",
         py::arg("out"), py::arg("q"), py::arg("kv_cache"), py::arg("query_start"),
         py::arg("context_lens"), py::arg("block_tables"), py::arg("scale"),
-        py::arg("window") = 0, py::arg("softcap") = 0.0,
+        py::arg("window") = 0, py::arg("softcap") = 0.0, py::arg("amx") = true,
         py::call_guard<py::gil_scoped_release>());
   m.def("apply_token_bitmask", &pagoda_mask::apply_token_bitmask,
         "Set logits[rows[m], v] = -inf where bit v of words[m] is 0, in place.",
