@@ -287,7 +287,7 @@ class Scheduler:
         the second takes the prefill chunks)."""
         order = sorted(self.running, key=lambda r: self._remaining(r) > 1)
         for request in order:
-            if budget == 0:
+            if budget <= 0:
                 break
             if request.status is not RequestStatus.RUNNING or self._waits_for_token(request):
                 continue  # preempted earlier in this step, or waits for its token in flight
@@ -296,7 +296,7 @@ class Scheduler:
             remaining = self._remaining(request)
             if decodes_only and remaining > 1:
                 break  # (sorted: the rest are prefill chunks)
-            num_new = min(remaining, budget)
+            num_new = self._chunk(remaining, budget)
             if num_new <= 0:
                 continue
             blocks = self._allocate_or_preempt(request, num_new, scheduled, new_blocks)
@@ -434,6 +434,15 @@ class Scheduler:
     def _remaining(request: Request) -> int:
         return request.num_tokens_with_placeholders - request.num_computed_tokens
 
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """How much of a prefill with ``remaining`` tokens to schedule with ``budget`` left:
+        all of it where it fits, or where what a cut would leave is short (one step fewer
+        to its first token, for a step at most ``short_prefill_tokens`` past the budget);
+        else the budget."""
+        if remaining <= budget or (budget > 0 and self._is_short(remaining - budget)):
+            return remaining
+        return budget
+
     # ------------------------------------------------------- short prefills first
     # A prompt with little left to compute (a prefix-cache hit, a short turn) would wait
     # behind every longer prompt ahead of it, for a few tokens of work. So prefills of at
@@ -525,7 +534,7 @@ class Scheduler:
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
-                num_new = budget
+                num_new = self._chunk(num_new, budget)
             blocks = self.kv.allocate_slots(request, num_new, computed_blocks)
             if blocks is None:
                 if self._room_by_priority(request, scheduled, new_blocks):

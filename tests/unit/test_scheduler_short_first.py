@@ -136,3 +136,22 @@ def test_engine_default_is_a_quarter_of_the_budget_and_zero_turns_it_off():
     assert off.scheduler_config(4096).short_prefill_tokens is None
     set_ = EngineArgs(max_num_batched_tokens=512, short_prefill_tokens=40)
     assert set_.scheduler_config(4096).short_prefill_tokens == 40
+
+
+def test_a_prompt_is_not_cut_to_leave_a_short_tail():
+    """A prompt that overflows the budget by a short tail runs whole in one step (at most
+    short_prefill_tokens past the budget); a longer overflow is cut at the budget."""
+    sched, runner = make(short=16, budget=64)
+    sched.add_request(req("tail", long_prompt(7, n=70)))
+    run_step(sched, runner)
+    assert runner.steps[0].num_scheduled_tokens == {"tail": 70}
+    sched, runner = make(short=16, budget=64)
+    sched.add_request(req("cut", long_prompt(8, n=100)))
+    run_step(sched, runner)
+    run_step(sched, runner)
+    assert [s.num_scheduled_tokens["cut"] for s in runner.steps] == [64, 36]
+    sched, runner = make(short=None, budget=64)
+    sched.add_request(req("fcfs", long_prompt(7, n=70)))
+    run_step(sched, runner)
+    assert runner.steps[0].num_scheduled_tokens == {"fcfs": 64}
+    run_until_done(sched, runner)
