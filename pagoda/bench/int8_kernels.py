@@ -85,7 +85,7 @@ def make_forms(n: int, k: int, dtype: torch.dtype) -> Forms:
     for _ in range(copies):
         w = (torch.randn(n, k) * 0.05).to(dtype)
         calls["dense"].append(cpu_linear.PackedLinear.of(w))
-        calls["int4"].append(cpu_int4.Int4Weight(w, dtype))
+        calls["int4"].append(cpu_int4.Int4Weight.from_dense(w, dtype))
         int8 = Int8Weight(q8_0_like(w), dtype)
         calls["int8"].append(int8)
         nbytes["int8"] = int8.packed.nbytes()

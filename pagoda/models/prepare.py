@@ -37,7 +37,7 @@ import torch
 from pagoda.config import LoRAConfig
 from pagoda.lora.layers import attach_lora
 from pagoda.lora.slots import LoRASlots, adapter_reader
-from pagoda.models import batch_invariant, cpu_int4, cpu_linear, file_quant
+from pagoda.models import batch_invariant, cpu_int4, cpu_int8, cpu_linear, file_quant
 from pagoda.models.base import CausalLM
 from pagoda.models.quantized import QuantizedTensor
 
@@ -57,6 +57,7 @@ class PreparedModel:
     # What the weights run on: "int4", "auto" (a file's codes), or None (auto where no layer
     # kept a quantized form: a checkpoint without codes, or never faster here).
     quantization: Optional[str] = None
+    int8_max_rows: int = 0  # the int8 forms (auto) run steps of at most this many rows
 
 
 def prepare_model(
@@ -81,18 +82,22 @@ def prepare_model(
         model.set_context_len(context_len)
     route = cpu_int4.Int4Route()
     stored = model.quantized_linears(quantized or {}) if quantization else {}
-    int4_layers = []
+    quantized_layers = file_quant.StoredLayers()
     if quantization == "int4":
-        int4_layers = cpu_int4.attach_int4(model, route, stored)
+        quantized_layers.int4 = cpu_int4.attach_int4(model, route, stored)
     elif quantization == "auto":
-        int4_layers = file_quant.attach_stored(model, route, stored).int4
+        quantized_layers = file_quant.attach_stored(model, route, stored)
     own_kernel = deterministic and batch_invariant.kernel_takes(dtype, 2)
     if device.type == "cpu" and not own_kernel:
         model.packed_head = cpu_linear.pack_model(model, model.output_weight, deterministic)
-    max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
+    max_rows = cpu_int4.choose_max_rows(quantized_layers.int4, dtype)
     cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
-    if int4_layers and not max_rows:  # never faster here: drop the copies
-        cpu_int4.detach_int4(model)
+    int8_rows = cpu_int8.choose_int8_max_rows(quantized_layers.int8, dtype)
+    stored_head = file_quant.output_tensor(model, stored) if quantization == "auto" else None
+    if stored_head is not None:
+        installed = cpu_int8.install_int8_head(model, stored_head, route)
+        int8_rows = max(int8_rows, installed.max_rows if installed is not None else 0)
+    file_quant.drop_unused(model)  # never faster here: the copies dropped
     if deterministic:
         head = model.packed_head or batch_invariant.PlainHead(model.output_weight)
         model.packed_head = batch_invariant.invariant_linears(model, head, model.output_weight)
@@ -103,5 +108,7 @@ def prepare_model(
         slots = LoRASlots(layers, batch, lora.max_loras, lora.host_loras, read)
     model.bind_ops(device, dtype, kv_dtype or dtype, deterministic)
     kv = kv_dtype or dtype
-    runs = quantization if max_rows or quantization == "int4" else None  # int4: MoE experts too
-    return PreparedModel(model, device, dtype, kv, route, max_rows, slots, deterministic, runs)
+    runs = quantization if max_rows or int8_rows or quantization == "int4" else None
+    return PreparedModel(
+        model, device, dtype, kv, route, max_rows, slots, deterministic, runs, int8_rows
+    )
