@@ -104,3 +104,18 @@ def test_deterministic_runs_auto_as_none(kquant):
     assert set(kinds) == {"head"} and kinds["head"] != "Int8Head"
     outs = llm.generate(prompts[:1], [greedy(MAX_TOKENS[0])])
     assert outs[0].token_ids == refs[0]
+
+
+def test_lora_wraps_the_quantized_layers(kquant, monkeypatch):
+    """--enable-lora over a K-quant file: each adapter slot wraps the layer in its quantized
+    form; with no adapter asked for, the tokens are the base model's."""
+    path, prompts, refs = kquant
+    for key, value in ALL_ROWS.items():
+        monkeypatch.setenv(key, value)
+    llm = LLM(path, dtype="float32", enable_lora=True, max_lora_rank=8)
+    model = llm.engine.model_runner.model
+    bases = {type(model.get_submodule(f"layers.0.{p}").base).__name__
+             for p in ("self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    assert bases == {"Int4Linear", "Int8Linear"}
+    outs = llm.generate(prompts, [greedy(m) for m in MAX_TOKENS])
+    assert [o.token_ids for o in outs] == refs
