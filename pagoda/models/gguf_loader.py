@@ -4,7 +4,9 @@ Hugging Face style config and weights.
 Parses the GGUF container itself, dequantizes ggml block formats with vectorized numpy, undoes
 what llama.cpp's converter did to the tensors (the llama Q/K row permutation, Gemma's 1 + w
 norm weights, experts stacked per layer), rebuilds the HF config from the metadata as llama.cpp
-reads it, and builds a fast tokenizer from the GGUF vocabulary.
+reads it, and builds a fast tokenizer from the GGUF vocabulary. Asked to (``codes``), it also
+keeps each matrix stored in a format with codes as the file stores it (gguf_codes.py), for
+``--quantization auto`` to run.
 """
 
 from __future__ import annotations
