@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,7 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         weight = dense.weight
+        assert isinstance(weight, torch.Tensor)
         if tuple(weight.shape) != q.shape:
             raise ValueError(f"int8: codes {q.shape} for a weight {tuple(weight.shape)}")
         self.int8 = Int8Weight(q, weight.dtype)
@@ -135,8 +136,8 @@ class Int8Head(nn.Module):
 
 
 def time_max_rows(
-    dense: list[Callable[[torch.Tensor], torch.Tensor]],
-    int8: list[Callable[[torch.Tensor], torch.Tensor]],
+    dense: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    int8: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     in_features: int,
     dtype: torch.dtype,
 ) -> int:

@@ -259,8 +259,10 @@ PAGODA_I8_AVX512 void block_avx512(const Problem& P, int64_t b) {
 // ------------------------------------------------------------------------------ AVX512-BF16
 // A pair's 32 codes widened to fp32 and narrowed to bf16 (exact: |code| <= 128) as one
 // vector of 16 (code[j, 2p], code[j, 2p + 1]) pairs: lane j is row j, and vdpbf16ps against
-// the broadcast word (x[2p], x[2p + 1]) adds both products (exact) to it.
-constexpr int MTB = 8;
+// the broadcast word (x[2p], x[2p + 1]) adds both products (exact) to it. Tiles of up to 16
+// rows: their dot products stay in registers through a group; the running sums, touched
+// once a group, may live in memory.
+constexpr int MTB = 16;
 
 template <int M>
 PAGODA_I8_BF16 void tile_bf16(const Problem& P, int64_t b, int64_t t0) {
@@ -306,6 +308,14 @@ PAGODA_I8_BF16 void block_bf16(const Problem& P, int64_t b) {
   int64_t t = 0;
   for (; t + MTB <= P.T; t += MTB) tile_bf16<MTB>(P, b, t);
   switch (P.T - t) {
+    case 15: return tile_bf16<15>(P, b, t);
+    case 14: return tile_bf16<14>(P, b, t);
+    case 13: return tile_bf16<13>(P, b, t);
+    case 12: return tile_bf16<12>(P, b, t);
+    case 11: return tile_bf16<11>(P, b, t);
+    case 10: return tile_bf16<10>(P, b, t);
+    case 9: return tile_bf16<9>(P, b, t);
+    case 8: return tile_bf16<8>(P, b, t);
     case 7: return tile_bf16<7>(P, b, t);
     case 6: return tile_bf16<6>(P, b, t);
     case 5: return tile_bf16<5>(P, b, t);
