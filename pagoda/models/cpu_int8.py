@@ -219,6 +219,27 @@ def attach_int8(
     return wrapped
 
 
+def cat_rows(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
+    """Quantized tensors of one group size stacked along their rows, as the fused linears
+    stack q, k, v (or gate, up); a part without offsets gets zeros (``scale * code + 0`` is
+    ``scale * code`` exactly)."""
+    if len({q.group for q in parts}) != 1:
+        raise ValueError(f"int8: parts of group sizes {[q.group for q in parts]} cannot fuse")
+    offsets = None
+    if any(q.offset is not None for q in parts):
+        offsets = torch.cat(
+            [q.offset if q.offset is not None else torch.zeros_like(q.scale) for q in parts]
+        )
+    return QuantizedTensor(
+        torch.cat([q.codes for q in parts]),
+        torch.cat([q.scale for q in parts]),
+        offsets,
+        parts[0].group,
+        max(q.bits for q in parts),
+        "+".join(dict.fromkeys(q.source for q in parts)),
+    )
+
+
 def reference_linear(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """What the int8 form of ``q`` computes, in fp32 (for tests)."""
     return F.linear(x.float(), dequantize(q))
