@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,7 @@ class Int8Linear(nn.Module):
     ) -> None:
         super().__init__()
         weight = dense.weight
+        assert isinstance(weight, torch.Tensor)
         if tuple(weight.shape) != q.shape:
             raise ValueError(f"int8: codes {q.shape} for a weight {tuple(weight.shape)}")
         self.int8 = Int8Weight(q, weight.dtype)
@@ -135,8 +136,8 @@ class Int8Head(nn.Module):
 
 
 def time_max_rows(
-    dense: list[Callable[[torch.Tensor], torch.Tensor]],
-    int8: list[Callable[[torch.Tensor], torch.Tensor]],
+    dense: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    int8: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     in_features: int,
     dtype: torch.dtype,
 ) -> int:
@@ -216,6 +217,27 @@ def attach_int8(
                 setattr(module, child_name, layer)
                 wrapped.append(layer)
     return wrapped
+
+
+def cat_rows(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
+    """Quantized tensors of one group size stacked along their rows, as the fused linears
+    stack q, k, v (or gate, up); a part without offsets gets zeros (``scale * code + 0`` is
+    ``scale * code`` exactly)."""
+    if len({q.group for q in parts}) != 1:
+        raise ValueError(f"int8: parts of group sizes {[q.group for q in parts]} cannot fuse")
+    offsets = None
+    if any(q.offset is not None for q in parts):
+        offsets = torch.cat(
+            [q.offset if q.offset is not None else torch.zeros_like(q.scale) for q in parts]
+        )
+    return QuantizedTensor(
+        torch.cat([q.codes for q in parts]),
+        torch.cat([q.scale for q in parts]),
+        offsets,
+        parts[0].group,
+        max(q.bits for q in parts),
+        "+".join(dict.fromkeys(q.source for q in parts)),
+    )
 
 
 def reference_linear(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:

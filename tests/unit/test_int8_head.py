@@ -67,6 +67,20 @@ def test_layer_routes_by_rows_and_route(seed, bias):
     assert torch.equal(layer(small), dense(small)), seed
 
 
+def test_fused_parts_compute_each_part(seed):
+    """q, k, v of different formats stacked: the fused weight is each part's rows."""
+    parts = [random_q(32, 64, 8, 32, False), random_q(16, 64, 5, 32, True),
+             random_q(16, 64, 6, 32, False)]
+    fused = cpu_int8.cat_rows(parts)
+    assert fused.shape == (64, 64) and fused.offset is not None
+    assert torch.equal(dequantize(fused), torch.cat([dequantize(q) for q in parts]))
+    x = torch.randn(3, 64)
+    got = cpu_int8.Int8Weight(fused, torch.float32)(x)
+    assert close(got, cpu_int8.reference_linear(x, fused)), seed
+    with pytest.raises(ValueError, match="cannot fuse"):
+        cpu_int8.cat_rows([parts[0], random_q(16, 64, 6, 16, False)])
+
+
 class TiedHead(nn.Module):
     """What install_int8_head needs of a model: its output weight and packed head."""
 
