@@ -124,12 +124,15 @@ def test_int4_weight_runs_the_file_codes(kind: str) -> None:
     shift = (file_codes.view(n, -1, 32).amin(-1, keepdim=True) < 0) * 8
     assert torch.equal(codes, (file_codes.view(n, -1, 32) + shift).view(n, k))
     torch.testing.assert_close(int4_reference(w, n, k), want, rtol=1e-6, atol=1e-6)
-    x = torch.randn(5, k)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(n + k))
     x[3] = float("nan")  # a poisoned row stays in its row
     got = w(x)
     assert got[3].isnan().all() and not got[[0, 1, 2, 4]].isnan().any()
-    ref = F.linear(x, want)
-    torch.testing.assert_close(got[[0, 1, 2, 4]], ref[[0, 1, 2, 4]], rtol=1e-4, atol=1e-4)
+    rows = [0, 1, 2, 4]
+    ref = F.linear(x[rows].double(), want.double())
+    # fp32 sums in another order: errors scale with the terms, not with their (cancelling) sum
+    scale = F.linear(x[rows].abs().double(), want.abs().double())
+    assert ((got[rows].double() - ref).abs() <= 1e-5 * scale + 1e-6).all()
 
 
 def test_rerounding_q4_k_is_not_the_file() -> None:
