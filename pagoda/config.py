@@ -267,7 +267,9 @@ class EngineArgs:
     gguf_file: Optional[str] = None  # the .gguf file of a GGUF repo (or directory) in model
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; CPU: bfloat16 also
-    quantization: Optional[str] = None  # None/"none" | "int4" (CPU, small decode steps)
+    # "auto": a GGUF's quantized matrices as the file stores them (CPU; else, and for other
+    # checkpoints, "none") | None/"none": dequantized | "int4" (CPU, small decode steps)
+    quantization: Optional[str] = "auto"
     device: str = "auto"  # "auto": cuda if available, else cpu
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: Optional[float] = None  # GiB (CPU); default DEFAULT_KV_CACHE_GIB
@@ -354,7 +356,7 @@ class EngineArgs:
         """--deterministic or VLLM_BATCH_INVARIANT=1 (read now: once, when the model is
         prepared). Refuses what it cannot keep batch-invariant: int4 layers switch between
         their 4-bit and dense forms by a step's rows, and LoRA's grouped products change with
-        the rows of each adapter."""
+        the rows of each adapter (``--quantization auto`` is resolved to none instead)."""
         on = self.deterministic or envs.BATCH_INVARIANT()
         if on and self.quantization == "int4":
             raise ValueError(

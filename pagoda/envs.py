@@ -128,9 +128,9 @@ INT4_MAX_ROWS: EnvVar[Optional[int]] = EnvVar(
     "PAGODA_INT4_MAX_ROWS",
     "int or unset",
     "unset (timed)",
-    "With --quantization int4: the most rows a step may have to run the 4-bit kernel (dense "
-    "GEMM above it; 0: never the 4-bit form); unset: timed on this CPU at load. Must be an "
-    "integer.",
+    "With --quantization int4, and for the int8 layers and output projection of a quantized "
+    "GGUF: the most rows a step may have to run the 4-bit (int8) kernel (dense GEMM above it; "
+    "0: never the quantized form); unset: timed on this CPU at load. Must be an integer.",
     _optional_int,
 )
 BATCH_INVARIANT: EnvVar[bool] = EnvVar(

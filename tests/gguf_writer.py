@@ -1,11 +1,14 @@
 """Write a Hugging Face checkpoint directory as a GGUF file the way llama.cpp's
-convert_hf_to_gguf.py does for the qwen3moe, phi3, gemma2 and gemma3 architectures: tensor
-names from gguf-py's TensorNameMap (llama.cpp's own table), its transforms (experts stacked per
-layer, Gemma's RMSNorm weights stored as 1 + w, Phi-3's LongRoPE factors as tensors), its
+convert_hf_to_gguf.py does for the llama, qwen3moe, phi3, gemma2 and gemma3 architectures: tensor
+names from gguf-py's TensorNameMap (llama.cpp's own table), its transforms (llama's Q/K rows
+interleaved for its RoPE, experts stacked per layer, Gemma's RMSNorm weights stored as 1 + w,
+Phi-3's LongRoPE factors as tensors), its
 metadata keys, and its choice of types (norms, 1-D tensors and the router in F32; the rest in
-the output type, F16 where a row does not fill whole quantization blocks).
+the output type, F16 where a row does not fill whole quantization blocks; or a type per tensor,
+as llama.cpp's quantize tool would have chosen, K-quants by pagoda.bench.write_kquant).
 
-Used by tests/unit/test_gguf_families.py and tests/model/test_gguf_families_e2e.py; written
+Used by tests/unit/test_gguf_families.py, tests/model/test_gguf_families_e2e.py and
+tests/model/test_gguf_kquant.py; written
 here from the converter's documented behaviour, no code of it copied."""
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -22,7 +25,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 # HF model_type -> llama.cpp architecture
-GGUF_ARCH = {"qwen3_moe": "qwen3moe", "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GGUF_ARCH = {"llama": "llama", "qwen3_moe": "qwen3moe", "phi3": "phi3", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
@@ -66,6 +69,15 @@ def _stack_experts(tensors: dict[str, torch.Tensor], fuse: bool) -> dict[str, to
 def _transform(model_type: str, config: dict[str, Any], tensors: dict[str, torch.Tensor],
                fuse_experts: bool) -> dict[str, torch.Tensor]:
     """The converter's modify_tensors / generate_extra_tensors, in HF names."""
+    if model_type == "llama":  # rotate-half pairs (i, i + D/2) interleaved as (2i, 2i + 1)
+        heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+        out = dict(tensors)
+        for name, t in tensors.items():
+            kind = name.split(".")[-2]
+            if kind in heads:
+                n = heads[kind]
+                out[name] = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+        return out
     if model_type == "qwen3_moe":
         return _stack_experts(tensors, fuse_experts)
     if model_type in ("gemma2", "gemma3_text"):
@@ -91,16 +103,22 @@ def _gguf_name(name: str, names: gguf.TensorNameMap) -> str:
     return mapped
 
 
-def _stored(gguf_name: str, t: torch.Tensor, out_type: Q) -> tuple[np.ndarray, Q]:
-    """The converter's type choice: F32 for 1-D tensors, norms and the router; else out_type,
-    or F16 where a row does not split into whole blocks."""
+def _stored(gguf_name: str, t: torch.Tensor, out_type: Q,
+            types: Callable[[str], Q] | None = None) -> tuple[np.ndarray, Q]:
+    """The converter's type choice: F32 for 1-D tensors, norms and the router; else out_type
+    (or ``types(gguf_name)``), or F16 where a row does not split into whole blocks."""
+    from pagoda.bench.write_kquant import quantize
+
     data = t.float().numpy()
     if data.ndim <= 1 or gguf_name.endswith("_norm.weight") or ".ffn_gate_inp." in gguf_name:
         return data, Q.F32
+    out_type = types(gguf_name) if types is not None else out_type
     if out_type == Q.F32:
         return data, Q.F32
     try:
-        return gguf.quants.quantize(data, out_type), out_type
+        if data.shape[-1] % gguf.GGML_QUANT_SIZES[out_type][0]:
+            raise gguf.QuantError
+        return quantize(data.reshape(-1, data.shape[-1]), out_type).reshape(*data.shape[:-1], -1), out_type
     except gguf.QuantError:
         return gguf.quants.quantize(data, Q.F16), Q.F16
 
@@ -130,7 +148,11 @@ def _metadata(w: gguf.GGUFWriter, model_type: str, config: dict[str, Any]) -> No
         return
     w.add_key_length(c["head_dim"])
     w.add_value_length(c["head_dim"])
-    if model_type == "qwen3_moe":
+    if model_type == "llama":  # LlamaModel: the vocabulary size and the rotary dims
+        w.add_rope_freq_base(rope["rope_theta"])
+        w.add_vocab_size(c["vocab_size"])
+        w.add_rope_dimension_count(c["head_dim"])
+    elif model_type == "qwen3_moe":
         w.add_rope_freq_base(rope["rope_theta"])
         w.add_expert_count(c.get("num_experts") or c["num_local_experts"])
         w.add_expert_used_count(c["num_experts_per_tok"])
@@ -171,10 +193,11 @@ def add_bpe_vocab(w: gguf.GGUFWriter, hf_dir: str) -> None:
             add(vocab[cfg[f"{role}_token"]])
 
 
-def write_gguf(hf_dir: str, path: str, out_type: Q = Q.F32,
-               fuse_experts: bool = False) -> dict[str, np.ndarray]:
-    """Convert ``hf_dir`` to ``path``. Returns what each stored tensor holds after the file's
-    rounding (GGUF name -> float32 array, the converter's transforms included)."""
+def write_gguf(hf_dir: str, path: str, out_type: Q = Q.F32, fuse_experts: bool = False,
+               types: Callable[[str], Q] | None = None) -> dict[str, np.ndarray]:
+    """Convert ``hf_dir`` to ``path`` (``types``: each matrix's type by GGUF name, instead of
+    ``out_type``). Returns what each stored tensor holds after the file's rounding (GGUF name
+    -> float32 array, the converter's transforms included)."""
     config, tensors = read_checkpoint(hf_dir)
     model_type = config["model_type"]
     arch = GGUF_ARCH[model_type]
@@ -187,7 +210,7 @@ def write_gguf(hf_dir: str, path: str, out_type: Q = Q.F32,
     stored = {}
     for name, t in _transform(model_type, config, tensors, fuse_experts).items():
         gname = _gguf_name(name, names)
-        data, qtype = _stored(gname, t, out_type)
+        data, qtype = _stored(gname, t, out_type, types)
         w.add_tensor(gname, data, raw_dtype=None if qtype == Q.F32 else qtype)
         stored[gname] = data if qtype == Q.F32 else gguf.quants.dequantize(data, qtype)
     w.write_header_to_file()

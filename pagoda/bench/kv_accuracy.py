@@ -1,12 +1,14 @@
-"""What a narrower KV cache or 4-bit weights cost in accuracy: perplexity on a fixed English
-text and greedy agreement with the model's own dtype.
+"""What a narrower KV cache or quantized weights cost in accuracy: perplexity on a fixed
+English text and greedy agreement with the model's own dtype.
 
-    python -m pagoda.bench.kv_accuracy --kv-cache-dtype auto fp8 [--quantization int4]
-                                       [--json kv.json]
+    python -m pagoda.bench.kv_accuracy --kv-cache-dtype auto fp8 [--quantization int4 auto]
+                                       [--model FILE.gguf] [--json kv.json]
 
-A ``--quantization`` mode runs with every step on its weights (``PAGODA_INT4_MAX_ROWS`` set
-above any step's rows), prompt chunks included: what is measured is the weights' cost, which
-serving pays only in the small decode steps that take them.
+The ``--kv-cache-dtype`` modes run the weights dequantized (``--quantization none``). A
+``--quantization`` mode (``int4``; ``auto``: a GGUF's matrices on the file's own codes) runs
+with every step on its weights (``PAGODA_INT4_MAX_ROWS`` set above any step's rows), prompt
+chunks included: what is measured is the weights' cost, which serving pays only in the small
+decode steps that take them.
 
 Perplexity is read from prompt logprobs over windows of ``--window`` tokens of the text
 (default the GPL-3 that Debian ships at /usr/share/common-licenses/GPL-3), prefilled in chunks
@@ -30,6 +32,7 @@ from typing import Any, Optional
 from pagoda.sampling import SamplingParams
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
+QUANTIZED_MODES = {"int4": "int4", "auto": "as-stored"}  # report names (kv modes: their dtype)
 
 
 def windows(ids: list[int], size: int) -> list[list[int]]:
@@ -100,7 +103,7 @@ def run(ns: argparse.Namespace) -> dict:
     modes = [(kv, "none") for kv in ns.kv_cache_dtype]
     modes += [("auto", q) for q in ns.quantization if q != "none"]
     for kv, quantization in modes:
-        mode = kv if quantization == "none" else quantization
+        mode = kv if quantization == "none" else QUANTIZED_MODES[quantization]
         llm = make_llm(ns, kv, quantization)
         ids = llm.engine.encode(Path(ns.text).read_text())
         rng = random.Random(ns.seed)
@@ -133,7 +136,7 @@ def run(ns: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kv-cache-dtype", nargs="+", default=["auto", "fp8"])
-    p.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int4"])
+    p.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int4", "auto"])
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--text", default=DEFAULT_TEXT)

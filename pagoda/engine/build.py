@@ -142,7 +142,7 @@ def _check_pooling_args(args: EngineArgs) -> None:
 # ----------------------------------------------------------------------- the encoders
 def _build_encoder_engine(args: EngineArgs, choice: RunnerChoice) -> LLMEngine:
     """An encoder-only pooling model (module docstring): no KV cache, no calibration."""
-    if args.quantization not in (None, "none"):
+    if args.quantization not in (None, "none", "auto"):  # auto: an encoder keeps none
         raise ValueError(f"--quantization {args.quantization}: not for encoder models")
     if args.load_format != "auto":
         raise ValueError(f"--load-format {args.load_format}: encoder models load their weights")
@@ -213,7 +213,8 @@ def _load(args: EngineArgs) -> tuple[ServedModel, PreparedModel]:
     kv_dtype = resolve_kv_cache_dtype(
         args.kv_cache_dtype, dtype, device, dtype_auto=args.dtype in (None, "auto")
     )
-    quantization = resolve_quantization(args.quantization, device, dtype)
+    deterministic = args.is_deterministic()
+    quantization = resolve_quantization(args.quantization, device, dtype, deterministic)
     loaded = load_model(
         args.model,
         dtype,
@@ -242,7 +243,8 @@ def _load(args: EngineArgs) -> tuple[ServedModel, PreparedModel]:
         quantization,
         context_len=max_model_len,  # picks LongRoPE's factors (Phi-3)
         lora=args.lora_config(),
-        deterministic=args.is_deterministic(),
+        deterministic=deterministic,
+        quantized=loaded.quantized,
     )
     served = ServedModel(
         loaded.name,
@@ -253,7 +255,7 @@ def _load(args: EngineArgs) -> tuple[ServedModel, PreparedModel]:
         device,
         dtype,
         kv_dtype,
-        quantization,
+        prepared.quantization,
     )
     return served, prepared
 

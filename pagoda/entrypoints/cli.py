@@ -79,11 +79,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--quantization",
-        default="none",
-        choices=["none", "int4"],
-        help="int4 (CPU): linear layers also keep 4-bit weights (groups of 32, a "
-        "GGUF Q4_0/Q4_1 file's own codes), used by steps of at most a few rows, "
-        "a limit timed at start (docs/models.md)",
+        default="auto",
+        choices=["auto", "none", "int4"],
+        help="auto (CPU): a GGUF's quantized matrices run as the file stores them (4-bit "
+        "ones on the 4-bit kernel, Q5/Q6/Q8 ones on the int8 one), for steps of at most a "
+        "few rows, a limit timed at start; other checkpoints, and --deterministic: none | "
+        "none: every weight dequantized to --dtype | int4 (CPU): linear layers also keep "
+        "4-bit weights (groups of 32: a GGUF Q4_* file's own codes, else re-rounded) "
+        "(docs/models.md)",
     )
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     g.add_argument("--block-size", type=int, default=d.block_size)

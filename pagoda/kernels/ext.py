@@ -11,6 +11,8 @@ Its sources (``kernels/csrc/``), one module between them:
   structured-outputs mask (``worker/sampler.py``);
 - ``invariant_gemm.cpp``: the batch-invariant bf16 linear of ``--deterministic``
   (``models/batch_invariant.py``);
+- ``int8_gemm.cpp``: the weight-only int8 linear of quantized GGUF tensors, a scale (and an
+  offset) per group of inputs (``kernels/cpu_int8.py``, ``models/cpu_int8.py``);
 - ``suffix_trie.cpp``: the suffix trie of speculative decoding (``engine/spec_timing.py``);
 - ``lora_sgmv.cpp``: the grouped LoRA delta of a mixed batch, Punica's SGMV shrink / expand
   (``kernels/cpu_lora.py``);
@@ -62,6 +64,7 @@ _SOURCES = (
     _CSRC / "suffix_trie.cpp",
     _CSRC / "lora_sgmv.cpp",
     _CSRC / "invariant_gemm.cpp",
+    _CSRC / "int8_gemm.cpp",
 )
 # Not compiled on their own, but part of the build's hash.
 _HEADERS = (_CSRC / "bf16.h", _CSRC / "fp8.h")

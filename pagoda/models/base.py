@@ -16,6 +16,7 @@ from typing import (
     Callable,
     Iterable,
     Iterator,
+    Mapping,
     Optional,
     Protocol,
     Sequence,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from pagoda.models.config import ModelArch
     from pagoda.models.encoder_config import EncoderArch
     from pagoda.models.ops import DecoderOps
+    from pagoda.models.quantized import QuantizedTensor
 
 
 class Rope(Protocol):
@@ -43,6 +45,8 @@ class Modules(Protocol):
     """What walks a model's layers (quantization, packing) needs of nn.Module."""
 
     def modules(self) -> Iterator[nn.Module]: ...
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]: ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
@@ -73,6 +77,10 @@ class CausalLM(Modules, Protocol):
     def cuda_graph_safe(self) -> bool: ...
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def quantized_linears(
+        self, tensors: Mapping[str, QuantizedTensor]
+    ) -> dict[str, QuantizedTensor]: ...
 
     def build_rope(self, device: torch.device) -> None: ...
 

@@ -11,10 +11,12 @@ both forms and a step takes the 4-bit one only when it has at most ``max_rows`` 
 number timed when the model is prepared on this machine (as cpu_linear times weight
 packing). Prefill chunks and large decode batches run the dense weights unchanged.
 
-The codes are made from the loaded weights by rounding each group to 16 levels between its
-minimum and maximum. For a GGUF Q4_0/Q4_1 tensor (the bundled model) that recovers the file's
-own codes and scales, so the 4-bit form computes what the file stores; for a bf16 or fp32
-checkpoint it is a real 4-bit rounding with a cost in accuracy (docs/benchmarks.md measures it).
+A GGUF matrix stored with 4-bit codes in groups of 32 (Q4_0, Q4_1, Q4_K: the bundled model's)
+brings its own codes, scales and offsets (``Int4Weight.from_quantized``), so the 4-bit form
+computes what the file stores. Other weights are rounded here, each group to 16 levels
+between its minimum and maximum: for a bf16 or fp32 checkpoint a real 4-bit rounding with a
+cost in accuracy (docs/benchmarks.md measures it); for a Q4_0/Q4_1 matrix it would recover the
+file's codes, for a Q4_K one (whose groups need not span all 16 levels) it would not.
 
 Invariant: an ``Int4Linear`` of at most ``max_rows`` rows computes ``x @ dequantize(W).T``
 (fp32 sums, the model's dtype out); above that, exactly what the dense layer computes.
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +41,11 @@ from torch import nn
 from pagoda import envs
 from pagoda.models.base import ExpertLayer, Modules
 from pagoda.models.cpu_linear import best_seconds
+from pagoda.models.quantized import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "int4")
+QUANTIZATIONS = ("auto", "none", "int4")
 GROUP = 32  # weights per scale/zero pair (llama.cpp's Q4_0/Q4_1 block)
 LEVELS = 15  # codes 0..15
 MAX_ROWS_ENV = envs.INT4_MAX_ROWS.name
@@ -52,13 +55,22 @@ MIN_SPEEDUP = 1.1  # the 4-bit form must beat the dense one by this at a row cou
 
 
 def resolve_quantization(
-    name: Optional[str], device: torch.device, dtype: torch.dtype
+    name: Optional[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    deterministic: bool = False,
 ) -> Optional[str]:
-    """--quantization: None/"none" for the checkpoint's weights as loaded, or "int4"."""
+    """--quantization: None/"none" for the checkpoint's weights as loaded (dequantized), "auto"
+    for a GGUF's quantized matrices run as the file stores them (on the CPU with bf16 or fp32
+    weights, not under ``deterministic``: else it is "none"; a checkpoint without quantized
+    matrices has nothing to keep), or "int4"."""
     if name in (None, "none"):
         return None
     if name not in QUANTIZATIONS:
         raise ValueError(f"unsupported quantization {name!r}; choose from {list(QUANTIZATIONS)}")
+    if name == "auto":
+        runs = device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+        return "auto" if runs and not deterministic else None
     if device.type != "cpu":
         raise ValueError(f"quantization {name!r} is CPU-only for now (device {device})")
     if dtype not in (torch.bfloat16, torch.float32):
@@ -99,21 +111,51 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 
 
 class Int4Weight(nn.Module):
-    """A weight in the layout of ``_weight_int4pack_mm_for_cpu``, for inputs of ``dtype``."""
+    """A weight in the layout of ``_weight_int4pack_mm_for_cpu``, for inputs of ``dtype``:
+    codes (N, K) in [0, 15] with ``w = (q - 8) * scale + zero`` per group of ``GROUP``."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(
+        self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype
+    ) -> None:
         super().__init__()
-        codes, scale, zero = quantize(weight)
-        self.group = weight.shape[1] // scale.shape[1]
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.group = codes.shape[1] // scale.shape[1]
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         # (K // group, N, 2): the kernel's scale-and-zero layout, in the input's dtype.
         self.scale_zeros = torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous()
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, dtype: torch.dtype) -> Int4Weight:
+        """``weight`` rounded to 16 levels between each group's minimum and maximum."""
+        return cls(*quantize(weight), dtype)
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedTensor, dtype: torch.dtype) -> Int4Weight:
+        """A file's own 4-bit codes in groups of ``GROUP`` (Q4_0, Q4_1, Q4_K), not rounded
+        again: ``scale * c + offset = (q - 8) * scale + zero`` with ``q = c + shift`` and
+        ``zero = offset + (8 - shift) * scale``, ``shift`` 8 for a group of signed codes
+        (Q4_0's ``c = q - 8``), else 0."""
+        if q.bits != 4 or q.group != GROUP:
+            raise ValueError(f"int4: {q.source} codes of {q.bits} bits in groups of {q.group}")
+        n, k = q.shape
+        codes = q.codes.view(n, k // GROUP, GROUP).to(torch.int32)
+        shift = torch.where(codes.amin(-1) < 0, 8, 0)  # (N, groups)
+        codes = codes + shift[..., None]
+        if codes.min() < 0 or codes.max() > LEVELS:
+            raise ValueError(f"int4: {q.source} codes outside a 4-bit range")
+        offset = torch.zeros_like(q.scale) if q.offset is None else q.offset
+        zero = offset + (8 - shift) * q.scale
+        return cls(codes.view(n, k), q.scale, zero, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (T, K) -> (T, N); the kernel takes only contiguous rows."""
         return torch._weight_int4pack_mm_for_cpu(
             x.contiguous(), self.packed, self.group, self.scale_zeros
         )
+
+
+def runs_as_int4(q: QuantizedTensor) -> bool:
+    """Whether a file's codes fit the 4-bit kernel as they are (4 bits, groups of GROUP)."""
+    return q.bits == 4 and q.group == GROUP
 
 
 class Int4Route:
@@ -130,9 +172,21 @@ class Int4Linear(nn.Module):
     of at most ``max_rows`` rows (0 until :func:`choose_max_rows` sets it), counted by
     ``route``."""
 
-    def __init__(self, dense: nn.Linear, route: Optional[Int4Route] = None) -> None:
+    def __init__(
+        self,
+        dense: nn.Linear,
+        route: Optional[Int4Route] = None,
+        stored: Optional[QuantizedTensor] = None,
+    ) -> None:
+        """``stored``: the checkpoint's own 4-bit codes of the weight (runs_as_int4), else
+        the dense weight is rounded to 4 bits here."""
         super().__init__()
-        self.int4 = Int4Weight(dense.weight, dense.weight.dtype)
+        dtype = dense.weight.dtype
+        self.int4 = (
+            Int4Weight.from_dense(dense.weight, dtype)
+            if stored is None
+            else Int4Weight.from_quantized(stored, dtype)
+        )
         self.dense = dense  # cpu_linear.pack_model may replace it by a packed layer
         self.bias = None if dense.bias is None else dense.bias.detach()
         self.in_features, self.out_features = dense.in_features, dense.out_features
@@ -148,20 +202,28 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def attach_int4(model: Modules, route: Optional[Int4Route] = None) -> list[Int4Linear]:
+def attach_int4(
+    model: Modules,
+    route: Optional[Int4Route] = None,
+    stored: Optional[Mapping[str, QuantizedTensor]] = None,
+) -> list[Int4Linear]:
     """Wrap every ``nn.Linear`` of the model in an ``Int4Linear`` routed by ``route``
     (before weight packing, which then packs each one's dense form), but the output
     projection and layers whose input width is not a multiple of ``GROUP`` (they stay
-    dense). MoE experts loaded dense are converted to their 4-bit form only (the loader
-    quantizes them as they load when it is told); they hold no dense form to switch to."""
+    dense). A layer whose checkpoint codes ``stored`` holds (by module name) in a 4-bit
+    form runs those; the others are rounded to 4 bits. MoE experts loaded dense are
+    converted to their 4-bit form only (the loader quantizes them as they load when it is
+    told); they hold no dense form to switch to."""
     for module in model.modules():
         if isinstance(module, ExpertLayer):
             module.quantize_experts()
+    stored = stored or {}
     wrapped = []
-    for parent in list(model.modules()):
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and name != "lm_head" and child.in_features % GROUP == 0:
-                layer = Int4Linear(child, route)
+                q = stored.get(f"{path}.{name}" if path else name)
+                layer = Int4Linear(child, route, q if q is not None and runs_as_int4(q) else None)
                 setattr(parent, name, layer)
                 wrapped.append(layer)
     return wrapped

@@ -4,23 +4,33 @@ Hugging Face style config and weights.
 Parses the GGUF container itself, dequantizes ggml block formats with vectorized numpy, undoes
 what llama.cpp's converter did to the tensors (the llama Q/K row permutation, Gemma's 1 + w
 norm weights, experts stacked per layer), rebuilds the HF config from the metadata as llama.cpp
-reads it, and builds a fast tokenizer from the GGUF vocabulary.
+reads it, and builds a fast tokenizer from the GGUF vocabulary. Asked to (``codes``), it also
+keeps each matrix stored in a format with codes as the file stores it (gguf_codes.py), for
+``--quantization auto`` to run.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import gguf
 import numpy as np
 import torch
 
+from pagoda.models.gguf_codes import (
+    CODE_TYPES,
+    dequantize_blocks,
+    fp16_field,
+    quantized_tensor,
+)
+from pagoda.models.quantized import QuantizedTensor
 from pagoda.utils import cdiv
 
 if TYPE_CHECKING:
@@ -39,6 +49,9 @@ class GGUFCheckpoint:
     tensors: dict[str, torch.Tensor]
     chat_template: str | None
     path: str
+    # With ``codes``: each matrix the file stores in a format with codes (gguf_codes.py), as
+    # stored, by HF name, its rows in the order of ``tensors`` (MoE experts excluded).
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- container parsing
@@ -167,22 +180,6 @@ def _qtype(type_id: int, tensor: str) -> Q:
 # --------------------------------------------------------------------------- dequantization
 
 
-def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
-    """fp16 field at byte `start` of every block, as float32 of shape (n, 1)."""
-    return blocks[:, start : start + 2].copy().view(np.float16).astype(np.float32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """Low nibbles then high nibbles of each block's packed bytes (ggml Q4/Q5 order)."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def _bits(packed: np.ndarray, n: int) -> np.ndarray:
-    """Bit i of a little-endian bit field, for i < n; shape (blocks, n)."""
-    words = packed.copy().view("<u4")
-    return ((words >> np.arange(n, dtype=np.uint32)) & 1).astype(np.uint8)
-
-
 def _deq_f32(b: np.ndarray) -> np.ndarray:
     return b.view(np.float32).copy()
 
@@ -195,55 +192,6 @@ def _deq_bf16(b: np.ndarray) -> np.ndarray:
     return (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def _deq_q8_0(b: np.ndarray) -> np.ndarray:
-    return _f16(b, 0) * b[:, 2:].view(np.int8)
-
-
-def _deq_q4_0(b: np.ndarray) -> np.ndarray:
-    return _f16(b, 0) * (_nibbles(b[:, 2:]).astype(np.int8) - np.int8(8))
-
-
-def _deq_q4_1(b: np.ndarray) -> np.ndarray:
-    return _f16(b, 0) * _nibbles(b[:, 4:]) + _f16(b, 2)
-
-
-def _deq_q5_0(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 6:]) | (_bits(b[:, 2:6], 32) << 4)
-    return _f16(b, 0) * (q.astype(np.int8) - np.int8(16))
-
-
-def _deq_q5_1(b: np.ndarray) -> np.ndarray:
-    q = _nibbles(b[:, 8:]) | (_bits(b[:, 4:8], 32) << 4)
-    return _f16(b, 0) * q + _f16(b, 2)
-
-
-def _k_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The eight 6-bit (scale, min) pairs packed into 12 bytes (Q4_K / Q5_K)."""
-    s0, s1, s2 = s[:, 0:4], s[:, 4:8], s[:, 8:12]
-    sc = np.concatenate([s0 & 63, (s2 & 0x0F) | ((s0 >> 6) << 4)], axis=1)
-    mn = np.concatenate([s1 & 63, (s2 >> 4) | ((s1 >> 6) << 4)], axis=1)
-    return sc.astype(np.float32), mn.astype(np.float32)
-
-
-def _k_affine(b: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """d*scale*q - dmin*min over eight 32-wide sub-blocks; q has shape (n, 8, 32)."""
-    sc, mn = _k_scale_min(b[:, 4:16])
-    return (_f16(b, 0) * sc)[:, :, None] * q - (_f16(b, 2) * mn)[:, :, None]
-
-
-def _deq_q4_k(b: np.ndarray) -> np.ndarray:
-    qs = b[:, 16:144].reshape(-1, 4, 1, 32)
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
-    return _k_affine(b, q)
-
-
-def _deq_q5_k(b: np.ndarray) -> np.ndarray:
-    qs = b[:, 48:176].reshape(-1, 4, 1, 32)
-    low = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
-    high = (b[:, None, 16:48] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
-    return _k_affine(b, low | (high << 4))
-
-
 def _crumbs(qs: np.ndarray) -> np.ndarray:
     """2-bit fields of 2x32 packed bytes in ggml's K-quant order; shape (n, 16, 16)."""
     shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]
@@ -252,8 +200,8 @@ def _crumbs(qs: np.ndarray) -> np.ndarray:
 
 def _deq_q2_k(b: np.ndarray) -> np.ndarray:
     sc = b[:, 0:16]
-    dl = _f16(b, 80) * (sc & 0x0F).astype(np.float32)
-    ml = _f16(b, 82) * (sc >> 4).astype(np.float32)
+    dl = fp16_field(b, 80) * (sc & 0x0F).astype(np.float32)
+    ml = fp16_field(b, 82) * (sc >> 4).astype(np.float32)
     return dl[:, :, None] * _crumbs(b[:, 16:80]) - ml[:, :, None]
 
 
@@ -266,36 +214,20 @@ def _q3_k_scales(s: np.ndarray) -> np.ndarray:
 
 
 def _deq_q3_k(b: np.ndarray) -> np.ndarray:
-    dl = _f16(b, 108) * _q3_k_scales(b[:, 96:108])
+    dl = fp16_field(b, 108) * _q3_k_scales(b[:, 96:108])
     hbit = (b[:, None, 0:32] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
     q = _crumbs(b[:, 32:96]).astype(np.int8) - (4 * (1 - hbit)).astype(np.int8).reshape(-1, 16, 16)
     return dl[:, :, None] * q
-
-
-def _deq_q6_k(b: np.ndarray) -> np.ndarray:
-    ql = b[:, 0:128].reshape(-1, 2, 1, 64)
-    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2).reshape(-1, 2, 4, 32)
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8)[None, None, :, None]
-    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 3
-    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
-    dl = _f16(b, 208) * b[:, 192:208].view(np.int8)
-    return dl[:, :, None] * q.reshape(-1, 16, 16)
 
 
 _DEQUANT: dict[Q, Callable[[np.ndarray], np.ndarray]] = {
     Q.F32: _deq_f32,
     Q.F16: _deq_f16,
     Q.BF16: _deq_bf16,
-    Q.Q8_0: _deq_q8_0,
-    Q.Q4_0: _deq_q4_0,
-    Q.Q4_1: _deq_q4_1,
-    Q.Q5_0: _deq_q5_0,
-    Q.Q5_1: _deq_q5_1,
     Q.Q2_K: _deq_q2_k,
     Q.Q3_K: _deq_q3_k,
-    Q.Q4_K: _deq_q4_k,
-    Q.Q5_K: _deq_q5_k,
-    Q.Q6_K: _deq_q6_k,
+    # The formats with codes: their scale * code + offset (gguf_codes.py).
+    **{qtype: functools.partial(dequantize_blocks, qtype=qtype) for qtype in CODE_TYPES},
 }
 SUPPORTED_QTYPES: frozenset[Q] = frozenset(_DEQUANT)
 
@@ -733,26 +665,47 @@ def _fix_layout(name: str, w: torch.Tensor, config: dict, spec: _Arch) -> torch.
     GGUFs are not permuted), Gemma's +1 on every RMSNorm weight."""
     if spec.norm_offset and name.endswith("norm.weight"):
         return w - spec.norm_offset
+    heads = _permuted_heads(name, config, spec)
+    return w if heads is None else unpermute_rows(w, heads)
+
+
+def _permuted_heads(name: str, config: dict, spec: _Arch) -> int | None:
+    """The heads over which llama.cpp's converter permuted this tensor's rows (None: not)."""
     if not spec.permuted_qk:
-        return w
+        return None
     if ".self_attn.q_proj." in name:
-        return unpermute_rows(w, config["num_attention_heads"])
+        return int(config["num_attention_heads"])
     if ".self_attn.k_proj." in name:
-        return unpermute_rows(w, config["num_key_value_heads"])
-    return w
+        return int(config["num_key_value_heads"])
+    return None
+
+
+def _read_codes(
+    g: _GGUFFile, info: _TensorInfo, name: str, config: dict, spec: _Arch
+) -> QuantizedTensor | None:
+    """The matrix as the file stores it, rows unpermuted as :func:`_fix_layout` does (None
+    where its type has no codes, or it is not a matrix)."""
+    qtype = _qtype(info.ggml_type, info.name)
+    if qtype not in CODE_TYPES or len(info.shape) != 2:
+        return None
+    q = quantized_tensor(g.raw(info), qtype, info.shape)
+    heads = _permuted_heads(name, config, spec)
+    return q if heads is None else q.rows(unpermute_rows(torch.arange(q.shape[0]), heads))
 
 
 # Small tensors the config is built from (read before the others).
 _CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
-    """Read a GGUF file into an HF config and HF-named tensors of `dtype`, one tensor at a time."""
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, codes: bool = False) -> GGUFCheckpoint:
+    """Read a GGUF file into an HF config and HF-named tensors of `dtype`, one tensor at a time;
+    with ``codes``, also each quantized matrix as the file stores it (``quantized``)."""
     g = _GGUFFile(path)
     arch, spec = _arch_of(g.fields)
     small = {t.name: _read_tensor(g, t).numpy() for t in g.tensors if t.name in _CONFIG_TENSORS}
     config = _build_config(g, small)
     tensors: dict[str, torch.Tensor] = {}
+    quantized: dict[str, QuantizedTensor] = {}
     for info in g.tensors:
         if spec.experts and _EXPERTS_RE.fullmatch(info.name):
             w = _read_tensor(g, info)
@@ -762,7 +715,11 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> GGUFCheckpoint:
         if name is not None:
             w = _fix_layout(name, _read_tensor(g, info), config, spec)
             tensors[name] = w if dtype == torch.float32 else w.to(dtype)
-    return GGUFCheckpoint(config, tensors, g.fields.get("tokenizer.chat_template"), path)
+            q = _read_codes(g, info, name, config, spec) if codes else None
+            if q is not None:
+                quantized[name] = q
+    template = g.fields.get("tokenizer.chat_template")
+    return GGUFCheckpoint(config, tensors, template, path, quantized)
 
 
 # --------------------------------------------------------------------------- tokenizer

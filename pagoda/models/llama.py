@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterable, Optional, Union, cast
+from typing import Iterable, Mapping, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from pagoda.attention.metadata import AttentionMetadata
 from pagoda.models import moe, ops
 from pagoda.models.config import ModelArch
 from pagoda.models.ops import DecoderOps
+from pagoda.models.quantized import QuantizedTensor, concat_rows
 
 
 class RMSNorm(nn.Module):
@@ -398,17 +399,50 @@ class LlamaForCausalLM(nn.Module):
     def _permute_partial_rotary(self) -> None:
         """Lay out each q and k head's dims for the full-width RoPE table
         (``partial_rotary_order``): the rows of the q and k projections, permuted alike."""
-        arch = self.arch
-        order = partial_rotary_order(arch.head_dim, arch.rotary_dim)
+        rows = self._qkv_rotary_rows()
         for layer in self.layers:
             attn = cast(DecoderLayer, layer).self_attn
             for param in (attn.qkv_proj.weight, attn.qkv_proj.bias):
-                if param is None:
-                    continue
-                q, k, _ = param.data.split([attn.q_size, attn.kv_size, attn.kv_size])
-                for part, heads in ((q, arch.num_heads), (k, arch.num_kv_heads)):
-                    by_head = part.view(heads, arch.head_dim, *part.shape[1:])
-                    by_head.copy_(by_head[:, order])
+                if param is not None:
+                    param.data.copy_(param.data[rows])
+
+    def _qkv_rotary_rows(self) -> torch.Tensor:
+        """The qkv projection's rows in the order ``_permute_partial_rotary`` lays them."""
+        arch = self.arch
+        order = partial_rotary_order(arch.head_dim, arch.rotary_dim)
+        q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+        rows = torch.arange(q_size + 2 * kv_size)
+        q, k, _ = rows.split([q_size, kv_size, kv_size])
+        for part, heads in ((q, arch.num_heads), (k, arch.num_kv_heads)):
+            by_head = part.view(heads, arch.head_dim)
+            by_head.copy_(by_head[:, order])
+        return rows
+
+    def quantized_linears(
+        self, tensors: Mapping[str, QuantizedTensor]
+    ) -> dict[str, QuantizedTensor]:
+        """A file's quantized matrices (HF names) keyed by the module whose weight they are
+        (``layers.0.self_attn.qkv_proj``, ``embed_tokens``), in that weight's layout: a fused
+        module's shards concatenated in order (only when the file quantized all of them), the
+        partial-rotary row order applied. Expert matrices are left out."""
+        shards: dict[str, dict[int, QuantizedTensor]] = {}
+        for name, q in tensors.items():
+            target = self._param_name(name)
+            if target is None or moe.expert_param_name(_strip_prefix(name)) is not None:
+                continue
+            param, shard = target
+            if param.endswith(".weight"):
+                shards.setdefault(param.removesuffix(".weight"), {})[shard or 0] = q
+        out = {}
+        for module, parts in shards.items():
+            fused = module.rpartition(".")[2]
+            count = sum(f == fused for f, _ in _FUSED.values()) or 1
+            if sorted(parts) == list(range(count)):
+                out[module] = concat_rows([parts[i] for i in range(count)])
+        if self.arch.rotary_dim != self.arch.head_dim:
+            rows = self._qkv_rotary_rows()
+            out = {m: q.rows(rows) if m.endswith("qkv_proj") else q for m, q in out.items()}
+        return out
 
     def set_context_len(self, context_len: int) -> None:
         """The engine's ``max_model_len``, which chooses LongRoPE's factors (RotaryEmbedding)."""

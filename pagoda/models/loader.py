@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, cast
 
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from pagoda.models.base import CausalLM, CausalLMClass, ExpertLayer
 from pagoda.models.config import ModelArch
 from pagoda.models.hub import SAFETENSORS_INDEX, parse_hub_id, resolve_model
+from pagoda.models.quantized import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer
     chat_template: Optional[str]
     name: str
+    # A GGUF's quantized matrices as stored (HF names), read under --quantization auto / int4.
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
 
 
 def default_model_path() -> str:
@@ -195,7 +198,9 @@ def load_model(
     GGUF repo or directory). ``"dummy"``: random weights (seeded by ``seed``) of
     ``model_preset``'s shapes, or of ``path``'s config.json; no checkpoint file is read.
     ``quantization="int4"``: MoE experts are quantized as they load and held only in 4-bit
-    form (models/moe.py); ``prepare.py`` quantizes the rest."""
+    form (models/moe.py); ``prepare.py`` quantizes the rest. ``"auto"`` or ``"int4"``: a
+    GGUF's quantized matrices are also kept as the file stores them (``quantized``), for
+    ``prepare.py`` to run."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     if load_format == "dummy":
@@ -208,8 +213,10 @@ def load_model(
         )
     source = resolve_model(path or default_model_path(), gguf_file)
     path = source.path
+    quantized: dict[str, QuantizedTensor] = {}
     if path.endswith(".gguf"):
-        config, weights, tokenizer, template = _read_gguf(path)
+        codes = quantization in ("auto", "int4")
+        config, weights, tokenizer, template, quantized = _read_gguf(path, codes)
     elif os.path.isdir(path):
         config, weights, tokenizer, template = _read_hf_dir(path)
     else:
@@ -221,7 +228,7 @@ def load_model(
     arch = ModelArch(**{**arch.__dict__, "eos_token_ids": eos})
     model.arch = arch
     logger.info("loaded %s (%s, %d layers) in %s", path, arch.model_type, arch.num_layers, dtype)
-    return LoadedModel(model, arch, tokenizer, template, source.name)
+    return LoadedModel(model, arch, tokenizer, template, source.name, quantized)
 
 
 def model_class(arch: ModelArch) -> CausalLMClass:
@@ -411,9 +418,14 @@ def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _read_gguf(path: str) -> tuple[dict, Iterator[tuple[str, torch.Tensor]], Any, Optional[str]]:
+def _read_gguf(
+    path: str, codes: bool = False
+) -> tuple[
+    dict, Iterator[tuple[str, torch.Tensor]], Any, Optional[str], dict[str, QuantizedTensor]
+]:
     from pagoda.models.gguf_loader import load_gguf, load_gguf_tokenizer
 
-    ckpt = load_gguf(path)
+    ckpt = load_gguf(path, codes=codes)
     tokenizer = load_gguf_tokenizer(path)
-    return ckpt.config, iter(ckpt.tensors.items()), tokenizer, ckpt.chat_template
+    weights = iter(ckpt.tensors.items())
+    return ckpt.config, weights, tokenizer, ckpt.chat_template, ckpt.quantized

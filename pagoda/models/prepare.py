@@ -4,12 +4,15 @@ weights and its ops, in that order.
 The loader gives a model with its weights and the reference ops. :func:`prepare_model` then
 
 1. sets the context length the engine serves (LongRoPE picks its factors from it: Phi-3);
-2. under ``--quantization int4``, wraps the linear layers in their 4-bit form beside the dense
-   one, and converts MoE experts loaded dense to 4-bit only (``cpu_int4.py``);
+2. under ``--quantization auto``, gives each linear layer whose GGUF tensor has codes a form
+   on those codes beside the dense one (``file_quant.py``); under ``--quantization int4``,
+   wraps the linear layers in their 4-bit form beside the dense one (a GGUF's own 4-bit
+   codes where it has them), and converts MoE experts loaded dense to 4-bit only
+   (``cpu_int4.py``);
 3. on the CPU, packs the dense weights for the GEMM where that is faster (``cpu_linear.py``),
    the output projection included;
-4. times up to how many rows the 4-bit form is faster than the dense (packed) one, and drops
-   the 4-bit copies where it never is;
+4. times up to how many rows the quantized forms are faster than the dense (packed) one, and
+   drops the copies where they never are;
 5. under ``--deterministic``, gives every linear (the output projection too) its
    batch-invariant form (``batch_invariant.py``): bf16 layers on pagoda's own kernel (left
    unpacked for oneDNN, which it does not use), others in fixed row tiles over packed weights;
@@ -27,15 +30,16 @@ changes a model's weights or ops after this (adapters fill the slots, never the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
 from pagoda.config import LoRAConfig
 from pagoda.lora.layers import attach_lora
 from pagoda.lora.slots import LoRASlots, adapter_reader
-from pagoda.models import batch_invariant, cpu_int4, cpu_linear
+from pagoda.models import batch_invariant, cpu_int4, cpu_int8, cpu_linear, file_quant
 from pagoda.models.base import CausalLM
+from pagoda.models.quantized import QuantizedTensor
 
 
 @dataclass
@@ -50,6 +54,10 @@ class PreparedModel:
     int4_max_rows: int  # the 4-bit form runs steps of at most this many rows (0: never)
     lora: Optional[LoRASlots] = None  # the adapter slots (--enable-lora)
     deterministic: bool = False  # batch-invariant kernels (--deterministic)
+    # What the weights run on: "int4", "auto" (a file's codes), or None (auto where no layer
+    # kept a quantized form: a checkpoint without codes, or never faster here).
+    quantization: Optional[str] = None
+    int8_max_rows: int = 0  # the int8 forms (auto) run steps of at most this many rows
 
 
 def prepare_model(
@@ -61,23 +69,35 @@ def prepare_model(
     context_len: Optional[int] = None,
     lora: Optional[LoRAConfig] = None,
     deterministic: bool = False,
+    quantized: Optional[Mapping[str, QuantizedTensor]] = None,
 ) -> PreparedModel:
     """Ready ``model`` (weights of ``dtype`` on ``device``) for a KV cache of ``kv_dtype``
     (default: ``dtype``) and, when given, a served context of ``context_len`` tokens.
-    ``deterministic``: batch-invariant kernels (the CPU only; raises ValueError elsewhere)."""
+    ``deterministic``: batch-invariant kernels (the CPU only; raises ValueError elsewhere).
+    ``quantized``: the checkpoint's matrices as a GGUF stores them (HF names), run under
+    ``quantization`` "auto" (and their 4-bit codes under "int4")."""
     if deterministic and device.type != "cpu":
         raise ValueError("--deterministic runs on the CPU only (its kernels are the CPU's)")
     if context_len is not None:
         model.set_context_len(context_len)
     route = cpu_int4.Int4Route()
-    int4_layers = cpu_int4.attach_int4(model, route) if quantization == "int4" else []
+    stored = model.quantized_linears(quantized or {}) if quantization else {}
+    quantized_layers = file_quant.StoredLayers()
+    if quantization == "int4":
+        quantized_layers.int4 = cpu_int4.attach_int4(model, route, stored)
+    elif quantization == "auto":
+        quantized_layers = file_quant.attach_stored(model, route, stored)
     own_kernel = deterministic and batch_invariant.kernel_takes(dtype, 2)
     if device.type == "cpu" and not own_kernel:
         model.packed_head = cpu_linear.pack_model(model, model.output_weight, deterministic)
-    max_rows = cpu_int4.choose_max_rows(int4_layers, dtype)
+    max_rows = cpu_int4.choose_max_rows(quantized_layers.int4, dtype)
     cpu_int4.choose_expert_max_rows(cpu_int4.int4_experts(model), dtype)
-    if int4_layers and not max_rows:  # never faster here: drop the copies
-        cpu_int4.detach_int4(model)
+    int8_rows = cpu_int8.choose_int8_max_rows(quantized_layers.int8, dtype)
+    stored_head = file_quant.output_tensor(model, stored) if quantization == "auto" else None
+    if stored_head is not None:
+        installed = cpu_int8.install_int8_head(model, stored_head, route)
+        int8_rows = max(int8_rows, installed.max_rows if installed is not None else 0)
+    file_quant.drop_unused(model)  # never faster here: the copies dropped
     if deterministic:
         head = model.packed_head or batch_invariant.PlainHead(model.output_weight)
         model.packed_head = batch_invariant.invariant_linears(model, head, model.output_weight)
@@ -88,4 +108,7 @@ def prepare_model(
         slots = LoRASlots(layers, batch, lora.max_loras, lora.host_loras, read)
     model.bind_ops(device, dtype, kv_dtype or dtype, deterministic)
     kv = kv_dtype or dtype
-    return PreparedModel(model, device, dtype, kv, route, max_rows, slots, deterministic)
+    runs = quantization if max_rows or int8_rows or quantization == "int4" else None
+    return PreparedModel(
+        model, device, dtype, kv, route, max_rows, slots, deterministic, runs, int8_rows
+    )

@@ -52,3 +52,28 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
     if q.offset is not None:
         w = w + q.offset[..., None]
     return w.view(n, k)
+
+
+def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """The matrices of ``parts`` stacked by rows (a fused projection's shards), in the
+    smallest group of theirs (a group's scale repeated over the smaller groups it spans), with
+    zero offsets for parts without one: ``dequantize`` of the result is theirs, stacked."""
+    if len(parts) == 1:
+        return parts[0]
+    group = min(p.group for p in parts)
+    if any(p.group % group for p in parts):
+        raise ValueError(f"cannot stack groups of {sorted({p.group for p in parts})}")
+
+    def spread(t: torch.Tensor, p: QuantizedTensor) -> torch.Tensor:
+        return t.repeat_interleave(p.group // group, dim=1)
+
+    scale = torch.cat([spread(p.scale, p) for p in parts])
+    offset = None
+    if any(p.offset is not None for p in parts):
+        offsets = [
+            p.scale.new_zeros(p.scale.shape) if p.offset is None else p.offset for p in parts
+        ]
+        offset = torch.cat([spread(o, p) for o, p in zip(offsets, parts, strict=True)])
+    codes = torch.cat([p.codes for p in parts])
+    source = "+".join(dict.fromkeys(p.source for p in parts))
+    return QuantizedTensor(codes, scale, offset, group, max(p.bits for p in parts), source)

@@ -128,12 +128,12 @@ class HostInputs:
     order: tuple[list[str], list[str], list[str]] = ([], [], [])
 
 
-def rows_without_drafts(host: HostInputs) -> Optional[int]:
-    """The rows the step would have without its drafts (None: it has none), which pick the
-    weights of ``--quantization int4`` (models/cpu_int4.py): a verified row runs on what
-    its decode row would have run on."""
-    if not host.drafts:
-        return None
+def rows_without_drafts(host: HostInputs) -> int:
+    """The rows the step would have without its drafts, which pick the weights of the
+    quantized forms (``--quantization int4``, models/cpu_int4.py; int8 layers and output
+    projection, models/cpu_int8.py): a verified row runs on what its decode row would have
+    run on. Set for every step, so the output projection, whose input is only the sampled
+    rows, counts the step's rows as the layers do."""
     return len(host.input_ids) - sum(len(d) for d in host.drafts.values())
 
 

@@ -22,6 +22,7 @@ import torch
 
 from pagoda.core.outputs import TokenLogprobs
 from pagoda.kernels import cpu_fused, ext
+from pagoda.models.cpu_int8 import Int8Head
 from pagoda.sampling import SamplingParams
 from pagoda.worker import gumbel
 from pagoda.worker.host_buffer import to_device
@@ -69,12 +70,18 @@ def greedy_from_hidden(
     when every row is plain greedy on the CPU bf16 path (and ``fused``, the runner's choice):
     ``weight @ hidden.T`` and a column argmax (see ``cpu_fused.greedy_tokens``), never building
     the (S, V) logits; up to ``PACKED_HEAD_MAX_ROWS`` rows, ``packed_head`` (the packed
-    projection, where there is one) and a row argmax. ``invariant`` (``--deterministic``, where
-    ``packed_head`` is the row-tiled projection): always ``packed_head`` and a row argmax,
-    whatever the rows. None where the general path (``compute_logits`` then
-    :func:`sample_tokens`) must run."""
+    projection, where there is one) and a row argmax. An int8 output projection
+    (``models/cpu_int8.Int8Head``) runs with a row argmax for every step it takes (its own
+    row limit, whatever the rows here), else its dense form as above. ``invariant``
+    (``--deterministic``, where ``packed_head`` is the row-tiled projection): always
+    ``packed_head`` and a row argmax, whatever the rows. None where the general path
+    (``compute_logits`` then :func:`sample_tokens`) must run."""
     if not (fused and cpu_fused.enabled(hidden) and all(_plain_greedy(r) for r in rows)):
         return None
+    if isinstance(packed_head, Int8Head):  # the int8 head picks its form by the step's rows
+        if packed_head.quantized(hidden.shape[0]):
+            return cpu_fused.argmax(packed_head(hidden))
+        packed_head = packed_head.dense
     if packed_head is not None and (invariant or hidden.shape[0] <= PACKED_HEAD_MAX_ROWS):
         return cpu_fused.argmax(packed_head(hidden))
     return cpu_fused.greedy_tokens(hidden, weight)

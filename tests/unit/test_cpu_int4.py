@@ -67,7 +67,7 @@ def test_kernel_computes_the_dequantized_product(seed, dtype, rows):
     w = torch.randn(n, k).to(dtype)
     x = torch.randn(rows, k).to(dtype)
     ref = cpu_int4.reference_linear(x, w)
-    got = Int4Weight(w, dtype)(x)
+    got = Int4Weight.from_dense(w, dtype)(x)
     assert got.dtype == dtype and got.shape == (rows, n)
     # fp32: the order of the sums; bf16: the output rounded to bf16 (2^-8 relative).
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7
@@ -77,7 +77,7 @@ def test_kernel_computes_the_dequantized_product(seed, dtype, rows):
 def test_non_contiguous_rows_are_accepted(seed):
     w = torch.randn(32, 64)
     x = torch.randn(64, 5).t()
-    assert torch.allclose(Int4Weight(w, torch.float32)(x), cpu_int4.reference_linear(x, w),
+    assert torch.allclose(Int4Weight.from_dense(w, torch.float32)(x), cpu_int4.reference_linear(x, w),
                           rtol=1e-5, atol=1e-5), seed
 
 

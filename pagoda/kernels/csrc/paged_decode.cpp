@@ -1312,6 +1312,13 @@ void lora_sgmv(at::Tensor out, at::Tensor x, at::Tensor a, at::Tensor b, at::Ten
 std::string isa();
 }  // namespace pagoda_lora
 
+// The weight-only int8 linear of quantized GGUF tensors (int8_gemm.cpp).
+namespace pagoda_int8 {
+void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+            const c10::optional<at::Tensor>& offset, int64_t group, int64_t isa);
+std::vector<int64_t> available();
+}  // namespace pagoda_int8
+
 // Suffix decoding's trie (suffix_trie.cpp): a class, bound there.
 namespace pagoda_suffix {
 void bind(py::module_& m);
@@ -1384,5 +1391,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("invariant_linear", &pagoda_invariant::linear,
         "out = x @ W.T + bias with a reduction order fixed per output element.", py::arg("out"),
         py::arg("x"), py::arg("packed"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
+  m.def("int8_linear", &pagoda_int8::linear,
+        "out = x @ W.T for W as int8 codes with a scale (and an offset) per group, packed in "
+        "blocks of 16 rows (models/cpu_int8.py); isa 0: the best path, else the one forced.",
+        py::arg("out"), py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("offset"),
+        py::arg("group"), py::arg("isa") = 0, py::call_guard<py::gil_scoped_release>());
+  m.def("int8_isas", &pagoda_int8::available,
+        "The int8_linear paths this CPU runs (1 portable, 2 avx2, 3 avx512, 4 avx512_bf16).");
   pagoda_suffix::bind(m);
 }
