@@ -167,7 +167,28 @@ class Int4Route:
         self.rows: Optional[int] = None
 
 
-class Int4Linear(nn.Module):
+class RoutedLinear(nn.Module):
+    """A linear layer with its dense form and a smaller one (``small``: 4-bit here, int8 in
+    cpu_int8.py) that serves steps of at most ``max_rows`` rows, counted by ``route``."""
+
+    dense: nn.Module
+    bias: Optional[torch.Tensor]
+    max_rows: int
+    route: Int4Route
+
+    def small(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, K) -> (T, N)."""
+        rows = x.shape[0] if self.route.rows is None else self.route.rows
+        if rows > self.max_rows:
+            return self.dense(x)
+        y = self.small(x)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(RoutedLinear):
     """A linear layer with a dense and a 4-bit form of its weight; the 4-bit one serves steps
     of at most ``max_rows`` rows (0 until :func:`choose_max_rows` sets it), counted by
     ``route``."""
@@ -193,13 +214,8 @@ class Int4Linear(nn.Module):
         self.max_rows = 0
         self.route = route if route is not None else Int4Route()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, K) -> (T, N)."""
-        rows = x.shape[0] if self.route.rows is None else self.route.rows
-        if rows > self.max_rows:
-            return self.dense(x)
-        y = self.int4(x)
-        return y if self.bias is None else y + self.bias
+    def small(self, x: torch.Tensor) -> torch.Tensor:
+        return self.int4(x)
 
 
 def attach_int4(

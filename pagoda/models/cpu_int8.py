@@ -32,7 +32,7 @@ from torch import nn
 from pagoda import envs
 from pagoda.kernels import cpu_int8
 from pagoda.models.base import CausalLM, Modules
-from pagoda.models.cpu_int4 import Int4Route
+from pagoda.models.cpu_int4 import Int4Route, RoutedLinear
 from pagoda.models.cpu_linear import best_seconds
 from pagoda.models.quantized import QuantizedTensor, dequantize
 
@@ -70,7 +70,7 @@ class Int8Weight(nn.Module):
         return self.packed.nbytes() / (self.out_features * self.in_features)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(RoutedLinear):
     """A linear layer with a dense and an int8 form of its weight; the int8 one serves steps
     of at most ``max_rows`` rows (0 until :func:`choose_int8_max_rows` sets it), counted by
     ``route``."""
@@ -91,13 +91,8 @@ class Int8Linear(nn.Module):
         self.max_rows = 0
         self.route = route if route is not None else Int4Route()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, K) -> (T, N)."""
-        rows = x.shape[0] if self.route.rows is None else self.route.rows
-        if rows > self.max_rows:
-            return self.dense(x)
-        y = self.int8(x)
-        return y if self.bias is None else y + self.bias
+    def small(self, x: torch.Tensor) -> torch.Tensor:
+        return self.int8(x)
 
 
 class Int8Head(nn.Module):
@@ -217,27 +212,6 @@ def attach_int8(
                 setattr(module, child_name, layer)
                 wrapped.append(layer)
     return wrapped
-
-
-def cat_rows(parts: Sequence[QuantizedTensor]) -> QuantizedTensor:
-    """Quantized tensors of one group size stacked along their rows, as the fused linears
-    stack q, k, v (or gate, up); a part without offsets gets zeros (``scale * code + 0`` is
-    ``scale * code`` exactly)."""
-    if len({q.group for q in parts}) != 1:
-        raise ValueError(f"int8: parts of group sizes {[q.group for q in parts]} cannot fuse")
-    offsets = None
-    if any(q.offset is not None for q in parts):
-        offsets = torch.cat(
-            [q.offset if q.offset is not None else torch.zeros_like(q.scale) for q in parts]
-        )
-    return QuantizedTensor(
-        torch.cat([q.codes for q in parts]),
-        torch.cat([q.scale for q in parts]),
-        offsets,
-        parts[0].group,
-        max(q.bits for q in parts),
-        "+".join(dict.fromkeys(q.source for q in parts)),
-    )
 
 
 def reference_linear(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from pagoda.models.cpu_int4 import Int4Route
 from pagoda.models.cpu_int8 import Int8Head, Int8Linear
 from pagoda.models.loader import load_model
 from pagoda.models.prepare import prepare_model
-from pagoda.models.quantized import QuantizedTensor, dequantize
+from pagoda.models.quantized import QuantizedTensor, concat_rows, dequantize
 from pagoda.worker import sampler
 from pagoda.worker.model_runner import ModelRunner
 
@@ -71,14 +71,16 @@ def test_fused_parts_compute_each_part(seed):
     """q, k, v of different formats stacked: the fused weight is each part's rows."""
     parts = [random_q(32, 64, 8, 32, False), random_q(16, 64, 5, 32, True),
              random_q(16, 64, 6, 32, False)]
-    fused = cpu_int8.cat_rows(parts)
+    fused = concat_rows(parts)
     assert fused.shape == (64, 64) and fused.offset is not None
     assert torch.equal(dequantize(fused), torch.cat([dequantize(q) for q in parts]))
     x = torch.randn(3, 64)
     got = cpu_int8.Int8Weight(fused, torch.float32)(x)
     assert close(got, cpu_int8.reference_linear(x, fused)), seed
-    with pytest.raises(ValueError, match="cannot fuse"):
-        cpu_int8.cat_rows([parts[0], random_q(16, 64, 6, 16, False)])
+    mixed = [parts[0], random_q(16, 64, 6, 16, False)]  # groups of 32 and 16: stacked in 16s
+    both = concat_rows(mixed)
+    assert both.group == 16
+    assert torch.equal(dequantize(both), torch.cat([dequantize(q) for q in mixed]))
 
 
 class TiedHead(nn.Module):
