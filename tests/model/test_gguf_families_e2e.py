@@ -38,8 +38,10 @@ MAX_TOKENS = [20, 9, 14]
 MODES = {
     "default": {},
     "budget7": dict(max_num_batched_tokens=7),
-    # 8 blocks x 8 tokens hold the longest request (54 tokens) but not all three at once.
-    "preempt": dict(block_size=8, num_kv_blocks=8, max_num_batched_tokens=32),
+    # 8 blocks x 8 tokens hold the longest request (54 tokens) but not all three at once
+    # (sized for arrival-order admission: --short-prefill-tokens 0).
+    "preempt": dict(block_size=8, num_kv_blocks=8, max_num_batched_tokens=32,
+                    short_prefill_tokens=0),
 }
 
 

@@ -253,12 +253,14 @@ def _schema(a: dict) -> dict:
 # The tiny model writes digits of an integer until max_tokens (drafts cut by the grammar and
 # rejected by the model), and finishes the bounded one within a few tokens (a whole answer).
 SCHEMAS = [_schema({"type": "integer"}), _schema({"enum": [0, 12, 345]})]
-# 16 blocks of 8 tokens hold two of the four constrained requests, not all four.
+# 16 blocks of 8 tokens hold two of the four constrained requests, not all four (sized for
+# arrival-order admission: --short-prefill-tokens 0).
 GRAMMAR_MODES = {
     "roomy": {},
-    "preempt": dict(block_size=8, num_kv_blocks=16, max_num_batched_tokens=24),
+    "preempt": dict(block_size=8, num_kv_blocks=16, max_num_batched_tokens=24,
+                    short_prefill_tokens=0),
     "preempt-nocache": dict(block_size=8, num_kv_blocks=16, max_num_batched_tokens=24,
-                            enable_prefix_caching=False),
+                            enable_prefix_caching=False, short_prefill_tokens=0),
 }
 
 

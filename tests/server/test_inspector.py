@@ -137,7 +137,9 @@ def test_state_agrees_with_metrics_and_requests(server: ServerProcess) -> None:
     assert steps and [s["seq"] for s in steps] == list(range(steps[0]["seq"], steps[-1]["seq"] + 1))
     assert any(s["prefill"] > 0 for s in steps) and any(s["decode"] > 0 for s in steps)
     for s in steps:
-        assert s["decode"] + s["prefill"] + s["recompute"] + s["spec"] <= s["budget"]
+        # a prompt that a cut would leave a short tail of runs whole: at most
+        # --short-prefill-tokens (by default a quarter of the budget) past it
+        assert s["decode"] + s["prefill"] + s["recompute"] + s["spec"] <= s["budget"] * 5 // 4
         assert s["duration_s"] > 0
 
 
