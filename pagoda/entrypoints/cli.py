@@ -129,8 +129,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="prefills with at most this many tokens left to compute (a prefix-cache hit, a "
-        "short turn) go before longer ones (default: a quarter of the budget; 0: arrival "
-        "order only; docs/server.md)",
+        "short turn) go before longer ones, and a prompt a cut would leave that short a tail "
+        "of runs whole, up to this many tokens past the budget (default: a quarter of the "
+        "budget; 0: arrival order, the budget a hard limit; docs/server.md)",
     )
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--no-chunked-prefill", dest="enable_chunked_prefill", action="store_false")
