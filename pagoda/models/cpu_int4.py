@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +173,8 @@ class RoutedLinear(nn.Module):
 
     dense: nn.Module
     bias: Optional[torch.Tensor]
+    in_features: int
+    out_features: int
     max_rows: int
     route: Int4Route
 
@@ -253,25 +255,30 @@ def detach_int4(model: Modules) -> None:
                 setattr(parent, name, child.dense)
 
 
-def time_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
-    """The largest of ``TIMING_ROWS`` up to which the 4-bit form of ``layers`` (one shape) is
-    ``MIN_SPEEDUP`` times faster than their dense form at every row count timed (0: not even
-    at one row)."""
+def time_max_rows(
+    dense: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    small: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    in_features: int,
+    dtype: torch.dtype,
+) -> int:
+    """The largest of ``TIMING_ROWS`` up to which the small forms (4-bit or int8) are
+    ``MIN_SPEEDUP`` times faster than the dense ones (each list one shape, timed in turn) at
+    every row count timed (0: not even at one row)."""
     best = 0
     for rows in TIMING_ROWS:
-        x = torch.randn(rows, layers[0].in_features, dtype=dtype)
-        dense_s = best_seconds([functools.partial(m.dense, x) for m in layers])
-        int4_s = best_seconds([functools.partial(m.int4, x) for m in layers])
-        logger.debug("int4 at %d rows: %.2fx dense", rows, dense_s / int4_s)
-        if dense_s < MIN_SPEEDUP * int4_s:
+        x = torch.randn(rows, in_features, dtype=dtype)
+        dense_s = best_seconds([functools.partial(f, x) for f in dense])
+        small_s = best_seconds([functools.partial(f, x) for f in small])
+        logger.debug("small form at %d rows: %.2fx dense", rows, dense_s / small_s)
+        if dense_s < MIN_SPEEDUP * small_s:
             break
         best = rows
     return best
 
 
-def choose_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
+def choose_routed_max_rows(layers: Sequence[RoutedLinear], dtype: torch.dtype, what: str) -> int:
     """Set every layer's row limit: ``PAGODA_INT4_MAX_ROWS``, or timed on the largest layers'
-    final dense form (packed or not) against their 4-bit one. Returns the limit."""
+    final dense form (packed or not) against their small one. Returns the limit."""
     if not layers:
         return 0
     forced = envs.INT4_MAX_ROWS()
@@ -281,15 +288,28 @@ def choose_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
         shape = max(((m.out_features, m.in_features) for m in layers), key=lambda s: s[0] * s[1])
         same = [m for m in layers if (m.out_features, m.in_features) == shape]
         count = max(1, min(len(same), TIMING_BYTES // (shape[0] * shape[1] * dtype.itemsize)))
-        max_rows = time_max_rows(same[:count], dtype)
+        timed = same[:count]
+        max_rows = time_max_rows(
+            [m.dense for m in timed], [m.small for m in timed], shape[1], dtype
+        )
     for m in layers:
         m.max_rows = max_rows
-    logger.info(
-        "int4 weights for steps of at most %d rows (%s)",
-        max_rows,
-        MAX_ROWS_ENV if forced is not None else "timed on this CPU",
-    )
+    log_limit(what, max_rows, forced is not None)
     return max_rows
+
+
+def log_limit(what: str, max_rows: int, forced: bool) -> None:
+    logger.info(
+        "%s for steps of at most %d rows (%s)",
+        what,
+        max_rows,
+        MAX_ROWS_ENV if forced else "timed on this CPU",
+    )
+
+
+def choose_max_rows(layers: list[Int4Linear], dtype: torch.dtype) -> int:
+    """:func:`choose_routed_max_rows` for the 4-bit layers."""
+    return choose_routed_max_rows(layers, dtype, "int4 weights")
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

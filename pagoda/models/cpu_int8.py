@@ -21,9 +21,8 @@ forms instead of timing it (0: never the int8 form).
 
 from __future__ import annotations
 
-import functools
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +31,16 @@ from torch import nn
 from pagoda import envs
 from pagoda.kernels import cpu_int8
 from pagoda.models.base import CausalLM, Modules
-from pagoda.models.cpu_int4 import Int4Route, RoutedLinear
-from pagoda.models.cpu_linear import best_seconds
+from pagoda.models.cpu_int4 import (
+    Int4Route,
+    RoutedLinear,
+    choose_routed_max_rows,
+    log_limit,
+    time_max_rows,
+)
 from pagoda.models.quantized import QuantizedTensor, dequantize
 
 logger = logging.getLogger(__name__)
-
-TIMING_ROWS = (1, 2, 4, 6, 8, 12, 16)  # candidate row limits, timed in this order
-TIMING_BYTES = 64 << 20  # dense weights of one shape timed in turn: cold in cache
-MIN_SPEEDUP = 1.1  # the int8 form must beat the dense one by this at a row count
 
 
 def supported(q: QuantizedTensor) -> bool:
@@ -130,45 +130,9 @@ class Int8Head(nn.Module):
         return self.int8(x) if self.quantized(x.shape[0]) else self.dense_forward(x)
 
 
-def time_max_rows(
-    dense: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-    int8: Sequence[Callable[[torch.Tensor], torch.Tensor]],
-    in_features: int,
-    dtype: torch.dtype,
-) -> int:
-    """The largest of ``TIMING_ROWS`` up to which the int8 forms are ``MIN_SPEEDUP`` times
-    faster than the dense ones (each list one shape, timed in turn) at every row count timed
-    (0: not even at one row)."""
-    best = 0
-    for rows in TIMING_ROWS:
-        x = torch.randn(rows, in_features, dtype=dtype)
-        dense_s = best_seconds([functools.partial(f, x) for f in dense])
-        int8_s = best_seconds([functools.partial(f, x) for f in int8])
-        logger.debug("int8 at %d rows: %.2fx dense", rows, dense_s / int8_s)
-        if dense_s < MIN_SPEEDUP * int8_s:
-            break
-        best = rows
-    return best
-
-
 def choose_int8_max_rows(layers: list[Int8Linear], dtype: torch.dtype) -> int:
-    """Set every layer's row limit: ``PAGODA_INT4_MAX_ROWS``, or timed on the largest layers'
-    final dense form (packed or not) against their int8 one. Returns the limit."""
-    if not layers:
-        return 0
-    forced = envs.INT4_MAX_ROWS()
-    if forced is not None:
-        max_rows = forced
-    else:
-        shape = max(((m.out_features, m.in_features) for m in layers), key=lambda s: s[0] * s[1])
-        same = [m for m in layers if (m.out_features, m.in_features) == shape]
-        count = max(1, min(len(same), TIMING_BYTES // (shape[0] * shape[1] * dtype.itemsize)))
-        timed = same[:count]
-        max_rows = time_max_rows([m.dense for m in timed], [m.int8 for m in timed], shape[1], dtype)
-    for m in layers:
-        m.max_rows = max_rows
-    _log_limit("int8 weights", max_rows, forced is not None)
-    return max_rows
+    """:func:`cpu_int4.choose_routed_max_rows` for the int8 layers."""
+    return choose_routed_max_rows(layers, dtype, "int8 weights")
 
 
 def install_int8_head(
@@ -188,7 +152,7 @@ def install_int8_head(
     else:
         dense, int8 = [head.dense_forward], [head.int8]
         head.max_rows = time_max_rows(dense, int8, q.shape[1], weight.dtype)
-    _log_limit(f"int8 output projection {q.shape}", head.max_rows, forced is not None)
+    log_limit(f"int8 output projection {q.shape}", head.max_rows, forced is not None)
     if not head.max_rows:
         return None
     model.packed_head = head
@@ -217,12 +181,3 @@ def attach_int8(
 def reference_linear(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     """What the int8 form of ``q`` computes, in fp32 (for tests)."""
     return F.linear(x.float(), dequantize(q))
-
-
-def _log_limit(what: str, max_rows: int, forced: bool) -> None:
-    logger.info(
-        "%s for steps of at most %d rows (%s)",
-        what,
-        max_rows,
-        envs.INT4_MAX_ROWS.name if forced else "timed on this CPU",
-    )
