@@ -124,6 +124,17 @@ PACKED_LINEAR: EnvVar[Optional[bool]] = EnvVar(
     "timing at load says it pays.",
     _forced,
 )
+BF16_KERNEL: EnvVar[Optional[bool]] = EnvVar(
+    "PAGODA_BF16_KERNEL",
+    "bool or unset",
+    "unset (timed)",
+    '"1" runs the bf16 linear layers (and output projection) on pagoda\'s own GEMM kernel '
+    '(invariant_gemm.cpp) without timing, where the CPU has AVX512-BF16; "0" never does '
+    "(oneDNN or torch, as PAGODA_PACKED_LINEAR says); anything else: the kernel where timing "
+    "at load finds it faster than oneDNN's forms at every row count timed. Ignored under "
+    "--deterministic, which always runs bf16 layers on it.",
+    _forced,
+)
 INT4_MAX_ROWS: EnvVar[Optional[int]] = EnvVar(
     "PAGODA_INT4_MAX_ROWS",
     "int or unset",
@@ -210,6 +221,7 @@ ALL: tuple[EnvVar[Any], ...] = (
     AMX,
     BF16_ATTENTION,
     PACKED_LINEAR,
+    BF16_KERNEL,
     INT4_MAX_ROWS,
     BATCH_INVARIANT,
     EXT_DIR,

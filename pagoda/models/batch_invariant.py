@@ -7,7 +7,7 @@ by the shape of the call, so the same row can round differently at M = 1 and at 
 on a Zen 4, docs/deterministic.md: oneDNN's bf16 product with K = 1536 at M = 3, 10, 15; MKL's
 fp32 one at every M > 1). Two remedies, chosen per layer when the model is prepared:
 
-- bf16 (where the C++ extension is built): :class:`InvariantLinear`, pagoda's own kernel
+- bf16 (where the C++ extension is built): ``cpu_bf16.InvariantLinear``, pagoda's own kernel
   (``kernels/csrc/invariant_gemm.cpp``), whose sum over K is one fp32 accumulator per output
   element, in a fixed order, at every M: invariant by construction, and a row of one costs one.
 - otherwise (fp32): :class:`RowTiledLinear`. Every call is cut into tiles of exactly
@@ -25,17 +25,14 @@ does not matter on the CPU they run on: tests/model/test_deterministic.py), neve
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
-from pagoda.kernels import ext
 from pagoda.models.base import ExpertLayer, Modules
+from pagoda.models.cpu_bf16 import InvariantLinear, kernel_takes
 from pagoda.models.cpu_linear import PackedLinear
 
 ROW_TILE = 8  # rows per GEMM call: a decode step of one row pays 8 (docs/deterministic.md)
-KERNEL_COLUMNS = 32  # output columns per block of InvariantLinear's packed weight
 
 
 class RowTiledLinear(nn.Module):
@@ -54,42 +51,6 @@ class RowTiledLinear(nn.Module):
         tiles = [self.inner(tile) for tile in x.split(ROW_TILE)]  # each (ROW_TILE, N)
         out = tiles[0] if len(tiles) == 1 else torch.cat(tiles)
         return out[:rows]
-
-
-class InvariantLinear(nn.Module):
-    """A bf16 linear on the C++ batch-invariant kernel, its weight packed for it once."""
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
-        super().__init__()
-        self.packed = pack_weight(weight.detach())  # (N/32, K/2, 32) int32
-        self.out_features, self.in_features = weight.shape
-        padded = torch.zeros(self.packed.shape[0] * self.packed.shape[2], dtype=torch.float32)
-        if bias is not None:
-            padded[: self.out_features] = bias.detach().float()
-        self.bias32 = padded  # (N rounded up to 32,) fp32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (T, K) bf16 -> (T, N) bf16."""
-        if x.stride(-1) != 1 or x.stride(0) % 2:
-            x = x.contiguous()
-        out = x.new_empty(x.shape[0], self.out_features)
-        ext.require_extension().invariant_linear(out, x, self.packed, self.bias32)
-        return out
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(N, K) bf16, K even -> (ceil(N / 32), K / 2, 32) int32: blocks of 32 output columns, k
-    in pairs, word [b, p, j] = (w[32 b + j, 2 p], w[32 b + j, 2 p + 1]) (what vdpbf16ps reads);
-    zero columns past N."""
-    n, k = weight.shape
-    pairs = weight.contiguous().view(torch.int32)  # (N, K/2)
-    pairs = nn.functional.pad(pairs, (0, 0, 0, -n % KERNEL_COLUMNS))  # (N rounded up, K/2)
-    return pairs.view(-1, KERNEL_COLUMNS, k // 2).transpose(1, 2).contiguous()
-
-
-def kernel_takes(dtype: torch.dtype, in_features: int) -> bool:
-    """Whether :class:`InvariantLinear` takes a layer: bf16, an even K, the extension built."""
-    return dtype == torch.bfloat16 and in_features % 2 == 0 and ext.available()
 
 
 class PlainHead(nn.Module):

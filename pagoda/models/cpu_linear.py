@@ -12,6 +12,11 @@ turn (64 MiB of them: cold in cache, as in a step), at a decode and a prefill-ch
 count.
 ``PAGODA_PACKED_LINEAR=1`` packs without timing where it is supported, ``=0`` never packs.
 
+A third form for bf16 where the CPU has AVX512-BF16: pagoda's own GEMM kernel
+(``cpu_bf16.InvariantLinear``). It is timed beside the other two, also at a larger row count
+(``KERNEL_ROWS``, one weight), and taken only where it is faster than the form otherwise chosen
+at every row count timed (``PAGODA_BF16_KERNEL`` forces it on or off).
+
 Invariant: a packed layer computes ``x @ W.T + b`` as ``F.linear`` does, up to the order of
 the fp32 sums (the tests hold it to the same greedy tokens as transformers in fp32).
 """
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda import envs
+from pagoda.models import cpu_bf16
 from pagoda.models.base import ExpertLayer, Modules
 from pagoda.utils import cdiv
 
@@ -38,6 +44,7 @@ TIMING_ROWS = (1, 32)  # a decode step's rows and a small prefill chunk's
 TIMING_REPEATS = 3
 TIMING_BYTES = 64 << 20  # weights of one shape timed in turn: more than a last-level cache
 MIN_SPEEDUP = 1.1  # packed must beat plain by this to be chosen
+KERNEL_ROWS = 128  # a large decode step's (or prefill chunk's) rows: the kernel must win there too
 
 
 class PackedLinear(nn.Module):
@@ -127,42 +134,113 @@ def _linears(model: Modules) -> dict[tuple[int, int], list[tuple[nn.Module, str]
 
 def pack_model(
     model: Modules, head_weight: Optional[torch.Tensor] = None, always: bool = False
-) -> Optional[PackedLinear]:
-    """Replace the model's linear layers by packed ones where that pays (or as
-    ``PAGODA_PACKED_LINEAR`` says; ``always``: packed without timing unless it says "0", as
-    ``--deterministic`` asks). ``head_weight``: the output projection (V, E), which may be
-    tied to the embedding; returns its packed form where that pays, else None."""
+) -> Optional[nn.Module]:
+    """Replace the model's linear layers by packed ones, or by pagoda's bf16 kernel, where that
+    pays (or as ``PAGODA_PACKED_LINEAR`` / ``PAGODA_BF16_KERNEL`` say; ``always``: packed for
+    oneDNN without timing unless the first says "0", as ``--deterministic`` asks for layers its
+    kernel does not take). ``head_weight``: the output projection (V, E), which may be tied to
+    the embedding; returns its faster form (packed or the kernel's) where one pays, else None."""
     forced = envs.PACKED_LINEAR()  # True: always, False: never, None: where timing says
     if forced is None and always:
         forced = True
     dtype = next(model.parameters()).dtype
-    if forced is False or not packing_supported(dtype):
+    packing = forced is not False and packing_supported(dtype)
+    kernel = _kernel_choice(dtype, always or forced is not None)
+    if not packing and kernel is False:
         return None
-    for shape, places in _linears(model).items():
+    for places in _linears(model).values():
         layers = [getattr(parent, name) for parent, name in places]
-        # Timed on enough of them to overflow the last-level cache, each in turn (cold, as in
-        # a step); the rest are packed one at a time, so the model is never held twice.
-        layer_bytes = layers[0].weight.numel() * layers[0].weight.element_size()
-        timed = min(len(layers), cdiv(TIMING_BYTES, layer_bytes))
-        packed = [pack_weight(layer.weight) for layer in layers[:timed]]
-        if not forced:
-            pays, ratio = packing_pays([layer.weight for layer in layers[: len(packed)]], packed)
-            logger.info(
-                "linear %s x%d (%s): packed %.2fx plain -> %s",
-                shape,
-                len(layers),
-                dtype,
-                ratio,
-                "packed" if pays else "plain",
-            )
-            if not pays:
-                continue
-        for i, ((parent, name), layer) in enumerate(zip(places, layers, strict=True)):
-            p = packed[i] if i < len(packed) else pack_weight(layer.weight)
-            bias = None if layer.bias is None else layer.bias.detach()
-            setattr(parent, name, PackedLinear(p, bias, *shape))
-    _pack_experts(model, forced)
-    return None if head_weight is None else _pack_head(head_weight, forced)
+        form = _layer_form([layer.weight.detach() for layer in layers], forced, packing, kernel)
+        if form == "plain":
+            continue
+        for (parent, name), layer in zip(places, layers, strict=True):
+            setattr(parent, name, _in_form(layer.weight, layer.bias, form))
+    if packing:
+        _pack_experts(model, forced)
+    if head_weight is None:
+        return None
+    head_form = _layer_form([head_weight.detach()], forced, packing, kernel)
+    return None if head_form == "plain" else _in_form(head_weight, None, form=head_form)
+
+
+def _kernel_choice(dtype: torch.dtype, onednn_forced: bool) -> Optional[bool]:
+    """Whether the bf16 kernel is a candidate: False (never), True (always, untimed), None
+    (timed). Never where it would run its portable loop; where oneDNN's form is forced
+    (``PAGODA_PACKED_LINEAR`` set, or ``--deterministic`` asking for fixed tiles), only if
+    ``PAGODA_BF16_KERNEL=1`` asks for it."""
+    if not (cpu_bf16.kernel_takes(dtype, 2) and cpu_bf16.kernel_native()):
+        return False
+    wanted = envs.BF16_KERNEL()
+    if wanted is None and onednn_forced:
+        return False
+    return False if wanted is False else wanted
+
+
+def _layer_form(
+    weights: list[torch.Tensor],
+    forced: Optional[bool],
+    packing: bool,
+    kernel: Optional[bool],
+) -> str:
+    """ "plain", "packed" or "kernel" for the weights of one shape (N, K), timed on enough of
+    them to overflow the last-level cache, each in turn (cold, as in a step)."""
+    shape = (weights[0].shape[0], weights[0].shape[1])
+    if kernel and shape[1] % 2 == 0:
+        return "kernel"
+    timed = weights[: cdiv(TIMING_BYTES, weights[0].numel() * weights[0].element_size())]
+    form = "packed" if packing and forced else "plain"
+    if packing and forced is None:
+        packed = [pack_weight(w) for w in timed]
+        pays, ratio = packing_pays(timed, packed)
+        form = "packed" if pays else "plain"
+        logger.info(
+            "linear %s x%d (%s): packed %.2fx plain -> %s",
+            shape,
+            len(weights),
+            weights[0].dtype,
+            ratio,
+            form,
+        )
+    if kernel is None and shape[1] % 2 == 0 and _kernel_wins(timed, form, shape):
+        form = "kernel"
+    return form
+
+
+def _kernel_wins(weights: list[torch.Tensor], form: str, shape: tuple[int, int]) -> bool:
+    """Whether the bf16 kernel beats ``form`` at every row count timed (TIMING_ROWS over all
+    of ``weights``, KERNEL_ROWS on the first)."""
+    mine = [cpu_bf16.InvariantLinear(w) for w in weights]
+    theirs = [_form_fn(w, form) for w in weights]
+    ratios = []
+    for rows, count in [(r, len(weights)) for r in TIMING_ROWS] + [(KERNEL_ROWS, 1)]:
+        x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
+        ours = best_seconds([functools.partial(f, x) for f in mine[:count]])
+        other = best_seconds([functools.partial(f, x) for f in theirs[:count]])
+        ratios.append(other / ours)
+    wins = min(ratios) > 1.0
+    logger.info(
+        "linear %s: bf16 kernel %s x %s at %s rows -> %s",
+        shape,
+        "/".join(f"{r:.2f}" for r in ratios),
+        form,
+        "/".join(str(r) for r in (*TIMING_ROWS, KERNEL_ROWS)),
+        "kernel" if wins else form,
+    )
+    return wins
+
+
+def _form_fn(weight: torch.Tensor, form: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if form == "packed":
+        return functools.partial(packed_linear, packed=pack_weight(weight))
+    return functools.partial(F.linear, weight=weight)
+
+
+def _in_form(weight: torch.Tensor, bias: Optional[torch.Tensor], form: str) -> nn.Module:
+    """The linear layer ``x @ weight.T + bias`` in ``form`` ("packed" or "kernel")."""
+    bias = None if bias is None else bias.detach()
+    if form == "kernel":
+        return cpu_bf16.InvariantLinear(weight, bias)
+    return PackedLinear(pack_weight(weight), bias, weight.shape[0], weight.shape[1])
 
 
 def _pack_experts(model: Modules, forced: Optional[bool]) -> None:
@@ -189,18 +267,3 @@ def _pack_experts(model: Modules, forced: Optional[bool]) -> None:
             return
     for layer in layers:
         layer.pack_experts(pack_weight)
-
-
-def _pack_head(weight: torch.Tensor, forced: Optional[bool]) -> Optional[PackedLinear]:
-    head = PackedLinear.of(weight)
-    if forced:
-        return head
-    pays, ratio = packing_pays([weight.detach()], [head.packed])
-    logger.info(
-        "output projection %s (%s): packed %.2fx plain -> %s",
-        tuple(weight.shape),
-        weight.dtype,
-        ratio,
-        "packed" if pays else "plain",
-    )
-    return head if pays else None

@@ -9,8 +9,8 @@ The loader gives a model with its weights and the reference ops. :func:`prepare_
    wraps the linear layers in their 4-bit form beside the dense one (a GGUF's own 4-bit
    codes where it has them), and converts MoE experts loaded dense to 4-bit only
    (``cpu_int4.py``);
-3. on the CPU, packs the dense weights for the GEMM where that is faster (``cpu_linear.py``),
-   the output projection included;
+3. on the CPU, packs the dense weights for oneDNN's GEMM, or for pagoda's own bf16 kernel,
+   where that is faster (``cpu_linear.py``), the output projection included;
 4. times up to how many rows the quantized forms are faster than the dense (packed) one, and
    drops the copies where they never are;
 5. under ``--deterministic``, gives every linear (the output projection too) its
@@ -37,7 +37,7 @@ import torch
 from pagoda.config import LoRAConfig
 from pagoda.lora.layers import attach_lora
 from pagoda.lora.slots import LoRASlots, adapter_reader
-from pagoda.models import batch_invariant, cpu_int4, cpu_int8, cpu_linear, file_quant
+from pagoda.models import batch_invariant, cpu_bf16, cpu_int4, cpu_int8, cpu_linear, file_quant
 from pagoda.models.base import CausalLM
 from pagoda.models.quantized import QuantizedTensor
 
@@ -87,7 +87,7 @@ def prepare_model(
         quantized_layers.int4 = cpu_int4.attach_int4(model, route, stored)
     elif quantization == "auto":
         quantized_layers = file_quant.attach_stored(model, route, stored)
-    own_kernel = deterministic and batch_invariant.kernel_takes(dtype, 2)
+    own_kernel = deterministic and cpu_bf16.kernel_takes(dtype, 2)
     if device.type == "cpu" and not own_kernel:
         model.packed_head = cpu_linear.pack_model(model, model.output_weight, deterministic)
     max_rows = cpu_int4.choose_max_rows(quantized_layers.int4, dtype)

@@ -54,7 +54,7 @@ def run(e, rid, prompt, params, **kw):
     e.add_request(EngineRequest(rid, prompt, params, **kw))
     for _ in range(10_000):
         for out in e.step():
-            if out.finished:
+            if out.finished and out.request_id == rid:
                 return out
     raise AssertionError("request did not finish")
 
@@ -291,6 +291,37 @@ def test_speculative_decoding_on_the_decode_side(model):
         assert d.stats().scheduler.spec.num_accepted_tokens > 0, "no draft was accepted"
         wait_all_free(p)
         d.check_invariants()
+    finally:
+        p.close()
+        d.close()
+
+
+def test_under_the_switch_a_pulled_request_equals_colocated_alone_to_the_bit(model):
+    """--deterministic through disaggregated prefill (issue 39, docs/deterministic.md), in
+    bf16: the prompt is computed on the prefill side among other prompts, pulled, and decoded
+    among other (sampled) decodes; its tokens and its logprobs equal, to the bit, those of a
+    colocated engine that ran it alone."""
+    path, prompts, _ = model
+    target = prompts[0]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=0)
+    alone = LLM(path, dtype="bfloat16", block_size=BLOCK, deterministic=True)
+    want = alone.generate([target], params)[0].outputs[0]
+    p = engine(path, "prefill", dtype="bfloat16", deterministic=True)
+    d = engine(path, "decode", dtype="bfloat16", deterministic=True)
+    rng = random.Random(9)
+    mates = [[rng.randrange(3, TINY_VOCAB) for _ in range(rng.randrange(5, 60))]
+             for _ in range(6)]
+    try:
+        for i, mate in enumerate(mates):
+            p.add_request(EngineRequest(f"p-mate{i}", mate, greedy(1)))
+        kv = prefill(p, "p-target", target)
+        for i, mate in enumerate(mates):
+            sampled = SamplingParams(temperature=0.8, seed=i, max_tokens=20, ignore_eos=True)
+            d.add_request(EngineRequest(f"d-mate{i}", mate, sampled))
+        got = run(d, "d-target", target, params, kv_transfer_params=kv).outputs[0]
+        assert d.kv_connector.num_blocks_pulled > 0, "nothing was pulled"
+        assert got.token_ids == want.token_ids
+        assert got.cumulative_logprob == want.cumulative_logprob
     finally:
         p.close()
         d.close()

@@ -26,6 +26,7 @@ import transformers
 from pagoda import LLM, SamplingParams
 from pagoda.attention import cpu_attention, cpu_decode, torch_ref
 from pagoda.kernels import cpu_fused, ext
+from pagoda.models import cpu_bf16, cpu_linear
 from pagoda.models.loader import default_model_path
 from pagoda.worker import model_runner
 from tiny_models import TINY_VOCAB, make_model
@@ -162,6 +163,37 @@ def test_tiny_bf16_engine_agrees_with_transformers(tiny_case, mode, amx, fused, 
         assert_teacher_forced(hf, prompts, again)
     llm.engine.check_invariants()
     assert llm.engine.kv.pool.num_free_blocks == llm.engine.num_blocks
+
+
+# Each form cpu_linear.pack_model may give a bf16 linear layer, forced: pagoda's own kernel,
+# oneDNN's packed weight, torch's plain one (the layer type each leaves, and the head's).
+LINEAR_FORMS = {
+    "kernel": ({"PAGODA_BF16_KERNEL": "1"}, cpu_bf16.InvariantLinear),
+    "packed": ({"PAGODA_BF16_KERNEL": "0", "PAGODA_PACKED_LINEAR": "1"}, cpu_linear.PackedLinear),
+    "plain": ({"PAGODA_BF16_KERNEL": "0", "PAGODA_PACKED_LINEAR": "0"}, torch.nn.Linear),
+}
+
+
+@pytest.mark.parametrize("form", list(LINEAR_FORMS))
+def test_tiny_bf16_agrees_with_transformers_on_each_linear_form(tiny_case, form, monkeypatch):
+    path, _, hf = tiny_case
+    if form == "kernel" and not cpu_bf16.kernel_native():
+        pytest.skip("the bf16 kernel runs its portable loop here: never chosen")
+    if form == "packed" and not cpu_linear.packing_supported(BF16):
+        pytest.skip("oneDNN cannot pack bf16 here")
+    env, kind = LINEAR_FORMS[form]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    llm = LLM(path, dtype="bfloat16", **MODES["chunked"])
+    model = llm.engine.runner.model
+    kinds = {type(m) for layer in model.layers for m in (layer.self_attn.qkv_proj,
+                                                         layer.self_attn.o_proj,
+                                                         layer.mlp.gate_up_proj,
+                                                         layer.mlp.down_proj)}
+    assert kinds == {kind}
+    assert type(model.packed_head) is (type(None) if form == "plain" else kind)
+    prompts = tiny_prompts("chunked")
+    assert_teacher_forced(hf, prompts, llm.generate(prompts, greedy(NEW_TOKENS)))
 
 
 def rope_on_q_only(rope: Callable) -> Callable:

@@ -22,7 +22,7 @@ from tiny_models import TINY_VOCAB, hf_greedy, make_model
 
 from pagoda import LLM, SamplingParams
 from pagoda.attention import cpu_attention, cpu_decode
-from pagoda.models import batch_invariant, cpu_linear
+from pagoda.models import batch_invariant, cpu_bf16, cpu_linear
 
 pytestmark = [needs_ext]
 
@@ -89,6 +89,8 @@ ROWS = [1, 2, 3, 5, 8, 10, 15, 17, 33, 64, 100, 257, 600]
 
 LAYERS = {
     "kernel-bf16": (torch.bfloat16, "kernel"),
+    # The kernel's portable loop (what a CPU without AVX512-BF16 runs), forced here.
+    "kernel-portable-bf16": (torch.bfloat16, "portable"),
     "tiles-packed-bf16": (torch.bfloat16, "packed"),
     "tiles-plain-bf16": (torch.bfloat16, "plain"),
     "tiles-packed-fp32": (torch.float32, "packed"),
@@ -97,8 +99,9 @@ LAYERS = {
 
 
 def invariant_layer(weight: torch.Tensor, form: str) -> torch.nn.Module:
-    if form == "kernel":
-        return batch_invariant.InvariantLinear(weight, torch.randn(weight.shape[0]))
+    if form in ("kernel", "portable"):
+        bias = torch.randn(weight.shape[0])
+        return cpu_bf16.InvariantLinear(weight, bias, portable=form == "portable")
     inner = (
         cpu_linear.PackedLinear.of(weight)
         if form == "packed"
@@ -118,17 +121,20 @@ def test_invariant_linears_give_each_row_what_it_gets_alone(layer_kind):
     if form == "packed" and not cpu_linear.packing_supported(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
     gen = torch.Generator().manual_seed(0)
-    for n, k in SMOLLM2_SHAPES:
+    # The portable loop is scalar: the decoder's shapes and up to 100 rows, in seconds.
+    shapes = SMOLLM2_SHAPES[:-1] if form == "portable" else SMOLLM2_SHAPES
+    rows = [m for m in ROWS if m <= 100] if form == "portable" else ROWS
+    for n, k in shapes:
         weight = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
         layer = invariant_layer(weight, form)
-        x = torch.randn(max(ROWS), k, generator=gen).to(dtype)
-        checked = sorted({*range(17), *(m - 1 for m in ROWS)})  # the first tiles, every last row
+        x = torch.randn(max(rows), k, generator=gen).to(dtype)
+        checked = sorted({*range(17), *(m - 1 for m in rows)})  # the first tiles, every last row
         alone = {i: layer(x[i : i + 1])[0] for i in checked}
-        for m in ROWS:
+        for m in rows:
             out = layer(x[:m])
             for i in (i for i in checked if i < m):
                 assert torch.equal(out[i], alone[i]), ((n, k), m, i)
-        if form == "kernel":
+        if form in ("kernel", "portable"):
             ref = F.linear(x.float(), weight.float(), layer.bias32[:n])
             assert torch.allclose(layer(x).float(), ref, rtol=1e-2, atol=1e-2), (n, k)
 
@@ -306,7 +312,7 @@ def rows_dependent_linear(self, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_rows_dependent_linear_is_caught(tiny, monkeypatch):
-    monkeypatch.setattr(batch_invariant.InvariantLinear, "forward", rows_dependent_linear)
+    monkeypatch.setattr(cpu_bf16.InvariantLinear, "forward", rows_dependent_linear)
     llm = LLM(tiny, dtype="bfloat16", deterministic=True)
     alone = run(llm, TINY_TARGET, greedy(logprobs=True))
     among = [

@@ -10,8 +10,9 @@
 // tiles of up to 8 rows x 32 columns in registers; a tail of fewer rows runs the same
 // instructions per element. Threads split the column blocks.
 //
-// Without AVX512-BF16 the portable loop keeps the same order (products exact in fp32, pairs
-// summed, then added), one row at a time through one code path.
+// Without AVX512-BF16 (or when asked, so tests run it anywhere) the portable loop keeps a
+// fixed order of its own (products exact in fp32, pairs summed, then added), one row at a time
+// through one code path. The two paths are each invariant; they need not agree bit for bit.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -74,7 +75,8 @@ void rows(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t kp, co
     default: return tile<8>(x, x_stride, w, kp, bias, out, o_stride, cols);
   }
 }
-#else
+#endif
+
 // One row at a time, one code path: the same arithmetic for every row.
 void one_row(const uint32_t* x, const uint32_t* w, int64_t kp, const float* bias, uint16_t* out,
              int64_t cols) {
@@ -93,11 +95,10 @@ void one_row(const uint32_t* x, const uint32_t* w, int64_t kp, const float* bias
   for (int64_t j = 0; j < cols; ++j) out[j] = pagoda_bf16::from_f32(acc[j] + bias[j]);
 }
 
-void rows(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t kp, const float* bias,
-          uint16_t* out, int64_t o_stride, int64_t cols, int64_t r) {
+void portable_rows(const uint32_t* x, int64_t x_stride, const uint32_t* w, int64_t kp,
+                   const float* bias, uint16_t* out, int64_t o_stride, int64_t cols, int64_t r) {
   for (int64_t i = 0; i < r; ++i) one_row(x + i * x_stride, w, kp, bias, out + i * o_stride, cols);
 }
-#endif
 
 }  // namespace
 
@@ -110,8 +111,10 @@ bool native() {
 }
 
 // out: (M, N) bf16; x: (M, K) bf16 with unit stride in K; packed from pack(); bias: (N_pad,)
-// fp32 (zeros where the layer has none), N_pad = 32 * blocks.
-void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias) {
+// fp32 (zeros where the layer has none), N_pad = 32 * blocks. portable: the portable loop even
+// where AVX512-BF16 is compiled in.
+void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
+            bool portable) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1,
               "x must be a (M, K) bfloat16 tensor with contiguous rows");
   TORCH_CHECK(out.dim() == 2 && out.scalar_type() == at::kBFloat16 && out.stride(1) == 1,
@@ -131,12 +134,17 @@ void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const
   const float* bp = bias.data_ptr<float>();
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t xs = x.stride(0) / 2, os = out.stride(0);
+#if defined(__AVX512BF16__)
+  const auto run = portable ? portable_rows : rows;
+#else
+  const auto run = portable_rows;
+#endif
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t cols = std::min<int64_t>(NB, n - b * NB);
       for (int64_t r0 = 0; r0 < m; r0 += MR) {
         const int64_t r = std::min<int64_t>(MR, m - r0);
-        rows(xp + r0 * xs, xs, wp + b * kp * NB, kp, bp + b * NB, op + r0 * os + b * NB, os, cols,
+        run(xp + r0 * xs, xs, wp + b * kp * NB, kp, bp + b * NB, op + r0 * os + b * NB, os, cols,
              r);
       }
     }

@@ -1298,7 +1298,8 @@ void gumbel_noise(at::Tensor out, at::Tensor keys);
 // The batch-invariant bf16 linear (invariant_gemm.cpp).
 namespace pagoda_invariant {
 bool native();
-void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias);
+void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& bias,
+            bool portable);
 }  // namespace pagoda_invariant
 
 // The KV-cache write (kv_write.cpp).
@@ -1389,8 +1390,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("invariant_gemm_native", &pagoda_invariant::native,
         "True when the batch-invariant linear runs on AVX512-BF16 (else a portable loop).");
   m.def("invariant_linear", &pagoda_invariant::linear,
-        "out = x @ W.T + bias with a reduction order fixed per output element.", py::arg("out"),
-        py::arg("x"), py::arg("packed"), py::arg("bias"), py::call_guard<py::gil_scoped_release>());
+        "out = x @ W.T + bias with a reduction order fixed per output element; portable: the "
+        "portable loop even where AVX512-BF16 is compiled in.",
+        py::arg("out"), py::arg("x"), py::arg("packed"), py::arg("bias"),
+        py::arg("portable") = false, py::call_guard<py::gil_scoped_release>());
   m.def("int8_linear", &pagoda_int8::linear,
         "out = x @ W.T for W as int8 codes with a scale (and an offset) per group, packed in "
         "blocks of 16 rows (models/cpu_int8.py); isa 0: the best path, else the one forced.",
