@@ -135,6 +135,15 @@ BF16_KERNEL: EnvVar[Optional[bool]] = EnvVar(
     "--deterministic, which always runs bf16 layers on it.",
     _forced,
 )
+INT8_FOR_4BIT: EnvVar[Optional[bool]] = EnvVar(
+    "PAGODA_INT8_FOR_4BIT",
+    "bool or unset",
+    "unset (timed)",
+    'Under --quantization auto, a GGUF\'s 4-bit codes (Q4_0, Q4_1, Q4_K): "1" runs them on '
+    'the int8 kernel, two codes a byte; "0" on torch\'s 4-bit kernel; anything else: the one '
+    "timing at load finds faster on this CPU.",
+    _forced,
+)
 INT4_MAX_ROWS: EnvVar[Optional[int]] = EnvVar(
     "PAGODA_INT4_MAX_ROWS",
     "int or unset",
@@ -222,6 +231,7 @@ ALL: tuple[EnvVar[Any], ...] = (
     BF16_ATTENTION,
     PACKED_LINEAR,
     BF16_KERNEL,
+    INT8_FOR_4BIT,
     INT4_MAX_ROWS,
     BATCH_INVARIANT,
     EXT_DIR,

@@ -21,6 +21,7 @@ forms instead of timing it (0: never the int8 form).
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -32,19 +33,25 @@ from pagoda import envs
 from pagoda.kernels import cpu_int8
 from pagoda.models.base import CausalLM, Modules
 from pagoda.models.cpu_int4 import (
+    TIMING_BYTES,
     Int4Route,
+    Int4Weight,
     RoutedLinear,
     choose_routed_max_rows,
     log_limit,
     time_max_rows,
 )
+from pagoda.models.cpu_linear import best_seconds
 from pagoda.models.quantized import QuantizedTensor, dequantize
 
 logger = logging.getLogger(__name__)
 
+FOUR_BIT_ROWS = (1, 4)  # the row counts the two 4-bit kernels are timed at
+
 
 def supported(q: QuantizedTensor) -> bool:
-    """Whether the kernel takes ``q``: codes of at most 8 bits in groups of 16 or 32."""
+    """Whether the kernel takes ``q``: codes of at most 8 bits in groups of 16 or 32 (4-bit
+    ones, as the 4-bit kernel's, two a byte)."""
     return q.bits <= 8 and q.group in cpu_int8.GROUPS and q.shape[1] % q.group == 0
 
 
@@ -58,7 +65,7 @@ class Int8Weight(nn.Module):
         if not supported(q):
             raise ValueError(f"int8: no kernel for {q.source} (bits {q.bits}, group {q.group})")
         self.dtype = dtype
-        self.packed = cpu_int8.pack(q.codes, q.scale, q.offset, q.group)
+        self.packed = _pack(q)
         self.out_features, self.in_features = q.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +75,53 @@ class Int8Weight(nn.Module):
     def bytes_per_weight(self) -> float:
         """Bytes a product reads per weight: the code, its share of the scales (and offsets)."""
         return self.packed.nbytes() / (self.out_features * self.in_features)
+
+
+def _pack(q: QuantizedTensor) -> cpu_int8.PackedInt8:
+    """``q`` in the kernel's layout; 4-bit codes two a byte, Q4_0's signed ones (q - 8) as
+    ``q`` with an offset of ``-8 * scale`` (exact: a power of two times the scale)."""
+    if q.bits > 4:
+        return cpu_int8.pack(q.codes, q.scale, q.offset, q.group)
+    codes, offset = q.codes, q.offset
+    low = int(codes.min()) if codes.numel() else 0
+    if low < 0:
+        codes = (codes.to(torch.int16) - low).to(torch.int8)  # 0..15
+        shift = q.scale * float(low)
+        offset = shift if offset is None else offset + shift
+    return cpu_int8.pack(codes, q.scale, offset, q.group, nibbles=True)
+
+
+def four_bit_here(stored: list[QuantizedTensor], dtype: torch.dtype) -> bool:
+    """Whether 4-bit codes (``cpu_int4.runs_as_int4``) run faster on this kernel, two a byte,
+    than on the 4-bit kernel: timed at load on the largest shape's tensors (cold, in turn) at
+    the decode steps' row counts (``PAGODA_INT8_FOR_4BIT`` decides instead where set); False
+    where the extension is not built."""
+    if not stored or not cpu_int8.available() or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    forced = envs.INT8_FOR_4BIT()
+    if forced is not None:
+        return forced
+    shape = max((q.shape for q in stored), key=lambda s: s[0] * s[1])
+    same = [q for q in stored if q.shape == shape]
+    timed = same[: max(1, TIMING_BYTES // (shape[0] * shape[1] // 2))]
+    ours = [Int8Weight(q, dtype) for q in timed]
+    theirs = [Int4Weight.from_quantized(q, dtype) for q in timed]
+    ratios = []
+    for rows in FOUR_BIT_ROWS:
+        x = torch.randn(rows, shape[1], dtype=dtype)
+        ratios.append(
+            best_seconds([functools.partial(f, x) for f in theirs])
+            / best_seconds([functools.partial(f, x) for f in ours])
+        )
+    here = sum(ratios) / len(ratios) > 1.0
+    logger.info(
+        "4-bit codes %s: int8 kernel (two a byte) %s x the 4-bit kernel at %s rows -> %s",
+        shape,
+        "/".join(f"{r:.2f}" for r in ratios),
+        "/".join(str(r) for r in FOUR_BIT_ROWS),
+        "int8 kernel" if here else "4-bit kernel",
+    )
+    return here
 
 
 class Int8Linear(RoutedLinear):

@@ -56,11 +56,13 @@ def quantized_modules(llm: LLM) -> dict[str, str]:
     return kinds
 
 
-@pytest.mark.parametrize("mode", ["auto", "auto-budget7", "none"])
+@pytest.mark.parametrize("mode", ["auto", "auto-budget7", "auto-int8", "none"])
 def test_kquant_greedy_matches_transformers(kquant, mode, monkeypatch):
+    """``auto-int8``: the Q4_K codes on the int8 kernel, two a byte (else the 4-bit kernel)."""
     path, prompts, refs = kquant
     for key, value in ALL_ROWS.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PAGODA_INT8_FOR_4BIT", "1" if mode.endswith("int8") else "0")
     extra = dict(max_num_batched_tokens=7) if mode.endswith("budget7") else {}
     llm = LLM(path, dtype="float32", quantization=mode.split("-")[0], **extra)
     outs = llm.generate(prompts, [greedy(m) for m in MAX_TOKENS])
@@ -73,8 +75,9 @@ def test_kquant_greedy_matches_transformers(kquant, mode, monkeypatch):
         assert llm.engine.quantization == "auto"
         for layer in range(2):
             assert kinds[f"layers.{layer}.self_attn.qkv_proj"] == "Int8Linear"  # Q4_K + Q6_K
-            assert kinds[f"layers.{layer}.self_attn.o_proj"] == "Int4Linear"
-            assert kinds[f"layers.{layer}.mlp.gate_up_proj"] == "Int4Linear"
+            four_bit = "Int8Linear" if mode.endswith("int8") else "Int4Linear"
+            assert kinds[f"layers.{layer}.self_attn.o_proj"] == four_bit
+            assert kinds[f"layers.{layer}.mlp.gate_up_proj"] == four_bit
             assert kinds[f"layers.{layer}.mlp.down_proj"] == "Int8Linear"
         assert kinds["head"] == "Int8Head"
 
@@ -112,6 +115,7 @@ def test_lora_wraps_the_quantized_layers(kquant, monkeypatch):
     path, prompts, refs = kquant
     for key, value in ALL_ROWS.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PAGODA_INT8_FOR_4BIT", "0")  # Q4_K on the 4-bit kernel
     llm = LLM(path, dtype="float32", enable_lora=True, max_lora_rank=8)
     model = llm.engine.model_runner.model
     bases = {type(model.get_submodule(f"layers.0.{p}").base).__name__

@@ -1,6 +1,6 @@
 """The weight-only int8 kernel (kernels/csrc/int8_gemm.cpp) against the fp32 product of the
 dequantized weights, on every path this CPU runs (each forced in turn), groups of 16 and 32,
-with and without offsets, 1..17 rows, an output width that is no multiple of the 16-row
+with and without offsets, int8 codes and 4-bit codes two a byte, 1..17 rows, an output width that is no multiple of the 16-row
 block, bf16 and fp32 inputs; padding (of the packed weight, of x's rows, of out's rows)
 poisoned with NaN. A mutant weight (one group's scale of one row changed) must fail the same
 comparison. Fresh random inputs every run (seed shown)."""
@@ -29,11 +29,13 @@ def seed() -> int:
     return s
 
 
-def random_q(n: int, k: int, bits: int, group: int, offset: bool) -> QuantizedTensor:
+def random_q(
+    n: int, k: int, bits: int, group: int, offset: bool, unsigned: bool = False
+) -> QuantizedTensor:
     """Random codes over the whole range of ``bits``: unsigned with an offset below 8 bits
-    (as Q5_K stores them), else signed (Q6_K's q - 32; Q8_0's -127..127; -128..127 with an
-    offset); random positive scales (and offsets)."""
-    if offset and bits < 8:
+    (as Q5_K stores them) or when asked, else signed (Q6_K's q - 32; Q8_0's -127..127;
+    -128..127 with an offset); random positive scales (and offsets)."""
+    if (offset or unsigned) and bits < 8:
         lo, hi = 0, (1 << bits) - 1
     else:
         lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
@@ -71,25 +73,36 @@ def poisoned(packed: cpu_int8.PackedInt8) -> cpu_int8.PackedInt8:
     rows = torch.arange(blocks * cpu_int8.BLOCK) >= n  # (blocks * 16,)
     pad = rows.view(blocks, cpu_int8.BLOCK)
     codes = packed.codes.clone()
-    codes.permute(0, 2, 1, 3)[pad] = -128
+    if packed.nibbles:  # (blocks, K/4, 16 rows, 2 parities) of shared bytes
+        codes.view(blocks, -1, cpu_int8.BLOCK, 2).permute(0, 2, 1, 3)[pad] = 0xFF
+    else:
+        codes.permute(0, 2, 1, 3)[pad] = -128
     scale = packed.scale.clone()
     scale.transpose(1, 2)[pad] = float("nan")
     offset = None
     if packed.offset is not None:
         offset = packed.offset.clone()
         offset.transpose(1, 2)[pad] = float("nan")
-    return cpu_int8.PackedInt8(codes, scale, offset, n, packed.in_features, packed.group)
+    return cpu_int8.PackedInt8(
+        codes, scale, offset, n, packed.in_features, packed.group, packed.code_bias
+    )
 
 
 def run(
-    x: torch.Tensor, packed: cpu_int8.PackedInt8, isa: str, out_pad: int = 5
+    x: torch.Tensor,
+    packed: cpu_int8.PackedInt8,
+    isa: str,
+    out_pad: int = 5,
+    code_bias: Optional[int] = None,
 ) -> torch.Tensor:
     """The kernel into the first N columns of a NaN-filled (T, N + out_pad) buffer; the
-    padding must stay NaN (nothing past column N written)."""
+    padding must stay NaN (nothing past column N written). ``code_bias``: the packed one
+    unless given (-1: the AVX512-BF16 path's widening to fp32 even for small codes)."""
     buf = torch.full((x.shape[0], packed.out_features + out_pad), float("nan"), dtype=x.dtype)
     out = buf[:, : packed.out_features]
+    bias = packed.code_bias if code_bias is None else code_bias
     ext.require_extension().int8_linear(
-        out, x, packed.codes, packed.scale, packed.offset, packed.group, cpu_int8.ISAS[isa]
+        out, x, packed.codes, packed.scale, packed.offset, packed.group, cpu_int8.ISAS[isa], bias
     )
     assert buf[:, packed.out_features :].isnan().all()
     return out
@@ -116,30 +129,44 @@ def skip_unless(isa: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
-    "bits,group,offset", [(8, 32, False), (6, 16, False), (5, 32, True), (8, 16, True)]
+    "bits,group,offset,nibbles",
+    [
+        (8, 32, False, False),
+        (6, 16, False, False),
+        (5, 32, True, False),
+        (8, 16, True, False),
+        (4, 32, True, True),  # Q4_1 / Q4_K, two a byte
+        (4, 16, False, True),  # unsigned 4-bit codes without an offset
+    ],
 )
-def test_every_path_computes_the_dequantized_product(seed, isa, dtype, bits, group, offset):
+def test_every_path_computes_the_dequantized_product(
+    seed, isa, dtype, bits, group, offset, nibbles
+):
     skip_unless(isa, dtype)
-    q = random_q(N, K, bits, group, offset)
-    packed = poisoned(cpu_int8.pack(q.codes, q.scale, q.offset, group))
-    for rows in range(1, 18):
-        x = torch.randn(rows, K).to(dtype)
-        got = run(rows_of(x), packed, isa)
-        ref = x.float() @ dequantize(q).T
-        assert got.dtype == dtype and got.shape == (rows, N)
-        err = (got.float() - ref).abs()
-        assert (err <= bound(x, q, dtype)).all(), (seed, rows, err.max().item())
+    q = random_q(N, K, bits, group, offset, unsigned=nibbles)
+    packed = poisoned(cpu_int8.pack(q.codes, q.scale, q.offset, group, nibbles))
+    assert packed.nibbles == nibbles
+    assert (packed.code_bias >= 0) == (bits < 8)  # the small-code trick for up to 7 bits
+    for code_bias in {packed.code_bias, -1}:
+        for rows in range(1, 18):
+            x = torch.randn(rows, K).to(dtype)
+            got = run(rows_of(x), packed, isa, code_bias=code_bias)
+            ref = x.float() @ dequantize(q).T
+            assert got.dtype == dtype and got.shape == (rows, N)
+            err = (got.float() - ref).abs()
+            assert (err <= bound(x, q, dtype)).all(), (seed, code_bias, rows, err.max().item())
 
 
+@pytest.mark.parametrize("nibbles", [False, True])
 @pytest.mark.parametrize("isa", PATHS)
-def test_a_mutant_scale_fails_the_comparison(seed, isa):
+def test_a_mutant_scale_fails_the_comparison(seed, isa, nibbles):
     """One row's scale of one group swapped with its neighbour's: the comparison catches it."""
     dtype = torch.bfloat16
     skip_unless(isa, dtype)
-    q = random_q(N, K, 8, 32, False)
+    q = random_q(N, K, 4 if nibbles else 8, 32, False, unsigned=nibbles)
     scale = q.scale.clone()
     scale[20, 0], scale[20, 1] = q.scale[20, 1] * 1.5, q.scale[20, 0]
-    mutant = cpu_int8.pack(q.codes, scale, None, 32)
+    mutant = cpu_int8.pack(q.codes, scale, None, 32, nibbles)
     x = torch.randn(3, K).to(dtype)
     err = (run(x, mutant, isa).float() - x.float() @ dequantize(q).T).abs()
     assert not (err <= bound(x, q, dtype)).all(), seed
@@ -172,6 +199,8 @@ def test_bad_inputs_are_refused():
         cpu_int8.linear(torch.randn(1, K + 32), packed)
     with pytest.raises(ValueError, match="group 24"):
         cpu_int8.pack(q.codes, q.scale, None, 24)
+    with pytest.raises(ValueError, match="0..15"):
+        cpu_int8.pack(q.codes, q.scale, None, 32, nibbles=True)
 
 
 def test_q8_0_helper_matches_gguf(seed):
@@ -195,3 +224,10 @@ def test_packing_keeps_every_code(seed):
     assert offset is not None and q.offset is not None
     assert torch.equal(offset.transpose(1, 2).reshape(-1, K // 16)[:N], q.offset)
     assert p.nbytes() == p.codes.nbytes + 2 * p.scale.nbytes
+    four = random_q(N, K, 4, 32, True)
+    halved = cpu_int8.pack(four.codes, four.scale, four.offset, 32, nibbles=True)
+    shared = halved.codes.view(-1, K // 4, 32)  # (blocks, K/4, 32): pairs 2q and 2q + 1
+    pairs = torch.stack([shared & 15, shared >> 4], dim=2)  # (blocks, K/4, 2, 32)
+    unpacked = pairs.view(-1, K // 2, cpu_int8.BLOCK, 2).transpose(1, 2).reshape(-1, K)[:N]
+    assert torch.equal(unpacked.to(torch.int8), four.codes)
+    assert halved.codes.nbytes * 2 == cpu_int8.pack(four.codes, four.scale, None, 32).codes.nbytes

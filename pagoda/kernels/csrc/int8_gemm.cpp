@@ -12,6 +12,13 @@
 //
 // Layout (models/cpu_int8.py packs it at load): blocks of 16 output rows, inputs in pairs,
 //     codes[b, p, j, e] = code[16 b + j, 2 p + e]      (blocks, K / 2, 16, 2) int8
+// or, for codes of 4 bits (0..15: Q4_1, Q4_K; Q4_0's signed ones come shifted, with an
+// offset), two a byte, half the bytes to read: input pairs 2 q and 2 q + 1 share 32 bytes,
+// the first pair's code in the low nibble and the second's in the high one, each in the
+// int8 order above (byte i = 2 j + e):
+//     codes[b, q, i] = c8[b, 2 q, i] | c8[b, 2 q + 1, i] << 4      (blocks, K / 4, 32) uint8
+// (passed as (blocks, K / 2, 16)), which every path unpacks in registers before the same
+// arithmetic; the AVX512-BF16 one makes a pair's bf16 codes in two ops (tile_bf16).
 //     scale[b, g, j]    = scale[16 b + j, g]           (blocks, K / group, 16) fp32
 // (offset like scale, or absent), padding rows zero. One block reads its K * 16 codes as one
 // stream: 32 bytes per input pair, which is what vdpbf16ps multiplies (lane j: the pair of row
@@ -59,18 +66,26 @@ enum Isa : int64_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3, kAvx512Bf
 // What one call computes over: pointers and sizes, checked by the caller.
 struct Problem {
   int64_t T, N, K, group, blocks;
-  const int8_t* codes;   // (blocks, K / 2, 16, 2)
+  bool nibbles;          // 4-bit codes, two a byte (blocks, K / 2, 16)
+  const int8_t* codes;   // (blocks, K / 2, 16, 2), or nibbles
   const float* scale;    // (blocks, G, 16)
   const float* offset;   // (blocks, G, 16) or nullptr
   const float* xf;       // (T, K) fp32 rows, stride K (fp32 paths), or nullptr
   const uint16_t* xb;    // (T, ldx) bf16 rows (the vdpbf16ps path), or nullptr
   int64_t ldx;
-  const float* xsum;     // (T, G) group sums of x, or nullptr (no offset)
+  const float* xsum;     // (T, G) group sums of x, or nullptr (not needed)
   void* out;             // (T, ldo), fp32 or bf16
   int64_t ldo;
   bool out_bf16;
+  int64_t code_bias = -1;  // >= 0: every code + code_bias lies in 0..127 (the bf16 path's
+                           // exponent trick, tile_bf16_small); -1: not so (8-bit codes)
   int64_t G() const { return K / group; }
-  const int8_t* block_codes(int64_t b) const { return codes + b * K * NB; }
+  int64_t pair_bytes() const { return nibbles ? NB : 2 * NB; }  // one input pair's codes
+  const int8_t* block_codes(int64_t b) const { return codes + b * (K / 2) * pair_bytes(); }
+  // Where input pair p's codes start in a block's (for nibbles: the 32 bytes it shares).
+  const int8_t* pair_codes(const int8_t* block, int64_t p) const {
+    return nibbles ? block + (p >> 1) * 2 * NB : block + p * 2 * NB;
+  }
   const float* block_scale(int64_t b) const { return scale + b * G() * NB; }
   const float* block_offset(int64_t b) const {
     return offset == nullptr ? nullptr : offset + b * G() * NB;
@@ -91,6 +106,14 @@ void store_row(const Problem& P, int64_t t, int64_t b, const float* acc) {
 }
 
 // ------------------------------------------------------------------------------ portable
+// Row j's code of parity e in input pair p of a block's codes.
+inline int code_at(const Problem& P, const int8_t* block, int64_t p, int64_t j, int e) {
+  const int8_t* cp = P.pair_codes(block, p);
+  if (!P.nibbles) return cp[2 * j + e];
+  const unsigned v = static_cast<uint8_t>(cp[2 * j + e]);
+  return static_cast<int>((p & 1) ? v >> 4 : v & 15u);
+}
+
 void block_portable(const Problem& P, int64_t b) {
   const int64_t G = P.G(), half = P.group / 2;
   const int8_t* c = P.block_codes(b);
@@ -102,10 +125,10 @@ void block_portable(const Problem& P, int64_t b) {
     for (int64_t g = 0; g < G; ++g) {
       float dot[NB] = {0.f};
       for (int64_t p = g * half; p < (g + 1) * half; ++p) {
-        const int8_t* cp = c + p * 2 * NB;
         const float x0 = x[2 * p], x1 = x[2 * p + 1];
         for (int64_t j = 0; j < NB; ++j)
-          dot[j] += x0 * static_cast<float>(cp[2 * j]) + x1 * static_cast<float>(cp[2 * j + 1]);
+          dot[j] += x0 * static_cast<float>(code_at(P, c, p, j, 0)) +
+                    x1 * static_cast<float>(code_at(P, c, p, j, 1));
       }
       for (int64_t j = 0; j < NB; ++j) {
         acc[j] += s[g * NB + j] * dot[j];
@@ -125,6 +148,26 @@ inline void prefetch(const int8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
 }
 
+// Input pair p's 32 codes (of a block's ``c``) as int8 in (row, parity) order: rows 0..7 in
+// ``first``, 8..15 in ``second`` (4-bit codes: the pair's nibble of each shared byte; 0..15
+// read the same as int8). SSE2 only, so it inlines into every path.
+template <bool NIB>
+inline void load_pair(const Problem& P, const int8_t* c, int64_t p, __m128i& first,
+                      __m128i& second) {
+  const int8_t* cp = P.pair_codes(c, p);
+  if constexpr (NIB) {
+    const __m128i shift = _mm_cvtsi32_si128(static_cast<int>((p & 1) * 4));
+    const __m128i mask = _mm_set1_epi8(0x0f);
+    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cp));
+    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16));
+    first = _mm_and_si128(_mm_srl_epi16(v0, shift), mask);
+    second = _mm_and_si128(_mm_srl_epi16(v1, shift), mask);
+  } else {
+    first = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cp));
+    second = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16));
+  }
+}
+
 // ------------------------------------------------------------------------------ AVX2 + FMA
 // A pair's 32 codes are four vectors of 8 lanes, (row 4q + i, parity e) in lane 2i + e.
 // Per group, hadd of quarters (0, 1) and (2, 3) sums the parities into rows in the order
@@ -132,7 +175,7 @@ inline void prefetch(const int8_t* p) {
 // results put back in row order at its end.
 constexpr int MT2 = 2;  // rows per register tile
 
-template <int M>
+template <int M, bool NIB>
 PAGODA_I8_AVX2 void tile_avx2(const Problem& P, int64_t b, int64_t t0) {
   const int64_t G = P.G(), half = P.group / 2;
   const int8_t* c = P.block_codes(b);
@@ -146,13 +189,13 @@ PAGODA_I8_AVX2 void tile_avx2(const Problem& P, int64_t b, int64_t t0) {
     for (int t = 0; t < M; ++t)
       for (int q = 0; q < 4; ++q) dot[t][q] = _mm256_setzero_ps();
     for (int64_t p = g * half; p < (g + 1) * half; ++p) {
-      const int8_t* cp = c + p * 2 * NB;
-      if ((p & 1) == 0) prefetch(cp + kPrefetchBytes);
+      if ((p & 1) == 0) prefetch(P.pair_codes(c, p) + kPrefetchBytes);
+      __m128i first, second;
+      load_pair<NIB>(P, c, p, first, second);
+      const __m128i quarter[4] = {first, _mm_srli_si128(first, 8), second,
+                                  _mm_srli_si128(second, 8)};
       __m256 w[4];
-      for (int q = 0; q < 4; ++q) {
-        const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + 8 * q));
-        w[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-      }
+      for (int q = 0; q < 4; ++q) w[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(quarter[q]));
       for (int t = 0; t < M; ++t) {
         double pair;
         std::memcpy(&pair, P.xf + (t0 + t) * P.K + 2 * p, sizeof(pair));
@@ -182,10 +225,11 @@ PAGODA_I8_AVX2 void tile_avx2(const Problem& P, int64_t b, int64_t t0) {
   }
 }
 
+template <bool NIB>
 PAGODA_I8_AVX2 void block_avx2(const Problem& P, int64_t b) {
   int64_t t = 0;
-  for (; t + MT2 <= P.T; t += MT2) tile_avx2<MT2>(P, b, t);
-  if (t < P.T) tile_avx2<1>(P, b, t);
+  for (; t + MT2 <= P.T; t += MT2) tile_avx2<MT2, NIB>(P, b, t);
+  if (t < P.T) tile_avx2<1, NIB>(P, b, t);
 }
 
 // ------------------------------------------------------------------------------ AVX-512F
@@ -195,7 +239,7 @@ PAGODA_I8_AVX2 void block_avx2(const Problem& P, int64_t b) {
 // lanes at its end.
 constexpr int MT5 = 6;
 
-template <int M>
+template <int M, bool NIB>
 PAGODA_I8_AVX512 void tile_avx512(const Problem& P, int64_t b, int64_t t0) {
   const int64_t G = P.G(), half = P.group / 2;
   const int8_t* c = P.block_codes(b);
@@ -209,12 +253,11 @@ PAGODA_I8_AVX512 void tile_avx512(const Problem& P, int64_t b, int64_t t0) {
     __m512 dot[M][2];
     for (int t = 0; t < M; ++t) dot[t][0] = dot[t][1] = _mm512_setzero_ps();
     for (int64_t p = g * half; p < (g + 1) * half; ++p) {
-      const int8_t* cp = c + p * 2 * NB;
-      if ((p & 1) == 0) prefetch(cp + kPrefetchBytes);
-      const __m512 lo = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp))));
-      const __m512 hi = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16))));
+      if ((p & 1) == 0) prefetch(P.pair_codes(c, p) + kPrefetchBytes);
+      __m128i first, second;
+      load_pair<NIB>(P, c, p, first, second);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(first));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(second));
       for (int t = 0; t < M; ++t) {
         double pair;
         std::memcpy(&pair, P.xf + (t0 + t) * P.K + 2 * p, sizeof(pair));
@@ -253,55 +296,107 @@ PAGODA_I8_AVX512 void tile_avx512(const Problem& P, int64_t b, int64_t t0) {
   }
 }
 
+template <bool NIB>
 PAGODA_I8_AVX512 void block_avx512(const Problem& P, int64_t b) {
   int64_t t = 0;
-  for (; t + MT5 <= P.T; t += MT5) tile_avx512<MT5>(P, b, t);
+  for (; t + MT5 <= P.T; t += MT5) tile_avx512<MT5, NIB>(P, b, t);
   switch (P.T - t) {
-    case 5: return tile_avx512<5>(P, b, t);
-    case 4: return tile_avx512<4>(P, b, t);
-    case 3: return tile_avx512<3>(P, b, t);
-    case 2: return tile_avx512<2>(P, b, t);
-    case 1: return tile_avx512<1>(P, b, t);
+    case 5: return tile_avx512<5, NIB>(P, b, t);
+    case 4: return tile_avx512<4, NIB>(P, b, t);
+    case 3: return tile_avx512<3, NIB>(P, b, t);
+    case 2: return tile_avx512<2, NIB>(P, b, t);
+    case 1: return tile_avx512<1, NIB>(P, b, t);
     default: return;
   }
 }
 
 // ------------------------------------------------------------------------------ AVX512-BF16
-// A pair's 32 codes widened to fp32 and narrowed to bf16 (exact: |code| <= 128) as one
-// vector of 16 (code[j, 2p], code[j, 2p + 1]) pairs: lane j is row j, and vdpbf16ps against
-// the broadcast word (x[2p], x[2p + 1]) adds both products (exact) to it. Tiles of up to 16
-// rows: their dot products stay in registers through a group; the running sums, touched
-// once a group, may live in memory.
+// A pair's 32 codes as one vector of 16 (code[j, 2p], code[j, 2p + 1]) bf16 pairs: lane j is
+// row j, and vdpbf16ps against the broadcast word (x[2p], x[2p + 1]) adds both products
+// (exact) to it. Two ways to make the bf16 codes:
+//  - any int8 code: widened to fp32 and narrowed to bf16 (exact: |code| <= 128);
+//  - codes of at most 7 bits (SMALL: code + code_bias in 0..127): the bf16 with bits
+//    0x4300 | v is exactly 128 + v (exponent 7, mantissa v), so two integer ops (widen to 16
+//    bits, or in the exponent; one more to add the bias) make them, and vdpbf16ps sums
+//    x * (128 + code_bias + code). The excess, (128 + code_bias) times the group's sum of x,
+//    comes off once a group with the scale: the rounding of the fp32 sums then scales with
+//    128 + code rather than code (about 2^-20 of the result; bf16 out rounds at 2^-8).
+// Tiles of up to 16 rows; their dot products stay in registers through a group, the running
+// sums, touched once a group, may live in memory. A tile of few rows keeps CHAINS partial dot
+// products per row (pairs taken in turn), so the adds do not wait on one another (at one row,
+// a single chain of vdpbf16ps is bound by its latency, not by reading the codes).
 constexpr int MTB = 16;
 
-template <int M>
+// Input pairs p0 .. p0 + 3's codes as bf16 (p0 a multiple of 4).
+template <bool NIB, bool SMALL>
+PAGODA_I8_BF16 inline void bf16_codes(const Problem& P, const int8_t* c, int64_t p0,
+                                      __m512i bias, __m512bh w[4]) {
+  const __m512i exponent = _mm512_set1_epi16(0x4300);
+  if constexpr (NIB && SMALL) {  // code_bias 0: (byte & 15) | 0x4300 and (byte >> 4) | 0x4300
+    const __m512i low4 = _mm512_set1_epi16(0x000f);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(P.pair_codes(c, p0 + 2 * h)));
+      const __m512i w16 = _mm512_cvtepu8_epi16(v);
+      w[2 * h] = (__m512bh)_mm512_ternarylogic_epi32(w16, low4, exponent, 0xEA);  // a&b | c
+      w[2 * h + 1] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(w16, 4), exponent);
+    }
+  } else {
+    for (int i = 0; i < 4; ++i) {
+      __m128i first, second;
+      load_pair<NIB>(P, c, p0 + i, first, second);
+      if constexpr (SMALL) {  // int8 codes of at most 7 bits
+        const __m512i w16 = _mm512_cvtepi8_epi16(_mm256_set_m128i(second, first));
+        w[i] = (__m512bh)_mm512_or_si512(_mm512_add_epi16(w16, bias), exponent);
+      } else {
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(first));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(second));
+        w[i] = _mm512_cvtne2ps_pbh(hi, lo);  // lo's 16 bf16 first
+      }
+    }
+  }
+}
+
+template <int M, bool NIB, bool SMALL>
 PAGODA_I8_BF16 void tile_bf16(const Problem& P, int64_t b, int64_t t0) {
-  const int64_t G = P.G(), half = P.group / 2;
+  constexpr int CHAINS = M >= 4 ? 1 : (M >= 2 ? 2 : 4);
+  const int64_t G = P.G(), half = P.group / 2;  // half: 8 or 16 pairs, taken 4 at a time
   const int8_t* c = P.block_codes(b);
   const float* s = P.block_scale(b);
   const float* o = P.block_offset(b);
+  const __m512i bias = _mm512_set1_epi16(static_cast<int16_t>(SMALL ? P.code_bias : 0));
+  const __m512 excess = _mm512_set1_ps(-(128.f + static_cast<float>(P.code_bias)));
   __m512 acc[M];
   for (int t = 0; t < M; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 dot[M];
-    for (int t = 0; t < M; ++t) dot[t] = _mm512_setzero_ps();
-    for (int64_t p = g * half; p < (g + 1) * half; ++p) {
-      const int8_t* cp = c + p * 2 * NB;
-      if ((p & 1) == 0) prefetch(cp + kPrefetchBytes);
-      const __m512 lo = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp))));
-      const __m512 hi = _mm512_cvtepi32_ps(
-          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + 16))));
-      const __m512bh w = _mm512_cvtne2ps_pbh(hi, lo);  // lo's 16 bf16 first
-      for (int t = 0; t < M; ++t) {
-        uint32_t pair;
-        std::memcpy(&pair, P.xb + (t0 + t) * P.ldx + 2 * p, sizeof(pair));
-        const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
-        dot[t] = _mm512_dpbf16_ps(dot[t], xv, w);
+    __m512 dot[CHAINS][M];
+    for (int u = 0; u < CHAINS; ++u)
+      for (int t = 0; t < M; ++t) dot[u][t] = _mm512_setzero_ps();
+    for (int64_t p0 = g * half; p0 < (g + 1) * half; p0 += 4) {
+      const int8_t* ahead = P.pair_codes(c, p0) + kPrefetchBytes;
+      prefetch(ahead);
+      if (!NIB) prefetch(ahead + 64);
+      __m512bh w[4];
+      bf16_codes<NIB, SMALL>(P, c, p0, bias, w);
+      for (int i = 0; i < 4; ++i) {
+        const int u = i % CHAINS;
+        for (int t = 0; t < M; ++t) {
+          uint32_t pair;
+          std::memcpy(&pair, P.xb + (t0 + t) * P.ldx + 2 * (p0 + i), sizeof(pair));
+          const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+          dot[u][t] = _mm512_dpbf16_ps(dot[u][t], xv, w[i]);
+        }
       }
     }
+    for (int u = 1; u < CHAINS; ++u)
+      for (int t = 0; t < M; ++t) dot[0][t] = _mm512_add_ps(dot[0][t], dot[u][t]);
     const __m512 sv = _mm512_loadu_ps(s + g * NB);
-    for (int t = 0; t < M; ++t) acc[t] = _mm512_fmadd_ps(sv, dot[t], acc[t]);
+    for (int t = 0; t < M; ++t) acc[t] = _mm512_fmadd_ps(sv, dot[0][t], acc[t]);
+    if (SMALL) {
+      const __m512 sx = _mm512_mul_ps(sv, excess);
+      for (int t = 0; t < M; ++t)
+        acc[t] = _mm512_fmadd_ps(sx, _mm512_set1_ps(P.xsum[(t0 + t) * G + g]), acc[t]);
+    }
     if (o != nullptr) {
       const __m512 ov = _mm512_loadu_ps(o + g * NB);
       for (int t = 0; t < M; ++t)
@@ -315,25 +410,26 @@ PAGODA_I8_BF16 void tile_bf16(const Problem& P, int64_t b, int64_t t0) {
   }
 }
 
+template <bool NIB, bool SMALL>
 PAGODA_I8_BF16 void block_bf16(const Problem& P, int64_t b) {
   int64_t t = 0;
-  for (; t + MTB <= P.T; t += MTB) tile_bf16<MTB>(P, b, t);
+  for (; t + MTB <= P.T; t += MTB) tile_bf16<MTB, NIB, SMALL>(P, b, t);
   switch (P.T - t) {
-    case 15: return tile_bf16<15>(P, b, t);
-    case 14: return tile_bf16<14>(P, b, t);
-    case 13: return tile_bf16<13>(P, b, t);
-    case 12: return tile_bf16<12>(P, b, t);
-    case 11: return tile_bf16<11>(P, b, t);
-    case 10: return tile_bf16<10>(P, b, t);
-    case 9: return tile_bf16<9>(P, b, t);
-    case 8: return tile_bf16<8>(P, b, t);
-    case 7: return tile_bf16<7>(P, b, t);
-    case 6: return tile_bf16<6>(P, b, t);
-    case 5: return tile_bf16<5>(P, b, t);
-    case 4: return tile_bf16<4>(P, b, t);
-    case 3: return tile_bf16<3>(P, b, t);
-    case 2: return tile_bf16<2>(P, b, t);
-    case 1: return tile_bf16<1>(P, b, t);
+    case 15: return tile_bf16<15, NIB, SMALL>(P, b, t);
+    case 14: return tile_bf16<14, NIB, SMALL>(P, b, t);
+    case 13: return tile_bf16<13, NIB, SMALL>(P, b, t);
+    case 12: return tile_bf16<12, NIB, SMALL>(P, b, t);
+    case 11: return tile_bf16<11, NIB, SMALL>(P, b, t);
+    case 10: return tile_bf16<10, NIB, SMALL>(P, b, t);
+    case 9: return tile_bf16<9, NIB, SMALL>(P, b, t);
+    case 8: return tile_bf16<8, NIB, SMALL>(P, b, t);
+    case 7: return tile_bf16<7, NIB, SMALL>(P, b, t);
+    case 6: return tile_bf16<6, NIB, SMALL>(P, b, t);
+    case 5: return tile_bf16<5, NIB, SMALL>(P, b, t);
+    case 4: return tile_bf16<4, NIB, SMALL>(P, b, t);
+    case 3: return tile_bf16<3, NIB, SMALL>(P, b, t);
+    case 2: return tile_bf16<2, NIB, SMALL>(P, b, t);
+    case 1: return tile_bf16<1, NIB, SMALL>(P, b, t);
     default: return;
   }
 }
@@ -369,14 +465,19 @@ Isa choose(int64_t isa, bool x_bf16) {
 }
 
 void run_blocks(const Problem& P, Isa isa) {
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / (P.K * NB));
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / (P.K / 2 * P.pair_bytes()));
   at::parallel_for(0, P.blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       switch (isa) {
 #if defined(PAGODA_I8_X86)
-        case kAvx512Bf16: block_bf16(P, b); break;
-        case kAvx512: block_avx512(P, b); break;
-        case kAvx2: block_avx2(P, b); break;
+        case kAvx512Bf16:
+          if (P.code_bias >= 0)
+            P.nibbles ? block_bf16<true, true>(P, b) : block_bf16<false, true>(P, b);
+          else
+            P.nibbles ? block_bf16<true, false>(P, b) : block_bf16<false, false>(P, b);
+          break;
+        case kAvx512: P.nibbles ? block_avx512<true>(P, b) : block_avx512<false>(P, b); break;
+        case kAvx2: P.nibbles ? block_avx2<true>(P, b) : block_avx2<false>(P, b); break;
 #endif
         default: block_portable(P, b);
       }
@@ -389,7 +490,8 @@ void run_blocks(const Problem& P, Isa isa) {
 // out (T, N) = x (T, K) @ W^T for W packed as above (the file's header). x and out: one dtype,
 // fp32 or bf16, contiguous rows; ``isa``: 0 the best path, else the one forced (for tests).
 void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-            const c10::optional<at::Tensor>& offset, int64_t group, int64_t isa) {
+            const c10::optional<at::Tensor>& offset, int64_t group, int64_t isa,
+            int64_t code_bias) {
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), "int8_linear: CPU tensors only");
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1,
               "int8_linear: x and out must be 2-D with contiguous rows");
@@ -398,12 +500,18 @@ void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes, const 
               "int8_linear: x must be float32 or bfloat16");
   TORCH_CHECK(out.scalar_type() == dtype, "int8_linear: out must have x's dtype");
   TORCH_CHECK(group == 16 || group == 32, "int8_linear: group must be 16 or 32");
-  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 4 && codes.size(2) == NB &&
-                  codes.size(3) == 2 && codes.is_contiguous(),
-              "int8_linear: codes must be contiguous (blocks, K / 2, 16, 2) int8");
+  TORCH_CHECK(code_bias >= -1 && code_bias <= 128, "int8_linear: code_bias must be -1..128");
+  const bool nibbles = codes.dim() == 3;
+  TORCH_CHECK(codes.is_contiguous() && codes.size(2) == NB &&
+                  (nibbles ? codes.scalar_type() == at::kByte
+                           : codes.scalar_type() == at::kChar && codes.dim() == 4 &&
+                                 codes.size(3) == 2),
+              "int8_linear: codes must be contiguous (blocks, K / 2, 16, 2) int8, or "
+              "(blocks, K / 2, 16) uint8 for 4-bit codes two a byte");
+  TORCH_CHECK(!nibbles || code_bias <= 0, "int8_linear: 4-bit codes take code_bias 0 (or -1)");
   const int64_t T = x.size(0), K = x.size(1), N = out.size(1), blocks = codes.size(0);
   TORCH_CHECK(out.size(0) == T && codes.size(1) * 2 == K && K % group == 0,
-              "int8_linear: x (T, K), out (T, N) and codes (blocks, K / 2, 16, 2) disagree");
+              "int8_linear: x (T, K), out (T, N) and codes (blocks, K / 2, 16, ...) disagree");
   TORCH_CHECK(N <= blocks * NB && N > (blocks - 1) * NB, "int8_linear: ", N,
               " output columns for ", blocks, " blocks of 16");
   auto check_groups = [&](const at::Tensor& t, const char* name) {
@@ -418,14 +526,17 @@ void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes, const 
   const bool x_bf16 = dtype == at::kBFloat16;
   const Isa path = choose(isa, x_bf16);
 
-  Problem P{T, N, K, group, blocks, codes.data_ptr<int8_t>(), scale.data_ptr<float>(),
+  Problem P{T, N, K, group, blocks, nibbles, static_cast<const int8_t*>(codes.data_ptr()),
+            scale.data_ptr<float>(),
             has_offset ? offset->data_ptr<float>() : nullptr, nullptr, nullptr, x.stride(0),
             nullptr, out.data_ptr(), out.stride(0), x_bf16};
   // The fp32 paths read x as fp32 rows (bf16 widened once here); every path reads the group
-  // sums of x where there is an offset.
+  // sums of x where there is an offset, and the bf16 path for small codes too.
   std::vector<float> xf_buf, xsum_buf;
   const bool need_f32 = path != kAvx512Bf16;
-  if (need_f32 || has_offset) {
+  if (path == kAvx512Bf16) P.code_bias = code_bias;
+  const bool need_sums = has_offset || P.code_bias >= 0;
+  if (need_f32 || need_sums) {
     xf_buf.resize(static_cast<size_t>(T * K));
     for (int64_t t = 0; t < T; ++t) {
       float* dst = xf_buf.data() + t * K;
@@ -438,7 +549,7 @@ void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes, const 
     }
     P.xf = xf_buf.data();
   }
-  if (has_offset) {
+  if (need_sums) {
     const int64_t G = K / group;
     xsum_buf.assign(static_cast<size_t>(T * G), 0.f);
     for (int64_t t = 0; t < T; ++t)

@@ -1316,7 +1316,8 @@ std::string isa();
 // The weight-only int8 linear of quantized GGUF tensors (int8_gemm.cpp).
 namespace pagoda_int8 {
 void linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-            const c10::optional<at::Tensor>& offset, int64_t group, int64_t isa);
+            const c10::optional<at::Tensor>& offset, int64_t group, int64_t isa,
+            int64_t code_bias);
 std::vector<int64_t> available();
 }  // namespace pagoda_int8
 
@@ -1398,7 +1399,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = x @ W.T for W as int8 codes with a scale (and an offset) per group, packed in "
         "blocks of 16 rows (models/cpu_int8.py); isa 0: the best path, else the one forced.",
         py::arg("out"), py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("offset"),
-        py::arg("group"), py::arg("isa") = 0, py::call_guard<py::gil_scoped_release>());
+        py::arg("group"), py::arg("isa") = 0, py::arg("code_bias") = -1,
+        py::call_guard<py::gil_scoped_release>());
   m.def("int8_isas", &pagoda_int8::available,
         "The int8_linear paths this CPU runs (1 portable, 2 avx2, 3 avx512, 4 avx512_bf16).");
   pagoda_suffix::bind(m);
