@@ -61,6 +61,7 @@ from pagoda.models.cpu_int4 import resolve_quantization
 from pagoda.models.encoder_loader import load_encoder
 from pagoda.models.loader import load_model, resolve_dtype, resolve_kv_cache_dtype
 from pagoda.models.prepare import PreparedModel, prepare_model
+from pagoda.models.quantized import stored_format
 from pagoda.request import Request
 from pagoda.spec_decode.policy import StepCostModel
 from pagoda.spec_decode.speculator import Speculator
@@ -256,6 +257,7 @@ def _load(args: EngineArgs) -> tuple[ServedModel, PreparedModel]:
         dtype,
         kv_dtype,
         prepared.quantization,
+        weights_format=stored_format(loaded.quantized) if prepared.quantization else None,
     )
     return served, prepared
 

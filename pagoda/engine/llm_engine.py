@@ -63,12 +63,12 @@ class LLMEngine:
         self.model_name, self.arch, self.tokenizer = model.name, model.arch, model.tokenizer
         self.chat_template, self.max_model_len = model.chat_template, model.max_model_len
         self.device, self.dtype, self.kv_dtype = model.device, model.dtype, model.kv_dtype
-        self.quantization, self.pooling_tasks = model.quantization, model.pooling_tasks
+        self.quantization, self.weights_format = model.quantization, model.weights_format
         self.block_size, self.num_blocks = parts.block_size, parts.plan.num_blocks
         self.sliding_blocks = parts.plan.sliding_blocks  # the sliding layers' pool, or None
         self.last_step, self.inspector = CoreStep(), Inspector()  # Inspector: GET /inspect
-        # What it serves: "generate", or "pooling" (for pooling_tasks, with its pooler).
-        self.runner_kind, self.pooler = model.runner_kind, parts.pooler
+        self.runner_kind, self.pooler = model.runner_kind, parts.pooler  # generate | pooling
+        self.pooling_tasks = model.pooling_tasks  # what a pooling runner serves
         self.num_prompt_tokens = self.num_pooling_requests = self.num_pooling_tokens = 0
 
     @property

@@ -31,6 +31,9 @@ class ServedModel:
     # score); a generation model pools nothing.
     runner_kind: RunnerKind = "generate"
     pooling_tasks: frozenset[str] = frozenset()
+    # Under --quantization auto, the quantized file's type most of its weights are stored in
+    # (Q4_1, Q4_K, Q5_0, ...), as Ollama reports a model's quantization level; else None.
+    weights_format: Optional[str] = None
 
     @property
     def key(self) -> str:

@@ -9,7 +9,7 @@ Invariant: ``dequantize(q)`` is the file's dequantization in fp32 bit for bit, c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -77,3 +77,13 @@ def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
     codes = torch.cat([p.codes for p in parts])
     source = "+".join(dict.fromkeys(p.source for p in parts))
     return QuantizedTensor(codes, scale, offset, group, max(p.bits for p in parts), source)
+
+
+def stored_format(tensors: Mapping[str, QuantizedTensor]) -> Optional[str]:
+    """The ggml type most of ``tensors``' weights are stored in (a stacked tensor counts
+    under its first shard's type), or None where there are none."""
+    counts: dict[str, int] = {}
+    for q in tensors.values():
+        source = q.source.split("+")[0]
+        counts[source] = counts.get(source, 0) + q.codes.numel()
+    return max(counts, key=lambda k: counts[k]) if counts else None

@@ -123,3 +123,17 @@ def test_lora_wraps_the_quantized_layers(kquant, monkeypatch):
     assert bases == {"Int4Linear", "Int8Linear"}
     outs = llm.generate(prompts, [greedy(m) for m in MAX_TOKENS])
     assert [o.token_ids for o in outs] == refs
+
+
+def test_the_stored_type_names_the_weights_format(kquant, monkeypatch):
+    """Under auto the engine names the type most weights are stored in (what Ollama shows as
+    the quantization level); under none, the dtype."""
+    from pagoda.entrypoints.ollama.models import _quantization
+
+    path, _, _ = kquant
+    monkeypatch.setenv("PAGODA_INT4_MAX_ROWS", "8")  # the quantized forms kept
+    auto = LLM(path, dtype="float32").engine
+    assert auto.quantization == "auto" and auto.weights_format == "Q4_K"
+    assert _quantization(auto) == "Q4_K"
+    none = LLM(path, dtype="float32", quantization="none").engine
+    assert none.weights_format is None and _quantization(none) == "F32"

@@ -161,7 +161,11 @@ def _weights(engine: Any) -> tuple[int, int]:
 
 
 def _quantization(engine: Any) -> str:
-    """The weights' quantization, else their dtype (``F32``, ``BF16``), as Ollama names it."""
+    """The weights' quantization (a GGUF run as stored: the type most of its weights are
+    stored in, ``Q4_1``), else their dtype (``F32``, ``BF16``), as Ollama names it."""
+    stored = getattr(engine, "weights_format", None)
+    if stored:
+        return str(stored)
     quantization = getattr(engine, "quantization", None)
     if quantization:
         return str(quantization).upper()
