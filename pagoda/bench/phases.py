@@ -9,8 +9,10 @@ read bandwidth:
     bytes(decode step) = weight bytes (layers + the vocab x hidden logits matrix)
                        + sum over the B sequences of context_len x KV bytes per token
 
-(with ``--quantization int4``, a step of at most the 4-bit row limit reads the layers' 4-bit
-codes and their scales and zeros instead of their dense weights: ``cpu_int4.bytes_per_weight``).
+The weight bytes are those of the forms the step runs (:func:`model_weight_bytes`: a step of at
+most a quantized layer's row limit reads its 4-bit or int8 codes with their scales, a larger
+one its dense weight, packed or not; the output projection likewise), else (no model at hand)
+every weight in the model's dtype.
 
 The monitor wraps the runner's ``launch`` and ``collect`` (instrumentation only) and times
 every step from the previous step's end to its own (host and compute, as synchronous CPU
@@ -25,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from torch import nn
 
 from pagoda.bench import flops
 from pagoda.bench.gpu import computed_before, kv_bytes_per_token, weight_bytes_per_step
 from pagoda.core.outputs import ModelRunnerOutput, SchedulerOutput
-from pagoda.models.cpu_int4 import bytes_per_weight
+from pagoda.models import cpu_bf16, cpu_int4, cpu_int8, cpu_linear
 
 READ_BYTES = 1 << 30  # the buffer summed to measure read bandwidth (past any cache)
 READ_REPEATS = 5
@@ -115,13 +118,44 @@ class StepMonitor:
         return out
 
 
-def decode_weight_bytes(arch: Any, dtype: torch.dtype, rows: int, int4_max_rows: int = 0) -> int:
-    """Weights a decode step of ``rows`` rows reads (module docstring)."""
-    dense = weight_bytes_per_step(arch, dtype)
-    if rows > int4_max_rows:
-        return dense
-    layers = arch.num_params_non_embedding
-    return int(dense - layers * dtype.itemsize + layers * bytes_per_weight(dtype))
+def model_weight_bytes(model: Any) -> Callable[[int], int]:
+    """Weights a step of ``rows`` rows reads through ``model``'s decoder layers and output
+    projection, in the forms it runs at that row count (the embedding lookup reads only the
+    step's rows: not counted)."""
+
+    def step_bytes(rows: int) -> int:
+        head = model.packed_head if model.packed_head is not None else None
+        head_bytes = module_bytes(head, rows) if head is not None else _nbytes(model.output_weight)
+        return sum(module_bytes(layer, rows) for layer in model.layers) + head_bytes
+
+    return step_bytes
+
+
+def module_bytes(module: nn.Module, rows: int) -> int:
+    """Weight bytes a call of ``rows`` rows reads through ``module`` and what it holds."""
+    if isinstance(module, cpu_int4.RoutedLinear):
+        counted = rows if module.route.rows is None else module.route.rows
+        if counted > module.max_rows:
+            return module_bytes(module.dense, rows)
+        if isinstance(module, cpu_int8.Int8Linear):
+            return module.int8.packed.nbytes()
+        assert isinstance(module, cpu_int4.Int4Linear)
+        return _nbytes(module.int4.packed) + _nbytes(module.int4.scale_zeros)
+    if isinstance(module, cpu_int8.Int8Head):
+        if module.quantized(rows):
+            return module.int8.packed.nbytes()
+        dense = module.dense
+        return module_bytes(dense, rows) if dense is not None else _nbytes(module.weight)
+    if isinstance(module, cpu_linear.PackedLinear):
+        return module.out_features * module.in_features * module.packed.element_size()
+    if isinstance(module, cpu_bf16.InvariantLinear):
+        return _nbytes(module.packed) + _nbytes(module.bias32)
+    own = sum(_nbytes(p) for p in module.parameters(recurse=False))
+    return own + sum(module_bytes(child, rows) for child in module.children())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def summarize(
@@ -132,9 +166,11 @@ def summarize(
     shape: flops.ModelShape,
     limit_flops_per_s: float,
     read_limit_bytes_per_s: float,
-    int4_max_rows: int = 0,
+    weight_bytes: Optional[Callable[[int], int]] = None,
 ) -> dict[str, Any]:
-    """Each phase's time, work and fraction of its limit."""
+    """Each phase's time, work and fraction of its limit; ``weight_bytes``: the weights a
+    decode step of so many rows reads (:func:`model_weight_bytes`; default: every weight in
+    ``dtype``)."""
     prefill = [s for s in steps if not s.is_decode]
     decode = [s for s in steps if s.is_decode]
     linear = 2 * shape.params_non_embedding
@@ -142,10 +178,9 @@ def summarize(
     p_flops = sum(linear * s.tokens + s.attention_flops + logits * s.seqs for s in prefill)
     p_time = sum(s.seconds for s in prefill)
     per_token = kv_bytes_per_token(arch, kv_dtype)
-    d_bytes = sum(
-        decode_weight_bytes(arch, dtype, s.seqs, int4_max_rows) + s.context_tokens * per_token
-        for s in decode
-    )
+    dense = weight_bytes_per_step(arch, dtype)
+    read = weight_bytes if weight_bytes is not None else (lambda rows: dense)
+    d_bytes = sum(read(s.seqs) + s.context_tokens * per_token for s in decode)
     d_time = sum(s.seconds for s in decode)
     out: dict[str, Any] = {
         "prefill_steps": len(prefill),

@@ -639,7 +639,7 @@ def main(ns: argparse.Namespace) -> int:
                 shape,
                 limit,
                 read_bw,
-                engine.model_runner.int4_max_rows,
+                phases.model_weight_bytes(engine.model_runner.model),
             )
     except RuntimeError as e:
         print(f"pagoda: error: {e}", file=sys.stderr)

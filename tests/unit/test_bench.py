@@ -155,15 +155,37 @@ def test_phase_accounting_by_hand() -> None:
     decode_bytes = 4 * 1080 + 10 * 2 * 2 * 4 * 2
     assert got["decode_bytes"] == decode_bytes
     assert got["decode_fraction_of_limit"] == pytest.approx(decode_bytes / 0.25 / 1e5)
-    # With 4-bit layers for steps of at most 2 rows: 1000 weights at 0.5 + 2 * 4 / 32 bytes
-    # (fp32 scales and zeros), the logits matrix still dense.
-    int4 = phases.summarize(steps, arch, torch.float32, torch.bfloat16, shape,
-                            limit_flops_per_s=1e4, read_limit_bytes_per_s=1e5, int4_max_rows=2)
-    assert int4["decode_bytes"] == 1000 * 0.75 + 4 * 80 + 10 * 2 * 2 * 4 * 2
-    one_row = phases.summarize(steps, arch, torch.float32, torch.bfloat16, shape,
-                               limit_flops_per_s=1e4, read_limit_bytes_per_s=1e5,
-                               int4_max_rows=1)
-    assert one_row["decode_bytes"] == decode_bytes       # 2-row steps: dense
+    # A weight-bytes function (the forms a step runs) replaces the dense estimate.
+    quantized = phases.summarize(steps, arch, torch.float32, torch.bfloat16, shape,
+                                 limit_flops_per_s=1e4, read_limit_bytes_per_s=1e5,
+                                 weight_bytes=lambda rows: 100 * rows)
+    assert quantized["decode_bytes"] == 200 + 10 * 2 * 2 * 4 * 2
+
+
+def test_model_weight_bytes_follow_the_forms_a_step_runs(tmp_path: Path, monkeypatch) -> None:
+    """A tiny llama with 4-bit layers for steps of at most 2 rows: a 1-row step reads their
+    4-bit codes, scales and zeros, a 3-row step their dense weights; norms and the output
+    projection either way."""
+    from tiny_models import make_model
+
+    from pagoda import LLM
+    from pagoda.bench import phases
+    from pagoda.models import cpu_int4
+
+    monkeypatch.setenv("PAGODA_INT4_MAX_ROWS", "2")
+    monkeypatch.setenv("PAGODA_PACKED_LINEAR", "0")
+    path = make_model(str(tmp_path / "tiny"), "llama", seed=1)
+    model = LLM(path, dtype="float32", quantization="int4").engine.model_runner.model
+    read = phases.model_weight_bytes(model)
+    quantized = [m for m in model.layers.modules() if isinstance(m, cpu_int4.Int4Linear)]
+    assert quantized and model.packed_head is None
+    dense = sum(p.numel() * 4 for p in model.layers.parameters())  # the dense copies included
+    head = model.output_weight.numel() * 4
+    assert read(3) == dense + head
+    small = sum(m.int4.packed.numel() * m.int4.packed.element_size()
+                + m.int4.scale_zeros.numel() * 4 for m in quantized)
+    dense_linears = sum(m.dense.weight.numel() * 4 for m in quantized)
+    assert read(1) == dense - dense_linears + small + head < read(3)
 
 
 def test_spec_bench_tiny_run(tmp_path: Path) -> None:
