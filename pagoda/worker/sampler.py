@@ -22,6 +22,7 @@ import torch
 
 from pagoda.core.outputs import TokenLogprobs
 from pagoda.kernels import cpu_fused, ext
+from pagoda.models.cpu_bf16 import InvariantLinear
 from pagoda.models.cpu_int8 import Int8Head
 from pagoda.sampling import SamplingParams
 from pagoda.worker import gumbel
@@ -34,6 +35,9 @@ _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 # few columns; from a few more rows on greedy_tokens is as fast or faster (the measurements:
 # docs/benchmarks.md, "Greedy at one row").
 PACKED_HEAD_MAX_ROWS = 8
+# The same for an output projection on pagoda's bf16 kernel (models/cpu_bf16.py, taken at load
+# where it times faster than oneDNN's packed form), which keeps its lead to more rows.
+KERNEL_HEAD_MAX_ROWS = 128
 
 
 @dataclass
@@ -69,8 +73,9 @@ def greedy_from_hidden(
     """Tokens straight from the final hidden states (S, E) and the output projection (V, E)
     when every row is plain greedy on the CPU bf16 path (and ``fused``, the runner's choice):
     ``weight @ hidden.T`` and a column argmax (see ``cpu_fused.greedy_tokens``), never building
-    the (S, V) logits; up to ``PACKED_HEAD_MAX_ROWS`` rows, ``packed_head`` (the packed
-    projection, where there is one) and a row argmax. An int8 output projection
+    the (S, V) logits; up to ``PACKED_HEAD_MAX_ROWS`` rows (``KERNEL_HEAD_MAX_ROWS`` for a
+    projection on the bf16 kernel), ``packed_head`` (the packed projection, where there is
+    one) and a row argmax. An int8 output projection
     (``models/cpu_int8.Int8Head``) runs with a row argmax for every step it takes (its own
     row limit, whatever the rows here), else its dense form as above. ``invariant``
     (``--deterministic``, where ``packed_head`` is the row-tiled projection): always
@@ -82,7 +87,10 @@ def greedy_from_hidden(
         if packed_head.quantized(hidden.shape[0]):
             return cpu_fused.argmax(packed_head(hidden))
         packed_head = packed_head.dense
-    if packed_head is not None and (invariant or hidden.shape[0] <= PACKED_HEAD_MAX_ROWS):
+    limit = (
+        KERNEL_HEAD_MAX_ROWS if isinstance(packed_head, InvariantLinear) else PACKED_HEAD_MAX_ROWS
+    )
+    if packed_head is not None and (invariant or hidden.shape[0] <= limit):
         return cpu_fused.argmax(packed_head(hidden))
     return cpu_fused.greedy_tokens(hidden, weight)
 

@@ -151,3 +151,33 @@ def test_greedy_from_hidden_takes_the_packed_head_for_one_row(rows):
     chosen = exact[torch.arange(rows), got]
     assert (chosen >= top - 2 ** -7 * top.abs()).all()         # within the bf16 output's rounding
     assert calls == ([rows] if rows <= sampler.PACKED_HEAD_MAX_ROWS else [])
+
+
+@pytest.mark.parametrize("rows", [1, 20, 128, 129])
+def test_greedy_from_hidden_takes_a_kernel_head_to_more_rows(rows):
+    """An output projection on pagoda's bf16 kernel serves greedy up to KERNEL_HEAD_MAX_ROWS
+    rows (beyond them ``greedy_tokens``); the argmax of hidden @ weight.T either way, up to
+    ties within the bf16 rounding of the logits."""
+    from pagoda.models import cpu_bf16
+    from pagoda.sampling import SamplingParams
+    from pagoda.worker import sampler
+
+    if not cpu_bf16.kernel_native():
+        pytest.skip("the bf16 kernel runs its portable loop here: never a head")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    weight = torch.randn(2000, 64, generator=g).to(BF16)
+    hidden = torch.randn(rows, 64, generator=g).to(BF16)
+    calls = []
+
+    class Spy(cpu_bf16.InvariantLinear):
+        def forward(self, x):
+            calls.append(x.shape[0])
+            return super().forward(x)
+
+    row = sampler.SamplingRow(SamplingParams(temperature=0.0), [1, 2], 2, [])
+    got = sampler.greedy_from_hidden(hidden, weight, [row] * rows, Spy(weight))
+    exact = F.linear(hidden.float(), weight.float())
+    top = exact.max(-1).values
+    chosen = exact[torch.arange(rows), got]
+    assert (chosen >= top - 2 ** -7 * top.abs()).all()
+    assert calls == ([rows] if rows <= sampler.KERNEL_HEAD_MAX_ROWS else [])
