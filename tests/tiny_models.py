@@ -119,3 +119,12 @@ def make_model(path: str, family: str = "llama", seed: int = 0, **overrides: Any
     model.save_pretrained(path)
     make_tokenizer(path)
     return path
+
+
+def linear_kinds(model: Any) -> set[type]:
+    """The module types of every decoder layer's four linears (fused QKV, output, fused
+    gate/up, down) of a llama-shaped engine model."""
+    return {type(m) for layer in model.layers for m in (layer.self_attn.qkv_proj,
+                                                        layer.self_attn.o_proj,
+                                                        layer.mlp.gate_up_proj,
+                                                        layer.mlp.down_proj)}

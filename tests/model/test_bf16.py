@@ -29,7 +29,7 @@ from pagoda.kernels import cpu_fused, ext
 from pagoda.models import cpu_bf16, cpu_linear
 from pagoda.models.loader import default_model_path
 from pagoda.worker import model_runner
-from tiny_models import TINY_VOCAB, make_model
+from tiny_models import TINY_VOCAB, linear_kinds, make_model
 
 from native import needs_ext
 
@@ -186,10 +186,7 @@ def test_tiny_bf16_agrees_with_transformers_on_each_linear_form(tiny_case, form,
         monkeypatch.setenv(name, value)
     llm = LLM(path, dtype="bfloat16", **MODES["chunked"])
     model = llm.engine.runner.model
-    kinds = {type(m) for layer in model.layers for m in (layer.self_attn.qkv_proj,
-                                                         layer.self_attn.o_proj,
-                                                         layer.mlp.gate_up_proj,
-                                                         layer.mlp.down_proj)}
+    kinds = linear_kinds(model)
     assert kinds == {kind}
     assert type(model.packed_head) is (type(None) if form == "plain" else kind)
     prompts = tiny_prompts("chunked")

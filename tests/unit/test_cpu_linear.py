@@ -11,7 +11,7 @@ import transformers
 from pagoda import LLM, SamplingParams
 from pagoda.models import cpu_linear
 from pagoda.models.cpu_linear import PACKED_LINEAR_ENV, PackedLinear
-from tiny_models import TINY_VOCAB, make_model
+from tiny_models import TINY_VOCAB, linear_kinds, make_model
 
 pytestmark = [pytest.mark.skipif(not cpu_linear.packing_supported(torch.float32),
                                  reason="this torch build has no oneDNN"),
@@ -39,10 +39,7 @@ def test_pack_model_replaces_every_linear_but_the_head(tiny, monkeypatch):
     monkeypatch.setenv(PACKED_LINEAR_ENV, "1")
     llm = LLM(tiny, dtype="float32")
     model = llm.engine.runner.model
-    kinds = {type(m) for layer in model.layers for m in (layer.self_attn.qkv_proj,
-                                                         layer.self_attn.o_proj,
-                                                         layer.mlp.gate_up_proj,
-                                                         layer.mlp.down_proj)}
+    kinds = linear_kinds(model)
     assert kinds == {PackedLinear}
     assert model.layers[0].self_attn.qkv_proj.bias is not None        # Qwen2's QKV bias kept
     assert type(model.lm_head) is torch.nn.Linear and model.packed_head is not None
