@@ -3,6 +3,7 @@ written as llama.cpp's converter and quantize tool would (Q/K rows permuted; Q4_
 Q8_0 tensors by a Q4_K_M-like mix), loaded with each matrix on the file's own codes, gives in
 fp32 the greedy tokens transformers gives on the file dequantized by the ``gguf`` package;
 ``none`` and ``auto`` pick the layers they should, and the loaded codes are the file's."""
+import os
 import random
 
 import pytest
@@ -128,12 +129,13 @@ def test_lora_wraps_the_quantized_layers(kquant, monkeypatch):
 def test_the_stored_type_names_the_weights_format(kquant, monkeypatch):
     """Under auto the engine names the type most weights are stored in (what Ollama shows as
     the quantization level); under none, the dtype."""
-    from pagoda.entrypoints.ollama.models import _quantization
+    from pagoda.entrypoints.ollama.models import _quantization, _weights
 
     path, _, _ = kquant
     monkeypatch.setenv("PAGODA_INT4_MAX_ROWS", "8")  # the quantized forms kept
     auto = LLM(path, dtype="float32").engine
     assert auto.quantization == "auto" and auto.weights_format == "Q4_K"
     assert _quantization(auto) == "Q4_K"
+    assert _weights(auto, path)[1] == os.path.getsize(path)  # a GGUF's size on disk
     none = LLM(path, dtype="float32", quantization="none").engine
     assert none.weights_format is None and _quantization(none) == "F32"

@@ -14,6 +14,7 @@ that adapter (:func:`adapter_of`). Invariant: every name this module lists is on
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -89,8 +90,8 @@ class Description:
 def describe(ctx: ServerContext) -> Description:
     engine = ctx.door.engine
     arch = engine.arch
-    parameters, size = _weights(engine)
     root = ctx.config.model_root or ctx.config.model_names[0]
+    parameters, size = _weights(engine, root)
     name = tagged(ctx.config.model_names[0])
     return Description(
         name,
@@ -144,20 +145,33 @@ def parameter_size(count: int) -> str:
     return str(count)
 
 
-def _weights(engine: Any) -> tuple[int, int]:
-    """(parameters, bytes) of the loaded weights; from the config when the module cannot
-    be read."""
+def _weights(engine: Any, root: str) -> tuple[int, int]:
+    """(parameters, bytes): the parameter count from the model's config (the loaded module
+    holds quantized layers as codes, not parameters, and dense copies beside them); the size
+    of the model's file where it is one (a GGUF, as Ollama reports it), else of the loaded
+    parameters."""
+    count = parameter_count(engine.arch)
+    if os.path.isfile(root):
+        return count, os.path.getsize(root)
     module = getattr(getattr(engine, "runner", None), "model", None)
     params = getattr(module, "parameters", None)
     if callable(params):
-        tensors = list(params())
-        if tensors:
-            count = sum(t.numel() for t in tensors)
-            return count, sum(t.numel() * t.element_size() for t in tensors)
-    arch = engine.arch
+        size = sum(t.numel() * t.element_size() for t in params())
+        if size:
+            return count, size
+    return count, count * 2
+
+
+def parameter_count(arch: Any) -> int:
+    """Every weight of the model, from its config: the layers (each expert of a MoE layer,
+    not only the active ones), the embedding, and an untied output projection."""
     embed = arch.vocab_size * arch.hidden_size
     count = arch.num_params_non_embedding + embed * (1 if arch.tie_word_embeddings else 2)
-    return count, count * 2
+    idle = getattr(arch, "num_experts", 0) - getattr(arch, "num_experts_per_tok", 0)
+    if idle > 0:
+        moe_layers = sum(1 for i in range(arch.num_layers) if arch.is_moe_layer(i))
+        count += idle * 3 * arch.hidden_size * arch.moe_intermediate_size * moe_layers
+    return count
 
 
 def _quantization(engine: Any) -> str:
