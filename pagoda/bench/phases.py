@@ -124,7 +124,7 @@ def model_weight_bytes(model: Any) -> Callable[[int], int]:
     step's rows: not counted)."""
 
     def step_bytes(rows: int) -> int:
-        head = model.packed_head if model.packed_head is not None else None
+        head = model.packed_head
         head_bytes = module_bytes(head, rows) if head is not None else _nbytes(model.output_weight)
         return sum(module_bytes(layer, rows) for layer in model.layers) + head_bytes
 

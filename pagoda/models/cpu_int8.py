@@ -78,16 +78,18 @@ class Int8Weight(nn.Module):
 
 
 def _pack(q: QuantizedTensor) -> cpu_int8.PackedInt8:
-    """``q`` in the kernel's layout; 4-bit codes two a byte, Q4_0's signed ones (q - 8) as
-    ``q`` with an offset of ``-8 * scale`` (exact: a power of two times the scale)."""
+    """``q`` in the kernel's layout; 4-bit codes two a byte, a group of Q4_0's signed ones
+    (q - 8) as ``q`` with an offset of ``-8 * scale`` (exact: a power of two times the scale),
+    group by group as ``Int4Weight.from_quantized`` shifts them (stacked shards may mix)."""
     if q.bits > 4:
         return cpu_int8.pack(q.codes, q.scale, q.offset, q.group)
-    codes, offset = q.codes, q.offset
-    low = int(codes.min()) if codes.numel() else 0
-    if low < 0:
-        codes = (codes.to(torch.int16) - low).to(torch.int8)  # 0..15
-        shift = q.scale * float(low)
-        offset = shift if offset is None else offset + shift
+    n, k = q.shape
+    grouped = q.codes.view(n, k // q.group, q.group)
+    shift = torch.where(grouped.amin(-1) < 0, 8, 0)  # (N, groups)
+    if not shift.any():
+        return cpu_int8.pack(q.codes, q.scale, q.offset, q.group, nibbles=True)
+    codes = (grouped.to(torch.int16) + shift[..., None]).to(torch.int8).view(n, k)  # 0..15
+    offset = -shift * q.scale if q.offset is None else q.offset - shift * q.scale
     return cpu_int8.pack(codes, q.scale, offset, q.group, nibbles=True)
 
 

@@ -24,9 +24,10 @@ the fp32 sums (the tests hold it to the same greedy tokens as transformers in fp
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -150,17 +151,23 @@ def pack_model(
         return None
     for places in _linears(model).values():
         layers = [getattr(parent, name) for parent, name in places]
-        form = _layer_form([layer.weight.detach() for layer in layers], forced, packing, kernel)
+        weights = [layer.weight.detach() for layer in layers]
+        form, packed = _layer_form(weights, forced, packing, kernel)
         if form == "plain":
             continue
-        for (parent, name), layer in zip(places, layers, strict=True):
-            setattr(parent, name, _in_form(layer.weight, layer.bias, form))
+        # The weights packed for timing are kept; the rest are packed one at a time, so the
+        # model is never held twice.
+        for i, ((parent, name), layer) in enumerate(zip(places, layers, strict=True)):
+            done = packed[i] if i < len(packed) else None
+            setattr(parent, name, _in_form(layer.weight, layer.bias, form, done))
     if packing:
         _pack_experts(model, forced)
     if head_weight is None:
         return None
-    head_form = _layer_form([head_weight.detach()], forced, packing, kernel)
-    return None if head_form == "plain" else _in_form(head_weight, None, form=head_form)
+    head_form, packed = _layer_form([head_weight.detach()], forced, packing, kernel)
+    if head_form == "plain":
+        return None
+    return _in_form(head_weight, None, head_form, packed[0] if packed else None)
 
 
 def _kernel_choice(dtype: torch.dtype, onednn_forced: bool) -> Optional[bool]:
@@ -181,14 +188,16 @@ def _layer_form(
     forced: Optional[bool],
     packing: bool,
     kernel: Optional[bool],
-) -> str:
+) -> tuple[str, list[torch.Tensor]]:
     """ "plain", "packed" or "kernel" for the weights of one shape (N, K), timed on enough of
-    them to overflow the last-level cache, each in turn (cold, as in a step)."""
+    them to overflow the last-level cache, each in turn (cold, as in a step); and the first
+    weights' packed forms where timing packed them."""
     shape = (weights[0].shape[0], weights[0].shape[1])
     if kernel and shape[1] % 2 == 0:
-        return "kernel"
+        return "kernel", []
     timed = weights[: cdiv(TIMING_BYTES, weights[0].numel() * weights[0].element_size())]
     form = "packed" if packing and forced else "plain"
+    packed: list[torch.Tensor] = []
     if packing and forced is None:
         packed = [pack_weight(w) for w in timed]
         pays, ratio = packing_pays(timed, packed)
@@ -201,16 +210,25 @@ def _layer_form(
             ratio,
             form,
         )
-    if kernel is None and shape[1] % 2 == 0 and _kernel_wins(timed, form, shape):
-        form = "kernel"
-    return form
+    if kernel is None and shape[1] % 2 == 0:
+        theirs = [
+            functools.partial(packed_linear, packed=p)
+            if form == "packed"
+            else functools.partial(F.linear, weight=w)
+            for w, p in itertools.zip_longest(timed, packed)
+        ]
+        if _kernel_wins(timed, theirs, form):
+            return "kernel", []
+    return form, packed
 
 
-def _kernel_wins(weights: list[torch.Tensor], form: str, shape: tuple[int, int]) -> bool:
-    """Whether the bf16 kernel beats ``form`` at every row count timed (TIMING_ROWS over all
-    of ``weights``, KERNEL_ROWS on the first)."""
+def _kernel_wins(
+    weights: list[torch.Tensor], theirs: Sequence[Callable[..., torch.Tensor]], form: str
+) -> bool:
+    """Whether the bf16 kernel beats ``theirs`` (``weights`` in ``form``) at every row count
+    timed (TIMING_ROWS over all of ``weights``, KERNEL_ROWS on the first)."""
+    shape = (weights[0].shape[0], weights[0].shape[1])
     mine = [cpu_bf16.InvariantLinear(w) for w in weights]
-    theirs = [_form_fn(w, form) for w in weights]
     ratios = []
     for rows, count in [(r, len(weights)) for r in TIMING_ROWS] + [(KERNEL_ROWS, 1)]:
         x = torch.randn(rows, shape[1], dtype=torch.bfloat16)
@@ -229,18 +247,19 @@ def _kernel_wins(weights: list[torch.Tensor], form: str, shape: tuple[int, int])
     return wins
 
 
-def _form_fn(weight: torch.Tensor, form: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if form == "packed":
-        return functools.partial(packed_linear, packed=pack_weight(weight))
-    return functools.partial(F.linear, weight=weight)
-
-
-def _in_form(weight: torch.Tensor, bias: Optional[torch.Tensor], form: str) -> nn.Module:
-    """The linear layer ``x @ weight.T + bias`` in ``form`` ("packed" or "kernel")."""
+def _in_form(
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    form: str,
+    packed: Optional[torch.Tensor] = None,
+) -> nn.Module:
+    """The linear layer ``x @ weight.T + bias`` in ``form`` ("packed", from ``packed`` where
+    given, or "kernel")."""
     bias = None if bias is None else bias.detach()
     if form == "kernel":
         return cpu_bf16.InvariantLinear(weight, bias)
-    return PackedLinear(pack_weight(weight), bias, weight.shape[0], weight.shape[1])
+    packed = pack_weight(weight) if packed is None else packed
+    return PackedLinear(packed, bias, weight.shape[0], weight.shape[1])
 
 
 def _pack_experts(model: Modules, forced: Optional[bool]) -> None:

@@ -231,3 +231,22 @@ def test_packing_keeps_every_code(seed):
     unpacked = pairs.view(-1, K // 2, cpu_int8.BLOCK, 2).transpose(1, 2).reshape(-1, K)[:N]
     assert torch.equal(unpacked.to(torch.int8), four.codes)
     assert halved.codes.nbytes * 2 == cpu_int8.pack(four.codes, four.scale, None, 32).codes.nbytes
+
+
+def test_4bit_codes_signed_by_group_run_two_a_byte(seed):
+    """Q4_0's signed codes (q - 8) stacked with unsigned ones (a fused projection of mixed
+    shards): each signed group is stored shifted with an exact offset, and the product is the
+    dequantized weights'."""
+    from pagoda.models.cpu_int8 import Int8Weight
+
+    signed = random_q(16, K, 4, 32, False)  # -8..7, no offset (Q4_0)
+    unsigned = random_q(N - 16, K, 4, 32, True)  # 0..15 with offsets (Q4_1)
+    q = QuantizedTensor(torch.cat([signed.codes, unsigned.codes]),
+                        torch.cat([signed.scale, unsigned.scale]),
+                        torch.cat([torch.zeros_like(signed.scale), unsigned.offset]),
+                        32, 4, "Q4_0+Q4_1")
+    layer = Int8Weight(q, torch.bfloat16)
+    assert layer.packed.nibbles
+    x = torch.randn(3, K).to(torch.bfloat16)
+    err = (layer(x).float() - x.float() @ dequantize(q).T).abs()
+    assert (err <= bound(x, q, torch.bfloat16)).all(), seed
