@@ -114,7 +114,12 @@ def cpu_backend(prefill: str) -> AttentionBackend:
 
 
 def invariant_backend(device: torch.device) -> AttentionBackend:
-    """The batch-invariant CPU attention (``--deterministic``)."""
+    """The batch-invariant attention (``--deterministic``): the Triton kernels' where
+    :func:`use_triton`, else the C++ CPU kernel's."""
+    if use_triton(device):
+        from pagoda.attention import triton_attention
+
+        return AttentionBackend("triton-invariant", triton_attention.paged_attention_invariant)
     if device.type != "cpu" or not ext_available():
         raise RuntimeError(
             "--deterministic needs the C++ CPU kernels (pagoda/kernels: a C++ compiler)"
@@ -131,8 +136,8 @@ def select(
 ) -> AttentionBackend:
     """The backend for q, k, v of ``dtype`` (the model's) over a cache of ``kv_dtype``. Reads
     the switches now: call once, when the model is built. ``deterministic``: every row on
-    the C++ decode kernel with a fixed split of the keys (``cpu_attention.attend_invariant``;
-    raises RuntimeError where the extension is not built)."""
+    a decode kernel with a fixed split of the keys (:func:`invariant_backend`: Triton's on
+    CUDA, else the C++ one; raises RuntimeError on a CPU where the extension is not built)."""
     if kv_dtype != dtype and kv_dtype != torch_ref.FP8:
         inner = select(device, kv_dtype, kv_dtype, head_dim, deterministic)
         return in_cache_dtype(inner, kv_dtype)

@@ -138,12 +138,13 @@ class RowContexts:
 
 def row_contexts(meta: AttentionMetadata) -> RowContexts:
     """The decode rows as they are, then each prefill chunk's rows with their own lengths."""
-    tables = [meta.decode_block_tables]
-    lens = [meta.decode_seq_lens]
+    device = meta.decode_block_tables.device  # the step's (CUDA's rows are built there)
+    tables = [meta.decode_block_tables.to(torch.int64)]
+    lens = [meta.decode_seq_lens.to(torch.int64)]
     for c in meta.prefills:
         first = c.context_len - c.query_len + 1
-        lens.append(torch.arange(first, c.context_len + 1, dtype=torch.int64))
-        tables.append(c.block_table.to(torch.int64).expand(c.query_len, -1))
+        lens.append(torch.arange(first, c.context_len + 1, dtype=torch.int64, device=device))
+        tables.append(c.block_table.to(device, torch.int64).expand(c.query_len, -1))
     width = max(int(t.shape[1]) for t in tables)
     padded = [torch.nn.functional.pad(t, (0, width - int(t.shape[1]))) for t in tables]
     return RowContexts(torch.cat(padded).contiguous(), torch.cat(lens).contiguous())

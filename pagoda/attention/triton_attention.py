@@ -41,6 +41,12 @@ as +-480. The arithmetic computes the same in both modes, so what the interprete
 is what the GPU runs, at the price of a few integer ops per value over the hardware
 conversion.
 
+Under ``--deterministic`` (:func:`paged_attention_invariant`) every query row, decode or prefill,
+is a decode query over its own context, its keys split every ``KEY_SPLIT`` tokens from its
+first and the parts merged in order by the reduce kernel (one loop, never a tree), with tiles
+of a fixed size: a row's arithmetic then depends on its own keys only (batch-invariance, as the
+CPU's ``cpu_attention.attend_invariant``; docs/deterministic.md).
+
 Importing this module needs triton; set ``TRITON_INTERPRET=1`` before importing triton to run
 the kernels on CPU tensors (the tests do).
 """
@@ -68,6 +74,7 @@ MIN_DOT_DIM = 16
 PREFILL_BLOCK_M = 64  # query rows per prefill program
 PREFILL_BLOCK_N = 64  # context tokens per prefill tile
 DECODE_BLOCK_N = 64  # context tokens per decode tile
+KEY_SPLIT = 256  # --deterministic: keys per part of a row's softmax (a multiple of the tile)
 # fp32 dots with exact (IEEE) products run on FMA units, not tensor cores, and hold far more
 # per thread: at the tiles above they spill registers (ptxas, sm_90, head dim 128; see
 # tests/unit/test_triton_compile.py), so fp32 takes smaller ones.
@@ -149,6 +156,18 @@ def _window_start(seq_len, window, HAS_WINDOW: tl.constexpr):
     else:
         start = seq_len * 0
     return start
+
+
+@triton.jit
+def _split_len(num_keys, NUM_SPLITS: tl.constexpr, KEY_SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per flash-decoding split of a row that sees ``num_keys``: KEY_SPLIT > 0 fixes it
+    (``--deterministic``: the parts of a row then depend on its own keys only), else the
+    split count's share, rounded up to whole tiles (it adapts to the row and the grid)."""
+    if KEY_SPLIT > 0:
+        split_len = num_keys * 0 + KEY_SPLIT
+    else:
+        split_len = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    return split_len
 
 
 @triton.jit
@@ -378,6 +397,7 @@ def _decode_split_kernel(
     stride_mlb,
     stride_mlh,
     NUM_SPLITS: tl.constexpr,
+    KEY_SPLIT: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -395,7 +415,8 @@ def _decode_split_kernel(
     HAS_WINDOW, else 0. Split s covers keys [lo + s * L, min(lo + (s + 1) * L, seq_len)) with
     L = ceil(ceil((seq_len - lo) / NUM_SPLITS) / BLOCK_N) * BLOCK_N, so the partition adapts
     to each sequence and the grid depends on nothing but the batch size (CUDA graphs); a split
-    past the end does nothing, and no key below lo is loaded (its block may be gone).
+    past the end does nothing, and no key below lo is loaded (its block may be gone). KEY_SPLIT
+    > 0 fixes L = KEY_SPLIT (``--deterministic``; NUM_SPLITS then only bounds the parts).
 
         keys:    0 ....... lo [ split 0 | split 1 | split 2 ) seq_len      (splits 3.. empty)
 
@@ -405,7 +426,7 @@ def _decode_split_kernel(
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     lo = _window_start(seq_len, window, HAS_WINDOW)
-    split_len = tl.cdiv(tl.cdiv(seq_len - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(seq_len - lo, NUM_SPLITS, KEY_SPLIT, BLOCK_N)
     start = lo + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if start < end:
@@ -477,41 +498,43 @@ def _decode_reduce_kernel(
     stride_ob,
     stride_oh,
     NUM_SPLITS: tl.constexpr,
+    KEY_SPLIT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
 ):
     """Program (sequence, query head): merge the non-empty splits' partial softmax states
-    (the partition of :func:`_decode_split_kernel`; seq_len >= 1, so split 0 is never empty)."""
+    (the partition of :func:`_decode_split_kernel`; seq_len >= 1, so split 0 is never empty).
+    A row with one non-empty split takes its output as it is, so its bits do not depend on
+    whether the launch had one split or several (``--deterministic`` counts on it)."""
     b, head = tl.program_id(0), tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
     num_keys = seq_len - _window_start(seq_len, window, HAS_WINDOW)
-    split_len = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = _split_len(num_keys, NUM_SPLITS, KEY_SPLIT, BLOCK_N)
     num_valid = tl.cdiv(num_keys, split_len)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    m = tl.full([1], float("-inf"), tl.float32)
-    l_sum = tl.zeros([1], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for s in range(0, num_valid):
-        one = tl.zeros([1], tl.int32)  # a (1,) tensor, to keep m and l_sum (1,)
-        lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + s + one)  # (1,)
-        o = tl.load(
-            mid_o_ptr + b * stride_mob + head * stride_moh + s * stride_mos + d,
-            mask=d_ok,
-            other=0.0,
-        )  # (BD,)
-        m_new = tl.maximum(m, lse)
-        alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * alpha + w * o
-        l_sum = l_sum * alpha + w
-        m = m_new
+    mid = mid_o_ptr + b * stride_mob + head * stride_moh + d
+    if num_valid == 1:  # as the split wrote it: what one split stores straight to ``out``
+        res = tl.load(mid, mask=d_ok, other=0.0)
+    else:
+        m = tl.full([1], float("-inf"), tl.float32)
+        l_sum = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s in range(0, num_valid):
+            one = tl.zeros([1], tl.int32)  # a (1,) tensor, to keep m and l_sum (1,)
+            lse = tl.load(mid_lse_ptr + b * stride_mlb + head * stride_mlh + s + one)  # (1,)
+            o = tl.load(mid + s * stride_mos, mask=d_ok, other=0.0)  # (BD,)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + w * o
+            l_sum = l_sum * alpha + w
+            m = m_new
+        res = acc / l_sum
     tl.store(
-        out_ptr + b * stride_ob + head * stride_oh + d,
-        (acc / l_sum).to(out_ptr.dtype.element_ty),
-        mask=d_ok,
+        out_ptr + b * stride_ob + head * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d_ok
     )
 
 
@@ -637,6 +660,7 @@ def paged_decode_attention(
     *,
     window: int = 0,
     softcap: float = 0.0,
+    key_split: int = 0,
 ) -> torch.Tensor:
     """One query token per sequence over its paged context (the same contract as
     ``cpu_decode.paged_decode_attention``). q: (B, H, D); block_tables: (B, W) int;
@@ -645,7 +669,10 @@ def paged_decode_attention(
     follows :func:`default_num_splits` for ``max_seq_len`` (default W * block_size), or for
     the window where that is shorter. ``window`` > 0: sequence b sees only its keys
     [max(0, seq_lens[b] - window), seq_lens[b]), and its table entries before them are never
-    read; ``softcap`` > 0: each scaled score s becomes softcap * tanh(s / softcap)."""
+    read; ``softcap`` > 0: each scaled score s becomes softcap * tanh(s / softcap).
+    ``key_split`` > 0 (a multiple of the decode tile, 64): each row's keys are split every
+    ``key_split`` tokens from its first and the parts merged in order, whatever the batch
+    (``--deterministic``; ``num_splits`` is then ignored)."""
     _check_window_softcap(window, softcap)
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
@@ -654,10 +681,14 @@ def paged_decode_attention(
     if batch == 0:
         return out
     _check_cache(kv_cache, q)
-    if num_splits is None:
-        longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
-        if window:
-            longest = min(longest, window)  # the keys one query sees, at most
+    longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+    if window:
+        longest = min(longest, window)  # the keys one query sees, at most
+    if key_split:
+        if key_split % DECODE_BLOCK_N:
+            raise ValueError(f"key_split ({key_split}) must be a multiple of {DECODE_BLOCK_N}")
+        num_splits = triton.cdiv(longest, key_split)
+    elif num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, longest, q.device)
     group = num_heads // num_kv_heads
     k_cache, v_cache = _cache_views(kv_cache)  # (NB, BS, Hkv, D) each
@@ -700,6 +731,7 @@ def paged_decode_attention(
         mid_lse.stride(0),
         mid_lse.stride(1),
         NUM_SPLITS=num_splits,
+        KEY_SPLIT=key_split,
         GROUP=group,
         BLOCK_G=_dot_dim(triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -728,6 +760,7 @@ def paged_decode_attention(
             out.stride(0),
             out.stride(1),
             NUM_SPLITS=num_splits,
+            KEY_SPLIT=key_split,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             BLOCK_N=block_n,
@@ -775,6 +808,34 @@ def paged_attention(
             q[d:], kv_cache, packed, scale, out[d:], window=window, softcap=softcap
         )
     return out
+
+
+def paged_attention_invariant(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    window: int = 0,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """:func:`paged_attention`, batch-invariant (``--deterministic``): the KV write, then one
+    decode-kernel launch in which every row, decode or prefill, reads its own context from the
+    cache (``metadata.RowContexts``) split every ``KEY_SPLIT`` keys. A row's arithmetic is then
+    fixed by its position and its keys, whatever its batch, its chunk or its prefix hit. A
+    decode-only step reads the decode tables as they are (so a CUDA graph's static buffers
+    serve: the split count follows their width). q: (T, H, D) -> (T, H, D)."""
+    write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+    if meta.prefills:
+        rows = meta.rows()
+        tables, lens = rows.block_tables, rows.seq_lens
+    else:
+        tables, lens = meta.decode_block_tables, meta.decode_seq_lens
+    return paged_decode_attention(
+        q, kv_cache, tables, lens, scale, window=window, softcap=softcap, key_split=KEY_SPLIT
+    )
 
 
 def _dot_dim(n: int) -> int:
@@ -837,5 +898,6 @@ __all__ = [
     "paged_prefill_attention",
     "paged_decode_attention",
     "paged_attention",
+    "paged_attention_invariant",
     "default_num_splits",
 ]

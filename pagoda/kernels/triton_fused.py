@@ -34,7 +34,7 @@ _INTERPRETED = envs.TRITON_INTERPRET()
 
 
 @triton.jit
-def _round(x, DTYPE: tl.constexpr, SOFT: tl.constexpr):
+def round_to(x, DTYPE: tl.constexpr, SOFT: tl.constexpr):
     """x (fp32) rounded to DTYPE and back: what storing an intermediate in DTYPE does.
     SOFT: round to bf16 with integer ops (to nearest, ties to even), for Triton's interpreter,
     whose fp32 -> bf16 conversion truncates; the result then converts exactly."""
@@ -68,11 +68,11 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
-        x = _round(x + r, dtype, SOFT)
+        x = round_to(x + r, dtype, SOFT)
         tl.store(res_ptr + row * stride_r + cols, x.to(dtype), mask=ok)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    y = _round(_round(x * rstd, dtype, SOFT) * w, dtype, SOFT)
+    y = round_to(round_to(x * rstd, dtype, SOFT) * w, dtype, SOFT)
     tl.store(out_ptr + row * stride_o + cols, y.to(dtype), mask=ok)
 
 
@@ -107,11 +107,11 @@ def _norm_rope_heads(
         rstd = tl.rsqrt(ss / (2 * HALF) + eps)[:, None]
         w1 = tl.load(w_ptr + d).to(tl.float32)[None, :]
         w2 = tl.load(w_ptr + HALF + d).to(tl.float32)[None, :]
-        x1 = _round(_round(x1 * rstd, dtype, SOFT) * w1, dtype, SOFT)
-        x2 = _round(_round(x2 * rstd, dtype, SOFT) * w2, dtype, SOFT)
+        x1 = round_to(round_to(x1 * rstd, dtype, SOFT) * w1, dtype, SOFT)
+        x2 = round_to(round_to(x2 * rstd, dtype, SOFT) * w2, dtype, SOFT)
     # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-    y1 = _round(_round(x1 * cos1, dtype, SOFT) + _round(-x2 * sin1, dtype, SOFT), dtype, SOFT)
-    y2 = _round(_round(x2 * cos2, dtype, SOFT) + _round(x1 * sin2, dtype, SOFT), dtype, SOFT)
+    y1 = round_to(round_to(x1 * cos1, dtype, SOFT) + round_to(-x2 * sin1, dtype, SOFT), dtype, SOFT)
+    y2 = round_to(round_to(x2 * cos2, dtype, SOFT) + round_to(x1 * sin2, dtype, SOFT), dtype, SOFT)
     tl.store(base, y1.to(dtype), mask=ok)
     tl.store(base + HALF, y2.to(dtype), mask=ok)
 
@@ -145,11 +145,11 @@ def _qk_norm_rope_kernel(
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, HALF)
     row = cos_ptr + pos * stride_cos
-    cos1 = _round(tl.load(row + d), dtype, SOFT)[None, :]  # (1, HALF)
-    cos2 = _round(tl.load(row + HALF + d), dtype, SOFT)[None, :]
+    cos1 = round_to(tl.load(row + d), dtype, SOFT)[None, :]  # (1, HALF)
+    cos2 = round_to(tl.load(row + HALF + d), dtype, SOFT)[None, :]
     row = sin_ptr + pos * stride_cos
-    sin1 = _round(tl.load(row + d), dtype, SOFT)[None, :]
-    sin2 = _round(tl.load(row + HALF + d), dtype, SOFT)[None, :]
+    sin1 = round_to(tl.load(row + d), dtype, SOFT)[None, :]
+    sin2 = round_to(tl.load(row + HALF + d), dtype, SOFT)[None, :]
     _norm_rope_heads(
         q_ptr,
         qw_ptr,
@@ -197,8 +197,8 @@ def _silu_mul_kernel(
     dtype = out_ptr.dtype.element_ty
     gate = tl.load(gu_ptr + row * stride_gu + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=ok, other=0.0).to(tl.float32)
-    act = _round(gate / (1.0 + tl.exp(-gate)), dtype, SOFT)
-    tl.store(out_ptr + row * stride_o + cols, _round(act * up, dtype, SOFT).to(dtype), mask=ok)
+    act = round_to(gate / (1.0 + tl.exp(-gate)), dtype, SOFT)
+    tl.store(out_ptr + row * stride_o + cols, round_to(act * up, dtype, SOFT).to(dtype), mask=ok)
 
 
 SILU_BLOCK = 1024

@@ -1,4 +1,4 @@
-"""Batch-invariant linear layers on the CPU (``--deterministic``): a row's result does not depend
+"""Batch-invariant linear layers (``--deterministic``): a row's result does not depend
 on how many rows the step has (the batch-invariance of Thinking Machines' "Defeating
 Nondeterminism in LLM Inference", 2025, and vLLM's ``VLLM_BATCH_INVARIANT``, here on the CPU).
 
@@ -10,6 +10,8 @@ fp32 one at every M > 1). Two remedies, chosen per layer when the model is prepa
 - bf16 (where the C++ extension is built): ``cpu_bf16.InvariantLinear``, pagoda's own kernel
   (``kernels/csrc/invariant_gemm.cpp``), whose sum over K is one fp32 accumulator per output
   element, in a fixed order, at every M: invariant by construction, and a row of one costs one.
+- on CUDA (any dtype): :class:`TritonInvariantLinear`, one Triton kernel of fixed tiles whose
+  sum over K runs in order into one fp32 accumulator per element (``kernels/triton_gemm.py``).
 - otherwise (fp32): :class:`RowTiledLinear`. Every call is cut into tiles of exactly
   ``ROW_TILE`` rows (the last one padded with zero rows), each one GEMM call of one shape, so
   every row goes through the same kernel with the same reduction order::
@@ -24,6 +26,8 @@ does not matter on the CPU they run on: tests/model/test_deterministic.py), neve
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -53,6 +57,22 @@ class RowTiledLinear(nn.Module):
         return out[:rows]
 
 
+class TritonInvariantLinear(nn.Module):
+    """A linear on the batch-invariant Triton product (``kernels/triton_gemm.py``), for CUDA
+    (and CPU tensors under ``TRITON_INTERPRET=1``, in the tests)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.weight = weight.detach().contiguous()  # (N, K)
+        self.bias = bias.detach() if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, K) -> (T, N)."""
+        from pagoda.kernels.triton_gemm import invariant_linear
+
+        return invariant_linear(x, self.weight, self.bias)
+
+
 class PlainHead(nn.Module):
     """The output projection (V, E) as a module, where it is not packed."""
 
@@ -65,9 +85,12 @@ class PlainHead(nn.Module):
         return nn.functional.linear(x, self.head_weight)
 
 
-def invariant_linears(model: Modules, head: nn.Module, head_weight: torch.Tensor) -> nn.Module:
+def invariant_linears(
+    model: Modules, head: nn.Module, head_weight: torch.Tensor, triton: bool = False
+) -> nn.Module:
     """Replace each linear layer of ``model`` (plain or packed; not ``lm_head``, which
     ``output_weight`` reads: the returned head stands for it) by its batch-invariant form:
+    with ``triton`` (CUDA), :class:`TritonInvariantLinear` (layers must be plain); else
     :class:`InvariantLinear` where :func:`kernel_takes` it (from the plain weight), else
     :class:`RowTiledLinear` around it. ``head`` is the output projection as it is (packed or
     :class:`PlainHead`), ``head_weight`` its (V, E) weight. Raises ValueError for a mixture of
@@ -77,14 +100,19 @@ def invariant_linears(model: Modules, head: nn.Module, head_weight: torch.Tensor
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in (nn.Linear, PackedLinear) and name != "lm_head":
-                setattr(parent, name, _invariant(child))
+                setattr(parent, name, _invariant(child, triton))
+    if triton:
+        return TritonInvariantLinear(head_weight)
     if kernel_takes(head_weight.dtype, head_weight.shape[1]):
         return InvariantLinear(head_weight)
     return RowTiledLinear(head)
 
 
-def _invariant(layer: nn.Module) -> nn.Module:
+def _invariant(layer: nn.Module, triton: bool) -> nn.Module:
     weight = getattr(layer, "weight", None)
+    bias = getattr(layer, "bias", None)
+    if triton and isinstance(layer, nn.Linear):
+        return TritonInvariantLinear(layer.weight, bias)
     if isinstance(weight, torch.Tensor) and kernel_takes(weight.dtype, weight.shape[1]):
-        return InvariantLinear(weight, getattr(layer, "bias", None))
+        return InvariantLinear(weight, bias)
     return RowTiledLinear(layer)

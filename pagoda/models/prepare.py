@@ -14,8 +14,9 @@ The loader gives a model with its weights and the reference ops. :func:`prepare_
 4. times up to how many rows the quantized forms are faster than the dense (packed) one, and
    drops the copies where they never are;
 5. under ``--deterministic``, gives every linear (the output projection too) its
-   batch-invariant form (``batch_invariant.py``): bf16 layers on pagoda's own kernel (left
-   unpacked for oneDNN, which it does not use), others in fixed row tiles over packed weights;
+   batch-invariant form (``batch_invariant.py``): on CUDA the Triton product of fixed tiles;
+   on the CPU bf16 layers on pagoda's own kernel (left unpacked for oneDNN, which it does not
+   use), others in fixed row tiles over packed weights;
 6. with LoRA on (``--enable-lora``), wraps each adaptable linear, in its final form, in a
    ``LoRALinear`` holding ``--max-loras`` empty adapter slots (``lora/layers.py``);
 7. binds the decoder ops and the attention backend for the weights' dtype over the KV cache's
@@ -34,6 +35,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from pagoda.attention import backend
 from pagoda.config import LoRAConfig
 from pagoda.lora.layers import attach_lora
 from pagoda.lora.slots import LoRASlots, adapter_reader
@@ -73,11 +75,13 @@ def prepare_model(
 ) -> PreparedModel:
     """Ready ``model`` (weights of ``dtype`` on ``device``) for a KV cache of ``kv_dtype``
     (default: ``dtype``) and, when given, a served context of ``context_len`` tokens.
-    ``deterministic``: batch-invariant kernels (the CPU only; raises ValueError elsewhere).
+    ``deterministic``: batch-invariant kernels (the CPU's, or Triton's on CUDA; raises
+    ValueError elsewhere).
     ``quantized``: the checkpoint's matrices as a GGUF stores them (HF names), run under
     ``quantization`` "auto" (and their 4-bit codes under "int4")."""
-    if deterministic and device.type != "cpu":
-        raise ValueError("--deterministic runs on the CPU only (its kernels are the CPU's)")
+    on_triton = deterministic and backend.use_triton(device)  # CUDA's invariant kernels
+    if deterministic and device.type != "cpu" and not on_triton:
+        raise ValueError(f"--deterministic has no invariant kernels for {device} (needs triton)")
     if context_len is not None:
         model.set_context_len(context_len)
     route = cpu_int4.Int4Route()
@@ -87,7 +91,7 @@ def prepare_model(
         quantized_layers.int4 = cpu_int4.attach_int4(model, route, stored)
     elif quantization == "auto":
         quantized_layers = file_quant.attach_stored(model, route, stored)
-    own_kernel = deterministic and cpu_bf16.kernel_takes(dtype, 2)
+    own_kernel = deterministic and (on_triton or cpu_bf16.kernel_takes(dtype, 2))
     if device.type == "cpu" and not own_kernel:
         model.packed_head = cpu_linear.pack_model(model, model.output_weight, deterministic)
     max_rows = cpu_int4.choose_max_rows(quantized_layers.int4, dtype)
@@ -100,7 +104,9 @@ def prepare_model(
     file_quant.drop_unused(model)  # never faster here: the copies dropped
     if deterministic:
         head = model.packed_head or batch_invariant.PlainHead(model.output_weight)
-        model.packed_head = batch_invariant.invariant_linears(model, head, model.output_weight)
+        model.packed_head = batch_invariant.invariant_linears(
+            model, head, model.output_weight, triton=on_triton
+        )
     slots = None
     if lora is not None:
         layers, batch = attach_lora(model, lora.max_loras, lora.max_lora_rank, dtype, device)

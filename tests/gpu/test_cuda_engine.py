@@ -205,3 +205,23 @@ def test_one_host_device_sync_per_step(params, async_scheduling, monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     assert all(len(c) == 0 for c in counts), counts
     assert reads[first:] == [True] * 8, reads       # one wait per step, on the event
+
+
+def test_deterministic_bf16_alone_equals_among_mates_and_chunked(case):
+    """--deterministic on the GPU (the invariant Triton product and attention): a request's
+    bf16 greedy tokens and logprobs, alone, among the other prompts, chunked by a budget of
+    16, and replayed through CUDA graphs, are the same to the bit."""
+    path, prompts, _ = case
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=0)
+
+    def target_of(llm: LLM, batch: list[list[int]]) -> tuple:
+        out = llm.generate(batch, params, use_tqdm=False)[-1].outputs[0]
+        return out.token_ids, out.cumulative_logprob
+
+    llm = LLM(path, device="cuda", dtype="bfloat16", deterministic=True, max_num_seqs=8)
+    assert llm.engine.runner.model.attention.name == "triton-invariant"
+    alone = target_of(llm, prompts[-1:])
+    assert target_of(llm, prompts) == alone
+    chunked = LLM(path, device="cuda", dtype="bfloat16", deterministic=True,
+                  max_num_batched_tokens=16, enforce_eager=True)
+    assert target_of(chunked, prompts) == alone

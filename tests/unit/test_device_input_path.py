@@ -159,3 +159,24 @@ def test_decode_graph_path_matches_cpu_path(monkeypatch, pipelined):
     got = script(runner, pipelined)
     assert got == want
     assert EagerDecodeGraphs.replays == [2, 4]     # steps 1 and 4; the others are mixed
+
+
+def test_deterministic_graph_path_matches_eager(monkeypatch):
+    """--deterministic on CUDA's kernels (the invariant Triton product and attention): decode
+    steps replayed through the graphs of 2 and 4 rows (a pad row, the graph's static tables and
+    split count) give the tokens of the same runner without graphs."""
+    monkeypatch.setattr(backend, "use_triton", lambda device: True)
+    loaded = load_model(None, torch.float32, CPU, load_format="dummy", model_preset="tiny-qwen3")
+    prepared = prepare_model(loaded.model, CPU, torch.float32, deterministic=True)
+    assert loaded.model.attention.name == "triton-invariant"
+    eager = ModelRunner(prepared, 12, BLOCK_SIZE)
+    eager.is_cuda = True
+    want = script(eager)
+
+    runner = ModelRunner(prepared, 12, BLOCK_SIZE)
+    runner.is_cuda = True
+    runner.graphs = EagerDecodeGraphs(loaded.model, runner.kv_caches, BLOCK_SIZE, 4, 256, CPU)
+    runner.graphs.capture()
+    EagerDecodeGraphs.replays = []
+    assert script(runner) == want
+    assert EagerDecodeGraphs.replays == [2, 4]

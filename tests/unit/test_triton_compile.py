@@ -36,6 +36,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from pagoda.attention import triton_attention as ta
 from pagoda.kernels import triton_fused as tf
+from pagoda.kernels import triton_gemm as tg
 
 TARGET = GPUTarget("cuda", 90, 32)
 HEAD_DIM, GROUP, BLOCK_SIZE, NUM_KV_HEADS = 128, 2, 16, 8   # Qwen3-0.6B
@@ -44,7 +45,8 @@ INDEX_PTRS = {"query_start_ptr", "context_lens_ptr", "block_tables_ptr", "seq_le
 FP32_PTRS = {"mid_o_ptr", "mid_lse_ptr", "cos_ptr", "sin_ptr"}
 FP32_SCALARS = {"scale_log2", "eps", "softcap_log2"}
 # Integer arguments that need not be multiples of 16 (block-table width, split count, sizes).
-ANY_INT = {"stride_bt", "stride_mlh", "n", "inter", "num_q_heads", "num_k_heads", "window"}
+# M: the invariant product's rows, never specialised (do_not_specialize).
+ANY_INT = {"stride_bt", "stride_mlh", "n", "inter", "num_q_heads", "num_k_heads", "window", "M"}
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 CACHE_PTRS = {"k_cache_ptr", "v_cache_ptr"}   # an fp8 cache: its bytes
 
@@ -114,17 +116,32 @@ for dtype, fp8 in (("bf16", False), ("fp32", False), ("bf16", True), ("fp32", Tr
         for splits in ((1, 8) if dtype == "bf16" else (8,)):
             results.append(build(f"decode {dtype}{kv}{extra} splits={splits}",
                 ta._decode_split_kernel, dtype,
-                dict(NUM_SPLITS=splits, GROUP=GROUP, BLOCK_G=16, HEAD_DIM=HEAD_DIM, BLOCK_D=bd,
+                dict(NUM_SPLITS=splits, KEY_SPLIT=0, GROUP=GROUP, BLOCK_G=16, HEAD_DIM=HEAD_DIM,
+                     BLOCK_D=bd,
                      BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=decode_n, IEEE=ieee, UPCAST=False,
                      FP8_CACHE=fp8, **flags), launch["decode"]))
         results.append(build(f"prefill {dtype}{kv}{extra}", ta._prefill_kernel, dtype,
             dict(GROUP=GROUP, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE,
                  BLOCK_M=prefill_m, BLOCK_N=prefill_n, IEEE=ieee, UPCAST=False, FP8_CACHE=fp8,
                  **flags), launch["prefill"]))
-for window in (False, True):
-    results.append(build(f"reduce{' window' if window else ''}", ta._decode_reduce_kernel,
-        "bf16", dict(NUM_SPLITS=8, HEAD_DIM=HEAD_DIM, BLOCK_D=bd, BLOCK_N=ta.DECODE_BLOCK_N,
-                     HAS_WINDOW=window)))
+# --deterministic: the decode split every KEY_SPLIT keys, as paged_attention_invariant launches
+# it (16 splits: contexts up to 4096), and its reduce
+results.append(build("decode bf16 key_split", ta._decode_split_kernel, "bf16",
+    dict(NUM_SPLITS=16, KEY_SPLIT=ta.KEY_SPLIT, GROUP=GROUP, BLOCK_G=16, HEAD_DIM=HEAD_DIM,
+         BLOCK_D=bd, BLOCK_SIZE=BLOCK_SIZE, BLOCK_N=ta.DECODE_BLOCK_N, IEEE=False,
+         UPCAST=False, FP8_CACHE=False, HAS_WINDOW=False, HAS_SOFTCAP=False)))
+for window, key_split in ((False, 0), (True, 0), (False, ta.KEY_SPLIT)):
+    label = "reduce" + (" window" if window else "") + (" key_split" if key_split else "")
+    results.append(build(label, ta._decode_reduce_kernel,
+        "bf16", dict(NUM_SPLITS=8, KEY_SPLIT=key_split, HEAD_DIM=HEAD_DIM, BLOCK_D=bd,
+                     BLOCK_N=ta.DECODE_BLOCK_N, HAS_WINDOW=window)))
+# --deterministic's linears: the invariant product, as invariant_linear launches it
+for dtype in ("bf16", "fp32"):
+    for bias in (False, True):
+        results.append(build(f"gemm {dtype}{' bias' if bias else ''}",
+            tg._invariant_gemm_kernel, dtype,
+            dict(HAS_BIAS=bias, BLOCK_M=tg.BLOCK_M, BLOCK_N=tg.BLOCK_N, BLOCK_K=tg.BLOCK_K,
+                 IEEE=dtype == "fp32", UPCAST=False, SOFT=False), tg.LAUNCH))
 for dtype, fp8 in (("bf16", False), ("bf16", True), ("fp32", True)):
     results.append(build(f"write_kv {dtype}{' fp8' if fp8 else ''}", ta._write_kv_kernel,
         dtype, dict(NUM_KV_HEADS=NUM_KV_HEADS, HEAD_DIM=HEAD_DIM, BLOCK_H=NUM_KV_HEADS,
@@ -149,7 +166,7 @@ def test_kernels_compile_for_sm90():
         pytest.skip("triton's bundled ptxas is unavailable here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 22
+    assert len(results) == 28
     for r in results:
         assert r["cubin"], r
         assert r["shared"] <= SM90_MAX_SHARED_BYTES, r
@@ -165,3 +182,7 @@ def test_kernels_compile_for_sm90():
             assert by_label[label]["mma_sync"] > 0, by_label[label]
         for label in (f"prefill bf16{kv}", f"decode bf16{kv} splits=8"):
             assert by_label[label]["cp_async"] > 0, by_label[label]
+    # the invariant product's bf16 tiles on the tensor cores, streamed by asynchronous copies
+    for label in ("gemm bf16", "gemm bf16 bias", "decode bf16 key_split"):
+        r = by_label[label]
+        assert r["wgmma"] + r["mma_sync"] > 0 and r["cp_async"] > 0, r
