@@ -68,11 +68,13 @@ constexpr int64_t TILE = 64;        // tokens per online-softmax step
 constexpr int LANES = 16;           // independent partial sums in dot products
 constexpr int64_t MIN_CHUNK = 128;  // never split a context into chunks shorter than this
 constexpr int64_t SERIAL_BELOW = 4096;  // (tokens x KV heads) under which one thread does all
-// Software prefetch: rows of the tile after the current one are requested while the current
-// one is computed, and rows PREFETCH_FAR tokens ahead once per tile (into the next unit when
-// the current one ends). Locality 1 (prefetcht2): into L2, sparing L1.
+// Software prefetch: each pass over a tile (the scores of one KV head, its V accumulation)
+// requests, row by row, what the same pass will read in the next tile (or the next unit's
+// first one), so the requests are spread as evenly as the reads. (Requesting a whole tile's
+// rows, or rows further ahead, in one burst fills the core's miss buffers: the prefetch
+// instructions then stall the work they should overlap.) Locality 1 (prefetcht2): into L2,
+// sparing L1.
 constexpr int PREFETCH_LOCALITY = 1;
-constexpr int64_t PREFETCH_FAR = 3 * TILE;
 // A function that only prefetches looks side-effect free to gcc's IPA, which then deletes
 // the calls; forcing it inline keeps the prefetches inside the loops that use them.
 #if defined(__GNUC__)
@@ -261,10 +263,13 @@ inline int64_t key_start(const Problem& P, int64_t b) {
   return P.window > 0 ? std::max<int64_t>(0, P.seq_lens[b] - P.window) : 0;
 }
 
+// Requests the cache lines of [row, row + bytes), each once.
 PAGODA_ALWAYS_INLINE void prefetch_row(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, PREFETCH_LOCALITY);
-  __builtin_prefetch(p + bytes - 1, 0, PREFETCH_LOCALITY);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(row) + bytes - 1) & ~uintptr_t{63};
+  for (uintptr_t a = first; a <= last; a += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(a), 0, PREFETCH_LOCALITY);
+  }
 }
 
 // Rows of the next tile to request while this one is computed: row i of the next tile is
@@ -275,7 +280,7 @@ struct Ahead {
   const T* const* rows;  // row pointers of the next tile (0 of them: nothing to fetch)
   int64_t n;
   int64_t offset;        // elements from a row pointer to the first one wanted
-  int64_t bytes;         // bytes wanted from there (the unit's KV heads of that token)
+  int64_t bytes;         // bytes wanted from there (one KV head of that token)
   PAGODA_ALWAYS_INLINE void at(int64_t i) const {
     if (i < n) prefetch_row(rows[i] + offset, bytes);
   }
@@ -577,7 +582,8 @@ struct Avx512Kernel {
   // registers; the GB x NC accumulators stay in registers over the tile. With few of them,
   // even and odd rows use separate accumulators so enough independent FMA chains are in flight.
   template <int GB>
-  static void pv(const T* const* vrow, int64_t hoff, int64_t n, const float* p, float* acc) {
+  static void pv(const T* const* vrow, int64_t hoff, int64_t n, const float* p, float* acc,
+                 const Ahead<T>& ahead) {
     constexpr int SETS = GB * NC <= 8 ? 2 : 1;
     __m512 a[SETS][GB][NC];
 #pragma GCC unroll 16
@@ -592,6 +598,7 @@ struct Avx512Kernel {
     for (; i + SETS <= n; i += SETS) {
 #pragma GCC unroll 2
       for (int k = 0; k < SETS; ++k) {
+        ahead.at(i + k);
         const T* v = vrow[i + k] + hoff;
         __m512 vr[NC];
 #pragma GCC unroll 16
@@ -605,6 +612,7 @@ struct Avx512Kernel {
       }
     }
     if (i < n) {
+      ahead.at(i);
       const T* v = vrow[i] + hoff;
       __m512 vr[NC];
 #pragma GCC unroll 16
@@ -628,11 +636,13 @@ struct Avx512Kernel {
 
   static void accumulate(const T* const* vrow, int64_t hoff, int64_t n, int64_t G, int64_t,
                          float* acc, Scratch& s, const Ahead<T>& ahead) {
-    for (int64_t i = 0; i < n; ++i) ahead.at(i);
+    const Ahead<T> none{ahead.rows, 0, 0, 0};
     for (int64_t g0 = 0; g0 < G; g0 += GV) {
       const int gb = static_cast<int>(std::min<int64_t>(GV, G - g0));
+      // Only the first pass over the rows (more heads than GV take several) prefetches.
       dispatch_upto<GV>(gb, [&](auto c) {
-        pv<decltype(c)::value>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D);
+        pv<decltype(c)::value>(vrow, hoff, n, s.scores + g0 * TILE, acc + g0 * D,
+                               g0 == 0 ? ahead : none);
       });
     }
   }
@@ -857,34 +867,9 @@ inline int64_t tile_rows(const Problem& P, const T* cache, const Unit& u, int64_
   return n;
 }
 
-// Prefetch the K and V rows of tokens [t0, t1) of unit u (clipped to the unit), all its KV heads.
-template <typename T>
-PAGODA_ALWAYS_INLINE void prefetch_tokens(const Problem& P, const T* cache, const Unit& u,
-                                          int64_t t0, int64_t t1) {
-  t0 = std::max(t0, u.t0);
-  t1 = std::min(t1, u.t1);
-  if (t0 >= t1) return;
-  const int64_t span = ((u.k1 - u.k0 - 1) * P.c_sh + P.D) * static_cast<int64_t>(sizeof(T));
-  const int64_t* table = P.block_tables + u.b * P.W;
-  const T* kb = cache + u.k0 * P.c_sh;
-  const T* vb = kb + P.c_skv;
-  int64_t j = t0 / P.block_size;
-  int64_t off = t0 - j * P.block_size;
-  for (int64_t i = t0; i < t1; ++j, off = 0) {
-    const int64_t stop = std::min(t1, i + P.block_size - off);
-    for (int64_t r = table[j] * P.c_sblk + off * P.c_stok; i < stop; ++i, r += P.c_stok) {
-      prefetch_row(kb + r, span);
-      prefetch_row(vb + r, span);
-    }
-  }
-}
-
 template <typename T, typename K, typename Q>
-void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, const Q* q,
-              const T* cache, Q* out, Scratch& s, float* part_m, float* part_l,
-              float* part_acc) {
-  // A thread's first unit: nothing fetched its start ahead of time.
-  if (cold) prefetch_tokens(P, cache, u, u.t0 + TILE, u.t0 + PREFETCH_FAR);
+void run_unit(const Problem& P, const Unit& u, const Unit* next, const Q* q, const T* cache,
+              Q* out, Scratch& s, float* part_m, float* part_l, float* part_acc) {
   const int64_t G = P.G;
   const int64_t D = P.D;
   const int64_t hq0 = u.k0 * G;            // first query head of the unit
@@ -897,11 +882,9 @@ void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, cons
   std::fill(s.acc, s.acc + nh * D, 0.f);
 
   // Double-buffered row pointers: while a tile is computed, the next one (or the next unit's
-  // first one) is being fetched: all the unit's KV heads of each token.
+  // first one) is being fetched, KV head by KV head (units have equally many KV heads).
   const T* rows[4][TILE];
-  const int64_t span = ((u.k1 - u.k0 - 1) * P.c_sh + D) * static_cast<int64_t>(sizeof(T));
-  const int64_t next_span =
-      next ? ((next->k1 - next->k0 - 1) * P.c_sh + D) * static_cast<int64_t>(sizeof(T)) : 0;
+  const int64_t head_bytes = D * static_cast<int64_t>(sizeof(T));
   int cur = 0;
   int64_t n = tile_rows(P, cache, u, u.t0, rows[0], rows[1]);
   for (int64_t t = u.t0; t < u.t1; t += TILE) {
@@ -913,31 +896,25 @@ void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, cons
     Ahead<T> k_ahead{knext, 0, 0, 0}, v_ahead{vnext, 0, 0, 0};
     if (t + TILE < u.t1) {
       n_next = tile_rows(P, cache, u, t + TILE, knext, vnext);
-      k_ahead = {knext, n_next, u.k0 * P.c_sh, span};
-      v_ahead = {vnext, n_next, u.k0 * P.c_sh, span};
+      k_ahead = {knext, n_next, u.k0 * P.c_sh, head_bytes};
+      v_ahead = {vnext, n_next, u.k0 * P.c_sh, head_bytes};
     } else if (next != nullptr) {
       const int64_t nn = tile_rows(P, cache, *next, next->t0, knext, vnext);
-      k_ahead = {knext, nn, next->k0 * P.c_sh, next_span};
-      v_ahead = {vnext, nn, next->k0 * P.c_sh, next_span};
-    }
-    const Ahead<T> none{knext, 0, 0, 0};
-    {
-      const int64_t a0 = t + PREFETCH_FAR, a1 = a0 + TILE;
-      prefetch_tokens(P, cache, u, a0, a1);
-      if (a1 > u.t1 && next != nullptr) {
-        prefetch_tokens(P, cache, *next, next->t0 + std::max<int64_t>(0, a0 - u.t1),
-                        next->t0 + (a1 - u.t1));
-      }
+      k_ahead = {knext, nn, next->k0 * P.c_sh, head_bytes};
+      v_ahead = {vnext, nn, next->k0 * P.c_sh, head_bytes};
     }
     for (int64_t kvh = u.k0; kvh < u.k1; ++kvh) {
-      const bool first = kvh == u.k0;
       const int64_t hoff = kvh * P.c_sh;
+      // This pass's K (then V) rows of the next tile: those of the same KV head position.
+      const int64_t ahead_off = (kvh - u.k0) * P.c_sh;
+      const Ahead<T> kh{k_ahead.rows, k_ahead.n, k_ahead.offset + ahead_off, head_bytes};
+      const Ahead<T> vh{v_ahead.rows, v_ahead.n, v_ahead.offset + ahead_off, head_bytes};
       float* qf = s.qf + (kvh - u.k0) * G * D;
       float* acc = s.acc + (kvh - u.k0) * G * D;
       float* m = s.m + (kvh - u.k0) * G;
       float* l = s.l + (kvh - u.k0) * G;
-      K::scores(krow, hoff, n, G, D, qf, s, first ? k_ahead : none, P.scale);
-      if (first) k_ahead.rest(n);
+      K::scores(krow, hoff, n, G, D, qf, s, kh, P.scale);
+      kh.rest(n);
       if (P.softcap > 0.f) {
         for (int64_t g = 0; g < G; ++g) soft_cap(s.scores + g * TILE, n, P.softcap);
       }
@@ -954,8 +931,8 @@ void run_unit(const Problem& P, const Unit& u, const Unit* next, bool cold, cons
         }
         l[g] += K::exp_sum(sc, m_new, n);
       }
-      K::accumulate(vrow, hoff, n, G, D, acc, s, first ? v_ahead : none);
-      if (first) v_ahead.rest(n);
+      K::accumulate(vrow, hoff, n, G, D, acc, s, vh);
+      vh.rest(n);
     }
     cur ^= 1;
     n = n_next;
@@ -1030,14 +1007,12 @@ void run_all(const Problem& P, const Q* q, const T* cache, Q* out) {
   at::parallel_for(0, ntasks, 1, [&](int64_t, int64_t) {
     Scratch scratch(H, P.G, D);
     int64_t cur = counter.fetch_add(1, std::memory_order_relaxed);
-    bool cold = true;
     while (cur < nu) {
       const int64_t nxt = counter.fetch_add(1, std::memory_order_relaxed);
       const Unit* next = nxt < nu ? &units[order[nxt]] : nullptr;
-      run_unit<T, K, Q>(P, units[order[cur]], next, cold, q, cache, out, scratch, part_m.data(),
-                     part_l.data(), part_acc.data());
+      run_unit<T, K, Q>(P, units[order[cur]], next, q, cache, out, scratch, part_m.data(),
+                        part_l.data(), part_acc.data());
       cur = nxt;
-      cold = false;
     }
   });
   if (num_parts == 0) return;
