@@ -6,7 +6,7 @@ any number of rows; the invariant attention (triton_attention.paged_attention_in
 each query row what it gets alone, whether its keys were cached or written in this step. Then a
 tiny engine whose kernels are all Triton's (linears, attention, fused norms / RoPE / SiLU, the
 output projection) repeats a request's tokens and logprobs to the bit among random batch-mates,
-under chunk budgets, after a prefix hit and with ngram speculation; and a mutant product whose
+under chunk budgets, after a prefix hit, after preemption and with ngram speculation; and a mutant product whose
 sum over K is cut by the number of rows is caught by the same comparison.
 """
 
@@ -265,6 +265,11 @@ def test_tiny_engine_on_triton_kernels_every_mode_equals_alone(tiny):
     chunked = LLM(tiny, dtype="bfloat16", deterministic=True, max_num_batched_tokens=7,
                   block_size=4)
     assert run(chunked, TARGET, mates_seed=5, n=2) == alone
+    # 12 blocks of 8 tokens cannot hold the target and its mates at once: preemption
+    small = LLM(tiny, dtype="bfloat16", deterministic=True, block_size=8, num_kv_blocks=12,
+                max_num_batched_tokens=32)
+    assert run(small, TARGET, mates_seed=6) == alone
+    assert small.engine.scheduler.num_preemptions > 0
     spec = LLM(tiny, dtype="bfloat16", deterministic=True, speculative_config=NGRAM)
     assert run(spec, TARGET + TARGET[:12]) == run(llm, TARGET + TARGET[:12])
     assert spec.engine.stats().scheduler.spec.num_draft_tokens > 0  # k + 1 rows were verified
