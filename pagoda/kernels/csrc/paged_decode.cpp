@@ -306,7 +306,7 @@ struct Scratch {
     m = p;             p += up(H);         // running max per head
     l = p;             p += up(H);         // running sum per head
     scores = p;        p += up(G * TILE);  // one tile's scores, then probabilities
-    part = p;          p += G * 256;       // 16 x 16 partial dot products per head (AVX-512)
+    part = p;          p += G * 256;       // 16 x 16 partial dot products per head (AVX-512 fp32)
     kbuf = p;          p += up(D);
     vbuf = p;
   }
@@ -423,30 +423,35 @@ inline void soft_cap_avx512(float* x, int64_t n, float cap) {
   }
 }
 
-// v: 16 rows of 16 floats. Returns the 16 row sums, in order (a transposing reduction:
-// 45 shuffles/adds for 16 dot products instead of 16 separate horizontal sums).
-inline __m512 row_sums16(const float* v) {
-  __m512 w[8];
-  for (int j = 0; j < 8; ++j) {
-    const __m512 a = _mm512_loadu_ps(v + (2 * j) * 16);
-    const __m512 b = _mm512_loadu_ps(v + (2 * j + 1) * 16);
-    // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    w[j] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  }
-  __m512 x[4];
-  for (int k = 0; k < 4; ++k) {
-    const __m512d c = _mm512_castps_pd(w[2 * k]);
-    const __m512d d = _mm512_castps_pd(w[2 * k + 1]);
-    // per 128-bit lane: the lane's partial sums of rows 4k, 4k+1, 4k+2, 4k+3
-    x[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
-  }
-  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
+// The transposing reduction of 16 rows of 16 partial sums to the 16 row sums (45 shuffles and
+// adds for 16 dot products instead of 16 separate horizontal sums), in two steps so that the
+// first can run on rows still in registers, four at a time.
+// Step 1: rows a, b, c, d -> per 128-bit lane: that lane's partial sums of a, b, c, d.
+inline __m512 fold4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], and the same of c, d
+  const __m512d ab = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b)));
+  const __m512d cd = _mm512_castps_pd(_mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d)));
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
+}
+// Step 2: fold4 of rows 0-3, 4-7, 8-11, 12-15 -> the 16 row sums, in order.
+inline __m512 fold16(__m512 x0, __m512 x1, __m512 x2, __m512 x3) {
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1)));
   return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(2, 0, 2, 0)),
                        _mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+// v: 16 rows of 16 floats. Returns the 16 row sums, in order.
+inline __m512 row_sums16(const float* v) {
+  __m512 x[4];
+  for (int k = 0; k < 4; ++k) {
+    const float* r = v + 64 * k;
+    x[k] = fold4(_mm512_load_ps(r), _mm512_load_ps(r + 16), _mm512_load_ps(r + 32),
+                 _mm512_load_ps(r + 48));
+  }
+  return fold16(x[0], x[1], x[2], x[3]);
 }
 
 inline __mmask16 lanes_below(int64_t n) {  // mask of the first min(n, 16) lanes
@@ -483,37 +488,58 @@ struct Avx512Kernel {
   static constexpr int GQ = std::clamp(16 / QREGS, 1, 4);
   static constexpr int GV = std::clamp(16 / NC, 1, 4);
 
-  // part[(g * 16 + j) * 16 ...]: the 16-lane partial dot products of query g (of GB, at qf)
-  // with row j (of nj, at krow[j] + hoff).
-  template <int GB>
-  static void dots(const T* const* krow, int64_t hoff, int64_t nj, const float* qf,
-                   float* part) {
 #if defined(__AVX512BF16__)
-    if constexpr (kDpBf16) {
-      constexpr int NB = NC / 2;  // 32 bf16 per register
-      __m512bh qr[GB][NB];
+  // bf16: out[g * TILE + j] = scale * (q_g . k_j) for the GB queries at qf and rows j < 16 of
+  // nj (at krow[j] + hoff; rows from nj on give 0), by vdpbf16ps into 16-lane partial sums.
+  // The reduction runs in registers: each group of four rows is folded (fold4) as soon as
+  // its partial sums exist, and the four groups' results once at the end (fold16), so no
+  // partial sum goes through memory (a store and a load per row and head before).
+  template <int GB>
+  static void scores16_heads(const T* const* krow, int64_t hoff, int64_t nj, const float* qf,
+                             float* out, __m512 vs) {
+    __m512 xr[GB][4];
+    constexpr int NB = NC / 2;  // 32 bf16 per register
+    __m512bh qr[GB][NB];
 #pragma GCC unroll 16
-      for (int g = 0; g < GB; ++g) {
-        const uint16_t* qg = reinterpret_cast<const uint16_t*>(qf + g * D);
+    for (int g = 0; g < GB; ++g) {
+      const uint16_t* qg = reinterpret_cast<const uint16_t*>(qf + g * D);
 #pragma GCC unroll 16
-        for (int c = 0; c < NB; ++c) qr[g][c] = (__m512bh)_mm512_loadu_si512(qg + 32 * c);
-      }
-      for (int64_t j = 0; j < nj; ++j) {
-        const T* k = krow[j] + hoff;
+      for (int c = 0; c < NB; ++c) qr[g][c] = (__m512bh)_mm512_loadu_si512(qg + 32 * c);
+    }
+#pragma GCC unroll 4
+    for (int64_t j0 = 0; j0 < 16; j0 += 4) {
+      __m512 a[GB][4];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+#pragma GCC unroll 16
+        for (int g = 0; g < GB; ++g) a[g][r] = _mm512_setzero_ps();
+        if (j0 + r >= nj) continue;
+        const T* k = krow[j0 + r] + hoff;
         __m512bh kr[NB];
 #pragma GCC unroll 16
         for (int c = 0; c < NB; ++c) kr[c] = (__m512bh)_mm512_loadu_si512(k + 32 * c);
 #pragma GCC unroll 16
         for (int g = 0; g < GB; ++g) {
-          __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qr[g][0], kr[0]);
 #pragma GCC unroll 16
-          for (int c = 1; c < NB; ++c) a = _mm512_dpbf16_ps(a, qr[g][c], kr[c]);
-          _mm512_store_ps(part + (g * 16 + j) * 16, a);
+          for (int c = 0; c < NB; ++c) a[g][r] = _mm512_dpbf16_ps(a[g][r], qr[g][c], kr[c]);
         }
       }
-      return;
+#pragma GCC unroll 16
+      for (int g = 0; g < GB; ++g) xr[g][j0 / 4] = fold4(a[g][0], a[g][1], a[g][2], a[g][3]);
     }
+#pragma GCC unroll 16
+    for (int g = 0; g < GB; ++g) {
+      const __m512 r = fold16(xr[g][0], xr[g][1], xr[g][2], xr[g][3]);
+      _mm512_storeu_ps(out + g * TILE, _mm512_mul_ps(r, vs));
+    }
+  }
 #endif
+
+  // part[(g * 16 + j) * 16 ...]: the 16-lane partial dot products of query g (of GB, at qf)
+  // with row j (of nj, at krow[j] + hoff); rows widened to fp32 (all but kDpBf16).
+  template <int GB>
+  static void dots(const T* const* krow, int64_t hoff, int64_t nj, const float* qf,
+                   float* part) {
     __m512 qr[GB][NC];
 #pragma GCC unroll 16
     for (int g = 0; g < GB; ++g) {
@@ -535,25 +561,47 @@ struct Avx512Kernel {
     }
   }
 
+  // Scores of rows [0, nj) (nj <= 16) for the G heads, times the scale, into
+  // out[g * TILE + j] (16 of them: rows from nj on give 0); x: room for G * 64 floats.
+  // scores16_heads for all G heads, GQB at a time. GQB: as many as keep queries (NB
+  // registers each), a group's partial sums (4 each), the folded groups (4 each) and a K row
+  // in the 32 registers: 3 heads for head dim 64, 2 for 128.
+  static constexpr int GQB = std::clamp((32 - NC / 2) / (NC / 2 + 8), 1, 4);
+  static void scores16_bf16(const T* const* krow, int64_t hoff, int64_t nj, int64_t G,
+                            const float* qf, float* out, __m512 vs) {
+#if defined(__AVX512BF16__)
+    for (int64_t g0 = 0; g0 < G; g0 += GQB) {
+      const int gb = static_cast<int>(std::min<int64_t>(GQB, G - g0));
+      dispatch_upto<GQB>(gb, [&](auto c) {
+        scores16_heads<decltype(c)::value>(krow, hoff, nj, qf + g0 * D, out + g0 * TILE, vs);
+      });
+    }
+#else
+    (void)krow, (void)hoff, (void)nj, (void)G, (void)qf, (void)out, (void)vs;
+#endif
+  }
+
   static void scores(const T* const* krow, int64_t hoff, int64_t n, int64_t G, int64_t,
                      const float* qf, Scratch& s, const Ahead<T>& ahead, float scale) {
     const __m512 vs = _mm512_set1_ps(scale);
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t nj = std::min<int64_t>(16, n - j0);
       for (int64_t j = 0; j < 16; ++j) ahead.at(j0 + j);
-      for (int64_t g0 = 0; g0 < G; g0 += GQ) {
-        const int gb = static_cast<int>(std::min<int64_t>(GQ, G - g0));
-        dispatch_upto<GQ>(gb, [&](auto c) {
-          dots<decltype(c)::value>(krow + j0, hoff, nj, qf + g0 * D, s.part + g0 * 256);
-        });
-      }
-      for (int64_t j = nj; j < 16; ++j) {
-        for (int64_t g = 0; g < G; ++g) _mm512_store_ps(s.part + (g * 16 + j) * 16, _mm512_setzero_ps());
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        __m512 r = row_sums16(s.part + g * 256);
-        if constexpr (kDpBf16) r = _mm512_mul_ps(r, vs);
-        _mm512_storeu_ps(s.scores + g * TILE + j0, r);
+      if constexpr (kDpBf16) {
+        scores16_bf16(krow + j0, hoff, nj, G, qf, s.scores + j0, vs);
+      } else {
+        for (int64_t g0 = 0; g0 < G; g0 += GQ) {
+          const int gb = static_cast<int>(std::min<int64_t>(GQ, G - g0));
+          dispatch_upto<GQ>(gb, [&](auto c) {
+            dots<decltype(c)::value>(krow + j0, hoff, nj, qf + g0 * D, s.part + g0 * 256);
+          });
+        }
+        for (int64_t j = nj; j < 16; ++j) {
+          for (int64_t g = 0; g < G; ++g) _mm512_store_ps(s.part + (g * 16 + j) * 16, _mm512_setzero_ps());
+        }
+        for (int64_t g = 0; g < G; ++g) {
+          _mm512_storeu_ps(s.scores + g * TILE + j0, row_sums16(s.part + g * 256));
+        }
       }
     }
   }
