@@ -60,11 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagoda import envs
 from pagoda.attention.metadata import AttentionMetadata, PackedPrefills, pack_prefills
-
-# Read once, at import: the moment triton reads it to decorate the kernels below.
-_INTERPRETED = envs.TRITON_INTERPRET()
+from pagoda.kernels.triton_gemm import mma, upcast_dots
 
 LOG2_E = 1.4426950408889634
 LOG2_E_K = tl.constexpr(LOG2_E)  # the same, for the kernels (a @triton.jit function reads
@@ -112,21 +109,6 @@ E4M3_SUBNORMAL_ROUNDER = tl.constexpr(24576.0)
 
 # ------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation. IEEE: exact fp32 products (tl.dot would use TF32 on the
-    GPU). UPCAST: widen the (bf16) operands first, for Triton's interpreter, whose tl.dot
-    multiplies bf16 bit patterns (triton-lang/triton#11584); bf16 products are exact in fp32,
-    so this computes what the GPU's bf16 MMA does."""
-    if UPCAST:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif IEEE:
-        c = tl.dot(a, b, input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
-
-
-@triton.jit
 def _tanh(x):
     """tanh in fp32 from exp2 (Triton has no portable tanh): (1 - t) / (1 + t) with
     t = e^(-2|x|) <= 1, so it neither overflows nor loses small |x| to cancellation."""
@@ -164,7 +146,7 @@ def _split_len(num_keys, NUM_SPLITS: tl.constexpr, KEY_SPLIT: tl.constexpr, BLOC
     (``--deterministic``: the parts of a row then depend on its own keys only), else the
     split count's share, rounded up to whole tiles (it adapts to the row and the grid)."""
     if KEY_SPLIT > 0:
-        split_len = num_keys * 0 + KEY_SPLIT
+        split_len = num_keys * 0 + KEY_SPLIT  # a tensor like the other branch's, not a constexpr
     else:
         split_len = tl.cdiv(tl.cdiv(num_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
     return split_len
@@ -340,7 +322,7 @@ def _prefill_kernel(
             )  # (BN,)
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
-            s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BM, BN)
+            s = mma(q, tl.trans(k), IEEE, UPCAST)  # (BM, BN)
             s = _log2_scores(s, scale_log2, softcap_log2, HAS_SOFTCAP)
             visible = col_ok[None, :] & (cols[None, :] <= q_pos[:, None])  # (BM, BN)
             if HAS_WINDOW:
@@ -357,7 +339,7 @@ def _prefill_kernel(
             p = tl.exp2(s - m_exp[:, None])  # (BM, BN)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
-            pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BM, BD)
+            pv = mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BM, BD)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         if HAS_WINDOW:
@@ -454,7 +436,7 @@ def _decode_split_kernel(
             )  # (BN,)
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k = _load_kv(k_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
-            s = _mma(q, tl.trans(k), IEEE, UPCAST)  # (BG, BN)
+            s = mma(q, tl.trans(k), IEEE, UPCAST)  # (BG, BN)
             s = _log2_scores(s, scale_log2, softcap_log2, HAS_SOFTCAP)
             s = tl.where(col_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid token
@@ -462,7 +444,7 @@ def _decode_split_kernel(
             p = tl.exp2(s - m_new[:, None])  # (BG, BN)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = _load_kv(v_cache_ptr + kv_off[:, None] + d[None, :], kv_mask, FP8_CACHE).to(q.dtype)
-            pv = _mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BG, BD)
+            pv = mma(p.to(v.dtype), v, IEEE, UPCAST)  # (BG, BD)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         o = acc / l_i[:, None]  # (BG, BD)
@@ -627,7 +609,7 @@ def paged_prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=tile_n,
         IEEE=ieee,
-        UPCAST=_upcast_dots(q.dtype),
+        UPCAST=upcast_dots(q.dtype),
         FP8_CACHE=kv_cache.dtype == FP8,
         HAS_WINDOW=window > 0,
         HAS_SOFTCAP=softcap > 0,
@@ -739,7 +721,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         IEEE=ieee,
-        UPCAST=_upcast_dots(q.dtype),
+        UPCAST=upcast_dots(q.dtype),
         FP8_CACHE=kv_cache.dtype == FP8,
         HAS_WINDOW=window > 0,
         HAS_SOFTCAP=softcap > 0,
@@ -872,11 +854,6 @@ def _launch_options(kernel: str, q_dtype: torch.dtype, cache_dtype: torch.dtype)
     if cache_dtype == FP8 and q_dtype == torch.float32:
         return dict(FP8_FP32_LAUNCH[kernel])
     return {}
-
-
-def _upcast_dots(dtype: torch.dtype) -> bool:
-    """Under TRITON_INTERPRET=1, bf16 operands of tl.dot must be widened (see _mma)."""
-    return dtype == torch.bfloat16 and _INTERPRETED
 
 
 def _sm_count(device: torch.device) -> int:

@@ -39,6 +39,27 @@ BLOCK_K = 64
 LAUNCH = {"num_warps": 4, "num_stages": 3}
 
 
+@triton.jit
+def mma(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with fp32 accumulation, for this product and the attention kernels. IEEE: exact
+    fp32 products (tl.dot would use TF32 on the GPU). UPCAST: widen the (bf16) operands
+    first, for Triton's interpreter, whose tl.dot multiplies bf16 bit patterns
+    (triton-lang/triton#11584); bf16 products are exact in fp32, so this computes what the
+    GPU's bf16 MMA does."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Under TRITON_INTERPRET=1, bf16 operands of tl.dot must be widened (see :func:`mma`)."""
+    return dtype == torch.bfloat16 and _INTERPRETED
+
+
 @triton.jit(do_not_specialize=["M"])
 def _invariant_gemm_kernel(
     x_ptr,
@@ -61,7 +82,7 @@ def _invariant_gemm_kernel(
 ):
     """Program (row tile, column tile): out[rows, cols] = x[rows] @ w[cols].T (+ b[cols]), the
     K loop in order. IEEE: exact fp32 products (no TF32). UPCAST / SOFT: the interpreter's
-    bf16 dot and rounding (``triton_attention._mma``, ``triton_fused.round_to``)."""
+    bf16 dot and rounding (:func:`mma`, ``triton_fused.round_to``)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
@@ -79,12 +100,7 @@ def _invariant_gemm_kernel(
             mask=col_ok[None, :] & k_ok[:, None],
             other=0.0,
         )  # (BK, BN): w's rows as columns
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc += mma(a, b, IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     dtype = out_ptr.dtype.element_ty
@@ -130,7 +146,7 @@ def invariant_linear(
         BLOCK_N=BLOCK_N,
         BLOCK_K=BLOCK_K,
         IEEE=x.dtype == torch.float32,
-        UPCAST=x.dtype == torch.bfloat16 and _INTERPRETED,
+        UPCAST=upcast_dots(x.dtype),
         SOFT=_INTERPRETED,
         **LAUNCH,
     )

@@ -562,8 +562,8 @@ struct Avx512Kernel {
   }
 
   // Scores of rows [0, nj) (nj <= 16) for the G heads, times the scale, into
-  // out[g * TILE + j] (16 of them: rows from nj on give 0); x: room for G * 64 floats.
-  // scores16_heads for all G heads, GQB at a time. GQB: as many as keep queries (NB
+  // out[g * TILE + j] (16 of them: rows from nj on give 0): scores16_heads for all G heads,
+  // GQB at a time. GQB: as many as keep queries (NB
   // registers each), a group's partial sums (4 each), the folded groups (4 each) and a K row
   // in the 32 registers: 3 heads for head dim 64, 2 for 128.
   static constexpr int GQB = std::clamp((32 - NC / 2) / (NC / 2 + 8), 1, 4);
